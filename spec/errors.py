@@ -1,0 +1,72 @@
+"""Problems found in a spec, and how they are shown to a person.
+
+Every stage of checking (YAML parsing, shape validation, cross-field meaning) reports
+`Problem`s; they are collected and raised together as one `SpecError`, so a user sees every
+mistake of a file at once. Each problem carries the dotted path of the field, the file and
+line where the user wrote it, what is wrong, and a suggestion where one is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+PathPart = str | int
+EXIT_INVALID_SPEC = 2
+EXIT_FAILURE = 1
+
+
+def dotted(path: tuple[PathPart, ...]) -> str:
+    """('train', 'parallelism', 'tensor') → 'train.parallelism.tensor'; ints index: 'filters[1]'."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "<root>"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or worth a warning) in a spec."""
+
+    path: tuple[PathPart, ...]
+    message: str
+    suggestion: str | None = None
+    severity: Literal["error", "warning"] = "error"
+    file: str | None = None
+    line: int | None = None
+    # Other fields involved in a cross-field rule, shown beside the main path.
+    related: tuple[tuple[PathPart, ...], ...] = field(default_factory=tuple)
+
+    @property
+    def where(self) -> str:
+        loc = self.file or "<spec>"
+        return f"{loc}:{self.line}" if self.line else loc
+
+    def located(self, file: str | None, line: int | None) -> Problem:
+        return replace(self, file=file, line=line)
+
+    def format(self) -> str:
+        text = f"{self.where}: {self.severity}: {dotted(self.path)}: {self.message}"
+        if self.related:
+            text += " (involves " + ", ".join(dotted(p) for p in self.related) + ")"
+        if self.suggestion:
+            text += f"\n    hint: {self.suggestion}"
+        return text
+
+
+class SpecError(Exception):
+    """An invalid spec: one or more problems, all reported together. Exit code 2."""
+
+    exit_code = EXIT_INVALID_SPEC
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = [p for p in problems if p.severity == "error"] or list(problems)
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in the spec:"
+        return "\n".join([head, *(p.format() for p in self.problems)])
