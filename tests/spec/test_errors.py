@@ -1,0 +1,253 @@
+"""pydantic's errors in a person's words: path, message, suggestion, line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spec.errors import SpecError
+from spec.loader import load_spec
+
+DATA = Path(__file__).parent / "data"
+
+
+def one(problems_of, data) -> tuple:
+    """(dotted path parts, message, suggestion) of the single problem of `data`."""
+    problems = problems_of(data)
+    assert len(problems) == 1, [p.format() for p in problems]
+    p = problems[0]
+    return p.path, p.message, p.suggestion
+
+
+def test_three_mistakes_reported_together_with_lines() -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(DATA / "three_mistakes.yaml")
+    problems = info.value.problems
+    assert [(p.line, p.path) for p in problems] == [
+        (14, ("train", "steps")), (15, ("train", "paralelism")), (26, ("algorithm", "loss"))]
+    file = DATA / "three_mistakes.yaml"
+    assert info.value.format() == "\n".join([
+        "3 problems in the spec:",
+        f"{file}:14: error: train.steps: expected an integer, got the string '10'",
+        "    hint: remove the quotes: 10",
+        f"{file}:15: error: train.paralelism: unknown key 'paralelism'",
+        "    hint: did you mean 'parallelism'?",
+        f"{file}:26: error: algorithm.loss: 'epso' is not an allowed value",
+        "    hint: did you mean 'espo'? allowed: espo, gspo, grpo, cispo",
+    ])
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_key_did_you_mean(problems_of, spec_dict) -> None:
+    spec_dict["train"]["paralelism"] = {"tensor": 2}
+    assert one(problems_of, spec_dict) == (
+        ("train", "paralelism"), "unknown key 'paralelism'", "did you mean 'parallelism'?")
+
+
+def test_unknown_top_level_key(problems_of, spec_dict) -> None:
+    spec_dict["rolout"] = spec_dict.pop("rollout")
+    problems = problems_of(spec_dict)
+    assert [(p.path, p.message, p.suggestion) for p in problems] == [
+        (("rolout",), "unknown key 'rolout'", "did you mean 'rollout'?"),
+        (("rollout",), "missing required section 'rollout'",
+         "rollout: The rollout engines: vLLM replicas that sample n responses per prompt."),
+    ]
+    assert problems[0].line is not None and problems[1].line is None
+
+
+def test_unknown_key_in_a_deep_section(problems_of, spec_dict) -> None:
+    spec_dict["model"]["architecture"]["moe"]["num_expert"] = 8
+    assert one(problems_of, spec_dict)[1:] == ("unknown key 'num_expert'",
+                                               "did you mean 'num_experts'?")
+
+
+def test_key_in_the_wrong_section(problems_of, spec_dict) -> None:
+    spec_dict["train"]["lr"] = 1e-6
+    assert one(problems_of, spec_dict)[2] == "'lr' belongs under train.optimizer"
+    spec_dict["train"].pop("lr")
+    spec_dict["rollout"]["temperature"] = 0.7
+    assert one(problems_of, spec_dict)[2] == "'temperature' belongs under rollout.sampling"
+
+
+def test_unknown_key_without_a_match_lists_the_keys(problems_of, spec_dict) -> None:
+    spec_dict["router_replay"] = {"zzz": 1}
+    assert one(problems_of, spec_dict) == (
+        ("router_replay", "zzz"), "unknown key 'zzz'", "valid keys here: mode")
+
+
+def test_unknown_key_inside_a_filter_stage(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "flat_groups", "action": "drop", "oversampel": 2.0}]
+    assert one(problems_of, spec_dict) == (
+        ("filters", 0, "oversampel"), "unknown key 'oversampel'", "did you mean 'oversample'?")
+
+
+# --------------------------------------------------------------------------- literals, stages
+
+
+def test_wrong_literal(problems_of, spec_dict) -> None:
+    spec_dict["algorithm"] = {"loss": "epso"}
+    assert one(problems_of, spec_dict) == (
+        ("algorithm", "loss"), "'epso' is not an allowed value",
+        "did you mean 'espo'? allowed: espo, gspo, grpo, cispo")
+
+
+def test_wrong_literal_without_a_close_match(problems_of, spec_dict) -> None:
+    spec_dict["algorithm"] = {"loss": "ppo"}
+    assert one(problems_of, spec_dict)[2] == "allowed: espo, gspo, grpo, cispo"
+
+
+def test_literal_of_the_wrong_type(problems_of, spec_dict) -> None:
+    spec_dict["router_replay"] = {"mode": False}
+    assert one(problems_of, spec_dict)[1] == "expected one of off, r2, r3, got the boolean false"
+
+
+def test_literal_inside_a_stage_and_a_list(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "flat_groups", "action": "dropp"}]
+    spec_dict["data"]["generator"]["operations"] = ["+", "/"]
+    problems = problems_of(spec_dict)
+    assert {p.path: p.suggestion for p in problems} == {
+        ("data", "generator", "operations", 1): "allowed: +, -, *",
+        ("filters", 0, "action"): "did you mean 'drop'? allowed: rl_zvp, drop, keep",
+    }
+
+
+def test_wrong_stage_type(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "flat_group", "action": "drop"}]
+    assert one(problems_of, spec_dict) == (
+        ("filters", 0, "type"), "unknown stage type 'flat_group'",
+        "did you mean 'flat_groups'? stage types: offline_pass_rate, adaptive_group_size, "
+        "reward_shaping, flat_groups, history")
+
+
+def test_missing_stage_type_guesses_from_the_keys(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"action": "drop", "oversample": 2.0}]
+    path, message, hint = one(problems_of, spec_dict)
+    assert (path, message) == (("filters", 0), "a stage needs a 'type' key")
+    assert hint.startswith("add 'type: flat_groups'? stage types: offline_pass_rate")
+
+
+def test_stage_written_as_a_string(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = ["history"]
+    assert one(problems_of, spec_dict) == (
+        ("filters", 0), "expected a stage (a mapping with a 'type' key), got the string 'history'",
+        "write it as '- type: history'")
+
+
+# --------------------------------------------------------------------------- missing, types
+
+
+def test_missing_required_key_is_shown_at_its_section(problems_of) -> None:
+    text = (DATA / "valid.yaml").read_text().replace("  global_batch_size: 64\n", "")
+    (p,) = problems_of(text)
+    assert p.path == ("train", "global_batch_size")
+    assert p.line == 13  # the `train:` line
+    assert p.message == "missing required key 'global_batch_size'"
+    assert p.suggestion == "global_batch_size: Responses per optimizer step."
+
+
+def test_missing_section(problems_of, spec_dict) -> None:
+    del spec_dict["reward"]
+    (p,) = problems_of(spec_dict)
+    assert (p.path, p.message, p.line) == (("reward",), "missing required section 'reward'", None)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message", "hint"),
+    [
+        ("train", "steps", "8", "expected an integer, got the string '8'", "remove the quotes: 8"),
+        ("train", "steps", 8.0, "expected an integer, got the number 8.0",
+         "write it as an integer: 8"),
+        ("train", "steps", True, "expected an integer, got the boolean true", None),
+        ("train", "steps", [8], "expected an integer, got a list", None),
+        ("train", "optimizer", 1, "expected a mapping (the optimizer section), got the integer 1",
+         None),
+        ("train", "optimizer", None, "expected a mapping (the optimizer section), got null "
+         "(an empty value)", "remove the key to use the defaults, or give its keys"),
+        ("model", "checkpoint", 5, "expected a string, got the integer 5", "quote it: '5'"),
+        ("rollout", "fp8", "yes", "expected a boolean, got the string 'yes'",
+         "write true: only true and false are booleans in a spec (not yes/no/on/off)"),
+        ("rollout", "gpu_memory_utilization", "0.9", "expected a number, got the string '0.9'",
+         "remove the quotes: 0.9"),
+        ("cluster", "env_passthrough", "HF_TOKEN", "expected a list, got the string 'HF_TOKEN'",
+         "write a list, e.g. [HF_TOKEN]"),
+        ("cluster", "env", ["A=1"], "expected a mapping, got a list", None),
+    ],
+)
+def test_wrong_types(problems_of, spec_dict, section, key, value, message, hint) -> None:
+    spec_dict.setdefault(section, {})[key] = value
+    assert one(problems_of, spec_dict) == ((section, key), message, hint)
+
+
+def test_env_value_must_be_a_string(problems_of, spec_dict) -> None:
+    spec_dict["cluster"] = {"env": {"OMP_NUM_THREADS": 8}}
+    assert one(problems_of, spec_dict) == (
+        ("cluster", "env", "OMP_NUM_THREADS"), "expected a string, got the integer 8",
+        "quote it: '8'")
+
+
+# --------------------------------------------------------------------------- ranges, validators
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("model", "architecture", "moe", "num_experts"), 0, "must be greater than 0, got 0"),
+        (("train", "optimizer", "adam_beta1"), 1.0, "must be less than 1, got 1.0"),
+        (("train", "optimizer", "weight_decay"), -0.1, "must be at least 0, got -0.1"),
+        (("rollout", "sampling", "top_p"), 1.5, "must be at most 1, got 1.5"),
+        (("reward", "verifiers"), [], "needs at least 1 item, got 0"),
+    ],
+)
+def test_range_errors(problems_of, spec_dict, path, value, message) -> None:
+    node = spec_dict
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    assert one(problems_of, spec_dict)[:2] == (path, message)
+
+
+def test_pattern_error_explains_the_rule(problems_of, spec_dict) -> None:
+    spec_dict["name"] = "My Run"
+    assert one(problems_of, spec_dict) == (
+        ("name",), "'My Run' does not match the pattern ^[a-z0-9][a-z0-9_-]{0,62}$",
+        "Run name: lower-case letters, digits, '-' and '_' (a Slurm job-name prefix).")
+
+
+def test_model_validator_message_at_its_section(problems_of) -> None:
+    text = (DATA / "valid.yaml").read_text().replace("top_k: 2", "top_k: 9")
+    (p,) = problems_of(text)
+    assert (p.path, p.line) == (("model", "architecture", "moe"), 12)
+    assert p.message == ("top_k (9) exceeds num_experts (8); a token cannot be routed to more "
+                         "experts than exist")
+
+
+def test_field_validator_message(problems_of, spec_dict) -> None:
+    spec_dict["cluster"] = {"time_limit": "24h"}
+    assert one(problems_of, spec_dict)[:2] == (
+        ("cluster", "time_limit"),
+        "time_limit '24h' is not [D-]HH:MM:SS, e.g. '2-00:00:00' or '04:00:00'")
+
+
+def test_validator_inside_a_stage_drops_the_union_tag(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "offline_pass_rate", "min_pass_rate": 0.9,
+                             "max_pass_rate": 0.5}]
+    path, message, _ = one(problems_of, spec_dict)
+    assert path == ("filters", 0)
+    assert message.startswith("min_pass_rate (0.9) ≥ max_pass_rate (0.5)")
+
+
+def test_list_validator(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "history"}, {"type": "offline_pass_rate"}]
+    assert one(problems_of, spec_dict)[:2] == (
+        ("filters",), "offline_pass_rate screens prompts before RL: list it first")
+
+
+def test_problems_come_in_file_order(problems_of) -> None:
+    text = (DATA / "valid.yaml").read_text()
+    text = text.replace("lr: 1e-6", "lr: 0").replace("name: tiny", "name: Tiny")
+    text = text.replace("max_tokens: 16", "max_tokens: '16'")
+    lines = [p.line for p in problems_of(text)]
+    assert lines == sorted(lines) and len(lines) == 3
