@@ -1,0 +1,711 @@
+"""Cross-section checks of a spec against its Plan (DESIGN.md §3), before anything runs.
+
+`check(spec, plan)` returns every problem at once: errors (the run cannot start, or would
+silently do something else than written) and warnings (legal but probably not meant; shown
+by `validate` and `inspect`). Each rule is a small function of (spec, plan) that names the
+fields involved (`path` + `related`), the conflicting numbers, and a value that would fix it.
+
+Rules are grouped by concern, in the order a person would fix them: training grid, expert
+grid, attention/TP, pipeline, sequence parallel, context parallel, batch arithmetic, rollout,
+router replay, run-level, ZVE budgets, references between sections, memory.
+
+Decisions where DESIGN.md §3 leaves room (see each rule's docstring):
+- `train.backend: local` / `rollout.engine: local` (the embedded single-process torch
+  trainer/server) are allowed with `cluster.devices: cpu` or `cluster.scheduler: local`;
+  on a Slurm GPU allocation they would leave all but one GPU idle, so that is an error.
+- Memory over capacity is an error only when weights + grads + activations alone are over;
+  when only the optimizer state pushes it over, it is a warning, because production recipes
+  (slime's Qwen3-235B, GLM-4.5, DeepSeek-R1) offload the optimizer to the CPU.
+- An rl_zvp `fallback` of a drop stage counts as "a flat_groups stage whose action is rl_zvp"
+  for the advantage-estimator agreement: both need the rl_zvp estimator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+
+from compiler.plan import Plan, make_plan
+from spec.errors import PathPart, Problem, SpecError
+from spec.models import AdaptiveGroupSize, FlatGroups, RewardShaping, Spec
+
+Path = tuple[PathPart, ...]
+Rule = Callable[[Spec, Plan], Iterable[Problem]]
+
+TP: Path = ("train", "parallelism", "tensor")
+PP: Path = ("train", "parallelism", "pipeline")
+VPP: Path = ("train", "parallelism", "virtual_pipeline")
+CP: Path = ("train", "parallelism", "context")
+EP: Path = ("train", "parallelism", "expert")
+ETP: Path = ("train", "parallelism", "expert_tensor")
+SP: Path = ("train", "parallelism", "sequence_parallel")
+FIRST: Path = ("train", "parallelism", "first_pipeline_stage_layers")
+LAST: Path = ("train", "parallelism", "last_pipeline_stage_layers")
+TRAIN_NODES: Path = ("train", "nodes")
+GPN: Path = ("cluster", "gpus_per_node")
+GBS: Path = ("train", "global_batch_size")
+MBS: Path = ("train", "micro_batch_size")
+ARCH: Path = ("model", "architecture")
+MOE: Path = (*ARCH, "moe")
+R_TP: Path = ("rollout", "parallelism", "tensor")
+R_DP: Path = ("rollout", "parallelism", "data")
+R_EP: Path = ("rollout", "parallelism", "expert_parallel")
+R_NODES: Path = ("rollout", "nodes")
+MAX_TOKENS: Path = ("rollout", "max_tokens")
+PROMPT_TOKENS: Path = ("data", "max_prompt_tokens")
+MAX_POS: Path = (*ARCH, "max_position_embeddings")
+GPU_MEM: Path = ("cluster", "gpu_memory_gb")
+
+NEAR_MEMORY = 0.9  # within 10 % of capacity: a warning
+
+
+def _error(path: Path, message: str, suggestion: str | None = None,
+           related: Iterable[Path] = ()) -> Problem:
+    return Problem(path, message, suggestion, "error", related=tuple(related))
+
+
+def _warning(path: Path, message: str, suggestion: str | None = None,
+             related: Iterable[Path] = ()) -> Problem:
+    return Problem(path, message, suggestion, "warning", related=tuple(related))
+
+
+def _nearest(value: int, ok: Callable[[int], bool], limit: int | None = None) -> list[int]:
+    """The closest integers ≥ 1 below and above `value` for which `ok` holds (value excluded)."""
+    hi = limit if limit is not None else 4 * value + 64
+    out = [v for v in (next((v for v in range(value - 1, 0, -1) if ok(v)), None),
+                       next((v for v in range(value + 1, hi + 1) if ok(v)), None))
+           if v is not None]
+    return out
+
+
+def _or(values: Iterable[int]) -> str:
+    return " or ".join(str(v) for v in values)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _list(values: list[int], most: int = 8) -> str:
+    return ", ".join(str(v) for v in values[:most]) + (", …" if len(values) > most else "")
+
+
+def _etp(spec: Spec, plan: Plan) -> str:
+    """How ETP is shown in messages: its value, and where it came from when defaulted."""
+    tp = spec.train.parallelism.tensor
+    if plan.expert_tensor_defaulted:
+        return f"{plan.expert_tensor_parallel} (expert_tensor unset, so ETP = TP = {tp})"
+    return str(plan.expert_tensor_parallel)
+
+
+def _world(spec: Spec, plan: Plan) -> str:
+    return (f"world size {plan.train_world_size} ({spec.train.nodes} node(s) × "
+            f"{spec.cluster.gpus_per_node} GPUs)")
+
+
+def _nodes_fixing(spec: Spec, plan: Plan) -> list[int]:
+    """train.nodes values whose world size fits both the training and the expert grid."""
+    p = spec.train.parallelism
+    grid = p.tensor * p.pipeline * p.context
+    if spec.model.architecture.moe is not None:
+        grid = math.lcm(grid, plan.expert_tensor_parallel * p.expert * p.pipeline)
+    gpn = spec.cluster.gpus_per_node
+    return _nearest(spec.train.nodes, lambda n: (n * gpn) % grid == 0)
+
+
+# --------------------------------------------------------------------------- training grid
+
+
+def training_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """W % (TP·PP·CP) == 0, W = train.nodes × gpus_per_node; DP = W / (TP·PP·CP)."""
+    p = spec.train.parallelism
+    grid = p.tensor * p.pipeline * p.context
+    if plan.train_world_size % grid:
+        nodes = _nodes_fixing(spec, plan)
+        hint = f"set train.nodes: {_or(nodes)}" if nodes else "change the parallel sizes"
+        yield _error(
+            ("train", "parallelism"),
+            f"the trainer's {_world(spec, plan)} is not a multiple of TP·PP·CP = "
+            f"{p.tensor}·{p.pipeline}·{p.context} = {grid}",
+            f"{hint}, or choose TP·PP·CP dividing {plan.train_world_size}",
+            (TRAIN_NODES, GPN, TP, PP, CP),
+        )
+
+
+# --------------------------------------------------------------------------- expert grid
+
+
+def expert_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """W % (ETP·EP·PP) == 0 (CP is not part of it); an unset ETP means ETP = TP.
+
+    Most real launch failures hit this rule: with TP > 1 and expert_tensor unset, Megatron's
+    default ETP = TP silently multiplies the expert grid by TP. That default is reported as a
+    warning when the grid fits (when it does not, the error says so), so `inspect` shows it.
+    """
+    moe = spec.model.architecture.moe
+    if moe is None:
+        return
+    p = spec.train.parallelism
+    etp = plan.expert_tensor_parallel
+    grid = etp * p.expert * p.pipeline
+    w = plan.train_world_size
+    if w % grid:
+        if plan.expert_tensor_defaulted and p.tensor > 1 and w % (p.expert * p.pipeline) == 0:
+            hint = "set train.parallelism.expert_tensor: 1"
+        else:
+            eps = _nearest(p.expert, lambda e: moe.num_experts % e == 0 and w % (etp * e * p.pipeline) == 0,
+                           limit=moe.num_experts)
+            nodes = _nodes_fixing(spec, plan)
+            options = []
+            if eps:
+                options.append(f"set train.parallelism.expert: {_or(eps)}")
+            if nodes:
+                options.append(f"set train.nodes: {_or(nodes)}")
+            hint = ", or ".join(options) or "change the expert grid"
+        yield _error(
+            EP,
+            f"the trainer's {_world(spec, plan)} is not a multiple of the expert grid "
+            f"ETP·EP·PP = {etp}·{p.expert}·{p.pipeline} = {grid}; ETP = {_etp(spec, plan)}",
+            hint,
+            (ETP, PP, TRAIN_NODES, GPN),
+        )
+    elif plan.expert_tensor_defaulted and p.tensor > 1:  # fits, but not as EP·PP suggests
+        yield _warning(
+            ETP,
+            f"expert_tensor is unset, so Megatron uses ETP = TP = {p.tensor}: the expert grid is "
+            f"ETP·EP·PP = {p.tensor}·{p.expert}·{p.pipeline} = {grid} GPUs "
+            f"(expert-DP {plan.expert_data_parallel}), not EP·PP = {p.expert * p.pipeline}",
+            "set train.parallelism.expert_tensor: 1 (usual for fine-grained experts), or write "
+            f"expert_tensor: {p.tensor} to keep Megatron's default explicitly",
+            (TP, EP),
+        )
+
+
+def expert_sizes(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """num_experts % EP == 0; EP > 1 or an explicit ETP > 1 only for MoE models;
+    expert FFN width % ETP == 0 (Megatron splits each expert's FFN over ETP ranks)."""
+    moe = spec.model.architecture.moe
+    p = spec.train.parallelism
+    if moe is None:
+        if p.expert > 1:
+            yield _error(EP, f"expert parallel size {p.expert} on a dense model (no model.architecture.moe)",
+                         "set train.parallelism.expert: 1", (MOE,))
+        if p.expert_tensor is not None and p.expert_tensor > 1:
+            yield _error(ETP, f"expert tensor parallel size {p.expert_tensor} on a dense model",
+                         "remove train.parallelism.expert_tensor", (MOE,))
+        return
+    if moe.num_experts % p.expert:
+        eps = _nearest(p.expert, lambda e: moe.num_experts % e == 0, limit=moe.num_experts)
+        yield _error(
+            EP,
+            f"num_experts {moe.num_experts} is not a multiple of expert parallel size {p.expert}",
+            f"set train.parallelism.expert: {_or(eps)} (divisors of {moe.num_experts}: "
+            f"{_list(_divisors(moe.num_experts))})",
+            ((*MOE, "num_experts"),),
+        )
+    etp = plan.expert_tensor_parallel
+    if moe.expert_ffn_hidden_size % etp:
+        yield _error(
+            ETP,
+            f"expert_ffn_hidden_size {moe.expert_ffn_hidden_size} is not a multiple of ETP = "
+            f"{_etp(spec, plan)}",
+            "set train.parallelism.expert_tensor: 1",
+            ((*MOE, "expert_ffn_hidden_size"),),
+        )
+
+
+# --------------------------------------------------------------------------- attention / TP
+
+
+def attention_tp(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """num_attention_heads % TP == 0 and num_query_groups % TP == 0 (GQA; MLA has no groups);
+    dense / shared-expert FFN widths % TP == 0 (column-parallel split)."""
+    arch = spec.model.architecture
+    tp = spec.train.parallelism.tensor
+    groups = arch.num_query_groups or arch.num_attention_heads
+    if arch.attention == "mla":
+        valid = _divisors(arch.num_attention_heads)
+    else:
+        valid = _divisors(math.gcd(arch.num_attention_heads, groups))
+    hint = f"set train.parallelism.tensor to one of {_list(valid)}"
+    if arch.num_attention_heads % tp:
+        yield _error(TP, f"num_attention_heads {arch.num_attention_heads} is not a multiple of "
+                         f"tensor parallel size {tp}", hint, ((*ARCH, "num_attention_heads"),))
+    if arch.attention == "gqa" and groups % tp:
+        yield _error(TP, f"num_query_groups {groups} is not a multiple of tensor parallel size "
+                         f"{tp} (Megatron shards KV heads, it does not replicate them)",
+                     hint, ((*ARCH, "num_query_groups"),))
+    moe = arch.moe
+    has_dense = moe is None or moe.first_dense_layers > 0
+    if has_dense and arch.ffn_hidden_size % tp:
+        yield _error(TP, f"ffn_hidden_size {arch.ffn_hidden_size} is not a multiple of tensor "
+                         f"parallel size {tp}", hint, ((*ARCH, "ffn_hidden_size"),))
+    if moe is not None and moe.shared_experts:
+        shared = moe.shared_expert_ffn_hidden_size or moe.shared_experts * moe.expert_ffn_hidden_size
+        if shared % tp:
+            yield _error(TP, f"shared-expert FFN width {shared} is not a multiple of tensor "
+                             f"parallel size {tp}", hint,
+                         ((*MOE, "shared_expert_ffn_hidden_size"),))
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _uneven_hint(layers: int, pp: int) -> str | None:
+    """A last-stage size that makes `layers` split over `pp` stages: k on PP − 1 stages."""
+    for k in range(math.ceil(layers / pp), 0, -1):
+        last = layers - (pp - 1) * k
+        if last >= 1:
+            return (f"set train.parallelism.last_pipeline_stage_layers: {last} "
+                    f"({k} layers on each of the other {pp - 1} stages)")
+    return None
+
+
+def pipeline(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """num_layers % PP == 0, unless uneven first/last stages are given: then the remaining
+    layers split evenly (and non-empty) over the middle stages. Uneven stages need PP > 1.
+    With virtual pipeline: PP > 1 and every stage's layers % VPP == 0."""
+    p = spec.train.parallelism
+    n_layers = spec.model.architecture.num_layers
+    first, last, pp = p.first_pipeline_stage_layers, p.last_pipeline_stage_layers, p.pipeline
+    layers_path = (*ARCH, "num_layers")
+    if first is not None or last is not None:
+        where = FIRST if first is not None else LAST
+        if pp == 1:
+            yield _error(where, "first/last pipeline stage layers are given but pipeline is 1",
+                         "remove them, or set train.parallelism.pipeline > 1", (PP,))
+            return
+        given = (first is not None) + (last is not None)
+        middle = pp - given
+        rest = n_layers - (first or 0) - (last or 0)
+        ends = " + ".join(f"{name} {v}" for name, v in (("first", first), ("last", last))
+                          if v is not None)
+        if middle == 0 and rest != 0:
+            half = n_layers // 2
+            yield _error(where, f"{ends} = {n_layers - rest} layers on {pp} stages, but the "
+                                f"model has {n_layers}",
+                         f"make first + last = {n_layers}, e.g. first_pipeline_stage_layers: "
+                         f"{n_layers - half} and last_pipeline_stage_layers: {half}",
+                         (layers_path, PP))
+            return
+        if middle > 0 and (rest <= 0 or rest % middle):
+            yield _error(
+                where,
+                f"{n_layers} layers − {ends} leaves {rest} for the {middle} middle stage(s) of "
+                f"PP {pp}: not a positive multiple of {middle}",
+                _uneven_hint(n_layers, pp) if last is not None and first is None else
+                "choose first/last so that the rest divides evenly over the middle stages",
+                (layers_path, PP),
+            )
+            return
+    elif n_layers % pp:
+        divisors = [d for d in _divisors(n_layers) if d > 1]
+        hint = _uneven_hint(n_layers, pp)
+        alt = f"set train.parallelism.pipeline: one of {_list(divisors)}" if divisors else None
+        yield _error(PP, f"num_layers {n_layers} is not a multiple of pipeline parallel size {pp}",
+                     ", or ".join(h for h in (hint, alt) if h), (layers_path,))
+        return
+    vpp = p.virtual_pipeline
+    if vpp is not None:
+        if pp == 1:
+            yield _error(VPP, f"virtual_pipeline {vpp} needs pipeline parallel size > 1",
+                         "remove train.parallelism.virtual_pipeline", (PP,))
+        else:
+            bad = [(i, n) for i, n in enumerate(plan.pipeline_layers) if n % vpp]
+            if bad:
+                stages = ", ".join(f"stage {i}: {n}" for i, n in bad[:4])
+                ok = [v for v in _divisors(math.gcd(*plan.pipeline_layers)) if v > 1] or [1]
+                yield _error(VPP, f"pipeline stages have layers not divisible by virtual_pipeline "
+                                  f"{vpp} ({stages})",
+                             f"set train.parallelism.virtual_pipeline: one of {_list(ok)}",
+                             (PP, layers_path))
+
+
+# --------------------------------------------------------------------------- sequence parallel
+
+
+def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """MoE + TP > 1 needs sequence_parallel (Megatron-LM: "When using MoE and tensor
+    parallelism, sequence parallelism must be used"); SP with TP = 1 is only a warning."""
+    p = spec.train.parallelism
+    if spec.model.architecture.moe is not None and p.tensor > 1 and not p.sequence_parallel:
+        yield _error(SP, f"an MoE model with tensor parallel size {p.tensor} needs sequence "
+                         "parallelism (megatron-core raises at the first training step)",
+                     "set train.parallelism.sequence_parallel: true", (TP, MOE))
+    if p.sequence_parallel and p.tensor == 1:
+        yield _warning(SP, "sequence_parallel with tensor parallel size 1 does nothing "
+                           "(Megatron switches it off)",
+                       "remove sequence_parallel, or set train.parallelism.tensor > 1", (TP,))
+
+
+# --------------------------------------------------------------------------- context parallel
+
+
+def context_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """CP > 1: the max sequence length (prompt + response) % (2·CP) == 0 (load-balanced
+    causal CP splits each sequence into 2·CP chunks)."""
+    cp = spec.train.parallelism.context
+    if cp > 1 and plan.seq_len % (2 * cp):
+        pad = (-plan.seq_len) % (2 * cp)
+        yield _error(
+            CP,
+            f"sequence length {plan.seq_len} (max_prompt_tokens {spec.data.max_prompt_tokens} + "
+            f"max_tokens {spec.rollout.max_tokens}) is not a multiple of 2·CP = {2 * cp}",
+            f"set rollout.max_tokens: {spec.rollout.max_tokens + pad}",
+            (PROMPT_TOKENS, MAX_TOKENS),
+        )
+
+
+# --------------------------------------------------------------------------- batch arithmetic
+
+
+def batch_arithmetic(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """global_batch % (micro_batch · DP) == 0 (skipped when the grid itself is broken)."""
+    dp = plan.data_parallel
+    if dp == 0:
+        return
+    step = spec.train.micro_batch_size * dp
+    gbs = spec.train.global_batch_size
+    if gbs % step:
+        rollouts = plan.rollouts_per_step
+        good = _nearest(gbs, lambda g: g % step == 0 and rollouts % g == 0, limit=rollouts)
+        good = good or _nearest(gbs, lambda g: g % step == 0)
+        yield _error(
+            GBS,
+            f"global_batch_size {gbs} is not a multiple of micro_batch_size · DP = "
+            f"{spec.train.micro_batch_size}·{dp} = {step}",
+            f"set train.global_batch_size: {_or(good)}",
+            (MBS, ("train", "parallelism"), TRAIN_NODES),
+        )
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def rollout_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """One engine replica (TP·DP GPUs) must tile the rollout nodes: R % (TP·DP) == 0, and a
+    replica either fits inside a node or spans whole nodes. num_attention_heads % TP == 0;
+    KV heads % TP == 0, or TP % KV heads == 0 when there are fewer (vLLM replicates them).
+    With expert_parallel, EP = TP·DP divides num_experts."""
+    arch = spec.model.architecture
+    rp = spec.rollout.parallelism
+    gpr, r, gpn = plan.gpus_per_replica, plan.rollout_world_size, spec.cluster.gpus_per_node
+    where = ("rollout", "parallelism")
+    if r % gpr or (gpr < gpn and gpn % gpr) or (gpr > gpn and gpr % gpn):
+        tps = [t for t in _divisors(gpn) if arch.num_attention_heads % t == 0]
+        yield _error(
+            where,
+            f"an engine replica of TP·DP = {rp.tensor}·{rp.data} = {gpr} GPUs does not tile the "
+            f"rollout's {r} GPUs ({spec.rollout.nodes} node(s) × {gpn})",
+            f"use TP·DP dividing {gpn} (e.g. tensor {_or(tps[-2:])}) or a multiple of {gpn} "
+            f"that divides {r}",
+            (R_TP, R_DP, R_NODES, GPN),
+        )
+    if arch.num_attention_heads % rp.tensor:
+        valid = [t for t in _divisors(arch.num_attention_heads) if t <= max(gpn, rp.tensor)]
+        yield _error(R_TP, f"num_attention_heads {arch.num_attention_heads} is not a multiple of "
+                           f"rollout tensor parallel size {rp.tensor}",
+                     f"set rollout.parallelism.tensor to one of {_list(valid)}",
+                     ((*ARCH, "num_attention_heads"),))
+    if arch.attention == "gqa":
+        kv = arch.num_query_groups or arch.num_attention_heads
+        if (kv >= rp.tensor and kv % rp.tensor) or (kv < rp.tensor and rp.tensor % kv):
+            yield _error(R_TP, f"{kv} KV heads cannot be split over rollout tensor parallel size "
+                               f"{rp.tensor} (vLLM needs KV heads % TP == 0, or TP % KV heads == 0 "
+                               "to replicate them)",
+                         f"set rollout.parallelism.tensor to a divisor or multiple of {kv}",
+                         ((*ARCH, "num_query_groups"),))
+    if rp.expert_parallel:
+        moe = arch.moe
+        if moe is None:
+            yield _warning(R_EP, "expert_parallel on a dense model does nothing",
+                           "set rollout.parallelism.expert_parallel: false", (MOE,))
+        elif moe.num_experts % gpr:
+            yield _error(R_EP, f"vLLM's expert-parallel size TP·DP = {rp.tensor}·{rp.data} = {gpr} "
+                               f"does not divide num_experts {moe.num_experts}",
+                         f"choose TP·DP among the divisors of {moe.num_experts}: "
+                         f"{_list(_divisors(moe.num_experts), 10)}",
+                         (R_TP, R_DP, (*MOE, "num_experts")))
+
+
+# --------------------------------------------------------------------------- router replay
+
+
+def router_replay(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """r2/r3 need an MoE model. r3 also needs an engine that returns routed experts: both
+    engines do (vLLM `--enable-return-routed-experts`, and the local one), so any engine with
+    any rollout layout (expert_parallel included) is fine."""
+    mode = spec.router_replay.mode
+    if mode != "off" and spec.model.architecture.moe is None:
+        yield _error(("router_replay", "mode"),
+                     f"router replay {mode} on a dense model: there is no routing to replay",
+                     "set router_replay.mode: off", (MOE,))
+
+
+# --------------------------------------------------------------------------- run-level
+
+
+def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """prompts_per_step × n is a whole multiple of global_batch_size (optimizer steps per
+    rollout batch are derived); prompt + response (rollout and eval) fit the positions."""
+    rollouts, gbs = plan.rollouts_per_step, spec.train.global_batch_size
+    r = spec.rollout
+    if rollouts % gbs:
+        prompts = _nearest(r.prompts_per_step, lambda q: (q * r.n) % gbs == 0)
+        yield _error(
+            ("rollout", "prompts_per_step"),
+            f"prompts_per_step × n = {r.prompts_per_step} × {r.n} = {rollouts} rollouts is not a "
+            f"whole multiple of global_batch_size {gbs}",
+            f"set rollout.prompts_per_step: {_or(prompts)}, or a global_batch_size dividing "
+            f"{rollouts}",
+            (("rollout", "n"), GBS),
+        )
+    max_pos = spec.model.architecture.max_position_embeddings
+    prompt = spec.data.max_prompt_tokens
+    if plan.seq_len > max_pos:
+        yield _error(MAX_TOKENS,
+                     f"max_prompt_tokens {prompt} + max_tokens {r.max_tokens} = {plan.seq_len} "
+                     f"exceeds max_position_embeddings {max_pos}",
+                     f"set rollout.max_tokens: {max(1, max_pos - prompt)} or less",
+                     (PROMPT_TOKENS, MAX_POS))
+    ev = spec.eval
+    if ev.enabled and ev.max_tokens is not None and prompt + ev.max_tokens > max_pos:
+        yield _error(("eval", "max_tokens"),
+                     f"max_prompt_tokens {prompt} + eval max_tokens {ev.max_tokens} = "
+                     f"{prompt + ev.max_tokens} exceeds max_position_embeddings {max_pos}",
+                     f"set eval.max_tokens: {max(1, max_pos - prompt)} or less",
+                     (PROMPT_TOKENS, MAX_POS))
+
+
+def local_engines(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """`train.backend: local` and `rollout.engine: local` are the embedded single-process
+    torch trainer/server: allowed with devices cpu (tests, CI, Slurm smoke tests) or the local
+    scheduler (this machine). On a Slurm GPU allocation they would use one GPU of many."""
+    c = spec.cluster
+    if c.devices == "cpu" or c.scheduler == "local":
+        return
+    for path, name, value, alt, gpus in (
+        (("train", "backend"), "train.backend", spec.train.backend, "megatron",
+         plan.train_world_size),
+        (("rollout", "engine"), "rollout.engine", spec.rollout.engine, "vllm",
+         plan.rollout_world_size),
+    ):
+        if value == "local":
+            yield _error(path, f"{name} local is a single-process engine for cpu or local runs; "
+                               f"on Slurm with GPUs it would use 1 of {gpus} GPUs",
+                         f"set {name}: {alt}, or cluster.devices: cpu",
+                         (("cluster", "scheduler"), ("cluster", "devices")))
+
+
+def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """Slurm without a partition relies on the site default (warning); weight_sync ipc needs
+    trainer and engines on one machine, which separate Slurm nodes are not (error)."""
+    c = spec.cluster
+    if c.scheduler == "slurm" and not c.partition:
+        yield _warning(("cluster", "partition"), "scheduler slurm without a partition: jobs go "
+                                                 "to the cluster's default partition",
+                       "set cluster.partition", (("cluster", "scheduler"),))
+    if c.scheduler == "slurm" and spec.system.weight_sync == "ipc":
+        yield _error(("system", "weight_sync"),
+                     f"weight_sync ipc shares CUDA memory inside one machine, but the trainer "
+                     f"({spec.train.nodes} node(s)) and the rollout engines ({spec.rollout.nodes} "
+                     "node(s)) run on separate Slurm nodes",
+                     "set system.weight_sync: nccl", (TRAIN_NODES, R_NODES))
+
+
+# --------------------------------------------------------------------------- ZVE budgets
+
+
+def zve_budgets(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """A stage whose worst case cannot fill a batch needs a declared fallback (flat_groups
+    drop: every group may be flat, however many refills); settings a stage ignores, a
+    reward_shaping stage that does nothing, and an adaptive stage that cannot grow are warnings."""
+    base = plan.rollouts_per_step
+    for i, st in enumerate(spec.filters):
+        path: Path = ("filters", i)
+        if isinstance(st, FlatGroups):
+            budget = next((b for b in plan.stage_budgets if b.index == i), None)
+            if st.action == "drop" and st.fallback is None:
+                worst = budget.worst_case_rollouts_per_step if budget else 0.0
+                yield _error(
+                    (*path, "fallback"),
+                    f"flat_groups drop samples at most {1 + st.max_refills} round(s) of "
+                    f"oversample {st.oversample:g} × {spec.rollout.prompts_per_step} prompts "
+                    f"({base + worst:g} rollouts per step, {worst:g} beyond the {base}), and the "
+                    "batch still comes up short when every group is flat",
+                    f"set filters[{i}].fallback: keep, rl_zvp, shrink or error",
+                    ((*path, "oversample"), (*path, "max_refills")),
+                )
+            if st.action != "drop":
+                ignored = sorted({"oversample", "max_refills", "fallback"} & st.model_fields_set)
+                if ignored:
+                    yield _warning((*path, ignored[0]),
+                                   f"{', '.join(ignored)} only apply to action drop; this stage's "
+                                   f"action is {st.action}",
+                                   f"remove {', '.join(ignored)} from filters[{i}]",
+                                   ((*path, "action"),))
+        elif isinstance(st, RewardShaping):
+            if st.length.coefficient == 0 and st.repetition.coefficient == 0:
+                yield _warning(path, "reward_shaping with length and repetition coefficients 0 "
+                                     "changes no reward",
+                               f"set filters[{i}].length.coefficient (e.g. 0.05) or remove the stage",
+                               ((*path, "length", "coefficient"),
+                                (*path, "repetition", "coefficient")))
+        elif isinstance(st, AdaptiveGroupSize) and st.max_n <= spec.rollout.n:
+            yield _warning((*path, "max_n"), f"adaptive_group_size max_n {st.max_n} is not above "
+                                             f"rollout.n {spec.rollout.n}: no group can grow",
+                           f"set filters[{i}].max_n above {spec.rollout.n}", (("rollout", "n"),))
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _rl_zvp_stage(spec: Spec) -> int | None:
+    """Index of a flat_groups stage that reshapes flat groups with RL-ZVP (action or fallback)."""
+    for i, st in enumerate(spec.filters):
+        if isinstance(st, FlatGroups) and (st.action == "rl_zvp" or st.fallback == "rl_zvp"):
+            return i
+    return None
+
+
+def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """Fields of one section that name or presuppose another's."""
+    est = ("algorithm", "advantage", "estimator")
+    zvp = _rl_zvp_stage(spec)
+    flat = next((i for i, s in enumerate(spec.filters) if isinstance(s, FlatGroups)), None)
+    if spec.algorithm.advantage.estimator == "rl_zvp" and zvp is None:
+        where = f"filters[{flat}].action: rl_zvp" if flat is not None else \
+            "a filters stage {type: flat_groups, action: rl_zvp}"
+        yield _error(est, "advantage estimator rl_zvp, but no flat_groups stage reshapes flat "
+                          "groups with rl_zvp",
+                     f"add {where}, or set algorithm.advantage.estimator: group",
+                     (("filters", flat) if flat is not None else ("filters",),))
+    if zvp is not None and spec.algorithm.advantage.estimator != "rl_zvp":
+        st = spec.filters[zvp]
+        field = "action" if isinstance(st, FlatGroups) and st.action == "rl_zvp" else "fallback"
+        yield _error(est, f"filters[{zvp}].{field} is rl_zvp, but the advantage estimator is "
+                          f"{spec.algorithm.advantage.estimator}",
+                     "set algorithm.advantage.estimator: rl_zvp", (("filters", zvp, field),))
+
+    judge = spec.reward.judge
+    if judge is not None and judge.api_key_env and judge.api_key_env not in spec.cluster.env_passthrough:
+        yield _error(("reward", "judge", "api_key_env"),
+                     f"the judge reads its key from {judge.api_key_env}, which is not in "
+                     f"cluster.env_passthrough ({', '.join(spec.cluster.env_passthrough) or 'empty'}): "
+                     "the jobs would not see it",
+                     f"add {judge.api_key_env} to cluster.env_passthrough",
+                     (("cluster", "env_passthrough"),))
+
+    chosen = spec.algorithm.loss
+    for name in sorted({"espo", "gspo", "grpo", "cispo"} & spec.algorithm.model_fields_set - {chosen}):
+        yield _warning(("algorithm", name), f"algorithm.{name} is set but the loss is {chosen}: "
+                                            "its parameters are not used",
+                       f"remove algorithm.{name}, or set algorithm.loss: {name}",
+                       (("algorithm", "loss"),))
+
+    if spec.model.checkpoint_format == "megatron" and spec.train.backend == "local":
+        yield _error(("model", "checkpoint_format"), "a megatron checkpoint cannot be read by the "
+                                                     "local trainer (it reads HF checkpoints)",
+                     "set train.backend: megatron, or give an HF checkpoint",
+                     (("train", "backend"),))
+
+    d = spec.data
+    if spec.eval.enabled and d.generator is None and d.eval is None:
+        yield _warning(("eval", "enabled"), "eval is enabled but data.eval is not set: there are "
+                                            "no held-out prompts",
+                       "set data.eval to a JSONL file, or eval.enabled: false", (("data", "eval"),))
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _parts(parts: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+
+
+def memory(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """Estimated memory per GPU (compiler.estimates) against cluster.gpu_memory_gb.
+
+    Trainer: over capacity without the optimizer state → error; over only with it → warning
+    (fits with optimizer CPU offload, as slime's large recipes run); within 10 % → warning.
+    Rollout: weights + one full-length sequence of KV cache over gpu_memory_gb ×
+    gpu_memory_utilization → error (vLLM refuses to start); within 10 % → warning.
+    Not compared for devices cpu."""
+    if spec.cluster.devices == "cpu":
+        return
+    t = plan.train_memory
+    cap = t.capacity_gb
+    resident = t.total_gb - t.parts.get("optimizer", 0.0)
+    related = (("train", "parallelism"), TRAIN_NODES, ("train", "recompute"))
+    detail = f"({_parts(t.parts)} GB; {t.notes[0] if t.notes else ''})"
+    more = "raise PP or EP, or train.nodes (more expert-DP shards the optimizer)"
+    if resident > cap:
+        hint = ("set train.recompute: full, or " if spec.train.recompute != "full" else "") + more
+        yield _error(GPU_MEM, f"trainer needs about {resident:.1f} GB per GPU without optimizer "
+                              f"state ({t.total_gb:.1f} GB with it) > {cap:g} GB {detail}",
+                     hint, related)
+    elif t.total_gb > cap:
+        yield _warning(GPU_MEM, f"trainer estimate {t.total_gb:.1f} GB per GPU > {cap:g} GB; it "
+                                f"fits only with the optimizer state ({t.parts['optimizer']:.1f} GB) "
+                                f"offloaded to the CPU {detail}",
+                       f"enable optimizer CPU offload in the trainer, or {more}", related)
+    elif t.total_gb >= NEAR_MEMORY * cap:
+        yield _warning(GPU_MEM, f"trainer estimate {t.total_gb:.1f} GB per GPU is within 10 % of "
+                                f"{cap:g} GB {detail}", more, related)
+
+    ro = plan.rollout_memory
+    r_related = (("rollout", "parallelism"), GPU_MEM, ("rollout", "gpu_memory_utilization"))
+    r_detail = f"({_parts(ro.parts)} GB)"
+    r_hint = ("raise rollout.parallelism.tensor, set expert_parallel: true with data > 1, "
+              "set rollout.fp8: true, or raise rollout.gpu_memory_utilization")
+    if ro.total_gb > ro.capacity_gb:
+        yield _error(("rollout", "parallelism"),
+                     f"vLLM needs about {ro.total_gb:.1f} GB per GPU for weights and one "
+                     f"{plan.seq_len}-token sequence > {ro.capacity_gb:.1f} GB usable {r_detail}",
+                     r_hint, r_related)
+    elif ro.total_gb >= NEAR_MEMORY * ro.capacity_gb:
+        yield _warning(("rollout", "parallelism"),
+                       f"vLLM estimate {ro.total_gb:.1f} GB per GPU is within 10 % of "
+                       f"{ro.capacity_gb:.1f} GB usable: only {plan.rollout_max_sequences} "
+                       f"full-length sequences fit per replica {r_detail}", r_hint, r_related)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+RULES: tuple[Rule, ...] = (
+    training_grid,
+    expert_grid,
+    expert_sizes,
+    attention_tp,
+    pipeline,
+    sequence_parallel,
+    context_parallel,
+    batch_arithmetic,
+    rollout_grid,
+    router_replay,
+    run_level,
+    local_engines,
+    cluster_settings,
+    zve_budgets,
+    references,
+    memory,
+)
+
+
+def check(spec: Spec, plan: Plan) -> list[Problem]:
+    """Every problem of DESIGN.md §3 and the cross-section rules, errors and warnings."""
+    problems: list[Problem] = []
+    for rule in RULES:
+        problems.extend(rule(spec, plan))
+    return problems
+
+
+def checked_plan(spec: Spec) -> Plan:
+    """make_plan + check: SpecError with every error, else the plan with its warnings."""
+    plan = make_plan(spec)
+    problems = check(spec, plan)
+    if any(p.severity == "error" for p in problems):
+        raise SpecError(problems)
+    return replace(plan, warnings=tuple(problems))

@@ -1,0 +1,474 @@
+"""compiler.checks: one test per rule with a spec that breaks it (path, numbers, severity)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from compiler.checks import RULES, check, checked_plan
+from compiler.plan import make_plan
+from spec.errors import Problem, SpecError
+from tests.compiler.conftest import DELETE, build, errors_of, problems_of
+
+TP = ("train", "parallelism", "tensor")
+PP = ("train", "parallelism", "pipeline")
+CP = ("train", "parallelism", "context")
+EP = ("train", "parallelism", "expert")
+ETP = ("train", "parallelism", "expert_tensor")
+SP = ("train", "parallelism", "sequence_parallel")
+VPP = ("train", "parallelism", "virtual_pipeline")
+FIRST = ("train", "parallelism", "first_pipeline_stage_layers")
+LAST = ("train", "parallelism", "last_pipeline_stage_layers")
+R_PAR = ("rollout", "parallelism")
+R_TP = ("rollout", "parallelism", "tensor")
+R_EP = ("rollout", "parallelism", "expert_parallel")
+MEM = ("cluster", "gpu_memory_gb")
+ARCH = "model.architecture"
+MOE = "model.architecture.moe"
+DENSE = {MOE: DELETE, "rollout.parallelism.expert_parallel": False,
+         "train.parallelism.expert": 1, "train.parallelism.expert_tensor": DELETE}
+CPU_LOCAL = {"cluster.devices": "cpu", "cluster.scheduler": "local"}
+
+
+def only(edits: dict[str, Any], path: tuple, severity: str = "error") -> Problem:
+    """The one problem at `path` of the base spec with `edits`, of the given severity."""
+    found = [p for p in problems_of(build(edits)) if p.path == path]
+    assert len(found) == 1, [p.format() for p in problems_of(build(edits))]
+    assert found[0].severity == severity, found[0].format()
+    return found[0]
+
+
+def assert_numbers(problem: Problem, *numbers: object) -> None:
+    for n in numbers:
+        assert str(n) in problem.message, (n, problem.message)
+
+
+def paths(edits: dict[str, Any]) -> set[tuple]:
+    return {p.path for p in problems_of(build(edits))}
+
+
+# --------------------------------------------------------------------------- valid specs
+
+
+def test_base_spec_has_no_problems() -> None:
+    assert problems_of(build()) == []
+
+
+def test_checked_plan_attaches_warnings_and_raises_errors() -> None:
+    plan = checked_plan(build({"cluster.partition": DELETE}))
+    assert [w.path for w in plan.warnings] == [("cluster", "partition")]
+    with pytest.raises(SpecError) as info:
+        checked_plan(build({"train.parallelism.context": 3}))
+    assert all(p.severity == "error" for p in info.value.problems)
+
+
+def test_every_rule_names_related_fields_and_suggests_a_fix() -> None:
+    broken = build({"train.parallelism.context": 3, "train.parallelism.expert": 6,
+                    "rollout.prompts_per_step": 30, "rollout.parallelism.tensor": 3})
+    problems = check(broken, make_plan(broken))
+    assert len(problems) >= 5
+    for p in problems:
+        assert p.related, p.format()
+        assert p.suggestion, p.format()
+    assert len(RULES) >= 13
+
+
+# --------------------------------------------------------------------------- training grid
+
+
+def test_world_size_not_a_multiple_of_tp_pp_cp() -> None:
+    p = only({"train.parallelism.context": 3}, ("train", "parallelism"))
+    assert_numbers(p, "world size 16", "2·1·3 = 6")
+    assert ("train", "nodes") in p.related and CP in p.related
+    assert "train.nodes: 3" in p.suggestion
+
+
+# --------------------------------------------------------------------------- expert grid
+
+
+def test_expert_grid_with_defaulted_etp_suggests_etp_1() -> None:
+    p = only({"train.parallelism.expert_tensor": DELETE, "train.nodes": 1}, EP)
+    assert_numbers(p, "world size 8", "2·8·1 = 16", "ETP = TP = 2")
+    assert p.suggestion == "set train.parallelism.expert_tensor: 1"
+    # The error explains the default; no second (warning) problem repeats it.
+    assert ETP not in paths({"train.parallelism.expert_tensor": DELETE, "train.nodes": 1})
+
+
+def test_expert_grid_with_explicit_etp_suggests_sizes() -> None:
+    p = only({"train.parallelism.expert_tensor": 2, "train.nodes": 1}, EP)
+    assert_numbers(p, "2·8·1 = 16")
+    assert "train.parallelism.expert: 4" in p.suggestion
+
+
+def test_defaulted_etp_with_tp_above_1_is_a_warning_even_when_it_fits() -> None:
+    p = only({"train.parallelism.expert_tensor": DELETE}, ETP, "warning")
+    assert_numbers(p, "ETP = TP = 2", "2·8·1 = 16")
+    assert "expert_tensor: 1" in p.suggestion
+    assert not errors_of(build({"train.parallelism.expert_tensor": DELETE}))
+
+
+def test_defaulted_etp_with_tp_1_is_silent() -> None:
+    assert ETP not in paths({"train.parallelism.expert_tensor": DELETE,
+                             "train.parallelism.tensor": 1,
+                             "train.parallelism.sequence_parallel": False})
+
+
+def test_num_experts_not_a_multiple_of_ep() -> None:
+    p = [q for q in errors_of(build({"train.parallelism.expert": 6})) if "num_experts" in q.message]
+    assert len(p) == 1 and p[0].path == EP
+    assert_numbers(p[0], 128, 6)
+    assert "expert: 4 or 8" in p[0].suggestion
+
+
+def test_expert_parallel_on_a_dense_model() -> None:
+    p = only({**DENSE, "train.parallelism.expert": 2}, EP)
+    assert_numbers(p, 2)
+
+
+def test_expert_tensor_on_a_dense_model() -> None:
+    p = only({**DENSE, "train.parallelism.expert_tensor": 2}, ETP)
+    assert_numbers(p, 2)
+
+
+def test_expert_ffn_not_a_multiple_of_etp() -> None:
+    p = only({f"{MOE}.expert_ffn_hidden_size": 769, "train.parallelism.expert_tensor": 2,
+              "train.parallelism.expert": 4}, ETP)
+    assert_numbers(p, 769, 2)
+
+
+# --------------------------------------------------------------------------- attention / TP
+
+
+def test_heads_not_a_multiple_of_tp() -> None:
+    problems = [p for p in errors_of(build({f"{ARCH}.num_attention_heads": 36,
+                                            "train.parallelism.tensor": 8})) if p.path == TP]
+    heads = [p for p in problems if "num_attention_heads" in p.message]
+    assert len(heads) == 1
+    assert_numbers(heads[0], 36, 8)
+    assert "1, 2, 4" in heads[0].suggestion
+
+
+def test_query_groups_not_a_multiple_of_tp() -> None:
+    p = only({"train.parallelism.tensor": 8}, TP)
+    assert_numbers(p, "num_query_groups 4", 8)
+
+
+def test_mla_model_has_no_query_group_rule() -> None:
+    mla = {f"{ARCH}.attention": "mla", f"{ARCH}.num_query_groups": DELETE,
+           f"{ARCH}.mla": {"kv_lora_rank": 512}, "train.parallelism.tensor": 8}
+    assert TP not in paths(mla)
+
+
+def test_dense_ffn_not_a_multiple_of_tp() -> None:
+    p = only({f"{MOE}.first_dense_layers": 1, f"{ARCH}.ffn_hidden_size": 6145}, TP)
+    assert_numbers(p, 6145, 2)
+
+
+def test_shared_expert_ffn_not_a_multiple_of_tp() -> None:
+    p = only({f"{MOE}.shared_experts": 1, f"{MOE}.shared_expert_ffn_hidden_size": 1025}, TP)
+    assert_numbers(p, 1025, 2)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+PP4 = {"train.parallelism.pipeline": 4, "train.parallelism.expert": 4}
+
+
+def test_layers_not_a_multiple_of_pp_suggests_an_uneven_last_stage() -> None:
+    p = only({**PP4, f"{ARCH}.num_layers": 50}, PP)
+    assert_numbers(p, 50, 4)
+    assert "last_pipeline_stage_layers: 11" in p.suggestion  # 50 = 3 × 13 + 11
+
+
+def test_uneven_last_stage_that_splits_is_valid() -> None:
+    # slime's DeepSeek-R1 split: 61 = 3 × 16 + 13.
+    spec = build({**PP4, f"{ARCH}.num_layers": 61, "train.parallelism.last_pipeline_stage_layers": 13})
+    assert errors_of(spec) == []
+    assert make_plan(spec).pipeline_layers == (16, 16, 16, 13)
+
+
+def test_uneven_stages_that_do_not_split() -> None:
+    p = only({**PP4, "train.parallelism.last_pipeline_stage_layers": 10}, LAST)
+    assert_numbers(p, 48, "last 10", "leaves 38", "3 middle")
+
+
+def test_uneven_stages_with_two_stages_must_add_up() -> None:
+    edits = {"train.parallelism.pipeline": 2, "train.parallelism.expert": 8,
+             "train.parallelism.first_pipeline_stage_layers": 20,
+             "train.parallelism.last_pipeline_stage_layers": 20}
+    p = only(edits, FIRST)
+    assert_numbers(p, 40, 48, "2 stages")
+
+
+def test_uneven_stages_need_pipeline() -> None:
+    p = only({"train.parallelism.first_pipeline_stage_layers": 4}, FIRST)
+    assert "pipeline is 1" in p.message
+
+
+def test_virtual_pipeline_needs_pipeline() -> None:
+    p = only({"train.parallelism.virtual_pipeline": 2}, VPP)
+    assert_numbers(p, "virtual_pipeline 2")
+
+
+def test_virtual_pipeline_must_divide_every_stage() -> None:
+    p = only({**PP4, "train.parallelism.virtual_pipeline": 5}, VPP)
+    assert_numbers(p, "virtual_pipeline 5", "stage 0: 12")
+    assert "2, 3, 4, 6, 12" in p.suggestion
+    assert VPP not in paths({**PP4, "train.parallelism.virtual_pipeline": 3})
+
+
+# --------------------------------------------------------------------------- sequence parallel
+
+
+def test_moe_with_tp_needs_sequence_parallel() -> None:
+    p = only({"train.parallelism.sequence_parallel": False}, SP)
+    assert_numbers(p, "tensor parallel size 2")
+    assert p.suggestion == "set train.parallelism.sequence_parallel: true"
+
+
+def test_sequence_parallel_with_tp_1_is_a_warning() -> None:
+    p = only({"train.parallelism.tensor": 1}, SP, "warning")
+    assert "tensor parallel size 1" in p.message
+
+
+def test_dense_model_with_tp_does_not_need_sequence_parallel() -> None:
+    assert SP not in paths({**DENSE, "train.parallelism.sequence_parallel": False})
+
+
+# --------------------------------------------------------------------------- context parallel
+
+
+def test_context_parallel_needs_seq_len_multiple_of_2cp() -> None:
+    p = only({"train.parallelism.context": 2, "rollout.max_tokens": 4095}, CP)
+    assert_numbers(p, 5119, "2·CP = 4")
+    assert p.suggestion == "set rollout.max_tokens: 4096"
+    assert CP not in paths({"train.parallelism.context": 2})
+
+
+# --------------------------------------------------------------------------- batch arithmetic
+
+
+def test_global_batch_not_a_multiple_of_micro_times_dp() -> None:
+    p = only({"train.global_batch_size": 60, "rollout.prompts_per_step": 30}, ("train", "global_batch_size"))
+    assert_numbers(p, 60, "1·8 = 8")
+    assert "global_batch_size: 48" in p.suggestion  # divides 240 rollouts
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def test_replica_does_not_tile_the_rollout_gpus() -> None:
+    p = only({"rollout.parallelism.data": 3, "rollout.parallelism.expert_parallel": False}, R_PAR)
+    assert_numbers(p, "4·3 = 12", "8 GPUs")
+
+
+def test_replica_straddling_nodes_is_rejected() -> None:
+    # 24 GPUs hold two 12-GPU replicas, but the second would span half of two nodes.
+    p = only({"rollout.nodes": 3, "rollout.parallelism.data": 3,
+              "rollout.parallelism.expert_parallel": False}, R_PAR)
+    assert_numbers(p, 12, 24)
+
+
+def test_replica_spanning_whole_nodes_is_valid() -> None:
+    assert errors_of(build({"rollout.nodes": 4, "rollout.parallelism.tensor": 8,
+                            "rollout.parallelism.data": 2})) == []
+
+
+def test_rollout_heads_not_a_multiple_of_tp() -> None:
+    p = [q for q in errors_of(build({"rollout.parallelism.tensor": 3, "rollout.parallelism.data": 1,
+                                     "rollout.parallelism.expert_parallel": False}))
+         if q.path == R_TP and "num_attention_heads" in q.message]
+    assert len(p) == 1
+    assert_numbers(p[0], 32, 3)
+
+
+def test_fewer_kv_heads_than_tp_are_replicated() -> None:
+    spec = build({"rollout.parallelism.tensor": 8, "rollout.parallelism.data": 1})
+    assert errors_of(spec) == []
+
+
+def test_kv_heads_that_cannot_be_split_over_tp() -> None:
+    p = only({f"{ARCH}.num_attention_heads": 48, f"{ARCH}.num_query_groups": 6}, R_TP)
+    assert_numbers(p, "6 KV heads", "size 4")
+
+
+def test_rollout_expert_parallel_size_must_divide_experts() -> None:
+    p = only({f"{MOE}.num_experts": 100, "train.parallelism.expert": 4}, R_EP)
+    assert_numbers(p, "4·2 = 8", 100)
+
+
+def test_rollout_expert_parallel_on_a_dense_model_is_a_warning() -> None:
+    p = only({**DENSE, "rollout.parallelism.expert_parallel": True}, R_EP, "warning")
+    assert "dense" in p.message
+
+
+# --------------------------------------------------------------------------- router replay
+
+
+@pytest.mark.parametrize("mode", ["r2", "r3"])
+def test_router_replay_on_a_dense_model(mode: str) -> None:
+    p = only({**DENSE, "router_replay.mode": mode}, ("router_replay", "mode"))
+    assert mode in p.message
+
+
+@pytest.mark.parametrize("engine", ["vllm", "local"])
+def test_r3_with_any_engine_and_expert_parallel_rollout_is_valid(engine: str) -> None:
+    edits = {"router_replay.mode": "r3", "rollout.engine": engine}
+    if engine == "local":
+        edits.update(CPU_LOCAL)
+    assert errors_of(build(edits)) == []
+
+
+# --------------------------------------------------------------------------- run-level
+
+
+def test_rollouts_per_step_not_a_multiple_of_global_batch() -> None:
+    p = only({"rollout.prompts_per_step": 30}, ("rollout", "prompts_per_step"))
+    assert_numbers(p, "30 × 8 = 240", 64)
+    assert "prompts_per_step: 24 or 32" in p.suggestion
+
+
+def test_prompt_plus_response_exceeds_positions() -> None:
+    p = only({"rollout.max_tokens": 40000}, ("rollout", "max_tokens"))
+    assert_numbers(p, 1024, 40000, 41024, 40960)
+    assert p.suggestion == "set rollout.max_tokens: 39936 or less"
+
+
+def test_eval_tokens_exceed_positions() -> None:
+    p = only({"eval.max_tokens": 40000}, ("eval", "max_tokens"))
+    assert_numbers(p, 41024, 40960)
+
+
+@pytest.mark.parametrize(("path", "value"), [(("train", "backend"), "local"),
+                                             (("rollout", "engine"), "local")])
+def test_local_engines_only_for_cpu_or_local_runs(path: tuple, value: str) -> None:
+    edits = {".".join(path): value}
+    p = only(edits, path)
+    assert_numbers(p, "16" if path[0] == "train" else "8")
+    assert not errors_of(build({**edits, "cluster.devices": "cpu"}))
+    assert path not in paths({**edits, "cluster.scheduler": "local"})
+
+
+def test_slurm_without_partition_is_a_warning() -> None:
+    only({"cluster.partition": DELETE}, ("cluster", "partition"), "warning")
+
+
+def test_ipc_weight_sync_across_slurm_nodes() -> None:
+    p = only({"system.weight_sync": "ipc"}, ("system", "weight_sync"))
+    assert_numbers(p, "2 node(s)", "1 node(s)")
+
+
+# --------------------------------------------------------------------------- ZVE budgets
+
+
+def test_drop_without_fallback_cannot_fill_a_batch() -> None:
+    stage = {"type": "flat_groups", "action": "drop", "oversample": 1.5, "max_refills": 1}
+    p = only({"filters": [stage]}, ("filters", 0, "fallback"))
+    assert_numbers(p, "2 round(s)", "oversample 1.5", "32 prompts", "768 rollouts", "512 beyond the 256")
+    budget = make_plan(build({"filters": [stage]})).stage_budgets[0]
+    assert not budget.can_fill_batch_worst_case
+    assert ("filters", 0, "fallback") not in paths({"filters": [{**stage, "fallback": "keep"}]})
+
+
+def test_drop_settings_on_another_action_are_a_warning() -> None:
+    stage = {"type": "flat_groups", "action": "keep", "oversample": 2.0}
+    p = only({"filters": [stage]}, ("filters", 0, "oversample"), "warning")
+    assert "keep" in p.message
+
+
+def test_reward_shaping_that_does_nothing_is_a_warning() -> None:
+    p = only({"filters": [{"type": "reward_shaping"}]}, ("filters", 0), "warning")
+    assert "0" in p.message
+
+
+def test_adaptive_group_size_that_cannot_grow_is_a_warning() -> None:
+    p = only({"filters": [{"type": "adaptive_group_size", "max_n": 8}]}, ("filters", 0, "max_n"),
+             "warning")
+    assert_numbers(p, "max_n 8", "rollout.n 8")
+
+
+# --------------------------------------------------------------------------- references
+
+EST = ("algorithm", "advantage", "estimator")
+
+
+def test_rl_zvp_estimator_without_a_rl_zvp_stage() -> None:
+    p = only({"algorithm.advantage.estimator": "rl_zvp"}, EST)
+    assert "flat_groups" in p.suggestion
+
+
+def test_rl_zvp_stage_without_the_rl_zvp_estimator() -> None:
+    p = only({"filters": [{"type": "flat_groups", "action": "rl_zvp"}]}, EST)
+    assert "filters[0].action" in p.message
+    assert p.suggestion == "set algorithm.advantage.estimator: rl_zvp"
+
+
+def test_rl_zvp_fallback_pairs_with_the_rl_zvp_estimator() -> None:
+    stage = {"type": "flat_groups", "action": "drop", "fallback": "rl_zvp"}
+    assert EST in paths({"filters": [stage]})
+    assert errors_of(build({"filters": [stage], "algorithm.advantage.estimator": "rl_zvp"})) == []
+
+
+def test_judge_key_must_be_passed_through() -> None:
+    judge = {"type": "http", "url": "http://judge", "model": "j", "api_key_env": "JUDGE_KEY"}
+    p = only({"reward.judge": judge, "cluster.env_passthrough": ["HF_TOKEN"]},
+             ("reward", "judge", "api_key_env"))
+    assert_numbers(p, "JUDGE_KEY", "HF_TOKEN")
+    assert not errors_of(build({"reward.judge": judge, "cluster.env_passthrough": ["JUDGE_KEY"]}))
+
+
+def test_parameters_of_an_unselected_loss_are_a_warning() -> None:
+    p = only({"algorithm.loss": "espo", "algorithm.gspo": {"clip_low": 1.0e-4}},
+             ("algorithm", "gspo"), "warning")
+    assert "espo" in p.message
+    assert ("algorithm", "espo") not in paths({"algorithm.espo": {"alpha": 0.03}})
+
+
+def test_megatron_checkpoint_with_the_local_trainer() -> None:
+    p = only({**CPU_LOCAL, "train.backend": "local", "model.checkpoint_format": "megatron"},
+             ("model", "checkpoint_format"))
+    assert "local trainer" in p.message
+
+
+def test_eval_without_held_out_data_is_a_warning() -> None:
+    only({"data.eval": DELETE}, ("eval", "enabled"), "warning")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_trainer_over_memory_without_optimizer_state_is_an_error() -> None:
+    p = only({"cluster.gpu_memory_gb": 24.0}, MEM)
+    assert_numbers(p, "> 24 GB", "weights 8.8", "grads 17.6")
+
+
+def test_trainer_over_memory_only_with_optimizer_state_is_a_warning() -> None:
+    # Weights + grads + activations ≈ 28.6 GB, with the optimizer state ≈ 51.5 GB.
+    p = only({"cluster.gpu_memory_gb": 40.0}, MEM, "warning")
+    assert_numbers(p, "51.5 GB", "> 40 GB", "optimizer state (22.9 GB)")
+    assert "offload" in p.message
+
+
+def test_trainer_memory_within_10_percent_is_a_warning() -> None:
+    p = only({"cluster.gpu_memory_gb": 55.0}, MEM, "warning")
+    assert_numbers(p, "51.5 GB", "55 GB", "10 %")
+
+
+def test_rollout_over_memory() -> None:
+    # One GPU per replica holds all 30.5 B parameters: 61 GB > 80 × 0.5.
+    p = only({"rollout.parallelism.tensor": 1, "rollout.parallelism.data": 1,
+              "rollout.gpu_memory_utilization": 0.5}, R_PAR)
+    assert_numbers(p, "61.6 GB", "40.0 GB")
+
+
+def test_rollout_memory_within_10_percent() -> None:
+    p = only({"rollout.parallelism.tensor": 1, "rollout.parallelism.data": 1,
+              "rollout.gpu_memory_utilization": 0.8}, R_PAR, "warning")
+    assert_numbers(p, "61.6 GB", "64.0 GB")
+
+
+def test_cpu_runs_skip_the_memory_comparison() -> None:
+    spec = build({**CPU_LOCAL, "cluster.gpu_memory_gb": 1.0})
+    assert MEM not in {p.path for p in problems_of(spec)}
+    assert make_plan(spec).train_memory.notes == ("cpu run: not estimated",)
