@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rlspec validate examples/compassmax-245b.yaml
 	$(VENV)/bin/rlspec inspect examples/compassmax-245b.yaml
 	$(VENV)/bin/rlspec compile examples/tiny/spec.yaml -o out/tiny-bundle --force
-	$(VENV)/bin/rlspec inspect out/tiny-bundle --graph
+	$(VENV)/bin/rlspec inspect out/tiny-bundle --graph tree
 
 test: $(SYSSTAMP)
 	$(VENV)/bin/ruff check .

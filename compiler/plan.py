@@ -7,7 +7,7 @@ and `rlspec inspect` read it. Nothing else recomputes a derived value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from spec.errors import Problem
 from spec.models import AdaptiveGroupSize, FlatGroups, OfflinePassRate, Spec
@@ -86,10 +86,21 @@ class Plan:
     # Added by make_plan (not in the first draft of this class): full-length sequences the
     # KV cache of one rollout engine replica holds (0: not even one; -1: cpu run, not estimated).
     rollout_max_sequences: int = 0
+    # How engine replicas sit on rollout nodes: a replica fits in a node (several per node)
+    # or spans whole nodes (vLLM data parallelism across nodes, one replica per node group).
+    replicas_per_node: int = 1
+    nodes_per_replica: int = 1
+    eval_seq_len: int = 0  # max prompt tokens + eval max tokens (the eval engines' max length)
 
     @property
     def is_moe(self) -> bool:
         return self.params.moe_layers > 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready view (warnings as formatted text), for `inspect --json` and job configs."""
+        out = asdict(self)
+        out["warnings"] = [w.format() for w in self.warnings]
+        return out
 
 
 # --------------------------------------------------------------------------- make_plan
@@ -261,4 +272,8 @@ def make_plan(spec: Spec) -> Plan:
         routing_dtype=routing_dtype,
         routing_bytes_per_token=routing_bytes,
         rollout_max_sequences=sequences,
+        replicas_per_node=max(1, _div(gpn, per_replica)),
+        nodes_per_replica=max(1, _div(per_replica, gpn)),
+        eval_seq_len=spec.data.max_prompt_tokens
+        + (spec.eval.max_tokens or spec.rollout.max_tokens),
     )

@@ -49,7 +49,8 @@ class Problem:
         return replace(self, file=file, line=line)
 
     def format(self) -> str:
-        text = f"{self.where}: {self.severity}: {dotted(self.path)}: {self.message}"
+        field = f"{dotted(self.path)}: " if self.path else ""
+        text = f"{self.where}: {self.severity}: {field}{self.message}"
         if self.related:
             text += " (involves " + ", ".join(dotted(p) for p in self.related) + ")"
         if self.suggestion:

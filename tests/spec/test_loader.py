@@ -136,7 +136,7 @@ def test_missing_file_suggests_a_neighbour(tmp_path: Path) -> None:
     p = only_problem(tmp_path / "spce.yaml")
     assert p.message == "file not found"
     assert p.suggestion == f"did you mean {tmp_path / 'spec.yaml'}?"
-    assert p.format() == (f"{tmp_path / 'spce.yaml'}: error: <root>: file not found\n"
+    assert p.format() == (f"{tmp_path / 'spce.yaml'}: error: file not found\n"
                           f"    hint: did you mean {tmp_path / 'spec.yaml'}?")
 
 

@@ -1,0 +1,224 @@
+"""Rendering: (spec, plan, graph) → the files of a bundle, as a dict path → text. Pure.
+
+Every generated file comes from a jinja2 template in `templates/` (StrictUndefined: a
+missing value is a compiler error, never an empty string in a script). Every value that
+reaches a shell goes through the `q` filter (shlex.quote) or is a number from the plan.
+Nothing here reads the clock or the environment, so the same spec gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jinja2
+import yaml
+
+from compiler import __version__
+from compiler.graph import Artifact, Job, JobGraph
+from compiler.plan import Plan
+from spec.models import Spec
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+# Fixed ports inside an exclusive allocation (vLLM's default API port, torchrun's, vLLM's DP RPC).
+ROLLOUT_BASE_PORT = 8000
+MASTER_PORT = 29500
+DP_RPC_PORT = 13345
+
+
+def _quote(value: Any) -> str:
+    return shlex.quote(str(value))
+
+
+def _shell_path(artifact: Artifact) -> str:
+    """A shell word for an artifact's path: run-relative ones are anchored at $RLSPEC_RUN_DIR."""
+    if artifact.external and PurePosixPath(artifact.path).is_absolute():
+        return _quote(artifact.path)
+    if artifact.external:  # relative to where the user keeps the spec: the bundle's parent
+        return '"$RLSPEC_BUNDLE_DIR"/../' + _quote(artifact.path)
+    return '"$RLSPEC_RUN_DIR"/' + _quote(artifact.path)
+
+
+def _dot_id(value: str) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+@cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        # bash's ${#array[@]} would open a jinja comment: use {## ... ##} for those instead.
+        comment_start_string="{##",
+        comment_end_string="##}",
+    )
+    env.filters.update(q=_quote, shell_path=_shell_path, dot_id=_dot_id,
+                       tojson_sorted=_json, to_yaml=_yaml)
+    return env
+
+
+def resolved_spec(spec: Spec) -> dict[str, Any]:
+    """The spec with every default filled in, as plain JSON data."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(resolved: dict[str, Any]) -> str:
+    canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def file_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SlurmRequest:
+    """What one job asks of Slurm (rendered into sbatch.sh, sent by `rlspec submit`)."""
+
+    job_name: str
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    time: str
+    extra: dict[str, str]  # partition / account / qos, when set
+
+    @property
+    def time_minutes(self) -> int:
+        days, _, clock = self.time.rpartition("-")
+        h, m, s = (int(x) for x in clock.split(":"))
+        return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
+
+
+def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
+    c = spec.cluster
+    extra = {k: v for k, v in (("partition", c.partition), ("account", c.account),
+                               ("qos", c.qos)) if v}
+    gpus = job.gpus_per_node if c.devices == "gpu" else 0
+    return SlurmRequest(f"{spec.name}-{job.name}", job.nodes, gpus, c.cpus_per_task,
+                        c.time_limit, extra)
+
+
+def rl_layout(spec: Spec, plan: Plan) -> dict[str, int]:
+    """Node split and ports of the RL allocation (all sizes come from the plan)."""
+    return {
+        "rollout_nodes": spec.rollout.nodes,
+        "train_nodes": spec.train.nodes,
+        "replicas": plan.rollout_replicas,
+        "replicas_per_node": plan.replicas_per_node,
+        "nodes_per_replica": plan.nodes_per_replica,
+        "local_data_parallel": max(1, spec.cluster.gpus_per_node // spec.rollout.parallelism.tensor),
+        "base_port": ROLLOUT_BASE_PORT,
+        "master_port": MASTER_PORT,
+        "dp_rpc_port": DP_RPC_PORT,
+    }
+
+
+def job_config(spec_data: dict, plan: Plan, graph: JobGraph, job: Job) -> dict[str, Any]:
+    """The runtime config of one job: all a job reads (runtime never imports the compiler)."""
+    def paths(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        return {n: {"path": graph.artifacts[n].path, "kind": graph.artifacts[n].kind,
+                    "external": graph.artifacts[n].external} for n in names}
+
+    return {
+        "rlspec_version": __version__,
+        "job": job.name,
+        "entry": job.entry,
+        "inputs": paths(job.inputs),
+        "outputs": paths(job.outputs),
+        "spec": spec_data,
+        "derived": plan.to_dict(),
+    }
+
+
+def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
+                  source_name: str, overrides: tuple[str, ...] = ()) -> dict[str, str]:
+    """All files of the bundle, relative path → text; `manifest.json` describes the rest."""
+    env = environment()
+    data = resolved_spec(spec)
+    digest = spec_hash(data)
+    order = graph.order()
+    dependencies = {n: graph.dependencies(n) for n in order}
+    output_dir = PurePosixPath(spec.cluster.output_dir)
+    base = {"version": __version__, "spec": spec, "plan": plan, "spec_hash": digest}
+
+    def render(template: str, **ctx: Any) -> str:
+        return env.get_template(template).render(**base, **ctx)
+
+    files: dict[str, str] = {
+        "spec.yaml": source_text,  # what the user wrote, comments and all
+        "spec.resolved.yaml": render("spec.resolved.yaml.j2", resolved=data),
+        "env.sh": render("env.sh.j2", output_dir_absolute=output_dir.is_absolute(),
+                         run_dir=str(output_dir / spec.name)),
+        "lib.sh": render("lib.sh.j2"),
+        "graph.json": graph.to_json(),
+        "graph.dot": render("graph.dot.j2", order=order, graph=graph,
+                            graph_dict=graph.to_dict()),
+        "submit.sh": render("submit.sh.j2", order=order, dependencies=dependencies),
+    }
+    rl_job = graph.jobs["rl"]
+    rl_inputs = [graph.artifacts[a] for a in rl_job.inputs]
+    policy = next(a for a in rl_inputs if a.kind == "hf_checkpoint")
+    megatron = next((a for a in rl_inputs if a.kind == "megatron_checkpoint"), None)
+    layout = rl_layout(spec, plan)
+    requests = {}
+    for name in order:
+        job = graph.jobs[name]
+        slurm = slurm_request(spec, job)
+        requests[name] = slurm
+        ctx = {"job": job, "slurm": slurm, "layout": layout, "policy_path": policy,
+               "megatron_path": megatron}
+        folder = f"jobs/{name}"
+        launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
+        files[f"{folder}/launch.sh"] = render(launch, **ctx)
+        files[f"{folder}/sbatch.sh"] = render("job/sbatch.sh.j2", **ctx)
+        files[f"{folder}/config.json"] = render(
+            "json.j2", value=job_config(data, plan, graph, job))
+        if name == "rl":
+            files[f"{folder}/rollout.sh"] = render("rl/rollout.sh.j2", **ctx)
+            files[f"{folder}/train.sh"] = render("rl/train.sh.j2", **ctx)
+
+    manifest = {
+        "rlspec_version": __version__,
+        "name": spec.name,
+        "spec_file": source_name,
+        "spec_sha256": digest,
+        "overrides": list(overrides),
+        "scheduler": spec.cluster.scheduler,
+        "order": order,
+        "jobs": {
+            name: {
+                "entry": graph.jobs[name].entry,
+                "summary": graph.jobs[name].summary,
+                "launch": f"jobs/{name}/launch.sh",
+                "depends_on": dependencies[name],
+                "inputs": list(graph.jobs[name].inputs),
+                "outputs": list(graph.jobs[name].outputs),
+                "roles": dict(graph.jobs[name].roles),
+                "resources": asdict(requests[name]),
+            }
+            for name in order
+        },
+        "artifacts": {k: asdict(v) for k, v in sorted(graph.artifacts.items())},
+        "env_passthrough": list(spec.cluster.env_passthrough),
+        "files": {path: file_hash(text) for path, text in sorted(files.items())},
+    }
+    files["manifest.json"] = render("json.j2", value=manifest)
+    return files

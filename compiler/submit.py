@@ -1,0 +1,211 @@
+"""Submitting a compiled bundle through submitit: the request is built first, then sent.
+
+`plan_submission` is pure: manifest → the list of requests `submit` would send (what
+`--dry-run` prints). `submit` sends them: on Slurm each job is an sbatch whose dependency is
+`afterok` on the jobs it reads from; locally (no `srun`, or scheduler local) the same launch
+scripts run one after another in graph order, since submitit's local executor ignores
+dependencies. The job ids are recorded in `submission.json` for `rlspec status`/`cancel`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler.bundle import SUBMISSION, BundleError, read_manifest, verify_bundle
+
+LOGS = "logs"
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One job as it will be sent: the executor's parameters and the command it runs."""
+
+    job: str
+    command: list[str]
+    depends_on: list[str]
+    parameters: dict[str, Any]
+
+
+@dataclass
+class Submission:
+    """What was sent, recorded in the bundle (no secrets: only ids, names and states)."""
+
+    backend: str  # slurm | local
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → {id, state, log}
+
+    def save(self, bundle: Path) -> None:
+        tmp = bundle / f".{SUBMISSION}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, bundle / SUBMISSION)
+
+    @classmethod
+    def load(cls, bundle: Path) -> Submission | None:
+        path = bundle / SUBMISSION
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(backend=data["backend"], jobs=data["jobs"])
+
+
+def choose_backend(manifest: dict[str, Any]) -> str:
+    """Slurm where the spec asks for it and `srun` exists here; otherwise local."""
+    if manifest["scheduler"] == "slurm" and shutil.which("srun") and shutil.which("sbatch"):
+        return "slurm"
+    return "local"
+
+
+def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> list[SubmitRequest]:
+    """Pure: the requests `submit` sends, in order (dependencies named by job)."""
+    requests = []
+    for name in manifest["order"]:
+        job = manifest["jobs"][name]
+        res = job["resources"]
+        params: dict[str, Any] = {"job_name": res["job_name"]}
+        if backend == "slurm":
+            params.update(
+                nodes=res["nodes"],
+                ntasks_per_node=1,
+                cpus_per_task=res["cpus_per_task"],
+                time=_minutes(res["time"]),
+                # The launch script starts its own srun steps; run it once, on the batch host.
+                use_srun=False,
+                stderr_to_stdout=True,
+                additional_parameters={"requeue": True},
+            )
+            if res["gpus_per_node"]:
+                params["gpus_per_node"] = res["gpus_per_node"]
+            params.update(res["extra"])
+        requests.append(SubmitRequest(
+            job=name,
+            command=["bash", str((bundle / job["launch"]).resolve())],
+            depends_on=list(job["depends_on"]),
+            parameters=params,
+        ))
+    return requests
+
+
+def _minutes(time: str) -> int:
+    days, _, clock = time.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
+
+
+def preflight(bundle: Path, manifest: dict[str, Any], *, force: bool) -> None:
+    """Refuse what would fail later: resubmission, edited files, missing secrets."""
+    if (bundle / SUBMISSION).is_file() and not force:
+        raise BundleError(
+            f"{bundle} was already submitted (see `rlspec status {bundle}`); "
+            "pass --force to submit it again"
+        )
+    changed = verify_bundle(bundle, manifest)
+    if changed:
+        raise BundleError(
+            "files of the bundle differ from its manifest: " + ", ".join(changed)
+            + "; recompile instead of editing generated files"
+        )
+    missing = [n for n in manifest["env_passthrough"] if n not in os.environ]
+    if missing:
+        raise BundleError(
+            "cluster.env_passthrough names variables that are not set here: "
+            + ", ".join(missing) + "; export them before submitting"
+        )
+
+
+def submit(bundle: str | Path, *, force: bool = False, backend: str | None = None,
+           echo: Any = print) -> Submission:
+    """Send every job of the bundle; returns (and records) what was sent."""
+    import submitit  # only on submit: compile and validate stay fast
+
+    root = Path(bundle).resolve()
+    manifest = read_manifest(root)
+    preflight(root, manifest, force=force)
+    backend = backend or choose_backend(manifest)
+    requests = plan_submission(root, manifest, backend)
+    logs = root / LOGS
+    logs.mkdir(exist_ok=True)
+    record = Submission(backend=backend)
+
+    if backend == "slurm":
+        for req in requests:
+            executor = submitit.SlurmExecutor(folder=logs / "%j")
+            params = dict(req.parameters)
+            deps = [record.jobs[d]["id"] for d in req.depends_on]
+            if deps:
+                params["dependency"] = "afterok:" + ":".join(deps)
+            executor.update_parameters(**params)
+            job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
+            record.jobs[req.job] = {"id": str(job.job_id), "state": "SUBMITTED",
+                                    "log": str(logs / str(job.job_id))}
+            record.save(root)  # after every job: a failure part-way still leaves ids to cancel
+            echo(f"submitted {req.job}: Slurm job {job.job_id}"
+                 + (f" (afterok {', '.join(req.depends_on)})" if deps else ""))
+        return record
+
+    # Local: submitit's local executor, one job at a time, in graph order.
+    for req in requests:
+        failed = next((d for d in req.depends_on
+                       if record.jobs.get(d, {}).get("state") != "COMPLETED"), None)
+        if failed:
+            record.jobs[req.job] = {"id": None, "state": "CANCELLED",
+                                    "log": None, "reason": f"dependency {failed} did not complete"}
+            record.save(root)
+            continue
+        executor = submitit.LocalExecutor(folder=logs / "%j")
+        job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
+        record.jobs[req.job] = {"id": str(job.job_id), "state": "RUNNING",
+                                "log": str(logs / str(job.job_id))}
+        record.save(root)
+        echo(f"running {req.job} (local job {job.job_id})")
+        try:
+            job.result()
+            record.jobs[req.job]["state"] = "COMPLETED"
+        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as exc:
+            record.jobs[req.job]["state"] = "FAILED"
+            record.jobs[req.job]["reason"] = str(exc).strip().splitlines()[-1][:500]
+        record.save(root)
+        echo(f"{req.job}: {record.jobs[req.job]['state']}")
+    return record
+
+
+def slurm_states(ids: list[str]) -> dict[str, str]:
+    """Current Slurm state of job ids: squeue for live jobs, sacct for finished ones."""
+    states: dict[str, str] = {}
+    if not ids:
+        return states
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        job_id, state = line.split()[:2]
+        states[job_id] = state
+    rest = [i for i in ids if i not in states]
+    if rest and shutil.which("sacct"):
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(rest)],
+                             capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            job_id, _, state = line.partition("|")
+            states[job_id] = state.split()[0] if state else "UNKNOWN"
+    return states
+
+
+def cancel(bundle: str | Path) -> list[str]:
+    """scancel every recorded Slurm job of the bundle; returns the ids cancelled."""
+    root = Path(bundle).resolve()
+    record = Submission.load(root)
+    if record is None:
+        raise BundleError(f"{root} has not been submitted")
+    if record.backend != "slurm":
+        raise BundleError("local runs execute in the foreground; stop them with Ctrl-C")
+    ids = [j["id"] for j in record.jobs.values() if j.get("id")]
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+    for job in record.jobs.values():
+        if job["state"] not in ("COMPLETED", "FAILED"):
+            job["state"] = "CANCELLED"
+    record.save(root)
+    return ids
