@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SYSSTAMP := $(VENV)/.sysdeps-stamp
 
-.PHONY: demo test lint bench docs clean sysdeps
+.PHONY: demo test lint bench docs golden clean sysdeps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Debian packages the tests use (shellcheck for rendered scripts).
+# Debian packages the tests use: shellcheck for rendered scripts, graphviz for `inspect --graph png`.
 $(SYSSTAMP): $(STAMP)
-	@if ! command -v shellcheck >/dev/null; then \
-	  echo "installing shellcheck from Debian"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck) >/dev/null; \
+	@if ! command -v shellcheck >/dev/null || ! command -v dot >/dev/null; then \
+	  echo "installing shellcheck and graphviz from Debian"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck graphviz) >/dev/null; \
 	fi
 	touch $(SYSSTAMP)
 
@@ -43,6 +43,10 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m spec.docs > docs/spec.md
+
+# Re-record the golden bundles after an intended change of rendering (review the diff).
+golden: $(STAMP)
+	RLSPEC_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/compiler/test_bundle.py -k golden
 
 bench: $(STAMP)
 	$(PY) bench/compile.py
