@@ -1,0 +1,302 @@
+"""The embedded trainer's update: one RL step on a batch of rollouts (any HF causal LM).
+
+For a batch of B responses (prompt + response tokens, right-padded to T):
+
+1. Old-policy pass (no grad): per-token log-probs ``old_logp`` and entropies of the policy
+   as it is before the update, with router replay — R3 replays the experts the rollout
+   engine chose; R2 records the experts chosen here and replays them in step 3.
+2. Train–inference correction (``runtime.losses.train_inference_correction``) from
+   ``old_logp`` and the engine's ``rollout_logp``: TIS weights or an MIS mask.
+3. For each PPO epoch, for each mini-batch of ``global_batch_size`` responses: forward the
+   micro-batches with replay, compute the spec's loss from the registry
+   (``runtime.losses.compute_loss``), accumulate gradients, clip, take an optimizer step.
+
+Micro-batch accumulation is exact, not an average of averages: a token-mean loss
+(GRPO, CISPO: Σ m·o / Σ m over the mini-batch) weights each micro-batch's loss by its share
+of the mini-batch's tokens; a sequence-mean loss (GSPO, ESPO: mean over responses) by its
+share of the mini-batch's non-empty responses. So the gradient does not depend on
+``micro_batch_size``.
+
+Token convention: ``logp[b, t] = log π(x_t | x_<t)`` for t ≥ 1 (position 0 has none);
+``entropy[b, t]`` is the entropy of the distribution that predicted ``x_t``.
+KL to a frozen reference (``algorithm.kl.coefficient > 0``), per token with d = ref − logp:
+k1 = −d, k2 = d²/2, k3 = eᵈ − d − 1 (Schulman's estimators), added as β·token-mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from runtime.losses import compute_loss, train_inference_correction
+from runtime.router_replay import RouterReplayGroup, RoutingTrace
+
+# How each loss averages (decides the micro-batch weights above).
+TOKEN_MEAN_LOSSES = frozenset({"grpo", "cispo"})
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """B responses, right-padded to T. Position t's token is ``input_ids[b, t]``."""
+
+    input_ids: Tensor  # long [B, T]: prompt + response + padding
+    attention_mask: Tensor  # bool [B, T]: real tokens
+    loss_mask: Tensor  # bool [B, T]: response tokens (never position 0)
+    rollout_logp: Tensor  # float [B, T]: the engine's log-prob of each response token
+    advantages: Tensor  # float [B] or [B, T]
+    routing: RoutingTrace | None = None  # ids [B, T, L, k] from the engine (R3)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: Tensor) -> TrainBatch:
+        """Responses ``index``, trimmed to their longest real length (less padding work)."""
+        length = int(self.attention_mask[index].sum(1).max().item()) if len(index) else 1
+        routing = None
+        if self.routing is not None:
+            mask = None if self.routing.mask is None else self.routing.mask[index, :length]
+            routing = RoutingTrace(self.routing.ids[index, :length], self.routing.num_experts, mask)
+        adv = self.advantages[index]
+        return TrainBatch(
+            input_ids=self.input_ids[index, :length],
+            attention_mask=self.attention_mask[index, :length],
+            loss_mask=self.loss_mask[index, :length],
+            rollout_logp=self.rollout_logp[index, :length],
+            advantages=adv if adv.dim() == 1 else adv[:, :length],
+            routing=routing,
+        )
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) of ``input_ids`` under ``model``: [B, T] each.
+
+    logp[b, t] = log softmax(z_{b, t−1})[x_{b, t}],  H[b, t] = −Σ_v p_v log p_v of that
+    distribution; position 0 is 0. Computed in float32 from the logits.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask.long()).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = input_ids[:, 1:].unsqueeze(-1)
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logp[:, 1:] = logprobs.gather(-1, target).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros_like(logp)
+        with torch.no_grad():
+            entropy[:, 1:] = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token KL(π‖π_ref) estimate with d = ref_logp − logp (see the module docstring)."""
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def learning_rate(step: int, *, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay from lr to min_lr at ``total``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Applies the spec's ``algorithm`` to a policy, one RL step at a time.
+
+    ``algorithm`` and ``train`` are the spec's sections as dicts (from the job config);
+    ``replay`` the model's RouterReplayGroup (``patch_qwen3_moe``), required for r2/r3.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        algorithm: dict[str, Any],
+        train: dict[str, Any],
+        vocab_size: int,
+        replay_mode: str = "off",
+        replay: RouterReplayGroup | None = None,
+        reference: nn.Module | None = None,
+        total_optimizer_steps: int = 1,
+        length_balancing: bool = True,
+    ) -> None:
+        if replay_mode != "off" and not replay:
+            raise ValueError(f"router replay {replay_mode!r} needs the model's MoE routers")
+        self.model = model
+        self.algorithm = algorithm
+        self.loss_name = algorithm["loss"]
+        self.loss_params = dict(algorithm.get(self.loss_name) or {})
+        self.micro = int(train["micro_batch_size"])
+        self.global_batch = int(train["global_batch_size"])
+        self.vocab_size = vocab_size
+        self.replay_mode = replay_mode
+        self.replay = replay
+        self.reference = reference
+        self.length_balancing = length_balancing
+        opt = train["optimizer"]
+        self.opt_cfg = opt
+        self.total_optimizer_steps = max(1, total_optimizer_steps)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=opt["lr"], betas=(opt["adam_beta1"], opt["adam_beta2"]),
+            eps=opt["adam_eps"], weight_decay=opt["weight_decay"],
+        )
+        self.optimizer_steps = 0
+
+    # ------------------------------------------------------------------ replay
+
+    @contextmanager
+    def _routing(self, trace: RoutingTrace | None) -> Iterator[None]:
+        if self.replay_mode == "off" or trace is None:
+            yield
+            return
+        with self.replay.replaying(trace):  # type: ignore[union-attr]
+            yield
+
+    def _old_pass(self, batch: TrainBatch) -> tuple[Tensor, Tensor, TrainBatch]:
+        """old_logp and entropy of the whole batch, micro-batch by micro-batch (no grad).
+
+        With R2, the experts chosen here become the batch's routing for the update.
+        """
+        old = torch.zeros_like(batch.rollout_logp)
+        ent = torch.zeros_like(batch.rollout_logp)
+        traces: list[RoutingTrace] = []
+        self.model.eval()
+        with torch.no_grad():
+            for index in self._micro_batches(torch.arange(batch.size), batch):
+                mb = batch.select(index)
+                length = mb.input_ids.shape[1]
+                if self.replay_mode == "r2":
+                    with self.replay.recording() as rec:  # type: ignore[union-attr]
+                        logp, h = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                                    with_entropy=True)
+                    ids = rec.trace.ids.reshape(len(index), length, *rec.trace.ids.shape[1:])
+                    traces.extend(RoutingTrace(ids[i], rec.trace.num_experts)
+                                  for i in range(len(index)))
+                else:
+                    with self._routing(mb.routing):
+                        logp, h = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                                    with_entropy=True)
+                old[index, :length] = logp
+                ent[index, :length] = h  # type: ignore[assignment]
+        if self.replay_mode == "r2":
+            order = torch.cat(list(self._micro_batches(torch.arange(batch.size), batch)))
+            by_row = [None] * batch.size
+            for row, trace in zip(order.tolist(), traces, strict=True):
+                by_row[row] = trace
+            stacked = RoutingTrace.stack(by_row, length=batch.input_ids.shape[1])  # type: ignore[arg-type]
+            batch = replace(batch, routing=stacked)
+        return old, ent, batch
+
+    # ------------------------------------------------------------------ batching
+
+    def _micro_batches(self, rows: Tensor, batch: TrainBatch) -> Iterator[Tensor]:
+        """Micro-batches of ``rows``; with length balancing, similar lengths go together."""
+        if self.length_balancing:
+            lengths = batch.attention_mask[rows].sum(1)
+            rows = rows[torch.argsort(lengths, stable=True)]
+        yield from rows.split(self.micro)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0) -> dict[str, float]:
+        """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics."""
+        if batch.size % self.global_batch:
+            raise ValueError(f"batch of {batch.size} responses is not a multiple of "
+                             f"global_batch_size {self.global_batch}")
+        old_logp, entropy, batch = self._old_pass(batch)
+        corr = self.algorithm.get("correction") or {"mode": "none"}
+        correction = train_inference_correction(
+            old_logp, batch.rollout_logp, batch.loss_mask, mode=corr["mode"],
+            **{k: corr[k] for k in ("cap", "low", "high") if k in corr})
+        mask, token_weight = correction.mask, correction.token_weight
+        ref_logp = self._reference_logp(batch) if self._kl_on else None
+
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(seed)
+        self.model.train()
+        for _ in range(epochs):
+            order = torch.randperm(batch.size, generator=generator)
+            for mini in order.split(self.global_batch):
+                self._optimizer_step(batch, mini, old_logp, entropy, mask, token_weight,
+                                     ref_logp, sums, counts)
+        valid = batch.loss_mask
+        n = valid.sum().clamp(min=1)
+        metrics = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
+        metrics.update(correction.metrics)
+        metrics["entropy"] = float((entropy * valid).sum() / n)
+        metrics["train_inference_gap"] = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
+        metrics["optimizer_steps"] = float(self.optimizer_steps)
+        return metrics
+
+    @property
+    def _kl_on(self) -> bool:
+        kl = self.algorithm.get("kl") or {}
+        return bool(kl.get("coefficient", 0.0)) and self.reference is not None
+
+    def _reference_logp(self, batch: TrainBatch) -> Tensor:
+        ref = torch.zeros_like(batch.rollout_logp)
+        with torch.no_grad():
+            for index in self._micro_batches(torch.arange(batch.size), batch):
+                mb = batch.select(index)
+                logp, _ = sequence_logprobs(self.reference, mb.input_ids, mb.attention_mask)  # type: ignore[arg-type]
+                ref[index, : mb.input_ids.shape[1]] = logp
+        return ref
+
+    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
+                        sums, counts) -> None:
+        token_mean = self.loss_name in TOKEN_MEAN_LOSSES
+        total_tokens = float(mask[mini].sum())
+        total_responses = float((mask[mini].sum(1) > 0).sum())
+        denom = max(total_tokens if token_mean else total_responses, 1.0)
+        opt = self.opt_cfg
+        lr = learning_rate(self.optimizer_steps, total=self.total_optimizer_steps, lr=opt["lr"],
+                           min_lr=opt["min_lr"], warmup=opt["warmup_steps"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for index in self._micro_batches(mini, batch):
+            mb = batch.select(index)
+            length = mb.input_ids.shape[1]
+            m = mask[index, :length]
+            with self._routing(mb.routing):
+                logp, _ = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask)
+            out = compute_loss(
+                self.loss_name, self.loss_params, logp=logp, old_logp=old_logp[index, :length],
+                advantages=mb.advantages, mask=m, entropy=entropy[index, :length],
+                vocab_size=self.vocab_size, token_weight=token_weight[index, :length])
+            share = float(m.sum()) if token_mean else float((m.sum(1) > 0).sum())
+            loss = out.loss * (share / denom)
+            if ref_logp is not None:
+                kl_cfg = self.algorithm["kl"]
+                kl = kl_penalty(logp, ref_logp[index, :length], kl_cfg["estimator"])
+                kl_mean = (kl * m).sum() / max(total_tokens, 1.0)
+                loss = loss + kl_cfg["coefficient"] * kl_mean
+                sums["kl"] = sums.get("kl", 0.0) + float(kl_mean.detach()) * total_tokens
+                counts["kl"] = counts.get("kl", 0.0) + total_tokens
+            loss.backward()
+            for key, value in out.metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * share
+                counts[key] = counts.get(key, 0.0) + share
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), opt["clip_grad"])
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1
+        sums["lr"], counts["lr"] = lr, 1.0
+        self.optimizer.step()
+        self.optimizer_steps += 1

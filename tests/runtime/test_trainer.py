@@ -1,0 +1,192 @@
+"""The embedded trainer's RL step: log-probs, exact micro-batching, replay, KL, schedule."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from runtime.router_replay import RoutingTrace, patch_qwen3_moe
+from runtime.trainer import TrainBatch, Trainer, kl_penalty, learning_rate, sequence_logprobs
+
+transformers = pytest.importorskip("transformers")
+
+ALGO = {
+    "loss": "espo", "espo": {"alpha": 0.02, "high_entropy_fraction": 0.2},
+    "grpo": {"clip_low": 0.2, "clip_high": 0.28}, "correction": {"mode": "tis", "cap": 2.0},
+    "kl": {"coefficient": 0.0, "estimator": "k3"},
+}
+OPT = {"lr": 1e-2, "min_lr": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_eps": 1e-8,
+       "weight_decay": 0.0, "clip_grad": 1e9, "warmup_steps": 0}
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=64)
+    return transformers.Qwen3MoeForCausalLM(cfg).float()
+
+
+def make_batch(model, b: int = 8, t: int = 12, seed: int = 0) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 32, (b, t), generator=g)
+    lengths = torch.randint(6, t + 1, (b,), generator=g)
+    attn = torch.arange(t)[None] < lengths[:, None]
+    ids = torch.where(attn, ids, torch.zeros_like(ids))
+    loss_mask = attn & (torch.arange(t)[None] >= 4)  # 4 prompt tokens
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, ids, attn)
+    rollout = (logp + 0.05 * torch.randn(b, t, generator=g)) * loss_mask
+    adv = torch.randn(b, generator=g)
+    return TrainBatch(ids, attn, loss_mask, rollout, adv)
+
+
+def test_sequence_logprobs_match_a_loop() -> None:
+    model = tiny_model()
+    batch = make_batch(model)
+    logp, ent = sequence_logprobs(model, batch.input_ids, batch.attention_mask, with_entropy=True)
+    with torch.no_grad():
+        for b in range(batch.size):
+            n = int(batch.attention_mask[b].sum())
+            logits = model(input_ids=batch.input_ids[b : b + 1, :n]).logits[0]
+            for t in range(1, n):
+                dist = torch.log_softmax(logits[t - 1], -1)
+                assert logp[b, t].item() == pytest.approx(dist[batch.input_ids[b, t]].item(), abs=1e-5)
+                assert ent[b, t].item() == pytest.approx(-(dist.exp() * dist).sum().item(), abs=1e-5)
+    assert torch.all(logp[:, 0] == 0)
+
+
+def _grads(loss: str, micro: int) -> dict[str, torch.Tensor]:
+    model = tiny_model()
+    batch = make_batch(model)
+    trainer = Trainer(model, algorithm={**ALGO, "loss": loss},
+                      train={"micro_batch_size": micro, "global_batch_size": 8, "optimizer": OPT},
+                      vocab_size=32)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(*args, **kwargs):
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                captured[name] = p.grad.clone()
+
+    trainer.optimizer.step = capture  # type: ignore[method-assign]
+    trainer.step(batch)
+    return captured
+
+
+@pytest.mark.parametrize("loss", ["espo", "grpo", "gspo", "cispo"])
+def test_gradient_does_not_depend_on_micro_batch_size(loss: str) -> None:
+    whole, split = _grads(loss, 8), _grads(loss, 3)
+    assert whole.keys() == split.keys() and whole
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_r3_replays_engine_routing_and_router_still_learns(monkeypatch) -> None:
+    engine = tiny_model(seed=1)  # sampled with other weights: its routing differs
+    model = tiny_model(seed=0)
+    engine_replay, replay = patch_qwen3_moe(engine), patch_qwen3_moe(model)
+    batch = make_batch(model)
+    with torch.no_grad(), engine_replay.recording() as rec:
+        engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+    ids = rec.trace.ids.reshape(batch.size, batch.input_ids.shape[1], *rec.trace.ids.shape[1:])
+    trace = RoutingTrace(ids, 8)
+    batch = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                       batch.rollout_logp, batch.advantages, trace)
+    # The trainer's forward under replay selects exactly the engine's experts.
+    import runtime.router_replay as rr
+
+    chosen: list[torch.Tensor] = []
+    real = rr.select_experts
+
+    def spy(*args, **kwargs):
+        gates, ids = real(*args, **kwargs)
+        chosen.append(ids)
+        return gates, ids
+
+    monkeypatch.setattr(rr, "select_experts", spy)
+    with torch.no_grad(), replay.replaying(trace):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+    monkeypatch.undo()
+    flat = trace.ids.reshape(-1, *trace.ids.shape[2:]).long()
+    assert len(chosen) == 2
+    for layer, ids in enumerate(chosen):
+        assert torch.equal(ids.long(), flat[:, layer])
+    with torch.no_grad(), replay.recording() as own:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+    assert not torch.equal(own.trace.ids.long(), flat), "engine and trainer should route apart"
+
+    trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 4, "global_batch_size": 8,
+                      "optimizer": OPT}, vocab_size=32, replay_mode="r3", replay=replay)
+    router = next(p for n, p in model.named_parameters() if "gate" in n and p.dim() == 2)
+    before = router.detach().clone()
+    metrics = trainer.step(batch)
+    assert not torch.equal(before, router.detach()), "the router received no update"
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["train_inference_gap"] > 0
+
+
+def test_r2_and_updates_raise_the_likelihood_of_advantaged_responses() -> None:
+    model = tiny_model()
+    replay = patch_qwen3_moe(model)
+    batch = make_batch(model)
+    adv = torch.tensor([1.0, -1.0] * 4)
+    batch = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                       batch.rollout_logp, adv)
+    trainer = Trainer(model, algorithm={**ALGO, "loss": "grpo"}, train={
+        "micro_batch_size": 4, "global_batch_size": 8, "optimizer": OPT}, vocab_size=32,
+        replay_mode="r2", replay=replay)
+
+    def seq_logp() -> torch.Tensor:
+        with torch.no_grad():
+            logp, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask)
+        return (logp * batch.loss_mask).sum(1)
+
+    start = seq_logp()
+    for step in range(5):
+        trainer.step(batch, seed=step)
+    delta = seq_logp() - start
+    assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
+
+
+def test_kl_estimators_and_schedule() -> None:
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    d = ref - logp
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), -d)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), 0.5 * d * d)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.exp(d) - d - 1)
+    assert torch.all(kl_penalty(logp, logp, "k3") == 0)
+    assert learning_rate(0, total=10, lr=1.0, min_lr=0.0, warmup=2) == 0.5
+    assert learning_rate(2, total=10, lr=1.0, min_lr=0.0, warmup=2) == 1.0
+    assert learning_rate(10, total=10, lr=1.0, min_lr=0.1, warmup=2) == pytest.approx(0.1)
+
+
+def test_kl_penalty_pulls_towards_the_reference() -> None:
+    model = tiny_model()
+    reference = copy.deepcopy(model).eval()
+    batch = make_batch(model)
+    batch = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                       batch.rollout_logp, torch.zeros(8))  # no advantage: only KL acts
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer = Trainer(model, algorithm={**ALGO, "kl": {"coefficient": 1.0, "estimator": "k3"}},
+                      train={"micro_batch_size": 8, "global_batch_size": 8,
+                             "optimizer": {**OPT, "lr": 1e-3}},
+                      vocab_size=32, reference=reference)
+    first = trainer.step(batch)["kl"]
+    for _ in range(5):
+        last = trainer.step(batch)["kl"]
+    assert last < first
+
+
+def test_batch_must_fill_whole_optimizer_steps() -> None:
+    model = tiny_model()
+    trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 4, "global_batch_size": 8,
+                      "optimizer": OPT}, vocab_size=32)
+    with pytest.raises(ValueError, match="multiple of global_batch_size"):
+        trainer.step(make_batch(model, b=12))
