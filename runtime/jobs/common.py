@@ -1,0 +1,474 @@
+"""What every job entry point shares: its config, artifact paths, atomic outputs, logging, exit codes.
+
+A job runs as ``python -m runtime.jobs.<entry> --config jobs/<job>/config.json`` with
+cwd = ``$RLSPEC_RUN_DIR``; the launch script exports ``RLSPEC_RUN_DIR`` and
+``RLSPEC_BUNDLE_DIR``. The config is plain JSON (this module never imports ``compiler`` or
+``spec``)::
+
+    {"job": str, "entry": str, "inputs": {name: artifact}, "outputs": {name: artifact},
+     "spec": the resolved spec, "derived": the compiler's plan, "rlspec_version": str}
+    artifact = {"path": str, "kind": str, "external": bool}
+
+Artifact paths resolve as::
+
+    produced by a job (external = false)   → $RLSPEC_RUN_DIR / path
+    given by the user, absolute            → path
+    given by the user, relative            → $RLSPEC_BUNDLE_DIR/.. / path
+                                             (the spec's folder, where the user keeps data)
+
+Outputs are directories. One is *complete* when it holds the marker file ``.complete``,
+written last (``atomic_dir`` writes it into a temporary sibling and renames the directory
+into place, so a reader never sees a half-written output under the final name). A job
+whose every output is complete logs "outputs exist, skipping" and exits 0: re-running a
+bundle resumes its graph where it stopped. Temporary siblings left by a killed job
+(``.<name>.partial-*``) are never mistaken for outputs and are removed by the next run.
+
+Exit codes of ``run_job``: 0 done or skipped, 1 failed (one line on stderr, the traceback
+in the job's log file ``$RLSPEC_RUN_DIR/logs/<job>.log``), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM, what Slurm sends on cancel or time-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "ArtifactRef",
+    "JobContext",
+    "JobError",
+    "atomic_dir",
+    "atomic_write_json",
+    "atomic_write_text",
+    "clean_partials",
+    "fsync_tree",
+    "is_complete",
+    "job_logger",
+    "mark_complete",
+    "parse_args",
+    "run_job",
+]
+
+COMPLETE_MARKER = ".complete"
+_PARTIAL = ".partial-"  # temporary sibling being written: .<name>.partial-<host>-<pid>-<hex>
+_OLD = ".old-"  # a replaced output on its way out:       .<name>.old-<host>-<pid>-<hex>
+
+
+class JobError(RuntimeError):
+    """A failure with a message meant for the user as is (no exception type prefix)."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. a platform that cannot open directories: best effort
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (directories after their entries)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{_PARTIAL}{_tag()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
+    """``atomic_write_text`` of ``obj`` as JSON (sorted keys, trailing newline)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory holding the completion marker."""
+    p = Path(path)
+    return p.is_dir() and (p / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(path: str | os.PathLike[str], **info: Any) -> Path:
+    """Write the completion marker into the directory ``path`` (for writers that fill the
+    final directory in place; ``atomic_dir`` calls this itself)."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "host": socket.gethostname(), **info}
+    return atomic_write_json(Path(path) / COMPLETE_MARKER, record)
+
+
+def clean_partials(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary siblings of ``final`` left by a killed writer; returns what went.
+
+    One writer per output at a time is assumed (the scheduler runs a job once at a time).
+    """
+    final = Path(final)
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    for prefix in (f".{final.name}{_PARTIAL}", f".{final.name}{_OLD}"):
+        for stale in final.parent.glob(prefix + "*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # filesystem without exchange (some network filesystems)
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], *, marker: bool = True,
+               **marker_info: Any) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final`` to write into; on success it becomes ``final``.
+
+    On a clean exit: the completion marker is written (last), every file and folder is
+    fsynced, and the directory is renamed to ``final``. An existing ``final`` is replaced
+    atomically where the filesystem can swap two directories (renameat2 exchange); elsewhere
+    it is first renamed aside (a crash in that instant leaves no ``final`` and a stale
+    ``.old`` sibling, never a mixed directory). On an exception the temporary is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_partials(final)
+    tmp = final.parent / f".{final.name}{_PARTIAL}{_tag()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if marker:
+            mark_complete(tmp, **marker_info)
+        fsync_tree(tmp)
+        if final.exists() or final.is_symlink():
+            if final.is_dir() and not final.is_symlink() and _exchange(tmp, final):
+                shutil.rmtree(tmp)  # tmp now holds the old output
+            else:
+                old = final.parent / f".{final.name}{_OLD}{_tag()}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+        else:
+            os.rename(tmp, final)
+        _fsync_path(final.parent)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Prefix(logging.Formatter):
+    def __init__(self, job: str) -> None:
+        super().__init__()
+        self.job = job
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Same shape as the launch scripts' `rlspec_log` lines.
+        stamp = time.strftime("%H:%M:%S", time.gmtime(record.created))
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        text = f"[rlspec {stamp}] {self.job}: {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def job_logger(job: str, log_file: Path | None = None) -> logging.Logger:
+    """A logger whose lines read ``[rlspec HH:MM:SS] <job>: message``: INFO and up on
+    stderr, everything (tracebacks included) appended to ``log_file``."""
+    logger = logging.getLogger(f"rlspec.job.{job}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.INFO)
+    err.setFormatter(_Prefix(job))
+    logger.addHandler(err)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(_Prefix(job))
+        logger.addHandler(fh)
+    return logger
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """One input or output of a job, its path resolved."""
+
+    name: str
+    path: Path
+    kind: str
+    external: bool
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value).resolve() if value else None
+
+
+class JobContext:
+    """A job's view of its bundle: config sections, resolved artifact paths, logger."""
+
+    def __init__(self, config: Mapping[str, Any], *, config_path: Path, run_dir: Path,
+                 bundle_dir: Path, log_to_file: bool = True) -> None:
+        self.config: dict[str, Any] = dict(config)
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.bundle_dir = bundle_dir
+        self.job: str = str(config.get("job") or config_path.parent.name)
+        self.entry: str = str(config.get("entry") or self.job)
+        self.spec: dict[str, Any] = dict(config.get("spec") or {})
+        self.derived: dict[str, Any] = dict(config.get("derived") or {})
+        self.inputs = {n: self._resolve(n, a) for n, a in (config.get("inputs") or {}).items()}
+        self.outputs = {n: self._resolve(n, a) for n, a in (config.get("outputs") or {}).items()}
+        self.log_file: Path | None = run_dir / "logs" / f"{self.job}.log" if log_to_file else None
+        self.log = job_logger(self.job, self.log_file)
+
+    @classmethod
+    def load(cls, config_path: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None,
+             bundle_dir: str | os.PathLike[str] | None = None,
+             log_to_file: bool = True) -> JobContext:
+        """Read ``config_path``. The run dir is ``run_dir``, else ``$RLSPEC_RUN_DIR``, else the
+        cwd; the bundle dir ``bundle_dir``, else ``$RLSPEC_BUNDLE_DIR``, else the folder two
+        levels above the config (``<bundle>/jobs/<job>/config.json``)."""
+        path = Path(config_path).resolve()
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise JobError(f"config not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise JobError(f"config {path} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise JobError(f"config {path} is not a JSON object")
+        run = Path(run_dir).resolve() if run_dir else (_env_path("RLSPEC_RUN_DIR") or Path.cwd())
+        bundle = (Path(bundle_dir).resolve() if bundle_dir
+                  else (_env_path("RLSPEC_BUNDLE_DIR") or path.parents[2]))
+        return cls(config, config_path=path, run_dir=run, bundle_dir=bundle,
+                   log_to_file=log_to_file)
+
+    def _resolve(self, name: str, artifact: Mapping[str, Any]) -> ArtifactRef:
+        raw = Path(str(artifact.get("path", "")))
+        external = bool(artifact.get("external", False))
+        if external:
+            path = raw if raw.is_absolute() else self.bundle_dir.parent / raw
+        else:
+            path = self.run_dir / raw
+        return ArtifactRef(name, Path(os.path.normpath(path)), str(artifact.get("kind", "")),
+                           external)
+
+    # ----- paths
+
+    def input_path(self, name: str, *, check: bool = True) -> Path:
+        """Path of input ``name``. With ``check``, a missing input (or an incomplete one made
+        by another job) is a JobError naming the job to run first."""
+        try:
+            ref = self.inputs[name]
+        except KeyError:
+            raise JobError(f"job {self.job} has no input {name!r} "
+                           f"(inputs: {', '.join(self.inputs) or 'none'})") from None
+        if check:
+            if ref.external and not ref.path.exists():
+                raise JobError(f"input {name} not found: {ref.path}")
+            if not ref.external and not is_complete(ref.path):
+                raise JobError(f"input {name} at {ref.path} is missing or incomplete "
+                               f"(no {COMPLETE_MARKER}): run the job that produces it first")
+        return ref.path
+
+    def output_path(self, name: str) -> Path:
+        """Final path of output ``name`` (write it through ``atomic_dir``)."""
+        try:
+            return self.outputs[name].path
+        except KeyError:
+            raise JobError(f"job {self.job} has no output {name!r} "
+                           f"(outputs: {', '.join(self.outputs) or 'none'})") from None
+
+    def outputs_complete(self) -> bool:
+        """True when the job has outputs and every one of them is complete."""
+        return bool(self.outputs) and all(is_complete(o.path) for o in self.outputs.values())
+
+    def atomic_output(self, name: str, **marker_info: Any) -> contextlib.AbstractContextManager[Path]:
+        """``atomic_dir`` for output ``name``; the marker records the job and artifact."""
+        return atomic_dir(self.output_path(name), job=self.job, artifact=name, **marker_info)
+
+    # ----- spec access
+
+    def section(self, dotted: str) -> Any:
+        """``spec`` value at a dotted path (``"data.generator"``); a JobError if absent."""
+        node: Any = self.spec
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise JobError(f"the job config has no spec.{dotted}")
+            node = node[part]
+        return node
+
+    @property
+    def rank(self) -> int:
+        """Task rank inside a multi-node job (Slurm's SLURM_PROCID; 0 when run locally)."""
+        return int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """The command line every job takes: ``--config PATH [--force]``."""
+    first = (description or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=first[0] if first else None)
+    parser.add_argument("--config", required=True, help="the job's config.json in the bundle")
+    parser.add_argument("--force", action="store_true",
+                        help="run even if every output already exists and is complete")
+    return parser.parse_args(argv)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+class _Terminated(BaseException):
+    """SIGTERM turned into an exception, so ``atomic_dir`` removes its temporary."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _quiet_progress_bars() -> None:
+    """No tqdm bars in job logs: huggingface_hub reads the variable when first imported;
+    transformers, if a job module imported it already, is told directly."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        hf_logging.disable_progress_bar()
+
+
+def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None, *,
+            description: str | None = None) -> int:
+    """Run ``fn(ctx)`` as a job entry point; returns the process exit code.
+
+    Skips (exit 0) when every output is already complete unless ``--force``; checks after
+    ``fn`` that every output is complete; turns failures into one stderr line
+    ``rlspec job <name> failed: <message> (log: <file>)`` and exit 1.
+    """
+    args = parse_args(argv, description)
+    job = Path(args.config).parent.name or "?"
+    try:
+        ctx = JobContext.load(args.config)
+    except Exception as exc:  # no context yet: no log file either
+        print(f"rlspec job {job} failed: {_one_line(exc)} (log: none)", file=sys.stderr)
+        return 1
+    log_hint = str(ctx.log_file) if ctx.log_file else "stderr"
+    previous = None
+    with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if ctx.outputs_complete() and not args.force:
+            ctx.log.info("outputs exist, skipping (%s)",
+                         ", ".join(str(o.path) for o in ctx.outputs.values()))
+            return 0
+        for out in ctx.outputs.values():
+            for stale in clean_partials(out.path):
+                ctx.log.info("removed the partial output of an earlier run: %s", stale)
+        _quiet_progress_bars()
+        t0 = time.monotonic()
+        ctx.log.info("start (config %s, run dir %s)", ctx.config_path, ctx.run_dir)
+        fn(ctx)
+        missing = [n for n, o in ctx.outputs.items() if not is_complete(o.path)]
+        if missing and ctx.rank == 0:
+            raise JobError(f"finished without completing output(s) {', '.join(missing)}")
+        ctx.log.info("done in %.1f s", time.monotonic() - t0)
+        return 0
+    except KeyboardInterrupt:
+        ctx.log.debug("interrupted", exc_info=True)
+        print(f"rlspec job {ctx.job} interrupted (log: {log_hint})", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"rlspec job {ctx.job} terminated by SIGTERM (log: {log_hint})", file=sys.stderr)
+        return 143
+    except Exception as exc:
+        ctx.log.debug("failure:\n%s", traceback.format_exc().rstrip())
+        print(f"rlspec job {ctx.job} failed: {_one_line(exc)} (log: {log_hint})", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for handler in ctx.log.handlers:
+            handler.flush()

@@ -1,0 +1,265 @@
+"""The embedded policy: a character-level tokenizer and a small HF model of a standard family.
+
+The tiny run's policy is a real ``Qwen3MoeForCausalLM`` (or ``Qwen3ForCausalLM`` for a dense
+``qwen3`` spec) built from the spec's ``model.architecture`` with random weights; nothing is
+downloaded. Checkpoints are ordinary HF folders (config.json, model.safetensors in the
+original per-expert layout, generation_config.json, tokenizer.json, tokenizer_config.json)
+that ``AutoModelForCausalLM`` / ``AutoTokenizer`` / vLLM load as is.
+
+Tokenizer: one token per character. Ids::
+
+    0 <pad>   1 <bos>   2 <eos>   3 <unk>
+    4…13 "0"…"9"   14 "+"   15 "-"   16 "*"   17 "="   18 " "
+
+ids 19 … vocab_size−1 are unused (the model's embedding has vocab_size rows; decoding an
+unused id yields nothing). Encoding adds no special tokens — ``encode("37+58=")`` is six ids
+— so prompt and response tokens line up with characters; a response ends with ``<eos>``.
+``<bos>`` exists for engines that want one but is never inserted automatically. Characters
+outside the vocabulary encode as ``<unk>``.
+
+Architecture mapping (spec ``model.architecture`` → transformers config)::
+
+    num_layers → num_hidden_layers          hidden_size → hidden_size
+    ffn_hidden_size → intermediate_size     num_attention_heads → num_attention_heads
+    num_query_groups → num_key_value_heads  head_dim → head_dim (default hidden/heads)
+    vocab_size, max_position_embeddings     rope_theta → rope_parameters.rope_theta
+    tie_embeddings → tie_word_embeddings
+    moe.num_experts → num_experts           moe.top_k → num_experts_per_tok
+    moe.expert_ffn_hidden_size → moe_intermediate_size
+    moe.norm_topk_prob → norm_topk_prob     moe.aux_loss_coeff → router_aux_loss_coef
+    moe.first_dense_layers = k → mlp_only_layers = [0 … k−1], decoder_sparse_step = 1
+
+Qwen3-MoE has a softmax router, no expert bias and no shared experts: a spec asking for
+those is rejected rather than silently built as something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from runtime.jobs.common import atomic_dir
+
+__all__ = [
+    "CHARACTERS",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_FAMILIES",
+    "build_policy",
+    "build_tokenizer",
+    "count_parameters",
+    "load_policy",
+    "policy_config",
+    "save_policy",
+    "save_tokenizer",
+]
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+CHARACTERS = "0123456789+-*= "
+SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3")
+# tokenizer_config.json names the generic fast tokenizer, which transformers 4.x and 5.x
+# both resolve (5.x would write its own class name, "TokenizersBackend", unknown to 4.x —
+# the version a separate vLLM environment may have).
+_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(vocab_size: int, *, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """The character-level tokenizer (ids in the module doc); ``vocab_size`` is the model's
+    embedding size and must hold every token."""
+    tokens = [*SPECIAL_TOKENS, *CHARACTERS]
+    if vocab_size < len(tokens):
+        raise ValueError(f"vocab_size {vocab_size} is too small for the character tokenizer: "
+                         f"it needs {len(tokens)} ids ({len(SPECIAL_TOKENS)} special + "
+                         f"{len(CHARACTERS)} characters)")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Every character is its own piece ([\s\S] also matches newlines, unlike ".").
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()  # concatenate, no spaces between tokens
+    kwargs: dict[str, Any] = {}
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", clean_up_tokenization_spaces=False, **kwargs)
+    return tok
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | os.PathLike[str]) -> None:
+    """``save_pretrained`` with a tokenizer_class every transformers version resolves."""
+    tokenizer.save_pretrained(path)
+    cfg_path = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = _TOKENIZER_CLASS
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _get(arch: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = arch.get(key)
+    return default if value is None else value
+
+
+def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """The transformers config of the spec's ``model.architecture`` (mapping in the module
+    doc): ``Qwen3MoeConfig`` for family qwen3_moe, ``Qwen3Config`` for a dense qwen3."""
+    family = arch.get("family")
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model.architecture.family {family!r} is not supported by the embedded "
+                         f"engine (local trainer / rollout); supported: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    if _get(arch, "attention", "gqa") != "gqa":
+        raise ValueError(f"family {family} uses grouped-query attention, not {arch['attention']!r}")
+    hidden, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
+    head_dim = arch.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                             f"{heads}: give head_dim")
+        head_dim = hidden // heads
+    vocab = int(arch["vocab_size"])
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    common: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(arch["ffn_hidden_size"]),
+        "num_hidden_layers": int(arch["num_layers"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_get(arch, "num_query_groups", heads)),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(_get(arch, "max_position_embeddings", 32768)),
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(_get(arch, "rope_theta", 1_000_000.0))},
+        "tie_word_embeddings": bool(_get(arch, "tie_embeddings", False)),
+        "use_sliding_window": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    moe = arch.get("moe")
+    if family == "qwen3":
+        if moe is not None:
+            raise ValueError("family qwen3 is dense but a moe section is given: use qwen3_moe")
+        return Qwen3Config(**common)
+    if moe is None:
+        raise ValueError("family qwen3_moe needs a model.architecture.moe section")
+    if _get(moe, "score_function", "softmax") != "softmax":
+        raise ValueError(f"Qwen3-MoE routes with softmax, not {moe['score_function']!r}")
+    if _get(moe, "expert_bias", False):
+        raise ValueError("Qwen3-MoE has no router expert bias (moe.expert_bias)")
+    if _get(moe, "shared_experts", 0):
+        raise ValueError("Qwen3-MoE has no shared experts (moe.shared_experts)")
+    first_dense = int(_get(moe, "first_dense_layers", 0))
+    if first_dense >= common["num_hidden_layers"]:
+        raise ValueError(f"moe.first_dense_layers {first_dense} leaves no MoE layer")
+    return Qwen3MoeConfig(
+        **common,
+        num_experts=int(moe["num_experts"]),
+        num_experts_per_tok=int(moe["top_k"]),
+        moe_intermediate_size=int(moe["expert_ffn_hidden_size"]),
+        norm_topk_prob=bool(_get(moe, "norm_topk_prob", True)),
+        router_aux_loss_coef=float(_get(moe, "aux_loss_coeff", 0.0)),
+        decoder_sparse_step=1,  # every layer MoE except mlp_only_layers
+        mlp_only_layers=list(range(first_dense)),
+    )
+
+
+def build_policy(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast,
+                 seed: int) -> PreTrainedModel:
+    """Random-initialised float32 policy; the same seed gives the same weights. The global
+    torch RNG is left as it was."""
+    config = policy_config(arch, tokenizer)
+    cls = Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else Qwen3ForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.to(torch.float32)
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return model.eval()
+
+
+def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+                path: str | os.PathLike[str], **marker_info: Any) -> Path:
+    """Write an HF checkpoint folder atomically (``runtime.jobs.common.atomic_dir``: the folder
+    appears complete, with its ``.complete`` marker, or not at all). Weights go to
+    model.safetensors (transformers 5 always writes safetensors)."""
+    final = Path(path)
+    with atomic_dir(final, artifact="hf_checkpoint", **marker_info) as tmp:
+        model.save_pretrained(tmp)
+        _portable_config(tmp / "config.json")
+        save_tokenizer(tokenizer, tmp)
+    return final
+
+
+def _portable_config(path: Path) -> None:
+    """Add the transformers-4.x names of renamed fields next to the 5.x ones, so readers on
+    either version (a separate vLLM environment) build the same model: 5.x writes
+    ``num_local_experts`` (attribute_map of ``num_experts``), ``rope_parameters`` and
+    ``dtype``; 4.x and published Qwen3-MoE configs use ``num_experts``, ``rope_theta`` and
+    ``torch_dtype``. 5.x reads the duplicates back consistently."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if "num_local_experts" in cfg:
+        cfg.setdefault("num_experts", cfg["num_local_experts"])
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        cfg.setdefault("rope_theta", rope["rope_theta"])
+    if "dtype" in cfg:
+        cfg.setdefault("torch_dtype", cfg["dtype"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_policy(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model in eval mode, tokenizer) from an HF checkpoint folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no HF checkpoint at {path} (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts: total, routed experts, embeddings (input + untied output), and
+    active per token = total − experts · (1 − top_k / num_experts)."""
+    total = expert = embedding = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if ".mlp.experts." in name:
+            expert += n
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            embedding += n
+    cfg = getattr(model, "config", None)
+    experts = getattr(cfg, "num_experts", 0) or 0
+    top_k = getattr(cfg, "num_experts_per_tok", 0) or 0
+    active = total - (expert - expert * top_k // experts if experts else 0)
+    return {"total": total, "expert": expert, "embedding": embedding, "active": active}

@@ -1,0 +1,287 @@
+"""Job entry points `data` and `init` run from a compiled tiny bundle, plus the shared job helpers.
+
+The jobs run as the scheduler runs them: `bash <bundle>/jobs/<job>/launch.sh` with
+RLSPEC_RUN_DIR set, in subprocesses. Re-runs skip complete outputs; a killed writer leaves
+only a temporary sibling, which is never taken for an output and is removed by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from runtime.jobs.common import (
+    COMPLETE_MARKER,
+    JobContext,
+    JobError,
+    atomic_dir,
+    atomic_write_json,
+    is_complete,
+    run_job,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env(run_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RLSPEC_")) and k not in ("RANK",)}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RLSPEC_RUN_DIR"] = str(run_dir)
+    env["PYTHONPATH"] = str(ROOT)  # the runtime package of this checkout
+    return env
+
+
+def _launch(bundle: Path, job: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(bundle / "jobs" / job / "launch.sh")], env=_env(run_dir),
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _digest(folder: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                         p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    rlspec = VENV_BIN / "rlspec"
+    cmd = ([str(rlspec)] if rlspec.exists() else [sys.executable, "-m", "compiler.cli"])
+    subprocess.run([*cmd, "compile", str(ROOT / "examples" / "tiny" / "spec.yaml"), "-o", str(out)],
+                   check=True, capture_output=True, text=True, timeout=60)
+    return out
+
+
+# --------------------------------------------------------------------------- the two jobs
+
+
+def test_data_and_init_jobs_then_rerun_skips(bundle: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    data = _launch(bundle, "data", run)
+    assert data.returncode == 0, data.stderr
+    dataset = run / "artifacts" / "dataset"
+    assert is_complete(dataset)
+    assert {p.name for p in dataset.iterdir()} == {"train.jsonl", "eval.jsonl", "meta.json",
+                                                  COMPLETE_MARKER}
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["train"]["count"] == 2000 and meta["eval"]["count"] == 200
+    assert meta["generator"]["seed"] == 0 and meta["prompt_key"] == "prompt"
+    first = json.loads((dataset / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"id", "prompt", "answer", "difficulty"}
+
+    init = _launch(bundle, "init", run)
+    assert init.returncode == 0, init.stderr
+    assert "230784 parameters" in init.stderr
+    assert "Writing model shards" not in init.stderr  # progress bars are off in jobs
+    policy = run / "artifacts" / "policy_init"
+    assert is_complete(policy)
+    assert (run / "logs" / "init.log").read_text().count("saved the initial policy") == 1
+
+    # The checkpoint is the seeded build of the spec's architecture (train.seed = 1234).
+    import yaml
+
+    from runtime.policy import build_policy, build_tokenizer, load_policy
+
+    arch = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())["model"]["architecture"]
+    model, tok = load_policy(policy)
+    expected = build_policy(arch, build_tokenizer(64), seed=1234)
+    assert tok.encode("37+58=") == [7, 11, 14, 9, 12, 17]
+    assert all(torch.equal(a, b) for a, b in
+               zip(model.state_dict().values(), expected.state_dict().values(), strict=True))
+
+    before = {"dataset": _digest(dataset), "policy": _digest(policy)}
+    for job in ("data", "init"):
+        again = _launch(bundle, job, run)
+        assert again.returncode == 0, again.stderr
+        assert "outputs exist, skipping" in again.stderr
+    assert {"dataset": _digest(dataset), "policy": _digest(policy)} == before
+
+
+def test_killed_writer_leaves_nothing_complete(bundle: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    dataset = run / "artifacts" / "dataset"
+    # A writer killed (SIGKILL: no cleanup) in the middle of writing the output.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from runtime.jobs.common import atomic_dir
+        with atomic_dir(sys.argv[1]) as d:
+            (d / "train.jsonl").write_text('{"id": 0, "prompt": "1+')
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script, str(dataset)], env=_env(run),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert killed.returncode == -9
+    partials = list(dataset.parent.glob(".dataset.partial-*"))
+    assert len(partials) == 1 and not (partials[0] / COMPLETE_MARKER).exists()
+    assert not dataset.exists() and not is_complete(dataset)
+
+    # An output folder without its marker (a writer that did not go through atomic_dir).
+    dataset.mkdir(parents=True)
+    (dataset / "train.jsonl").write_text("garbage\n")
+
+    result = _launch(bundle, "data", run)
+    assert result.returncode == 0, result.stderr
+    assert "skipping" not in result.stderr
+    assert "removed the partial output" in result.stderr
+    assert not list(dataset.parent.glob(".dataset.*"))
+    assert is_complete(dataset)
+    assert len((dataset / "train.jsonl").read_text().splitlines()) == 2000
+
+
+def test_failure_is_one_line_with_log(bundle: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = json.loads((bundle / "jobs" / "data" / "config.json").read_text())
+    config["spec"]["data"]["generator"].update(min_digits=1, max_digits=1, operations=["+"])
+    bad = tmp_path / "jobs" / "data" / "config.json"
+    atomic_write_json(bad, config)
+    result = subprocess.run([sys.executable, "-m", "runtime.jobs.data", "--config", str(bad)],
+                            env=_env(run), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 1
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("rlspec job")]
+    log = run / "logs" / "data.log"
+    assert lines == [f"rlspec job data failed: spec.data.generator: train_size + eval_size = 2200 "
+                     f"exceeds the 100 distinct prompts of 1–1-digit operands with operations "
+                     f"['+'] (log: {log})"]
+    assert "Traceback" in log.read_text() and "Traceback" not in result.stderr
+    assert not (run / "artifacts" / "dataset").exists()
+    assert not list((run / "artifacts").glob(".dataset.*"))
+
+
+def test_sigterm_removes_the_partial_output(tmp_path: Path) -> None:
+    config = _write_config(tmp_path, outputs={"out": {"path": "artifacts/out", "kind": "x",
+                                                      "external": False}})
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from runtime.jobs.common import run_job
+
+        def fn(ctx):
+            with ctx.atomic_output("out") as d:
+                (d / "half").write_text("x")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        sys.exit(run_job(fn, ["--config", sys.argv[1]]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(config)], env=_env(tmp_path / "run"),
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 143, result.stderr
+    assert "rlspec job t terminated" in result.stderr
+    assert not (tmp_path / "run" / "artifacts" / "out").exists()
+    assert not list((tmp_path / "run" / "artifacts").glob(".out.*"))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _write_config(root: Path, *, inputs: dict[str, Any] | None = None,
+                  outputs: dict[str, Any] | None = None, job: str = "t") -> Path:
+    path = root / "bundle" / "jobs" / job / "config.json"
+    atomic_write_json(path, {"job": job, "entry": job, "inputs": inputs or {},
+                             "outputs": outputs or {}, "spec": {"data": {"seed": 3}},
+                             "derived": {"data_parallel": 1}})
+    return path
+
+
+def test_context_resolves_paths(tmp_path: Path) -> None:
+    inputs = {
+        "made": {"path": "artifacts/made", "kind": "dataset", "external": False},
+        "rel": {"path": "data/train.jsonl", "kind": "dataset", "external": True},
+        "abs": {"path": str(tmp_path / "abs.jsonl"), "kind": "dataset", "external": True},
+    }
+    outputs = {"out": {"path": "artifacts/out", "kind": "metrics", "external": False}}
+    config = _write_config(tmp_path, inputs=inputs, outputs=outputs)
+    run = tmp_path / "run"
+    ctx = JobContext.load(config, run_dir=run, log_to_file=False)
+    assert ctx.job == "t" and ctx.spec["data"]["seed"] == 3 and ctx.derived["data_parallel"] == 1
+    assert ctx.bundle_dir == tmp_path / "bundle"  # <bundle>/jobs/<job>/config.json
+    assert ctx.output_path("out") == run / "artifacts" / "out"
+    assert ctx.input_path("made", check=False) == run / "artifacts" / "made"
+    assert ctx.input_path("rel", check=False) == tmp_path / "data" / "train.jsonl"
+    assert ctx.input_path("abs", check=False) == tmp_path / "abs.jsonl"
+    assert ctx.section("data.seed") == 3
+
+    with pytest.raises(JobError, match="missing or incomplete"):
+        ctx.input_path("made")
+    with pytest.raises(JobError, match="not found"):
+        ctx.input_path("rel")
+    with pytest.raises(JobError, match="has no output 'nope'"):
+        ctx.output_path("nope")
+    with pytest.raises(JobError, match=r"no spec\.model"):
+        ctx.section("model.architecture")
+    (tmp_path / "abs.jsonl").write_text("{}\n")
+    assert ctx.input_path("abs") == tmp_path / "abs.jsonl"
+    with atomic_dir(run / "artifacts" / "made"):
+        pass
+    assert ctx.input_path("made") == run / "artifacts" / "made"
+    assert not ctx.outputs_complete()
+
+
+def test_atomic_dir_keeps_old_output_on_failure_and_replaces_on_success(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    with atomic_dir(final, job="t") as d:
+        (d / "a.txt").write_text("one")
+        (d / "sub").mkdir()
+        (d / "sub" / "b.txt").write_text("deep")
+    assert is_complete(final) and (final / "sub" / "b.txt").read_text() == "deep"
+    assert json.loads((final / COMPLETE_MARKER).read_text())["job"] == "t"
+
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(final) as d:
+        (d / "a.txt").write_text("two")
+        raise RuntimeError("boom")
+    assert (final / "a.txt").read_text() == "one"  # the complete output is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    with atomic_dir(final) as d:
+        (d / "c.txt").write_text("three")
+    assert sorted(p.name for p in final.iterdir()) == [COMPLETE_MARKER, "c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_run_job_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("RLSPEC_RUN_DIR", str(tmp_path / "run"))
+    config = _write_config(tmp_path, outputs={"out": {"path": "artifacts/out", "kind": "x",
+                                                      "external": False}})
+    argv = ["--config", str(config)]
+
+    def interrupted(ctx: JobContext) -> None:
+        raise KeyboardInterrupt
+
+    assert run_job(interrupted, argv) == 130
+    assert "rlspec job t interrupted" in capsys.readouterr().err
+
+    def forgets(ctx: JobContext) -> None:
+        ctx.output_path("out").mkdir(parents=True)
+
+    assert run_job(forgets, argv) == 1
+    assert "failed: finished without completing output(s) out" in capsys.readouterr().err
+
+    calls: list[str] = []
+
+    def writes(ctx: JobContext) -> None:
+        calls.append(ctx.job)
+        with ctx.atomic_output("out") as d:
+            (d / "x").write_text("1")
+
+    assert run_job(writes, argv) == 0
+    assert run_job(writes, argv) == 0  # skipped
+    assert "outputs exist, skipping" in capsys.readouterr().err
+    assert run_job(writes, [*argv, "--force"]) == 0
+    assert calls == ["t", "t"]
+
+    assert run_job(writes, ["--config", str(tmp_path / "missing.json")]) == 1
+    assert "failed: config not found" in capsys.readouterr().err

@@ -1,0 +1,175 @@
+"""The embedded policy: character tokenizer, Qwen3-MoE built from the tiny spec, save/load."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from runtime.jobs.common import COMPLETE_MARKER
+from runtime.policy import (
+    CHARACTERS,
+    SPECIAL_TOKENS,
+    build_policy,
+    build_tokenizer,
+    count_parameters,
+    load_policy,
+    policy_config,
+    save_policy,
+)
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def arch() -> dict[str, Any]:
+    spec = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
+    return spec["model"]["architecture"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return build_tokenizer(64, model_max_length=256)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_ids_and_round_trip(tokenizer: Any) -> None:
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.unk_token_id) == (0, 1, 2, 3)
+    assert [tokenizer.convert_tokens_to_ids(c) for c in CHARACTERS] == list(range(4, 19))
+    assert len(tokenizer) == 19
+    ids = tokenizer.encode("37+58=")
+    assert ids == [7, 11, 14, 9, 12, 17]  # one id per character, no BOS/EOS added
+    for text in ["37+58=", "-21", "12*34= 408", "0-999=-999", " "]:
+        enc = tokenizer.encode(text)
+        assert len(enc) == len(text)
+        assert tokenizer.decode(enc) == text
+    assert tokenizer.decode([*tokenizer.encode("95"), tokenizer.eos_token_id],
+                            skip_special_tokens=True) == "95"
+    assert tokenizer.decode([12, 50, 63], skip_special_tokens=True) == "8"  # unused ids: nothing
+    assert tokenizer.encode("a7") == [3, 11]  # unknown characters → <unk>
+
+
+def test_tokenizer_too_small_vocab() -> None:
+    with pytest.raises(ValueError, match="needs 19 ids"):
+        build_tokenizer(18)
+
+
+def test_tokenizer_reloads_with_autotokenizer(tokenizer: Any, tmp_path: Path) -> None:
+    from runtime.policy import save_tokenizer
+
+    save_tokenizer(tokenizer, tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.encode("37+58=") == tokenizer.encode("37+58=")
+    assert loaded.eos_token_id == 2 and loaded.pad_token_id == 0
+    assert loaded.decode(loaded.encode("12-345=-333")) == "12-345=-333"
+    batch = loaded(["1+1=", "12+34="], padding=True)
+    assert [len(x) for x in batch["input_ids"]] == [6, 6]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def test_config_mapping(arch: dict[str, Any], tokenizer: Any) -> None:
+    cfg = policy_config(arch, tokenizer)
+    assert isinstance(cfg, transformers.Qwen3MoeConfig)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 64, 128)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 64)
+    assert cfg.norm_topk_prob is True and cfg.mlp_only_layers == [] and cfg.decoder_sparse_step == 1
+    assert cfg.rope_parameters["rope_theta"] == 1_000_000.0 and cfg.vocab_size == 64
+    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (0, 1, 2)
+    assert cfg.tie_word_embeddings is False
+
+    dense_first = {**arch, "num_layers": 3, "moe": {**arch["moe"], "first_dense_layers": 1}}
+    assert policy_config(dense_first, tokenizer).mlp_only_layers == [0]
+    dense = {k: v for k, v in arch.items() if k != "moe"} | {"family": "qwen3"}
+    assert isinstance(policy_config(dense, tokenizer), transformers.Qwen3Config)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"family": "deepseek_v3"}, "not supported by the embedded engine"),
+    ({"moe": None}, "needs a model.architecture.moe"),
+    ({"family": "qwen3"}, "family qwen3 is dense"),
+    ({"vocab_size": 16}, "smaller than the tokenizer"),
+    ({"moe": {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 64,
+              "score_function": "sigmoid"}}, "softmax"),
+    ({"moe": {"num_experts": 8, "top_k": 2, "expert_ffn_hidden_size": 64,
+              "shared_experts": 1}}, "shared experts"),
+])
+def test_config_rejects(arch: dict[str, Any], tokenizer: Any, edit: dict[str, Any],
+                        message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        policy_config({**arch, **edit}, tokenizer)
+
+
+def test_tiny_policy_size_forward_and_determinism(arch: dict[str, Any], tokenizer: Any) -> None:
+    model = build_policy(arch, tokenizer, seed=1234)
+    assert isinstance(model, transformers.Qwen3MoeForCausalLM)
+    counts = count_parameters(model)
+    print("tiny policy parameters:", counts)
+    # embed 64·64 + lm_head 64·64 + final norm 64
+    # + 2 layers × (q 64·64 + k 64·32 + v 64·32 + o 64·64 + q/k norms 2·16 + 2 norms·64
+    #               + router 8·64 + 8 experts × (gate+up 2·64·64 + down 64·64))
+    per_layer = 4096 + 2048 + 2048 + 4096 + 32 + 128 + 512 + 8 * (2 * 64 * 64 + 64 * 64)
+    assert counts["total"] == 2 * 4096 + 64 + 2 * per_layer == 230_784
+    assert counts["expert"] == 2 * 8 * 3 * 64 * 64 == 196_608
+    assert counts["active"] == 230_784 - 196_608 * 6 // 8
+
+    ids = torch.randint(0, len(tokenizer), (4, 20), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(ids).logits
+    print(f"forward 4×20: {1e3 * (time.perf_counter() - t0):.1f} ms")
+    assert logits.shape == (4, 20, 64) and torch.isfinite(logits).all()
+
+    state = torch.get_rng_state()
+    again = build_policy(arch, tokenizer, seed=1234)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert all(torch.equal(a, b) for a, b in
+               zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    other = build_policy(arch, tokenizer, seed=1)
+    assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
+
+
+def test_save_load_identical_logits(arch: dict[str, Any], tokenizer: Any, tmp_path: Path) -> None:
+    model = build_policy(arch, tokenizer, seed=7)
+    path = save_policy(model, tokenizer, tmp_path / "ckpt")
+    files = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", COMPLETE_MARKER} <= files
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 8
+    assert cfg["rope_theta"] == 1_000_000.0
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 0
+
+    loaded, tok = load_policy(path)
+    assert isinstance(loaded, transformers.Qwen3MoeForCausalLM) and not loaded.training
+    assert tok.encode("37+58=") == tokenizer.encode("37+58=")
+    ids = torch.randint(0, 19, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+    # Saving again over a complete checkpoint replaces it in one step.
+    other = build_policy(arch, tokenizer, seed=8)
+    save_policy(other, tokenizer, path)
+    reloaded, _ = load_policy(path)
+    assert torch.equal(reloaded.lm_head.weight, other.lm_head.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+    bf16, _ = load_policy(path, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
