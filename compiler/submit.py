@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,9 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
                  + (f" (afterok {', '.join(req.depends_on)})" if deps else ""))
         return record
 
-    # Local: submitit's local executor, one job at a time, in graph order.
+    # Local: submitit's local executor, one job at a time, in graph order, with this
+    # interpreter (the one rlspec is installed in) running the runtime.
+    os.environ.setdefault("RLSPEC_PYTHON", sys.executable)
     for req in requests:
         failed = next((d for d in req.depends_on
                        if record.jobs.get(d, {}).get("state") != "COMPLETED"), None)

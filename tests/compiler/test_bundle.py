@@ -238,7 +238,7 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         (bin_dir / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
-           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
            "WANDB_API_KEY": "z"}
     result = subprocess.run(["bash", "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
                             text=True, timeout=60)

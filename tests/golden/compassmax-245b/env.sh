@@ -9,6 +9,8 @@ rlspec_default_run_dir=/lustre/runs/compassmax-245b
 export RLSPEC_RUN_DIR="${RLSPEC_RUN_DIR:-$rlspec_default_run_dir}"
 export RLSPEC_RUN_NAME=compassmax-245b
 export PYTHONUNBUFFERED=1
+# The interpreter of the runtime (rlspec's own for local runs; the container's on clusters).
+export RLSPEC_PYTHON="${RLSPEC_PYTHON:-python3}"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export NCCL_IB_TIMEOUT=22
 

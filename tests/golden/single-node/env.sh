@@ -10,6 +10,8 @@ rlspec_default_run_dir="$RLSPEC_BUNDLE_DIR"/runs/qwen3-30b-a3b-espo
 export RLSPEC_RUN_DIR="${RLSPEC_RUN_DIR:-$rlspec_default_run_dir}"
 export RLSPEC_RUN_NAME=qwen3-30b-a3b-espo
 export PYTHONUNBUFFERED=1
+# The interpreter of the runtime (rlspec's own for local runs; the container's on clusters).
+export RLSPEC_PYTHON="${RLSPEC_PYTHON:-python3}"
 
 # Passed through from the submitting environment: the values are never written into the bundle.
 : "${HF_TOKEN:?HF_TOKEN must be set when the job starts (cluster.env_passthrough)}"

@@ -10,3 +10,5 @@ rlspec_default_run_dir="$RLSPEC_BUNDLE_DIR"/runs/tiny
 export RLSPEC_RUN_DIR="${RLSPEC_RUN_DIR:-$rlspec_default_run_dir}"
 export RLSPEC_RUN_NAME=tiny
 export PYTHONUNBUFFERED=1
+# The interpreter of the runtime (rlspec's own for local runs; the container's on clusters).
+export RLSPEC_PYTHON="${RLSPEC_PYTHON:-python3}"

@@ -16,5 +16,5 @@ rlspec_log eval_before "start"
 mapfile -t NODES < <(rlspec_nodes 8)
 HOSTS=$(rlspec_join "${NODES[@]}")
 rlspec_run_on "$HOSTS" 8 \
-  python -m runtime.jobs.evaluate --config "$JOB_DIR/config.json"
+  "$RLSPEC_PYTHON" -m runtime.jobs.evaluate --config "$JOB_DIR/config.json"
 rlspec_log eval_before "done"

@@ -16,5 +16,5 @@ rlspec_log screen "start"
 mapfile -t NODES < <(rlspec_nodes 4)
 HOSTS=$(rlspec_join "${NODES[@]}")
 rlspec_run_on "$HOSTS" 4 \
-  python -m runtime.jobs.screen --config "$JOB_DIR/config.json"
+  "$RLSPEC_PYTHON" -m runtime.jobs.screen --config "$JOB_DIR/config.json"
 rlspec_log screen "done"

@@ -16,5 +16,5 @@ rlspec_log convert "start"
 mapfile -t NODES < <(rlspec_nodes 1)
 HOSTS=$(rlspec_join "${NODES[@]}")
 rlspec_run_on "$HOSTS" 1 \
-  python -m runtime.jobs.convert --config "$JOB_DIR/config.json"
+  "$RLSPEC_PYTHON" -m runtime.jobs.convert --config "$JOB_DIR/config.json"
 rlspec_log convert "done"

@@ -12,6 +12,6 @@ NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY="$RLSPEC_RUN_DIR"/artifacts/policy_sft
 # The embedded engine: the same completions API as `vllm serve`, on CPU or one GPU.
-exec python -m runtime.jobs.rollout_server --config "$JOB_DIR/config.json" \
+exec "$RLSPEC_PYTHON" -m runtime.jobs.rollout_server --config "$JOB_DIR/config.json" \
   --model "$POLICY" --host "$HOST" --port 8000 \
   --return-routed-experts

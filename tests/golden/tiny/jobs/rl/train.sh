@@ -7,4 +7,4 @@ JOB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=/dev/null
 source "$JOB_DIR/../../env.sh"
 # The embedded torch trainer (one process; CPU or one GPU).
-exec python -m runtime.jobs.train --config "$JOB_DIR/config.json"
+exec "$RLSPEC_PYTHON" -m runtime.jobs.train --config "$JOB_DIR/config.json"
