@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: this machine's CPU wheel; an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# Byte-compile now: machines that set PYTHONDONTWRITEBYTECODE would recompile on every run.
+	$(PY) -m compileall -q spec compiler runtime
 	touch $(STAMP)
 
 # Debian packages the tests use: shellcheck for rendered scripts, graphviz for `inspect --graph png`.

@@ -84,7 +84,15 @@ def _or(values: Iterable[int]) -> str:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of n in increasing order, in O(√n) (specs may hold absurd numbers)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+def _multiples_near(value: int, step: int) -> list[int]:
+    """The multiples of `step` nearest to `value` (below, if ≥ 1, and above)."""
+    below = (value // step) * step
+    return [m for m in (below if below != value else below - step, below + step) if m >= 1]
 
 
 def _list(values: list[int], most: int = 8) -> str:
@@ -370,7 +378,7 @@ def batch_arithmetic(spec: Spec, plan: Plan) -> Iterator[Problem]:
     if gbs % step:
         rollouts = plan.rollouts_per_step
         good = _nearest(gbs, lambda g: g % step == 0 and rollouts % g == 0, limit=rollouts)
-        good = good or _nearest(gbs, lambda g: g % step == 0)
+        good = good or _multiples_near(gbs, step)
         yield _error(
             GBS,
             f"global_batch_size {gbs} is not a multiple of micro_batch_size · DP = "
@@ -452,7 +460,8 @@ def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
     rollouts, gbs = plan.rollouts_per_step, spec.train.global_batch_size
     r = spec.rollout
     if rollouts % gbs:
-        prompts = _nearest(r.prompts_per_step, lambda q: (q * r.n) % gbs == 0)
+        # q·n is a multiple of gbs exactly when q is a multiple of gbs / gcd(n, gbs).
+        prompts = _multiples_near(r.prompts_per_step, gbs // math.gcd(r.n, gbs))
         yield _error(
             ("rollout", "prompts_per_step"),
             f"prompts_per_step × n = {r.prompts_per_step} × {r.n} = {rollouts} rollouts is not a "

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from compiler import __version__
 from compiler.bundle import BundleError, read_manifest, write_bundle
@@ -27,8 +26,29 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """rich is imported on first use: validate/compile print plain lines and stay fast."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Piped output is not cut at 80 columns: files and greps get whole lines.
+            width = None if stream.isatty() else 1000
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True,
+                                    width=width)
+        return getattr(self._console, name)
+
+
+out = _LazyConsole(stderr=False)
+err = _LazyConsole(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="The spec YAML file.", show_default=False)]
 SetOpt = Annotated[
@@ -38,18 +58,18 @@ SetOpt = Annotated[
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True) if code else None
+    typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
 
 def _report_spec_error(exc: SpecError) -> typer.Exit:
-    err.print(exc.format(), markup=False)
+    typer.echo(exc.format(), err=True)
     return typer.Exit(exc.exit_code)
 
 
 def _warnings(warnings) -> None:
     for w in warnings:
-        err.print(w.format(), markup=False, style="yellow")
+        typer.echo(w.format(), err=True)
 
 
 @app.command()
@@ -62,7 +82,7 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     except SpecError as exc:
         raise _report_spec_error(exc) from None
     _warnings(v.warnings)
-    out.print(f"{spec}: valid ({len(v.warnings)} warning{'s' if len(v.warnings) != 1 else ''})")
+    typer.echo(f"{spec}: valid ({len(v.warnings)} warning{'s' if len(v.warnings) != 1 else ''})")
 
 
 @app.command("compile")
@@ -84,8 +104,8 @@ def compile_(
         raise _fail(str(exc)) from None
     _warnings(compiled.validated.warnings)
     jobs = compiled.graph.order()
-    out.print(f"wrote {output}: {len(jobs)} jobs ({' → '.join(jobs)}), "
-              f"{len(compiled.files)} files")
+    typer.echo(f"wrote {output}: {len(jobs)} jobs ({' → '.join(jobs)}), "
+               f"{len(compiled.files)} files")
 
 
 @app.command()
@@ -176,15 +196,15 @@ def status(bundle: Annotated[Path, typer.Argument(help="A submitted bundle direc
 
     try:
         read_manifest(bundle)
+        record = sub.Submission.load(bundle.resolve())
+        if record is None:
+            raise BundleError(f"{bundle} has not been submitted; `rlspec submit {bundle}`")
+        if record.backend == "slurm":
+            live = sub.slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
+            for j in record.jobs.values():
+                j["state"] = live.get(j["id"], j["state"])
     except BundleError as exc:
         raise _fail(str(exc)) from None
-    record = sub.Submission.load(bundle.resolve())
-    if record is None:
-        raise _fail(f"{bundle} has not been submitted; `rlspec submit {bundle}`")
-    if record.backend == "slurm":
-        live = sub.slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
-        for j in record.jobs.values():
-            j["state"] = live.get(j["id"], j["state"])
     view.show_status(out, record)
 
 

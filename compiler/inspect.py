@@ -123,7 +123,10 @@ def show_job(out: Console, compiled: Compiled, name: str) -> None:
     for path in sorted(p for p in compiled.files if p.startswith(prefix)):
         lexer = "json" if path.endswith(".json") else "bash"
         out.rule(path)
-        out.print(Syntax(compiled.files[path], lexer, word_wrap=True))
+        if out.is_terminal:
+            out.print(Syntax(compiled.files[path], lexer, word_wrap=True))
+        else:  # piped: the file exactly as written
+            out.file.write(compiled.files[path])
 
 
 def show_status(out: Console, record: Any) -> None:

@@ -42,7 +42,8 @@ class Submission:
 
     def save(self, bundle: Path) -> None:
         tmp = bundle / f".{SUBMISSION}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        # Jobs keep their insertion (graph) order: status lists them as they run.
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         os.replace(tmp, bundle / SUBMISSION)
 
     @classmethod
@@ -50,8 +51,11 @@ class Submission:
         path = bundle / SUBMISSION
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        return cls(backend=data["backend"], jobs=data["jobs"])
+        try:
+            data = json.loads(path.read_text())
+            return cls(backend=data["backend"], jobs=data["jobs"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BundleError(f"{path} is damaged ({exc}); check the jobs with squeue/sacct") from exc
 
 
 def choose_backend(manifest: dict[str, Any]) -> str:
@@ -134,7 +138,7 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
 
     if backend == "slurm":
         for req in requests:
-            executor = submitit.SlurmExecutor(folder=logs / "%j")
+            executor = submitit.SlurmExecutor(folder=logs)
             params = dict(req.parameters)
             deps = [record.jobs[d]["id"] for d in req.depends_on]
             if deps:
@@ -142,7 +146,7 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
             executor.update_parameters(**params)
             job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
             record.jobs[req.job] = {"id": str(job.job_id), "state": "SUBMITTED",
-                                    "log": str(logs / str(job.job_id))}
+                                    "log": str(job.paths.stdout)}
             record.save(root)  # after every job: a failure part-way still leaves ids to cancel
             echo(f"submitted {req.job}: Slurm job {job.job_id}"
                  + (f" (afterok {', '.join(req.depends_on)})" if deps else ""))
@@ -159,10 +163,10 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
                                     "log": None, "reason": f"dependency {failed} did not complete"}
             record.save(root)
             continue
-        executor = submitit.LocalExecutor(folder=logs / "%j")
+        executor = submitit.LocalExecutor(folder=logs)
         job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
         record.jobs[req.job] = {"id": str(job.job_id), "state": "RUNNING",
-                                "log": str(logs / str(job.job_id))}
+                                "log": str(job.paths.stderr)}
         record.save(root)
         echo(f"running {req.job} (local job {job.job_id})")
         try:
@@ -170,10 +174,20 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
             record.jobs[req.job]["state"] = "COMPLETED"
         except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as exc:
             record.jobs[req.job]["state"] = "FAILED"
-            record.jobs[req.job]["reason"] = str(exc).strip().splitlines()[-1][:500]
+            record.jobs[req.job]["reason"] = _last_line(job.stderr() or "") or str(exc)[:500]
         record.save(root)
         echo(f"{req.job}: {record.jobs[req.job]['state']}")
     return record
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _need(command: str) -> None:
+    if shutil.which(command) is None:
+        raise BundleError(f"`{command}` is not available here: run this on a Slurm login node")
 
 
 def slurm_states(ids: list[str]) -> dict[str, str]:
@@ -181,6 +195,7 @@ def slurm_states(ids: list[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     if not ids:
         return states
+    _need("squeue")
     out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)],
                          capture_output=True, text=True, check=False).stdout
     for line in out.splitlines():
@@ -205,6 +220,7 @@ def cancel(bundle: str | Path) -> list[str]:
     if record.backend != "slurm":
         raise BundleError("local runs execute in the foreground; stop them with Ctrl-C")
     ids = [j["id"] for j in record.jobs.values() if j.get("id")]
+    _need("scancel")
     if ids:
         subprocess.run(["scancel", *ids], check=False)
     for job in record.jobs.values():

@@ -444,8 +444,8 @@ def _walk(loc: tuple, raw: Any) -> tuple[KeyPath, Any, Any, Any]:
             data = None
     # A single tagged model at the end (a model validator's error) resolves through its tag.
     members = _union_members(tp)
-    if members and isinstance(data, dict):
-        tp = _tags(members).get(data.get("type"), tp)
+    if members and isinstance(data, dict) and isinstance(data.get("type"), str):
+        tp = _tags(members).get(data["type"], tp)
     return tuple(path), tp, parent, data
 
 
@@ -585,7 +585,8 @@ def _problem_from(err: Mapping[str, Any], raw: Any) -> Problem:
             hint = f"add 'type: {guesses[0]}'?" if best and len(guesses) == 1 else None
             hint = f"{hint} stage types: {listing}" if hint else f"stage types: {listing}"
             return Problem(path, "a stage needs a 'type' key", hint)
-        hint = f"write it as '- type: {value}'" if value in tags else f"stage types: {listing}"
+        known = isinstance(value, str) and value in tags
+        hint = f"write it as '- type: {value}'" if known else f"stage types: {listing}"
         return Problem(path, f"expected a stage (a mapping with a 'type' key), got "
                        f"{describe_value(value)}", hint)
     if kind in _TYPE_WORDS:

@@ -17,8 +17,11 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
-_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# \Z, not $: "$" also matches before a trailing newline, which would reach a script.
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+# Slurm names (partition, account, qos) are written into #SBATCH lines: one plain word.
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
 # Names that look like credentials must never be written into a bundle.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 
@@ -198,6 +201,16 @@ class Cluster(Section):
     output_dir: str = Field(
         "runs", description="Directory under which each run writes checkpoints, logs, metrics."
     )
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_name(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a Slurm name (letters, digits, '_', '.', '+', '-'); it is "
+                "written into #SBATCH lines"
+            )
+        return v
 
     @field_validator("time_limit")
     @classmethod

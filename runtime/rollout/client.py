@@ -1,0 +1,475 @@
+"""Rollout client: the RL driver's side of the rollout service.
+
+``RolloutClient`` spreads a batch of token-id prompts over one or more endpoints —
+our embedded server (``runtime.rollout.server``) or ``vllm serve`` — with the same
+code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol``).
+
+* ``generate`` assigns prompts to endpoints round-robin (the starting endpoint
+  rotates from call to call), sends one ``/v1/completions`` request per endpoint and
+  chunk (``max_prompts_per_request``) concurrently from a thread pool, and returns
+  ``Completion`` s in prompt order, n per prompt. It always asks for
+  ``return_token_ids`` (exact ids, no detokenisation round trip), ``logprobs=0`` (the
+  sampled token's logprob) and ``return_tokens_as_token_ids``.
+* Routed experts are decoded with ``runtime.router_replay.decode_routed_experts``
+  and checked to have num_tokens − 1 − prompt_start rows.
+* ``weight_version``: from the choice's ``weight_versions`` when the server sends it
+  (ours does; the oldest span wins, since it bounds staleness), else from
+  ``GET /weight_info`` read just before the request (vLLM dev mode), else None.
+* Transport errors, 5xx and 503 are retried (``retries`` times, with backoff, on the
+  next endpoint); 4xx are raised at once as ``RolloutError`` with the server's message.
+
+A seeded request is reproducible however the prompts are spread: vLLM and our
+engine seed every prompt of a request alike (sample j uses seed + j), so the
+split into endpoints and chunks does not change what is sampled. With a seed, all
+prompts share one random stream; leave ``seed`` unset for independent draws.
+
+Weight updates follow vLLM's sequence on every endpoint: (pause) →
+``/start_weight_update`` → ``/update_weights`` → ``/finish_weight_update`` with the
+version → (resume). ``update_info`` defaults to our disk backend
+(``{"path": path}``); against ``vllm serve`` pass the ``update_info`` of its
+``--weight-transfer-config`` backend and run the trainer side of the transfer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+
+from runtime.rollout.protocol import (
+    PAUSE_MODES,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ProtocolError,
+    WeightVersionSpan,
+    choices_by_prompt,
+    parse_token_id_string,
+)
+from runtime.router_replay import decode_routed_experts
+
+__all__ = ["Completion", "RolloutClient", "RolloutError"]
+
+# Sampling keys the client forwards into the request body; anything else is a typo
+# or a feature the embedded server does not implement (vLLM would accept more).
+_SAMPLING_KEYS = frozenset(
+    {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
+)
+
+
+class RolloutError(RuntimeError):
+    """A request the rollout service refused or could not serve."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, endpoint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.endpoint = endpoint
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: np.ndarray  # float32 [len(token_ids)]: logprob of each sampled token
+    routed_experts: np.ndarray | None  # [len(prompt)+len(tokens)−1−prompt_start, layers, k]
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: str | None
+    stop_reason: int | str | None = None
+    weight_versions: tuple[WeightVersionSpan, ...] = ()
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class _Job:
+    endpoint: int
+    prompt_indices: list[int]
+
+
+class RolloutClient:
+    """Client of one or more rollout endpoints (base URLs such as ``http://127.0.0.1:8000``)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 2,
+        model: str | None = None,
+        max_prompts_per_request: int = 256,
+        max_workers: int | None = None,
+        backoff_s: float = 0.5,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("need at least one endpoint")
+        if retries < 0 or timeout_s <= 0 or max_prompts_per_request < 1:
+            raise ValueError("retries ≥ 0, timeout_s > 0 and max_prompts_per_request ≥ 1 required")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.model = model
+        self.max_prompts_per_request = int(max_prompts_per_request)
+        self.backoff_s = float(backoff_s)
+        self._pool = ThreadPoolExecutor(max_workers=max_workers or max(4, 2 * len(self.endpoints)))
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        # Per endpoint: None = unknown, True = choices carry weight_versions.
+        self._sends_versions: dict[str, bool | None] = dict.fromkeys(self.endpoints)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def _request(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        query: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        url = endpoint + path + (f"?{urlencode(query)}" if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            raise RolloutError(
+                f"{method} {url} → {exc.code}: {_error_message(raw)}",
+                status=exc.code,
+                endpoint=endpoint,
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RolloutError(f"{method} {url} failed: {exc}", endpoint=endpoint) from exc
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise RolloutError(
+                f"{method} {url}: response is not JSON: {raw[:200]!r}", endpoint=endpoint
+            ) from exc
+
+    def _with_retries(self, first: int, fn: Any) -> Any:
+        """Run ``fn(endpoint)``; on transport errors / 5xx try the next endpoints."""
+        last: RolloutError | None = None
+        for attempt in range(self.retries + 1):
+            endpoint = self.endpoints[(first + attempt) % len(self.endpoints)]
+            try:
+                return fn(endpoint)
+            except RolloutError as exc:
+                if exc.status is not None and exc.status < 500:
+                    raise
+                last = exc
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * (2**attempt))
+        assert last is not None
+        raise last
+
+    def _broadcast(self, fn: Any) -> list[Any]:
+        """Run ``fn(endpoint)`` on every endpoint concurrently; raise the first error."""
+        futures = [self._pool.submit(fn, e) for e in self.endpoints]
+        return [f.result() for f in futures]
+
+    # -- readiness / introspection --------------------------------------------------------
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every endpoint answers ``/health``; learn the served model name."""
+        deadline = time.monotonic() + timeout
+        for endpoint in self.endpoints:
+            while True:
+                try:
+                    self._request(endpoint, "GET", "/health", timeout=5.0)
+                    break
+                except RolloutError as exc:
+                    if time.monotonic() > deadline:
+                        raise RolloutError(
+                            f"{endpoint} not ready after {timeout:.0f}s: {exc}"
+                        ) from exc
+                    time.sleep(0.2)
+        if self.model is None:
+            listing = self._request(self.endpoints[0], "GET", "/v1/models", timeout=10.0)
+            try:
+                self.model = str(listing["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as exc:
+                raise RolloutError(f"unexpected /v1/models answer: {listing!r}") from exc
+
+    def weight_info(self) -> list[str]:
+        """``/weight_info`` of every endpoint, in endpoint order."""
+        return [
+            str(r["weight_version"])
+            for r in self._broadcast(
+                lambda e: self._request(e, "GET", "/weight_info", timeout=30.0)
+            )
+        ]
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int = 1,
+        sampling: Mapping[str, Any] | None = None,
+        return_routed_experts: bool = False,
+        *,
+        routed_experts_prompt_start: int = 0,
+    ) -> list[list[Completion]]:
+        """Sample ``n`` completions of each prompt; result[i][j] is sample j of prompt i."""
+        sampling = dict(sampling or {})
+        unknown = set(sampling) - _SAMPLING_KEYS
+        if unknown:
+            raise ValueError(
+                f"unsupported sampling keys {sorted(unknown)}; allowed: {sorted(_SAMPLING_KEYS)}"
+            )
+        prompt_lists = [[int(t) for t in p] for p in prompts]
+        if not prompt_lists:
+            return []
+        if any(not p for p in prompt_lists):
+            raise ValueError("every prompt needs at least one token")
+        if self.model is None:
+            self.wait_ready()
+        with self._lock:
+            offset = next(self._rr)
+        jobs = self._plan(len(prompt_lists), offset)
+        futures = [
+            self._pool.submit(
+                self._run_job,
+                job,
+                prompt_lists,
+                n,
+                sampling,
+                return_routed_experts,
+                routed_experts_prompt_start,
+            )
+            for job in jobs
+        ]
+        results: list[list[Completion] | None] = [None] * len(prompt_lists)
+        for job, fut in zip(jobs, futures, strict=True):
+            for i, completions in zip(job.prompt_indices, fut.result(), strict=True):
+                results[i] = completions
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RolloutError(f"no completions came back for prompts {missing[:10]}")
+        return [r for r in results if r is not None]
+
+    def _plan(self, num_prompts: int, offset: int) -> list[_Job]:
+        per_endpoint: dict[int, list[int]] = {}
+        for i in range(num_prompts):
+            per_endpoint.setdefault((offset + i) % len(self.endpoints), []).append(i)
+        jobs = []
+        for e, idx in per_endpoint.items():
+            for k in range(0, len(idx), self.max_prompts_per_request):
+                jobs.append(_Job(e, idx[k : k + self.max_prompts_per_request]))
+        return jobs
+
+    def _run_job(
+        self,
+        job: _Job,
+        prompts: list[list[int]],
+        n: int,
+        sampling: dict[str, Any],
+        return_routed_experts: bool,
+        prompt_start: int,
+    ) -> list[list[Completion]]:
+        chunk = [prompts[i] for i in job.prompt_indices]
+        request = CompletionRequest(
+            prompt=chunk,
+            model=self.model,
+            n=n,
+            max_tokens=int(sampling.get("max_tokens", 16)),
+            temperature=float(sampling.get("temperature", 1.0)),
+            top_p=float(sampling.get("top_p", 1.0)),
+            top_k=int(sampling.get("top_k", 0)),
+            seed=None if sampling.get("seed") is None else int(sampling["seed"]),
+            logprobs=0,
+            stop_token_ids=[int(t) for t in sampling.get("stop_token_ids") or ()],
+            ignore_eos=bool(sampling.get("ignore_eos", False)),
+            return_token_ids=True,
+            return_tokens_as_token_ids=True,
+            routed_experts_prompt_start=prompt_start,
+        )
+        body = request.to_json()
+
+        def call(endpoint: str) -> list[list[Completion]]:
+            version = None
+            if self._sends_versions.get(endpoint) is not True:
+                version = self._probe_version(endpoint)
+            raw = self._request(endpoint, "POST", "/v1/completions", body)
+            try:
+                response = CompletionResponse.from_json(raw)
+                grouped = choices_by_prompt(response.choices, len(chunk), n)
+            except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+                raise RolloutError(
+                    f"{endpoint}: malformed completion response: {exc}", status=502
+                ) from exc
+            return [
+                [
+                    self._completion(
+                        endpoint, chunk[p], c, version, return_routed_experts, prompt_start
+                    )
+                    for c in grouped[p]
+                ]
+                for p in range(len(chunk))
+            ]
+
+        return self._with_retries(job.endpoint, call)
+
+    def _probe_version(self, endpoint: str) -> str | None:
+        """The endpoint's current weight version, for servers that do not stamp choices."""
+        try:
+            info = self._request(endpoint, "GET", "/weight_info", timeout=30.0)
+        except RolloutError:
+            return None  # vLLM without VLLM_SERVER_DEV_MODE has no /weight_info
+        return None if not isinstance(info, dict) else info.get("weight_version")
+
+    def _completion(
+        self,
+        endpoint: str,
+        prompt: list[int],
+        choice: CompletionChoice,
+        probed_version: str | None,
+        return_routed_experts: bool,
+        prompt_start: int,
+    ) -> Completion:
+        if choice.token_ids is not None:
+            token_ids = choice.token_ids
+        elif choice.logprobs is not None:
+            token_ids = [parse_token_id_string(t) for t in choice.logprobs.tokens]
+        else:
+            raise RolloutError(f"{endpoint}: choice without token_ids or logprobs", status=502)
+        if choice.logprobs is None or len(choice.logprobs.token_logprobs) != len(token_ids):
+            raise RolloutError(
+                f"{endpoint}: choice {choice.index} lacks per-token logprobs", status=502
+            )
+        logprobs = np.asarray(
+            [np.nan if v is None else v for v in choice.logprobs.token_logprobs], dtype=np.float32
+        )
+        routed = None
+        if return_routed_experts:
+            if choice.routed_experts is None:
+                raise RolloutError(
+                    f"{endpoint} returned no routed_experts: start it with "
+                    "--enable-return-routed-experts (vLLM) / --return-routed-experts",
+                    endpoint=endpoint,
+                )
+            routed = decode_routed_experts(choice.routed_experts)
+            expected = len(prompt) + len(token_ids) - 1 - prompt_start
+            if routed.shape[0] != expected:
+                raise RolloutError(
+                    f"{endpoint}: routed_experts has {routed.shape[0]} rows, expected {expected} "
+                    f"(prompt {len(prompt)} + output {len(token_ids)} − 1 − start {prompt_start})",
+                    status=502,
+                )
+        spans = tuple(choice.weight_versions or ())
+        if choice.weight_versions is not None:
+            self._sends_versions[endpoint] = True
+        elif self._sends_versions.get(endpoint) is None:
+            self._sends_versions[endpoint] = False
+        version = spans[0].weight_version if spans else probed_version
+        return Completion(
+            prompt_ids=list(prompt),
+            token_ids=list(token_ids),
+            logprobs=logprobs,
+            routed_experts=routed,
+            finish_reason=str(choice.finish_reason),
+            weight_version=version,
+            stop_reason=choice.stop_reason,
+            weight_versions=spans,
+            endpoint=endpoint,
+        )
+
+    # -- control --------------------------------------------------------------------------
+    def pause(self, mode: str = "abort") -> None:
+        """``POST /pause?mode=...`` on every endpoint (abort | wait | keep)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}")
+        self._broadcast(lambda e: self._request(e, "POST", "/pause", query={"mode": mode}))
+
+    def resume(self) -> None:
+        self._broadcast(lambda e: self._request(e, "POST", "/resume"))
+
+    def update_weight_version(self, version: str) -> None:
+        self._broadcast(
+            lambda e: self._request(
+                e, "POST", "/update_weight_version", {"new_version": str(version)}
+            )
+        )
+
+    def update_weights(
+        self,
+        path: str,
+        version: str,
+        *,
+        update_info: Mapping[str, Any] | None = None,
+        pause_mode: str | None = "wait",
+    ) -> None:
+        """Load new weights on every endpoint and publish ``version``.
+
+        vLLM's sequence per endpoint: start_weight_update → update_weights
+        (``update_info``, default ``{"path": path}`` for the embedded server's disk
+        backend) → finish_weight_update(weight_version). With ``pause_mode`` the
+        endpoints are paused first (``wait``: in-flight requests finish on the old
+        weights) and resumed afterwards; pass None when the caller manages pausing.
+        A failed update still closes the update (finish without a version) so the
+        endpoint accepts the next one, then raises.
+        """
+        info = dict(update_info) if update_info is not None else {"path": str(path)}
+        if pause_mode is not None:
+            self.pause(pause_mode)
+        try:
+
+            def one(endpoint: str) -> None:
+                self._request(
+                    endpoint, "POST", "/start_weight_update", {"is_checkpoint_format": True}
+                )
+                try:
+                    self._request(endpoint, "POST", "/update_weights", {"update_info": info})
+                except RolloutError:
+                    self._request(endpoint, "POST", "/finish_weight_update", {})
+                    raise
+                self._request(
+                    endpoint, "POST", "/finish_weight_update", {"weight_version": str(version)}
+                )
+
+            self._broadcast(one)
+        finally:
+            if pause_mode is not None:
+                self.resume()
+
+
+def _error_message(raw: bytes) -> str:
+    """The message of a vLLM-shaped error body, or the raw text."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw[:500].decode(errors="replace")
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail"))
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+    return str(body)[:500]

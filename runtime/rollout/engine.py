@@ -1,0 +1,800 @@
+"""Embedded rollout engine: batched, KV-cached sampling from a Hugging Face causal LM.
+
+``LocalEngine`` is the torch counterpart of a vLLM replica for the embedded (CPU /
+single-GPU) runs: it loads the policy with transformers from a checkpoint directory,
+samples ``n`` continuations of every prompt in one batch, and returns what the RL
+runtime needs from vLLM: token ids, the per-token logprob of every sampled token,
+the finish reason and, for MoE models, the experts every token was routed to.
+
+Batching. The prompts are prefilled once each (the n samples of a prompt share the
+prefill, as vLLM's prefix cache makes them), left-padded into one [U, P] batch with
+an attention mask and per-row position ids; the cache is then repeated n times and
+all U·n sequences decode together, one [rows, 1] forward per token. Finished rows
+are dropped from the batch (and the KV cache) so that long tails do not pay for
+finished sequences. No Python loop over sequences runs inside the token loop.
+
+Sampling follows vLLM's sampler (``vllm/v1/sample/sampler.py``): temperature <
+1e-5 is greedy; otherwise logits / T, then top-k, then top-p (vLLM's
+``apply_top_k_top_p``: ascending sort, mask cumulative mass ≤ 1 − p, always keep
+the top token), then a draw from the renormalised distribution.
+
+Randomness. Each sequence has a 64-bit key: ``seed + j`` for sample j of a seeded
+request (vLLM's ``ParentRequest`` gives child j the seed ``seed + j``), or a draw
+from the engine's own generator (seeded with ``seed``) otherwise. The uniform for
+step t is a counter-based hash of (key, t), and the token is the inverse-CDF draw
+at that uniform. So a sequence's sample depends only on its key, its step and its
+logits — not on which other sequences share the batch — and a seeded request is
+reproducible whether it is sent alone, batched, or split across replicas.
+
+Logprobs (``logprobs_mode``, vLLM's ``--logprobs-mode``, default ``raw_logprobs``):
+``raw_logprobs`` = log_softmax of the model's raw logits (temperature 1, before
+top-k/top-p), which is vLLM's default and what the trainer recomputes;
+``processed_logprobs`` = log-probabilities under the distribution actually sampled
+from (after temperature, top-k, top-p), i.e. the behaviour policy μ. They coincide
+at temperature 1 without top-k/top-p. For train–inference correction with T ≠ 1 or
+truncated sampling, run the engine with ``processed_logprobs``.
+
+Routed experts (R3). With ``return_routed_experts`` the engine records, with
+``runtime.router_replay.patch_qwen3_moe``, the top-k expert ids every MoE layer
+chose in the engine's own forwards: the prefill routes the prompt, each decode step
+routes only the token fed in (the KV cache holds the rest), and the rows are
+concatenated. Like vLLM the result covers prompt + output minus the last sampled
+token (never forwarded): shape (num_tokens − 1 − routed_experts_prompt_start,
+moe_layers, top_k), uint8 for ≤ 256 experts.
+
+Weights. ``load_weights(path, version)`` loads a checkpoint of the same
+architecture (a directory of ``*.safetensors`` as ``save_pretrained`` writes them,
+or one ``.safetensors`` file; checkpoint or fused parameter names both work since
+transformers' own loader maps them) and swaps it in place, so the patched routers
+stay. Every sample reports the weight version(s) that produced its tokens as
+``WeightVersionSpan`` s.
+
+Pausing mirrors vLLM's ``/pause`` modes: ``abort`` ends in-flight generations with
+``finish_reason="abort"``, ``wait`` lets them finish, ``keep`` freezes them between
+two tokens (the engine lock is released, so weights can be swapped) until
+``resume``; new requests wait while paused.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from runtime.rollout.protocol import PAUSE_MODES, WeightVersionSpan
+from runtime.router_replay import RouterReplayGroup, patch_qwen3_moe, storage_dtype
+
+__all__ = [
+    "FINISH_ABORT",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "EngineError",
+    "LocalEngine",
+    "LogprobsMode",
+    "PromptOutput",
+    "SampleOutput",
+]
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+# finish codes 0..3; 0 (still running) cannot survive the token loop, which ends every
+# row by max_tokens at the latest.
+_FINISH_NAMES = (FINISH_LENGTH, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+
+# vLLM treats temperatures below this as greedy (vllm/v1/sample/sampler.py).
+_GREEDY_EPS = 1e-5
+_M32 = 0xFFFFFFFF
+
+
+class EngineError(ValueError):
+    """A generation or weight-loading request the engine cannot serve; ``status`` is
+    the HTTP status a server answers with (400 bad input, 503 shutting down)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """One sampled continuation."""
+
+    token_ids: list[int]
+    logprobs: np.ndarray  # float32 [len(token_ids)]
+    finish_reason: str  # "stop" | "length" | "abort"
+    stop_reason: int | None  # the stop token id; None for EOS, length and abort
+    routed_experts: np.ndarray | None  # [P + len − 1 − prompt_start, moe_layers, top_k]
+    weight_versions: tuple[WeightVersionSpan, ...]
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, best first
+
+    @property
+    def weight_version(self) -> str:
+        """The version that sampled the first output token (the oldest one)."""
+        return self.weight_versions[0].weight_version if self.weight_versions else ""
+
+
+@dataclass(frozen=True)
+class PromptOutput:
+    prompt_token_ids: list[int]
+    samples: list[SampleOutput]
+
+
+# --------------------------------------------------------------------------------------
+# counter-based uniforms
+# --------------------------------------------------------------------------------------
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """32-bit integer finaliser on int64 tensors holding values in [0, 2^32).
+
+    Multipliers are below 2^31, so every product stays below 2^63: no signed
+    overflow (whose wrap-around torch does not promise)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x346CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _sequence_keys(seeds: Sequence[int]) -> torch.Tensor:
+    """Fold 64-bit seeds (any Python int) into 32-bit hash keys, int64 [B]."""
+    s = [int(v) % (1 << 64) for v in seeds]
+    lo = torch.tensor([v & _M32 for v in s], dtype=torch.int64)
+    hi = torch.tensor([v >> 32 for v in s], dtype=torch.int64)
+    return _mix32(lo ^ _mix32(hi ^ 0x1B873593))
+
+
+def _uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """float64 uniforms in (0, 1), one per key, for decode step ``step``: 53 bits
+    from two hash words of (key, step)."""
+    s = _mix32(torch.tensor([(step * 0x9E3779B1) & _M32], dtype=torch.int64, device=keys.device))
+    h1 = _mix32(keys ^ s)
+    h2 = _mix32(h1 ^ 0x27D4EB2F)
+    bits = (h1 << 21) | (h2 >> 11)
+    return (bits.to(torch.float64) + 0.5) * (2.0**-53)
+
+
+# --------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Spans:
+    """Weight versions over the decode steps of one generate call: (version, first step)."""
+
+    items: list[tuple[str, int]]
+
+    def note(self, version: str, step: int) -> None:
+        if self.items[-1][0] != version:
+            self.items.append((version, step))
+
+    def for_length(self, n_out: int) -> tuple[WeightVersionSpan, ...]:
+        out: list[WeightVersionSpan] = []
+        for i, (version, start) in enumerate(self.items):
+            end = self.items[i + 1][1] if i + 1 < len(self.items) else n_out
+            out.append(WeightVersionSpan(version, min(start, n_out), min(end, n_out)))
+            if end >= n_out:
+                break
+        return tuple(out)
+
+
+class LocalEngine:
+    """Batched KV-cached sampler over a transformers causal LM (see the module docstring).
+
+    Thread-safe: generations and weight loads serialise on one lock; ``pause`` /
+    ``resume`` / version queries never wait for a generation.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
+        max_model_len: int | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            raise ValueError(
+                f"logprobs_mode must be raw_logprobs or processed_logprobs, got {logprobs_mode!r}"
+            )
+        self.model_dir = os.fspath(model_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.logprobs_mode: LogprobsMode = logprobs_mode
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        self.model.to(self.device).eval()
+        self.tokenizer = self._load_tokenizer()
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        limit = getattr(self.config, "max_position_embeddings", None)
+        self.max_model_len = int(max_model_len or limit or 4096)
+        self.eos_token_ids = self._eos_ids()
+        self.pad_token_id = self._pad_id()
+        # A dense model has no router: routed experts cannot be returned for it.
+        self.router_group: RouterReplayGroup | None
+        try:
+            self.router_group = patch_qwen3_moe(self.model)
+        except (ValueError, ImportError):
+            self.router_group = None
+        self.weight_version = "default"  # vLLM's initial version string
+
+        self._rng = np.random.default_rng(seed)
+        self._rng_lock = threading.Lock()  # numpy generators are not thread-safe
+        self._lock = threading.Lock()  # model + weights
+        self._cond = threading.Condition()  # pause state
+        self._paused = False
+        self._pause_mode = "abort"
+        self._abort_epoch = 0
+        self._inflight = 0
+        self._closed = False
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return 0 if self.router_group is None else len(self.router_group)
+
+    @property
+    def top_k_experts(self) -> int:
+        return 0 if self.router_group is None else self.router_group[0].top_k
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.router_group is None else self.router_group[0].num_experts
+
+    def _load_tokenizer(self) -> Any:
+        # The tokenizer only renders ``text``; token-id prompts work without one.
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any(os.path.exists(os.path.join(self.model_dir, n)) for n in names):
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError):
+            return None
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        sources = [getattr(self.config, "eos_token_id", None)]
+        gen = getattr(self.model, "generation_config", None)
+        if gen is not None:
+            sources.append(getattr(gen, "eos_token_id", None))
+        if self.tokenizer is not None:
+            sources.append(getattr(self.tokenizer, "eos_token_id", None))
+        for src in sources:
+            for v in src if isinstance(src, list | tuple) else [src]:
+                if v is not None and int(v) not in ids:
+                    ids.append(int(v))
+        return tuple(ids)
+
+    def _pad_id(self) -> int:
+        for v in (
+            getattr(self.config, "pad_token_id", None),
+            getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None,
+            self.eos_token_ids[0] if self.eos_token_ids else None,
+        ):
+            if v is not None:
+                return int(v)
+        return 0  # masked out everywhere; any valid id does
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    # -- pause / resume ---------------------------------------------------------------
+    def pause(self, mode: str = "abort") -> None:
+        """vLLM's ``pause_generation``: new requests wait; in-flight ones are aborted
+        (``abort``), finished (``wait``, returns when they are done) or frozen (``keep``)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        with self._cond:
+            self._paused = True
+            self._pause_mode = mode
+            if mode == "abort":
+                self._abort_epoch += 1
+            self._cond.notify_all()
+            if mode in ("abort", "wait"):
+                self._cond.wait_for(lambda: self._inflight == 0)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
+    @property
+    def num_inflight(self) -> int:
+        """Generations admitted and not yet returned (running, queued or frozen)."""
+        return self._inflight
+
+    def abort_all(self) -> None:
+        """End every in-flight generation (finish_reason "abort") without pausing."""
+        with self._cond:
+            self._abort_epoch += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Shut down: abort in-flight generations and refuse new ones (503)."""
+        with self._cond:
+            self._closed = True
+            self._abort_epoch += 1
+            self._cond.notify_all()
+
+    def set_weight_version(self, version: str) -> None:
+        self.weight_version = str(version)
+
+    @contextmanager
+    def _admitted(self) -> Iterator[int]:
+        """Wait while paused, then count the request in flight; yields its abort epoch."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._paused or self._closed)
+            if self._closed:
+                raise EngineError("the engine is shutting down", status=503)
+            self._inflight += 1
+            epoch = self._abort_epoch
+        try:
+            yield epoch
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def _checkpoint(self, epoch: int) -> bool:
+        """Between two tokens (engine lock held): True if this generation must abort.
+        In keep-mode pause the lock is released until resume, so that weights can be
+        swapped while the generation is frozen."""
+        with self._cond:
+            if self._abort_epoch != epoch:
+                return True
+            frozen = self._paused and self._pause_mode == "keep"
+        if not frozen:
+            return False
+        self._lock.release()
+        try:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: (
+                        not (self._paused and self._pause_mode == "keep")
+                        or self._abort_epoch != epoch
+                    )
+                )
+        finally:
+            self._lock.acquire()
+        return self._abort_epoch != epoch
+
+    # -- weights ------------------------------------------------------------------------
+    def load_weights(self, path: str | os.PathLike[str], version: str | None = None) -> None:
+        """Swap in the weights stored at ``path`` (same architecture); all-or-nothing.
+
+        ``path``: a checkpoint directory (every ``*.safetensors`` in it, sharded or
+        not) or one ``.safetensors`` file, with checkpoint (per-expert) or module
+        (fused) parameter names. ``version`` (if given) becomes the weight version.
+        """
+        from safetensors.torch import load_file
+
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            files = sorted(glob.glob(os.path.join(p, "*.safetensors")))
+        elif os.path.isfile(p) and p.endswith(".safetensors"):
+            files = [p]
+        else:
+            raise EngineError(f"no safetensors checkpoint at {p!r}")
+        if not files:
+            raise EngineError(f"no *.safetensors files in {p!r}")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f))
+        # transformers' loader applies the model's checkpoint conversions (e.g. the
+        # per-expert → fused expert weights of Qwen3-MoE); we only borrow its result.
+        try:
+            fresh, info = type(self.model).from_pretrained(
+                None,
+                config=self.config,
+                state_dict=state,
+                dtype=self.dtype,
+                output_loading_info=True,
+            )
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise EngineError(f"cannot load weights from {p!r}: {exc}") from exc
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        if problems or info.get("error_msgs"):
+            raise EngineError(
+                f"checkpoint {p!r} does not fit the served model: {problems or info['error_msgs']}"
+            )
+        new_state = fresh.state_dict()
+        live = self.model.state_dict()
+        if set(new_state) != set(live):
+            raise EngineError(f"checkpoint {p!r} has different parameters than the served model")
+        bad = [k for k in live if live[k].shape != new_state[k].shape]
+        if bad:
+            raise EngineError(f"checkpoint {p!r}: shape mismatch for {bad[:5]}")
+        with self._lock, torch.no_grad():
+            for k, t in live.items():
+                t.copy_(new_state[k].to(device=t.device, dtype=t.dtype))
+            if version is not None:
+                self.weight_version = str(version)
+
+    # -- generation ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        return_routed_experts: bool = False,
+        routed_experts_prompt_start: int = 0,
+        num_logprobs: int | None = None,
+    ) -> list[PromptOutput]:
+        """Sample ``n`` continuations of every prompt; one ``PromptOutput`` per prompt."""
+        prompts = [list(map(int, p)) for p in prompts]
+        self._validate(
+            prompts, n, max_tokens, temperature, top_p, top_k, routed_experts_prompt_start
+        )
+        if return_routed_experts and self.router_group is None:
+            raise EngineError("routed experts requested, but the served model has no MoE routers")
+        # Per-sequence keys are drawn before admission so that the engine generator
+        # advances in request order, not in the order requests got the lock.
+        if seed is None:
+            with self._rng_lock:
+                draws = self._rng.integers(0, 2**63 - 1, size=len(prompts) * n)
+            seq_seeds = [int(s) for s in draws]
+        else:
+            seq_seeds = [seed + j for _ in prompts for j in range(n)]
+        with self._admitted() as epoch, self._lock, torch.inference_mode():
+            return self._generate_locked(
+                prompts,
+                n=n,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seq_seeds=seq_seeds,
+                stop_token_ids=tuple(int(t) for t in stop_token_ids),
+                ignore_eos=ignore_eos,
+                record=return_routed_experts,
+                prompt_start=routed_experts_prompt_start,
+                num_logprobs=num_logprobs,
+                epoch=epoch,
+            )
+
+    def _validate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        prompt_start: int,
+    ) -> None:
+        if not prompts:
+            raise EngineError("no prompts")
+        if n < 1 or max_tokens < 1:
+            raise EngineError(f"n and max_tokens must be ≥ 1, got n={n}, max_tokens={max_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < -1:
+            raise EngineError(
+                f"bad sampling parameters T={temperature}, top_p={top_p}, top_k={top_k}"
+            )
+        for i, p in enumerate(prompts):
+            if not p:
+                raise EngineError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise EngineError(f"prompt {i} has token ids outside [0, {self.vocab_size})")
+            if len(p) >= self.max_model_len:
+                raise EngineError(
+                    f"prompt {i} has {len(p)} tokens; this model's maximum context length is "
+                    f"{self.max_model_len} (at least one output token is needed)"
+                )
+            if not 0 <= prompt_start < len(p):
+                raise EngineError(
+                    f"routed_experts_prompt_start={prompt_start} must be in [0, {len(p)}) for prompt {i}"
+                )
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        record: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One cached forward; returns last-position logits [rows, V] (float32) and, when
+        recording, the routed ids [rows, T, L, k] of every token fed in."""
+        routes: torch.Tensor | None = None
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if record:
+            assert self.router_group is not None
+            with self.router_group.recording() as rec:
+                out = self.model(**kwargs)
+            rows, t = input_ids.shape
+            routes = rec.trace.ids.view(rows, t, self.num_moe_layers, self.top_k_experts)
+        else:
+            out = self.model(**kwargs)
+        return out.logits[:, -1, :].float(), routes
+
+    def _generate_locked(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seq_seeds: list[int],
+        stop_token_ids: tuple[int, ...],
+        ignore_eos: bool,
+        record: bool,
+        prompt_start: int,
+        num_logprobs: int | None,
+        epoch: int,
+    ) -> list[PromptOutput]:
+        from transformers import DynamicCache
+
+        dev = self.device
+        num_prompts = len(prompts)
+        rows_total = num_prompts * n
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        width = int(lengths.max())
+
+        # Prefill: one left-padded batch of the distinct prompts.
+        ids = torch.full((num_prompts, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((num_prompts, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.config)
+
+        aborted = self._checkpoint(epoch)
+        spans = _Spans([(self.weight_version, 0)])
+        prompt_routes: list[torch.Tensor] = []
+        logits = torch.empty(0)
+        if not aborted:
+            logits, routes = self._forward(ids, mask, positions, cache, record)
+            if routes is not None:
+                routes = routes.to(device="cpu", dtype=self._route_dtype())
+                prompt_routes = [routes[i, width - len(p) :] for i, p in enumerate(prompts)]
+            # The n samples of a prompt share its prefill: repeat rows (and the cache).
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                logits = logits.repeat_interleave(n, dim=0)
+                mask = mask.repeat_interleave(n, dim=0)
+                positions = positions.repeat_interleave(n, dim=0)
+
+        # Output buffers for every sequence; rows of the live batch map to ``active``.
+        tokens_out = torch.zeros((rows_total, max_tokens), dtype=torch.long, device=dev)
+        logp_out = torch.zeros((rows_total, max_tokens), dtype=torch.float32, device=dev)
+        top_ids_out = top_lp_out = None
+        if num_logprobs:
+            top_ids_out = torch.zeros(
+                (rows_total, max_tokens, num_logprobs), dtype=torch.long, device=dev
+            )
+            top_lp_out = torch.zeros(
+                (rows_total, max_tokens, num_logprobs), dtype=torch.float32, device=dev
+            )
+        routes_out = None
+        if record:
+            routes_out = torch.zeros(
+                (rows_total, max(max_tokens - 1, 1), self.num_moe_layers, self.top_k_experts),
+                dtype=self._route_dtype(),
+                device=dev,
+            )
+        out_len = torch.zeros(rows_total, dtype=torch.long, device=dev)
+        finish = torch.zeros(rows_total, dtype=torch.int8, device=dev)
+        stop_reason = torch.full((rows_total,), -1, dtype=torch.long, device=dev)
+
+        active = torch.arange(rows_total, device=dev)
+        seq_len = lengths.repeat_interleave(n).to(dev)
+        # vLLM's get_max_tokens: never run past the model's context.
+        limit = torch.clamp(self.max_model_len - seq_len, max=max_tokens)
+        keys = _sequence_keys(seq_seeds).to(dev)
+        last_pos = positions[:, -1]
+        eos = torch.tensor(
+            [] if ignore_eos else list(self.eos_token_ids), dtype=torch.long, device=dev
+        )
+        stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=dev)
+        greedy = temperature < _GREEDY_EPS
+
+        if aborted:
+            finish[:] = 3
+        logits_version = self.weight_version
+        for step in range(max_tokens):
+            if aborted:
+                break
+            # The version that computed these logits is the one that samples the token.
+            spans.note(logits_version, step)
+            tok, lp, top = self._sample(
+                logits, keys, step, greedy, temperature, top_p, top_k, num_logprobs
+            )
+            tokens_out[active, step] = tok
+            logp_out[active, step] = lp
+            if top is not None and top_ids_out is not None and top_lp_out is not None:
+                top_ids_out[active, step] = top[0]
+                top_lp_out[active, step] = top[1]
+            out_len[active] = step + 1
+            # vLLM's check_stop order: EOS, then stop_token_ids, then length.
+            is_eos = torch.isin(tok, eos)
+            is_stop = torch.isin(tok, stops) & ~is_eos
+            is_len = (step + 1 >= limit) & ~is_eos & ~is_stop
+            done = is_eos | is_stop | is_len
+            if bool(done.any()):
+                finish[active[is_eos | is_stop]] = 1
+                finish[active[is_len]] = 2
+                stop_reason[active[is_stop]] = tok[is_stop]
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                idx = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(idx)
+                active, tok, keys, limit = active[idx], tok[idx], keys[idx], limit[idx]
+                mask, last_pos = mask[idx], last_pos[idx]
+            # Between two tokens: abort, or freeze (keep-mode pause) before the forward.
+            if self._checkpoint(epoch):
+                finish[active] = 3
+                break
+            logits_version = self.weight_version
+            # Feed the sampled token: it is routed (and cached) now, sampled from next.
+            mask = torch.cat(
+                [mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=dev)], dim=1
+            )
+            last_pos = last_pos + 1
+            logits, routes = self._forward(tok[:, None], mask, last_pos[:, None], cache, record)
+            if routes is not None and routes_out is not None:
+                routes_out[active, step] = routes[:, 0].to(routes_out.dtype)
+        return self._collect(
+            prompts,
+            n,
+            tokens_out,
+            logp_out,
+            top_ids_out,
+            top_lp_out,
+            out_len,
+            finish,
+            stop_reason,
+            prompt_routes,
+            routes_out,
+            prompt_start,
+            spans,
+        )
+
+    def _route_dtype(self) -> torch.dtype:
+        return torch.uint8 if storage_dtype(max(self.num_experts, 1)) == np.uint8 else torch.int16
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        keys: torch.Tensor,
+        step: int,
+        greedy: bool,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        num_logprobs: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Draw one token per row; returns (tokens [R], logprobs [R], top-k logprobs)."""
+        raw = torch.log_softmax(logits, dim=-1)
+        processed = logits if greedy else logits / temperature
+        vocab = processed.shape[-1]
+        use_k = 0 < top_k < vocab
+        if use_k or top_p < 1.0:
+            # vLLM's apply_top_k_top_p: one ascending sort serves both filters.
+            srt, order = processed.sort(dim=-1)
+            if use_k:
+                kth = srt[:, vocab - top_k : vocab - top_k + 1]
+                srt = srt.masked_fill(srt < kth, float("-inf"))
+            if top_p < 1.0:
+                cum = srt.softmax(dim=-1).cumsum(dim=-1)
+                drop = cum <= 1.0 - top_p
+                drop[:, -1] = False
+                srt = srt.masked_fill(drop, float("-inf"))
+            processed = srt.scatter(-1, order, srt)
+        if greedy:
+            tok = processed.argmax(dim=-1)
+        else:
+            cdf = torch.softmax(processed.double(), dim=-1).cumsum(dim=-1)
+            u = _uniforms(keys, step)
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+            tok = tok.clamp_max(vocab - 1)
+        table = (
+            raw if self.logprobs_mode == "raw_logprobs" else torch.log_softmax(processed, dim=-1)
+        )
+        lp = table.gather(1, tok[:, None]).squeeze(1)
+        top = None
+        if num_logprobs:
+            vals, idx = table.topk(num_logprobs, dim=-1)
+            top = (idx, vals)
+        return tok, lp, top
+
+    def _collect(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        tokens_out: torch.Tensor,
+        logp_out: torch.Tensor,
+        top_ids_out: torch.Tensor | None,
+        top_lp_out: torch.Tensor | None,
+        out_len: torch.Tensor,
+        finish: torch.Tensor,
+        stop_reason: torch.Tensor,
+        prompt_routes: list[torch.Tensor],
+        routes_out: torch.Tensor | None,
+        prompt_start: int,
+        spans: _Spans,
+    ) -> list[PromptOutput]:
+        tokens = tokens_out.cpu().numpy()
+        logps = logp_out.cpu().numpy()
+        lens = out_len.cpu().tolist()
+        codes = finish.cpu().tolist()
+        stops = stop_reason.cpu().tolist()
+        routes_np = None if routes_out is None else routes_out.cpu().numpy()
+        top_ids = None if top_ids_out is None else top_ids_out.cpu().numpy()
+        top_lps = None if top_lp_out is None else top_lp_out.cpu().numpy()
+        results: list[PromptOutput] = []
+        for i, prompt in enumerate(prompts):
+            samples: list[SampleOutput] = []
+            for j in range(n):
+                b = i * n + j
+                m = lens[b]
+                routed = None
+                if routes_np is not None and prompt_routes:
+                    total = len(prompt) + m - 1  # every token but the last sampled one
+                    full = np.concatenate([prompt_routes[i].numpy(), routes_np[b, : max(m - 1, 0)]])
+                    routed = np.ascontiguousarray(full[prompt_start:total])
+                top = None
+                if top_ids is not None and top_lps is not None:
+                    top = [
+                        list(zip(top_ids[b, t].tolist(), top_lps[b, t].tolist(), strict=True))
+                        for t in range(m)
+                    ]
+                samples.append(
+                    SampleOutput(
+                        token_ids=tokens[b, :m].tolist(),
+                        logprobs=logps[b, :m].astype(np.float32, copy=True),
+                        finish_reason=_FINISH_NAMES[codes[b]],
+                        stop_reason=stops[b] if stops[b] >= 0 else None,
+                        routed_experts=routed,
+                        weight_versions=spans.for_length(m),
+                        top_logprobs=top,
+                    )
+                )
+            results.append(PromptOutput(prompt_token_ids=list(prompt), samples=samples))
+        return results

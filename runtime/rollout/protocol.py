@@ -1,0 +1,586 @@
+"""Wire protocol of the rollout service: the subset of vLLM's HTTP API the RL runtime uses.
+
+The embedded server (``runtime.rollout.server``) and the client
+(``runtime.rollout.client``) share these dataclasses, so the client talks to our
+server and to ``vllm serve`` (0.33, started with ``VLLM_SERVER_DEV_MODE=1`` for the
+RL endpoints and ``--enable-return-routed-experts`` for R3) with the same code.
+Every field below exists in vLLM; the file it comes from is named. Sources read:
+vllm-project/vllm at the newest stored revisions of the files named (the
+``completion/`` package layout of vLLM ≥ 0.2x; older trees kept the same classes in
+``vllm/entrypoints/openai/protocol.py``).
+
+POST /v1/completions — ``CompletionRequest``
+(``vllm/entrypoints/openai/completion/protocol.py``, class ``CompletionRequest``):
+
+=============================== ==================================================
+field                           handling here
+=============================== ==================================================
+``model``                       optional; must equal the served name (else 404)
+``prompt``                      token ids only: ``list[int]`` or ``list[list[int]]``
+                                (ids ≥ 0, non-empty); text prompts are refused (400)
+``n``                           ≥ 1; sample j of a seeded request uses seed + j
+                                (``vllm/v1/engine/parallel_sampling.py``)
+``max_tokens``                  ≥ 1, null → 16 (vLLM's default); capped at
+                                max_model_len − prompt_len as ``get_max_tokens`` does
+``temperature``                 ≥ 0, null → 1.0; < 1e-5 is greedy (vLLM sampler)
+``top_p``                       (0, 1], null → 1.0
+``top_k``                       0 or −1 = off, else ≥ 1
+``seed``                        int or null
+``logprobs``                    null or 0..20 (vLLM's ``max_logprobs`` default 20)
+``stop_token_ids``              list of ints; the stop token is kept in the output
+                                and reported as ``stop_reason`` (vLLM ``check_stop``,
+                                ``vllm/v1/core/sched/utils.py``)
+``ignore_eos``                  bool
+``return_token_ids``            bool: adds ``token_ids`` / ``prompt_token_ids``
+``return_tokens_as_token_ids``  bool: logprob tokens as ``"token_id:N"``
+``routed_experts_prompt_start`` int ≥ 0: skip that many leading prompt rows of
+                                ``routed_experts``
+``request_id``                  optional; the response id is ``cmpl-<request_id>``
+=============================== ==================================================
+
+Fields refused with 400 when set to a non-default value (vLLM supports them, we do
+not): ``stream``, ``echo``, ``use_beam_search``, ``stop`` (strings),
+``min_tokens``, ``min_p``, ``presence_penalty``, ``frequency_penalty``,
+``repetition_penalty``, ``logit_bias``, ``allowed_token_ids``, ``bad_words``,
+``prompt_logprobs``, ``logprob_token_ids``, ``prompt_embeds``, ``suffix``.
+Other unknown fields are ignored, as vLLM's ``OpenAIBaseModel`` does.
+
+Response — ``CompletionResponse`` / ``CompletionResponseChoice`` / ``CompletionLogProbs``
+(same file): ``id``, ``object="text_completion"``, ``created``, ``model``, ``choices``,
+``usage`` {``prompt_tokens``, ``completion_tokens``, ``total_tokens``}
+(``UsageInfo``, ``vllm/entrypoints/serve/engine/protocol.py``). A choice carries
+``index`` (= prompt_index · n + sample_index, the order of
+``request_output_to_completion_response`` in ``completion/serving.py``), ``text``,
+``logprobs`` {``tokens``, ``token_logprobs`` (clamped at −9999.0 as vLLM does),
+``top_logprobs``, ``text_offset``}, ``finish_reason`` ("stop" | "length" | "abort"),
+``stop_reason`` (the stop token id, null for EOS / length), ``token_ids``,
+``prompt_token_ids`` and ``routed_experts``: base64 of ``.npy`` bytes, shape
+(num_tokens − 1 − routed_experts_prompt_start, moe_layers, top_k) over prompt +
+output tokens, uint8 for ≤ 256 experts (``numpy2base64`` of the engine's array).
+
+``weight_versions`` on a choice: DESIGN.md §5 reports that vLLM 0.33 choices carry
+the weight version that sampled each output-token span, but the stored vLLM source
+read here (``completion/protocol.py``) has no such field yet and the per-request
+attribution RFC (vllm-project/vllm#54443) is open. Our server emits it as a list
+of ``{"weight_version": str, "start": int, "end": int}`` spans over the output
+tokens (end exclusive); the client reads that, a list of strings, or a plain string,
+and falls back to ``GET /weight_info`` taken just before the request when the
+server sends nothing.
+
+RL endpoints (``vllm/entrypoints/serve/dev/rlhf/api_router.py``; mounted only with
+``VLLM_SERVER_DEV_MODE=1``):
+
+* ``POST /pause?mode=abort|wait|keep`` → ``{"status": "paused"}``. abort (default)
+  finishes in-flight requests with ``finish_reason="abort"``, wait lets them finish,
+  keep freezes them until resume. New requests wait until ``/resume``
+  (``tests/entrypoints/serve/dev/rlhf/state_transitions/test_pause_resume.py``).
+  A bad mode → 400 with ``param="query.mode"``.
+* ``POST /resume`` → ``{"status": "resumed"}``; ``GET /is_paused`` → ``{"is_paused": bool}``.
+* ``POST /start_weight_update`` (body ``{"is_checkpoint_format": bool}``, ignored) →
+  ``{"message": "Weight update started"}``; 409 when one is already active
+  (``rl_state_machine.py``).
+* ``POST /update_weights`` body ``{"update_info": {...}}`` → ``{"message":
+  "Weights updated"}``; 400 without ``update_info``, 409 without a started update.
+  vLLM hands ``update_info`` to its NCCL / IPC transfer backend
+  (``--weight-transfer-config``); we do not implement those transfers. Our backend
+  reads ``update_info = {"path": <safetensors file or checkpoint directory>,
+  "weight_version": <optional str>}`` from disk.
+* ``POST /finish_weight_update`` body ``{"weight_version": str | null}`` →
+  ``{"message": "Weight update finished"}``: the version is published only here
+  (vllm-project/vllm#49040), else the one staged in ``update_info``, else unchanged.
+* ``POST /update_weight_version`` body ``{"new_version": str}`` →
+  ``{"success": true, "new_version": ...}``; 400 with ``param="body.new_version"``.
+* ``GET /weight_info`` → ``{"weight_version": str}``; a fresh engine reports "default".
+
+Errors: ``{"error": {"message", "type", "param", "code"}}`` with ``code`` = the HTTP
+status (``ErrorInfo`` / ``ErrorResponse``, ``vllm/entrypoints/serve/engine/protocol.py``);
+``type`` is "BadRequestError" (400), "NotFoundError" (404), "ConflictError" (409),
+"InternalServerError" (500), as vLLM's exception handlers name them.
+Also ``GET /health`` (200, empty body) and ``GET /v1/models`` (``ModelList`` of
+``ModelCard`` with ``max_model_len``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "LOGPROB_FLOOR",
+    "MAX_LOGPROBS",
+    "PAUSE_MODES",
+    "CompletionChoice",
+    "CompletionLogProbs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "PauseMode",
+    "ProtocolError",
+    "Usage",
+    "WeightVersionSpan",
+    "choices_by_prompt",
+    "error_body",
+    "parse_token_id_string",
+    "parse_weight_versions",
+    "token_id_string",
+]
+
+# vLLM's CompletionRequest.max_tokens default (also used when the client sends null).
+DEFAULT_MAX_TOKENS = 16
+# vLLM ModelConfig.max_logprobs default.
+MAX_LOGPROBS = 20
+# vLLM clamps -inf logprobs to this JSON-safe value (completion/serving.py).
+LOGPROB_FLOOR = -9999.0
+
+PauseMode = Literal["abort", "wait", "keep"]
+PAUSE_MODES: tuple[str, ...] = ("abort", "wait", "keep")
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    409: "ConflictError",
+    413: "RequestEntityTooLarge",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class ProtocolError(ValueError):
+    """A request that the server refuses; carries the HTTP status and the offending
+    parameter (vLLM's ``param``, e.g. ``"prompt"`` or ``"body.new_version"``)."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), status=self.status, param=self.param)
+
+
+def error_body(message: str, *, status: int = 400, param: str | None = None) -> dict[str, Any]:
+    """vLLM's ``ErrorResponse`` JSON: ``{"error": {message, type, param, code}}``."""
+    err_type = _ERROR_TYPES.get(status)
+    if err_type is None:
+        try:
+            err_type = HTTPStatus(status).phrase
+        except ValueError:
+            err_type = "Error"
+    return {"error": {"message": message, "type": err_type, "param": param, "code": int(status)}}
+
+
+# --------------------------------------------------------------------------------------
+# strict JSON field readers (JSON has no int/bool distinction problems, Python does:
+# True is an int, so every int check excludes bool explicitly)
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, int | float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _get_int(
+    d: Mapping[str, Any], key: str, default: int | None, *, lo: int | None = None
+) -> int | None:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise ProtocolError(f"`{key}` must be an integer, got {v!r}", param=key)
+    if lo is not None and v < lo:
+        raise ProtocolError(f"`{key}` must be ≥ {lo}, got {v}", param=key)
+    return int(v)
+
+
+def _get_float(d: Mapping[str, Any], key: str, default: float) -> float:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not _is_number(v):
+        raise ProtocolError(f"`{key}` must be a finite number, got {v!r}", param=key)
+    return float(v)
+
+
+def _get_bool(d: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ProtocolError(f"`{key}` must be a boolean, got {v!r}", param=key)
+    return v
+
+
+def _token_list(v: object, *, param: str) -> list[int]:
+    if not isinstance(v, list) or not all(_is_int(t) for t in v):
+        raise ProtocolError(f"`{param}` must be a list of integer token ids", param=param)
+    if any(t < 0 for t in v):
+        raise ProtocolError(f"`{param}` token ids must be ≥ 0", param=param)
+    return [int(t) for t in v]
+
+
+# Fields vLLM accepts that this server does not implement, with their neutral values:
+# a request setting any of them to something else is refused rather than silently
+# sampled differently from what the caller asked.
+_UNSUPPORTED_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "stream": (False, None),
+    "echo": (False, None),
+    "use_beam_search": (False, None),
+    "stop": (None, [], ""),
+    "min_tokens": (0, None),
+    "min_p": (0, 0.0, None),
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "repetition_penalty": (1, 1.0, None),
+    "logit_bias": (None, {}),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "prompt_logprobs": (None,),
+    "logprob_token_ids": (None,),
+    "prompt_embeds": (None,),
+    "suffix": (None, ""),
+}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """The implemented subset of vLLM's ``CompletionRequest`` (prompts normalised to
+    ``list[list[int]]``)."""
+
+    prompt: list[list[int]]
+    model: str | None = None
+    n: int = 1
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    routed_experts_prompt_start: int = 0
+    request_id: str | None = None
+
+    @classmethod
+    def from_json(cls, d: object) -> CompletionRequest:
+        """Validate a decoded JSON body; raises ``ProtocolError`` (400) with ``param``."""
+        if not isinstance(d, dict):
+            raise ProtocolError("request body must be a JSON object", param="body")
+        for key, neutral in _UNSUPPORTED_NEUTRAL.items():
+            if key in d and d[key] is not None and d[key] not in neutral:
+                raise ProtocolError(
+                    f"`{key}` is not supported by this rollout server (got {d[key]!r})", param=key
+                )
+        raw = d.get("prompt")
+        if raw is None or raw == [] or raw == "":
+            raise ProtocolError("`prompt` must be provided and non-empty", param="prompt")
+        if isinstance(raw, str) or (isinstance(raw, list) and any(isinstance(p, str) for p in raw)):
+            raise ProtocolError(
+                "text prompts are not supported by this rollout server; send token ids",
+                param="prompt",
+            )
+        if isinstance(raw, list) and all(_is_int(t) for t in raw):
+            prompts = [_token_list(raw, param="prompt")]
+        elif isinstance(raw, list) and all(isinstance(p, list) for p in raw):
+            prompts = [_token_list(p, param="prompt") for p in raw]
+            if any(len(p) == 0 for p in prompts):
+                raise ProtocolError("every prompt must contain at least one token", param="prompt")
+        else:
+            raise ProtocolError(
+                "`prompt` must be a list of token ids or a list of such lists", param="prompt"
+            )
+
+        model = d.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ProtocolError("`model` must be a string", param="model")
+        request_id = d.get("request_id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise ProtocolError("`request_id` must be a string", param="request_id")
+
+        n = _get_int(d, "n", 1, lo=1)
+        max_tokens = _get_int(d, "max_tokens", DEFAULT_MAX_TOKENS, lo=1)
+        temperature = _get_float(d, "temperature", 1.0)
+        if temperature < 0:
+            raise ProtocolError(
+                f"`temperature` must be ≥ 0, got {temperature}", param="temperature"
+            )
+        top_p = _get_float(d, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise ProtocolError(f"`top_p` must be in (0, 1], got {top_p}", param="top_p")
+        top_k = _get_int(d, "top_k", 0)
+        assert top_k is not None
+        if top_k < -1:
+            raise ProtocolError(
+                f"`top_k` must be 0 or -1 (disabled) or at least 1, got {top_k}", param="top_k"
+            )
+        seed = _get_int(d, "seed", None)
+        if seed is not None and not -(2**63) <= seed < 2**63:
+            raise ProtocolError("`seed` must fit a signed 64-bit integer", param="seed")
+        logprobs = _get_int(d, "logprobs", None)
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise ProtocolError(
+                f"Requested sample logprobs of {logprobs}, which is outside the allowed "
+                f"range [0, {MAX_LOGPROBS}]",
+                param="logprobs",
+            )
+        stop_ids = d.get("stop_token_ids")
+        stop_token_ids = [] if stop_ids is None else _token_list(stop_ids, param="stop_token_ids")
+        start = _get_int(d, "routed_experts_prompt_start", 0, lo=0)
+        assert n is not None and max_tokens is not None and start is not None
+        for p in prompts:
+            if start >= len(p):
+                raise ProtocolError(
+                    f"`routed_experts_prompt_start` ({start}) must be smaller than the prompt "
+                    f"length ({len(p)})",
+                    param="routed_experts_prompt_start",
+                )
+        return cls(
+            prompt=prompts,
+            model=model,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0 if top_k == -1 else top_k,
+            seed=seed,
+            logprobs=logprobs,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=_get_bool(d, "ignore_eos", False),
+            return_token_ids=_get_bool(d, "return_token_ids", False),
+            return_tokens_as_token_ids=_get_bool(d, "return_tokens_as_token_ids", False),
+            routed_experts_prompt_start=start,
+            request_id=request_id,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The request body a client sends (to our server or to ``vllm serve``)."""
+        body: dict[str, Any] = {
+            # Always the list-of-lists form: one prompt of ids is unambiguous either way.
+            "prompt": [list(p) for p in self.prompt],
+            "n": self.n,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "ignore_eos": self.ignore_eos,
+            "return_token_ids": self.return_token_ids,
+            "return_tokens_as_token_ids": self.return_tokens_as_token_ids,
+        }
+        if self.model is not None:
+            body["model"] = self.model
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.logprobs is not None:
+            body["logprobs"] = self.logprobs
+        if self.stop_token_ids:
+            body["stop_token_ids"] = list(self.stop_token_ids)
+        # Sent only when used: it is the one field an older vLLM would ignore silently.
+        if self.routed_experts_prompt_start:
+            body["routed_experts_prompt_start"] = self.routed_experts_prompt_start
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return body
+
+
+@dataclass(frozen=True)
+class WeightVersionSpan:
+    """Output tokens [start, end) were sampled with weights ``weight_version``."""
+
+    weight_version: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weight_version": self.weight_version, "start": self.start, "end": self.end}
+
+
+def parse_weight_versions(raw: object, num_tokens: int) -> tuple[WeightVersionSpan, ...]:
+    """Read a choice's ``weight_versions`` leniently (see the module docstring): span
+    dicts (``weight_version`` or ``version`` key), a list of version strings (one per
+    span, split unknown → the whole output) or one string. ``()`` when absent."""
+    if raw is None:
+        return ()
+    if isinstance(raw, str | int):
+        return (WeightVersionSpan(str(raw), 0, num_tokens),)
+    if not isinstance(raw, list):
+        raise ProtocolError(f"unreadable weight_versions {raw!r}", param="weight_versions")
+    spans: list[WeightVersionSpan] = []
+    for item in raw:
+        if isinstance(item, dict):
+            version = item.get("weight_version", item.get("version"))
+            if version is None:
+                raise ProtocolError(f"weight_versions span without a version: {item!r}")
+            start = item.get("start", 0)
+            end = item.get("end", num_tokens)
+            spans.append(WeightVersionSpan(str(version), int(start), int(end)))
+        else:
+            spans.append(WeightVersionSpan(str(item), 0, num_tokens))
+    return tuple(spans)
+
+
+def token_id_string(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids`` spelling of a token."""
+    return f"token_id:{token_id}"
+
+
+def parse_token_id_string(s: str) -> int:
+    if not s.startswith("token_id:"):
+        raise ProtocolError(f"token {s!r} is not of the form 'token_id:N'")
+    return int(s[len("token_id:") :])
+
+
+@dataclass(frozen=True)
+class CompletionLogProbs:
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text_offset": self.text_offset,
+            "token_logprobs": self.token_logprobs,
+            "tokens": self.tokens,
+            "top_logprobs": self.top_logprobs,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CompletionLogProbs:
+        return cls(
+            tokens=list(d.get("tokens") or []),
+            token_logprobs=list(d.get("token_logprobs") or []),
+            top_logprobs=list(d.get("top_logprobs") or []),
+            text_offset=list(d.get("text_offset") or []),
+        )
+
+
+@dataclass(frozen=True)
+class CompletionChoice:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogProbs | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+    routed_experts: str | None = None
+    weight_versions: list[WeightVersionSpan] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "index": self.index,
+            "text": self.text,
+            "logprobs": None if self.logprobs is None else self.logprobs.to_json(),
+            "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
+            "token_ids": self.token_ids,
+            "prompt_logprobs": None,
+            "prompt_token_ids": self.prompt_token_ids,
+            "routed_experts": self.routed_experts,
+        }
+        if self.weight_versions is not None:
+            body["weight_versions"] = [s.to_json() for s in self.weight_versions]
+        return body
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CompletionChoice:
+        lp = d.get("logprobs")
+        token_ids = d.get("token_ids")
+        n_out = len(token_ids) if isinstance(token_ids, list) else 0
+        raw_versions = d.get("weight_versions")
+        return cls(
+            index=int(d["index"]),
+            text=str(d.get("text") or ""),
+            finish_reason=d.get("finish_reason"),
+            logprobs=None if lp is None else CompletionLogProbs.from_json(lp),
+            stop_reason=d.get("stop_reason"),
+            token_ids=None if token_ids is None else [int(t) for t in token_ids],
+            prompt_token_ids=(
+                None
+                if d.get("prompt_token_ids") is None
+                else [int(t) for t in d["prompt_token_ids"]]
+            ),
+            routed_experts=d.get("routed_experts"),
+            weight_versions=(
+                None if raw_versions is None else list(parse_weight_versions(raw_versions, n_out))
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.total_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prompt_tokens_details": None,
+        }
+
+
+@dataclass(frozen=True)
+class CompletionResponse:
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [c.to_json() for c in self.choices],
+            "usage": self.usage.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> CompletionResponse:
+        if not isinstance(d, dict) or not isinstance(d.get("choices"), list):
+            raise ProtocolError(f"not a completion response: {str(d)[:200]}")
+        usage = d.get("usage") or {}
+        return cls(
+            model=str(d.get("model", "")),
+            choices=[CompletionChoice.from_json(c) for c in d["choices"]],
+            usage=Usage(
+                int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens") or 0)
+            ),
+            id=str(d.get("id", "")),
+            created=int(d.get("created", 0)),
+        )
+
+
+def choices_by_prompt(
+    choices: Sequence[CompletionChoice], num_prompts: int, n: int
+) -> list[list[CompletionChoice]]:
+    """Group choices by prompt using ``index = prompt · n + sample`` (vLLM's order)."""
+    out: list[list[CompletionChoice | None]] = [[None] * n for _ in range(num_prompts)]
+    for c in choices:
+        p, j = divmod(c.index, n)
+        if not 0 <= p < num_prompts:
+            raise ProtocolError(f"choice index {c.index} out of range for {num_prompts}×{n}")
+        out[p][j] = c
+    missing = [(p, j) for p in range(num_prompts) for j in range(n) if out[p][j] is None]
+    if missing:
+        raise ProtocolError(f"response lacks choices for (prompt, sample) {missing[:5]}")
+    return [[c for c in row if c is not None] for row in out]

@@ -1,0 +1,610 @@
+"""`rlspec` as a user runs it: exit codes, messages, files on disk, no tracebacks.
+
+Where the process boundary matters (a traceback on stderr, the console script, a local run
+of real launch scripts, what a fresh interpreter imports) the CLI runs in a subprocess;
+elsewhere typer's CliRunner runs it in-process, which sees the same exit codes and output
+(an escaped exception shows as `result.exception`, not SystemExit). The CLI's rich consoles
+fix their width when compiler.cli is imported (from COLUMNS, which pytest-xdist sets to 80),
+so each in-process call sets it: wide by default, 80 (what a pipe gets) where cropping is
+the point; subprocesses get COLUMNS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from compiler import __version__
+from compiler import cli as cli_module
+from compiler.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny" / "spec.yaml"
+SINGLE = ROOT / "examples" / "single-node.yaml"
+BIG = ROOT / "examples" / "compassmax-245b.yaml"
+EXAMPLES = {"tiny": TINY, "single-node": SINGLE, "compassmax-245b": BIG}
+SECRETS = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
+WIDE = "250"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cli(*args: object, env: Mapping[str, str | None] | None = None, columns: str = WIDE) -> Result:
+    """Run `rlspec ARGS` in-process, its consoles `columns` wide."""
+    consoles = [(c, c._width) for c in (cli_module.out, cli_module.err)]
+    for console, _ in consoles:
+        console.width = int(columns)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args],
+                                  env={"COLUMNS": columns, **(env or {})})
+    finally:
+        for console, width in consoles:
+            console._width = width
+
+
+def run(*args: object, cwd: Path = ROOT, env: Mapping[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m compiler.cli ARGS` in a subprocess, as a user's shell would."""
+    full_env = {**os.environ, "COLUMNS": WIDE, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def no_traceback(result: Result) -> None:
+    """The CLI ended through its own exit, not an escaped exception."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{type(result.exception).__name__}: {result.exception}\n{result.output}")
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if ": error: " in line or "error:" in line[:7]]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def compile_to(spec: Path, out: Path, *extra: object, env=None) -> Path:
+    result = cli("compile", spec, "-o", out, *extra, env=env)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def closure(manifest: dict, roots: set[str]) -> set[str]:
+    """Jobs that depend, directly or not, on any of `roots`."""
+    found: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, job in manifest["jobs"].items():
+            if name not in found and set(job["depends_on"]) & (roots | found):
+                found.add(name)
+                changed = True
+    return found
+
+
+def status_rows(text: str) -> dict[str, list[str]]:
+    """job → cells of the status table."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
+        if len(cells) == 4 and cells[0] and cells[0] != "job":
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bundle_245b(tmp_path_factory) -> Path:
+    """The 245B example compiled by the real CLI in a subprocess (shared: never modified)."""
+    out = tmp_path_factory.mktemp("cli") / "b245"
+    result = run("compile", BIG, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "6 jobs" in result.stdout
+    return out
+
+
+@pytest.fixture
+def bundle_copy(bundle_245b: Path, tmp_path: Path) -> Path:
+    """A private copy of the 245B bundle, free to edit."""
+    return Path(shutil.copytree(bundle_245b, tmp_path / "b245"))
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_validate_accepts_the_examples(name: str) -> None:
+    result = cli("validate", EXAMPLES[name])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.stdout
+    assert not error_lines(result.stderr)
+
+
+def _three_mistakes(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """single-node.yaml with a mistake in cluster, train and rollout: path → line."""
+    text = SINGLE.read_text()
+    edits = {
+        "cluster.gpus_per_node": ("  gpus_per_node: 8\n", "  gpus_per_node: 0\n"),
+        "train.recompute": ("  recompute: full ", "  recompute: fulll "),
+        "rollout.gpu_memory_utilisation": ("  gpu_memory_utilization: 0.85\n",
+                                           "  gpu_memory_utilisation: 0.85\n"),
+    }
+    lines = {}
+    for path, (old, new) in edits.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+        lines[path] = text[: text.index(new)].count("\n") + 1
+    spec = tmp_path / "three.yaml"
+    spec.write_text(text)
+    return spec, lines
+
+
+def test_validate_reports_every_mistake_with_its_line_and_no_traceback(tmp_path: Path) -> None:
+    spec, lines = _three_mistakes(tmp_path)
+    result = run("validate", spec.name, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("3 problems in the spec:"), result.stderr
+    for path, line in lines.items():
+        assert re.search(rf"^three\.yaml:{line}: error: {re.escape(path)}: ", result.stderr,
+                         re.M), (path, line, result.stderr)
+    assert "did you mean 'gpu_memory_utilization'?" in result.stderr
+    assert "did you mean 'full'?" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_misspelt_section_gets_did_you_mean(tmp_path: Path) -> None:
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(TINY.read_text().replace("\nrollout:\n", "\nrollot:\n"))
+    result = cli("validate", spec)
+    assert result.exit_code == 2
+    no_traceback(result)
+    assert re.search(r"typo\.yaml:\d+: error: rollot: unknown key 'rollot'", result.stderr)
+    assert "did you mean 'rollout'?" in result.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "file not found"),
+    ("", "the file is empty"),
+    ("# only a comment\n", "no content"),
+    ("name: x\nmodel: [1, 2\ntrain: {}\n", "invalid YAML"),
+    ("- name: x\n- model: {}\n", "the top level of the file is a list"),
+], ids=["missing", "empty", "comments-only", "malformed", "list"])
+def test_unreadable_specs_get_one_clear_line(tmp_path: Path, text: str | None,
+                                             message: str) -> None:
+    spec = tmp_path / "spec.yaml"
+    if text is not None:
+        spec.write_text(text)
+    result = cli("validate", spec)
+    assert result.exit_code == 2
+    no_traceback(result)
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"{spec}") and message in errors[0], errors[0]
+
+
+def test_set_overrides_change_the_plan_or_are_reported() -> None:
+    before = json.loads(cli("inspect", SINGLE, "--json").stdout)
+    after = cli("inspect", SINGLE, "--json", "--set", "train.nodes=2")
+    assert after.exit_code == 0, after.output
+    plan = json.loads(after.stdout)["plan"]
+    assert before["plan"]["data_parallel"] == 2 and plan["data_parallel"] == 4
+    assert plan["train_world_size"] == 16
+    ok = cli("validate", SINGLE, "--set", "train.nodes=2")
+    assert ok.exit_code == 0 and "valid" in ok.stdout
+
+    for bad in ("train.nodes=abc", "train.nodes", "train..nodes=1"):
+        result = cli("validate", SINGLE, "--set", bad)
+        assert result.exit_code == 2, bad
+        no_traceback(result)
+        assert "--set" in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compile_writes_a_complete_bundle(bundle_245b: Path) -> None:
+    files = tree(bundle_245b)
+    manifest = json.loads(files["manifest.json"])
+    for rel in ("manifest.json", "spec.yaml", "spec.resolved.yaml", "graph.json", "graph.dot",
+                "env.sh", "lib.sh", "submit.sh"):
+        assert rel in files, rel
+    assert manifest["order"] == ["convert", "eval_before", "screen", "rl", "eval_after", "export"]
+    for name in manifest["order"]:
+        for leaf in ("launch.sh", "sbatch.sh", "config.json"):
+            assert f"jobs/{name}/{leaf}" in files, (name, leaf)
+        json.loads(files[f"jobs/{name}/config.json"])
+    # The user's text, byte for byte: comments and all.
+    assert files["spec.yaml"] == BIG.read_bytes()
+    assert b"# --- router_replay" in files["spec.yaml"]
+    # The manifest describes every other file, by hash.
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256(files[rel]).hexdigest() == digest, rel
+    # Scripts are executable, data is not.
+    for rel in files:
+        executable = os.access(bundle_245b / rel, os.X_OK)
+        assert executable == rel.endswith(".sh"), rel
+    json.loads(files["graph.json"])
+
+
+def test_compiling_twice_gives_byte_identical_trees(bundle_245b: Path, tmp_path: Path) -> None:
+    again = compile_to(BIG, tmp_path / "elsewhere" / "again")
+    assert tree(again) == tree(bundle_245b)
+
+
+def test_compile_refuses_an_existing_dir_unless_forced(tmp_path: Path) -> None:
+    out = compile_to(TINY, tmp_path / "bundle")
+    before = tree(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    refused = cli("compile", SINGLE, "-o", out)
+    assert refused.exit_code == 1
+    no_traceback(refused)
+    assert "--force" in refused.stderr
+    assert tree(out) == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+    forced = cli("compile", SINGLE, "-o", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    after = tree(out)
+    assert json.loads(after["manifest.json"])["name"] == "qwen3-30b-a3b-espo"
+    assert after["spec.yaml"] == SINGLE.read_bytes()
+    assert not any(rel.startswith(("jobs/data/", "jobs/init/")) for rel in after)  # tiny's jobs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp or .old dirs
+
+
+def test_an_invalid_spec_writes_nothing(tmp_path: Path) -> None:
+    spec, _ = _three_mistakes(tmp_path)
+    parent = tmp_path / "out"
+    parent.mkdir()
+    result = cli("compile", spec, "-o", parent / "bundle")
+    assert result.exit_code == 2
+    no_traceback(result)
+    assert "3 problems" in result.stderr
+    assert list(parent.iterdir()) == []  # neither the bundle nor a temporary sibling
+
+    nested = cli("compile", spec, "-o", tmp_path / "new" / "bundle")
+    assert nested.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_a_spec_and_its_bundle_show_the_same_plan(bundle_245b: Path) -> None:
+    of_spec = cli("inspect", BIG, "--json")
+    of_bundle = cli("inspect", bundle_245b, "--json")
+    assert of_spec.exit_code == of_bundle.exit_code == 0, of_bundle.output
+    assert json.loads(of_spec.stdout) == json.loads(of_bundle.stdout)
+    summary = cli("inspect", bundle_245b)
+    assert summary.exit_code == 0 and summary.stdout == cli("inspect", BIG).stdout
+
+
+def test_inspect_of_a_bundle_keeps_its_overrides(tmp_path: Path) -> None:
+    out = compile_to(SINGLE, tmp_path / "b", "--set", "train.nodes=2")
+    plan = json.loads(cli("inspect", out, "--json").stdout)["plan"]
+    assert plan["train_world_size"] == 16 and plan["data_parallel"] == 4
+
+
+def test_inspect_json_is_the_plan(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--json")
+    data = json.loads(result.stdout)
+    plan = data["plan"]
+    assert data["name"] == "compassmax-245b"
+    assert plan["train_world_size"] == 128 and plan["data_parallel"] == 4
+    assert plan["expert_tensor_parallel"] == 1 and plan["expert_data_parallel"] == 2
+    assert plan["expert_tensor_defaulted"] is False
+    assert plan["rl_nodes"] == 24 and plan["micro_batches_per_step"] == 256
+    assert plan["routing_bytes_per_token"] == 256 and plan["routing_dtype"] == "uint8"
+    assert plan["pipeline_layers"] == [8] * 8
+    assert [j["name"] for j in data["jobs"]] == [
+        "convert", "eval_before", "screen", "rl", "eval_after", "export"]
+
+
+def test_inspect_graph_tree_lists_every_job(bundle_245b: Path) -> None:
+    manifest = json.loads((bundle_245b / "manifest.json").read_text())
+    result = cli("inspect", bundle_245b, "--graph", "tree")
+    assert result.exit_code == 0
+    for name in manifest["order"]:
+        assert re.search(rf"\b{name} \(\d+ node\(s\)\)", result.stdout), name
+    assert "after convert: reads policy_megatron" in result.stdout
+
+
+def test_inspect_graph_dot_is_valid_dot(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--graph", "dot")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("//") and lines[1].startswith("digraph ")
+    assert result.stdout == (bundle_245b / "graph.dot").read_text()
+    for name in json.loads((bundle_245b / "manifest.json").read_text())["order"]:
+        assert f'"{name}" [label=' in result.stdout
+    if shutil.which("dot"):
+        check = subprocess.run(["dot", "-Tcanon"], input=result.stdout, capture_output=True,
+                               text=True)
+        assert check.returncode == 0, check.stderr
+    else:
+        assert result.stdout.rstrip().endswith("}")
+
+
+def test_inspect_job_shows_that_jobs_files(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--job", "rl")
+    assert result.exit_code == 0
+    for leaf in ("config.json", "launch.sh", "rollout.sh", "sbatch.sh", "train.sh"):
+        assert f"jobs/rl/{leaf}" in result.stdout, leaf
+    assert "jobs/convert/" not in result.stdout
+    shown = {line.rstrip() for line in result.stdout.splitlines()}
+    for line in (bundle_245b / "jobs" / "rl" / "launch.sh").read_text().splitlines():
+        assert line.rstrip() in shown, line
+
+
+def test_inspect_job_piped_keeps_whole_script_lines(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--job", "rl", columns="80")
+    shown = {line.rstrip() for line in result.stdout.splitlines()}
+    for leaf in ("launch.sh", "sbatch.sh", "train.sh"):
+        for line in (bundle_245b / "jobs" / "rl" / leaf).read_text().splitlines():
+            assert line.rstrip() in shown, line
+
+
+def test_inspect_graph_tree_piped_keeps_whole_summaries(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--graph", "tree", columns="80")
+    manifest = json.loads((bundle_245b / "manifest.json").read_text())
+    for name, job in manifest["jobs"].items():
+        assert job["summary"] in result.stdout, name
+
+
+def test_inspect_unknown_job_lists_the_jobs(bundle_245b: Path) -> None:
+    result = cli("inspect", bundle_245b, "--job", "nope")
+    assert result.exit_code == 1
+    no_traceback(result)
+    assert "no job 'nope'" in result.stderr
+    assert "convert, eval_before, screen, rl, eval_after, export" in result.stderr
+    bad = cli("inspect", bundle_245b, "--graph", "pie")
+    assert bad.exit_code == 1 and "tree, dot or png" in bad.stderr
+
+
+def test_inspect_245b_summary_shows_grids_memory_and_replay() -> None:
+    result = cli("inspect", BIG)
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "ETP 1 × EP 8 × PP 8 × expert-DP 2" in text
+    assert "TP 4 × PP 8 × CP 1 × DP 4" in text
+    assert re.search(r"trainer memory\s*│\s*[\d.]+ GB of 80\.0 GB", text)
+    assert re.search(r"rollout memory\s*│\s*[\d.]+ GB of", text)
+    assert "uint8 ids, 256 bytes per token" in text
+    assert "defaulted to TP" not in text
+
+
+def test_inspect_shows_an_etp_defaulted_to_tp() -> None:
+    result = cli("inspect", SINGLE, "--set", "train.parallelism.expert_tensor=null",
+                 "--set", "train.parallelism.expert=2")
+    assert result.exit_code == 0, result.output
+    assert "ETP 4 (defaulted to TP) × EP 2" in result.stdout
+    assert "Megatron uses ETP = TP = 4" in result.stdout  # the warning explains it
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def test_submit_dry_run_prints_the_slurm_requests(bundle_245b: Path) -> None:
+    result = cli("submit", bundle_245b, "--dry-run")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    manifest = json.loads((bundle_245b / "manifest.json").read_text())
+    assert payload["backend"] == "slurm"
+    requests = payload["requests"]
+    assert [r["job"] for r in requests] == manifest["order"]
+    for r in requests:
+        job = manifest["jobs"][r["job"]]
+        assert r["depends_on"] == job["depends_on"]
+        assert r["command"][0] == "bash"
+        assert Path(r["command"][1]) == (bundle_245b / job["launch"]).resolve()
+        p = r["parameters"]
+        assert p["nodes"] == job["resources"]["nodes"]
+        assert p.get("gpus_per_node", 0) == job["resources"]["gpus_per_node"]
+        assert p.get("gpus_per_node") == (None if r["job"] == "export" else 8)
+        assert p["time"] == 7 * 24 * 60  # 7-00:00:00, in minutes
+        assert p["partition"] == "h100" and p["account"] == "llm-rl" and p["qos"] == "high"
+        assert p["use_srun"] is False
+        assert p["job_name"] == f"compassmax-245b-{r['job']}"
+    by_job = {r["job"]: r for r in requests}
+    assert by_job["rl"]["depends_on"] == ["convert", "screen"]
+    assert by_job["rl"]["parameters"]["nodes"] == 24
+    assert not (bundle_245b / "submission.json").exists()
+
+
+def test_submit_dry_run_of_a_local_spec(tmp_path: Path) -> None:
+    out = compile_to(TINY, tmp_path / "tiny")
+    payload = json.loads(cli("submit", out, "--dry-run").stdout)
+    assert payload["backend"] == "local"
+    assert [r["job"] for r in payload["requests"]] == json.loads(
+        (out / "manifest.json").read_text())["order"]
+    assert all(set(r["parameters"]) == {"job_name"} for r in payload["requests"])
+
+
+# Every submit below must stop at its preflight; should one not, the jobs fail at once.
+SAFE = {"RLSPEC_RUN_DIR": "/dev/null/x"}
+
+
+def test_submit_refuses_a_submitted_bundle(bundle_copy: Path) -> None:
+    (bundle_copy / "submission.json").write_text('{"backend": "local", "jobs": {}}\n')
+    result = cli("submit", bundle_copy, "--local", env=SAFE)
+    assert result.exit_code == 1
+    no_traceback(result)
+    assert "already submitted" in result.stderr and "--force" in result.stderr
+
+
+def test_submit_refuses_an_edited_bundle(bundle_copy: Path) -> None:
+    launch = bundle_copy / "jobs" / "rl" / "launch.sh"
+    launch.write_text(launch.read_text() + "echo edited by hand\n")
+    result = cli("submit", bundle_copy, "--local", env={**SAFE, **dict.fromkeys(SECRETS, "x")})
+    assert result.exit_code == 1
+    no_traceback(result)
+    assert "jobs/rl/launch.sh" in result.stderr and "recompile" in result.stderr
+    assert not (bundle_copy / "submission.json").exists()
+
+
+def test_submit_names_unset_passthrough_variables_and_never_writes_values(
+        tmp_path: Path) -> None:
+    values = {"HF_TOKEN": "hf_s3cr3t_value_1", "WANDB_API_KEY": "wandb_s3cr3t_value_2"}
+    env = {**SAFE, **values, "JUDGE_API_KEY": None}
+    out = compile_to(BIG, tmp_path / "b", env=env)
+    result = cli("submit", out, "--local", env=env)
+    assert result.exit_code == 1
+    no_traceback(result)
+    assert "JUDGE_API_KEY" in result.stderr and "export" in result.stderr
+    assert "HF_TOKEN" not in result.stderr
+    for rel, data in tree(out).items():
+        for value in values.values():
+            assert value.encode() not in data, rel
+    assert not (out / "submission.json").exists()
+
+
+# --------------------------------------------------------------------------- a failed local run
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny example submitted locally where every launch script fails (at its mkdir)."""
+    out = tmp_path_factory.mktemp("local") / "tiny"
+    compile_to(TINY, out)
+    result = run("submit", out, "--local", env={"RLSPEC_RUN_DIR": "/dev/null/x"})
+    return out, result
+
+
+def test_a_failed_local_run_exits_1(failed_run) -> None:
+    out, result = failed_run
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "did not complete" in result.stderr and "rlspec status" in result.stderr
+    assert (out / "submission.json").is_file()
+
+
+def test_status_shows_the_failed_job_and_its_cancelled_dependents(failed_run) -> None:
+    out, _ = failed_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    first = manifest["order"][0]
+    result = run("status", out)
+    assert result.returncode == 0, result.stderr
+    rows = status_rows(result.stdout)
+    assert set(rows) == set(manifest["order"]), result.stdout
+    assert rows[first][2] == "FAILED"
+    failed = {name for name, cells in rows.items() if cells[2] == "FAILED"}
+    dependents = closure(manifest, failed)
+    assert dependents >= {"rl", "eval_after", "export"}
+    for name in dependents:
+        assert rows[name][2] == "CANCELLED", name
+        assert "did not complete" in rows[name][3]
+    assert all(cells[2] in ("FAILED", "CANCELLED") for cells in rows.values())
+    log = re.search(rf"^{first} failed; log: (\S+)$", result.stdout, re.M)
+    assert log, result.stdout
+    assert Path(log.group(1)).is_file() and Path(log.group(1)).is_relative_to(out)
+
+
+def test_status_lists_jobs_in_graph_order(failed_run) -> None:
+    out, _ = failed_run
+    result = cli("status", out)
+    order = json.loads((out / "manifest.json").read_text())["order"]
+    assert list(status_rows(result.stdout)) == order
+
+
+# --------------------------------------------------------------------------- status, cancel
+
+
+def test_status_of_an_unsubmitted_bundle(bundle_245b: Path, tmp_path: Path) -> None:
+    result = cli("status", bundle_245b)
+    assert result.exit_code == 1
+    no_traceback(result)
+    assert "has not been submitted" in result.stderr and "rlspec submit" in result.stderr
+    not_a_bundle = cli("status", tmp_path)
+    assert not_a_bundle.exit_code == 1 and "rlspec compile" in not_a_bundle.stderr
+
+
+def _slurm_record(bundle: Path) -> None:
+    (bundle / "submission.json").write_text(json.dumps({"backend": "slurm", "jobs": {
+        "convert": {"id": "4242", "state": "SUBMITTED", "log": "logs/4242"}}}))
+
+
+@pytest.mark.skipif(bool(shutil.which("squeue")), reason="needs a machine without Slurm")
+def test_status_of_a_slurm_bundle_without_slurm_is_a_clear_error(bundle_copy: Path) -> None:
+    _slurm_record(bundle_copy)
+    result = cli("status", bundle_copy)
+    no_traceback(result)
+
+
+@pytest.mark.skipif(bool(shutil.which("scancel")), reason="needs a machine without Slurm")
+def test_cancel_without_slurm_is_a_clear_error(bundle_copy: Path) -> None:
+    _slurm_record(bundle_copy)
+    result = cli("cancel", bundle_copy)
+    no_traceback(result)
+
+
+def test_cancel_of_a_local_run_is_refused(failed_run) -> None:
+    out, _ = failed_run
+    result = cli("cancel", out)
+    assert result.exit_code == 1 and "local runs" in result.stderr
+
+
+# --------------------------------------------------------------------------- tracebacks
+
+
+@pytest.mark.parametrize("override", ["filters[0]=[history]", "filters[0].type=[history]"])
+def test_a_malformed_stage_is_reported_not_a_traceback(override: str) -> None:
+    result = cli("validate", TINY, "--set", override)
+    no_traceback(result)
+    assert result.exit_code == 2
+
+
+# --------------------------------------------------------------------------- schema, version
+
+
+def test_schema_is_a_json_schema_of_the_spec() -> None:
+    result = cli("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["type"] == "object"
+    assert {"model", "train", "rollout", "filters", "reward", "cluster"} <= set(
+        schema["properties"])
+    assert {"name", "model", "train", "rollout"} <= set(schema["required"])
+    assert "$defs" in schema
+
+
+def test_version_through_the_console_script() -> None:
+    script = Path(sys.executable).parent / "rlspec"
+    if not script.exists():
+        pytest.skip("rlspec console script not installed in this environment")
+    result = subprocess.run([str(script), "version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == __version__
+    assert cli("version").stdout.strip() == __version__
+
+
+def test_cli_needs_no_heavy_imports(tmp_path: Path) -> None:
+    code = f"""
+import sys
+from typer.testing import CliRunner
+import compiler.cli
+r = CliRunner()
+for args in (["validate", {str(BIG)!r}], ["inspect", {str(BIG)!r}],
+             ["compile", {str(TINY)!r}, "-o", {str(tmp_path / "b")!r}]):
+    result = r.invoke(compiler.cli.app, args)
+    assert result.exit_code == 0, result.output
+print(sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "b" / "manifest.json").is_file()

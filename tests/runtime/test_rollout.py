@@ -1,0 +1,523 @@
+"""Rollout engine, HTTP server and client (vLLM API subset) on a tiny Qwen3-MoE."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from runtime.rollout.client import RolloutClient, RolloutError  # noqa: E402
+from runtime.rollout.engine import EngineError, LocalEngine  # noqa: E402
+from runtime.rollout.protocol import CompletionRequest, ProtocolError  # noqa: E402
+from runtime.rollout.server import check_host  # noqa: E402
+from runtime.router_replay import align_routing, patch_qwen3_moe  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 64
+EOS = 1
+PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [2]]
+
+
+def _config() -> transformers.Qwen3MoeConfig:
+    # initializer_range 0.2 (not 0.02) gives peaked logits and clearly separated router
+    # scores, so sampling and routing are not near-uniform.
+    return transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2,
+        eos_token_id=EOS, pad_token_id=0,
+    )  # fmt: skip
+
+
+def _save_model(path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    transformers.Qwen3MoeForCausalLM(_config()).save_pretrained(path)
+
+
+def _save_tokenizer(path: Path) -> None:
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."
+    vocab = {"<pad>": 0, "<eos>": EOS, "<unk>": 2}
+    for ch in chars[: VOCAB - len(vocab)]:
+        vocab[ch] = len(vocab)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # The tiny model's ops are far too small for intra-op parallelism; on a shared
+    # 2-core machine two OpenMP threads per op make it 10× slower, not faster.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_moe")
+    _save_model(path, seed=0)
+    _save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_moe_step1")
+    _save_model(path, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> LocalEngine:
+    return LocalEngine(model_dir, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> torch.nn.Module:
+    """A second, independent model instance: the 'training' side."""
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _full_logprobs(model: torch.nn.Module, prompt: list[int], out: list[int]) -> np.ndarray:
+    """Logprobs of ``out`` under one uncached forward of prompt + out[:-1]."""
+    ids = torch.tensor([prompt + out[:-1]])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return logp[len(prompt) - 1 :].gather(1, torch.tensor(out)[:, None]).squeeze(1).numpy()
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def test_engine_logprobs_match_uncached_forward(
+    engine: LocalEngine, reference: torch.nn.Module
+) -> None:
+    # Prompts of different lengths share one left-padded, KV-cached batch; the raw
+    # logprobs are the model's own (temperature 1), whatever the sampling filters.
+    for sampling in (dict(temperature=1.0), dict(temperature=0.7, top_k=8, top_p=0.9)):
+        outs = engine.generate(PROMPTS, n=2, max_tokens=10, seed=3, ignore_eos=True, **sampling)
+        assert [o.prompt_token_ids for o in outs] == PROMPTS
+        for o in outs:
+            assert len(o.samples) == 2
+            for s in o.samples:
+                assert len(s.token_ids) == 10 and s.finish_reason == "length"
+                assert s.logprobs.dtype == np.float32
+                ref = _full_logprobs(reference, o.prompt_token_ids, s.token_ids)
+                np.testing.assert_allclose(s.logprobs, ref, atol=1e-4, rtol=0)
+
+
+def test_processed_logprobs_are_the_sampling_distribution(
+    model_dir: Path, reference: torch.nn.Module
+) -> None:
+    eng = LocalEngine(model_dir, seed=0, logprobs_mode="processed_logprobs")
+    temperature, top_k = 0.7, 5
+    outs = eng.generate(
+        PROMPTS[:2],
+        n=3,
+        max_tokens=6,
+        temperature=temperature,
+        top_k=top_k,
+        seed=1,
+        ignore_eos=True,
+    )
+    for o in outs:
+        for s in o.samples:
+            ids = torch.tensor([o.prompt_token_ids + s.token_ids[:-1]])
+            with torch.inference_mode():
+                logits = (
+                    reference(input_ids=ids).logits[0, len(o.prompt_token_ids) - 1 :].float()
+                    / temperature
+                )
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            processed = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+            picked = processed.gather(1, torch.tensor(s.token_ids)[:, None]).squeeze(1)
+            assert torch.isfinite(picked).all()  # every sampled token is inside the top-k
+            np.testing.assert_allclose(s.logprobs, picked.numpy(), atol=1e-4, rtol=0)
+
+
+def test_greedy_takes_the_argmax(engine: LocalEngine, reference: torch.nn.Module) -> None:
+    outs = engine.generate(PROMPTS[1:3], max_tokens=6, temperature=0.0, ignore_eos=True)
+    for o in outs:
+        s = o.samples[0]
+        ids = torch.tensor([o.prompt_token_ids + s.token_ids[:-1]])
+        with torch.inference_mode():
+            logits = reference(input_ids=ids).logits[0, len(o.prompt_token_ids) - 1 :]
+        assert s.token_ids == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_is_deterministic_and_batch_invariant(
+    engine: LocalEngine, model_dir: Path
+) -> None:
+    def tokens(outs: list) -> list[list[int]]:
+        return [s.token_ids for o in outs for s in o.samples]
+
+    kw = dict(n=3, max_tokens=8, temperature=1.0, ignore_eos=True)
+    a = engine.generate(PROMPTS, seed=123, **kw)
+    b = engine.generate(PROMPTS, seed=123, **kw)
+    assert tokens(a) == tokens(b)
+    for x, y in zip(a, b, strict=True):
+        for s, t in zip(x.samples, y.samples, strict=True):
+            np.testing.assert_array_equal(s.logprobs, t.logprobs)
+    assert tokens(engine.generate(PROMPTS, seed=124, **kw)) != tokens(a)
+    # A prompt sampled alone gets the same tokens as inside the batch (seed + j per sample).
+    alone = engine.generate([PROMPTS[2]], seed=123, **kw)
+    assert tokens(alone) == [s.token_ids for s in a[2].samples]
+    # The n samples of a prompt differ; unseeded requests differ from call to call but
+    # replay exactly on a fresh engine with the same engine seed.
+    assert len({tuple(t) for t in tokens(alone)}) == 3
+    u1, u2 = engine.generate(PROMPTS, **kw), engine.generate(PROMPTS, **kw)
+    assert tokens(u1) != tokens(u2)
+    e1, e2 = LocalEngine(model_dir, seed=0), LocalEngine(model_dir, seed=0)
+    assert tokens(e1.generate(PROMPTS, **kw)) == tokens(e2.generate(PROMPTS, **kw))
+
+
+def test_stop_tokens_eos_and_max_tokens(engine: LocalEngine) -> None:
+    stops = [19, 25, 33, 34, 44]  # frequent tokens of this model: both outcomes occur
+    outs = engine.generate(
+        PROMPTS, n=4, max_tokens=5, seed=7, stop_token_ids=stops, ignore_eos=True
+    )
+    reasons = []
+    for o in outs:
+        for s in o.samples:
+            reasons.append(s.finish_reason)
+            if s.finish_reason == "stop":
+                assert s.token_ids[-1] in stops and s.stop_reason == s.token_ids[-1]
+                assert not set(s.token_ids[:-1]) & set(stops)
+            else:
+                assert (
+                    s.finish_reason == "length" and len(s.token_ids) == 5 and s.stop_reason is None
+                )
+                assert not set(s.token_ids) & set(stops)
+            assert len(s.logprobs) == len(s.token_ids)
+    assert {"stop", "length"} <= set(reasons)
+
+    # EOS ends a sample with stop_reason None unless ignore_eos; it is kept in the output.
+    outs = engine.generate(PROMPTS, n=8, max_tokens=40, seed=3)
+    ended = [s for o in outs for s in o.samples if s.token_ids[-1] == EOS]
+    assert ended, "no sample produced EOS; pick another seed"
+    for s in (s for o in outs for s in o.samples):
+        assert EOS not in s.token_ids[:-1]
+        if s.token_ids[-1] == EOS:
+            assert s.finish_reason == "stop" and s.stop_reason is None
+        else:
+            assert s.finish_reason == "length" and len(s.token_ids) == 40
+
+    # max_tokens is capped by the context (max_position_embeddings = 256).
+    long = engine.generate(
+        [list(range(1, 60)) * 4 + [3] * 14], max_tokens=50, seed=0, ignore_eos=True
+    )
+    assert (
+        len(long[0].samples[0].token_ids) == 256 - 250
+        and long[0].samples[0].finish_reason == "length"
+    )
+
+
+def test_routed_experts_are_the_training_models_experts(
+    engine: LocalEngine, model_dir: Path
+) -> None:
+    outs = engine.generate(
+        PROMPTS, n=2, max_tokens=7, seed=11, return_routed_experts=True, ignore_eos=True
+    )
+    train = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    group = patch_qwen3_moe(train)
+    for o in outs:
+        prompt = o.prompt_token_ids
+        for s in o.samples:
+            full = prompt + s.token_ids
+            routed = s.routed_experts
+            assert routed is not None and routed.dtype == np.uint8
+            assert routed.shape == (len(full) - 1, 2, 2)  # (num_tokens − 1, moe_layers, top_k)
+            with torch.inference_mode(), group.recording() as rec:
+                train(input_ids=torch.tensor([full[:-1]]))
+            np.testing.assert_array_equal(rec.trace.ids.numpy(), routed)
+            # Replaying the engine's experts (R3) reproduces the training forward.
+            trace = align_routing(
+                routed, prompt_len=len(prompt), response_len=len(s.token_ids), num_experts=8
+            )
+            ids = torch.tensor([full])
+            with torch.inference_mode():
+                live = train(input_ids=ids).logits
+                with group.replaying(trace):
+                    replayed = train(input_ids=ids).logits
+            torch.testing.assert_close(replayed, live, atol=0, rtol=0)
+            logp = torch.log_softmax(replayed[0, len(prompt) - 1 : -1].float(), -1)
+            picked = logp.gather(1, torch.tensor(s.token_ids)[:, None]).squeeze(1).numpy()
+            np.testing.assert_allclose(picked, s.logprobs, atol=1e-4, rtol=0)
+    # routed_experts_prompt_start drops leading prompt rows only.
+    tail = engine.generate(PROMPTS[2:3], n=2, max_tokens=7, seed=11, return_routed_experts=True,
+                           ignore_eos=True, routed_experts_prompt_start=4)  # fmt: skip
+    for s, t in zip(outs[2].samples, tail[0].samples, strict=True):
+        assert t.routed_experts is not None and s.routed_experts is not None
+        np.testing.assert_array_equal(t.routed_experts, s.routed_experts[4:])
+
+
+def _in_flight(eng: LocalEngine, **kw: object) -> tuple[threading.Thread, list]:
+    """Start a long generation on a thread; return once it is running."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(eng.generate(**kw)))  # type: ignore[arg-type]
+    t.start()
+    deadline = time.monotonic() + 30
+    while eng.num_inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.02)  # past the prefill, inside the token loop
+    return t, out
+
+
+def test_pause_abort_and_keep_with_a_weight_swap(model_dir: Path, other_weights: Path) -> None:
+    eng = LocalEngine(model_dir, seed=0)
+    kw = dict(prompts=[[3, 4, 5]], n=4, max_tokens=250, seed=0, ignore_eos=True)
+    # abort: the in-flight generation returns early with finish_reason "abort".
+    t, out = _in_flight(eng, **kw)
+    eng.pause("abort")
+    t.join(timeout=30)
+    samples = out[0][0].samples
+    assert all(s.finish_reason == "abort" and len(s.token_ids) < 250 for s in samples)
+    assert all(len(s.logprobs) == len(s.token_ids) for s in samples)
+    eng.resume()
+    # keep: the generation freezes between two tokens; the weights are swapped under
+    # it, and after resume it finishes on the new weights, reporting both versions.
+    t, out = _in_flight(eng, **kw)
+    eng.pause("keep")
+    eng.load_weights(other_weights, "step-1")
+    eng.resume()
+    t.join(timeout=60)
+    for s in out[0][0].samples:
+        assert s.finish_reason == "length" and len(s.token_ids) == 250
+        (v0, a0, b0), (v1, a1, b1) = [(w.weight_version, w.start, w.end) for w in s.weight_versions]
+        assert (v0, a0, v1, b1) == ("default", 0, "step-1", 250) and 0 < b0 == a1 < 250
+        assert s.weight_version == "default"  # the oldest version bounds staleness
+
+
+def test_engine_rejects_bad_input(engine: LocalEngine) -> None:
+    with pytest.raises(EngineError, match="outside"):
+        engine.generate([[1, VOCAB]])
+    with pytest.raises(EngineError, match="empty"):
+        engine.generate([[]])
+    with pytest.raises(EngineError, match="routed_experts_prompt_start"):
+        engine.generate([[1, 2]], routed_experts_prompt_start=2, return_routed_experts=True)
+    with pytest.raises(EngineError, match="maximum context"):
+        engine.generate([[1] * 256])
+    with pytest.raises(ProtocolError, match="top_p"):
+        CompletionRequest.from_json({"prompt": [1], "top_p": 0})
+    with pytest.raises(ProtocolError, match="stream"):
+        CompletionRequest.from_json({"prompt": [1], "stream": True})
+
+
+# ------------------------------------------------------------------------------ server
+
+
+def _start_server(model_dir: Path, log: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "runtime.rollout.server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", "0", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with log.open("w") as err:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True
+        )
+
+
+def _wait_url(proc: subprocess.Popen[str], log: Path, timeout: float = 60.0) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("serving on "):
+                return line.split()[-1]
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"server did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    logs = tmp_path_factory.mktemp("server_logs")
+    procs = [
+        _start_server(
+            model_dir, logs / f"server{i}.log", "--return-routed-experts", "--seed", str(i)
+        )
+        for i in range(2)
+    ]
+    try:
+        yield [_wait_url(p, logs / f"server{i}.log") for i, p in enumerate(procs)]
+    finally:
+        for p in procs:  # only the processes this fixture started, by their pid
+            p.terminate()
+        for p in procs:
+            try:
+                rc = p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+                rc = None
+            assert p.stdout is not None
+            p.stdout.close()
+            assert rc == 0, "the server did not shut down cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def client(servers: list[str]) -> Iterator[RolloutClient]:
+    c = RolloutClient(servers, timeout_s=60, retries=1, backoff_s=0.05)
+    c.wait_ready(timeout=30)
+    yield c
+    c.close()
+
+
+def _post(url: str, body: object, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_http_generate_matches_the_engine(
+    client: RolloutClient, engine: LocalEngine, servers: list[str]
+) -> None:
+    prompts = [*PROMPTS, [7, 7, 7, 7, 7]]
+    sampling = {"max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    got = client.generate(prompts, n=3, sampling=sampling, return_routed_experts=True)
+    assert len(got) == len(prompts) and all(len(row) == 3 for row in got)
+    assert {c.endpoint for row in got for c in row} == set(servers)  # spread over both
+    want = engine.generate(prompts, n=3, max_tokens=6, temperature=1.0, seed=11, ignore_eos=True,
+                           return_routed_experts=True)  # fmt: skip
+    for prompt, row, ref in zip(prompts, got, want, strict=True):
+        for c, s in zip(row, ref.samples, strict=True):
+            assert c.prompt_ids == prompt and c.token_ids == s.token_ids
+            assert c.finish_reason == "length" and c.weight_version == "default"
+            assert c.logprobs.dtype == np.float32
+            np.testing.assert_allclose(c.logprobs, s.logprobs, atol=1e-5, rtol=0)
+            assert c.routed_experts is not None
+            assert c.routed_experts.shape == (len(prompt) + 6 - 1, 2, 2)
+            np.testing.assert_array_equal(c.routed_experts, s.routed_experts)
+    # routed_experts_prompt_start goes over the wire too; stop tokens come back.
+    tail = client.generate([PROMPTS[2]], n=2, sampling={**sampling, "stop_token_ids": [30]},
+                           return_routed_experts=True, routed_experts_prompt_start=3)  # fmt: skip
+    for c in tail[0]:
+        assert c.routed_experts is not None
+        assert c.routed_experts.shape[0] == len(PROMPTS[2]) + len(c.token_ids) - 1 - 3
+        assert (c.finish_reason, c.stop_reason) in {("stop", 30), ("length", None)}
+
+
+def test_http_weight_update_changes_outputs_and_version(
+    client: RolloutClient, model_dir: Path, other_weights: Path
+) -> None:
+    sampling = {"max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    before = client.generate(PROMPTS, n=2, sampling=sampling)
+    assert client.weight_info() == ["default", "default"]
+    try:
+        client.update_weights(str(other_weights), "step-1")
+        assert client.weight_info() == ["step-1", "step-1"]
+        after = client.generate(PROMPTS, n=2, sampling=sampling)
+        assert all(c.weight_version == "step-1" for row in after for c in row)
+        assert [c.token_ids for row in after for c in row] != [
+            c.token_ids for row in before for c in row
+        ]
+        # The servers now sample exactly what the new checkpoint samples in-process.
+        reloaded = LocalEngine(other_weights, seed=0)
+        want = reloaded.generate(PROMPTS, n=2, max_tokens=8, seed=5, ignore_eos=True)
+        assert [c.token_ids for row in after for c in row] == [
+            s.token_ids for o in want for s in o.samples
+        ]
+    finally:
+        client.update_weights(str(model_dir), "default")
+    again = client.generate(PROMPTS, n=2, sampling=sampling)
+    assert [c.token_ids for row in again for c in row] == [
+        c.token_ids for row in before for c in row
+    ]
+
+
+def test_http_errors_are_vllm_shaped(servers: list[str], client: RolloutClient) -> None:
+    url = servers[0]
+    cases = [
+        (dict(raw=b"{not json"), 400, "body"),
+        (dict(body={"prompt": "hello"}), 400, "prompt"),
+        (dict(body={"prompt": [[1, 2], [3, -1]]}), 400, "prompt"),
+        (dict(body={"prompt": [1, 2], "n": 0}), 400, "n"),
+        (dict(body={"prompt": [1, 2], "max_tokens": "8"}), 400, "max_tokens"),
+        (dict(body={"prompt": [1, 2], "stream": True}), 400, "stream"),
+        (dict(body={"prompt": [1, VOCAB + 5]}), 400, None),
+        (dict(body={"prompt": [1, 2], "model": "other"}), 404, "model"),
+    ]
+    for kwargs, status, param in cases:
+        code, body = _post(url + "/v1/completions", kwargs.get("body"), kwargs.get("raw"))
+        assert code == status, (kwargs, body)
+        err = body["error"]
+        assert err["code"] == status and isinstance(err["message"], str) and err["message"]
+        assert err["type"] == ("BadRequestError" if status == 400 else "NotFoundError")
+        assert err["param"] == param
+    assert _post(url + "/no_such_route", {})[0] == 404
+    assert _post(url + "/update_weights", {"update_info": {"path": "/nope"}})[0] == 409
+    code, body = _post(url + "/update_weight_version", {"weight_version": "x"})
+    assert code == 400 and body["error"]["param"] == "body.new_version"
+    code, body = _post(url + "/pause?mode=sideways", {})
+    assert code == 400 and body["error"]["param"] == "query.mode"
+    with pytest.raises(RolloutError) as info:
+        client.generate([[1, 2]], sampling={"top_p": 0.0})
+    assert info.value.status == 400
+    with pytest.raises(ValueError, match="unsupported sampling keys"):
+        client.generate([[1, 2]], sampling={"temprature": 1.0})
+    # The server still serves after all of that.
+    assert client.generate([[1, 2]], sampling={"max_tokens": 2})[0][0].token_ids
+
+
+def test_http_pause_holds_new_requests_until_resume(servers: list[str]) -> None:
+    c = RolloutClient(servers[:1], timeout_s=60, retries=0)
+    c.wait_ready(timeout=30)
+    c.pause("wait")
+    try:
+        with urllib.request.urlopen(servers[0] + "/is_paused", timeout=10) as r:
+            assert json.loads(r.read()) == {"is_paused": True}
+        result: list = []
+        t = threading.Thread(
+            target=lambda: result.append(c.generate([[1, 2, 3]], sampling={"max_tokens": 3}))
+        )
+        t.start()
+        t.join(timeout=0.5)
+        assert t.is_alive() and not result  # waiting, not refused
+    finally:
+        c.resume()
+    t.join(timeout=30)
+    assert result and len(result[0][0][0].token_ids) >= 1
+    c.close()
+
+
+def test_non_loopback_host_is_refused(model_dir: Path) -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_host(host)
+    for host in ("0.0.0.0", "8.8.8.8", "::"):
+        with pytest.raises(ValueError, match="loopback"):
+            check_host(host)
+    check_host("0.0.0.0", allow_non_loopback=True)  # the cluster case: checked, not bound
+    r = subprocess.run(
+        [sys.executable, "-m", "runtime.rollout.server", "--model", str(model_dir), "--host", "0.0.0.0",
+         "--port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "loopback" in r.stderr and "serving on" not in r.stdout
