@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from compiler import __version__
-from compiler.bundle import BundleError, read_manifest, write_bundle
+from compiler.bundle import BundleError, read_manifest
 from spec.errors import EXIT_FAILURE, SpecError
 
 app = typer.Typer(
@@ -75,14 +75,9 @@ def _warnings(warnings) -> None:
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec completely (shape, then meaning) without writing anything."""
-    from compiler.api import validate as run
+    from compiler.commands import validate_command
 
-    try:
-        v = run(spec, set_ or [])
-    except SpecError as exc:
-        raise _report_spec_error(exc) from None
-    _warnings(v.warnings)
-    typer.echo(f"{spec}: valid ({len(v.warnings)} warning{'s' if len(v.warnings) != 1 else ''})")
+    raise typer.Exit(validate_command(spec, set_ or []))
 
 
 @app.command("compile")
@@ -93,19 +88,9 @@ def compile_(
     force: Annotated[bool, typer.Option(help="Replace an existing (unsubmitted) bundle.")] = False,
 ) -> None:
     """Compile a spec into a bundle of runnable jobs (written atomically)."""
-    from compiler.api import compile_spec
+    from compiler.commands import compile_command
 
-    try:
-        compiled = compile_spec(spec, set_ or [])
-        write_bundle(compiled.files, output, force=force)
-    except SpecError as exc:
-        raise _report_spec_error(exc) from None
-    except (BundleError, OSError) as exc:
-        raise _fail(str(exc)) from None
-    _warnings(compiled.validated.warnings)
-    jobs = compiled.graph.order()
-    typer.echo(f"wrote {output}: {len(jobs)} jobs ({' → '.join(jobs)}), "
-               f"{len(compiled.files)} files")
+    raise typer.Exit(compile_command(spec, output, set_ or [], force))
 
 
 @app.command()
