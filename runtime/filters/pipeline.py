@@ -149,18 +149,11 @@ class Batch:
 
 
 def _check_order(stages: Sequence[Stage]) -> None:
-    kinds = [s.type for s in stages]
-    for kind in kinds:
-        if kind not in STAGES:
-            raise ValueError(f"unknown filter stage {kind!r}; known: {sorted(STAGES)}")
-        if kinds.count(kind) > 1:
-            raise ValueError(f"stage {kind!r} is listed twice")
-    if "offline_pass_rate" in kinds and kinds[0] != "offline_pass_rate":
-        raise ValueError("offline_pass_rate screens prompts before RL: list it first")
-    if "reward_shaping" in kinds and "flat_groups" in kinds and (
-        kinds.index("reward_shaping") > kinds.index("flat_groups")
-    ):
-        raise ValueError("reward_shaping breaks ties, so it must come before flat_groups")
+    # The order rules themselves (screen first, shaping before flat_groups, no repeats) are the
+    # spec's (`spec.models.Spec._stage_order`), checked before anything is submitted.
+    for stage in stages:
+        if stage.type not in STAGES:
+            raise ValueError(f"unknown filter stage {stage.type!r}; known: {sorted(STAGES)}")
 
 
 class Pipeline:

@@ -120,9 +120,6 @@ def test_registry_and_build_from_spec_dicts():
     "stages",
     [
         [{"type": "nope"}],
-        [{"type": "history"}, {"type": "history"}],
-        [{"type": "history"}, {"type": "offline_pass_rate"}],
-        [{"type": "flat_groups"}, {"type": "reward_shaping"}],
         [{"type": "history", "windw": 2}],
         [{"type": "flat_groups", "action": "explode"}],
         [{"type": "reward_shaping", "length": {"coef": 1}}],
