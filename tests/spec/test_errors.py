@@ -239,10 +239,17 @@ def test_validator_inside_a_stage_drops_the_union_tag(problems_of, spec_dict) ->
     assert message.startswith("min_pass_rate (0.9) ≥ max_pass_rate (0.5)")
 
 
-def test_list_validator(problems_of, spec_dict) -> None:
-    spec_dict["filters"] = [{"type": "history"}, {"type": "offline_pass_rate"}]
-    assert one(problems_of, spec_dict)[:2] == (
-        ("filters",), "offline_pass_rate screens prompts before RL: list it first")
+@pytest.mark.parametrize(("stages", "message"), [
+    (["history", "offline_pass_rate"], "offline_pass_rate screens prompts before RL: list it first"),
+    (["history", "history"], "stage 'history' is listed twice"),
+    (["flat_groups", "reward_shaping"],
+     "reward_shaping breaks ties, so it must come before flat_groups"),
+])
+def test_stage_order_rules(problems_of, spec_dict, stages, message) -> None:
+    spec_dict["filters"] = [{"type": t} for t in stages]
+    if "flat_groups" in stages:
+        spec_dict["filters"][stages.index("flat_groups")]["action"] = "keep"
+    assert one(problems_of, spec_dict)[:2] == (("filters",), message)
 
 
 def test_problems_come_in_file_order(problems_of) -> None:
