@@ -1,0 +1,178 @@
+r"""Job ``evaluate`` (``eval_before``, ``eval_after``): held-out accuracy of a policy.
+
+The policy is the job's single ``hf_checkpoint`` input; the prompts are
+``dataset/eval.jsonl``. Every prompt gets ``spec.eval.samples`` answers from the embedded
+engine (``runtime.rollout.LocalEngine`` on CPU, one torch thread, a few batched
+``generate`` calls) at ``spec.eval.temperature`` (0 → greedy), at most
+``spec.eval.max_tokens`` (else ``spec.rollout.max_tokens``) tokens, stopping at the
+tokenizer's eos. Each answer is scored with the spec's verifiers
+(``build_reward(spec.reward).score``: the weighted verifier score, never a judge)::
+
+    correct_ij = score_ij ≥ 1 − 1e-9
+    accuracy   = (1 / (N · S)) Σ_ij correct_ij
+    by_difficulty[d] = accuracy over the prompts of difficulty d (rows with a "difficulty")
+
+Output (the job's single output, written atomically): ``metrics.json`` ``{accuracy,
+mean_score, n_prompts, samples, samples_per_prompt, mean_response_tokens, by_difficulty,
+temperature, max_tokens, seed}`` and ``samples.jsonl``, one ``{prompt_id, prompt,
+response, answer, score, correct, tokens, finish_reason}`` per answer.
+Sampling is seeded with ``spec.train.seed`` (sample j of every prompt uses seed + j), so
+the result does not depend on how the prompts are batched.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
+
+#: At most this many sequences (prompts × samples) per ``generate`` call.
+MAX_SEQUENCES_PER_CALL = 4096
+_CORRECT_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled answer: its text, token count and finish reason."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+def single_input(ctx: JobContext, kind: str) -> str:
+    """The name of the job's single input of ``kind``; a JobError if there is not one."""
+    names = [n for n, ref in ctx.inputs.items() if ref.kind == kind]
+    if len(names) != 1:
+        raise JobError(f"job {ctx.job} needs exactly one {kind} input, has "
+                       f"{', '.join(names) or 'none'}")
+    return names[0]
+
+
+def single_output(ctx: JobContext) -> str:
+    if len(ctx.outputs) != 1:
+        raise JobError(f"job {ctx.job} needs exactly one output, has {', '.join(ctx.outputs)}")
+    return next(iter(ctx.outputs))
+
+
+def open_engine(model_dir: Path, seed: int) -> Any:
+    """A CPU ``LocalEngine`` on one torch thread."""
+    import torch
+
+    from runtime.rollout.engine import LocalEngine
+
+    torch.set_num_threads(1)
+    return LocalEngine(model_dir, device="cpu", seed=seed)
+
+
+def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int,
+                 temperature: float, seed: int, top_p: float = 1.0,
+                 top_k: int = -1) -> list[list[Sample]]:
+    """``n`` answers to every prompt (decoded without special tokens), in prompt order."""
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise JobError(f"the checkpoint {engine.model_dir} has no tokenizer")
+    ids = [tokenizer.encode(str(p), add_special_tokens=False) for p in prompts]
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    per_call = max(1, MAX_SEQUENCES_PER_CALL // n)
+    out: list[list[Sample]] = []
+    for start in range(0, len(ids), per_call):
+        results = engine.generate(ids[start:start + per_call], n=n, max_tokens=max_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=seed, stop_token_ids=eos)
+        for res in results:
+            out.append([Sample(engine.decode(s.token_ids), len(s.token_ids), s.finish_reason)
+                        for s in res.samples])
+    return out
+
+
+def eval_max_tokens(spec: dict[str, Any]) -> int:
+    value = (spec.get("eval") or {}).get("max_tokens") or (spec.get("rollout") or {}).get(
+        "max_tokens")
+    if not value:
+        raise JobError("neither spec.eval.max_tokens nor spec.rollout.max_tokens is set")
+    return int(value)
+
+
+def run(ctx: JobContext) -> None:
+    from runtime.rewards import build_reward
+    from runtime.tasks.arithmetic import read_jsonl
+
+    cfg = dict(ctx.spec.get("eval") or {})
+    data = ctx.section("data")
+    prompt_key, answer_key = data["prompt_key"], data["answer_key"]
+    n = int(cfg.get("samples") or 1)
+    temperature = float(cfg.get("temperature") or 0.0)
+    max_tokens = eval_max_tokens(ctx.spec)
+    seed = int((ctx.spec.get("train") or {}).get("seed", 0))
+    reward = build_reward(ctx.section("reward"))
+    policy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
+    out_name = single_output(ctx)
+
+    rows = list(read_jsonl(ctx.input_path("dataset") / "eval.jsonl"))
+    if not rows:
+        raise JobError("the eval split is empty")
+    engine = open_engine(policy, seed)
+    ctx.log.info("evaluating %s on %d prompts × %d sample(s), T=%g, max %d tokens",
+                 policy, len(rows), n, temperature, max_tokens)
+    answers = sample_texts(engine, [r[prompt_key] for r in rows], n=n, max_tokens=max_tokens,
+                           temperature=temperature, seed=seed)
+
+    records: list[dict[str, Any]] = []
+    by_diff: dict[str, list[int]] = defaultdict(list)
+    for i, (row, group) in enumerate(zip(rows, answers, strict=True)):
+        prompt, reference = str(row[prompt_key]), str(row[answer_key])
+        for s in group:
+            score = float(reward.score(prompt, s.text, reference))
+            correct = score >= 1.0 - _CORRECT_TOL
+            records.append({"prompt_id": row.get("id", i), "prompt": prompt,
+                            "response": s.text, "answer": reference, "score": score,
+                            "correct": correct, "tokens": s.tokens,
+                            "finish_reason": s.finish_reason})
+            if "difficulty" in row:
+                by_diff[str(row["difficulty"])].append(int(correct))
+    total = len(records)
+    metrics = {
+        "accuracy": sum(r["correct"] for r in records) / total,
+        "mean_score": sum(r["score"] for r in records) / total,
+        "n_prompts": len(rows),
+        "samples": total,
+        "samples_per_prompt": n,
+        "mean_response_tokens": sum(r["tokens"] for r in records) / total,
+        "by_difficulty": {d: sum(v) / len(v)
+                          for d, v in sorted(by_diff.items(), key=lambda kv: _num(kv[0]))},
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "policy": str(policy),
+    }
+    ctx.log.info("accuracy %.4f over %d samples (mean %.2f response tokens)",
+                 metrics["accuracy"], total, metrics["mean_response_tokens"])
+    if ctx.rank != 0:
+        return
+    with ctx.atomic_output(out_name, accuracy=metrics["accuracy"]) as tmp:
+        with open(tmp / "samples.jsonl", "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        atomic_write_json(tmp / "metrics.json", metrics)
+
+
+def _num(key: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(key))
+    except ValueError:
+        return (1, key)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job(run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+r"""Job ``screen``: stage 1 of the ZVE pipeline, the offline pass-rate screen before RL.
+
+Parameters: the first ``offline_pass_rate`` item of ``spec.filters``. The proxy model is the
+job's single ``hf_checkpoint`` input (the policy, or the external checkpoint named by
+``proxy_model``). It samples ``k = samples_per_prompt`` answers to every prompt of
+``dataset/train.jsonl`` at the stage's ``temperature`` (at most ``spec.rollout.max_tokens``
+tokens, stopping at eos; embedded CPU engine, one torch thread, seeded with
+``spec.train.seed``); the verifier scores of the spec's ``reward`` section give
+``p_i = mean_j score_ij``. The drop rule and the cost accounting are those of
+``runtime.filters.OfflinePassRate`` (the RL driver's)::
+
+    drop as too easy  if p_i ≥ max_pass_rate
+    drop as hopeless  if min_pass_rate is not None and p_i ≤ min_pass_rate
+    screening cost    = N · k · proxy_cost_ratio / reuse_epochs   (policy rollouts)
+
+Prompt ids are the rows' ``id`` (the row index where a row has none).
+
+Output ``pass_rates`` (atomic): ``pass_rates.jsonl`` (``ScreenResult.write_jsonl``: a meta
+line, then ``{prompt_id, pass_rate, kept}`` per prompt; read it back with
+``ScreenResult.read_jsonl``) and ``summary.json`` ``{prompts, kept, dropped_too_easy,
+dropped_hopeless, samples_per_prompt, screening_rollouts, screening_cost, params,
+mean_pass_rate, proxy}``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
+from runtime.jobs.evaluate import open_engine, sample_texts, single_input, single_output
+
+#: File name of the ScreenResult JSONL inside the output folder.
+PASS_RATES_FILE = "pass_rates.jsonl"
+_TOL = 1e-12  # OfflinePassRate's boundary tolerance
+
+
+def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """The first ``offline_pass_rate`` stage of ``spec.filters``, without its ``type``."""
+    for stage in spec.get("filters") or []:
+        if isinstance(stage, dict) and stage.get("type") == "offline_pass_rate":
+            return {k: v for k, v in stage.items() if k != "type"}
+    raise JobError("the spec has no offline_pass_rate stage in filters")
+
+
+def run(ctx: JobContext) -> None:
+    from runtime.filters.offline_pass_rate import OfflinePassRate
+    from runtime.rewards import build_reward
+    from runtime.tasks.arithmetic import read_jsonl
+
+    params = screen_params(ctx.spec)
+    stage = OfflinePassRate(**params)
+    data = ctx.section("data")
+    prompt_key, answer_key = data["prompt_key"], data["answer_key"]
+    max_tokens = int(ctx.section("rollout.max_tokens"))
+    seed = int((ctx.spec.get("train") or {}).get("seed", 0))
+    reward = build_reward(ctx.section("reward"))
+    proxy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
+    out_name = single_output(ctx)
+
+    rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
+    if not rows:
+        raise JobError("the train split is empty")
+    by_id = {row.get("id", i): row for i, row in enumerate(rows)}
+    if len(by_id) != len(rows):
+        raise JobError("the train split has duplicate prompt ids")
+    engine = open_engine(proxy, seed)
+    ctx.log.info("screening %d prompts × %d samples with %s (T=%g, max %d tokens)",
+                 len(rows), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
+
+    def sample_fn(prompt_ids: Sequence[Any], k: int) -> list[list[float]]:
+        chosen = [by_id[p] for p in prompt_ids]
+        answers = sample_texts(engine, [r[prompt_key] for r in chosen], n=k,
+                               max_tokens=max_tokens, temperature=stage.temperature, seed=seed)
+        return [[float(reward.score(str(r[prompt_key]), s.text, str(r[answer_key])))
+                 for s in group] for r, group in zip(chosen, answers, strict=True)]
+
+    result = stage.run(list(by_id), sample_fn)
+    rates = result.pass_rates
+    too_easy = int((rates >= stage.max_pass_rate - _TOL).sum())
+    hopeless = (0 if stage.min_pass_rate is None
+                else int((rates <= stage.min_pass_rate + _TOL).sum()))
+    summary = {
+        "prompts": len(result.prompt_ids),
+        "kept": int(result.kept.sum()),
+        "dropped": int((~result.kept).sum()),
+        "dropped_too_easy": too_easy,
+        "dropped_hopeless": hopeless,
+        "samples_per_prompt": result.samples_per_prompt,
+        "screening_rollouts": result.samples,
+        "screening_cost": result.cost,
+        "mean_pass_rate": float(rates.mean()) if len(rates) else 0.0,
+        "params": stage.params(),
+        "proxy": str(proxy),
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "file": PASS_RATES_FILE,
+    }
+    ctx.log.info("kept %d of %d prompts (too easy %d, hopeless %d); %d rollouts, cost %.1f",
+                 summary["kept"], summary["prompts"], too_easy, hopeless,
+                 result.samples, result.cost)
+    if ctx.rank != 0:
+        return
+    with ctx.atomic_output(out_name, kept=summary["kept"], prompts=summary["prompts"]) as tmp:
+        result.write_jsonl(tmp / PASS_RATES_FILE)
+        atomic_write_json(tmp / "summary.json", summary)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job(run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
