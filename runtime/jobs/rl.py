@@ -1,0 +1,97 @@
+"""Job ``rl``: the RL driver (rewards, ZVE filters, advantages, accounting); see ``runtime.driver``.
+
+``jobs/rl/launch.sh`` starts the rollout engine(s) and the trainer in the background and
+runs this driver in the foreground. The driver talks to the engines over HTTP
+(``RLSPEC_ROLLOUT_ENDPOINTS``, ports moved by ``RLSPEC_ROLLOUT_BASE_PORT`` when set) and to the
+trainer through files under ``artifacts/rl/exchange``. At the end it writes the outputs:
+
+    policy_final   the last weights (HF folder, atomic, ``.complete``)
+    rl_metrics     artifacts/rl: metrics.jsonl (one line per step), summary.json
+                   {eval_accuracy_before, rollouts_generated, rollouts_wasted,
+                   rollouts_zero_variance, wall_seconds, steps, ...}, ledger.json,
+                   tensorboard/ (when TensorBoard is installed)
+
+A restart resumes after the last complete step (``runtime.driver`` module doc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
+
+
+def _eval_accuracy_before(ctx: JobContext) -> float | None:
+    """Accuracy of the eval_before artifact (``<run>/artifacts/eval_before``), if present."""
+    folder = ctx.run_dir / "artifacts" / "eval_before"
+    for name in ("summary.json", "metrics.json", "eval.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            for key in ("accuracy", "eval_accuracy", "pass_at_1"):
+                if isinstance(data.get(key), (int, float)):
+                    return float(data[key])
+    return None
+
+
+def _wait_trainer_finished(ctx: JobContext, paths: Any, timeout_s: float = 300.0) -> None:
+    """The trainer writes ``trainer-finished.json`` after its final checkpoint."""
+    deadline = time.monotonic() + timeout_s
+    while not paths.trainer_finished.is_file():
+        if paths.trainer_error.is_file() or time.monotonic() > deadline:
+            raise JobError("the trainer did not finish its final checkpoint "
+                           f"(log: {ctx.run_dir / 'logs' / 'rl-train.log'})")
+        time.sleep(0.1)
+
+
+def run(ctx: JobContext) -> None:
+    from runtime.driver import RLDriver, die_with_parent, rollout_endpoints
+    from runtime.rollout.client import RolloutClient
+
+    die_with_parent()
+    endpoints = rollout_endpoints()
+    ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
+    client = RolloutClient(endpoints, timeout_s=float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT", 600)))
+    try:
+        driver = RLDriver(ctx, client=client)
+        summary = driver.run()
+    finally:
+        client.close()
+    paths = driver.paths
+    _wait_trainer_finished(ctx, paths)
+    steps = int(summary["steps"])
+    final = paths.version(steps) if steps else ctx.input_path("policy_sft")
+    with ctx.atomic_output("policy_final", steps=steps) as tmp:
+        for item in final.iterdir():
+            if item.name == ".complete":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    summary["eval_accuracy_before"] = _eval_accuracy_before(ctx)
+    ledger = summary.pop("ledger")
+    with ctx.atomic_output("rl_metrics", steps=steps) as tmp:
+        shutil.copy2(paths.metrics, tmp / "metrics.jsonl")
+        if (paths.root / "tensorboard").is_dir():
+            shutil.copytree(paths.root / "tensorboard", tmp / "tensorboard")
+        atomic_write_json(Path(tmp) / "summary.json", summary)
+        atomic_write_json(Path(tmp) / "ledger.json", ledger)
+    ctx.log.info("RL done: %d steps, %d rollouts (%d wasted, %d zero-variance) in %.1f s",
+                 steps, summary["rollouts_generated"], summary["rollouts_wasted"],
+                 summary["rollouts_zero_variance"], summary["wall_seconds"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_job(run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The RL job's embedded rollout engine: ``runtime.rollout.server`` on the job's policy.
+
+``jobs/rl/rollout.sh`` runs ``python -m runtime.jobs.rollout_server --config ... --model DIR
+--host HOST --port P [--return-routed-experts]``. This wrapper
+
+* takes the port from ``RLSPEC_ROLLOUT_BASE_PORT`` when it is set (tests and shared hosts
+  pick a free port; the driver moves the endpoint URLs the same way),
+* refuses a host that is not loopback when the run is local (no Slurm allocation),
+* serves with one torch thread and dies with its parent (no orphan engine when the
+  launch script is stopped),
+
+then hands over to ``runtime.rollout.server.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """The ``runtime.rollout.server`` command line for this wrapper's arguments."""
+    env = dict(os.environ if env is None else env)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--config", default=None, help="the job's config.json (unused: for logs)")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--return-routed-experts", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    port = int(env["RLSPEC_ROLLOUT_BASE_PORT"]) if env.get("RLSPEC_ROLLOUT_BASE_PORT") else args.port
+    out = ["--model", args.model, "--host", args.host, "--port", str(port),
+           "--threads", str(args.threads)]
+    if args.return_routed_experts:
+        out.append("--return-routed-experts")
+    if env.get("SLURM_JOB_ID"):  # cluster: the head node serves the other nodes' driver
+        out.append("--allow-non-loopback")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.driver import die_with_parent
+    from runtime.rollout import server
+
+    server_argv = build_argv(argv)
+    die_with_parent()
+    print("rollout engine: python -m runtime.rollout.server " + " ".join(server_argv),
+          file=sys.stderr, flush=True)
+    return server.main(server_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The RL job's trainer process (local backend): trains each batch the driver hands over.
+
+Started by ``jobs/rl/train.sh`` next to the driver (``runtime.jobs.rl``); the exchange files
+are described in ``runtime.driver``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
+advantages of reshaped groups from the old policy's entropies) → ``Trainer.step`` → weights
+``weights/v<s+1>`` (HF folder, atomic) → a checkpoint every ``train.checkpoint.interval``
+steps and after the last (``checkpoints/rl/step-<k>``: model, optimizer, step; the newest
+``checkpoint.keep`` kept) → ``done-<s>.json`` with the metrics. A batch whose step is not
+the trainer's current version (a restarted run) re-syncs first: weights from
+``weights/v<s>``, optimizer state from the newest checkpoint ≤ s. After the last step the
+process writes ``trainer-finished.json`` and waits to be stopped by the launch script (it
+must not end before the driver does). A heartbeat file lets the driver notice a dead
+trainer; a failure is written to ``trainer-error.json`` and ends the process with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.jobs.common import JobContext, atomic_dir, atomic_write_json
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+class TrainerProcess:
+    def __init__(self, ctx: JobContext) -> None:
+        import torch
+
+        from runtime.driver import RunPaths
+        from runtime.policy import load_policy
+        from runtime.router_replay import patch_qwen3_moe
+        from runtime.trainer import Trainer
+
+        self.ctx = ctx
+        self.log = ctx.log
+        self.paths = RunPaths(ctx.run_dir)
+        spec = ctx.spec
+        self.train_cfg = spec["train"]
+        self.algorithm = spec["algorithm"]
+        self.steps = int(self.train_cfg["steps"])
+        ckpt = self.train_cfg.get("checkpoint") or {}
+        self.interval = int(ckpt.get("interval") or 0)
+        self.keep = int(ckpt.get("keep") or 1)
+        self.seed = int(self.train_cfg.get("seed", 0))
+        self.epochs = int(self.algorithm.get("ppo_epochs", 1))
+        torch.manual_seed(self.seed)
+        self.model, self.tokenizer = load_policy(ctx.input_path("policy_sft"))
+        mode = (spec.get("router_replay") or {}).get("mode", "off")
+        replay = patch_qwen3_moe(self.model) if mode != "off" else None
+        per_step = int(ctx.derived.get("optimizer_steps_per_rollout") or 1)
+        self.trainer = Trainer(
+            self.model, algorithm=self.algorithm, train=self.train_cfg,
+            vocab_size=int(self.model.config.vocab_size), replay_mode=mode, replay=replay,
+            total_optimizer_steps=per_step * self.epochs * self.steps,
+            length_balancing=bool((spec.get("system") or {}).get("length_balancing", True)))
+        self.version = 0
+        self._beat = True
+
+    # ----------------------------------------------------------------- heartbeat
+    def heartbeat(self) -> None:
+        while self._beat:
+            with contextlib.suppress(OSError):
+                if self.paths.exchange.is_dir():
+                    atomic_write_json(self.paths.heartbeat, {
+                        "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                        "version": self.version})
+            time.sleep(2.0)
+
+    # ----------------------------------------------------------------- state
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        from runtime.jobs.common import is_complete
+
+        root = self.paths.checkpoints
+        found = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*")
+                 if p.name.split("-")[1].isdigit() and is_complete(p)] if root.is_dir() else []
+        return sorted(found)
+
+    def save_checkpoint(self, step: int) -> None:
+        import torch
+
+        with atomic_dir(self.paths.checkpoints / f"step-{step}", step=step) as tmp:
+            torch.save({"model": self.model.state_dict(),
+                        "optimizer": self.trainer.optimizer.state_dict(),
+                        "optimizer_steps": self.trainer.optimizer_steps, "step": step},
+                       tmp / "state.pt")
+        for _, old in self._checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.log.info("checkpoint after step %d", step)
+
+    def sync(self, step: int, optimizer_steps: int) -> None:
+        """Model = weights/v<step> (policy_sft at 0); optimizer from the newest checkpoint ≤ step."""
+        import torch
+
+        from runtime.policy import load_policy
+
+        ckpts = [(s, p) for s, p in self._checkpoints() if s <= step]
+        if ckpts and ckpts[-1][0] == step:
+            state = torch.load(ckpts[-1][1] / "state.pt", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
+            how = f"checkpoint step-{step} (exact)"
+        else:
+            src = self.paths.version(step) if step else self.ctx.input_path("policy_sft")
+            fresh, _ = load_policy(src)
+            self.model.load_state_dict(fresh.state_dict())
+            how = f"weights {src}"
+            if ckpts:
+                state = torch.load(ckpts[-1][1] / "state.pt", weights_only=False)
+                self.trainer.optimizer.load_state_dict(state["optimizer"])
+                how += f", optimizer state of checkpoint step-{ckpts[-1][0]}"
+            else:
+                self.trainer.optimizer.state.clear()
+                how += ", fresh optimizer state"
+        self.trainer.optimizer_steps = optimizer_steps
+        self.version = step
+        self.log.info("synced to step %d from %s", step, how)
+
+    # ----------------------------------------------------------------- batches
+    def next_batch(self) -> dict[str, Any] | None:
+        import json
+
+        import torch
+
+        for path in sorted(self.paths.exchange.glob("batch-*.pt"),
+                           key=lambda p: int(p.stem.split("-")[1])):
+            try:
+                payload = torch.load(path, weights_only=False)
+            except (OSError, RuntimeError, EOFError):
+                continue  # removed or replaced meanwhile
+            done = self.paths.done(int(payload["step"]))
+            if done.is_file():
+                with contextlib.suppress(ValueError, OSError):
+                    if json.loads(done.read_text())["batch_id"] == payload["batch_id"]:
+                        continue
+            return payload
+        return None
+
+    def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        from runtime.advantages import rl_zvp_token_advantages
+        from runtime.router_replay import RoutingTrace
+        from runtime.trainer import TrainBatch
+
+        step = int(payload["step"])
+        if step != self.version:
+            self.sync(step, int(payload["optimizer_steps"]))
+        routing = None
+        if payload.get("routing_ids") is not None:
+            routing = RoutingTrace(payload["routing_ids"], int(payload["num_experts"]),
+                                   payload["routing_mask"])
+        batch = TrainBatch(payload["input_ids"], payload["attention_mask"], payload["loss_mask"],
+                           payload["rollout_logp"], payload["advantages"], routing)
+        metrics: dict[str, Any] = {}
+        if batch.size:
+            zvp = payload.get("zvp")
+            if zvp is not None:  # RL-ZVP token advantages need the old policy's entropies
+                _, entropy, _ = self.trainer._old_pass(batch)
+                P, G = zvp["rewards"].shape
+                T = entropy.shape[1]
+                H = torch.zeros((P * G, T))
+                M = torch.zeros((P * G, T), dtype=torch.bool)
+                H[zvp["rows"]] = entropy
+                M[zvp["rows"]] = batch.loss_mask
+                adv = rl_zvp_token_advantages(
+                    zvp["rewards"], H, M, alpha_zvp=zvp["alpha_zvp"], eps=zvp["eps"],
+                    valid=zvp["valid"], flat_sign=zvp["flat_sign"])
+                batch = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                   batch.rollout_logp, adv[zvp["rows"]].float(), routing)
+            metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step)
+        self.model.eval()
+        from runtime.policy import save_policy
+
+        save_policy(self.model, self.tokenizer, self.paths.version(step + 1), step=step + 1)
+        for old in self.paths.weights.glob("v*"):
+            if old.name[1:].isdigit() and int(old.name[1:]) < step + 1 - 1:
+                shutil.rmtree(old, ignore_errors=True)
+        if (self.interval and (step + 1) % self.interval == 0) or step + 1 == self.steps:
+            self.save_checkpoint(step + 1)
+        self.version = step + 1
+        return metrics
+
+    def loop(self) -> None:
+        threading.Thread(target=self.heartbeat, daemon=True).start()
+        while True:
+            payload = self.next_batch()
+            if payload is None:
+                time.sleep(0.05)
+                continue
+            step = int(payload["step"])
+            t0 = time.monotonic()
+            metrics = self.train_batch(payload)
+            atomic_write_json(self.paths.done(step), {
+                "batch_id": payload["batch_id"], "step": step, "metrics": metrics,
+                "optimizer_steps": self.trainer.optimizer_steps,
+                "seconds": time.monotonic() - t0})
+            self.log.info("step %d/%d trained (%d responses, %.1f s)", step + 1, self.steps,
+                          int(payload["input_ids"].shape[0]), time.monotonic() - t0)
+            if step + 1 >= self.steps:
+                self._beat = False
+                atomic_write_json(self.paths.trainer_finished, {"steps": step + 1})
+                return
+
+
+def _idle() -> None:
+    """Wait to be stopped by the launch script (the trainer must not end before the driver)."""
+    while True:
+        time.sleep(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.driver import RunPaths, die_with_parent
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    die_with_parent()
+    signal.signal(signal.SIGTERM, _on_term)
+    ctx = JobContext.load(args.config, log_to_file=False)
+    paths = RunPaths(ctx.run_dir)
+    try:
+        if ctx.outputs_complete():
+            ctx.log.info("trainer: outputs exist, nothing to train")
+            _idle()
+        if ctx.spec["train"].get("backend", "local") != "local":
+            raise RuntimeError("runtime.jobs.train implements the local backend only")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        proc = TrainerProcess(ctx)
+        ctx.log.info("trainer ready (%d steps)", proc.steps)
+        proc.loop()
+        _idle()
+    except (_Stop, KeyboardInterrupt):
+        return 143
+    except Exception as exc:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            atomic_write_json(paths.trainer_error, {"error": message, "pid": os.getpid()})
+        print(f"rlspec trainer failed: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

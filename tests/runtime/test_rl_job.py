@@ -1,0 +1,198 @@
+"""The RL job end to end: `bash jobs/rl/launch.sh` of a short tiny run (engine + trainer + driver).
+
+A bundle of the tiny spec with 3 RL steps of 4 prompts × 4 samples (global batch 8) runs
+data → init → sft (short) → rl as the scheduler runs them. Checks: metrics.jsonl has one
+line per step with the documented keys, policy_final and rl_metrics are complete, the
+summary's fields, the ledger's conservation, and that no process of the run is left (the
+engine's port is closed). A second test SIGKILLs a run mid-way and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.jobs.common import is_complete
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SPEC = ROOT / "examples" / "tiny" / "spec.yaml"
+
+OVERRIDES = [
+    "rollout.prompts_per_step=4", "rollout.n=4", "train.global_batch_size=8",
+    "train.micro_batch_size=8", "sft.steps=30",
+    "filters=[{type: reward_shaping}, {type: flat_groups, action: rl_zvp}]",
+]
+METRIC_KEYS = {
+    "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
+    "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
+    "clip_fraction", "train_inference_gap", "kl", "wall_seconds",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(run_dir: Path, port: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RLSPEC_")) and k not in ("RANK",)}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["RLSPEC_RUN_DIR"] = str(run_dir)
+    env["RLSPEC_PYTHON"] = sys.executable
+    env["PYTHONPATH"] = str(ROOT)
+    if port is not None:
+        env["RLSPEC_ROLLOUT_BASE_PORT"] = str(port)
+    return env
+
+
+def _compile(out: Path, steps: int) -> Path:
+    args = [str(VENV_BIN / "rlspec"), "compile", str(SPEC), "-o", str(out), "--force",
+            "--set", f"train.steps={steps}"]
+    for o in OVERRIDES:
+        args += ["--set", o]
+    subprocess.run(args, check=True, capture_output=True, text=True, timeout=120)
+    return out
+
+
+def _launch(bundle: Path, job: str, run_dir: Path, port: int | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(bundle / "jobs" / job / "launch.sh")],
+                          env=_env(run_dir, port), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _processes_of(run_dir: Path) -> list[str]:
+    """Command lines of live processes whose environment names this run dir."""
+    found = []
+    needle = f"RLSPEC_RUN_DIR={run_dir}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            continue
+        if needle + b"\0" in environ + b"\0" and state != "Z":
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def _wait_gone(run_dir: Path, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (_processes_of(run_dir) or not _port_closed(port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle with 3 RL steps and a run dir holding dataset, policy_init and policy_sft."""
+    root = tmp_path_factory.mktemp("rl")
+    bundle = _compile(root / "bundle", steps=3)
+    run_dir = root / "run"
+    for job in ("data", "init", "sft"):
+        proc = _launch(bundle, job, run_dir)
+        assert proc.returncode == 0, proc.stderr
+    return bundle, run_dir
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
+    bundle, run_dir = prepared
+    port = _free_port()
+    t0 = time.monotonic()
+    proc = _launch(bundle, "rl", run_dir, port)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr + (run_dir / "logs" / "rl-train.log").read_text()
+    assert wall < 90
+    out = run_dir / "artifacts" / "rl"
+    assert is_complete(out) and is_complete(run_dir / "artifacts" / "policy_final")
+    assert (run_dir / "artifacts" / "policy_final" / "model.safetensors").is_file()
+    lines = _metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    for m in lines:
+        assert not METRIC_KEYS - set(m), METRIC_KEYS - set(m)
+        assert m["rollouts_generated"] == 16
+        assert m["responses_trained"] % 8 == 0
+        assert m["train_inference_gap"] < 1e-3  # R3 replay: trainer ≈ engine
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert summary["rollouts_generated"] == 48
+    assert summary["eval_accuracy_before"] is None
+    for key in ("rollouts_wasted", "rollouts_zero_variance", "wall_seconds"):
+        assert key in summary
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["generated"] == (ledger["used"] + ledger["reshaped"] + ledger["kept_flat"]
+                                   + ledger["dropped"])
+    assert ledger["generated"] == sum(m["rollouts_generated"] for m in lines)
+    _wait_gone(run_dir, port)
+    assert _port_closed(port)
+    assert _processes_of(run_dir) == []
+    # a second launch finds the outputs complete and ends cleanly
+    port = _free_port()
+    again = _launch(bundle, "rl", run_dir, port)
+    assert again.returncode == 0, again.stderr
+    assert "outputs exist, skipping" in again.stderr
+    _wait_gone(run_dir, port)  # engine and trainer stopped while still starting: no orphans
+    assert _processes_of(run_dir) == []
+
+
+def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    _, base_run = prepared
+    steps = 8
+    bundle = _compile(tmp_path / "bundle", steps=steps)
+    run_dir = tmp_path / "run"
+    for name in ("dataset", "policy_init", "policy_sft"):
+        shutil.copytree(base_run / "artifacts" / name, run_dir / "artifacts" / name)
+    metrics = run_dir / "artifacts" / "rl" / "metrics.jsonl"
+    port = _free_port()
+    proc = subprocess.Popen(["bash", str(bundle / "jobs" / "rl" / "launch.sh")],
+                            env=_env(run_dir, port), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    _wait_gone(run_dir, port)
+    assert _processes_of(run_dir) == []
+    assert not is_complete(run_dir / "artifacts" / "rl")
+    port = _free_port()
+    again = _launch(bundle, "rl", run_dir, port)
+    assert again.returncode == 0, again.stderr
+    assert "resuming after step" in again.stderr
+    lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+    assert [m["step"] for m in lines] == list(range(steps))
+    summary = json.loads((run_dir / "artifacts" / "rl" / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert summary["rollouts_generated"] == sum(m["rollouts_generated"] for m in lines)
+    assert is_complete(run_dir / "artifacts" / "policy_final")
+    _wait_gone(run_dir, port)
+    assert _processes_of(run_dir) == []
