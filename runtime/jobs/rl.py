@@ -29,19 +29,15 @@ from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
 
 
 def _eval_accuracy_before(ctx: JobContext) -> float | None:
-    """Accuracy of the eval_before artifact (``<run>/artifacts/eval_before``), if present."""
-    folder = ctx.run_dir / "artifacts" / "eval_before"
-    for name in ("summary.json", "metrics.json", "eval.json"):
-        path = folder / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                continue
-            for key in ("accuracy", "eval_accuracy", "pass_at_1"):
-                if isinstance(data.get(key), (int, float)):
-                    return float(data[key])
-    return None
+    """Accuracy written by the eval_before job (runtime.jobs.evaluate), if it ran first.
+
+    eval_before and rl are siblings in the graph (both follow the policy), so under Slurm
+    this may not exist yet; the run's final summary is completed after eval_after.
+    """
+    path = ctx.run_dir / "artifacts" / "eval_before" / "metrics.json"
+    if not path.is_file():
+        return None
+    return float(json.loads(path.read_text(encoding="utf-8"))["accuracy"])
 
 
 def _wait_trainer_finished(ctx: JobContext, paths: Any, timeout_s: float = 300.0) -> None:
