@@ -28,13 +28,13 @@ $(SYSSTAMP): $(STAMP)
 
 sysdeps: $(SYSSTAMP)
 
+# The main job on the embedded default: check the examples, then run the tiny spec's whole
+# graph here (data → init → SFT → screen → eval → RL → eval → export). Re-running resumes.
 demo: $(STAMP)
-	$(VENV)/bin/rlspec validate examples/tiny/spec.yaml
 	$(VENV)/bin/rlspec validate examples/single-node.yaml
 	$(VENV)/bin/rlspec validate examples/compassmax-245b.yaml
-	$(VENV)/bin/rlspec inspect examples/compassmax-245b.yaml
-	$(VENV)/bin/rlspec compile examples/tiny/spec.yaml -o out/tiny-bundle --force
-	$(VENV)/bin/rlspec inspect out/tiny-bundle --graph tree
+	$(VENV)/bin/rlspec inspect examples/tiny/spec.yaml
+	$(VENV)/bin/rlspec run examples/tiny/spec.yaml --out out/tiny
 
 test: $(SYSSTAMP)
 	$(VENV)/bin/ruff check .

@@ -174,6 +174,37 @@ def submit(
 
 
 @app.command()
+def run(
+    spec: SpecArg,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Run directory (default runs/<name>); the bundle goes in <out>/bundle.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compile a local spec and run its jobs here, in graph order.
+
+    Running the same command again resumes: finished jobs are skipped and the RL job
+    continues from its last complete step.
+    """
+    from compiler import runner
+    from compiler.api import compile_spec
+
+    try:
+        compiled = compile_spec(spec, set_ or [])
+    except SpecError as exc:
+        raise _report_spec_error(exc) from None
+    name = compiled.validated.source.spec.name
+    try:
+        summary = runner.run_local(compiled, out or Path("runs") / name, echo=typer.echo)
+    except BundleError as exc:
+        raise _fail(str(exc)) from None
+    failed = [n for n, j in summary["jobs"].items() if j["state"] != "COMPLETED"]
+    if failed:
+        raise _fail(f"jobs did not complete: {', '.join(failed)}; logs: "
+                    + ", ".join(str(summary["jobs"][n].get("log")) for n in failed))
+    typer.echo(runner.describe(summary))
+
+
+@app.command()
 def status(bundle: Annotated[Path, typer.Argument(help="A submitted bundle directory.")]) -> None:
     """State of every job of a submitted bundle, with the failed job's log."""
     from compiler import inspect as view

@@ -1,0 +1,54 @@
+"""`rlspec run`: the tiny spec's whole graph on this machine, resumable, never clobbering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHORT = ["--set", "sft.steps=10", "--set", "train.steps=2", "--set", "data.generator.train_size=300",
+         "--set", "data.generator.eval_size=40"]
+
+
+def rlspec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_executes_the_graph_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    order = ["data", "init", "sft", "eval_before", "screen", "rl", "eval_after", "export"]
+    assert list(summary["jobs"]) == order
+    assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "rollouts_generated",
+                "rollouts_wasted", "rollouts_zero_variance", "wall_seconds"):
+        assert summary[key] is not None, key
+    assert 0 <= summary["eval_accuracy_after"] <= 1
+    assert summary["rollouts_wasted"] <= summary["rollouts_generated"]
+    metrics = (out / "artifacts" / "rl" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [0, 1]
+    assert (out / "export" / "config.json").is_file()
+
+    # The same command again: every job finds its outputs complete; nothing is redone.
+    before = {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()}
+    again = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()}
+    assert after == before
+
+    # Another spec into the same directory is refused; what is there stays.
+    other = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT,
+                   "--set", "train.steps=3")
+    assert other.returncode == 1 and "another spec" in other.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()} == before
+
+
+def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
+    result = rlspec("run", "examples/single-node.yaml", "--out", str(tmp_path / "x"))
+    assert result.returncode == 1 and "rlspec submit" in result.stderr
+    assert not (tmp_path / "x" / "bundle").exists()
