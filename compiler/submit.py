@@ -164,6 +164,9 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
             record.save(root)
             continue
         executor = submitit.LocalExecutor(folder=logs)
+        # submitit's local default is 2 minutes; the spec's time limit applies here too.
+        executor.update_parameters(
+            timeout_min=_minutes(manifest["jobs"][req.job]["resources"]["time"]))
         job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
         record.jobs[req.job] = {"id": str(job.job_id), "state": "RUNNING",
                                 "log": str(job.paths.stderr)}
