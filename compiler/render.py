@@ -113,12 +113,6 @@ class SlurmRequest:
     time: str
     extra: dict[str, str]  # partition / account / qos, when set
 
-    @property
-    def time_minutes(self) -> int:
-        days, _, clock = self.time.rpartition("-")
-        h, m, s = (int(x) for x in clock.split(":"))
-        return (int(days or 0) * 24 + h) * 60 + m + (1 if s else 0)
-
 
 def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
     c = spec.cluster
