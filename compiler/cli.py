@@ -17,7 +17,7 @@ import typer
 
 from compiler import __version__
 from compiler.bundle import BundleError, read_manifest
-from spec.errors import EXIT_FAILURE, SpecError
+from spec.errors import EXIT_BAD_INPUT, EXIT_FAILURE, SpecError
 
 app = typer.Typer(
     name="rlspec",
@@ -197,11 +197,31 @@ def run(
         summary = runner.run_local(compiled, out or Path("runs") / name, echo=typer.echo)
     except BundleError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted: run the same command again to resume", 130) from None
     failed = [n for n, j in summary["jobs"].items() if j["state"] != "COMPLETED"]
     if failed:
         raise _fail(f"jobs did not complete: {', '.join(failed)}; logs: "
                     + ", ".join(str(summary["jobs"][n].get("log")) for n in failed))
     typer.echo(runner.describe(summary))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run directories (`rlspec run --out DIR`); several are drawn on the same axes.")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for the plots and report.md (default <first run>/report).")] = None,
+) -> None:
+    """PNG plots (reward and accuracy, zero-variance rate, rollout accounting, train–inference
+    gap per replay mode) and a markdown summary of one or more runs."""
+    from compiler.report import ReportError, write_report
+
+    try:
+        folder = write_report(runs, out)
+    except ReportError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+    typer.echo(f"wrote {folder / 'report.md'} and its plots")
 
 
 @app.command()

@@ -1,7 +1,9 @@
 """`rlspec run`: compile, then execute the bundle's jobs on this machine, in graph order.
 
 The run directory holds the bundle (`<out>/bundle`) and everything the jobs write
-(`<out>/artifacts`, `<out>/logs`, `<out>/checkpoints`). Running again resumes: the bundle of
+(`<out>/artifacts`, `<out>/logs`, `<out>/checkpoints`); at the end `<out>/summary.json`,
+`<out>/metrics.jsonl` (one line per RL step) and `<out>/tensorboard` are put at its top.
+On a terminal a progress bar follows the RL job's steps. Running again resumes: the bundle of
 the same spec is reused, jobs whose outputs are complete skip, and the RL job continues from
 its saved state. A run directory made from a different spec is never overwritten.
 """
@@ -10,6 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +48,85 @@ def run_local(compiled: Compiled, out: Path, *, echo: Any = print) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     bundle = prepare_bundle(compiled, out)
     os.environ["RLSPEC_RUN_DIR"] = str(out)
-    record = submit(bundle, force=True, backend="local", echo=echo)
+    with stop_on_sigterm(), rl_progress(out / "artifacts" / "rl" / "metrics.jsonl", spec.train.steps):
+        record = submit(bundle, force=True, backend="local", echo=echo)
     summary = collect_summary(out)
     summary["jobs"] = record.jobs
+    publish(out)
     tmp = out / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     return summary
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM ends `rlspec run` like Ctrl-C does: the running job is stopped, not orphaned."""
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def publish(out: Path) -> None:
+    """Copy the RL job's metrics.jsonl and TensorBoard events to the top of the run dir."""
+    rl = out / "artifacts" / "rl"
+    if (rl / "metrics.jsonl").is_file():
+        shutil.copy2(rl / "metrics.jsonl", out / ".metrics.jsonl.tmp")
+        os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
+    if (rl / "tensorboard").is_dir():
+        tmp = out / ".tensorboard.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(rl / "tensorboard", tmp)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        os.replace(tmp, out / "tensorboard")
+
+
+@contextmanager
+def rl_progress(metrics: Path, total: int, *, stream: Any = None,
+                interval_s: float = 0.5) -> Iterator[None]:
+    """A tqdm bar of RL steps (lines of ``metrics``) while the body runs, on a terminal only:
+    the jobs' own output goes to their logs, so this is the one live view of a local run."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        bar = None
+        while not stop.wait(interval_s):
+            if not metrics.is_file():
+                continue
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            if bar is None:
+                bar = tqdm(total=total, desc="rl", unit="step", file=stream, leave=True)
+            bar.n = len(lines)
+            if lines:
+                try:
+                    last = json.loads(lines[-1])
+                except ValueError:  # a line being appended
+                    continue
+                bar.set_postfix(reward=f"{last.get('reward_mean') or 0:.3f}",
+                                zero_var=f"{last.get('zero_variance_rate') or 0:.2f}",
+                                refresh=False)
+            bar.refresh()
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -9,11 +9,15 @@ dependencies. The job ids are recorded in `submission.json` for `rlspec status`/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +171,8 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
         # submitit's local default is 2 minutes; the spec's time limit applies here too.
         executor.update_parameters(
             timeout_min=_minutes(manifest["jobs"][req.job]["resources"]["time"]))
-        job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
+        with _stderr_to(logs / f"{req.job}.controller.log"):
+            job = executor.submit(submitit.helpers.CommandFunction(req.command, cwd=str(root)))
         record.jobs[req.job] = {"id": str(job.job_id), "state": "RUNNING",
                                 "log": str(job.paths.stderr)}
         record.save(root)
@@ -175,12 +180,52 @@ def submit(bundle: str | Path, *, force: bool = False, backend: str | None = Non
         try:
             job.result()
             record.jobs[req.job]["state"] = "COMPLETED"
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C or SIGTERM of rlspec: stop the job's processes too (submitit's local
+            # controller forwards the interrupt, then kills), never leave it running unseen.
+            _stop_local(job)
+            record.jobs[req.job]["state"] = "INTERRUPTED"
+            record.save(root)
+            echo(f"{req.job}: INTERRUPTED (run the same command again to resume)")
+            raise
         except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as exc:
             record.jobs[req.job]["state"] = "FAILED"
             record.jobs[req.job]["reason"] = _last_line(job.stderr() or "") or str(exc)[:500]
         record.save(root)
         echo(f"{req.job}: {record.jobs[req.job]['state']}")
     return record
+
+
+@contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Point file descriptor 2 at ``path`` while a child is spawned: submitit's local
+    controller inherits it, so its own messages (a Ctrl-C traceback) go to a log, not to
+    the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _stop_local(job: Any, timeout_s: float = 30.0) -> None:
+    """Stop a submitit local job: SIGTERM to its controller, which forwards it to the job's
+    launch script (whose EXIT trap stops its processes); SIGKILL after ``timeout_s``."""
+    process = getattr(job, "_process", None)
+    if process is None:
+        job.cancel(check=False)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
 
 
 def _last_line(text: str) -> str:

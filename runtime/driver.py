@@ -21,10 +21,9 @@ computed by the trainer, which has the old policy's entropies) → TrainBatch te
 ``batch-<s>.pt`` → wait for ``done-<s>.json`` → ``update_weights(weights/v<s+1>)`` on
 every engine → one metrics line → state saved.
 
-Batch size: the responses of the groups in the batch are trimmed to a multiple of
-``train.global_batch_size`` by dropping the surplus from the end (last group, last
-response first); they are counted as ``rollouts_trimmed`` (wasted). A step with fewer
-responses than one global batch trains on nothing (the weights stay).
+Batch size: every response of the batch's groups is sent to the trainer, which splits them
+into about B / ``train.global_batch_size`` optimizer steps (``runtime.trainer``): adaptive
+group sizes change B from step to step, and trimming to a fixed size would waste rollouts.
 
 Resume (exact for the driver): the driver's state — step, pipeline (stages, ledger), prompt
 stream position and RNG, run totals — is pickled atomically after every step together
@@ -57,7 +56,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -98,23 +96,12 @@ def die_with_parent() -> None:
 
 
 def rollout_endpoints(env: dict[str, str] | None = None) -> list[str]:
-    """``RLSPEC_ROLLOUT_ENDPOINTS`` (comma-separated URLs). With ``RLSPEC_ROLLOUT_BASE_PORT``
-    set, the ports are moved so that the lowest one (replica 0's) becomes that port — the
-    engines (``runtime.jobs.rollout_server``) apply the same override."""
+    """``RLSPEC_ROLLOUT_ENDPOINTS``: the comma-separated engine URLs ``jobs/rl/launch.sh`` exports."""
     env = dict(os.environ if env is None else env)
     raw = [e.strip() for e in env.get("RLSPEC_ROLLOUT_ENDPOINTS", "").split(",") if e.strip()]
     if not raw:
         raise JobError("RLSPEC_ROLLOUT_ENDPOINTS is not set: run the RL job through its launch.sh")
-    base = env.get("RLSPEC_ROLLOUT_BASE_PORT")
-    if not base:
-        return raw
-    parts = [urlsplit(e) for e in raw]
-    low = min(p.port or 80 for p in parts)
-    out = []
-    for p in parts:
-        port = int(base) + (p.port or 80) - low
-        out.append(urlunsplit((p.scheme, f"{p.hostname}:{port}", p.path, p.query, p.fragment)))
-    return out
+    return raw
 
 
 # --------------------------------------------------------------------------- paths
@@ -190,7 +177,6 @@ class DriverState:
     stream: Any = None
     metrics_lines: int = 0
     optimizer_steps: int = 0
-    rollouts_trimmed: int = 0
     wall_seconds: float = 0.0
     numpy_rng: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -257,11 +243,6 @@ def build_train_tensors(
     return out
 
 
-def trim_to_multiple(count: int, multiple: int) -> int:
-    """How many of ``count`` responses to keep: the largest multiple of ``multiple``."""
-    return count - count % multiple if multiple > 0 else count
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -293,7 +274,6 @@ class RLDriver:
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
         self.steps = int(self.train["steps"])
-        self.gbs = int(self.train["global_batch_size"])
         self.replay_mode = (self.spec.get("router_replay") or {}).get("mode", "off")
         adv = (self.spec.get("algorithm") or {}).get("advantage") or {}
         self.estimator = adv.get("estimator", "group")
@@ -462,8 +442,8 @@ class RLDriver:
 
     # ----------------------------------------------------------------- one step
     def _batch(self, state: DriverState, batch: Any, shape: tuple[Any, Any, Any],
-               pad_id: int) -> tuple[dict[str, Any], int]:
-        """The exchange payload of a pipeline Batch, and the number of responses trimmed."""
+               pad_id: int) -> dict[str, Any]:
+        """The exchange payload of a pipeline Batch (every response of its groups)."""
         import torch
 
         from runtime.advantages import group_advantages
@@ -479,22 +459,19 @@ class RLDriver:
                 rows.append((prompt, list(c.token_ids), c.logprobs, c.routed_experts))
                 seq_adv.append(float(adv[p, j]))
                 flat_rows.append(p * G + j)
-        keep = trim_to_multiple(len(rows), self.gbs)
-        trimmed = len(rows) - keep
-        rows, seq_adv, flat_rows = rows[:keep], seq_adv[:keep], flat_rows[:keep]
         experts, moe_layers, top_k = shape
         payload = build_train_tensors(rows, pad_id=pad_id, num_experts=experts,
                                       moe_layers=moe_layers, top_k=top_k)
         payload["advantages"] = torch.tensor(seq_adv, dtype=torch.float32)
         payload["zvp"] = None
-        if self.estimator == "rl_zvp" and keep and bool((sign != 0).any()):
+        if self.estimator == "rl_zvp" and rows and bool((sign != 0).any()):
             payload["zvp"] = {"rewards": torch.as_tensor(rewards), "valid": torch.as_tensor(valid),
                               "flat_sign": torch.as_tensor(sign),
                               "rows": torch.tensor(flat_rows, dtype=torch.long),
                               "alpha_zvp": self.alpha_zvp, "eps": self.adv_eps}
         if self.replay_mode != "r3":
             payload["routing_ids"] = payload["routing_mask"] = None
-        return payload, trimmed
+        return payload
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every step; returns the summary written to rl_metrics."""
@@ -511,7 +488,8 @@ class RLDriver:
         shape = self._model_shape()
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         reward = build_reward(self.spec["reward"])
-        self.client.wait_ready(timeout=self.startup_timeout_s)
+        self.client.wait_ready(timeout=self.startup_timeout_s,
+                               model_root=str(self.ctx.input_path("policy_sft")))
         if state.step > 0:  # the engines start from policy_sft: load the last weights
             self.client.update_weights(str(paths.version(state.step)), str(state.step))
         writer = _tensorboard(paths.root / "tensorboard", self.log)
@@ -529,7 +507,7 @@ class RLDriver:
             raw = np.concatenate([g.raw_rewards for g in all_groups]) if all_groups else np.zeros(0)
             correct = (np.concatenate([pipeline.ctx.correctness(g) for g in all_groups])
                        if all_groups else np.zeros(0))
-            payload, trimmed = self._batch(state, batch, shape, pad_id)
+            payload = self._batch(state, batch, shape, pad_id)
             batch_id = uuid.uuid4().hex
             payload.update(step=step, batch_id=batch_id, version=step,
                            optimizer_steps=state.optimizer_steps)
@@ -552,7 +530,6 @@ class RLDriver:
                 "rollouts_reshaped": led.reshaped,
                 "rollouts_kept_flat": led.kept_flat,
                 "rollouts_dropped": led.dropped,
-                "rollouts_trimmed": trimmed,
                 "responses_trained": int(payload["input_ids"].shape[0]),
                 "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
                 "entropy": tm.get("entropy"),
@@ -578,7 +555,6 @@ class RLDriver:
                     writer.add_scalar(f"rl/clip_fraction/{key}", value, step)
                 writer.flush()
             state.optimizer_steps = int(done.get("optimizer_steps", state.optimizer_steps))
-            state.rollouts_trimmed += trimmed
             state.wall_seconds += wall
             state.metrics_lines += 1
             state.step = step + 1
@@ -589,9 +565,8 @@ class RLDriver:
         led = state.pipeline.ledger
         led.check()
         return {"rollouts_generated": led.generated,
-                "rollouts_wasted": led.wasted + state.rollouts_trimmed,
+                "rollouts_wasted": led.wasted,
                 "rollouts_zero_variance": led.zero_variance,
-                "rollouts_trimmed": state.rollouts_trimmed,
                 "wall_seconds": state.wall_seconds,
                 "steps": state.step,
                 "ledger": led.to_dict()}

@@ -7,9 +7,12 @@ For a batch of B responses (prompt + response tokens, right-padded to T):
    engine chose; R2 records the experts chosen here and replays them in step 3.
 2. Train–inference correction (``runtime.losses.train_inference_correction``) from
    ``old_logp`` and the engine's ``rollout_logp``: TIS weights or an MIS mask.
-3. For each PPO epoch, for each mini-batch of ``global_batch_size`` responses: forward the
+3. For each PPO epoch, split the B responses (shuffled) into k = max(1, ⌊B / G + ½⌋)
+   mini-batches of near-equal size, G = ``global_batch_size``; for each, forward the
    micro-batches with replay, compute the spec's loss from the registry
    (``runtime.losses.compute_loss``), accumulate gradients, clip, take an optimizer step.
+   Adaptive group sizes make B vary from step to step: every response is trained on, none
+   is trimmed to fit a fixed batch, and an optimizer step sees about G responses.
 
 Micro-batch accumulation is exact, not an average of averages: a token-mean loss
 (GRPO, CISPO: Σ m·o / Σ m over the mini-batch) weights each micro-batch's loss by its share
@@ -216,9 +219,6 @@ class Trainer:
 
     def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0) -> dict[str, float]:
         """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics."""
-        if batch.size % self.global_batch:
-            raise ValueError(f"batch of {batch.size} responses is not a multiple of "
-                             f"global_batch_size {self.global_batch}")
         old_logp, entropy, batch = self._old_pass(batch)
         corr = self.algorithm.get("correction") or {"mode": "none"}
         correction = train_inference_correction(
@@ -233,7 +233,7 @@ class Trainer:
         self.model.train()
         for _ in range(epochs):
             order = torch.randperm(batch.size, generator=generator)
-            for mini in order.split(self.global_batch):
+            for mini in order.tensor_split(self.mini_batches(batch.size)):
                 self._optimizer_step(batch, mini, old_logp, entropy, mask, token_weight,
                                      ref_logp, sums, counts)
         valid = batch.loss_mask
@@ -244,6 +244,10 @@ class Trainer:
         metrics["train_inference_gap"] = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
         metrics["optimizer_steps"] = float(self.optimizer_steps)
         return metrics
+
+    def mini_batches(self, responses: int) -> int:
+        """Optimizer steps per epoch for ``responses``: B / G rounded half up, at least 1."""
+        return max(1, (2 * responses + self.global_batch) // (2 * self.global_batch))
 
     @property
     def _kl_on(self) -> bool:

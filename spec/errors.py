@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 PathPart = str | int
-EXIT_INVALID_SPEC = 2
+EXIT_BAD_INPUT = 2  # any input the user must fix: a spec, a run directory, an argument
+EXIT_INVALID_SPEC = EXIT_BAD_INPUT
 EXIT_FAILURE = 1
 
 

@@ -2,7 +2,7 @@
 
 ``jobs/rl/launch.sh`` starts the rollout engine(s) and the trainer in the background and
 runs this driver in the foreground. The driver talks to the engines over HTTP
-(``RLSPEC_ROLLOUT_ENDPOINTS``, ports moved by ``RLSPEC_ROLLOUT_BASE_PORT`` when set) and to the
+(``RLSPEC_ROLLOUT_ENDPOINTS``) and to the
 trainer through files under ``artifacts/rl/exchange``. At the end it writes the outputs:
 
     policy_final   the last weights (HF folder, atomic, ``.complete``)

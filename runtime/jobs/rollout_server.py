@@ -3,8 +3,6 @@
 ``jobs/rl/rollout.sh`` runs ``python -m runtime.jobs.rollout_server --config ... --model DIR
 --host HOST --port P [--return-routed-experts]``. This wrapper
 
-* takes the port from ``RLSPEC_ROLLOUT_BASE_PORT`` when it is set (tests and shared hosts
-  pick a free port; the driver moves the endpoint URLs the same way),
 * refuses a host that is not loopback when the run is local (no Slurm allocation),
 * serves with one torch thread and dies with its parent (no orphan engine when the
   launch script is stopped),
@@ -31,8 +29,7 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     ap.add_argument("--return-routed-experts", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    port = int(env["RLSPEC_ROLLOUT_BASE_PORT"]) if env.get("RLSPEC_ROLLOUT_BASE_PORT") else args.port
-    out = ["--model", args.model, "--host", args.host, "--port", str(port),
+    out = ["--model", args.model, "--host", args.host, "--port", str(args.port),
            "--threads", str(args.threads)]
     if args.return_routed_experts:
         out.append("--return-routed-experts")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -197,8 +198,12 @@ class RolloutClient:
         return [f.result() for f in futures]
 
     # -- readiness / introspection --------------------------------------------------------
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until every endpoint answers ``/health``; learn the served model name."""
+    def wait_ready(self, timeout: float = 120.0, *, model_root: str | None = None) -> None:
+        """Block until every endpoint answers ``/health``; learn the served model name.
+
+        With ``model_root``, every endpoint must serve that model folder (``root`` of
+        ``/v1/models``, the path given to ``vllm serve``): a stale engine of another run
+        that holds the port is refused instead of silently sampled from."""
         deadline = time.monotonic() + timeout
         for endpoint in self.endpoints:
             while True:
@@ -211,12 +216,21 @@ class RolloutClient:
                             f"{endpoint} not ready after {timeout:.0f}s: {exc}"
                         ) from exc
                     time.sleep(0.2)
-        if self.model is None:
-            listing = self._request(self.endpoints[0], "GET", "/v1/models", timeout=10.0)
+        for i, endpoint in enumerate(self.endpoints):
+            if i > 0 and model_root is None:
+                break
+            listing = self._request(endpoint, "GET", "/v1/models", timeout=10.0)
             try:
-                self.model = str(listing["data"][0]["id"])
+                card = listing["data"][0]
+                name, root = str(card["id"]), card.get("root")
             except (KeyError, IndexError, TypeError) as exc:
                 raise RolloutError(f"unexpected /v1/models answer: {listing!r}") from exc
+            if model_root is not None and not _same_path(root, model_root):
+                raise RolloutError(
+                    f"{endpoint} serves {root!r}, not this run's {model_root!r}: another "
+                    "run's engine holds the port; stop it or choose another port")
+            if self.model is None:
+                self.model = name
 
     def weight_info(self) -> list[str]:
         """``/weight_info`` of every endpoint, in endpoint order."""
@@ -473,3 +487,7 @@ def _error_message(raw: bytes) -> str:
         if err is not None:
             return str(err)
     return str(body)[:500]
+
+
+def _same_path(a: Any, b: str) -> bool:
+    return a is not None and os.path.realpath(str(a)) == os.path.realpath(b)

@@ -521,3 +521,17 @@ def test_non_loopback_host_is_refused(model_dir: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "loopback" in r.stderr and "serving on" not in r.stdout
+
+
+def test_an_engine_serving_another_model_is_refused(servers: list[str], model_dir: Path,
+                                                    other_weights: Path) -> None:
+    """A stale engine of another run on the port is refused, not sampled from."""
+    mine = RolloutClient(servers, timeout_s=30, retries=0)
+    try:
+        mine.wait_ready(timeout=30, model_root=str(model_dir))
+        assert mine.model is not None
+        with pytest.raises(RolloutError, match="another run's engine holds the port"):
+            RolloutClient(servers, timeout_s=30, retries=0).wait_ready(
+                timeout=30, model_root=str(other_weights))
+    finally:
+        mine.close()

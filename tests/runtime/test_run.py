@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compiler.bundle import SUBMISSION
+
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=2", "--set", "data.generator.train_size=300",
          "--set", "data.generator.eval_size=40"]
@@ -33,6 +35,21 @@ def test_run_executes_the_graph_and_resumes(tmp_path: Path) -> None:
     metrics = (out / "artifacts" / "rl" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [0, 1]
     assert (out / "export" / "config.json").is_file()
+    # What a run leaves at the top of --out: metrics, TensorBoard events, the summary.
+    assert (out / "metrics.jsonl").read_text().splitlines() == metrics
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"rl/reward_mean", "rl/zero_variance_rate"} <= set(scalars), scalars
+
+    report = rlspec("report", str(out))
+    assert report.returncode == 0, report.stderr
+    for png in ("reward.png", "zero_variance.png", "rollouts.png", "gap.png"):
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "report" / "report.md").read_text()
+    assert "| RL steps logged | 2 |" in table and "| router replay | r3 |" in table
 
     # The same command again: every job finds its outputs complete; nothing is redone.
     before = {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()}
@@ -52,3 +69,46 @@ def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
     result = rlspec("run", "examples/single-node.yaml", "--out", str(tmp_path / "x"))
     assert result.returncode == 1 and "rlspec submit" in result.stderr
     assert not (tmp_path / "x" / "bundle").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_sigterm_stops_every_job_process_and_the_run_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT[:2],
+            "--set", "train.steps=40", *SHORT[4:]]
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "artifacts" / "rl" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the RL job did not log a step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    time.sleep(2)  # PDEATHSIG is asynchronous
+    assert _processes_mentioning(str(out)) == []  # no engine, trainer or driver left behind
+    record = json.loads((out / "bundle" / SUBMISSION).read_text())
+    assert record["jobs"]["rl"]["state"] == "INTERRUPTED"
+
+    again = rlspec(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(40))

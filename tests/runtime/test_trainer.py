@@ -184,9 +184,21 @@ def test_kl_penalty_pulls_towards_the_reference() -> None:
     assert last < first
 
 
-def test_batch_must_fill_whole_optimizer_steps() -> None:
+@pytest.mark.parametrize(("responses", "steps"), [(12, 2), (11, 1), (4, 1), (20, 3), (8, 1)])
+def test_every_response_is_trained_in_near_equal_optimizer_steps(responses: int, steps: int) -> None:
+    """Adaptive group sizes make a step's batch any size: nothing is trimmed, and the
+    responses are split into round(B / global_batch_size) optimizer steps (at least one)."""
     model = tiny_model()
     trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 4, "global_batch_size": 8,
                       "optimizer": OPT}, vocab_size=32)
-    with pytest.raises(ValueError, match="multiple of global_batch_size"):
-        trainer.step(make_batch(model, b=12))
+    seen: list[int] = []
+    step = trainer._optimizer_step
+
+    def spy(batch, mini, *args):  # type: ignore[no-untyped-def]
+        seen.extend(mini.tolist())
+        return step(batch, mini, *args)
+
+    trainer._optimizer_step = spy  # type: ignore[method-assign]
+    metrics = trainer.step(make_batch(model, b=responses))
+    assert metrics["optimizer_steps"] == steps
+    assert sorted(seen) == list(range(responses))

@@ -11,6 +11,7 @@ IFS=, read -r -a HOSTS <<< "$RLSPEC_ROLLOUT_HOSTS"
 NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY=/lustre/ckpt/compassmax-245b-sft
+BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 # A replica spans 2 nodes: vLLM data parallelism across nodes, the
 # replica's first node is its head and serves the API; the others run headless.
 LOCAL_DP=1
@@ -24,7 +25,7 @@ fi
 vllm serve "$POLICY" \
   --served-model-name policy \
   --host "$HOST" \
-  --port $(( 8000 + 0 )) \
+  --port $(( BASE_PORT + 0 )) \
   --tensor-parallel-size 8 \
   --data-parallel-size 2 \
   --enable-expert-parallel \

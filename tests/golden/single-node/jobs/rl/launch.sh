@@ -29,10 +29,11 @@ export MASTER_ADDR="${TRAIN_NODES[0]}"
 export MASTER_PORT=29500
 
 # One HTTP endpoint per engine replica (the head node of each replica serves it).
+export RLSPEC_ROLLOUT_BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 ENDPOINTS=()
 for ((r = 0; r < 1; r++)); do
   head=$(( r * 1 / 1 ))
-  port=$(( 8000 + r % 1 ))
+  port=$(( RLSPEC_ROLLOUT_BASE_PORT + r % 1 ))
   ENDPOINTS+=("http://${ROLLOUT_NODES[$head]}:$port")
 done
 RLSPEC_ROLLOUT_ENDPOINTS=$(rlspec_join "${ENDPOINTS[@]}")

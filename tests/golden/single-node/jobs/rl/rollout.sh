@@ -11,6 +11,7 @@ IFS=, read -r -a HOSTS <<< "$RLSPEC_ROLLOUT_HOSTS"
 NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY=/models/Qwen3-30B-A3B
+BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 PIDS=()
 for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
@@ -19,7 +20,7 @@ for ((i = 0; i < 1; i++)); do
   CUDA_VISIBLE_DEVICES=$DEVICES vllm serve "$POLICY" \
     --served-model-name policy \
     --host "$HOST" \
-    --port $(( 8000 + i )) \
+    --port $(( BASE_PORT + i )) \
     --tensor-parallel-size 2 \
     --data-parallel-size 4 \
     --enable-expert-parallel \

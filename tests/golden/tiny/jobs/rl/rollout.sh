@@ -11,7 +11,8 @@ IFS=, read -r -a HOSTS <<< "$RLSPEC_ROLLOUT_HOSTS"
 NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY="$RLSPEC_RUN_DIR"/artifacts/policy_sft
+BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 # The embedded engine: the same completions API as `vllm serve`, on CPU or one GPU.
 exec "$RLSPEC_PYTHON" -m runtime.jobs.rollout_server --config "$JOB_DIR/config.json" \
-  --model "$POLICY" --host "$HOST" --port 8000 \
+  --model "$POLICY" --host "$HOST" --port "$BASE_PORT" \
   --return-routed-experts

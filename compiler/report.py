@@ -1,0 +1,273 @@
+"""`rlspec report RUN_DIR...`: PNG plots and a markdown summary of finished (or running) runs.
+
+A run directory is what `rlspec run --out DIR` leaves behind: ``metrics.jsonl`` (one line per
+RL step) and ``summary.json``; while a run is in progress the RL job's live
+``artifacts/rl/metrics.jsonl`` is read instead. Several runs are drawn on the same axes,
+labelled ``<dir name> (replay <mode>)``, so that a run with router replay and one without it
+give the train–inference gap plot its two curves.
+
+Files written to ``--out`` (default ``<first run>/report``), each replaced atomically:
+
+    reward.png          reward mean and train accuracy per step (20-step rolling mean),
+                        held-out accuracy before/after RL as dashed levels
+    zero_variance.png   share of prompt groups whose rewards were all equal, per step
+    rollouts.png        cumulative rollouts: generated, used for gradient, reshaped, dropped
+    gap.png             mean |log π_train − log μ_rollout| per step, per replay mode
+    report.md           the summary table of every run and the plots
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SMOOTH = 20  # steps in the rolling mean of noisy per-step series
+
+
+class ReportError(Exception):
+    """A run directory that cannot be reported on (exit code 2)."""
+
+
+@dataclass
+class Run:
+    """One run directory's metrics (a list of per-step dicts) and summary."""
+
+    path: Path
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    replay: str = "unknown"
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} (replay {self.replay})"
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``key``, skipping steps where it is missing or null."""
+        xs, ys = [], []
+        for line in self.metrics:
+            value = line.get(key)
+            if isinstance(value, (int, float)):
+                xs.append(int(line["step"]) + 1)
+                ys.append(float(value))
+        return xs, ys
+
+
+def load_run(path: Path) -> Run:
+    """Read a run directory; a missing or unreadable ``metrics.jsonl`` is a ReportError."""
+    path = path.resolve()
+    candidates = [path / "metrics.jsonl", path / "artifacts" / "rl" / "metrics.jsonl"]
+    metrics_path = next((p for p in candidates if p.is_file()), None)
+    if metrics_path is None:
+        raise ReportError(f"{path}: no metrics.jsonl (looked in {candidates[0]} and "
+                          f"{candidates[1]}); is it the --out directory of `rlspec run`?")
+    metrics = []
+    for number, text in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{metrics_path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(line, dict) or "step" not in line:
+            raise ReportError(f"{metrics_path}:{number}: a metrics line needs a `step`")
+        metrics.append(line)
+    if not metrics:
+        raise ReportError(f"{metrics_path}: no steps logged yet")
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return Run(path, metrics, summary, _replay_mode(path))
+
+
+def _replay_mode(path: Path) -> str:
+    """The run's ``router_replay.mode`` from the resolved spec in its bundle."""
+    import yaml
+
+    resolved = path / "bundle" / "spec.resolved.yaml"
+    if not resolved.is_file():
+        return "unknown"
+    spec = yaml.safe_load(resolved.read_text()) or {}
+    mode = (spec.get("router_replay") or {}).get("mode", "unknown")
+    return "off" if mode is False else str(mode)  # YAML 1.1 reads a bare `off` as false
+
+
+def rolling(values: Sequence[float], window: int = SMOOTH) -> list[float]:
+    """Trailing mean over up to ``window`` values (the first points average fewer)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def cumulative(run: Run, key: str) -> tuple[list[int], list[float]]:
+    xs, ys, total = [], [], 0.0
+    for line in run.metrics:
+        total += float(line.get(key) or 0)
+        xs.append(int(line["step"]) + 1)
+        ys.append(total)
+    return xs, ys
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_reward(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Reward and accuracy", "mean per step")
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        for key, style, name in (("reward_mean", "-", "reward"),
+                                 ("train_accuracy", ":", "train accuracy")):
+            xs, ys = run.series(key)
+            if xs:
+                ax.plot(xs, rolling(ys), style, color=color, label=f"{name}, {run.label}")
+        for when, alpha in (("before", 0.5), ("after", 1.0)):
+            value = run.summary.get(f"eval_accuracy_{when}")
+            if isinstance(value, (int, float)):
+                ax.axhline(value, ls="--", color=color, alpha=alpha,
+                           label=f"held-out accuracy {when} RL ({100 * value:.1f}%)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_zero_variance(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Zero-variance groups", "share of groups (rolling mean)")
+    for i, run in enumerate(runs):
+        xs, ys = run.series("zero_variance_rate")
+        if xs:
+            ax.plot(xs, rolling(ys), color=f"C{i}", label=run.label)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+ROLLOUT_KEYS = (("rollouts_generated", "generated"), ("rollouts_used", "used for gradient"),
+                ("rollouts_reshaped", "reshaped (RL-ZVP)"), ("rollouts_dropped", "dropped"))
+
+
+def plot_rollouts(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Rollout accounting", "rollouts (cumulative)")
+    styles = ("-", "--", "-.", ":")
+    for i, run in enumerate(runs):
+        for (key, name), style in zip(ROLLOUT_KEYS, styles, strict=True):
+            xs, ys = cumulative(run, key)
+            ax.plot(xs, ys, style, color=f"C{i}", label=f"{name}, {run.label}")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_gap(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Train–inference log-prob gap", "mean |log π − log μ| per token")
+    drawn = False
+    for i, run in enumerate(runs):
+        xs, ys = run.series("train_inference_gap")
+        if xs:
+            ax.plot(xs, ys, color=f"C{i}", label=run.label)
+            drawn = True
+    if drawn and all(y > 0 for run in runs for y in run.series("train_inference_gap")[1]):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "s":
+        return f"{value:.0f} s"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
+
+
+def summary_rows(run: Run) -> list[tuple[str, str]]:
+    s = run.summary
+    generated = s.get("rollouts_generated") or sum(
+        int(m.get("rollouts_generated") or 0) for m in run.metrics)
+    wasted = s.get("rollouts_wasted")
+    before, after = s.get("eval_accuracy_before"), s.get("eval_accuracy_after")
+    gain = (after - before) if isinstance(before, (int, float)) and isinstance(
+        after, (int, float)) else None
+    last = run.metrics[-1]
+    return [
+        ("RL steps logged", _fmt(int(last["step"]) + 1)),
+        ("held-out accuracy before RL", _fmt(before, "pct")),
+        ("held-out accuracy after RL", _fmt(after, "pct")),
+        ("gain (points)", "n/a" if gain is None else f"{100 * gain:+.1f}"),
+        ("rollouts generated", _fmt(int(generated))),
+        ("rollouts wasted", _fmt(wasted) + (
+            f" ({100 * wasted / generated:.1f}%)" if isinstance(wasted, int) and generated else "")),
+        ("zero-variance rollouts", _fmt(s.get("rollouts_zero_variance"))),
+        ("router replay", run.replay),
+        ("RL wall time", _fmt(s.get("wall_seconds"), "s")),
+    ]
+
+
+PLOTS = (("reward.png", plot_reward, "Reward and accuracy"),
+         ("zero_variance.png", plot_zero_variance, "Zero-variance groups"),
+         ("rollouts.png", plot_rollouts, "Rollout accounting"),
+         ("gap.png", plot_gap, "Train–inference gap"))
+
+
+def markdown(runs: Sequence[Run]) -> str:
+    rows = [summary_rows(r) for r in runs]
+    lines = ["# rlspec run report", ""]
+    if not all(r.summary for r in runs):
+        lines += ["Runs without `summary.json` are still in progress or stopped early: "
+                  "their figures are from the steps logged so far.", ""]
+    lines.append("| | " + " | ".join(f"`{r.path.name}`" for r in runs) + " |")
+    lines.append("|---|" + "---|" * len(runs))
+    for i, (name, _) in enumerate(rows[0]):
+        lines.append(f"| {name} | " + " | ".join(row[i][1] for row in rows) + " |")
+    lines.append("")
+    for file, _, title in PLOTS:
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
+    """Load every run, draw the plots and write ``report.md``; returns the report folder."""
+    if not run_dirs:
+        raise ReportError("give at least one run directory")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out = (out or runs[0].path / "report").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for file, draw, _ in PLOTS:
+        draw(runs, out / file)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(markdown(runs), encoding="utf-8")
+    os.replace(tmp, out / "report.md")
+    return out
