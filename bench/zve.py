@@ -29,9 +29,18 @@ column ``x/inf·ep`` charges that share to every epoch of the run (E epochs → 
 the whole screen once when E = reuse_epochs, a fresh screen per epoch when
 reuse_epochs = 1), which is what a run of E epochs pays; ``x/inf`` is the ledger's.
 
-Section B (tiny-task RL comparison on a real policy): pending; it needs the RL job.
+Section B (tiny-task RL, real policy). ``rlspec run`` of ``examples/tiny/spec.yaml`` three
+times, with the same seed, data and SFT policy (the jobs before RL are shared) and the same
+rollout budget (``train.rollout_budget``): (a) vanilla GRPO (no filters, group advantages),
+(b) DAPO dynamic sampling (drop flat groups, over-sample 1.5×, 2 refills, shrink), (c) the
+example's full multi-stage ZVE. Held-out accuracy is measured inside each run every
+``TINY_EVAL_EVERY`` steps (``eval.every_steps``). Printed per policy: zero-variance rate,
+wasted-rollout fraction, rollouts generated until held-out accuracy first reaches the
+target (the lowest final accuracy of the three, so every policy reaches it), final
+held-out accuracy, and each as a ratio to vanilla GRPO.
 
-Run: ``python -m bench.zve`` (or ``python bench/zve.py``); about a minute on 2 cores.
+Run: ``python -m bench.zve`` (or ``python bench/zve.py``); section A takes about a minute
+on 2 cores, section B several minutes per policy (``--sections A`` or ``B``).
 """
 
 from __future__ import annotations
@@ -156,15 +165,133 @@ def section_a() -> None:
 
 
 # ---------------------------------------------------------------------------- section B
-def section_b() -> None:
-    print("== B. tiny-task RL comparison (real policy, examples/tiny) ==")
-    print("pending: needs the RL job; not measured in this run.")
+TINY = ROOT / "examples" / "tiny" / "spec.yaml"
+# One budget and seed for every policy; each run stops after the step that reaches it.
+TINY_BUDGET = 96_000
+TINY_EVAL_EVERY = 25
+SHARED_JOBS = ("dataset", "policy_init", "policy_sft", "eval_before")
+
+
+def tiny_policies() -> list[tuple[str, list[str]]]:
+    """(name, --set overrides) of the three policies on the tiny spec."""
+    dapo = ("filters=[{type: flat_groups, action: drop, oversample: 1.5, max_refills: 2, "
+            "fallback: shrink}]")
+    return [
+        ("(a) vanilla GRPO", ["filters=[]", "algorithm.advantage.estimator=group"]),
+        ("(b) DAPO dynamic sampling", [dapo, "algorithm.advantage.estimator=group"]),
+        ("(c) multi-stage ZVE (tiny)", []),
+    ]
+
+
+def _run_tiny(out: Path, overrides: list[str], shared_from: Path | None) -> dict[str, Any]:
+    """``rlspec run`` of the tiny spec into ``out``; the jobs before RL are copied from the
+    first policy's run (same spec up to the filters: same data, same SFT policy)."""
+    import json
+    import shutil
+    import subprocess
+
+    if shared_from is not None:
+        for name in SHARED_JOBS:
+            src = shared_from / "artifacts" / name
+            if src.is_dir() and not (out / "artifacts" / name).exists():
+                shutil.copytree(src, out / "artifacts" / name)
+    args = [sys.executable, "-m", "compiler.main", "run", str(TINY), "--out", str(out),
+            "--set", f"train.rollout_budget={TINY_BUDGET}", "--set", "train.steps=100000",
+            "--set", f"eval.every_steps={TINY_EVAL_EVERY}"]
+    for o in overrides:
+        args += ["--set", o]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"rlspec run failed for {out}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ledger_path = out / "artifacts" / "rl" / "ledger.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    return {"summary": summary, "metrics": metrics, "ledger": ledger}
+
+
+def _rollouts_to(metrics: list[dict[str, Any]], target: float) -> int | None:
+    """Rollouts generated up to the first in-run evaluation at or above ``target``."""
+    total = 0
+    for line in metrics:
+        total += int(line["rollouts_generated"])
+        if line.get("eval_accuracy") is not None and line["eval_accuracy"] >= target - 1e-9:
+            return total
+    return None
+
+
+def section_b(workdir: Path) -> None:
+    print("== B. tiny-task RL (real policy and engine: examples/tiny through `rlspec run`) ==")
+    print(f"same seed, data and SFT policy; rollout budget {TINY_BUDGET} per policy (each run "
+          f"stops after the step that reaches it); held-out accuracy every {TINY_EVAL_EVERY} "
+          "steps (greedy, eval split)")
+    runs = []
+    first = None
+    for name, overrides in tiny_policies():
+        t0 = time.perf_counter()
+        out = workdir / name.split()[0].strip("()")
+        res = _run_tiny(out, overrides, first)
+        first = first or out
+        runs.append((name, res, time.perf_counter() - t0))
+    before = runs[0][1]["summary"]["eval_accuracy_before"]
+    finals = [r["summary"]["eval_accuracy_after"] for _, r, _ in runs]
+    target = min(finals)  # the level every policy reached by the end of its budget
+    print(f"held-out accuracy before RL: {100 * before:.1f}%; target accuracy = the lowest "
+          f"final accuracy of the three: {100 * target:.1f}%")
+
+    def stats(res: dict[str, Any]) -> dict[str, float]:
+        s, m = res["summary"], res["metrics"]
+        generated = s["rollouts_generated"]
+        reached = _rollouts_to(m, target)
+        return {"generated": generated, "zv": s["rollouts_zero_variance"] / generated,
+                "wasted": s["rollouts_wasted"] / generated,
+                "to_target": float(reached) if reached is not None else float("nan"),
+                "final": s["eval_accuracy_after"], "steps": s["steps"],
+                "screen": float(res["ledger"].get("screening") or 0)}
+
+    table = [(name, stats(res), dt) for name, res, dt in runs]
+    base = table[0][1]
+    hdr = (f"{'policy':28s} {'steps':>5s} {'generated':>9s} {'zv rate':>7s} {'wasted':>6s} "
+           f"{'to target':>9s} {'final':>6s} | {'zv/a':>5s} {'wst/a':>5s} {'tgt/a':>5s} "
+           f"{'fin/a':>5s} {'s':>5s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for name, st, dt in table:
+        def ratio(key: str, st: dict[str, float] = st) -> str:
+            return f"{st[key] / base[key]:5.2f}" if base[key] else "  n/a"
+        print(f"{name:28s} {st['steps']:5d} {st['generated']:9d} {st['zv']:7.3f} "
+              f"{st['wasted']:6.3f} {st['to_target']:9.0f} {100 * st['final']:5.1f}% | "
+              f"{ratio('zv')} {ratio('wasted')} {ratio('to_target')} {ratio('final')} {dt:5.0f}")
+    for name, st, _ in table:
+        if st["screen"]:
+            print(f"{name}: offline screen cost {st['screen']:.0f} rollouts "
+                  f"({st['screen'] / st['generated']:.2f}x of its RL rollouts), outside the budget")
+    print("zv rate: zero-variance rollouts / generated; wasted: rollouts with no gradient "
+          "(kept flat, dropped, discarded) / generated; to target: rollouts generated until "
+          "the first in-run evaluation at the target; the ZVE run's offline screen "
+          "(samples of the SFT policy before RL) is not in its generated count.")
 
 
 def main() -> None:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="ZVE benchmark: paper-regime simulation (A) and "
+                                 "the tiny-task RL comparison (B)")
+    ap.add_argument("--sections", default="AB", help="which sections to run (default AB)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where section B's runs go (default: a temporary folder)")
+    args = ap.parse_args()
     t0 = time.perf_counter()
-    section_a()
-    section_b()
+    if "A" in args.sections:
+        section_a()
+    if "B" in args.sections:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            section_b(args.workdir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="rlspec-zve-") as tmp:
+                section_b(Path(tmp))
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 

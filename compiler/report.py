@@ -9,7 +9,8 @@ give the train–inference gap plot its two curves.
 Files written to ``--out`` (default ``<first run>/report``), each replaced atomically:
 
     reward.png          reward mean and train accuracy per step (20-step rolling mean),
-                        held-out accuracy before/after RL as dashed levels
+                        in-run held-out accuracy (``eval.every_steps``) and held-out
+                        accuracy before/after RL as dashed levels
     zero_variance.png   share of prompt groups whose rewards were all equal, per step
     rollouts.png        cumulative rollouts: generated, used for gradient, reshaped, dropped
     gap.png             mean |log π_train − log μ_rollout| per step, per replay mode
@@ -150,6 +151,9 @@ def plot_reward(runs: Sequence[Run], path: Path) -> None:
             xs, ys = run.series(key)
             if xs:
                 ax.plot(xs, rolling(ys), style, color=color, label=f"{name}, {run.label}")
+        xs, ys = run.series("eval_accuracy")  # in-run held-out evaluation (eval.every_steps)
+        if xs:
+            ax.plot(xs, ys, "o-", color=color, ms=3, label=f"held-out accuracy, {run.label}")
         for when, alpha in (("before", 0.5), ("after", 1.0)):
             value = run.summary.get(f"eval_accuracy_{when}")
             if isinstance(value, (int, float)):

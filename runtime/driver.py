@@ -21,6 +21,12 @@ computed by the trainer, which has the old policy's entropies) → TrainBatch te
 ``batch-<s>.pt`` → wait for ``done-<s>.json`` → ``update_weights(weights/v<s+1>)`` on
 every engine → one metrics line → state saved.
 
+End: after ``train.steps`` steps, or after the step whose rollouts bring the run's total
+to ``train.rollout_budget`` (the batch of that step is marked ``last`` for the trainer).
+With ``eval.every_steps`` = k, the engines' weights after every k-th step (and after the
+last) are evaluated on the eval split (``eval.samples`` at ``eval.temperature``) and the
+metrics line gets ``eval_accuracy``.
+
 Batch size: every response of the batch's groups is sent to the trainer, which splits them
 into about B / ``train.global_batch_size`` optimizer steps (``runtime.trainer``): adaptive
 group sizes change B from step to step, and trimming to a fixed size would waste rollouts.
@@ -268,12 +274,16 @@ class RLDriver:
         self.t_start = time.time()
         data = self.spec["data"]
         self.prompt_key = data.get("prompt_key") or "prompt"
+        self.eval_every = int((self.spec.get("eval") or {}).get("every_steps") or 0)
+        self._eval_rows: list[dict[str, Any]] | None = None
         self.answer_key = data.get("answer_key") or "answer"
         rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
         self.rows = {row.get("id", i): row for i, row in enumerate(rows)}
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
         self.steps = int(self.train["steps"])
+        budget = self.train.get("rollout_budget")
+        self.budget = int(budget) if budget else None
         self.replay_mode = (self.spec.get("router_replay") or {}).get("mode", "off")
         adv = (self.spec.get("algorithm") or {}).get("advantage") or {}
         self.estimator = adv.get("estimator", "group")
@@ -440,6 +450,42 @@ class RLDriver:
         stats["seconds"] += time.monotonic() - t0
         return groups
 
+    def _evaluate(self, tokenizer: Any, reward: Any, context: Any) -> float:
+        """Held-out accuracy of the engines' current weights (``eval.every_steps``): the eval
+        split, ``eval.samples`` answers each at ``eval.temperature`` (0: greedy), the mean
+        correctness — the in-run counterpart of the eval jobs."""
+        from runtime.filters import Group
+        from runtime.jobs.evaluate import eval_max_tokens
+        from runtime.tasks.arithmetic import read_jsonl
+
+        cfg = self.spec.get("eval") or {}
+        if self._eval_rows is None:
+            self._eval_rows = list(read_jsonl(self.ctx.input_path("dataset") / "eval.jsonl"))
+        prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
+                   for r in self._eval_rows]
+        sampling = {"temperature": float(cfg.get("temperature") or 0.0),
+                    "max_tokens": eval_max_tokens(self.spec)}
+        completions = self.client.generate(prompts, n=int(cfg.get("samples") or 1),
+                                           sampling=sampling)
+        correct = []
+        for row, comps in zip(self._eval_rows, completions, strict=True):
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+            got = reward.group_rewards(str(row[self.prompt_key]), texts,
+                                       str(row.get(self.answer_key, "")))
+            group = Group(row.get("id"), got.rewards, scores=got.scores)
+            correct.append(context.correctness(group))
+        return float(np.concatenate(correct).mean()) if correct else 0.0
+
+    def _finished_after(self, state: DriverState, step: int) -> bool:
+        return step + 1 >= self.steps or self._over_budget(state.pipeline.ledger)
+
+    def _over_budget(self, ledger: Any) -> bool:
+        return self.budget is not None and ledger.generated >= self.budget
+
+    def _finished(self, state: DriverState) -> bool:
+        """All steps done, or the step that reached ``train.rollout_budget`` is done."""
+        return state.step >= self.steps or self._over_budget(state.pipeline.ledger)
+
     # ----------------------------------------------------------------- one step
     def _batch(self, state: DriverState, batch: Any, shape: tuple[Any, Any, Any],
                pad_id: int) -> dict[str, Any]:
@@ -495,7 +541,7 @@ class RLDriver:
         writer = _tensorboard(paths.root / "tensorboard", self.log)
         bar = _progress(self.steps, state.step)
         prompts_per_step = int(self.rollout["prompts_per_step"])
-        while state.step < self.steps:
+        while not self._finished(state):
             step = state.step
             t0 = time.monotonic()
             stats = {"tokens": 0, "seconds": 0.0}
@@ -510,7 +556,8 @@ class RLDriver:
             payload = self._batch(state, batch, shape, pad_id)
             batch_id = uuid.uuid4().hex
             payload.update(step=step, batch_id=batch_id, version=step,
-                           optimizer_steps=state.optimizer_steps)
+                           optimizer_steps=state.optimizer_steps,
+                           last=step + 1 >= self.steps or self._over_budget(pipeline.ledger))
             tmp = paths.batch(step).with_name(f".batch-{step}.pt.partial-{batch_id[:8]}")
             torch.save(payload, tmp)
             os.replace(tmp, paths.batch(step))
@@ -520,6 +567,10 @@ class RLDriver:
             self.client.update_weights(str(paths.version(step + 1)), str(step + 1))
             led = batch.ledger
             wall = time.monotonic() - t0
+            evaluated = None
+            if self.eval_every and ((step + 1) % self.eval_every == 0
+                                    or self._finished_after(state, step)):
+                evaluated = self._evaluate(tokenizer, reward, pipeline.ctx)
             line = {
                 "step": step,
                 "reward_mean": float(raw.mean()) if raw.size else None,
@@ -543,6 +594,8 @@ class RLDriver:
                 "lr": tm.get("lr"),
                 "wall_seconds": wall,
             }
+            if evaluated is not None:
+                line["eval_accuracy"] = evaluated
             with open(paths.metrics, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(line, sort_keys=True) + "\n")
                 fh.flush()
@@ -564,6 +617,9 @@ class RLDriver:
             writer.close()
         led = state.pipeline.ledger
         led.check()
+        if state.step < self.steps:
+            self.log.info("rollout budget %d reached after %d steps (%d rollouts)",
+                          self.budget, state.step, led.generated)
         return {"rollouts_generated": led.generated,
                 "rollouts_wasted": led.wasted,
                 "rollouts_zero_variance": led.zero_variance,

@@ -311,6 +311,9 @@ class Train(Section):
         "selective", description="Activation recomputation (`--recompute-granularity`)."
     )
     steps: PosInt = Field(description="RL steps (rollout batches) to run.")
+    rollout_budget: PosInt | None = Field(
+        None, description="Stop RL after the step whose rollouts bring the total to this many "
+        "(compares filter policies at an equal budget); none runs every step.")
     seed: int = Field(1234, description="Random seed of the run.")
     optimizer: Optimizer = Field(default_factory=Optimizer)
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)

@@ -193,7 +193,8 @@ class TrainerProcess:
         for old in self.paths.weights.glob("v*"):
             if old.name[1:].isdigit() and int(old.name[1:]) < step + 1 - 1:
                 shutil.rmtree(old, ignore_errors=True)
-        if (self.interval and (step + 1) % self.interval == 0) or step + 1 == self.steps:
+        last = step + 1 >= self.steps or bool(payload.get("last"))
+        if (self.interval and (step + 1) % self.interval == 0) or last:
             self.save_checkpoint(step + 1)
         self.version = step + 1
         return metrics
@@ -214,7 +215,7 @@ class TrainerProcess:
                 "seconds": time.monotonic() - t0})
             self.log.info("step %d/%d trained (%d responses, %.1f s)", step + 1, self.steps,
                           int(payload["input_ids"].shape[0]), time.monotonic() - t0)
-            if step + 1 >= self.steps:
+            if step + 1 >= self.steps or payload.get("last"):  # all steps, or the budget
                 self._beat = False
                 atomic_write_json(self.paths.trainer_finished, {"steps": step + 1})
                 return

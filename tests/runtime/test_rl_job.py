@@ -57,10 +57,10 @@ def _env(run_dir: Path, port: int | None = None) -> dict[str, str]:
     return env
 
 
-def _compile(out: Path, steps: int) -> Path:
+def _compile(out: Path, steps: int, *extra: str) -> Path:
     args = [str(VENV_BIN / "rlspec"), "compile", str(SPEC), "-o", str(out), "--force",
             "--set", f"train.steps={steps}"]
-    for o in OVERRIDES:
+    for o in [*OVERRIDES, *extra]:
         args += ["--set", o]
     subprocess.run(args, check=True, capture_output=True, text=True, timeout=120)
     return out
@@ -194,5 +194,29 @@ def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Pat
     assert summary["steps"] == steps
     assert summary["rollouts_generated"] == sum(m["rollouts_generated"] for m in lines)
     assert is_complete(run_dir / "artifacts" / "policy_final")
+    _wait_gone(run_dir, port)
+    assert _processes_of(run_dir) == []
+
+
+def test_rl_job_stops_at_the_rollout_budget(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """16 rollouts a step and a budget of 20: the second step reaches it, and the run ends
+    there, trainer included (final checkpoint and policy_final from step 2). In-run held-out
+    evaluation (every 5 steps) also runs at that last step."""
+    _, base_run = prepared
+    bundle = _compile(tmp_path / "bundle", 6, "train.rollout_budget=20", "eval.every_steps=5")
+    run_dir = tmp_path / "run"
+    for name in ("dataset", "policy_init", "policy_sft"):
+        shutil.copytree(base_run / "artifacts" / name, run_dir / "artifacts" / name)
+    port = _free_port()
+    proc = _launch(bundle, "rl", run_dir, port)
+    assert proc.returncode == 0, proc.stderr + (run_dir / "logs" / "rl-train.log").read_text()
+    out = run_dir / "artifacts" / "rl"
+    lines = _metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [0, 1]
+    assert "eval_accuracy" not in lines[0] and 0 <= lines[1]["eval_accuracy"] <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["rollouts_generated"] == 32
+    assert json.loads((run_dir / "artifacts" / "policy_final" / ".complete").read_text())["steps"] == 2
+    assert (run_dir / "checkpoints" / "rl").is_dir()
     _wait_gone(run_dir, port)
     assert _processes_of(run_dir) == []
