@@ -167,7 +167,7 @@ def section_a() -> None:
 # ---------------------------------------------------------------------------- section B
 TINY = ROOT / "examples" / "tiny" / "spec.yaml"
 # One budget and seed for every policy; each run stops after the step that reaches it.
-TINY_BUDGET = 96_000
+TINY_BUDGET = 64_000
 TINY_EVAL_EVERY = 25
 SHARED_JOBS = ("dataset", "policy_init", "policy_sft", "eval_before")
 

@@ -63,6 +63,7 @@ def run_local(compiled: Compiled, out: Path, *, echo: Any = print) -> dict[str, 
 def stop_on_sigterm() -> Iterator[None]:
     """SIGTERM ends `rlspec run` like Ctrl-C does: the running job is stopped, not orphaned."""
     def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -212,20 +213,48 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc; empty elsewhere), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            # the command may contain spaces and parentheses: the ppid follows the last ')'
+            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
 def _stop_local(job: Any, timeout_s: float = 30.0) -> None:
-    """Stop a submitit local job: SIGTERM to its controller, which forwards it to the job's
-    launch script (whose EXIT trap stops its processes); SIGKILL after ``timeout_s``."""
+    """Stop a submitit local job and every process it started: SIGTERM to the whole tree
+    (the launch script's EXIT trap stops its roles; submitit's own job wrapper ignores
+    SIGTERM, which is why the tree is signalled, not only the controller), then SIGKILL to
+    whatever is left after ``timeout_s``."""
     process = getattr(job, "_process", None)
     if process is None:
         job.cancel(check=False)
         return
+    tree = _descendants(process.pid)
+    _signal_all([process.pid, *tree], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
+        time.sleep(0.2)
+    _signal_all([*_descendants(process.pid), *tree], signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
         process.kill()
-        process.wait(timeout=5)
+    process.wait(timeout=10)
 
 
 def _last_line(text: str) -> str:

@@ -27,8 +27,8 @@ def test_tiny_example() -> None:
     plan = plan_of(EXAMPLES / "tiny" / "spec.yaml")
     assert (plan.train_world_size, plan.data_parallel, plan.expert_data_parallel) == (1, 1, 1)
     assert plan.pipeline_layers == (2,)
-    assert plan.micro_batches_per_step == 4  # 64 / (16 × 1)
-    assert plan.rollouts_per_step == 128 and plan.optimizer_steps_per_rollout == 2
+    assert plan.micro_batches_per_step == 8  # 128 / (16 × 1)
+    assert plan.rollouts_per_step == 128 and plan.optimizer_steps_per_rollout == 1
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rl_nodes) == (1, 1, 2)
     assert plan.seq_len == 24
     assert (plan.routing_dtype, plan.routing_bytes_per_token) == ("uint8", 2 * 2 * 1)
@@ -37,11 +37,11 @@ def test_tiny_example() -> None:
     assert plan.train_memory.notes == ("cpu run: not estimated",)
     assert plan.rollout_max_sequences == -1
     screen, adaptive, shaping, flat, history = plan.stage_budgets
-    assert screen.one_time_rollouts == 2000 * 8  # train prompts × k × cost 1 / 1 epoch
-    assert screen.rollouts_per_step == 16000 / 40
+    assert screen.one_time_rollouts == 10000 * 8  # train prompts × k × cost 1 / 1 epoch
+    assert screen.rollouts_per_step == 80000 / 800
     assert adaptive.worst_case_rollouts_per_step == 0.5 * 128  # (budget 1.5 − 1) × 16 × 8
     assert shaping.rollouts_per_step == flat.rollouts_per_step == history.rollouts_per_step == 0
-    assert plan.expected_rollouts_per_step == 128 + 400 + 64
+    assert plan.expected_rollouts_per_step == 128 + 100 + 64
 
 
 def test_single_node_example() -> None:
