@@ -29,7 +29,7 @@ k1 = −d, k2 = d²/2, k3 = eᵈ − d − 1 (Schulman's estimators), added as �
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -217,9 +217,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0) -> dict[str, float]:
-        """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics."""
+    def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0,
+             advantages_from_entropy: Callable[[Tensor], Tensor] | None = None,
+             ) -> dict[str, float]:
+        """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics.
+
+        ``advantages_from_entropy`` replaces the batch's advantages by a function of the old
+        policy's per-token entropy [B, T] (RL-ZVP's token advantages), computed from the
+        old-policy pass this step makes anyway."""
         old_logp, entropy, batch = self._old_pass(batch)
+        if advantages_from_entropy is not None:
+            batch = replace(batch, advantages=advantages_from_entropy(entropy))
         corr = self.algorithm.get("correction") or {"mode": "none"}
         correction = train_inference_correction(
             old_logp, batch.rollout_logp, batch.loss_mask, mode=corr["mode"],

@@ -172,8 +172,10 @@ class TrainerProcess:
         metrics: dict[str, Any] = {}
         if batch.size:
             zvp = payload.get("zvp")
-            if zvp is not None:  # RL-ZVP token advantages need the old policy's entropies
-                _, entropy, _ = self.trainer._old_pass(batch)
+
+            def zvp_advantages(entropy: torch.Tensor) -> torch.Tensor:
+                """RL-ZVP token advantages of the batch's rows (they need the old policy's
+                entropies, which the trainer's old-policy pass provides)."""
                 P, G = zvp["rewards"].shape
                 T = entropy.shape[1]
                 H = torch.zeros((P * G, T))
@@ -183,9 +185,10 @@ class TrainerProcess:
                 adv = rl_zvp_token_advantages(
                     zvp["rewards"], H, M, alpha_zvp=zvp["alpha_zvp"], eps=zvp["eps"],
                     valid=zvp["valid"], flat_sign=zvp["flat_sign"])
-                batch = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                   batch.rollout_logp, adv[zvp["rows"]].float(), routing)
-            metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step)
+                return adv[zvp["rows"]].float()
+
+            metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
+                                        advantages_from_entropy=zvp_advantages if zvp else None)
         self.model.eval()
         from runtime.policy import save_policy
 

@@ -202,3 +202,32 @@ def test_every_response_is_trained_in_near_equal_optimizer_steps(responses: int,
     metrics = trainer.step(make_batch(model, b=responses))
     assert metrics["optimizer_steps"] == steps
     assert sorted(seen) == list(range(responses))
+
+
+def test_token_advantages_come_from_the_same_old_policy_pass() -> None:
+    """RL-ZVP's token advantages are computed from the entropies of the step's own
+    old-policy pass (no second pass): the callback sees exactly those entropies."""
+    model = tiny_model()
+    trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 4, "global_batch_size": 8,
+                      "optimizer": OPT}, vocab_size=32)
+    batch = make_batch(model)
+    _, expected, _ = trainer._old_pass(batch)
+    seen: list[torch.Tensor] = []
+
+    def advantages(entropy: torch.Tensor) -> torch.Tensor:
+        seen.append(entropy.clone())
+        return torch.zeros_like(entropy)  # zero advantages: the policy gradient vanishes
+
+    calls = 0
+    old_pass = trainer._old_pass
+
+    def counting(b):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return old_pass(b)
+
+    trainer._old_pass = counting  # type: ignore[method-assign]
+    metrics = trainer.step(batch, advantages_from_entropy=advantages)
+    assert calls == 1 and len(seen) == 1
+    torch.testing.assert_close(seen[0], expected)
+    assert metrics["loss"] == pytest.approx(0.0, abs=1e-7)
