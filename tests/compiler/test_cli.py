@@ -536,18 +536,31 @@ def _slurm_record(bundle: Path) -> None:
         "convert": {"id": "4242", "state": "SUBMITTED", "log": "logs/4242"}}}))
 
 
-@pytest.mark.skipif(bool(shutil.which("squeue")), reason="needs a machine without Slurm")
-def test_status_of_a_slurm_bundle_without_slurm_is_a_clear_error(bundle_copy: Path) -> None:
+def _without_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A PATH with only a python: Slurm's commands are absent even where Slurm is installed."""
+    bin_dir = tmp_path / "bin-without-slurm"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert shutil.which("squeue") is None and shutil.which("scancel") is None
+
+
+def test_status_of_a_slurm_bundle_without_slurm_is_a_clear_error(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _without_slurm(monkeypatch, tmp_path)
     _slurm_record(bundle_copy)
     result = cli("status", bundle_copy)
     no_traceback(result)
+    assert result.exit_code == 1 and "`squeue` is not available here" in result.stderr
 
 
-@pytest.mark.skipif(bool(shutil.which("scancel")), reason="needs a machine without Slurm")
-def test_cancel_without_slurm_is_a_clear_error(bundle_copy: Path) -> None:
+def test_cancel_without_slurm_is_a_clear_error(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _without_slurm(monkeypatch, tmp_path)
     _slurm_record(bundle_copy)
     result = cli("cancel", bundle_copy)
     no_traceback(result)
+    assert result.exit_code == 1 and "`scancel` is not available here" in result.stderr
 
 
 def test_cancel_of_a_local_run_is_refused(failed_run) -> None:

@@ -64,6 +64,12 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _generator(bundle: Path) -> dict:
+    """The data job's generator settings as compiled (the example's, not hard-coded here)."""
+    return json.loads((bundle / "jobs" / "data" / "config.json").read_text())["spec"]["data"][
+        "generator"]
+
+
 # --------------------------------------------------------------------------- the two jobs
 
 
@@ -76,7 +82,8 @@ def test_data_and_init_jobs_then_rerun_skips(bundle: Path, tmp_path: Path) -> No
     assert {p.name for p in dataset.iterdir()} == {"train.jsonl", "eval.jsonl", "meta.json",
                                                   COMPLETE_MARKER}
     meta = json.loads((dataset / "meta.json").read_text())
-    assert meta["train"]["count"] == 2000 and meta["eval"]["count"] == 200
+    gen = _generator(bundle)
+    assert meta["train"]["count"] == gen["train_size"] and meta["eval"]["count"] == gen["eval_size"]
     assert meta["generator"]["seed"] == 0 and meta["prompt_key"] == "prompt"
     first = json.loads((dataset / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "prompt", "answer", "difficulty"}
@@ -137,7 +144,7 @@ def test_killed_writer_leaves_nothing_complete(bundle: Path, tmp_path: Path) -> 
     assert "removed the partial output" in result.stderr
     assert not list(dataset.parent.glob(".dataset.*"))
     assert is_complete(dataset)
-    assert len((dataset / "train.jsonl").read_text().splitlines()) == 2000
+    assert len((dataset / "train.jsonl").read_text().splitlines()) == _generator(bundle)["train_size"]
 
 
 def test_failure_is_one_line_with_log(bundle: Path, tmp_path: Path) -> None:
@@ -152,7 +159,9 @@ def test_failure_is_one_line_with_log(bundle: Path, tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("rlspec job")]
     log = run / "logs" / "data.log"
-    assert lines == [f"rlspec job data failed: spec.data.generator: train_size + eval_size = 2200 "
+    total = config["spec"]["data"]["generator"]["train_size"] + config["spec"]["data"][
+        "generator"]["eval_size"]
+    assert lines == [f"rlspec job data failed: spec.data.generator: train_size + eval_size = {total} "
                      f"exceeds the 100 distinct prompts of 1–1-digit operands with operations "
                      f"['+'] (log: {log})"]
     assert "Traceback" in log.read_text() and "Traceback" not in result.stderr
