@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SYSSTAMP := $(VENV)/.sysdeps-stamp
 
-.PHONY: demo test lint bench docs golden clean sysdeps
+.PHONY: demo test lint bench docs golden clean sysdeps vllm-table
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,5 +54,13 @@ bench: $(STAMP)
 	$(PY) bench/compile.py
 	$(PY) bench/losses.py
 
+# Re-record the pinned vLLM's `vllm serve` option table that tests/vllm_flags checks bundles
+# against. vLLM (about 9 GB, its own torch) goes into a separate environment, never .venv.
+VLLM_VERSION := 0.33.0
+vllm-table:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q vllm==$(VLLM_VERSION)
+	VLLM_TARGET_DEVICE=cpu .venv-vllm/bin/python tools/vllm_serve_options.py tests/vllm_flags/vllm_serve_options.json
+
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm out .pytest_cache .ruff_cache
