@@ -18,11 +18,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q spec compiler runtime
 	touch $(STAMP)
 
-# Debian packages the tests use: shellcheck for rendered scripts, graphviz for `inspect --graph png`.
+# Debian packages the tests use: shellcheck for rendered scripts, graphviz for `inspect --graph png`,
+# and for tests/slurm a real Slurm 22.05: slurm-wlm (slurmctld, slurmd, clients), slurmdbd with
+# mariadb-server (accounting: `sacct`), munge; `ss` (iproute2) checks what listens. Their system
+# services are not started (a policy-rc.d denies it for the install, unless one already exists):
+# tests/slurm starts private daemons on 127.0.0.1 and stops them.
+SYSPKGS := shellcheck graphviz slurm-wlm slurmdbd munge mariadb-server iproute2
+SYSCMDS := shellcheck dot slurmctld slurmd slurmdbd munged mariadbd ss
 $(SYSSTAMP): $(STAMP)
-	@if ! command -v shellcheck >/dev/null || ! command -v dot >/dev/null; then \
-	  echo "installing shellcheck and graphviz from Debian"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck graphviz) >/dev/null; \
+	@missing=; for c in $(SYSCMDS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing from Debian (missing:$$missing): $(SYSPKGS)"; \
+	  policy=/usr/sbin/policy-rc.d; ours=; \
+	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod 755 $$policy; ours=1; fi; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS)) >/dev/null; \
+	  rc=$$?; if [ -n "$$ours" ]; then rm -f $$policy; fi; exit $$rc; \
 	fi
 	touch $(SYSSTAMP)
 
@@ -38,7 +49,8 @@ demo: $(STAMP)
 
 test: $(SYSSTAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2
+	# loadgroup: the tests of tests/slurm share one cluster, so they run on one worker.
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -86,7 +86,9 @@ def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> lis
                 # The launch script starts its own srun steps; run it once, on the batch host.
                 use_srun=False,
                 stderr_to_stdout=True,
-                additional_parameters={"requeue": True},
+                # A job whose dependency failed is cancelled (DependencyNeverSatisfied)
+                # instead of waiting in the queue for ever.
+                additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes"},
             )
             if res["gpus_per_node"]:
                 params["gpus_per_node"] = res["gpus_per_node"]
@@ -262,6 +264,11 @@ def _last_line(text: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
+# Slurm job states from which a job never runs again.
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+         "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
 def _need(command: str) -> None:
     if shutil.which(command) is None:
         raise BundleError(f"`{command}` is not available here: run this on a Slurm login node")
@@ -296,12 +303,19 @@ def cancel(bundle: str | Path) -> list[str]:
         raise BundleError(f"{root} has not been submitted")
     if record.backend != "slurm":
         raise BundleError("local runs execute in the foreground; stop them with Ctrl-C")
-    ids = [j["id"] for j in record.jobs.values() if j.get("id")]
     _need("scancel")
+    # Jobs that already ended keep their real state (and are not counted as cancelled).
+    live = slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
+    ids = []
+    for job in record.jobs.values():
+        state = live.get(job.get("id") or "", job["state"])
+        if state in ENDED:
+            job["state"] = state
+        else:
+            if job.get("id"):
+                ids.append(job["id"])
+            job["state"] = "CANCELLED"
     if ids:
         subprocess.run(["scancel", *ids], check=False)
-    for job in record.jobs.values():
-        if job["state"] not in ("COMPLETED", "FAILED"):
-            job["state"] = "CANCELLED"
     record.save(root)
     return ids
