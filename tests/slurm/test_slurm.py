@@ -319,3 +319,38 @@ def test_status_reports_jobs_that_died_from_accounting(
     # The bundle's own record knew nothing of this: the states came from sacct.
     record = json.loads((bundle / "submission.json").read_text())
     assert {j["state"] for j in record["jobs"].values()} == {"SUBMITTED"}
+
+
+# --------------------------------------------------------------------------- requeue
+
+
+def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Preemption: Slurm requeues the running RL job (`scontrol requeue`, what a preempting
+    partition does with --requeue); the job starts again and continues after its last
+    complete step — no step logged twice, none skipped — and the run finishes."""
+    steps = 30
+    bundle = tmp_path / "tiny"
+    result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
+                    "--set", f"train.steps={steps}")
+    assert result.returncode == 0, result.stderr
+    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr
+    ids = submitted(bundle)
+    run = bundle / "runs" / "tiny"
+    metrics = run / "artifacts" / "rl" / "metrics.jsonl"
+
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, ("the RL job logged no steps", status(bundle)[1])
+        time.sleep(0.2)
+    slurm_cluster.run("scontrol", "requeue", ids["rl"])
+
+    states = slurm_cluster.wait_finished(list(ids.values()), timeout=400)
+    assert all(states[ids[n]] == "COMPLETED" for n in ORDER), (states, bundle / "logs")
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(steps))
+    history = slurm_cluster.run("sacct", "-n", "-X", "-P", "--duplicates", "-o", "JobID,State",
+                                "-j", ids["rl"])
+    assert "REQUEUED" in history, history  # it did run twice
+    assert "resuming after step" in (run / "logs" / "rl.log").read_text()
