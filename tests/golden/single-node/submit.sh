@@ -3,16 +3,17 @@
 # Do not edit: change the spec and run `rlspec compile` again.
 # Submits every job of the bundle with sbatch, chained by afterok, without rlspec installed.
 # `rlspec submit` does the same through submitit and records the job ids for `rlspec status`.
+# --kill-on-invalid-dep: a job whose dependency failed is cancelled, not left pending for ever.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 mkdir -p logs
-JOB_CONVERT=$(sbatch --parsable jobs/convert/sbatch.sh)
+JOB_CONVERT=$(sbatch --parsable --kill-on-invalid-dep=yes jobs/convert/sbatch.sh)
 echo "convert: $JOB_CONVERT"
-JOB_EVAL_BEFORE=$(sbatch --parsable jobs/eval_before/sbatch.sh)
+JOB_EVAL_BEFORE=$(sbatch --parsable --kill-on-invalid-dep=yes jobs/eval_before/sbatch.sh)
 echo "eval_before: $JOB_EVAL_BEFORE"
-JOB_RL=$(sbatch --parsable --dependency=afterok:"$JOB_CONVERT" jobs/rl/sbatch.sh)
+JOB_RL=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_CONVERT" jobs/rl/sbatch.sh)
 echo "rl: $JOB_RL"
-JOB_EVAL_AFTER=$(sbatch --parsable --dependency=afterok:"$JOB_RL" jobs/eval_after/sbatch.sh)
+JOB_EVAL_AFTER=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_RL" jobs/eval_after/sbatch.sh)
 echo "eval_after: $JOB_EVAL_AFTER"
-JOB_EXPORT=$(sbatch --parsable --dependency=afterok:"$JOB_RL" jobs/export/sbatch.sh)
+JOB_EXPORT=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_RL" jobs/export/sbatch.sh)
 echo "export: $JOB_EXPORT"

@@ -3,22 +3,23 @@
 # Do not edit: change the spec and run `rlspec compile` again.
 # Submits every job of the bundle with sbatch, chained by afterok, without rlspec installed.
 # `rlspec submit` does the same through submitit and records the job ids for `rlspec status`.
+# --kill-on-invalid-dep: a job whose dependency failed is cancelled, not left pending for ever.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 mkdir -p logs
-JOB_DATA=$(sbatch --parsable jobs/data/sbatch.sh)
+JOB_DATA=$(sbatch --parsable --kill-on-invalid-dep=yes jobs/data/sbatch.sh)
 echo "data: $JOB_DATA"
-JOB_INIT=$(sbatch --parsable jobs/init/sbatch.sh)
+JOB_INIT=$(sbatch --parsable --kill-on-invalid-dep=yes jobs/init/sbatch.sh)
 echo "init: $JOB_INIT"
-JOB_SFT=$(sbatch --parsable --dependency=afterok:"$JOB_DATA":"$JOB_INIT" jobs/sft/sbatch.sh)
+JOB_SFT=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_DATA":"$JOB_INIT" jobs/sft/sbatch.sh)
 echo "sft: $JOB_SFT"
-JOB_EVAL_BEFORE=$(sbatch --parsable --dependency=afterok:"$JOB_DATA":"$JOB_SFT" jobs/eval_before/sbatch.sh)
+JOB_EVAL_BEFORE=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_DATA":"$JOB_SFT" jobs/eval_before/sbatch.sh)
 echo "eval_before: $JOB_EVAL_BEFORE"
-JOB_SCREEN=$(sbatch --parsable --dependency=afterok:"$JOB_DATA":"$JOB_SFT" jobs/screen/sbatch.sh)
+JOB_SCREEN=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_DATA":"$JOB_SFT" jobs/screen/sbatch.sh)
 echo "screen: $JOB_SCREEN"
-JOB_RL=$(sbatch --parsable --dependency=afterok:"$JOB_DATA":"$JOB_SCREEN":"$JOB_SFT" jobs/rl/sbatch.sh)
+JOB_RL=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_DATA":"$JOB_SCREEN":"$JOB_SFT" jobs/rl/sbatch.sh)
 echo "rl: $JOB_RL"
-JOB_EVAL_AFTER=$(sbatch --parsable --dependency=afterok:"$JOB_DATA":"$JOB_RL" jobs/eval_after/sbatch.sh)
+JOB_EVAL_AFTER=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_DATA":"$JOB_RL" jobs/eval_after/sbatch.sh)
 echo "eval_after: $JOB_EVAL_AFTER"
-JOB_EXPORT=$(sbatch --parsable --dependency=afterok:"$JOB_RL" jobs/export/sbatch.sh)
+JOB_EXPORT=$(sbatch --parsable --kill-on-invalid-dep=yes --dependency=afterok:"$JOB_RL" jobs/export/sbatch.sh)
 echo "export: $JOB_EXPORT"
