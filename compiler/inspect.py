@@ -129,15 +129,22 @@ def show_job(out: Console, compiled: Compiled, name: str) -> None:
             out.file.write(compiled.files[path])
 
 
+# Slurm states of a job that ran and did not succeed (the job's log says why).
+FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
 def show_status(out: Console, record: Any) -> None:
     table = Table(title=f"jobs ({record.backend})", title_justify="left")
     for col in ("job", "id", "state", "log"):
         table.add_column(col)
     for name, job in record.jobs.items():
-        style = {"COMPLETED": "green", "FAILED": "red", "CANCELLED": "red"}.get(job["state"], "")
+        style = ("green" if job["state"] == "COMPLETED"
+                 else "red" if job["state"] in FAILED_STATES or job["state"] == "CANCELLED" else "")
         table.add_row(name, str(job.get("id") or "-"), f"[{style}]{job['state']}[/]" if style
                       else job["state"], str(job.get("log") or job.get("reason") or "-"))
     out.print(table)
-    failed = [n for n, j in record.jobs.items() if j["state"] == "FAILED"]
+    failed = [n for n, j in record.jobs.items() if j["state"] in FAILED_STATES]
     for name in failed:
-        out.print(f"[red]{name} failed[/]; log: {record.jobs[name].get('log')}")
+        state = record.jobs[name]["state"]
+        why = "" if state == "FAILED" else f" ({state})"
+        out.print(f"[red]{name} failed{why}[/]; log: {record.jobs[name].get('log')}")

@@ -621,3 +621,21 @@ print(sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("state", ["TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"])
+def test_status_names_a_job_that_slurm_ended_abnormally(state: str) -> None:
+    from rich.console import Console
+
+    from compiler.inspect import show_status
+    from compiler.submit import Submission
+
+    record = Submission(backend="slurm", jobs={
+        "sft": {"id": "7", "state": "COMPLETED", "log": "logs/7.out"},
+        "rl": {"id": "8", "state": state, "log": "logs/8.out"},
+        "export": {"id": "9", "state": "CANCELLED", "log": "logs/9.out"}})
+    console = Console(record=True, width=200)
+    show_status(console, record)
+    text = console.export_text()
+    assert f"rl failed ({state}); log: logs/8.out" in text
+    assert "sft failed" not in text and "export failed" not in text
