@@ -1,0 +1,117 @@
+"""Every CPU-only adaptation megatron-core needs, in one place (test support).
+
+megatron-core 0.16.1 assumes CUDA (+ TransformerEngine). Its pure-PyTorch ("local") modules
+do run on CPU once these five things hold; :func:`enable_cpu` arranges the three global ones:
+
+1. ``torch.cuda.current_device`` returns ``torch.device("cpu")`` — routers, experts and
+   rotary embeddings allocate with ``device=torch.cuda.current_device()``.
+2. ``megatron.core.transformer.moe.moe_utils.te_general_gemm = None`` — 0.16.1 only binds that
+   name when TransformerEngine imports, yet every router gemm (`router_gating_linear`) reads it
+   (``NameError`` without TE).
+3. the "CUDA" RNG tracker (``tensor_parallel.random._CUDA_RNG_STATE_TRACKER``, forked by
+   ``DotProductAttention`` and the experts even at dropout 0) keeps CPU generator states:
+   :class:`CpuRNGStatesTracker`. ``model_parallel_cuda_manual_seed`` then works unchanged.
+
+and the caller provides the other two (:mod:`runtime.megatron.model` does):
+
+4. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
+   "file://…")`` — loopback only, never ``env://``) and ``parallel_state`` groups built on it,
+   handed to the model as an explicit ``ProcessGroupCollection``;
+5. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
+   need CUDA streams or DeepEP.
+
+Production code on GPUs never imports this module; the engine calls :func:`enable_cpu` only
+when a spec says ``cluster.devices: cpu`` (today: the tests). The patches are process-wide
+and idempotent; :func:`disable_cpu` undoes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from megatron.core.tensor_parallel import random as _random
+
+__all__ = ["CpuRNGStatesTracker", "cpu_enabled", "disable_cpu", "enable_cpu"]
+
+_saved: dict[str, Any] = {}
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+class CpuRNGStatesTracker(_random.CudaRNGStatesTracker):
+    """megatron's named-RNG-state tracker over the CPU generator (``torch.get_rng_state``)."""
+
+    def add(self, name: str, seed: int) -> None:
+        """Track a new named state seeded with ``seed``; the global CPU state is unchanged."""
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = _random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        """Run the block under state ``name``, then restore the caller's CPU state."""
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def enable_cpu() -> None:
+    """Apply the process-wide CPU patches (1–3 of the module doc); idempotent."""
+    if _saved:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    _saved["rng_tracker"] = (_random._CUDA_RNG_STATE_TRACKER,
+                             _random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    _random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    _saved["current_device"] = torch.cuda.current_device
+    _saved["te_general_gemm"] = getattr(moe_utils, "te_general_gemm", _MISSING)
+    torch.cuda.current_device = _cpu_device  # type: ignore[assignment]
+    if not getattr(moe_utils, "HAVE_TE", False):
+        moe_utils.te_general_gemm = None
+
+
+def disable_cpu() -> None:
+    """Undo :func:`enable_cpu`."""
+    if not _saved:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    torch.cuda.current_device = _saved.pop("current_device")
+    _random._CUDA_RNG_STATE_TRACKER, _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = (
+        _saved.pop("rng_tracker"))
+    gemm = _saved.pop("te_general_gemm")
+    if gemm is _MISSING:
+        if hasattr(moe_utils, "te_general_gemm"):
+            del moe_utils.te_general_gemm
+    else:
+        moe_utils.te_general_gemm = gemm
+
+
+def cpu_enabled() -> bool:
+    """Whether :func:`enable_cpu` is in effect."""
+    return bool(_saved)
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()

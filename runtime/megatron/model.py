@@ -1,0 +1,321 @@
+"""A megatron-core GPTModel that computes exactly what HF ``Qwen3MoeForCausalLM`` computes.
+
+Architecture mapping (``Qwen3MoeConfig`` → ``TransformerConfig`` / ``GPTModel``)::
+
+    num_hidden_layers → num_layers            hidden_size → hidden_size
+    num_attention_heads → num_attention_heads num_key_value_heads → num_query_groups
+    head_dim → kv_channels                    rms_norm_eps → layernorm_epsilon
+    intermediate_size → ffn_hidden_size       moe_intermediate_size → moe_ffn_hidden_size
+    num_experts → num_moe_experts             num_experts_per_tok → moe_router_topk
+    mlp_only_layers → moe_layer_freq (0 = dense, 1 = MoE)
+    rope_parameters.rope_theta → rotary_base  tie_word_embeddings → share_embeddings_and_output_weights
+    attention_bias → add_qkv_bias             (RMSNorm, SwiGLU, qk_layernorm, no linear bias)
+
+Routing: Qwen3 takes p = softmax(router logits), keeps the top-k, and with ``norm_topk_prob``
+renormalises them: w_i = p_i / Σ_topk p_j = softmax over the top-k *logits*. That is Megatron's
+default (``moe_router_pre_softmax=False``: top-k on logits, then softmax). Without
+``norm_topk_prob`` the weights are the raw probabilities: ``moe_router_pre_softmax=True``.
+
+Weight layout (:func:`hf_to_megatron`): ``linear_qkv.weight`` stacks, per query group g,
+[q heads of g (heads/groups · d rows), k_g (d rows), v_g (d rows)] — megatron-core's
+``SelfAttention.get_query_key_value_tensors`` views the output as
+[.., groups, (heads/groups + 2)·d]. Gated ``linear_fc1.weight`` is [gate; up] (the GLU
+chunks the output in two). The full state dict is the TP=1/EP=1 layout;
+:func:`load_hf_weights` slices it for the local rank along the one dim whose size differs
+(column-parallel / vocab: dim 0, row-parallel: dim 1; qkv chunks are whole query groups; the
+gated dense fc1 takes [gate_r; up_r]) and picks experts by expert-parallel rank.
+
+Per-token log-probs follow ``runtime.trainer.sequence_logprobs``: logp[b, t] = log π(x_t | x_<t),
+position 0 is 0; computed from the vocab-parallel logits with
+``tensor_parallel.vocab_parallel_cross_entropy`` (logp = −CE), entropy
+H = log Z − Σ_v p_v z_v with max / sums all-reduced over the tensor-parallel group.
+
+CPU runs need :func:`runtime.megatron.cpu.enable_cpu` first (see that module).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+from transformers import PretrainedConfig
+
+__all__ = [
+    "build_gpt_model",
+    "destroy_parallel",
+    "hf_to_megatron",
+    "init_parallel",
+    "load_hf_weights",
+    "megatron_logprobs",
+    "transformer_config",
+]
+
+
+# --------------------------------------------------------------------------- parallel state
+
+
+def init_parallel(rank: int, world_size: int, init_file: str | os.PathLike[str], *,
+                  tp: int = 1, ep: int = 1, backend: str = "gloo",
+                  seed: int = 1234) -> ProcessGroupCollection:
+    """Join the default group through ``file://`` rendezvous (loopback only), build
+    megatron's tensor/expert-parallel groups, seed megatron's named RNG states
+    (``model_parallel_cuda_manual_seed``) and return the groups as a ``ProcessGroupCollection``."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, init_method=f"file://{os.fspath(init_file)}",
+                                             rank=rank, world_size=world_size)
+    # expert-TP 1: experts are whole on their EP rank (default would be expert-TP = TP)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=1)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _rope_theta(cfg: PretrainedConfig) -> float:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
+                       dtype: torch.dtype = torch.float32,
+                       routing_replay: bool = False) -> TransformerConfig:
+    """The ``TransformerConfig`` of a Qwen3-MoE HF config (mapping in the module doc)."""
+    if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
+        raise NotImplementedError("only default RoPE is converted (no YaRN / scaling yet)")
+    n_layers = int(cfg.num_hidden_layers)
+    dense = set(getattr(cfg, "mlp_only_layers", []) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    freq = [0 if (i in dense or (i + 1) % step) else 1 for i in range(n_layers)]
+    return TransformerConfig(
+        num_layers=n_layers,
+        hidden_size=int(cfg.hidden_size),
+        num_attention_heads=int(cfg.num_attention_heads),
+        num_query_groups=int(cfg.num_key_value_heads),
+        kv_channels=int(cfg.head_dim),
+        ffn_hidden_size=int(cfg.intermediate_size),
+        normalization="RMSNorm",
+        layernorm_epsilon=float(cfg.rms_norm_eps),
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=bool(getattr(cfg, "attention_bias", False)),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # MoE
+        num_moe_experts=int(cfg.num_experts),
+        moe_ffn_hidden_size=int(cfg.moe_intermediate_size),
+        moe_router_topk=int(cfg.num_experts_per_tok),
+        moe_router_pre_softmax=not bool(cfg.norm_topk_prob),
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_layer_freq=freq,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_enable_routing_replay=routing_replay,
+        # parallelism / precision
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        # The local spec's torch RMSNorm (WrappedTorchNorm) refuses sequence parallelism; the
+        # TransformerEngine spec on GPUs would allow it.
+        sequence_parallel=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # weights come from hf_to_megatron
+        # pure-PyTorch paths (no fused kernels)
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
+                    tp: int = 1, ep: int = 1, routing_replay: bool = False) -> GPTModel:
+    """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard."""
+    if int(cfg.num_key_value_heads) % tp or int(cfg.num_experts) % ep:
+        raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
+                         f"ep={ep} the {cfg.num_experts} experts")
+    tcfg = transformer_config(cfg, tp=tp, ep=ep, routing_replay=routing_replay)
+    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
+    return GPTModel(
+        config=tcfg, transformer_layer_spec=spec, vocab_size=int(cfg.vocab_size),
+        max_sequence_length=int(cfg.max_position_embeddings),
+        share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
+        position_embedding_type="rope", rotary_base=_rope_theta(cfg),  # type: ignore[arg-type]
+        parallel_output=True, pg_collection=pg_collection)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def hf_to_megatron(state_dict_hf: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[str, Tensor]:
+    """HF Qwen3-MoE weights → the full (TP=1, EP=1) GPTModel state dict (layout in the module
+    doc). Accepts both the fused in-memory expert layout of transformers 5
+    (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) and the per-expert
+    checkpoint layout (``experts.{e}.{gate,up,down}_proj.weight``)."""
+    sd = state_dict_hf
+    heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
+    hidden = int(cfg.hidden_size)
+    out: dict[str, Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+                              "decoder.final_layernorm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = sd["lm_head.weight"]
+    for i in range(int(cfg.num_hidden_layers)):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = sd[h + "self_attn.q_proj.weight"].view(groups, heads // groups * d, hidden)
+        k = sd[h + "self_attn.k_proj.weight"].view(groups, d, hidden)
+        v = sd[h + "self_attn.v_proj.weight"].view(groups, d, hidden)
+        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, hidden)
+        if cfg.attention_bias:
+            qb = sd[h + "self_attn.q_proj.bias"].view(groups, -1)
+            kb = sd[h + "self_attn.k_proj.bias"].view(groups, d)
+            vb = sd[h + "self_attn.v_proj.bias"].view(groups, d)
+            out[m + "self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb], 1).reshape(-1)
+        out[m + "self_attention.q_layernorm.weight"] = sd[h + "self_attn.q_norm.weight"]
+        out[m + "self_attention.k_layernorm.weight"] = sd[h + "self_attn.k_norm.weight"]
+        out[m + "self_attention.linear_proj.weight"] = sd[h + "self_attn.o_proj.weight"]
+        out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
+        if h + "mlp.gate.weight" not in sd:  # dense layer (mlp_only_layers)
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0)
+            out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
+            continue
+        out[m + "mlp.router.weight"] = sd[h + "mlp.gate.weight"]
+        for e in range(int(cfg.num_experts)):
+            x = f"{m}mlp.experts.local_experts.{e}."
+            if h + "mlp.experts.gate_up_proj" in sd:
+                out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
+                out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
+            else:
+                p = f"{h}mlp.experts.{e}."
+                out[x + "linear_fc1.weight"] = torch.cat(
+                    [sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0)
+                out[x + "linear_fc2.weight"] = sd[p + "down_proj.weight"]
+    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+
+
+def _shard(name: str, full: Tensor, param: Tensor, tp_rank: int) -> Tensor:
+    """This rank's slice of ``full``: the one dim whose size differs from the local parameter
+    (``partition_dim`` is only set when megatron initialises the weights itself)."""
+    dims = [i for i, (a, b) in enumerate(zip(full.shape, param.shape, strict=True)) if a != b]
+    if not dims:
+        return full
+    if len(dims) > 1 or full.shape[dims[0]] % param.shape[dims[0]]:
+        raise ValueError(f"{name}: cannot shard {tuple(full.shape)} into {tuple(param.shape)}")
+    dim, parts = dims[0], full.shape[dims[0]] // param.shape[dims[0]]
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and ".experts." not in name:
+        # gated dense MLP: each rank holds [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(parts, 0)[tp_rank], up.chunk(parts, 0)[tp_rank]], 0)
+    # qkv: contiguous chunks are whole query groups (needs groups % tp == 0)
+    return full.chunk(parts, dim=dim)[tp_rank]
+
+
+def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
+                    cfg: PretrainedConfig) -> None:
+    """Convert HF weights (:func:`hf_to_megatron`) and copy this rank's shard into ``model``.
+    Expert e on expert-parallel rank r is global expert r · (E / ep) + e."""
+    full = hf_to_megatron(state_dict_hf, cfg)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    n_local = int(cfg.num_experts) // ep
+    missing = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = name
+            if ".local_experts." in name:
+                head, tail = name.split(".local_experts.")
+                e, rest = tail.split(".", 1)
+                key = f"{head}.local_experts.{ep_rank * n_local + int(e)}.{rest}"
+            if key not in full:
+                missing.append(name)
+                continue
+            src = _shard(name, full[key], param, tp_rank)
+            if src.shape != param.shape:
+                raise ValueError(f"{name}: converted shape {tuple(src.shape)} != {tuple(param.shape)}")
+            param.copy_(src.to(param.dtype))
+    if missing:
+        raise KeyError(f"no converted weight for {missing}")
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def _attention_mask(attention_mask: Tensor) -> Tensor:
+    """Megatron's boolean mask [B, 1, T, T], True = masked: causal ∪ padded keys."""
+    t = attention_mask.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    return ~allowed[:, None]
+
+
+def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor, *,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) [B, T] — ``runtime.trainer.sequence_logprobs``'s
+    convention: logp[b, t] = log softmax(z_{b, t−1})[x_{b, t}], position 0 is 0.
+
+    ``z`` are this rank's vocab shard [B, T, V/tp]; logp = −``vocab_parallel_cross_entropy``.
+    Entropy (no grad): H = log Z − Σ_v softmax(z)_v z_v with log Z = m + log Σ exp(z − m),
+    m, Σ all-reduced over the tensor-parallel group. Positions: cumsum(mask) − 1 (so left
+    padding works); padded keys are masked out.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, position_ids=position_ids,
+                   attention_mask=_attention_mask(attention_mask))  # [B, T, V/tp]
+    z = logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    # vocab_parallel_cross_entropy is [s, b] or [b, s] agnostic: it works on the last dim.
+    nll = tensor_parallel.vocab_parallel_cross_entropy(z.contiguous(), target)
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logp[:, 1:] = -nll
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros_like(logp)
+        with torch.no_grad():
+            entropy[:, 1:] = _vocab_parallel_entropy(z)
+    return logp, entropy
+
+
+def _vocab_parallel_entropy(z: Tensor) -> Tensor:
+    group = parallel_state.get_tensor_model_parallel_group()
+    distributed = parallel_state.get_tensor_model_parallel_world_size() > 1
+    m = z.max(-1, keepdim=True).values
+    if distributed:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(z - m)
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+    if distributed:
+        torch.distributed.all_reduce(sums, group=group)
+    s, ez = sums[0], sums[1]
+    return m.squeeze(-1) + torch.log(s) - ez / s
+
