@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-
 from tests.megatron._worker import REPO, run
 
 pytestmark = pytest.mark.megatron

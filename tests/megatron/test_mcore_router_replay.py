@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-
 from tests.megatron._worker import batch, tiny_hf_policy
 
 pytestmark = pytest.mark.megatron
