@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from compiler.api import Compiled
+from compiler.submit import FAILED_STATES
 
 
 def _gb(x: float) -> str:
@@ -127,10 +128,6 @@ def show_job(out: Console, compiled: Compiled, name: str) -> None:
             out.print(Syntax(compiled.files[path], lexer, word_wrap=True))
         else:  # piped: the file exactly as written
             out.file.write(compiled.files[path])
-
-
-# Slurm states of a job that ran and did not succeed (the job's log says why).
-FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
 def show_status(out: Console, record: Any) -> None:

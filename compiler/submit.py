@@ -264,9 +264,10 @@ def _last_line(text: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
-# Slurm job states from which a job never runs again.
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+# Slurm states of a job that ran and did not succeed (the job's log says why), and the
+# states from which a job never runs again.
+FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+ENDED = ("COMPLETED", "CANCELLED", "PREEMPTED", *FAILED_STATES)
 
 
 def _need(command: str) -> None:

@@ -476,9 +476,6 @@ class RLDriver:
             correct.append(context.correctness(group))
         return float(np.concatenate(correct).mean()) if correct else 0.0
 
-    def _finished_after(self, state: DriverState, step: int) -> bool:
-        return step + 1 >= self.steps or self._over_budget(state.pipeline.ledger)
-
     def _over_budget(self, ledger: Any) -> bool:
         return self.budget is not None and ledger.generated >= self.budget
 
@@ -553,11 +550,12 @@ class RLDriver:
             raw = np.concatenate([g.raw_rewards for g in all_groups]) if all_groups else np.zeros(0)
             correct = (np.concatenate([pipeline.ctx.correctness(g) for g in all_groups])
                        if all_groups else np.zeros(0))
+            last = step + 1 >= self.steps or self._over_budget(pipeline.ledger)
             payload = self._batch(state, batch, shape, pad_id)
             batch_id = uuid.uuid4().hex
             payload.update(step=step, batch_id=batch_id, version=step,
                            optimizer_steps=state.optimizer_steps,
-                           last=step + 1 >= self.steps or self._over_budget(pipeline.ledger))
+                           last=last)
             tmp = paths.batch(step).with_name(f".batch-{step}.pt.partial-{batch_id[:8]}")
             torch.save(payload, tmp)
             os.replace(tmp, paths.batch(step))
@@ -568,8 +566,7 @@ class RLDriver:
             led = batch.ledger
             wall = time.monotonic() - t0
             evaluated = None
-            if self.eval_every and ((step + 1) % self.eval_every == 0
-                                    or self._finished_after(state, step)):
+            if self.eval_every and ((step + 1) % self.eval_every == 0 or last):
                 evaluated = self._evaluate(tokenizer, reward, pipeline.ctx)
             line = {
                 "step": step,

@@ -17,6 +17,7 @@ from compiler.bundle import BundleError, write_bundle
 from compiler.graph import GraphError, Job, _link, build_graph
 from compiler.plan import make_plan
 from spec.errors import SpecError
+from tests.helpers import SLURM_STUBS, write_stubs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -214,13 +215,7 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
 # --------------------------------------------------------------------------- node split
 
 STUBS = {
-    # scontrol show hostnames: the allocation's 24 nodes.
-    "scontrol": 'for i in $(seq 0 23); do echo "node-$i"; done',
-    # srun: one task per node of --nodelist, SLURM_PROCID = index, like Slurm would.
-    "srun": """
-hosts=""; while [[ $1 == --* ]]; do case $1 in --nodelist=*) hosts=${1#--nodelist=};; esac; shift; done
-IFS=, read -r -a H <<< "$hosts"; i=0
-for h in "${H[@]}"; do SLURM_PROCID=$i SLURMD_NODENAME=$h "$@" & i=$((i+1)); done; wait""",
+    **SLURM_STUBS,
     "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"; sleep 2',
     "vllm": 'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; sleep 2',
     # The driver: records its environment, then finishes the run.
@@ -230,14 +225,10 @@ for h in "${H[@]}"; do SLURM_PROCID=$i SLURMD_NODENAME=$h "$@" & i=$((i+1)); don
 
 def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> None:
     out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
+    bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
     record.mkdir()
-    for name, body in STUBS.items():
-        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
+           "RLSPEC_TEST_NODES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
            "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
            "WANDB_API_KEY": "z"}
     result = subprocess.run(["bash", "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,

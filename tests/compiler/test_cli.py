@@ -27,6 +27,7 @@ from typer.testing import CliRunner, Result
 from compiler import __version__
 from compiler import cli as cli_module
 from compiler.cli import app
+from tests.helpers import status_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny" / "spec.yaml"
@@ -93,16 +94,6 @@ def closure(manifest: dict, roots: set[str]) -> set[str]:
                 found.add(name)
                 changed = True
     return found
-
-
-def status_rows(text: str) -> dict[str, list[str]]:
-    """job → cells of the status table."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
-        if len(cells) == 4 and cells[0] and cells[0] != "job":
-            rows[cells[0]] = cells
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import status_rows
 from tests.slurm.conftest import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
@@ -68,16 +69,6 @@ def submitted(bundle: Path) -> dict[str, str]:
 def depends_on(bundle: Path) -> dict[str, list[str]]:
     manifest = json.loads((bundle / "manifest.json").read_text())
     return {name: job["depends_on"] for name, job in manifest["jobs"].items()}
-
-
-def status_rows(text: str) -> dict[str, list[str]]:
-    """job → cells (job, id, state, log) of `rlspec status`'s table."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
-        if len(cells) == 4 and cells[0] and cells[0] != "job":
-            rows[cells[0]] = cells
-    return rows
 
 
 def status(bundle: Path) -> tuple[dict[str, list[str]], str]:

@@ -20,6 +20,7 @@ import pytest
 
 from compiler.api import compile_spec
 from compiler.bundle import write_bundle
+from tests.helpers import SLURM_STUBS, write_stubs
 
 pytestmark = pytest.mark.vllm_flags
 
@@ -32,11 +33,7 @@ SPECS = [ROOT / "examples" / "single-node.yaml", ROOT / "examples" / "compassmax
          *sorted((ROOT / "tests" / "compiler" / "recipes").glob("*.yaml"))]
 
 STUBS = {
-    "scontrol": 'for ((i = 0; i < RLSPEC_TEST_NODES; i++)); do echo "node-$i"; done',
-    "srun": """
-hosts=""; while [[ $1 == --* ]]; do case $1 in --nodelist=*) hosts=${1#--nodelist=};; esac; shift; done
-IFS=, read -r -a H <<< "$hosts"; i=0
-for h in "${H[@]}"; do SLURM_PROCID=$i SLURMD_NODENAME=$h "$@" & i=$((i+1)); done; wait""",
+    **SLURM_STUBS,
     "torchrun": "sleep 2",
     # argv exactly, one NUL-terminated argument after another, one file per call.
     "vllm": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; sleep 2',
@@ -83,12 +80,8 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path) -> list[list[str]]:
     compiled = compile_spec(spec)
     manifest = json.loads(compiled.files["manifest.json"])
     out = write_bundle(compiled.files, tmp_path / "bundle")
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
+    bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
     record.mkdir()
-    for name, body in STUBS.items():
-        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
     nodes = manifest["jobs"]["rl"]["resources"]["nodes"]
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42",
