@@ -155,11 +155,26 @@ class Trainer:
         opt = train["optimizer"]
         self.opt_cfg = opt
         self.total_optimizer_steps = max(1, total_optimizer_steps)
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=opt["lr"], betas=(opt["adam_beta1"], opt["adam_beta2"]),
-            eps=opt["adam_eps"], weight_decay=opt["weight_decay"],
-        )
+        self.optimizer = self._build_optimizer()
         self.optimizer_steps = 0
+
+    def _build_optimizer(self) -> Any:
+        """AdamW with Megatron's parameter groups: biases and 1-D parameters (norms) get no
+        weight decay, every other parameter ``weight_decay``."""
+        opt = self.opt_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": opt["weight_decay"]},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=opt["lr"],
+                                 betas=(opt["adam_beta1"], opt["adam_beta2"]), eps=opt["adam_eps"])
+
+    def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, *,
+                  with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs (and entropies) of the policy (``sequence_logprobs``)."""
+        return sequence_logprobs(self.model, input_ids, attention_mask, with_entropy=with_entropy)
 
     # ------------------------------------------------------------------ replay
 
@@ -186,15 +201,15 @@ class Trainer:
                 length = mb.input_ids.shape[1]
                 if self.replay_mode == "r2":
                     with self.replay.recording() as rec:  # type: ignore[union-attr]
-                        logp, h = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                                    with_entropy=True)
+                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask,
+                                                 with_entropy=True)
                     ids = rec.trace.ids.reshape(len(index), length, *rec.trace.ids.shape[1:])
                     traces.extend(RoutingTrace(ids[i], rec.trace.num_experts)
                                   for i in range(len(index)))
                 else:
                     with self._routing(mb.routing):
-                        logp, h = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                                    with_entropy=True)
+                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask,
+                                                 with_entropy=True)
                 old[index, :length] = logp
                 ent[index, :length] = h  # type: ignore[assignment]
         if self.replay_mode == "r2":
@@ -244,6 +259,7 @@ class Trainer:
             for mini in order.tensor_split(self.mini_batches(batch.size)):
                 self._optimizer_step(batch, mini, old_logp, entropy, mask, token_weight,
                                      ref_logp, sums, counts)
+        self._reduce_metrics(sums, counts)
         valid = batch.loss_mask
         n = valid.sum().clamp(min=1)
         metrics = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
@@ -252,6 +268,9 @@ class Trainer:
         metrics["train_inference_gap"] = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
         metrics["optimizer_steps"] = float(self.optimizer_steps)
         return metrics
+
+    def _reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> None:
+        """Combine the metric sums of all processes that share the step (one here)."""
 
     def mini_batches(self, responses: int) -> int:
         """Optimizer steps per epoch for ``responses``: B / G rounded half up, at least 1."""
@@ -271,42 +290,63 @@ class Trainer:
                 ref[index, : mb.input_ids.shape[1]] = logp
         return ref
 
-    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
-                        sums, counts) -> None:
-        token_mean = self.loss_name in TOKEN_MEAN_LOSSES
-        total_tokens = float(mask[mini].sum())
-        total_responses = float((mask[mini].sum(1) > 0).sum())
-        denom = max(total_tokens if token_mean else total_responses, 1.0)
+    def _share(self, m: Tensor) -> float:
+        """What a (micro-)batch with loss mask ``m`` counts in its loss's mean: tokens for a
+        token-mean loss, non-empty responses for a sequence-mean one."""
+        if self.loss_name in TOKEN_MEAN_LOSSES:
+            return float(m.sum())
+        return float((m.sum(1) > 0).sum())
+
+    def _lr(self) -> float:
         opt = self.opt_cfg
         lr = learning_rate(self.optimizer_steps, total=self.total_optimizer_steps, lr=opt["lr"],
                            min_lr=opt["min_lr"], warmup=opt["warmup_steps"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        return lr
+
+    def _micro_loss(self, logp: Tensor, index: Tensor, mb: TrainBatch, old_logp: Tensor,
+                    entropy: Tensor, mask: Tensor, token_weight: Tensor,
+                    ref_logp: Tensor | None, total_tokens: float, denom: float,
+                    sums: dict[str, float], counts: dict[str, float]) -> Tensor:
+        """The micro-batch's loss *sum*: loss · share (+ β · Σ kl · denom / tokens), so that
+        Σ over the mini-batch's micro-batches / denom is the mini-batch loss (module doc).
+        Adds the micro-batch's metrics to ``sums`` / ``counts``."""
+        length = mb.input_ids.shape[1]
+        m = mask[index, :length]
+        share = self._share(m)
+        out = compute_loss(
+            self.loss_name, self.loss_params, logp=logp, old_logp=old_logp[index, :length],
+            advantages=mb.advantages, mask=m, entropy=entropy[index, :length],
+            vocab_size=self.vocab_size, token_weight=token_weight[index, :length])
+        loss = out.loss * share if share else logp.sum() * 0.0  # no NaN from an empty mean
+        if ref_logp is not None:
+            kl_cfg = self.algorithm["kl"]
+            kl = kl_penalty(logp, ref_logp[index, :length], kl_cfg["estimator"])
+            kl_sum = (kl * m).sum()
+            loss = loss + kl_cfg["coefficient"] * kl_sum * (denom / max(total_tokens, 1.0))
+            sums["kl"] = sums.get("kl", 0.0) + float(kl_sum.detach())
+            counts["kl"] = counts.get("kl", 0.0) + float(m.sum())
+        for key, value in out.metrics.items():
+            if share:
+                sums[key] = sums.get(key, 0.0) + value * share
+                counts[key] = counts.get(key, 0.0) + share
+        return loss
+
+    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
+                        sums, counts) -> None:
+        total_tokens = float(mask[mini].sum())
+        denom = max(self._share(mask[mini]), 1.0)
+        lr = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
         for index in self._micro_batches(mini, batch):
             mb = batch.select(index)
-            length = mb.input_ids.shape[1]
-            m = mask[index, :length]
             with self._routing(mb.routing):
-                logp, _ = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask)
-            out = compute_loss(
-                self.loss_name, self.loss_params, logp=logp, old_logp=old_logp[index, :length],
-                advantages=mb.advantages, mask=m, entropy=entropy[index, :length],
-                vocab_size=self.vocab_size, token_weight=token_weight[index, :length])
-            share = float(m.sum()) if token_mean else float((m.sum(1) > 0).sum())
-            loss = out.loss * (share / denom)
-            if ref_logp is not None:
-                kl_cfg = self.algorithm["kl"]
-                kl = kl_penalty(logp, ref_logp[index, :length], kl_cfg["estimator"])
-                kl_mean = (kl * m).sum() / max(total_tokens, 1.0)
-                loss = loss + kl_cfg["coefficient"] * kl_mean
-                sums["kl"] = sums.get("kl", 0.0) + float(kl_mean.detach()) * total_tokens
-                counts["kl"] = counts.get("kl", 0.0) + total_tokens
-            loss.backward()
-            for key, value in out.metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * share
-                counts[key] = counts.get(key, 0.0) + share
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), opt["clip_grad"])
+                logp, _ = self._logprobs(mb.input_ids, mb.attention_mask)
+            loss = self._micro_loss(logp, index, mb, old_logp, entropy, mask, token_weight,
+                                    ref_logp, total_tokens, denom, sums, counts)
+            (loss / denom).backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg["clip_grad"])
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1
         sums["lr"], counts["lr"] = lr, 1.0

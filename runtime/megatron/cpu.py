@@ -1,7 +1,8 @@
 """Every CPU-only adaptation megatron-core needs, in one place (test support).
 
-megatron-core 0.16.1 assumes CUDA (+ TransformerEngine). Its pure-PyTorch ("local") modules
-do run on CPU once these five things hold; :func:`enable_cpu` arranges the three global ones:
+megatron-core 0.16.1 assumes CUDA (+ TransformerEngine). Its pure-PyTorch ("local") modules,
+DDP, distributed optimizer and schedules do run on CPU once these seven things hold;
+:func:`enable_cpu` arranges the five global ones:
 
 1. ``torch.cuda.current_device`` returns ``torch.device("cpu")`` — routers, experts and
    rotary embeddings allocate with ``device=torch.cuda.current_device()``.
@@ -11,13 +12,20 @@ do run on CPU once these five things hold; :func:`enable_cpu` arranges the three
 3. the "CUDA" RNG tracker (``tensor_parallel.random._CUDA_RNG_STATE_TRACKER``, forked by
    ``DotProductAttention`` and the experts even at dropout 0) keeps CPU generator states:
    :class:`CpuRNGStatesTracker`. ``model_parallel_cuda_manual_seed`` then works unchanged.
+4. the modules that allocate small bookkeeping tensors with a literal ``device="cuda"`` (the
+   schedules' token count, the optimizer's found-inf / scale tensors, the grad-norm
+   all-reduce) see a ``torch`` whose factories map ``"cuda"`` to the CPU
+   (:data:`_CUDA_LITERAL_MODULES`; every other attribute is the real ``torch``).
+5. ``Tensor.type()`` without arguments names CPU tensors as CUDA ones
+   (``torch.FloatTensor`` → ``torch.cuda.FloatTensor``): the optimizers accept parameters
+   by that name only.
 
 and the caller provides the other two (:mod:`runtime.megatron.model` does):
 
-4. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
+6. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
    "file://…")`` — loopback only, never ``env://``) and ``parallel_state`` groups built on it,
    handed to the model as an explicit ``ProcessGroupCollection``;
-5. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
+7. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
    need CUDA streams or DeepEP.
 
 Production code on GPUs never imports this module; the engine calls :func:`enable_cpu` only
@@ -28,7 +36,10 @@ and idempotent; :func:`disable_cpu` undoes them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import importlib
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +48,47 @@ from megatron.core.tensor_parallel import random as _random
 __all__ = ["CpuRNGStatesTracker", "cpu_enabled", "disable_cpu", "enable_cpu"]
 
 _saved: dict[str, Any] = {}
+
+# Modules of megatron-core 0.16.1 with ``device="cuda"`` literals on the training path.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+)
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by :data:`_CUDA_LITERAL_MODULES`: factories put "cuda" tensors on
+    the CPU; any other attribute is the real module's."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+        device = kwargs.get("device")
+        if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
+def _tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``Tensor.type`` that names a CPU tensor as its CUDA type when asked for its name."""
+    name = _saved["tensor_type"](self, *args, **kwargs)
+    if args or kwargs or self.device.type != "cpu":
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
 
 
 def _cpu_device() -> torch.device:
@@ -87,6 +139,15 @@ def enable_cpu() -> None:
     if not getattr(moe_utils, "HAVE_TE", False):
         moe_utils.te_general_gemm = None
 
+    cpu_torch = _CpuTorch()
+    _saved["torch_of"] = {}
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        _saved["torch_of"][name] = module.torch
+        module.torch = cpu_torch
+    _saved["tensor_type"] = torch.Tensor.type
+    torch.Tensor.type = _tensor_type  # type: ignore[method-assign, assignment]
+
 
 def disable_cpu() -> None:
     """Undo :func:`enable_cpu`."""
@@ -95,6 +156,9 @@ def disable_cpu() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = _saved.pop("current_device")
+    for name, real in _saved.pop("torch_of").items():
+        importlib.import_module(name).torch = real
+    torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
     _random._CUDA_RNG_STATE_TRACKER, _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = (
         _saved.pop("rng_tracker"))
     gemm = _saved.pop("te_general_gemm")

@@ -51,10 +51,12 @@ from transformers import PretrainedConfig
 __all__ = [
     "build_gpt_model",
     "destroy_parallel",
+    "gather_full_state_dict",
     "hf_to_megatron",
     "init_parallel",
     "load_hf_weights",
     "megatron_logprobs",
+    "megatron_to_hf",
     "transformer_config",
 ]
 
@@ -319,3 +321,100 @@ def _vocab_parallel_entropy(z: Tensor) -> Tensor:
     s, ez = sums[0], sums[1]
     return m.squeeze(-1) + torch.log(s) - ez / s
 
+
+
+# --------------------------------------------------------------------------- export
+
+# Tensor-parallel split of the GPTModel parameters the local spec shards (experts are whole on
+# their expert-parallel rank: expert-TP 1); every other parameter is replicated.
+_TP_DIM0 = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight",
+            "output_layer.weight")
+_TP_DIM1 = ("linear_proj.weight",)
+
+
+def _tp_dim(name: str) -> int | None:
+    if ".local_experts." in name:
+        return None
+    if name.endswith(_TP_DIM0) or name.endswith("mlp.linear_fc1.weight"):
+        return 0
+    if name.endswith(_TP_DIM1) or name.endswith("mlp.linear_fc2.weight"):
+        return 1
+    return None
+
+
+def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
+    """The full (TP=1, EP=1) state dict, on every rank: tensor-parallel shards all-gathered
+    along their split dim (the gated dense fc1 as [gate; up] of the rank-wise [gate_r; up_r]),
+    local experts all-gathered over the expert-parallel group and renumbered globally.
+    Collective: every rank of the model must call it."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    ep_group = parallel_state.get_expert_model_parallel_group()
+    n_local = int(model.config.num_moe_experts or 0) // ep
+    out: dict[str, Tensor] = {}
+    for name, param in model.named_parameters():
+        t = param.detach()
+        dim = _tp_dim(name)
+        if dim is not None and tp > 1:
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
+            if name.endswith("mlp.linear_fc1.weight"):  # [gate_r; up_r] per rank
+                halves = [p.chunk(2, 0) for p in parts]
+                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+            else:
+                t = torch.cat(parts, dim)
+        if ".local_experts." in name:
+            head, tail = name.split(".local_experts.")
+            e, rest = tail.split(".", 1)
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            if ep > 1:
+                torch.distributed.all_gather(parts, t.contiguous(), group=ep_group)
+            else:
+                parts = [t]
+            for r, part in enumerate(parts):
+                out[f"{head}.local_experts.{r * n_local + int(e)}.{rest}"] = part.clone()
+            continue
+        out[name] = t.clone()
+    return out
+
+
+def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[str, Tensor]:
+    """Inverse of :func:`hf_to_megatron`: a full GPTModel state dict → HF Qwen3-MoE weights in
+    the fused expert layout of transformers 5 (``experts.gate_up_proj`` [E, 2I, H],
+    ``experts.down_proj`` [E, H, I])."""
+    heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
+    hidden, q_rows = int(cfg.hidden_size), heads // groups * d
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
+                              "model.norm.weight": full["decoder.final_layernorm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = full["output_layer.weight"]
+    for i in range(int(cfg.num_hidden_layers)):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = full[m + "self_attention.linear_qkv.weight"].view(groups, q_rows + 2 * d, hidden)
+        out[h + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, hidden)
+        out[h + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + d].reshape(-1, hidden)
+        out[h + "self_attn.v_proj.weight"] = qkv[:, q_rows + d:].reshape(-1, hidden)
+        if cfg.attention_bias:
+            b = full[m + "self_attention.linear_qkv.bias"].view(groups, q_rows + 2 * d)
+            out[h + "self_attn.q_proj.bias"] = b[:, :q_rows].reshape(-1)
+            out[h + "self_attn.k_proj.bias"] = b[:, q_rows:q_rows + d].reshape(-1)
+            out[h + "self_attn.v_proj.bias"] = b[:, q_rows + d:].reshape(-1)
+        out[h + "self_attn.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
+        out[h + "self_attn.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
+        out[h + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"]
+        out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
+        if m + "mlp.router.weight" not in full:  # dense layer
+            gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, 0)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+            out[h + "mlp.down_proj.weight"] = full[m + "mlp.linear_fc2.weight"]
+            continue
+        out[h + "mlp.gate.weight"] = full[m + "mlp.router.weight"]
+        x = f"{m}mlp.experts.local_experts."
+        experts = range(int(cfg.num_experts))
+        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+            [full[f"{x}{e}.linear_fc1.weight"] for e in experts])
+        out[h + "mlp.experts.down_proj"] = torch.stack(
+            [full[f"{x}{e}.linear_fc2.weight"] for e in experts])
+    return {k: t.detach().clone().contiguous() for k, t in out.items()}

@@ -2,14 +2,18 @@
 tests.megatron._worker RANK WORLD_SIZE TP EP WORKDIR``.
 
 Builds the tiny example's HF Qwen3-MoE (seed 0), the Megatron model on this rank's shard,
-computes per-token log-probs / entropies with both and saves them to WORKDIR/rank{RANK}.pt.
+computes per-token log-probs / entropies with both, exports the Megatron shards back to HF
+weights and saves it all to WORKDIR/rank{RANK}.pt.
 Rendezvous: ``file://WORKDIR/rendezvous`` over gloo (loopback only).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,29 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 12
+
+
+def launch(module: str, world_size: int, args: Sequence[str], workdir: Path,
+           timeout: float = 300.0) -> list[Any]:
+    """Run ``python -m module RANK WORLD_SIZE *args`` for every rank (one thread each) and
+    return each rank's ``workdir/rank{r}.pt``; a failed rank fails with its output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", module, str(r), str(world_size), *args],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world_size)]
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{outputs[r][-4000:]}"
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
 def tiny_hf_policy(seed: int = 0) -> Any:
@@ -69,7 +96,9 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> dict[str
             ref, ref_h = sequence_logprobs(hf, ids, mask, with_entropy=True)
             got, got_h = mm.megatron_logprobs(model, ids, mask, with_entropy=True)
         assert ref_h is not None and got_h is not None
-        return {"ref": ref, "ref_h": ref_h, "got": got, "got_h": got_h, "mask": scored(mask)}
+        exported = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        return {"ref": ref, "ref_h": ref_h, "got": got, "got_h": got_h, "mask": scored(mask),
+                "hf": hf.state_dict(), "exported": exported}
     finally:
         mm.destroy_parallel()
 

@@ -1,4 +1,5 @@
-"""megatron-core GPTModel vs HF Qwen3MoeForCausalLM: same weights, same per-token log-probs.
+"""megatron-core GPTModel vs HF Qwen3MoeForCausalLM: same weights, same per-token log-probs;
+the export back to HF weights (``gather_full_state_dict`` → ``megatron_to_hf``) is exact.
 
 Tolerance: fp32 on CPU, max |Δ logp| ≤ 1e-4 and max |Δ entropy| ≤ 1e-4 over every scored
 position (measured ≈ 1e-6: the two differ only in summation order).
@@ -6,15 +7,12 @@ position (measured ≈ 1e-6: the two differ only in summation order).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.megatron._worker import REPO, run
+from tests.megatron._worker import launch, run
 
 pytestmark = pytest.mark.megatron
 
@@ -30,6 +28,10 @@ def _check(out: dict[str, torch.Tensor]) -> None:
     assert d_ent <= ATOL, f"max |Δ entropy| = {d_ent:.3g}"
     # position 0 and padded positions carry nothing
     assert torch.all(out["got"][:, 0] == 0)
+    # export: the shards gathered and converted back are the HF weights, bit for bit
+    assert out["exported"].keys() == out["hf"].keys()
+    for key, value in out["hf"].items():
+        assert torch.equal(out["exported"][key], value), key
 
 
 @pytest.mark.usefixtures("megatron_cpu")
@@ -42,25 +44,8 @@ def test_world_size_2_matches_hf(tmp_path: Path, tp: int, ep: int) -> None:
     """Two processes, gloo over file:// rendezvous. TP=2 splits attention (one query group
     per rank) and the vocabulary (no sequence parallelism: torch RMSNorm refuses it); EP=2
     puts 4 of the 8 experts on each rank; expert-TP is 1 (whole experts)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.megatron._worker", str(r), "2", str(tp), str(ep),
-         str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in range(2)]
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=240)
-            outputs.append(out.decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{outputs[r][-4000:]}"
-    for r in range(2):
-        _check(torch.load(tmp_path / f"rank{r}.pt"))
+    for out in launch("tests.megatron._worker", 2, [str(tp), str(ep), str(tmp_path)], tmp_path):
+        _check(out)
 
 
 @pytest.mark.usefixtures("megatron_cpu")

@@ -1,0 +1,289 @@
+"""The Megatron-core trainer: ``runtime.trainer.Trainer``'s RL step on a megatron-core GPTModel.
+
+Same algorithm, same losses (``runtime.losses.compute_loss`` through ``Trainer._micro_loss``),
+same metrics; what changes is where the work runs:
+
+* the model is megatron-core's ``DistributedDataParallel`` over the GPTModel of
+  ``runtime.megatron.model``, the optimizer ``get_megatron_optimizer`` (Adam; the distributed
+  optimizer shards its state over data-parallel ranks when ``train.optimizer.distributed``);
+* each optimizer step runs ``get_forward_backward_func()`` over this data-parallel rank's
+  micro-batches with ``calculate_per_token_loss``: a micro-batch's loss function returns the
+  loss *sum* (loss · share) and its share (tokens or responses); ``finalize_model_grads``
+  sums the gradients over data-parallel ranks and divides by the all-reduced share, so the
+  gradient is the mini-batch loss's exactly as in the embedded trainer, whatever the
+  micro-batch size or data-parallel degree;
+* micro-batches of a mini-batch (length-balanced as in ``Trainer``) go round-robin to the
+  data-parallel ranks. Every rank runs the same number of forwards on equal shapes, padded
+  (all-reduced max rows × length; dummy rows carry no loss): expert parallelism all-gathers
+  tokens in every MoE layer, which needs equal token counts across ranks;
+* the old-policy pass is split the same way and its log-probs, entropies and (R2) recorded
+  experts are summed over data-parallel ranks, so every rank holds the whole batch's;
+* router replay is megatron-core's ``RouterReplay`` (``runtime.megatron.replay``): R2 records
+  in the old-policy pass, R3 and R2 replay in the update.
+
+Unsupported here, refused at construction: pipeline and context parallelism, and tensor
+parallelism in training without TransformerEngine (megatron-core's MoE layer requires
+sequence parallelism when training under TP, and its local torch norm refuses sequence
+parallelism). Tensor parallelism works for the forward (``runtime.megatron.model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from runtime.megatron.model import megatron_logprobs
+from runtime.megatron.replay import MegatronReplay, from_megatron_layout
+from runtime.router_replay import RoutingTrace
+from runtime.trainer import TrainBatch, Trainer
+
+__all__ = ["MegatronTrainer"]
+
+
+class MegatronTrainer(Trainer):
+    """Applies the spec's ``algorithm`` to a megatron-core GPTModel, one RL step at a time.
+
+    ``model`` is this rank's shard (``build_gpt_model``, with ``routing_replay=True`` for
+    r2/r3); parallel state must be initialised. ``algorithm`` / ``train`` as for ``Trainer``.
+    """
+
+    def __init__(self, model: GPTModel, *, algorithm: dict[str, Any], train: dict[str, Any],
+                 vocab_size: int, replay_mode: str = "off", total_optimizer_steps: int = 1,
+                 length_balancing: bool = True) -> None:
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("the Megatron trainer does not run pipeline parallelism yet")
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 and not _have_te():
+            raise NotImplementedError(
+                "training an MoE model under tensor parallelism needs sequence parallelism, "
+                "which needs TransformerEngine's norm; use expert/data parallelism here")
+        config = model.config
+        config.calculate_per_token_loss = True  # before DDP: gradients are summed, not averaged
+        distributed = bool(train["optimizer"].get("distributed", True))
+        ddp = DistributedDataParallel(
+            config=config, module=model,
+            ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ddp.no_sync
+        self.module = model
+        self.distributed_optimizer = distributed
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        replay = MegatronReplay() if replay_mode != "off" else None
+        super().__init__(ddp, algorithm=algorithm, train=train, vocab_size=vocab_size,
+                         replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
+                         total_optimizer_steps=total_optimizer_steps,
+                         length_balancing=length_balancing)
+
+    # ------------------------------------------------------------------ engine hooks
+
+    def _build_optimizer(self) -> Any:
+        opt, config = self.opt_cfg, self.module.config
+        return get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=opt["lr"], min_lr=opt["min_lr"],
+                            weight_decay=opt["weight_decay"], adam_beta1=opt["adam_beta1"],
+                            adam_beta2=opt["adam_beta2"], adam_eps=opt["adam_eps"],
+                            clip_grad=opt["clip_grad"], bf16=bool(config.bf16),
+                            params_dtype=config.params_dtype,
+                            use_distributed_optimizer=self.distributed_optimizer),
+            [self.model])
+
+    def _lr(self) -> float:
+        """``Trainer``'s schedule; weight decay per group as megatron's own scheduler sets it
+        (``wd_mult`` 0 for biases and 1-D parameters, the groups ``Trainer`` also exempts)."""
+        lr = super()._lr()
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.opt_cfg["weight_decay"] * group.get("wd_mult", 1.0)
+        return lr
+
+    def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, *,
+                  with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        return megatron_logprobs(self.model, input_ids, attention_mask,  # type: ignore[arg-type]
+                                 with_entropy=with_entropy)
+
+    def _reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> None:
+        if self.dp == 1:
+            return
+        gathered: list[Any] = [None] * self.dp
+        torch.distributed.all_gather_object(gathered, (sums, counts), group=self.dp_group)
+        sums.clear()
+        counts.clear()
+        for rank_sums, rank_counts in gathered:
+            for key, value in rank_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0.0) + rank_counts[key]
+
+    # ------------------------------------------------------------------ data-parallel split
+
+    def _shard(self, rows: Tensor, batch: TrainBatch) -> Iterator[tuple[Tensor, TrainBatch,
+                                                                        TrainBatch]]:
+        """This rank's micro-batches of ``rows``: (index, real, padded) — ``real`` the rows
+        ``index`` padded to the common length, ``padded`` that plus dummy rows up to the
+        common row count. Every rank yields the same number, with the same shapes."""
+        micro = list(self._micro_batches(rows, batch))
+        mine = micro[self.dp_rank::self.dp]
+        count = _all_max([len(mine)])[0]
+        for i in range(count):
+            index = mine[i] if i < len(mine) else rows[:0]
+            own = int(batch.attention_mask[index].sum(1).max()) if len(index) else 1
+            n_rows, length = _all_max([len(index), own])
+            real = _pad_columns(batch.select(index), length) if len(index) else None
+            yield index, real, _pad_rows(real, batch, n_rows, length)  # type: ignore[misc]
+
+    def _old_pass(self, batch: TrainBatch) -> tuple[Tensor, Tensor, TrainBatch]:
+        """``Trainer._old_pass`` split over data-parallel ranks, then summed over them."""
+        B, T = batch.input_ids.shape
+        old = torch.zeros(B, T)
+        ent = torch.zeros(B, T)
+        layers = len(self.replay) if self.replay_mode == "r2" else 0  # type: ignore[arg-type]
+        top_k = int(self.module.config.moe_router_topk or 1)
+        ids = torch.zeros(B, T, layers, top_k, dtype=torch.long)  # expert id + 1; 0 = none
+        self.model.eval()
+        with torch.no_grad():
+            for index, _, mb in self._shard(torch.arange(B), batch):
+                n, length = len(index), mb.input_ids.shape[1]
+                if self.replay_mode == "r2":
+                    with self.replay.recording() as records:  # type: ignore[union-attr]
+                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
+                    got = from_megatron_layout(records, mb.size, length)
+                    ids[index, :length] = got[:n].long() + 1
+                else:
+                    with self._routing(mb.routing):
+                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
+                old[index, :length] = logp[:n]
+                ent[index, :length] = h[:n]  # type: ignore[index]
+        if self.dp > 1:
+            for t in (old, ent, ids):
+                torch.distributed.all_reduce(t, group=self.dp_group)
+        if self.replay_mode == "r2":
+            filler = torch.arange(top_k).expand_as(ids)
+            recorded = torch.where(ids > 0, ids - 1, filler)
+            batch = replace(batch, routing=RoutingTrace(
+                recorded, int(self.module.config.num_moe_experts), mask=None))
+        return old, ent, batch
+
+    # ------------------------------------------------------------------ the update
+
+    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
+                        sums, counts) -> None:
+        if ref_logp is not None:
+            raise NotImplementedError("KL to a reference model is not wired for Megatron yet")
+        total_tokens = float(mask[mini].sum())
+        denom = max(self._share(mask[mini]), 1.0)
+        lr = self._lr()
+        self.model.zero_grad_buffer()  # type: ignore[operator]
+        self.optimizer.zero_grad()
+        micro = list(self._shard(mini, batch))
+
+        def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
+            index, real, padded = next(data)
+            with self._routing(padded.routing):
+                logp, _ = megatron_logprobs(model, padded.input_ids, padded.attention_mask)
+
+            def loss_func(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+                n = len(index)
+                if not n:  # a dummy micro-batch: backward must still run (MoE collectives)
+                    return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
+                loss = self._micro_loss(output[:n], index, real, old_logp, entropy, mask,
+                                        token_weight, ref_logp, total_tokens, denom, sums, counts)
+                share = self._share(mask[index, : real.input_ids.shape[1]])
+                return loss, torch.tensor(int(share), dtype=torch.int), {}
+
+            return logp, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
+            num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
+            micro_batch_size=micro[0][2].size, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm or 0.0) / self.dp
+        counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0 / self.dp
+        sums["lr"], counts["lr"] = lr / self.dp, 1.0 / self.dp
+        self.optimizer_steps += 1
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _all_max(values: list[int]) -> list[int]:
+    """Element-wise max over all ranks (every rank must call it with as many values)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
+    """Right-pad a micro-batch to ``length`` positions (padding is masked out everywhere)."""
+    extra = length - mb.input_ids.shape[1]
+    if extra <= 0:
+        return mb
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, extra))
+
+    routing = mb.routing
+    if routing is not None:
+        k = routing.top_k
+        ids = torch.cat([routing.ids, torch.arange(k, dtype=routing.ids.dtype).expand(
+            mb.size, extra, routing.num_layers, k)], 1)
+        trace_mask = routing.mask if routing.mask is not None else torch.ones(
+            mb.size, mb.input_ids.shape[1], dtype=torch.bool)
+        routing = RoutingTrace(ids, routing.num_experts, pad(trace_mask))
+    adv = mb.advantages if mb.advantages.dim() == 1 else pad(mb.advantages)
+    return TrainBatch(pad(mb.input_ids), pad(mb.attention_mask), pad(mb.loss_mask),
+                      pad(mb.rollout_logp), adv, routing)
+
+
+def _pad_rows(real: TrainBatch | None, batch: TrainBatch, rows: int, length: int) -> TrainBatch:
+    """``real`` plus dummy rows up to ``rows``: one attended token (no empty softmax), no loss,
+    filler routing."""
+    n = 0 if real is None else real.size
+    extra = rows - n
+    ids = torch.zeros(extra, length, dtype=batch.input_ids.dtype)
+    attn = torch.zeros(extra, length, dtype=batch.attention_mask.dtype)
+    attn[:, 0] = 1
+    loss_mask = torch.zeros(extra, length, dtype=batch.loss_mask.dtype)
+    logp = torch.zeros(extra, length, dtype=batch.rollout_logp.dtype)
+    adv = torch.zeros((extra,) + ((length,) if batch.advantages.dim() == 2 else ()),
+                      dtype=batch.advantages.dtype)
+    routing = None
+    if batch.routing is not None:
+        k, layers = batch.routing.top_k, batch.routing.num_layers
+        filler = torch.arange(k, dtype=batch.routing.ids.dtype).expand(extra, length, layers, k)
+        dummy = RoutingTrace(filler.clone(), batch.routing.num_experts,
+                             torch.zeros(extra, length, dtype=torch.bool))
+        routing = dummy if real is None else RoutingTrace(
+            torch.cat([real.routing.ids, dummy.ids]), dummy.num_experts,  # type: ignore[union-attr]
+            torch.cat([_trace_mask(real), dummy.mask]))  # type: ignore[list-item]
+    if real is None:
+        return TrainBatch(ids, attn, loss_mask, logp, adv, routing)
+    return TrainBatch(torch.cat([real.input_ids, ids]), torch.cat([real.attention_mask, attn]),
+                      torch.cat([real.loss_mask, loss_mask]), torch.cat([real.rollout_logp, logp]),
+                      torch.cat([real.advantages, adv]), routing)
+
+
+def _trace_mask(mb: TrainBatch) -> Tensor:
+    trace = mb.routing
+    assert trace is not None
+    return trace.mask if trace.mask is not None else torch.ones(trace.token_shape, dtype=torch.bool)

@@ -1,0 +1,94 @@
+"""R2 / R3 through megatron-core's own ``RouterReplay`` (``moe_enable_routing_replay``).
+
+Layouts. Our traces (``runtime.router_replay.RoutingTrace``) are batch-major: ids
+[B, T, L, k], token (b, t) of MoE layer l. megatron-core's routers see hidden states
+[T, B, H] flattened sequence-major, so layer l's replay tensor is
+
+    target_l = ids[:, :, l, :].transpose(0, 1).reshape(T · B, k)      (row t · B + b)
+
+and a record [T · B, k] maps back the same way. Without sequence parallelism every
+tensor-parallel rank routes all T · B tokens of its micro-batch, so every rank gets the
+whole tensor (the CPU path refuses sequence parallelism; see ``runtime.megatron.model``).
+
+Masked positions. megatron-core replays every token, the embedded replay only the masked-in
+ones. A trace's False positions are therefore filled with experts 0..k−1, which is exact only
+where no loss or later position reads them: padding and each sequence's last position (see
+``runtime.router_replay.align_routing``). That holds when each row's mask is True on a prefix
+and False after it; any other mask (``prompt_start`` > 0 without a prefix) is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+from torch import Tensor
+
+from runtime.router_replay import RoutingMismatch, RoutingTrace
+
+__all__ = ["MegatronReplay", "from_megatron_layout", "to_megatron_layout"]
+
+
+def to_megatron_layout(trace: RoutingTrace) -> list[Tensor]:
+    """Per MoE layer, the [T · B, k] long tensor megatron-core replays (module doc)."""
+    ids = trace.ids.long()
+    if ids.dim() != 4:
+        raise RoutingMismatch(f"need a batch trace [B, T, L, k], got {tuple(ids.shape)}")
+    b, t, layers, k = ids.shape
+    if trace.mask is not None:
+        mask = trace.mask
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise RoutingMismatch(
+                "megatron-core's RouterReplay replays every token, but this trace lacks the "
+                "experts of positions inside a sequence (rollouts with prompt_start > 0 and no "
+                "prefix); request routed experts from the first prompt token")
+        filler = torch.arange(k).expand(b, t, layers, k)
+        ids = torch.where(mask[:, :, None, None], ids, filler)
+    return [ids[:, :, i, :].transpose(0, 1).reshape(t * b, k).contiguous() for i in range(layers)]
+
+
+def from_megatron_layout(per_layer: list[Tensor], batch: int, length: int) -> Tensor:
+    """Records [T · B, k] per layer → ids [B, T, L, k] (inverse of :func:`to_megatron_layout`)."""
+    return torch.stack([r.view(length, batch, -1).transpose(0, 1) for r in per_layer], dim=2)
+
+
+class MegatronReplay:
+    """``RouterReplayGroup``'s interface (``replaying``, ``recording``) over megatron-core's
+    global ``RouterReplay`` instances of one model (one per MoE layer, in layer order)."""
+
+    def __init__(self) -> None:
+        if not RouterReplay.global_router_replay_instances:
+            raise RuntimeError("build the model with routing_replay=True "
+                               "(moe_enable_routing_replay) for router replay")
+
+    def __len__(self) -> int:
+        return len(RouterReplay.global_router_replay_instances)
+
+    @contextmanager
+    def replaying(self, trace: RoutingTrace) -> Iterator[MegatronReplay]:
+        """Forwards inside the block route every token to the trace's experts."""
+        layers = to_megatron_layout(trace)
+        if len(layers) != len(self):
+            raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has {len(self)}")
+        RouterReplay.set_replay_data(layers)
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        try:
+            yield self
+        finally:
+            RouterReplay.clear_global_router_replay_action()
+            RouterReplay.clear_global_indices()  # set_replay_data also queues for backward
+
+    @contextmanager
+    def recording(self) -> Iterator[list[Tensor]]:
+        """Record the experts of the forward inside the block; the yielded list holds the
+        per-layer [T · B, k] records afterwards (see :func:`from_megatron_layout`)."""
+        records: list[Tensor] = []
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        try:
+            yield records
+            records.extend(r.clone() for r in RouterReplay.get_recorded_data())
+        finally:
+            RouterReplay.clear_global_router_replay_action()
+            RouterReplay.clear_global_indices()

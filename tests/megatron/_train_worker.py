@@ -1,0 +1,123 @@
+"""One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
+tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS``.
+
+Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
+the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
+Adam with weight decay, TIS correction. Each rank saves to WORKDIR/rank{RANK}.pt the
+embedded trainer's updated HF weights and metrics, the Megatron trainer's (exported to HF
+through ``gather_full_state_dict`` → ``megatron_to_hf``) and the export of the untouched
+Megatron model. Rendezvous: ``file://WORKDIR/rendezvous`` over gloo (loopback only).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.megatron._worker import tiny_hf_policy
+
+ALGO: dict[str, Any] = {
+    "espo": {"alpha": 0.02, "high_entropy_fraction": 0.2},
+    "grpo": {"clip_low": 0.2, "clip_high": 0.28},
+    "correction": {"mode": "tis", "cap": 2.0}, "kl": {"coefficient": 0.0, "estimator": "k3"},
+}
+TRAIN: dict[str, Any] = {
+    "micro_batch_size": 2, "global_batch_size": 5,
+    "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.98,
+                  "adam_eps": 1e-8, "weight_decay": 0.1, "clip_grad": 1.0, "warmup_steps": 1,
+                  "distributed": True},
+}
+EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
+
+
+def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
+    """B responses of varying length (right-padded), 4 prompt tokens each, the engine's
+    log-probs = the policy's + noise, sequence advantages; with r3 the experts of another
+    policy (the last real position and padding unmasked, as ``align_routing``)."""
+    from runtime.router_replay import RoutingTrace, patch_qwen3_moe
+    from runtime.trainer import TrainBatch, sequence_logprobs
+
+    g = torch.Generator().manual_seed(11)
+    vocab = int(model.config.vocab_size)
+    lengths = torch.randint(7, t + 1, (b,), generator=g)
+    attn = torch.arange(t)[None] < lengths[:, None]
+    ids = torch.where(attn, torch.randint(1, vocab, (b, t), generator=g), 0)
+    loss_mask = attn & (torch.arange(t)[None] >= 4)
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(model, ids, attn)
+    # The engine's experts: another policy's routing, so that replaying them differs from
+    # routing freely from the first forward on.
+    engine = tiny_hf_policy(seed=1)
+    group = patch_qwen3_moe(engine)
+    with torch.no_grad(), group.recording() as rec:
+        sequence_logprobs(engine, ids, attn)
+    rollout = (logp + 0.05 * torch.randn(b, t, generator=g)) * loss_mask
+    adv = torch.randn(b, generator=g)
+    routing = None
+    if replay == "r3":
+        trace_ids = rec.trace.ids.reshape(b, t, *rec.trace.ids.shape[1:])
+        mask = attn.clone()
+        mask[torch.arange(b), lengths - 1] = False
+        routing = RoutingTrace(trace_ids, int(model.config.num_experts), mask)
+    return TrainBatch(ids, attn, loss_mask, rollout, adv, routing)
+
+
+def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str,
+        loss: str) -> dict[str, Any]:
+    from runtime.megatron.cpu import enable_cpu
+
+    enable_cpu()
+    from runtime.megatron import model as mm
+    from runtime.megatron.engine import MegatronTrainer
+    from runtime.router_replay import patch_qwen3_moe
+    from runtime.trainer import Trainer
+
+    torch.manual_seed(0)
+    hf = tiny_hf_policy()
+    batch = rl_batch(hf, replay)
+    algorithm = {**ALGO, "loss": loss}
+    vocab = int(hf.config.vocab_size)
+
+    embedded = copy.deepcopy(hf)
+    group = patch_qwen3_moe(embedded) if replay != "off" else None
+    ref = Trainer(embedded, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
+                  replay_mode=replay, replay=group, total_optimizer_steps=TOTAL_STEPS)
+    ref_metrics = ref.step(batch, epochs=EPOCHS, seed=SEED)
+    free = None  # the control: the same step routing freely
+    if replay != "off":
+        control = copy.deepcopy(hf)
+        Trainer(control, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
+                total_optimizer_steps=TOTAL_STEPS).step(batch, epochs=EPOCHS, seed=SEED)
+        free = control.state_dict()
+
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
+    try:
+        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, routing_replay=replay != "off")
+        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
+                                  replay_mode=replay, total_optimizer_steps=TOTAL_STEPS)
+        metrics = trainer.step(batch, epochs=EPOCHS, seed=SEED)
+        trained = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        return {"hf": hf.state_dict(), "initial": initial, "ref": embedded.state_dict(),
+                "got": trained, "free": free, "ref_metrics": ref_metrics, "metrics": metrics,
+                "lr": TRAIN["optimizer"]["lr"]}
+    finally:
+        mm.destroy_parallel()
+
+
+def main(argv: list[str]) -> None:
+    warnings.filterwarnings("ignore")
+    rank, world_size, tp, ep = (int(a) for a in argv[:4])
+    workdir, replay, loss = Path(argv[4]), argv[5], argv[6]
+    torch.set_num_threads(1)
+    torch.save(run(rank, world_size, tp, ep, workdir, replay, loss), workdir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
