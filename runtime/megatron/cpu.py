@@ -1,8 +1,8 @@
 """Every CPU-only adaptation megatron-core needs, in one place (test support).
 
 megatron-core 0.16.1 assumes CUDA (+ TransformerEngine). Its pure-PyTorch ("local") modules,
-DDP, distributed optimizer and schedules do run on CPU once these seven things hold;
-:func:`enable_cpu` arranges the five global ones:
+DDP, distributed optimizer, schedules and distributed checkpoints do run on CPU once these
+eight things hold; :func:`enable_cpu` arranges the six global ones:
 
 1. ``torch.cuda.current_device`` returns ``torch.device("cpu")`` — routers, experts and
    rotary embeddings allocate with ``device=torch.cuda.current_device()``.
@@ -19,13 +19,15 @@ DDP, distributed optimizer and schedules do run on CPU once these seven things h
 5. ``Tensor.type()`` without arguments names CPU tensors as CUDA ones
    (``torch.FloatTensor`` → ``torch.cuda.FloatTensor``): the optimizers accept parameters
    by that name only.
+6. ``torch.cuda.synchronize`` is a no-op (the checkpoint writer syncs before copying tensors;
+   the CPU has no streams to wait for).
 
 and the caller provides the other two (:mod:`runtime.megatron.model` does):
 
-6. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
+7. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
    "file://…")`` — loopback only, never ``env://``) and ``parallel_state`` groups built on it,
    handed to the model as an explicit ``ProcessGroupCollection``;
-7. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
+8. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
    need CUDA streams or DeepEP.
 
 Production code on GPUs never imports this module; the engine calls :func:`enable_cpu` only
@@ -95,6 +97,10 @@ def _cpu_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _no_sync(device: Any = None) -> None:
+    return None
+
+
 class CpuRNGStatesTracker(_random.CudaRNGStatesTracker):
     """megatron's named-RNG-state tracker over the CPU generator (``torch.get_rng_state``)."""
 
@@ -134,6 +140,8 @@ def enable_cpu() -> None:
     _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
     _saved["current_device"] = torch.cuda.current_device
+    _saved["synchronize"] = torch.cuda.synchronize
+    torch.cuda.synchronize = _no_sync  # type: ignore[assignment]
     _saved["te_general_gemm"] = getattr(moe_utils, "te_general_gemm", _MISSING)
     torch.cuda.current_device = _cpu_device  # type: ignore[assignment]
     if not getattr(moe_utils, "HAVE_TE", False):
@@ -156,6 +164,7 @@ def disable_cpu() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = _saved.pop("current_device")
+    torch.cuda.synchronize = _saved.pop("synchronize")
     for name, real in _saved.pop("torch_of").items():
         importlib.import_module(name).torch = real
     torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]

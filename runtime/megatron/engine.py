@@ -29,12 +29,13 @@ parallelism). Tensor parallelism works for the forward (``runtime.megatron.model
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -51,6 +52,10 @@ from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch, Trainer
 
 __all__ = ["MegatronTrainer"]
+
+# The distributed optimizer's shards saved as they are: parallel save and load, reshardable
+# over data-parallel ranks ("fully_reshardable" would also allow other TP/PP/EP layouts).
+_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class MegatronTrainer(Trainer):
@@ -127,6 +132,32 @@ class MegatronTrainer(Trainer):
             for key, value in rank_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
                 counts[key] = counts.get(key, 0.0) + rank_counts[key]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """A Megatron distributed checkpoint (``dist_checkpointing``) of model and optimizer
+        state (the distributed optimizer's shards included) and the optimizer-step count.
+        Collective: every rank calls it with the same (shared) directory, which must exist."""
+        model_sd = self.module.sharded_state_dict()
+        dist_checkpointing.save({"model": model_sd,
+                                 "optimizer": self.optimizer.sharded_state_dict(
+                                     model_sd, metadata=_CKPT_METADATA),
+                                 "optimizer_steps": self.optimizer_steps}, os.fspath(directory))
+
+    def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (collective)."""
+        _set_adam_step(self.optimizer, 0)
+        model_sd = self.module.sharded_state_dict()
+        state = dist_checkpointing.load(
+            {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(
+                model_sd, is_loading=True, metadata=_CKPT_METADATA), "optimizer_steps": 0},
+            os.fspath(directory))
+        with torch.no_grad():  # fp32 main params are views of the parameters themselves
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        _set_adam_step(self.optimizer, self.optimizer_steps)  # not restored by the loader
 
     # ------------------------------------------------------------------ data-parallel split
 
@@ -215,6 +246,22 @@ class MegatronTrainer(Trainer):
         counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0 / self.dp
         sums["lr"], counts["lr"] = lr / self.dp, 1.0 / self.dp
         self.optimizer_steps += 1
+
+
+def _set_adam_step(optimizer: Any, step: int) -> None:
+    """Set torch Adam's per-parameter ``step`` (its bias correction), creating zero moments
+    where the state is still empty. Without Apex or TransformerEngine the distributed
+    optimizer's state dict reads ``step`` from that state, which torch only creates at the
+    first step, and the dp-reshardable loader restores the moments but not ``step``; every
+    parameter takes every optimizer step, so ``step`` is the optimizer-step count."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                state["step"] = torch.tensor(float(step))
+                state.setdefault("exp_avg", torch.zeros_like(p.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
 
 
 def _have_te() -> bool:

@@ -1,5 +1,6 @@
 """One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
-tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS``.
+tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS`` (REPLAY ``resume``:
+the checkpoint round trip of :func:`run_resume` instead).
 
 Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
@@ -111,12 +112,54 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
         mm.destroy_parallel()
 
 
+def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> dict[str, Any]:
+    """Step, save a Megatron checkpoint, step again (A); a fresh trainer of other weights loads
+    the checkpoint and takes the second step (B). A and B must end equal: the checkpoint holds
+    weights, the distributed optimizer's Adam moments and the step count."""
+    from runtime.megatron.cpu import enable_cpu
+
+    enable_cpu()
+    from runtime.megatron import model as mm
+    from runtime.megatron.engine import MegatronTrainer
+
+    torch.manual_seed(0)
+    hf = tiny_hf_policy()
+    first, second = rl_batch(hf, "off"), rl_batch(tiny_hf_policy(seed=2), "off")
+    algorithm = {**ALGO, "loss": "espo"}
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
+    try:
+        def trainer(weights: Any) -> tuple[Any, Any]:
+            model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep)
+            mm.load_hf_weights(model, weights.state_dict(), hf.config)
+            return model, MegatronTrainer(model, algorithm=algorithm, train=TRAIN,
+                                          vocab_size=int(hf.config.vocab_size),
+                                          total_optimizer_steps=TOTAL_STEPS)
+
+        model_a, a = trainer(hf)
+        a.step(first, epochs=EPOCHS, seed=SEED)
+        ckpt = workdir / "checkpoint"
+        ckpt.mkdir(exist_ok=True)
+        a.save_checkpoint(ckpt)
+        a.step(second, epochs=EPOCHS, seed=SEED + 1)
+        model_b, b = trainer(tiny_hf_policy(seed=3))
+        b.load_checkpoint(ckpt)
+        steps_after_load = b.optimizer_steps
+        b.step(second, epochs=EPOCHS, seed=SEED + 1)
+        return {"a": mm.megatron_to_hf(mm.gather_full_state_dict(model_a), hf.config),
+                "b": mm.megatron_to_hf(mm.gather_full_state_dict(model_b), hf.config),
+                "steps_after_load": steps_after_load, "steps": b.optimizer_steps}
+    finally:
+        mm.destroy_parallel()
+
+
 def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep = (int(a) for a in argv[:4])
     workdir, replay, loss = Path(argv[4]), argv[5], argv[6]
     torch.set_num_threads(1)
-    torch.save(run(rank, world_size, tp, ep, workdir, replay, loss), workdir / f"rank{rank}.pt")
+    out = (run_resume(rank, world_size, tp, ep, workdir) if replay == "resume"
+           else run(rank, world_size, tp, ep, workdir, replay, loss))
+    torch.save(out, workdir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ its weights, exported to HF, must equal the embedded trainer's:
     max |Δθ| ≤ 2e-5 while the step moves weights by ≈ 3.5e-3 (fp32; measured ≤ 5e-6,
     summation order only), and the loss and ratio metrics agree to 1e-4 relative.
 
+A Megatron checkpoint resumes the step exactly.
+
 EP = 2 runs two processes (gloo, file:// rendezvous): data parallelism 2, four of the eight
 experts per rank, the optimizer state sharded over both. R2 / R3 go through megatron-core's
 ``RouterReplay``; the R3 trace is another policy's routing, so the control (the same step
@@ -63,3 +65,15 @@ def test_expert_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, lo
         _check(out)
     # data-parallel ranks end with the same weights
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
+def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
+    """A Megatron distributed checkpoint (dist_checkpointing, the distributed optimizer's
+    shards dp-reshardable) restores weights, Adam moments and step: a trainer of other weights
+    that loads it takes the next step exactly as the one that saved it (EP = 2, DP = 2)."""
+    outs = launch("tests.megatron._train_worker", 2, ["1", "2", str(tmp_path), "resume", "-"],
+                  tmp_path)
+    assert (tmp_path / "checkpoint" / "metadata.json").is_file()
+    for out in outs:
+        assert out["steps_after_load"] == 4 and out["steps"] == 8
+        assert _max_diff(out["a"], out["b"]) == 0.0
