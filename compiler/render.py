@@ -46,6 +46,19 @@ def _shell_path(artifact: Artifact) -> str:
     return '"$RLSPEC_RUN_DIR"/' + _quote(artifact.path)
 
 
+# system.weight_sync → the backend of vLLM 0.33's `--weight-transfer-config` (`WeightTransferConfig`,
+# whose one field `backend` must name an engine of `WeightTransferEngineFactory`). `disk` has no
+# transfer engine: vLLM reloads the checkpoint folder through `/collective_rpc reload_weights`
+# (runtime.rollout.weight_transfer), so it passes no config.
+VLLM_WEIGHT_TRANSFER_BACKENDS = {"nccl": "nccl", "ipc": "ipc"}
+
+
+def vllm_weight_transfer_config(weight_sync: str) -> str | None:
+    """The JSON value of `vllm serve --weight-transfer-config` for `weight_sync` (None: no flag)."""
+    backend = VLLM_WEIGHT_TRANSFER_BACKENDS.get(weight_sync)
+    return None if backend is None else json.dumps({"backend": backend}, separators=(",", ":"))
+
+
 def _dot_id(value: str) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -84,7 +97,8 @@ def environment() -> jinja2.Environment:
         comment_end_string="##}",
     )
     env.filters.update(q=_quote, shell_path=_shell_path, dot_id=_dot_id,
-                       tojson_sorted=_json, to_yaml=_yaml)
+                       tojson_sorted=_json, to_yaml=_yaml,
+                       vllm_weight_transfer_config=vllm_weight_transfer_config)
     return env
 
 

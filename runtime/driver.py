@@ -18,8 +18,8 @@ pipeline) → rewards (``build_reward``; with ``system.reward_overlap`` each chu
 prompts is scored as soon as its completions arrive while the others still generate) →
 ``pipeline.process`` → group advantages (+ RL-ZVP token advantages of reshaped groups,
 computed by the trainer, which has the old policy's entropies) → TrainBatch tensors →
-``batch-<s>.pt`` → wait for ``done-<s>.json`` → ``update_weights(weights/v<s+1>)`` on
-every engine → one metrics line → state saved.
+``batch-<s>.pt`` → wait for ``done-<s>.json`` → load ``weights/v<s+1>`` into every engine
+(``runtime.rollout.weight_transfer.driver_weight_transfer``) → one metrics line → state saved.
 
 End: after ``train.steps`` steps, or after the step whose rollouts bring the run's total
 to ``train.rollout_budget`` (the batch of that step is marked ``last`` for the trainer).
@@ -290,6 +290,11 @@ class RLDriver:
         self.adv_eps = float(adv.get("eps", 1e-6))
         self.alpha_zvp = float(adv.get("alpha_zvp", 0.1))
         self.overlap = bool((self.spec.get("system") or {}).get("reward_overlap", False))
+        from runtime.rollout.weight_transfer import driver_weight_transfer
+
+        self.weight_transfer, note = driver_weight_transfer(self.spec)
+        if note:
+            self.log.warning(note)
 
     # ----------------------------------------------------------------- setup
     def _tokenizer(self) -> Any:
@@ -534,7 +539,8 @@ class RLDriver:
         self.client.wait_ready(timeout=self.startup_timeout_s,
                                model_root=str(self.ctx.input_path("policy_sft")))
         if state.step > 0:  # the engines start from policy_sft: load the last weights
-            self.client.update_weights(str(paths.version(state.step)), str(state.step))
+            self.weight_transfer.push(self.client, str(state.step),
+                                      path=str(paths.version(state.step)))
         writer = _tensorboard(paths.root / "tensorboard", self.log)
         bar = _progress(self.steps, state.step)
         prompts_per_step = int(self.rollout["prompts_per_step"])
@@ -562,7 +568,8 @@ class RLDriver:
             done = self._wait_done(step, batch_id)
             paths.batch(step).unlink(missing_ok=True)
             tm = done.get("metrics") or {}
-            self.client.update_weights(str(paths.version(step + 1)), str(step + 1))
+            self.weight_transfer.push(self.client, str(step + 1),
+                                      path=str(paths.version(step + 1)))
             led = batch.ledger
             wall = time.monotonic() - t0
             evaluated = None

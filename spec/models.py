@@ -680,7 +680,10 @@ class System(Section):
         0, description="Policy versions a rollout may lag (0: synchronous on-policy)."
     )
     weight_sync: Literal["nccl", "ipc", "disk"] = Field(
-        "nccl", description="How new weights reach the rollout engines."
+        "nccl",
+        description="How new weights reach the rollout engines: nccl and ipc are vLLM's "
+        "transfer engines (`--weight-transfer-config`), disk reloads each step's checkpoint "
+        "folder. The embedded engine always reads from disk.",
     )
 
 

@@ -12,11 +12,20 @@ string the table records whether it takes a value, and what the parser itself ch
 the value: ``choices`` (for ``--quantization``, vLLM's list of methods, which it checks
 after parsing) and an ``int``/``float`` type. `tests/vllm_flags` checks every flag a
 rendered bundle passes to `vllm serve` against this table.
+
+Under ``weight_transfer`` it also records what `runtime.rollout.weight_transfer` and the
+`--weight-transfer-config` value depend on, from the same installed vLLM: the fields of
+`WeightTransferConfig`, the backends registered with the worker- and trainer-side
+factories, the fields of the NCCL and IPC init / update-info dataclasses (type, required),
+the RL routes (`vllm/entrypoints/rl/online/api_router.py`, plus the dev `/collective_rpc`)
+and the parameters of the workers' `reload_weights` (the path reload).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -64,11 +73,63 @@ def option_table() -> dict[str, Any]:
             "options": dict(sorted(options.items()))}
 
 
+def _type_text(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
+def _dataclass_fields(cls: Any) -> dict[str, Any]:
+    return {f.name: {"type": _type_text(f.type),
+                     "required": (f.default is dataclasses.MISSING
+                                  and f.default_factory is dataclasses.MISSING)}
+            for f in dataclasses.fields(cls)}
+
+
+def weight_transfer_facts() -> dict[str, Any]:
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.config.weight_transfer import WeightTransferConfig
+    from vllm.distributed.weight_transfer.factory import (
+        WeightTransferEngineFactory,
+        WeightTransferTrainerFactory,
+    )
+    from vllm.distributed.weight_transfer.ipc_engine import (
+        IPCWeightTransferInitInfo,
+        IPCWeightTransferUpdateInfo,
+    )
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLWeightTransferInitInfo,
+        NCCLWeightTransferUpdateInfo,
+    )
+    from vllm.entrypoints.rl.online.api_router import router as rl_router
+    from vllm.entrypoints.serve.dev.rpc.api_router import router as rpc_router
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    routes = {r.path: sorted(r.methods) for router in (rl_router, rpc_router)
+              for r in router.routes}
+    # The workers' reload_weights(*args, **kwargs) forwards to this function after
+    # (vllm_config, model).
+    reload_params = [p for p in inspect.signature(reload_weights).parameters
+                     if p not in ("vllm_config", "model")]
+    return {
+        "config_option": "--weight-transfer-config",
+        "config_fields": _dataclass_fields(WeightTransferConfig),
+        # The worker side (what `backend` must name) and the trainer side.
+        "backends": sorted(WeightTransferEngineFactory._registry),
+        "trainer_backends": sorted(WeightTransferTrainerFactory._registry),
+        "init_info": {"nccl": _dataclass_fields(NCCLWeightTransferInitInfo),
+                      "ipc": _dataclass_fields(IPCWeightTransferInitInfo)},
+        "update_info": {"nccl": _dataclass_fields(NCCLWeightTransferUpdateInfo),
+                        "ipc": _dataclass_fields(IPCWeightTransferUpdateInfo)},
+        "routes": dict(sorted(routes.items())),
+        "reload_weights_params": reload_params,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("out", type=Path, help="the JSON file to write")
     args = ap.parse_args(argv)
     table = option_table()
+    table["weight_transfer"] = weight_transfer_facts()
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)

@@ -27,7 +27,10 @@ Weight updates follow vLLM's sequence on every endpoint: (pause) →
 ``/start_weight_update`` → ``/update_weights`` → ``/finish_weight_update`` with the
 version → (resume). ``update_info`` defaults to our disk backend
 (``{"path": path}``); against ``vllm serve`` pass the ``update_info`` of its
-``--weight-transfer-config`` backend and run the trainer side of the transfer.
+``--weight-transfer-config`` backend and run the trainer side of the transfer
+(``runtime.rollout.weight_transfer``: NCCL after ``init_weight_transfer_engine``, IPC).
+``reload_weights`` is vLLM's path reload (``/collective_rpc reload_weights``), which
+``weight_sync: disk`` uses against ``vllm serve``.
 """
 
 from __future__ import annotations
@@ -469,6 +472,49 @@ class RolloutClient:
                 )
 
             self._broadcast(one)
+        finally:
+            if pause_mode is not None:
+                self.resume()
+
+
+    # -- weight transfer engines (runtime.rollout.weight_transfer) ------------------------
+    def world_sizes(self) -> list[int]:
+        """``GET /get_world_size`` of every endpoint: its workers (TP · PP · DP), in order."""
+        return [
+            int(r["world_size"])
+            for r in self._broadcast(
+                lambda e: self._request(e, "GET", "/get_world_size", timeout=30.0)
+            )
+        ]
+
+    def init_weight_transfer_engine(self, init_infos: Sequence[Mapping[str, Any]]) -> None:
+        """``POST /init_weight_transfer_engine {"init_info": init_infos[k]}`` on endpoint k.
+
+        The calls run concurrently: with NCCL every worker of every endpoint joins one
+        rendezvous, which returns only once all of them (and the trainer) are in."""
+        if len(init_infos) != len(self.endpoints):
+            raise ValueError(f"need one init_info per endpoint ({len(self.endpoints)}), "
+                             f"got {len(init_infos)}")
+        infos = dict(zip(self.endpoints, init_infos, strict=True))
+        self._broadcast(
+            lambda e: self._request(
+                e, "POST", "/init_weight_transfer_engine", {"init_info": dict(infos[e])}
+            )
+        )
+
+    def reload_weights(self, path: str, version: str, *, pause_mode: str | None = "wait") -> None:
+        """Reload every endpoint's weights from the checkpoint folder ``path``, publish ``version``.
+
+        vLLM 0.33 has no disk transfer backend; its path reload is the workers'
+        ``reload_weights(weights_path=...)`` (checkpoint format, layerwise) reached through
+        ``POST /collective_rpc`` (dev mode, string kwargs only). Pausing with ``wait`` (or
+        ``abort``) also clears the prefix cache, whose entries the old weights computed."""
+        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+        if pause_mode is not None:
+            self.pause(pause_mode)
+        try:
+            self._broadcast(lambda e: self._request(e, "POST", "/collective_rpc", rpc))
+            self.update_weight_version(version)
         finally:
             if pause_mode is not None:
                 self.resume()

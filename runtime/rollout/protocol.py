@@ -67,8 +67,11 @@ tokens (end exclusive); the client reads that, a list of strings, or a plain str
 and falls back to ``GET /weight_info`` taken just before the request when the
 server sends nothing.
 
-RL endpoints (``vllm/entrypoints/serve/dev/rlhf/api_router.py``; mounted only with
-``VLLM_SERVER_DEV_MODE=1``):
+RL endpoints (``vllm/entrypoints/serve/dev/rlhf/api_router.py``; in the pinned 0.33.0
+``vllm/entrypoints/rl/online/api_router.py``; mounted only with ``VLLM_SERVER_DEV_MODE=1``).
+The weight-transfer ones (``/init_weight_transfer_engine``, ``/get_world_size``, the
+``/update_weights`` bodies of NCCL / IPC, ``/collective_rpc reload_weights``) are described
+in ``runtime.rollout.weight_transfer``:
 
 * ``POST /pause?mode=abort|wait|keep`` → ``{"status": "paused"}``. abort (default)
   finishes in-flight requests with ``finish_reason="abort"``, wait lets them finish,

@@ -7,7 +7,10 @@ Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described
 ``runtime.rollout.protocol`` on a ``ThreadingHTTPServer``: ``GET /health``,
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /pause`` / ``/resume``,
 ``GET /is_paused``, ``POST /start_weight_update`` / ``/update_weights`` /
-``/finish_weight_update``, ``POST /update_weight_version``, ``GET /weight_info``.
+``/finish_weight_update``, ``POST /update_weight_version``, ``GET /weight_info``,
+``POST /init_weight_transfer_engine`` (empty ``init_info``: the disk backend has no
+rendezvous), ``POST /collective_rpc`` (only ``reload_weights`` with
+``kwargs.weights_path``, vLLM's path reload) and ``GET /get_world_size`` (1).
 
 Weight updates. vLLM's sequence is start_weight_update → update_weights (one or
 more; ``update_info`` is consumed by the NCCL or IPC transfer backend chosen with
@@ -393,6 +396,56 @@ class _Handler(BaseHTTPRequestHandler):
             st.staged_version = None
         self._send_json(200, {"message": "Weight update finished"})
 
+    def init_weight_transfer_engine(self, query: dict[str, list[str]]) -> None:
+        # vLLM: body {"init_info": dict} (required) → {"message": "Weight transfer initialized"}.
+        # The disk backend needs no rendezvous, so it takes no init_info fields; NCCL / IPC
+        # info sent here by mistake is refused rather than ignored.
+        body = self._body(required=True)
+        if "init_info" not in body:
+            raise ProtocolError("Field required: init_info", param="body.init_info")
+        info = body["init_info"]
+        if not isinstance(info, dict):
+            raise ProtocolError("init_info must be an object", param="body.init_info")
+        if info:
+            raise ProtocolError(
+                f"this server's only transfer backend is disk (update_info {{'path': ...}}), "
+                f"which takes no init_info; got {sorted(info)}",
+                param="body.init_info",
+            )
+        self._send_json(200, {"message": "Weight transfer initialized"})
+
+    def collective_rpc(self, query: dict[str, list[str]]) -> None:
+        # vLLM dev mode: body {"method": str, "args": [str], "kwargs": {str: str}} runs the
+        # method on every worker → {"results": [one per worker]}. Only the workers' path reload
+        # `reload_weights(weights_path=...)` exists here (one worker: this process).
+        body = self._body(required=True)
+        method = body.get("method")
+        if method is None:
+            raise ProtocolError("Missing 'method' in request body", param="body.method")
+        if method != "reload_weights":
+            raise ProtocolError(f"Method {method!r} is not implemented.", status=501)
+        kwargs = body.get("kwargs") or {}
+        if body.get("args") or not isinstance(kwargs, dict) or set(kwargs) - {"weights_path"}:
+            raise ProtocolError(
+                "reload_weights takes only kwargs.weights_path here (a checkpoint folder)",
+                param="body.kwargs",
+            )
+        path = kwargs.get("weights_path")
+        if not isinstance(path, str):
+            raise ProtocolError(
+                "kwargs.weights_path (a checkpoint folder) is required", param="body.kwargs"
+            )
+        from runtime.rollout.engine import EngineError
+
+        try:
+            self.server.engine.load_weights(path)
+        except EngineError as exc:
+            raise ProtocolError(str(exc), param="body.kwargs") from exc
+        self._send_json(200, {"results": [None]})
+
+    def get_world_size(self, query: dict[str, list[str]]) -> None:
+        self._send_json(200, {"world_size": 1})
+
     def update_weight_version(self, query: dict[str, list[str]]) -> None:
         body = self._body(required=True)
         version = body.get("new_version")
@@ -410,6 +463,7 @@ _GET_ROUTES = {
     "/v1/models": _Handler.models,
     "/is_paused": _Handler.is_paused,
     "/weight_info": _Handler.weight_info,
+    "/get_world_size": _Handler.get_world_size,
 }
 _POST_ROUTES = {
     "/v1/completions": _Handler.completions,
@@ -419,6 +473,8 @@ _POST_ROUTES = {
     "/update_weights": _Handler.update_weights,
     "/finish_weight_update": _Handler.finish_weight_update,
     "/update_weight_version": _Handler.update_weight_version,
+    "/init_weight_transfer_engine": _Handler.init_weight_transfer_engine,
+    "/collective_rpc": _Handler.collective_rpc,
 }
 
 

@@ -25,6 +25,7 @@ from runtime.rollout.client import RolloutClient, RolloutError  # noqa: E402
 from runtime.rollout.engine import EngineError, LocalEngine  # noqa: E402
 from runtime.rollout.protocol import CompletionRequest, ProtocolError  # noqa: E402
 from runtime.rollout.server import check_host  # noqa: E402
+from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer  # noqa: E402
 from runtime.router_replay import align_routing, patch_qwen3_moe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -451,6 +452,63 @@ def test_http_weight_update_changes_outputs_and_version(
     assert [c.token_ids for row in again for c in row] == [
         c.token_ids for row in before for c in row
     ]
+
+
+def test_vllm_disk_reload_through_collective_rpc(
+    client: RolloutClient, model_dir: Path, other_weights: Path
+) -> None:
+    """weight_sync disk against vLLM: pause → /collective_rpc reload_weights(weights_path) →
+    /update_weight_version → resume, which the embedded server answers as vLLM 0.33 does."""
+    sampling = {"max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    before = client.generate(PROMPTS, n=2, sampling=sampling)
+    transfer = DiskWeightTransfer("vllm")
+    try:
+        transfer.push(client, "rpc-1", path=str(other_weights))
+        assert client.weight_info() == ["rpc-1", "rpc-1"]
+        after = client.generate(PROMPTS, n=2, sampling=sampling)
+        want = LocalEngine(other_weights, seed=0).generate(
+            PROMPTS, n=2, max_tokens=8, seed=5, ignore_eos=True)
+        assert [c.token_ids for row in after for c in row] == [
+            s.token_ids for o in want for s in o.samples
+        ]
+        assert all(c.weight_version == "rpc-1" for row in after for c in row)
+    finally:
+        DiskWeightTransfer("local").push(client, "default", path=str(model_dir))
+    again = client.generate(PROMPTS, n=2, sampling=sampling)
+    assert [c.token_ids for row in again for c in row] == [
+        c.token_ids for row in before for c in row
+    ]
+    # A failed reload leaves the version alone and the endpoints resumed.
+    with pytest.raises(RolloutError) as info:
+        transfer.push(client, "rpc-2", path=str(model_dir / "nope"))
+    assert info.value.status == 400
+    assert client.weight_info() == ["default", "default"]
+    assert client.generate([[1, 2]], sampling={"max_tokens": 2})[0][0].token_ids
+
+
+def test_http_weight_transfer_engine_routes(servers: list[str], client: RolloutClient) -> None:
+    url = servers[0]
+    assert client.world_sizes() == [1, 1]
+    # The disk backend has no rendezvous: empty init_info only, answered as vLLM does.
+    client.init_weight_transfer_engine([{}, {}])
+    assert _post(url + "/init_weight_transfer_engine", {"init_info": {}}) == (
+        200, {"message": "Weight transfer initialized"})
+    code, body = _post(url + "/init_weight_transfer_engine", {})
+    assert code == 400 and body["error"]["param"] == "body.init_info"
+    # NCCL init info sent to the embedded server by mistake is refused, not ignored.
+    infos = NCCLWeightTransfer("127.0.0.1", 29650).init_infos(client.world_sizes())
+    with pytest.raises(RolloutError) as info:
+        client.init_weight_transfer_engine(infos)
+    assert info.value.status == 400 and "disk" in str(info.value)
+    with pytest.raises(ValueError, match="one init_info per endpoint"):
+        client.init_weight_transfer_engine([{}])
+    code, body = _post(url + "/collective_rpc", {"method": "sleep"})
+    assert code == 501 and "not implemented" in body["error"]["message"]
+    code, body = _post(url + "/collective_rpc", {"args": []})
+    assert code == 400 and body["error"]["param"] == "body.method"
+    code, body = _post(url + "/collective_rpc",
+                       {"method": "reload_weights", "kwargs": {"weights_iterator": "x"}})
+    assert code == 400 and body["error"]["param"] == "body.kwargs"
 
 
 def test_http_errors_are_vllm_shaped(servers: list[str], client: RolloutClient) -> None:

@@ -6,7 +6,10 @@ real parser of the pinned vLLM (`make vllm-table`). Each bundle with `rollout.en
 (the examples and the public recipes) runs its RL launch script against stand-in `srun`,
 `scontrol`, `torchrun` and `vllm`; the stand-in `vllm` records its exact argv, which is then
 parsed the way argparse does: a renamed or removed flag, a value outside the choices or an
-unparsable number fails here instead of in the cluster job.
+unparsable number fails here instead of in the cluster job. The JSON of
+`--weight-transfer-config` is held to the table's `weight_transfer` facts (the fields of vLLM's
+`WeightTransferConfig`, the registered backends), and every engine must run in dev mode with a
+transfer config for `system.weight_sync` nccl / ipc, none for disk.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ SPECS = [ROOT / "examples" / "single-node.yaml", ROOT / "examples" / "compassmax
 STUBS = {
     **SLURM_STUBS,
     "torchrun": "sleep 2",
-    # argv exactly, one NUL-terminated argument after another, one file per call.
-    "vllm": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; sleep 2',
+    # argv exactly, one NUL-terminated argument after another, one file per call; then the
+    # environment the RL endpoints depend on.
+    "vllm": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
+            'printf "%s" "${VLLM_SERVER_DEV_MODE:-}" > "$RECORD/dev_mode.$SLURMD_NODENAME.$$"; sleep 2',
     "python": "sleep 1",
 }
 
@@ -72,12 +77,35 @@ def check_argv(argv: list[str], table: dict = TABLE) -> list[str]:
                 {"int": int, "float": float}[spec["type"]](value)
             except ValueError:
                 problems.append(f"{flag} {value!r} is not an {spec['type']}")
+        if flag == table["weight_transfer"]["config_option"]:
+            problems += check_weight_transfer_config(value, table)
     return problems
 
 
-def rendered_vllm_calls(spec: Path, tmp_path: Path) -> list[list[str]]:
-    """Run the bundle's RL launch script with stand-ins; every argv given to `vllm`."""
-    compiled = compile_spec(spec)
+def check_weight_transfer_config(value: str, table: dict = TABLE) -> list[str]:
+    """Problems of a `--weight-transfer-config` value: JSON of `WeightTransferConfig`'s fields
+    (pydantic, extra fields forbidden) whose `backend` is a registered transfer engine (vLLM
+    checks that only when the engine starts)."""
+    facts = table["weight_transfer"]
+    try:
+        config = json.loads(value)
+    except json.JSONDecodeError as exc:
+        return [f"--weight-transfer-config {value!r} is not JSON: {exc}"]
+    if not isinstance(config, dict):
+        return [f"--weight-transfer-config {value!r} is not a JSON object"]
+    problems = [f"--weight-transfer-config: WeightTransferConfig has no field {key!r}"
+                for key in sorted(set(config) - set(facts["config_fields"]))]
+    if "backend" in config and config["backend"] not in facts["backends"]:
+        problems.append(f"--weight-transfer-config backend {config['backend']!r} is not one of "
+                        f"{facts['backends']}")
+    return problems
+
+
+def rendered_vllm_calls(spec: Path, tmp_path: Path,
+                        overrides: tuple[str, ...] = ()) -> list[tuple[list[str], str]]:
+    """Run the bundle's RL launch script with stand-ins; every argv given to `vllm`, with the
+    value of VLLM_SERVER_DEV_MODE it saw."""
+    compiled = compile_spec(spec, overrides)
     manifest = json.loads(compiled.files["manifest.json"])
     out = write_bundle(compiled.files, tmp_path / "bundle")
     bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
@@ -94,8 +122,11 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path) -> list[list[str]]:
     result = subprocess.run(["bash", "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    calls = [p.read_bytes().split(b"\0")[:-1] for p in sorted(record.glob("vllm.*"))]
-    return [[a.decode() for a in call] for call in calls]
+    calls = []
+    for p in sorted(record.glob("vllm.*")):
+        argv = [a.decode() for a in p.read_bytes().split(b"\0")[:-1]]
+        calls.append((argv, p.with_name(p.name.replace("vllm.", "dev_mode.", 1)).read_text()))
+    return calls
 
 
 def test_the_table_is_the_pinned_vllms() -> None:
@@ -107,12 +138,45 @@ def test_the_table_is_the_pinned_vllms() -> None:
         assert flag in TABLE["options"], flag
 
 
+def test_the_table_has_the_weight_transfer_facts_the_runtime_uses() -> None:
+    facts = TABLE["weight_transfer"]
+    assert set(facts["config_fields"]) == {"backend"}
+    assert {"nccl", "ipc"} <= set(facts["backends"]) and {"nccl", "ipc"} <= set(
+        facts["trainer_backends"])
+    assert "disk" not in facts["backends"]  # hence the path reload for weight_sync disk
+    # Every route RolloutClient calls, with its method (runtime.rollout.client).
+    for route, method in [("/pause", "POST"), ("/resume", "POST"), ("/weight_info", "GET"),
+                          ("/start_weight_update", "POST"), ("/update_weights", "POST"),
+                          ("/finish_weight_update", "POST"), ("/update_weight_version", "POST"),
+                          ("/init_weight_transfer_engine", "POST"), ("/get_world_size", "GET"),
+                          ("/collective_rpc", "POST")]:
+        assert method in facts["routes"].get(route, []), route
+    assert "weights_path" in facts["reload_weights_params"]
+
+
+def weight_sync_of(spec: Path) -> str:
+    return compile_spec(spec).validated.source.spec.system.weight_sync
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
 def test_every_rendered_vllm_flag_is_accepted(spec: Path, tmp_path: Path) -> None:
     calls = rendered_vllm_calls(spec, tmp_path)
     assert calls, "the RL job started no vLLM engine"
-    for argv in calls:
+    transfer = weight_sync_of(spec) in ("nccl", "ipc")
+    for argv, dev_mode in calls:
         assert check_argv(argv) == [], " ".join(argv)
+        assert ("--weight-transfer-config" in argv) == transfer, " ".join(argv)
+        assert dev_mode == "1", "the RL endpoints need VLLM_SERVER_DEV_MODE=1"
+
+
+def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
+    # vLLM has no disk transfer engine: the driver reloads the folder via /collective_rpc.
+    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+                                ("system.weight_sync=disk",))
+    assert calls
+    for argv, dev_mode in calls:
+        assert check_argv(argv) == [] and dev_mode == "1", " ".join(argv)
+        assert "--weight-transfer-config" not in argv
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
@@ -122,6 +186,10 @@ def test_every_rendered_vllm_flag_is_accepted(spec: Path, tmp_path: Path) -> Non
     (["serve", "m", "--port", "$((8000 + i))"], "is not an int"),
     (["serve", "m", "--tensor-parallel-size"], "needs a value"),
     (["serve", "m", "--headless=1"], "takes no value"),
+    (["serve", "m", "--weight-transfer-config", "nccl"], "is not JSON"),
+    (["serve", "m", "--weight-transfer-config", '{"backend":"disk"}'], "'disk' is not one of"),
+    (["serve", "m", "--weight-transfer-config={\"backend\":\"nccl\",\"packed\":true}"],
+     "has no field 'packed'"),
 ])
 def test_the_check_rejects_what_vllm_would(argv: list[str], problem: str) -> None:
     assert any(problem in p for p in check_argv(argv)), check_argv(argv)

@@ -12,6 +12,9 @@ NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY=/lustre/ckpt/compassmax-245b-sft
 BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
+# The RL endpoints the driver uses (/pause, /start_weight_update, ..., /collective_rpc) are
+# mounted only in vLLM's dev mode.
+export VLLM_SERVER_DEV_MODE=1
 # A replica spans 2 nodes: vLLM data parallelism across nodes, the
 # replica's first node is its head and serves the API; the others run headless.
 LOCAL_DP=1
@@ -35,4 +38,5 @@ vllm serve "$POLICY" \
   --dtype bfloat16 \
   --seed 1234 \
   --enable-return-routed-experts \
+  --weight-transfer-config '{"backend":"nccl"}' \
   "${EXTRA[@]}"

@@ -12,6 +12,9 @@ NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY=/models/Qwen3-30B-A3B
 BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
+# The RL endpoints the driver uses (/pause, /start_weight_update, ..., /collective_rpc) are
+# mounted only in vLLM's dev mode.
+export VLLM_SERVER_DEV_MODE=1
 PIDS=()
 for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
@@ -30,6 +33,7 @@ for ((i = 0; i < 1; i++)); do
     --dtype bfloat16 \
     --seed 1234 \
     --enable-return-routed-experts \
+    --weight-transfer-config '{"backend":"nccl"}' \
     "${EXTRA[@]}" &
   PIDS+=($!)
 done

@@ -1,0 +1,371 @@
+"""How new weights reach the rollout engines: one class per ``system.weight_sync``.
+
+``WEIGHT_TRANSFERS`` maps ``disk`` / ``nccl`` / ``ipc`` to a class whose ``push`` drives a
+whole update of every endpoint of a ``RolloutClient`` (pause → load → publish the version →
+resume). The HTTP side is the client's: ``RolloutClient.update_weights`` (vLLM's
+start → update → finish sequence) with the backend's ``update_info``, or
+``RolloutClient.reload_weights`` for vLLM's path reload.
+
+Facts of the pinned vLLM 0.33.0, read from its wheel and recorded by
+``tools/vllm_serve_options.py`` under ``weight_transfer`` in
+``tests/vllm_flags/vllm_serve_options.json`` (the tests hold the builders below to them):
+
+* ``--weight-transfer-config '{"backend": ...}'``: ``WeightTransferConfig`` has the one
+  field ``backend``; without the flag a worker has no transfer engine and
+  ``/start_weight_update`` fails. Engines: nccl, ipc, sparse_nccl, sharded_rdt,
+  nccl_m2n, modelexpress. None of them reads a checkpoint from disk.
+* ``POST /init_weight_transfer_engine {"init_info": {...}}`` → every worker builds the
+  engine's init dataclass from the dict (unknown keys are an error). NCCL
+  (``NCCLWeightTransferInitInfo``, keyword-only): ``master_address``, ``master_port``,
+  ``rank_offset``, ``world_size``, ``nccl_unique_id_b64`` (instead of the address pair),
+  ``packed``, ``packed_buffer_size_bytes``, ``packed_num_buffers``. A worker's rank in the
+  group is ``rank_offset + dp_index · (TP · PP) + rank``; vLLM's own trainer uses rank 0
+  and ``rank_offset`` 1. IPC (``IPCWeightTransferInitInfo``): ``packed``.
+* ``POST /update_weights {"update_info": {...}}`` (or a list, one per worker). NCCL
+  (``NCCLWeightTransferUpdateInfo``): ``names``, ``dtype_names`` (``getattr(torch, n)``),
+  ``shapes``; the request returns once the worker has received the broadcast, so the
+  trainer broadcasts while it is in flight. IPC (``IPCWeightTransferUpdateInfo``): the
+  same three plus ``ipc_handles`` or, over HTTP, ``ipc_handles_pickled`` (base64 of the
+  pickled per-parameter ``{gpu_uuid: reduce_tensor args}`` list, accepted only with
+  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``) and ``tensor_sizes`` (packed only).
+* ``GET /get_world_size`` → ``{"world_size": TP · PP · DP}``.
+* Path reload: the workers' ``reload_weights(weights_path=...)`` through
+  ``POST /collective_rpc`` (string kwargs). All of these are dev-mode routes
+  (``VLLM_SERVER_DEV_MODE=1``).
+* Trainer-side helpers: ``nccl_common.trainer_init`` (the trainer's ``PyNcclCommunicator``
+  over a ``StatelessProcessGroup`` TCPStore at master_address:master_port) and
+  ``packed_tensor.packed_nccl_broadcast_producer``. vLLM also ships whole trainer engines
+  (``NCCLTrainerWeightTransferEngine``); they drive a single server, while one group over
+  several ``vllm serve`` replicas needs a ``rank_offset`` per replica, built here.
+
+vLLM is imported lazily, only by NCCL's ``connect`` / ``push`` (on a GPU): rlspec's
+environment does not have it. IPC needs only torch's ``reduce_tensor``, as vLLM's does.
+Neither GPU path has run here (no GPU, no vLLM in this environment); the bodies they send
+were checked against vLLM 0.33.0's own classes and encoders.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import pickle
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.rollout.client import RolloutClient
+
+__all__ = [
+    "WEIGHT_TRANSFERS",
+    "DiskWeightTransfer",
+    "IPCWeightTransfer",
+    "NCCLWeightTransfer",
+    "WeightTransfer",
+    "driver_weight_transfer",
+    "tensor_metadata",
+]
+
+NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
+
+# vLLM 0.33's packed-broadcast defaults (packed_tensor.DEFAULT_PACKED_*).
+PACKED_BUFFER_SIZE_BYTES = 1024 * 1024 * 1024
+PACKED_NUM_BUFFERS = 2
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``: the spelling vLLM turns back with ``getattr(torch, n)``."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def tensor_metadata(named_tensors: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
+    """``names`` / ``dtype_names`` / ``shapes`` of vLLM's NCCL and IPC update infos, in order."""
+    names = [str(n) for n, _ in named_tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
+    return {
+        "names": names,
+        "dtype_names": [dtype_name(t.dtype) for _, t in named_tensors],
+        "shapes": [[int(d) for d in t.shape] for _, t in named_tensors],
+    }
+
+
+class WeightTransfer(ABC):
+    """One way of moving a new policy into every endpoint of a ``RolloutClient``."""
+
+    weight_sync: ClassVar[str]
+
+    def connect(self, client: RolloutClient) -> None:  # noqa: B027 - optional: disk has no setup
+        """Once, after ``client.wait_ready``: set up the transfer with every endpoint."""
+
+    @abstractmethod
+    def push(
+        self,
+        client: RolloutClient,
+        version: str,
+        *,
+        path: str | None = None,
+        named_tensors: NamedTensors | None = None,
+        pause_mode: str | None = "wait",
+    ) -> None:
+        """Load the new weights on every endpoint and publish ``version``.
+
+        ``path``: the checkpoint folder (disk); ``named_tensors``: the full (unsharded)
+        tensors in checkpoint naming, on this process's GPU (nccl, ipc)."""
+
+    def close(self) -> None:  # noqa: B027 - optional: only NCCL holds a communicator
+        """Release what ``connect`` opened."""
+
+
+class DiskWeightTransfer(WeightTransfer):
+    """The engines read the checkpoint folder the trainer wrote.
+
+    ``engine="local"``: the embedded server's transfer backend, ``update_info =
+    {"path": ...}`` through the start → update → finish sequence. ``engine="vllm"``:
+    vLLM's path reload (``RolloutClient.reload_weights``), since no vLLM transfer
+    engine reads from disk."""
+
+    weight_sync = "disk"
+
+    def __init__(self, engine: str = "local") -> None:
+        if engine not in ("local", "vllm"):
+            raise ValueError(f"engine must be 'local' or 'vllm', got {engine!r}")
+        self.engine = engine
+
+    @staticmethod
+    def update_info(path: str) -> dict[str, str]:
+        return {"path": str(path)}
+
+    def push(
+        self,
+        client: RolloutClient,
+        version: str,
+        *,
+        path: str | None = None,
+        named_tensors: NamedTensors | None = None,
+        pause_mode: str | None = "wait",
+    ) -> None:
+        if path is None:
+            raise ValueError("weight_sync disk pushes a checkpoint folder: pass path")
+        if self.engine == "local":
+            client.update_weights(
+                path, version, update_info=self.update_info(path), pause_mode=pause_mode
+            )
+        else:
+            client.reload_weights(path, version, pause_mode=pause_mode)
+
+
+class NCCLWeightTransfer(WeightTransfer):
+    """vLLM's NCCL backend: this process (trainer rank 0) broadcasts to every engine worker.
+
+    One NCCL group spans the trainer (rank 0) and the workers of all endpoints:
+    endpoint k's workers start at ``rank_offset = 1 + Σ world_size of endpoints < k``
+    (independent ``vllm serve`` replicas all number their workers from 0). The
+    trainer hosts the TCPStore rendezvous at ``master_address:master_port``, which the
+    engine nodes must reach."""
+
+    weight_sync = "nccl"
+
+    def __init__(
+        self,
+        master_address: str,
+        master_port: int,
+        *,
+        packed: bool = True,
+        packed_buffer_size_bytes: int = PACKED_BUFFER_SIZE_BYTES,
+        packed_num_buffers: int = PACKED_NUM_BUFFERS,
+    ) -> None:
+        self.master_address = str(master_address)
+        self.master_port = int(master_port)
+        self.packed = bool(packed)
+        self.packed_buffer_size_bytes = int(packed_buffer_size_bytes)
+        self.packed_num_buffers = int(packed_num_buffers)
+        self._group: Any = None  # vLLM's PyNcclCommunicator once connected
+
+    @staticmethod
+    def world_size(worker_world_sizes: Sequence[int]) -> int:
+        return 1 + sum(int(n) for n in worker_world_sizes)
+
+    def init_infos(self, worker_world_sizes: Sequence[int]) -> list[dict[str, Any]]:
+        """The ``init_info`` of each endpoint (``NCCLWeightTransferInitInfo`` fields)."""
+        if not worker_world_sizes or any(int(n) < 1 for n in worker_world_sizes):
+            raise ValueError(f"every endpoint needs ≥ 1 worker, got {list(worker_world_sizes)}")
+        world = self.world_size(worker_world_sizes)
+        infos, offset = [], 1
+        for n in worker_world_sizes:
+            infos.append({
+                "master_address": self.master_address,
+                "master_port": self.master_port,
+                "rank_offset": offset,
+                "world_size": world,
+                # Must-agree wire parameters: the workers decode as the trainer encodes.
+                "packed": self.packed,
+                "packed_buffer_size_bytes": self.packed_buffer_size_bytes,
+                "packed_num_buffers": self.packed_num_buffers,
+            })
+            offset += int(n)
+        return infos
+
+    @staticmethod
+    def update_info(named_tensors: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
+        """``NCCLWeightTransferUpdateInfo``: the broadcast's parameters, in broadcast order."""
+        return tensor_metadata(named_tensors)
+
+    def connect(self, client: RolloutClient) -> None:
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        infos = self.init_infos(client.world_sizes())
+        rendezvous = {"master_address": self.master_address, "master_port": self.master_port,
+                      "world_size": infos[0]["world_size"]}
+        # The workers' init requests return only once the trainer has joined too.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            workers = pool.submit(client.init_weight_transfer_engine, infos)
+            self._group = trainer_init(rendezvous, rank=0)
+            workers.result()
+
+    def push(
+        self,
+        client: RolloutClient,
+        version: str,
+        *,
+        path: str | None = None,
+        named_tensors: NamedTensors | None = None,
+        pause_mode: str | None = "wait",
+    ) -> None:
+        if self._group is None:
+            raise RuntimeError("call connect(client) before push")
+        if named_tensors is None:
+            raise ValueError("weight_sync nccl broadcasts tensors: pass named_tensors")
+        tensors = list(named_tensors)
+        off_gpu = [n for n, t in tensors if not t.is_cuda]
+        if off_gpu:
+            raise ValueError(f"NCCL broadcasts GPU tensors; on the CPU: {off_gpu[:5]}")
+        info = self.update_info(tensors)
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            # /update_weights returns once the workers have received the broadcast below.
+            http = pool.submit(client.update_weights, path or "", version,
+                               update_info=info, pause_mode=pause_mode)
+            with contextlib.suppress(TimeoutError):
+                http.result(timeout=0.5)  # a refusal before the workers join surfaces here
+            self._broadcast(tensors)
+            http.result()
+        finally:
+            # Not joined: after a failed broadcast the request never returns.
+            pool.shutdown(wait=False)
+
+    def _broadcast(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        import torch
+
+        if self.packed:
+            from vllm.distributed.weight_transfer.packed_tensor import (
+                packed_nccl_broadcast_producer,
+            )
+
+            packed_nccl_broadcast_producer(
+                iterator=iter(tensors),
+                group=self._group,
+                src=0,
+                post_iter_func=lambda item: item[1],
+                buffer_size_bytes=self.packed_buffer_size_bytes,
+                num_buffers=self.packed_num_buffers,
+            )
+        else:
+            stream = torch.cuda.current_stream()
+            for _, t in tensors:
+                # NCCL reads numel elements from data_ptr(): views must be made contiguous.
+                self._group.broadcast(t if t.is_contiguous() else t.contiguous(), src=0,
+                                      stream=stream)
+        torch.cuda.current_stream().synchronize()
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.destroy()
+            self._group = None
+
+
+class IPCWeightTransfer(WeightTransfer):
+    """vLLM's CUDA IPC backend, unpacked: the engine maps this process's GPU tensors.
+
+    A worker finds its tensors by its GPU's UUID, so every engine worker must run on
+    the GPU of this (single) trainer process: colocated engines of TP 1. Handles go
+    pickled over HTTP, so the engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``
+    (the rendered ``rollout.sh`` sets it)."""
+
+    weight_sync = "ipc"
+
+    @staticmethod
+    def init_info() -> dict[str, bool]:
+        """``IPCWeightTransferInitInfo``: only the must-agree ``packed`` flag."""
+        return {"packed": False}
+
+    @staticmethod
+    def update_info(
+        named_tensors: Sequence[tuple[str, Any]], handles: Sequence[Mapping[str, tuple]]
+    ) -> dict[str, Any]:
+        """``IPCWeightTransferUpdateInfo`` for HTTP: metadata + ``ipc_handles_pickled``."""
+        if len(handles) != len(named_tensors):
+            raise ValueError(f"{len(handles)} IPC handles for {len(named_tensors)} tensors")
+        pickled = base64.b64encode(pickle.dumps([dict(h) for h in handles])).decode("ascii")
+        return {**tensor_metadata(named_tensors), "ipc_handles_pickled": pickled}
+
+    def connect(self, client: RolloutClient) -> None:
+        client.init_weight_transfer_engine([self.init_info()] * len(client.endpoints))
+
+    def push(
+        self,
+        client: RolloutClient,
+        version: str,
+        *,
+        path: str | None = None,
+        named_tensors: NamedTensors | None = None,
+        pause_mode: str | None = "wait",
+    ) -> None:
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if named_tensors is None:
+            raise ValueError("weight_sync ipc shares tensors: pass named_tensors")
+        # Strong references: the handles do not keep the storage alive, and the engine
+        # maps it during /update_weights.
+        weights = [(n, t.detach().contiguous()) for n, t in named_tensors]
+        off_gpu = [n for n, t in weights if not t.is_cuda]
+        if off_gpu:
+            raise ValueError(f"CUDA IPC shares GPU tensors; on the CPU: {off_gpu[:5]}")
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handles = [{uuid: reduce_tensor(t)[1]} for _, t in weights]
+        torch.cuda.current_stream().synchronize()  # the copies exist before the engine reads
+        client.update_weights(path or "", version, update_info=self.update_info(weights, handles),
+                              pause_mode=pause_mode)
+        torch.cuda.ipc_collect()
+        del weights
+
+
+WEIGHT_TRANSFERS: dict[str, type[WeightTransfer]] = {
+    "disk": DiskWeightTransfer,
+    "nccl": NCCLWeightTransfer,
+    "ipc": IPCWeightTransfer,
+}
+
+
+def driver_weight_transfer(spec: Mapping[str, Any]) -> tuple[DiskWeightTransfer, str | None]:
+    """What the RL driver pushes after each step, and a note when it is not ``weight_sync``.
+
+    The driver holds no tensors, only the checkpoint folder the trainer writes each
+    step, so it always pushes from disk. ``nccl`` / ``ipc`` need the trainer to push
+    (``NCCLWeightTransfer`` / ``IPCWeightTransfer``); the note says the folder is used
+    instead. The embedded engine implements only the disk backend, whatever the spec says."""
+    engine = str((spec.get("rollout") or {}).get("engine", "local"))
+    weight_sync = str((spec.get("system") or {}).get("weight_sync", "disk"))
+    if weight_sync not in WEIGHT_TRANSFERS:
+        raise ValueError(f"unknown system.weight_sync {weight_sync!r}")
+    if engine != "vllm":  # the embedded engine's one backend: nothing to note
+        return DiskWeightTransfer("local"), None
+    note = None
+    if weight_sync != "disk":
+        note = (f"system.weight_sync {weight_sync}: the trainer does not push tensors yet; "
+                "the vLLM engines reload each step's checkpoint folder instead")
+    return DiskWeightTransfer("vllm"), note
