@@ -19,7 +19,10 @@ same metrics; what changes is where the work runs:
 * the old-policy pass is split the same way and its log-probs, entropies and (R2) recorded
   experts are summed over data-parallel ranks, so every rank holds the whole batch's;
 * router replay is megatron-core's ``RouterReplay`` (``runtime.megatron.replay``): R2 records
-  in the old-policy pass, R3 and R2 replay in the update.
+  in the old-policy pass, R3 and R2 replay in the update;
+* the batch and all bookkeeping stay on the CPU, as in ``Trainer``; only the forward runs on
+  the model's device (its log-probs come back differentiably), and collective tensors go to
+  the GPU under NCCL. Tested on CPU (gloo) only.
 
 Unsupported here, refused at construction: pipeline and context parallelism, and tensor
 parallelism in training without TransformerEngine (megatron-core's MoE layer requires
@@ -85,6 +88,7 @@ class MegatronTrainer(Trainer):
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = ddp.no_sync
         self.module = model
+        self.device = next(model.parameters()).device
         self.distributed_optimizer = distributed
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -118,8 +122,11 @@ class MegatronTrainer(Trainer):
 
     def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, *,
                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        return megatron_logprobs(self.model, input_ids, attention_mask,  # type: ignore[arg-type]
-                                 with_entropy=with_entropy)
+        """Forward on the model's device; results on the CPU, where the batch lives."""
+        logp, entropy = megatron_logprobs(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device),  # type: ignore[arg-type]
+            with_entropy=with_entropy)
+        return logp.cpu(), None if entropy is None else entropy.cpu()
 
     def _reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> None:
         if self.dp == 1:
@@ -199,8 +206,13 @@ class MegatronTrainer(Trainer):
                 old[index, :length] = logp[:n]
                 ent[index, :length] = h[:n]  # type: ignore[index]
         if self.dp > 1:
+            device = _comm_device()
+            summed = []
             for t in (old, ent, ids):
+                t = t.to(device)
                 torch.distributed.all_reduce(t, group=self.dp_group)
+                summed.append(t.cpu())
+            old, ent, ids = summed
         if self.replay_mode == "r2":
             filler = torch.arange(top_k).expand_as(ids)
             recorded = torch.where(ids > 0, ids - 1, filler)
@@ -224,16 +236,18 @@ class MegatronTrainer(Trainer):
         def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
             index, real, padded = next(data)
             with self._routing(padded.routing):
-                logp, _ = megatron_logprobs(model, padded.input_ids, padded.attention_mask)
+                logp, _ = megatron_logprobs(model, padded.input_ids.to(self.device),
+                                            padded.attention_mask.to(self.device))
 
             def loss_func(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
                 n = len(index)
                 if not n:  # a dummy micro-batch: backward must still run (MoE collectives)
                     return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
-                loss = self._micro_loss(output[:n], index, real, old_logp, entropy, mask,
+                # the loss is computed where the batch lives (differentiably copied there)
+                loss = self._micro_loss(output[:n].cpu(), index, real, old_logp, entropy, mask,
                                         token_weight, ref_logp, total_tokens, denom, sums, counts)
                 share = self._share(mask[index, : real.input_ids.shape[1]])
-                return loss, torch.tensor(int(share), dtype=torch.int), {}
+                return loss.to(output.device), torch.tensor(int(share), dtype=torch.int), {}
 
             return logp, loss_func
 
@@ -274,10 +288,17 @@ def _have_te() -> bool:
 
 def _all_max(values: list[int]) -> list[int]:
     """Element-wise max over all ranks (every rank must call it with as many values)."""
-    t = torch.tensor(values, dtype=torch.long)
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [int(v) for v in t.tolist()]
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU for NCCL, the CPU for gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
