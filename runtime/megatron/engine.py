@@ -214,8 +214,7 @@ class MegatronTrainer(Trainer):
                 summed.append(t.cpu())
             old, ent, ids = summed
         if self.replay_mode == "r2":
-            filler = torch.arange(top_k).expand_as(ids)
-            recorded = torch.where(ids > 0, ids - 1, filler)
+            recorded = torch.where(ids > 0, ids - 1, torch.arange(top_k).expand_as(ids))
             batch = replace(batch, routing=RoutingTrace(
                 recorded, int(self.module.config.num_moe_experts), mask=None))
         return old, ent, batch
@@ -256,9 +255,10 @@ class MegatronTrainer(Trainer):
             num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
             micro_batch_size=micro[0][2].size, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm or 0.0) / self.dp
-        counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0 / self.dp
-        sums["lr"], counts["lr"] = lr / self.dp, 1.0 / self.dp
+        if self.dp_rank == 0:  # the same on every rank: counted once by _reduce_metrics
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm or 0.0)
+            counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0
+            sums["lr"], counts["lr"] = lr, 1.0
         self.optimizer_steps += 1
 
 
@@ -301,6 +301,16 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _filler(trace: RoutingTrace, rows: int, length: int) -> Tensor:
+    """Routing ids 0..k−1 for positions that have no replay ids (padding, dummy rows)."""
+    k = trace.top_k
+    return torch.arange(k, dtype=trace.ids.dtype).expand(rows, length, trace.num_layers, k)
+
+
+def _trace_mask(trace: RoutingTrace) -> Tensor:
+    return trace.mask if trace.mask is not None else torch.ones(trace.token_shape, dtype=torch.bool)
+
+
 def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
     """Right-pad a micro-batch to ``length`` positions (padding is masked out everywhere)."""
     extra = length - mb.input_ids.shape[1]
@@ -312,12 +322,8 @@ def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
 
     routing = mb.routing
     if routing is not None:
-        k = routing.top_k
-        ids = torch.cat([routing.ids, torch.arange(k, dtype=routing.ids.dtype).expand(
-            mb.size, extra, routing.num_layers, k)], 1)
-        trace_mask = routing.mask if routing.mask is not None else torch.ones(
-            mb.size, mb.input_ids.shape[1], dtype=torch.bool)
-        routing = RoutingTrace(ids, routing.num_experts, pad(trace_mask))
+        routing = RoutingTrace(torch.cat([routing.ids, _filler(routing, mb.size, extra)], 1),
+                               routing.num_experts, pad(_trace_mask(routing)))
     adv = mb.advantages if mb.advantages.dim() == 1 else pad(mb.advantages)
     return TrainBatch(pad(mb.input_ids), pad(mb.attention_mask), pad(mb.loss_mask),
                       pad(mb.rollout_logp), adv, routing)
@@ -326,32 +332,27 @@ def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
 def _pad_rows(real: TrainBatch | None, batch: TrainBatch, rows: int, length: int) -> TrainBatch:
     """``real`` plus dummy rows up to ``rows``: one attended token (no empty softmax), no loss,
     filler routing."""
-    n = 0 if real is None else real.size
-    extra = rows - n
-    ids = torch.zeros(extra, length, dtype=batch.input_ids.dtype)
+    extra = rows - (0 if real is None else real.size)
     attn = torch.zeros(extra, length, dtype=batch.attention_mask.dtype)
     attn[:, 0] = 1
-    loss_mask = torch.zeros(extra, length, dtype=batch.loss_mask.dtype)
-    logp = torch.zeros(extra, length, dtype=batch.rollout_logp.dtype)
-    adv = torch.zeros((extra,) + ((length,) if batch.advantages.dim() == 2 else ()),
-                      dtype=batch.advantages.dtype)
     routing = None
     if batch.routing is not None:
-        k, layers = batch.routing.top_k, batch.routing.num_layers
-        filler = torch.arange(k, dtype=batch.routing.ids.dtype).expand(extra, length, layers, k)
-        dummy = RoutingTrace(filler.clone(), batch.routing.num_experts,
-                             torch.zeros(extra, length, dtype=torch.bool))
-        routing = dummy if real is None else RoutingTrace(
-            torch.cat([real.routing.ids, dummy.ids]), dummy.num_experts,  # type: ignore[union-attr]
-            torch.cat([_trace_mask(real), dummy.mask]))  # type: ignore[list-item]
+        routing = RoutingTrace(_filler(batch.routing, extra, length).clone(),
+                               batch.routing.num_experts,
+                               torch.zeros(extra, length, dtype=torch.bool))
+    dummy = TrainBatch(
+        torch.zeros(extra, length, dtype=batch.input_ids.dtype), attn,
+        torch.zeros(extra, length, dtype=batch.loss_mask.dtype),
+        torch.zeros(extra, length, dtype=batch.rollout_logp.dtype),
+        torch.zeros((extra, length) if batch.advantages.dim() == 2 else (extra,),
+                    dtype=batch.advantages.dtype), routing)
     if real is None:
-        return TrainBatch(ids, attn, loss_mask, logp, adv, routing)
-    return TrainBatch(torch.cat([real.input_ids, ids]), torch.cat([real.attention_mask, attn]),
-                      torch.cat([real.loss_mask, loss_mask]), torch.cat([real.rollout_logp, logp]),
-                      torch.cat([real.advantages, adv]), routing)
-
-
-def _trace_mask(mb: TrainBatch) -> Tensor:
-    trace = mb.routing
-    assert trace is not None
-    return trace.mask if trace.mask is not None else torch.ones(trace.token_shape, dtype=torch.bool)
+        return dummy
+    if routing is not None:
+        assert real.routing is not None
+        routing = RoutingTrace(torch.cat([real.routing.ids, routing.ids]), routing.num_experts,
+                               torch.cat([_trace_mask(real.routing), _trace_mask(routing)]))
+    return TrainBatch(*(torch.cat([a, b]) for a, b in (
+        (real.input_ids, dummy.input_ids), (real.attention_mask, dummy.attention_mask),
+        (real.loss_mask, dummy.loss_mask), (real.rollout_logp, dummy.rollout_logp),
+        (real.advantages, dummy.advantages))), routing)

@@ -357,8 +357,7 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
         t = param.detach()
         dim = _tp_dim(name)
         if dim is not None and tp > 1:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            torch.distributed.all_gather(parts, t.contiguous(), group=tp_group)
+            parts = _all_gather(t, tp, tp_group)
             if name.endswith("mlp.linear_fc1.weight"):  # [gate_r; up_r] per rank
                 halves = [p.chunk(2, 0) for p in parts]
                 t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
@@ -367,16 +366,20 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
         if ".local_experts." in name:
             head, tail = name.split(".local_experts.")
             e, rest = tail.split(".", 1)
-            parts = [torch.empty_like(t) for _ in range(ep)]
-            if ep > 1:
-                torch.distributed.all_gather(parts, t.contiguous(), group=ep_group)
-            else:
-                parts = [t]
-            for r, part in enumerate(parts):
+            for r, part in enumerate(_all_gather(t, ep, ep_group)):
                 out[f"{head}.local_experts.{r * n_local + int(e)}.{rest}"] = part.clone()
             continue
         out[name] = t.clone()
     return out
+
+
+def _all_gather(t: Tensor, size: int, group: object) -> list[Tensor]:
+    """Every rank's ``t`` of a group of ``size`` ranks (``[t]`` when alone)."""
+    if size == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(size)]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return parts
 
 
 def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[str, Tensor]:
