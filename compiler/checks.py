@@ -618,6 +618,12 @@ def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
                                                      "local trainer (it reads HF checkpoints)",
                      "set train.backend: megatron, or give an HF checkpoint",
                      (("train", "backend"),))
+    if spec.model.checkpoint_format == "megatron" and spec.model.checkpoint and \
+            not spec.model.tokenizer:
+        yield _error(("model", "tokenizer"), "a Megatron checkpoint carries no tokenizer, and "
+                                             "the rollout engines' HF copy (job to_hf) needs one",
+                     "set model.tokenizer to the tokenizer's folder",
+                     (("model", "checkpoint_format"),))
 
     d = spec.data
     if spec.eval.enabled and d.generator is None and d.eval is None:

@@ -300,10 +300,10 @@ class RLDriver:
     def _tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.ctx.input_path("policy_sft"))
+        return AutoTokenizer.from_pretrained(self.ctx.input_of_kind("hf_checkpoint"))
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:
-        cfg = json.loads((self.ctx.input_path("policy_sft") / "config.json").read_text())
+        cfg = json.loads((self.ctx.input_of_kind("hf_checkpoint") / "config.json").read_text())
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         top_k = cfg.get("num_experts_per_tok")
         layers = cfg.get("num_hidden_layers")
@@ -537,7 +537,7 @@ class RLDriver:
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         reward = build_reward(self.spec["reward"])
         self.client.wait_ready(timeout=self.startup_timeout_s,
-                               model_root=str(self.ctx.input_path("policy_sft")))
+                               model_root=str(self.ctx.input_of_kind("hf_checkpoint")))
         if state.step > 0:  # the engines start from policy_sft: load the last weights
             self.weight_transfer.push(self.client, str(state.step),
                                       path=str(paths.version(state.step)))

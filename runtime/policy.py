@@ -215,6 +215,17 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
     return final
 
 
+def policy_from_state_dict(config: PretrainedConfig,
+                           state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    """The HF model of ``config`` holding ``state_dict`` (HF names), without a second copy of
+    the weights: the model is built on the meta device and takes the tensors themselves.
+    For :func:`save_policy` (which writes HF's on-disk layout, e.g. one tensor per expert)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(dict(state_dict), assign=True, strict=True)
+    return model.eval()
+
+
 def _portable_config(path: Path) -> None:
     """Add the transformers-4.x names of renamed fields next to the 5.x ones, so readers on
     either version (a separate vLLM environment) build the same model: 5.x writes

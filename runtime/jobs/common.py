@@ -352,6 +352,15 @@ class JobContext:
                                f"(no {COMPLETE_MARKER}): run the job that produces it first")
         return ref.path
 
+    def input_of_kind(self, kind: str) -> Path:
+        """Path of the one input of artifact kind ``kind`` (the RL job's HF policy is
+        ``policy_sft`` after SFT, else ``policy_init``), checked as :meth:`input_path`."""
+        names = [n for n, ref in self.inputs.items() if ref.kind == kind]
+        if len(names) != 1:
+            raise JobError(f"job {self.job} has {len(names)} inputs of kind {kind!r} "
+                           f"({', '.join(names) or 'none'}); expected one")
+        return self.input_path(names[0])
+
     def output_path(self, name: str) -> Path:
         """Final path of output ``name`` (write it through ``atomic_dir``)."""
         try:

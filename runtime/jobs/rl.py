@@ -66,7 +66,7 @@ def run(ctx: JobContext) -> None:
     paths = driver.paths
     _wait_trainer_finished(ctx, paths)
     steps = int(summary["steps"])
-    final = paths.version(steps) if steps else ctx.input_path("policy_sft")
+    final = paths.version(steps) if steps else ctx.input_of_kind("hf_checkpoint")
     with ctx.atomic_output("policy_final", steps=steps) as tmp:
         for item in final.iterdir():
             if item.name == ".complete":

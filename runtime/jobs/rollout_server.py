@@ -3,6 +3,8 @@
 ``jobs/rl/rollout.sh`` runs ``python -m runtime.jobs.rollout_server --config ... --model DIR
 --host HOST --port P [--return-routed-experts]``. This wrapper
 
+* serves port + ``LOCAL_RANK`` (``runtime.launch`` starts one wrapper per replica when a
+  node holds several),
 * refuses a host that is not loopback when the run is local (no Slurm allocation),
 * serves with one torch thread and dies with its parent (no orphan engine when the
   launch script is stopped),
@@ -29,7 +31,8 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     ap.add_argument("--return-routed-experts", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    out = ["--model", args.model, "--host", args.host, "--port", str(args.port),
+    port = args.port + int(env.get("LOCAL_RANK") or 0)
+    out = ["--model", args.model, "--host", args.host, "--port", str(port),
            "--threads", str(args.threads)]
     if args.return_routed_experts:
         out.append("--return-routed-experts")

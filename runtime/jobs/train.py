@@ -1,4 +1,4 @@
-"""The RL job's trainer process (local backend): trains each batch the driver hands over.
+"""The RL job's trainer: trains each batch the driver hands over (local or Megatron backend).
 
 Started by ``jobs/rl/train.sh`` next to the driver (``runtime.jobs.rl``); the exchange files
 are described in ``runtime.driver``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
@@ -11,6 +11,14 @@ the trainer's current version (a restarted run) re-syncs first: weights from
 process writes ``trainer-finished.json`` and waits to be stopped by the launch script (it
 must not end before the driver does). A heartbeat file lets the driver notice a dead
 trainer; a failure is written to ``trainer-error.json`` and ends the process with status 1.
+
+``train.backend: megatron`` (:class:`MegatronTrainerProcess`): one process per GPU, started
+by torchrun (by ``runtime.launch`` with ``file://`` rendezvous on ``cluster.devices: cpu``)
+with the Megatron-LM flags of ``train.sh`` (``runtime.megatron.args``). The model starts from
+``--load``; rank 0 alone reads and writes the exchange files and broadcasts which batch to
+take. Weights are published by gathering the shards (``gather_full_state_dict``) to rank 0,
+which writes the HF folder; checkpoints are Megatron-LM iterations under ``--save``
+(``iter_<step>``, the distributed optimizer's shards included; ``runtime.megatron.checkpoint``).
 """
 
 from __future__ import annotations
@@ -41,13 +49,11 @@ def _on_term(signum: int, frame: Any) -> None:
 
 
 class TrainerProcess:
+    """The local backend's trainer (one process), and the loop every backend shares."""
     def __init__(self, ctx: JobContext) -> None:
         import torch
 
         from runtime.driver import RunPaths
-        from runtime.policy import load_policy
-        from runtime.router_replay import patch_qwen3_moe
-        from runtime.trainer import Trainer
 
         self.ctx = ctx
         self.log = ctx.log
@@ -61,18 +67,30 @@ class TrainerProcess:
         self.keep = int(ckpt.get("keep") or 1)
         self.seed = int(self.train_cfg.get("seed", 0))
         self.epochs = int(self.algorithm.get("ppo_epochs", 1))
-        torch.manual_seed(self.seed)
-        self.model, self.tokenizer = load_policy(ctx.input_path("policy_sft"))
-        mode = (spec.get("router_replay") or {}).get("mode", "off")
-        replay = patch_qwen3_moe(self.model) if mode != "off" else None
+        self.replay_mode = (spec.get("router_replay") or {}).get("mode", "off")
         per_step = int(ctx.derived.get("optimizer_steps_per_rollout") or 1)
+        self.total_optimizer_steps = per_step * self.epochs * self.steps
+        self.length_balancing = bool((spec.get("system") or {}).get("length_balancing", True))
+        self.policy_path = ctx.input_of_kind("hf_checkpoint")
+        self.main = True  # this process reads and writes the exchange files
+        torch.manual_seed(self.seed)
+        self.version = 0
+        self._beat = True
+        self._setup()
+
+    def _setup(self) -> None:
+        from runtime.policy import load_policy
+        from runtime.router_replay import patch_qwen3_moe
+        from runtime.trainer import Trainer
+
+        self.model, self.tokenizer = load_policy(self.policy_path)
+        mode = self.replay_mode
+        replay = patch_qwen3_moe(self.model) if mode != "off" else None
         self.trainer = Trainer(
             self.model, algorithm=self.algorithm, train=self.train_cfg,
             vocab_size=int(self.model.config.vocab_size), replay_mode=mode, replay=replay,
-            total_optimizer_steps=per_step * self.epochs * self.steps,
-            length_balancing=bool((spec.get("system") or {}).get("length_balancing", True)))
-        self.version = 0
-        self._beat = True
+            total_optimizer_steps=self.total_optimizer_steps,
+            length_balancing=self.length_balancing)
 
     # ----------------------------------------------------------------- heartbeat
     def heartbeat(self) -> None:
@@ -118,7 +136,7 @@ class TrainerProcess:
             self.trainer.optimizer.load_state_dict(state["optimizer"])
             how = f"checkpoint step-{step} (exact)"
         else:
-            src = self.paths.version(step) if step else self.ctx.input_path("policy_sft")
+            src = self.paths.version(step) if step else self.policy_path
             fresh, _ = load_policy(src)
             self.model.load_state_dict(fresh.state_dict())
             how = f"weights {src}"
@@ -152,6 +170,19 @@ class TrainerProcess:
                         continue
             return payload
         return None
+
+    def publish(self, version: int) -> None:
+        """Write ``weights/v<version>`` (HF, atomic) and drop all but the previous version."""
+        from runtime.policy import save_policy
+
+        self.model.eval()
+        save_policy(self.model, self.tokenizer, self.paths.version(version), step=version)
+        self._prune_weights(version)
+
+    def _prune_weights(self, version: int) -> None:
+        for old in self.paths.weights.glob("v*"):
+            if old.name[1:].isdigit() and int(old.name[1:]) < version - 1:
+                shutil.rmtree(old, ignore_errors=True)
 
     def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -189,13 +220,7 @@ class TrainerProcess:
 
             metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
                                         advantages_from_entropy=zvp_advantages if zvp else None)
-        self.model.eval()
-        from runtime.policy import save_policy
-
-        save_policy(self.model, self.tokenizer, self.paths.version(step + 1), step=step + 1)
-        for old in self.paths.weights.glob("v*"):
-            if old.name[1:].isdigit() and int(old.name[1:]) < step + 1 - 1:
-                shutil.rmtree(old, ignore_errors=True)
+        self.publish(step + 1)
         last = step + 1 >= self.steps or bool(payload.get("last"))
         if (self.interval and (step + 1) % self.interval == 0) or last:
             self.save_checkpoint(step + 1)
@@ -203,7 +228,8 @@ class TrainerProcess:
         return metrics
 
     def loop(self) -> None:
-        threading.Thread(target=self.heartbeat, daemon=True).start()
+        if self.main:
+            threading.Thread(target=self.heartbeat, daemon=True).start()
         while True:
             payload = self.next_batch()
             if payload is None:
@@ -212,6 +238,10 @@ class TrainerProcess:
             step = int(payload["step"])
             t0 = time.monotonic()
             metrics = self.train_batch(payload)
+            if not self.main:
+                if step + 1 >= self.steps or payload.get("last"):
+                    return
+                continue
             atomic_write_json(self.paths.done(step), {
                 "batch_id": payload["batch_id"], "step": step, "metrics": metrics,
                 "optimizer_steps": self.trainer.optimizer_steps,
@@ -224,6 +254,148 @@ class TrainerProcess:
                 return
 
 
+class MegatronTrainerProcess(TrainerProcess):
+    """``train.backend: megatron``: this rank of the Megatron trainer (module doc)."""
+
+    def __init__(self, ctx: JobContext, args: Any) -> None:
+        self.args = args
+        super().__init__(ctx)
+
+    def _setup(self) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        from runtime.megatron import checkpoint as ckpt
+        from runtime.megatron import model as mm
+        from runtime.megatron.args import check_architecture, train_settings
+        from runtime.megatron.engine import MegatronTrainer
+
+        args, spec = self.args, self.ctx.spec
+        if args.moe_enable_routing_replay != (self.replay_mode != "off"):
+            raise ValueError(f"--moe-enable-routing-replay is {'set' if args.moe_enable_routing_replay else 'not set'} "
+                             f"but router_replay.mode is {self.replay_mode}")
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        backend, forced = mm.use_devices(spec["cluster"].get("devices", "gpu"))
+        dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
+        pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
+                              tp=args.tensor_model_parallel_size,
+                              ep=args.expert_model_parallel_size, backend=backend, seed=args.seed)
+        if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
+            raise NotImplementedError("the Megatron trainer does not run pipeline or context "
+                                      "parallelism yet: set train.parallelism.pipeline and "
+                                      ".context to 1")
+        self.main = rank == 0
+        self.hf_config = AutoConfig.from_pretrained(self.policy_path)
+        check_architecture(args, self.hf_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
+        overrides: dict[str, Any] = {}
+        # On the CPU: the allgather dispatcher (runtime.megatron.cpu) and no recomputation
+        # (megatron's activation checkpointing saves CUDA RNG states); neither changes results.
+        if backend != "gloo":
+            overrides["moe_token_dispatcher_type"] = args.moe_token_dispatcher_type
+            if args.recompute_granularity:
+                overrides.update(recompute_granularity=args.recompute_granularity,
+                                 recompute_method=args.recompute_method,
+                                 recompute_num_layers=args.recompute_num_layers)
+        self.module = mm.build_gpt_model(
+            self.hf_config, pg, tp=args.tensor_model_parallel_size,
+            ep=args.expert_model_parallel_size, routing_replay=self.replay_mode != "off",
+            dtype=dtype, **overrides)
+        if self.main:
+            self.log.info("Megatron trainer: world %d (TP %d, EP %d, DP %d), %s, %s backend", world,
+                          args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                          world // args.tensor_model_parallel_size,
+                          str(dtype).removeprefix("torch."), backend)
+        read = ckpt.load_model(self.module, args.load)
+        if self.main:
+            self.log.info("weights from %s", read)
+        self.train_cfg = train_settings(args, self.train_cfg)
+        self.trainer = MegatronTrainer(  # type: ignore[assignment]
+            self.module, algorithm=self.algorithm, train=self.train_cfg,
+            vocab_size=int(self.hf_config.vocab_size), replay_mode=self.replay_mode,
+            total_optimizer_steps=self.total_optimizer_steps,
+            length_balancing=self.length_balancing)
+        self.model = self.module
+
+    # ----------------------------------------------------------------- state
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        from runtime.megatron.checkpoint import saved_iterations
+
+        return saved_iterations(self.args.save)
+
+    def save_checkpoint(self, step: int) -> None:
+        from runtime.megatron import checkpoint as ckpt
+
+        with ckpt.shared_atomic_dir(ckpt.iteration_dir(self.args.save, step), step=step) as tmp:
+            self.trainer.save_checkpoint(tmp)  # type: ignore[attr-defined]
+        if self.main:
+            ckpt.write_tracker(self.args.save, step)
+            ckpt.prune(self.args.save, self.keep)
+            self.log.info("checkpoint after step %d", step)
+
+    def sync(self, step: int, optimizer_steps: int) -> None:
+        """As :meth:`TrainerProcess.sync`: the exact checkpoint of ``step`` if there is one;
+        else the published weights of ``step`` (``--load`` at 0) and the optimizer state of
+        the newest checkpoint before it, or a fresh one."""
+        from runtime.megatron import checkpoint as ckpt
+        from runtime.megatron import model as mm
+        from runtime.policy import load_policy
+
+        trainer: Any = self.trainer
+        ckpts = [(s, p) for s, p in self._checkpoints() if s <= step]
+        if ckpts and ckpts[-1][0] == step:
+            trainer.load_checkpoint(ckpts[-1][1])
+            how = f"checkpoint {ckpts[-1][1].name} (exact)"
+        else:
+            if ckpts:
+                trainer.load_checkpoint(ckpts[-1][1])  # for its optimizer state
+                how = f"optimizer state of checkpoint {ckpts[-1][1].name}"
+            else:
+                trainer.optimizer = trainer._build_optimizer()
+                how = "fresh optimizer state"
+            if step:
+                fresh, _ = load_policy(self.paths.version(step))
+                mm.load_hf_weights(self.module, fresh.state_dict(), self.hf_config)
+                how = f"weights {self.paths.version(step)}, {how}"
+            else:
+                how = f"weights {ckpt.load_model(self.module, self.args.load)}, {how}"
+            if hasattr(trainer.optimizer, "reload_model_params"):
+                trainer.optimizer.reload_model_params()  # half-precision runs: fp32 main copy
+        trainer.optimizer_steps = optimizer_steps
+        self.version = step
+        if self.main:
+            self.log.info("synced to step %d from %s", step, how)
+
+    # ----------------------------------------------------------------- batches
+    def next_batch(self) -> dict[str, Any] | None:
+        """Rank 0 finds the batch; every rank reads the same file (the run directory is
+        shared), checked by its batch id."""
+        import torch
+
+        from runtime.megatron.checkpoint import broadcast
+
+        payload = super().next_batch() if self.main else None
+        found = broadcast(None if payload is None else (int(payload["step"]),
+                                                        payload["batch_id"]))
+        if found is None or self.main:
+            return payload
+        payload = torch.load(self.paths.batch(found[0]), weights_only=False)
+        if payload["batch_id"] != found[1]:
+            raise RuntimeError(f"{self.paths.batch(found[0])} changed while the ranks read it")
+        return payload
+
+    def publish(self, version: int) -> None:
+        """Gather the shards to rank 0, which writes ``weights/v<version>`` (collective)."""
+        from runtime.megatron import model as mm
+        from runtime.policy import policy_from_state_dict, save_policy
+
+        full = mm.gather_full_state_dict(self.module)
+        if self.main:
+            hf = policy_from_state_dict(self.hf_config, mm.megatron_to_hf(full, self.hf_config))
+            save_policy(hf, self.tokenizer, self.paths.version(version), step=version)
+            self._prune_weights(version)
+
+
 def _idle() -> None:
     """Wait to be stopped by the launch script (the trainer must not end before the driver)."""
     while True:
@@ -233,9 +405,10 @@ def _idle() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from runtime.driver import RunPaths, die_with_parent
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--config", required=True)
-    args = ap.parse_args(argv)
+    args, megatron_flags = ap.parse_known_args(argv)
     die_with_parent()
     signal.signal(signal.SIGTERM, _on_term)
     ctx = JobContext.load(args.config, log_to_file=False)
@@ -244,11 +417,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx.outputs_complete():
             ctx.log.info("trainer: outputs exist, nothing to train")
             _idle()
-        if ctx.spec["train"].get("backend", "local") != "local":
-            raise RuntimeError("runtime.jobs.train implements the local backend only")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        proc = TrainerProcess(ctx)
-        ctx.log.info("trainer ready (%d steps)", proc.steps)
+        if ctx.spec["train"].get("backend", "local") == "megatron":
+            from runtime.megatron.args import parse_megatron_args
+
+            proc: TrainerProcess = MegatronTrainerProcess(ctx, parse_megatron_args(argv))
+        elif megatron_flags:
+            raise ValueError(f"the local trainer takes only --config, not {megatron_flags}")
+        else:
+            proc = TrainerProcess(ctx)
+        if proc.main:
+            ctx.log.info("trainer ready (%d steps)", proc.steps)
         proc.loop()
         _idle()
     except (_Stop, KeyboardInterrupt):

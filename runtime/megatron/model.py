@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from transformers import PretrainedConfig
 
+from runtime.megatron.args import hf_moe_layers, hf_rope_theta
+
 __all__ = [
     "build_gpt_model",
     "destroy_parallel",
@@ -58,20 +61,25 @@ __all__ = [
     "megatron_logprobs",
     "megatron_to_hf",
     "transformer_config",
+    "use_devices",
 ]
 
 
 # --------------------------------------------------------------------------- parallel state
 
 
-def init_parallel(rank: int, world_size: int, init_file: str | os.PathLike[str], *,
+def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
                   tp: int = 1, ep: int = 1, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
-    """Join the default group through ``file://`` rendezvous (loopback only), build
-    megatron's tensor/expert-parallel groups, seed megatron's named RNG states
-    (``model_parallel_cuda_manual_seed``) and return the groups as a ``ProcessGroupCollection``."""
+    """Join the default group, build megatron's tensor/expert-parallel groups, seed
+    megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
+    a ``ProcessGroupCollection``. ``rendezvous`` is an init method (``env://`` under torchrun)
+    or a file path (``file://`` rendezvous: nothing listens, as tests on this machine need)."""
+    init_method = os.fspath(rendezvous)
+    if "://" not in init_method:
+        init_method = f"file://{init_method}"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, init_method=f"file://{os.fspath(init_file)}",
+        torch.distributed.init_process_group(backend, init_method=init_method,
                                              rank=rank, world_size=world_size)
     # expert-TP 1: experts are whole on their EP rank (default would be expert-TP = TP)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
@@ -79,6 +87,21 @@ def init_parallel(rank: int, world_size: int, init_file: str | os.PathLike[str],
                                              expert_tensor_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def use_devices(devices: str) -> tuple[str, torch.dtype | None]:
+    """Prepare this process for megatron-core on a spec's ``cluster.devices``; returns the
+    process-group backend and the parameter dtype the device forces (None: the spec's).
+    ``gpu``: this rank's GPU (``LOCAL_RANK``), NCCL. ``cpu``: the patches of
+    :mod:`runtime.megatron.cpu` (tests and CPU smoke runs only; GPU runs never import it),
+    gloo, and float32 as the embedded engines use on the CPU."""
+    if devices == "cpu":
+        from runtime.megatron.cpu import enable_cpu
+
+        enable_cpu()
+        return "gloo", torch.float32
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return "nccl", None
 
 
 def destroy_parallel() -> None:
@@ -94,23 +117,17 @@ def destroy_parallel() -> None:
 # --------------------------------------------------------------------------- model
 
 
-def _rope_theta(cfg: PretrainedConfig) -> float:
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
-    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
-
-
 def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
-                       dtype: torch.dtype = torch.float32,
-                       routing_replay: bool = False) -> TransformerConfig:
-    """The ``TransformerConfig`` of a Qwen3-MoE HF config (mapping in the module doc)."""
+                       dtype: torch.dtype = torch.float32, routing_replay: bool = False,
+                       **overrides: Any) -> TransformerConfig:
+    """The ``TransformerConfig`` of a Qwen3-MoE HF config (mapping in the module doc);
+    ``overrides`` replace fields that do not change the model's function (the token
+    dispatcher, activation recomputation)."""
     if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
         raise NotImplementedError("only default RoPE is converted (no YaRN / scaling yet)")
     n_layers = int(cfg.num_hidden_layers)
-    dense = set(getattr(cfg, "mlp_only_layers", []) or [])
-    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    freq = [0 if (i in dense or (i + 1) % step) else 1 for i in range(n_layers)]
-    return TransformerConfig(
+    freq = hf_moe_layers(cfg)
+    fields: dict[str, Any] = dict(
         num_layers=n_layers,
         hidden_size=int(cfg.hidden_size),
         num_attention_heads=int(cfg.num_attention_heads),
@@ -157,21 +174,25 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
-                    tp: int = 1, ep: int = 1, routing_replay: bool = False) -> GPTModel:
-    """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard."""
+                    tp: int = 1, ep: int = 1, routing_replay: bool = False,
+                    dtype: torch.dtype = torch.float32, **overrides: Any) -> GPTModel:
+    """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard
+    (``overrides``: :func:`transformer_config`'s)."""
     if int(cfg.num_key_value_heads) % tp or int(cfg.num_experts) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
                          f"ep={ep} the {cfg.num_experts} experts")
-    tcfg = transformer_config(cfg, tp=tp, ep=ep, routing_replay=routing_replay)
+    tcfg = transformer_config(cfg, tp=tp, ep=ep, dtype=dtype, routing_replay=routing_replay,
+                              **overrides)
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
     return GPTModel(
         config=tcfg, transformer_layer_spec=spec, vocab_size=int(cfg.vocab_size),
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
-        position_embedding_type="rope", rotary_base=_rope_theta(cfg),  # type: ignore[arg-type]
+        position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
         parallel_output=True, pg_collection=pg_collection)
 
 

@@ -99,7 +99,8 @@ def test_jobs_follow_from_the_spec(tmp_path: Path) -> None:
 
 def test_megatron_checkpoint_gets_an_hf_copy_for_the_engines() -> None:
     compiled = compile_spec(EXAMPLES["single-node"], [
-        "model.checkpoint=/ckpt/mcore", "model.checkpoint_format=megatron"])
+        "model.checkpoint=/ckpt/mcore", "model.checkpoint_format=megatron",
+        "model.tokenizer=/ckpt/tokenizer"])
     g = compiled.graph
     assert "to_hf" in g.jobs and "convert" not in g.jobs
     assert g.artifacts["user_checkpoint"].external

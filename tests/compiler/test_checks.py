@@ -431,6 +431,15 @@ def test_megatron_checkpoint_with_the_local_trainer() -> None:
     assert "local trainer" in p.message
 
 
+def test_megatron_checkpoint_without_a_tokenizer() -> None:
+    p = only({"model.checkpoint_format": "megatron", "model.tokenizer": None},
+             ("model", "tokenizer"))
+    assert "to_hf" in p.message and "model.tokenizer" in p.suggestion
+    assert ("model", "tokenizer") not in paths(
+        {"model.checkpoint_format": "megatron", "model.tokenizer": "/models/tok"})
+    assert ("model", "tokenizer") not in paths({"model.tokenizer": None})  # HF has its own
+
+
 def test_eval_without_held_out_data_is_a_warning() -> None:
     only({"data.eval": DELETE}, ("eval", "enabled"), "warning")
 

@@ -1,0 +1,199 @@
+"""The Megatron-LM command line of ``jobs/rl/train.sh``: parsed, checked, turned into settings.
+
+``templates/rl/train.sh.j2`` renders the trainer's layout, model, optimizer and checkpoint
+paths as Megatron-LM flags (the names an operator of Megatron-LM knows, so a bundle reads
+like a Megatron launch and a flag can be edited in place to try a change). This module is
+their one reader:
+
+* :func:`megatron_parser` knows exactly the flags the template can render: an unknown or
+  renamed flag is an error here, and a test parses every rendered example against it;
+* :func:`check_architecture` compares the model flags with the HF config of the checkpoint
+  the run starts from (a checkpoint's shape cannot be changed by a flag): any difference is
+  one error listing each flag, its value and the checkpoint's;
+* :func:`train_settings` gives the ``train`` section ``runtime.trainer.Trainer`` takes, with
+  the batch and optimizer values of the flags.
+
+Flags accepted but not applied by the engine (it builds megatron-core's local,
+non-TransformerEngine modules): ``--moe-grouped-gemm`` (local experts are sequential),
+``--tokenizer-*`` (the tokenizer is the HF checkpoint's), ``--position-embedding-type``,
+``--normalization``, ``--swiglu``, ``--disable-bias-linear`` (fixed by the Qwen3-MoE family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["MegatronArgsError", "check_architecture", "hf_moe_layers", "hf_rope_theta",
+           "megatron_parser", "parse_megatron_args", "train_settings"]
+
+
+class MegatronArgsError(ValueError):
+    """A flag of train.sh that cannot be applied (unknown, malformed or contradicting)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would exit the process
+        raise MegatronArgsError(f"train.sh Megatron flags: {message}")
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    """Every flag ``templates/rl/train.sh.j2`` renders, with Megatron-LM's names and types."""
+    p = _Parser(prog="runtime.jobs.train", add_help=False, allow_abbrev=False)
+    p.add_argument("--config", required=True)
+    # parallel layout
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--num-virtual-stages-per-pipeline-rank", type=int)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int)
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=int)
+    # model
+    for name in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--seq-length", "--max-position-embeddings"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--group-query-attention", action="store_true")
+    p.add_argument("--num-query-groups", type=int)
+    p.add_argument("--kv-channels", type=int)
+    p.add_argument("--multi-latent-attention", action="store_true")
+    for name in ("--q-lora-rank", "--kv-lora-rank", "--qk-head-dim", "--qk-pos-emb-head-dim",
+                 "--v-head-dim"):
+        p.add_argument(name, type=int)
+    p.add_argument("--position-embedding-type", choices=["rope"], default="rope")
+    p.add_argument("--rotary-base", type=int, default=10000)
+    p.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")
+    p.add_argument("--swiglu", action="store_true")
+    p.add_argument("--disable-bias-linear", action="store_true")
+    p.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    p.add_argument("--tokenizer-type")
+    p.add_argument("--tokenizer-model")
+    # MoE
+    p.add_argument("--num-experts", type=int)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--moe-ffn-hidden-size", type=int)
+    p.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"],
+                   default="softmax")
+    p.add_argument("--moe-router-pre-softmax", action="store_true")
+    p.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    p.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    p.add_argument("--moe-layer-freq", type=_layer_freq, default=1)
+    p.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    p.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"],
+                   default="allgather")
+    p.add_argument("--moe-grouped-gemm", action="store_true")
+    p.add_argument("--moe-enable-routing-replay", action="store_true")
+    # batch and optimizer
+    p.add_argument("--micro-batch-size", type=int, required=True)
+    p.add_argument("--global-batch-size", type=int, required=True)
+    for name in ("--lr", "--min-lr", "--weight-decay", "--adam-beta1", "--adam-beta2",
+                 "--adam-eps", "--clip-grad"):
+        p.add_argument(name, type=float, required=True)
+    p.add_argument("--lr-warmup-iters", type=int, default=0)
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--recompute-granularity", choices=["full", "selective"])
+    p.add_argument("--recompute-method", choices=["uniform", "block"])
+    p.add_argument("--recompute-num-layers", type=int)
+    p.add_argument("--seed", type=int, default=1234)
+    # checkpoints
+    p.add_argument("--load", required=True)
+    p.add_argument("--save", required=True)
+    return p
+
+
+def _layer_freq(text: str) -> int | list[int]:
+    """``--moe-layer-freq``: an int (every k-th layer is MoE) or the pattern the template
+    writes, ``([0]*D+[1]*M)`` (D dense layers, then M MoE layers). Megatron-LM evaluates the
+    string as Python; only this form is accepted here."""
+    if text.strip().isdigit():
+        return int(text)
+    m = re.fullmatch(r"\(?\[0\]\*(\d+)\+\[1\]\*(\d+)\)?", text.replace(" ", ""))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected an int or ([0]*D+[1]*M), got {text!r}")
+    return [0] * int(m.group(1)) + [1] * int(m.group(2))
+
+
+def parse_megatron_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the trainer's command line (``--config`` plus the Megatron flags)."""
+    return megatron_parser().parse_args(list(argv))
+
+
+def _moe_layers(args: argparse.Namespace) -> list[int]:
+    freq = args.moe_layer_freq
+    if isinstance(freq, list):
+        return freq
+    return [1 if i % freq == 0 else 0 for i in range(args.num_layers)]
+
+
+def hf_rope_theta(cfg: Any) -> float:
+    """RoPE base of an HF config (transformers 5's ``rope_parameters`` or 4's ``rope_theta``)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def hf_moe_layers(cfg: Any) -> list[int]:
+    """Qwen3-MoE's layer pattern as Megatron's ``moe_layer_freq`` list (0 dense, 1 MoE):
+    ``mlp_only_layers`` are dense, and of the rest every ``decoder_sparse_step``-th is MoE."""
+    dense = set(getattr(cfg, "mlp_only_layers", []) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    return [0 if (i in dense or (i + 1) % step) else 1 for i in range(int(cfg.num_hidden_layers))]
+
+
+def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
+    """The model flags must describe the HF config ``cfg`` (Qwen3-MoE) of the starting
+    checkpoint; raises :class:`MegatronArgsError` listing every difference."""
+    if args.multi_latent_attention:
+        raise MegatronArgsError("--multi-latent-attention: the Megatron engine builds the "
+                                "Qwen3-MoE family (grouped-query attention) only")
+    n = int(cfg.num_hidden_layers)
+    heads = int(cfg.num_attention_heads)
+    expected: Mapping[str, tuple[Any, Any]] = {
+        "--num-layers": (args.num_layers, n),
+        "--hidden-size": (args.hidden_size, int(cfg.hidden_size)),
+        "--ffn-hidden-size": (args.ffn_hidden_size, int(cfg.intermediate_size)),
+        "--num-attention-heads": (args.num_attention_heads, heads),
+        "--num-query-groups": (args.num_query_groups if args.group_query_attention else heads,
+                               int(cfg.num_key_value_heads)),
+        "--max-position-embeddings": (args.max_position_embeddings,
+                                      int(cfg.max_position_embeddings)),
+        "--untie-embeddings-and-output-weights": (args.untie_embeddings_and_output_weights,
+                                                  not bool(cfg.tie_word_embeddings)),
+        "--num-experts": (args.num_experts, int(cfg.num_experts)),
+        "--moe-router-topk": (args.moe_router_topk, int(cfg.num_experts_per_tok)),
+        "--moe-ffn-hidden-size": (args.moe_ffn_hidden_size, int(cfg.moe_intermediate_size)),
+        "--moe-router-pre-softmax": (args.moe_router_pre_softmax, not bool(cfg.norm_topk_prob)),
+        "--moe-layer-freq": (_moe_layers(args), hf_moe_layers(cfg)),
+    }
+    if args.kv_channels is not None:
+        expected = {**expected, "--kv-channels": (args.kv_channels, int(cfg.head_dim))}
+    expected = {**expected, "--rotary-base": (float(args.rotary_base), hf_rope_theta(cfg))}
+    wrong = [f"{flag} {got} (the checkpoint has {want})"
+             for flag, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise MegatronArgsError(
+            "train.sh's model flags do not describe the checkpoint the run starts from: "
+            + "; ".join(wrong) + ". Recompile the bundle from the spec that made the checkpoint")
+
+
+def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's ``train`` section with the batch and optimizer values of the flags."""
+    return {
+        **train,
+        "micro_batch_size": args.micro_batch_size,
+        "global_batch_size": args.global_batch_size,
+        "seed": args.seed,
+        "optimizer": {
+            **(train.get("optimizer") or {}),
+            "lr": args.lr, "min_lr": args.min_lr, "weight_decay": args.weight_decay,
+            "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
+            "adam_eps": args.adam_eps, "clip_grad": args.clip_grad,
+            "warmup_steps": args.lr_warmup_iters,
+            "distributed": args.use_distributed_optimizer,
+        },
+    }

@@ -1,0 +1,137 @@
+"""Megatron-LM's checkpoint directory layout, written atomically by several ranks.
+
+A checkpoint root (``--load`` / ``--save``) holds one directory per saved iteration and a
+tracker naming the newest, as Megatron-LM writes them::
+
+    <root>/latest_checkpointed_iteration.txt   "4"  (or "release")
+    <root>/iter_0000004/                        a dist_checkpointing directory
+    <root>/release/                             a converted checkpoint (no iteration)
+
+Inside, the state dict has Megatron-LM's keys: ``model`` (the model's sharded state dict,
+reshardable to any TP/EP layout on load), and for training checkpoints ``optimizer``,
+``optimizer_steps`` and ``iteration`` (the RL step, as slime counts it).
+
+Every rank writes its shards into the same directory, so the directory is made by rank 0 as a
+hidden temporary sibling (``runtime.jobs.common.atomic_dir``), its name broadcast, and only
+renamed into place, with its ``.complete`` marker, after every rank has written: a killed job
+leaves no half checkpoint under a final name. The tracker is replaced atomically afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.jobs.common import atomic_dir, atomic_write_text, is_complete
+
+__all__ = ["TRACKER", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
+           "saved_iterations", "shared_atomic_dir", "write_tracker"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root: str | os.PathLike[str], iteration: int | None) -> Path:
+    """``<root>/iter_0000004``, or ``<root>/release`` for ``None``."""
+    return Path(root) / ("release" if iteration is None else f"iter_{iteration:07d}")
+
+
+def latest(root: str | os.PathLike[str]) -> Path:
+    """The checkpoint directory the tracker of ``root`` names (``root`` itself when it is a
+    checkpoint directory); FileNotFoundError with what was looked for otherwise."""
+    root = Path(root)
+    if (root / "metadata.json").is_file():
+        return root
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise FileNotFoundError(f"no Megatron checkpoint at {root} (neither {TRACKER} nor "
+                                "a dist_checkpointing metadata.json)")
+    text = tracker.read_text(encoding="utf-8").strip()
+    path = iteration_dir(root, None if text == "release" else int(text))
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{tracker} names {path.name}, which is not a dist_checkpointing "
+                                "directory (no metadata.json)")
+    return path
+
+
+def saved_iterations(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete ``iter_*`` directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(p.name[5:]), p) for p in root.glob("iter_*")
+             if p.name[5:].isdigit() and is_complete(p)]
+    return sorted(found)
+
+
+def write_tracker(root: str | os.PathLike[str], iteration: int | None) -> None:
+    atomic_write_text(Path(root) / TRACKER, "release" if iteration is None else str(iteration))
+
+
+def prune(root: str | os.PathLike[str], keep: int) -> None:
+    """Remove all but the newest ``keep`` complete iterations."""
+    for _, old in saved_iterations(root)[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a no-op without a process group)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iterator[Path]:
+    """``atomic_dir`` for a directory every rank writes into (collective): rank 0 makes the
+    temporary and broadcasts its path; it becomes ``final`` after all ranks are done."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        with atomic_dir(final, **marker_info) as tmp:
+            broadcast(str(tmp))
+            yield tmp
+            _barrier()
+    else:
+        tmp = Path(broadcast(None))
+        yield tmp
+        _barrier()
+    _barrier()  # the rename is done before anyone reads ``final``
+
+
+def save_model(model: Any, root: str | os.PathLike[str]) -> Path:
+    """A model-only checkpoint at ``<root>/release`` with its tracker (the conversion job's
+    output; ``root`` is that job's temporary output folder). Collective."""
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, None)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, os.fspath(path))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        write_tracker(root, None)
+    _barrier()
+    return path
+
+
+def load_model(model: Any, root: str | os.PathLike[str]) -> Path:
+    """Load the model weights of the checkpoint ``root`` names (any layout, any iteration;
+    optimizer state, if any, is not read). Collective; returns the directory read."""
+    from megatron.core import dist_checkpointing
+
+    path = latest(root)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(path))
+    with torch.no_grad():
+        model.load_state_dict(state["model"])
+    return path

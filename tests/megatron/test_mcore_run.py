@@ -1,0 +1,122 @@
+"""The tiny run with ``train.backend: megatron``: convert → RL on the Megatron trainer → export.
+
+Two CPU ranks (``cluster.gpus_per_node: 2``), expert parallelism 2, R3 router replay, started by
+``runtime.launch`` with ``file://`` rendezvous from the rendered ``train.sh`` and its
+Megatron-LM flags. Checked: the conversion job's Megatron-LM layout, checkpoints under
+``--save`` (one per step, ``keep`` newest, tracker), the published weights are what the
+engines serve (train–inference gap at float precision), the final HF policy equals the last
+Megatron checkpoint exported, and ``to_hf`` converts the conversion job's checkpoint back
+to the HF weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.megatron
+
+ROOT = Path(__file__).resolve().parents[2]
+MEGATRON = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2",
+            "--set", "train.parallelism.expert=2", "--set", "train.checkpoint.interval=1",
+            "--set", "train.checkpoint.keep=2"]
+SHORT = ["--set", "sft.steps=10", "--set", "train.steps=3",
+         "--set", "data.generator.train_size=300", "--set", "data.generator.eval_size=40"]
+
+
+def rlspec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _megatron_export(root: Path, hf_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The HF state dict of the Megatron checkpoint ``root`` (world 1, in this process)."""
+    from runtime.megatron import checkpoint as ckpt
+    from runtime.megatron import model as mm
+    from runtime.policy import load_policy
+
+    hf, _ = load_policy(hf_dir)
+    pg = mm.init_parallel(0, 1, tmp / "rendezvous")
+    try:
+        model = mm.build_gpt_model(hf.config, pg)
+        ckpt.load_model(model, root)
+        return mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+    finally:
+        mm.destroy_parallel()
+
+
+def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from runtime.policy import load_policy
+
+    return load_policy(path)[0].state_dict()
+
+
+def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) -> None:
+    out = tmp_path / "run"
+    result = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["jobs"]) == ["data", "init", "sft", "convert", "eval_before", "screen",
+                                     "rl", "eval_after", "export"]
+    assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
+
+    train_log = (out / "logs" / "rl-train.log").read_text()
+    assert "Megatron trainer: world 2 (TP 1, EP 2, DP 2)" in train_log
+    assert "weights from " + str(out / "artifacts" / "policy_megatron" / "release") in train_log
+
+    # The conversion job's output: a Megatron-LM checkpoint root.
+    converted = out / "artifacts" / "policy_megatron"
+    assert (converted / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert (converted / "release" / "metadata.json").is_file()
+    assert _megatron_export(converted, out / "artifacts" / "policy_sft", tmp_path).keys() == \
+        _hf_weights(out / "artifacts" / "policy_sft").keys()
+
+    # Checkpoints under --save: one per step, the newest two kept, the tracker on the last.
+    save = out / "checkpoints" / "megatron"
+    assert sorted(p.name for p in save.iterdir()) == [
+        "iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert not list(save.glob(".*"))  # no partial checkpoint left behind
+
+    # The engines served exactly the published Megatron weights: the trainer's log-probs of
+    # the sampled tokens equal the engines' to float precision (R3 replays their experts).
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    trained = [r for r in rows if r["responses_trained"]]
+    assert trained and all(r["train_inference_gap"] < 1e-5 for r in trained)
+    assert all(r["grad_norm"] > 0 for r in trained)
+
+    # The final HF policy is the last checkpoint's model, and training moved it.
+    final = load_file(out / "artifacts" / "policy_final" / "model.safetensors")
+    start = load_file(out / "artifacts" / "policy_sft" / "model.safetensors")
+    assert final.keys() == start.keys()
+    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-5
+    exported = _megatron_export(save, out / "artifacts" / "policy_sft", tmp_path)
+    policy_final = _hf_weights(out / "artifacts" / "policy_final")
+    assert all(torch.equal(exported[k], policy_final[k]) for k in exported)
+
+    # to_hf: the conversion job's Megatron checkpoint back to HF, bit for bit (a spec that
+    # starts from a Megatron checkpoint gets this job for its rollout engines).
+    sft = out / "artifacts" / "policy_sft"
+    bundle = tmp_path / "from-megatron"
+    compiled = rlspec("compile", "examples/tiny/spec.yaml", "-o", str(bundle), *MEGATRON,
+                      "--set", f"model.checkpoint={converted}",
+                      "--set", "model.checkpoint_format=megatron",
+                      "--set", f"model.tokenizer={sft}", "--set", "sft=null")
+    assert compiled.returncode == 0, compiled.stderr
+    env = {**os.environ, "RLSPEC_RUN_DIR": str(tmp_path / "to-hf"), "PYTHONPATH": str(ROOT)}
+    job = subprocess.run([sys.executable, "-m", "runtime.jobs.convert", "--config",
+                          str(bundle / "jobs" / "to_hf" / "config.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    back = _hf_weights(tmp_path / "to-hf" / "artifacts" / "policy_init")
+    original = _hf_weights(sft)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in back)

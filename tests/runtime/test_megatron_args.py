@@ -1,0 +1,100 @@
+"""The Megatron-LM flags of ``jobs/rl/train.sh`` against their one reader, ``runtime.megatron.args``.
+
+Every flag a rendered bundle passes is known to the parser (a template change that renames or
+adds a flag fails here, not in the cluster job), the model flags describe the checkpoint's
+HF config, and the batch / optimizer flags are what the trainer runs with.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compiler.api import compile_spec
+from runtime.megatron.args import (
+    MegatronArgsError,
+    check_architecture,
+    parse_megatron_args,
+    train_settings,
+)
+from runtime.policy import build_tokenizer, policy_config
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def trainer_argv(train_sh: str) -> list[str]:
+    """The arguments after ``-m runtime.jobs.train`` in a rendered train.sh."""
+    lines, inside = [], False
+    for line in train_sh.splitlines():
+        if "-m runtime.jobs.train" in line:
+            inside = True
+            line = line.split("-m runtime.jobs.train", 1)[1]
+        if inside:
+            lines.append(line.rstrip("\\").strip())
+            if not line.rstrip().endswith("\\"):
+                break
+    return shlex.split(" ".join(lines))
+
+
+def tiny_megatron_train_sh(tmp_path: Path, **edits: object) -> tuple[str, dict]:
+    spec = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
+    spec["train"]["backend"] = "megatron"
+    spec["cluster"]["gpus_per_node"] = 2
+    spec["train"]["parallelism"] = {"expert": 2}
+    for key, value in edits.items():
+        spec["model"]["architecture"][key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    compiled = compile_spec(path)
+    return compiled.files["jobs/rl/train.sh"], spec
+
+
+@pytest.mark.parametrize("bundle", ["compassmax-245b", "single-node"])
+def test_every_flag_of_the_golden_bundles_parses(bundle: str) -> None:
+    args = parse_megatron_args(trainer_argv((GOLDEN / bundle / "jobs" / "rl" / "train.sh").read_text()))
+    assert args.config == "$JOB_DIR/config.json"
+    assert args.load.endswith("policy_megatron") and args.save.endswith("checkpoints/megatron")
+    if bundle == "compassmax-245b":
+        assert args.expert_model_parallel_size == 8 and args.num_experts == 16
+        assert args.use_distributed_optimizer and args.bf16
+
+
+def test_the_model_flags_describe_the_checkpoint(tmp_path: Path) -> None:
+    text, spec = tiny_megatron_train_sh(tmp_path)
+    args = parse_megatron_args(trainer_argv(text))
+    arch = spec["model"]["architecture"]
+    config = policy_config(arch, build_tokenizer(int(arch["vocab_size"])))
+    check_architecture(args, config)  # the bundle's own checkpoint: no difference
+
+    other, _ = tiny_megatron_train_sh(tmp_path, num_layers=3, hidden_size=32)
+    with pytest.raises(MegatronArgsError) as err:
+        check_architecture(parse_megatron_args(trainer_argv(other)), config)
+    message = str(err.value)
+    assert "--num-layers 3 (the checkpoint has 2)" in message
+    assert "--hidden-size 32 (the checkpoint has 64)" in message
+    assert "--num-attention-heads" not in message  # only what differs
+
+
+def test_the_flags_set_batch_and_optimizer(tmp_path: Path) -> None:
+    text, spec = tiny_megatron_train_sh(tmp_path)
+    argv = [a if a != "0.001" else "0.002" for a in trainer_argv(text)]  # --lr edited in place
+    settings = train_settings(parse_megatron_args(argv), spec["train"])
+    assert settings["optimizer"]["lr"] == 0.002
+    assert settings["micro_batch_size"] == 16 and settings["global_batch_size"] == 128
+    assert settings["optimizer"]["distributed"] is True
+    assert settings["steps"] == spec["train"]["steps"]  # the rest of the section is kept
+
+
+def test_unknown_and_malformed_flags_are_one_clear_error(tmp_path: Path) -> None:
+    text, _ = tiny_megatron_train_sh(tmp_path)
+    argv = trainer_argv(text)
+    with pytest.raises(MegatronArgsError, match="unrecognized arguments: --moe-router-top-k"):
+        parse_megatron_args([*argv, "--moe-router-top-k", "2"])
+    with pytest.raises(MegatronArgsError, match="--moe-layer-freq"):
+        parse_megatron_args([*argv, "--moe-layer-freq", "[1]*4"])
+    freq = parse_megatron_args([*argv, "--moe-layer-freq", "([0]*1+[1]*1)"]).moe_layer_freq
+    assert freq == [0, 1]
