@@ -120,3 +120,49 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     original = _hf_weights(sft)
     assert back.keys() == original.keys()
     assert all(torch.equal(back[k], original[k]) for k in back)
+
+
+def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """SIGKILL the run's process group after two RL steps; the same command resumes: the trainer takes up
+    the Megatron checkpoint of the driver's last complete step (model, optimizer shards) and
+    every step is logged once."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT,
+            "--set", "train.steps=6", "--set", "eval.enabled=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "artifacts" / "rl" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the RL job did not log two steps"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once, as a preempted node
+    proc.communicate(timeout=60)
+    while _processes_mentioning(str(out)):  # PDEATHSIG is asynchronous
+        assert time.monotonic() < deadline, "processes of the killed run are left"
+        time.sleep(0.2)
+
+    again = rlspec(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(6))
+    log = (out / "logs" / "rl-train.log").read_text()
+    assert " (exact)" in log and "synced to step " in log, log[-3000:]
+    assert (out / "checkpoints" / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
