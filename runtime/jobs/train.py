@@ -280,6 +280,9 @@ class MegatronTrainerProcess(TrainerProcess):
         pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
                               tp=args.tensor_model_parallel_size,
                               ep=args.expert_model_parallel_size, backend=backend, seed=args.seed)
+        if (args.expert_tensor_parallel_size or 1) != 1:
+            raise NotImplementedError("the Megatron trainer keeps each expert whole on its rank: "
+                                      "set train.parallelism.expert_tensor: 1")
         if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
             raise NotImplementedError("the Megatron trainer does not run pipeline or context "
                                       "parallelism yet: set train.parallelism.pipeline and "
@@ -288,7 +291,7 @@ class MegatronTrainerProcess(TrainerProcess):
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel}
         # On the CPU: the allgather dispatcher (runtime.megatron.cpu) and no recomputation
         # (megatron's activation checkpointing saves CUDA RNG states); neither changes results.
         if backend != "gloo":

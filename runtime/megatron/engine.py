@@ -24,10 +24,11 @@ same metrics; what changes is where the work runs:
   the model's device (its log-probs come back differentiably), and collective tensors go to
   the GPU under NCCL. Tested on CPU (gloo) only.
 
-Unsupported here, refused at construction: pipeline and context parallelism, and tensor
-parallelism in training without TransformerEngine (megatron-core's MoE layer requires
-sequence parallelism when training under TP, and its local torch norm refuses sequence
-parallelism). Tensor parallelism works for the forward (``runtime.megatron.model``).
+Tensor parallelism trains with sequence parallelism (megatron-core's MoE layer requires it):
+micro-batches are padded to a multiple of TP positions, the norms are
+``runtime.megatron.model.SequenceParallelRMSNorm`` and replay targets are sharded by
+sequence (``runtime.megatron.replay``). Unsupported here, refused at construction: pipeline
+and context parallelism.
 """
 
 from __future__ import annotations
@@ -75,11 +76,16 @@ class MegatronTrainer(Trainer):
             raise NotImplementedError("the Megatron trainer does not run pipeline parallelism yet")
         if parallel_state.get_context_parallel_world_size() > 1:
             raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
-        if parallel_state.get_tensor_model_parallel_world_size() > 1 and not _have_te():
-            raise NotImplementedError(
-                "training an MoE model under tensor parallelism needs sequence parallelism, "
-                "which needs TransformerEngine's norm; use expert/data parallelism here")
         config = model.config
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1 and not config.sequence_parallel:
+            raise ValueError("megatron-core trains an MoE model under tensor parallelism only "
+                             "with sequence parallelism: build it with sequence_parallel=True")
+        if tp > 1 and parallel_state.get_expert_model_parallel_world_size() == 1:
+            # megatron-core reduces EP=1 experts' gradients like dense ones (over DP), but with
+            # expert-TP 1 each TP rank trains them on its own sequence shard
+            raise ValueError("tensor parallelism needs expert parallelism > 1 here (experts are "
+                             "whole on their rank): set train.parallelism.expert ≥ 2")
         config.calculate_per_token_loss = True  # before DDP: gradients are summed, not averaged
         distributed = bool(train["optimizer"].get("distributed", True))
         ddp = DistributedDataParallel(
@@ -93,7 +99,10 @@ class MegatronTrainer(Trainer):
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
-        replay = MegatronReplay() if replay_mode != "off" else None
+        # sequence parallelism splits each micro-batch's positions over the TP ranks
+        self.length_multiple = tp if config.sequence_parallel else 1
+        replay = (MegatronReplay(sequence_parallel=bool(config.sequence_parallel))
+                  if replay_mode != "off" else None)
         super().__init__(ddp, algorithm=algorithm, train=train, vocab_size=vocab_size,
                          replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
                          total_optimizer_steps=total_optimizer_steps,
@@ -180,6 +189,7 @@ class MegatronTrainer(Trainer):
             index = mine[i] if i < len(mine) else rows[:0]
             own = int(batch.attention_mask[index].sum(1).max()) if len(index) else 1
             n_rows, length = _all_max([len(index), own])
+            length = -(-length // self.length_multiple) * self.length_multiple
             real = _pad_columns(batch.select(index), length) if len(index) else None
             yield index, real, _pad_rows(real, batch, n_rows, length)  # type: ignore[misc]
 
@@ -276,14 +286,6 @@ def _set_adam_step(optimizer: Any, step: int) -> None:
                 state["step"] = torch.tensor(float(step))
                 state.setdefault("exp_avg", torch.zeros_like(p.data))
                 state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
-
-
-def _have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _all_max(values: list[int]) -> list[int]:

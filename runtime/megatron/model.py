@@ -30,6 +30,11 @@ position 0 is 0; computed from the vocab-parallel logits with
 ``tensor_parallel.vocab_parallel_cross_entropy`` (logp = −CE), entropy
 H = log Z − Σ_v p_v z_v with max / sums all-reduced over the tensor-parallel group.
 
+Training under tensor parallelism needs sequence parallelism (megatron-core's MoE layer): the
+local spec's norms become :class:`SequenceParallelRMSNorm`. Weights loaded from HF get the
+tensor-parallel attributes megatron's own initialisation would set
+(:func:`_mark_tensor_parallel`), which the optimizer's gradient norm relies on.
+
 CPU runs need :func:`runtime.megatron.cpu.enable_cpu` first (see that module).
 """
 
@@ -159,8 +164,8 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1,
-        # The local spec's torch RMSNorm (WrappedTorchNorm) refuses sequence parallelism; the
-        # TransformerEngine spec on GPUs would allow it.
+        # Sequence parallelism (needed to train MoE under TP) swaps the local spec's norms for
+        # SequenceParallelRMSNorm; off by default (the forward alone does not need it).
         sequence_parallel=False,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -177,6 +182,36 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
     return TransformerConfig(**{**fields, **overrides})
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for megatron-core's local layer spec, usable under sequence parallelism
+    (megatron's ``WrappedTorchNorm`` refuses it; TransformerEngine's norm is the GPU
+    alternative). RMSNorm is per token, so each tensor-parallel rank normalises its own
+    sequence shard unchanged; the weight is marked ``sequence_parallel``, so that
+    ``finalize_model_grads`` sums its gradient, computed from that shard only, over the
+    tensor-parallel group."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
+
+
+def _with_norm(spec: Any, norm: type) -> Any:
+    """``spec`` (a ModuleSpec tree of dataclasses) with every ``WrappedTorchNorm`` → ``norm``."""
+    import dataclasses
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return norm
+    if isinstance(spec, list | tuple):
+        return type(spec)(_with_norm(s, norm) for s in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _with_norm(getattr(spec, f.name), norm)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
 def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
                     tp: int = 1, ep: int = 1, routing_replay: bool = False,
                     dtype: torch.dtype = torch.float32, **overrides: Any) -> GPTModel:
@@ -188,12 +223,30 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
     tcfg = transformer_config(cfg, tp=tp, ep=ep, dtype=dtype, routing_replay=routing_replay,
                               **overrides)
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
-    return GPTModel(
+    if tcfg.sequence_parallel:
+        spec = _with_norm(spec, SequenceParallelRMSNorm)
+    model = GPTModel(
         config=tcfg, transformer_layer_spec=spec, vocab_size=int(cfg.vocab_size),
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
         position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
         parallel_output=True, pg_collection=pg_collection)
+    _mark_tensor_parallel(model)
+    return model
+
+
+def _mark_tensor_parallel(model: GPTModel) -> None:
+    """Set the tensor-parallel attributes megatron-core's own weight initialisation would set
+    (skipped here: ``perform_initialization=False``, the weights come from HF). The optimizer
+    counts a parameter without ``tensor_model_parallel`` in the gradient norm on TP rank 0
+    only, as a replica; sharded weights and the experts (each on one expert-parallel rank)
+    must count on every rank, or clipping sees too small a norm under TP."""
+    for name, param in model.named_parameters():
+        dim = _tp_dim(name)
+        if ".local_experts." in name:
+            dim = 0 if name.endswith("linear_fc1.weight") else 1
+        if dim is not None and not getattr(param, "tensor_model_parallel", False):
+            tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
 # --------------------------------------------------------------------------- weights
@@ -312,6 +365,10 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
     m, Σ all-reduced over the tensor-parallel group. Positions: cumsum(mask) − 1 (so left
     padding works); padded keys are masked out.
     """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if model.config.sequence_parallel and input_ids.shape[1] % tp:
+        raise ValueError(f"sequence parallelism splits the {input_ids.shape[1]} positions over "
+                         f"{tp} tensor-parallel ranks: pad them to a multiple of {tp}")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, position_ids=position_ids,
                    attention_mask=_attention_mask(attention_mask))  # [B, T, V/tp]

@@ -8,7 +8,10 @@ Layouts. Our traces (``runtime.router_replay.RoutingTrace``) are batch-major: id
 
 and a record [T · B, k] maps back the same way. Without sequence parallelism every
 tensor-parallel rank routes all T · B tokens of its micro-batch, so every rank gets the
-whole tensor (the CPU path refuses sequence parallelism; see ``runtime.megatron.model``).
+whole tensor. With it, tensor-parallel rank r holds sequence positions
+[r · T/tp, (r+1) · T/tp) of every row, i.e. rows [r · T·B/tp, (r+1) · T·B/tp) of that
+sequence-major tensor: it replays that slice, and records are all-gathered over the
+tensor-parallel group in rank order.
 
 Masked positions. megatron-core replays every token, the embedded replay only the masked-in
 ones. A trace's False positions are therefore filled with experts 0..k−1, which is exact only
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 from torch import Tensor
 
@@ -58,10 +62,13 @@ class MegatronReplay:
     """``RouterReplayGroup``'s interface (``replaying``, ``recording``) over megatron-core's
     global ``RouterReplay`` instances of one model (one per MoE layer, in layer order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sequence_parallel: bool = False) -> None:
         if not RouterReplay.global_router_replay_instances:
             raise RuntimeError("build the model with routing_replay=True "
                                "(moe_enable_routing_replay) for router replay")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp = tp if sequence_parallel else 1
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.tp > 1 else 0
 
     def __len__(self) -> int:
         return len(RouterReplay.global_router_replay_instances)
@@ -70,6 +77,9 @@ class MegatronReplay:
     def replaying(self, trace: RoutingTrace) -> Iterator[MegatronReplay]:
         """Forwards inside the block route every token to the trace's experts."""
         layers = to_megatron_layout(trace)
+        if self.tp > 1:  # this rank's sequence shard (module doc)
+            rows = layers[0].shape[0] // self.tp
+            layers = [t[self.tp_rank * rows:(self.tp_rank + 1) * rows] for t in layers]
         if len(layers) != len(self):
             raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has {len(self)}")
         RouterReplay.set_replay_data(layers)
@@ -88,7 +98,22 @@ class MegatronReplay:
         RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
         try:
             yield records
-            records.extend(r.clone() for r in RouterReplay.get_recorded_data())
+            got = [r.clone() for r in RouterReplay.get_recorded_data()]
+            if self.tp > 1:
+                got = [_gather_sequence(r) for r in got]
+            records.extend(got)
         finally:
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
+
+
+def _gather_sequence(record: Tensor) -> Tensor:
+    """The tensor-parallel ranks' sequence shards of a record, concatenated in rank order."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    device = record.device
+    if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    local = record.to(device)
+    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, local, group=group)
+    return torch.cat(parts).to(record.device)

@@ -98,7 +98,8 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
 
     pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
     try:
-        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, routing_replay=replay != "off")
+        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, routing_replay=replay != "off",
+                                   sequence_parallel=tp > 1)
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,

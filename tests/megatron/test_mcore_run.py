@@ -1,6 +1,7 @@
 """The tiny run with ``train.backend: megatron``: convert → RL on the Megatron trainer → export.
 
-Two CPU ranks (``cluster.gpus_per_node: 2``), expert parallelism 2, R3 router replay, started by
+Two CPU ranks (``cluster.gpus_per_node: 2``) as one tensor-parallel pair (TP 2 with sequence
+parallelism, EP 2: half of every weight, half the experts per rank), R3 router replay, started by
 ``runtime.launch`` with ``file://`` rendezvous from the rendered ``train.sh`` and its
 Megatron-LM flags. Checked: the conversion job's Megatron-LM layout, checkpoints under
 ``--save`` (one per step, ``keep`` newest, tracker), the published weights are what the
@@ -25,8 +26,10 @@ pytestmark = pytest.mark.megatron
 
 ROOT = Path(__file__).resolve().parents[2]
 MEGATRON = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2",
-            "--set", "train.parallelism.expert=2", "--set", "train.checkpoint.interval=1",
-            "--set", "train.checkpoint.keep=2"]
+            "--set", "train.parallelism.tensor=2", "--set", "train.parallelism.expert=2",
+            "--set", "train.parallelism.sequence_parallel=true",
+            "--set", "train.parallelism.expert_tensor=1",
+            "--set", "train.checkpoint.interval=1", "--set", "train.checkpoint.keep=2"]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=3",
          "--set", "data.generator.train_size=300", "--set", "data.generator.eval_size=40"]
 
@@ -68,7 +71,7 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
 
     train_log = (out / "logs" / "rl-train.log").read_text()
-    assert "Megatron trainer: world 2 (TP 1, EP 2, DP 2)" in train_log
+    assert "Megatron trainer: world 2 (TP 2, EP 2, DP 1)" in train_log
     assert "weights from " + str(out / "artifacts" / "policy_megatron" / "release") in train_log
 
     # The conversion job's output: a Megatron-LM checkpoint root.

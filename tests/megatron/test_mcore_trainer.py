@@ -11,7 +11,8 @@ its weights, exported to HF, must equal the embedded trainer's:
 A Megatron checkpoint resumes the step exactly.
 
 EP = 2 runs two processes (gloo, file:// rendezvous): data parallelism 2, four of the eight
-experts per rank, the optimizer state sharded over both. R2 / R3 go through megatron-core's
+experts per rank, the optimizer state sharded over both. TP = 2 × EP = 2 runs the same two
+processes as one tensor-parallel pair with sequence parallelism. R2 / R3 go through megatron-core's
 ``RouterReplay``; the R3 trace is another policy's routing, so the control (the same step
 routing freely) lands far away, and agreeing with the embedded replay is not an accident.
 """
@@ -64,6 +65,19 @@ def test_expert_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, lo
     for out in outs:
         _check(out)
     # data-parallel ranks end with the same weights
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
+@pytest.mark.parametrize(("replay", "loss"), [("r3", "grpo"), ("r2", "espo")])
+def test_tensor_and_expert_parallel_2_step_matches_embedded(tmp_path: Path, replay: str,
+                                                           loss: str) -> None:
+    """TP = 2 with sequence parallelism and EP = 2 on two ranks: each rank holds half of every
+    dense weight, half of the experts and half of each sequence (R3 targets are sliced by
+    sequence, R2 records gathered); clipping needs the gradient norm over all shards."""
+    outs = launch("tests.megatron._train_worker", 2, ["2", "2", str(tmp_path), replay, loss],
+                  tmp_path)
+    for out in outs:
+        _check(out)
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
