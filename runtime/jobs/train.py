@@ -72,6 +72,7 @@ class TrainerProcess:
         self.total_optimizer_steps = per_step * self.epochs * self.steps
         self.length_balancing = bool((spec.get("system") or {}).get("length_balancing", True))
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
+        self.kl_on = float((self.algorithm.get("kl") or {}).get("coefficient", 0.0)) > 0
         self.main = True  # this process reads and writes the exchange files
         torch.manual_seed(self.seed)
         self.version = 0
@@ -86,10 +87,13 @@ class TrainerProcess:
         self.model, self.tokenizer = load_policy(self.policy_path)
         mode = self.replay_mode
         replay = patch_qwen3_moe(self.model) if mode != "off" else None
+        reference = None
+        if self.kl_on:  # the frozen policy RL starts from
+            reference = load_policy(self.policy_path)[0].requires_grad_(False)
         self.trainer = Trainer(
             self.model, algorithm=self.algorithm, train=self.train_cfg,
             vocab_size=int(self.model.config.vocab_size), replay_mode=mode, replay=replay,
-            total_optimizer_steps=self.total_optimizer_steps,
+            reference=reference, total_optimizer_steps=self.total_optimizer_steps,
             length_balancing=self.length_balancing)
 
     # ----------------------------------------------------------------- heartbeat
@@ -312,11 +316,18 @@ class MegatronTrainerProcess(TrainerProcess):
         read = ckpt.load_model(self.module, args.load)
         if self.main:
             self.log.info("weights from %s", read)
+        reference = None
+        if self.kl_on:  # the frozen starting policy, same layout, routing freely
+            reference = mm.build_gpt_model(
+                self.hf_config, pg, tp=args.tensor_model_parallel_size,
+                ep=args.expert_model_parallel_size, dtype=dtype, **overrides)
+            ckpt.load_model(reference, args.load)
+            reference.requires_grad_(False).eval()
         self.train_cfg = train_settings(args, self.train_cfg)
         self.trainer = MegatronTrainer(  # type: ignore[assignment]
             self.module, algorithm=self.algorithm, train=self.train_cfg,
             vocab_size=int(self.hf_config.vocab_size), replay_mode=self.replay_mode,
-            total_optimizer_steps=self.total_optimizer_steps,
+            reference=reference, total_optimizer_steps=self.total_optimizer_steps,
             length_balancing=self.length_balancing)
         self.model = self.module
 

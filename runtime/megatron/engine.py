@@ -66,12 +66,14 @@ class MegatronTrainer(Trainer):
     """Applies the spec's ``algorithm`` to a megatron-core GPTModel, one RL step at a time.
 
     ``model`` is this rank's shard (``build_gpt_model``, with ``routing_replay=True`` for
-    r2/r3); parallel state must be initialised. ``algorithm`` / ``train`` as for ``Trainer``.
+    r2/r3); parallel state must be initialised. ``algorithm`` / ``train`` as for ``Trainer``;
+    ``reference``: the frozen KL reference, a GPTModel of the same layout built without
+    routing replay (it routes freely).
     """
 
     def __init__(self, model: GPTModel, *, algorithm: dict[str, Any], train: dict[str, Any],
-                 vocab_size: int, replay_mode: str = "off", total_optimizer_steps: int = 1,
-                 length_balancing: bool = True) -> None:
+                 vocab_size: int, replay_mode: str = "off", reference: GPTModel | None = None,
+                 total_optimizer_steps: int = 1, length_balancing: bool = True) -> None:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             raise NotImplementedError("the Megatron trainer does not run pipeline parallelism yet")
         if parallel_state.get_context_parallel_world_size() > 1:
@@ -105,7 +107,7 @@ class MegatronTrainer(Trainer):
                   if replay_mode != "off" else None)
         super().__init__(ddp, algorithm=algorithm, train=train, vocab_size=vocab_size,
                          replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
-                         total_optimizer_steps=total_optimizer_steps,
+                         reference=reference, total_optimizer_steps=total_optimizer_steps,
                          length_balancing=length_balancing)
 
     # ------------------------------------------------------------------ engine hooks
@@ -181,7 +183,8 @@ class MegatronTrainer(Trainer):
                                                                         TrainBatch]]:
         """This rank's micro-batches of ``rows``: (index, real, padded) — ``real`` the rows
         ``index`` padded to the common length, ``padded`` that plus dummy rows up to the
-        common row count. Every rank yields the same number, with the same shapes."""
+        common row count and, under sequence parallelism, columns up to a multiple of TP.
+        Every rank yields the same number, with the same shapes."""
         micro = list(self._micro_batches(rows, batch))
         mine = micro[self.dp_rank::self.dp]
         count = _all_max([len(mine)])[0]
@@ -189,9 +192,10 @@ class MegatronTrainer(Trainer):
             index = mine[i] if i < len(mine) else rows[:0]
             own = int(batch.attention_mask[index].sum(1).max()) if len(index) else 1
             n_rows, length = _all_max([len(index), own])
-            length = -(-length // self.length_multiple) * self.length_multiple
+            width = -(-length // self.length_multiple) * self.length_multiple
             real = _pad_columns(batch.select(index), length) if len(index) else None
-            yield index, real, _pad_rows(real, batch, n_rows, length)  # type: ignore[misc]
+            wide = None if real is None else _pad_columns(real, width)
+            yield index, real, _pad_rows(wide, batch, n_rows, width)  # type: ignore[misc]
 
     def _old_pass(self, batch: TrainBatch) -> tuple[Tensor, Tensor, TrainBatch]:
         """``Trainer._old_pass`` split over data-parallel ranks, then summed over them."""
@@ -204,37 +208,55 @@ class MegatronTrainer(Trainer):
         self.model.eval()
         with torch.no_grad():
             for index, _, mb in self._shard(torch.arange(B), batch):
-                n, length = len(index), mb.input_ids.shape[1]
+                n, width = len(index), mb.input_ids.shape[1]
+                length = min(width, T)  # beyond T: padding to a multiple of TP
                 if self.replay_mode == "r2":
                     with self.replay.recording() as records:  # type: ignore[union-attr]
                         logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
-                    got = from_megatron_layout(records, mb.size, length)
-                    ids[index, :length] = got[:n].long() + 1
+                    got = from_megatron_layout(records, mb.size, width)
+                    ids[index, :length] = got[:n, :length].long() + 1
                 else:
                     with self._routing(mb.routing):
                         logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
-                old[index, :length] = logp[:n]
-                ent[index, :length] = h[:n]  # type: ignore[index]
-        if self.dp > 1:
-            device = _comm_device()
-            summed = []
-            for t in (old, ent, ids):
-                t = t.to(device)
-                torch.distributed.all_reduce(t, group=self.dp_group)
-                summed.append(t.cpu())
-            old, ent, ids = summed
+                old[index, :length] = logp[:n, :length]
+                ent[index, :length] = h[:n, :length]  # type: ignore[index]
+        old, ent, ids = self._sum_over_dp(old, ent, ids)
         if self.replay_mode == "r2":
             recorded = torch.where(ids > 0, ids - 1, torch.arange(top_k).expand_as(ids))
             batch = replace(batch, routing=RoutingTrace(
                 recorded, int(self.module.config.num_moe_experts), mask=None))
         return old, ent, batch
 
+    def _reference_logp(self, batch: TrainBatch) -> Tensor:
+        """Log-probs of the frozen reference GPTModel (routing freely, as the embedded
+        trainer's reference does), split over data-parallel ranks like the old-policy pass."""
+        B, T = batch.input_ids.shape
+        ref = torch.zeros(B, T)
+        with torch.no_grad():
+            for index, _, mb in self._shard(torch.arange(B), batch):
+                length = min(mb.input_ids.shape[1], T)
+                logp, _ = megatron_logprobs(self.reference, mb.input_ids.to(self.device),  # type: ignore[arg-type]
+                                            mb.attention_mask.to(self.device))
+                ref[index, :length] = logp[: len(index), :length].cpu()
+        (ref,) = self._sum_over_dp(ref)
+        return ref
+
+    def _sum_over_dp(self, *tensors: Tensor) -> list[Tensor]:
+        """Each tensor summed over the data-parallel ranks (each filled its own rows)."""
+        if self.dp == 1:
+            return list(tensors)
+        device = _comm_device()
+        summed = []
+        for t in tensors:
+            t = t.to(device)
+            torch.distributed.all_reduce(t, group=self.dp_group)
+            summed.append(t.cpu())
+        return summed
+
     # ------------------------------------------------------------------ the update
 
     def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
                         sums, counts) -> None:
-        if ref_logp is not None:
-            raise NotImplementedError("KL to a reference model is not wired for Megatron yet")
         total_tokens = float(mask[mini].sum())
         denom = max(self._share(mask[mini]), 1.0)
         lr = self._lr()
@@ -253,7 +275,8 @@ class MegatronTrainer(Trainer):
                 if not n:  # a dummy micro-batch: backward must still run (MoE collectives)
                     return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
                 # the loss is computed where the batch lives (differentiably copied there)
-                loss = self._micro_loss(output[:n].cpu(), index, real, old_logp, entropy, mask,
+                logp = output[:n, : real.input_ids.shape[1]].cpu()
+                loss = self._micro_loss(logp, index, real, old_logp, entropy, mask,
                                         token_weight, ref_logp, total_tokens, denom, sums, counts)
                 share = self._share(mask[index, : real.input_ids.shape[1]])
                 return loss.to(output.device), torch.tensor(int(share), dtype=torch.int), {}

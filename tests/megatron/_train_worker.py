@@ -1,6 +1,7 @@
 """One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
 tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS`` (REPLAY ``resume``:
-the checkpoint round trip of :func:`run_resume` instead).
+the checkpoint round trip of :func:`run_resume` instead; LOSS ``<loss>-kl`` adds a KL penalty
+to the frozen initial policy).
 
 Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
@@ -81,13 +82,18 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     torch.manual_seed(0)
     hf = tiny_hf_policy()
     batch = rl_batch(hf, replay)
+    kl = loss.endswith("-kl")  # "<loss>-kl": KL (k3) to the frozen initial policy
+    loss = loss.removesuffix("-kl")
     algorithm = {**ALGO, "loss": loss}
+    if kl:
+        algorithm["kl"] = {"coefficient": 0.5, "estimator": "k3"}
     vocab = int(hf.config.vocab_size)
 
     embedded = copy.deepcopy(hf)
     group = patch_qwen3_moe(embedded) if replay != "off" else None
     ref = Trainer(embedded, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
-                  replay_mode=replay, replay=group, total_optimizer_steps=TOTAL_STEPS)
+                  replay_mode=replay, replay=group, total_optimizer_steps=TOTAL_STEPS,
+                  reference=copy.deepcopy(hf) if kl else None)
     ref_metrics = ref.step(batch, epochs=EPOCHS, seed=SEED)
     free = None  # the control: the same step routing freely
     if replay != "off":
@@ -102,8 +108,13 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                                    sequence_parallel=tp > 1)
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        reference = None
+        if kl:
+            reference = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, sequence_parallel=tp > 1)
+            mm.load_hf_weights(reference, hf.state_dict(), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
-                                  replay_mode=replay, total_optimizer_steps=TOTAL_STEPS)
+                                  replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
+                                  reference=reference)
         metrics = trainer.step(batch, epochs=EPOCHS, seed=SEED)
         trained = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         return {"hf": hf.state_dict(), "initial": initial, "ref": embedded.state_dict(),

@@ -5,7 +5,8 @@ parallelism, EP 2: half of every weight, half the experts per rank), R3 router r
 ``runtime.launch`` with ``file://`` rendezvous from the rendered ``train.sh`` and its
 Megatron-LM flags. Checked: the conversion job's Megatron-LM layout, checkpoints under
 ``--save`` (one per step, ``keep`` newest, tracker), the published weights are what the
-engines serve (train–inference gap at float precision), the final HF policy equals the last
+engines serve (train–inference gap at float precision), the KL penalty to the frozen
+starting GPTModel is computed, the final HF policy equals the last
 Megatron checkpoint exported, and ``to_hf`` converts the conversion job's checkpoint back
 to the HF weights bit for bit.
 """
@@ -63,7 +64,8 @@ def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) -> None:
     out = tmp_path / "run"
-    result = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT)
+    result = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT,
+                    "--set", "algorithm.kl.coefficient=0.1")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["jobs"]) == ["data", "init", "sft", "convert", "eval_before", "screen",
@@ -95,6 +97,7 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     trained = [r for r in rows if r["responses_trained"]]
     assert trained and all(r["train_inference_gap"] < 1e-5 for r in trained)
     assert all(r["grad_norm"] > 0 for r in trained)
+    assert all(r["kl"] is not None for r in trained)  # the frozen reference GPTModel is there
 
     # The final HF policy is the last checkpoint's model, and training moved it.
     final = load_file(out / "artifacts" / "policy_final" / "model.safetensors")

@@ -220,3 +220,21 @@ def test_rl_job_stops_at_the_rollout_budget(prepared: tuple[Path, Path], tmp_pat
     assert (run_dir / "checkpoints" / "rl").is_dir()
     _wait_gone(run_dir, port)
     assert _processes_of(run_dir) == []
+
+
+def test_kl_to_the_starting_policy_reaches_the_trainer(prepared: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    """algorithm.kl.coefficient > 0: the trainer holds the starting policy frozen as the
+    reference; the first update leaves the policy there (KL 0 at the first optimizer step),
+    later ones move it away and the penalty is logged."""
+    _, base_run = prepared
+    bundle = _compile(tmp_path / "bundle", 2, "algorithm.kl.coefficient=0.1")
+    run_dir = tmp_path / "run"
+    for name in ("dataset", "policy_init", "policy_sft"):
+        shutil.copytree(base_run / "artifacts" / name, run_dir / "artifacts" / name)
+    proc = _launch(bundle, "rl", run_dir, _free_port())
+    assert proc.returncode == 0, proc.stderr + (run_dir / "logs" / "rl-train.log").read_text()
+    lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+    trained = [m for m in lines if m["kl"] is not None]
+    assert trained, lines
+    assert trained[-1]["kl"] > 0
