@@ -281,16 +281,20 @@ class MegatronTrainerProcess(TrainerProcess):
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         backend, forced = mm.use_devices(spec["cluster"].get("devices", "gpu"))
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
+        layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
+                  "pp": args.pipeline_model_parallel_size}
         pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                              tp=args.tensor_model_parallel_size,
-                              ep=args.expert_model_parallel_size, backend=backend, seed=args.seed)
+                              backend=backend, seed=args.seed, **layout)
         if (args.expert_tensor_parallel_size or 1) != 1:
             raise NotImplementedError("the Megatron trainer keeps each expert whole on its rank: "
                                       "set train.parallelism.expert_tensor: 1")
-        if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
-            raise NotImplementedError("the Megatron trainer does not run pipeline or context "
-                                      "parallelism yet: set train.parallelism.pipeline and "
-                                      ".context to 1")
+        if args.context_parallel_size > 1:
+            raise NotImplementedError("the Megatron trainer does not run context parallelism "
+                                      "yet: set train.parallelism.context to 1")
+        if args.num_virtual_stages_per_pipeline_rank or args.decoder_first_pipeline_num_layers \
+                or args.decoder_last_pipeline_num_layers:
+            raise NotImplementedError("the Megatron trainer runs even pipeline stages only (no "
+                                      "virtual or uneven stages yet)")
         self.main = rank == 0
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
@@ -305,22 +309,20 @@ class MegatronTrainerProcess(TrainerProcess):
                                  recompute_method=args.recompute_method,
                                  recompute_num_layers=args.recompute_num_layers)
         self.module = mm.build_gpt_model(
-            self.hf_config, pg, tp=args.tensor_model_parallel_size,
-            ep=args.expert_model_parallel_size, routing_replay=self.replay_mode != "off",
-            dtype=dtype, **overrides)
+            self.hf_config, pg, routing_replay=self.replay_mode != "off", dtype=dtype,
+            **layout, **overrides)
         if self.main:
-            self.log.info("Megatron trainer: world %d (TP %d, EP %d, DP %d), %s, %s backend", world,
-                          args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                          world // args.tensor_model_parallel_size,
+            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, DP %d), %s, %s backend",
+                          world, layout["tp"], layout["pp"], layout["ep"],
+                          world // (layout["tp"] * layout["pp"]),
                           str(dtype).removeprefix("torch."), backend)
         read = ckpt.load_model(self.module, args.load)
         if self.main:
             self.log.info("weights from %s", read)
         reference = None
         if self.kl_on:  # the frozen starting policy, same layout, routing freely
-            reference = mm.build_gpt_model(
-                self.hf_config, pg, tp=args.tensor_model_parallel_size,
-                ep=args.expert_model_parallel_size, dtype=dtype, **overrides)
+            reference = mm.build_gpt_model(self.hf_config, pg, dtype=dtype, **layout,
+                                           **overrides)
             ckpt.load_model(reference, args.load)
             reference.requires_grad_(False).eval()
         self.train_cfg = train_settings(args, self.train_cfg)

@@ -27,8 +27,11 @@ same metrics; what changes is where the work runs:
 Tensor parallelism trains with sequence parallelism (megatron-core's MoE layer requires it):
 micro-batches are padded to a multiple of TP positions, the norms are
 ``runtime.megatron.model.SequenceParallelRMSNorm`` and replay targets are sharded by
-sequence (``runtime.megatron.replay``). Unsupported here, refused at construction: pipeline
-and context parallelism.
+sequence (``runtime.megatron.replay``). Pipeline parallelism runs megatron-core's 1F1B
+schedule for the update and forward-only for the old-policy and reference passes; every
+micro-batch of a pass then has one shape, stages replay / record their own MoE layers, and
+the loss and its metrics live on the last stage (its log-probs are summed to all stages).
+Context parallelism is not supported.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from runtime.megatron.model import megatron_logprobs
+from runtime.megatron.model import layer_offset, megatron_logprobs
 from runtime.megatron.replay import MegatronReplay, from_megatron_layout
 from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch, Trainer
@@ -74,8 +77,6 @@ class MegatronTrainer(Trainer):
     def __init__(self, model: GPTModel, *, algorithm: dict[str, Any], train: dict[str, Any],
                  vocab_size: int, replay_mode: str = "off", reference: GPTModel | None = None,
                  total_optimizer_steps: int = 1, length_balancing: bool = True) -> None:
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("the Megatron trainer does not run pipeline parallelism yet")
         if parallel_state.get_context_parallel_world_size() > 1:
             raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
         config = model.config
@@ -101,9 +102,16 @@ class MegatronTrainer(Trainer):
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         # sequence parallelism splits each micro-batch's positions over the TP ranks
         self.length_multiple = tp if config.sequence_parallel else 1
-        replay = (MegatronReplay(sequence_parallel=bool(config.sequence_parallel))
+        freq = config.moe_layer_freq
+        pattern = freq if isinstance(freq, list) else [
+            int(i % freq == 0) for i in range(config.num_layers)]
+        self.moe_layers = sum(pattern)  # in the whole model
+        self.moe_offset = sum(pattern[:layer_offset(model)])  # before this pipeline stage
+        replay = (MegatronReplay(sequence_parallel=bool(config.sequence_parallel),
+                                 first_layer=self.moe_offset, total_layers=self.moe_layers)
                   if replay_mode != "off" else None)
         super().__init__(ddp, algorithm=algorithm, train=train, vocab_size=vocab_size,
                          replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
@@ -131,25 +139,27 @@ class MegatronTrainer(Trainer):
             group["weight_decay"] = self.opt_cfg["weight_decay"] * group.get("wd_mult", 1.0)
         return lr
 
-    def _logprobs(self, input_ids: Tensor, attention_mask: Tensor, *,
-                  with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Forward on the model's device; results on the CPU, where the batch lives."""
-        logp, entropy = megatron_logprobs(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device),  # type: ignore[arg-type]
-            with_entropy=with_entropy)
-        return logp.cpu(), None if entropy is None else entropy.cpu()
-
     def _reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> None:
-        if self.dp == 1:
-            return
-        gathered: list[Any] = [None] * self.dp
-        torch.distributed.all_gather_object(gathered, (sums, counts), group=self.dp_group)
-        sums.clear()
-        counts.clear()
-        for rank_sums, rank_counts in gathered:
-            for key, value in rank_sums.items():
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0.0) + rank_counts[key]
+        """Sums over data-parallel ranks; the loss metrics exist on the last pipeline stage
+        (where the loss runs), and every stage takes its numbers."""
+        if self.dp > 1:
+            gathered: list[Any] = [None] * self.dp
+            torch.distributed.all_gather_object(gathered, (sums, counts), group=self.dp_group)
+            sums.clear()
+            counts.clear()
+            for rank_sums, rank_counts in gathered:
+                for key, value in rank_sums.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0.0) + rank_counts[key]
+        if self.pp > 1:
+            stages: list[Any] = [None] * self.pp
+            torch.distributed.all_gather_object(
+                stages, (dict(sums), dict(counts)),
+                group=parallel_state.get_pipeline_model_parallel_group())
+            sums.clear()
+            counts.clear()
+            sums.update(stages[-1][0])
+            counts.update(stages[-1][1])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -188,10 +198,13 @@ class MegatronTrainer(Trainer):
         micro = list(self._micro_batches(rows, batch))
         mine = micro[self.dp_rank::self.dp]
         count = _all_max([len(mine)])[0]
-        for i in range(count):
-            index = mine[i] if i < len(mine) else rows[:0]
-            own = int(batch.attention_mask[index].sum(1).max()) if len(index) else 1
-            n_rows, length = _all_max([len(index), own])
+        indices = [mine[i] if i < len(mine) else rows[:0] for i in range(count)]
+        shapes = _all_max([v for index in indices for v in (
+            len(index), int(batch.attention_mask[index].sum(1).max()) if len(index) else 1)])
+        if self.pp > 1:  # pipeline stages exchange activations of one fixed shape
+            shapes = [max(shapes[0::2]), max(shapes[1::2])] * count
+        for i, index in enumerate(indices):
+            n_rows, length = shapes[2 * i], shapes[2 * i + 1]
             width = -(-length // self.length_multiple) * self.length_multiple
             real = _pad_columns(batch.select(index), length) if len(index) else None
             wide = None if real is None else _pad_columns(real, width)
@@ -202,24 +215,37 @@ class MegatronTrainer(Trainer):
         B, T = batch.input_ids.shape
         old = torch.zeros(B, T)
         ent = torch.zeros(B, T)
-        layers = len(self.replay) if self.replay_mode == "r2" else 0  # type: ignore[arg-type]
+        r2 = self.replay_mode == "r2"
+        layers = self.moe_layers if r2 else 0
+        local = slice(self.moe_offset, self.moe_offset + (len(self.replay) if r2 else 0))  # type: ignore[arg-type]
         top_k = int(self.module.config.moe_router_topk or 1)
         ids = torch.zeros(B, T, layers, top_k, dtype=torch.long)  # expert id + 1; 0 = none
         self.model.eval()
+
+        def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
+            index, _, mb = next(data)
+            n, width = len(index), mb.input_ids.shape[1]
+            length = min(width, T)  # beyond T: padding to a multiple of TP
+            args = (model, mb.input_ids.to(self.device), mb.attention_mask.to(self.device))
+            if r2:
+                with self.replay.recording() as records:  # type: ignore[union-attr]
+                    out, h = megatron_logprobs(*args, with_entropy=True)
+                got = from_megatron_layout(records, mb.size, width)
+                ids[index, :length, local] = got[:n, :length].long().cpu() + 1
+            else:
+                with self._routing(mb.routing):
+                    out, h = megatron_logprobs(*args, with_entropy=True)
+
+            def keep(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:  # last stage
+                old[index, :length] = output[:n, :length].cpu()
+                ent[index, :length] = h[:n, :length].cpu()  # type: ignore[index]
+                return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+            return out, keep
+
         with torch.no_grad():
-            for index, _, mb in self._shard(torch.arange(B), batch):
-                n, width = len(index), mb.input_ids.shape[1]
-                length = min(width, T)  # beyond T: padding to a multiple of TP
-                if self.replay_mode == "r2":
-                    with self.replay.recording() as records:  # type: ignore[union-attr]
-                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
-                    got = from_megatron_layout(records, mb.size, width)
-                    ids[index, :length] = got[:n, :length].long() + 1
-                else:
-                    with self._routing(mb.routing):
-                        logp, h = self._logprobs(mb.input_ids, mb.attention_mask, with_entropy=True)
-                old[index, :length] = logp[:n, :length]
-                ent[index, :length] = h[:n, :length]  # type: ignore[index]
+            self._schedule(self.model, list(self._shard(torch.arange(B), batch)), forward_step,
+                           forward_only=True)
         old, ent, ids = self._sum_over_dp(old, ent, ids)
         if self.replay_mode == "r2":
             recorded = torch.where(ids > 0, ids - 1, torch.arange(top_k).expand_as(ids))
@@ -232,24 +258,47 @@ class MegatronTrainer(Trainer):
         trainer's reference does), split over data-parallel ranks like the old-policy pass."""
         B, T = batch.input_ids.shape
         ref = torch.zeros(B, T)
+
+        def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
+            index, _, mb = next(data)
+            length = min(mb.input_ids.shape[1], T)
+            out, _ = megatron_logprobs(model, mb.input_ids.to(self.device),
+                                       mb.attention_mask.to(self.device))
+
+            def keep(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:  # last stage
+                ref[index, :length] = output[: len(index), :length].cpu()
+                return output.sum() * 0.0, torch.tensor(1, dtype=torch.int), {}
+
+            return out, keep
+
         with torch.no_grad():
-            for index, _, mb in self._shard(torch.arange(B), batch):
-                length = min(mb.input_ids.shape[1], T)
-                logp, _ = megatron_logprobs(self.reference, mb.input_ids.to(self.device),  # type: ignore[arg-type]
-                                            mb.attention_mask.to(self.device))
-                ref[index, :length] = logp[: len(index), :length].cpu()
+            self._schedule(self.reference, list(self._shard(torch.arange(B), batch)),
+                           forward_step, forward_only=True)
         (ref,) = self._sum_over_dp(ref)
         return ref
 
+    def _schedule(self, model: Any, micro: list[Any], forward_step: Any, *,
+                  forward_only: bool) -> None:
+        """megatron-core's schedule (1F1B across pipeline stages) over ``micro``, which
+        ``_shard`` made of equal shapes on every rank."""
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+            num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
+            micro_batch_size=micro[0][2].size, forward_only=forward_only)
+
     def _sum_over_dp(self, *tensors: Tensor) -> list[Tensor]:
-        """Each tensor summed over the data-parallel ranks (each filled its own rows)."""
-        if self.dp == 1:
+        """Each tensor summed over the data-parallel ranks (each filled its own rows) and the
+        pipeline stages (the last fills log-probs, each stage its layers' experts)."""
+        groups = [g for g, size in ((self.dp_group, self.dp), (
+            parallel_state.get_pipeline_model_parallel_group(), self.pp)) if size > 1]
+        if not groups:
             return list(tensors)
         device = _comm_device()
         summed = []
         for t in tensors:
             t = t.to(device)
-            torch.distributed.all_reduce(t, group=self.dp_group)
+            for group in groups:
+                torch.distributed.all_reduce(t, group=group)
             summed.append(t.cpu())
         return summed
 
@@ -283,10 +332,7 @@ class MegatronTrainer(Trainer):
 
             return logp, loss_func
 
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=[self.model],
-            num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
-            micro_batch_size=micro[0][2].size, forward_only=False)
+        self._schedule(self.model, micro, forward_step, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         if self.dp_rank == 0:  # the same on every rank: counted once by _reduce_metrics
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm or 0.0)

@@ -74,7 +74,7 @@ __all__ = [
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
-                  tp: int = 1, ep: int = 1, backend: str = "gloo",
+                  tp: int = 1, ep: int = 1, pp: int = 1, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
     """Join the default group, build megatron's tensor/expert-parallel groups, seed
     megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
@@ -88,6 +88,7 @@ def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str]
                                              rank=rank, world_size=world_size)
     # expert-TP 1: experts are whole on their EP rank (default would be expert-TP = TP)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp,
                                              expert_model_parallel_size=ep,
                                              expert_tensor_parallel_size=1)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -122,7 +123,7 @@ def destroy_parallel() -> None:
 # --------------------------------------------------------------------------- model
 
 
-def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
+def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: int = 1,
                        dtype: torch.dtype = torch.float32, routing_replay: bool = False,
                        **overrides: Any) -> TransformerConfig:
     """The ``TransformerConfig`` of a Qwen3-MoE HF config (mapping in the module doc);
@@ -162,6 +163,8 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1,
         moe_enable_routing_replay=routing_replay,
         # parallelism / precision
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype,  # the activations stages send each other
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1,
         # Sequence parallelism (needed to train MoE under TP) swaps the local spec's norms for
@@ -213,16 +216,17 @@ def _with_norm(spec: Any, norm: type) -> Any:
 
 
 def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
-                    tp: int = 1, ep: int = 1, routing_replay: bool = False,
+                    tp: int = 1, ep: int = 1, pp: int = 1, routing_replay: bool = False,
                     dtype: torch.dtype = torch.float32, **overrides: Any) -> GPTModel:
     """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard
     (``overrides``: :func:`transformer_config`'s)."""
     if int(cfg.num_key_value_heads) % tp or int(cfg.num_experts) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
                          f"ep={ep} the {cfg.num_experts} experts")
-    tcfg = transformer_config(cfg, tp=tp, ep=ep, dtype=dtype, routing_replay=routing_replay,
-                              **overrides)
-    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm")
+    tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, dtype=dtype,
+                              routing_replay=routing_replay, **overrides)
+    spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm",
+                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     if tcfg.sequence_parallel:
         spec = _with_norm(spec, SequenceParallelRMSNorm)
     model = GPTModel(
@@ -230,7 +234,9 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
         position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
-        parallel_output=True, pg_collection=pg_collection)
+        parallel_output=True, pg_collection=pg_collection,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage())
     _mark_tensor_parallel(model)
     return model
 
@@ -326,11 +332,12 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
     ep = parallel_state.get_expert_model_parallel_world_size()
     n_local = int(cfg.num_experts) // ep
     missing = []
+    offset = layer_offset(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            key = name
-            if ".local_experts." in name:
-                head, tail = name.split(".local_experts.")
+            key = global_name(name, offset)
+            if ".local_experts." in key:
+                head, tail = key.split(".local_experts.")
                 e, rest = tail.split(".", 1)
                 key = f"{head}.local_experts.{ep_rank * n_local + int(e)}.{rest}"
             if key not in full:
@@ -345,6 +352,23 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
 
 
 # --------------------------------------------------------------------------- log-probs
+
+
+def layer_offset(model: GPTModel) -> int:
+    """Global index of this pipeline stage's first layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return 0
+    return int(get_transformer_layer_offset(model.config))
+
+
+def global_name(name: str, offset: int) -> str:
+    """``decoder.layers.<i>.…`` of a stage's model → the full model's ``<i + offset>``."""
+    if offset and name.startswith("decoder.layers."):
+        i, rest = name[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{int(i) + offset}.{rest}"
+    return name
 
 
 def _attention_mask(attention_mask: Tensor) -> Tensor:
@@ -372,6 +396,8 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, position_ids=position_ids,
                    attention_mask=_attention_mask(attention_mask))  # [B, T, V/tp]
+    if not getattr(model, "module", model).post_process:
+        return logits, None  # a stage before the last: hidden states for the next stage
     z = logits[:, :-1].float()
     target = input_ids[:, 1:]
     # vocab_parallel_cross_entropy is [s, b] or [b, s] agnostic: it works on the last dim.
@@ -430,8 +456,10 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_group = parallel_state.get_expert_model_parallel_group()
     n_local = int(model.config.num_moe_experts or 0) // ep
+    offset = layer_offset(model)
     out: dict[str, Tensor] = {}
-    for name, param in model.named_parameters():
+    for local_name, param in model.named_parameters():
+        name = global_name(local_name, offset)
         t = param.detach()
         dim = _tp_dim(name)
         if dim is not None and tp > 1:
@@ -448,6 +476,12 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
                 out[f"{head}.local_experts.{r * n_local + int(e)}.{rest}"] = part.clone()
             continue
         out[name] = t.clone()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # every stage's layers
+        stages: list[Any] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(
+            stages, {k: v.cpu() for k, v in out.items()},
+            group=parallel_state.get_pipeline_model_parallel_group())
+        out = {k: v.to(param.device) for stage in stages for k, v in stage.items()}
     return out
 
 

@@ -60,15 +60,19 @@ def from_megatron_layout(per_layer: list[Tensor], batch: int, length: int) -> Te
 
 class MegatronReplay:
     """``RouterReplayGroup``'s interface (``replaying``, ``recording``) over megatron-core's
-    global ``RouterReplay`` instances of one model (one per MoE layer, in layer order)."""
+    global ``RouterReplay`` instances of one model (one per MoE layer, in layer order; under
+    pipeline parallelism the stage's own, MoE layers ``first_layer``… of the model)."""
 
-    def __init__(self, sequence_parallel: bool = False) -> None:
+    def __init__(self, sequence_parallel: bool = False, first_layer: int = 0,
+                 total_layers: int | None = None) -> None:
         if not RouterReplay.global_router_replay_instances:
             raise RuntimeError("build the model with routing_replay=True "
                                "(moe_enable_routing_replay) for router replay")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp = tp if sequence_parallel else 1
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.tp > 1 else 0
+        self.first_layer = first_layer  # this pipeline stage's first MoE layer in the model
+        self.total_layers = len(self) if total_layers is None else total_layers
 
     def __len__(self) -> int:
         return len(RouterReplay.global_router_replay_instances)
@@ -77,11 +81,13 @@ class MegatronReplay:
     def replaying(self, trace: RoutingTrace) -> Iterator[MegatronReplay]:
         """Forwards inside the block route every token to the trace's experts."""
         layers = to_megatron_layout(trace)
+        if len(layers) != self.total_layers:
+            raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has "
+                                  f"{self.total_layers}")
+        layers = layers[self.first_layer:self.first_layer + len(self)]  # this stage's
         if self.tp > 1:  # this rank's sequence shard (module doc)
             rows = layers[0].shape[0] // self.tp
             layers = [t[self.tp_rank * rows:(self.tp_rank + 1) * rows] for t in layers]
-        if len(layers) != len(self):
-            raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has {len(self)}")
         RouterReplay.set_replay_data(layers)
         RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         try:

@@ -1,5 +1,5 @@
 """One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
-tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS`` (REPLAY ``resume``:
+tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP]`` (REPLAY ``resume``:
 the checkpoint round trip of :func:`run_resume` instead; LOSS ``<loss>-kl`` adds a KL penalty
 to the frozen initial policy).
 
@@ -70,7 +70,7 @@ def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
 
 
 def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str,
-        loss: str) -> dict[str, Any]:
+        loss: str, pp: int = 1) -> dict[str, Any]:
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
@@ -102,15 +102,16 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                 total_optimizer_steps=TOTAL_STEPS).step(batch, epochs=EPOCHS, seed=SEED)
         free = control.state_dict()
 
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep, pp=pp)
     try:
-        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, routing_replay=replay != "off",
-                                   sequence_parallel=tp > 1)
+        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, pp=pp,
+                                   routing_replay=replay != "off", sequence_parallel=tp > 1)
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         reference = None
         if kl:
-            reference = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, sequence_parallel=tp > 1)
+            reference = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, pp=pp,
+                                           sequence_parallel=tp > 1)
             mm.load_hf_weights(reference, hf.state_dict(), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
                                   replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
@@ -168,9 +169,10 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep = (int(a) for a in argv[:4])
     workdir, replay, loss = Path(argv[4]), argv[5], argv[6]
+    pp = int(argv[7]) if len(argv) > 7 else 1
     torch.set_num_threads(1)
     out = (run_resume(rank, world_size, tp, ep, workdir) if replay == "resume"
-           else run(rank, world_size, tp, ep, workdir, replay, loss))
+           else run(rank, world_size, tp, ep, workdir, replay, loss, pp))
     torch.save(out, workdir / f"rank{rank}.pt")
 
 

@@ -8,7 +8,7 @@ Megatron-LM flags. Checked: the conversion job's Megatron-LM layout, checkpoints
 engines serve (train–inference gap at float precision), the KL penalty to the frozen
 starting GPTModel is computed, the final HF policy equals the last
 Megatron checkpoint exported, and ``to_hf`` converts the conversion job's checkpoint back
-to the HF weights bit for bit.
+to the HF weights bit for bit. A second run, as two pipeline stages, is killed and resumed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ MEGATRON = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2
             "--set", "train.parallelism.sequence_parallel=true",
             "--set", "train.parallelism.expert_tensor=1",
             "--set", "train.checkpoint.interval=1", "--set", "train.checkpoint.keep=2"]
+# The same two ranks as two pipeline stages (one layer each).
+PIPELINE = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2",
+            "--set", "train.parallelism.pipeline=2", "--set", "train.checkpoint.interval=1",
+            "--set", "train.checkpoint.keep=2"]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=3",
          "--set", "data.generator.train_size=300", "--set", "data.generator.eval_size=40"]
 
@@ -73,7 +77,7 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
 
     train_log = (out / "logs" / "rl-train.log").read_text()
-    assert "Megatron trainer: world 2 (TP 2, EP 2, DP 1)" in train_log
+    assert "Megatron trainer: world 2 (TP 2, PP 1, EP 2, DP 1)" in train_log
     assert "weights from " + str(out / "artifacts" / "policy_megatron" / "release") in train_log
 
     # The conversion job's output: a Megatron-LM checkpoint root.
@@ -131,12 +135,12 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
 def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """SIGKILL the run's process group after two RL steps; the same command resumes: the trainer takes up
     the Megatron checkpoint of the driver's last complete step (model, optimizer shards) and
-    every step is logged once."""
+    every step is logged once. Two pipeline stages: publishing gathers both stages' layers."""
     import signal
     import time
 
     out = tmp_path / "run"
-    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT,
+    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *PIPELINE, *SHORT,
             "--set", "train.steps=6", "--set", "eval.enabled=false"]
     proc = subprocess.Popen([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -158,7 +162,10 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> No
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(6))
     log = (out / "logs" / "rl-train.log").read_text()
+    assert "Megatron trainer: world 2 (TP 1, PP 2, EP 1, DP 1)" in log
     assert " (exact)" in log and "synced to step " in log, log[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all(r["train_inference_gap"] < 1e-5 for r in rows if r["responses_trained"])
     assert (out / "checkpoints" / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "6"
 
 
