@@ -238,6 +238,9 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage())
     _mark_tensor_parallel(model)
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        # built on the CPU (use_cpu_initialization), trained on this rank's GPU
+        model.cuda(torch.cuda.current_device())
     return model
 
 
