@@ -1,4 +1,5 @@
-"""Helpers several test folders share: reading `rlspec status`, and stand-ins for Slurm."""
+"""Helpers several test folders share: reading `rlspec status`, stand-ins for Slurm, and
+finding a run's processes."""
 
 from __future__ import annotations
 
@@ -36,3 +37,16 @@ def write_stubs(bin_dir: Path, stubs: Mapping[str, str]) -> Path:
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     return bin_dir
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of live processes whose command line contains ``text``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids

@@ -283,8 +283,6 @@ class MegatronTrainerProcess(TrainerProcess):
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
                   "pp": args.pipeline_model_parallel_size}
-        pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                              backend=backend, seed=args.seed, **layout)
         if (args.expert_tensor_parallel_size or 1) != 1:
             raise NotImplementedError("the Megatron trainer keeps each expert whole on its rank: "
                                       "set train.parallelism.expert_tensor: 1")
@@ -295,9 +293,11 @@ class MegatronTrainerProcess(TrainerProcess):
                 or args.decoder_last_pipeline_num_layers:
             raise NotImplementedError("the Megatron trainer runs even pipeline stages only (no "
                                       "virtual or uneven stages yet)")
-        self.main = rank == 0
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
+        pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
+                              backend=backend, seed=args.seed, **layout)
+        self.main = rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel}
         # On the CPU: the allgather dispatcher (runtime.megatron.cpu) and no recomputation

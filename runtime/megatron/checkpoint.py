@@ -88,6 +88,10 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
@@ -97,7 +101,7 @@ def _barrier() -> None:
 def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iterator[Path]:
     """``atomic_dir`` for a directory every rank writes into (collective): rank 0 makes the
     temporary and broadcasts its path; it becomes ``final`` after all ranks are done."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if _rank0():
         with atomic_dir(final, **marker_info) as tmp:
             broadcast(str(tmp))
             yield tmp
@@ -115,11 +119,11 @@ def save_model(model: Any, root: str | os.PathLike[str]) -> Path:
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, None)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if _rank0():
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
     dist_checkpointing.save({"model": model.sharded_state_dict()}, os.fspath(path))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if _rank0():
         write_tracker(root, None)
     _barrier()
     return path

@@ -53,7 +53,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from runtime.megatron.model import layer_offset, megatron_logprobs
+from runtime.megatron.model import comm_device, layer_offset, megatron_logprobs
 from runtime.megatron.replay import MegatronReplay, from_megatron_layout
 from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch, Trainer
@@ -243,10 +243,8 @@ class MegatronTrainer(Trainer):
 
             return out, keep
 
-        with torch.no_grad():
-            self._schedule(self.model, list(self._shard(torch.arange(B), batch)), forward_step,
-                           forward_only=True)
-        old, ent, ids = self._sum_over_dp(old, ent, ids)
+        self._forward_only(self.model, batch, forward_step)
+        old, ent, ids = self._sum_over_ranks(old, ent, ids)
         if self.replay_mode == "r2":
             recorded = torch.where(ids > 0, ids - 1, torch.arange(top_k).expand_as(ids))
             batch = replace(batch, routing=RoutingTrace(
@@ -271,11 +269,15 @@ class MegatronTrainer(Trainer):
 
             return out, keep
 
-        with torch.no_grad():
-            self._schedule(self.reference, list(self._shard(torch.arange(B), batch)),
-                           forward_step, forward_only=True)
-        (ref,) = self._sum_over_dp(ref)
+        self._forward_only(self.reference, batch, forward_step)
+        (ref,) = self._sum_over_ranks(ref)
         return ref
+
+    def _forward_only(self, model: Any, batch: TrainBatch, forward_step: Any) -> None:
+        """A no-grad pass of ``model`` over the whole batch, this rank's share of it."""
+        with torch.no_grad():
+            self._schedule(model, list(self._shard(torch.arange(batch.size), batch)),
+                           forward_step, forward_only=True)
 
     def _schedule(self, model: Any, micro: list[Any], forward_step: Any, *,
                   forward_only: bool) -> None:
@@ -286,14 +288,14 @@ class MegatronTrainer(Trainer):
             num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
             micro_batch_size=micro[0][2].size, forward_only=forward_only)
 
-    def _sum_over_dp(self, *tensors: Tensor) -> list[Tensor]:
+    def _sum_over_ranks(self, *tensors: Tensor) -> list[Tensor]:
         """Each tensor summed over the data-parallel ranks (each filled its own rows) and the
         pipeline stages (the last fills log-probs, each stage its layers' experts)."""
         groups = [g for g, size in ((self.dp_group, self.dp), (
             parallel_state.get_pipeline_model_parallel_group(), self.pp)) if size > 1]
         if not groups:
             return list(tensors)
-        device = _comm_device()
+        device = comm_device()
         summed = []
         for t in tensors:
             t = t.to(device)
@@ -359,17 +361,10 @@ def _set_adam_step(optimizer: Any, step: int) -> None:
 
 def _all_max(values: list[int]) -> list[int]:
     """Element-wise max over all ranks (every rank must call it with as many values)."""
-    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
+    t = torch.tensor(values, dtype=torch.long, device=comm_device())
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [int(v) for v in t.tolist()]
-
-
-def _comm_device() -> torch.device:
-    """Where collective tensors must live: the GPU for NCCL, the CPU for gloo."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _filler(trace: RoutingTrace, rows: int, length: int) -> Tensor:

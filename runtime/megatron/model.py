@@ -466,7 +466,7 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
         t = param.detach()
         dim = _tp_dim(name)
         if dim is not None and tp > 1:
-            parts = _all_gather(t, tp, tp_group)
+            parts = all_gather(t, tp, tp_group)
             if name.endswith("mlp.linear_fc1.weight"):  # [gate_r; up_r] per rank
                 halves = [p.chunk(2, 0) for p in parts]
                 t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
@@ -475,7 +475,7 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
         if ".local_experts." in name:
             head, tail = name.split(".local_experts.")
             e, rest = tail.split(".", 1)
-            for r, part in enumerate(_all_gather(t, ep, ep_group)):
+            for r, part in enumerate(all_gather(t, ep, ep_group)):
                 out[f"{head}.local_experts.{r * n_local + int(e)}.{rest}"] = part.clone()
             continue
         out[name] = t.clone()
@@ -488,13 +488,20 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
     return out
 
 
-def _all_gather(t: Tensor, size: int, group: object) -> list[Tensor]:
+def all_gather(t: Tensor, size: int, group: object) -> list[Tensor]:
     """Every rank's ``t`` of a group of ``size`` ranks (``[t]`` when alone)."""
     if size == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(size)]
     torch.distributed.all_gather(parts, t.contiguous(), group=group)
     return parts
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU for NCCL, the CPU for gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[str, Tensor]:

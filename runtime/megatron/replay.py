@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 from torch import Tensor
 
+from runtime.megatron.model import all_gather, comm_device
 from runtime.router_replay import RoutingMismatch, RoutingTrace
 
 __all__ = ["MegatronReplay", "from_megatron_layout", "to_megatron_layout"]
@@ -115,11 +116,7 @@ class MegatronReplay:
 
 def _gather_sequence(record: Tensor) -> Tensor:
     """The tensor-parallel ranks' sequence shards of a record, concatenated in rank order."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    device = record.device
-    if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    local = record.to(device)
-    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, local, group=group)
+    parts = all_gather(record.to(comm_device()),
+                       parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts).to(record.device)

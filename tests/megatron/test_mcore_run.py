@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import processes_mentioning
+
 pytestmark = pytest.mark.megatron
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +155,7 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> No
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once, as a preempted node
     proc.communicate(timeout=60)
-    while _processes_mentioning(str(out)):  # PDEATHSIG is asynchronous
+    while processes_mentioning(str(out)):  # PDEATHSIG is asynchronous
         assert time.monotonic() < deadline, "processes of the killed run are left"
         time.sleep(0.2)
 
@@ -167,15 +169,3 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> No
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["train_inference_gap"] < 1e-5 for r in rows if r["responses_trained"])
     assert (out / "checkpoints" / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "6"
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from compiler.bundle import SUBMISSION
+from tests.helpers import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=2", "--set", "data.generator.train_size=300",
@@ -71,20 +72,6 @@ def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
     assert not (tmp_path / "x" / "bundle").exists()
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_sigterm_stops_every_job_process_and_the_run_resumes(tmp_path: Path) -> None:
     import signal
     import time
@@ -104,7 +91,7 @@ def test_sigterm_stops_every_job_process_and_the_run_resumes(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
     time.sleep(2)  # PDEATHSIG is asynchronous
-    assert _processes_mentioning(str(out)) == []  # no engine, trainer or driver left behind
+    assert processes_mentioning(str(out)) == []  # no engine, trainer or driver left behind
     record = json.loads((out / "bundle" / SUBMISSION).read_text())
     assert record["jobs"]["rl"]["state"] == "INTERRUPTED"
 
