@@ -14,6 +14,9 @@ from compiler.checks import check
 from compiler.graph import JobGraph, build_graph
 from compiler.plan import Plan, make_plan
 from compiler.render import render_bundle
+from runtime import capabilities
+from runtime.capabilities import Refusal
+from runtime.preflight import preflight_bundle
 from spec.errors import Problem, SpecError
 from spec.loader import SpecSource, load_spec, read_text
 
@@ -30,25 +33,52 @@ class Compiled:
     validated: Validated
     graph: JobGraph
     files: dict[str, str]  # bundle-relative path → text, manifest.json included
+    # What the jobs would refuse at start (located); non-empty only with preflight=False.
+    refusals: tuple[Problem, ...] = ()
 
 
 def validate(path: str | Path, overrides: Sequence[str] = ()) -> Validated:
-    """Shape, then meaning. Raises SpecError with every located problem of the spec."""
+    """Shape, meaning, then every job's preflight. Raises SpecError with every located
+    problem of the spec. A spec that validates is one every job of its bundle accepts."""
+    return compile_spec(path, overrides).validated
+
+
+def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
+                 preflight: bool = True) -> Compiled:
+    """The bundle of a spec. With ``preflight`` (validate, compile, run) what a job would
+    refuse at start is an error; without it (inspect, renderer tests) it is returned in
+    ``Compiled.refusals`` for the caller to show beside the plan."""
     source = load_spec(path, overrides)
-    plan = make_plan(source.spec)
-    problems = [source.locate(p) for p in check(source.spec, plan)]
-    errors = [p for p in problems if p.severity == "error"]
+    spec, plan = source.spec, make_plan(source.spec)
+    problems = [source.locate(p) for p in check(spec, plan)]
+    graph, files = None, {}
+    if not any(p.severity == "error" for p in problems):  # a bundle needs a sound plan
+        graph = build_graph(spec, plan)
+        files = render_bundle(
+            spec, plan, graph,
+            source_text=read_text(path), source_name=Path(path).name, overrides=tuple(overrides),
+        )
+        refusals = preflight_bundle(files, base=Path(path).resolve().parent)
+    else:  # the runtime's rules still speak: every problem of the file at once
+        refusals = capabilities.refusals(spec.model_dump(mode="json"), "rl")
+    refused = [source.locate(p) for p in refusal_problems(refusals)]
+    errors = [p for p in problems if p.severity == "error"] + (refused if preflight else [])
     if errors:
         raise SpecError(errors)
-    return Validated(source, plan, tuple(p for p in problems if p.severity == "warning"))
+    assert graph is not None
+    validated = Validated(source, plan, tuple(p for p in problems if p.severity == "warning"))
+    return Compiled(validated, graph, files, () if preflight else tuple(refused))
 
 
-def compile_spec(path: str | Path, overrides: Sequence[str] = ()) -> Compiled:
-    validated = validate(path, overrides)
-    spec = validated.source.spec
-    graph = build_graph(spec, validated.plan)
-    files = render_bundle(
-        spec, validated.plan, graph,
-        source_text=read_text(path), source_name=Path(path).name, overrides=tuple(overrides),
-    )
-    return Compiled(validated, graph, files)
+def refusal_problems(refusals: Sequence[Refusal]) -> list[Problem]:
+    """One error per refused setting, naming every job that would refuse it at start."""
+    jobs: dict[tuple, list[str]] = {}
+    first: dict[tuple, Refusal] = {}
+    for r in refusals:
+        key = (r.path, r.message)
+        first.setdefault(key, r)
+        if r.job not in jobs.setdefault(key, []):
+            jobs[key].append(r.job)
+    return [Problem(r.path, f"{r.message} (job{'s' if len(jobs[k]) > 1 else ''} "
+                            f"{', '.join(jobs[k])} would refuse to start)", r.hint)
+            for k, r in first.items()]

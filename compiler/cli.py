@@ -94,6 +94,16 @@ def compile_(
 
 
 @app.command()
+def check(bundle: Annotated[Path, typer.Argument(help="A compiled bundle directory.")]) -> None:
+    """Run every job's preflight on a written bundle: the start-up checks each job makes
+    (its engine's support, its launch flags, the checkpoint's architecture), without
+    weights, processes or GPUs. Exit 2 lists each refusal with its spec path and way out."""
+    from compiler.commands import check_command
+
+    raise typer.Exit(check_command(bundle))
+
+
+@app.command()
 def inspect(
     target: Annotated[Path, typer.Argument(help="A spec file or a compiled bundle directory.")],
     set_: SetOpt = None,
@@ -115,8 +125,8 @@ def inspect(
         except BundleError as exc:
             raise _fail(str(exc)) from None
         spec_path, overrides = target / "spec.yaml", manifest["overrides"] + overrides
-    try:
-        compiled = compile_spec(spec_path, overrides)
+    try:  # the plan of a layout the runtime refuses is shown too, the refusals after it
+        compiled = compile_spec(spec_path, overrides, preflight=False)
     except SpecError as exc:
         raise _report_spec_error(exc) from None
 
@@ -144,6 +154,9 @@ def inspect(
         sys.stdout.write(json.dumps(view.plan_json(compiled), indent=2, sort_keys=True) + "\n")
     else:
         view.show_summary(out, compiled)
+    if compiled.refusals:
+        typer.echo(SpecError(list(compiled.refusals)).format(), err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()

@@ -51,3 +51,38 @@ def compile_command(spec: Path, output: Path, overrides: Sequence[str], force: b
     jobs = compiled.graph.order()
     print(f"wrote {output}: {len(jobs)} jobs ({' → '.join(jobs)}), {len(compiled.files)} files")
     return 0
+
+
+def check_command(bundle: Path) -> int:
+    """`rlspec check DIR`: every job's preflight on a written bundle (the checks each job
+    makes at start), located in the bundle's spec.yaml where the spec still loads."""
+    from compiler.api import refusal_problems
+    from compiler.bundle import BundleError, read_manifest
+    from runtime.preflight import preflight_bundle, read_bundle
+    from spec.errors import EXIT_BAD_INPUT
+    from spec.loader import load_spec
+
+    try:
+        manifest = read_manifest(bundle)
+        files = read_bundle(bundle)
+    except (BundleError, OSError, ValueError, KeyError) as exc:
+        _err(f"error: {bundle}: not a readable bundle ({exc}); run `rlspec compile`")
+        return EXIT_BAD_INPUT
+    try:
+        refusals = preflight_bundle(files, base=Path(bundle).resolve().parent)
+    except (ValueError, KeyError, TypeError) as exc:  # a config edited out of shape
+        _err(f"error: {bundle}: a job config cannot be read ({exc}); recompile the bundle")
+        return EXIT_BAD_INPUT
+    jobs = manifest["order"]
+    if not refusals:
+        print(f"{bundle}: every job's preflight passes ({len(jobs)} jobs: {', '.join(jobs)})")
+        return 0
+    problems = refusal_problems(refusals)
+    try:
+        source = load_spec(Path(bundle) / "spec.yaml", manifest.get("overrides", []))
+        problems = [source.locate(p) for p in problems]
+    except (SpecError, OSError):
+        pass  # the bundle's spec no longer loads: the refusals stand unlocated
+    _err("\n".join([f"{len(problems)} job setting{'s' if len(problems) != 1 else ''} "
+                    f"refused in {bundle}:", *(p.format() for p in problems)]))
+    return EXIT_BAD_INPUT

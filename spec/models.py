@@ -680,10 +680,10 @@ class System(Section):
         0, description="Policy versions a rollout may lag (0: synchronous on-policy)."
     )
     weight_sync: Literal["nccl", "ipc", "disk"] = Field(
-        "nccl",
-        description="How new weights reach the rollout engines: nccl and ipc are vLLM's "
-        "transfer engines (`--weight-transfer-config`), disk reloads each step's checkpoint "
-        "folder. The embedded engine always reads from disk.",
+        "disk",
+        description="How new weights reach the rollout engines: disk reloads each step's "
+        "weights folder (the one the runtime wires today); nccl and ipc name vLLM's transfer "
+        "engines (`--weight-transfer-config`), refused until the trainer pushes over them.",
     )
 
 

@@ -429,6 +429,21 @@ def _quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _preflight(ctx: JobContext) -> None:
+    """The job's start-up checks (``runtime.preflight``): the same ones `rlspec validate` ran
+    on the bundle, so a refusal here means the bundle was edited or built elsewhere."""
+    from runtime.preflight import preflight_job
+
+    def sibling(name: str) -> str | None:
+        path = ctx.config_path.parent / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    refused = preflight_job(ctx.config, sibling, ctx.bundle_dir.parent)
+    if refused:
+        raise JobError("refused at start: " + "; ".join(
+            f"{'.'.join(map(str, r.path))}: {r.message} ({r.hint})" for r in refused))
+
+
 def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None, *,
             description: str | None = None) -> int:
     """Run ``fn(ctx)`` as a job entry point; returns the process exit code.
@@ -456,6 +471,7 @@ def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None,
         for out in ctx.outputs.values():
             for stale in clean_partials(out.path):
                 ctx.log.info("removed the partial output of an earlier run: %s", stale)
+        _preflight(ctx)
         _quiet_progress_bars()
         t0 = time.monotonic()
         ctx.log.info("start (config %s, run dir %s)", ctx.config_path, ctx.run_dir)

@@ -269,6 +269,7 @@ class MegatronTrainerProcess(TrainerProcess):
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
+        from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
         from runtime.megatron import model as mm
         from runtime.megatron.args import check_architecture, train_settings
@@ -283,16 +284,9 @@ class MegatronTrainerProcess(TrainerProcess):
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
                   "pp": args.pipeline_model_parallel_size}
-        if (args.expert_tensor_parallel_size or 1) != 1:
-            raise NotImplementedError("the Megatron trainer keeps each expert whole on its rank: "
-                                      "set train.parallelism.expert_tensor: 1")
-        if args.context_parallel_size > 1:
-            raise NotImplementedError("the Megatron trainer does not run context parallelism "
-                                      "yet: set train.parallelism.context to 1")
-        if args.num_virtual_stages_per_pipeline_rank or args.decoder_first_pipeline_num_layers \
-                or args.decoder_last_pipeline_num_layers:
-            raise NotImplementedError("the Megatron trainer runs even pipeline stages only (no "
-                                      "virtual or uneven stages yet)")
+        refused = megatron_flag_refusals(args)  # the layouts `rlspec validate` refuses too
+        if refused:
+            raise NotImplementedError("; ".join(f"{r.message} ({r.hint})" for r in refused))
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
         pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),

@@ -50,7 +50,8 @@ def test_golden_bundle(name: str) -> None:
 
 @pytest.mark.parametrize("path", [*EXAMPLES.values(), *RECIPES], ids=lambda p: p.stem)
 def test_rendered_scripts_pass_bash_n_and_shellcheck(path: Path, tmp_path: Path) -> None:
-    out = write_bundle(compile_spec(path).files, tmp_path / "b")
+    # The renderer's output, also for recipes whose layout the runtime refuses today.
+    out = write_bundle(compile_spec(path, preflight=False).files, tmp_path / "b")
     scripts = sorted(str(p.relative_to(out)) for p in out.rglob("*.sh"))
     assert "jobs/rl/launch.sh" in scripts and "env.sh" in scripts
     for script in scripts:

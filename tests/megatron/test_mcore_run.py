@@ -28,13 +28,16 @@ from tests.helpers import processes_mentioning
 pytestmark = pytest.mark.megatron
 
 ROOT = Path(__file__).resolve().parents[2]
-MEGATRON = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2",
+# megatron-core on the CPU runs the allgather dispatcher (validate refuses alltoall there).
+ON_CPU = ["--set", "train.backend=megatron",
+          "--set", "model.architecture.moe.token_dispatcher=allgather"]
+MEGATRON = [*ON_CPU, "--set", "cluster.gpus_per_node=2",
             "--set", "train.parallelism.tensor=2", "--set", "train.parallelism.expert=2",
             "--set", "train.parallelism.sequence_parallel=true",
             "--set", "train.parallelism.expert_tensor=1",
             "--set", "train.checkpoint.interval=1", "--set", "train.checkpoint.keep=2"]
 # The same two ranks as two pipeline stages (one layer each).
-PIPELINE = ["--set", "train.backend=megatron", "--set", "cluster.gpus_per_node=2",
+PIPELINE = [*ON_CPU, "--set", "cluster.gpus_per_node=2",
             "--set", "train.parallelism.pipeline=2", "--set", "train.checkpoint.interval=1",
             "--set", "train.checkpoint.keep=2"]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=3",

@@ -7,7 +7,6 @@ HF config, and the batch / optimizer flags are what the trainer runs with.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,10 @@ from runtime.megatron.args import (
     train_settings,
 )
 from runtime.policy import build_tokenizer, policy_config
+from runtime.preflight import trainer_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
-
-
-def trainer_argv(train_sh: str) -> list[str]:
-    """The arguments after ``-m runtime.jobs.train`` in a rendered train.sh."""
-    lines, inside = [], False
-    for line in train_sh.splitlines():
-        if "-m runtime.jobs.train" in line:
-            inside = True
-            line = line.split("-m runtime.jobs.train", 1)[1]
-        if inside:
-            lines.append(line.rstrip("\\").strip())
-            if not line.rstrip().endswith("\\"):
-                break
-    return shlex.split(" ".join(lines))
 
 
 def tiny_megatron_train_sh(tmp_path: Path, **edits: object) -> tuple[str, dict]:
@@ -45,6 +31,7 @@ def tiny_megatron_train_sh(tmp_path: Path, **edits: object) -> tuple[str, dict]:
     spec["train"]["backend"] = "megatron"
     spec["cluster"]["gpus_per_node"] = 2
     spec["train"]["parallelism"] = {"expert": 2}
+    spec["model"]["architecture"]["moe"]["token_dispatcher"] = "allgather"
     for key, value in edits.items():
         spec["model"]["architecture"][key] = value
     path = tmp_path / "spec.yaml"

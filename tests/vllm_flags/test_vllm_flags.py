@@ -105,7 +105,7 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
                         overrides: tuple[str, ...] = ()) -> list[tuple[list[str], str]]:
     """Run the bundle's RL launch script with stand-ins; every argv given to `vllm`, with the
     value of VLLM_SERVER_DEV_MODE it saw."""
-    compiled = compile_spec(spec, overrides)
+    compiled = compile_spec(spec, overrides, preflight=False)  # nccl renders; the job refuses it
     manifest = json.loads(compiled.files["manifest.json"])
     out = write_bundle(compiled.files, tmp_path / "bundle")
     bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
@@ -155,7 +155,7 @@ def test_the_table_has_the_weight_transfer_facts_the_runtime_uses() -> None:
 
 
 def weight_sync_of(spec: Path) -> str:
-    return compile_spec(spec).validated.source.spec.system.weight_sync
+    return compile_spec(spec, preflight=False).validated.source.spec.system.weight_sync
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
@@ -167,6 +167,16 @@ def test_every_rendered_vllm_flag_is_accepted(spec: Path, tmp_path: Path) -> Non
         assert check_argv(argv) == [], " ".join(argv)
         assert ("--weight-transfer-config" in argv) == transfer, " ".join(argv)
         assert dev_mode == "1", "the RL endpoints need VLLM_SERVER_DEV_MODE=1"
+
+
+@pytest.mark.parametrize("mode", ["nccl", "ipc"])
+def test_weight_sync_transfer_config_is_one_vllm_takes(mode: str, tmp_path: Path) -> None:
+    # Rendered for the day the trainer pushes over NCCL/IPC; until then validate refuses it.
+    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+                                (f"system.weight_sync={mode}", "cluster.scheduler=local"))
+    assert calls
+    for argv, _ in calls:
+        assert check_argv(argv) == [] and "--weight-transfer-config" in argv, " ".join(argv)
 
 
 def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:

@@ -1,0 +1,351 @@
+"""What each path of the runtime can run, declared once: the jobs and the compiler read it.
+
+A spec selects one path per axis: the trainer (``train.backend``: the embedded HF trainer
+or megatron-core), the rollout engine (``rollout.engine``: the embedded server or vLLM), the
+scheduler (``cluster.scheduler``) and the devices (``cluster.devices``). Each rule below
+yields a :class:`Refusal` for a setting the selected path cannot honour: the spec field that
+asks for it, what is wrong, and the way out. A setting the path honours, or that has no
+meaning on it, passes.
+
+Two readers of one declaration, so they cannot drift:
+
+* the jobs: each job's preflight (``runtime.preflight``) runs the rules of its entry point at
+  start, before it loads weights or starts processes, and the job refuses to start;
+* the compiler: ``rlspec validate`` / ``compile`` run every job's preflight on the bundle they
+  build, so whatever a job would refuse after hours in the queue is refused on the login node.
+
+Rules read the resolved spec as plain data (the ``spec`` of a job's config.json, or the
+compiler's ``Spec.model_dump(mode="json")``). This module imports the standard library only:
+the compiler imports it without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "Refusal",
+           "refusals", "rules_for"]
+
+SpecPath = tuple[str | int, ...]
+
+# HF families the embedded engine builds and serves (runtime.policy: Qwen3MoeForCausalLM,
+# Qwen3ForCausalLM) and the ones runtime.megatron builds as a megatron-core GPTModel.
+EMBEDDED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3")
+MEGATRON_FAMILIES: tuple[str, ...] = ("qwen3_moe",)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One setting a job cannot run: the spec path that asks for it, why, and the way out."""
+
+    rule: str
+    path: SpecPath
+    message: str
+    hint: str
+    job: str = ""
+
+    def format(self) -> str:
+        where = ".".join(str(p) for p in self.path)
+        job = f"job {self.job}: " if self.job else ""
+        return f"{job}{where}: {self.message}\n    hint: {self.hint}"
+
+
+Rule = Callable[[Mapping[str, Any]], Iterator[Refusal]]
+
+
+def _uses_embedded_trainer(spec: Mapping[str, Any]) -> bool:
+    return spec["train"]["backend"] == "local"
+
+
+def _uses_megatron(spec: Mapping[str, Any]) -> bool:
+    return spec["train"]["backend"] == "megatron"
+
+
+def _uses_embedded_engine(spec: Mapping[str, Any]) -> bool:
+    return spec["rollout"]["engine"] == "local"
+
+
+ARCH: SpecPath = ("model", "architecture")
+MOE: SpecPath = (*ARCH, "moe")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _family_features(spec: Mapping[str, Any], engine: str, families: Sequence[str],
+                     way_out: str) -> Iterator[Refusal]:
+    """Features of ``model.architecture`` outside the Qwen3 families an engine builds."""
+    rule = "embedded_model" if engine.startswith("the embedded") else "megatron_model"
+    arch = spec["model"]["architecture"]
+    family = arch["family"]
+    if family not in families:
+        yield Refusal(rule, (*ARCH, "family"),
+                      f"{engine} builds the {' and '.join(families)} famil"
+                      f"{'ies' if len(families) > 1 else 'y'}, not {family}", way_out)
+        return
+    if arch["attention"] != "gqa":
+        yield Refusal(rule, (*ARCH, "attention"),
+                      f"{engine} builds {family} with grouped-query attention, not "
+                      f"{arch['attention']}", way_out)
+    moe = arch.get("moe")
+    if family == "qwen3" and moe is not None:
+        yield Refusal(rule, MOE, "family qwen3 is dense but a moe section is given",
+                      "set model.architecture.family: qwen3_moe, or remove the moe section")
+    if family == "qwen3_moe" and moe is None:
+        yield Refusal(rule, (*ARCH, "family"), "family qwen3_moe needs a moe section",
+                      "add model.architecture.moe, or set family: qwen3 for a dense model")
+    if moe is None:
+        return
+    if moe["score_function"] != "softmax":
+        yield Refusal(rule, (*MOE, "score_function"),
+                      f"Qwen3-MoE routes with softmax; {engine} has no "
+                      f"{moe['score_function']} router", "set moe.score_function: softmax")
+    if moe["expert_bias"]:
+        yield Refusal(rule, (*MOE, "expert_bias"),
+                      f"Qwen3-MoE has no expert-selection bias; {engine} would ignore it",
+                      "set moe.expert_bias: false")
+    if moe["shared_experts"] or moe.get("shared_expert_ffn_hidden_size") is not None:
+        yield Refusal(rule, (*MOE, "shared_experts"),
+                      f"Qwen3-MoE has no shared experts; {engine} would not build them",
+                      "set moe.shared_experts: 0 and remove moe.shared_expert_ffn_hidden_size")
+
+
+def embedded_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded engine (init, SFT, screen, eval; the local trainer and rollout server)
+    builds HF Qwen3-MoE / Qwen3 models (``runtime.policy``)."""
+    yield from _family_features(spec, "the embedded engine", EMBEDDED_FAMILIES,
+                                "set model.architecture.family: qwen3_moe (or qwen3)")
+
+
+def megatron_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """``runtime.megatron`` builds Qwen3-MoE as a megatron-core GPTModel (local layer spec)."""
+    if _uses_megatron(spec):
+        yield from _family_features(spec, "the Megatron trainer", MEGATRON_FAMILIES,
+                                    "set train.backend: local, or a qwen3_moe model")
+
+
+def aux_loss(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Neither trainer adds the load-balancing auxiliary loss yet: the embedded trainer has
+    none, and the Megatron engine builds its routers with ``moe_aux_loss_coeff = 0``."""
+    moe = spec["model"]["architecture"].get("moe")
+    if moe is not None and moe["aux_loss_coeff"] > 0:
+        yield Refusal("aux_loss", (*MOE, "aux_loss_coeff"),
+                      f"the {spec['train']['backend']} trainer does not add the load-balancing "
+                      f"auxiliary loss: coefficient {moe['aux_loss_coeff']} would be ignored",
+                      "set moe.aux_loss_coeff: 0 (router replay keeps routing stable in RL)")
+
+
+# --------------------------------------------------------------------------- Megatron layout
+
+
+# Megatron-LM flags of jobs/rl/train.sh → the spec field that renders each.
+FLAG_PATHS: dict[str, SpecPath] = {
+    "expert_tensor_parallel_size": ("train", "parallelism", "expert_tensor"),
+    "context_parallel_size": ("train", "parallelism", "context"),
+    "num_virtual_stages_per_pipeline_rank": ("train", "parallelism", "virtual_pipeline"),
+    "decoder_first_pipeline_num_layers": ("train", "parallelism", "first_pipeline_stage_layers"),
+    "decoder_last_pipeline_num_layers": ("train", "parallelism", "last_pipeline_stage_layers"),
+    "tensor_model_parallel_size": ("train", "parallelism", "tensor"),
+    "untie_embeddings_and_output_weights": (*ARCH, "tie_embeddings"),
+}
+
+
+def megatron_flag_refusals(args: Any) -> list[Refusal]:
+    """Layouts of the parsed train.sh flags (``runtime.megatron.args``) that the Megatron
+    trainer does not run yet. The trainer calls this at start; the RL job's preflight calls
+    it on the bundle's train.sh, so an edited flag is checked too."""
+    out: list[Refusal] = []
+
+    def refuse(flag: str, message: str, hint: str) -> None:
+        out.append(Refusal("megatron_layout", FLAG_PATHS[flag], message, hint))
+
+    tp = args.tensor_model_parallel_size
+    etp = args.expert_tensor_parallel_size if args.expert_tensor_parallel_size else tp
+    if args.num_experts and etp != 1:
+        refuse("expert_tensor_parallel_size",
+               f"the Megatron trainer keeps each expert whole on its rank, but ETP is {etp}"
+               + ("" if args.expert_tensor_parallel_size else " (expert_tensor unset, so ETP = TP)"),
+               "set train.parallelism.expert_tensor: 1")
+    if args.context_parallel_size > 1:
+        refuse("context_parallel_size",
+               "the Megatron trainer does not run context parallelism (megatron-core needs "
+               "TransformerEngine attention for it)", "set train.parallelism.context: 1")
+    if args.num_virtual_stages_per_pipeline_rank:
+        refuse("num_virtual_stages_per_pipeline_rank",
+               "the Megatron trainer runs the plain 1F1B schedule, not virtual pipeline stages",
+               "remove train.parallelism.virtual_pipeline")
+    for flag, key in (("decoder_first_pipeline_num_layers", "first_pipeline_stage_layers"),
+                      ("decoder_last_pipeline_num_layers", "last_pipeline_stage_layers")):
+        if getattr(args, flag):
+            refuse(flag, "the Megatron trainer runs even pipeline stages only",
+                   f"remove train.parallelism.{key} and choose a pipeline size dividing "
+                   "num_layers")
+    if args.num_experts and tp > 1 and args.expert_model_parallel_size == 1:
+        refuse("tensor_model_parallel_size",
+               "tensor parallelism needs expert parallelism > 1 in the Megatron trainer "
+               "(with EP 1 megatron-core reduces expert gradients over data-parallel ranks "
+               "only, while each TP rank trains them on its own sequence shard)",
+               "set train.parallelism.expert ≥ 2, or tensor: 1")
+    if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
+        refuse("untie_embeddings_and_output_weights",
+               "the Megatron trainer does not tie embeddings across pipeline stages",
+               "set model.architecture.tie_embeddings: false, or pipeline: 1")
+    return out
+
+
+# --------------------------------------------------------------------------- system
+
+
+def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Only ``disk`` is wired: the trainer writes each step's weights to an HF folder that the
+    engines reload. vLLM's NCCL / IPC transfer (``runtime.rollout.weight_transfer``) has no
+    trainer-side push yet, and the embedded engine always reads from disk."""
+    mode = spec["system"]["weight_sync"]
+    if mode != "disk":
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      f"weight_sync {mode}: the trainer does not push weights over {mode.upper()} "
+                      "yet; the engines reload each step's weights from disk",
+                      "set system.weight_sync: disk")
+
+
+def async_rollout(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The driver runs synchronous on-policy steps: rollouts of step t use the weights of t."""
+    k = spec["system"]["max_staleness"]
+    if k > 0:
+        yield Refusal("async_rollout", ("system", "max_staleness"),
+                      f"max_staleness {k}: the driver generates each step's rollouts with that "
+                      "step's weights (no asynchronous, off-policy rollout yet)",
+                      "set system.max_staleness: 0")
+
+
+def container(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Containers are started by Slurm's pyxis (``srun --container-image``); a local run
+    starts its processes on this machine directly."""
+    cluster = spec["cluster"]
+    if cluster.get("container") is not None and cluster["scheduler"] == "local":
+        yield Refusal("container", ("cluster", "container"),
+                      "the local scheduler runs the jobs on this machine and starts no container",
+                      "remove cluster.container, or set cluster.scheduler: slurm")
+
+
+# --------------------------------------------------------------------------- devices, precision
+
+
+def precision(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Where ``train.precision: bf16`` cannot be honoured: the embedded trainer computes in
+    fp32, and megatron-core on CPU (gloo) runs in fp32."""
+    if spec["train"]["precision"] != "bf16":
+        return
+    if _uses_embedded_trainer(spec):
+        yield Refusal("precision", ("train", "precision"),
+                      "the embedded trainer computes in fp32, not bf16",
+                      "set train.precision: fp32")
+    elif spec["cluster"]["devices"] == "cpu":
+        yield Refusal("precision", ("train", "precision"),
+                      "the Megatron trainer on cluster.devices cpu computes in fp32, not bf16",
+                      "set train.precision: fp32")
+
+
+def devices(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded trainer and the embedded rollout server run on the CPU; on
+    ``cluster.devices: gpu`` they would leave the GPUs idle. (SFT, screen and eval place
+    their model on the spec's devices.)"""
+    if spec["cluster"]["devices"] != "gpu":
+        return
+    if _uses_embedded_trainer(spec):
+        yield Refusal("devices", ("train", "backend"),
+                      "the embedded trainer runs on the CPU only, but cluster.devices is gpu",
+                      "set train.backend: megatron, or cluster.devices: cpu")
+    if _uses_embedded_engine(spec):
+        yield Refusal("devices", ("rollout", "engine"),
+                      "the embedded rollout server runs on the CPU only, but cluster.devices "
+                      "is gpu", "set rollout.engine: vllm, or cluster.devices: cpu")
+
+
+def megatron_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """megatron-core on CPU (gloo) runs the allgather token dispatcher and no activation
+    recomputation (megatron's checkpointing saves CUDA RNG states)."""
+    if not _uses_megatron(spec) or spec["cluster"]["devices"] != "cpu":
+        return
+    moe = spec["model"]["architecture"].get("moe")
+    if moe is not None and moe["token_dispatcher"] != "allgather":
+        yield Refusal("megatron_cpu", (*MOE, "token_dispatcher"),
+                      f"megatron-core on the CPU runs the allgather dispatcher, not "
+                      f"{moe['token_dispatcher']}", "set moe.token_dispatcher: allgather")
+    if spec["train"]["recompute"] != "none":
+        yield Refusal("megatron_cpu", ("train", "recompute"),
+                      f"megatron-core on the CPU does not recompute activations "
+                      f"({spec['train']['recompute']} needs CUDA RNG states)",
+                      "set train.recompute: none")
+
+
+def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded trainer keeps every activation (it has no recomputation)."""
+    if _uses_embedded_trainer(spec) and spec["train"]["recompute"] != "none":
+        yield Refusal("recompute", ("train", "recompute"),
+                      f"the embedded trainer does not recompute activations "
+                      f"({spec['train']['recompute']} would be ignored)",
+                      "set train.recompute: none")
+
+
+def tokenizer(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Jobs load the tokenizer saved with an HF checkpoint; a separate tokenizer is read only
+    for a Megatron checkpoint (which carries none)."""
+    model = spec["model"]
+    tok = model.get("tokenizer")
+    if tok is not None and model["checkpoint_format"] == "hf" and tok != model.get("checkpoint"):
+        yield Refusal("tokenizer", ("model", "tokenizer"),
+                      "the jobs load the tokenizer saved with the HF checkpoint; a different "
+                      "model.tokenizer would be ignored",
+                      "remove model.tokenizer (save the tokenizer with the checkpoint)")
+
+
+RULES: dict[str, Rule] = {
+    "embedded_model": embedded_model,
+    "megatron_model": megatron_model,
+    "aux_loss": aux_loss,
+    "weight_sync": weight_sync,
+    "async_rollout": async_rollout,
+    "container": container,
+    "precision": precision,
+    "devices": devices,
+    "megatron_cpu": megatron_cpu,
+    "recompute": recompute,
+    "tokenizer": tokenizer,
+}
+
+# The flag rule is checked against train.sh, not the spec: listed for the field table.
+FLAG_RULES: dict[str, Callable[[Any], list[Refusal]]] = {"megatron_layout": megatron_flag_refusals}
+
+_ALL_JOBS = ("container",)
+# The rules each job entry point runs at start (``runtime.jobs.<entry>``).
+JOB_RULES: dict[str, tuple[str, ...]] = {
+    "data": _ALL_JOBS,
+    "init": (*_ALL_JOBS, "embedded_model"),
+    "sft": (*_ALL_JOBS, "embedded_model"),
+    "screen": (*_ALL_JOBS, "embedded_model"),
+    "evaluate": (*_ALL_JOBS, "embedded_model"),
+    "convert": (*_ALL_JOBS, "megatron_model"),
+    "export": _ALL_JOBS,
+    "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
+           "precision", "devices", "megatron_cpu", "recompute", "tokenizer"),
+}
+
+
+def rules_for(entry: str, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The rule names job ``entry`` runs on ``spec``; the RL job checks the embedded model
+    only when its trainer or engine is the embedded one."""
+    names = JOB_RULES.get(entry, _ALL_JOBS)
+    if entry == "rl" and (_uses_embedded_trainer(spec) or _uses_embedded_engine(spec)):
+        names = (*names, "embedded_model")
+    return names
+
+
+def refusals(spec: Mapping[str, Any], entry: str, job: str = "") -> list[Refusal]:
+    """Every refusal of the rules job ``entry`` runs (see :data:`JOB_RULES`)."""
+    from dataclasses import replace
+
+    return [replace(r, job=job or entry)
+            for name in rules_for(entry, spec) for r in RULES[name](spec)]

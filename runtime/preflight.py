@@ -1,0 +1,186 @@
+"""Each job's start-up checks, run without weights, processes or GPUs.
+
+A job's preflight is what the job itself checks before it does any work: the rules of
+``runtime.capabilities`` for its entry point (what its trainer / engine / scheduler / devices
+support), the Megatron-LM flags of ``jobs/rl/train.sh`` (parsed by the trainer's own parser,
+``runtime.megatron.args``, so a flag edited in place is checked too), and the architecture
+of an HF checkpoint the job starts from, where its ``config.json`` is readable.
+
+Three callers run the same code:
+
+* ``runtime.jobs.common.run_job``: every job, at start; a refusal ends it before any work;
+* ``rlspec validate`` / ``rlspec compile``: every job of the bundle they build, in memory;
+* ``rlspec check DIR``: every job of a written bundle.
+
+Torch-free (standard library and ``runtime.megatron.args``, which is argparse only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runtime import capabilities
+from runtime.capabilities import ARCH, Refusal
+
+__all__ = ["checkpoint_mismatches", "preflight_bundle", "preflight_job", "trainer_argv"]
+
+# A job's sibling file in the bundle (``jobs/<job>/<name>``), or None when absent.
+JobFile = Callable[[str], "str | None"]
+
+
+def trainer_argv(train_sh: str) -> list[str]:
+    """The arguments after ``-m runtime.jobs.train`` in a rendered ``train.sh``."""
+    lines, inside = [], False
+    for line in train_sh.splitlines():
+        if "-m runtime.jobs.train" in line:
+            inside = True
+            line = line.split("-m runtime.jobs.train", 1)[1]
+        if inside:
+            lines.append(line.rstrip().rstrip("\\").strip())
+            if not line.rstrip().endswith("\\"):
+                break
+    return shlex.split(" ".join(lines))
+
+
+def _train_flags(config: Mapping[str, Any], job_file: JobFile) -> Iterator[Refusal]:
+    """The Megatron trainer's flags parse, and describe a layout it runs."""
+    from runtime.megatron.args import MegatronArgsError, parse_megatron_args
+
+    text = job_file("train.sh")
+    if text is None:
+        yield Refusal("train_flags", ("train", "backend"),
+                      "jobs/rl/train.sh is missing from the bundle", "recompile the bundle")
+        return
+    try:
+        args = parse_megatron_args(trainer_argv(text))
+    except MegatronArgsError as exc:
+        yield Refusal("train_flags", ("train",), str(exc),
+                      "recompile the bundle, or correct the flag in jobs/rl/train.sh")
+        return
+    yield from capabilities.megatron_flag_refusals(args)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _hf_value(cfg: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if key == "rope_theta" and isinstance(cfg.get("rope_parameters"), Mapping):
+            value = cfg["rope_parameters"].get("rope_theta")
+            if value is not None:
+                return value
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return None
+
+
+def checkpoint_mismatches(arch: Mapping[str, Any], cfg: Mapping[str, Any],
+                          where: str) -> list[Refusal]:
+    """Fields of ``model.architecture`` that differ from an HF ``config.json`` (only keys the
+    config has are compared; unset spec values are compared as the model derives them)."""
+    heads = arch["num_attention_heads"]
+    pairs: list[tuple[tuple[str, ...], Any, tuple[str, ...]]] = [
+        (("family",), arch["family"], ("model_type",)),
+        (("num_layers",), arch["num_layers"], ("num_hidden_layers",)),
+        (("hidden_size",), arch["hidden_size"], ("hidden_size",)),
+        (("num_attention_heads",), heads, ("num_attention_heads",)),
+        (("vocab_size",), arch["vocab_size"], ("vocab_size",)),
+        (("max_position_embeddings",), arch["max_position_embeddings"],
+         ("max_position_embeddings",)),
+        (("rope_theta",), float(arch["rope_theta"]), ("rope_theta",)),
+        (("tie_embeddings",), arch["tie_embeddings"], ("tie_word_embeddings",)),
+    ]
+    moe = arch.get("moe")
+    if moe is None or moe["first_dense_layers"] > 0:  # the dense FFN exists
+        pairs.append((("ffn_hidden_size",), arch["ffn_hidden_size"], ("intermediate_size",)))
+    if arch["attention"] == "gqa":
+        pairs += [
+            (("num_query_groups",), arch["num_query_groups"] or heads, ("num_key_value_heads",)),
+            (("head_dim",), arch["head_dim"] or arch["hidden_size"] // heads, ("head_dim",)),
+        ]
+    if moe is not None:
+        pairs += [
+            (("moe", "num_experts"), moe["num_experts"], ("num_experts", "n_routed_experts")),
+            (("moe", "top_k"), moe["top_k"], ("num_experts_per_tok",)),
+            (("moe", "expert_ffn_hidden_size"), moe["expert_ffn_hidden_size"],
+             ("moe_intermediate_size",)),
+            (("moe", "norm_topk_prob"), moe["norm_topk_prob"], ("norm_topk_prob",)),
+        ]
+    out = []
+    for field, want, keys in pairs:
+        have = _hf_value(cfg, *keys)
+        if have is None:
+            continue
+        if isinstance(want, float):
+            have = float(have)
+        if have != want:
+            name = ".".join(field)
+            out.append(Refusal(
+                "checkpoint", (*ARCH, *field),
+                f"{name} is {want!r} but the checkpoint's config.json ({where}) has "
+                f"{keys[0]} = {have!r}",
+                f"set model.architecture.{name}: {json.dumps(have)}"))
+    return out
+
+
+def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refusal]:
+    """An external HF checkpoint the job reads, compared with the spec where readable."""
+    arch = config["spec"]["model"]["architecture"]
+    for art in (config.get("inputs") or {}).values():
+        if not art.get("external") or art.get("kind") != "hf_checkpoint":
+            continue
+        path = Path(str(art["path"]))
+        if not path.is_absolute():
+            if base is None:
+                continue
+            path = base / path
+        cfg_file = path / "config.json"
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not readable from here (e.g. a compute-node mount)
+            continue
+        if isinstance(cfg, dict):
+            yield from checkpoint_mismatches(arch, cfg, str(cfg_file))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def preflight_job(config: Mapping[str, Any], job_file: JobFile,
+                  base: Path | None = None) -> list[Refusal]:
+    """Every refusal of one job, from its config and its sibling files. ``base`` resolves
+    relative external paths (the spec's folder); None skips reading checkpoints."""
+    job, entry, spec = str(config["job"]), str(config["entry"]), config["spec"]
+    found = capabilities.refusals(spec, entry, job)
+    if entry == "rl" and spec["train"]["backend"] == "megatron":
+        found += [replace(r, job=job) for r in _train_flags(config, job_file)]
+    found += [replace(r, job=job) for r in _checkpoints(config, base)]
+    return found
+
+
+def preflight_bundle(files: Mapping[str, str], base: Path | None = None) -> list[Refusal]:
+    """Every job's preflight over a bundle's files (relative path → text), in graph order."""
+    manifest = json.loads(files["manifest.json"])
+    out: list[Refusal] = []
+    for job in manifest["order"]:
+        config = json.loads(files[f"jobs/{job}/config.json"])
+        out += preflight_job(config, lambda name, j=job: files.get(f"jobs/{j}/{name}"), base)
+    return out
+
+
+def read_bundle(bundle: str | os.PathLike[str]) -> dict[str, str]:
+    """The text files a preflight reads from a written bundle (manifest, configs, scripts)."""
+    root = Path(bundle)
+    files = {"manifest.json": (root / "manifest.json").read_text(encoding="utf-8")}
+    for job in json.loads(files["manifest.json"])["order"]:
+        for name in ("config.json", "train.sh"):
+            path = root / "jobs" / job / name
+            if path.is_file():
+                files[f"jobs/{job}/{name}"] = path.read_text(encoding="utf-8")
+    return files
+
