@@ -9,10 +9,11 @@ Rules are grouped by concern, in the order a person would fix them: training gri
 grid, attention/TP, pipeline, sequence parallel, context parallel, batch arithmetic, rollout,
 router replay, run-level, ZVE budgets, references between sections, memory.
 
+What a job of the bundle would refuse at start (the embedded trainer on GPUs, a layout the
+Megatron trainer does not run, …) is declared by the runtime (`runtime.capabilities`) and
+checked by `compiler.api` through every job's preflight, not here.
+
 Decisions where DESIGN.md §3 leaves room (see each rule's docstring):
-- `train.backend: local` / `rollout.engine: local` (the embedded single-process torch
-  trainer/server) are allowed with `cluster.devices: cpu` or `cluster.scheduler: local`;
-  on a Slurm GPU allocation they would leave all but one GPU idle, so that is an error.
 - Memory over capacity is an error only when weights + grads + activations alone are over;
   when only the optimizer state pushes it over, it is a warning, because production recipes
   (slime's Qwen3-235B, GLM-4.5, DeepSeek-R1) offload the optimizer to the CPU.
@@ -487,26 +488,6 @@ def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (PROMPT_TOKENS, MAX_POS))
 
 
-def local_engines(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """`train.backend: local` and `rollout.engine: local` are the embedded single-process
-    torch trainer/server: allowed with devices cpu (tests, CI, Slurm smoke tests) or the local
-    scheduler (this machine). On a Slurm GPU allocation they would use one GPU of many."""
-    c = spec.cluster
-    if c.devices == "cpu" or c.scheduler == "local":
-        return
-    for path, name, value, alt, gpus in (
-        (("train", "backend"), "train.backend", spec.train.backend, "megatron",
-         plan.train_world_size),
-        (("rollout", "engine"), "rollout.engine", spec.rollout.engine, "vllm",
-         plan.rollout_world_size),
-    ):
-        if value == "local":
-            yield _error(path, f"{name} local is a single-process engine for cpu or local runs; "
-                               f"on Slurm with GPUs it would use 1 of {gpus} GPUs",
-                         f"set {name}: {alt}, or cluster.devices: cpu",
-                         (("cluster", "scheduler"), ("cluster", "devices")))
-
-
 def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Slurm without a partition relies on the site default (warning); weight_sync ipc needs
     trainer and engines on one machine, which separate Slurm nodes are not (error)."""
@@ -701,7 +682,6 @@ RULES: tuple[Rule, ...] = (
     rollout_grid,
     router_replay,
     run_level,
-    local_engines,
     cluster_settings,
     zve_budgets,
     references,

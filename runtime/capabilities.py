@@ -252,16 +252,19 @@ def devices(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """The embedded trainer and the embedded rollout server run on the CPU; on
     ``cluster.devices: gpu`` they would leave the GPUs idle. (SFT, screen and eval place
     their model on the spec's devices.)"""
-    if spec["cluster"]["devices"] != "gpu":
+    cluster = spec["cluster"]
+    if cluster["devices"] != "gpu":
         return
-    if _uses_embedded_trainer(spec):
-        yield Refusal("devices", ("train", "backend"),
-                      "the embedded trainer runs on the CPU only, but cluster.devices is gpu",
-                      "set train.backend: megatron, or cluster.devices: cpu")
-    if _uses_embedded_engine(spec):
-        yield Refusal("devices", ("rollout", "engine"),
-                      "the embedded rollout server runs on the CPU only, but cluster.devices "
-                      "is gpu", "set rollout.engine: vllm, or cluster.devices: cpu")
+    for used, path, what, nodes, alt in (
+            (_uses_embedded_trainer(spec), ("train", "backend"), "the embedded trainer",
+             spec["train"]["nodes"], "train.backend: megatron"),
+            (_uses_embedded_engine(spec), ("rollout", "engine"), "the embedded rollout server",
+             spec["rollout"]["nodes"], "rollout.engine: vllm")):
+        if used:
+            yield Refusal("devices", path,
+                          f"{what} runs on the CPU only: on cluster.devices gpu the "
+                          f"{nodes * cluster['gpus_per_node']} GPU(s) of its nodes would idle",
+                          f"set {alt}, or cluster.devices: cpu")
 
 
 def megatron_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:

@@ -61,14 +61,14 @@ def single_output(ctx: JobContext) -> str:
     return next(iter(ctx.outputs))
 
 
-def open_engine(model_dir: Path, seed: int) -> Any:
-    """A CPU ``LocalEngine`` on one torch thread."""
+def open_engine(model_dir: Path, seed: int, device: Any = "cpu") -> Any:
+    """A ``LocalEngine`` on ``device`` (``runtime.devices.job_device``); one torch thread."""
     import torch
 
     from runtime.rollout.engine import LocalEngine
 
     torch.set_num_threads(1)
-    return LocalEngine(model_dir, device="cpu", seed=seed)
+    return LocalEngine(model_dir, device=device, seed=seed)
 
 
 def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int,
@@ -101,9 +101,11 @@ def eval_max_tokens(spec: dict[str, Any]) -> int:
 
 
 def run(ctx: JobContext) -> None:
+    from runtime.devices import job_device
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
+    device = job_device(ctx.spec)
     cfg = dict(ctx.spec.get("eval") or {})
     data = ctx.section("data")
     prompt_key, answer_key = data["prompt_key"], data["answer_key"]
@@ -118,7 +120,7 @@ def run(ctx: JobContext) -> None:
     rows = list(read_jsonl(ctx.input_path("dataset") / "eval.jsonl"))
     if not rows:
         raise JobError("the eval split is empty")
-    engine = open_engine(policy, seed)
+    engine = open_engine(policy, seed, device)
     ctx.log.info("evaluating %s on %d prompts × %d sample(s), T=%g, max %d tokens",
                  policy, len(rows), n, temperature, max_tokens)
     answers = sample_texts(engine, [r[prompt_key] for r in rows], n=n, max_tokens=max_tokens,

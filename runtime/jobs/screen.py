@@ -45,10 +45,12 @@ def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(ctx: JobContext) -> None:
+    from runtime.devices import job_device
     from runtime.filters.offline_pass_rate import OfflinePassRate
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
+    device = job_device(ctx.spec)
     params = screen_params(ctx.spec)
     stage = OfflinePassRate(**params)
     data = ctx.section("data")
@@ -65,7 +67,7 @@ def run(ctx: JobContext) -> None:
     by_id = {row.get("id", i): row for i, row in enumerate(rows)}
     if len(by_id) != len(rows):
         raise JobError("the train split has duplicate prompt ids")
-    engine = open_engine(proxy, seed)
+    engine = open_engine(proxy, seed, device)
     ctx.log.info("screening %d prompts × %d samples with %s (T=%g, max %d tokens)",
                  len(rows), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
 

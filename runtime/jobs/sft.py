@@ -43,14 +43,17 @@ def encode_pairs(tokenizer: Any, rows: Sequence[dict[str, Any]], prompt_key: str
 def run(ctx: JobContext) -> None:
     import torch
 
+    from runtime.devices import job_device
     from runtime.policy import load_policy, save_policy
     from runtime.tasks.arithmetic import read_jsonl
     from runtime.trainer import sequence_logprobs
 
+    device = job_device(ctx.spec)
     sft = ctx.section("sft")
     data = ctx.section("data")
     seed = int(ctx.section("train.seed"))
     model, tokenizer = load_policy(ctx.input_path("policy_init"))
+    model.to(device)
     rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -61,6 +64,7 @@ def run(ctx: JobContext) -> None:
         index = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         ids, attention, target = encode_pairs(tokenizer, [rows[i] for i in index],
                                               data["prompt_key"], data["answer_key"])
+        ids, attention, target = ids.to(device), attention.to(device), target.to(device)
         logp, _ = sequence_logprobs(model, ids, attention)
         loss = -(logp * target).sum() / target.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +73,7 @@ def run(ctx: JobContext) -> None:
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
             ctx.log.info("step %d/%d: loss %.4f", step + 1, steps, loss.item())
-    model.eval()
+    model.eval().to("cpu")  # saved from host memory
     if ctx.rank == 0:
         save_policy(model, tokenizer, ctx.output_path("policy_sft"), job=ctx.job, steps=steps,
                     final_loss=loss.item())

@@ -340,16 +340,6 @@ def test_eval_tokens_exceed_positions() -> None:
     assert_numbers(p, 41024, 40960)
 
 
-@pytest.mark.parametrize(("path", "value"), [(("train", "backend"), "local"),
-                                             (("rollout", "engine"), "local")])
-def test_local_engines_only_for_cpu_or_local_runs(path: tuple, value: str) -> None:
-    edits = {".".join(path): value}
-    p = only(edits, path)
-    assert_numbers(p, "16" if path[0] == "train" else "8")
-    assert not errors_of(build({**edits, "cluster.devices": "cpu"}))
-    assert path not in paths({**edits, "cluster.scheduler": "local"})
-
-
 def test_slurm_without_partition_is_a_warning() -> None:
     only({"cluster.partition": DELETE}, ("cluster", "partition"), "warning")
 

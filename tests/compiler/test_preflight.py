@@ -1,0 +1,159 @@
+"""What validates, runs: every runtime refusal is a validate error, with the job's own words.
+
+For each rule of ``runtime.capabilities`` (and the Megatron trainer's flag rule, and the
+checkpoint comparison), a spec that triggers it is refused by ``rlspec validate`` (exit 2,
+the YAML path, the hint), and the job itself, started on the same bundle written without
+the preflight, refuses at start with the same message before it does any work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compiler.api import compile_spec
+from compiler.bundle import write_bundle
+from runtime import capabilities
+from runtime.jobs.common import run_job
+from spec.errors import SpecError
+from tests.compiler.conftest import EXAMPLES
+from tests.compiler.test_cli import cli
+
+TINY = EXAMPLES / "tiny" / "spec.yaml"
+SINGLE = EXAMPLES / "single-node.yaml"
+ROOM = "cluster.gpu_memory_gb=100000"  # memory is not what these cases are about
+CPU_MEGATRON = ["train.backend=megatron", "cluster.gpus_per_node=2", "train.parallelism.expert=2",
+                "model.architecture.moe.token_dispatcher=allgather"]
+
+# rule, base spec, --set edits, the spec path refused, a job that refuses it, its message
+CASES = [
+    ("embedded_model", TINY, ["model.architecture.family=llama"],
+     ("model", "architecture", "family"), "init", "builds the qwen3_moe and qwen3 families"),
+    ("megatron_model", SINGLE, ["model.architecture.moe.score_function=sigmoid"],
+     ("model", "architecture", "moe", "score_function"), "convert", "the Megatron trainer has no sigmoid router"),
+    ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
+     ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
+    ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
+     ("train", "parallelism", "context"), "rl", "does not run context parallelism"),
+    ("megatron_layout", SINGLE, ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2",
+                                 ROOM],
+     ("train", "parallelism", "expert_tensor"), "rl", "keeps each expert whole on its rank"),
+    ("megatron_layout", SINGLE, ["train.parallelism.expert=1", ROOM],
+     ("train", "parallelism", "tensor"), "rl", "tensor parallelism needs expert parallelism"),
+    ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
+     ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
+    ("async_rollout", TINY, ["system.max_staleness=2"],
+     ("system", "max_staleness"), "rl", "no asynchronous, off-policy rollout"),
+    ("container", TINY, ["cluster.container={image: img.sqsh}"],
+     ("cluster", "container"), "sft", "starts no container"),
+    ("precision", TINY, ["train.precision=bf16"],
+     ("train", "precision"), "rl", "embedded trainer computes in fp32"),
+    ("precision", TINY, [*CPU_MEGATRON, "train.precision=bf16"],
+     ("train", "precision"), "rl", "Megatron trainer on cluster.devices cpu computes in fp32"),
+    ("devices", TINY, ["cluster.devices=gpu"],
+     ("train", "backend"), "rl", "embedded trainer runs on the CPU only"),
+    ("devices", TINY, ["cluster.devices=gpu"],
+     ("rollout", "engine"), "rl", "embedded rollout server runs on the CPU only"),
+    ("megatron_cpu", TINY, [*CPU_MEGATRON, "model.architecture.moe.token_dispatcher=alltoall"],
+     ("model", "architecture", "moe", "token_dispatcher"), "rl", "runs the allgather dispatcher"),
+    ("megatron_cpu", TINY, [*CPU_MEGATRON, "train.recompute=full"],
+     ("train", "recompute"), "rl", "does not recompute activations"),
+    ("recompute", TINY, ["train.recompute=selective"],
+     ("train", "recompute"), "rl", "embedded trainer does not recompute"),
+    ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],
+     ("model", "tokenizer"), "rl", "tokenizer saved with the HF checkpoint"),
+]
+
+
+def test_every_rule_has_a_case() -> None:
+    covered = {case[0] for case in CASES}
+    assert covered == set(capabilities.RULES) | set(capabilities.FLAG_RULES)
+
+
+def _refused(base: Path, edits: list[str]) -> list:
+    with pytest.raises(SpecError) as info:
+        compile_spec(base, edits)
+    return info.value.problems
+
+
+def _job_refusal(base: Path, edits: list[str], job: str, tmp_path: Path,
+                 capsys: pytest.CaptureFixture[str]) -> str:
+    """What the job prints when started on the bundle (written without the preflight)."""
+    bundle = write_bundle(compile_spec(base, edits, preflight=False).files, tmp_path / "bundle")
+    ran = []
+    code = run_job(ran.append, ["--config", str(bundle / "jobs" / job / "config.json")])
+    assert code == 1 and not ran, "the job started its work"
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rule", "base", "edits", "path", "job", "words"), CASES,
+                         ids=[f"{c[0]}-{c[3][-1]}" for c in CASES])
+def test_validate_refuses_what_the_job_refuses(rule, base, edits, path, job, words, tmp_path,
+                                               capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RLSPEC_RUN_DIR", str(tmp_path / "run"))
+    problems = [p for p in _refused(base, edits) if p.path == path and words in p.message]
+    assert len(problems) == 1, [p.format() for p in _refused(base, edits)]
+    p = problems[0]
+    assert job in p.message.split(" (job")[1] and p.suggestion
+    assert p.line is not None or p.file == "--set"  # located: the YAML line or the --set
+    message = p.message.split(" (job")[0]
+    assert message in _job_refusal(base, edits, job, tmp_path, capsys)
+
+
+def test_the_examples_pass_every_preflight() -> None:
+    for path in (TINY, SINGLE, EXAMPLES / "compassmax-245b.yaml"):
+        assert compile_spec(path).refusals == ()
+
+
+def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, capsys,
+                                                            monkeypatch) -> None:
+    spec = TINY.read_text(encoding="utf-8").replace("checkpoint: null", "checkpoint: ckpt")
+    (tmp_path / "spec.yaml").write_text(spec, encoding="utf-8")
+    (tmp_path / "ckpt").mkdir()
+    config = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 96,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+              "rope_parameters": {"rope_theta": 1_000_000.0}}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    problems = _refused(tmp_path / "spec.yaml", [])
+    assert [(p.path, p.suggestion) for p in problems] == [
+        (("model", "architecture", "hidden_size"), "set model.architecture.hidden_size: 96")]
+    assert "config.json" in problems[0].message and problems[0].line is not None
+    monkeypatch.setenv("RLSPEC_RUN_DIR", str(tmp_path / "run"))
+    bundle = write_bundle(compile_spec(tmp_path / "spec.yaml", preflight=False).files,
+                          tmp_path / "bundle")
+    assert run_job(lambda ctx: None, ["--config", str(bundle / "jobs" / "sft" / "config.json")]) == 1
+    assert "hidden_size is 64 but the checkpoint" in capsys.readouterr().err
+    config["hidden_size"] = 64  # the same shape: accepted
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert compile_spec(tmp_path / "spec.yaml").refusals == ()
+
+
+def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
+    bundle = write_bundle(compile_spec(SINGLE).files, tmp_path / "b")
+    result = cli("check", str(bundle))
+    assert result.exit_code == 0, result.output
+    assert "every job's preflight passes" in result.stdout
+    train_sh = bundle / "jobs" / "rl" / "train.sh"  # an operator edits a flag in place
+    train_sh.write_text(train_sh.read_text().replace("--context-parallel-size 1",
+                                                     "--context-parallel-size 2"))
+    result = cli("check", str(bundle))
+    assert result.exit_code == 2
+    assert "train.parallelism.context: the Megatron trainer does not run context" in result.stderr
+    assert "spec.yaml:" in result.stderr and "hint: set train.parallelism.context: 1" in result.stderr
+    train_sh.write_text(train_sh.read_text().replace("--seq-length", "--seq-len"))
+    result = cli("check", str(bundle))
+    assert result.exit_code == 2 and "--seq-len" in result.stderr
+
+
+def test_check_of_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
+    result = cli("check", str(tmp_path))
+    assert result.exit_code == 2 and "not a readable bundle" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_errors_of_the_checks_and_the_runtime_come_together() -> None:
+    # A grid error (no bundle can be built) and a runtime refusal of the same file, at once.
+    problems = _refused(SINGLE, ["train.parallelism.expert=3", "system.max_staleness=1"])
+    assert {p.path[-1] for p in problems} >= {"expert", "max_staleness"}
