@@ -11,6 +11,7 @@ from rich.tree import Tree
 
 from compiler.api import Compiled
 from compiler.submit import FAILED_STATES
+from runtime.capabilities import engines
 
 
 def _gb(x: float) -> str:
@@ -28,7 +29,15 @@ def plan_json(compiled: Compiled) -> dict[str, Any]:
         "plan": compiled.validated.plan.to_dict(),
         "warnings": [w.format() for w in compiled.validated.warnings],
         "jobs": compiled.graph.to_dict()["jobs"],
+        "engines": job_engines(compiled),
     }
+
+
+def job_engines(compiled: Compiled) -> dict[str, tuple[str, ...]]:
+    """Each job's engine and device, as the runtime declares them (runtime.capabilities)."""
+    spec = compiled.validated.source.spec.model_dump(mode="json")
+    return {name: engines(spec, compiled.graph.jobs[name].entry)
+            for name in compiled.graph.order()}
 
 
 def show_summary(out: Console, compiled: Compiled) -> None:
@@ -100,6 +109,12 @@ def show_summary(out: Console, compiled: Compiled) -> None:
             f"({plan.routing_bytes_per_token * plan.seq_len / 1e6:,.2f} MB per full sequence)"))
     table.add_row("jobs", " → ".join(compiled.graph.order()))
     out.print(table)
+    runs = Table(title="what each job runs on", show_header=False, title_justify="left")
+    runs.add_column("job", style="bold")
+    runs.add_column("engine and device")
+    for name, what in job_engines(compiled).items():
+        runs.add_row(name, "; ".join(what))
+    out.print(runs)
     for w in compiled.validated.warnings:
         out.print(w.format(), style="yellow", markup=False)
 

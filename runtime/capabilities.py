@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "Refusal",
+__all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "Refusal", "engines",
            "refusals", "rules_for"]
 
 SpecPath = tuple[str | int, ...]
@@ -335,6 +335,27 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
            "precision", "devices", "megatron_cpu", "recompute", "tokenizer"),
 }
+
+
+def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
+    """What job ``entry`` runs its work on, in words, for ``rlspec inspect``: the engine of
+    each role and its device, as the job's code chooses them."""
+    dev = "GPU" if spec["cluster"]["devices"] == "gpu" else "CPU"
+    trainer = ("Megatron-core trainer, " + ("NCCL" if dev == "GPU" else "gloo") + f" on {dev}"
+               if _uses_megatron(spec) else "embedded HF trainer on CPU")
+    engine = ("vLLM replicas on GPU" if not _uses_embedded_engine(spec)
+              else "embedded rollout server on CPU")
+    one_model = f"embedded HF engine on {dev} (one process per node)"
+    return {
+        "data": ("task generator on CPU",),
+        "init": ("HF model built from the architecture on CPU",),
+        "sft": (f"embedded HF trainer on {dev}",),
+        "screen": (one_model,),
+        "evaluate": (one_model,),
+        "convert": (f"HF ↔ Megatron conversion on {dev}",),
+        "export": ("safetensors conversion on CPU",),
+        "rl": (f"trainer: {trainer}", f"rollout: {engine}", "driver: rewards and filters on CPU"),
+    }.get(entry, ())
 
 
 def rules_for(entry: str, spec: Mapping[str, Any]) -> tuple[str, ...]:

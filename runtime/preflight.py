@@ -148,6 +148,41 @@ def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refus
             yield from checkpoint_mismatches(arch, cfg, str(cfg_file))
 
 
+# --------------------------------------------------------------------------- one-process jobs
+
+# Bytes per parameter a one-process job holds on its GPU: the serving dtype for the engine of
+# screen / eval; fp32 weights, gradients and AdamW's two moments for SFT.
+_ENGINE_BYTES = {"bf16": 2, "fp32": 4}
+_SFT_BYTES = 16
+
+
+def _one_gpu_memory(config: Mapping[str, Any]) -> Iterator[Refusal]:
+    """SFT, screen and eval hold the whole policy in one process on one GPU: it must fit."""
+    spec, entry = config["spec"], config["entry"]
+    if spec["cluster"]["devices"] != "gpu" or entry not in ("sft", "screen", "evaluate"):
+        return
+    if entry == "screen" and not any(f["type"] == "offline_pass_rate"
+                                     and f["proxy_model"] == "policy" for f in spec["filters"]):
+        return  # a proxy model's size is not in the spec
+    total = (config.get("derived") or {}).get("params", {}).get("total")
+    if not total:
+        return
+    per = _SFT_BYTES if entry == "sft" else _ENGINE_BYTES[spec["train"]["precision"]]
+    need, have = total * per / 1e9, float(spec["cluster"]["gpu_memory_gb"])
+    if need > have:
+        what = "SFT trains" if entry == "sft" else "the embedded engine serves"
+        path: tuple[str, ...] = ("sft",) if entry == "sft" else (
+            ("eval", "enabled") if entry == "evaluate" else ("filters",))
+        yield Refusal("one_gpu_memory", path,
+                      f"{what} the whole {total / 1e9:,.1f} B-parameter policy in one process on "
+                      f"one GPU: {need:,.0f} GB > {have:g} GB (vLLM-served screen/eval and "
+                      "Megatron SFT are not wired yet)",
+                      {"sft": "remove the sft section (start from an SFT checkpoint)",
+                       "evaluate": "set eval.enabled: false (eval.every_steps still evaluates "
+                                   "on the rollout engines inside the RL job)",
+                       "screen": "screen with a smaller proxy_model"}[entry])
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -160,6 +195,7 @@ def preflight_job(config: Mapping[str, Any], job_file: JobFile,
     if entry == "rl" and spec["train"]["backend"] == "megatron":
         found += [replace(r, job=job) for r in _train_flags(config, job_file)]
     found += [replace(r, job=job) for r in _checkpoints(config, base)]
+    found += [replace(r, job=job) for r in _one_gpu_memory(config)]
     return found
 
 

@@ -107,6 +107,12 @@ def use_devices(devices: str) -> tuple[str, torch.dtype | None]:
         enable_cpu()
         return "gloo", torch.float32
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    from megatron.core.transformer.moe import moe_utils
+
+    # 0.16.1 binds te_general_gemm only when TransformerEngine imports, but every router reads
+    # it: without TE the first router forward is a NameError (measured on an H200).
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     return "nccl", None
 
 

@@ -62,6 +62,10 @@ CASES = [
      ("train", "recompute"), "rl", "does not recompute activations"),
     ("recompute", TINY, ["train.recompute=selective"],
      ("train", "recompute"), "rl", "embedded trainer does not recompute"),
+    ("one_gpu_memory", EXAMPLES / "compassmax-245b.yaml", ["eval.enabled=true"],
+     ("eval", "enabled"), "eval_before", "244.9 B-parameter policy in one process on one GPU"),
+    ("one_gpu_memory", SINGLE, ["sft={steps: 10}"],
+     ("sft",), "sft", "SFT trains the whole 30.5 B-parameter policy"),
     ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],
      ("model", "tokenizer"), "rl", "tokenizer saved with the HF checkpoint"),
 ]
@@ -69,7 +73,7 @@ CASES = [
 
 def test_every_rule_has_a_case() -> None:
     covered = {case[0] for case in CASES}
-    assert covered == set(capabilities.RULES) | set(capabilities.FLAG_RULES)
+    assert covered == set(capabilities.RULES) | set(capabilities.FLAG_RULES) | {"one_gpu_memory"}
 
 
 def _refused(base: Path, edits: list[str]) -> list:

@@ -73,3 +73,27 @@ def test_example_explains_every_section(path: Path) -> None:
         if line and not line[0].isspace() and not line.startswith("#") and line.endswith(":"):
             above = next(x for x in reversed(lines[:i]) if x.strip())
             assert above.lstrip().startswith("#"), f"{path.name}:{i + 1}: {line} has no comment"
+
+
+# What the runtime refuses of each published recipe today (the README's support table): the
+# compiler's checks accept every one of them, and `rlspec validate` refuses exactly these.
+REFUSED = {
+    "qwen3-30b-a3b": set(),
+    "qwen3-235b-a22b": {"train.parallelism.context", "train.parallelism.last_pipeline_stage_layers",
+                        "eval.enabled"},
+    "moonlight-16b-a3b": {"model.architecture.family"},
+    "glm-4.5": {"model.architecture.family", "train.parallelism.context", "eval.enabled"},
+    "deepseek-v3": {"model.architecture.family", "train.parallelism.first_pipeline_stage_layers",
+                    "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
+    "deepseek-r1": {"model.architecture.family", "train.parallelism.context",
+                    "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
+}
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_recipe_refusals_are_the_support_table(path: Path) -> None:
+    from compiler.api import compile_spec
+    from spec.errors import dotted
+
+    refused = {dotted(p.path) for p in compile_spec(path, preflight=False).refusals}
+    assert refused == REFUSED[path.stem]
