@@ -190,7 +190,8 @@ def submit(
 def run(
     spec: SpecArg,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Run directory (default runs/<name>); the bundle goes in <out>/bundle.")] = None,
+        "--out", help="Run directory (default cluster.output_dir/<name>, e.g. runs/<name>); "
+        "the bundle goes in <out>/bundle.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Compile a local spec and run its jobs here, in graph order.
@@ -205,9 +206,9 @@ def run(
         compiled = compile_spec(spec, set_ or [])
     except SpecError as exc:
         raise _report_spec_error(exc) from None
-    name = compiled.validated.source.spec.name
     try:
-        summary = runner.run_local(compiled, out or Path("runs") / name, echo=typer.echo)
+        summary = runner.run_local(compiled, out or runner.default_run_dir(compiled),
+                                   echo=typer.echo)
     except BundleError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:

@@ -39,6 +39,13 @@ def prepare_bundle(compiled: Compiled, out: Path) -> Path:
     return write_bundle(compiled.files, bundle)
 
 
+def default_run_dir(compiled: Compiled) -> Path:
+    """Where `rlspec run` writes without --out: cluster.output_dir/<name>, as a bundle's
+    env.sh does (a relative output_dir is taken from the current directory)."""
+    spec = compiled.validated.source.spec
+    return Path(spec.cluster.output_dir) / spec.name
+
+
 def run_local(compiled: Compiled, out: Path, *, echo: Any = print) -> dict[str, Any]:
     spec = compiled.validated.source.spec
     if spec.cluster.scheduler != "local":

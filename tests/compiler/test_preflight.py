@@ -161,3 +161,11 @@ def test_errors_of_the_checks_and_the_runtime_come_together() -> None:
     # A grid error (no bundle can be built) and a runtime refusal of the same file, at once.
     problems = _refused(SINGLE, ["train.parallelism.expert=3", "system.max_staleness=1"])
     assert {p.path[-1] for p in problems} >= {"expert", "max_staleness"}
+
+
+def test_rlspec_run_writes_under_cluster_output_dir(tmp_path: Path) -> None:
+    from compiler.runner import default_run_dir
+
+    assert default_run_dir(compile_spec(TINY)) == Path("runs") / "tiny"
+    moved = compile_spec(TINY, [f"cluster.output_dir={tmp_path / 'scratch'}"])
+    assert default_run_dir(moved) == tmp_path / "scratch" / "tiny"
