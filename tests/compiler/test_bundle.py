@@ -262,3 +262,25 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
             assert "--headless" not in args
     assert (record / "endpoints").read_text().split() == [
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]
+
+
+def test_the_rl_driver_runs_in_the_container_on_slurm(tmp_path: Path) -> None:
+    # Every role of a Slurm run starts in cluster.container, the driver on the batch host too.
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    assert 'rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.rl' in (
+        out / "jobs" / "rl" / "launch.sh").read_text()
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "srun $*"\n')
+    stub.chmod(0o755)
+    script = f'source "{out}/lib.sh"; rlspec_run_here python3 -m runtime.jobs.rl'
+    env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n1"}
+    ran = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert ran.startswith("srun --overlap --nodes=1 --ntasks=1 --nodelist=n1 ")
+    assert "--container-image=/lustre/images/rlspec-megatron-vllm.sqsh" in ran
+    assert ran.rstrip().endswith("python3 -m runtime.jobs.rl")
+    env.pop("SLURM_JOB_ID")  # a local run starts it directly
+    ran = subprocess.run(["bash", "-c", script.replace("python3", "echo")], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert ran.strip() == "-m runtime.jobs.rl"

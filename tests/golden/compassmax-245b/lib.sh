@@ -29,6 +29,19 @@ rlspec_run_on() {
   fi
 }
 
+# rlspec_run_here CMD...: CMD on this node (the batch host), inside the spec's container
+# under Slurm (a one-task step that overlaps the steps already running here).
+rlspec_run_here() {
+  if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    srun --overlap --nodes=1 --ntasks=1 --nodelist="${SLURMD_NODENAME:-$(hostname)}" \
+      --container-image=/lustre/images/rlspec-megatron-vllm.sqsh \
+      --container-mounts=/lustre:/lustre \
+      "$@"
+    return
+  fi
+  "$@"
+}
+
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
 rlspec_join() {
   local IFS=,

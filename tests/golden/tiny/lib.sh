@@ -27,6 +27,11 @@ rlspec_run_on() {
   fi
 }
 
+# rlspec_run_here CMD...: CMD on this node (the batch host).
+rlspec_run_here() {
+  "$@"
+}
+
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
 rlspec_join() {
   local IFS=,

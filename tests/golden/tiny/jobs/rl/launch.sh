@@ -48,7 +48,7 @@ ROLLOUT_PID=$!
 rlspec_run_on "$RLSPEC_TRAIN_HOSTS" 1 bash "$JOB_DIR/train.sh" \
   > "$RLSPEC_RUN_DIR/logs/rl-train.log" 2>&1 &
 TRAIN_PID=$!
-"$RLSPEC_PYTHON" -m runtime.jobs.rl --config "$JOB_DIR/config.json" &
+rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.rl --config "$JOB_DIR/config.json" &
 DRIVER_PID=$!
 
 declare -A ROLE=([$ROLLOUT_PID]=rollout [$TRAIN_PID]=train [$DRIVER_PID]=driver)
