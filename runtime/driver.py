@@ -273,23 +273,22 @@ class RLDriver:
         self.startup_timeout_s = float(startup_timeout_s or env.get("RLSPEC_STARTUP_TIMEOUT", 900))
         self.t_start = time.time()
         data = self.spec["data"]
-        self.prompt_key = data.get("prompt_key") or "prompt"
-        self.eval_every = int((self.spec.get("eval") or {}).get("every_steps") or 0)
+        self.prompt_key = data["prompt_key"]
+        self.eval_every = int(self.spec["eval"]["every_steps"])
         self._eval_rows: list[dict[str, Any]] | None = None
-        self.answer_key = data.get("answer_key") or "answer"
+        self.answer_key = data["answer_key"]
         rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
         self.rows = {row.get("id", i): row for i, row in enumerate(rows)}
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
         self.steps = int(self.train["steps"])
-        budget = self.train.get("rollout_budget")
-        self.budget = int(budget) if budget else None
-        self.replay_mode = (self.spec.get("router_replay") or {}).get("mode", "off")
-        adv = (self.spec.get("algorithm") or {}).get("advantage") or {}
-        self.estimator = adv.get("estimator", "group")
-        self.adv_eps = float(adv.get("eps", 1e-6))
-        self.alpha_zvp = float(adv.get("alpha_zvp", 0.1))
-        self.overlap = bool((self.spec.get("system") or {}).get("reward_overlap", False))
+        self.budget: int | None = self.train["rollout_budget"]
+        self.replay_mode = self.spec["router_replay"]["mode"]
+        adv = self.spec["algorithm"]["advantage"]
+        self.estimator = adv["estimator"]
+        self.adv_eps = float(adv["eps"])
+        self.alpha_zvp = float(adv["alpha_zvp"])
+        self.overlap = bool(self.spec["system"]["reward_overlap"])
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
         self.weight_transfer, note = driver_weight_transfer(self.spec)
@@ -317,8 +316,8 @@ class RLDriver:
         from runtime.rewards import build_reward
 
         reward = build_reward(self.spec["reward"])
-        seed = int(self.train.get("seed", 0))
-        pipeline = build_pipeline(list(self.spec.get("filters") or []),
+        seed = int(self.train["seed"])
+        pipeline = build_pipeline(list(self.spec["filters"]),
                                   group_size=int(self.rollout["n"]),
                                   max_tokens=int(self.rollout["max_tokens"]), seed=seed,
                                   reward_range=reward.reward_range)
@@ -407,7 +406,7 @@ class RLDriver:
         """One group per request: sampled, decoded and scored."""
         from runtime.filters import Group
 
-        sampling = dict(self.rollout.get("sampling") or {})
+        sampling = dict(self.rollout["sampling"])
         sampling["max_tokens"] = int(self.rollout["max_tokens"])
         want_routes = self.replay_mode == "r3"
         encoded = {}
@@ -463,14 +462,14 @@ class RLDriver:
         from runtime.jobs.evaluate import eval_max_tokens
         from runtime.tasks.arithmetic import read_jsonl
 
-        cfg = self.spec.get("eval") or {}
+        cfg = self.spec["eval"]
         if self._eval_rows is None:
             self._eval_rows = list(read_jsonl(self.ctx.input_path("dataset") / "eval.jsonl"))
         prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
                    for r in self._eval_rows]
-        sampling = {"temperature": float(cfg.get("temperature") or 0.0),
+        sampling = {"temperature": float(cfg["temperature"]),
                     "max_tokens": eval_max_tokens(self.spec)}
-        completions = self.client.generate(prompts, n=int(cfg.get("samples") or 1),
+        completions = self.client.generate(prompts, n=int(cfg["samples"]),
                                            sampling=sampling)
         correct = []
         for row, comps in zip(self._eval_rows, completions, strict=True):

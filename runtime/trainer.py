@@ -243,7 +243,7 @@ class Trainer:
         old_logp, entropy, batch = self._old_pass(batch)
         if advantages_from_entropy is not None:
             batch = replace(batch, advantages=advantages_from_entropy(entropy))
-        corr = self.algorithm.get("correction") or {"mode": "none"}
+        corr = self.algorithm["correction"]
         correction = train_inference_correction(
             old_logp, batch.rollout_logp, batch.loss_mask, mode=corr["mode"],
             **{k: corr[k] for k in ("cap", "low", "high") if k in corr})
@@ -278,8 +278,7 @@ class Trainer:
 
     @property
     def _kl_on(self) -> bool:
-        kl = self.algorithm.get("kl") or {}
-        return bool(kl.get("coefficient", 0.0)) and self.reference is not None
+        return bool(self.algorithm["kl"]["coefficient"]) and self.reference is not None
 
     def _reference_logp(self, batch: TrainBatch) -> Tensor:
         ref = torch.zeros_like(batch.rollout_logp)

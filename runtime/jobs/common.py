@@ -2,12 +2,16 @@
 
 A job runs as ``python -m runtime.jobs.<entry> --config jobs/<job>/config.json`` with
 cwd = ``$RLSPEC_RUN_DIR``; the launch script exports ``RLSPEC_RUN_DIR`` and
-``RLSPEC_BUNDLE_DIR``. The config is plain JSON (this module never imports ``compiler`` or
-``spec``)::
+``RLSPEC_BUNDLE_DIR``. The config is plain JSON (the runtime never imports ``compiler``)::
 
     {"job": str, "entry": str, "inputs": {name: artifact}, "outputs": {name: artifact},
      "spec": the resolved spec, "derived": the compiler's plan, "rlspec_version": str}
     artifact = {"path": str, "kind": str, "external": bool}
+
+The spec is validated once at load with ``spec.models.Spec``, the one typed model of a spec
+and the one place of its defaults: ``ctx.model_spec`` is the model, ``ctx.spec`` its JSON
+dump, where every key is present (a key the config leaves out gets the model's default).
+An invalid spec is a JobError naming its first problems.
 
 Artifact paths resolve as::
 
@@ -49,6 +53,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from spec.errors import dotted
+from spec.loader import problems_from_validation
+from spec.models import Spec
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -284,6 +294,27 @@ def _env_path(name: str) -> Path | None:
     return Path(value).resolve() if value else None
 
 
+_SHOWN_PROBLEMS = 3  # a failure is one line: the first few problems, then a count
+
+
+def _validate_spec(raw: Any, config_path: Path) -> Spec:
+    """``raw`` (the config's "spec") as a Spec; a one-line JobError naming its first problems."""
+    if raw is None:
+        raise JobError(f"config {config_path} has no spec")
+    try:
+        # As JSON, which it is: strict mode judges JSON input by JSON's own types.
+        return Spec.model_validate_json(json.dumps(raw))
+    except ValidationError as err:
+        problems = problems_from_validation(err, raw)
+    shown = "; ".join(f"spec.{dotted(p.path)}: {p.message}" if p.path else f"spec: {p.message}"
+                      for p in problems[:_SHOWN_PROBLEMS])
+    more = len(problems) - _SHOWN_PROBLEMS
+    if more > 0:
+        shown += f"; and {more} more"
+    raise JobError(f"config {config_path} has an invalid spec ({' '.join(shown.split())}); "
+                   "recompile the bundle with this rlspec") from None
+
+
 class JobContext:
     """A job's view of its bundle: config sections, resolved artifact paths, logger."""
 
@@ -295,7 +326,9 @@ class JobContext:
         self.bundle_dir = bundle_dir
         self.job: str = str(config.get("job") or config_path.parent.name)
         self.entry: str = str(config.get("entry") or self.job)
-        self.spec: dict[str, Any] = dict(config.get("spec") or {})
+        self.model_spec: Spec = _validate_spec(config.get("spec"), config_path)
+        # Plain data for the jobs, every key present: defaults come from the model only.
+        self.spec: dict[str, Any] = self.model_spec.model_dump(mode="json")
         self.derived: dict[str, Any] = dict(config.get("derived") or {})
         self.inputs = {n: self._resolve(n, a) for n, a in (config.get("inputs") or {}).items()}
         self.outputs = {n: self._resolve(n, a) for n, a in (config.get("outputs") or {}).items()}

@@ -31,7 +31,7 @@ def _dtype(ctx: JobContext, forced: Any) -> Any:
 
     if forced is not None:
         return forced
-    return torch.bfloat16 if ctx.spec["train"].get("precision", "bf16") == "bf16" else torch.float32
+    return torch.bfloat16 if ctx.model_spec.train.precision == "bf16" else torch.float32
 
 
 def run(ctx: JobContext) -> None:
@@ -41,11 +41,11 @@ def run(ctx: JobContext) -> None:
 
     if ctx.rank != 0:
         return
-    backend, forced = mm.use_devices(ctx.spec["cluster"].get("devices", "gpu"))
+    backend, forced = mm.use_devices(ctx.model_spec.cluster.devices)
     dtype = _dtype(ctx, forced)
     with tempfile.TemporaryDirectory(prefix="rlspec-convert-") as tmp:
         pg = mm.init_parallel(0, 1, os.path.join(tmp, "rendezvous"), backend=backend,
-                              seed=int(ctx.spec["train"].get("seed", 1234)))
+                              seed=ctx.model_spec.train.seed)
         try:
             if "policy_megatron" in ctx.outputs:
                 src = next(n for n, a in ctx.inputs.items() if a.kind == "hf_checkpoint")
@@ -60,7 +60,7 @@ def run(ctx: JobContext) -> None:
             else:
                 from transformers import AutoTokenizer
 
-                tokenizer_path = ctx.spec["model"].get("tokenizer")
+                tokenizer_path = ctx.model_spec.model.tokenizer
                 if not tokenizer_path:
                     raise JobError("a Megatron checkpoint carries no tokenizer: set "
                                    "model.tokenizer to the tokenizer's folder")

@@ -21,15 +21,14 @@ from runtime.tasks.arithmetic import ArithmeticConfig, write_dataset
 
 def run(ctx: JobContext) -> None:
     data = ctx.section("data")
-    generator = data.get("generator")
+    generator = data["generator"]
     if not generator:
         raise JobError("spec.data.generator is not set: this job generates the embedded task only")
     try:
         cfg = ArithmeticConfig.from_spec(generator)
     except (TypeError, ValueError) as exc:
         raise JobError(f"spec.data.generator: {exc}") from None
-    prompt_key = data.get("prompt_key") or "prompt"
-    answer_key = data.get("answer_key") or "answer"
+    prompt_key, answer_key = data["prompt_key"], data["answer_key"]
     if len({"id", "difficulty", prompt_key, answer_key}) != 4:
         raise JobError(f"spec.data.prompt_key {prompt_key!r} / answer_key {answer_key!r} must "
                        "differ from each other and from 'id' and 'difficulty'")
@@ -43,8 +42,8 @@ def run(ctx: JobContext) -> None:
                  ctx.output_path("dataset"))
     # Prompts are characters and the policy's tokenizer is character-level: chars = tokens.
     longest = max(meta["train"]["max_prompt_chars"], meta["eval"]["max_prompt_chars"])
-    limit = data.get("max_prompt_tokens")
-    if isinstance(limit, int) and longest > limit:
+    limit = data["max_prompt_tokens"]
+    if longest > limit:
         ctx.log.warning("the longest prompt has %d characters (tokens) > data.max_prompt_tokens %d",
                         longest, limit)
 

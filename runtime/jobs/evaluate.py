@@ -93,11 +93,8 @@ def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int
 
 
 def eval_max_tokens(spec: dict[str, Any]) -> int:
-    value = (spec.get("eval") or {}).get("max_tokens") or (spec.get("rollout") or {}).get(
-        "max_tokens")
-    if not value:
-        raise JobError("neither spec.eval.max_tokens nor spec.rollout.max_tokens is set")
-    return int(value)
+    """``eval.max_tokens``; unset (None) means ``rollout.max_tokens``, as the model says."""
+    return int(spec["eval"]["max_tokens"] or spec["rollout"]["max_tokens"])
 
 
 def run(ctx: JobContext) -> None:
@@ -106,13 +103,11 @@ def run(ctx: JobContext) -> None:
     from runtime.tasks.arithmetic import read_jsonl
 
     device = job_device(ctx.spec)
-    cfg = dict(ctx.spec.get("eval") or {})
     data = ctx.section("data")
     prompt_key, answer_key = data["prompt_key"], data["answer_key"]
-    n = int(cfg.get("samples") or 1)
-    temperature = float(cfg.get("temperature") or 0.0)
+    n, temperature = ctx.model_spec.eval.samples, ctx.model_spec.eval.temperature
     max_tokens = eval_max_tokens(ctx.spec)
-    seed = int((ctx.spec.get("train") or {}).get("seed", 0))
+    seed = ctx.model_spec.train.seed
     reward = build_reward(ctx.section("reward"))
     policy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)

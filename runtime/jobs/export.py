@@ -69,11 +69,12 @@ def convert_checkpoint(src: Path, dst: Path, dtype_name: str) -> dict[str, int]:
 
 
 def run(ctx: JobContext) -> None:
-    cfg = dict(ctx.spec.get("export") or {})
-    fmt = str(cfg.get("format") or "hf")
+    export = ctx.model_spec.export
+    if export is None:
+        raise JobError("spec.export is null: this spec exports nothing")
+    fmt, dtype = export.format, export.dtype
     if fmt != "hf":
         raise JobError(f"export format {fmt!r} is not supported (only hf)")
-    dtype = str(cfg.get("dtype") or "bf16")
     if dtype not in DTYPES:
         raise JobError(f"unsupported export dtype {dtype!r}; known: {sorted(DTYPES)}")
     src = ctx.input_path("policy_final")

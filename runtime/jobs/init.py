@@ -20,9 +20,9 @@ def run(ctx: JobContext) -> None:
     from runtime.policy import build_policy, build_tokenizer, count_parameters, save_policy
 
     arch = ctx.section("model.architecture")
-    seed = int(ctx.spec.get("train", {}).get("seed", 1234))
+    seed = ctx.model_spec.train.seed
     tokenizer = build_tokenizer(int(arch["vocab_size"]),
-                                model_max_length=arch.get("max_position_embeddings"))
+                                model_max_length=arch["max_position_embeddings"])
     model = build_policy(arch, tokenizer, seed)
     counts = count_parameters(model)
     ctx.log.info("built %s: %d parameters (%d in experts, %d active per token), seed %d",

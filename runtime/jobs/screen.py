@@ -38,8 +38,8 @@ _TOL = 1e-12  # OfflinePassRate's boundary tolerance
 
 def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
     """The first ``offline_pass_rate`` stage of ``spec.filters``, without its ``type``."""
-    for stage in spec.get("filters") or []:
-        if isinstance(stage, dict) and stage.get("type") == "offline_pass_rate":
+    for stage in spec["filters"]:
+        if stage["type"] == "offline_pass_rate":
             return {k: v for k, v in stage.items() if k != "type"}
     raise JobError("the spec has no offline_pass_rate stage in filters")
 
@@ -56,7 +56,7 @@ def run(ctx: JobContext) -> None:
     data = ctx.section("data")
     prompt_key, answer_key = data["prompt_key"], data["answer_key"]
     max_tokens = int(ctx.section("rollout.max_tokens"))
-    seed = int((ctx.spec.get("train") or {}).get("seed", 0))
+    seed = ctx.model_spec.train.seed
     reward = build_reward(ctx.section("reward"))
     proxy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)

@@ -62,17 +62,17 @@ class TrainerProcess:
         self.train_cfg = spec["train"]
         self.algorithm = spec["algorithm"]
         self.steps = int(self.train_cfg["steps"])
-        ckpt = self.train_cfg.get("checkpoint") or {}
-        self.interval = int(ckpt.get("interval") or 0)
-        self.keep = int(ckpt.get("keep") or 1)
-        self.seed = int(self.train_cfg.get("seed", 0))
-        self.epochs = int(self.algorithm.get("ppo_epochs", 1))
-        self.replay_mode = (spec.get("router_replay") or {}).get("mode", "off")
+        typed = ctx.model_spec
+        self.interval = typed.train.checkpoint.interval
+        self.keep = typed.train.checkpoint.keep
+        self.seed = typed.train.seed
+        self.epochs = typed.algorithm.ppo_epochs
+        self.replay_mode = typed.router_replay.mode
         per_step = int(ctx.derived.get("optimizer_steps_per_rollout") or 1)
         self.total_optimizer_steps = per_step * self.epochs * self.steps
-        self.length_balancing = bool((spec.get("system") or {}).get("length_balancing", True))
+        self.length_balancing = typed.system.length_balancing
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
-        self.kl_on = float((self.algorithm.get("kl") or {}).get("coefficient", 0.0)) > 0
+        self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
         torch.manual_seed(self.seed)
         self.version = 0
@@ -280,7 +280,7 @@ class MegatronTrainerProcess(TrainerProcess):
             raise ValueError(f"--moe-enable-routing-replay is {'set' if args.moe_enable_routing_replay else 'not set'} "
                              f"but router_replay.mode is {self.replay_mode}")
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        backend, forced = mm.use_devices(spec["cluster"].get("devices", "gpu"))
+        backend, forced = mm.use_devices(spec["cluster"]["devices"])
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
                   "pp": args.pipeline_model_parallel_size}
@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.log.info("trainer: outputs exist, nothing to train")
             _idle()
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if ctx.spec["train"].get("backend", "local") == "megatron":
+        if ctx.model_spec.train.backend == "megatron":
             from runtime.megatron.args import parse_megatron_args
 
             proc: TrainerProcess = MegatronTrainerProcess(ctx, parse_megatron_args(argv))

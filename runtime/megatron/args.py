@@ -189,7 +189,7 @@ def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[s
         "global_batch_size": args.global_batch_size,
         "seed": args.seed,
         "optimizer": {
-            **(train.get("optimizer") or {}),
+            **train["optimizer"],
             "lr": args.lr, "min_lr": args.min_lr, "weight_decay": args.weight_decay,
             "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2,
             "adam_eps": args.adam_eps, "clip_grad": args.clip_grad,

@@ -90,7 +90,7 @@ class MegatronTrainer(Trainer):
             raise ValueError("tensor parallelism needs expert parallelism > 1 here (experts are "
                              "whole on their rank): set train.parallelism.expert ≥ 2")
         config.calculate_per_token_loss = True  # before DDP: gradients are summed, not averaged
-        distributed = bool(train["optimizer"].get("distributed", True))
+        distributed = bool(train["optimizer"]["distributed"])
         ddp = DistributedDataParallel(
             config=config, module=model,
             ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))

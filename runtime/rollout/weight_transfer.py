@@ -358,8 +358,7 @@ def driver_weight_transfer(spec: Mapping[str, Any]) -> tuple[DiskWeightTransfer,
     step, so it always pushes from disk. ``nccl`` / ``ipc`` need the trainer to push
     (``NCCLWeightTransfer`` / ``IPCWeightTransfer``); the note says the folder is used
     instead. The embedded engine implements only the disk backend, whatever the spec says."""
-    engine = str((spec.get("rollout") or {}).get("engine", "local"))
-    weight_sync = str((spec.get("system") or {}).get("weight_sync", "disk"))
+    engine, weight_sync = spec["rollout"]["engine"], spec["system"]["weight_sync"]
     if weight_sync not in WEIGHT_TRANSFERS:
         raise ValueError(f"unknown system.weight_sync {weight_sync!r}")
     if engine != "vllm":  # the embedded engine's one backend: nothing to note

@@ -194,11 +194,22 @@ def test_sigterm_removes_the_partial_output(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
+def _tiny_spec() -> dict[str, Any]:
+    """The tiny example's resolved spec (every key present), as a compiled config holds it."""
+    from spec.loader import load_spec
+
+    return load_spec(ROOT / "examples" / "tiny" / "spec.yaml").spec.model_dump(mode="json")
+
+
 def _write_config(root: Path, *, inputs: dict[str, Any] | None = None,
-                  outputs: dict[str, Any] | None = None, job: str = "t") -> Path:
+                  outputs: dict[str, Any] | None = None, job: str = "t",
+                  spec: Any = None) -> Path:
+    if spec is None:
+        spec = _tiny_spec()
+        spec["data"]["shuffle_seed"] = 3
     path = root / "bundle" / "jobs" / job / "config.json"
     atomic_write_json(path, {"job": job, "entry": job, "inputs": inputs or {},
-                             "outputs": outputs or {}, "spec": {"data": {"seed": 3}},
+                             "outputs": outputs or {}, "spec": spec,
                              "derived": {"data_parallel": 1}})
     return path
 
@@ -213,13 +224,14 @@ def test_context_resolves_paths(tmp_path: Path) -> None:
     config = _write_config(tmp_path, inputs=inputs, outputs=outputs)
     run = tmp_path / "run"
     ctx = JobContext.load(config, run_dir=run, log_to_file=False)
-    assert ctx.job == "t" and ctx.spec["data"]["seed"] == 3 and ctx.derived["data_parallel"] == 1
+    assert ctx.job == "t" and ctx.spec["data"]["shuffle_seed"] == 3
+    assert ctx.model_spec.data.shuffle_seed == 3 and ctx.derived["data_parallel"] == 1
     assert ctx.bundle_dir == tmp_path / "bundle"  # <bundle>/jobs/<job>/config.json
     assert ctx.output_path("out") == run / "artifacts" / "out"
     assert ctx.input_path("made", check=False) == run / "artifacts" / "made"
     assert ctx.input_path("rel", check=False) == tmp_path / "data" / "train.jsonl"
     assert ctx.input_path("abs", check=False) == tmp_path / "abs.jsonl"
-    assert ctx.section("data.seed") == 3
+    assert ctx.section("data.shuffle_seed") == 3
 
     with pytest.raises(JobError, match="missing or incomplete"):
         ctx.input_path("made")
@@ -227,14 +239,53 @@ def test_context_resolves_paths(tmp_path: Path) -> None:
         ctx.input_path("rel")
     with pytest.raises(JobError, match="has no output 'nope'"):
         ctx.output_path("nope")
-    with pytest.raises(JobError, match=r"no spec\.model"):
-        ctx.section("model.architecture")
+    with pytest.raises(JobError, match=r"no spec\.model\.nope"):
+        ctx.section("model.nope")
     (tmp_path / "abs.jsonl").write_text("{}\n")
     assert ctx.input_path("abs") == tmp_path / "abs.jsonl"
     with atomic_dir(run / "artifacts" / "made"):
         pass
     assert ctx.input_path("made") == run / "artifacts" / "made"
     assert not ctx.outputs_complete()
+
+
+def test_a_key_the_config_leaves_out_gets_the_models_default(tmp_path: Path) -> None:
+    spec = _tiny_spec()
+    del spec["system"]["reward_overlap"], spec["system"]["weight_sync"]
+    del spec["train"]["checkpoint"]["keep"], spec["train"]["seed"], spec["eval"]
+    ctx = JobContext.load(_write_config(tmp_path, spec=spec), run_dir=tmp_path / "run",
+                          log_to_file=False)
+    # spec.models holds the defaults; the runtime reads them from there, never its own.
+    assert ctx.spec["system"]["reward_overlap"] is True
+    assert ctx.spec["system"]["weight_sync"] == "disk"
+    assert ctx.spec["train"]["checkpoint"]["keep"] == 3 == ctx.model_spec.train.checkpoint.keep
+    assert ctx.spec["train"]["seed"] == 1234
+    assert ctx.spec["eval"] == {"enabled": True, "every_steps": 0, "samples": 1,
+                                "temperature": 0.0, "max_tokens": None}
+
+
+def test_an_invalid_spec_is_refused_at_load_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _tiny_spec()
+    spec["train"]["checkpoint"]["keep"] = 0
+    spec["rollout"]["bogus"] = 1
+    config = _write_config(tmp_path, spec=spec)
+    with pytest.raises(JobError) as err:
+        JobContext.load(config, run_dir=tmp_path / "run", log_to_file=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"config {config} has an invalid spec (")
+    assert "spec.train.checkpoint.keep: must be greater than 0, got 0" in message
+    assert "spec.rollout.bogus: unknown key 'bogus'" in message
+
+    # A job refuses it before it starts, in the one stderr line of a failed job.
+    assert run_job(lambda ctx: None, ["--config", str(config)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"rlspec job t failed: {message} (log: none)"]
+
+    atomic_write_json(config, {"job": "t"})
+    with pytest.raises(JobError, match="has no spec"):
+        JobContext.load(config, run_dir=tmp_path / "run", log_to_file=False)
 
 
 def test_atomic_dir_keeps_old_output_on_failure_and_replaces_on_success(tmp_path: Path) -> None:
