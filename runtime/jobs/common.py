@@ -471,7 +471,7 @@ def _preflight(ctx: JobContext) -> None:
         path = ctx.config_path.parent / name
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
-    refused = preflight_job(ctx.config, sibling, ctx.bundle_dir.parent)
+    refused = preflight_job({**ctx.config, "spec": ctx.spec}, sibling, ctx.bundle_dir.parent)
     if refused:
         raise JobError("refused at start: " + "; ".join(
             f"{'.'.join(map(str, r.path))}: {r.message} ({r.hint})" for r in refused))
