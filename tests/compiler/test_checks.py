@@ -255,6 +255,28 @@ def test_global_batch_not_a_multiple_of_micro_times_dp() -> None:
     assert "global_batch_size: 48" in p.suggestion  # divides 240 rollouts
 
 
+VPP2 = {"train.parallelism.pipeline": 2, "train.parallelism.virtual_pipeline": 2}  # DP 4
+
+
+def test_virtual_pipeline_needs_pp_micro_batches() -> None:
+    # verl issue 1004: PP 2, VPP 2 and one micro-batch per step.
+    p = only({**VPP2, "train.micro_batch_size": 16}, VPP)
+    assert_numbers(p, "PP = 2", "global_batch_size 64", "16·4) = 1")
+    assert p.suggestion.startswith("set train.micro_batch_size: 8 (2 micro-batches), "
+                                   "or train.global_batch_size: 128")
+    # With micro-batches of 1 only a larger global batch helps (8 divides the 256 rollouts).
+    p = only({**VPP2, "train.global_batch_size": 4}, VPP)
+    assert_numbers(p, "1·4) = 1")
+    assert p.suggestion.startswith("set train.global_batch_size: 8,")
+
+
+def test_virtual_pipeline_with_pp_micro_batches_is_valid() -> None:
+    spec = build({**VPP2, "train.micro_batch_size": 8})
+    assert make_plan(spec).micro_batches_per_step == 2
+    assert errors_of(spec) == []
+    assert VPP not in paths({**VPP2, "train.global_batch_size": 8})
+
+
 # --------------------------------------------------------------------------- rollout
 
 
