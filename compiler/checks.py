@@ -333,9 +333,27 @@ def pipeline(spec: Spec, plan: Plan) -> Iterator[Problem]:
 # --------------------------------------------------------------------------- sequence parallel
 
 
+def _length_multiple(spec: Spec) -> int:
+    """What the sequence length must be a multiple of for CP and SP together: 2·CP for
+    load-balanced CP; CP·TP for SP (each CP rank's S/CP positions are split over TP); so
+    lcm(2·CP, CP·TP) = CP·lcm(2, TP) with both."""
+    p = spec.train.parallelism
+    cp = 2 * p.context if p.context > 1 else 1
+    sp = p.context * p.tensor if p.sequence_parallel and p.tensor > 1 else 1
+    return math.lcm(cp, sp)
+
+
+def _max_tokens_fixing(spec: Spec, plan: Plan) -> int:
+    """The smallest rollout.max_tokens ≥ the current one whose sequence length suits CP and SP."""
+    return spec.rollout.max_tokens + (-plan.seq_len) % _length_multiple(spec)
+
+
 def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """MoE + TP > 1 needs sequence_parallel (Megatron-LM: "When using MoE and tensor
-    parallelism, sequence parallelism must be used"); SP with TP = 1 is only a warning."""
+    parallelism, sequence parallelism must be used"); SP with TP = 1 is only a warning.
+    SP with TP > 1: sequence length (prompt + response) % (CP·TP) == 0, else each full-length
+    sequence is padded to the next multiple (a warning; verl issue 3296: 514 + 512 tokens at
+    TP 8)."""
     p = spec.train.parallelism
     if spec.model.architecture.moe is not None and p.tensor > 1 and not p.sequence_parallel:
         yield _error(SP, f"an MoE model with tensor parallel size {p.tensor} needs sequence "
@@ -345,6 +363,20 @@ def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
         yield _warning(SP, "sequence_parallel with tensor parallel size 1 does nothing "
                            "(Megatron switches it off)",
                        "remove sequence_parallel, or set train.parallelism.tensor > 1", (TP,))
+    shard = p.context * p.tensor
+    if p.sequence_parallel and p.tensor > 1 and plan.seq_len % shard:
+        padded = -(-plan.seq_len // shard) * shard
+        size = f"TP = {p.tensor}" if p.context == 1 else \
+            f"CP·TP = {p.context}·{p.tensor} = {shard} (SP splits each CP rank's share over TP)"
+        yield _warning(
+            SP,
+            f"sequence length {plan.seq_len} (max_prompt_tokens {spec.data.max_prompt_tokens} + "
+            f"max_tokens {spec.rollout.max_tokens}) is not a multiple of {size}: sequence "
+            f"parallelism splits the positions over the TP ranks, so full-length sequences are "
+            f"padded to {padded} tokens ({padded - plan.seq_len} of padding)",
+            f"set rollout.max_tokens: {_max_tokens_fixing(spec, plan)}",
+            (TP, PROMPT_TOKENS, MAX_TOKENS),
+        )
 
 
 # --------------------------------------------------------------------------- context parallel
@@ -352,15 +384,14 @@ def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
 
 def context_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """CP > 1: the max sequence length (prompt + response) % (2·CP) == 0 (load-balanced
-    causal CP splits each sequence into 2·CP chunks)."""
+    causal CP splits each sequence into 2·CP chunks). The hint also keeps SP's multiple."""
     cp = spec.train.parallelism.context
     if cp > 1 and plan.seq_len % (2 * cp):
-        pad = (-plan.seq_len) % (2 * cp)
         yield _error(
             CP,
             f"sequence length {plan.seq_len} (max_prompt_tokens {spec.data.max_prompt_tokens} + "
             f"max_tokens {spec.rollout.max_tokens}) is not a multiple of 2·CP = {2 * cp}",
-            f"set rollout.max_tokens: {spec.rollout.max_tokens + pad}",
+            f"set rollout.max_tokens: {_max_tokens_fixing(spec, plan)}",
             (PROMPT_TOKENS, MAX_TOKENS),
         )
 

@@ -236,6 +236,33 @@ def test_dense_model_with_tp_does_not_need_sequence_parallel() -> None:
     assert SP not in paths({**DENSE, "train.parallelism.sequence_parallel": False})
 
 
+def test_sequence_parallel_pads_a_length_not_a_multiple_of_tp() -> None:
+    # verl issue 3296: 514 prompt + 512 response tokens at TP 8.
+    tp8 = {f"{ARCH}.num_query_groups": 8, "train.parallelism.tensor": 8,
+           "data.max_prompt_tokens": 514}
+    p = only({**tp8, "rollout.max_tokens": 512}, SP, "warning")
+    assert_numbers(p, "sequence length 1026", "514 + max_tokens 512", "TP = 8",
+                   "padded to 1032 tokens (6 of padding)")
+    assert p.suggestion == "set rollout.max_tokens: 518"
+    assert SP not in paths({**tp8, "rollout.max_tokens": 518})
+    assert SP not in paths({**tp8, "rollout.max_tokens": 510})
+    # Without sequence parallelism nothing is split, so nothing is padded.
+    assert SP not in paths({**DENSE, **tp8, "rollout.max_tokens": 512,
+                            "train.parallelism.sequence_parallel": False})
+
+
+def test_sequence_parallel_with_context_parallel_splits_each_cp_share() -> None:
+    # CP 2 holds S/2 positions per rank, SP splits those over TP 4: S % 8, though S % 2·CP = 0.
+    cp2 = {"train.parallelism.context": 2, "train.parallelism.tensor": 4}
+    p = only({**cp2, "rollout.max_tokens": 4100}, SP, "warning")
+    assert_numbers(p, 5124, "CP·TP = 2·4 = 8", "padded to 5128")
+    assert p.suggestion == "set rollout.max_tokens: 4104"
+    assert SP not in paths({**cp2, "rollout.max_tokens": 4104})
+    # The CP error's hint keeps SP's multiple: 4104, not 4100 (2·CP = 4 alone).
+    assert only({**cp2, "rollout.max_tokens": 4098}, CP).suggestion == \
+        "set rollout.max_tokens: 4104"
+
+
 # --------------------------------------------------------------------------- context parallel
 
 
