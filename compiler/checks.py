@@ -457,7 +457,8 @@ def rollout_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """One engine replica (TP·DP GPUs) must tile the rollout nodes: R % (TP·DP) == 0, and a
     replica either fits inside a node or spans whole nodes. num_attention_heads % TP == 0;
     KV heads % TP == 0, or TP % KV heads == 0 when there are fewer (vLLM replicates them).
-    With expert_parallel, EP = TP·DP divides num_experts."""
+    With expert_parallel, EP = TP·DP divides the physical experts, num_experts +
+    redundant_experts (EPLB replicas: slime's Qwen3-30B-A3B serves 128 + 16 experts at EP 24)."""
     arch = spec.model.architecture
     rp = spec.rollout.parallelism
     gpr, r, gpn = plan.gpus_per_replica, plan.rollout_world_size, spec.cluster.gpus_per_node
@@ -491,12 +492,51 @@ def rollout_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
         if moe is None:
             yield _warning(R_EP, "expert_parallel on a dense model does nothing",
                            "set rollout.parallelism.expert_parallel: false", (MOE,))
-        elif moe.num_experts % gpr:
+        elif (moe.num_experts + spec.rollout.redundant_experts) % gpr:
+            redundant = spec.rollout.redundant_experts
+            physical = moe.num_experts + redundant
+            experts = f"num_experts {moe.num_experts}" + (
+                f" + redundant_experts {redundant} = {physical}" if redundant else "")
+            hint = (f"choose TP·DP among the divisors of {physical}: "
+                    f"{_list(_divisors(physical), 10)}")
+            if spec.rollout.engine == "vllm":  # vLLM EPLB (the redundant_experts rule)
+                fix = redundant + (-physical) % gpr
+                hint = f"set rollout.redundant_experts: {fix}, or {hint}"
             yield _error(R_EP, f"vLLM's expert-parallel size TP·DP = {rp.tensor}·{rp.data} = {gpr} "
-                               f"does not divide num_experts {moe.num_experts}",
-                         f"choose TP·DP among the divisors of {moe.num_experts}: "
-                         f"{_list(_divisors(moe.num_experts), 10)}",
-                         (R_TP, R_DP, (*MOE, "num_experts")))
+                               f"does not divide {experts}",
+                         hint, (R_TP, R_DP, (*MOE, "num_experts"), ("rollout", "redundant_experts")))
+
+
+def redundant_experts(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """rollout.redundant_experts > 0 (vLLM EPLB, `--enable-eplb`) needs an MoE model,
+    rollout expert_parallel with EP = TP·DP > 1 (vLLM refuses EPLB otherwise), and engine vllm
+    (the embedded engine has no EPLB: the key would do nothing). The divisibility
+    (num_experts + redundant) % EP == 0 is in rollout_grid."""
+    r = spec.rollout
+    if r.redundant_experts == 0:
+        return
+    path: Path = ("rollout", "redundant_experts")
+    n = r.redundant_experts
+    rp = r.parallelism
+    if spec.model.architecture.moe is None:
+        yield _error(path, f"redundant_experts {n} on a dense model: there are no experts to "
+                           "replicate", "remove rollout.redundant_experts", (MOE,))
+        return
+    if not rp.expert_parallel:
+        yield _error(path, f"redundant_experts {n} replicate experts across expert-parallel ranks "
+                           "(vLLM EPLB), but rollout.parallelism.expert_parallel is false",
+                     "set rollout.parallelism.expert_parallel: true, or remove "
+                     "rollout.redundant_experts", (R_EP,))
+    elif plan.gpus_per_replica == 1:
+        yield _error(path, f"redundant_experts {n} with an expert-parallel size TP·DP = "
+                           f"{rp.tensor}·{rp.data} = 1: vLLM's EPLB needs TP·DP > 1",
+                     "raise rollout.parallelism.tensor or data, or remove "
+                     "rollout.redundant_experts", (R_TP, R_DP))
+    if r.engine != "vllm":
+        yield _error(path, f"redundant_experts {n} needs vLLM's EPLB, but rollout.engine is "
+                           f"{r.engine} (the embedded engine has no expert load balancing)",
+                     "set rollout.engine: vllm, or remove rollout.redundant_experts",
+                     (("rollout", "engine"),))
 
 
 # --------------------------------------------------------------------------- router replay
@@ -762,6 +802,7 @@ RULES: tuple[Rule, ...] = (
     batch_arithmetic,
     interleaved_schedule,
     rollout_grid,
+    redundant_experts,
     router_replay,
     run_level,
     local_engines,

@@ -345,6 +345,47 @@ def test_kv_heads_that_cannot_be_split_over_tp() -> None:
 def test_rollout_expert_parallel_size_must_divide_experts() -> None:
     p = only({f"{MOE}.num_experts": 100, "train.parallelism.expert": 4}, R_EP)
     assert_numbers(p, "4·2 = 8", 100)
+    assert p.suggestion.startswith("set rollout.redundant_experts: 4, or choose TP·DP")  # 104
+
+
+REDUNDANT = ("rollout", "redundant_experts")
+E100 = {f"{MOE}.num_experts": 100, "train.parallelism.expert": 4}  # rollout EP 8
+
+
+def test_redundant_experts_count_in_the_rollout_expert_parallel_size() -> None:
+    p = only({**E100, "rollout.redundant_experts": 3}, R_EP)
+    assert_numbers(p, "4·2 = 8", "num_experts 100 + redundant_experts 3 = 103")
+    assert "redundant_experts: 4" in p.suggestion and "1, 103" in p.suggestion
+    assert errors_of(build({**E100, "rollout.redundant_experts": 4})) == []
+    assert errors_of(build({**E100, "rollout.redundant_experts": 12})) == []
+    # 128 experts already divide EP 8: 8 redundant keep them divisible, 4 do not.
+    assert errors_of(build({"rollout.redundant_experts": 8})) == []
+    assert R_EP in paths({"rollout.redundant_experts": 4})
+
+
+def test_redundant_experts_need_rollout_expert_parallel() -> None:
+    p = only({"rollout.redundant_experts": 8, "rollout.parallelism.expert_parallel": False},
+             REDUNDANT)
+    assert_numbers(p, "redundant_experts 8", "expert_parallel is false")
+    assert "expert_parallel: true" in p.suggestion
+
+
+def test_redundant_experts_need_an_expert_parallel_size_above_1() -> None:
+    p = only({"rollout.redundant_experts": 8, "rollout.parallelism.tensor": 1,
+              "rollout.parallelism.data": 1}, REDUNDANT)
+    assert_numbers(p, "1·1 = 1", "TP·DP > 1")
+
+
+def test_redundant_experts_need_the_vllm_engine() -> None:
+    p = only({**CPU_LOCAL, "rollout.engine": "local", "rollout.redundant_experts": 8}, REDUNDANT)
+    assert_numbers(p, "redundant_experts 8", "rollout.engine is local")
+    assert p.suggestion.startswith("set rollout.engine: vllm")
+    assert errors_of(build({**CPU_LOCAL, "rollout.redundant_experts": 8})) == []
+
+
+def test_redundant_experts_on_a_dense_model() -> None:
+    p = only({**DENSE, "rollout.redundant_experts": 8}, REDUNDANT)
+    assert "dense" in p.message
 
 
 def test_rollout_expert_parallel_on_a_dense_model_is_a_warning() -> None:
