@@ -680,8 +680,13 @@ def _rl_zvp_stage(spec: Spec) -> int | None:
     return None
 
 
+# The judge fields each `reward.judge.type` reads; the other type's are warned about.
+JUDGE_FIELDS = {"rule": ("tie_margin",), "http": ("url", "model", "api_key_env", "timeout_s")}
+
+
 def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """Fields of one section that name or presuppose another's."""
+    """Fields of one section that name or presuppose another's. Parameters of a loss or a
+    judge type that is not selected are warnings (they would be ignored)."""
     est = ("algorithm", "advantage", "estimator")
     zvp = _rl_zvp_stage(spec)
     flat = next((i for i, s in enumerate(spec.filters) if isinstance(s, FlatGroups)), None)
@@ -700,13 +705,24 @@ def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      "set algorithm.advantage.estimator: rl_zvp", (("filters", zvp, field),))
 
     judge = spec.reward.judge
-    if judge is not None and judge.api_key_env and judge.api_key_env not in spec.cluster.env_passthrough:
+    if judge is not None and judge.type == "http" and judge.api_key_env and \
+            judge.api_key_env not in spec.cluster.env_passthrough:
         yield _error(("reward", "judge", "api_key_env"),
                      f"the judge reads its key from {judge.api_key_env}, which is not in "
                      f"cluster.env_passthrough ({', '.join(spec.cluster.env_passthrough) or 'empty'}): "
                      "the jobs would not see it",
                      f"add {judge.api_key_env} to cluster.env_passthrough",
                      (("cluster", "env_passthrough"),))
+
+    if judge is not None:  # a field only the other judge type reads (runtime.rewards.composer)
+        other = "http" if judge.type == "rule" else "rule"
+        kind = {"rule": "a rule judge", "http": "an http judge"}
+        for name in [f for f in JUDGE_FIELDS[other] if f in judge.model_fields_set]:
+            yield _warning(("reward", "judge", name),
+                           f"reward.judge.{name} is set but the judge type is {judge.type}: it has "
+                           f"no effect for {kind[judge.type]} (only {kind[other]} reads it)",
+                           f"remove reward.judge.{name}, or set reward.judge.type: {other}",
+                           (("reward", "judge", "type"),))
 
     chosen = spec.algorithm.loss
     for name in sorted({"espo", "gspo", "grpo", "cispo"} & spec.algorithm.model_fields_set - {chosen}):

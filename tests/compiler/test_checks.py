@@ -508,6 +508,35 @@ def test_judge_key_must_be_passed_through() -> None:
     assert not errors_of(build({"reward.judge": judge, "cluster.env_passthrough": ["JUDGE_KEY"]}))
 
 
+def test_judge_key_of_a_rule_judge_is_not_read() -> None:
+    # A rule judge reads no key: no passthrough error, the field's warning instead.
+    judge = {"type": "rule", "api_key_env": "JUDGE_KEY"}
+    p = only({"reward.judge": judge}, ("reward", "judge", "api_key_env"), "warning")
+    assert "no effect for a rule judge" in p.message
+
+
+@pytest.mark.parametrize("field", ["url", "model", "api_key_env", "timeout_s"])
+def test_http_judge_fields_on_a_rule_judge_are_a_warning(field: str) -> None:
+    value = {"url": "http://judge", "model": "j", "api_key_env": "HF_TOKEN", "timeout_s": 30.0}
+    p = only({"reward.judge": {"type": "rule", field: value[field]}}, ("reward", "judge", field),
+             "warning")
+    assert_numbers(p, f"reward.judge.{field}", "judge type is rule", "no effect")
+    assert p.suggestion == f"remove reward.judge.{field}, or set reward.judge.type: http"
+    assert p.related == (("reward", "judge", "type"),)
+    assert ("reward", "judge", field) not in paths(
+        {"reward.judge": {"type": "http", **value}, "cluster.env_passthrough": ["HF_TOKEN"]})
+
+
+def test_tie_margin_on_an_http_judge_is_a_warning() -> None:
+    http = {"type": "http", "url": "http://judge", "model": "j"}
+    p = only({"reward.judge": {**http, "tie_margin": 0.1}}, ("reward", "judge", "tie_margin"),
+             "warning")
+    assert_numbers(p, "judge type is http", "no effect for an http judge")
+    assert p.suggestion == "remove reward.judge.tie_margin, or set reward.judge.type: rule"
+    assert problems_of(build({"reward.judge": http})) == []
+    assert problems_of(build({"reward.judge": {"type": "rule", "tie_margin": 0.1}})) == []
+
+
 def test_parameters_of_an_unselected_loss_are_a_warning() -> None:
     p = only({"algorithm.loss": "espo", "algorithm.gspo": {"clip_low": 1.0e-4}},
              ("algorithm", "gspo"), "warning")
