@@ -334,9 +334,27 @@ def pipeline(spec: Spec, plan: Plan) -> Iterator[Problem]:
 # --------------------------------------------------------------------------- sequence parallel
 
 
+def _length_multiple(spec: Spec) -> int:
+    """What the sequence length must be a multiple of for CP and SP together: 2·CP for
+    load-balanced CP; CP·TP for SP (each CP rank's S/CP positions are split over TP); so
+    lcm(2·CP, CP·TP) = CP·lcm(2, TP) with both."""
+    p = spec.train.parallelism
+    cp = 2 * p.context if p.context > 1 else 1
+    sp = p.context * p.tensor if p.sequence_parallel and p.tensor > 1 else 1
+    return math.lcm(cp, sp)
+
+
+def _max_tokens_fixing(spec: Spec, plan: Plan) -> int:
+    """The smallest rollout.max_tokens ≥ the current one whose sequence length suits CP and SP."""
+    return spec.rollout.max_tokens + (-plan.seq_len) % _length_multiple(spec)
+
+
 def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """MoE + TP > 1 needs sequence_parallel (Megatron-LM: "When using MoE and tensor
-    parallelism, sequence parallelism must be used"); SP with TP = 1 is only a warning."""
+    parallelism, sequence parallelism must be used"); SP with TP = 1 is only a warning.
+    SP with TP > 1: sequence length (prompt + response) % (CP·TP) == 0, else each full-length
+    sequence is padded to the next multiple (a warning; verl issue 3296: 514 + 512 tokens at
+    TP 8)."""
     p = spec.train.parallelism
     if spec.model.architecture.moe is not None and p.tensor > 1 and not p.sequence_parallel:
         yield _error(SP, f"an MoE model with tensor parallel size {p.tensor} needs sequence "
@@ -346,6 +364,20 @@ def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
         yield _warning(SP, "sequence_parallel with tensor parallel size 1 does nothing "
                            "(Megatron switches it off)",
                        "remove sequence_parallel, or set train.parallelism.tensor > 1", (TP,))
+    shard = p.context * p.tensor
+    if p.sequence_parallel and p.tensor > 1 and plan.seq_len % shard:
+        padded = -(-plan.seq_len // shard) * shard
+        size = f"TP = {p.tensor}" if p.context == 1 else \
+            f"CP·TP = {p.context}·{p.tensor} = {shard} (SP splits each CP rank's share over TP)"
+        yield _warning(
+            SP,
+            f"sequence length {plan.seq_len} (max_prompt_tokens {spec.data.max_prompt_tokens} + "
+            f"max_tokens {spec.rollout.max_tokens}) is not a multiple of {size}: sequence "
+            f"parallelism splits the positions over the TP ranks, so full-length sequences are "
+            f"padded to {padded} tokens ({padded - plan.seq_len} of padding)",
+            f"set rollout.max_tokens: {_max_tokens_fixing(spec, plan)}",
+            (TP, PROMPT_TOKENS, MAX_TOKENS),
+        )
 
 
 # --------------------------------------------------------------------------- context parallel
@@ -353,15 +385,14 @@ def sequence_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
 
 def context_parallel(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """CP > 1: the max sequence length (prompt + response) % (2·CP) == 0 (load-balanced
-    causal CP splits each sequence into 2·CP chunks)."""
+    causal CP splits each sequence into 2·CP chunks). The hint also keeps SP's multiple."""
     cp = spec.train.parallelism.context
     if cp > 1 and plan.seq_len % (2 * cp):
-        pad = (-plan.seq_len) % (2 * cp)
         yield _error(
             CP,
             f"sequence length {plan.seq_len} (max_prompt_tokens {spec.data.max_prompt_tokens} + "
             f"max_tokens {spec.rollout.max_tokens}) is not a multiple of 2·CP = {2 * cp}",
-            f"set rollout.max_tokens: {spec.rollout.max_tokens + pad}",
+            f"set rollout.max_tokens: {_max_tokens_fixing(spec, plan)}",
             (PROMPT_TOKENS, MAX_TOKENS),
         )
 
@@ -389,6 +420,37 @@ def batch_arithmetic(spec: Spec, plan: Plan) -> Iterator[Problem]:
         )
 
 
+def interleaved_schedule(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """With virtual pipeline: M ≥ PP, M = global_batch / (micro_batch · DP) micro-batches per
+    step on each DP rank. Megatron's interleaved schedule runs the micro-batches in groups of PP
+    per model chunk and raises before the first step with fewer (verl issue 1004: PP 2, VPP 2,
+    M = 1). Skipped without PP > 1 (the pipeline rule) or when the grid itself is broken."""
+    p = spec.train.parallelism
+    dp, pp, m = plan.data_parallel, p.pipeline, plan.micro_batches_per_step
+    if p.virtual_pipeline is None or pp == 1 or dp == 0 or m >= pp:
+        return
+    mbs, gbs = spec.train.micro_batch_size, spec.train.global_batch_size
+    step = mbs * dp
+    need = step * pp  # the smallest global batch giving PP micro-batches
+    batches = next((g for g in _divisors(plan.rollouts_per_step) if g >= need and g % step == 0),
+                   need)
+    options = [f"train.global_batch_size: {batches}"]
+    if gbs % dp == 0:  # a smaller micro-batch: (gbs / DP) / micro_batch ≥ PP, whole
+        per_rank = gbs // dp
+        micro = [d for d in _divisors(per_rank) if d < mbs and per_rank // d >= pp]
+        if micro:
+            options.insert(0, f"train.micro_batch_size: {micro[-1]} "
+                              f"({per_rank // micro[-1]} micro-batches)")
+    yield _error(
+        VPP,
+        f"virtual_pipeline {p.virtual_pipeline} (Megatron's interleaved schedule) needs at least "
+        f"PP = {pp} micro-batches per step on each DP rank, but global_batch_size {gbs} / "
+        f"(micro_batch_size · DP = {mbs}·{dp}) = {m}",
+        "set " + ", or ".join(options) + ", or remove train.parallelism.virtual_pipeline",
+        (PP, GBS, MBS),
+    )
+
+
 # --------------------------------------------------------------------------- rollout
 
 
@@ -396,7 +458,8 @@ def rollout_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """One engine replica (TP·DP GPUs) must tile the rollout nodes: R % (TP·DP) == 0, and a
     replica either fits inside a node or spans whole nodes. num_attention_heads % TP == 0;
     KV heads % TP == 0, or TP % KV heads == 0 when there are fewer (vLLM replicates them).
-    With expert_parallel, EP = TP·DP divides num_experts."""
+    With expert_parallel, EP = TP·DP divides the physical experts, num_experts +
+    redundant_experts (EPLB replicas: slime's Qwen3-30B-A3B serves 128 + 16 experts at EP 24)."""
     arch = spec.model.architecture
     rp = spec.rollout.parallelism
     gpr, r, gpn = plan.gpus_per_replica, plan.rollout_world_size, spec.cluster.gpus_per_node
@@ -430,12 +493,51 @@ def rollout_grid(spec: Spec, plan: Plan) -> Iterator[Problem]:
         if moe is None:
             yield _warning(R_EP, "expert_parallel on a dense model does nothing",
                            "set rollout.parallelism.expert_parallel: false", (MOE,))
-        elif moe.num_experts % gpr:
+        elif (moe.num_experts + spec.rollout.redundant_experts) % gpr:
+            redundant = spec.rollout.redundant_experts
+            physical = moe.num_experts + redundant
+            experts = f"num_experts {moe.num_experts}" + (
+                f" + redundant_experts {redundant} = {physical}" if redundant else "")
+            hint = (f"choose TP·DP among the divisors of {physical}: "
+                    f"{_list(_divisors(physical), 10)}")
+            if spec.rollout.engine == "vllm":  # vLLM EPLB (the redundant_experts rule)
+                fix = redundant + (-physical) % gpr
+                hint = f"set rollout.redundant_experts: {fix}, or {hint}"
             yield _error(R_EP, f"vLLM's expert-parallel size TP·DP = {rp.tensor}·{rp.data} = {gpr} "
-                               f"does not divide num_experts {moe.num_experts}",
-                         f"choose TP·DP among the divisors of {moe.num_experts}: "
-                         f"{_list(_divisors(moe.num_experts), 10)}",
-                         (R_TP, R_DP, (*MOE, "num_experts")))
+                               f"does not divide {experts}",
+                         hint, (R_TP, R_DP, (*MOE, "num_experts"), ("rollout", "redundant_experts")))
+
+
+def redundant_experts(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """rollout.redundant_experts > 0 (vLLM EPLB, `--enable-eplb`) needs an MoE model,
+    rollout expert_parallel with EP = TP·DP > 1 (vLLM refuses EPLB otherwise), and engine vllm
+    (the embedded engine has no EPLB: the key would do nothing). The divisibility
+    (num_experts + redundant) % EP == 0 is in rollout_grid."""
+    r = spec.rollout
+    if r.redundant_experts == 0:
+        return
+    path: Path = ("rollout", "redundant_experts")
+    n = r.redundant_experts
+    rp = r.parallelism
+    if spec.model.architecture.moe is None:
+        yield _error(path, f"redundant_experts {n} on a dense model: there are no experts to "
+                           "replicate", "remove rollout.redundant_experts", (MOE,))
+        return
+    if not rp.expert_parallel:
+        yield _error(path, f"redundant_experts {n} replicate experts across expert-parallel ranks "
+                           "(vLLM EPLB), but rollout.parallelism.expert_parallel is false",
+                     "set rollout.parallelism.expert_parallel: true, or remove "
+                     "rollout.redundant_experts", (R_EP,))
+    elif plan.gpus_per_replica == 1:
+        yield _error(path, f"redundant_experts {n} with an expert-parallel size TP·DP = "
+                           f"{rp.tensor}·{rp.data} = 1: vLLM's EPLB needs TP·DP > 1",
+                     "raise rollout.parallelism.tensor or data, or remove "
+                     "rollout.redundant_experts", (R_TP, R_DP))
+    if r.engine != "vllm":
+        yield _error(path, f"redundant_experts {n} needs vLLM's EPLB, but rollout.engine is "
+                           f"{r.engine} (the embedded engine has no expert load balancing)",
+                     "set rollout.engine: vllm, or remove rollout.redundant_experts",
+                     (("rollout", "engine"),))
 
 
 # --------------------------------------------------------------------------- router replay
@@ -559,8 +661,13 @@ def _rl_zvp_stage(spec: Spec) -> int | None:
     return None
 
 
+# The judge fields each `reward.judge.type` reads; the other type's are warned about.
+JUDGE_FIELDS = {"rule": ("tie_margin",), "http": ("url", "model", "api_key_env", "timeout_s")}
+
+
 def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """Fields of one section that name or presuppose another's."""
+    """Fields of one section that name or presuppose another's. Parameters of a loss or a
+    judge type that is not selected are warnings (they would be ignored)."""
     est = ("algorithm", "advantage", "estimator")
     zvp = _rl_zvp_stage(spec)
     flat = next((i for i, s in enumerate(spec.filters) if isinstance(s, FlatGroups)), None)
@@ -579,13 +686,24 @@ def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      "set algorithm.advantage.estimator: rl_zvp", (("filters", zvp, field),))
 
     judge = spec.reward.judge
-    if judge is not None and judge.api_key_env and judge.api_key_env not in spec.cluster.env_passthrough:
+    if judge is not None and judge.type == "http" and judge.api_key_env and \
+            judge.api_key_env not in spec.cluster.env_passthrough:
         yield _error(("reward", "judge", "api_key_env"),
                      f"the judge reads its key from {judge.api_key_env}, which is not in "
                      f"cluster.env_passthrough ({', '.join(spec.cluster.env_passthrough) or 'empty'}): "
                      "the jobs would not see it",
                      f"add {judge.api_key_env} to cluster.env_passthrough",
                      (("cluster", "env_passthrough"),))
+
+    if judge is not None:  # a field only the other judge type reads (runtime.rewards.composer)
+        other = "http" if judge.type == "rule" else "rule"
+        kind = {"rule": "a rule judge", "http": "an http judge"}
+        for name in [f for f in JUDGE_FIELDS[other] if f in judge.model_fields_set]:
+            yield _warning(("reward", "judge", name),
+                           f"reward.judge.{name} is set but the judge type is {judge.type}: it has "
+                           f"no effect for {kind[judge.type]} (only {kind[other]} reads it)",
+                           f"remove reward.judge.{name}, or set reward.judge.type: {other}",
+                           (("reward", "judge", "type"),))
 
     chosen = spec.algorithm.loss
     for name in sorted({"espo", "gspo", "grpo", "cispo"} & spec.algorithm.model_fields_set - {chosen}):
@@ -679,7 +797,9 @@ RULES: tuple[Rule, ...] = (
     sequence_parallel,
     context_parallel,
     batch_arithmetic,
+    interleaved_schedule,
     rollout_grid,
+    redundant_experts,
     router_replay,
     run_level,
     cluster_settings,

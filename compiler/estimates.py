@@ -281,6 +281,7 @@ def rollout_memory(
     tp: int,
     dp: int,
     expert_parallel: bool,
+    redundant_experts: int,
     fp8: bool,
     seq_len: int,
     gpu_memory_gb: float,
@@ -288,8 +289,9 @@ def rollout_memory(
 ) -> tuple[MemoryEstimate, int]:
     """Memory of one vLLM GPU, and how many full-length sequences one engine replica holds.
 
-    weights = (non-expert params / TP + expert params / (TP·DP with expert parallelism,
-              else TP)) · (2 B bf16 | 1 B fp8; embeddings stay bf16 under fp8, as vLLM keeps them)
+    weights = (non-expert params / TP + expert params · (E + R) / E / (TP·DP with expert
+              parallelism, else TP)) · (2 B bf16 | 1 B fp8; embeddings stay bf16 under fp8, as
+              vLLM keeps them); R redundant experts (EPLB) are full copies of routed experts.
     kv_cache_one_sequence = kv_bytes_per_token · seq_len (one sequence of the longest length)
     capacity = gpu_memory_gb · gpu_memory_utilization (what vLLM allots itself).
     Sequences that fit = floor((capacity − weights) / one sequence) per TP group, × DP (each
@@ -301,7 +303,9 @@ def rollout_memory(
     tp, dp = max(1, tp), max(1, dp)
     expert_shards = tp * dp if expert_parallel else tp
     dense = params.non_expert / tp
-    experts = params.expert / expert_shards
+    moe = arch.moe
+    replicated = (moe.num_experts + redundant_experts) / moe.num_experts if moe else 1.0
+    experts = params.expert * replicated / expert_shards
     if fp8:
         emb = params.embedding / tp
         weights = 2 * emb + 1 * (dense - emb + experts)

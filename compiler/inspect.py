@@ -75,6 +75,8 @@ def show_summary(out: Console, compiled: Compiled) -> None:
         f"of TP {rp.tensor} × DP {rp.data}"
         + (f", expert-parallel {plan.rollout_expert_parallel}" if plan.rollout_expert_parallel
            else "")
+        + (f" with {spec.rollout.redundant_experts} redundant experts (EPLB)"
+           if spec.rollout.redundant_experts else "")
         + (f", {plan.nodes_per_replica} nodes each" if plan.nodes_per_replica > 1
            else f", {plan.replicas_per_node} per node")))
     table.add_row("allocation", (

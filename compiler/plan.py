@@ -244,7 +244,8 @@ def make_plan(spec: Spec) -> Plan:
         train_mem = estimates.train_memory(arch, layout, spec.cluster.gpu_memory_gb)
         rollout_mem, sequences = estimates.rollout_memory(
             arch, params, tp=rp.tensor, dp=rp.data, expert_parallel=rp.expert_parallel,
-            fp8=spec.rollout.fp8, seq_len=seq_len, gpu_memory_gb=spec.cluster.gpu_memory_gb,
+            redundant_experts=spec.rollout.redundant_experts, fp8=spec.rollout.fp8,
+            seq_len=seq_len, gpu_memory_gb=spec.cluster.gpu_memory_gb,
             utilization=spec.rollout.gpu_memory_utilization,
         )
 

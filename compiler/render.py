@@ -59,6 +59,11 @@ def vllm_weight_transfer_config(weight_sync: str) -> str | None:
     return None if backend is None else json.dumps({"backend": backend}, separators=(",", ":"))
 
 
+def vllm_eplb_config(redundant_experts: int) -> str:
+    """The JSON value of `vllm serve --eplb-config` (vLLM's `EPLBConfig`; with `--enable-eplb`)."""
+    return json.dumps({"num_redundant_experts": redundant_experts}, separators=(",", ":"))
+
+
 def _dot_id(value: str) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -98,7 +103,8 @@ def environment() -> jinja2.Environment:
     )
     env.filters.update(q=_quote, shell_path=_shell_path, dot_id=_dot_id,
                        tojson_sorted=_json, to_yaml=_yaml,
-                       vllm_weight_transfer_config=vllm_weight_transfer_config)
+                       vllm_weight_transfer_config=vllm_weight_transfer_config,
+                       vllm_eplb_config=vllm_eplb_config)
     return env
 
 

@@ -365,6 +365,13 @@ class Rollout(Section):
     )
     nodes: PosInt = Field(1, description="Nodes the rollout engines use inside the RL allocation.")
     parallelism: RolloutParallelism = Field(default_factory=RolloutParallelism)
+    redundant_experts: NonNegInt = Field(
+        0,
+        description="Redundant expert replicas for expert-parallel load balancing (EPLB): vLLM "
+        "`--enable-eplb` with `--eplb-config '{\"num_redundant_experts\": N}'`. Needs "
+        "`parallelism.expert_parallel` and engine vllm; num_experts + N must be a multiple of "
+        "the expert-parallel size TP·DP.",
+    )
     n: PosInt = Field(description="Group size: responses sampled per prompt.")
     prompts_per_step: PosInt = Field(description="Prompts per RL step (before over-sampling).")
     max_tokens: PosInt = Field(description="Longest response, in tokens.")

@@ -236,6 +236,33 @@ def test_dense_model_with_tp_does_not_need_sequence_parallel() -> None:
     assert SP not in paths({**DENSE, "train.parallelism.sequence_parallel": False})
 
 
+def test_sequence_parallel_pads_a_length_not_a_multiple_of_tp() -> None:
+    # verl issue 3296: 514 prompt + 512 response tokens at TP 8.
+    tp8 = {f"{ARCH}.num_query_groups": 8, "train.parallelism.tensor": 8,
+           "data.max_prompt_tokens": 514}
+    p = only({**tp8, "rollout.max_tokens": 512}, SP, "warning")
+    assert_numbers(p, "sequence length 1026", "514 + max_tokens 512", "TP = 8",
+                   "padded to 1032 tokens (6 of padding)")
+    assert p.suggestion == "set rollout.max_tokens: 518"
+    assert SP not in paths({**tp8, "rollout.max_tokens": 518})
+    assert SP not in paths({**tp8, "rollout.max_tokens": 510})
+    # Without sequence parallelism nothing is split, so nothing is padded.
+    assert SP not in paths({**DENSE, **tp8, "rollout.max_tokens": 512,
+                            "train.parallelism.sequence_parallel": False})
+
+
+def test_sequence_parallel_with_context_parallel_splits_each_cp_share() -> None:
+    # CP 2 holds S/2 positions per rank, SP splits those over TP 4: S % 8, though S % 2·CP = 0.
+    cp2 = {"train.parallelism.context": 2, "train.parallelism.tensor": 4}
+    p = only({**cp2, "rollout.max_tokens": 4100}, SP, "warning")
+    assert_numbers(p, 5124, "CP·TP = 2·4 = 8", "padded to 5128")
+    assert p.suggestion == "set rollout.max_tokens: 4104"
+    assert SP not in paths({**cp2, "rollout.max_tokens": 4104})
+    # The CP error's hint keeps SP's multiple: 4104, not 4100 (2·CP = 4 alone).
+    assert only({**cp2, "rollout.max_tokens": 4098}, CP).suggestion == \
+        "set rollout.max_tokens: 4104"
+
+
 # --------------------------------------------------------------------------- context parallel
 
 
@@ -253,6 +280,28 @@ def test_global_batch_not_a_multiple_of_micro_times_dp() -> None:
     p = only({"train.global_batch_size": 60, "rollout.prompts_per_step": 30}, ("train", "global_batch_size"))
     assert_numbers(p, 60, "1·8 = 8")
     assert "global_batch_size: 48" in p.suggestion  # divides 240 rollouts
+
+
+VPP2 = {"train.parallelism.pipeline": 2, "train.parallelism.virtual_pipeline": 2}  # DP 4
+
+
+def test_virtual_pipeline_needs_pp_micro_batches() -> None:
+    # verl issue 1004: PP 2, VPP 2 and one micro-batch per step.
+    p = only({**VPP2, "train.micro_batch_size": 16}, VPP)
+    assert_numbers(p, "PP = 2", "global_batch_size 64", "16·4) = 1")
+    assert p.suggestion.startswith("set train.micro_batch_size: 8 (2 micro-batches), "
+                                   "or train.global_batch_size: 128")
+    # With micro-batches of 1 only a larger global batch helps (8 divides the 256 rollouts).
+    p = only({**VPP2, "train.global_batch_size": 4}, VPP)
+    assert_numbers(p, "1·4) = 1")
+    assert p.suggestion.startswith("set train.global_batch_size: 8,")
+
+
+def test_virtual_pipeline_with_pp_micro_batches_is_valid() -> None:
+    spec = build({**VPP2, "train.micro_batch_size": 8})
+    assert make_plan(spec).micro_batches_per_step == 2
+    assert errors_of(spec) == []
+    assert VPP not in paths({**VPP2, "train.global_batch_size": 8})
 
 
 # --------------------------------------------------------------------------- rollout
@@ -296,6 +345,47 @@ def test_kv_heads_that_cannot_be_split_over_tp() -> None:
 def test_rollout_expert_parallel_size_must_divide_experts() -> None:
     p = only({f"{MOE}.num_experts": 100, "train.parallelism.expert": 4}, R_EP)
     assert_numbers(p, "4·2 = 8", 100)
+    assert p.suggestion.startswith("set rollout.redundant_experts: 4, or choose TP·DP")  # 104
+
+
+REDUNDANT = ("rollout", "redundant_experts")
+E100 = {f"{MOE}.num_experts": 100, "train.parallelism.expert": 4}  # rollout EP 8
+
+
+def test_redundant_experts_count_in_the_rollout_expert_parallel_size() -> None:
+    p = only({**E100, "rollout.redundant_experts": 3}, R_EP)
+    assert_numbers(p, "4·2 = 8", "num_experts 100 + redundant_experts 3 = 103")
+    assert "redundant_experts: 4" in p.suggestion and "1, 103" in p.suggestion
+    assert errors_of(build({**E100, "rollout.redundant_experts": 4})) == []
+    assert errors_of(build({**E100, "rollout.redundant_experts": 12})) == []
+    # 128 experts already divide EP 8: 8 redundant keep them divisible, 4 do not.
+    assert errors_of(build({"rollout.redundant_experts": 8})) == []
+    assert R_EP in paths({"rollout.redundant_experts": 4})
+
+
+def test_redundant_experts_need_rollout_expert_parallel() -> None:
+    p = only({"rollout.redundant_experts": 8, "rollout.parallelism.expert_parallel": False},
+             REDUNDANT)
+    assert_numbers(p, "redundant_experts 8", "expert_parallel is false")
+    assert "expert_parallel: true" in p.suggestion
+
+
+def test_redundant_experts_need_an_expert_parallel_size_above_1() -> None:
+    p = only({"rollout.redundant_experts": 8, "rollout.parallelism.tensor": 1,
+              "rollout.parallelism.data": 1}, REDUNDANT)
+    assert_numbers(p, "1·1 = 1", "TP·DP > 1")
+
+
+def test_redundant_experts_need_the_vllm_engine() -> None:
+    p = only({**CPU_LOCAL, "rollout.engine": "local", "rollout.redundant_experts": 8}, REDUNDANT)
+    assert_numbers(p, "redundant_experts 8", "rollout.engine is local")
+    assert p.suggestion.startswith("set rollout.engine: vllm")
+    assert errors_of(build({**CPU_LOCAL, "rollout.redundant_experts": 8})) == []
+
+
+def test_redundant_experts_on_a_dense_model() -> None:
+    p = only({**DENSE, "rollout.redundant_experts": 8}, REDUNDANT)
+    assert "dense" in p.message
 
 
 def test_rollout_expert_parallel_on_a_dense_model_is_a_warning() -> None:
@@ -406,6 +496,35 @@ def test_judge_key_must_be_passed_through() -> None:
              ("reward", "judge", "api_key_env"))
     assert_numbers(p, "JUDGE_KEY", "HF_TOKEN")
     assert not errors_of(build({"reward.judge": judge, "cluster.env_passthrough": ["JUDGE_KEY"]}))
+
+
+def test_judge_key_of_a_rule_judge_is_not_read() -> None:
+    # A rule judge reads no key: no passthrough error, the field's warning instead.
+    judge = {"type": "rule", "api_key_env": "JUDGE_KEY"}
+    p = only({"reward.judge": judge}, ("reward", "judge", "api_key_env"), "warning")
+    assert "no effect for a rule judge" in p.message
+
+
+@pytest.mark.parametrize("field", ["url", "model", "api_key_env", "timeout_s"])
+def test_http_judge_fields_on_a_rule_judge_are_a_warning(field: str) -> None:
+    value = {"url": "http://judge", "model": "j", "api_key_env": "HF_TOKEN", "timeout_s": 30.0}
+    p = only({"reward.judge": {"type": "rule", field: value[field]}}, ("reward", "judge", field),
+             "warning")
+    assert_numbers(p, f"reward.judge.{field}", "judge type is rule", "no effect")
+    assert p.suggestion == f"remove reward.judge.{field}, or set reward.judge.type: http"
+    assert p.related == (("reward", "judge", "type"),)
+    assert ("reward", "judge", field) not in paths(
+        {"reward.judge": {"type": "http", **value}, "cluster.env_passthrough": ["HF_TOKEN"]})
+
+
+def test_tie_margin_on_an_http_judge_is_a_warning() -> None:
+    http = {"type": "http", "url": "http://judge", "model": "j"}
+    p = only({"reward.judge": {**http, "tie_margin": 0.1}}, ("reward", "judge", "tie_margin"),
+             "warning")
+    assert_numbers(p, "judge type is http", "no effect for an http judge")
+    assert p.suggestion == "remove reward.judge.tie_margin, or set reward.judge.type: rule"
+    assert problems_of(build({"reward.judge": http})) == []
+    assert problems_of(build({"reward.judge": {"type": "rule", "tie_margin": 0.1}})) == []
 
 
 def test_parameters_of_an_unselected_loss_are_a_warning() -> None:

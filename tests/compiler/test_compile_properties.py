@@ -231,7 +231,8 @@ def valid_layouts(draw) -> tuple[str, list[str], dict[str, int]]:
     """A GPU example and `--set` overrides of a layout that satisfies every grid rule:
     TP | heads and KV groups, PP | layers, EP | experts, ETP | expert FFN width,
     2·CP | sequence length, W = nodes·GPUs a multiple of TP·PP·CP and of ETP·EP·PP,
-    global batch a multiple of micro batch · DP, rollouts per step a multiple of it."""
+    global batch a multiple of micro batch · DP, rollouts per step a multiple of it, and with
+    virtual pipeline at least PP micro-batches per step."""
     name = draw(st.sampled_from(["single-node", "compassmax-245b"]))
     base = BASES[name]
     arch = base["model"]["architecture"]
@@ -256,7 +257,7 @@ def valid_layouts(draw) -> tuple[str, list[str], dict[str, int]]:
     nodes = math.lcm(grid, gpn) // gpn * draw(st.integers(1, 3))
     dp = nodes * gpn // (tp * pp * cp)
     mbs = draw(st.sampled_from([1, 2]))
-    gbs = mbs * dp * draw(st.integers(1, 4))
+    gbs = mbs * dp * draw(st.integers(pp, pp + 3) if vpp else st.integers(1, 4))
     n = base["rollout"]["n"]
     prompts = gbs * draw(st.integers(1, 2))  # rollouts = prompts·n: a multiple of gbs
     sets = {

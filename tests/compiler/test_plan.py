@@ -95,6 +95,19 @@ def test_qwen3_235b_last_stage_only() -> None:
     assert (plan.data_parallel, plan.expert_data_parallel) == (2, 1)  # 64 / (4·4·2), 64 / (1·16·4)
 
 
+def test_qwen3_30b_eplb_rollout_holds_its_redundant_experts() -> None:
+    plan = plan_of(RECIPES / "qwen3-30b-a3b-eplb.yaml")
+    assert (plan.gpus_per_replica, plan.rollout_expert_parallel, plan.nodes_per_replica) == (24, 24, 3)
+    # 144 physical experts (128 + 16 redundant) over EP 24, the rest over TP 8, in bf16.
+    p = plan.params
+    weights = 2 * (p.non_expert / 8 + p.expert * 144 / 128 / 24) / 1e9
+    assert plan.rollout_memory.parts["weights"] == pytest.approx(weights)
+    without = make_plan(load_spec(RECIPES / "qwen3-30b-a3b-eplb.yaml",
+                                  ["rollout.redundant_experts=0"]).spec)
+    extra = plan.rollout_memory.parts["weights"] - without.rollout_memory.parts["weights"]
+    assert extra == pytest.approx(2 * p.expert * 16 / 128 / 24 / 1e9)
+
+
 @pytest.mark.parametrize(("layers", "pp", "first", "last", "split"), [
     (48, 4, None, None, (12, 12, 12, 12)),
     (61, 16, 4, 1, (4, *(4,) * 14, 1)),

@@ -40,6 +40,14 @@ def test_recipe_validates(path: Path) -> None:
     assert _errors(path) == []
 
 
+def test_the_eplb_recipe_needs_its_redundant_experts() -> None:
+    # slime's 24-GPU engine: 128 experts do not split over EP 24, 128 + 16 do.
+    src = load_spec(RECIPES / "qwen3-30b-a3b-eplb.yaml", ["rollout.redundant_experts=0"])
+    errors = [p for p in check(src.spec, make_plan(src.spec)) if p.severity == "error"]
+    assert [p.path for p in errors] == [("rollout", "parallelism", "expert_parallel")]
+    assert errors[0].suggestion.startswith("set rollout.redundant_experts: 16")
+
+
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
 def test_recipe_names_its_source(path: Path) -> None:
     header = path.read_text(encoding="utf-8").split("\nname:")[0]

@@ -9,7 +9,8 @@ parsed the way argparse does: a renamed or removed flag, a value outside the cho
 unparsable number fails here instead of in the cluster job. The JSON of
 `--weight-transfer-config` is held to the table's `weight_transfer` facts (the fields of vLLM's
 `WeightTransferConfig`, the registered backends), and every engine must run in dev mode with a
-transfer config for `system.weight_sync` nccl / ipc, none for disk.
+transfer config for `system.weight_sync` nccl / ipc, none for disk. The JSON of `--eplb-config`
+(`rollout.redundant_experts`) must be an object with a non-negative `num_redundant_experts`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,24 @@ def check_argv(argv: list[str], table: dict = TABLE) -> list[str]:
                 problems.append(f"{flag} {value!r} is not an {spec['type']}")
         if flag == table["weight_transfer"]["config_option"]:
             problems += check_weight_transfer_config(value, table)
+        if flag == "--eplb-config":
+            problems += check_eplb_config(value)
     return problems
+
+
+def check_eplb_config(value: str) -> list[str]:
+    """Problems of an `--eplb-config` value: vLLM parses it as the JSON of `EPLBConfig` (the
+    table does not record that class's fields; `num_redundant_experts` is a count)."""
+    try:
+        config = json.loads(value)
+    except json.JSONDecodeError as exc:
+        return [f"--eplb-config {value!r} is not JSON: {exc}"]
+    if not isinstance(config, dict):
+        return [f"--eplb-config {value!r} is not a JSON object"]
+    count = config.get("num_redundant_experts", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return [f"--eplb-config num_redundant_experts {count!r} is not a count"]
+    return []
 
 
 def check_weight_transfer_config(value: str, table: dict = TABLE) -> list[str]:
@@ -179,6 +197,19 @@ def test_weight_sync_transfer_config_is_one_vllm_takes(mode: str, tmp_path: Path
         assert check_argv(argv) == [] and "--weight-transfer-config" in argv, " ".join(argv)
 
 
+def test_redundant_experts_enable_vllms_eplb(tmp_path: Path) -> None:
+    # slime's 24-GPU Qwen3-30B-A3B engine: every node of the replica gets the same EPLB flags.
+    calls = rendered_vllm_calls(ROOT / "tests" / "compiler" / "recipes" / "qwen3-30b-a3b-eplb.yaml",
+                                tmp_path)
+    assert len(calls) == 3
+    for argv, _ in calls:
+        assert check_argv(argv) == [], " ".join(argv)
+        assert "--enable-expert-parallel" in argv and "--enable-eplb" in argv
+        assert json.loads(argv[argv.index("--eplb-config") + 1]) == {"num_redundant_experts": 16}
+    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path / "b"):
+        assert "--enable-eplb" not in argv and "--eplb-config" not in argv
+
+
 def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
     # vLLM has no disk transfer engine: the driver reloads the folder via /collective_rpc.
     calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
@@ -200,6 +231,9 @@ def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
     (["serve", "m", "--weight-transfer-config", '{"backend":"disk"}'], "'disk' is not one of"),
     (["serve", "m", "--weight-transfer-config={\"backend\":\"nccl\",\"packed\":true}"],
      "has no field 'packed'"),
+    (["serve", "m", "--eplb-config", "16"], "is not a JSON object"),
+    (["serve", "m", "--eplb-config", '{"num_redundant_experts":-1}'], "is not a count"),
+    (["serve", "m", "--enable-eplb=16"], "takes no value"),
 ])
 def test_the_check_rejects_what_vllm_would(argv: list[str], problem: str) -> None:
     assert any(problem in p for p in check_argv(argv)), check_argv(argv)
