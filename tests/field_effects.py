@@ -1,0 +1,609 @@
+"""The field-effect table: for every field of every spec model, the evidence of its effect on
+each path a spec selects, or the check that refuses it there (no dead knobs).
+
+``tests/spec/test_field_effects.py`` walks every model reachable from ``spec.models.Spec`` and
+holds this table to it: every field has an entry, every entry names a field, and every piece of
+evidence names something that exists.
+
+Key: ``"<ModelClass>.<field>"``. Value: path selector → evidence.
+
+Path selectors: ``"all"`` (one effect, whatever the path; alone), or the paths the field
+behaves differently on, one dimension value or several joined by ``+``:
+
+    train:local    train:megatron        (train.backend)
+    rollout:local  rollout:vllm          (rollout.engine)
+    scheduler:local scheduler:slurm      (cluster.scheduler)
+    devices:cpu    devices:gpu           (cluster.devices)
+
+e.g. ``"train:megatron+devices:gpu"``. The selectors of one entry must cover every combination
+of the dimensions they mention (``train:local`` and ``train:megatron``, or ``train:local``,
+``train:megatron+devices:cpu`` and ``train:megatron+devices:gpu``, ...). Where selectors of
+different dimensions overlap, all of their evidence applies.
+
+Evidence: one string, or a tuple of strings that apply together:
+
+    "test:<path/to/test_file.py>::<test>"  a test whose outcome depends on the field on that
+                                           path (``Class::method`` for methods of test classes).
+                                           Render-only fields name the golden / flag test that
+                                           pins their line; the comment names the flag.
+    "check:<rule>"     a rule of ``compiler.checks.RULES`` that reads the field. Alone (on every
+                       path) only for the fields of ``COMPILE_TIME``; elsewhere next to a test.
+    "refused:<rule>"   that path refuses the field (validate exits 2): a rule of
+                       ``runtime.capabilities.RULES``.
+    "warned:<rule>"    a warning of that ``compiler.checks`` rule says the field has no effect
+                       there (harmless).
+    "section:<Model>"  a required (or default-built) sub-section: it has no value of its own,
+                       its effect is its fields', each of which has its own entry.
+    "doc"              no behaviour by design: ``Spec.description`` and fields whose type
+                       admits exactly one value (a label kept for future choices).
+    "MISSING"          no evidence yet (alone, or next to the evidence of the part of that
+                       path that has some): ``MISSING[key]`` says what is missing; the
+                       meta-test ``test_no_field_lacks_evidence`` fails while any is left.
+
+Refusal names are those of ``runtime.capabilities.RULES`` (``megatron_layout``: its
+``FLAG_RULES``, the rule of the rendered train.sh flags), including ``megatron_cpu``,
+``recompute`` and ``tokenizer``.
+
+Standard of evidence: the test sets the field to a non-default value, or varies it, and an
+assertion would fail were the field ignored on that path. A test that only runs the default
+is not evidence. Where the spec value reaches a runtime function unchanged (the losses, the
+filter stages, the reward composer, the arithmetic generator), a test of that function that
+varies the parameter counts.
+"""
+
+from __future__ import annotations
+
+Evidence = str | tuple[str, ...]
+
+# Test files named below, shortened.
+BUNDLE = "tests/compiler/test_bundle.py"
+CHECKS = "tests/compiler/test_checks.py"
+CLI = "tests/compiler/test_cli.py"
+PLAN = "tests/compiler/test_plan.py"
+ADV = "tests/runtime/test_advantages.py"
+EVAL = "tests/runtime/test_jobs_eval_screen_export.py"
+DATA = "tests/runtime/test_jobs_data_init.py"
+FILTERS = "tests/runtime/test_filters.py"
+LOSSES = "tests/runtime/test_losses.py"
+MARGS = "tests/runtime/test_megatron_args.py"
+POLICY = "tests/runtime/test_policy.py"
+REWARDS = "tests/runtime/test_rewards.py"
+RL = "tests/runtime/test_rl_job.py"
+ROLLOUT = "tests/runtime/test_rollout.py"
+REPLAY = "tests/runtime/test_router_replay.py"
+RUN = "tests/runtime/test_run.py"
+TASKS = "tests/runtime/test_tasks.py"
+TRAINER = "tests/runtime/test_trainer.py"
+WT = "tests/runtime/test_weight_transfer.py"
+MCORE_RUN = "tests/megatron/test_mcore_run.py"
+SLURM = "tests/slurm/test_slurm.py"
+VLLM = "tests/vllm_flags/test_vllm_flags.py"
+
+
+def t(path: str, test: str) -> str:
+    return f"test:{path}::{test}"
+
+
+GOLDEN = t(BUNDLE, "test_golden_bundle")
+JOBS_FOLLOW = t(BUNDLE, "test_jobs_follow_from_the_spec")
+SPLIT_245B = t(BUNDLE, "test_245b_rl_job_splits_nodes_and_launches_every_role")
+SHELL = t(BUNDLE, "test_values_reaching_the_shell_are_quoted")
+DRY_RUN = t(CLI, "test_submit_dry_run_prints_the_slurm_requests")
+RL_E2E = t(RL, "test_rl_job_end_to_end")
+MCORE_TINY = t(MCORE_RUN, "test_tiny_run_on_the_megatron_trainer")
+MCORE_PP = t(MCORE_RUN, "test_a_killed_megatron_run_resumes_from_its_checkpoint")
+CONFIG_MAP = t(POLICY, "test_config_mapping")
+ARCH_FLAGS = t(MARGS, "test_the_model_flags_describe_the_checkpoint")
+OPT_FLAGS = t(MARGS, "test_the_flags_set_batch_and_optimizer")
+SCHEDULE = t(TRAINER, "test_kl_estimators_and_schedule")
+BUILD_STAGES = t(FILTERS, "test_registry_and_build_from_spec_dicts")
+OFFLINE_COST = t(FILTERS, "test_offline_run_artifact_and_cost")
+SHAPING = t(FILTERS, "test_reward_shaping_rules")
+HTTP_JUDGE = t(REWARDS, "test_http_judge_verdicts_and_key")
+EVAL_JOB = t(EVAL, "test_evaluate_before_and_after_greedy_is_deterministic")
+
+# The embedded trainer is one process: the Megatron layout does not apply to it.
+LOCAL_LAYOUT = "MISSING"
+
+
+EFFECTS: dict[str, dict[str, Evidence]] = {
+    # ------------------------------------------------------------------ Spec
+    # Job names (`<name>-<job>`, asserted by the dry run) and the run directory under
+    # cluster.output_dir (env.sh).
+    "Spec.name": {"all": (DRY_RUN, SHELL)},
+    "Spec.description": {"all": "doc"},  # free text, shown nowhere a job reads
+    "Spec.model": {"all": "section:Model"},
+    "Spec.cluster": {"all": "section:Cluster"},
+    "Spec.sft": {"all": JOBS_FOLLOW},  # sft=null removes the sft job
+    "Spec.train": {"all": "section:Train"},
+    "Spec.rollout": {"all": "section:Rollout"},
+    "Spec.data": {"all": "section:Data"},
+    "Spec.reward": {"all": "section:Reward"},
+    # The driver builds its pipeline from the list; filters=[] also drops the screen job.
+    "Spec.filters": {"all": (BUILD_STAGES, JOBS_FOLLOW)},
+    "Spec.algorithm": {"all": "section:Algorithm"},
+    "Spec.router_replay": {"all": "section:RouterReplay"},
+    "Spec.system": {"all": "section:System"},
+    "Spec.eval": {"all": "section:Eval"},
+    "Spec.export": {"all": JOBS_FOLLOW},  # export=null removes the export job
+    # ------------------------------------------------------------------ model
+    # An HF checkpoint is an external input; a Megatron one gets the to_hf job.
+    "Model.checkpoint": {"all": t(BUNDLE, "test_megatron_checkpoint_gets_an_hf_copy_for_the_engines")},
+    "Model.checkpoint_format": {
+        "train:local": "check:references",  # megatron format refused for the local trainer
+        "train:megatron": (t(BUNDLE, "test_megatron_checkpoint_gets_an_hf_copy_for_the_engines"),
+                           MCORE_TINY),  # to_hf of a megatron-format checkpoint, bit for bit
+    },
+    # Read by to_hf (a Megatron checkpoint carries none; required there, used in the Megatron
+    # run test); with an HF checkpoint the jobs load the checkpoint's own: another is refused.
+    "Model.tokenizer": {"all": ("check:references", MCORE_TINY, "refused:tokenizer")},
+    "Model.architecture": {"all": "section:Architecture"},
+    # ------------------------------------------------------------------ architecture
+    "Architecture.family": {
+        "train:local": (CONFIG_MAP, "refused:embedded_model"),  # qwen3 → Qwen3Config
+        "train:megatron": "refused:megatron_model",  # qwen3_moe only
+    },
+    "Architecture.num_layers": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:pipeline")},
+    "Architecture.hidden_size": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:memory")},
+    "Architecture.ffn_hidden_size": {"all": (CONFIG_MAP, "check:attention_tp")},
+    "Architecture.num_attention_heads": {"all": (CONFIG_MAP, "check:attention_tp")},
+    "Architecture.num_query_groups": {"all": (CONFIG_MAP, "check:attention_tp")},
+    # --kv-channels 128 in the golden train.sh (checked against the checkpoint by
+    # runtime.megatron.args); the embedded build of an explicit head_dim is untested.
+    "Architecture.head_dim": {"all": (GOLDEN, "MISSING")},
+    "Architecture.attention": {
+        "train:local": "refused:embedded_model",
+        "train:megatron": "refused:megatron_model",
+    },
+    "Architecture.mla": {
+        "train:local": "refused:embedded_model",
+        "train:megatron": "refused:megatron_model",
+    },
+    "Architecture.vocab_size": {"all": (CONFIG_MAP, t(POLICY, "test_config_rejects"))},
+    "Architecture.max_position_embeddings": {"all": ("check:run_level", "MISSING")},
+    "Architecture.rope_theta": {"all": "MISSING"},
+    "Architecture.tie_embeddings": {
+        "train:local": (t(PLAN, "test_tied_embeddings_count_once"), "MISSING"),
+        "train:megatron": (t(PLAN, "test_tied_embeddings_count_once"),
+                           "refused:megatron_layout", "MISSING"),  # refused with PP > 1
+    },
+    "Architecture.moe": {
+        "train:local": CONFIG_MAP,  # no moe section: dense Qwen3
+        "train:megatron": "refused:megatron_model",  # dense families refused
+    },
+    "MLA.q_lora_rank": {"train:local": "refused:embedded_model",
+                        "train:megatron": "refused:megatron_model"},
+    "MLA.kv_lora_rank": {"train:local": "refused:embedded_model",
+                         "train:megatron": "refused:megatron_model"},
+    "MLA.qk_head_dim": {"train:local": "refused:embedded_model",
+                        "train:megatron": "refused:megatron_model"},
+    "MLA.qk_pos_emb_head_dim": {"train:local": "refused:embedded_model",
+                                "train:megatron": "refused:megatron_model"},
+    "MLA.v_head_dim": {"train:local": "refused:embedded_model",
+                       "train:megatron": "refused:megatron_model"},
+    "MoE.num_experts": {"all": (CONFIG_MAP, "check:expert_sizes")},
+    "MoE.top_k": {"all": (CONFIG_MAP, t(PLAN, "test_routing_ids_are_int16_above_256_experts"))},
+    "MoE.expert_ffn_hidden_size": {"all": (CONFIG_MAP, "check:expert_sizes")},
+    "MoE.score_function": {"train:local": "refused:embedded_model",
+                           "train:megatron": "refused:megatron_model"},
+    "MoE.expert_bias": {"train:local": "refused:embedded_model",
+                        "train:megatron": "refused:megatron_model"},
+    # select_experts(norm_topk_prob=False) gives the unnormalised softmax gates; policy_config
+    # passes the field to the HF config (Megatron: --moe-router-pre-softmax from it).
+    "MoE.norm_topk_prob": {"all": t(REPLAY, "test_softmax_gate_formula_by_hand")},
+    "MoE.shared_experts": {"train:local": "refused:embedded_model",
+                           "train:megatron": "refused:megatron_model"},
+    "MoE.shared_expert_ffn_hidden_size": {"train:local": "refused:embedded_model",
+                                          "train:megatron": "refused:megatron_model"},
+    "MoE.first_dense_layers": {"all": (CONFIG_MAP, t(MARGS, "test_unknown_and_malformed_flags_are_one_clear_error"))},
+    # Neither trainer adds the auxiliary loss (Megatron builds its routers with coefficient 0).
+    "MoE.aux_loss_coeff": {"all": "refused:aux_loss"},
+    "MoE.token_dispatcher": {
+        "train:local": "MISSING",
+        "train:megatron+devices:cpu": "refused:megatron_cpu",  # allgather only on CPU ranks
+        "train:megatron+devices:gpu": "MISSING",
+    },
+    # ------------------------------------------------------------------ cluster
+    "Cluster.scheduler": {
+        "scheduler:local": t(RUN, "test_run_executes_the_graph_and_resumes"),
+        "scheduler:slurm": (DRY_RUN, t(RUN, "test_run_refuses_a_cluster_spec")),
+    },
+    "Cluster.devices": {
+        "train:local": "refused:devices",  # the embedded trainer runs on the CPU
+        # CPU ranks: runtime.launch with file rendezvous, gloo
+        "train:megatron+devices:cpu": MCORE_TINY,
+        "train:megatron+devices:gpu": "MISSING",
+        "rollout:local": "refused:devices",  # the embedded engine runs on the CPU
+        "rollout:vllm+devices:cpu": "MISSING",
+        "rollout:vllm+devices:gpu": DRY_RUN,  # --gpus-per-node asked of Slurm
+    },
+    # #SBATCH --partition / --account / --qos and the submitit request (dry run asserts them).
+    "Cluster.partition": {"scheduler:slurm": (DRY_RUN, "check:cluster_settings"),
+                          "scheduler:local": "MISSING"},
+    "Cluster.account": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+    "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+    "Cluster.gpus_per_node": {
+        "train:megatron": (MCORE_TINY, SPLIT_245B, "check:training_grid"),  # ranks per node
+        "train:local": ("check:training_grid", "MISSING"),
+    },
+    "Cluster.gpu_memory_gb": {
+        "devices:gpu": "check:memory",
+        "devices:cpu": "MISSING",  # not compared on CPU runs, and not warned
+    },
+    # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
+    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": "MISSING"},
+    "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+    # srun --container-image / --container-mounts in the golden 245b lib.sh.
+    "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
+    "Cluster.modules": {"all": SHELL},  # `module load` in env.sh
+    "Cluster.env": {"all": SHELL},  # `export` in env.sh
+    "Cluster.env_passthrough": {"all": (t(BUNDLE, "test_secrets_stay_out_of_the_bundle"),
+                                        t(CLI, "test_submit_names_unset_passthrough_variables_and_never_writes_values"))},
+    "Cluster.output_dir": {"scheduler:slurm": SHELL, "scheduler:local": "MISSING"},
+    "Container.image": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
+    "Container.mounts": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
+    # ------------------------------------------------------------------ sft
+    "SFT.steps": {"all": "MISSING"},
+    "SFT.lr": {"all": "MISSING"},
+    "SFT.batch_size": {"all": "MISSING"},
+    # ------------------------------------------------------------------ train
+    "Train.backend": {
+        "train:local": RL_E2E,
+        "train:megatron": MCORE_TINY,
+    },
+    "Train.nodes": {
+        # torchrun --nnodes 16, one node rank per trainer node
+        "train:megatron+scheduler:slurm": (SPLIT_245B, "check:training_grid"),
+        "train:megatron+scheduler:local": "MISSING",
+        "train:local": "MISSING",
+    },
+    "Train.parallelism": {"all": "section:TrainParallelism"},
+    "Train.micro_batch_size": {
+        "train:local": t(TRAINER, "test_gradient_does_not_depend_on_micro_batch_size"),
+        "train:megatron": (OPT_FLAGS, "check:batch_arithmetic"),
+    },
+    "Train.global_batch_size": {
+        "train:local": t(TRAINER, "test_every_response_is_trained_in_near_equal_optimizer_steps"),
+        "train:megatron": (OPT_FLAGS, "check:batch_arithmetic"),
+    },
+    "Train.precision": {
+        "train:local": "refused:precision",  # the embedded trainer is float32
+        "train:megatron+devices:cpu": "refused:precision",  # float32 forced on the CPU
+        "train:megatron+devices:gpu": ("check:memory", "MISSING"),
+    },
+    "Train.recompute": {
+        "train:local": "refused:recompute",  # the embedded trainer keeps every activation
+        "train:megatron+devices:cpu": "refused:megatron_cpu",
+        "train:megatron+devices:gpu": (t(PLAN, "test_full_recompute_keeps_less_than_selective"),
+                                       "MISSING"),
+    },
+    "Train.steps": {"all": RL_E2E},  # 3 steps → 3 metrics lines
+    "Train.rollout_budget": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
+    "Train.seed": {"all": "MISSING"},
+    "Train.optimizer": {"all": "section:Optimizer"},
+    "Train.checkpoint": {"all": "section:Checkpointing"},
+    "TrainParallelism.tensor": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": (MCORE_TINY, "check:attention_tp"),  # "TP 2" in the trainer log
+    },
+    "TrainParallelism.pipeline": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": (MCORE_PP, "check:pipeline"),  # "PP 2" in the trainer log
+    },
+    "TrainParallelism.virtual_pipeline": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": ("refused:megatron_layout", "check:pipeline"),
+    },
+    "TrainParallelism.context": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": ("refused:megatron_layout", "check:context_parallel"),
+    },
+    "TrainParallelism.expert": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": (MCORE_TINY, SPLIT_245B, "check:expert_grid"),  # "EP 2"
+    },
+    "TrainParallelism.expert_tensor": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": ("refused:megatron_layout", "check:expert_grid"),
+    },
+    "TrainParallelism.sequence_parallel": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": (MCORE_TINY, "check:sequence_parallel", "warned:sequence_parallel"),
+    },
+    "TrainParallelism.first_pipeline_stage_layers": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": ("refused:megatron_layout", "check:pipeline"),
+    },
+    "TrainParallelism.last_pipeline_stage_layers": {
+        "train:local": LOCAL_LAYOUT,
+        "train:megatron": ("refused:megatron_layout", "check:pipeline"),
+    },
+    "Optimizer.name": {"all": "doc"},  # Literal["adam"]: one value
+    # Both trainers take the lr through Trainer._lr → learning_rate (the schedule test varies
+    # lr, min_lr and warm-up); Megatron reads --lr back from train.sh (edited in place there).
+    "Optimizer.lr": {"train:local": SCHEDULE, "train:megatron": (SCHEDULE, OPT_FLAGS)},
+    "Optimizer.min_lr": {"all": SCHEDULE},
+    "Optimizer.weight_decay": {"all": "MISSING"},
+    "Optimizer.adam_beta1": {"all": "MISSING"},
+    "Optimizer.adam_beta2": {"all": "MISSING"},
+    "Optimizer.adam_eps": {"all": "MISSING"},
+    "Optimizer.clip_grad": {"all": "MISSING"},
+    "Optimizer.warmup_steps": {"all": SCHEDULE},
+    "Optimizer.distributed": {
+        "train:local": "MISSING",
+        "train:megatron": (OPT_FLAGS, "check:memory"),  # --use-distributed-optimizer → DDP
+    },
+    # interval 1 → a checkpoint per step (TrainerProcess.train_batch, shared by both backends)
+    "Checkpointing.interval": {"all": MCORE_TINY},
+    "Checkpointing.keep": {"train:local": "MISSING", "train:megatron": MCORE_TINY},
+    # ------------------------------------------------------------------ rollout
+    "Rollout.engine": {
+        "rollout:local": RL_E2E,
+        "rollout:vllm": t(VLLM, "test_every_rendered_vllm_flag_is_accepted"),
+    },
+    "Rollout.nodes": {
+        "scheduler:slurm": (SPLIT_245B, "check:rollout_grid"),  # vllm on nodes 0..7
+        "scheduler:local": "MISSING",
+    },
+    "Rollout.parallelism": {"all": "section:RolloutParallelism"},
+    "Rollout.n": {"all": RL_E2E},  # 4 prompts × n 4 = 16 rollouts a step
+    "Rollout.prompts_per_step": {"all": (RL_E2E, "check:run_level")},
+    # The eval job's max_tokens defaults to it (asserted); --max-model-len via plan.seq_len.
+    "Rollout.max_tokens": {"all": (EVAL_JOB, t(ROLLOUT, "test_stop_tokens_eos_and_max_tokens"),
+                                   "check:run_level")},
+    "Rollout.sampling": {"all": "section:Sampling"},
+    # --gpu-memory-utilization in the golden rollout.sh; the rollout memory check.
+    "Rollout.gpu_memory_utilization": {
+        "rollout:vllm": (GOLDEN, t(CHECKS, "test_rollout_over_memory")),
+        "rollout:local": "MISSING",
+    },
+    "Rollout.max_num_seqs": {"rollout:vllm": GOLDEN, "rollout:local": "MISSING"},  # --max-num-seqs
+    "Rollout.fp8": {"rollout:vllm": ("check:memory", "MISSING"), "rollout:local": "MISSING"},
+    # 2-node replicas of TP 8 × DP 2 (--data-parallel-address, headless second node).
+    "RolloutParallelism.tensor": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
+                                  "rollout:local": "MISSING"},
+    "RolloutParallelism.data": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
+                                "rollout:local": "MISSING"},
+    "RolloutParallelism.expert_parallel": {
+        "rollout:vllm": (SPLIT_245B, "warned:rollout_grid"),  # --enable-expert-parallel
+        "rollout:local": "MISSING",
+    },
+    # Engine-side sampling (the same completions request reaches vLLM and the embedded engine).
+    "Sampling.temperature": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
+    "Sampling.top_p": {"all": "MISSING"},
+    "Sampling.top_k": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
+    # ------------------------------------------------------------------ data
+    "Data.train": {"all": "MISSING"},
+    "Data.eval": {"all": "MISSING"},
+    # The data job writes train_size / eval_size rows of the generator (counts asserted).
+    "Data.generator": {"all": t(DATA, "test_data_and_init_jobs_then_rerun_skips")},
+    "Data.prompt_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
+    "Data.answer_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
+    "Data.max_prompt_tokens": {"all": ("check:run_level", "MISSING")},
+    "Data.shuffle_seed": {"all": "MISSING"},
+    "ArithmeticTask.type": {"all": "doc"},  # Literal["arithmetic"]: one value
+    "ArithmeticTask.seed": {"all": t(TASKS, "test_deterministic_and_seed_dependent")},
+    "ArithmeticTask.train_size": {"all": (t(TASKS, "test_splits_disjoint_unique_and_sized"),
+                                          t(TASKS, "test_eval_split_does_not_depend_on_train_size"))},
+    "ArithmeticTask.eval_size": {"all": t(TASKS, "test_splits_disjoint_unique_and_sized")},
+    "ArithmeticTask.min_digits": {"all": t(TASKS, "test_space_limits")},
+    "ArithmeticTask.max_digits": {"all": t(TASKS, "test_space_limits")},
+    "ArithmeticTask.operations": {"all": (t(TASKS, "test_space_limits"),
+                                          t(TASKS, "test_answers_are_correct_and_verifier_agrees"))},
+    # ------------------------------------------------------------------ reward
+    "Reward.verifiers": {"all": t(REWARDS, "test_build_reward_weighted_verifiers")},
+    "Reward.judge": {"all": t(REWARDS, "test_build_reward_rule_judge")},
+    "Verifier.type": {"all": t(REWARDS, "test_build_reward_weighted_verifiers")},
+    "Verifier.weight": {"all": t(REWARDS, "test_build_reward_weighted_verifiers")},
+    "Judge.type": {"all": (t(REWARDS, "test_build_reward_rule_judge"),
+                           t(REWARDS, "test_build_reward_http_judge"))},
+    # The http judge's settings: ignored by a rule judge, neither warned nor refused.
+    "Judge.url": {"all": (t(REWARDS, "test_build_reward_http_judge"), "MISSING")},
+    "Judge.model": {"all": (HTTP_JUDGE, "MISSING")},
+    "Judge.api_key_env": {"all": (HTTP_JUDGE, "check:references", "MISSING")},
+    "Judge.tie_margin": {"all": (t(REWARDS, "test_rule_judge_tie_margin_boundary"), "MISSING")},
+    "Judge.timeout_s": {"all": (t(REWARDS, "test_http_judge_errors"), "MISSING")},
+    # ------------------------------------------------------------------ filters (ZVE)
+    "OfflinePassRate.type": {"all": BUILD_STAGES},
+    "OfflinePassRate.proxy_model": {"all": "MISSING"},
+    "OfflinePassRate.samples_per_prompt": {"all": (OFFLINE_COST,
+                                                   t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
+    "OfflinePassRate.max_pass_rate": {"all": t(FILTERS, "test_offline_boundaries")},
+    "OfflinePassRate.min_pass_rate": {"all": (t(FILTERS, "test_offline_boundaries"),
+                                              t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
+    "OfflinePassRate.proxy_cost_ratio": {"all": OFFLINE_COST},
+    "OfflinePassRate.reuse_epochs": {"all": OFFLINE_COST},
+    "OfflinePassRate.temperature": {"all": "MISSING"},
+    "OfflinePassRate.nodes": {"all": "MISSING"},
+    "AdaptiveGroupSize.type": {"all": BUILD_STAGES},
+    "AdaptiveGroupSize.extreme_pass_rate": {"all": t(FILTERS, "test_adaptive_extreme_boundaries")},
+    "AdaptiveGroupSize.target_mixed_probability": {"all": t(FILTERS, "test_growth_rule_boundaries_and_tie")},
+    "AdaptiveGroupSize.max_n": {"all": (t(FILTERS, "test_adaptive_in_pipeline_counts_grown_rollouts"),
+                                        "warned:zve_budgets")},
+    "AdaptiveGroupSize.budget": {"all": t(FILTERS, "test_adaptive_in_pipeline_counts_grown_rollouts")},
+    "RewardShaping.type": {"all": BUILD_STAGES},
+    "RewardShaping.scope": {"all": t(FILTERS, "test_reward_shaping_scope_all_and_still_flat")},
+    "RewardShaping.length": {"all": "section:LengthPenalty"},
+    "RewardShaping.repetition": {"all": "section:RepetitionPenalty"},
+    "LengthPenalty.coefficient": {"all": (SHAPING, "warned:zve_budgets")},
+    "LengthPenalty.max_tokens": {"all": SHAPING},
+    "RepetitionPenalty.ngram": {"all": SHAPING},
+    "RepetitionPenalty.coefficient": {"all": (SHAPING, "warned:zve_budgets")},
+    "FlatGroups.type": {"all": BUILD_STAGES},
+    "FlatGroups.action": {"all": (t(FILTERS, "test_flat_groups_rl_zvp_and_keep"), "check:references")},
+    "FlatGroups.oversample": {"all": (t(FILTERS, "test_drop_oversample_refill_and_discard"),
+                                      "warned:zve_budgets")},  # warned unless action is drop
+    "FlatGroups.max_refills": {"all": (t(FILTERS, "test_drop_refill_limit"), "warned:zve_budgets")},
+    "FlatGroups.fallback": {"all": (t(FILTERS, "test_drop_fallbacks_when_pool_runs_dry"),
+                                    "check:zve_budgets", "warned:zve_budgets")},
+    "History.type": {"all": BUILD_STAGES},
+    "History.window": {"all": t(FILTERS, "test_history_skip_and_retry_after_cooldown")},
+    "History.cooldown_steps": {"all": t(FILTERS, "test_history_skip_and_retry_after_cooldown")},
+    # ------------------------------------------------------------------ algorithm
+    # Both trainers compute the loss with runtime.losses.compute_loss(algorithm.loss,
+    # algorithm[<loss>]); the parameters of the other losses are warned about.
+    "Algorithm.loss": {"all": t(LOSSES, "test_compute_loss_dispatch_and_validation")},
+    "Algorithm.espo": {"all": ("section:ESPOParams", "warned:references")},
+    "Algorithm.gspo": {"all": ("section:GSPOParams", "warned:references")},
+    "Algorithm.grpo": {"all": ("section:GRPOParams", "warned:references")},
+    "Algorithm.cispo": {"all": ("section:CISPOParams", "warned:references")},
+    "Algorithm.advantage": {"all": "section:Advantage"},
+    "Algorithm.kl": {"all": "section:KL"},
+    "Algorithm.correction": {"all": "section:Correction"},
+    "Algorithm.ppo_epochs": {"all": "MISSING"},
+    "ESPOParams.alpha": {"all": t(LOSSES, "test_espo_matches_reference")},
+    "ESPOParams.high_entropy_fraction": {"all": t(LOSSES, "test_espo_matches_reference")},
+    "GSPOParams.clip_low": {"all": t(LOSSES, "test_gspo_matches_reference")},
+    "GSPOParams.clip_high": {"all": t(LOSSES, "test_gspo_matches_reference")},
+    "GRPOParams.clip_low": {"all": t(LOSSES, "test_grpo_matches_reference")},
+    "GRPOParams.clip_high": {"all": t(LOSSES, "test_grpo_matches_reference")},
+    "CISPOParams.eps_high": {"all": t(LOSSES, "test_cispo_matches_reference")},
+    "CISPOParams.eps_low": {"all": t(LOSSES, "test_cispo_matches_reference")},
+    "Advantage.estimator": {"all": ("check:references", "MISSING")},
+    "Advantage.alpha_zvp": {"all": t(ADV, "test_rl_zvp_matches_reference")},
+    "Advantage.eps": {"all": t(ADV, "test_group_advantages_properties")},  # eps=0 vs default
+    "KL.coefficient": {
+        "train:local": t(RL, "test_kl_to_the_starting_policy_reaches_the_trainer"),
+        "train:megatron": MCORE_TINY,  # kl 0.1: the frozen reference GPTModel, kl logged
+    },
+    "KL.estimator": {"all": SCHEDULE},  # kl_penalty k1 / k2 / k3
+    "Correction.mode": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
+    "Correction.cap": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
+    "Correction.low": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
+    "Correction.high": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
+    # ------------------------------------------------------------------ router replay
+    "RouterReplay.mode": {
+        "train:local": (t(TRAINER, "test_r3_replays_engine_routing_and_router_still_learns"),
+                        t(TRAINER, "test_r2_and_updates_raise_the_likelihood_of_advantaged_responses")),
+        "train:megatron": (MCORE_TINY, "check:router_replay"),  # R3: gap < 1e-5
+        "rollout:local": RL_E2E,  # --return-routed-experts: train–inference gap < 1e-3
+        "rollout:vllm": SPLIT_245B,  # --enable-return-routed-experts
+    },
+    # ------------------------------------------------------------------ system
+    "System.reward_overlap": {"all": "MISSING"},
+    "System.length_balancing": {"all": "MISSING"},
+    "System.max_staleness": {"all": "refused:async_rollout"},
+    # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
+    # --weight-transfer-config.
+    "System.weight_sync": {
+        "rollout:local": "refused:weight_sync",
+        "rollout:vllm": ("refused:weight_sync",
+                         t(VLLM, "test_weight_sync_disk_passes_no_transfer_config"),
+                         t(ROLLOUT, "test_vllm_disk_reload_through_collective_rpc")),
+    },
+    # ------------------------------------------------------------------ eval
+    "Eval.enabled": {"all": JOBS_FOLLOW},  # enabled=false removes eval_before / eval_after
+    "Eval.every_steps": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
+    "Eval.samples": {"all": EVAL_JOB},  # 2 samples per prompt
+    "Eval.temperature": {"all": "MISSING"},
+    "Eval.max_tokens": {"all": ("check:run_level", "MISSING")},
+    # ------------------------------------------------------------------ export
+    "Export.format": {"all": "doc"},  # Literal["hf"]: one value
+    "Export.dtype": {"all": "MISSING"},
+}
+
+# Fields whose whole purpose is compile time: "check:" alone is their evidence.
+COMPILE_TIME: dict[str, str] = {
+    "Cluster.gpu_memory_gb": "the memory estimate's capacity; no job reads it",
+}
+
+# What is missing, per field (the paths are those whose evidence is "MISSING").
+MISSING: dict[str, str] = {
+    "Architecture.head_dim": "the embedded build (policy_config) of an explicit head_dim: no test "
+                             "sets one",
+    "Architecture.max_position_embeddings": "built into the model and the tokenizer by init; no "
+                                            "runtime test varies it",
+    "Architecture.rope_theta": "built into the model by init, --rotary-base checked against the "
+                               "checkpoint; every test runs the default",
+    "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
+                                   "no runtime test builds or trains a tied model",
+    "MoE.token_dispatcher": "train:local: ignored by the embedded trainer, not refused; "
+                            "train:megatron+devices:gpu: applied, no GPU test",
+    "Cluster.devices": "train:megatron+devices:gpu: torchrun + NCCL on GPUs: no GPU test; "
+                       "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
+                       "nor tested",
+    "Cluster.partition": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
+    "Cluster.account": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
+    "Cluster.qos": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
+    "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
+                             "embedded rollout replicas per node follows it, which no test varies",
+    "Cluster.gpu_memory_gb": "devices:cpu: not compared (test_cpu_runs_skip_the_memory_comparison) "
+                             "and not warned",
+    "Cluster.cpus_per_task": "scheduler:local: ignored (submitit's local executor gets no cpus); "
+                             "not warned",
+    "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
+    "Cluster.output_dir": "scheduler:local: `rlspec run` sets RLSPEC_RUN_DIR to --out, so it is "
+                          "ignored; neither refused nor warned",
+    "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
+    "SFT.lr": "read by the sft job; no test varies it",
+    "SFT.batch_size": "read by the sft job; no test varies it",
+    "Train.nodes": "scheduler:local runs one task per role (rlspec_run_on), so Megatron with "
+                   "nodes > 1 waits for node ranks that never start; train:local is one process "
+                   "(on Slurm each trainer node starts its own copy); neither refused",
+    "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
+                       "(and vLLM always serves --dtype bfloat16)",
+    "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
+                       "the memory estimate follows it in tests)",
+    "Train.seed": "seeds init, the trainers, the driver, eval/screen sampling and vLLM --seed; "
+                  "every test runs the default 1234",
+    "TrainParallelism.tensor": "train:local: the embedded trainer is one process and ignores "
+                               "the Megatron layout; neither refused nor warned",
+    "TrainParallelism.pipeline": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.virtual_pipeline": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.context": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.expert": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.expert_tensor": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.sequence_parallel": "train:local: ignored by the one-process embedded trainer",
+    "TrainParallelism.first_pipeline_stage_layers": "train:local: ignored by the one-process "
+                                                    "embedded trainer",
+    "TrainParallelism.last_pipeline_stage_layers": "train:local: ignored by the one-process "
+                                                   "embedded trainer",
+    "Optimizer.weight_decay": "read by both trainers' Adam; no test varies it",
+    "Optimizer.adam_beta1": "read by both trainers' Adam; no test varies it",
+    "Optimizer.adam_beta2": "read by both trainers' Adam; no test varies it",
+    "Optimizer.adam_eps": "read by both trainers' Adam; no test varies it",
+    "Optimizer.clip_grad": "read by both trainers; no test shows clipping at a set norm",
+    "Optimizer.distributed": "train:local: ignored by the embedded trainer; not warned",
+    "Checkpointing.keep": "train:local: pruning of checkpoints/rl/step-* is not tested (only "
+                          "Megatron's iter_* pruning is)",
+    "Rollout.nodes": "scheduler:local runs rollout.sh once: more rollout nodes only repeat the "
+                     "first replica's endpoint; neither refused nor warned",
+    "Rollout.gpu_memory_utilization": "rollout:local: ignored by the embedded engine; not warned",
+    "Rollout.max_num_seqs": "rollout:local: ignored by the embedded engine; not warned",
+    "Rollout.fp8": "rollout:vllm: --quantization fp8 is rendered by no test (no example sets "
+                   "it); rollout:local: ignored, not warned",
+    "RolloutParallelism.tensor": "rollout:local: the embedded engine has no tensor parallelism; "
+                                 "TP only divides the replica count; not warned",
+    "RolloutParallelism.data": "rollout:local: only divides the embedded replica count; not warned",
+    "RolloutParallelism.expert_parallel": "rollout:local: ignored by the embedded engine; not warned",
+    "Sampling.top_p": "sent with every rollout request; no test shows nucleus filtering change "
+                      "the samples",
+    "Data.train": "documented as a JSONL file, but the jobs read <data.train>/train.jsonl and "
+                  "<data.train>/eval.jsonl (a folder); no test runs a spec with data.train",
+    "Data.eval": "never read: the eval jobs and in-run eval read eval.jsonl of the dataset "
+                 "artifact (data.train's folder)",
+    "Data.max_prompt_tokens": "prompts are never truncated or filtered to it at run time (the "
+                              "data job only logs a warning); only the compile-time sequence "
+                              "length follows it",
+    "Data.shuffle_seed": "no reader: the prompt order comes from train.seed",
+    "Judge.url": "ignored by a rule judge; neither refused nor warned",
+    "Judge.model": "ignored by a rule judge; neither refused nor warned",
+    "Judge.api_key_env": "ignored by a rule judge; neither refused nor warned",
+    "Judge.tie_margin": "ignored by an http judge; neither refused nor warned",
+    "Judge.timeout_s": "ignored by a rule judge; neither refused nor warned",
+    "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
+                                   "no test compiles or runs a non-policy proxy",
+    "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
+    "OfflinePassRate.nodes": "asks Slurm for nodes, but every node screens every prompt and only "
+                             "rank 0 writes; no test",
+    "Algorithm.ppo_epochs": "passed to Trainer.step by the trainer process; no test shows more "
+                            "epochs take more optimizer steps",
+    "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "
+                           "trainer's token advantages follow the spec",
+    "System.reward_overlap": "read by the driver (chunked, overlapped scoring); no test varies it",
+    "System.length_balancing": "read by both trainers' micro-batching; no test varies it",
+    "Eval.temperature": "read by the eval jobs and in-run eval; only the default 0 (greedy) is run",
+    "Eval.max_tokens": "read by the eval jobs and in-run eval; every test uses the default "
+                       "(rollout.max_tokens)",
+    "Export.dtype": "only the default bf16 is exported by a test",
+}
