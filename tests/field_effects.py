@@ -239,7 +239,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Cluster.env": {"all": SHELL},  # `export` in env.sh
     "Cluster.env_passthrough": {"all": (t(BUNDLE, "test_secrets_stay_out_of_the_bundle"),
                                         t(CLI, "test_submit_names_unset_passthrough_variables_and_never_writes_values"))},
-    "Cluster.output_dir": {"scheduler:slurm": SHELL, "scheduler:local": "MISSING"},
+    "Cluster.output_dir": {"scheduler:slurm": SHELL, "scheduler:local":
+                           "test:tests/compiler/test_preflight.py::test_rlspec_run_writes_under_cluster_output_dir"},
     "Container.image": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Container.mounts": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     # ------------------------------------------------------------------ sft
@@ -358,6 +359,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "rollout:local": "MISSING",
     },
     "Rollout.max_num_seqs": {"rollout:vllm": GOLDEN, "rollout:local": "MISSING"},  # --max-num-seqs
+    "Rollout.redundant_experts": {
+        "rollout:vllm": "test:tests/vllm_flags/test_vllm_flags.py::test_redundant_experts_enable_vllms_eplb",
+        "rollout:local": "check:redundant_experts"},
     "Rollout.fp8": {"rollout:vllm": ("check:memory", "MISSING"), "rollout:local": "MISSING"},
     # 2-node replicas of TP 8 × DP 2 (--data-parallel-address, headless second node).
     "RolloutParallelism.tensor": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
@@ -398,11 +402,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Judge.type": {"all": (t(REWARDS, "test_build_reward_rule_judge"),
                            t(REWARDS, "test_build_reward_http_judge"))},
     # The http judge's settings: ignored by a rule judge, neither warned nor refused.
-    "Judge.url": {"all": (t(REWARDS, "test_build_reward_http_judge"), "MISSING")},
-    "Judge.model": {"all": (HTTP_JUDGE, "MISSING")},
-    "Judge.api_key_env": {"all": (HTTP_JUDGE, "check:references", "MISSING")},
-    "Judge.tie_margin": {"all": (t(REWARDS, "test_rule_judge_tie_margin_boundary"), "MISSING")},
-    "Judge.timeout_s": {"all": (t(REWARDS, "test_http_judge_errors"), "MISSING")},
+    "Judge.url": {"all": (t(REWARDS, "test_build_reward_http_judge"), "warned:references")},
+    "Judge.model": {"all": (HTTP_JUDGE, "warned:references")},
+    "Judge.api_key_env": {"all": (HTTP_JUDGE, "check:references", "warned:references")},
+    "Judge.tie_margin": {"all": (t(REWARDS, "test_rule_judge_tie_margin_boundary"), "warned:references")},
+    "Judge.timeout_s": {"all": (t(REWARDS, "test_http_judge_errors"), "warned:references")},
     # ------------------------------------------------------------------ filters (ZVE)
     "OfflinePassRate.type": {"all": BUILD_STAGES},
     "OfflinePassRate.proxy_model": {"all": "MISSING"},
@@ -532,8 +536,6 @@ MISSING: dict[str, str] = {
     "Cluster.cpus_per_task": "scheduler:local: ignored (submitit's local executor gets no cpus); "
                              "not warned",
     "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
-    "Cluster.output_dir": "scheduler:local: `rlspec run` sets RLSPEC_RUN_DIR to --out, so it is "
-                          "ignored; neither refused nor warned",
     "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
     "SFT.lr": "read by the sft job; no test varies it",
     "SFT.batch_size": "read by the sft job; no test varies it",
@@ -586,11 +588,6 @@ MISSING: dict[str, str] = {
                               "data job only logs a warning); only the compile-time sequence "
                               "length follows it",
     "Data.shuffle_seed": "no reader: the prompt order comes from train.seed",
-    "Judge.url": "ignored by a rule judge; neither refused nor warned",
-    "Judge.model": "ignored by a rule judge; neither refused nor warned",
-    "Judge.api_key_env": "ignored by a rule judge; neither refused nor warned",
-    "Judge.tie_margin": "ignored by an http judge; neither refused nor warned",
-    "Judge.timeout_s": "ignored by a rule judge; neither refused nor warned",
     "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
                                    "no test compiles or runs a non-policy proxy",
     "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
