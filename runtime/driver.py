@@ -261,6 +261,7 @@ class RLDriver:
 
     def __init__(self, ctx: Any, *, client: Any = None, trainer_timeout_s: float | None = None,
                  startup_timeout_s: float | None = None) -> None:
+        from runtime.prompts import train_file
         from runtime.tasks.arithmetic import read_jsonl
 
         self.ctx = ctx
@@ -277,7 +278,7 @@ class RLDriver:
         self.eval_every = int((self.spec.get("eval") or {}).get("every_steps") or 0)
         self._eval_rows: list[dict[str, Any]] | None = None
         self.answer_key = data.get("answer_key") or "answer"
-        rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
+        rows = list(read_jsonl(train_file(ctx)))
         self.rows = {row.get("id", i): row for i, row in enumerate(rows)}
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
@@ -461,11 +462,12 @@ class RLDriver:
         correctness — the in-run counterpart of the eval jobs."""
         from runtime.filters import Group
         from runtime.jobs.evaluate import eval_max_tokens
+        from runtime.prompts import eval_file
         from runtime.tasks.arithmetic import read_jsonl
 
         cfg = self.spec.get("eval") or {}
         if self._eval_rows is None:
-            self._eval_rows = list(read_jsonl(self.ctx.input_path("dataset") / "eval.jsonl"))
+            self._eval_rows = list(read_jsonl(eval_file(self.ctx)))
         prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
                    for r in self._eval_rows]
         sampling = {"temperature": float(cfg.get("temperature") or 0.0),

@@ -1,7 +1,7 @@
 r"""Job ``evaluate`` (``eval_before``, ``eval_after``): held-out accuracy of a policy.
 
 The policy is the job's single ``hf_checkpoint`` input; the prompts are
-``dataset/eval.jsonl``. Every prompt gets ``spec.eval.samples`` answers from the embedded
+the eval split (``runtime.prompts.eval_file``). Every prompt gets ``spec.eval.samples`` answers from the embedded
 engine (``runtime.rollout.LocalEngine`` on CPU, one torch thread, a few batched
 ``generate`` calls) at ``spec.eval.temperature`` (0 → greedy), at most
 ``spec.eval.max_tokens`` (else ``spec.rollout.max_tokens``) tokens, stopping at the
@@ -101,6 +101,7 @@ def eval_max_tokens(spec: dict[str, Any]) -> int:
 
 
 def run(ctx: JobContext) -> None:
+    from runtime.prompts import eval_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
@@ -115,7 +116,7 @@ def run(ctx: JobContext) -> None:
     policy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)
 
-    rows = list(read_jsonl(ctx.input_path("dataset") / "eval.jsonl"))
+    rows = list(read_jsonl(eval_file(ctx)))
     if not rows:
         raise JobError("the eval split is empty")
     engine = open_engine(policy, seed)
