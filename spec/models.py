@@ -404,8 +404,10 @@ class ArithmeticTask(Section):
 class Data(Section):
     """Prompts: JSONL files, or a generator job for the embedded task."""
 
-    train: str | None = Field(None, description="Training prompts (JSONL).")
-    eval: str | None = Field(None, description="Held-out prompts (JSONL).")
+    train: str | None = Field(None, description="Training prompts: a JSONL file.")
+    eval: str | None = Field(
+        None, description="Held-out prompts: a JSONL file, read by the eval jobs and the in-run "
+        "evaluation; needed with data.train when eval.enabled or eval.every_steps is set.")
     generator: ArithmeticTask | None = Field(
         None, description="Generate train/eval splits in a job of the graph instead of reading files."
     )

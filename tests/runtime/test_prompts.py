@@ -64,7 +64,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def bundle(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _compile(tmp_path_factory.mktemp("bundle") / "b", "data.generator=null",
-                    f"data.train={files['train']}", "eval.enabled=false", "eval.every_steps=0",
+                    f"data.train={files['train']}", f"data.eval={files['eval']}",
                     "sft.steps=2", "filters[0].samples_per_prompt=2")
 
 
@@ -95,12 +95,25 @@ def test_sft_and_screen_read_a_train_file(bundle: Path, run_dir: Path,
     assert screened == [r["id"] for r in read_jsonl(files["train"])]
 
 
-def test_the_driver_reads_a_train_file(bundle: Path, files: dict[str, Path]) -> None:
-    from runtime.driver import RLDriver
+def test_eval_before_reads_the_eval_file(bundle: Path, run_dir: Path,
+                                        files: dict[str, Path]) -> None:
+    _launch(bundle, "eval_before", run_dir)
+    out = run_dir / "artifacts" / "eval_before"
+    prompts = [json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert prompts == [r["prompt"] for r in read_jsonl(files["eval"])]
 
-    ctx = JobContext.load(bundle / "jobs" / "rl" / "config.json", run_dir=bundle.parent,
-                          bundle_dir=bundle, log_to_file=False)
-    driver = RLDriver(ctx)
+
+def _ctx(bundle: Path, job: str) -> JobContext:
+    return JobContext.load(bundle / "jobs" / job / "config.json", run_dir=bundle.parent,
+                           bundle_dir=bundle, log_to_file=False)
+
+
+def test_the_driver_reads_the_train_and_eval_files(bundle: Path, files: dict[str, Path]) -> None:
+    from runtime.driver import RLDriver
+    from runtime.prompts import eval_file
+
+    driver = RLDriver(_ctx(bundle, "rl"))
     assert len(driver.rows) == TRAIN_ROWS
     assert [r["prompt"] for r in driver.rows.values()] == [
         r["prompt"] for r in read_jsonl(files["train"])]
+    assert eval_file(driver.ctx) == files["eval"]  # the in-run evaluation's prompts
