@@ -71,6 +71,7 @@ __all__ = [
     "RLDriver",
     "RunPaths",
     "die_with_parent",
+    "prompt_stream",
     "rollout_endpoints",
 ]
 
@@ -252,6 +253,14 @@ def build_train_tensors(
 # --------------------------------------------------------------------------- driver
 
 
+def prompt_stream(spec: dict[str, Any], prompt_ids: Sequence[Any]) -> Any:
+    """The order the run draws prompts in: a fresh shuffle every epoch, seeded with
+    ``data.shuffle_seed`` (``train.seed`` seeds the filters and the trainer, not the order)."""
+    from runtime.filters.pipeline import PromptStream
+
+    return PromptStream(prompt_ids, seed=int((spec.get("data") or {}).get("shuffle_seed") or 0))
+
+
 class TrainerFailed(JobError):
     """The trainer process stopped or reported a failure."""
 
@@ -340,7 +349,7 @@ class RLDriver:
             prompt_ids = [p for p in survivors if p in known] or prompt_ids
             self.log.info("screen %s: %d of %d prompts survive", screen_path, len(prompt_ids),
                           len(result.prompt_ids))
-        stream = pipeline.stream(prompt_ids)
+        stream = prompt_stream(self.spec, prompt_ids)
         return DriverState(pipeline=pipeline, stream=stream,
                            numpy_rng=np.random.default_rng(seed))
 

@@ -117,3 +117,24 @@ def test_the_driver_reads_the_train_and_eval_files(bundle: Path, files: dict[str
     assert [r["prompt"] for r in driver.rows.values()] == [
         r["prompt"] for r in read_jsonl(files["train"])]
     assert eval_file(driver.ctx) == files["eval"]  # the in-run evaluation's prompts
+
+
+
+def _order(bundle: Path, shuffle_seed: int, train_seed: int) -> list[int]:
+    """The first two epochs of prompts a fresh RL driver of ``bundle`` would draw."""
+    from runtime.driver import RLDriver
+
+    path = bundle / "jobs" / "rl" / "config.json"
+    config = json.loads(path.read_text())
+    config["spec"]["data"]["shuffle_seed"] = shuffle_seed
+    config["spec"]["train"]["seed"] = train_seed
+    ctx = JobContext(config, config_path=path, run_dir=bundle.parent, bundle_dir=bundle,
+                     log_to_file=False)
+    return RLDriver(ctx)._new_state().stream.take(2 * TRAIN_ROWS)
+
+
+def test_the_prompt_order_follows_data_shuffle_seed_not_train_seed(bundle: Path) -> None:
+    first = _order(bundle, 7, 1)
+    assert _order(bundle, 7, 2) == first
+    assert _order(bundle, 8, 1) != first
+    assert sorted(first[:TRAIN_ROWS]) == sorted(first[TRAIN_ROWS:])  # every prompt each epoch
