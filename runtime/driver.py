@@ -288,6 +288,7 @@ class RLDriver:
         self._eval_rows: list[dict[str, Any]] | None = None
         self.answer_key = data.get("answer_key") or "answer"
         rows = list(read_jsonl(train_file(ctx)))
+        # every prompt of the file; run() drops the overlong ones once it has the tokenizer
         self.rows = {row.get("id", i): row for i, row in enumerate(rows)}
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
@@ -311,6 +312,23 @@ class RLDriver:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.ctx.input_of_kind("hf_checkpoint"))
+
+    def _drop_overlong(self, tokenizer: Any) -> None:
+        """Keep the train prompts that fit data.max_prompt_tokens (``runtime.prompts``)."""
+        from runtime.prompts import drop_overlong
+
+        self.rows = drop_overlong(self.rows, tokenizer, self.spec["data"], self.log, "train")
+
+    def _eval_prompts(self, tokenizer: Any) -> list[dict[str, Any]]:
+        """The eval split's rows that fit data.max_prompt_tokens (read once)."""
+        from runtime.prompts import drop_overlong, eval_file
+        from runtime.tasks.arithmetic import read_jsonl
+
+        if self._eval_rows is None:
+            rows = dict(enumerate(read_jsonl(eval_file(self.ctx))))
+            self._eval_rows = list(drop_overlong(rows, tokenizer, self.spec["data"], self.log,
+                                                 "eval").values())
+        return self._eval_rows
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:
         cfg = json.loads((self.ctx.input_of_kind("hf_checkpoint") / "config.json").read_text())
@@ -471,20 +489,17 @@ class RLDriver:
         correctness — the in-run counterpart of the eval jobs."""
         from runtime.filters import Group
         from runtime.jobs.evaluate import eval_max_tokens
-        from runtime.prompts import eval_file
-        from runtime.tasks.arithmetic import read_jsonl
 
         cfg = self.spec.get("eval") or {}
-        if self._eval_rows is None:
-            self._eval_rows = list(read_jsonl(eval_file(self.ctx)))
+        rows = self._eval_prompts(tokenizer)
         prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
-                   for r in self._eval_rows]
+                   for r in rows]
         sampling = {"temperature": float(cfg.get("temperature") or 0.0),
                     "max_tokens": eval_max_tokens(self.spec)}
         completions = self.client.generate(prompts, n=int(cfg.get("samples") or 1),
                                            sampling=sampling)
         correct = []
-        for row, comps in zip(self._eval_rows, completions, strict=True):
+        for row, comps in zip(rows, completions, strict=True):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
             got = reward.group_rewards(str(row[self.prompt_key]), texts,
                                        str(row.get(self.answer_key, "")))
@@ -539,11 +554,12 @@ class RLDriver:
         from runtime.rewards import build_reward
 
         paths = self.paths
+        tokenizer = self._tokenizer()
+        self._drop_overlong(tokenizer)  # before the state: the prompt stream draws from these
         state = self._resume()
         paths.exchange.mkdir(parents=True, exist_ok=True)
         paths.trainer_error.unlink(missing_ok=True)  # stale: from an earlier session
         paths.heartbeat.unlink(missing_ok=True)
-        tokenizer = self._tokenizer()
         shape = self._model_shape()
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         reward = build_reward(self.spec["reward"])

@@ -46,7 +46,7 @@ def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(ctx: JobContext) -> None:
     from runtime.filters.offline_pass_rate import OfflinePassRate
-    from runtime.prompts import train_file
+    from runtime.prompts import drop_overlong, train_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
@@ -67,8 +67,9 @@ def run(ctx: JobContext) -> None:
     if len(by_id) != len(rows):
         raise JobError("the train split has duplicate prompt ids")
     engine = open_engine(proxy, seed)
+    by_id = drop_overlong(by_id, engine.tokenizer, data, ctx.log, "train")
     ctx.log.info("screening %d prompts × %d samples with %s (T=%g, max %d tokens)",
-                 len(rows), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
+                 len(by_id), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
 
     def sample_fn(prompt_ids: Sequence[Any], k: int) -> list[list[float]]:
         chosen = [by_id[p] for p in prompt_ids]

@@ -45,7 +45,7 @@ def run(ctx: JobContext) -> None:
     import torch
 
     from runtime.policy import load_policy, save_policy
-    from runtime.prompts import train_file
+    from runtime.prompts import drop_overlong, train_file
     from runtime.tasks.arithmetic import read_jsonl
     from runtime.trainer import sequence_logprobs
 
@@ -53,7 +53,8 @@ def run(ctx: JobContext) -> None:
     data = ctx.section("data")
     seed = int(ctx.section("train.seed"))
     model, tokenizer = load_policy(ctx.input_path("policy_init"))
-    rows = list(read_jsonl(train_file(ctx)))
+    rows = list(drop_overlong(dict(enumerate(read_jsonl(train_file(ctx)))), tokenizer, data,
+                              ctx.log, "train").values())
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(sft["lr"]), weight_decay=0.0)

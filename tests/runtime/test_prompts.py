@@ -2,7 +2,8 @@
 
 A tiny bundle without a generator reads a train file (and an eval file) written here; the
 jobs that read prompts (sft, screen, eval, the RL driver) run on it through their launch
-scripts, as the scheduler runs them.
+scripts, as the scheduler runs them. Each file holds prompts longer than the tiny spec's
+``data.max_prompt_tokens`` (16; its tokenizer is character-level), which every job drops.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,9 @@ from runtime.tasks.arithmetic import ArithmeticConfig, read_jsonl, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-TRAIN_ROWS = 12
+TRAIN_ROWS = 12  # that fit; the train file has OVERLONG more
+OVERLONG = 2
+LONG_PROMPT = "1+2+3+4+5+6+7+8+9="  # 18 tokens > data.max_prompt_tokens
 
 
 def _env(run_dir: Path) -> dict[str, str]:
@@ -51,14 +55,24 @@ def _compile(out: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A train file and an eval file of the embedded task (not named train/eval.jsonl)."""
+    """A train file and an eval file of the embedded task (not named train/eval.jsonl), each
+    with overlong prompts amid the others."""
     root = tmp_path_factory.mktemp("data")
     write_dataset(root / "gen", ArithmeticConfig(seed=3, train_size=TRAIN_ROWS, eval_size=6,
                                                  max_digits=1))
     train, evals = root / "my-train.jsonl", root / "held-out.jsonl"
-    train.write_text((root / "gen" / "train.jsonl").read_text())
-    evals.write_text((root / "gen" / "eval.jsonl").read_text())
+    rows = list(read_jsonl(root / "gen" / "train.jsonl"))
+    for i in range(OVERLONG):
+        rows.insert(3 + 4 * i, {"id": 100 + i, "prompt": LONG_PROMPT, "answer": "45"})
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = list(read_jsonl(root / "gen" / "eval.jsonl"))
+    rows.insert(2, {"id": 200, "prompt": LONG_PROMPT, "answer": "45"})
+    evals.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"train": train, "eval": evals}
+
+
+def _fitting(path: Path) -> list[dict]:
+    return [r for r in read_jsonl(path) if r["prompt"] != LONG_PROMPT]
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +101,26 @@ def test_sft_and_screen_read_a_train_file(bundle: Path, run_dir: Path,
                                           files: dict[str, Path]) -> None:
     assert json.loads((bundle / "jobs" / "sft" / "config.json").read_text())["inputs"][
         "dataset"]["path"] == str(files["train"])
+    dropped = f"dropped {OVERLONG} of {TRAIN_ROWS + OVERLONG} train prompts longer than " \
+        "data.max_prompt_tokens = 16 tokens"
     _launch(bundle, "sft", run_dir)
     assert is_complete(run_dir / "artifacts" / "policy_sft")
+    assert dropped in (run_dir / "logs" / "sft.log").read_text()
     _launch(bundle, "screen", run_dir)
     lines = (run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl").read_text().splitlines()
     screened = [json.loads(line)["prompt_id"] for line in lines[1:]]
-    assert screened == [r["id"] for r in read_jsonl(files["train"])]
+    assert screened == [r["id"] for r in _fitting(files["train"])]
+    assert dropped in (run_dir / "logs" / "screen.log").read_text()
 
 
 def test_eval_before_reads_the_eval_file(bundle: Path, run_dir: Path,
                                         files: dict[str, Path]) -> None:
     _launch(bundle, "eval_before", run_dir)
     out = run_dir / "artifacts" / "eval_before"
-    prompts = [json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert prompts == [r["prompt"] for r in read_jsonl(files["eval"])]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in _fitting(files["eval"])]
+    assert [s["prompt_id"] for s in samples] == [r["id"] for r in _fitting(files["eval"])]
+    assert "dropped 1 of 7 eval prompts" in (run_dir / "logs" / "eval_before.log").read_text()
 
 
 def _ctx(bundle: Path, job: str) -> JobContext:
@@ -108,15 +128,38 @@ def _ctx(bundle: Path, job: str) -> JobContext:
                            bundle_dir=bundle, log_to_file=False)
 
 
-def test_the_driver_reads_the_train_and_eval_files(bundle: Path, files: dict[str, Path]) -> None:
+def _tokenizer(run_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run_dir / "artifacts" / "policy_init")
+
+
+def test_the_driver_reads_the_train_and_eval_files(bundle: Path, run_dir: Path,
+                                                   files: dict[str, Path]) -> None:
     from runtime.driver import RLDriver
-    from runtime.prompts import eval_file
 
     driver = RLDriver(_ctx(bundle, "rl"))
-    assert len(driver.rows) == TRAIN_ROWS
-    assert [r["prompt"] for r in driver.rows.values()] == [
-        r["prompt"] for r in read_jsonl(files["train"])]
-    assert eval_file(driver.ctx) == files["eval"]  # the in-run evaluation's prompts
+    tokenizer = _tokenizer(run_dir)
+    driver._drop_overlong(tokenizer)
+    assert list(driver.rows.values()) == _fitting(files["train"])
+    assert list(driver.rows) == [r["id"] for r in _fitting(files["train"])]
+    assert driver._eval_prompts(tokenizer) == _fitting(files["eval"])  # the in-run evaluation
+
+
+def test_drop_overlong_counts_tokens(run_dir: Path) -> None:
+    import logging
+
+    from runtime.jobs.common import JobError
+    from runtime.prompts import drop_overlong
+
+    tokenizer = _tokenizer(run_dir)
+    log = logging.getLogger("test_prompts")
+    rows = {"a": {"q": "12+3="}, "b": {"q": "1+2+3="}, 7: {"q": "9-9="}}
+    data = {"prompt_key": "q", "max_prompt_tokens": 5}
+    assert drop_overlong(rows, tokenizer, data, log, "train") == {"a": rows["a"], 7: rows[7]}
+    assert drop_overlong(rows, tokenizer, {**data, "max_prompt_tokens": 6}, log, "x") == rows
+    with pytest.raises(JobError, match="every prompt of the eval split"):
+        drop_overlong(rows, tokenizer, {**data, "max_prompt_tokens": 3}, log, "eval")
 
 
 
@@ -130,11 +173,12 @@ def _order(bundle: Path, shuffle_seed: int, train_seed: int) -> list[int]:
     config["spec"]["train"]["seed"] = train_seed
     ctx = JobContext(config, config_path=path, run_dir=bundle.parent, bundle_dir=bundle,
                      log_to_file=False)
-    return RLDriver(ctx)._new_state().stream.take(2 * TRAIN_ROWS)
+    return RLDriver(ctx)._new_state().stream.take(2 * (TRAIN_ROWS + OVERLONG))
 
 
 def test_the_prompt_order_follows_data_shuffle_seed_not_train_seed(bundle: Path) -> None:
     first = _order(bundle, 7, 1)
     assert _order(bundle, 7, 2) == first
     assert _order(bundle, 8, 1) != first
-    assert sorted(first[:TRAIN_ROWS]) == sorted(first[TRAIN_ROWS:])  # every prompt each epoch
+    epoch = TRAIN_ROWS + OVERLONG
+    assert sorted(first[:epoch]) == sorted(first[epoch:])  # every prompt each epoch
