@@ -16,7 +16,8 @@ and this driver (``runtime.jobs.rl``). They share the run directory::
 Step s (driver): select prompts (pipeline) → generate n per prompt (group sizes from the
 pipeline) → rewards (``build_reward``; with ``system.reward_overlap`` each chunk of
 prompts is scored as soon as its completions arrive while the others still generate) →
-``pipeline.process`` → group advantages (+ RL-ZVP token advantages of reshaped groups,
+``pipeline.process`` (a step whose http-judge replies were unreadable more often than
+``reward.judge.max_parse_failure_rate`` stops the run here) → group advantages (+ RL-ZVP token advantages of reshaped groups,
 computed by the trainer, which has the old policy's entropies) → TrainBatch tensors →
 ``batch-<s>.pt`` → wait for ``done-<s>.json`` → load ``weights/v<s+1>`` into every engine
 (``runtime.rollout.weight_transfer.driver_weight_transfer``) → one metrics line → state saved.
@@ -483,6 +484,17 @@ class RLDriver:
         stats["seconds"] += time.monotonic() - t0
         return groups
 
+    def _rollouts(self, state: DriverState, step: int, tokenizer: Any, reward: Any,
+                  stats: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+        """Step ``step``'s pipeline batch, and the judge's calls and parse failures over it
+        (``RewardComposer.judge_step``: a JudgeError, before anything is trained on those
+        rewards, when too many replies could not be parsed)."""
+        before = reward.judge_counters()
+        batch = state.pipeline.step(
+            step, state.stream, lambda reqs: self._generate(reqs, tokenizer, reward, stats),
+            int(self.rollout["prompts_per_step"]))
+        return batch, reward.judge_step(before)
+
     def _evaluate(self, tokenizer: Any, reward: Any, context: Any) -> float:
         """Held-out accuracy of the engines' current weights (``eval.every_steps``): the eval
         split, ``eval.samples`` answers each at ``eval.temperature`` (0: greedy), the mean
@@ -570,15 +582,12 @@ class RLDriver:
                                       path=str(paths.version(state.step)))
         writer = _tensorboard(paths.root / "tensorboard", self.log)
         bar = _progress(self.steps, state.step)
-        prompts_per_step = int(self.rollout["prompts_per_step"])
         while not self._finished(state):
             step = state.step
             t0 = time.monotonic()
             stats = {"tokens": 0, "seconds": 0.0}
             pipeline = state.pipeline
-            batch = pipeline.step(step, state.stream,
-                                  lambda reqs, stats=stats: self._generate(reqs, tokenizer, reward, stats),
-                                  prompts_per_step)
+            batch, judged = self._rollouts(state, step, tokenizer, reward, stats)
             all_groups = batch.groups + batch.removed
             raw = np.concatenate([g.raw_rewards for g in all_groups]) if all_groups else np.zeros(0)
             correct = (np.concatenate([pipeline.ctx.correctness(g) for g in all_groups])
@@ -625,6 +634,7 @@ class RLDriver:
                 "lr": tm.get("lr"),
                 "wall_seconds": wall,
             }
+            line.update(judged)  # judge_calls, judge_parse_failures (http judge)
             if evaluated is not None:
                 line["eval_accuracy"] = evaluated
             with open(paths.metrics, "a", encoding="utf-8") as fh:

@@ -454,6 +454,11 @@ class Judge(Section):
         0.0, description="Score difference at or below which two responses tie (rule)."
     )
     timeout_s: PosFloat = Field(60.0, description="Per-request timeout (http).")
+    max_parse_failure_rate: Fraction = Field(
+        0.1,
+        description="Largest share of an RL step's judge replies that may be unreadable (not A, "
+        "B or TIE; each counts as a tie); above it the run stops (http).",
+    )
 
     @model_validator(mode="after")
     def _http(self) -> Judge:
