@@ -725,10 +725,15 @@ def references(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (("model", "checkpoint_format"),))
 
     d = spec.data
-    if spec.eval.enabled and d.generator is None and d.eval is None:
-        yield _warning(("eval", "enabled"), "eval is enabled but data.eval is not set: there are "
-                                            "no held-out prompts",
-                       "set data.eval to a JSONL file, or eval.enabled: false", (("data", "eval"),))
+    if d.generator is None and d.eval is None and (spec.eval.enabled or spec.eval.every_steps):
+        # An eval job (or the in-run eval) with no prompts cannot start: an error, not a warning.
+        what = "eval is enabled" if spec.eval.enabled else \
+            f"eval.every_steps is {spec.eval.every_steps}"
+        yield _error(("eval", "enabled") if spec.eval.enabled else ("eval", "every_steps"),
+                     f"{what} but data.eval is not set: there are no held-out prompts",
+                     "set data.eval to a JSONL file of held-out prompts, or eval.enabled: false "
+                     "and eval.every_steps: 0",
+                     (("data", "eval"), ("data", "train")))
 
 
 # --------------------------------------------------------------------------- memory

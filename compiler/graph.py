@@ -15,6 +15,11 @@ writes. Which jobs exist follows from the spec:
     eval_after  eval.enabled                  → eval_after (metrics)
     export      export set                    → export (HF safetensors)
 
+The user's files are external artifacts: ``dataset`` (data.train), ``eval_dataset``
+(data.eval: read by the eval jobs, and by rl when eval.every_steps > 0; without it they
+read the generated dataset's eval split), ``policy_init`` / ``user_checkpoint``,
+``proxy_model``.
+
 A job input no job produces and the user did not provide is a dangling artifact: an error,
 as is a cycle. Both would be compiler bugs, so they are checked on every build.
 """
@@ -106,6 +111,11 @@ def build_graph(spec: Spec, plan: Plan) -> JobGraph:
                 "user_checkpoint", "megatron_checkpoint", spec.model.checkpoint, external=True)
     if spec.data.generator is None:
         artifacts["dataset"] = Artifact("dataset", "dataset", spec.data.train or "", external=True)
+    if spec.data.eval is not None:
+        artifacts["eval_dataset"] = Artifact("eval_dataset", "dataset", spec.data.eval,
+                                             external=True)
+    # Held-out prompts: the user's data.eval file, else the generated folder's eval split.
+    held_out = "eval_dataset" if spec.data.eval is not None else "dataset"
 
     if spec.data.generator is not None:
         artifacts["dataset"] = Artifact("dataset", "dataset", "artifacts/dataset")
@@ -152,13 +162,15 @@ def build_graph(spec: Spec, plan: Plan) -> JobGraph:
         artifacts["eval_before"] = Artifact("eval_before", "metrics", "artifacts/eval_before")
         artifacts["eval_after"] = Artifact("eval_after", "metrics", "artifacts/eval_after")
         add(Job("eval_before", "evaluate", "held-out accuracy of the initial policy",
-                spec.rollout.nodes, gpus, ("dataset", policy), ("eval_before",)))
+                spec.rollout.nodes, gpus, (held_out, policy), ("eval_before",)))
 
     rl_inputs = ["dataset", policy]
     if spec.train.backend == "megatron":
         rl_inputs.append(megatron_start)
     if screen is not None:
         rl_inputs.append("pass_rates")
+    if spec.eval.every_steps and held_out not in rl_inputs:  # the in-run evaluation
+        rl_inputs.append(held_out)
     artifacts["policy_final"] = Artifact("policy_final", "hf_checkpoint", "artifacts/policy_final")
     artifacts["rl_metrics"] = Artifact("rl_metrics", "metrics", "artifacts/rl")
     add(Job("rl", "rl", "RL: rollout engines, trainer and reward/filter driver in one allocation",
@@ -167,7 +179,7 @@ def build_graph(spec: Spec, plan: Plan) -> JobGraph:
 
     if spec.eval.enabled:
         add(Job("eval_after", "evaluate", "held-out accuracy of the trained policy",
-                spec.rollout.nodes, gpus, ("dataset", "policy_final"), ("eval_after",)))
+                spec.rollout.nodes, gpus, (held_out, "policy_final"), ("eval_after",)))
     if spec.export is not None:
         artifacts["export"] = Artifact("export", "hf_checkpoint", "export")
         add(Job("export", "export", f"export the final policy ({spec.export.format}, "

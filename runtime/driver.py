@@ -16,7 +16,8 @@ and this driver (``runtime.jobs.rl``). They share the run directory::
 Step s (driver): select prompts (pipeline) → generate n per prompt (group sizes from the
 pipeline) → rewards (``build_reward``; with ``system.reward_overlap`` each chunk of
 prompts is scored as soon as its completions arrive while the others still generate) →
-``pipeline.process`` → group advantages (+ RL-ZVP token advantages of reshaped groups,
+``pipeline.process`` (a step whose http-judge replies were unreadable more often than
+``reward.judge.max_parse_failure_rate`` stops the run here) → group advantages (+ RL-ZVP token advantages of reshaped groups,
 computed by the trainer, which has the old policy's entropies) → TrainBatch tensors →
 ``batch-<s>.pt`` → wait for ``done-<s>.json`` → load ``weights/v<s+1>`` into every engine
 (``runtime.rollout.weight_transfer.driver_weight_transfer``) → one metrics line → state saved.
@@ -71,6 +72,7 @@ __all__ = [
     "RLDriver",
     "RunPaths",
     "die_with_parent",
+    "prompt_stream",
     "rollout_endpoints",
 ]
 
@@ -252,6 +254,14 @@ def build_train_tensors(
 # --------------------------------------------------------------------------- driver
 
 
+def prompt_stream(spec: dict[str, Any], prompt_ids: Sequence[Any]) -> Any:
+    """The order the run draws prompts in: a fresh shuffle every epoch, seeded with
+    ``data.shuffle_seed`` (``train.seed`` seeds the filters and the trainer, not the order)."""
+    from runtime.filters.pipeline import PromptStream
+
+    return PromptStream(prompt_ids, seed=int((spec.get("data") or {}).get("shuffle_seed") or 0))
+
+
 class TrainerFailed(JobError):
     """The trainer process stopped or reported a failure."""
 
@@ -261,6 +271,7 @@ class RLDriver:
 
     def __init__(self, ctx: Any, *, client: Any = None, trainer_timeout_s: float | None = None,
                  startup_timeout_s: float | None = None) -> None:
+        from runtime.prompts import train_file
         from runtime.tasks.arithmetic import read_jsonl
 
         self.ctx = ctx
@@ -277,7 +288,8 @@ class RLDriver:
         self.eval_every = int(self.spec["eval"]["every_steps"])
         self._eval_rows: list[dict[str, Any]] | None = None
         self.answer_key = data["answer_key"]
-        rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
+        rows = list(read_jsonl(train_file(ctx)))
+        # every prompt of the file; run() drops the overlong ones once it has the tokenizer
         self.rows = {row.get("id", i): row for i, row in enumerate(rows)}
         self.rollout = self.spec["rollout"]
         self.train = self.spec["train"]
@@ -300,6 +312,23 @@ class RLDriver:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.ctx.input_of_kind("hf_checkpoint"))
+
+    def _drop_overlong(self, tokenizer: Any) -> None:
+        """Keep the train prompts that fit data.max_prompt_tokens (``runtime.prompts``)."""
+        from runtime.prompts import drop_overlong
+
+        self.rows = drop_overlong(self.rows, tokenizer, self.spec["data"], self.log, "train")
+
+    def _eval_prompts(self, tokenizer: Any) -> list[dict[str, Any]]:
+        """The eval split's rows that fit data.max_prompt_tokens (read once)."""
+        from runtime.prompts import drop_overlong, eval_file
+        from runtime.tasks.arithmetic import read_jsonl
+
+        if self._eval_rows is None:
+            rows = dict(enumerate(read_jsonl(eval_file(self.ctx))))
+            self._eval_rows = list(drop_overlong(rows, tokenizer, self.spec["data"], self.log,
+                                                 "eval").values())
+        return self._eval_rows
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:
         cfg = json.loads((self.ctx.input_of_kind("hf_checkpoint") / "config.json").read_text())
@@ -338,7 +367,7 @@ class RLDriver:
             prompt_ids = [p for p in survivors if p in known] or prompt_ids
             self.log.info("screen %s: %d of %d prompts survive", screen_path, len(prompt_ids),
                           len(result.prompt_ids))
-        stream = pipeline.stream(prompt_ids)
+        stream = prompt_stream(self.spec, prompt_ids)
         return DriverState(pipeline=pipeline, stream=stream,
                            numpy_rng=np.random.default_rng(seed))
 
@@ -454,25 +483,34 @@ class RLDriver:
         stats["seconds"] += time.monotonic() - t0
         return groups
 
+    def _rollouts(self, state: DriverState, step: int, tokenizer: Any, reward: Any,
+                  stats: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+        """Step ``step``'s pipeline batch, and the judge's calls and parse failures over it
+        (``RewardComposer.judge_step``: a JudgeError, before anything is trained on those
+        rewards, when too many replies could not be parsed)."""
+        before = reward.judge_counters()
+        batch = state.pipeline.step(
+            step, state.stream, lambda reqs: self._generate(reqs, tokenizer, reward, stats),
+            int(self.rollout["prompts_per_step"]))
+        return batch, reward.judge_step(before)
+
     def _evaluate(self, tokenizer: Any, reward: Any, context: Any) -> float:
         """Held-out accuracy of the engines' current weights (``eval.every_steps``): the eval
         split, ``eval.samples`` answers each at ``eval.temperature`` (0: greedy), the mean
         correctness — the in-run counterpart of the eval jobs."""
         from runtime.filters import Group
         from runtime.jobs.evaluate import eval_max_tokens
-        from runtime.tasks.arithmetic import read_jsonl
 
         cfg = self.spec["eval"]
-        if self._eval_rows is None:
-            self._eval_rows = list(read_jsonl(self.ctx.input_path("dataset") / "eval.jsonl"))
+        rows = self._eval_prompts(tokenizer)
         prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
-                   for r in self._eval_rows]
+                   for r in rows]
         sampling = {"temperature": float(cfg["temperature"]),
                     "max_tokens": eval_max_tokens(self.spec)}
         completions = self.client.generate(prompts, n=int(cfg["samples"]),
                                            sampling=sampling)
         correct = []
-        for row, comps in zip(self._eval_rows, completions, strict=True):
+        for row, comps in zip(rows, completions, strict=True):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
             got = reward.group_rewards(str(row[self.prompt_key]), texts,
                                        str(row.get(self.answer_key, "")))
@@ -527,11 +565,12 @@ class RLDriver:
         from runtime.rewards import build_reward
 
         paths = self.paths
+        tokenizer = self._tokenizer()
+        self._drop_overlong(tokenizer)  # before the state: the prompt stream draws from these
         state = self._resume()
         paths.exchange.mkdir(parents=True, exist_ok=True)
         paths.trainer_error.unlink(missing_ok=True)  # stale: from an earlier session
         paths.heartbeat.unlink(missing_ok=True)
-        tokenizer = self._tokenizer()
         shape = self._model_shape()
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         reward = build_reward(self.spec["reward"])
@@ -542,15 +581,12 @@ class RLDriver:
                                       path=str(paths.version(state.step)))
         writer = _tensorboard(paths.root / "tensorboard", self.log)
         bar = _progress(self.steps, state.step)
-        prompts_per_step = int(self.rollout["prompts_per_step"])
         while not self._finished(state):
             step = state.step
             t0 = time.monotonic()
             stats = {"tokens": 0, "seconds": 0.0}
             pipeline = state.pipeline
-            batch = pipeline.step(step, state.stream,
-                                  lambda reqs, stats=stats: self._generate(reqs, tokenizer, reward, stats),
-                                  prompts_per_step)
+            batch, judged = self._rollouts(state, step, tokenizer, reward, stats)
             all_groups = batch.groups + batch.removed
             raw = np.concatenate([g.raw_rewards for g in all_groups]) if all_groups else np.zeros(0)
             correct = (np.concatenate([pipeline.ctx.correctness(g) for g in all_groups])
@@ -597,6 +633,7 @@ class RLDriver:
                 "lr": tm.get("lr"),
                 "wall_seconds": wall,
             }
+            line.update(judged)  # judge_calls, judge_parse_failures (http judge)
             if evaluated is not None:
                 line["eval_accuracy"] = evaluated
             with open(paths.metrics, "a", encoding="utf-8") as fh:

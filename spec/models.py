@@ -411,8 +411,10 @@ class ArithmeticTask(Section):
 class Data(Section):
     """Prompts: JSONL files, or a generator job for the embedded task."""
 
-    train: str | None = Field(None, description="Training prompts (JSONL).")
-    eval: str | None = Field(None, description="Held-out prompts (JSONL).")
+    train: str | None = Field(None, description="Training prompts: a JSONL file.")
+    eval: str | None = Field(
+        None, description="Held-out prompts: a JSONL file, read by the eval jobs and the in-run "
+        "evaluation; needed with data.train when eval.enabled or eval.every_steps is set.")
     generator: ArithmeticTask | None = Field(
         None, description="Generate train/eval splits in a job of the graph instead of reading files."
     )
@@ -459,6 +461,11 @@ class Judge(Section):
         0.0, description="Score difference at or below which two responses tie (rule)."
     )
     timeout_s: PosFloat = Field(60.0, description="Per-request timeout (http).")
+    max_parse_failure_rate: Fraction = Field(
+        0.1,
+        description="Largest share of an RL step's judge replies that may be unreadable (not A, "
+        "B or TIE; each counts as a tie); above it the run stops (http).",
+    )
 
     @model_validator(mode="after")
     def _http(self) -> Judge:

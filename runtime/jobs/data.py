@@ -44,7 +44,8 @@ def run(ctx: JobContext) -> None:
     longest = max(meta["train"]["max_prompt_chars"], meta["eval"]["max_prompt_chars"])
     limit = data["max_prompt_tokens"]
     if longest > limit:
-        ctx.log.warning("the longest prompt has %d characters (tokens) > data.max_prompt_tokens %d",
+        ctx.log.warning("the longest prompt has %d characters (tokens) > data.max_prompt_tokens %d: "
+                        "the jobs that read prompts drop the longer ones",
                         longest, limit)
 
 

@@ -1,7 +1,7 @@
 r"""Job ``evaluate`` (``eval_before``, ``eval_after``): held-out accuracy of a policy.
 
 The policy is the job's single ``hf_checkpoint`` input; the prompts are
-``dataset/eval.jsonl``. Every prompt gets ``spec.eval.samples`` answers from the embedded
+the eval split (``runtime.prompts.eval_file``). Every prompt gets ``spec.eval.samples`` answers from the embedded
 engine (``runtime.rollout.LocalEngine`` on CPU, one torch thread, a few batched
 ``generate`` calls) at ``spec.eval.temperature`` (0 → greedy), at most
 ``spec.eval.max_tokens`` (else ``spec.rollout.max_tokens``) tokens, stopping at the
@@ -99,6 +99,7 @@ def eval_max_tokens(spec: dict[str, Any]) -> int:
 
 def run(ctx: JobContext) -> None:
     from runtime.devices import job_device
+    from runtime.prompts import drop_overlong, eval_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
@@ -112,18 +113,19 @@ def run(ctx: JobContext) -> None:
     policy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)
 
-    rows = list(read_jsonl(ctx.input_path("dataset") / "eval.jsonl"))
+    rows = dict(enumerate(read_jsonl(eval_file(ctx))))
     if not rows:
         raise JobError("the eval split is empty")
     engine = open_engine(policy, seed, device)
+    rows = drop_overlong(rows, engine.tokenizer, data, ctx.log, "eval")
     ctx.log.info("evaluating %s on %d prompts × %d sample(s), T=%g, max %d tokens",
                  policy, len(rows), n, temperature, max_tokens)
-    answers = sample_texts(engine, [r[prompt_key] for r in rows], n=n, max_tokens=max_tokens,
+    answers = sample_texts(engine, [r[prompt_key] for r in rows.values()], n=n, max_tokens=max_tokens,
                            temperature=temperature, seed=seed)
 
     records: list[dict[str, Any]] = []
     by_diff: dict[str, list[int]] = defaultdict(list)
-    for i, (row, group) in enumerate(zip(rows, answers, strict=True)):
+    for (i, row), group in zip(rows.items(), answers, strict=True):
         prompt, reference = str(row[prompt_key]), str(row[answer_key])
         for s in group:
             score = float(reward.score(prompt, s.text, reference))

@@ -3,7 +3,7 @@ r"""Job ``screen``: stage 1 of the ZVE pipeline, the offline pass-rate screen be
 Parameters: the first ``offline_pass_rate`` item of ``spec.filters``. The proxy model is the
 job's single ``hf_checkpoint`` input (the policy, or the external checkpoint named by
 ``proxy_model``). It samples ``k = samples_per_prompt`` answers to every prompt of
-``dataset/train.jsonl`` at the stage's ``temperature`` (at most ``spec.rollout.max_tokens``
+the train split (``runtime.prompts.train_file``) at the stage's ``temperature`` (at most ``spec.rollout.max_tokens``
 tokens, stopping at eos; embedded CPU engine, one torch thread, seeded with
 ``spec.train.seed``); the verifier scores of the spec's ``reward`` section give
 ``p_i = mean_j score_ij``. The drop rule and the cost accounting are those of
@@ -47,6 +47,7 @@ def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
 def run(ctx: JobContext) -> None:
     from runtime.devices import job_device
     from runtime.filters.offline_pass_rate import OfflinePassRate
+    from runtime.prompts import drop_overlong, train_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
@@ -61,15 +62,16 @@ def run(ctx: JobContext) -> None:
     proxy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)
 
-    rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
+    rows = list(read_jsonl(train_file(ctx)))
     if not rows:
         raise JobError("the train split is empty")
     by_id = {row.get("id", i): row for i, row in enumerate(rows)}
     if len(by_id) != len(rows):
         raise JobError("the train split has duplicate prompt ids")
     engine = open_engine(proxy, seed, device)
+    by_id = drop_overlong(by_id, engine.tokenizer, data, ctx.log, "train")
     ctx.log.info("screening %d prompts × %d samples with %s (T=%g, max %d tokens)",
-                 len(rows), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
+                 len(by_id), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
 
     def sample_fn(prompt_ids: Sequence[Any], k: int) -> list[list[float]]:
         chosen = [by_id[p] for p in prompt_ids]

@@ -1,6 +1,7 @@
 """Job ``sft``: a short supervised cold start before RL (the paper's pipeline starts with SFT).
 
-Teacher-forced next-token training on ``prompt → answer <eos>`` pairs of the train split:
+Teacher-forced next-token training on ``prompt → answer <eos>`` pairs of the train split
+(``runtime.prompts.train_file``):
 
     loss = − (1/N) Σ_{b} Σ_{t ∈ answer_b ∪ {eos}} log π(x_{b,t} | x_{b,<t})
 
@@ -45,6 +46,7 @@ def run(ctx: JobContext) -> None:
 
     from runtime.devices import job_device
     from runtime.policy import load_policy, save_policy
+    from runtime.prompts import drop_overlong, train_file
     from runtime.tasks.arithmetic import read_jsonl
     from runtime.trainer import sequence_logprobs
 
@@ -54,7 +56,8 @@ def run(ctx: JobContext) -> None:
     seed = int(ctx.section("train.seed"))
     model, tokenizer = load_policy(ctx.input_path("policy_init"))
     model.to(device)
-    rows = list(read_jsonl(ctx.input_path("dataset") / "train.jsonl"))
+    rows = list(drop_overlong(dict(enumerate(read_jsonl(train_file(ctx)))), tokenizer, data,
+                              ctx.log, "train").values())
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(sft["lr"]), weight_decay=0.0)

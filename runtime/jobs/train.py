@@ -44,6 +44,13 @@ class _Stop(BaseException):
     pass
 
 
+def schedule_length(spec: dict[str, Any], derived: dict[str, Any]) -> int:
+    """Optimizer steps the learning-rate schedule spans: the plan's optimizer steps per RL
+    step (rollouts / global batch × ppo_epochs: the epochs are already in it) × train.steps."""
+    per_step = int(derived.get("optimizer_steps_per_rollout") or 1)
+    return per_step * int(spec["train"]["steps"])
+
+
 def _on_term(signum: int, frame: Any) -> None:
     raise _Stop()
 
@@ -68,8 +75,7 @@ class TrainerProcess:
         self.seed = typed.train.seed
         self.epochs = typed.algorithm.ppo_epochs
         self.replay_mode = typed.router_replay.mode
-        per_step = int(ctx.derived.get("optimizer_steps_per_rollout") or 1)
-        self.total_optimizer_steps = per_step * self.epochs * self.steps
+        self.total_optimizer_steps = schedule_length(spec, ctx.derived)
         self.length_balancing = typed.system.length_balancing
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0

@@ -5,7 +5,7 @@ Config (the spec's ``reward`` section as a plain dict)::
     {"verifiers": [{"type": "arithmetic" | "math", "weight": 1.0, ...}, ...],
      "judge": None | {"type": "rule" | "http", "url": ..., "model": ...,
                       "api_key_env": ..., "tie_margin": 0.0, "timeout_s": 60.0,
-                      "retries": 2}}
+                      "retries": 2, "max_parse_failure_rate": 0.1}}
 
 Per response (weights normalised, w_i > 0)::
 
@@ -24,7 +24,13 @@ Per group:
 computed from) and ``scores`` (the verifier scores: correctness). The ZVE pipeline
 uses the scores to tell an all-correct flat group from an all-wrong one even when the
 rewards are pairwise (all ties → all 0), e.g. for reward shaping's ``all_correct`` scope
-and the RL-ZVP sign. Extra keys of a verifier entry are passed to its constructor
+and the RL-ZVP sign.
+
+An unreadable reply of the ``http`` judge counts as a tie. :meth:`RewardComposer.judge_step`
+gives the calls and parse failures since a snapshot of :meth:`~RewardComposer.judge_counters`
+(the RL driver logs them per step) and raises :class:`JudgeError` when the failures exceed
+``max_parse_failure_rate`` of the calls: a broken judge must not silently turn every group
+into ties. Extra keys of a verifier entry are passed to its constructor
 (e.g. ``rel_tol`` of ``math``); unknown keys of the judge raise ``ValueError``.
 """
 
@@ -36,7 +42,7 @@ from typing import Any
 
 from runtime.rewards.arithmetic import ArithmeticVerifier
 from runtime.rewards.base import Judge, Verifier
-from runtime.rewards.http_judge import HTTPJudge
+from runtime.rewards.http_judge import HTTPJudge, JudgeError
 from runtime.rewards.math_verifier import MathVerifier
 from runtime.rewards.pairwise import pairwise_rewards
 from runtime.rewards.rule_judge import RuleJudge
@@ -44,7 +50,8 @@ from runtime.rewards.rule_judge import RuleJudge
 __all__ = ["VERIFIERS", "GroupRewards", "RewardComposer", "build_reward"]
 
 VERIFIERS: dict[str, type] = {"arithmetic": ArithmeticVerifier, "math": MathVerifier}
-_JUDGE_KEYS = {"type", "url", "model", "api_key_env", "tie_margin", "timeout_s", "retries"}
+_JUDGE_KEYS = {"type", "url", "model", "api_key_env", "tie_margin", "timeout_s", "retries",
+               "max_parse_failure_rate"}
 
 
 @dataclass(frozen=True)
@@ -73,11 +80,35 @@ class RewardComposer:
         self.verifiers = [(v, float(w) / total) for v, w in verifiers]
         self.judge = judge
         self.judge_workers = judge_workers
+        self.max_parse_failure_rate = 1.0  # build_reward sets the spec's for an http judge
 
     @property
     def reward_range(self) -> tuple[float, float]:
         """(reward_min, reward_max) of the group rewards: (0, 1), or (−1, 1) with a judge."""
         return (-1.0, 1.0) if self.judge is not None else (0.0, 1.0)
+
+    def judge_counters(self) -> dict[str, int]:
+        """The judge's running counters (``calls``, ``parse_failures``, …); empty when the
+        judge keeps none (rule judge, or no judge)."""
+        stats = getattr(self.judge, "stats", None)
+        return dict(stats()) if callable(stats) else {}
+
+    def judge_step(self, since: dict[str, int]) -> dict[str, int]:
+        """``judge_calls`` and ``judge_parse_failures`` since the counters ``since``; a
+        JudgeError when the failures are more than ``max_parse_failure_rate`` of the calls."""
+        now = self.judge_counters()
+        if not now:
+            return {}
+        calls = now.get("calls", 0) - since.get("calls", 0)
+        failures = now.get("parse_failures", 0) - since.get("parse_failures", 0)
+        if calls and failures > self.max_parse_failure_rate * calls:
+            where = getattr(self.judge, "endpoint", "the judge")
+            raise JudgeError(
+                f"{failures} of {calls} replies of the judge at {where} ({failures / calls:.0%}) "
+                f"were not A, B or TIE, more than reward.judge.max_parse_failure_rate = "
+                f"{self.max_parse_failure_rate:g} (each counted as a tie): check the judge's "
+                "url, model and replies, or raise the threshold")
+        return {"judge_calls": calls, "judge_parse_failures": failures}
 
     def score(self, prompt: str, response: str, reference: str) -> float:
         """Weighted mean of the verifier scores, in [0, 1]."""
@@ -128,6 +159,7 @@ def build_reward(config: dict[str, Any]) -> RewardComposer:
                 retries=int(jcfg.get("retries", 2)),
             )
             composer.judge_workers = 8
+            composer.max_parse_failure_rate = float(jcfg.get("max_parse_failure_rate", 0.1))
         else:
             raise ValueError(f"unknown judge type {kind!r}; known: ['http', 'rule']")
     return composer

@@ -12,8 +12,10 @@ and reads ``choices[0].message.content``. The reply must be one of the tokens ``
 Parsing: a leading ``<think>…</think>`` block is removed; if the stripped reply
 (surrounding quotes, ``*``, backticks, ``.``/``:`` removed, upper-cased) is exactly
 A / B / TIE that is the verdict; otherwise, if the reply names exactly one of the
-words A, B, TIE (as whole words), that one. Anything else is a parse failure: the
-verdict is TIE and ``parse_failures`` is incremented.
+words A, B, TIE (as whole words), that one. Anything else (a body without
+``choices[0].message.content`` included) is a parse failure: the verdict is TIE and
+``parse_failures`` is incremented; the RL driver stops the run when a step's failures pass
+``max_parse_failure_rate`` (``RewardComposer.judge_step``).
 
 Transport: ``timeout_s`` per request; network errors, timeouts, HTTP 429 and 5xx are
 retried ``retries`` times with exponential backoff (``backoff_s · 2^attempt``); when

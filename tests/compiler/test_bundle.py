@@ -116,6 +116,21 @@ def test_hf_checkpoint_is_converted_for_megatron() -> None:
     assert g.edge_artifacts("convert", "rl") == ["policy_megatron"]
 
 
+def test_the_eval_jobs_read_data_eval() -> None:
+    g = compile_spec(EXAMPLES["single-node"], ["eval.every_steps=10"]).graph
+    held_out = g.artifacts["eval_dataset"]
+    assert (held_out.path, held_out.kind, held_out.external) == (
+        "/data/math/aime-2024.jsonl", "dataset", True)
+    assert g.jobs["eval_before"].inputs[0] == g.jobs["eval_after"].inputs[0] == "eval_dataset"
+    assert "eval_dataset" in g.jobs["rl"].inputs  # the in-run evaluation
+    quiet = compile_spec(EXAMPLES["single-node"], ["eval.every_steps=0"]).graph
+    assert "eval_dataset" not in quiet.jobs["rl"].inputs
+    # Generated data: the eval split is in the data job's folder.
+    tiny = compile_spec(EXAMPLES["tiny"]).graph
+    assert "eval_dataset" not in tiny.artifacts
+    assert tiny.jobs["eval_before"].inputs[0] == "dataset"
+
+
 def test_dangling_artifacts_and_cycles_are_rejected() -> None:
     from compiler.graph import Artifact
 

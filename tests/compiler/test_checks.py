@@ -549,8 +549,14 @@ def test_megatron_checkpoint_without_a_tokenizer() -> None:
     assert ("model", "tokenizer") not in paths({"model.tokenizer": None})  # HF has its own
 
 
-def test_eval_without_held_out_data_is_a_warning() -> None:
-    only({"data.eval": DELETE}, ("eval", "enabled"), "warning")
+def test_eval_without_held_out_data_is_an_error() -> None:
+    p = only({"data.eval": DELETE}, ("eval", "enabled"))
+    assert "data.eval" in p.message and "data.eval" in p.suggestion
+    p = only({"data.eval": DELETE, "eval.enabled": False, "eval.every_steps": 5},
+             ("eval", "every_steps"))
+    assert "no held-out prompts" in p.message
+    off = {"data.eval": DELETE, "eval.enabled": False, "eval.every_steps": 0}
+    assert not {("eval", "enabled"), ("eval", "every_steps")} & paths(off)
 
 
 # --------------------------------------------------------------------------- memory

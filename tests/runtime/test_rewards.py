@@ -374,6 +374,85 @@ def test_build_reward_http_judge(judge_server, monkeypatch):
     assert gr.rewards == [-1.0, 1.0]
 
 
+def test_judge_parse_failures_are_counted_and_stop_past_the_threshold(judge_server):
+    comp = build_reward({"verifiers": [{"type": "math"}],
+                         "judge": {"type": "http", "url": judge_server, "model": "m",
+                                   "retries": 0, "max_parse_failure_rate": 0.4}})
+    _Handler.script = [(200, "A")] * 4 + [(200, "I cannot decide")]  # the last one repeats
+    before = comp.judge_counters()
+    comp.group_rewards("p", ["w", "x", "y", "z"], "1")  # 6 pairs: 2 unreadable replies
+    assert comp.judge_step(before) == {"judge_calls": 6, "judge_parse_failures": 2}
+    before = comp.judge_counters()
+    comp.group_rewards("p", ["w", "x", "y", "z"], "1")  # 6 unreadable of 6
+    with pytest.raises(JudgeError, match=r"6 of 6 replies .*judge\.max_parse_failure_rate = 0\.4"):
+        comp.judge_step(before)
+    rule = build_reward({"verifiers": [{"type": "math"}], "judge": {"type": "rule"}})
+    assert rule.judge_step(rule.judge_counters()) == {}  # nothing to count
+
+
+class _Client:
+    """Rollout engine stand-in: response k of every prompt is the text str(k)."""
+
+    endpoints: ClassVar[list[str]] = ["stand-in"]
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, *, n, sampling, return_routed_experts=False):
+        import numpy as np
+
+        from runtime.rollout.client import Completion
+
+        out = []
+        for p in prompts:
+            group = []
+            for k in range(n):
+                ids = self.tokenizer.encode(str(k), add_special_tokens=False)
+                group.append(Completion(list(p), ids, np.zeros(len(ids), dtype=np.float32),
+                                        None, "stop", None))
+            out.append(group)
+        return out
+
+
+def test_the_driver_step_counts_judge_failures_and_stops_the_run(judge_server, tmp_path):
+    """The RL driver's step (prompts → rollouts → judged rewards → pipeline batch) against a
+    judge on 127.0.0.1 that answers garbage: the step's counts go to its metrics line, and
+    a step past reward.judge.max_parse_failure_rate stops the run."""
+    from pathlib import Path
+
+    from compiler.api import compile_spec
+    from runtime.driver import RLDriver
+    from runtime.jobs.common import JobContext
+    from runtime.policy import build_tokenizer
+
+    root = Path(__file__).resolve().parents[2]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1=", "answer": str(i + 1)})
+                             + "\n" for i in range(6)))
+    compiled = compile_spec(root / "examples" / "tiny" / "spec.yaml", [
+        "data.generator=null", f"data.train={train}", f"data.eval={train}", "filters=[]",
+        "algorithm.advantage.estimator=group", "rollout.prompts_per_step=2", "rollout.n=4",
+        "train.global_batch_size=8", "train.micro_batch_size=8",
+        f"reward.judge={{type: http, url: '{judge_server}', model: m, "
+        "max_parse_failure_rate: 0.4}",
+    ])
+    config = tmp_path / "b" / "jobs" / "rl" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(compiled.files["jobs/rl/config.json"])
+    ctx = JobContext.load(config, run_dir=tmp_path / "run", log_to_file=False)
+    tokenizer = build_tokenizer(64)
+    driver = RLDriver(ctx, client=_Client(tokenizer))
+    reward = build_reward(ctx.spec["reward"])
+    state = driver._new_state()
+    stats = {"tokens": 0, "seconds": 0.0}
+    _Handler.script = [(200, "A")] * 9 + [(200, "{}")]  # 2 groups × 6 pairs
+    batch, judged = driver._rollouts(state, 0, tokenizer, reward, stats)
+    assert len(batch.groups) == 2
+    assert judged == {"judge_calls": 12, "judge_parse_failures": 3}
+    with pytest.raises(JudgeError, match=r"12 of 12 replies of the judge at http://127\.0\.0\.1"):
+        driver._rollouts(state, 1, tokenizer, reward, stats)
+
+
 def test_build_reward_errors():
     with pytest.raises(ValueError):
         build_reward({"verifiers": []})

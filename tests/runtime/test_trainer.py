@@ -231,3 +231,40 @@ def test_token_advantages_come_from_the_same_old_policy_pass() -> None:
     assert calls == 1 and len(seen) == 1
     torch.testing.assert_close(seen[0], expected)
     assert metrics["loss"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_step() -> None:
+    """The trainer process's schedule length (from the compiled RL job's config) is the number
+    of optimizer steps the run takes: ppo_epochs is counted once."""
+    import json
+    from pathlib import Path
+
+    from compiler.api import compile_spec
+    from runtime.jobs.train import schedule_length
+
+    steps = 3
+    tiny = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "spec.yaml"
+    config = json.loads(compile_spec(tiny, [
+        "algorithm.ppo_epochs=2", "rollout.prompts_per_step=2", "rollout.n=4",
+        "train.global_batch_size=4", "train.micro_batch_size=4", f"train.steps={steps}",
+    ]).files["jobs/rl/config.json"])
+    spec = config["spec"]
+    total = schedule_length(spec, config["derived"])
+    model = tiny_model()
+    trainer = Trainer(model, algorithm=ALGO, train=spec["train"], vocab_size=32,
+                      total_optimizer_steps=total)
+    lrs: list[float] = []
+    set_lr = trainer._lr
+    trainer._lr = lambda: lrs.append(set_lr()) or lrs[-1]  # type: ignore[method-assign]
+    rollouts = spec["rollout"]["prompts_per_step"] * spec["rollout"]["n"]
+    for step in range(steps):
+        trainer.step(make_batch(model, b=rollouts, seed=step), epochs=spec["algorithm"]["ppo_epochs"])
+    opt = spec["train"]["optimizer"]
+    assert len(lrs) == trainer.optimizer_steps == total == 12
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(opt["lr"])
+    last_decrement = learning_rate(total - 1, total=total, lr=opt["lr"], min_lr=opt["min_lr"],
+                                   warmup=0) - opt["min_lr"]
+    assert lrs[-1] - opt["min_lr"] == pytest.approx(last_decrement)
+    assert last_decrement < 0.02 * (opt["lr"] - opt["min_lr"])  # the cosine's last step
+    assert learning_rate(total, total=total, lr=opt["lr"], min_lr=opt["min_lr"],
+                         warmup=0) == pytest.approx(opt["min_lr"])

@@ -1,0 +1,68 @@
+"""Where a job's prompts come from.
+
+A job's ``dataset`` input is either the user's ``data.train`` (one JSONL file) or the
+``data`` job's output (a folder with ``train.jsonl`` and ``eval.jsonl``); the user's ``data.eval`` file, when
+given, is the ``eval_dataset`` input of the jobs that evaluate. Every job that
+reads prompts resolves its splits here, so both forms work everywhere.
+
+``data.max_prompt_tokens`` is enforced here too: every job that reads prompts (sft, screen,
+eval, the RL driver) drops the prompts whose tokenized length exceeds it. They are dropped,
+not cut: a cut prompt asks another question (verl's ``filter_overlong_prompts`` does the
+same). Prompt ids are taken before dropping (the row's ``id``, else its line index), so
+the screen and the driver agree on them whatever tokenizer each uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from runtime.jobs.common import JobContext, JobError
+
+__all__ = ["drop_overlong", "eval_file", "split_file", "train_file"]
+
+
+def split_file(artifact: Path, split: str) -> Path:
+    """The JSONL file of ``split`` in a dataset artifact: a file is the split itself, a
+    folder holds ``<split>.jsonl``."""
+    return artifact / f"{split}.jsonl" if artifact.is_dir() else artifact
+
+
+def train_file(ctx: JobContext) -> Path:
+    """The train split of the job's ``dataset`` input."""
+    return split_file(ctx.input_path("dataset"), "train")
+
+
+def eval_file(ctx: JobContext) -> Path:
+    """The eval split: the job's ``eval_dataset`` input (``data.eval``), else ``eval.jsonl``
+    of the generated dataset folder."""
+    if "eval_dataset" in ctx.inputs:
+        return split_file(ctx.input_path("eval_dataset"), "eval")
+    dataset = ctx.input_path("dataset")
+    if not dataset.is_dir():  # the user's data.train file holds no eval split
+        raise JobError(f"job {ctx.job} has no eval split: {dataset} is the train file; "
+                       "set data.eval")
+    return dataset / "eval.jsonl"
+
+
+def drop_overlong(rows: Mapping[Any, dict[str, Any]], tokenizer: Any, data: Mapping[str, Any],
+                  log: logging.Logger, split: str) -> dict[Any, dict[str, Any]]:
+    """``rows`` (prompt id → row) without the prompts longer than ``data.max_prompt_tokens``
+    tokens (``tokenizer.encode`` without special tokens, as the engines get them); logs how
+    many were dropped. A JobError when none is left."""
+    limit = data.get("max_prompt_tokens")
+    if not limit:
+        return dict(rows)
+    key = data.get("prompt_key") or "prompt"
+    kept = {pid: row for pid, row in rows.items()
+            if len(tokenizer.encode(str(row[key]), add_special_tokens=False)) <= int(limit)}
+    dropped = len(rows) - len(kept)
+    if rows and not kept:
+        raise JobError(f"every prompt of the {split} split is longer than "
+                       f"data.max_prompt_tokens = {limit} tokens")
+    log.log(logging.WARNING if dropped else logging.INFO,
+            "dropped %d of %d %s prompts longer than data.max_prompt_tokens = %d tokens",
+            dropped, len(rows), split, int(limit))
+    return kept
