@@ -402,6 +402,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Judge.type": {"all": (t(REWARDS, "test_build_reward_rule_judge"),
                            t(REWARDS, "test_build_reward_http_judge"))},
     # The http judge's settings: ignored by a rule judge, neither warned nor refused.
+    "Judge.max_parse_failure_rate": {"all": "test:tests/runtime/test_rewards.py::test_judge_parse_failures_are_counted_and_stop_past_the_threshold"},
     "Judge.url": {"all": (t(REWARDS, "test_build_reward_http_judge"), "warned:references")},
     "Judge.model": {"all": (HTTP_JUDGE, "warned:references")},
     "Judge.api_key_env": {"all": (HTTP_JUDGE, "check:references", "warned:references")},
