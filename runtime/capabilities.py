@@ -268,8 +268,8 @@ def devices(spec: Mapping[str, Any]) -> Iterator[Refusal]:
 
 
 def megatron_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
-    """megatron-core on CPU (gloo) runs the allgather token dispatcher and no activation
-    recomputation (megatron's checkpointing saves CUDA RNG states)."""
+    """megatron-core on CPU (gloo) runs the allgather token dispatcher only (alltoall and flex
+    need CUDA streams or DeepEP)."""
     if not _uses_megatron(spec) or spec["cluster"]["devices"] != "cpu":
         return
     moe = spec["model"]["architecture"].get("moe")
@@ -277,11 +277,6 @@ def megatron_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
         yield Refusal("megatron_cpu", (*MOE, "token_dispatcher"),
                       f"megatron-core on the CPU runs the allgather dispatcher, not "
                       f"{moe['token_dispatcher']}", "set moe.token_dispatcher: allgather")
-    if spec["train"]["recompute"] != "none":
-        yield Refusal("megatron_cpu", ("train", "recompute"),
-                      f"megatron-core on the CPU does not recompute activations "
-                      f"({spec['train']['recompute']} needs CUDA RNG states)",
-                      "set train.recompute: none")
 
 
 def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:

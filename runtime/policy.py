@@ -249,7 +249,9 @@ def load_policy(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no HF checkpoint at {path} (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    # use_kernels=False: transformers ≥ 5.25 otherwise fetches "hub kernels" from the Hugging
+    # Face Hub on CUDA (no network on compute nodes; without the `kernels` package it raises)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 

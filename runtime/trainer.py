@@ -226,7 +226,7 @@ class Trainer:
     def _micro_batches(self, rows: Tensor, batch: TrainBatch) -> Iterator[Tensor]:
         """Micro-batches of ``rows``; with length balancing, similar lengths go together."""
         if self.length_balancing:
-            lengths = batch.attention_mask[rows].sum(1)
+            lengths = batch.attention_mask[rows].sum(1).cpu()  # rows index on the CPU
             rows = rows[torch.argsort(lengths, stable=True)]
         yield from rows.split(self.micro)
 

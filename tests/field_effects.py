@@ -76,6 +76,7 @@ TASKS = "tests/runtime/test_tasks.py"
 TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
+MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
 SLURM = "tests/slurm/test_slurm.py"
 VLLM = "tests/vllm_flags/test_vllm_flags.py"
 
@@ -274,9 +275,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Train.recompute": {
         "train:local": "refused:recompute",  # the embedded trainer keeps every activation
-        "train:megatron+devices:cpu": "refused:megatron_cpu",
-        "train:megatron+devices:gpu": (t(PLAN, "test_full_recompute_keeps_less_than_selective"),
-                                       "MISSING"),
+        "train:megatron": (t(MCORE_TRAINER, "test_recomputed_activations_replay_the_same_experts"),
+                           t(PLAN, "test_full_recompute_keeps_less_than_selective"), "MISSING"),
     },
     "Train.steps": {"all": RL_E2E},  # 3 steps → 3 metrics lines
     "Train.rollout_budget": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
@@ -545,8 +545,9 @@ MISSING: dict[str, str] = {
                    "(on Slurm each trainer node starts its own copy); neither refused",
     "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
                        "(and vLLM always serves --dtype bfloat16)",
-    "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
-                       "the memory estimate follows it in tests)",
+    "Train.recompute": "train:megatron: the GPTModel recomputes (equal steps with and without, "
+                       "on CPU and on an H200 by bench/gpu.py), but no test shows the train "
+                       "job passes the spec's value to the model (only memory differs)",
     "Train.seed": "seeds init, the trainers, the driver, eval/screen sampling and vLLM --seed; "
                   "every test runs the default 1234",
     "TrainParallelism.tensor": "train:local: the embedded trainer is one process and ignores "

@@ -299,15 +299,13 @@ class MegatronTrainerProcess(TrainerProcess):
                               backend=backend, seed=args.seed, **layout)
         self.main = rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel}
-        # On the CPU: the allgather dispatcher (runtime.megatron.cpu) and no recomputation
-        # (megatron's activation checkpointing saves CUDA RNG states); neither changes results.
-        if backend != "gloo":
-            overrides["moe_token_dispatcher_type"] = args.moe_token_dispatcher_type
-            if args.recompute_granularity:
-                overrides.update(recompute_granularity=args.recompute_granularity,
-                                 recompute_method=args.recompute_method,
-                                 recompute_num_layers=args.recompute_num_layers)
+        # the CPU runs the allgather dispatcher only (the megatron_cpu rule refuses others)
+        overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel,
+                                     "moe_token_dispatcher_type": args.moe_token_dispatcher_type}
+        if args.recompute_granularity:
+            overrides.update(recompute_granularity=args.recompute_granularity,
+                             recompute_method=args.recompute_method,
+                             recompute_num_layers=args.recompute_num_layers)
         self.module = mm.build_gpt_model(
             self.hf_config, pg, routing_replay=self.replay_mode != "off", dtype=dtype,
             **layout, **overrides)

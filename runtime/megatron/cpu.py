@@ -1,8 +1,8 @@
 """Every CPU-only adaptation megatron-core needs, in one place (test support).
 
 megatron-core 0.16.1 assumes CUDA (+ TransformerEngine). Its pure-PyTorch ("local") modules,
-DDP, distributed optimizer, schedules and distributed checkpoints do run on CPU once these
-eight things hold; :func:`enable_cpu` arranges the six global ones:
+DDP, distributed optimizer, schedules, activation recomputation and distributed checkpoints
+do run on CPU once these nine things hold; :func:`enable_cpu` arranges the seven global ones:
 
 1. ``torch.cuda.current_device`` returns ``torch.device("cpu")`` — routers, experts and
    rotary embeddings allocate with ``device=torch.cuda.current_device()``.
@@ -21,13 +21,16 @@ eight things hold; :func:`enable_cpu` arranges the six global ones:
    by that name only.
 6. ``torch.cuda.synchronize`` is a no-op (the checkpoint writer syncs before copying tensors;
    the CPU has no streams to wait for).
+7. activation recomputation (``CheckpointFunction``) saves and restores a "CUDA" generator
+   state next to the CPU one and the tracker's: on the CPU there is none to save
+   (``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``).
 
 and the caller provides the other two (:mod:`runtime.megatron.model` does):
 
-7. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
+8. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
    "file://…")`` — loopback only, never ``env://``) and ``parallel_state`` groups built on it,
    handed to the model as an explicit ``ProcessGroupCollection``;
-8. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
+9. the allgather token dispatcher (``moe_token_dispatcher_type="allgather"``); alltoall/flex
    need CUDA streams or DeepEP.
 
 Production code on GPUs never imports this module; the engine calls :func:`enable_cpu` only
@@ -101,6 +104,16 @@ def _no_sync(device: Any = None) -> None:
     return None
 
 
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Activation checkpointing's "CUDA" generator state: there is none on the CPU (the CPU
+    generator is saved next to it, and the named states by the tracker)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_no_cuda_rng_state(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 class CpuRNGStatesTracker(_random.CudaRNGStatesTracker):
     """megatron's named-RNG-state tracker over the CPU generator (``torch.get_rng_state``)."""
 
@@ -155,6 +168,9 @@ def enable_cpu() -> None:
         module.torch = cpu_torch
     _saved["tensor_type"] = torch.Tensor.type
     torch.Tensor.type = _tensor_type  # type: ignore[method-assign, assignment]
+    _saved["cuda_rng_state"] = (_random._get_cuda_rng_state, _random._set_cuda_rng_state)
+    _random._get_cuda_rng_state = _no_cuda_rng_state
+    _random._set_cuda_rng_state = _set_no_cuda_rng_state
 
 
 def disable_cpu() -> None:
@@ -168,6 +184,7 @@ def disable_cpu() -> None:
     for name, real in _saved.pop("torch_of").items():
         importlib.import_module(name).torch = real
     torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
+    _random._get_cuda_rng_state, _random._set_cuda_rng_state = _saved.pop("cuda_rng_state")
     _random._CUDA_RNG_STATE_TRACKER, _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = (
         _saved.pop("rng_tracker"))
     gemm = _saved.pop("te_general_gemm")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -306,6 +307,16 @@ class MegatronTrainer(Trainer):
 
     # ------------------------------------------------------------------ the update
 
+    @contextmanager
+    def _update_routing(self, trace: RoutingTrace | None) -> Iterator[None]:
+        """``Trainer._routing`` for a forward whose backward may recompute it (full
+        activation recomputation): the recomputed forward replays the same experts."""
+        if self.replay_mode == "off" or trace is None:
+            yield
+            return
+        with self.replay.replaying(trace, backward=True):  # type: ignore[union-attr]
+            yield
+
     def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
                         sums, counts) -> None:
         total_tokens = float(mask[mini].sum())
@@ -317,7 +328,7 @@ class MegatronTrainer(Trainer):
 
         def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
             index, real, padded = next(data)
-            with self._routing(padded.routing):
+            with self._update_routing(padded.routing):
                 logp, _ = megatron_logprobs(model, padded.input_ids.to(self.device),
                                             padded.attention_mask.to(self.device))
 
@@ -334,7 +345,11 @@ class MegatronTrainer(Trainer):
 
             return logp, loss_func
 
-        self._schedule(self.model, micro, forward_step, forward_only=False)
+        try:
+            self._schedule(self.model, micro, forward_step, forward_only=False)
+        finally:
+            if self.replay_mode != "off":
+                self.replay.finish_backward()  # type: ignore[union-attr]
         _, grad_norm, _ = self.optimizer.step()
         if self.dp_rank == 0:  # the same on every rank: counted once by _reduce_metrics
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm or 0.0)

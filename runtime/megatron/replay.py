@@ -79,8 +79,14 @@ class MegatronReplay:
         return len(RouterReplay.global_router_replay_instances)
 
     @contextmanager
-    def replaying(self, trace: RoutingTrace) -> Iterator[MegatronReplay]:
-        """Forwards inside the block route every token to the trace's experts."""
+    def replaying(self, trace: RoutingTrace, *, backward: bool = False) -> Iterator[MegatronReplay]:
+        """Forwards inside the block route every token to the trace's experts.
+
+        ``backward``: the block's forward will be recomputed in the backward pass (activation
+        recomputation, ``train.recompute: full``): afterwards each router replays its queued
+        experts there (megatron-core's REPLAY_BACKWARD pops them in forward order) instead of
+        routing freely, which would give the gradient of other experts than the forward
+        used. :meth:`finish_backward` clears what is left once the backward passes ran."""
         layers = to_megatron_layout(trace)
         if len(layers) != self.total_layers:
             raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has "
@@ -89,13 +95,21 @@ class MegatronReplay:
         if self.tp > 1:  # this rank's sequence shard (module doc)
             rows = layers[0].shape[0] // self.tp
             layers = [t[self.tp_rank * rows:(self.tp_rank + 1) * rows] for t in layers]
-        RouterReplay.set_replay_data(layers)
+        RouterReplay.set_replay_data(layers)  # also queues them for REPLAY_BACKWARD
         RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         try:
             yield self
         finally:
-            RouterReplay.clear_global_router_replay_action()
-            RouterReplay.clear_global_indices()  # set_replay_data also queues for backward
+            if backward:
+                RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+            else:
+                RouterReplay.clear_global_router_replay_action()
+                RouterReplay.clear_global_indices()
+
+    def finish_backward(self) -> None:
+        """End the replays of :meth:`replaying` (``backward=True``) after their backward."""
+        RouterReplay.clear_global_router_replay_action()
+        RouterReplay.clear_global_indices()
 
     @contextmanager
     def recording(self) -> Iterator[list[Tensor]]:

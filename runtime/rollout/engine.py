@@ -217,7 +217,8 @@ class LocalEngine:
         self.dtype = dtype
         self.logprobs_mode: LogprobsMode = logprobs_mode
         self.config = AutoConfig.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype,
+                                                          use_kernels=False)  # see load_policy
         self.model.to(self.device).eval()
         self.tokenizer = self._load_tokenizer()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -416,6 +417,7 @@ class LocalEngine:
                 config=self.config,
                 state_dict=state,
                 dtype=self.dtype,
+                use_kernels=False,
                 output_loading_info=True,
             )
         except (RuntimeError, ValueError, KeyError) as exc:

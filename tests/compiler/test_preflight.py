@@ -58,8 +58,6 @@ CASES = [
      ("rollout", "engine"), "rl", "embedded rollout server runs on the CPU only"),
     ("megatron_cpu", TINY, [*CPU_MEGATRON, "model.architecture.moe.token_dispatcher=alltoall"],
      ("model", "architecture", "moe", "token_dispatcher"), "rl", "runs the allgather dispatcher"),
-    ("megatron_cpu", TINY, [*CPU_MEGATRON, "train.recompute=full"],
-     ("train", "recompute"), "rl", "does not recompute activations"),
     ("recompute", TINY, ["train.recompute=selective"],
      ("train", "recompute"), "rl", "embedded trainer does not recompute"),
     ("one_gpu_memory", EXAMPLES / "compassmax-245b.yaml", ["eval.enabled=true"],

@@ -1,5 +1,6 @@
 """One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
-tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP]`` (REPLAY ``resume``:
+tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP [RECOMPUTE]]``
+(RECOMPUTE: ``full`` or ``selective`` activation recomputation on the Megatron side; REPLAY ``resume``:
 the checkpoint round trip of :func:`run_resume` instead; LOSS ``<loss>-kl`` adds a KL penalty
 to the frozen initial policy).
 
@@ -69,8 +70,16 @@ def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
     return TrainBatch(ids, attn, loss_mask, rollout, adv, routing)
 
 
+RECOMPUTE: dict[str, dict[str, Any]] = {  # as runtime/megatron/args.py renders train.recompute
+    "none": {},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
+    "selective": {"recompute_granularity": "selective"},
+}
+
+
 def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str,
-        loss: str, pp: int = 1) -> dict[str, Any]:
+        loss: str, pp: int = 1, recompute: str = "none") -> dict[str, Any]:
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
@@ -105,7 +114,8 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep, pp=pp)
     try:
         model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, pp=pp,
-                                   routing_replay=replay != "off", sequence_parallel=tp > 1)
+                                   routing_replay=replay != "off", sequence_parallel=tp > 1,
+                                   **RECOMPUTE[recompute])
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         reference = None
@@ -170,9 +180,10 @@ def main(argv: list[str]) -> None:
     rank, world_size, tp, ep = (int(a) for a in argv[:4])
     workdir, replay, loss = Path(argv[4]), argv[5], argv[6]
     pp = int(argv[7]) if len(argv) > 7 else 1
+    recompute = argv[8] if len(argv) > 8 else "none"
     torch.set_num_threads(1)
     out = (run_resume(rank, world_size, tp, ep, workdir) if replay == "resume"
-           else run(rank, world_size, tp, ep, workdir, replay, loss, pp))
+           else run(rank, world_size, tp, ep, workdir, replay, loss, pp, recompute))
     torch.save(out, workdir / f"rank{rank}.pt")
 
 

@@ -95,6 +95,19 @@ def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, 
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+@pytest.mark.parametrize(("replay", "recompute"), [("r3", "full"), ("r2", "full"),
+                                                  ("r3", "selective")])
+def test_recomputed_activations_replay_the_same_experts(tmp_path: Path, replay: str,
+                                                        recompute: str) -> None:
+    """``train.recompute: full`` re-runs each layer's forward in the backward pass: its routers
+    must replay the experts the forward replayed (megatron-core's REPLAY_BACKWARD queue), or
+    the gradient belongs to other experts. Found on an H200 (bench/RESULTS.md §GPU): the
+    step's loss and gradient norm were off by 0.5 % and max |Δθ| was twice the step."""
+    (out,) = launch("tests.megatron._train_worker", 1,
+                    ["1", "1", str(tmp_path), replay, "grpo", "1", recompute], tmp_path)
+    _check(out)
+
+
 def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
     """A Megatron distributed checkpoint (dist_checkpointing, the distributed optimizer's
     shards dp-reshardable) restores weights, Adam moments and step: a trainer of other weights
