@@ -255,8 +255,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Train.nodes": {
         # torchrun --nnodes 16, one node rank per trainer node
         "train:megatron+scheduler:slurm": (SPLIT_245B, "check:training_grid"),
-        "train:megatron+scheduler:local": "MISSING",
-        "train:local": "MISSING",
+        # the local scheduler starts one trainer task; the embedded trainer is one process
+        "train:megatron+scheduler:local": "refused:local_nodes",
+        "train:local": "refused:embedded_trainer_nodes",
     },
     "Train.parallelism": {"all": "section:TrainParallelism"},
     "Train.micro_batch_size": {
@@ -344,7 +345,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Rollout.nodes": {
         "scheduler:slurm": (SPLIT_245B, "check:rollout_grid"),  # vllm on nodes 0..7
-        "scheduler:local": "MISSING",
+        "scheduler:local": "refused:local_nodes",  # one rollout task on this machine
     },
     "Rollout.parallelism": {"all": "section:RolloutParallelism"},
     "Rollout.n": {"all": RL_E2E},  # 4 prompts × n 4 = 16 rollouts a step
@@ -419,7 +420,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "OfflinePassRate.proxy_cost_ratio": {"all": OFFLINE_COST},
     "OfflinePassRate.reuse_epochs": {"all": OFFLINE_COST},
     "OfflinePassRate.temperature": {"all": "MISSING"},
-    "OfflinePassRate.nodes": {"all": "MISSING"},
+    # Slurm: one task per node, each screening its share of the prompts, merged by task 0.
+    "OfflinePassRate.nodes": {
+        "scheduler:slurm": t(EVAL, "test_screen_shards_prompts_over_its_nodes"),
+        "scheduler:local": "refused:screen_nodes",
+    },
     "AdaptiveGroupSize.type": {"all": BUILD_STAGES},
     "AdaptiveGroupSize.extreme_pass_rate": {"all": t(FILTERS, "test_adaptive_extreme_boundaries")},
     "AdaptiveGroupSize.target_mixed_probability": {"all": t(FILTERS, "test_growth_rule_boundaries_and_tie")},
@@ -540,9 +545,6 @@ MISSING: dict[str, str] = {
     "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
     "SFT.lr": "read by the sft job; no test varies it",
     "SFT.batch_size": "read by the sft job; no test varies it",
-    "Train.nodes": "scheduler:local runs one task per role (rlspec_run_on), so Megatron with "
-                   "nodes > 1 waits for node ranks that never start; train:local is one process "
-                   "(on Slurm each trainer node starts its own copy); neither refused",
     "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
                        "(and vLLM always serves --dtype bfloat16)",
     "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
@@ -569,8 +571,6 @@ MISSING: dict[str, str] = {
     "Optimizer.distributed": "train:local: ignored by the embedded trainer; not warned",
     "Checkpointing.keep": "train:local: pruning of checkpoints/rl/step-* is not tested (only "
                           "Megatron's iter_* pruning is)",
-    "Rollout.nodes": "scheduler:local runs rollout.sh once: more rollout nodes only repeat the "
-                     "first replica's endpoint; neither refused nor warned",
     "Rollout.gpu_memory_utilization": "rollout:local: ignored by the embedded engine; not warned",
     "Rollout.max_num_seqs": "rollout:local: ignored by the embedded engine; not warned",
     "Rollout.fp8": "rollout:vllm: --quantization fp8 is rendered by no test (no example sets "
@@ -592,8 +592,6 @@ MISSING: dict[str, str] = {
     "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
                                    "no test compiles or runs a non-policy proxy",
     "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
-    "OfflinePassRate.nodes": "asks Slurm for nodes, but every node screens every prompt and only "
-                             "rank 0 writes; no test",
     "Algorithm.ppo_epochs": "passed to Trainer.step by the trainer process; no test shows more "
                             "epochs take more optimizer steps",
     "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "

@@ -181,6 +181,41 @@ def test_screen_drops_exactly_the_prompts_outside_the_range(bundle: Path, run_di
     assert np.allclose(rates, again)
 
 
+def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
+                                              tmp_path: Path) -> None:
+    """filters[0].nodes 2 on Slurm: each of the two tasks screens half of the prompts, task 0
+    merges; the pass rates are those of one node (seeded per sample, not per batch)."""
+    _launch(bundle, "screen", run_dir)  # the one-node screen (skipped if done above)
+    config = _config(bundle, "screen")
+    config["job"] = "screen_2nodes"
+    config["spec"]["cluster"]["scheduler"] = "slurm"
+    stage = next(f for f in config["spec"]["filters"] if f["type"] == "offline_pass_rate")
+    stage["nodes"] = 2
+    out_name = next(iter(config["outputs"]))
+    config["outputs"][out_name]["path"] = "artifacts/pass_rates_2nodes"
+    path = tmp_path / "bundle" / "jobs" / "screen_2nodes" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    procs = [subprocess.Popen([sys.executable, "-m", "runtime.jobs.screen", "--config", str(path)],
+                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
+                                   "SLURM_JOB_ID": "4242"},
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))
+    assert "screening 150 of 300 prompts (task 1 of 2)" in errs[0]
+    assert "screening 150 of 300 prompts (task 0 of 2)" in errs[1]
+    one = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl")
+    two_dir = run_dir / "artifacts" / "pass_rates_2nodes"
+    two = ScreenResult.read_jsonl(two_dir / "pass_rates.jsonl")
+    assert two.prompt_ids == one.prompt_ids == [r["id"] for r in rows]
+    assert np.array_equal(two.pass_rates, one.pass_rates)
+    assert np.array_equal(two.kept, one.kept)
+    assert json.loads((two_dir / "summary.json").read_text())["nodes"] == 2
+    assert not list((run_dir / "artifacts").glob(".pass_rates_2nodes.shards-*"))
+
+
 # --------------------------------------------------------------------------- export
 
 
