@@ -343,6 +343,16 @@ def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set train.recompute: none")
 
 
+def fp8(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded engine serves the policy's own weights: FP8 rollouts (vLLM
+    ``--quantization fp8``) would sample with other numerics than the spec asks for."""
+    if _uses_embedded_engine(spec) and spec["rollout"]["fp8"]:
+        yield Refusal("fp8", ("rollout", "fp8"),
+                      "the embedded rollout engine serves the policy's weights as they are, "
+                      "not quantized to FP8",
+                      "set rollout.fp8: false, or rollout.engine: vllm")
+
+
 def tokenizer(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Jobs load the tokenizer saved with an HF checkpoint; a separate tokenizer is read only
     for a Megatron checkpoint (which carries none)."""
@@ -367,6 +377,7 @@ RULES: dict[str, Rule] = {
     "megatron_cpu": megatron_cpu,
     "recompute": recompute,
     "tokenizer": tokenizer,
+    "fp8": fp8,
     "local_nodes": local_nodes,
     "embedded_trainer_nodes": embedded_trainer_nodes,
     "screen_nodes": screen_nodes,
@@ -386,8 +397,8 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
-           "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "local_nodes",
-           "embedded_trainer_nodes"),
+           "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "fp8",
+           "local_nodes", "embedded_trainer_nodes"),
 }
 
 

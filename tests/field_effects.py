@@ -102,8 +102,14 @@ SHAPING = t(FILTERS, "test_reward_shaping_rules")
 HTTP_JUDGE = t(REWARDS, "test_http_judge_verdicts_and_key")
 EVAL_JOB = t(EVAL, "test_evaluate_before_and_after_greedy_is_deterministic")
 
-# The embedded trainer is one process: the Megatron layout does not apply to it.
-LOCAL_LAYOUT = "MISSING"
+# The embedded trainer is one process: the Megatron layout does not apply to it; a value
+# other than the default is warned about (harmless: nothing is sharded either way).
+LOCAL_LAYOUT = "warned:unused_settings"
+# The embedded engine has no vLLM memory pool, sequence limit or sharding: warned likewise.
+LOCAL_ENGINE = "warned:unused_settings"
+# Slurm's request fields on the local scheduler, gpu_memory_gb on CPU runs: warned likewise.
+NOT_READ = "warned:unused_settings"
+FP8_FLAGS = t(VLLM, "test_fp8_and_the_engine_limits_reach_every_vllm")
 
 
 EFFECTS: dict[str, dict[str, Evidence]] = {
@@ -199,7 +205,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # Neither trainer adds the auxiliary loss (Megatron builds its routers with coefficient 0).
     "MoE.aux_loss_coeff": {"all": "refused:aux_loss"},
     "MoE.token_dispatcher": {
-        "train:local": "MISSING",
+        "train:local": LOCAL_LAYOUT,  # no dispatcher in one process: warned unless default
         "train:megatron+devices:cpu": "refused:megatron_cpu",  # allgather only on CPU ranks
         "train:megatron+devices:gpu": "MISSING",
     },
@@ -219,19 +225,19 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # #SBATCH --partition / --account / --qos and the submitit request (dry run asserts them).
     "Cluster.partition": {"scheduler:slurm": (DRY_RUN, "check:cluster_settings"),
-                          "scheduler:local": "MISSING"},
-    "Cluster.account": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
-    "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+                          "scheduler:local": NOT_READ},
+    "Cluster.account": {"scheduler:slurm": DRY_RUN, "scheduler:local": NOT_READ},
+    "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": NOT_READ},
     "Cluster.gpus_per_node": {
         "train:megatron": (MCORE_TINY, SPLIT_245B, "check:training_grid"),  # ranks per node
         "train:local": ("check:training_grid", "MISSING"),
     },
     "Cluster.gpu_memory_gb": {
         "devices:gpu": "check:memory",
-        "devices:cpu": "MISSING",  # not compared on CPU runs, and not warned
+        "devices:cpu": NOT_READ,  # not compared on CPU runs
     },
     # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
-    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": "MISSING"},
+    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": NOT_READ},
     "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
     # srun --container-image / --container-mounts in the golden 245b lib.sh.
     "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
@@ -332,7 +338,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Optimizer.clip_grad": {"all": "MISSING"},
     "Optimizer.warmup_steps": {"all": SCHEDULE},
     "Optimizer.distributed": {
-        "train:local": "MISSING",
+        "train:local": LOCAL_LAYOUT,
         "train:megatron": (OPT_FLAGS, "check:memory"),  # --use-distributed-optimizer → DDP
     },
     # interval 1 → a checkpoint per step (TrainerProcess.train_batch, shared by both backends)
@@ -356,22 +362,25 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Rollout.sampling": {"all": "section:Sampling"},
     # --gpu-memory-utilization in the golden rollout.sh; the rollout memory check.
     "Rollout.gpu_memory_utilization": {
-        "rollout:vllm": (GOLDEN, t(CHECKS, "test_rollout_over_memory")),
-        "rollout:local": "MISSING",
+        "rollout:vllm": (GOLDEN, FP8_FLAGS, t(CHECKS, "test_rollout_over_memory")),
+        "rollout:local": LOCAL_ENGINE,
     },
-    "Rollout.max_num_seqs": {"rollout:vllm": GOLDEN, "rollout:local": "MISSING"},  # --max-num-seqs
+    "Rollout.max_num_seqs": {"rollout:vllm": (GOLDEN, FP8_FLAGS),  # --max-num-seqs
+                             "rollout:local": LOCAL_ENGINE},
     "Rollout.redundant_experts": {
         "rollout:vllm": "test:tests/vllm_flags/test_vllm_flags.py::test_redundant_experts_enable_vllms_eplb",
         "rollout:local": "check:redundant_experts"},
-    "Rollout.fp8": {"rollout:vllm": ("check:memory", "MISSING"), "rollout:local": "MISSING"},
+    # --quantization fp8; the embedded engine would sample unquantized: refused there.
+    "Rollout.fp8": {"rollout:vllm": ("check:memory", FP8_FLAGS), "rollout:local": "refused:fp8"},
     # 2-node replicas of TP 8 × DP 2 (--data-parallel-address, headless second node).
+    # On the embedded engine TP·DP only sets the devices a replica claims (warned).
     "RolloutParallelism.tensor": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
-                                  "rollout:local": "MISSING"},
+                                  "rollout:local": LOCAL_ENGINE},
     "RolloutParallelism.data": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
-                                "rollout:local": "MISSING"},
+                                "rollout:local": LOCAL_ENGINE},
     "RolloutParallelism.expert_parallel": {
         "rollout:vllm": (SPLIT_245B, "warned:rollout_grid"),  # --enable-expert-parallel
-        "rollout:local": "MISSING",
+        "rollout:local": LOCAL_ENGINE,
     },
     # Engine-side sampling (the same completions request reaches vLLM and the embedded engine).
     "Sampling.temperature": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
@@ -527,20 +536,12 @@ MISSING: dict[str, str] = {
                                "checkpoint; every test runs the default",
     "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
                                    "no runtime test builds or trains a tied model",
-    "MoE.token_dispatcher": "train:local: ignored by the embedded trainer, not refused; "
-                            "train:megatron+devices:gpu: applied, no GPU test",
+    "MoE.token_dispatcher": "train:megatron+devices:gpu: applied, no GPU test",
     "Cluster.devices": "train:megatron+devices:gpu: torchrun + NCCL on GPUs: no GPU test; "
                        "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
                        "nor tested",
-    "Cluster.partition": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
-    "Cluster.account": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
-    "Cluster.qos": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
-    "Cluster.gpu_memory_gb": "devices:cpu: not compared (test_cpu_runs_skip_the_memory_comparison) "
-                             "and not warned",
-    "Cluster.cpus_per_task": "scheduler:local: ignored (submitit's local executor gets no cpus); "
-                             "not warned",
     "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
     "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
     "SFT.lr": "read by the sft job; no test varies it",
@@ -551,34 +552,13 @@ MISSING: dict[str, str] = {
                        "the memory estimate follows it in tests)",
     "Train.seed": "seeds init, the trainers, the driver, eval/screen sampling and vLLM --seed; "
                   "every test runs the default 1234",
-    "TrainParallelism.tensor": "train:local: the embedded trainer is one process and ignores "
-                               "the Megatron layout; neither refused nor warned",
-    "TrainParallelism.pipeline": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.virtual_pipeline": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.context": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.expert": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.expert_tensor": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.sequence_parallel": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.first_pipeline_stage_layers": "train:local: ignored by the one-process "
-                                                    "embedded trainer",
-    "TrainParallelism.last_pipeline_stage_layers": "train:local: ignored by the one-process "
-                                                   "embedded trainer",
     "Optimizer.weight_decay": "read by both trainers' Adam; no test varies it",
     "Optimizer.adam_beta1": "read by both trainers' Adam; no test varies it",
     "Optimizer.adam_beta2": "read by both trainers' Adam; no test varies it",
     "Optimizer.adam_eps": "read by both trainers' Adam; no test varies it",
     "Optimizer.clip_grad": "read by both trainers; no test shows clipping at a set norm",
-    "Optimizer.distributed": "train:local: ignored by the embedded trainer; not warned",
     "Checkpointing.keep": "train:local: pruning of checkpoints/rl/step-* is not tested (only "
                           "Megatron's iter_* pruning is)",
-    "Rollout.gpu_memory_utilization": "rollout:local: ignored by the embedded engine; not warned",
-    "Rollout.max_num_seqs": "rollout:local: ignored by the embedded engine; not warned",
-    "Rollout.fp8": "rollout:vllm: --quantization fp8 is rendered by no test (no example sets "
-                   "it); rollout:local: ignored, not warned",
-    "RolloutParallelism.tensor": "rollout:local: the embedded engine has no tensor parallelism; "
-                                 "TP only divides the replica count; not warned",
-    "RolloutParallelism.data": "rollout:local: only divides the embedded replica count; not warned",
-    "RolloutParallelism.expert_parallel": "rollout:local: ignored by the embedded engine; not warned",
     "Sampling.top_p": "sent with every rollout request; no test shows nucleus filtering change "
                       "the samples",
     "Data.train": "documented as a JSONL file, but the jobs read <data.train>/train.jsonl and "
