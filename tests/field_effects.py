@@ -69,6 +69,7 @@ MARGS = "tests/runtime/test_megatron_args.py"
 POLICY = "tests/runtime/test_policy.py"
 REWARDS = "tests/runtime/test_rewards.py"
 RL = "tests/runtime/test_rl_job.py"
+PROMPTS = "tests/runtime/test_prompts.py"
 ROLLOUT = "tests/runtime/test_rollout.py"
 REPLAY = "tests/runtime/test_router_replay.py"
 RUN = "tests/runtime/test_run.py"
@@ -101,6 +102,11 @@ OFFLINE_COST = t(FILTERS, "test_offline_run_artifact_and_cost")
 SHAPING = t(FILTERS, "test_reward_shaping_rules")
 HTTP_JUDGE = t(REWARDS, "test_http_judge_verdicts_and_key")
 EVAL_JOB = t(EVAL, "test_evaluate_before_and_after_greedy_is_deterministic")
+EVAL_SAMPLING = t(EVAL, "test_evaluate_samples_at_eval_temperature_and_max_tokens_seeded_by_train_seed")
+SFT_JOB = t(EVAL, "test_sft_runs_its_steps_of_its_batch_size_at_its_lr")
+# The embedded trainer's AdamW; Megatron's OptimizerConfig from the train.sh flags.
+ADAM = {"train:local": t(TRAINER, "test_adam_takes_the_spec_values_and_decays_matrices_only"),
+        "train:megatron": t(MARGS, "test_the_optimizer_and_seed_of_the_spec_reach_the_megatron_trainer")}
 
 # The embedded trainer is one process: the Megatron layout does not apply to it; a value
 # other than the default is warned about (harmless: nothing is sharded either way).
@@ -250,9 +256,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Container.image": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Container.mounts": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     # ------------------------------------------------------------------ sft
-    "SFT.steps": {"all": "MISSING"},
-    "SFT.lr": {"all": "MISSING"},
-    "SFT.batch_size": {"all": "MISSING"},
+    "SFT.steps": {"all": SFT_JOB},
+    "SFT.lr": {"all": SFT_JOB},
+    "SFT.batch_size": {"all": SFT_JOB},
     # ------------------------------------------------------------------ train
     "Train.backend": {
         "train:local": RL_E2E,
@@ -287,7 +293,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Train.steps": {"all": RL_E2E},  # 3 steps → 3 metrics lines
     "Train.rollout_budget": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
-    "Train.seed": {"all": "MISSING"},
+    # Samples of the evals (and screen) follow it; Megatron's --seed carries it.
+    "Train.seed": {"all": (EVAL_SAMPLING, ADAM["train:megatron"])},
     "Train.optimizer": {"all": "section:Optimizer"},
     "Train.checkpoint": {"all": "section:Checkpointing"},
     "TrainParallelism.tensor": {
@@ -331,11 +338,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # lr, min_lr and warm-up); Megatron reads --lr back from train.sh (edited in place there).
     "Optimizer.lr": {"train:local": SCHEDULE, "train:megatron": (SCHEDULE, OPT_FLAGS)},
     "Optimizer.min_lr": {"all": SCHEDULE},
-    "Optimizer.weight_decay": {"all": "MISSING"},
-    "Optimizer.adam_beta1": {"all": "MISSING"},
-    "Optimizer.adam_beta2": {"all": "MISSING"},
-    "Optimizer.adam_eps": {"all": "MISSING"},
-    "Optimizer.clip_grad": {"all": "MISSING"},
+    "Optimizer.weight_decay": ADAM,
+    "Optimizer.adam_beta1": ADAM,
+    "Optimizer.adam_beta2": ADAM,
+    "Optimizer.adam_eps": ADAM,
+    "Optimizer.clip_grad": {"train:local": t(TRAINER, "test_clip_grad_bounds_the_gradient_norm_of_each_update"),
+                            "train:megatron": ADAM["train:megatron"]},
     "Optimizer.warmup_steps": {"all": SCHEDULE},
     "Optimizer.distributed": {
         "train:local": LOCAL_LAYOUT,
@@ -343,7 +351,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # interval 1 → a checkpoint per step (TrainerProcess.train_batch, shared by both backends)
     "Checkpointing.interval": {"all": MCORE_TINY},
-    "Checkpointing.keep": {"train:local": "MISSING", "train:megatron": MCORE_TINY},
+    "Checkpointing.keep": {"train:local": t(TRAINER, "test_the_embedded_trainer_keeps_the_newest_checkpoints"),
+                           "train:megatron": MCORE_TINY},
     # ------------------------------------------------------------------ rollout
     "Rollout.engine": {
         "rollout:local": RL_E2E,
@@ -384,17 +393,23 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # Engine-side sampling (the same completions request reaches vLLM and the embedded engine).
     "Sampling.temperature": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
-    "Sampling.top_p": {"all": "MISSING"},
+    "Sampling.top_p": {"all": t(ROLLOUT, "test_top_p_samples_from_the_renormalised_nucleus")},
     "Sampling.top_k": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
     # ------------------------------------------------------------------ data
-    "Data.train": {"all": "MISSING"},
-    "Data.eval": {"all": "MISSING"},
+    # A JSONL file: the train split of sft, screen and the driver; data.eval that of the evals.
+    "Data.train": {"all": (t(PROMPTS, "test_sft_and_screen_read_a_train_file"),
+                           t(PROMPTS, "test_the_driver_reads_the_train_and_eval_files"))},
+    "Data.eval": {"all": (t(PROMPTS, "test_eval_before_reads_the_eval_file"),
+                          t(PROMPTS, "test_the_driver_reads_the_train_and_eval_files"))},
     # The data job writes train_size / eval_size rows of the generator (counts asserted).
     "Data.generator": {"all": t(DATA, "test_data_and_init_jobs_then_rerun_skips")},
     "Data.prompt_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
     "Data.answer_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
-    "Data.max_prompt_tokens": {"all": ("check:run_level", "MISSING")},
-    "Data.shuffle_seed": {"all": "MISSING"},
+    # Longer prompts are dropped by every job that reads prompts (runtime.prompts).
+    "Data.max_prompt_tokens": {"all": ("check:run_level",
+                                       t(PROMPTS, "test_drop_overlong_counts_tokens"),
+                                       t(PROMPTS, "test_sft_and_screen_read_a_train_file"))},
+    "Data.shuffle_seed": {"all": t(PROMPTS, "test_the_prompt_order_follows_data_shuffle_seed_not_train_seed")},
     "ArithmeticTask.type": {"all": "doc"},  # Literal["arithmetic"]: one value
     "ArithmeticTask.seed": {"all": t(TASKS, "test_deterministic_and_seed_dependent")},
     "ArithmeticTask.train_size": {"all": (t(TASKS, "test_splits_disjoint_unique_and_sized"),
@@ -469,7 +484,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Algorithm.advantage": {"all": "section:Advantage"},
     "Algorithm.kl": {"all": "section:KL"},
     "Algorithm.correction": {"all": "section:Correction"},
-    "Algorithm.ppo_epochs": {"all": "MISSING"},
+    # Trainer.step(epochs=ppo_epochs): 2 epochs take twice the optimizer steps (12, not 6).
+    "Algorithm.ppo_epochs": {"all": t(TRAINER, "test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_step")},
     "ESPOParams.alpha": {"all": t(LOSSES, "test_espo_matches_reference")},
     "ESPOParams.high_entropy_fraction": {"all": t(LOSSES, "test_espo_matches_reference")},
     "GSPOParams.clip_low": {"all": t(LOSSES, "test_gspo_matches_reference")},
@@ -500,7 +516,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # ------------------------------------------------------------------ system
     "System.reward_overlap": {"all": "MISSING"},
-    "System.length_balancing": {"all": "MISSING"},
+    # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on).
+    "System.length_balancing": {"all": t(TRAINER, "test_length_balancing_groups_responses_of_similar_length")},
     "System.max_staleness": {"all": "refused:async_rollout"},
     # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
     # --weight-transfer-config.
@@ -514,11 +531,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Eval.enabled": {"all": JOBS_FOLLOW},  # enabled=false removes eval_before / eval_after
     "Eval.every_steps": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
     "Eval.samples": {"all": EVAL_JOB},  # 2 samples per prompt
-    "Eval.temperature": {"all": "MISSING"},
-    "Eval.max_tokens": {"all": ("check:run_level", "MISSING")},
+    "Eval.temperature": {"all": EVAL_SAMPLING},
+    "Eval.max_tokens": {"all": ("check:run_level", EVAL_SAMPLING)},
     # ------------------------------------------------------------------ export
     "Export.format": {"all": "doc"},  # Literal["hf"]: one value
-    "Export.dtype": {"all": "MISSING"},
+    "Export.dtype": {"all": (t(EVAL, "test_export_converts_dtype_and_keeps_files"),
+                             t(EVAL, "test_export_in_fp32_keeps_the_weights_exactly"))},
 }
 
 # Fields whose whole purpose is compile time: "check:" alone is their evidence.
@@ -543,43 +561,14 @@ MISSING: dict[str, str] = {
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
     "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
-    "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
-    "SFT.lr": "read by the sft job; no test varies it",
-    "SFT.batch_size": "read by the sft job; no test varies it",
     "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
                        "(and vLLM always serves --dtype bfloat16)",
     "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
                        "the memory estimate follows it in tests)",
-    "Train.seed": "seeds init, the trainers, the driver, eval/screen sampling and vLLM --seed; "
-                  "every test runs the default 1234",
-    "Optimizer.weight_decay": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_beta1": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_beta2": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_eps": "read by both trainers' Adam; no test varies it",
-    "Optimizer.clip_grad": "read by both trainers; no test shows clipping at a set norm",
-    "Checkpointing.keep": "train:local: pruning of checkpoints/rl/step-* is not tested (only "
-                          "Megatron's iter_* pruning is)",
-    "Sampling.top_p": "sent with every rollout request; no test shows nucleus filtering change "
-                      "the samples",
-    "Data.train": "documented as a JSONL file, but the jobs read <data.train>/train.jsonl and "
-                  "<data.train>/eval.jsonl (a folder); no test runs a spec with data.train",
-    "Data.eval": "never read: the eval jobs and in-run eval read eval.jsonl of the dataset "
-                 "artifact (data.train's folder)",
-    "Data.max_prompt_tokens": "prompts are never truncated or filtered to it at run time (the "
-                              "data job only logs a warning); only the compile-time sequence "
-                              "length follows it",
-    "Data.shuffle_seed": "no reader: the prompt order comes from train.seed",
     "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
                                    "no test compiles or runs a non-policy proxy",
     "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
-    "Algorithm.ppo_epochs": "passed to Trainer.step by the trainer process; no test shows more "
-                            "epochs take more optimizer steps",
     "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "
                            "trainer's token advantages follow the spec",
     "System.reward_overlap": "read by the driver (chunked, overlapped scoring); no test varies it",
-    "System.length_balancing": "read by both trainers' micro-batching; no test varies it",
-    "Eval.temperature": "read by the eval jobs and in-run eval; only the default 0 (greedy) is run",
-    "Eval.max_tokens": "read by the eval jobs and in-run eval; every test uses the default "
-                       "(rollout.max_tokens)",
-    "Export.dtype": "only the default bf16 is exported by a test",
 }

@@ -126,6 +126,88 @@ def test_evaluate_before_and_after_greedy_is_deterministic(bundle: Path, run_dir
     assert after["accuracy"] == before["accuracy"]
 
 
+def _variant(bundle: Path, tmp_path: Path, job: str, name: str,
+             spec_edits: dict[str, Any]) -> Path:
+    """A copy of ``job``'s config named ``name``, writing ``artifacts/<name>``, with
+    ``spec_edits`` ({"section.key": value}) applied to its spec; returns its path."""
+    config = _config(bundle, job)
+    config["job"] = name
+    for dotted, value in spec_edits.items():
+        *parents, key = dotted.split(".")
+        node = config["spec"]
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    (out,) = config["outputs"]
+    config["outputs"][out]["path"] = f"artifacts/{name}"
+    path = tmp_path / "bundle" / "jobs" / name / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _run_entry(entry: str, config: Path, run_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", f"runtime.jobs.{entry}", "--config", str(config)],
+                          env=_env(run_dir), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_evaluate_samples_at_eval_temperature_and_max_tokens_seeded_by_train_seed(
+        bundle: Path, run_dir: Path, tmp_path: Path) -> None:
+    """eval.temperature 1 samples (answers of one prompt differ, greedy's never do),
+    eval.max_tokens cuts every answer, and train.seed picks the samples."""
+    edits = {"eval.temperature": 1.0, "eval.max_tokens": 2}
+    runs = {}
+    for name, seed in (("eval_t1", 1234), ("eval_t1_seed7", 7)):
+        _run_entry("evaluate", _variant(bundle, tmp_path, "eval_before", name,
+                                        {**edits, "train.seed": seed}), run_dir)
+        out = run_dir / "artifacts" / name
+        runs[name] = (json.loads((out / "metrics.json").read_text()),
+                      list(read_jsonl(out / "samples.jsonl")))
+    metrics, samples = runs["eval_t1"]
+    assert (metrics["temperature"], metrics["max_tokens"], metrics["seed"]) == (1.0, 2, 1234)
+    assert all(s["tokens"] <= 2 for s in samples)
+    assert any(s["tokens"] == 2 and s["finish_reason"] == "length" for s in samples)
+    by_prompt: dict[Any, set[str]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_id"], set()).add(s["response"])
+    assert any(len(answers) > 1 for answers in by_prompt.values())
+    other_metrics, other = runs["eval_t1_seed7"]
+    assert other_metrics["seed"] == 7
+    assert [s["prompt_id"] for s in other] == [s["prompt_id"] for s in samples]
+    assert [s["response"] for s in other] != [s["response"] for s in samples]
+
+
+def test_sft_runs_its_steps_of_its_batch_size_at_its_lr(bundle: Path, run_dir: Path,
+                                                        tmp_path: Path, monkeypatch) -> None:
+    from runtime.jobs import sft
+    from runtime.jobs.common import JobContext
+
+    path = _variant(bundle, tmp_path, "sft", "policy_sft_3x5",
+                    {"sft.steps": 3, "sft.batch_size": 5, "sft.lr": 0.0123})
+    ctx = JobContext.load(path, run_dir=run_dir, bundle_dir=path.parents[2], log_to_file=False)
+    batches: list[int] = []
+    lrs: list[float] = []
+    encode = sft.encode_pairs
+
+    def spy_encode(tokenizer, rows, *args):  # type: ignore[no-untyped-def]
+        batches.append(len(rows))
+        return encode(tokenizer, rows, *args)
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "encode_pairs", spy_encode)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    sft.run(ctx)
+    assert batches == [5, 5, 5]
+    assert lrs == [0.0123] * 3
+    assert is_complete(run_dir / "artifacts" / "policy_sft_3x5")
+
+
 # --------------------------------------------------------------------------- screen
 
 
@@ -242,3 +324,20 @@ def test_export_converts_dtype_and_keeps_files(bundle: Path, run_dir: Path) -> N
     stamp = (out / COMPLETE_MARKER).read_text()
     _launch(bundle, "export", run_dir)
     assert (out / COMPLETE_MARKER).read_text() == stamp
+
+
+
+def test_export_in_fp32_keeps_the_weights_exactly(bundle: Path, run_dir: Path,
+                                                  tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _run_entry("export", _variant(bundle, tmp_path, "export", "export_fp32",
+                                  {"export.dtype": "fp32"}), run_dir)
+    src, out = run_dir / "artifacts" / "policy_final", run_dir / "artifacts" / "export_fp32"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    before = load_file(str(src / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    for name, t in after.items():
+        assert t.dtype == torch.float32 and torch.equal(t, before[name])
