@@ -435,7 +435,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Judge.timeout_s": {"all": (t(REWARDS, "test_http_judge_errors"), "warned:references")},
     # ------------------------------------------------------------------ filters (ZVE)
     "OfflinePassRate.type": {"all": BUILD_STAGES},
-    "OfflinePassRate.proxy_model": {"all": "MISSING"},
+    # A path becomes the compiled screen job's external input, and the screen samples with it.
+    "OfflinePassRate.proxy_model": {"all": t(EVAL, "test_screen_samples_at_its_temperature_with_its_proxy_model")},
     "OfflinePassRate.samples_per_prompt": {"all": (OFFLINE_COST,
                                                    t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
     "OfflinePassRate.max_pass_rate": {"all": t(FILTERS, "test_offline_boundaries")},
@@ -443,7 +444,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
                                               t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
     "OfflinePassRate.proxy_cost_ratio": {"all": OFFLINE_COST},
     "OfflinePassRate.reuse_epochs": {"all": OFFLINE_COST},
-    "OfflinePassRate.temperature": {"all": "MISSING"},
+    "OfflinePassRate.temperature": {"all": t(EVAL, "test_screen_samples_at_its_temperature_with_its_proxy_model")},
     # Slurm: one task per node, each screening its share of the prompts, merged by task 0.
     "OfflinePassRate.nodes": {
         "scheduler:slurm": t(EVAL, "test_screen_shards_prompts_over_its_nodes"),
@@ -565,9 +566,6 @@ MISSING: dict[str, str] = {
                        "(and vLLM always serves --dtype bfloat16)",
     "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
                        "the memory estimate follows it in tests)",
-    "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
-                                   "no test compiles or runs a non-policy proxy",
-    "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
     "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "
                            "trainer's token advantages follow the spec",
     "System.reward_overlap": "read by the driver (chunked, overlapped scoring); no test varies it",

@@ -28,6 +28,7 @@ from runtime.tasks.arithmetic import read_jsonl
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 EVAL_SAMPLES = 2
+PASS_RATES = "pass_rates.jsonl"
 OVERRIDES = ("sft.steps=2", "data.generator.train_size=300", "data.generator.eval_size=60",
              f"eval.samples={EVAL_SAMPLES}")
 
@@ -136,7 +137,7 @@ def _variant(bundle: Path, tmp_path: Path, job: str, name: str,
         *parents, key = dotted.split(".")
         node = config["spec"]
         for part in parents:
-            node = node[part]
+            node = node[int(part) if isinstance(node, list) else part]
         node[key] = value
     (out,) = config["outputs"]
     config["outputs"][out]["path"] = f"artifacts/{name}"
@@ -296,6 +297,41 @@ def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
     assert np.array_equal(two.kept, one.kept)
     assert json.loads((two_dir / "summary.json").read_text())["nodes"] == 2
     assert not list((run_dir / "artifacts").glob(".pass_rates_2nodes.shards-*"))
+
+
+def test_screen_samples_at_its_temperature_with_its_proxy_model(bundle: Path, run_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """temperature 0: the k answers of a prompt are one greedy answer, so every pass rate is
+    0 or 1 (at the stage's default 1.0 some are fractional). proxy_model: the compiled screen
+    job reads that checkpoint, not the policy."""
+    from compiler.api import compile_spec
+
+    _launch(bundle, "screen", run_dir)  # the policy at temperature 1.0
+    sampled = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl")
+    assert np.any((sampled.pass_rates > 0) & (sampled.pass_rates < 1))
+    _run_entry("screen", _variant(bundle, tmp_path, "screen", "pass_rates_greedy",
+                                  {"filters.0.temperature": 0.0}), run_dir)
+    greedy = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates_greedy" / PASS_RATES)
+    assert set(np.unique(greedy.pass_rates)) <= {0.0, 1.0}
+
+    proxy = run_dir / "artifacts" / "policy_init"
+    overrides = [*OVERRIDES, f"filters[0].proxy_model={proxy}"]
+    config = json.loads(compile_spec(ROOT / "examples" / "tiny" / "spec.yaml", overrides)
+                        .files["jobs/screen/config.json"])
+    assert [(a["path"], a["kind"], a["external"]) for a in config["inputs"].values()
+            if a["kind"] == "hf_checkpoint"] == [(str(proxy), "hf_checkpoint", True)]
+    config["job"] = "screen_proxy"
+    (out,) = config["outputs"]
+    config["outputs"][out]["path"] = "artifacts/pass_rates_proxy"
+    path = tmp_path / "proxy_bundle" / "jobs" / "screen_proxy" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    _run_entry("screen", path, run_dir)
+    summary = json.loads((run_dir / "artifacts" / "pass_rates_proxy" / "summary.json").read_text())
+    assert summary["proxy"] == str(proxy) and summary["params"]["proxy_model"] == str(proxy)
+    by_proxy = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates_proxy" / PASS_RATES)
+    assert by_proxy.prompt_ids == sampled.prompt_ids
+    assert not np.array_equal(by_proxy.pass_rates, sampled.pass_rates)  # other weights
 
 
 # --------------------------------------------------------------------------- export
