@@ -244,7 +244,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
     "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": NOT_READ},
-    "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+    # scheduler:local: submitit's LocalExecutor timeout_min per job (`rlspec submit` and
+    # `rlspec run`, which submits locally).
+    "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": t(
+        CLI, "test_a_local_submit_gives_every_job_the_spec_time_limit")},
     # srun --container-image / --container-mounts in the golden 245b lib.sh.
     "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Cluster.modules": {"all": SHELL},  # `module load` in env.sh
@@ -561,7 +564,6 @@ MISSING: dict[str, str] = {
                        "nor tested",
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
-    "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
     "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
                        "(and vLLM always serves --dtype bfloat16)",
     "Train.recompute": "train:megatron+devices:gpu: applied to the GPTModel, no GPU test (only "
