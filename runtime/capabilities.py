@@ -230,6 +230,56 @@ def container(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "remove cluster.container, or set cluster.scheduler: slurm")
 
 
+# --------------------------------------------------------------------------- nodes
+
+
+def local_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The local scheduler runs each role of the RL job once, on this machine
+    (``rlspec_run_on`` starts one task): a second trainer node (Megatron would wait for node
+    ranks that never start) or a second rollout node (its engines would never start, its
+    endpoints would repeat the first node's) cannot run."""
+    if spec["cluster"]["scheduler"] != "local":
+        return
+    for role, path in (("trainer", ("train", "nodes")), ("rollout engines", ("rollout", "nodes"))):
+        nodes = spec[path[0]]["nodes"]
+        if nodes > 1 and not (role == "trainer" and _uses_embedded_trainer(spec)):
+            yield Refusal("local_nodes", path,
+                          f"the local scheduler runs the {role} once, on this machine: "
+                          f"{path[0]}.nodes {nodes} asks for nodes it does not have",
+                          f"set {path[0]}.nodes: 1, or cluster.scheduler: slurm")
+
+
+def embedded_trainer_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded trainer is one process: on more trainer nodes each node would start its
+    own copy, all reading the same batches and writing the same weights."""
+    nodes = spec["train"]["nodes"]
+    if _uses_embedded_trainer(spec) and nodes > 1:
+        yield Refusal("embedded_trainer_nodes", ("train", "nodes"),
+                      f"the embedded trainer is one process: on train.nodes {nodes} every "
+                      "trainer node would start its own copy of it",
+                      "set train.nodes: 1, or train.backend: megatron")
+
+
+def _screen_stage(spec: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]] | None:
+    """The first ``offline_pass_rate`` stage (the one the screen job runs) and its index."""
+    return next(((i, st) for i, st in enumerate(spec["filters"])
+                 if st["type"] == "offline_pass_rate"), None)
+
+
+def screen_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The screen job shards its prompts over the tasks Slurm starts, one per node; the local
+    scheduler starts one, so the other shards would never come."""
+    found = _screen_stage(spec)
+    if found is None or spec["cluster"]["scheduler"] != "local":
+        return
+    i, stage = found
+    if stage["nodes"] > 1:
+        yield Refusal("screen_nodes", ("filters", i, "nodes"),
+                      f"the local scheduler runs the screen job once, on this machine: nodes "
+                      f"{stage['nodes']} would wait for shards no other node screens",
+                      f"set filters[{i}].nodes: 1, or cluster.scheduler: slurm")
+
+
 # --------------------------------------------------------------------------- devices, precision
 
 
@@ -288,6 +338,16 @@ def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set train.recompute: none")
 
 
+def fp8(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded engine serves the policy's own weights: FP8 rollouts (vLLM
+    ``--quantization fp8``) would sample with other numerics than the spec asks for."""
+    if _uses_embedded_engine(spec) and spec["rollout"]["fp8"]:
+        yield Refusal("fp8", ("rollout", "fp8"),
+                      "the embedded rollout engine serves the policy's weights as they are, "
+                      "not quantized to FP8",
+                      "set rollout.fp8: false, or rollout.engine: vllm")
+
+
 def tokenizer(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Jobs load the tokenizer saved with an HF checkpoint; a separate tokenizer is read only
     for a Megatron checkpoint (which carries none)."""
@@ -312,6 +372,10 @@ RULES: dict[str, Rule] = {
     "megatron_cpu": megatron_cpu,
     "recompute": recompute,
     "tokenizer": tokenizer,
+    "fp8": fp8,
+    "local_nodes": local_nodes,
+    "embedded_trainer_nodes": embedded_trainer_nodes,
+    "screen_nodes": screen_nodes,
 }
 
 # The flag rule is checked against train.sh, not the spec: listed for the field table.
@@ -323,12 +387,13 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "data": _ALL_JOBS,
     "init": (*_ALL_JOBS, "embedded_model"),
     "sft": (*_ALL_JOBS, "embedded_model"),
-    "screen": (*_ALL_JOBS, "embedded_model"),
+    "screen": (*_ALL_JOBS, "embedded_model", "screen_nodes"),
     "evaluate": (*_ALL_JOBS, "embedded_model"),
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
-           "precision", "devices", "megatron_cpu", "recompute", "tokenizer"),
+           "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "fp8",
+           "local_nodes", "embedded_trainer_nodes"),
 }
 
 

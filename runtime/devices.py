@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from runtime.jobs.common import JobError
+from runtime.errors import JobError
 
 __all__ = ["job_device"]
 

@@ -66,7 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.jobs.common import JobError, atomic_write_json, atomic_write_text
+from runtime.errors import JobError
+from runtime.files import atomic_write_json, atomic_write_text
 
 __all__ = [
     "RLDriver",

@@ -55,7 +55,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from runtime.jobs.common import atomic_dir
+from runtime.files import atomic_dir
 
 __all__ = [
     "CHARACTERS",

@@ -8,7 +8,8 @@ of an HF checkpoint the job starts from, where its ``config.json`` is readable.
 
 Three callers run the same code:
 
-* ``runtime.jobs.common.run_job``: every job, at start; a refusal ends it before any work;
+* ``runtime.jobs.common.run_job``: every job, at start (:func:`preflight_context`); a
+  refusal ends it before any work;
 * ``rlspec validate`` / ``rlspec compile``: every job of the bundle they build, in memory;
 * ``rlspec check DIR``: every job of a written bundle.
 
@@ -27,8 +28,10 @@ from typing import Any
 
 from runtime import capabilities
 from runtime.capabilities import ARCH, Refusal
+from runtime.errors import JobError
 
-__all__ = ["checkpoint_mismatches", "preflight_bundle", "preflight_job", "trainer_argv"]
+__all__ = ["checkpoint_mismatches", "preflight_bundle", "preflight_context", "preflight_job",
+           "trainer_argv"]
 
 # A job's sibling file in the bundle (``jobs/<job>/<name>``), or None when absent.
 JobFile = Callable[[str], "str | None"]
@@ -197,6 +200,22 @@ def preflight_job(config: Mapping[str, Any], job_file: JobFile,
     found += [replace(r, job=job) for r in _checkpoints(config, base)]
     found += [replace(r, job=job) for r in _one_gpu_memory(config)]
     return found
+
+
+def preflight_context(ctx: Any) -> None:
+    """A starting job's own checks: :func:`preflight_job` of its context (a
+    ``runtime.jobs.common.JobContext``: config, config_path, spec, bundle_dir), with its sibling
+    files read from the bundle. The same checks `rlspec validate` ran on the bundle, so a
+    refusal here means the bundle was edited or built elsewhere: a JobError naming each one."""
+
+    def sibling(name: str) -> str | None:
+        path = Path(ctx.config_path).parent / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    refused = preflight_job({**ctx.config, "spec": ctx.spec}, sibling, Path(ctx.bundle_dir).parent)
+    if refused:
+        raise JobError("refused at start: " + "; ".join(
+            f"{'.'.join(map(str, r.path))}: {r.message} ({r.hint})" for r in refused))
 
 
 def preflight_bundle(files: Mapping[str, str], base: Path | None = None) -> list[Refusal]:

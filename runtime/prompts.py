@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.jobs.common import JobContext, JobError
+from runtime.errors import JobError
+
+if TYPE_CHECKING:
+    from runtime.jobs.common import JobContext
 
 __all__ = ["drop_overlong", "eval_file", "split_file", "train_file"]
 

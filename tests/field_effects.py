@@ -69,6 +69,7 @@ MARGS = "tests/runtime/test_megatron_args.py"
 POLICY = "tests/runtime/test_policy.py"
 REWARDS = "tests/runtime/test_rewards.py"
 RL = "tests/runtime/test_rl_job.py"
+PROMPTS = "tests/runtime/test_prompts.py"
 ROLLOUT = "tests/runtime/test_rollout.py"
 REPLAY = "tests/runtime/test_router_replay.py"
 RUN = "tests/runtime/test_run.py"
@@ -102,9 +103,20 @@ OFFLINE_COST = t(FILTERS, "test_offline_run_artifact_and_cost")
 SHAPING = t(FILTERS, "test_reward_shaping_rules")
 HTTP_JUDGE = t(REWARDS, "test_http_judge_verdicts_and_key")
 EVAL_JOB = t(EVAL, "test_evaluate_before_and_after_greedy_is_deterministic")
+EVAL_SAMPLING = t(EVAL, "test_evaluate_samples_at_eval_temperature_and_max_tokens_seeded_by_train_seed")
+SFT_JOB = t(EVAL, "test_sft_runs_its_steps_of_its_batch_size_at_its_lr")
+# The embedded trainer's AdamW; Megatron's OptimizerConfig from the train.sh flags.
+ADAM = {"train:local": t(TRAINER, "test_adam_takes_the_spec_values_and_decays_matrices_only"),
+        "train:megatron": t(MARGS, "test_the_optimizer_and_seed_of_the_spec_reach_the_megatron_trainer")}
 
-# The embedded trainer is one process: the Megatron layout does not apply to it.
-LOCAL_LAYOUT = "MISSING"
+# The embedded trainer is one process: the Megatron layout does not apply to it; a value
+# other than the default is warned about (harmless: nothing is sharded either way).
+LOCAL_LAYOUT = "warned:unused_settings"
+# The embedded engine has no vLLM memory pool, sequence limit or sharding: warned likewise.
+LOCAL_ENGINE = "warned:unused_settings"
+# Slurm's request fields on the local scheduler, gpu_memory_gb on CPU runs: warned likewise.
+NOT_READ = "warned:unused_settings"
+FP8_FLAGS = t(VLLM, "test_fp8_and_the_engine_limits_reach_every_vllm")
 
 
 EFFECTS: dict[str, dict[str, Evidence]] = {
@@ -200,7 +212,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # Neither trainer adds the auxiliary loss (Megatron builds its routers with coefficient 0).
     "MoE.aux_loss_coeff": {"all": "refused:aux_loss"},
     "MoE.token_dispatcher": {
-        "train:local": "MISSING",
+        "train:local": LOCAL_LAYOUT,  # no dispatcher in one process: warned unless default
         "train:megatron+devices:cpu": "refused:megatron_cpu",  # allgather only on CPU ranks
         "train:megatron+devices:gpu": "MISSING",
     },
@@ -220,20 +232,23 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # #SBATCH --partition / --account / --qos and the submitit request (dry run asserts them).
     "Cluster.partition": {"scheduler:slurm": (DRY_RUN, "check:cluster_settings"),
-                          "scheduler:local": "MISSING"},
-    "Cluster.account": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
-    "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+                          "scheduler:local": NOT_READ},
+    "Cluster.account": {"scheduler:slurm": DRY_RUN, "scheduler:local": NOT_READ},
+    "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": NOT_READ},
     "Cluster.gpus_per_node": {
         "train:megatron": (MCORE_TINY, SPLIT_245B, "check:training_grid"),  # ranks per node
         "train:local": ("check:training_grid", "MISSING"),
     },
     "Cluster.gpu_memory_gb": {
         "devices:gpu": "check:memory",
-        "devices:cpu": "MISSING",  # not compared on CPU runs, and not warned
+        "devices:cpu": NOT_READ,  # not compared on CPU runs
     },
     # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
-    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": "MISSING"},
-    "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
+    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": NOT_READ},
+    # scheduler:local: submitit's LocalExecutor timeout_min per job (`rlspec submit` and
+    # `rlspec run`, which submits locally).
+    "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": t(
+        CLI, "test_a_local_submit_gives_every_job_the_spec_time_limit")},
     # srun --container-image / --container-mounts in the golden 245b lib.sh.
     "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Cluster.modules": {"all": SHELL},  # `module load` in env.sh
@@ -245,9 +260,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Container.image": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Container.mounts": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     # ------------------------------------------------------------------ sft
-    "SFT.steps": {"all": "MISSING"},
-    "SFT.lr": {"all": "MISSING"},
-    "SFT.batch_size": {"all": "MISSING"},
+    "SFT.steps": {"all": SFT_JOB},
+    "SFT.lr": {"all": SFT_JOB},
+    "SFT.batch_size": {"all": SFT_JOB},
     # ------------------------------------------------------------------ train
     "Train.backend": {
         "train:local": RL_E2E,
@@ -256,8 +271,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Train.nodes": {
         # torchrun --nnodes 16, one node rank per trainer node
         "train:megatron+scheduler:slurm": (SPLIT_245B, "check:training_grid"),
-        "train:megatron+scheduler:local": "MISSING",
-        "train:local": "MISSING",
+        # the local scheduler starts one trainer task; the embedded trainer is one process
+        "train:megatron+scheduler:local": "refused:local_nodes",
+        "train:local": "refused:embedded_trainer_nodes",
     },
     "Train.parallelism": {"all": "section:TrainParallelism"},
     "Train.micro_batch_size": {
@@ -280,7 +296,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Train.steps": {"all": RL_E2E},  # 3 steps → 3 metrics lines
     "Train.rollout_budget": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
-    "Train.seed": {"all": "MISSING"},
+    # Samples of the evals (and screen) follow it; Megatron's --seed carries it.
+    "Train.seed": {"all": (EVAL_SAMPLING, ADAM["train:megatron"])},
     "Train.optimizer": {"all": "section:Optimizer"},
     "Train.checkpoint": {"all": "section:Checkpointing"},
     "TrainParallelism.tensor": {
@@ -324,19 +341,21 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # lr, min_lr and warm-up); Megatron reads --lr back from train.sh (edited in place there).
     "Optimizer.lr": {"train:local": SCHEDULE, "train:megatron": (SCHEDULE, OPT_FLAGS)},
     "Optimizer.min_lr": {"all": SCHEDULE},
-    "Optimizer.weight_decay": {"all": "MISSING"},
-    "Optimizer.adam_beta1": {"all": "MISSING"},
-    "Optimizer.adam_beta2": {"all": "MISSING"},
-    "Optimizer.adam_eps": {"all": "MISSING"},
-    "Optimizer.clip_grad": {"all": "MISSING"},
+    "Optimizer.weight_decay": ADAM,
+    "Optimizer.adam_beta1": ADAM,
+    "Optimizer.adam_beta2": ADAM,
+    "Optimizer.adam_eps": ADAM,
+    "Optimizer.clip_grad": {"train:local": t(TRAINER, "test_clip_grad_bounds_the_gradient_norm_of_each_update"),
+                            "train:megatron": ADAM["train:megatron"]},
     "Optimizer.warmup_steps": {"all": SCHEDULE},
     "Optimizer.distributed": {
-        "train:local": "MISSING",
+        "train:local": LOCAL_LAYOUT,
         "train:megatron": (OPT_FLAGS, "check:memory"),  # --use-distributed-optimizer → DDP
     },
     # interval 1 → a checkpoint per step (TrainerProcess.train_batch, shared by both backends)
     "Checkpointing.interval": {"all": MCORE_TINY},
-    "Checkpointing.keep": {"train:local": "MISSING", "train:megatron": MCORE_TINY},
+    "Checkpointing.keep": {"train:local": t(TRAINER, "test_the_embedded_trainer_keeps_the_newest_checkpoints"),
+                           "train:megatron": MCORE_TINY},
     # ------------------------------------------------------------------ rollout
     "Rollout.engine": {
         "rollout:local": RL_E2E,
@@ -344,7 +363,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Rollout.nodes": {
         "scheduler:slurm": (SPLIT_245B, "check:rollout_grid"),  # vllm on nodes 0..7
-        "scheduler:local": "MISSING",
+        "scheduler:local": "refused:local_nodes",  # one rollout task on this machine
     },
     "Rollout.parallelism": {"all": "section:RolloutParallelism"},
     "Rollout.n": {"all": RL_E2E},  # 4 prompts × n 4 = 16 rollouts a step
@@ -355,36 +374,45 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Rollout.sampling": {"all": "section:Sampling"},
     # --gpu-memory-utilization in the golden rollout.sh; the rollout memory check.
     "Rollout.gpu_memory_utilization": {
-        "rollout:vllm": (GOLDEN, t(CHECKS, "test_rollout_over_memory")),
-        "rollout:local": "MISSING",
+        "rollout:vllm": (GOLDEN, FP8_FLAGS, t(CHECKS, "test_rollout_over_memory")),
+        "rollout:local": LOCAL_ENGINE,
     },
-    "Rollout.max_num_seqs": {"rollout:vllm": GOLDEN, "rollout:local": "MISSING"},  # --max-num-seqs
+    "Rollout.max_num_seqs": {"rollout:vllm": (GOLDEN, FP8_FLAGS),  # --max-num-seqs
+                             "rollout:local": LOCAL_ENGINE},
     "Rollout.redundant_experts": {
         "rollout:vllm": "test:tests/vllm_flags/test_vllm_flags.py::test_redundant_experts_enable_vllms_eplb",
         "rollout:local": "check:redundant_experts"},
-    "Rollout.fp8": {"rollout:vllm": ("check:memory", "MISSING"), "rollout:local": "MISSING"},
+    # --quantization fp8; the embedded engine would sample unquantized: refused there.
+    "Rollout.fp8": {"rollout:vllm": ("check:memory", FP8_FLAGS), "rollout:local": "refused:fp8"},
     # 2-node replicas of TP 8 × DP 2 (--data-parallel-address, headless second node).
+    # On the embedded engine TP·DP only sets the devices a replica claims (warned).
     "RolloutParallelism.tensor": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
-                                  "rollout:local": "MISSING"},
+                                  "rollout:local": LOCAL_ENGINE},
     "RolloutParallelism.data": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
-                                "rollout:local": "MISSING"},
+                                "rollout:local": LOCAL_ENGINE},
     "RolloutParallelism.expert_parallel": {
         "rollout:vllm": (SPLIT_245B, "warned:rollout_grid"),  # --enable-expert-parallel
-        "rollout:local": "MISSING",
+        "rollout:local": LOCAL_ENGINE,
     },
     # Engine-side sampling (the same completions request reaches vLLM and the embedded engine).
     "Sampling.temperature": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
-    "Sampling.top_p": {"all": "MISSING"},
+    "Sampling.top_p": {"all": t(ROLLOUT, "test_top_p_samples_from_the_renormalised_nucleus")},
     "Sampling.top_k": {"all": t(ROLLOUT, "test_processed_logprobs_are_the_sampling_distribution")},
     # ------------------------------------------------------------------ data
-    "Data.train": {"all": "MISSING"},
-    "Data.eval": {"all": "MISSING"},
+    # A JSONL file: the train split of sft, screen and the driver; data.eval that of the evals.
+    "Data.train": {"all": (t(PROMPTS, "test_sft_and_screen_read_a_train_file"),
+                           t(PROMPTS, "test_the_driver_reads_the_train_and_eval_files"))},
+    "Data.eval": {"all": (t(PROMPTS, "test_eval_before_reads_the_eval_file"),
+                          t(PROMPTS, "test_the_driver_reads_the_train_and_eval_files"))},
     # The data job writes train_size / eval_size rows of the generator (counts asserted).
     "Data.generator": {"all": t(DATA, "test_data_and_init_jobs_then_rerun_skips")},
     "Data.prompt_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
     "Data.answer_key": {"all": t(TASKS, "test_write_dataset_uses_keys")},
-    "Data.max_prompt_tokens": {"all": ("check:run_level", "MISSING")},
-    "Data.shuffle_seed": {"all": "MISSING"},
+    # Longer prompts are dropped by every job that reads prompts (runtime.prompts).
+    "Data.max_prompt_tokens": {"all": ("check:run_level",
+                                       t(PROMPTS, "test_drop_overlong_counts_tokens"),
+                                       t(PROMPTS, "test_sft_and_screen_read_a_train_file"))},
+    "Data.shuffle_seed": {"all": t(PROMPTS, "test_the_prompt_order_follows_data_shuffle_seed_not_train_seed")},
     "ArithmeticTask.type": {"all": "doc"},  # Literal["arithmetic"]: one value
     "ArithmeticTask.seed": {"all": t(TASKS, "test_deterministic_and_seed_dependent")},
     "ArithmeticTask.train_size": {"all": (t(TASKS, "test_splits_disjoint_unique_and_sized"),
@@ -410,7 +438,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Judge.timeout_s": {"all": (t(REWARDS, "test_http_judge_errors"), "warned:references")},
     # ------------------------------------------------------------------ filters (ZVE)
     "OfflinePassRate.type": {"all": BUILD_STAGES},
-    "OfflinePassRate.proxy_model": {"all": "MISSING"},
+    # A path becomes the compiled screen job's external input, and the screen samples with it.
+    "OfflinePassRate.proxy_model": {"all": t(EVAL, "test_screen_samples_at_its_temperature_with_its_proxy_model")},
     "OfflinePassRate.samples_per_prompt": {"all": (OFFLINE_COST,
                                                    t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
     "OfflinePassRate.max_pass_rate": {"all": t(FILTERS, "test_offline_boundaries")},
@@ -418,8 +447,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
                                               t(EVAL, "test_screen_drops_exactly_the_prompts_outside_the_range"))},
     "OfflinePassRate.proxy_cost_ratio": {"all": OFFLINE_COST},
     "OfflinePassRate.reuse_epochs": {"all": OFFLINE_COST},
-    "OfflinePassRate.temperature": {"all": "MISSING"},
-    "OfflinePassRate.nodes": {"all": "MISSING"},
+    "OfflinePassRate.temperature": {"all": t(EVAL, "test_screen_samples_at_its_temperature_with_its_proxy_model")},
+    # Slurm: one task per node, each screening its share of the prompts, merged by task 0.
+    "OfflinePassRate.nodes": {
+        "scheduler:slurm": t(EVAL, "test_screen_shards_prompts_over_its_nodes"),
+        "scheduler:local": "refused:screen_nodes",
+    },
     "AdaptiveGroupSize.type": {"all": BUILD_STAGES},
     "AdaptiveGroupSize.extreme_pass_rate": {"all": t(FILTERS, "test_adaptive_extreme_boundaries")},
     "AdaptiveGroupSize.target_mixed_probability": {"all": t(FILTERS, "test_growth_rule_boundaries_and_tie")},
@@ -455,7 +488,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Algorithm.advantage": {"all": "section:Advantage"},
     "Algorithm.kl": {"all": "section:KL"},
     "Algorithm.correction": {"all": "section:Correction"},
-    "Algorithm.ppo_epochs": {"all": "MISSING"},
+    # Trainer.step(epochs=ppo_epochs): 2 epochs take twice the optimizer steps (12, not 6).
+    "Algorithm.ppo_epochs": {"all": t(TRAINER, "test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_step")},
     "ESPOParams.alpha": {"all": t(LOSSES, "test_espo_matches_reference")},
     "ESPOParams.high_entropy_fraction": {"all": t(LOSSES, "test_espo_matches_reference")},
     "GSPOParams.clip_low": {"all": t(LOSSES, "test_gspo_matches_reference")},
@@ -486,7 +520,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     # ------------------------------------------------------------------ system
     "System.reward_overlap": {"all": "MISSING"},
-    "System.length_balancing": {"all": "MISSING"},
+    # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on).
+    "System.length_balancing": {"all": t(TRAINER, "test_length_balancing_groups_responses_of_similar_length")},
     "System.max_staleness": {"all": "refused:async_rollout"},
     # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
     # --weight-transfer-config.
@@ -500,11 +535,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Eval.enabled": {"all": JOBS_FOLLOW},  # enabled=false removes eval_before / eval_after
     "Eval.every_steps": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
     "Eval.samples": {"all": EVAL_JOB},  # 2 samples per prompt
-    "Eval.temperature": {"all": "MISSING"},
-    "Eval.max_tokens": {"all": ("check:run_level", "MISSING")},
+    "Eval.temperature": {"all": EVAL_SAMPLING},
+    "Eval.max_tokens": {"all": ("check:run_level", EVAL_SAMPLING)},
     # ------------------------------------------------------------------ export
     "Export.format": {"all": "doc"},  # Literal["hf"]: one value
-    "Export.dtype": {"all": "MISSING"},
+    "Export.dtype": {"all": (t(EVAL, "test_export_converts_dtype_and_keeps_files"),
+                             t(EVAL, "test_export_in_fp32_keeps_the_weights_exactly"))},
 }
 
 # Fields whose whole purpose is compile time: "check:" alone is their evidence.
@@ -522,87 +558,18 @@ MISSING: dict[str, str] = {
                                "checkpoint; every test runs the default",
     "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
                                    "no runtime test builds or trains a tied model",
-    "MoE.token_dispatcher": "train:local: ignored by the embedded trainer, not refused; "
-                            "train:megatron+devices:gpu: applied, no GPU test",
+    "MoE.token_dispatcher": "train:megatron+devices:gpu: applied, no GPU test",
     "Cluster.devices": "train:megatron+devices:gpu: torchrun + NCCL on GPUs: no GPU test; "
                        "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
                        "nor tested",
-    "Cluster.partition": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
-    "Cluster.account": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
-    "Cluster.qos": "scheduler:local: ignored (only the unused sbatch.sh carries it); not warned",
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
-    "Cluster.gpu_memory_gb": "devices:cpu: not compared (test_cpu_runs_skip_the_memory_comparison) "
-                             "and not warned",
-    "Cluster.cpus_per_task": "scheduler:local: ignored (submitit's local executor gets no cpus); "
-                             "not warned",
-    "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
-    "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
-    "SFT.lr": "read by the sft job; no test varies it",
-    "SFT.batch_size": "read by the sft job; no test varies it",
-    "Train.nodes": "scheduler:local runs one task per role (rlspec_run_on), so Megatron with "
-                   "nodes > 1 waits for node ranks that never start; train:local is one process "
-                   "(on Slurm each trainer node starts its own copy); neither refused",
     "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
                        "(and vLLM always serves --dtype bfloat16)",
     "Train.recompute": "train:megatron: the GPTModel recomputes (equal steps with and without, "
                        "on CPU and on an H200 by bench/gpu.py), but no test shows the train "
                        "job passes the spec's value to the model (only memory differs)",
-    "Train.seed": "seeds init, the trainers, the driver, eval/screen sampling and vLLM --seed; "
-                  "every test runs the default 1234",
-    "TrainParallelism.tensor": "train:local: the embedded trainer is one process and ignores "
-                               "the Megatron layout; neither refused nor warned",
-    "TrainParallelism.pipeline": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.virtual_pipeline": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.context": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.expert": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.expert_tensor": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.sequence_parallel": "train:local: ignored by the one-process embedded trainer",
-    "TrainParallelism.first_pipeline_stage_layers": "train:local: ignored by the one-process "
-                                                    "embedded trainer",
-    "TrainParallelism.last_pipeline_stage_layers": "train:local: ignored by the one-process "
-                                                   "embedded trainer",
-    "Optimizer.weight_decay": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_beta1": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_beta2": "read by both trainers' Adam; no test varies it",
-    "Optimizer.adam_eps": "read by both trainers' Adam; no test varies it",
-    "Optimizer.clip_grad": "read by both trainers; no test shows clipping at a set norm",
-    "Optimizer.distributed": "train:local: ignored by the embedded trainer; not warned",
-    "Checkpointing.keep": "train:local: pruning of checkpoints/rl/step-* is not tested (only "
-                          "Megatron's iter_* pruning is)",
-    "Rollout.nodes": "scheduler:local runs rollout.sh once: more rollout nodes only repeat the "
-                     "first replica's endpoint; neither refused nor warned",
-    "Rollout.gpu_memory_utilization": "rollout:local: ignored by the embedded engine; not warned",
-    "Rollout.max_num_seqs": "rollout:local: ignored by the embedded engine; not warned",
-    "Rollout.fp8": "rollout:vllm: --quantization fp8 is rendered by no test (no example sets "
-                   "it); rollout:local: ignored, not warned",
-    "RolloutParallelism.tensor": "rollout:local: the embedded engine has no tensor parallelism; "
-                                 "TP only divides the replica count; not warned",
-    "RolloutParallelism.data": "rollout:local: only divides the embedded replica count; not warned",
-    "RolloutParallelism.expert_parallel": "rollout:local: ignored by the embedded engine; not warned",
-    "Sampling.top_p": "sent with every rollout request; no test shows nucleus filtering change "
-                      "the samples",
-    "Data.train": "documented as a JSONL file, but the jobs read <data.train>/train.jsonl and "
-                  "<data.train>/eval.jsonl (a folder); no test runs a spec with data.train",
-    "Data.eval": "never read: the eval jobs and in-run eval read eval.jsonl of the dataset "
-                 "artifact (data.train's folder)",
-    "Data.max_prompt_tokens": "prompts are never truncated or filtered to it at run time (the "
-                              "data job only logs a warning); only the compile-time sequence "
-                              "length follows it",
-    "Data.shuffle_seed": "no reader: the prompt order comes from train.seed",
-    "OfflinePassRate.proxy_model": "a proxy path becomes the screen job's input (compiler.graph); "
-                                   "no test compiles or runs a non-policy proxy",
-    "OfflinePassRate.temperature": "the screen job samples at it; only the default 1.0 is run",
-    "OfflinePassRate.nodes": "asks Slurm for nodes, but every node screens every prompt and only "
-                             "rank 0 writes; no test",
-    "Algorithm.ppo_epochs": "passed to Trainer.step by the trainer process; no test shows more "
-                            "epochs take more optimizer steps",
     "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "
                            "trainer's token advantages follow the spec",
     "System.reward_overlap": "read by the driver (chunked, overlapped scoring); no test varies it",
-    "System.length_balancing": "read by both trainers' micro-batching; no test varies it",
-    "Eval.temperature": "read by the eval jobs and in-run eval; only the default 0 (greedy) is run",
-    "Eval.max_tokens": "read by the eval jobs and in-run eval; every test uses the default "
-                       "(rollout.max_tokens)",
-    "Export.dtype": "only the default bf16 is exported by a test",
 }

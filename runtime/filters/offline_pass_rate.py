@@ -22,7 +22,8 @@ Cost, in policy rollouts, booked in the ledger's ``screening``::
 ``sample_fn(prompt_ids, k)`` is the driver's callback: it returns, per prompt, k rewards
 (a list of lists or an ``[N, k]`` array; rewards may be fractional). It is called once
 with all prompts; the driver batches as it likes. ``nodes`` (the screening job's size in
-the spec) is accepted and only reported.
+the spec) is not used here: the screen job shards the prompts over its nodes
+(``runtime.jobs.screen``) and hands the merged rewards over.
 """
 
 from __future__ import annotations

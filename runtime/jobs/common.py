@@ -20,7 +20,8 @@ Artifact paths resolve as::
     given by the user, relative            → $RLSPEC_BUNDLE_DIR/.. / path
                                              (the spec's folder, where the user keeps data)
 
-Outputs are directories. One is *complete* when it holds the marker file ``.complete``,
+Outputs are directories (written with ``runtime.files``, re-exported here). One is
+*complete* when it holds the marker file ``.complete``,
 written last (``atomic_dir`` writes it into a temporary sibling and renames the directory
 into place, so a reader never sees a half-written output under the final name). A job
 whose every output is complete logs "outputs exist, skipping" and exits 0: re-running a
@@ -36,26 +37,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import sys
 import time
 import traceback
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from runtime.errors import JobError
+from runtime.files import (
+    COMPLETE_MARKER,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    clean_partials,
+    fsync_tree,
+    is_complete,
+    mark_complete,
+)
+from runtime.preflight import preflight_context
 from spec.errors import dotted
 from spec.loader import problems_from_validation
 from spec.models import Spec
@@ -77,163 +84,6 @@ __all__ = [
     "run_job",
 ]
 
-COMPLETE_MARKER = ".complete"
-_PARTIAL = ".partial-"  # temporary sibling being written: .<name>.partial-<host>-<pid>-<hex>
-_OLD = ".old-"  # a replaced output on its way out:       .<name>.old-<host>-<pid>-<hex>
-
-
-class JobError(RuntimeError):
-    """A failure with a message meant for the user as is (no exception type prefix)."""
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes its entries durable)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. a platform that cannot open directories: best effort
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # some filesystems refuse fsync on directories
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (directories after their entries)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def _tag() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_PARTIAL}{_tag()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic on POSIX within one filesystem
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
-    """``atomic_write_text`` of ``obj`` as JSON (sorted keys, trailing newline)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
-
-
-def is_complete(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a directory holding the completion marker."""
-    p = Path(path)
-    return p.is_dir() and (p / COMPLETE_MARKER).is_file()
-
-
-def mark_complete(path: str | os.PathLike[str], **info: Any) -> Path:
-    """Write the completion marker into the directory ``path`` (for writers that fill the
-    final directory in place; ``atomic_dir`` calls this itself)."""
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "host": socket.gethostname(), **info}
-    return atomic_write_json(Path(path) / COMPLETE_MARKER, record)
-
-
-def clean_partials(final: str | os.PathLike[str]) -> list[Path]:
-    """Remove temporary siblings of ``final`` left by a killed writer; returns what went.
-
-    One writer per output at a time is assumed (the scheduler runs a job once at a time).
-    """
-    final = Path(final)
-    removed: list[Path] = []
-    if not final.parent.is_dir():
-        return removed
-    for prefix in (f".{final.name}{_PARTIAL}", f".{final.name}{_OLD}"):
-        for stale in final.parent.glob(prefix + "*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-            removed.append(stale)
-    return removed
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False  # filesystem without exchange (some network filesystems)
-    raise OSError(err, os.strerror(err), str(b))
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], *, marker: bool = True,
-               **marker_info: Any) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final`` to write into; on success it becomes ``final``.
-
-    On a clean exit: the completion marker is written (last), every file and folder is
-    fsynced, and the directory is renamed to ``final``. An existing ``final`` is replaced
-    atomically where the filesystem can swap two directories (renameat2 exchange); elsewhere
-    it is first renamed aside (a crash in that instant leaves no ``final`` and a stale
-    ``.old`` sibling, never a mixed directory). On an exception the temporary is removed.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_partials(final)
-    tmp = final.parent / f".{final.name}{_PARTIAL}{_tag()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if marker:
-            mark_complete(tmp, **marker_info)
-        fsync_tree(tmp)
-        if final.exists() or final.is_symlink():
-            if final.is_dir() and not final.is_symlink() and _exchange(tmp, final):
-                shutil.rmtree(tmp)  # tmp now holds the old output
-            else:
-                old = final.parent / f".{final.name}{_OLD}{_tag()}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old)
-                else:
-                    old.unlink()
-        else:
-            os.rename(tmp, final)
-        _fsync_path(final.parent)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- logging
@@ -462,21 +312,6 @@ def _quiet_progress_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _preflight(ctx: JobContext) -> None:
-    """The job's start-up checks (``runtime.preflight``): the same ones `rlspec validate` ran
-    on the bundle, so a refusal here means the bundle was edited or built elsewhere."""
-    from runtime.preflight import preflight_job
-
-    def sibling(name: str) -> str | None:
-        path = ctx.config_path.parent / name
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-
-    refused = preflight_job({**ctx.config, "spec": ctx.spec}, sibling, ctx.bundle_dir.parent)
-    if refused:
-        raise JobError("refused at start: " + "; ".join(
-            f"{'.'.join(map(str, r.path))}: {r.message} ({r.hint})" for r in refused))
-
-
 def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None, *,
             description: str | None = None) -> int:
     """Run ``fn(ctx)`` as a job entry point; returns the process exit code.
@@ -504,7 +339,7 @@ def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None,
         for out in ctx.outputs.values():
             for stale in clean_partials(out.path):
                 ctx.log.info("removed the partial output of an earlier run: %s", stale)
-        _preflight(ctx)
+        preflight_context(ctx)
         _quiet_progress_bars()
         t0 = time.monotonic()
         ctx.log.info("start (config %s, run dir %s)", ctx.config_path, ctx.run_dir)

@@ -15,17 +15,31 @@ tokens, stopping at eos; embedded CPU engine, one torch thread, seeded with
 
 Prompt ids are the rows' ``id`` (the row index where a row has none).
 
+Nodes: the stage's ``nodes`` is the job's size; Slurm starts one task per node (task rank
+``SLURM_PROCID``). Task r samples the prompts r, r + nodes, r + 2·nodes, ... of the split
+and writes their scores to ``artifacts/.<output>.shards-<SLURM_JOB_ID>/shard-<r>.json``
+(with a fingerprint of what it screened); task 0 waits for every shard, merges them and
+writes the output. Sample j of a prompt is seeded ``train.seed + j`` whatever its batch, so
+the pass rates do not depend on the number of nodes. (The local scheduler starts one task:
+``runtime.capabilities.screen_nodes`` refuses ``nodes > 1`` there.)
+
 Output ``pass_rates`` (atomic): ``pass_rates.jsonl`` (``ScreenResult.write_jsonl``: a meta
 line, then ``{prompt_id, pass_rate, kept}`` per prompt; read it back with
 ``ScreenResult.read_jsonl``) and ``summary.json`` ``{prompts, kept, dropped_too_easy,
 dropped_hopeless, samples_per_prompt, screening_rollouts, screening_cost, params,
-mean_pass_rate, proxy}``.
+mean_pass_rate, proxy, seed, max_tokens, nodes}``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
@@ -34,6 +48,61 @@ from runtime.jobs.evaluate import open_engine, sample_texts, single_input, singl
 #: File name of the ScreenResult JSONL inside the output folder.
 PASS_RATES_FILE = "pass_rates.jsonl"
 _TOL = 1e-12  # OfflinePassRate's boundary tolerance
+_POLL_S = 1.0  # how often task 0 looks for the other tasks' shards
+
+Scores = list[list[float]]
+
+
+def shard_dir(ctx: JobContext, out_name: str) -> Path:
+    """Where the tasks of one screen job leave their shards (one folder per Slurm job)."""
+    final = ctx.output_path(out_name)
+    return final.parent / f".{final.name}.shards-{os.environ.get('SLURM_JOB_ID') or 'local'}"
+
+
+def sharded_scores(ctx: JobContext, ids: Sequence[Any], k: int, nodes: int, rank: int,
+                   fingerprint: str, score: Callable[[Sequence[Any], int], Scores],
+                   out_name: str) -> Scores | None:
+    """The scores of every prompt of ``ids`` (in order) on task 0, None on the others.
+
+    Task ``rank`` of ``nodes`` scores ``ids[rank::nodes]``; the other tasks hand theirs over
+    through files in :func:`shard_dir` (a shard with another fingerprint, left by an earlier
+    attempt on other inputs, is not taken)."""
+    mine = score(list(ids[rank::nodes]), k)
+    if nodes == 1:
+        return mine
+    folder = shard_dir(ctx, out_name)
+    if rank != 0:
+        atomic_write_json(folder / f"shard-{rank}.json",
+                          {"fingerprint": fingerprint, "rank": rank, "scores": mine})
+        ctx.log.info("task %d of %d: wrote the scores of %d prompts for task 0",
+                     rank, nodes, len(mine))
+        return None
+    shards: dict[int, Scores] = {0: mine}
+    waiting_since = time.monotonic()
+    while len(shards) < nodes:
+        for r in range(1, nodes):
+            path = folder / f"shard-{r}.json"
+            if r in shards or not path.is_file():
+                continue
+            shard = json.loads(path.read_text(encoding="utf-8"))
+            if shard.get("fingerprint") == fingerprint:
+                shards[r] = shard["scores"]
+        if len(shards) < nodes:
+            if time.monotonic() - waiting_since > 60:
+                ctx.log.info("waiting for the shards of tasks %s",
+                             ", ".join(str(r) for r in range(nodes) if r not in shards))
+                waiting_since = time.monotonic()
+            time.sleep(_POLL_S)
+    merged: Scores = [[] for _ in ids]
+    for r, scores in shards.items():
+        positions = range(r, len(ids), nodes)
+        if len(scores) != len(positions):
+            raise JobError(f"the shard of task {r} has {len(scores)} prompts, not "
+                           f"{len(positions)}")
+        for i, row in zip(positions, scores, strict=True):
+            merged[i] = row
+    shutil.rmtree(folder, ignore_errors=True)
+    return merged
 
 
 def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
@@ -70,17 +139,29 @@ def run(ctx: JobContext) -> None:
         raise JobError("the train split has duplicate prompt ids")
     engine = open_engine(proxy, seed, device)
     by_id = drop_overlong(by_id, engine.tokenizer, data, ctx.log, "train")
-    ctx.log.info("screening %d prompts × %d samples with %s (T=%g, max %d tokens)",
-                 len(by_id), stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
+    nodes, rank = stage.nodes, ctx.rank
+    if not 0 <= rank < nodes:
+        raise JobError(f"task rank {rank} outside the screen's {nodes} node(s)")
+    ids = list(by_id)
+    ctx.log.info("screening %d of %d prompts (task %d of %d) × %d samples with %s (T=%g, "
+                 "max %d tokens)", len(ids[rank::nodes]), len(ids), rank, nodes,
+                 stage.samples_per_prompt, proxy, stage.temperature, max_tokens)
 
-    def sample_fn(prompt_ids: Sequence[Any], k: int) -> list[list[float]]:
+    def score(prompt_ids: Sequence[Any], k: int) -> Scores:
         chosen = [by_id[p] for p in prompt_ids]
         answers = sample_texts(engine, [r[prompt_key] for r in chosen], n=k,
                                max_tokens=max_tokens, temperature=stage.temperature, seed=seed)
         return [[float(reward.score(str(r[prompt_key]), s.text, str(r[answer_key])))
                  for s in group] for r, group in zip(chosen, answers, strict=True)]
 
-    result = stage.run(list(by_id), sample_fn)
+    fingerprint = hashlib.sha256(json.dumps(
+        [[str(p) for p in ids], str(proxy), stage.params(), seed, max_tokens, nodes],
+        sort_keys=True).encode()).hexdigest()
+    scores = sharded_scores(ctx, ids, stage.samples_per_prompt, nodes, rank, fingerprint,
+                            score, out_name)
+    if scores is None:  # another task merges and writes
+        return
+    result = stage.run(ids, lambda prompt_ids, k: scores)
     rates = result.pass_rates
     too_easy = int((rates >= stage.max_pass_rate - _TOL).sum())
     hopeless = (0 if stage.min_pass_rate is None
@@ -99,13 +180,12 @@ def run(ctx: JobContext) -> None:
         "proxy": str(proxy),
         "seed": seed,
         "max_tokens": max_tokens,
+        "nodes": nodes,
         "file": PASS_RATES_FILE,
     }
     ctx.log.info("kept %d of %d prompts (too easy %d, hopeless %d); %d rollouts, cost %.1f",
                  summary["kept"], summary["prompts"], too_easy, hopeless,
                  result.samples, result.cost)
-    if ctx.rank != 0:
-        return
     with ctx.atomic_output(out_name, kept=summary["kept"], prompts=summary["prompts"]) as tmp:
         result.write_jsonl(tmp / PASS_RATES_FILE)
         atomic_write_json(tmp / "summary.json", summary)

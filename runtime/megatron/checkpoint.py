@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from runtime.jobs.common import atomic_dir, atomic_write_text, is_complete
+from runtime.files import atomic_dir, atomic_write_text, is_complete
 
 __all__ = ["TRACKER", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
            "saved_iterations", "shared_atomic_dir", "write_tracker"]

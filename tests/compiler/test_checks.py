@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from compiler.checks import RULES, check, checked_plan
+from compiler.checks import RULES, check, checked_plan, unused_settings
 from compiler.plan import make_plan
 from spec.errors import Problem, SpecError
 from tests.compiler.conftest import DELETE, build, errors_of, problems_of
@@ -593,6 +593,67 @@ def test_rollout_memory_within_10_percent() -> None:
 
 
 def test_cpu_runs_skip_the_memory_comparison() -> None:
+    # 1 GB would be far over on GPUs: the one problem is that the value is not read.
+    p = only({**CPU_LOCAL, "cluster.gpu_memory_gb": 1.0}, MEM, "warning")
+    assert p.message == ("cluster.gpu_memory_gb is 1.0 but has no effect with cluster.devices: "
+                         "cpu (memory per GPU is compared for GPU runs only)")
     spec = build({**CPU_LOCAL, "cluster.gpu_memory_gb": 1.0})
-    assert MEM not in {p.path for p in problems_of(spec)}
     assert make_plan(spec).train_memory.notes == ("cpu run: not estimated",)
+
+
+# --------------------------------------------------------------------------- unused settings
+
+
+def _unused(edits: dict[str, Any]) -> dict[tuple, Problem]:
+    """The warnings of unused_settings, by path (one per path)."""
+    spec = build(edits)
+    found = {p.path: p for p in unused_settings(spec, make_plan(spec))}
+    assert all(p.severity == "warning" and p.suggestion and p.related for p in found.values())
+    return found
+
+
+def test_the_megatron_layout_on_the_embedded_trainer_is_a_warning() -> None:
+    # BASE: TP 2 with sequence parallelism, EP 8, ETP 1; Megatron reads them all.
+    assert _unused({}) == {}
+    found = _unused({"train.backend": "local", "train.optimizer.distributed": False,
+                     f"{MOE}.token_dispatcher": "allgather"})
+    assert set(found) == {TP, SP, EP, ETP, ("train", "optimizer", "distributed"),
+                          ("model", "architecture", "moe", "token_dispatcher")}
+    assert found[TP].message == ("train.parallelism.tensor is 2 but has no effect with "
+                                 "train.backend: local; the embedded trainer is one process: it "
+                                 "has no model parallelism")
+    assert found[SP].suggestion == "remove train.parallelism.sequence_parallel, or set " \
+                                   "train.backend: megatron"
+    assert "keeps the whole optimizer state" in found[("train", "optimizer", "distributed")].message
+    # Written at their defaults, the same keys say nothing.
+    layout = {f"train.parallelism.{k}": v for k, v in
+              (("tensor", 1), ("sequence_parallel", False), ("expert", 1),
+               ("expert_tensor", DELETE))}
+    assert _unused({**layout, "train.backend": "local", "train.optimizer.distributed": True}) == {}
+    only({"train.backend": "local", "train.parallelism.pipeline": 2}, PP, "warning")
+
+
+def test_vllm_settings_on_the_embedded_engine_are_a_warning() -> None:
+    local = {**CPU_LOCAL, "cluster.partition": DELETE, "rollout.engine": "local"}
+    found = _unused({**local, "rollout.max_num_seqs": 16, "rollout.gpu_memory_utilization": 0.5})
+    assert set(found) == {("rollout", "max_num_seqs"), ("rollout", "gpu_memory_utilization"),
+                          R_TP, ("rollout", "parallelism", "data"), R_EP}
+    assert "rollout.max_num_seqs is 16 but has no effect with rollout.engine: local" in \
+        found[("rollout", "max_num_seqs")].message
+    # TP 4 × DP 2 = 8 devices per replica: one embedded replica on the node instead of 8.
+    assert found[R_TP].message.endswith("it only makes each replica claim 8 device(s), so the "
+                                        "rollout nodes run 1 replica(s) instead of 8")
+    assert _unused({**local, "rollout.parallelism": {}}) == {}
+    assert R_TP not in _unused({**local, "rollout.engine": "vllm"})
+
+
+def test_slurm_settings_on_the_local_scheduler_are_a_warning() -> None:
+    assert _unused({"cluster.account": "a", "cluster.qos": "q", "cluster.cpus_per_task": 4}) == {}
+    found = _unused({"cluster.scheduler": "local", "cluster.account": "a", "cluster.qos": "q",
+                     "cluster.cpus_per_task": 4})
+    assert set(found) == {("cluster", f) for f in ("partition", "account", "qos", "cpus_per_task")}
+    assert found[("cluster", "qos")].message == ("cluster.qos is q but has no effect with "
+                                                 "cluster.scheduler: local (only a Slurm request "
+                                                 "carries it)")
+    assert _unused({"cluster.scheduler": "local", "cluster.partition": DELETE,
+                    "cluster.cpus_per_task": 8}) == {}

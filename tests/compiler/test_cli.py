@@ -425,6 +425,40 @@ def test_submit_dry_run_of_a_local_spec(tmp_path: Path) -> None:
     assert all(set(r["parameters"]) == {"job_name"} for r in payload["requests"])
 
 
+def test_a_local_submit_gives_every_job_the_spec_time_limit(tmp_path: Path, monkeypatch) -> None:
+    """submitit's local executor runs each job with timeout_min from cluster.time_limit (its
+    own default would kill a job after 2 minutes)."""
+    import submitit
+
+    from compiler.submit import submit
+
+    limits: list[int] = []
+
+    class Job:
+        job_id, paths = "1", type("Paths", (), {"stderr": "log"})()
+
+        def result(self) -> None:
+            return None
+
+    class Executor:
+        def __init__(self, folder: Path) -> None:
+            pass
+
+        def update_parameters(self, **params: object) -> None:
+            limits.append(params["timeout_min"])  # type: ignore[arg-type]
+
+        def submit(self, fn: object) -> Job:
+            return Job()
+
+    monkeypatch.setattr(submitit, "LocalExecutor", Executor)
+    for limit, minutes in (("0:07:30", 8), ("1-02:00:00", 1560)):
+        limits.clear()
+        out = compile_to(TINY, tmp_path / limit, "--set", f"cluster.time_limit={limit!r}")
+        record = submit(out, backend="local", echo=lambda *_: None)
+        assert set(record.jobs) == set(json.loads((out / "manifest.json").read_text())["order"])
+        assert limits == [minutes] * len(record.jobs)
+
+
 # Every submit below must stop at its preflight; should one not, the jobs fail at once.
 SAFE = {"RLSPEC_RUN_DIR": "/dev/null/x"}
 

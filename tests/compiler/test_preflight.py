@@ -66,6 +66,16 @@ CASES = [
      ("sft",), "sft", "SFT trains the whole 30.5 B-parameter policy"),
     ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],
      ("model", "tokenizer"), "rl", "tokenizer saved with the HF checkpoint"),
+    ("fp8", TINY, ["rollout.fp8=true"],
+     ("rollout", "fp8"), "rl", "not quantized to FP8"),
+    ("local_nodes", TINY, [*CPU_MEGATRON, "train.nodes=2"],
+     ("train", "nodes"), "rl", "the local scheduler runs the trainer once"),
+    ("local_nodes", TINY, ["rollout.nodes=2"],
+     ("rollout", "nodes"), "rl", "the local scheduler runs the rollout engines once"),
+    ("embedded_trainer_nodes", TINY, ["train.nodes=2"],
+     ("train", "nodes"), "rl", "every trainer node would start its own copy"),
+    ("screen_nodes", TINY, ["filters[0].nodes=2"],
+     ("filters", 0, "nodes"), "screen", "would wait for shards no other node screens"),
 ]
 
 
@@ -167,3 +177,17 @@ def test_rlspec_run_writes_under_cluster_output_dir(tmp_path: Path) -> None:
     assert default_run_dir(compile_spec(TINY)) == Path("runs") / "tiny"
     moved = compile_spec(TINY, [f"cluster.output_dir={tmp_path / 'scratch'}"])
     assert default_run_dir(moved) == tmp_path / "scratch" / "tiny"
+
+
+def test_more_nodes_are_refused_only_where_one_task_runs() -> None:
+    """Slurm starts one task per node: Megatron and rollout nodes and a sharded screen pass
+    there; the embedded trainer is one process on any scheduler."""
+    from spec.loader import load_spec
+
+    def rules(edits: list[str]) -> set[str]:
+        spec = load_spec(TINY, ["cluster.scheduler=slurm", "cluster.partition=cpu", *edits]).spec
+        dump = spec.model_dump(mode="json")
+        return {r.rule for entry in ("rl", "screen") for r in capabilities.refusals(dump, entry)}
+
+    assert rules(["train.nodes=2"]) == {"embedded_trainer_nodes"}
+    assert rules([*CPU_MEGATRON, "train.nodes=2", "rollout.nodes=2", "filters[0].nodes=2"]) == set()

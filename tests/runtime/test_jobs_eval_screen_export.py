@@ -28,6 +28,7 @@ from runtime.tasks.arithmetic import read_jsonl
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 EVAL_SAMPLES = 2
+PASS_RATES = "pass_rates.jsonl"
 OVERRIDES = ("sft.steps=2", "data.generator.train_size=300", "data.generator.eval_size=60",
              f"eval.samples={EVAL_SAMPLES}")
 
@@ -126,6 +127,88 @@ def test_evaluate_before_and_after_greedy_is_deterministic(bundle: Path, run_dir
     assert after["accuracy"] == before["accuracy"]
 
 
+def _variant(bundle: Path, tmp_path: Path, job: str, name: str,
+             spec_edits: dict[str, Any]) -> Path:
+    """A copy of ``job``'s config named ``name``, writing ``artifacts/<name>``, with
+    ``spec_edits`` ({"section.key": value}) applied to its spec; returns its path."""
+    config = _config(bundle, job)
+    config["job"] = name
+    for dotted, value in spec_edits.items():
+        *parents, key = dotted.split(".")
+        node = config["spec"]
+        for part in parents:
+            node = node[int(part) if isinstance(node, list) else part]
+        node[key] = value
+    (out,) = config["outputs"]
+    config["outputs"][out]["path"] = f"artifacts/{name}"
+    path = tmp_path / "bundle" / "jobs" / name / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _run_entry(entry: str, config: Path, run_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", f"runtime.jobs.{entry}", "--config", str(config)],
+                          env=_env(run_dir), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_evaluate_samples_at_eval_temperature_and_max_tokens_seeded_by_train_seed(
+        bundle: Path, run_dir: Path, tmp_path: Path) -> None:
+    """eval.temperature 1 samples (answers of one prompt differ, greedy's never do),
+    eval.max_tokens cuts every answer, and train.seed picks the samples."""
+    edits = {"eval.temperature": 1.0, "eval.max_tokens": 2}
+    runs = {}
+    for name, seed in (("eval_t1", 1234), ("eval_t1_seed7", 7)):
+        _run_entry("evaluate", _variant(bundle, tmp_path, "eval_before", name,
+                                        {**edits, "train.seed": seed}), run_dir)
+        out = run_dir / "artifacts" / name
+        runs[name] = (json.loads((out / "metrics.json").read_text()),
+                      list(read_jsonl(out / "samples.jsonl")))
+    metrics, samples = runs["eval_t1"]
+    assert (metrics["temperature"], metrics["max_tokens"], metrics["seed"]) == (1.0, 2, 1234)
+    assert all(s["tokens"] <= 2 for s in samples)
+    assert any(s["tokens"] == 2 and s["finish_reason"] == "length" for s in samples)
+    by_prompt: dict[Any, set[str]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_id"], set()).add(s["response"])
+    assert any(len(answers) > 1 for answers in by_prompt.values())
+    other_metrics, other = runs["eval_t1_seed7"]
+    assert other_metrics["seed"] == 7
+    assert [s["prompt_id"] for s in other] == [s["prompt_id"] for s in samples]
+    assert [s["response"] for s in other] != [s["response"] for s in samples]
+
+
+def test_sft_runs_its_steps_of_its_batch_size_at_its_lr(bundle: Path, run_dir: Path,
+                                                        tmp_path: Path, monkeypatch) -> None:
+    from runtime.jobs import sft
+    from runtime.jobs.common import JobContext
+
+    path = _variant(bundle, tmp_path, "sft", "policy_sft_3x5",
+                    {"sft.steps": 3, "sft.batch_size": 5, "sft.lr": 0.0123})
+    ctx = JobContext.load(path, run_dir=run_dir, bundle_dir=path.parents[2], log_to_file=False)
+    batches: list[int] = []
+    lrs: list[float] = []
+    encode = sft.encode_pairs
+
+    def spy_encode(tokenizer, rows, *args):  # type: ignore[no-untyped-def]
+        batches.append(len(rows))
+        return encode(tokenizer, rows, *args)
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "encode_pairs", spy_encode)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    sft.run(ctx)
+    assert batches == [5, 5, 5]
+    assert lrs == [0.0123] * 3
+    assert is_complete(run_dir / "artifacts" / "policy_sft_3x5")
+
+
 # --------------------------------------------------------------------------- screen
 
 
@@ -181,6 +264,76 @@ def test_screen_drops_exactly_the_prompts_outside_the_range(bundle: Path, run_di
     assert np.allclose(rates, again)
 
 
+def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
+                                              tmp_path: Path) -> None:
+    """filters[0].nodes 2 on Slurm: each of the two tasks screens half of the prompts, task 0
+    merges; the pass rates are those of one node (seeded per sample, not per batch)."""
+    _launch(bundle, "screen", run_dir)  # the one-node screen (skipped if done above)
+    config = _config(bundle, "screen")
+    config["job"] = "screen_2nodes"
+    config["spec"]["cluster"]["scheduler"] = "slurm"
+    stage = next(f for f in config["spec"]["filters"] if f["type"] == "offline_pass_rate")
+    stage["nodes"] = 2
+    out_name = next(iter(config["outputs"]))
+    config["outputs"][out_name]["path"] = "artifacts/pass_rates_2nodes"
+    path = tmp_path / "bundle" / "jobs" / "screen_2nodes" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    procs = [subprocess.Popen([sys.executable, "-m", "runtime.jobs.screen", "--config", str(path)],
+                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
+                                   "SLURM_JOB_ID": "4242"},
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))
+    assert "screening 150 of 300 prompts (task 1 of 2)" in errs[0]
+    assert "screening 150 of 300 prompts (task 0 of 2)" in errs[1]
+    one = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl")
+    two_dir = run_dir / "artifacts" / "pass_rates_2nodes"
+    two = ScreenResult.read_jsonl(two_dir / "pass_rates.jsonl")
+    assert two.prompt_ids == one.prompt_ids == [r["id"] for r in rows]
+    assert np.array_equal(two.pass_rates, one.pass_rates)
+    assert np.array_equal(two.kept, one.kept)
+    assert json.loads((two_dir / "summary.json").read_text())["nodes"] == 2
+    assert not list((run_dir / "artifacts").glob(".pass_rates_2nodes.shards-*"))
+
+
+def test_screen_samples_at_its_temperature_with_its_proxy_model(bundle: Path, run_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """temperature 0: the k answers of a prompt are one greedy answer, so every pass rate is
+    0 or 1 (at the stage's default 1.0 some are fractional). proxy_model: the compiled screen
+    job reads that checkpoint, not the policy."""
+    from compiler.api import compile_spec
+
+    _launch(bundle, "screen", run_dir)  # the policy at temperature 1.0
+    sampled = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl")
+    assert np.any((sampled.pass_rates > 0) & (sampled.pass_rates < 1))
+    _run_entry("screen", _variant(bundle, tmp_path, "screen", "pass_rates_greedy",
+                                  {"filters.0.temperature": 0.0}), run_dir)
+    greedy = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates_greedy" / PASS_RATES)
+    assert set(np.unique(greedy.pass_rates)) <= {0.0, 1.0}
+
+    proxy = run_dir / "artifacts" / "policy_init"
+    overrides = [*OVERRIDES, f"filters[0].proxy_model={proxy}"]
+    config = json.loads(compile_spec(ROOT / "examples" / "tiny" / "spec.yaml", overrides)
+                        .files["jobs/screen/config.json"])
+    assert [(a["path"], a["kind"], a["external"]) for a in config["inputs"].values()
+            if a["kind"] == "hf_checkpoint"] == [(str(proxy), "hf_checkpoint", True)]
+    config["job"] = "screen_proxy"
+    (out,) = config["outputs"]
+    config["outputs"][out]["path"] = "artifacts/pass_rates_proxy"
+    path = tmp_path / "proxy_bundle" / "jobs" / "screen_proxy" / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(config))
+    _run_entry("screen", path, run_dir)
+    summary = json.loads((run_dir / "artifacts" / "pass_rates_proxy" / "summary.json").read_text())
+    assert summary["proxy"] == str(proxy) and summary["params"]["proxy_model"] == str(proxy)
+    by_proxy = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates_proxy" / PASS_RATES)
+    assert by_proxy.prompt_ids == sampled.prompt_ids
+    assert not np.array_equal(by_proxy.pass_rates, sampled.pass_rates)  # other weights
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -207,3 +360,20 @@ def test_export_converts_dtype_and_keeps_files(bundle: Path, run_dir: Path) -> N
     stamp = (out / COMPLETE_MARKER).read_text()
     _launch(bundle, "export", run_dir)
     assert (out / COMPLETE_MARKER).read_text() == stamp
+
+
+
+def test_export_in_fp32_keeps_the_weights_exactly(bundle: Path, run_dir: Path,
+                                                  tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _run_entry("export", _variant(bundle, tmp_path, "export", "export_fp32",
+                                  {"export.dtype": "fp32"}), run_dir)
+    src, out = run_dir / "artifacts" / "policy_final", run_dir / "artifacts" / "export_fp32"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    before = load_file(str(src / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert set(after) == set(before)
+    for name, t in after.items():
+        assert t.dtype == torch.float32 and torch.equal(t, before[name])

@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 
 
-def tiny_megatron_train_sh(tmp_path: Path, **edits: object) -> tuple[str, dict]:
+def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None,
+                           **edits: object) -> tuple[str, dict]:
     spec = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
+    for key, value in (train or {}).items():
+        spec["train"][key] = {**spec["train"][key], **value} if isinstance(value, dict) else value
     spec["train"]["backend"] = "megatron"
     spec["cluster"]["gpus_per_node"] = 2
     spec["train"]["parallelism"] = {"expert": 2}
@@ -74,6 +77,21 @@ def test_the_flags_set_batch_and_optimizer(tmp_path: Path) -> None:
     assert settings["micro_batch_size"] == 16 and settings["global_batch_size"] == 128
     assert settings["optimizer"]["distributed"] is True
     assert settings["steps"] == spec["train"]["steps"]  # the rest of the section is kept
+
+
+def test_the_optimizer_and_seed_of_the_spec_reach_the_megatron_trainer(tmp_path: Path) -> None:
+    """Each non-default value of train.optimizer and train.seed goes through its train.sh flag
+    into the settings the Megatron trainer builds its OptimizerConfig and seeds from."""
+    opt = {"weight_decay": 0.25, "adam_beta1": 0.5, "adam_beta2": 0.75, "adam_eps": 1e-3,
+           "clip_grad": 0.125}
+    text, spec = tiny_megatron_train_sh(tmp_path, train={"optimizer": opt, "seed": 7})
+    settings = train_settings(parse_megatron_args(trainer_argv(text)), spec["train"])
+    assert {k: settings["optimizer"][k] for k in opt} == opt
+    assert settings["seed"] == 7
+    (tmp_path / "default").mkdir()
+    default, _ = tiny_megatron_train_sh(tmp_path / "default")
+    plain = train_settings(parse_megatron_args(trainer_argv(default)), spec["train"])
+    assert all(plain["optimizer"][k] != v for k, v in opt.items()) and plain["seed"] == 1234
 
 
 def test_unknown_and_malformed_flags_are_one_clear_error(tmp_path: Path) -> None:

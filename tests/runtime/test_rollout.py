@@ -157,6 +157,33 @@ def test_processed_logprobs_are_the_sampling_distribution(
             np.testing.assert_allclose(s.logprobs, picked.numpy(), atol=1e-4, rtol=0)
 
 
+def test_top_p_samples_from_the_renormalised_nucleus(
+    model_dir: Path, reference: torch.nn.Module
+) -> None:
+    """top_p 0.3: every sampled token lies in the nucleus (vLLM's rule: ascending sort, drop
+    the tokens whose cumulative mass is ≤ 1 − p, keep the top one), and its processed
+    log-prob is that of the renormalised nucleus, which excludes tokens at every step."""
+    eng = LocalEngine(model_dir, seed=0, logprobs_mode="processed_logprobs")
+    top_p = 0.3
+    outs = eng.generate(PROMPTS[:2], n=3, max_tokens=6, temperature=1.0, top_p=top_p, seed=1,
+                        ignore_eos=True)
+    for o in outs:
+        for s in o.samples:
+            ids = torch.tensor([o.prompt_token_ids + s.token_ids[:-1]])
+            with torch.inference_mode():
+                logits = reference(input_ids=ids).logits[0, len(o.prompt_token_ids) - 1 :].float()
+            srt, order = logits.sort(dim=-1)
+            drop = srt.softmax(-1).cumsum(-1) <= 1.0 - top_p
+            drop[:, -1] = False
+            assert drop.any(dim=-1).all()  # the nucleus is a strict subset at every step
+            nucleus = srt.masked_fill(drop, float("-inf"))
+            processed = torch.log_softmax(torch.empty_like(nucleus).scatter(-1, order, nucleus),
+                                          dim=-1)
+            picked = processed.gather(1, torch.tensor(s.token_ids)[:, None]).squeeze(1)
+            assert torch.isfinite(picked).all()  # every sampled token is in the nucleus
+            np.testing.assert_allclose(s.logprobs, picked.numpy(), atol=1e-4, rtol=0)
+
+
 def test_greedy_takes_the_argmax(engine: LocalEngine, reference: torch.nn.Module) -> None:
     outs = engine.generate(PROMPTS[1:3], max_tokens=6, temperature=0.0, ignore_eos=True)
     for o in outs:

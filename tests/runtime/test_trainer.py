@@ -268,3 +268,87 @@ def test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_s
     assert last_decrement < 0.02 * (opt["lr"] - opt["min_lr"])  # the cosine's last step
     assert learning_rate(total, total=total, lr=opt["lr"], min_lr=opt["min_lr"],
                          warmup=0) == pytest.approx(opt["min_lr"])
+
+
+def test_adam_takes_the_spec_values_and_decays_matrices_only() -> None:
+    opt = {**OPT, "weight_decay": 0.25, "adam_beta1": 0.5, "adam_beta2": 0.75,
+           "adam_eps": 1e-3}
+    model = tiny_model()
+    trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 8,
+                      "global_batch_size": 8, "optimizer": opt}, vocab_size=32)
+    decay, no_decay = trainer.optimizer.param_groups
+    for group in (decay, no_decay):
+        assert group["betas"] == (0.5, 0.75) and group["eps"] == 1e-3
+    assert decay["weight_decay"] == 0.25 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    # One step of AdamW: p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps); with a zero gradient only the
+    # decay moves a matrix, by exactly the factor (1 − lr·wd).
+    p = decay["params"][0]
+    before = p.detach().clone()
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    trainer.optimizer.step()
+    torch.testing.assert_close(p.detach(), before * (1 - OPT["lr"] * 0.25))
+
+
+def test_clip_grad_bounds_the_gradient_norm_of_each_update() -> None:
+    """With clip_grad far below the gradient's norm, the update applies a gradient of norm
+    exactly clip_grad (the reported grad_norm is the norm before clipping)."""
+    def norms(clip: float) -> tuple[float, float]:
+        model = tiny_model()
+        trainer = Trainer(model, algorithm=ALGO, train={
+            "micro_batch_size": 8, "global_batch_size": 8,
+            "optimizer": {**OPT, "clip_grad": clip}}, vocab_size=32)
+        applied: list[float] = []
+
+        def capture(*args, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            applied.append(float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))))
+
+        trainer.optimizer.step = capture  # type: ignore[method-assign]
+        metrics = trainer.step(make_batch(model))
+        return applied[0], metrics["grad_norm"]
+
+    free, raw = norms(1e9)
+    assert free == pytest.approx(raw, rel=1e-5) and raw > 1e-3
+    clipped, raw_again = norms(raw / 10)
+    assert raw_again == pytest.approx(raw, rel=1e-5)
+    assert clipped == pytest.approx(raw / 10, rel=1e-4)
+
+
+@pytest.mark.parametrize("balancing", [True, False])
+def test_length_balancing_groups_responses_of_similar_length(balancing: bool) -> None:
+    model = tiny_model()
+    trainer = Trainer(model, algorithm=ALGO, train={"micro_batch_size": 2,
+                      "global_batch_size": 8, "optimizer": OPT}, vocab_size=32,
+                      length_balancing=balancing)
+    batch = make_batch(model)
+    lengths = batch.attention_mask.sum(1)
+    groups = [g.tolist() for g in trainer._micro_batches(torch.arange(batch.size), batch)]
+    assert sorted(i for g in groups for i in g) == list(range(batch.size))
+    if balancing:  # micro-batch after micro-batch, non-decreasing lengths
+        order = [i for g in groups for i in g]
+        assert lengths[order].tolist() == sorted(lengths.tolist())
+    else:  # the rows in their own order
+        assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        assert lengths.tolist() != sorted(lengths.tolist())  # so balancing would reorder them
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_the_embedded_trainer_keeps_the_newest_checkpoints(keep: int, tmp_path) -> None:
+    """TrainerProcess.save_checkpoint prunes checkpoints/rl/step-* to train.checkpoint.keep."""
+    import logging
+
+    from runtime.driver import RunPaths
+    from runtime.jobs.train import TrainerProcess
+
+    proc = TrainerProcess.__new__(TrainerProcess)  # the pruning needs no bundle or process
+    proc.paths, proc.keep, proc.log = RunPaths(tmp_path), keep, logging.getLogger("test")
+    proc.model = tiny_model()
+    proc.trainer = Trainer(proc.model, algorithm=ALGO, train={
+        "micro_batch_size": 8, "global_batch_size": 8, "optimizer": OPT}, vocab_size=32)
+    for step in range(1, 5):
+        proc.save_checkpoint(step)
+    kept = sorted(p.name for p in proc.paths.checkpoints.iterdir())
+    assert kept == [f"step-{s}" for s in range(5 - keep, 5)]

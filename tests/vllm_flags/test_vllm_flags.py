@@ -210,6 +210,20 @@ def test_redundant_experts_enable_vllms_eplb(tmp_path: Path) -> None:
         assert "--enable-eplb" not in argv and "--eplb-config" not in argv
 
 
+def test_fp8_and_the_engine_limits_reach_every_vllm(tmp_path: Path) -> None:
+    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+                                ("rollout.fp8=true", "rollout.max_num_seqs=64",
+                                 "rollout.gpu_memory_utilization=0.7"))
+    assert calls
+    for argv, _ in calls:
+        assert check_argv(argv) == [], " ".join(argv)
+        assert argv[argv.index("--quantization") + 1] == "fp8"
+        assert argv[argv.index("--max-num-seqs") + 1] == "64"
+        assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.7"
+    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path / "b"):
+        assert "--quantization" not in argv
+
+
 def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
     # vLLM has no disk transfer engine: the driver reloads the folder via /collective_rpc.
     calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
