@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from compiler.checks import check
+from compiler.checks import RULES, check
 from compiler.graph import JobGraph, build_graph
 from compiler.plan import Plan, make_plan
 from compiler.render import render_bundle
@@ -19,6 +20,7 @@ from runtime.capabilities import Refusal
 from runtime.preflight import preflight_bundle
 from spec.errors import Problem, SpecError
 from spec.loader import SpecSource, load_spec, read_text
+from spec.partial import InvalidValueUsed
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,12 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     """The bundle of a spec. With ``preflight`` (validate, compile, run) what a job would
     refuse at start is an error; without it (inspect, renderer tests) it is returned in
     ``Compiled.refusals`` for the caller to show beside the plan."""
-    source = load_spec(path, overrides)
+    try:
+        source = load_spec(path, overrides)
+    except SpecError as err:
+        if err.partial is None:
+            raise
+        raise SpecError(err.problems + partial_problems(err.partial)) from None
     spec, plan = source.spec, make_plan(source.spec)
     problems = [source.locate(p) for p in check(spec, plan)]
     graph, files = None, {}
@@ -68,6 +75,35 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     assert graph is not None
     validated = Validated(source, plan, tuple(p for p in problems if p.severity == "warning"))
     return Compiled(validated, graph, files, () if preflight else tuple(refused))
+
+
+class _NoPlan:
+    """The plan of a spec whose values it needs did not validate: a rule that reads it stops."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise InvalidValueUsed(("plan", name))
+
+
+def partial_problems(source: SpecSource) -> list[Problem]:
+    """The errors the checks and the runtime's rules find in what did validate of a spec
+    (`source.spec` may hold `spec.partial.Invalid` values): a rule, or the plan, that uses a
+    value that did not validate is skipped, so no error is reported twice or made up."""
+    spec = source.spec
+    try:
+        plan: Any = make_plan(spec)
+    except Exception:  # it needs a value that did not validate
+        plan = _NoPlan()
+    problems: list[Problem] = []
+    for rule in RULES:
+        try:
+            problems += [p for p in rule(spec, plan) if p.severity == "error"]
+        except Exception:  # same: the rule reads an invalid value
+            continue
+    try:
+        refusals = capabilities.refusals(spec.model_dump(mode="json"), "rl")
+    except Exception:
+        refusals = []
+    return [source.locate(p) for p in problems + refusal_problems(refusals)]
 
 
 def refusal_problems(refusals: Sequence[Refusal]) -> list[Problem]:

@@ -715,13 +715,22 @@ def validate(
     file: str,
     overridden: Mapping[KeyPath, str] | None = None,
 ) -> Spec:
-    """Validate plain data into a `Spec`; SpecError with every problem, located, otherwise."""
+    """Validate plain data into a `Spec`; SpecError with every problem, located, otherwise.
+
+    The error's `partial` is a SpecSource of what did validate (`spec.partial`), on which the
+    model validators pydantic skipped have run: their problems are among the error's.
+    """
+    from spec.partial import partial_spec
+
     try:
         return Spec.model_validate(raw)
     except ValidationError as err:
+        problems = problems_from_validation(err, raw)
+        spec, skipped = partial_spec(err, raw)
         problems = [locate(p, file, locations, overridden)
-                    for p in problems_from_validation(err, raw)]
-        raise SpecError(_sorted(problems)) from None
+                    for p in dict.fromkeys(problems + skipped)]
+        partial = SpecSource(file, dict(raw), dict(locations), spec, dict(overridden or {}))
+        raise SpecError(_sorted(problems), partial) from None
 
 
 # --------------------------------------------------------------------------- files
@@ -798,7 +807,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecSource:
     try:
         spec = validate(raw, locations, file, overridden)
     except SpecError as err:
-        raise SpecError(_sorted(problems + err.problems)) from None
+        raise SpecError(_sorted(problems + err.problems), err.partial) from None
+    source = SpecSource(file, raw, locations, spec, overridden)
     if problems:
-        raise SpecError(_sorted(problems))
-    return SpecSource(file, raw, locations, spec, overridden)
+        raise SpecError(_sorted(problems), source)
+    return source

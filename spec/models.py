@@ -1,8 +1,9 @@
 """The spec: one pydantic model per YAML section (the code is the truth; DESIGN.md §2 the outline).
 
 Shape is checked here (types, ranges, unknown keys, rules inside one section). Meaning that
-spans sections (parallel grids, batch arithmetic, memory) is checked in `compiler.checks`,
-after the shape is known to be right, so a user sees shape errors first and all at once.
+spans sections (parallel grids, batch arithmetic, memory) is checked in `compiler.checks`.
+When some values do not validate, the section rules and the checks still run on the values
+that did (`spec.partial`), so a user sees every problem of a file in one run.
 """
 
 from __future__ import annotations
