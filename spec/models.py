@@ -111,7 +111,10 @@ class Architecture(Section):
         "none for MLA models, which have no query groups.",
     )
     head_dim: PosInt | None = Field(
-        None, description="Per-head dimension (`--kv-channels`); default hidden_size / heads."
+        None,
+        description="Per-head dimension (`--kv-channels`); default hidden_size / heads. Qwen3 "
+        "sets it on its own (128): a qwen3 / qwen3_moe checkpoint needs it written when "
+        "hidden_size / heads is not 128.",
     )
     attention: Literal["gqa", "mla"] = Field("gqa", description="Attention kind.")
     mla: MLA | None = Field(None, description="MLA dimensions; required when attention is mla.")
