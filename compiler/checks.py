@@ -6,9 +6,9 @@ by `validate` and `inspect`). Each rule is a small function of (spec, plan) that
 fields involved (`path` + `related`), the conflicting numbers, and a value that would fix it.
 
 Rules are grouped by concern, in the order a person would fix them: training grid, expert
-grid, attention/TP, pipeline, sequence parallel, context parallel, batch arithmetic, rollout,
-router replay, run-level, ZVE budgets, references between sections, settings the selected
-path does not read, memory.
+grid, attention/TP, Qwen3 head_dim, pipeline, sequence parallel, context parallel, batch
+arithmetic, rollout, router replay, run-level, ZVE budgets, references between sections,
+settings the selected path does not read, memory.
 
 What a job of the bundle would refuse at start (the embedded trainer on GPUs, a layout the
 Megatron trainer does not run, …) is declared by the runtime (`runtime.capabilities`) and
@@ -59,6 +59,7 @@ R_NODES: Path = ("rollout", "nodes")
 MAX_TOKENS: Path = ("rollout", "max_tokens")
 PROMPT_TOKENS: Path = ("data", "max_prompt_tokens")
 MAX_POS: Path = (*ARCH, "max_position_embeddings")
+HEAD_DIM: Path = (*ARCH, "head_dim")
 GPU_MEM: Path = ("cluster", "gpu_memory_gb")
 
 NEAR_MEMORY = 0.9  # within 10 % of capacity: a warning
@@ -259,6 +260,35 @@ def attention_tp(spec: Spec, plan: Plan) -> Iterator[Problem]:
             yield _error(TP, f"shared-expert FFN width {shared} is not a multiple of tensor "
                              f"parallel size {tp}", hint,
                          ((*MOE, "shared_expert_ffn_hidden_size"),))
+
+
+# Qwen3 and Qwen3-MoE set head_dim on their own, not as hidden_size / heads: every published
+# checkpoint has 128 (Qwen3-30B-A3B: 2048 / 32 = 64), and so does HF's Qwen3Config by default.
+QWEN3_HEAD_DIM = 128
+
+
+def checkpoint_head_dim(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """A Qwen3 checkpoint with head_dim left out: the default hidden_size / heads is not what
+    Qwen3 uses (128), so parameter counts, memory and the conversion would silently be wrong
+    (Qwen3-30B-A3B: 30.08 B / 2.90 B instead of 30.53 B / 3.35 B). Required when it differs.
+    Where the checkpoint's config.json is readable, `compiler.api` compares it instead."""
+    arch = spec.model.architecture
+    if (spec.model.checkpoint is None or arch.family not in ("qwen3", "qwen3_moe")
+            or arch.attention != "gqa" or arch.head_dim is not None):
+        return
+    derived = arch.hidden_size // arch.num_attention_heads
+    if derived != QWEN3_HEAD_DIM:
+        yield _error(
+            HEAD_DIM,
+            f"head_dim is not given, so it would be hidden_size / num_attention_heads = "
+            f"{arch.hidden_size} / {arch.num_attention_heads} = {derived}; {arch.family} sets "
+            f"head_dim on its own ({QWEN3_HEAD_DIM} in every published Qwen3 checkpoint), so the "
+            f"parameter count, the memory estimate and the conversion of {spec.model.checkpoint} "
+            "would be wrong",
+            f"set model.architecture.head_dim to the head_dim of the checkpoint's config.json "
+            f"(usually {QWEN3_HEAD_DIM})",
+            ((*ARCH, "hidden_size"), (*ARCH, "num_attention_heads"), ("model", "checkpoint")),
+        )
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -889,6 +919,7 @@ RULES: tuple[Rule, ...] = (
     expert_grid,
     expert_sizes,
     attention_tp,
+    checkpoint_head_dim,
     pipeline,
     sequence_parallel,
     context_parallel,

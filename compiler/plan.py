@@ -7,10 +7,13 @@ and `rlspec inspect` read it. Nothing else recomputes a derived value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from spec.errors import Problem
 from spec.models import AdaptiveGroupSize, FlatGroups, OfflinePassRate, Spec
+from spec.partial import Invalid, InvalidValueUsed
 
 
 @dataclass(frozen=True)
@@ -192,11 +195,22 @@ def stage_budgets(spec: Spec) -> tuple[StageBudget, ...]:
     return tuple(out)
 
 
+def _step(compute: Callable[[], Any]) -> Any:
+    """compute(), or an `Invalid` stand-in when it needs a value of a partial spec that did
+    not validate (spec.partial): the plan of a valid spec never sees one."""
+    try:
+        return compute()
+    except InvalidValueUsed as exc:
+        return Invalid(exc.args[0] if exc.args else ())
+
+
 def make_plan(spec: Spec) -> Plan:
     """Every derived value of a shape-valid spec. Total: never raises, whatever the numbers.
 
     Sizes use integer division (0 when a divisor is 0); `compiler.checks.check` judges them.
-    See `compiler.estimates` for the parameter and memory formulas.
+    See `compiler.estimates` for the parameter and memory formulas. Of a partial spec (one that
+    did not validate, `spec.partial`) each value that needs an invalid one is itself `Invalid`,
+    so a check that reads it is skipped while the others run.
     """
     # estimates imports this module's dataclasses, so it is imported here, not at the top.
     from compiler import estimates
@@ -205,34 +219,37 @@ def make_plan(spec: Spec) -> Plan:
     gpn = spec.cluster.gpus_per_node
     p = spec.train.parallelism
     tp, pp, cp, ep = p.tensor, p.pipeline, p.context, p.expert
-    etp = p.expert_tensor if p.expert_tensor is not None else tp
+    etp = _step(lambda: p.expert_tensor if p.expert_tensor is not None else tp)
 
-    world = spec.train.nodes * gpn
-    dp = _div(world, tp * pp * cp)
-    expert_dp = _div(world, etp * ep * pp)
-    layers = pipeline_split(arch.num_layers, pp, p.first_pipeline_stage_layers,
-                            p.last_pipeline_stage_layers)
-    micro_batches = _div(spec.train.global_batch_size, spec.train.micro_batch_size * dp)
+    world = _step(lambda: spec.train.nodes * gpn)
+    dp = _step(lambda: _div(world, tp * pp * cp))
+    expert_dp = _step(lambda: _div(world, etp * ep * pp))
+    layers = _step(lambda: pipeline_split(arch.num_layers, pp, p.first_pipeline_stage_layers,
+                                          p.last_pipeline_stage_layers))
+    micro_batches = _step(
+        lambda: _div(spec.train.global_batch_size, spec.train.micro_batch_size * dp))
 
     rp = spec.rollout.parallelism
-    rollout_world = spec.rollout.nodes * gpn
-    per_replica = rp.tensor * rp.data
-    replicas = _div(rollout_world, per_replica)
+    rollout_world = _step(lambda: spec.rollout.nodes * gpn)
+    per_replica = _step(lambda: rp.tensor * rp.data)
+    replicas = _step(lambda: _div(rollout_world, per_replica))
 
-    seq_len = spec.data.max_prompt_tokens + spec.rollout.max_tokens
-    rollouts = spec.rollout.prompts_per_step * spec.rollout.n
-    opt_steps = _div(rollouts, spec.train.global_batch_size) * spec.algorithm.ppo_epochs
-    budgets = stage_budgets(spec)
+    seq_len = _step(lambda: spec.data.max_prompt_tokens + spec.rollout.max_tokens)
+    rollouts = _step(lambda: spec.rollout.prompts_per_step * spec.rollout.n)
+    opt_steps = _step(
+        lambda: _div(rollouts, spec.train.global_batch_size) * spec.algorithm.ppo_epochs)
+    budgets = _step(lambda: stage_budgets(spec))
 
-    params = estimates.count_params(arch)
-    routing_dtype, routing_bytes = routing_storage(spec, params.moe_layers)
+    params = _step(lambda: estimates.count_params(arch))
+    routing = _step(lambda: routing_storage(spec, params.moe_layers))
+    routing_dtype, routing_bytes = (routing if isinstance(routing, tuple)
+                                    else (routing, routing))
 
-    if spec.cluster.devices == "cpu":
-        skipped = ("cpu run: not estimated",)
-        train_mem = MemoryEstimate({}, 0.0, spec.cluster.gpu_memory_gb, skipped)
-        rollout_mem = MemoryEstimate({}, 0.0, spec.cluster.gpu_memory_gb, skipped)
-        sequences = -1
-    else:
+    def memory() -> tuple[MemoryEstimate, MemoryEstimate, int]:
+        if spec.cluster.devices == "cpu":
+            skipped = ("cpu run: not estimated",)
+            return (MemoryEstimate({}, 0.0, spec.cluster.gpu_memory_gb, skipped),
+                    MemoryEstimate({}, 0.0, spec.cluster.gpu_memory_gb, skipped), -1)
         layout = estimates.TrainLayout(
             tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp, expert_dp=expert_dp,
             vpp=p.virtual_pipeline or 1, sequence_parallel=p.sequence_parallel and tp > 1,
@@ -241,40 +258,46 @@ def make_plan(spec: Spec) -> Plan:
             precision=spec.train.precision, recompute=spec.train.recompute,
             distributed_optimizer=spec.train.optimizer.distributed,
         )
-        train_mem = estimates.train_memory(arch, layout, spec.cluster.gpu_memory_gb)
-        rollout_mem, sequences = estimates.rollout_memory(
+        train = estimates.train_memory(arch, layout, spec.cluster.gpu_memory_gb)
+        rollout, sequences = estimates.rollout_memory(
             arch, params, tp=rp.tensor, dp=rp.data, expert_parallel=rp.expert_parallel,
             redundant_experts=spec.rollout.redundant_experts, fp8=spec.rollout.fp8,
             seq_len=seq_len, gpu_memory_gb=spec.cluster.gpu_memory_gb,
             utilization=spec.rollout.gpu_memory_utilization,
         )
+        return train, rollout, sequences
+
+    memories = _step(memory)
+    train_mem, rollout_mem, sequences = (memories if isinstance(memories, tuple)
+                                         else (memories,) * 3)
 
     return Plan(
         train_world_size=world,
         data_parallel=dp,
         expert_tensor_parallel=etp,
-        expert_tensor_defaulted=p.expert_tensor is None,
+        expert_tensor_defaulted=_step(lambda: p.expert_tensor is None),
         expert_data_parallel=expert_dp,
         pipeline_layers=layers,
         micro_batches_per_step=micro_batches,
         rollout_world_size=rollout_world,
         gpus_per_replica=per_replica,
         rollout_replicas=replicas,
-        rollout_expert_parallel=per_replica if rp.expert_parallel else None,
-        rl_nodes=spec.train.nodes + spec.rollout.nodes,
+        rollout_expert_parallel=_step(lambda: per_replica if rp.expert_parallel else None),
+        rl_nodes=_step(lambda: spec.train.nodes + spec.rollout.nodes),
         seq_len=seq_len,
         rollouts_per_step=rollouts,
         optimizer_steps_per_rollout=opt_steps,
         stage_budgets=budgets,
-        expected_rollouts_per_step=rollouts + sum(b.rollouts_per_step for b in budgets),
+        expected_rollouts_per_step=_step(
+            lambda: rollouts + sum(b.rollouts_per_step for b in budgets)),
         params=params,
         train_memory=train_mem,
         rollout_memory=rollout_mem,
         routing_dtype=routing_dtype,
         routing_bytes_per_token=routing_bytes,
         rollout_max_sequences=sequences,
-        replicas_per_node=max(1, _div(gpn, per_replica)),
-        nodes_per_replica=max(1, _div(per_replica, gpn)),
-        eval_seq_len=spec.data.max_prompt_tokens
-        + (spec.eval.max_tokens or spec.rollout.max_tokens),
+        replicas_per_node=_step(lambda: max(1, _div(gpn, per_replica))),
+        nodes_per_replica=_step(lambda: max(1, _div(per_replica, gpn))),
+        eval_seq_len=_step(lambda: spec.data.max_prompt_tokens
+                           + (spec.eval.max_tokens or spec.rollout.max_tokens)),
     )

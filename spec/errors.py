@@ -9,7 +9,7 @@ line where the user wrote it, what is wrong, and a suggestion where one is known
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 PathPart = str | int
 EXIT_BAD_INPUT = 2  # any input the user must fix: a spec, a run directory, an argument
@@ -64,8 +64,11 @@ class SpecError(Exception):
 
     exit_code = EXIT_INVALID_SPEC
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], partial: Any = None):
         self.problems = [p for p in problems if p.severity == "error"] or list(problems)
+        # What still parsed (a `spec.loader.SpecSource` whose spec may hold `Invalid` values),
+        # for later stages to check too: every problem of a file in one run.
+        self.partial = partial
         super().__init__(self.format())
 
     def format(self) -> str:

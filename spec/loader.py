@@ -9,7 +9,8 @@ YAML rules of a spec (a subset of YAML 1.2's core schema, chosen so that nothing
 - `1e-6`, `1.5e-4`, `3E-4` are floats (YAML 1.1 reads them as strings), `1_000` is an int;
 - `24:00:00` and `2024-01-01` stay strings (no sexagesimal numbers, no timestamps);
 - one document per file, string keys only, no duplicate keys, no tags beyond the core ones;
-- anchors, aliases and merge keys (`<<: *defaults`) work, up to `NODE_BUDGET` values in all.
+- anchors, aliases and merge keys (`<<: *defaults`) work, up to `NODE_BUDGET` values in all;
+- a file over `MAX_BYTES` (1 MiB; a spec is a few KB) is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from spec.models import Spec
 KeyPath = tuple[PathPart, ...]
 Locations = dict[KeyPath, int]
 
-# A billion-laughs document is tiny text whose aliases multiply into billions of values;
-# building the data counts every value (aliases counted each time they are used).
+# Real specs are a few KB. Larger input is refused before the (pure-Python) parser reads it:
+# a 10 MB file would take a minute and over half a GB to parse.
+MAX_BYTES = 1 << 20
+# Values (mapping values and list items) a document may hold: counted once per node while
+# parsing, and again while building the data, where an alias counts each time it is used
+# (a billion-laughs document is tiny text whose aliases multiply into billions of values).
 NODE_BUDGET = 100_000
 MAX_DEPTH = 64
 OVERRIDE_FILE = "--set"
@@ -74,8 +79,23 @@ def _resolve_plain(value: str) -> str:
     return _STR
 
 
+class _TooManyValues(Exception):
+    def __init__(self, line: int):
+        self.line = line
+
+
 class _Loader(yaml.SafeLoader):
     """Composes nodes only (the pure-Python parser: its messages name the bad character)."""
+
+    values = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        # Keys are composed with index None; values, items and the root are counted.
+        if (index is not None or parent is None) and not self.check_event(yaml.AliasEvent):
+            self.values += 1
+            if self.values > NODE_BUDGET:
+                raise _TooManyValues(self.peek_event().start_mark.line + 1)
+        return super().compose_node(parent, index)
 
     def resolve(self, kind: type, value: Any, implicit: Any) -> str:  # type: ignore[override]
         if kind is yaml.ScalarNode and implicit[0]:
@@ -282,6 +302,20 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, file: str) -> Problem:
     return Problem((), f"invalid YAML at column {column}: {problem}", hint, file=file, line=line)
 
 
+_SIZE_HINT = ("a spec is a few KB of YAML: is this the right file? Prompts go in a JSONL file "
+              "that data.train names")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _too_big(size: int, file: str) -> SpecError:
+    return SpecError([Problem(
+        (), f"the file is {_size(size)}, over the {_size(MAX_BYTES)} limit of a spec file; "
+        "it was not parsed", _SIZE_HINT, file=file, line=None)])
+
+
 def _compose(text: str, file: str) -> yaml.Node | None:
     loader = None
     try:
@@ -292,6 +326,10 @@ def _compose(text: str, file: str) -> yaml.Node | None:
     except RecursionError:
         raise SpecError([Problem((), "the document is nested too deeply to read", file=file,
                                  line=None)]) from None
+    except _TooManyValues as exc:
+        raise SpecError([Problem(
+            (), f"the document holds more than {NODE_BUDGET:,} values; a spec has a few hundred",
+            _SIZE_HINT, file=file, line=exc.line)]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -314,6 +352,8 @@ def load_data(text: str, file: str) -> tuple[dict[str, Any], Locations]:
     Raises SpecError for anything that is not one mapping with string keys, unique keys and
     a bounded size; its problems carry `file` and the line.
     """
+    if len(text) > MAX_BYTES // 4 and (size := len(text.encode("utf-8"))) > MAX_BYTES:
+        raise _too_big(size, file)
     if not text.strip():
         raise SpecError([Problem((), "the file is empty", _START_HINT, file=file, line=None)])
     node = _compose(text, file)
@@ -675,13 +715,22 @@ def validate(
     file: str,
     overridden: Mapping[KeyPath, str] | None = None,
 ) -> Spec:
-    """Validate plain data into a `Spec`; SpecError with every problem, located, otherwise."""
+    """Validate plain data into a `Spec`; SpecError with every problem, located, otherwise.
+
+    The error's `partial` is a SpecSource of what did validate (`spec.partial`), on which the
+    model validators pydantic skipped have run: their problems are among the error's.
+    """
+    from spec.partial import partial_spec
+
     try:
         return Spec.model_validate(raw)
     except ValidationError as err:
+        problems = problems_from_validation(err, raw)
+        spec, skipped = partial_spec(err, raw)
         problems = [locate(p, file, locations, overridden)
-                    for p in problems_from_validation(err, raw)]
-        raise SpecError(_sorted(problems)) from None
+                    for p in dict.fromkeys(problems + skipped)]
+        partial = SpecSource(file, dict(raw), dict(locations), spec, dict(overridden or {}))
+        raise SpecError(_sorted(problems), partial) from None
 
 
 # --------------------------------------------------------------------------- files
@@ -725,6 +774,8 @@ def read_text(path: str | Path) -> str:
         hint = ("give the spec file: " + ", ".join(specs)) if specs else "give a .yaml file"
         raise SpecError([Problem((), "is a directory, not a spec file", hint, file=file)])
     try:
+        if (size := p.stat().st_size) > MAX_BYTES:  # refused unread
+            raise _too_big(size, file)
         data = p.read_bytes()
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
@@ -756,7 +807,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecSource:
     try:
         spec = validate(raw, locations, file, overridden)
     except SpecError as err:
-        raise SpecError(_sorted(problems + err.problems)) from None
+        raise SpecError(_sorted(problems + err.problems), err.partial) from None
+    source = SpecSource(file, raw, locations, spec, overridden)
     if problems:
-        raise SpecError(_sorted(problems))
-    return SpecSource(file, raw, locations, spec, overridden)
+        raise SpecError(_sorted(problems), source)
+    return source

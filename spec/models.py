@@ -1,8 +1,9 @@
 """The spec: one pydantic model per YAML section (the code is the truth; DESIGN.md §2 the outline).
 
 Shape is checked here (types, ranges, unknown keys, rules inside one section). Meaning that
-spans sections (parallel grids, batch arithmetic, memory) is checked in `compiler.checks`,
-after the shape is known to be right, so a user sees shape errors first and all at once.
+spans sections (parallel grids, batch arithmetic, memory) is checked in `compiler.checks`.
+When some values do not validate, the section rules and the checks still run on the values
+that did (`spec.partial`), so a user sees every problem of a file in one run.
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ class Architecture(Section):
         "none for MLA models, which have no query groups.",
     )
     head_dim: PosInt | None = Field(
-        None, description="Per-head dimension (`--kv-channels`); default hidden_size / heads."
+        None,
+        description="Per-head dimension (`--kv-channels`); default hidden_size / heads. Qwen3 "
+        "sets it on its own (128): a qwen3 / qwen3_moe checkpoint needs it written when "
+        "hidden_size / heads is not 128.",
     )
     attention: Literal["gqa", "mla"] = Field("gqa", description="Attention kind.")
     mla: MLA | None = Field(None, description="MLA dimensions; required when attention is mla.")

@@ -163,7 +163,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Architecture.num_query_groups": {"all": (CONFIG_MAP, "check:attention_tp")},
     # --kv-channels 128 in the golden train.sh (checked against the checkpoint by
     # runtime.megatron.args); the embedded build of an explicit head_dim is untested.
-    "Architecture.head_dim": {"all": (GOLDEN, "MISSING")},
+    "Architecture.head_dim": {"all": (GOLDEN, "check:checkpoint_head_dim", "MISSING")},
     "Architecture.attention": {
         "train:local": "refused:embedded_model",
         "train:megatron": "refused:megatron_model",

@@ -170,6 +170,32 @@ def test_shared_expert_ffn_not_a_multiple_of_tp() -> None:
     assert_numbers(p, 1025, 2)
 
 
+# --------------------------------------------------------------------------- Qwen3 head_dim
+
+
+def test_a_qwen3_checkpoint_without_head_dim_is_an_error() -> None:
+    """Qwen3-30B-A3B without head_dim: 2048 / 32 = 64, not Qwen3's 128; the plan would say
+    30.08 B / 2.90 B parameters instead of 30.53 B / 3.35 B."""
+    spec = build({f"{ARCH}.head_dim": DELETE})
+    assert round(make_plan(spec).params.total / 1e9, 2) == 30.08
+    (p,) = errors_of(spec)
+    assert p.path == ("model", "architecture", "head_dim")
+    assert "2048 / 32 = 64" in p.message and "128" in p.message
+    assert p.suggestion.startswith("set model.architecture.head_dim")
+    assert round(make_plan(build()).params.total / 1e9, 2) == 30.53  # head_dim 128 written
+    assert round(make_plan(build()).params.active / 1e9, 2) == 3.35
+
+
+@pytest.mark.parametrize("edits", [
+    {"model.checkpoint": None},  # initialised from scratch: no checkpoint to disagree with
+    {f"{ARCH}.hidden_size": 4096},  # 4096 / 32 = 128 anyway (Qwen3-8B)
+    {f"{ARCH}.family": "llama"},  # llama derives head_dim from hidden / heads
+], ids=["no-checkpoint", "derived-128", "llama"])
+def test_head_dim_may_be_left_out_where_the_default_is_right(edits) -> None:
+    spec = build({f"{ARCH}.head_dim": DELETE, **edits})
+    assert not [p for p in errors_of(spec) if p.path[-1] == "head_dim"]
+
+
 # --------------------------------------------------------------------------- pipeline
 
 PP4 = {"train.parallelism.pipeline": 4, "train.parallelism.expert": 4}

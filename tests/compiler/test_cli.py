@@ -26,7 +26,9 @@ from typer.testing import CliRunner, Result
 
 from compiler import __version__
 from compiler import cli as cli_module
+from compiler.api import validate
 from compiler.cli import app
+from spec.errors import SpecError, dotted
 from tests.helpers import status_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +156,63 @@ def test_validate_reports_every_mistake_with_its_line_and_no_traceback(tmp_path:
     assert "did you mean 'gpu_memory_utilization'?" in result.stderr
     assert "did you mean 'full'?" in result.stderr
     assert result.stdout == ""
+
+
+def _edit(text: str, edits: dict[str, tuple[str, str]]) -> tuple[str, dict[str, int]]:
+    lines = {}
+    for path, (old, new) in edits.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+        lines[path] = text[: text.index(new)].count("\n") + 1
+    return text, lines
+
+
+def test_validate_reports_shape_section_and_compiler_problems_in_one_run(tmp_path: Path) -> None:
+    """A bad key (cluster), a section's rule (architecture) and a compiler check (batch
+    arithmetic) used to take three rounds of `rlspec validate`; one run reports all three."""
+    text, lines = _edit(SINGLE.read_text(), {
+        "model.architecture.mla": ("    head_dim: 128\n",
+                                   "    head_dim: 128\n    mla: {kv_lora_rank: 512}\n"),
+        "cluster.time_limit": ('  time_limit: "24:00:00"\n', "  time_limit: 24h\n"),
+        "train.micro_batch_size": ("  micro_batch_size: 1 ", "  micro_batch_size: 3 "),
+        "train.global_batch_size": ("  global_batch_size: 128\n", "  global_batch_size: 128\n"),
+    })
+    lines["model.architecture"] = text[: text.index("  architecture:\n")].count("\n") + 1
+    spec = tmp_path / "mixed.yaml"
+    spec.write_text(text)
+    result = run("validate", spec.name, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    found = re.findall(r"^mixed\.yaml:(\d+): error: ([\w.]+): (.*)$", result.stderr, re.M)
+    assert [(int(n), path) for n, path, _ in found] == [
+        (lines["model.architecture"], "model.architecture"),
+        (lines["cluster.time_limit"], "cluster.time_limit"),
+        (lines["train.global_batch_size"], "train.global_batch_size"),
+    ], result.stderr
+    assert found[0][2] == "an 'mla' section is given but attention is 'gqa'"
+    assert found[2][2].startswith("global_batch_size 128 is not a multiple of micro_batch_size")
+    assert result.stderr.startswith("3 problems in the spec:")
+
+
+def test_a_compiler_check_that_needs_a_bad_value_is_skipped(tmp_path: Path) -> None:
+    """train.nodes does not validate: the checks of the trainer's world size are skipped (no
+    made-up error), the checks that do not need it still report, each at its line."""
+    text, lines = _edit(SINGLE.read_text(), {
+        "train.nodes": ("  nodes: 1\n  parallelism:\n    tensor: 4",
+                        "  nodes: '1'\n  parallelism:\n    tensor: 3"),
+        "rollout.parallelism.tensor": ("    tensor: 2\n", "    tensor: 4\n"),
+    })
+    spec = tmp_path / "skip.yaml"
+    spec.write_text(text)
+    with pytest.raises(SpecError) as info:
+        validate(spec)
+    problems = [(dotted(p.path), p.line, p.message) for p in info.value.problems]
+    assert problems[0][:2] == ("train.nodes", lines["train.nodes"])
+    assert not [p for p in problems if "world size" in p[2]], problems  # needs train.nodes
+    assert ("train.parallelism.tensor", lines["train.nodes"] + 2,
+            "num_attention_heads 32 is not a multiple of tensor parallel size 3") in [
+        (path, line, message[:66]) for path, line, message in problems]
+    assert [p[:2] for p in problems if p[0].startswith("rollout")] == [
+        ("rollout.parallelism", lines["rollout.parallelism.tensor"] - 1)]  # TP·DP 16 > 8 GPUs
 
 
 def test_a_misspelt_section_gets_did_you_mean(tmp_path: Path) -> None:

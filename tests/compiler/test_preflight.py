@@ -9,6 +9,7 @@ the preflight, refuses at start with the same message before it does any work.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,48 @@ def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, caps
     config["hidden_size"] = 64  # the same shape: accepted
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert compile_spec(tmp_path / "spec.yaml").refusals == ()
+
+
+# Qwen/Qwen3-30B-A3B's config.json (the keys the comparison reads).
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+    "intermediate_size": 6144, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0, "tie_word_embeddings": False, "num_experts": 128,
+    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+}
+
+
+@pytest.mark.parametrize("head_dim", ["128", None], ids=["head_dim-written", "head_dim-left-out"])
+def test_validate_names_each_difference_from_a_readable_checkpoint(tmp_path: Path,
+                                                                    head_dim) -> None:
+    """model.checkpoint is a local HF folder: `validate` compares the architecture with its
+    config.json and names each difference, also when the plan has an error of its own (with
+    one, no bundle is built and no job preflight runs)."""
+    (tmp_path / "Qwen3-30B-A3B").mkdir()
+    (tmp_path / "Qwen3-30B-A3B" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    text = SINGLE.read_text(encoding="utf-8")
+    text = text.replace("checkpoint: /models/Qwen3-30B-A3B", "checkpoint: Qwen3-30B-A3B")
+    text = text.replace("vocab_size: 151936", "vocab_size: 152064")
+    text = text.replace("    num_layers: 48\n", "    num_layers: 40\n")
+    if head_dim is None:
+        text = text.replace("    head_dim: 128\n", "")
+    else:  # and a plan error
+        text = text.replace("  micro_batch_size: 1 ", "  micro_batch_size: 3 ")
+    (tmp_path / "spec.yaml").write_text(text, encoding="utf-8")
+    result = cli("validate", tmp_path / "spec.yaml")
+    assert result.exit_code == 2, result.output
+    named = re.findall(r"error: model\.architecture\.(\w+): (\w+) is (\S+) but the checkpoint's "
+                       r"config\.json \(.*\) has (\w+) = (\S+)", result.stderr)
+    differences = {(field, want, have) for field, _, want, _, have in named}
+    expected = {("num_layers", "40", "48"), ("vocab_size", "152064", "151936")}
+    if head_dim is None:
+        expected.add(("head_dim", "64", "128"))
+        # The readable config.json decides: not the rule for an unreadable checkpoint.
+        assert "head_dim is not given" not in result.stderr
+    else:
+        assert "error: train.global_batch_size: global_batch_size 128" in result.stderr
+    assert differences == expected, result.stderr
 
 
 def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:

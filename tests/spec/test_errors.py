@@ -258,3 +258,39 @@ def test_problems_come_in_file_order(problems_of) -> None:
     text = text.replace("max_tokens: 16", "max_tokens: '16'")
     lines = [p.line for p in problems_of(text)]
     assert lines == sorted(lines) and len(lines) == 3
+
+
+# --------------------------------------------------------------------------- every problem at once
+
+
+def test_a_section_rule_runs_beside_a_bad_key_of_its_section(problems_of) -> None:
+    """pydantic skips a model's validators when one of its keys is wrong; the loader runs
+    them on what did validate, so both problems come in one run, each at its line."""
+    text = (DATA / "valid.yaml").read_text().replace("top_k: 2", "top_k: 9")
+    text = text.replace("    num_layers: 2\n", "    num_layers: two\n")
+    text = text.replace("num_query_groups: 2", "num_query_groups: 3")
+    problems = problems_of(text)
+    assert [(p.path, p.line, p.message) for p in problems] == [
+        (("model", "architecture"), 4,
+         "num_attention_heads (4) is not a multiple of num_query_groups (3)"),
+        (("model", "architecture", "num_layers"), 6, "expected an integer, got the string 'two'"),
+        (("model", "architecture", "moe"), 12,
+         "top_k (9) exceeds num_experts (8); a token cannot be routed to more experts than exist"),
+    ]
+
+
+def test_a_section_rule_that_needs_a_bad_key_says_nothing(problems_of, spec_dict) -> None:
+    """A rule that reads a value that did not validate is skipped: one problem, not two."""
+    spec_dict["model"]["architecture"]["num_query_groups"] = "two"
+    spec_dict["model"]["architecture"]["moe"]["num_experts"] = "eight"
+    problems = problems_of(spec_dict)
+    assert [p.path[-1] for p in problems] == ["num_query_groups", "num_experts"]
+
+
+def test_a_stage_rule_runs_beside_a_bad_key_of_its_stage(problems_of, spec_dict) -> None:
+    spec_dict["filters"] = [{"type": "offline_pass_rate", "min_pass_rate": 0.9,
+                             "max_pass_rate": 0.5, "samples_per_prompt": "8"}]
+    problems = problems_of(spec_dict)
+    assert [(p.path, p.message[:28]) for p in problems] == [
+        (("filters", 0), "min_pass_rate (0.9) ≥ max_pa"),
+        (("filters", 0, "samples_per_prompt"), "expected an integer, got the")]

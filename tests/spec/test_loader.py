@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from spec import loader
 from spec.errors import Problem, SpecError
-from spec.loader import NODE_BUDGET, SpecSource, load_data, load_spec, load_value, validate
+from spec.loader import (
+    MAX_BYTES,
+    NODE_BUDGET,
+    SpecSource,
+    load_data,
+    load_spec,
+    load_value,
+    validate,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -256,6 +265,34 @@ def test_billion_laughs_is_rejected_quickly() -> None:
     assert p.message.startswith(f"the document expands to more than {NODE_BUDGET:,} values")
     assert "billion laughs" in p.message
     assert p.line is not None and p.path
+
+
+def test_an_oversized_file_is_refused_before_parsing(tmp_path: Path) -> None:
+    """A 10 MB file of plain keys: refused from its size (not blamed on aliases), unparsed."""
+    big = tmp_path / "big.yaml"
+    line = "key_{:07d}: some plain value of a plain key\n"
+    with big.open("w") as f:
+        for i in range(10 * 2**20 // len(line.format(0)) + 1):
+            f.write(line.format(i))
+    size = big.stat().st_size
+    p = only_problem(big)
+    assert p.file == str(big) and p.path == ()
+    assert f"{size:,} bytes" in p.message and f"{MAX_BYTES:,} bytes" in p.message
+    assert "alias" not in p.message and "laughs" not in p.message
+    assert p.suggestion and "few KB" in p.suggestion
+
+
+def test_oversized_text_is_refused_by_load_data() -> None:
+    (p,) = data_problems("a: 1\n" + "#" * MAX_BYTES)
+    assert f"{MAX_BYTES:,} bytes" in p.message and "alias" not in p.message
+
+
+def test_too_many_plain_values_are_not_blamed_on_aliases(monkeypatch) -> None:
+    """Under the byte limit but over the value budget, with no alias: the count is named."""
+    monkeypatch.setattr(loader, "NODE_BUDGET", 50)
+    (p,) = data_problems("".join(f"k{i}: {i}\n" for i in range(80)))
+    assert p.message.startswith("the document holds more than 50 values")
+    assert "alias" not in p.message and p.line is not None
 
 
 def test_aliases_below_the_budget_work() -> None:
