@@ -57,6 +57,7 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m spec.docs > docs/spec.md
+	$(PY) -m compiler.docs > docs/checks.md
 
 # Re-record the golden bundles after an intended change of rendering (review the diff).
 golden: $(STAMP)
