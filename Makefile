@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this machine's CPU wheel; an unpinned torch pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,runtime]'
 	# Byte-compile now: machines that set PYTHONDONTWRITEBYTECODE would recompile on every run.
 	$(PY) -m compileall -q spec compiler runtime
 	touch $(STAMP)
@@ -57,6 +57,7 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m spec.docs > docs/spec.md
+	$(PY) -m compiler.docs > docs/checks.md
 
 # Re-record the golden bundles after an intended change of rendering (review the diff).
 golden: $(STAMP)

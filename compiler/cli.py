@@ -7,6 +7,7 @@ never sees a traceback for a mistake of theirs: errors are caught here, at the e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,24 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
 def _report_spec_error(exc: SpecError) -> typer.Exit:
     typer.echo(exc.format(), err=True)
     return typer.Exit(exc.exit_code)
+
+
+# What `pip install rlspec` leaves out (pyproject.toml extras): the modules each extra brings.
+EXTRAS = {
+    "runtime": ("torch", "numpy", "transformers", "safetensors", "tqdm", "tensorboard"),
+    "report": ("matplotlib",),
+}
+
+
+def _require(extra: str, command: str) -> None:
+    """Fail with the install line when ``extra``'s modules are missing from this interpreter
+    (the core install is the compiler only)."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _fail(f"`rlspec {command}` needs the {extra} packages (missing: "
+                    f"{', '.join(missing)}): pip install 'rlspec[{extra}]'")
 
 
 def _warnings(warnings) -> None:
@@ -202,6 +221,8 @@ def run(
     from compiler import runner
     from compiler.api import compile_spec
 
+    if "RLSPEC_PYTHON" not in os.environ:  # the jobs run on this interpreter (compiler.submit)
+        _require("runtime", "run")
     try:
         compiled = compile_spec(spec, set_ or [])
     except SpecError as exc:
@@ -231,6 +252,7 @@ def report(
     gap per replay mode) and a markdown summary of one or more runs."""
     from compiler.report import ReportError, write_report
 
+    _require("report", "report")
     try:
         folder = write_report(runs, out)
     except ReportError as exc:
