@@ -53,6 +53,7 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
     ),
     "expert_sizes": (_ex(BIG, "model.architecture.moe.num_experts=12"),),
     "attention_tp": (_ex(SINGLE, "train.parallelism.tensor=8"),),
+    "checkpoint_head_dim": (_ex(SINGLE, "model.architecture.head_dim=null"),),
     "pipeline": (
         _ex(BIG, "model.architecture.num_layers=62"),
         _ex(BIG, "train.parallelism.last_pipeline_stage_layers=5"),
@@ -93,6 +94,10 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
         _ex(BIG, "cluster.env_passthrough=[HF_TOKEN]"),
         _ex(SINGLE, "algorithm.gspo.clip_high=0.001"),
     ),
+    "unused_settings": (
+        _ex(TINY, "rollout.max_num_seqs=64"),
+        _ex(TINY, "cluster.partition=gpu"),
+    ),
     "memory": (
         _ex(BIG, "cluster.gpu_memory_gb=40"),
         _ex(SINGLE, "rollout.gpu_memory_utilization=0.1"),
@@ -109,9 +114,14 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "container": (_ex(TINY, "cluster.container.image=/images/rlspec.sqsh"),),
     "precision": (_ex(TINY, "train.precision=bf16"),),
     "devices": (_ex(TINY, "cluster.devices=gpu"),),
-    "megatron_cpu": (_ex(TINY, "train.backend=megatron", "train.recompute=selective"),),
+    "megatron_cpu": (_ex(TINY, "train.backend=megatron"),),
     "recompute": (_ex(TINY, "train.recompute=full"),),
     "tokenizer": (_ex(SINGLE, "model.tokenizer=/models/another-tokenizer"),),
+    "fp8": (_ex(TINY, "rollout.fp8=true"),),
+    "local_nodes": (_ex(TINY, "train.backend=megatron", "model.architecture.moe.token_dispatcher=allgather",
+                        "train.nodes=2"),),
+    "embedded_trainer_nodes": (_ex(TINY, "train.nodes=2"),),
+    "screen_nodes": (_ex(TINY, "filters[0].nodes=2"),),
     "megatron_layout": (
         _ex(BIG, "train.parallelism.context=2"),
         _ex(SINGLE, "train.parallelism.expert_tensor=2", "train.parallelism.expert=4"),
