@@ -159,6 +159,9 @@ def test_save_load_identical_logits(arch: dict[str, Any], tokenizer: Any, tmp_pa
 
     loaded, tok = load_policy(path)
     assert isinstance(loaded, transformers.Qwen3MoeForCausalLM) and not loaded.training
+    # no Hugging Face Hub kernels: on CUDA transformers ≥ 5.25 would fetch them (no network on
+    # compute nodes; found on an H200, bench/RESULTS.md §5.1)
+    assert not loaded.use_kernels
     assert tok.encode("37+58=") == tokenizer.encode("37+58=")
     ids = torch.randint(0, 19, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
