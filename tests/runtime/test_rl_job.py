@@ -122,11 +122,8 @@ def _metrics(path: Path) -> list[dict]:
 def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
     bundle, run_dir = prepared
     port = _free_port()
-    t0 = time.monotonic()
     proc = _launch(bundle, "rl", run_dir, port)
-    wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr + (run_dir / "logs" / "rl-train.log").read_text()
-    assert wall < 90
     out = run_dir / "artifacts" / "rl"
     assert is_complete(out) and is_complete(run_dir / "artifacts" / "policy_final")
     assert (run_dir / "artifacts" / "policy_final" / "model.safetensors").is_file()

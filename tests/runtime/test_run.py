@@ -90,7 +90,9 @@ def test_sigterm_stops_every_job_process_and_the_run_resumes(tmp_path: Path) -> 
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
-    time.sleep(2)  # PDEATHSIG is asynchronous
+    deadline = time.monotonic() + 30  # PDEATHSIG is asynchronous: wait for the processes to go
+    while processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_mentioning(str(out)) == []  # no engine, trainer or driver left behind
     record = json.loads((out / "bundle" / SUBMISSION).read_text())
     assert record["jobs"]["rl"]["state"] == "INTERRUPTED"

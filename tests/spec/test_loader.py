@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -258,10 +257,8 @@ def test_every_duplicate_is_reported() -> None:
     assert [(p.path, p.line) for p in problems] == [(("x", "k"), 2), (("name",), 3)]
 
 
-def test_billion_laughs_is_rejected_quickly() -> None:
-    start = time.perf_counter()
+def test_billion_laughs_is_rejected_by_the_value_budget() -> None:
     p = only_problem(DATA / "billion_laughs.yaml")
-    assert time.perf_counter() - start < 5
     assert p.message.startswith(f"the document expands to more than {NODE_BUDGET:,} values")
     assert "billion laughs" in p.message
     assert p.line is not None and p.path
