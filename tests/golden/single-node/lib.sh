@@ -32,6 +32,26 @@ rlspec_run_here() {
   "$@"
 }
 
+# rlspec_wait_any VAR PID...: wait until the first of PIDS (children of this shell) ends; its
+# pid goes to VAR and its exit status is returned. Runs on bash 4.4 (RHEL/Rocky 8), which has
+# no `wait -n -p` (bash 5.1): a bare `wait -n` (bash 4.3) wakes up when any child ends, then
+# each pid is looked at with `kill -0`, and the one that ended gives its status to `wait PID`.
+rlspec_wait_any() {
+  local _var=$1 _pid
+  shift
+  while true; do
+    for _pid in "$@"; do
+      if ! kill -0 "$_pid" 2>/dev/null; then
+        printf -v "$_var" %s "$_pid"
+        wait "$_pid" || return
+        return 0
+      fi
+    done
+    # 127: no child is running, yet one of PIDS answered kill -0 (not reaped yet): look again.
+    wait -n 2>/dev/null || (( $? != 127 )) || sleep 1
+  done
+}
+
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
 rlspec_join() {
   local IFS=,

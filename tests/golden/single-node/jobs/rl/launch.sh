@@ -59,7 +59,7 @@ trap stop_all EXIT
 
 # The run ends when the driver does; any other role ending first is a failure.
 set +e
-wait -n -p FINISHED "$ROLLOUT_PID" "$TRAIN_PID" "$DRIVER_PID"
+rlspec_wait_any FINISHED "$ROLLOUT_PID" "$TRAIN_PID" "$DRIVER_PID"
 status=$?
 set -e
 role=${ROLE[$FINISHED]}

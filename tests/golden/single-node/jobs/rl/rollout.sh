@@ -15,7 +15,6 @@ BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 # The RL endpoints the driver uses (/pause, /start_weight_update, ..., /collective_rpc) are
 # mounted only in vLLM's dev mode.
 export VLLM_SERVER_DEV_MODE=1
-PIDS=()
 for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
   DEVICES=$(seq -s, "$first" $(( first + 8 - 1 )))
@@ -34,8 +33,8 @@ for ((i = 0; i < 1; i++)); do
     --seed 1234 \
     --enable-return-routed-experts \
     "${EXTRA[@]}" &
-  PIDS+=($!)
 done
 # An engine that dies takes the node's task down, and srun --kill-on-bad-exit the job step.
-wait -n "${PIDS[@]}"
+# (A bare `wait -n`, bash 4.3+: the engines are this script's only children.)
+wait -n
 exit 1
