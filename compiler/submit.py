@@ -110,6 +110,10 @@ def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> lis
             )
             if res["gpus_per_node"]:
                 params["gpus_per_node"] = res["gpus_per_node"]
+            if res.get("mem") is not None:
+                params["mem"] = res["mem"]  # "0": all of the node's memory
+            if res.get("exclusive"):
+                params["exclusive"] = True
             params.update(res["extra"])
         requests.append(SubmitRequest(
             job=name,

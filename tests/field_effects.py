@@ -89,6 +89,8 @@ JOBS_FOLLOW = t(BUNDLE, "test_jobs_follow_from_the_spec")
 SPLIT_245B = t(BUNDLE, "test_245b_rl_job_splits_nodes_and_launches_every_role")
 SHELL = t(BUNDLE, "test_values_reaching_the_shell_are_quoted")
 DRY_RUN = t(CLI, "test_submit_dry_run_prints_the_slurm_requests")
+SLURM_RESOURCES = t(BUNDLE, "test_sbatch_asks_for_whole_gpu_nodes_and_cpus_for_every_rank")
+LOCAL_RESOURCES = t(CHECKS, "test_slurm_resources_set_on_a_local_spec_are_warned")
 RL_E2E = t(RL, "test_rl_job_end_to_end")
 MCORE_TINY = t(MCORE_RUN, "test_tiny_run_on_the_megatron_trainer")
 MCORE_PP = t(MCORE_RUN, "test_a_killed_megatron_run_resumes_from_its_checkpoint")
@@ -230,8 +232,17 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "devices:gpu": "check:memory",
         "devices:cpu": "MISSING",  # not compared on CPU runs, and not warned
     },
-    # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
-    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": "MISSING"},
+    # #SBATCH --cpus-per-task = cpus_per_task × the node task's ranks, srun steps too, and the
+    # submitit request; on local the user's value is warned (a local run limits nothing).
+    "Cluster.cpus_per_task": {
+        "scheduler:slurm": (SLURM_RESOURCES, t(BUNDLE, "test_srun_steps_get_the_cpus_of_the_node_task"),
+                            DRY_RUN),
+        "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
+    # #SBATCH --exclusive / --mem (=0 for GPU jobs unless mem_gb) and the submitit request.
+    "Cluster.exclusive": {"scheduler:slurm": (SLURM_RESOURCES, DRY_RUN),
+                          "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
+    "Cluster.mem_gb": {"scheduler:slurm": (SLURM_RESOURCES, DRY_RUN),
+                       "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
     "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": "MISSING"},
     # srun --container-image / --container-mounts in the golden 245b lib.sh.
     "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
@@ -534,8 +545,6 @@ MISSING: dict[str, str] = {
                              "embedded rollout replicas per node follows it, which no test varies",
     "Cluster.gpu_memory_gb": "devices:cpu: not compared (test_cpu_runs_skip_the_memory_comparison) "
                              "and not warned",
-    "Cluster.cpus_per_task": "scheduler:local: ignored (submitit's local executor gets no cpus); "
-                             "not warned",
     "Cluster.time_limit": "scheduler:local: submitit's local timeout_min; no test varies it",
     "SFT.steps": "read by the sft job; no test checks the number of SFT steps",
     "SFT.lr": "read by the sft job; no test varies it",

@@ -297,6 +297,7 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
     record.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "RLSPEC_TEST_NODES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
+           "SLURM_CPUS_PER_TASK": "96",
            "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
            "WANDB_API_KEY": "z"}
     bash_first_on_path(bin_dir)
@@ -351,6 +352,55 @@ def test_the_rl_driver_runs_in_the_container_on_slurm(tmp_path: Path) -> None:
     ran = subprocess.run([BASH, "-c", script.replace("python3", "echo")], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert ran.strip() == "-m runtime.jobs.rl"
+
+
+# --------------------------------------------------------------------------- Slurm resources
+
+
+def sbatch_options(bundle: Path, job: str) -> dict[str, str]:
+    """--name → value ("" for a flag) of a job's #SBATCH lines."""
+    lines = (bundle / "jobs" / job / "sbatch.sh").read_text().splitlines()
+    return dict((opt.removeprefix("#SBATCH --").partition("=")[::2]) for opt in lines
+                if opt.startswith("#SBATCH --"))
+
+
+@pytest.mark.parametrize("overrides, rl, export", [
+    # Defaults: whole GPU nodes with all their memory; 12 cores per rank × 8 ranks per node.
+    ((), {"cpus-per-task": "96", "mem": "0", "exclusive": ""}, {"cpus-per-task": "12"}),
+    (("cluster.exclusive=false",), {"cpus-per-task": "96", "mem": "0"}, {"cpus-per-task": "12"}),
+    (("cluster.mem_gb=512",), {"cpus-per-task": "96", "mem": "512G", "exclusive": ""},
+     {"cpus-per-task": "12", "mem": "512G"}),
+    (("cluster.cpus_per_task=4",), {"cpus-per-task": "32", "mem": "0", "exclusive": ""},
+     {"cpus-per-task": "4"}),
+])
+def test_sbatch_asks_for_whole_gpu_nodes_and_cpus_for_every_rank(
+        tmp_path: Path, overrides: tuple[str, ...], rl: dict, export: dict) -> None:
+    """The RL job's node task runs 8 ranks (GPUs), the export job's one: cluster.cpus_per_task
+    is per rank; --exclusive and --mem=0 (all the node's memory) by default where GPUs are."""
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"], overrides).files, tmp_path / "b")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for job, expected in (("rl", rl), ("export", export)):
+        options = sbatch_options(out, job)
+        got = {k: options[k] for k in ("cpus-per-task", "mem", "exclusive") if k in options}
+        assert got == expected, job
+        res = manifest["jobs"][job]["resources"]
+        assert (str(res["cpus_per_task"]), res["mem"], res["exclusive"]) == (
+            expected["cpus-per-task"], expected.get("mem"), "exclusive" in expected)
+
+
+def test_srun_steps_get_the_cpus_of_the_node_task(tmp_path: Path) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    bin_dir = write_stubs(tmp_path / "bin", {"srun": 'echo "srun $*"'})
+    script = f'source "{out}/lib.sh"; rlspec_run_on node-1,node-2 2 python3 -m runtime.jobs.rl'
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7"}
+    ran = subprocess.run([BASH, "-c", script], env={**env, "SLURM_CPUS_PER_TASK": "96"},
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert " --cpus-per-task=96 " in ran.stdout and " --ntasks-per-node=1 " in ran.stdout
+    # Submitted without --cpus-per-task (an edited sbatch line): said, not run on 1 CPU.
+    bare = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True)
+    assert bare.returncode != 0 and "submitted without --cpus-per-task" in bare.stderr
+    assert "srun" not in bare.stdout
 
 
 # --------------------------------------------------------------------------- waiting for roles

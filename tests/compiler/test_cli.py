@@ -420,6 +420,11 @@ def test_submit_dry_run_prints_the_slurm_requests(
         assert p["partition"] == "h100" and p["account"] == "llm-rl" and p["qos"] == "high"
         assert p["use_srun"] is False
         assert p["job_name"] == f"compassmax-245b-{r['job']}"
+        # GPU jobs get whole nodes and all their memory; cluster.cpus_per_task (12) is per
+        # rank, and the node's one task runs 8 ranks (the export job: one).
+        gpus = r["job"] != "export"
+        assert p["cpus_per_task"] == (96 if gpus else 12)
+        assert (p.get("exclusive"), p.get("mem")) == ((True, "0") if gpus else (None, None))
     by_job = {r["job"]: r for r in requests}
     assert by_job["rl"]["depends_on"] == ["convert", "screen"]
     assert by_job["rl"]["parameters"]["nodes"] == 24
