@@ -23,6 +23,8 @@ EXECUTABLE = (".sh",)
 class BundleError(Exception):
     """A bundle cannot be written or read (exit code 1, one clear line)."""
 
+    exit_code = 1
+
 
 def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> Path:
     out = Path(out_dir)

@@ -624,13 +624,23 @@ def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
 
 
 def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """Slurm without a partition relies on the site default (warning); weight_sync ipc needs
+    """Slurm without a partition relies on the site default (warning); Slurm's resource
+    requests set on a local spec do nothing there (warning); weight_sync ipc needs
     trainer and engines on one machine, which separate Slurm nodes are not (error)."""
     c = spec.cluster
     if c.scheduler == "slurm" and not c.partition:
         yield _warning(("cluster", "partition"), "scheduler slurm without a partition: jobs go "
                                                  "to the cluster's default partition",
                        "set cluster.partition", (("cluster", "scheduler"),))
+    if c.scheduler == "local":
+        # Slurm requests a local run cannot honour: said, not silently ignored.
+        for name, flag in (("cpus_per_task", "--cpus-per-task"), ("exclusive", "--exclusive"),
+                           ("mem_gb", "--mem")):
+            if name in c.model_fields_set:
+                yield _warning(("cluster", name), f"cluster.{name} is a Slurm request ({flag}); "
+                                                  "a local run neither reserves nor limits it",
+                               "remove it, or set cluster.scheduler: slurm",
+                               (("cluster", "scheduler"),))
     if c.scheduler == "slurm" and spec.system.weight_sync == "ipc":
         yield _error(("system", "weight_sync"),
                      f"weight_sync ipc shares CUDA memory inside one machine, but the trainer "
@@ -801,7 +811,8 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
       ``parallelism.expert_parallel`` (vLLM's); ``parallelism.tensor`` / ``data`` only set how
       many devices each embedded replica claims, so they divide the replica count;
       (``rollout.fp8`` changes numerics: ``runtime.capabilities`` refuses it there);
-    - cluster.scheduler local: ``partition``, ``account``, ``qos``, ``cpus_per_task`` (Slurm's);
+    - cluster.scheduler local: ``partition``, ``account``, ``qos`` (Slurm's; its resource
+      requests ``cpus_per_task``, ``exclusive`` and ``mem_gb`` are ``cluster_settings``');
     - cluster.devices cpu: ``gpu_memory_gb`` (memory is compared for GPU runs only)."""
     backend: Path = ("train", "backend")
     if spec.train.backend == "local":
@@ -843,7 +854,7 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
                            f"remove rollout.parallelism.{name}, or set rollout.engine: vllm",
                            (engine,))
     if spec.cluster.scheduler == "local":
-        for name, value in _changed(spec.cluster, ("partition", "account", "qos", "cpus_per_task")):
+        for name, value in _changed(spec.cluster, ("partition", "account", "qos")):
             yield _warning(("cluster", name),
                            f"cluster.{name} is {_show(value)} but has no effect with "
                            "cluster.scheduler: local (only a Slurm request carries it)",

@@ -183,23 +183,24 @@ def submit(
     bundle: Annotated[Path, typer.Argument(help="A compiled bundle directory.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the requests; send nothing.")] = False,
     force: Annotated[bool, typer.Option(help="Submit a bundle that was submitted before.")] = False,
-    local: Annotated[bool, typer.Option("--local", help="Run locally even where Slurm exists.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Run the jobs here, in graph order, even for a Slurm spec.")] = False,
 ) -> None:
-    """Submit a bundle: Slurm (afterok chain) where `srun` exists, else local in graph order."""
+    """Submit a bundle: a Slurm spec's jobs to Slurm (afterok chain; `sbatch` and `srun`
+    must be on PATH), a local spec's (or with --local) here, in graph order."""
     from compiler import submit as sub
 
     try:
         manifest = read_manifest(bundle)
-        if dry_run:  # the request the bundle makes, whatever this machine has
-            backend = "local" if local else manifest["scheduler"]
+        # The backend that would really be used, on this machine (or the same refusal).
+        backend = sub.choose_backend(manifest, local=local)
+        if dry_run:
             requests = sub.plan_submission(bundle.resolve(), manifest, backend)
             payload = {"backend": backend, "requests": [r.__dict__ for r in requests]}
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
             return
-        backend = "local" if local else sub.choose_backend(manifest)
         record = sub.submit(bundle, force=force, backend=backend, echo=out.print)
     except BundleError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), exc.exit_code) from None
     failed = [n for n, j in record.jobs.items() if j["state"] in ("FAILED", "CANCELLED")]
     if failed:
         raise _fail(f"jobs did not complete: {', '.join(failed)}; see `rlspec status {bundle}`")

@@ -129,9 +129,11 @@ class SlurmRequest:
     job_name: str
     nodes: int
     gpus_per_node: int
-    cpus_per_task: int
+    cpus_per_task: int  # of the node's one task, which runs all its ranks
     time: str
     extra: dict[str, str]  # partition / account / qos, when set
+    mem: str | None = None  # --mem: "<N>G", "0" (all of the node's memory), or None
+    exclusive: bool = False  # --exclusive
 
 
 def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
@@ -139,8 +141,12 @@ def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
     extra = {k: v for k, v in (("partition", c.partition), ("account", c.account),
                                ("qos", c.qos)) if v}
     gpus = job.gpus_per_node if c.devices == "gpu" else 0
-    return SlurmRequest(f"{spec.name}-{job.name}", job.nodes, gpus, c.cpus_per_task,
-                        c.time_limit, extra)
+    # One Slurm task per node runs the node's ranks (torchrun's, or the engines' GPUs):
+    # cluster.cpus_per_task is per rank, Slurm's --cpus-per-task is that task's.
+    ranks = job.gpus_per_node or 1
+    mem = f"{c.mem_gb}G" if c.mem_gb is not None else ("0" if gpus else None)
+    return SlurmRequest(f"{spec.name}-{job.name}", job.nodes, gpus, c.cpus_per_task * ranks,
+                        c.time_limit, extra, mem=mem, exclusive=bool(gpus) and c.exclusive)
 
 
 def rl_layout(spec: Spec, plan: Plan) -> dict[str, int]:

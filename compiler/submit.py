@@ -2,9 +2,10 @@
 
 `plan_submission` is pure: manifest → the list of requests `submit` would send (what
 `--dry-run` prints). `submit` sends them: on Slurm each job is an sbatch whose dependency is
-`afterok` on the jobs it reads from; locally (no `srun`, or scheduler local) the same launch
+`afterok` on the jobs it reads from; locally (scheduler local, or `--local`) the same launch
 scripts run one after another in graph order, since submitit's local executor ignores
-dependencies. The job ids are recorded in `submission.json` for `rlspec status`/`cancel`.
+dependencies. A Slurm bundle never falls back to local: without `sbatch`/`srun` here it is
+refused (`SlurmUnavailable`). The job ids are recorded in `submission.json` for `rlspec status`/`cancel`.
 """
 
 from __future__ import annotations
@@ -63,11 +64,28 @@ class Submission:
             raise BundleError(f"{path} is damaged ({exc}); check the jobs with squeue/sacct") from exc
 
 
-def choose_backend(manifest: dict[str, Any]) -> str:
-    """Slurm where the spec asks for it and `srun` exists here; otherwise local."""
-    if manifest["scheduler"] == "slurm" and shutil.which("srun") and shutil.which("sbatch"):
-        return "slurm"
-    return "local"
+class SlurmUnavailable(BundleError):
+    """A Slurm bundle submitted where Slurm's commands are not on PATH (bad input: exit 2)."""
+
+    exit_code = 2
+
+
+def choose_backend(manifest: dict[str, Any], *, local: bool = False) -> str:
+    """The backend the bundle really runs on: local when asked (`--local`) or when the spec's
+    scheduler is local; Slurm for a Slurm spec, which needs `sbatch` (to submit) and `srun`
+    (the launch scripts start their steps with it) on PATH. A Slurm bundle without them is
+    refused, never run here instead."""
+    if local or manifest["scheduler"] == "local":
+        return "local"
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise SlurmUnavailable(
+            f"this bundle's spec has cluster.scheduler: slurm, but "
+            f"{' and '.join(f'`{c}`' for c in missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH here, so nothing was submitted; "
+            "run `rlspec submit` on the cluster's login node (or load its Slurm module first), "
+            "or compile the spec with cluster.scheduler: local to run it on this machine")
+    return manifest["scheduler"]
 
 
 def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> list[SubmitRequest]:
@@ -92,6 +110,10 @@ def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> lis
             )
             if res["gpus_per_node"]:
                 params["gpus_per_node"] = res["gpus_per_node"]
+            if res.get("mem") is not None:
+                params["mem"] = res["mem"]  # "0": all of the node's memory
+            if res.get("exclusive"):
+                params["exclusive"] = True
             params.update(res["extra"])
         requests.append(SubmitRequest(
             job=name,

@@ -189,7 +189,24 @@ class Cluster(Section):
         8, description="GPUs per node; with devices=cpu, worker processes per node."
     )
     gpu_memory_gb: PosFloat = Field(80.0, description="Memory of one GPU, in GB (10^9 bytes).")
-    cpus_per_task: PosInt = Field(8, description="CPU cores per task (`--cpus-per-task`).")
+    cpus_per_task: PosInt = Field(
+        8,
+        description="CPU cores per rank (per GPU; with devices=cpu, per worker process). A job "
+        "starts one Slurm task per node, which runs that node's ranks, so it asks for "
+        "`--cpus-per-task` = cpus_per_task × its ranks per node (× 1 for a job without GPUs), "
+        "on sbatch and on every srun step. Slurm only (setting it on a local spec is warned).",
+    )
+    exclusive: bool = Field(
+        True,
+        description="Jobs with GPUs get whole nodes (`--exclusive`): no other job shares their "
+        "CPUs, memory or network. Slurm only (setting it on a local spec is warned).",
+    )
+    mem_gb: PosInt | None = Field(
+        None,
+        description="Memory per node, in Slurm's GB (1024^3 bytes): `--mem=<N>G` for every job. "
+        "None: all of the node's memory for the jobs with GPUs (`--mem=0`), the partition's "
+        "default for the jobs without. Slurm only (setting it on a local spec is warned).",
+    )
     time_limit: str = Field("24:00:00", description="Wall-clock limit per job, [D-]HH:MM:SS.")
     container: Container | None = Field(None, description="Container image for every job.")
     modules: list[str] = Field(default_factory=list, description="Environment modules to load.")

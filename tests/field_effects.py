@@ -91,6 +91,8 @@ JOBS_FOLLOW = t(BUNDLE, "test_jobs_follow_from_the_spec")
 SPLIT_245B = t(BUNDLE, "test_245b_rl_job_splits_nodes_and_launches_every_role")
 SHELL = t(BUNDLE, "test_values_reaching_the_shell_are_quoted")
 DRY_RUN = t(CLI, "test_submit_dry_run_prints_the_slurm_requests")
+SLURM_RESOURCES = t(BUNDLE, "test_sbatch_asks_for_whole_gpu_nodes_and_cpus_for_every_rank")
+LOCAL_RESOURCES = t(CHECKS, "test_slurm_resources_set_on_a_local_spec_are_warned")
 RL_E2E = t(RL, "test_rl_job_end_to_end")
 MCORE_TINY = t(MCORE_RUN, "test_tiny_run_on_the_megatron_trainer")
 MCORE_PP = t(MCORE_RUN, "test_a_killed_megatron_run_resumes_from_its_checkpoint")
@@ -243,8 +245,17 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "devices:gpu": "check:memory",
         "devices:cpu": NOT_READ,  # not compared on CPU runs
     },
-    # #SBATCH --cpus-per-task=16 and the manifest's resources in the golden 245b bundle.
-    "Cluster.cpus_per_task": {"scheduler:slurm": GOLDEN, "scheduler:local": NOT_READ},
+    # #SBATCH --cpus-per-task = cpus_per_task × the node task's ranks, srun steps too, and the
+    # submitit request; on local the user's value is warned (a local run limits nothing).
+    "Cluster.cpus_per_task": {
+        "scheduler:slurm": (SLURM_RESOURCES, t(BUNDLE, "test_srun_steps_get_the_cpus_of_the_node_task"),
+                            DRY_RUN),
+        "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
+    # #SBATCH --exclusive / --mem (=0 for GPU jobs unless mem_gb) and the submitit request.
+    "Cluster.exclusive": {"scheduler:slurm": (SLURM_RESOURCES, DRY_RUN),
+                          "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
+    "Cluster.mem_gb": {"scheduler:slurm": (SLURM_RESOURCES, DRY_RUN),
+                       "scheduler:local": ("warned:cluster_settings", LOCAL_RESOURCES)},
     # scheduler:local: submitit's LocalExecutor timeout_min per job (`rlspec submit` and
     # `rlspec run`, which submits locally).
     "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": t(

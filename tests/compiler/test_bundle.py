@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,17 @@ EXAMPLES = {
 }
 RECIPES = sorted((ROOT / "tests" / "compiler" / "recipes").glob("*.yaml"))
 UPDATE = os.environ.get("RLSPEC_UPDATE_GOLDEN") == "1"
+# The bash that runs rendered scripts here; RLSPEC_TEST_BASH=/path/to/bash-4.4 runs them on
+# the oldest bash a batch host may have (RHEL/Rocky 8 ship 4.4), sub-scripts included.
+BASH = os.environ.get("RLSPEC_TEST_BASH", "bash")
+
+
+def bash_first_on_path(bin_dir: Path) -> None:
+    """Make ``bin_dir``'s `bash` the test's BASH, for the scripts a launch script starts."""
+    if BASH != "bash":
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        (bin_dir / "bash").unlink(missing_ok=True)
+        (bin_dir / "bash").symlink_to(Path(BASH).resolve())
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -55,10 +70,46 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(path: Path, tmp_path: Path)
     scripts = sorted(str(p.relative_to(out)) for p in out.rglob("*.sh"))
     assert "jobs/rl/launch.sh" in scripts and "env.sh" in scripts
     for script in scripts:
-        subprocess.run(["bash", "-n", script], cwd=out, check=True)
+        subprocess.run([BASH, "-n", script], cwd=out, check=True)
     assert shutil.which("shellcheck"), "shellcheck is installed by `make test` (Debian package)"
     result = subprocess.run(["shellcheck", "-x", *scripts], cwd=out, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+# Bash features newer than 4.4 (RHEL/Rocky 8's bash; Ubuntu 20.04 has 5.0): the pattern, what
+# it is, and a line it must catch (so that no pattern is vacuous).
+NEWER_THAN_BASH_4_4 = {
+    r"\bwait\b[^#\n]*\s-[a-z]*[pf]": ("wait -p/-f (bash 5.0/5.1)", 'wait -n -p FINISHED "$A"'),
+    r"\bwait\s+-n\s+(?!\d*[<>])[^\s|&;)#<>]": ("wait -n with ids (bash 5.1; 4.4 ignores them)", 'wait -n "$A" "$B"'),
+    r"\$\{[^}]*@[ULuKk]\}": ("${var@U/u/L/K/k} (bash 5.1+)", 'echo "${name@U}"'),
+    r"\b(EPOCHSECONDS|EPOCHREALTIME|SRANDOM|BASH_ARGV0)\b": ("a bash 5 variable", "t=$EPOCHSECONDS"),
+    r"\bshopt\b.*\b(localvar_inherit|localvar_unset|assoc_expand_once|patsub_replacement"
+    r"|noexpand_translation|varredir_close|globskipdots)\b": ("a bash 5 shopt", "shopt -s localvar_inherit"),
+    r"\b(declare|local|typeset)\s+-[a-zA-Z]*A[a-zA-Z]*\s+\w+=\(\s*[^\[\s)]":
+        ("associative array from key value pairs (bash 5.1)", "declare -A M=(k v)"),
+}
+
+
+def test_the_bash_4_4_patterns_catch_what_they_name() -> None:
+    for pattern, (what, example) in NEWER_THAN_BASH_4_4.items():
+        assert re.search(pattern, example), what
+    assert not any(re.search(p, 'wait -n 2>/dev/null\nwait "$pid" || return\ndeclare -A R=([$a]=x)')
+                   for p in NEWER_THAN_BASH_4_4)
+
+
+@pytest.mark.parametrize("path", [*EXAMPLES.values(), *RECIPES], ids=lambda p: p.stem)
+def test_rendered_scripts_run_on_bash_4_4(path: Path, tmp_path: Path) -> None:
+    """No construct of a bash newer than 4.4 in any rendered script (shellcheck has no bash
+    version dialect); test_rl_launch_* below run the scripts (on 4.4 with RLSPEC_TEST_BASH)."""
+    out = write_bundle(compile_spec(path, preflight=False).files, tmp_path / "b")
+    found = []
+    for script in sorted(out.rglob("*.sh")):
+        for number, line in enumerate(script.read_text().splitlines(), 1):
+            code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+            for pattern, (what, _) in NEWER_THAN_BASH_4_4.items():
+                if re.search(pattern, code):
+                    found.append(f"{script.relative_to(out)}:{number}: {what}: {line.strip()}")
+    assert not found, "\n".join(found)
 
 
 def test_same_spec_gives_byte_identical_bundles(tmp_path: Path) -> None:
@@ -205,7 +256,7 @@ def test_values_reaching_the_shell_are_quoted(tmp_path: Path) -> None:
     ])
     out = write_bundle(compiled.files, tmp_path / "b")
     script = 'module() { printf "%s|" "$@"; echo; }; source env.sh; printf "%s\\n" "$WEIRD" "$RLSPEC_RUN_DIR"'
-    result = subprocess.run(["bash", "-c", script], cwd=out, capture_output=True, text=True,
+    result = subprocess.run([BASH, "-c", script], cwd=out, capture_output=True, text=True,
                             check=True, env={"PATH": os.environ["PATH"]})
     assert result.stdout.splitlines() == [
         "load|cuda/12.4 && echo hi|", nasty, "/tmp/dir with space/tiny"]
@@ -220,10 +271,10 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
     assert not any("s3cr3t-value" in text for text in compiled.files.values())
     out = write_bundle(compiled.files, tmp_path / "b")
     env_sh = "source env.sh && echo \"$MY_SECRET_TOKEN\""
-    ok = subprocess.run(["bash", "-c", env_sh], cwd=out, capture_output=True, text=True,
+    ok = subprocess.run([BASH, "-c", env_sh], cwd=out, capture_output=True, text=True,
                         env={"PATH": os.environ["PATH"], "MY_SECRET_TOKEN": "v"})
     assert ok.returncode == 0 and ok.stdout.strip() == "v"
-    missing = subprocess.run(["bash", "-c", env_sh], cwd=out, capture_output=True, text=True,
+    missing = subprocess.run([BASH, "-c", env_sh], cwd=out, capture_output=True, text=True,
                              env={"PATH": os.environ["PATH"]})
     assert missing.returncode != 0
     assert "MY_SECRET_TOKEN must be set" in missing.stderr
@@ -246,9 +297,11 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
     record.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "RLSPEC_TEST_NODES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
+           "SLURM_CPUS_PER_TASK": "96",
            "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
            "WANDB_API_KEY": "z"}
-    result = subprocess.run(["bash", "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
+    bash_first_on_path(bin_dir)
+    result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -290,12 +343,137 @@ def test_the_rl_driver_runs_in_the_container_on_slurm(tmp_path: Path) -> None:
     stub.chmod(0o755)
     script = f'source "{out}/lib.sh"; rlspec_run_here python3 -m runtime.jobs.rl'
     env = {"PATH": f"{stub.parent}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n1"}
-    ran = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+    ran = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert ran.startswith("srun --overlap --nodes=1 --ntasks=1 --nodelist=n1 ")
     assert "--container-image=/lustre/images/rlspec-megatron-vllm.sqsh" in ran
     assert ran.rstrip().endswith("python3 -m runtime.jobs.rl")
     env.pop("SLURM_JOB_ID")  # a local run starts it directly
-    ran = subprocess.run(["bash", "-c", script.replace("python3", "echo")], env=env,
+    ran = subprocess.run([BASH, "-c", script.replace("python3", "echo")], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert ran.strip() == "-m runtime.jobs.rl"
+
+
+# --------------------------------------------------------------------------- Slurm resources
+
+
+def sbatch_options(bundle: Path, job: str) -> dict[str, str]:
+    """--name → value ("" for a flag) of a job's #SBATCH lines."""
+    lines = (bundle / "jobs" / job / "sbatch.sh").read_text().splitlines()
+    return dict((opt.removeprefix("#SBATCH --").partition("=")[::2]) for opt in lines
+                if opt.startswith("#SBATCH --"))
+
+
+@pytest.mark.parametrize("overrides, rl, export", [
+    # Defaults: whole GPU nodes with all their memory; 12 cores per rank × 8 ranks per node.
+    ((), {"cpus-per-task": "96", "mem": "0", "exclusive": ""}, {"cpus-per-task": "12"}),
+    (("cluster.exclusive=false",), {"cpus-per-task": "96", "mem": "0"}, {"cpus-per-task": "12"}),
+    (("cluster.mem_gb=512",), {"cpus-per-task": "96", "mem": "512G", "exclusive": ""},
+     {"cpus-per-task": "12", "mem": "512G"}),
+    (("cluster.cpus_per_task=4",), {"cpus-per-task": "32", "mem": "0", "exclusive": ""},
+     {"cpus-per-task": "4"}),
+])
+def test_sbatch_asks_for_whole_gpu_nodes_and_cpus_for_every_rank(
+        tmp_path: Path, overrides: tuple[str, ...], rl: dict, export: dict) -> None:
+    """The RL job's node task runs 8 ranks (GPUs), the export job's one: cluster.cpus_per_task
+    is per rank; --exclusive and --mem=0 (all the node's memory) by default where GPUs are."""
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"], overrides).files, tmp_path / "b")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for job, expected in (("rl", rl), ("export", export)):
+        options = sbatch_options(out, job)
+        got = {k: options[k] for k in ("cpus-per-task", "mem", "exclusive") if k in options}
+        assert got == expected, job
+        res = manifest["jobs"][job]["resources"]
+        assert (str(res["cpus_per_task"]), res["mem"], res["exclusive"]) == (
+            expected["cpus-per-task"], expected.get("mem"), "exclusive" in expected)
+
+
+def test_srun_steps_get_the_cpus_of_the_node_task(tmp_path: Path) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    bin_dir = write_stubs(tmp_path / "bin", {"srun": 'echo "srun $*"'})
+    script = f'source "{out}/lib.sh"; rlspec_run_on node-1,node-2 2 python3 -m runtime.jobs.rl'
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7"}
+    ran = subprocess.run([BASH, "-c", script], env={**env, "SLURM_CPUS_PER_TASK": "96"},
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert " --cpus-per-task=96 " in ran.stdout and " --ntasks-per-node=1 " in ran.stdout
+    # Submitted without --cpus-per-task (an edited sbatch line): said, not run on 1 CPU.
+    bare = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True)
+    assert bare.returncode != 0 and "submitted without --cpus-per-task" in bare.stderr
+    assert "srun" not in bare.stdout
+
+
+# --------------------------------------------------------------------------- waiting for roles
+
+
+@pytest.mark.parametrize("child, status", [
+    ("sleep 0.5; exit 7", 7),     # ends while the others run
+    ("exit 5", 5),                 # had ended before the wait began
+    ("sleep 0.5; exit 0", 0),
+    ("sleep 0.5; exit 127", 127),  # a command not found: not taken for "no child left"
+])
+def test_rlspec_wait_any_names_the_first_child_to_end_and_its_status(
+        tmp_path: Path, child: str, status: int) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
+    script = f"""set -euo pipefail
+source {str(out / "lib.sh")!r}
+sleep 60 & A=$!
+( {child} ) & B=$!
+sleep 60 & C=$!
+sleep 0.2
+s=0
+rlspec_wait_any FINISHED "$A" "$B" "$C" || s=$?
+echo "$s $FINISHED $B"
+kill -0 "$A" && kill -0 "$C" && echo "others running"
+kill "$A" "$C"
+"""
+    started = time.monotonic()
+    result = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    got, finished, expected, *rest = result.stdout.split()
+    assert (int(got), finished) == (status, expected)
+    assert " ".join(rest) == "others running"
+    assert time.monotonic() - started < 20
+
+
+# The tiny RL job run here (local, no Slurm) with a stand-in runtime: the role named by
+# RLSPEC_TEST_FIRST ends first with RLSPEC_TEST_STATUS; the others run until their role's
+# process is stopped (as the runtime's PR_SET_PDEATHSIG makes them).
+RUNTIME_STUB = """
+case " $* " in
+  *" runtime.jobs.$RLSPEC_TEST_FIRST "*) sleep 1; exit "$RLSPEC_TEST_STATUS";;
+esac
+echo "$PPID" >> "$RECORD/parents"
+while kill -0 "$PPID" 2>/dev/null; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("first, status, rc, message", [
+    ("train", 7, 7, "role 'train' exited with status 7; see {run}/logs/rl-train.log"),
+    ("rollout_server", 0, 1, "role 'rollout' exited with status 0; see {run}/logs/rl-rollout.log"),
+    ("rl", 0, 0, "rl: done"),
+    ("rl", 3, 3, "role 'driver' exited with status 3; see {run}/logs/rl-driver.log"),
+])
+def test_rl_launch_ends_with_the_first_role_and_stops_the_others(
+        tmp_path: Path, first: str, status: int, rc: int, message: str) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
+    bin_dir = write_stubs(tmp_path / "bin", {"python": RUNTIME_STUB})
+    record, run = tmp_path / "record", tmp_path / "run"
+    bash_first_on_path(bin_dir)
+    record.mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "RLSPEC_RUN_DIR": str(run),
+           "RLSPEC_PYTHON": "python", "RLSPEC_ROLLOUT_BASE_PORT": "1", "RLSPEC_TEST_FIRST": first,
+           "RLSPEC_TEST_STATUS": str(status)}
+    proc = subprocess.Popen([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=30)  # the other roles would run for ever
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == rc, stderr
+    assert message.format(run=run) in stderr
+    # The roles still running when the first ended were stopped by the launch script.
+    parents = [int(p) for p in (record / "parents").read_text().split()]
+    assert len(parents) == 2
+    assert not [pid for pid in parents if Path(f"/proc/{pid}").exists()]

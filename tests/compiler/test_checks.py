@@ -460,6 +460,18 @@ def test_slurm_without_partition_is_a_warning() -> None:
     only({"cluster.partition": DELETE}, ("cluster", "partition"), "warning")
 
 
+@pytest.mark.parametrize("field, value, flag", [
+    ("cpus_per_task", 4, "--cpus-per-task"), ("exclusive", False, "--exclusive"),
+    ("mem_gb", 256, "--mem")])
+def test_slurm_resources_set_on_a_local_spec_are_warned(field: str, value: object, flag: str) -> None:
+    local = {"cluster.scheduler": "local", "cluster.partition": DELETE, "system.weight_sync": "nccl"}
+    assert ("cluster", field) not in paths(local)  # the defaults are not the user's
+    p = only({**local, f"cluster.{field}": value}, ("cluster", field), "warning")
+    assert flag in p.message and "local run" in p.message
+    assert "cluster.scheduler: slurm" in (p.suggestion or "")
+    assert ("cluster", field) not in paths({f"cluster.{field}": value})  # on Slurm: no warning
+
+
 def test_ipc_weight_sync_across_slurm_nodes() -> None:
     p = only({"system.weight_sync": "ipc"}, ("system", "weight_sync"))
     assert_numbers(p, "2 node(s)", "1 node(s)")
@@ -677,7 +689,8 @@ def test_slurm_settings_on_the_local_scheduler_are_a_warning() -> None:
     assert _unused({"cluster.account": "a", "cluster.qos": "q", "cluster.cpus_per_task": 4}) == {}
     found = _unused({"cluster.scheduler": "local", "cluster.account": "a", "cluster.qos": "q",
                      "cluster.cpus_per_task": 4})
-    assert set(found) == {("cluster", f) for f in ("partition", "account", "qos", "cpus_per_task")}
+    # cpus_per_task is warned once, by cluster_settings (test_slurm_resources_set_on_a_local_...)
+    assert set(found) == {("cluster", f) for f in ("partition", "account", "qos")}
     assert found[("cluster", "qos")].message == ("cluster.qos is q but has no effect with "
                                                  "cluster.scheduler: local (only a Slurm request "
                                                  "carries it)")

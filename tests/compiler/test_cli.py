@@ -29,7 +29,7 @@ from compiler import cli as cli_module
 from compiler.api import validate
 from compiler.cli import app
 from spec.errors import SpecError, dotted
-from tests.helpers import status_rows
+from tests.helpers import status_rows, write_stubs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny" / "spec.yaml"
@@ -448,7 +448,17 @@ def test_inspect_shows_an_etp_defaulted_to_tp() -> None:
 # --------------------------------------------------------------------------- submit
 
 
-def test_submit_dry_run_prints_the_slurm_requests(bundle_245b: Path) -> None:
+def _with_slurm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`sbatch` and `srun` on PATH (stubs that fail if run: only their presence counts)."""
+    stubs = write_stubs(tmp_path / "bin-with-slurm", {
+        "sbatch": "echo 'sbatch stub: not for running' >&2; exit 3",
+        "srun": "echo 'srun stub: not for running' >&2; exit 3"})
+    monkeypatch.setenv("PATH", f"{stubs}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_submit_dry_run_prints_the_slurm_requests(
+        bundle_245b: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _with_slurm(monkeypatch, tmp_path)
     result = cli("submit", bundle_245b, "--dry-run")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -469,6 +479,11 @@ def test_submit_dry_run_prints_the_slurm_requests(bundle_245b: Path) -> None:
         assert p["partition"] == "h100" and p["account"] == "llm-rl" and p["qos"] == "high"
         assert p["use_srun"] is False
         assert p["job_name"] == f"compassmax-245b-{r['job']}"
+        # GPU jobs get whole nodes and all their memory; cluster.cpus_per_task (12) is per
+        # rank, and the node's one task runs 8 ranks (the export job: one).
+        gpus = r["job"] != "export"
+        assert p["cpus_per_task"] == (96 if gpus else 12)
+        assert (p.get("exclusive"), p.get("mem")) == ((True, "0") if gpus else (None, None))
     by_job = {r["job"]: r for r in requests}
     assert by_job["rl"]["depends_on"] == ["convert", "screen"]
     assert by_job["rl"]["parameters"]["nodes"] == 24
@@ -646,6 +661,38 @@ def test_cancel_without_slurm_is_a_clear_error(
     result = cli("cancel", bundle_copy)
     no_traceback(result)
     assert result.exit_code == 1 and "`scancel` is not available here" in result.stderr
+
+
+@pytest.mark.parametrize("present", [(), ("sbatch",), ("srun",)])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_submit_of_a_slurm_bundle_without_slurm_is_refused_and_runs_nothing(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        present: tuple[str, ...], dry_run: bool) -> None:
+    """No silent local run of a Slurm bundle: exit 2, the missing command named, what to do,
+    and nothing started or recorded (every preflight passes, so only the check stops it)."""
+    _without_slurm(monkeypatch, tmp_path)
+    write_stubs(tmp_path / "bin-without-slurm", {c: "exit 3" for c in present})
+    args = ("--dry-run",) if dry_run else ()
+    result = cli("submit", bundle_copy, *args, env={**SAFE, **dict.fromkeys(SECRETS, "x")})
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    missing = [c for c in ("sbatch", "srun") if c not in present]
+    for command in ("sbatch", "srun"):
+        assert (f"`{command}`" in result.stderr) == (command in missing), result.stderr
+    assert "not on PATH" in result.stderr and "nothing was submitted" in result.stderr
+    assert "login node" in result.stderr and "cluster.scheduler: local" in result.stderr
+    assert len(error_lines(result.stderr)) == 1
+    assert result.stdout == ""  # a dry run prints no requests for a backend it cannot use
+    assert not (bundle_copy / "submission.json").exists()
+    assert not (bundle_copy / "logs").exists()
+
+
+def test_submit_local_of_a_slurm_bundle_is_what_was_asked(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _without_slurm(monkeypatch, tmp_path)
+    result = cli("submit", bundle_copy, "--dry-run", "--local")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["backend"] == "local"
 
 
 def test_cancel_of_a_local_run_is_refused(failed_run) -> None:
