@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import status_rows
@@ -288,12 +289,15 @@ def test_status_reports_jobs_that_died_from_accounting(
             [ids["data"]]).get(ids["data"]) != "RUNNING":
         assert time.monotonic() < deadline, slurm_cluster.run("squeue")
         time.sleep(0.5)
-    time.sleep(1)  # the pid file is written before the exec
+    pid = int((tmp_path / "init.pid").read_text())
+    while psutil.Process(pid).name() != "sleep":  # the pid file is written before the exec
+        assert time.monotonic() < deadline, psutil.Process(pid).cmdline()
+        time.sleep(0.05)
 
     # Neither job writes a result: data is cancelled by an administrator, init's process
     # is killed (the OOM killer, say).
     slurm_cluster.run("scancel", ids["data"])
-    os.kill(int((tmp_path / "init.pid").read_text()), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
 
     states = slurm_cluster.wait_finished(list(ids.values()))
     assert states[ids["data"]] == "CANCELLED" and states[ids["init"]] == "FAILED", states
