@@ -216,7 +216,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "MoE.token_dispatcher": {
         "train:local": LOCAL_LAYOUT,  # no dispatcher in one process: warned unless default
         "train:megatron+devices:cpu": "refused:megatron_cpu",  # allgather only on CPU ranks
-        "train:megatron+devices:gpu": "MISSING",
+        # --moe-token-dispatcher-type parsed (MARGS) and built by jobs/train.py; alltoall and
+        # allgather steps equal the embedded trainer's on an H200
+        "train:megatron+devices:gpu": (t(MARGS, "test_every_flag_of_the_golden_bundles_parses"),
+                                       "gpu:conformance"),
     },
     # ------------------------------------------------------------------ cluster
     "Cluster.scheduler": {
@@ -227,7 +230,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "train:local": "refused:devices",  # the embedded trainer runs on the CPU
         # CPU ranks: runtime.launch with file rendezvous, gloo
         "train:megatron+devices:cpu": MCORE_TINY,
-        "train:megatron+devices:gpu": "MISSING",
+        # NCCL, this rank's GPU (use_devices): the conformance steps, and the convert, sft,
+        # screen and eval jobs through their launch scripts, on an H200
+        "train:megatron+devices:gpu": ("gpu:conformance", "gpu:jobs"),
         "rollout:local": "refused:devices",  # the embedded engine runs on the CPU
         "rollout:vllm+devices:cpu": "MISSING",
         "rollout:vllm+devices:gpu": DRY_RUN,  # --gpus-per-node asked of Slurm
@@ -298,7 +303,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Train.precision": {
         "train:local": "refused:precision",  # the embedded trainer is float32
         "train:megatron+devices:cpu": "refused:precision",  # float32 forced on the CPU
-        "train:megatron+devices:gpu": ("check:memory", "MISSING"),
+        # the convert job writes the Megatron checkpoint in bf16 on an H200
+        "train:megatron+devices:gpu": ("check:memory", "gpu:jobs", "MISSING"),
     },
     "Train.recompute": {
         "train:local": "refused:recompute",  # the embedded trainer keeps every activation
@@ -569,14 +575,13 @@ MISSING: dict[str, str] = {
                                "checkpoint; every test runs the default",
     "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
                                    "no runtime test builds or trains a tied model",
-    "MoE.token_dispatcher": "train:megatron+devices:gpu: applied, no GPU test",
-    "Cluster.devices": "train:megatron+devices:gpu: torchrun + NCCL on GPUs: no GPU test; "
-                       "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
+    "Cluster.devices": "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
                        "nor tested",
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
-    "Train.precision": "train:megatron+devices:gpu: --bf16 selects bf16 parameters; no GPU test "
-                       "(and vLLM always serves --dtype bfloat16)",
+    "Train.precision": "train:megatron+devices:gpu: the train job's --bf16 has not run on a GPU "
+                       "(its RL job needs the CUDA vLLM), and vLLM always serves --dtype "
+                       "bfloat16",
     "Train.recompute": "train:megatron: the GPTModel recomputes (equal steps with and without, "
                        "on CPU and on an H200 by bench/gpu.py), but no test shows the train "
                        "job passes the spec's value to the model (only memory differs)",

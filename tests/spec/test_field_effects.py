@@ -32,7 +32,7 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "scheduler": ("local", "slurm"),
     "devices": ("cpu", "gpu"),
 }
-KINDS = ("test", "check", "refused", "warned", "section")
+KINDS = ("test", "check", "refused", "warned", "section", "gpu")
 PLAIN = ("doc", "MISSING")
 # "doc" beyond single-valued fields: free text with no behaviour.
 DOC_FIELDS = {"Spec.description"}
@@ -214,6 +214,30 @@ def test_evidence_is_well_formed() -> None:
         if key in MISSING and "MISSING" not in items:
             problems.append(f"{key}: has a MISSING note but no path says 'MISSING' (stale note)")
     assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- GPU checks
+
+
+def _gpu_checks() -> set[str]:
+    """The parts of the GPU check (``tools/gpu_check.sh``): its ``jobs`` step and the sections
+    of ``bench/gpu.py`` it runs."""
+    bench = (ROOT / "bench" / "gpu.py").read_text(encoding="utf-8")
+    script = (ROOT / "tools" / "gpu_check.sh").read_text(encoding="utf-8")
+    sections = {line.split('"')[1] for line in bench.splitlines()
+                if line.strip().startswith(("if section ==", "elif section =="))}
+    return sections | ({"jobs"} if "1. the jobs" in script else set())
+
+
+def test_gpu_evidence_names_a_part_of_the_gpu_check_on_a_gpu_path() -> None:
+    """``gpu:<part>``: measured by the GPU check on a GPU (bench/RESULTS.md §5), which CI
+    cannot run; only on selectors of ``devices:gpu``."""
+    known = _gpu_checks()
+    assert {"jobs", "conformance", "throughput"} <= known, known
+    problems = [f"{key} [{selector}]: {item!r}" for key, selector, item in _of_kind("gpu")
+                if item.split(":", 1)[1] not in known or "devices:gpu" not in selector]
+    assert not problems, "GPU evidence of no GPU check or off a devices:gpu path:\n" + \
+        "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- (b) tests
