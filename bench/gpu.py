@@ -220,6 +220,100 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
         release()
 
 
+def local_attention(emit: Callable[..., None], seq: int = 4096, heads: int = 8,
+                    head_dim: int = 128) -> None:
+    """Memory of megatron-core's local DotProductAttention (what the Megatron trainer builds)
+    for one layer, bf16, against compiler.estimates.local_attention_bytes: bytes kept after
+    the forward pass and peak bytes above the inputs during forward and backward, per score
+    element b · heads · s²."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from compiler.estimates import _LOCAL_ATTENTION_BYTES
+    from runtime.megatron import model as mm
+
+    backend, _ = mm.use_devices("gpu" if DEVICE == "cuda" else "cpu")
+    rendezvous = Path(tempfile.mkdtemp(prefix="rlspec-gpu-")) / "rendezvous"
+    pg = mm.init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
+    if DEVICE == "cpu":
+        seq, heads, head_dim = 64, 2, 16
+    config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim,
+                               num_attention_heads=heads, kv_channels=head_dim,
+                               attention_dropout=0.0, hidden_dropout=0.0, bf16=DEVICE == "cuda",
+                               params_dtype=torch.bfloat16, masked_softmax_fusion=False,
+                               use_cpu_initialization=True)
+    attn = DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                               attention_type="self", pg_collection=pg)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    elements = heads * seq * seq
+    for call in (1, 2):  # the first call allocates megatron's persistent score buffer
+        q, k, v = (torch.randn(seq, 1, heads, head_dim, device=DEVICE, dtype=dtype,
+                               requires_grad=True) for _ in range(3))
+        mask = mm._attention_mask(torch.ones(1, seq, dtype=torch.bool, device=DEVICE))
+        sync()
+        base = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+        reset_peak_memory()
+        out = attn(q, k, v, mask)
+        sync()
+        kept = (torch.cuda.memory_allocated() if DEVICE == "cuda" else 0) - base
+        kept -= out.numel() * out.element_size()
+        forward_peak = peak_memory() - base
+        reset_peak_memory()
+        before = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+        out.backward(torch.ones_like(out))
+        sync()
+        backward_peak = peak_memory() - before
+        emit(section="local_attention", call=call, seq=seq, heads=heads, dtype=str(dtype),
+             kept_per_element=kept / elements, forward_peak_per_element=forward_peak / elements,
+             backward_peak_above_kept_per_element=backward_peak / elements,
+             estimate_kept_working=_LOCAL_ATTENTION_BYTES["bf16"])
+        del q, k, v, out, mask
+    del attn
+    release()
+
+
+def optimizer_offload(emit: Callable[..., None]) -> None:
+    """One RL step of the Megatron trainer with optimizer CPU offload (megatron-core's
+    HybridDeviceOptimizer, train.optimizer.cpu_offload) against the same step without: equal
+    weights (float32), and the peak GPU memory of both (bfloat16)."""
+    from runtime.megatron import model as mm
+
+    cfg = qwen3_moe(layers=2, hidden=1024, heads=8, kv=2, head_dim=128, ffn=512, experts=16,
+                    top_k=4, vocab=4096)
+    results: dict[tuple[str, float], Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = hf_model(cfg, torch.float32, seed=0)
+        start = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+        del hf
+        for fraction in (0.0, 1.0, 0.5):
+            train = train_cfg(micro=2, global_batch=5, lr=1e-3)
+            if fraction:
+                train["optimizer"] = {**train["optimizer"], "cpu_offload": True,
+                                      "offload_fraction": fraction}
+            reset_peak_memory()
+            model, trainer = megatron_trainer(cfg, start, dtype=dtype, replay="off",
+                                              train=train, total_steps=8)
+            batch = make_batch(cfg, 10, 64, 4, seed=11, device="cpu")
+            metrics = trainer.step(batch, epochs=2, seed=3)
+            sync()
+            got = {k: v.float().cpu() for k, v in mm.gather_full_state_dict(model).items()}
+            results[(str(dtype), fraction)] = got
+            row: dict[str, Any] = dict(section="optimizer_offload", dtype=str(dtype),
+                                       offload_fraction=fraction, loss=metrics.get("loss"),
+                                       grad_norm=metrics.get("grad_norm"),
+                                       peak_gb=peak_memory() / 1e9)
+            if fraction:
+                plain = results[(str(dtype), 0.0)]
+                full = {k: v.float().cpu() for k, v in start.items()}
+                moved = max_diff(mm.megatron_to_hf(plain, cfg), full)
+                diff = max(float((got[k] - plain[k]).abs().max()) for k in got)
+                row.update(max_abs_diff=diff, moved=moved, ok=diff <= 1e-3 * moved)
+            emit(**row)
+            del model, trainer
+            release()
+
+
 def timed_steps(step: Callable[[int], Any], warmup: int, reps: int) -> list[float]:
     for i in range(warmup):
         step(i)
@@ -318,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if section == "conformance":
                 conformance(emit, args.replay.split(","))
+            elif section == "local_attention":
+                local_attention(emit)
+            elif section == "optimizer_offload":
+                optimizer_offload(emit)
             elif section == "throughput":
                 throughput(emit, args.layers, args.batch, args.seq, args.micro, args.reps)
             else:

@@ -811,6 +811,7 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
       ``parallelism.expert_parallel`` (vLLM's); ``parallelism.tensor`` / ``data`` only set how
       many devices each embedded replica claims, so they divide the replica count;
       (``rollout.fp8`` changes numerics: ``runtime.capabilities`` refuses it there);
+    - train.optimizer.cpu_offload false: ``offload_fraction`` (the share offloaded);
     - cluster.scheduler local: ``partition``, ``account``, ``qos`` (Slurm's; its resource
       requests ``cpus_per_task``, ``exclusive`` and ``mem_gb`` are ``cluster_settings``');
     - cluster.devices cpu: ``gpu_memory_gb`` (memory is compared for GPU runs only)."""
@@ -836,6 +837,13 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
                                          f"train.backend: local; {_LOCAL_TRAINER_WHY} (every "
                                          "expert runs on its one rank)",
                            f"remove model.architecture.moe.{name}", (backend,))
+    if not spec.train.optimizer.cpu_offload:
+        for name, value in _changed(spec.train.optimizer, ("offload_fraction",)):
+            yield _warning(("train", "optimizer", name),
+                           f"train.optimizer.{name} is {_show(value)} but has no effect without "
+                           "train.optimizer.cpu_offload: true (nothing is offloaded)",
+                           f"remove train.optimizer.{name}, or set cpu_offload: true",
+                           (("train", "optimizer", "cpu_offload"),))
     engine: Path = ("rollout", "engine")
     if spec.rollout.engine == "local":
         for name, value in _changed(spec.rollout, ("gpu_memory_utilization", "max_num_seqs")):
@@ -879,7 +887,9 @@ def memory(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Estimated memory per GPU (compiler.estimates) against cluster.gpu_memory_gb.
 
     Trainer: over capacity without the optimizer state → error; over only with it → warning
-    (fits with optimizer CPU offload, as slime's large recipes run); within 10 % → warning.
+    (fits with more of it offloaded: train.optimizer.cpu_offload / offload_fraction, as
+    slime's large recipes run); within 10 % → warning. With the Megatron trainer the
+    estimate includes its local attention's score matrices (its ``attention`` part).
     Rollout: weights + one full-length sequence of KV cache over gpu_memory_gb ×
     gpu_memory_utilization → error (vLLM refuses to start); within 10 % → warning.
     Not compared for devices cpu."""
@@ -887,20 +897,33 @@ def memory(spec: Spec, plan: Plan) -> Iterator[Problem]:
         return
     t = plan.train_memory
     cap = t.capacity_gb
+    opt = spec.train.optimizer
     resident = t.total_gb - t.parts.get("optimizer", 0.0)
-    related = (("train", "parallelism"), TRAIN_NODES, ("train", "recompute"))
+    related = (("train", "parallelism"), TRAIN_NODES, ("train", "recompute"),
+               ("train", "optimizer", "cpu_offload"))
     detail = f"({_parts(t.parts)} GB; {t.notes[0] if t.notes else ''})"
     more = "raise PP or EP, or train.nodes (more expert-DP shards the optimizer)"
+    attention = t.parts.get("attention", 0.0)
     if resident > cap:
         hint = ("set train.recompute: full, or " if spec.train.recompute != "full" else "") + more
+        if attention > cap - (resident - attention):
+            hint = (f"shorten the sequences ({plan.seq_len} tokens) or raise "
+                    "train.parallelism.tensor (the local attention's score matrices, "
+                    f"{attention:.1f} GB, grow with tokens² × heads / TP), or " + hint)
         yield _error(GPU_MEM, f"trainer needs about {resident:.1f} GB per GPU without optimizer "
                               f"state ({t.total_gb:.1f} GB with it) > {cap:g} GB {detail}",
                      hint, related)
     elif t.total_gb > cap:
+        if not opt.cpu_offload:
+            hint = f"set train.optimizer.cpu_offload: true, or {more}"
+        elif opt.offload_fraction < 1:
+            hint = (f"raise train.optimizer.offload_fraction (now {opt.offload_fraction:g}) "
+                    f"to offload more of it, or {more}")
+        else:  # the GPU keeps the fp32 main-weight shards (compiler.estimates)
+            hint = more
         yield _warning(GPU_MEM, f"trainer estimate {t.total_gb:.1f} GB per GPU > {cap:g} GB; it "
-                                f"fits only with the optimizer state ({t.parts['optimizer']:.1f} GB) "
-                                f"offloaded to the CPU {detail}",
-                       f"enable optimizer CPU offload in the trainer, or {more}", related)
+                                f"fits only with less optimizer state on the GPU "
+                                f"({t.parts['optimizer']:.1f} GB now) {detail}", hint, related)
     elif t.total_gb >= NEAR_MEMORY * cap:
         yield _warning(GPU_MEM, f"trainer estimate {t.total_gb:.1f} GB per GPU is within 10 % of "
                                 f"{cap:g} GB {detail}", more, related)

@@ -122,6 +122,7 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
                         "train.nodes=2"),),
     "embedded_trainer_nodes": (_ex(TINY, "train.nodes=2"),),
     "screen_nodes": (_ex(TINY, "filters[0].nodes=2"),),
+    "optimizer_offload": (_ex(TINY, "train.optimizer.cpu_offload=true"),),
     "megatron_layout": (
         _ex(BIG, "train.parallelism.context=2"),
         _ex(SINGLE, "train.parallelism.expert_tensor=2", "train.parallelism.expert=4"),

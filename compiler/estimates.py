@@ -137,6 +137,14 @@ class TrainLayout:
     precision: str  # bf16 | fp32
     recompute: str  # none | selective | full
     distributed_optimizer: bool
+    # Attention the trainer builds (runtime.capabilities.TRAINER_ATTENTION): "local" is
+    # megatron-core's unfused DotProductAttention, which materialises the score matrix;
+    # "flash" never stores it.
+    attention: str = "flash"
+    heads: int = 1  # attention heads of the model (split over TP)
+    # Fraction of the optimizer state the hybrid CPU optimizer keeps in host memory
+    # (train.optimizer.cpu_offload / offload_fraction; 0 = all on the GPU).
+    optimizer_offload: float = 0.0
 
 
 # Bytes per parameter of a Megatron-core trainer (Megatron-LM docs, "Distributed Optimizer":
@@ -144,6 +152,23 @@ class TrainLayout:
 # the 12 sharded over data-parallel ranks by the distributed optimizer; fp32 params: 4 + 4 + 8).
 _BYTES = {"bf16": (2, 4, 12), "fp32": (4, 4, 8)}
 _LOGIT_BYTES = 4  # fp32 logits of the last stage (log-probs and entropies are taken in fp32)
+# Optimizer CPU offload (megatron-core's HybridDeviceOptimizer inside the distributed
+# optimizer, without the precision-aware optimizer, which needs TransformerEngine): the GPU
+# keeps the fp32 main-weight shards (4 B of bf16's 12) and loses the offloaded share of Adam's
+# m and v (8 B); the host holds, per offloaded parameter, an fp32 copy of the main weight, an
+# fp32 copy of its gradient, and m and v.
+_MOMENT_BYTES = 8
+_HOST_BYTES = 16
+# megatron-core 0.16.1 local DotProductAttention, bytes per score element [b, a/t, s/c, s]:
+# (kept for the backward pass, peak working set of the layer being computed), by precision.
+# bf16: kept = the fp32 softmax output (4, softmax in fp32 is TransformerConfig's default)
+# + its bf16 copy that multiplies V (2); working = the persistent "mpu" global buffer the
+# scores are written through (2) + the bf16 scores (2) + their fp32 copy, masked in place (4)
+# + the softmax (4) + its bf16 copy (2). fp32: kept = the softmax (4; the same tensor
+# multiplies V); working = buffer (4) + scores, masked in place (4) + softmax (4).
+# Attention dropout is 0 in the Megatron trainer, so no dropout mask is kept.
+_LOCAL_ATTENTION_BYTES = {"bf16": (6, 14), "fp32": (4, 12)}
+_SCORE_BYTES = {"bf16": 2, "fp32": 4}
 
 
 def activation_bytes_per_layer(
@@ -154,9 +179,10 @@ def activation_bytes_per_layer(
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
     Models" (arXiv 2205.05198), bf16 activations, s tokens, b sequences, width h, TP t:
     - no / selective recompute: 34·s·b·h/t with sequence parallelism, s·b·h·(10 + 24/t)
-      without (LayerNorm/dropout inputs are then replicated on every TP rank). Megatron runs
-      flash attention, which never stores the 5·a·s²·b/t attention scores, so `none` and
-      `selective` keep the same 34·s·b·h (the paper's selective-recompute figure).
+      without (LayerNorm/dropout inputs are then replicated on every TP rank): everything but
+      the paper's 5·a·s²·b/t attention scores (its selective-recompute figure). The scores are
+      counted apart (:func:`local_attention_bytes`), for local attention only: flash
+      attention never stores them.
     - full recompute: only the layer input, 2·s·b·h (divided by t with sequence parallelism).
     Context parallelism shards the sequence: everything is divided by CP.
     MoE layers are counted as dense blocks (a top-k·f_e-wide MLP is 2-3·h for the models here,
@@ -170,6 +196,28 @@ def activation_bytes_per_layer(
     else:
         per = sbh * (10 + 24 / tp)
     return per / cp
+
+
+def attention_score_elements(s: int, b: int, heads: int, tp: int, cp: int) -> float:
+    """Elements of one layer's attention score matrix on one GPU: b · (a / TP) · (s / CP) · s
+    (each rank attends its s/CP queries to all s keys)."""
+    return b * heads / max(1, tp) * s / max(1, cp) * s
+
+
+def local_attention_bytes(s: int, b: int, heads: int, tp: int, cp: int,
+                          precision: str) -> tuple[float, float]:
+    """(kept, working) bytes of megatron-core's local attention for one layer, one micro-batch.
+
+    ``kept``: what the layer keeps for its backward pass when core attention is not
+    recomputed (train.recompute none); ``working``: its peak while the layer's attention runs
+    (forward, or the recomputation in the backward pass). Per element of
+    :func:`attention_score_elements`, see ``_LOCAL_ATTENTION_BYTES``: 6 and 14 B in bf16, so
+    at 10,240 tokens × 32 heads (TP 1, one sequence) the bf16 score matrix alone is 6.7 GB,
+    20 GB are kept per layer without recomputation and 47 GB are needed while it runs.
+    """
+    kept, working = _LOCAL_ATTENTION_BYTES.get(precision, _LOCAL_ATTENTION_BYTES["bf16"])
+    elements = attention_score_elements(s, b, heads, tp, cp)
+    return kept * elements, working * elements
 
 
 def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) -> MemoryEstimate:
@@ -187,13 +235,24 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
       activations = n_i · in_flight_i · activation_bytes_per_layer(...)
                  (+ one layer's full working set while it is recomputed, under full recompute)
                  (+ fp32 logits s·b·V·4 B/(TP·CP) on the last stage)
+      attention  = with local (unfused) attention, what the Megatron trainer builds
+                 (megatron-core's DotProductAttention: no TransformerEngine, no flash
+                 attention), the score matrices of :func:`local_attention_bytes`:
+                 n_i · in_flight_i · kept (recompute none only: selective recompute
+                 recomputes core attention, full recompute the whole layer)
+                 + working − kept (none) | working (selective, full) for the layer running
+                 + the boolean attention mask b·s² B per micro-batch in flight.
+                 With flash attention (no score matrix) this part is absent.
       in_flight_i = min(PP − i, micro-batches): the 1F1B schedule keeps PP − i micro-batches
                  in flight on stage i (Narayanan et al. 2021); the interleaved schedule
                  multiplies this by 1 + (PP − 1)/(PP·VPP) (Korthikanti et al. §4.2.3).
-    The estimate assumes the optimizer state stays on the GPU: recipes that offload it to
-    the CPU (Megatron `--optimizer-cpu-offload`, slime) need only weights + grads +
-    activations on the GPU. `compiler.checks` therefore reports an estimate over capacity
-    as an error only when it is over without the optimizer state, else as a warning.
+    With optimizer CPU offload (train.optimizer.cpu_offload: Megatron
+    `--optimizer-cpu-offload --optimizer-offload-fraction f`) the GPU keeps its fp32
+    main-weight shards and (1 − f) of Adam's m and v: optimizer = (12 − 8·f) B per sharded
+    bf16 parameter, (8 − 8·f) fp32; the host keeps the offloaded parameters' fp32 main
+    weights, fp32 gradient copies and m, v (16 B per parameter, in the notes). Without it,
+    `compiler.checks` reports an estimate over capacity as an error only when it is over
+    without the optimizer state (offloading it would fit), else as a warning.
     """
     from compiler.plan import MemoryEstimate
 
@@ -214,6 +273,18 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
                if layout.recompute == "full" else 0.0)
     interleave = 1 + (pp - 1) / (pp * layout.vpp) if layout.vpp > 1 else 1.0
     m = max(1, layout.micro_batches)
+    b = layout.micro_batch_size
+    local = layout.attention == "local"
+    attn_kept, attn_working = (local_attention_bytes(tokens, b, layout.heads, tp, cp,
+                                                     layout.precision)
+                               if local else (0.0, 0.0))
+    if layout.recompute == "none":
+        attn_running = attn_working - attn_kept
+    else:  # core attention (selective) or the whole layer (full) is recomputed
+        attn_kept, attn_running = 0.0, attn_working
+    mask = b * tokens * tokens / cp if local else 0.0
+    offload = min(1.0, max(0.0, layout.optimizer_offload))
+    host = 0.0
 
     best: tuple[float, int, dict[str, float]] | None = None
     start = 0
@@ -230,10 +301,8 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
             non_expert += vocab * h
         expert = moe * s.num_experts * s.expert
         p_ne, p_e = non_expert / tp, expert / expert_shards
-        if layout.distributed_optimizer:
-            opt = o_b * (p_ne / dense_dp + p_e / expert_dp)
-        else:
-            opt = o_b * (p_ne + p_e)
+        sharded = p_ne / dense_dp + p_e / expert_dp if layout.distributed_optimizer else p_ne + p_e
+        opt = (o_b - _MOMENT_BYTES * offload) * sharded
         in_flight = min(pp - i, m) * interleave
         act = n * in_flight * per_layer + (working if n else 0.0)
         if i == pp - 1:
@@ -244,14 +313,29 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
             "optimizer": opt / GB,
             "activations": act / GB,
         }
+        if local:
+            attn = (n * in_flight * attn_kept + attn_running + in_flight * mask) if n else 0.0
+            parts["attention"] = attn / GB
         total = sum(parts.values())
         if best is None or total > best[0]:
-            best = (total, i, parts)
+            best = (total, i, parts, _HOST_BYTES * sharded * offload)
     assert best is not None  # pipeline_layers always has PP ≥ 1 entries
-    total, stage, parts = best
+    total, stage, parts, host = best
     notes = [f"worst pipeline stage: {stage} of {pp} ({layout.pipeline_layers[stage]} layers)"]
     notes.append(f"recompute {layout.recompute}: "
                  f"{per_layer / GB:.3f} GB per layer per micro-batch in flight")
+    if local:
+        scores = _SCORE_BYTES.get(layout.precision, 2) * attention_score_elements(
+            tokens, b, layout.heads, tp, cp)
+        kept = ("kept per layer in flight" if layout.recompute == "none" else
+                "recomputed, not kept")
+        notes.append(f"local attention (megatron-core DotProductAttention, no flash attention): "
+                     f"{scores / GB:.2f} GB score matrix per layer per micro-batch "
+                     f"[{b}, {layout.heads / tp:g} heads, {tokens // cp}, {tokens}], "
+                     f"{kept}; {attn_working / GB:.2f} GB while a layer's attention runs")
+    if offload:
+        notes.append(f"optimizer CPU offload {offload:g}: {host / GB:.1f} GB of optimizer state "
+                     "per GPU in host memory (fp32 weights, gradients, Adam m and v)")
     if not layout.distributed_optimizer:
         notes.append("optimizer not distributed: full optimizer state on every rank")
     return MemoryEstimate(parts=parts, total_gb=total, capacity_gb=capacity_gb, notes=tuple(notes))

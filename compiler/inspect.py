@@ -101,8 +101,9 @@ def show_summary(out: Console, compiled: Compiled) -> None:
             table.add_row(label, "; ".join(mem.notes) or "not estimated")
             continue
         parts = ", ".join(f"{k} {_gb(v)}" for k, v in mem.parts.items())
+        notes = "".join(f"\n{note}" for note in mem.notes)
         table.add_row(label, f"{_gb(mem.total_gb)} of {_gb(mem.capacity_gb)} "
-                      f"({mem.fraction:.0%}) per GPU: {parts}")
+                      f"({mem.fraction:.0%}) per GPU: {parts}{notes}")
     if plan.rollout_max_sequences > 0:
         table.add_row("KV cache", f"{plan.rollout_max_sequences} full-length sequences per replica")
     if plan.routing_dtype:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from runtime.capabilities import MEGATRON_FAMILIES, TRAINER_ATTENTION
 from spec.errors import Problem
 from spec.models import AdaptiveGroupSize, FlatGroups, OfflinePassRate, Spec
 from spec.partial import Invalid, InvalidValueUsed
@@ -257,6 +258,13 @@ def make_plan(spec: Spec) -> Plan:
             micro_batch_size=spec.train.micro_batch_size, seq_len=seq_len,
             precision=spec.train.precision, recompute=spec.train.recompute,
             distributed_optimizer=spec.train.optimizer.distributed,
+            # A family the Megatron trainer does not build is refused at start
+            # (runtime.capabilities.megatron_model): estimated as Megatron-LM runs it.
+            attention=(TRAINER_ATTENTION.get(spec.train.backend, "flash")
+                       if arch.family in MEGATRON_FAMILIES else "flash"),
+            heads=arch.num_attention_heads,
+            optimizer_offload=(spec.train.optimizer.offload_fraction
+                               if spec.train.optimizer.cpu_offload else 0.0),
         )
         train = estimates.train_memory(arch, layout, spec.cluster.gpu_memory_gb)
         rollout, sequences = estimates.rollout_memory(

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "Refusal", "engines",
-           "refusals", "rules_for"]
+__all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "TRAINER_ATTENTION",
+           "Refusal", "engines", "refusals", "rules_for"]
 
 SpecPath = tuple[str | int, ...]
 
@@ -34,6 +34,12 @@ SpecPath = tuple[str | int, ...]
 # Qwen3ForCausalLM) and the ones runtime.megatron builds as a megatron-core GPTModel.
 EMBEDDED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3")
 MEGATRON_FAMILIES: tuple[str, ...] = ("qwen3_moe",)
+
+# The attention each trainer (``train.backend``) builds, for the compiler's memory estimate:
+# runtime.megatron builds megatron-core's local layer spec (no TransformerEngine), whose
+# unfused DotProductAttention materialises the [b, heads, s, s] score matrix ("local"); the
+# embedded trainer runs HF's default attention on the CPU (not estimated: CPU runs only).
+TRAINER_ATTENTION: dict[str, str] = {"megatron": "local", "local": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,8 @@ FLAG_PATHS: dict[str, SpecPath] = {
     "decoder_last_pipeline_num_layers": ("train", "parallelism", "last_pipeline_stage_layers"),
     "tensor_model_parallel_size": ("train", "parallelism", "tensor"),
     "untie_embeddings_and_output_weights": (*ARCH, "tie_embeddings"),
+    "optimizer_cpu_offload": ("train", "optimizer", "cpu_offload"),
+    "optimizer_offload_fraction": ("train", "optimizer", "offload_fraction"),
 }
 
 
@@ -188,6 +196,14 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
                "(with EP 1 megatron-core reduces expert gradients over data-parallel ranks "
                "only, while each TP rank trains them on its own sequence shard)",
                "set train.parallelism.expert ≥ 2, or tensor: 1")
+    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
+        refuse("optimizer_cpu_offload",
+               "--optimizer-cpu-offload runs inside the distributed optimizer "
+               "(--use-distributed-optimizer)", "set train.optimizer.distributed: true")
+    if args.optimizer_cpu_offload and not 0 < args.optimizer_offload_fraction <= 1:
+        refuse("optimizer_offload_fraction",
+               f"--optimizer-offload-fraction {args.optimizer_offload_fraction} is not in (0, 1]",
+               "set train.optimizer.offload_fraction between 0 (exclusive) and 1")
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
         refuse("untie_embeddings_and_output_weights",
                "the Megatron trainer does not tie embeddings across pipeline stages",
@@ -348,6 +364,28 @@ def fp8(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set rollout.fp8: false, or rollout.engine: vllm")
 
 
+def optimizer_offload(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Optimizer CPU offload is megatron-core's ``HybridDeviceOptimizer``
+    (``--optimizer-cpu-offload``): the embedded trainer has no offload (one CPU process, its
+    optimizer state is in host memory already), and the hybrid optimizer needs CUDA (it
+    synchronises CUDA streams and pins host memory), so the Megatron trainer runs it on
+    ``cluster.devices: gpu`` only."""
+    opt = spec["train"]["optimizer"]
+    if not opt.get("cpu_offload"):
+        return
+    path = ("train", "optimizer", "cpu_offload")
+    if _uses_embedded_trainer(spec):
+        yield Refusal("optimizer_offload", path,
+                      "the embedded trainer has no optimizer CPU offload (it runs on the CPU: "
+                      "its optimizer state is in host memory already)",
+                      "set train.optimizer.cpu_offload: false, or train.backend: megatron")
+    elif spec["cluster"]["devices"] == "cpu":
+        yield Refusal("optimizer_offload", path,
+                      "megatron-core's hybrid CPU optimizer needs CUDA (streams, pinned host "
+                      "memory); on cluster.devices cpu the optimizer state is in host memory "
+                      "already", "set train.optimizer.cpu_offload: false")
+
+
 def tokenizer(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Jobs load the tokenizer saved with an HF checkpoint; a separate tokenizer is read only
     for a Megatron checkpoint (which carries none)."""
@@ -372,6 +410,7 @@ RULES: dict[str, Rule] = {
     "megatron_cpu": megatron_cpu,
     "recompute": recompute,
     "tokenizer": tokenizer,
+    "optimizer_offload": optimizer_offload,
     "fp8": fp8,
     "local_nodes": local_nodes,
     "embedded_trainer_nodes": embedded_trainer_nodes,
@@ -393,7 +432,7 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
            "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "fp8",
-           "local_nodes", "embedded_trainer_nodes"),
+           "local_nodes", "embedded_trainer_nodes", "optimizer_offload"),
 }
 
 

@@ -308,6 +308,25 @@ class Optimizer(Section):
     distributed: bool = Field(
         True, description="Shard optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."
     )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep optimizer state in host memory and run its Adam step on the CPU "
+        "(megatron-core's hybrid CPU optimizer: `--optimizer-cpu-offload "
+        "--use-precision-aware-optimizer`); the GPU then holds weights, gradients and "
+        "activations only. Needs `distributed: true`; GPU runs of the Megatron trainer only.",
+    )
+    offload_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0,
+        description="Share of the optimizer state kept in host memory with `cpu_offload` "
+        "(`--optimizer-offload-fraction`); the rest stays on the GPU.",
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_distributed(self) -> Optimizer:
+        if self.cpu_offload and not self.distributed:
+            raise ValueError("cpu_offload needs distributed: true (megatron-core's hybrid CPU "
+                             "optimizer runs inside the distributed optimizer)")
+        return self
 
 
 class Checkpointing(Section):

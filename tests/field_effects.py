@@ -365,6 +365,21 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Optimizer.clip_grad": {"train:local": t(TRAINER, "test_clip_grad_bounds_the_gradient_norm_of_each_update"),
                             "train:megatron": ADAM["train:megatron"]},
     "Optimizer.warmup_steps": {"all": SCHEDULE},
+    # --optimizer-cpu-offload → megatron-core's HybridDeviceOptimizer (CUDA only); the memory
+    # estimate moves Adam's moments to the host.
+    "Optimizer.cpu_offload": {
+        "train:local": "refused:optimizer_offload",  # the embedded trainer has no offload
+        "train:megatron+devices:cpu": "refused:optimizer_offload",  # needs CUDA streams
+        "train:megatron+devices:gpu": (t(MARGS, "test_optimizer_cpu_offload_reaches_the_megatron_trainer"),
+                                       t(PLAN, "test_optimizer_offload_moves_the_moments_to_the_host"),
+                                       "check:memory"),
+    },
+    "Optimizer.offload_fraction": {
+        "train:local": "warned:unused_settings",  # cpu_offload is refused there
+        "train:megatron": (t(MARGS, "test_optimizer_cpu_offload_reaches_the_megatron_trainer"),
+                           t(PLAN, "test_optimizer_offload_moves_the_moments_to_the_host"),
+                           "check:memory", "warned:unused_settings"),
+    },
     "Optimizer.distributed": {
         "train:local": LOCAL_LAYOUT,
         "train:megatron": (OPT_FLAGS, "check:memory"),  # --use-distributed-optimizer → DDP

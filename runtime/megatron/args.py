@@ -15,6 +15,8 @@ their one reader:
 
 Flags accepted but not applied by the engine (it builds megatron-core's local,
 non-TransformerEngine modules): ``--moe-grouped-gemm`` (local experts are sequential),
+``--use-precision-aware-optimizer`` (Megatron-LM asks for it with ``--optimizer-cpu-offload``;
+megatron-core 0.16.1 needs TransformerEngine for it, so the fp32 main weights stay on the GPU),
 ``--tokenizer-*`` (the tokenizer is the HF checkpoint's), ``--position-embedding-type``,
 ``--normalization``, ``--swiglu``, ``--disable-bias-linear`` (fixed by the Qwen3-MoE family).
 """
@@ -95,6 +97,9 @@ def megatron_parser() -> argparse.ArgumentParser:
         p.add_argument(name, type=float, required=True)
     p.add_argument("--lr-warmup-iters", type=int, default=0)
     p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--optimizer-cpu-offload", action="store_true")
+    p.add_argument("--optimizer-offload-fraction", type=float, default=1.0)
+    p.add_argument("--use-precision-aware-optimizer", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--recompute-granularity", choices=["full", "selective"])
     p.add_argument("--recompute-method", choices=["uniform", "block"])
@@ -195,5 +200,7 @@ def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[s
             "adam_eps": args.adam_eps, "clip_grad": args.clip_grad,
             "warmup_steps": args.lr_warmup_iters,
             "distributed": args.use_distributed_optimizer,
+            "cpu_offload": args.optimizer_cpu_offload,
+            "offload_fraction": args.optimizer_offload_fraction,
         },
     }

@@ -122,14 +122,27 @@ class MegatronTrainer(Trainer):
     # ------------------------------------------------------------------ engine hooks
 
     def _build_optimizer(self) -> Any:
+        """megatron-core's optimizer; with ``cpu_offload`` its ``HybridDeviceOptimizer``
+        (``--optimizer-cpu-offload``): the distributed optimizer's fp32 main-weight shards
+        stay on the GPU, a share ``offload_fraction`` of them is copied to host memory where
+        torch's AdamW steps them (moments in host memory), and the result is copied back.
+        ``use_precision_aware_optimizer``, which Megatron-LM pairs with the offload to drop
+        the GPU's main-weight shards too, needs TransformerEngine in megatron-core 0.16.1
+        (``OptimizerConfig`` reads its version): not set. The hybrid optimizer needs CUDA
+        (streams, pinned memory): ``runtime.capabilities.optimizer_offload`` refuses it on
+        the CPU."""
         opt, config = self.opt_cfg, self.module.config
+        offload = bool(opt.get("cpu_offload", False))
         return get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=opt["lr"], min_lr=opt["min_lr"],
                             weight_decay=opt["weight_decay"], adam_beta1=opt["adam_beta1"],
                             adam_beta2=opt["adam_beta2"], adam_eps=opt["adam_eps"],
                             clip_grad=opt["clip_grad"], bf16=bool(config.bf16),
                             params_dtype=config.params_dtype,
-                            use_distributed_optimizer=self.distributed_optimizer),
+                            use_distributed_optimizer=self.distributed_optimizer,
+                            optimizer_cpu_offload=offload,
+                            optimizer_offload_fraction=(float(opt.get("offload_fraction", 1.0))
+                                                        if offload else 0.0)),
             [self.model])
 
     def _lr(self) -> float:

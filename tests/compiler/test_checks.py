@@ -9,7 +9,8 @@ import pytest
 from compiler.checks import RULES, check, checked_plan, unused_settings
 from compiler.plan import make_plan
 from spec.errors import Problem, SpecError
-from tests.compiler.conftest import DELETE, build, errors_of, problems_of
+from spec.loader import load_spec
+from tests.compiler.conftest import DELETE, EXAMPLES, build, errors_of, problems_of
 
 TP = ("train", "parallelism", "tensor")
 PP = ("train", "parallelism", "pipeline")
@@ -606,15 +607,17 @@ def test_trainer_over_memory_without_optimizer_state_is_an_error() -> None:
 
 
 def test_trainer_over_memory_only_with_optimizer_state_is_a_warning() -> None:
-    # Weights + grads + activations ≈ 28.6 GB, with the optimizer state ≈ 51.5 GB.
+    # Weights + grads + activations + local attention ≈ 34.5 GB, with the optimizer state
+    # ≈ 57.4 GB.
     p = only({"cluster.gpu_memory_gb": 40.0}, MEM, "warning")
-    assert_numbers(p, "51.5 GB", "> 40 GB", "optimizer state (22.9 GB)")
-    assert "offload" in p.message
+    assert_numbers(p, "57.4 GB", "> 40 GB", "optimizer state on the GPU (22.9 GB now)",
+                   "attention 5.9")
+    assert p.suggestion.startswith("set train.optimizer.cpu_offload: true")
 
 
 def test_trainer_memory_within_10_percent_is_a_warning() -> None:
-    p = only({"cluster.gpu_memory_gb": 55.0}, MEM, "warning")
-    assert_numbers(p, "51.5 GB", "55 GB", "10 %")
+    p = only({"cluster.gpu_memory_gb": 62.0}, MEM, "warning")
+    assert_numbers(p, "57.4 GB", "62 GB", "10 %")
 
 
 def test_rollout_over_memory() -> None:
@@ -696,3 +699,23 @@ def test_slurm_settings_on_the_local_scheduler_are_a_warning() -> None:
                                                  "carries it)")
     assert _unused({"cluster.scheduler": "local", "cluster.partition": DELETE,
                     "cluster.cpus_per_task": 8}) == {}
+
+
+def test_memory_hint_names_the_offload_keys() -> None:
+    """An estimate over capacity only with the optimizer state names
+    train.optimizer.cpu_offload; with a partial offload, offload_fraction; an offload_fraction
+    without cpu_offload is a setting without effect."""
+    one_node = ["train.nodes=1"]  # expert-DP 1: the Adam state of the experts is not sharded
+    src = load_spec(EXAMPLES / "single-node.yaml", one_node)
+    warned = [p for p in check(src.spec, make_plan(src.spec)) if p.path == ("cluster", "gpu_memory_gb")]
+    assert [p.severity for p in warned] == ["warning"]
+    assert warned[0].suggestion.startswith("set train.optimizer.cpu_offload: true")
+    assert "attention 9.6" in warned[0].message
+    src = load_spec(EXAMPLES / "single-node.yaml", [*one_node, "train.optimizer.cpu_offload=true",
+                                                    "train.optimizer.offload_fraction=0.01"])
+    warned = [p for p in check(src.spec, make_plan(src.spec)) if p.path == ("cluster", "gpu_memory_gb")]
+    assert warned[0].suggestion.startswith("raise train.optimizer.offload_fraction (now 0.01)")
+    src = load_spec(EXAMPLES / "single-node.yaml", ["train.optimizer.offload_fraction=0.5"])
+    unused = [p for p in check(src.spec, make_plan(src.spec))
+              if p.path == ("train", "optimizer", "offload_fraction")]
+    assert [p.severity for p in unused] == ["warning"] and "no effect" in unused[0].message

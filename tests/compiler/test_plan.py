@@ -9,7 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiler.checks import check
-from compiler.estimates import count_params, kv_bytes_per_token
+from compiler.estimates import (
+    TrainLayout,
+    attention_score_elements,
+    count_params,
+    kv_bytes_per_token,
+    local_attention_bytes,
+    train_memory,
+)
 from compiler.plan import Plan, make_plan, pipeline_split
 from spec.loader import load_spec
 from spec.models import Architecture
@@ -66,7 +73,7 @@ def test_compassmax_245b_example() -> None:
     assert plan.micro_batches_per_step == 256
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rollout_expert_parallel) == (16, 4, 16)
     assert plan.optimizer_steps_per_rollout == 4 and plan.rl_nodes == 24
-    assert plan.seq_len == 32768
+    assert plan.seq_len == 8192  # local attention: see the example's rollout.max_tokens
     # 16 experts → uint8 ids; 64 MoE layers × top-4 × 1 byte.
     assert (plan.routing_dtype, plan.routing_bytes_per_token) == ("uint8", 256)
     assert plan.params.total == pytest.approx(245e9, rel=0.005)
@@ -251,3 +258,55 @@ def test_make_plan_and_check_never_raise(
                for b in plan.stage_budgets)
     for problem in check(spec, plan):
         assert problem.path and problem.message
+
+
+# --------------------------------------------------------------------------- local attention, offload
+
+
+def test_local_attention_score_matrix_at_10k_tokens_and_32_heads() -> None:
+    # megatron-core's unfused DotProductAttention: [1, 32, 10240, 10240] bf16 scores = 6.7 GB;
+    # kept per layer without recomputation (fp32 softmax + its bf16 copy) and while it runs.
+    elements = attention_score_elements(10240, 1, 32, 1, 1)
+    assert 2 * elements == pytest.approx(6.71e9, rel=1e-3)
+    kept, working = local_attention_bytes(10240, 1, 32, 1, 1, "bf16")
+    assert (kept, working) == (6 * elements, 14 * elements)
+    assert local_attention_bytes(10240, 1, 32, 4, 1, "bf16")[1] == working / 4  # heads / TP
+    assert local_attention_bytes(10240, 1, 32, 1, 1, "fp32") == (4 * elements, 12 * elements)
+
+
+def _local_layout(**edits: Any) -> TrainLayout:
+    base = dict(tp=1, pp=1, cp=1, ep=1, etp=1, dp=1, expert_dp=1, vpp=1,
+                sequence_parallel=False, pipeline_layers=(1,), micro_batches=1,
+                micro_batch_size=1, seq_len=10240, precision="bf16", recompute="selective",
+                distributed_optimizer=True, attention="local", heads=32)
+    return TrainLayout(**{**base, **edits})  # type: ignore[arg-type]
+
+
+def test_the_megatron_estimate_counts_its_local_attention() -> None:
+    arch = Architecture.model_validate({**QWEN3_30B, "num_layers": 1})
+    elements = attention_score_elements(10240, 1, 32, 1, 1)
+    mask = 10240 * 10240  # the boolean [1, 1, s, s] mask of the micro-batch
+    selective = train_memory(arch, _local_layout(), 80.0)
+    assert selective.parts["attention"] * 1e9 == pytest.approx(14 * elements + mask)
+    assert "local attention" in selective.notes[2] and "6.71 GB score matrix" in selective.notes[2]
+    kept = train_memory(arch, _local_layout(recompute="none"), 80.0)
+    assert kept.parts["attention"] * 1e9 == pytest.approx(6 * elements + 8 * elements + mask)
+    flash = train_memory(arch, _local_layout(attention="flash"), 80.0)
+    assert "attention" not in flash.parts
+    # the spec's Megatron trainer builds local attention; a family it does not build is
+    # refused at start and estimated without the score matrix
+    assert "attention" in make_plan(build()).train_memory.parts
+
+
+def test_optimizer_offload_moves_the_moments_to_the_host() -> None:
+    plain = make_plan(build()).train_memory
+    offload = make_plan(build({"train.optimizer.cpu_offload": True})).train_memory
+    half = make_plan(build({"train.optimizer.cpu_offload": True,
+                            "train.optimizer.offload_fraction": 0.5})).train_memory
+    # bf16: the fp32 main-weight shards (4 of 12 B) stay on the GPU, m and v (8 B) leave it
+    assert offload.parts["optimizer"] == pytest.approx(plain.parts["optimizer"] * 4 / 12)
+    assert half.parts["optimizer"] == pytest.approx(plain.parts["optimizer"] * 8 / 12)
+    host = plain.parts["optimizer"] * 16 / 12
+    assert f"optimizer CPU offload 1: {host:.1f} GB" in offload.notes[-1]
+    assert {k: v for k, v in offload.parts.items() if k != "optimizer"} == {
+        k: v for k, v in plain.parts.items() if k != "optimizer"}

@@ -75,6 +75,10 @@ CASES = [
      ("rollout", "nodes"), "rl", "the local scheduler runs the rollout engines once"),
     ("embedded_trainer_nodes", TINY, ["train.nodes=2"],
      ("train", "nodes"), "rl", "every trainer node would start its own copy"),
+    ("optimizer_offload", TINY, ["train.optimizer.cpu_offload=true"],
+     ("train", "optimizer", "cpu_offload"), "rl", "the embedded trainer has no optimizer CPU offload"),
+    ("optimizer_offload", TINY, [*CPU_MEGATRON, "train.optimizer.cpu_offload=true"],
+     ("train", "optimizer", "cpu_offload"), "rl", "hybrid CPU optimizer needs CUDA"),
     ("screen_nodes", TINY, ["filters[0].nodes=2"],
      ("filters", 0, "nodes"), "screen", "would wait for shards no other node screens"),
 ]

@@ -103,3 +103,26 @@ def test_unknown_and_malformed_flags_are_one_clear_error(tmp_path: Path) -> None
         parse_megatron_args([*argv, "--moe-layer-freq", "[1]*4"])
     freq = parse_megatron_args([*argv, "--moe-layer-freq", "([0]*1+[1]*1)"]).moe_layer_freq
     assert freq == [0, 1]
+
+
+def test_optimizer_cpu_offload_reaches_the_megatron_trainer() -> None:
+    """train.optimizer.cpu_offload / offload_fraction render Megatron-LM's offload flags
+    (single-node.yaml sets cpu_offload), which set the trainer's OptimizerConfig; the flag
+    rule refuses an offload outside the distributed optimizer."""
+    from runtime.capabilities import megatron_flag_refusals
+
+    argv = trainer_argv((GOLDEN / "single-node" / "jobs" / "rl" / "train.sh").read_text())
+    assert {"--optimizer-cpu-offload", "--use-precision-aware-optimizer"} <= set(argv)
+    assert argv[argv.index("--optimizer-offload-fraction") + 1] == "1.0"
+    train = {"optimizer": {}}
+    settings = train_settings(parse_megatron_args(argv), train)["optimizer"]
+    assert (settings["cpu_offload"], settings["offload_fraction"]) == (True, 1.0)
+    edited = [a if a != "1.0" or argv[i - 1] != "--optimizer-offload-fraction" else "0.25"
+              for i, a in enumerate(argv)]
+    assert train_settings(parse_megatron_args(edited), train)["optimizer"]["offload_fraction"] == 0.25
+    plain = trainer_argv((GOLDEN / "compassmax-245b" / "jobs" / "rl" / "train.sh").read_text())
+    assert not train_settings(parse_megatron_args(plain), train)["optimizer"]["cpu_offload"]
+    assert megatron_flag_refusals(parse_megatron_args(argv)) == []
+    lone = [a for a in argv if a != "--use-distributed-optimizer"]
+    assert [r.path for r in megatron_flag_refusals(parse_megatron_args(lone))] == [
+        ("train", "optimizer", "cpu_offload")]
