@@ -42,7 +42,7 @@ sysdeps: $(SYSSTAMP)
 # The main job on the embedded default: check the examples, then run the tiny spec's whole
 # graph here (data → init → SFT → screen → eval → RL → eval → export). Re-running resumes.
 demo: $(STAMP)
-	$(VENV)/bin/rlspec validate examples/single-node.yaml
+	$(VENV)/bin/rlspec validate examples/qwen3-30b-a3b.yaml
 	$(VENV)/bin/rlspec validate examples/compassmax-245b.yaml
 	$(VENV)/bin/rlspec inspect examples/tiny/spec.yaml
 	$(VENV)/bin/rlspec run examples/tiny/spec.yaml --out out/tiny

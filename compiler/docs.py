@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = "examples/tiny/spec.yaml"
-SINGLE = "examples/single-node.yaml"
+SINGLE = "examples/qwen3-30b-a3b.yaml"
 BIG = "examples/compassmax-245b.yaml"
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 EXAMPLES = {
     "tiny": ROOT / "examples" / "tiny" / "spec.yaml",
-    "single-node": ROOT / "examples" / "single-node.yaml",
+    "qwen3-30b-a3b": ROOT / "examples" / "qwen3-30b-a3b.yaml",
     "compassmax-245b": ROOT / "examples" / "compassmax-245b.yaml",
 }
 RECIPES = sorted((ROOT / "tests" / "compiler" / "recipes").glob("*.yaml"))
@@ -150,7 +150,7 @@ def test_jobs_follow_from_the_spec(tmp_path: Path) -> None:
 
 
 def test_megatron_checkpoint_gets_an_hf_copy_for_the_engines() -> None:
-    compiled = compile_spec(EXAMPLES["single-node"], [
+    compiled = compile_spec(EXAMPLES["qwen3-30b-a3b"], [
         "model.checkpoint=/ckpt/mcore", "model.checkpoint_format=megatron",
         "model.tokenizer=/ckpt/tokenizer"])
     g = compiled.graph
@@ -168,13 +168,13 @@ def test_hf_checkpoint_is_converted_for_megatron() -> None:
 
 
 def test_the_eval_jobs_read_data_eval() -> None:
-    g = compile_spec(EXAMPLES["single-node"], ["eval.every_steps=10"]).graph
+    g = compile_spec(EXAMPLES["qwen3-30b-a3b"], ["eval.every_steps=10"]).graph
     held_out = g.artifacts["eval_dataset"]
     assert (held_out.path, held_out.kind, held_out.external) == (
         "/data/math/aime-2024.jsonl", "dataset", True)
     assert g.jobs["eval_before"].inputs[0] == g.jobs["eval_after"].inputs[0] == "eval_dataset"
     assert "eval_dataset" in g.jobs["rl"].inputs  # the in-run evaluation
-    quiet = compile_spec(EXAMPLES["single-node"], ["eval.every_steps=0"]).graph
+    quiet = compile_spec(EXAMPLES["qwen3-30b-a3b"], ["eval.every_steps=0"]).graph
     assert "eval_dataset" not in quiet.jobs["rl"].inputs
     # Generated data: the eval split is in the data job's folder.
     tiny = compile_spec(EXAMPLES["tiny"]).graph

@@ -706,16 +706,16 @@ def test_memory_hint_names_the_offload_keys() -> None:
     train.optimizer.cpu_offload; with a partial offload, offload_fraction; an offload_fraction
     without cpu_offload is a setting without effect."""
     one_node = ["train.nodes=1"]  # expert-DP 1: the Adam state of the experts is not sharded
-    src = load_spec(EXAMPLES / "single-node.yaml", one_node)
+    src = load_spec(EXAMPLES / "qwen3-30b-a3b.yaml", one_node)
     warned = [p for p in check(src.spec, make_plan(src.spec)) if p.path == ("cluster", "gpu_memory_gb")]
     assert [p.severity for p in warned] == ["warning"]
     assert warned[0].suggestion.startswith("set train.optimizer.cpu_offload: true")
     assert "attention 9.6" in warned[0].message
-    src = load_spec(EXAMPLES / "single-node.yaml", [*one_node, "train.optimizer.cpu_offload=true",
+    src = load_spec(EXAMPLES / "qwen3-30b-a3b.yaml", [*one_node, "train.optimizer.cpu_offload=true",
                                                     "train.optimizer.offload_fraction=0.01"])
     warned = [p for p in check(src.spec, make_plan(src.spec)) if p.path == ("cluster", "gpu_memory_gb")]
     assert warned[0].suggestion.startswith("raise train.optimizer.offload_fraction (now 0.01)")
-    src = load_spec(EXAMPLES / "single-node.yaml", ["train.optimizer.offload_fraction=0.5"])
+    src = load_spec(EXAMPLES / "qwen3-30b-a3b.yaml", ["train.optimizer.offload_fraction=0.5"])
     unused = [p for p in check(src.spec, make_plan(src.spec))
               if p.path == ("train", "optimizer", "offload_fraction")]
     assert [p.severity for p in unused] == ["warning"] and "no effect" in unused[0].message

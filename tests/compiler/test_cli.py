@@ -33,9 +33,9 @@ from tests.helpers import status_rows, write_stubs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny" / "spec.yaml"
-SINGLE = ROOT / "examples" / "single-node.yaml"
+SINGLE = ROOT / "examples" / "qwen3-30b-a3b.yaml"
 BIG = ROOT / "examples" / "compassmax-245b.yaml"
-EXAMPLES = {"tiny": TINY, "single-node": SINGLE, "compassmax-245b": BIG}
+EXAMPLES = {"tiny": TINY, "qwen3-30b-a3b": SINGLE, "compassmax-245b": BIG}
 SECRETS = ("HF_TOKEN", "WANDB_API_KEY", "JUDGE_API_KEY")
 WIDE = "250"
 
@@ -126,7 +126,7 @@ def test_validate_accepts_the_examples(name: str) -> None:
 
 
 def _three_mistakes(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    """single-node.yaml with a mistake in cluster, train and rollout: path → line."""
+    """qwen3-30b-a3b.yaml with a mistake in cluster, train and rollout: path → line."""
     text = SINGLE.read_text()
     edits = {
         "cluster.gpus_per_node": ("  gpus_per_node: 8\n", "  gpus_per_node: 0\n"),
@@ -197,8 +197,8 @@ def test_a_compiler_check_that_needs_a_bad_value_is_skipped(tmp_path: Path) -> N
     """train.nodes does not validate: the checks of the trainer's world size are skipped (no
     made-up error), the checks that do not need it still report, each at its line."""
     text, lines = _edit(SINGLE.read_text(), {
-        "train.nodes": ("  nodes: 1\n  parallelism:\n    tensor: 4",
-                        "  nodes: '1'\n  parallelism:\n    tensor: 3"),
+        "train.nodes": ("  nodes: 2\n  parallelism:\n    tensor: 4",
+                        "  nodes: '2'\n  parallelism:\n    tensor: 3"),
         "rollout.parallelism.tensor": ("    tensor: 2\n", "    tensor: 4\n"),
     })
     spec = tmp_path / "skip.yaml"
@@ -247,12 +247,12 @@ def test_unreadable_specs_get_one_clear_line(tmp_path: Path, text: str | None,
 
 def test_set_overrides_change_the_plan_or_are_reported() -> None:
     before = json.loads(cli("inspect", SINGLE, "--json").stdout)
-    after = cli("inspect", SINGLE, "--json", "--set", "train.nodes=2")
+    after = cli("inspect", SINGLE, "--json", "--set", "train.nodes=4")
     assert after.exit_code == 0, after.output
     plan = json.loads(after.stdout)["plan"]
-    assert before["plan"]["data_parallel"] == 2 and plan["data_parallel"] == 4
-    assert plan["train_world_size"] == 16
-    ok = cli("validate", SINGLE, "--set", "train.nodes=2")
+    assert before["plan"]["data_parallel"] == 4 and plan["data_parallel"] == 8
+    assert plan["train_world_size"] == 32
+    ok = cli("validate", SINGLE, "--set", "train.nodes=4")
     assert ok.exit_code == 0 and "valid" in ok.stdout
 
     for bad in ("train.nodes=abc", "train.nodes", "train..nodes=1"):

@@ -31,7 +31,7 @@ from tests.spec.test_properties import KEYS, TEXT, VALUES, edited_specs, paths
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {
     "tiny": ROOT / "examples" / "tiny" / "spec.yaml",
-    "single-node": ROOT / "examples" / "single-node.yaml",
+    "qwen3-30b-a3b": ROOT / "examples" / "qwen3-30b-a3b.yaml",
     "compassmax-245b": ROOT / "examples" / "compassmax-245b.yaml",
 }
 # The examples as plain data, read under the spec's own YAML rules.
@@ -233,7 +233,7 @@ def valid_layouts(draw) -> tuple[str, list[str], dict[str, int]]:
     2·CP | sequence length, W = nodes·GPUs a multiple of TP·PP·CP and of ETP·EP·PP,
     global batch a multiple of micro batch · DP, rollouts per step a multiple of it, and with
     virtual pipeline at least PP micro-batches per step."""
-    name = draw(st.sampled_from(["single-node", "compassmax-245b"]))
+    name = draw(st.sampled_from(["qwen3-30b-a3b", "compassmax-245b"]))
     base = BASES[name]
     arch = base["model"]["architecture"]
     moe = arch["moe"]
@@ -304,11 +304,11 @@ SLURM_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_
 def test_slurm_settings_never_add_lines_to_sbatch_scripts(key: str, value: str) -> None:
     quoted = json.dumps(value)
     try:
-        compiled = compile_spec(EXAMPLES["single-node"], [f"cluster.{key}={quoted}"])
+        compiled = compile_spec(EXAMPLES["qwen3-30b-a3b"], [f"cluster.{key}={quoted}"])
     except SpecError as err:
         check_problems(err, overrides=True)
         return
-    plain = compile_spec(EXAMPLES["single-node"]).files["jobs/rl/sbatch.sh"]
+    plain = compile_spec(EXAMPLES["qwen3-30b-a3b"]).files["jobs/rl/sbatch.sh"]
     script = compiled.files["jobs/rl/sbatch.sh"]
     def commands(text: str) -> list[str]:  # bash ends a line at \n only
         return [line for line in text.split("\n") if line and not line.startswith("#")]
@@ -322,7 +322,7 @@ def test_slurm_settings_never_add_lines_to_sbatch_scripts(key: str, value: str) 
 def test_env_names_are_shell_names(name: str) -> None:
     env = json.dumps({name: "1"})
     try:
-        compiled = compile_spec(EXAMPLES["single-node"], [f"cluster.env={env}"])
+        compiled = compile_spec(EXAMPLES["qwen3-30b-a3b"], [f"cluster.env={env}"])
     except SpecError as err:
         check_problems(err, overrides=True)
         return

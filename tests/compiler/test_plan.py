@@ -52,13 +52,13 @@ def test_tiny_example() -> None:
 
 
 def test_single_node_example() -> None:
-    plan = plan_of(EXAMPLES / "single-node.yaml")
-    assert (plan.train_world_size, plan.data_parallel, plan.expert_data_parallel) == (8, 2, 1)
+    plan = plan_of(EXAMPLES / "qwen3-30b-a3b.yaml")
+    assert (plan.train_world_size, plan.data_parallel, plan.expert_data_parallel) == (16, 4, 2)
     assert plan.expert_tensor_parallel == 1 and not plan.expert_tensor_defaulted
-    assert plan.micro_batches_per_step == 64
+    assert plan.micro_batches_per_step == 32
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rollout_expert_parallel) == (8, 1, 8)
     assert plan.optimizer_steps_per_rollout == 4  # 64 × 8 / 128
-    assert plan.rl_nodes == 2
+    assert plan.rl_nodes == 3
     drop = next(b for b in plan.stage_budgets if b.type == "flat_groups")
     assert drop.rollouts_per_step == 0.5 * 512  # oversample 1.5
     assert drop.worst_case_rollouts_per_step == (1.5 * 2 - 1) * 512  # 2 rounds

@@ -23,7 +23,7 @@ from tests.compiler.conftest import EXAMPLES
 from tests.compiler.test_cli import cli
 
 TINY = EXAMPLES / "tiny" / "spec.yaml"
-SINGLE = EXAMPLES / "single-node.yaml"
+SINGLE = EXAMPLES / "qwen3-30b-a3b.yaml"
 ROOM = "cluster.gpu_memory_gb=100000"  # memory is not what these cases are about
 CPU_MEGATRON = ["train.backend=megatron", "cluster.gpus_per_node=2", "train.parallelism.expert=2",
                 "model.architecture.moe.token_dispatcher=allgather"]

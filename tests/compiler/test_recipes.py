@@ -18,7 +18,7 @@ from spec.loader import load_spec
 from tests.compiler.conftest import EXAMPLES, RECIPES
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
-EXAMPLE_FILES = [EXAMPLES / "tiny" / "spec.yaml", EXAMPLES / "single-node.yaml",
+EXAMPLE_FILES = [EXAMPLES / "tiny" / "spec.yaml", EXAMPLES / "qwen3-30b-a3b.yaml",
                  EXAMPLES / "compassmax-245b.yaml"]
 SOURCES = ("THUDM/slime", "Megatron-MoE-ModelZoo")
 

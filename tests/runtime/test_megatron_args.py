@@ -43,7 +43,7 @@ def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None,
     return compiled.files["jobs/rl/train.sh"], spec
 
 
-@pytest.mark.parametrize("bundle", ["compassmax-245b", "single-node"])
+@pytest.mark.parametrize("bundle", ["compassmax-245b", "qwen3-30b-a3b"])
 def test_every_flag_of_the_golden_bundles_parses(bundle: str) -> None:
     args = parse_megatron_args(trainer_argv((GOLDEN / bundle / "jobs" / "rl" / "train.sh").read_text()))
     assert args.config == "$JOB_DIR/config.json"
@@ -106,12 +106,14 @@ def test_unknown_and_malformed_flags_are_one_clear_error(tmp_path: Path) -> None
 
 
 def test_optimizer_cpu_offload_reaches_the_megatron_trainer() -> None:
-    """train.optimizer.cpu_offload / offload_fraction render Megatron-LM's offload flags
-    (single-node.yaml sets cpu_offload), which set the trainer's OptimizerConfig; the flag
-    rule refuses an offload outside the distributed optimizer."""
+    """train.optimizer.cpu_offload / offload_fraction render Megatron-LM's offload flags,
+    which set the trainer's OptimizerConfig; the flag rule refuses an offload outside the
+    distributed optimizer."""
     from runtime.capabilities import megatron_flag_refusals
 
-    argv = trainer_argv((GOLDEN / "single-node" / "jobs" / "rl" / "train.sh").read_text())
+    compiled = compile_spec(ROOT / "examples" / "qwen3-30b-a3b.yaml",
+                            ["train.optimizer.cpu_offload=true"])
+    argv = trainer_argv(compiled.files["jobs/rl/train.sh"])
     assert {"--optimizer-cpu-offload", "--use-precision-aware-optimizer"} <= set(argv)
     assert argv[argv.index("--optimizer-offload-fraction") + 1] == "1.0"
     train = {"optimizer": {}}
@@ -120,7 +122,7 @@ def test_optimizer_cpu_offload_reaches_the_megatron_trainer() -> None:
     edited = [a if a != "1.0" or argv[i - 1] != "--optimizer-offload-fraction" else "0.25"
               for i, a in enumerate(argv)]
     assert train_settings(parse_megatron_args(edited), train)["optimizer"]["offload_fraction"] == 0.25
-    plain = trainer_argv((GOLDEN / "compassmax-245b" / "jobs" / "rl" / "train.sh").read_text())
+    plain = trainer_argv((GOLDEN / "qwen3-30b-a3b" / "jobs" / "rl" / "train.sh").read_text())
     assert not train_settings(parse_megatron_args(plain), train)["optimizer"]["cpu_offload"]
     assert megatron_flag_refusals(parse_megatron_args(argv)) == []
     lone = [a for a in argv if a != "--use-distributed-optimizer"]

@@ -67,7 +67,7 @@ def test_run_executes_the_graph_and_resumes(tmp_path: Path) -> None:
 
 
 def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
-    result = rlspec("run", "examples/single-node.yaml", "--out", str(tmp_path / "x"))
+    result = rlspec("run", "examples/qwen3-30b-a3b.yaml", "--out", str(tmp_path / "x"))
     assert result.returncode == 1 and "rlspec submit" in result.stderr
     assert not (tmp_path / "x" / "bundle").exists()
 

@@ -33,7 +33,7 @@ TABLE = json.loads((Path(__file__).with_name("vllm_serve_options.json")).read_te
 # The pinned version is the Makefile's (`make vllm-table` installs it).
 PINNED = next(line.split(":=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines()
               if line.startswith("VLLM_VERSION :="))
-SPECS = [ROOT / "examples" / "single-node.yaml", ROOT / "examples" / "compassmax-245b.yaml",
+SPECS = [ROOT / "examples" / "qwen3-30b-a3b.yaml", ROOT / "examples" / "compassmax-245b.yaml",
          *sorted((ROOT / "tests" / "compiler" / "recipes").glob("*.yaml"))]
 
 STUBS = {
@@ -130,7 +130,7 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
     record.mkdir()
     nodes = manifest["jobs"]["rl"]["resources"]["nodes"]
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42",
+           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
            "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]", "RLSPEC_RUN_DIR": str(tmp_path / "run"),
            "RLSPEC_PYTHON": "python"}
     env.update({name: "x" for name in manifest.get("env_passthrough", [])})
@@ -190,7 +190,7 @@ def test_every_rendered_vllm_flag_is_accepted(spec: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("mode", ["nccl", "ipc"])
 def test_weight_sync_transfer_config_is_one_vllm_takes(mode: str, tmp_path: Path) -> None:
     # Rendered for the day the trainer pushes over NCCL/IPC; until then validate refuses it.
-    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+    calls = rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path,
                                 (f"system.weight_sync={mode}", "cluster.scheduler=local"))
     assert calls
     for argv, _ in calls:
@@ -206,12 +206,12 @@ def test_redundant_experts_enable_vllms_eplb(tmp_path: Path) -> None:
         assert check_argv(argv) == [], " ".join(argv)
         assert "--enable-expert-parallel" in argv and "--enable-eplb" in argv
         assert json.loads(argv[argv.index("--eplb-config") + 1]) == {"num_redundant_experts": 16}
-    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path / "b"):
+    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path / "b"):
         assert "--enable-eplb" not in argv and "--eplb-config" not in argv
 
 
 def test_fp8_and_the_engine_limits_reach_every_vllm(tmp_path: Path) -> None:
-    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+    calls = rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path,
                                 ("rollout.fp8=true", "rollout.max_num_seqs=64",
                                  "rollout.gpu_memory_utilization=0.7"))
     assert calls
@@ -220,13 +220,13 @@ def test_fp8_and_the_engine_limits_reach_every_vllm(tmp_path: Path) -> None:
         assert argv[argv.index("--quantization") + 1] == "fp8"
         assert argv[argv.index("--max-num-seqs") + 1] == "64"
         assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.7"
-    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path / "b"):
+    for argv, _ in rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path / "b"):
         assert "--quantization" not in argv
 
 
 def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
     # vLLM has no disk transfer engine: the driver reloads the folder via /collective_rpc.
-    calls = rendered_vllm_calls(ROOT / "examples" / "single-node.yaml", tmp_path,
+    calls = rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path,
                                 ("system.weight_sync=disk",))
     assert calls
     for argv, dev_mode in calls:
