@@ -31,9 +31,10 @@ __all__ = ["EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES", "RULES", "TRAI
 SpecPath = tuple[str | int, ...]
 
 # HF families the embedded engine builds and serves (runtime.policy: Qwen3MoeForCausalLM,
-# Qwen3ForCausalLM) and the ones runtime.megatron builds as a megatron-core GPTModel.
-EMBEDDED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3")
-MEGATRON_FAMILIES: tuple[str, ...] = ("qwen3_moe",)
+# Qwen3ForCausalLM, DeepseekV3ForCausalLM) and the ones runtime.megatron builds as a
+# megatron-core GPTModel (runtime.megatron.model, runtime.megatron.deepseek).
+EMBEDDED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3", "deepseek_v3")
+MEGATRON_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3")
 
 # The attention each trainer (``train.backend``) builds, for the compiler's memory estimate:
 # runtime.megatron builds megatron-core's local layer spec (no TransformerEngine), whose
@@ -82,19 +83,22 @@ MOE: SpecPath = (*ARCH, "moe")
 
 def _family_features(spec: Mapping[str, Any], engine: str, families: Sequence[str],
                      way_out: str) -> Iterator[Refusal]:
-    """Features of ``model.architecture`` outside the Qwen3 families an engine builds."""
+    """Features of ``model.architecture`` outside what an engine builds for its family."""
     rule = "embedded_model" if engine.startswith("the embedded") else "megatron_model"
     arch = spec["model"]["architecture"]
     family = arch["family"]
     if family not in families:
         yield Refusal(rule, (*ARCH, "family"),
-                      f"{engine} builds the {' and '.join(families)} famil"
-                      f"{'ies' if len(families) > 1 else 'y'}, not {family}", way_out)
+                      f"{engine} builds the {', '.join(families)} families, not {family}",
+                      way_out)
+        return
+    if family == "deepseek_v3":
+        yield from _deepseek_features(spec, engine, rule)
         return
     if arch["attention"] != "gqa":
         yield Refusal(rule, (*ARCH, "attention"),
                       f"{engine} builds {family} with grouped-query attention, not "
-                      f"{arch['attention']}", way_out)
+                      f"{arch['attention']}", "set attention: gqa, or family: deepseek_v3")
     moe = arch.get("moe")
     if family == "qwen3" and moe is not None:
         yield Refusal(rule, MOE, "family qwen3 is dense but a moe section is given",
@@ -107,7 +111,8 @@ def _family_features(spec: Mapping[str, Any], engine: str, families: Sequence[st
     if moe["score_function"] != "softmax":
         yield Refusal(rule, (*MOE, "score_function"),
                       f"Qwen3-MoE routes with softmax; {engine} has no "
-                      f"{moe['score_function']} router", "set moe.score_function: softmax")
+                      f"{moe['score_function']} router for it",
+                      "set moe.score_function: softmax, or family: deepseek_v3")
     if moe["expert_bias"]:
         yield Refusal(rule, (*MOE, "expert_bias"),
                       f"Qwen3-MoE has no expert-selection bias; {engine} would ignore it",
@@ -116,20 +121,67 @@ def _family_features(spec: Mapping[str, Any], engine: str, families: Sequence[st
         yield Refusal(rule, (*MOE, "shared_experts"),
                       f"Qwen3-MoE has no shared experts; {engine} would not build them",
                       "set moe.shared_experts: 0 and remove moe.shared_expert_ffn_hidden_size")
+    if moe.get("routed_scaling_factor", 1.0) != 1.0:
+        yield Refusal(rule, (*MOE, "routed_scaling_factor"),
+                      f"Qwen3-MoE does not scale its gates; {engine} would ignore the factor",
+                      "set moe.routed_scaling_factor: 1.0")
+    if moe.get("num_groups") is not None:
+        yield Refusal(rule, (*MOE, "num_groups"),
+                      f"Qwen3-MoE has no group-limited routing; {engine} would ignore it",
+                      "remove moe.num_groups and moe.group_top_k")
+
+
+def _deepseek_features(spec: Mapping[str, Any], engine: str, rule: str) -> Iterator[Refusal]:
+    """DeepSeek-V3 / Moonlight as HF ``DeepseekV3ForCausalLM`` builds it (and megatron-core
+    from it): MLA, a sigmoid router, one shared-expert MLP of shared_experts × the expert
+    width. The Megatron trainer renormalises a sigmoid top-k always; the embedded trainer
+    keeps the selection bias fixed (it has no update rule)."""
+    arch = spec["model"]["architecture"]
+    moe = arch.get("moe")
+    if arch["attention"] != "mla":
+        yield Refusal(rule, (*ARCH, "attention"),
+                      f"DeepSeek-V3 uses multi-head latent attention; {engine} has no "
+                      f"{arch['attention']} variant of it", "set attention: mla and an mla section")
+    if moe is None:
+        yield Refusal(rule, (*ARCH, "family"), "family deepseek_v3 needs a moe section",
+                      "add model.architecture.moe")
+        return
+    if moe["score_function"] != "sigmoid":
+        yield Refusal(rule, (*MOE, "score_function"),
+                      f"DeepSeek-V3 routes with sigmoid; {engine} has no {moe['score_function']} "
+                      "router for it", "set moe.score_function: sigmoid")
+    width = moe.get("shared_expert_ffn_hidden_size")
+    if width is not None and width != moe["shared_experts"] * moe["expert_ffn_hidden_size"]:
+        yield Refusal(rule, (*MOE, "shared_expert_ffn_hidden_size"),
+                      f"DeepSeek-V3's shared-expert MLP is shared_experts × expert_ffn_hidden_size "
+                      f"= {moe['shared_experts'] * moe['expert_ffn_hidden_size']} wide, not {width}",
+                      "remove moe.shared_expert_ffn_hidden_size")
+    if rule == "megatron_model" and not moe["norm_topk_prob"] and moe["top_k"] > 1:
+        yield Refusal(rule, (*MOE, "norm_topk_prob"),
+                      "megatron-core 0.16.1 always renormalises a sigmoid router's top-k gates",
+                      "set moe.norm_topk_prob: true, or train.backend: local")
+    if rule == "embedded_model" and _uses_embedded_trainer(spec) and moe["expert_bias"]:
+        yield Refusal(rule, (*MOE, "expert_bias"),
+                      "the embedded trainer keeps the expert-selection bias fixed: it has no "
+                      "update rule for it (the Megatron trainer applies DeepSeek-V3's)",
+                      "set moe.expert_bias: false (the checkpoint's bias is still used), or "
+                      "train.backend: megatron")
 
 
 def embedded_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """The embedded engine (init, SFT, screen, eval; the local trainer and rollout server)
-    builds HF Qwen3-MoE / Qwen3 models (``runtime.policy``)."""
+    builds HF Qwen3-MoE / Qwen3 / DeepSeek-V3 models (``runtime.policy``)."""
     yield from _family_features(spec, "the embedded engine", EMBEDDED_FAMILIES,
-                                "set model.architecture.family: qwen3_moe (or qwen3)")
+                                "set model.architecture.family: qwen3_moe, qwen3 or deepseek_v3")
 
 
 def megatron_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
-    """``runtime.megatron`` builds Qwen3-MoE as a megatron-core GPTModel (local layer spec)."""
+    """``runtime.megatron`` builds Qwen3-MoE and DeepSeek-V3 (MLA) as a megatron-core GPTModel
+    (local layer spec)."""
     if _uses_megatron(spec):
         yield from _family_features(spec, "the Megatron trainer", MEGATRON_FAMILIES,
-                                    "set train.backend: local, or a qwen3_moe model")
+                                    "set train.backend: local, or a qwen3_moe / deepseek_v3 "
+                                    "model")
 
 
 def aux_loss(spec: Mapping[str, Any]) -> Iterator[Refusal]:

@@ -333,11 +333,12 @@ class RLDriver:
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:
         cfg = json.loads((self.ctx.input_of_kind("hf_checkpoint") / "config.json").read_text())
-        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        experts = (cfg.get("num_experts") or cfg.get("num_local_experts")
+                   or cfg.get("n_routed_experts"))  # Qwen3-MoE, DeepSeek-V3
         top_k = cfg.get("num_experts_per_tok")
         layers = cfg.get("num_hidden_layers")
-        mlp_only = cfg.get("mlp_only_layers") or []
-        moe_layers = None if layers is None else layers - len(mlp_only)
+        dense = len(cfg.get("mlp_only_layers") or []) + int(cfg.get("first_k_dense_replace") or 0)
+        moe_layers = None if layers is None else layers - dense
         return experts, moe_layers, top_k
 
     def _new_state(self) -> DriverState:

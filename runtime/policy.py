@@ -31,6 +31,23 @@ Architecture mapping (spec ``model.architecture`` → transformers config)::
 
 Qwen3-MoE has a softmax router, no expert bias and no shared experts: a spec asking for
 those is rejected rather than silently built as something else.
+
+``family: deepseek_v3`` (DeepSeek-V3, Moonlight) builds ``DeepseekV3ForCausalLM``: multi-head
+latent attention and a sigmoid router with the selection bias ``e_score_correction_bias``::
+
+    mla.q_lora_rank → q_lora_rank (none: full-rank q_proj)   mla.kv_lora_rank → kv_lora_rank
+    mla.qk_head_dim → qk_nope_head_dim     mla.qk_pos_emb_head_dim → qk_rope_head_dim
+    mla.v_head_dim → v_head_dim            num_key_value_heads = num_attention_heads
+    moe.num_experts → n_routed_experts     moe.shared_experts → n_shared_experts
+    moe.first_dense_layers → first_k_dense_replace
+    moe.routed_scaling_factor → routed_scaling_factor
+    moe.num_groups / group_top_k → n_group / topk_group (none: 1 / 1, no group limit)
+    rope_interleave = True (the DeepSeek layout; megatron-core's MLA de-interleaves the same way)
+
+The HF model always has the bias buffer (zeros); ``moe.expert_bias: false`` keeps it at zero.
+It has one shared-expert MLP of n_shared_experts × moe_intermediate_size, so a
+``shared_expert_ffn_hidden_size`` other than that product is rejected, and its router always
+scores with sigmoid and applies the group limit with DeepSeek's top-2 group score.
 """
 
 from __future__ import annotations
@@ -46,6 +63,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -72,7 +91,7 @@ __all__ = [
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = "0123456789+-*= "
-SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3")
+SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3", "deepseek_v3")
 # tokenizer_config.json names the generic fast tokenizer, which transformers 4.x and 5.x
 # both resolve (5.x would write its own class name, "TokenizersBackend", unknown to 4.x —
 # the version a separate vLLM environment may have).
@@ -123,12 +142,15 @@ def _get(arch: Mapping[str, Any], key: str, default: Any = None) -> Any:
 
 def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """The transformers config of the spec's ``model.architecture`` (mapping in the module
-    doc): ``Qwen3MoeConfig`` for family qwen3_moe, ``Qwen3Config`` for a dense qwen3."""
+    doc): ``Qwen3MoeConfig`` for family qwen3_moe, ``Qwen3Config`` for a dense qwen3,
+    ``DeepseekV3Config`` for deepseek_v3."""
     family = arch.get("family")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"model.architecture.family {family!r} is not supported by the embedded "
                          f"engine (local trainer / rollout); supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
+    if family == "deepseek_v3":
+        return _deepseek_v3_config(arch, tokenizer)
     if _get(arch, "attention", "gqa") != "gqa":
         raise ValueError(f"family {family} uses grouped-query attention, not {arch['attention']!r}")
     hidden, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
@@ -171,6 +193,10 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
         raise ValueError("Qwen3-MoE has no router expert bias (moe.expert_bias)")
     if _get(moe, "shared_experts", 0):
         raise ValueError("Qwen3-MoE has no shared experts (moe.shared_experts)")
+    if float(_get(moe, "routed_scaling_factor", 1.0)) != 1.0:
+        raise ValueError("Qwen3-MoE does not scale its gates (moe.routed_scaling_factor)")
+    if moe.get("num_groups") is not None:
+        raise ValueError("Qwen3-MoE has no group-limited routing (moe.num_groups)")
     first_dense = int(_get(moe, "first_dense_layers", 0))
     if first_dense >= common["num_hidden_layers"]:
         raise ValueError(f"moe.first_dense_layers {first_dense} leaves no MoE layer")
@@ -186,12 +212,79 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
     )
 
 
+def _common(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    vocab = int(arch["vocab_size"])
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    return {
+        "vocab_size": vocab,
+        "hidden_size": int(arch["hidden_size"]),
+        "intermediate_size": int(arch["ffn_hidden_size"]),
+        "num_hidden_layers": int(arch["num_layers"]),
+        "num_attention_heads": int(arch["num_attention_heads"]),
+        "max_position_embeddings": int(_get(arch, "max_position_embeddings", 32768)),
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(_get(arch, "rope_theta", 1_000_000.0))},
+        "tie_word_embeddings": bool(_get(arch, "tie_embeddings", False)),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _deepseek_v3_config(arch: Mapping[str, Any],
+                        tokenizer: PreTrainedTokenizerFast) -> DeepseekV3Config:
+    """``DeepseekV3Config`` of a deepseek_v3 architecture (mapping in the module doc)."""
+    if _get(arch, "attention", "gqa") != "mla" or arch.get("mla") is None:
+        raise ValueError("family deepseek_v3 uses multi-head latent attention: set attention: mla "
+                         "and give the mla section")
+    moe = arch.get("moe")
+    if moe is None:
+        raise ValueError("family deepseek_v3 needs a model.architecture.moe section")
+    if _get(moe, "score_function", "softmax") != "sigmoid":
+        raise ValueError(f"DeepSeek-V3 routes with sigmoid, not {moe.get('score_function')!r}")
+    shared = int(_get(moe, "shared_experts", 0))
+    expert_ffn = int(moe["expert_ffn_hidden_size"])
+    shared_ffn = moe.get("shared_expert_ffn_hidden_size")
+    if shared_ffn is not None and int(shared_ffn) != shared * expert_ffn:
+        raise ValueError(f"DeepSeek-V3's shared-expert MLP is shared_experts × "
+                         f"expert_ffn_hidden_size = {shared * expert_ffn} wide, not "
+                         f"moe.shared_expert_ffn_hidden_size {shared_ffn}")
+    first_dense = int(_get(moe, "first_dense_layers", 0))
+    if first_dense >= int(arch["num_layers"]):
+        raise ValueError(f"moe.first_dense_layers {first_dense} leaves no MoE layer")
+    groups = moe.get("num_groups")
+    mla = arch["mla"]
+    heads = int(arch["num_attention_heads"])
+    return DeepseekV3Config(
+        **_common(arch, tokenizer),
+        num_key_value_heads=heads,
+        q_lora_rank=None if mla.get("q_lora_rank") is None else int(mla["q_lora_rank"]),
+        kv_lora_rank=int(mla["kv_lora_rank"]),
+        qk_nope_head_dim=int(mla["qk_head_dim"]),
+        qk_rope_head_dim=int(mla["qk_pos_emb_head_dim"]),
+        v_head_dim=int(mla["v_head_dim"]),
+        rope_interleave=True,
+        n_routed_experts=int(moe["num_experts"]),
+        num_experts_per_tok=int(moe["top_k"]),
+        moe_intermediate_size=expert_ffn,
+        n_shared_experts=shared,
+        first_k_dense_replace=first_dense,
+        norm_topk_prob=bool(_get(moe, "norm_topk_prob", True)),
+        routed_scaling_factor=float(_get(moe, "routed_scaling_factor", 1.0)),
+        n_group=1 if groups is None else int(groups),
+        topk_group=1 if groups is None else int(moe["group_top_k"]),
+        num_nextn_predict_layers=0,
+    )
+
+
 def build_policy(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast,
                  seed: int) -> PreTrainedModel:
     """Random-initialised float32 policy; the same seed gives the same weights. The global
     torch RNG is left as it was."""
     config = policy_config(arch, tokenizer)
-    cls = Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else Qwen3ForCausalLM
+    cls = (Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else
+           DeepseekV3ForCausalLM if isinstance(config, DeepseekV3Config) else Qwen3ForCausalLM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)
@@ -272,7 +365,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             embedding += n
     cfg = getattr(model, "config", None)
-    experts = getattr(cfg, "num_experts", 0) or 0
+    experts = getattr(cfg, "num_experts", 0) or getattr(cfg, "n_routed_experts", 0) or 0
     top_k = getattr(cfg, "num_experts_per_tok", 0) or 0
     active = total - (expert - expert * top_k // experts if experts else 0)
     return {"total": total, "expert": expert, "embedding": embedding, "active": active}

@@ -123,7 +123,7 @@ class Trainer:
     """Applies the spec's ``algorithm`` to a policy, one RL step at a time.
 
     ``algorithm`` and ``train`` are the spec's sections as dicts (from the job config);
-    ``replay`` the model's RouterReplayGroup (``patch_qwen3_moe``), required for r2/r3.
+    ``replay`` the model's RouterReplayGroup (``patch_moe_routers``), required for r2/r3.
     """
 
     def __init__(

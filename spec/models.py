@@ -68,6 +68,21 @@ class MoE(Section):
         description="Leading layers that use a dense FFN instead of experts "
         "(DeepSeek-V3: 3; rendered as Megatron `--moe-layer-freq`).",
     )
+    routed_scaling_factor: PosFloat = Field(
+        1.0,
+        description="Factor on the routed experts' gate weights (`--moe-router-topk-scaling-"
+        "factor`; HF `routed_scaling_factor`: DeepSeek-V3 2.5, Moonlight 2.446).",
+    )
+    num_groups: PosInt | None = Field(
+        None,
+        description="Group-limited routing: experts form this many equal groups "
+        "(`--moe-router-num-groups`, HF `n_group`); none = no group limit.",
+    )
+    group_top_k: PosInt | None = Field(
+        None,
+        description="Groups each token may route into (`--moe-router-group-topk`, HF "
+        "`topk_group`); required with num_groups.",
+    )
     aux_loss_coeff: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Load-balancing auxiliary loss coefficient (`--moe-aux-loss-coeff`)."
     )
@@ -82,6 +97,29 @@ class MoE(Section):
                 f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts}); "
                 "a token cannot be routed to more experts than exist"
             )
+        if (self.num_groups is None) != (self.group_top_k is None):
+            raise ValueError("group-limited routing needs both num_groups and group_top_k")
+        if self.num_groups is not None and self.group_top_k is not None:
+            groups, chosen = self.num_groups, self.group_top_k
+            if self.num_experts % groups:
+                raise ValueError(f"num_groups ({groups}) must divide num_experts "
+                                 f"({self.num_experts})")
+            if chosen > groups:
+                raise ValueError(f"group_top_k ({chosen}) exceeds num_groups ({groups})")
+            per_group = self.num_experts // groups
+            if self.top_k > chosen * per_group:
+                raise ValueError(f"top_k ({self.top_k}) exceeds the {chosen} × {per_group} "
+                                 "experts of the groups a token may route into")
+            if chosen < groups and per_group < 2:
+                raise ValueError("group-limited routing scores each group by its two best "
+                                 f"experts: a group needs ≥ 2 experts, not {per_group}")
+            if chosen < groups and self.top_k != 2 * chosen:
+                # HF / vLLM score a group by its top-2 experts, megatron-core by its
+                # top-(top_k / group_top_k): the same groups only when top_k = 2 · group_top_k.
+                raise ValueError(
+                    f"top_k ({self.top_k}) must be 2 × group_top_k ({chosen}): HF and vLLM score "
+                    "a group by the sum of its top-2 experts, Megatron by its top-(top_k / "
+                    "group_top_k), and the two choose the same groups only then")
         return self
 
 

@@ -78,6 +78,8 @@ TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
 MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
+DEEPSEEK = "tests/runtime/test_deepseek.py"
+MCORE_DEEPSEEK = "tests/megatron/test_mcore_deepseek.py"
 SLURM = "tests/slurm/test_slurm.py"
 VLLM = "tests/vllm_flags/test_vllm_flags.py"
 
@@ -97,6 +99,12 @@ RL_E2E = t(RL, "test_rl_job_end_to_end")
 MCORE_TINY = t(MCORE_RUN, "test_tiny_run_on_the_megatron_trainer")
 MCORE_PP = t(MCORE_RUN, "test_a_killed_megatron_run_resumes_from_its_checkpoint")
 CONFIG_MAP = t(POLICY, "test_config_mapping")
+# DeepSeek-V3: the HF config of the spec (embedded), the train.sh flags compared with it and
+# the megatron-core model equal to HF (Megatron).
+DS_CONFIG = t(DEEPSEEK, "test_config_mapping")
+DS_FLAGS = t(MARGS, "test_the_deepseek_flags_describe_the_checkpoint")
+DS_MCORE = t(MCORE_DEEPSEEK, "test_logprobs_gradients_and_export_match_hf")
+DS_R3 = t(MCORE_DEEPSEEK, "test_r3_with_the_sigmoid_router_replays_the_recorded_experts")
 ARCH_FLAGS = t(MARGS, "test_the_model_flags_describe_the_checkpoint")
 OPT_FLAGS = t(MARGS, "test_the_flags_set_batch_and_optimizer")
 SCHEDULE = t(TRAINER, "test_kl_estimators_and_schedule")
@@ -155,8 +163,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Model.architecture": {"all": "section:Architecture"},
     # ------------------------------------------------------------------ architecture
     "Architecture.family": {
-        "train:local": (CONFIG_MAP, "refused:embedded_model"),  # qwen3 → Qwen3Config
-        "train:megatron": "refused:megatron_model",  # qwen3_moe only
+        # qwen3 → Qwen3Config, deepseek_v3 → DeepseekV3Config
+        "train:local": (CONFIG_MAP, DS_CONFIG, "refused:embedded_model"),
+        "train:megatron": (DS_MCORE, "refused:megatron_model"),  # qwen3_moe, deepseek_v3
     },
     "Architecture.num_layers": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:pipeline")},
     "Architecture.hidden_size": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:memory")},
@@ -166,14 +175,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # --kv-channels 128 in the golden train.sh (checked against the checkpoint by
     # runtime.megatron.args); the embedded build of an explicit head_dim is untested.
     "Architecture.head_dim": {"all": (GOLDEN, "check:checkpoint_head_dim", "MISSING")},
+    # mla with deepseek_v3 (MLA), gqa with the Qwen3 families; the other pairs are refused.
     "Architecture.attention": {
-        "train:local": "refused:embedded_model",
-        "train:megatron": "refused:megatron_model",
+        "train:local": (DS_CONFIG, "refused:embedded_model"),
+        "train:megatron": (DS_MCORE, "refused:megatron_model"),
     },
-    "Architecture.mla": {
-        "train:local": "refused:embedded_model",
-        "train:megatron": "refused:megatron_model",
-    },
+    "Architecture.mla": {"train:local": DS_CONFIG, "train:megatron": (DS_MCORE, DS_FLAGS)},
     "Architecture.vocab_size": {"all": (CONFIG_MAP, t(POLICY, "test_config_rejects"))},
     "Architecture.max_position_embeddings": {"all": ("check:run_level", "MISSING")},
     "Architecture.rope_theta": {"all": "MISSING"},
@@ -186,30 +193,42 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "train:local": CONFIG_MAP,  # no moe section: dense Qwen3
         "train:megatron": "refused:megatron_model",  # dense families refused
     },
-    "MLA.q_lora_rank": {"train:local": "refused:embedded_model",
-                        "train:megatron": "refused:megatron_model"},
-    "MLA.kv_lora_rank": {"train:local": "refused:embedded_model",
-                         "train:megatron": "refused:megatron_model"},
-    "MLA.qk_head_dim": {"train:local": "refused:embedded_model",
-                        "train:megatron": "refused:megatron_model"},
-    "MLA.qk_pos_emb_head_dim": {"train:local": "refused:embedded_model",
-                                "train:megatron": "refused:megatron_model"},
-    "MLA.v_head_dim": {"train:local": "refused:embedded_model",
-                       "train:megatron": "refused:megatron_model"},
+    # q_lora_rank 32 and none (full-rank q_proj) in both tests; the others mapped to the HF
+    # config, rendered as --kv-lora-rank … and compared with the checkpoint's.
+    "MLA.q_lora_rank": {"train:local": DS_CONFIG, "train:megatron": (DS_MCORE, DS_FLAGS)},
+    "MLA.kv_lora_rank": {"train:local": DS_CONFIG, "train:megatron": (DS_MCORE, DS_FLAGS)},
+    "MLA.qk_head_dim": {"train:local": DS_CONFIG, "train:megatron": DS_MCORE},
+    "MLA.qk_pos_emb_head_dim": {"train:local": DS_CONFIG, "train:megatron": DS_MCORE},
+    "MLA.v_head_dim": {"train:local": DS_CONFIG, "train:megatron": (DS_MCORE, DS_FLAGS)},
     "MoE.num_experts": {"all": (CONFIG_MAP, "check:expert_sizes")},
     "MoE.top_k": {"all": (CONFIG_MAP, t(PLAN, "test_routing_ids_are_int16_above_256_experts"))},
     "MoE.expert_ffn_hidden_size": {"all": (CONFIG_MAP, "check:expert_sizes")},
-    "MoE.score_function": {"train:local": "refused:embedded_model",
-                           "train:megatron": "refused:megatron_model"},
+    # softmax for the Qwen3 families, sigmoid for deepseek_v3; the other pairs are refused.
+    "MoE.score_function": {"train:local": (t(DEEPSEEK, "test_config_rejects"),
+                                           "refused:embedded_model"),
+                           "train:megatron": (DS_FLAGS, "refused:megatron_model")},
+    # The embedded trainer keeps the bias fixed (refused); Megatron updates it at 1e-3.
     "MoE.expert_bias": {"train:local": "refused:embedded_model",
-                        "train:megatron": "refused:megatron_model"},
+                        "train:megatron": (DS_FLAGS, t(MCORE_DEEPSEEK,
+                                                       "test_the_selection_bias_takes_deepseeks_update"),
+                                           "refused:megatron_model")},
     # select_experts(norm_topk_prob=False) gives the unnormalised softmax gates; policy_config
     # passes the field to the HF config (Megatron: --moe-router-pre-softmax from it).
     "MoE.norm_topk_prob": {"all": t(REPLAY, "test_softmax_gate_formula_by_hand")},
-    "MoE.shared_experts": {"train:local": "refused:embedded_model",
-                           "train:megatron": "refused:megatron_model"},
+    "MoE.shared_experts": {"train:local": (DS_CONFIG, "refused:embedded_model"),
+                           "train:megatron": (DS_FLAGS, DS_MCORE, "refused:megatron_model")},
+    # DeepSeek-V3's shared MLP is shared_experts × expert width: any other width is refused.
     "MoE.shared_expert_ffn_hidden_size": {"train:local": "refused:embedded_model",
                                           "train:megatron": "refused:megatron_model"},
+    # gates · 2.5 (embedded replay by hand, Megatron R3 equal to it), --moe-router-topk-scaling-factor
+    "MoE.routed_scaling_factor": {
+        "train:local": (DS_CONFIG, t(DEEPSEEK, "test_replay_after_weight_change_keeps_experts_and_router_learns"),
+                        "refused:embedded_model"),
+        "train:megatron": (DS_FLAGS, DS_R3, "refused:megatron_model")},
+    # n_group / topk_group; Megatron's group-limited choice equals HF's (the R3 test's record).
+    "MoE.num_groups": {"train:local": (DS_CONFIG, "refused:embedded_model"),
+                       "train:megatron": (DS_FLAGS, DS_R3, "refused:megatron_model")},
+    "MoE.group_top_k": {"train:local": DS_CONFIG, "train:megatron": (DS_FLAGS, DS_R3)},
     "MoE.first_dense_layers": {"all": (CONFIG_MAP, t(MARGS, "test_unknown_and_malformed_flags_are_one_clear_error"))},
     # Neither trainer adds the auxiliary loss (Megatron builds its routers with coefficient 0).
     "MoE.aux_loss_coeff": {"all": "refused:aux_loss"},

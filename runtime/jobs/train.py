@@ -87,12 +87,12 @@ class TrainerProcess:
 
     def _setup(self) -> None:
         from runtime.policy import load_policy
-        from runtime.router_replay import patch_qwen3_moe
+        from runtime.router_replay import patch_moe_routers
         from runtime.trainer import Trainer
 
         self.model, self.tokenizer = load_policy(self.policy_path)
         mode = self.replay_mode
-        replay = patch_qwen3_moe(self.model) if mode != "off" else None
+        replay = patch_moe_routers(self.model) if mode != "off" else None
         reference = None
         if self.kl_on:  # the frozen policy RL starts from
             reference = load_policy(self.policy_path)[0].requires_grad_(False)
@@ -278,7 +278,7 @@ class MegatronTrainerProcess(TrainerProcess):
         from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
         from runtime.megatron import model as mm
-        from runtime.megatron.args import check_architecture, train_settings
+        from runtime.megatron.args import bias_update_rate, check_architecture, train_settings
         from runtime.megatron.engine import MegatronTrainer
 
         args, spec = self.args, self.ctx.spec
@@ -302,6 +302,7 @@ class MegatronTrainerProcess(TrainerProcess):
         # the CPU runs the allgather dispatcher only (the megatron_cpu rule refuses others)
         overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel,
                                      "moe_token_dispatcher_type": args.moe_token_dispatcher_type}
+        overrides["moe_router_bias_update_rate"] = bias_update_rate(args)  # DeepSeek-V3's bias
         if args.recompute_granularity:
             overrides.update(recompute_granularity=args.recompute_granularity,
                              recompute_method=args.recompute_method,

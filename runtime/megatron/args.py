@@ -28,7 +28,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["MegatronArgsError", "check_architecture", "hf_moe_layers", "hf_rope_theta",
+__all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers", "hf_num_experts",
+           "hf_rope_theta",
            "megatron_parser", "parse_megatron_args", "train_settings"]
 
 
@@ -83,6 +84,9 @@ def megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-router-pre-softmax", action="store_true")
     p.add_argument("--moe-router-enable-expert-bias", action="store_true")
     p.add_argument("--moe-shared-expert-intermediate-size", type=int)
+    p.add_argument("--moe-router-topk-scaling-factor", type=float)
+    p.add_argument("--moe-router-num-groups", type=int)
+    p.add_argument("--moe-router-group-topk", type=int)
     p.add_argument("--moe-layer-freq", type=_layer_freq, default=1)
     p.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     p.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"],
@@ -142,20 +146,35 @@ def hf_rope_theta(cfg: Any) -> float:
     return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
 
 
+def hf_num_experts(cfg: Any) -> int:
+    """Routed experts of an HF MoE config (Qwen3-MoE ``num_experts``, DeepSeek-V3
+    ``n_routed_experts``)."""
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
+    return int(experts or 0)
+
+
 def hf_moe_layers(cfg: Any) -> list[int]:
-    """Qwen3-MoE's layer pattern as Megatron's ``moe_layer_freq`` list (0 dense, 1 MoE):
-    ``mlp_only_layers`` are dense, and of the rest every ``decoder_sparse_step``-th is MoE."""
+    """The HF layer pattern as Megatron's ``moe_layer_freq`` list (0 dense, 1 MoE). Qwen3-MoE:
+    ``mlp_only_layers`` are dense, and of the rest every ``decoder_sparse_step``-th is MoE;
+    DeepSeek-V3: the first ``first_k_dense_replace`` layers are dense."""
+    if getattr(cfg, "model_type", None) == "deepseek_v3":
+        dense_first = int(cfg.first_k_dense_replace or 0)
+        return [0 if i < dense_first else 1 for i in range(int(cfg.num_hidden_layers))]
     dense = set(getattr(cfg, "mlp_only_layers", []) or [])
     step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
     return [0 if (i in dense or (i + 1) % step) else 1 for i in range(int(cfg.num_hidden_layers))]
 
 
 def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
-    """The model flags must describe the HF config ``cfg`` (Qwen3-MoE) of the starting
-    checkpoint; raises :class:`MegatronArgsError` listing every difference."""
-    if args.multi_latent_attention:
-        raise MegatronArgsError("--multi-latent-attention: the Megatron engine builds the "
-                                "Qwen3-MoE family (grouped-query attention) only")
+    """The model flags must describe the HF config ``cfg`` (Qwen3-MoE or DeepSeek-V3) of the
+    starting checkpoint; raises :class:`MegatronArgsError` listing every difference."""
+    mla = getattr(cfg, "model_type", None) == "deepseek_v3"
+    if args.multi_latent_attention != mla:
+        raise MegatronArgsError(
+            f"--multi-latent-attention is {'set' if args.multi_latent_attention else 'not set'} "
+            f"but the checkpoint is {getattr(cfg, 'model_type', '?')}: DeepSeek-V3 uses MLA, "
+            "Qwen3-MoE grouped-query attention. Recompile the bundle from the spec that made "
+            "the checkpoint")
     n = int(cfg.num_hidden_layers)
     heads = int(cfg.num_attention_heads)
     expected: Mapping[str, tuple[Any, Any]] = {
@@ -169,13 +188,34 @@ def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
                                       int(cfg.max_position_embeddings)),
         "--untie-embeddings-and-output-weights": (args.untie_embeddings_and_output_weights,
                                                   not bool(cfg.tie_word_embeddings)),
-        "--num-experts": (args.num_experts, int(cfg.num_experts)),
+        "--num-experts": (args.num_experts, hf_num_experts(cfg)),
         "--moe-router-topk": (args.moe_router_topk, int(cfg.num_experts_per_tok)),
         "--moe-ffn-hidden-size": (args.moe_ffn_hidden_size, int(cfg.moe_intermediate_size)),
         "--moe-router-pre-softmax": (args.moe_router_pre_softmax, not bool(cfg.norm_topk_prob)),
         "--moe-layer-freq": (_moe_layers(args), hf_moe_layers(cfg)),
     }
-    if args.kv_channels is not None:
+    if mla:
+        shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
+        expected = {
+            **expected,
+            "--q-lora-rank": (args.q_lora_rank, cfg.q_lora_rank),
+            "--kv-lora-rank": (args.kv_lora_rank, int(cfg.kv_lora_rank)),
+            "--qk-head-dim": (args.qk_head_dim, int(cfg.qk_nope_head_dim)),
+            "--qk-pos-emb-head-dim": (args.qk_pos_emb_head_dim, int(cfg.qk_rope_head_dim)),
+            "--v-head-dim": (args.v_head_dim, int(cfg.v_head_dim)),
+            "--moe-router-score-function": (args.moe_router_score_function, "sigmoid"),
+            "--moe-shared-expert-intermediate-size": (args.moe_shared_expert_intermediate_size,
+                                                      shared or None),
+            "--moe-router-topk-scaling-factor": (args.moe_router_topk_scaling_factor or 1.0,
+                                                 float(cfg.routed_scaling_factor)),
+            "--moe-router-num-groups": (args.moe_router_num_groups or 1, int(cfg.n_group or 1)),
+            "--moe-router-group-topk": (args.moe_router_group_topk or 1,
+                                        int(cfg.topk_group or 1)),
+        }
+    else:
+        expected = {**expected,
+                    "--moe-router-score-function": (args.moe_router_score_function, "softmax")}
+    if args.kv_channels is not None and not mla:
         expected = {**expected, "--kv-channels": (args.kv_channels, int(cfg.head_dim))}
     expected = {**expected, "--rotary-base": (float(args.rotary_base), hf_rope_theta(cfg))}
     wrong = [f"{flag} {got} (the checkpoint has {want})"
@@ -184,6 +224,14 @@ def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
         raise MegatronArgsError(
             "train.sh's model flags do not describe the checkpoint the run starts from: "
             + "; ".join(wrong) + ". Recompile the bundle from the spec that made the checkpoint")
+
+
+def bias_update_rate(args: argparse.Namespace) -> float:
+    """The rate of the routers' selection-bias update (megatron-core's
+    ``moe_router_bias_update_rate``): DeepSeek-V3's 1e-3 with
+    ``--moe-router-enable-expert-bias`` (``moe.expert_bias: true``), else 0 (the bias, which
+    a DeepSeek-V3 checkpoint always has, stays as the checkpoint's)."""
+    return 1e-3 if args.moe_router_enable_expert_bias else 0.0
 
 
 def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from runtime.megatron.args import hf_moe_layers, hf_rope_theta
+from runtime.megatron import deepseek
+from runtime.megatron.args import hf_moe_layers, hf_num_experts, hf_rope_theta
 
 __all__ = [
     "build_gpt_model",
@@ -156,7 +157,7 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # MoE
-        num_moe_experts=int(cfg.num_experts),
+        num_moe_experts=hf_num_experts(cfg),
         moe_ffn_hidden_size=int(cfg.moe_intermediate_size),
         moe_router_topk=int(cfg.num_experts_per_tok),
         moe_router_pre_softmax=not bool(cfg.norm_topk_prob),
@@ -188,7 +189,11 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
-    return TransformerConfig(**{**fields, **overrides})
+    config_class: type = TransformerConfig
+    if deepseek.is_deepseek(cfg):  # MLA, sigmoid router (runtime.megatron.deepseek)
+        config_class, family = deepseek.family_fields(cfg)
+        fields.update(family)
+    return config_class(**{**fields, **overrides})
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
@@ -226,15 +231,17 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
                     dtype: torch.dtype = torch.float32, **overrides: Any) -> GPTModel:
     """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard
     (``overrides``: :func:`transformer_config`'s)."""
-    if int(cfg.num_key_value_heads) % tp or int(cfg.num_experts) % ep:
+    if int(cfg.num_key_value_heads) % tp or hf_num_experts(cfg) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
-                         f"ep={ep} the {cfg.num_experts} experts")
+                         f"ep={ep} the {hf_num_experts(cfg)} experts")
     tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, dtype=dtype,
                               routing_replay=routing_replay, **overrides)
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm",
                                       pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     if tcfg.sequence_parallel:
         spec = _with_norm(spec, SequenceParallelRMSNorm)
+    if tcfg.multi_latent_attention:
+        spec = deepseek.mla_layer_spec(spec)
     model = GPTModel(
         config=tcfg, transformer_layer_spec=spec, vocab_size=int(cfg.vocab_size),
         max_sequence_length=int(cfg.max_position_embeddings),
@@ -271,7 +278,10 @@ def hf_to_megatron(state_dict_hf: Mapping[str, Tensor], cfg: PretrainedConfig) -
     """HF Qwen3-MoE weights → the full (TP=1, EP=1) GPTModel state dict (layout in the module
     doc). Accepts both the fused in-memory expert layout of transformers 5
     (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) and the per-expert
-    checkpoint layout (``experts.{e}.{gate,up,down}_proj.weight``)."""
+    checkpoint layout (``experts.{e}.{gate,up,down}_proj.weight``). DeepSeek-V3:
+    :func:`runtime.megatron.deepseek.hf_to_megatron`."""
+    if deepseek.is_deepseek(cfg):
+        return deepseek.hf_to_megatron(state_dict_hf, cfg)
     sd = state_dict_hf
     heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     hidden = int(cfg.hidden_size)
@@ -339,11 +349,11 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     ep = parallel_state.get_expert_model_parallel_world_size()
-    n_local = int(cfg.num_experts) // ep
+    n_local = hf_num_experts(cfg) // ep
     missing = []
     offset = layer_offset(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in _named_weights(model):
             key = global_name(name, offset)
             if ".local_experts." in key:
                 head, tail = key.split(".local_experts.")
@@ -441,16 +451,19 @@ def _vocab_parallel_entropy(z: Tensor) -> Tensor:
 # Tensor-parallel split of the GPTModel parameters the local spec shards (experts are whole on
 # their expert-parallel rank: expert-TP 1); every other parameter is replicated.
 _TP_DIM0 = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight",
-            "output_layer.weight")
+            "output_layer.weight", "linear_q_proj.weight", "linear_q_down_proj.weight",
+            "linear_q_up_proj.weight", "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
 _TP_DIM1 = ("linear_proj.weight",)
 
 
 def _tp_dim(name: str) -> int | None:
     if ".local_experts." in name:
         return None
-    if name.endswith(_TP_DIM0) or name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith(_TP_DIM0) or name.endswith(("mlp.linear_fc1.weight",
+                                                  "shared_experts.linear_fc1.weight")):
         return 0
-    if name.endswith(_TP_DIM1) or name.endswith("mlp.linear_fc2.weight"):
+    if name.endswith(_TP_DIM1) or name.endswith(("mlp.linear_fc2.weight",
+                                                  "shared_experts.linear_fc2.weight")):
         return 1
     return None
 
@@ -467,13 +480,13 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
     n_local = int(model.config.num_moe_experts or 0) // ep
     offset = layer_offset(model)
     out: dict[str, Tensor] = {}
-    for local_name, param in model.named_parameters():
+    for local_name, param in _named_weights(model):
         name = global_name(local_name, offset)
         t = param.detach()
         dim = _tp_dim(name)
         if dim is not None and tp > 1:
             parts = all_gather(t, tp, tp_group)
-            if name.endswith("mlp.linear_fc1.weight"):  # [gate_r; up_r] per rank
+            if name.endswith("linear_fc1.weight"):  # [gate_r; up_r] per rank (dense, shared)
                 halves = [p.chunk(2, 0) for p in parts]
                 t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
             else:
@@ -492,6 +505,13 @@ def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
             group=parallel_state.get_pipeline_model_parallel_group())
         out = {k: v.to(param.device) for stage in stages for k, v in stage.items()}
     return out
+
+
+def _named_weights(model: GPTModel) -> list[tuple[str, Tensor]]:
+    """The parameters, and the buffers that are weights too: the routers' selection bias
+    (``router.expert_bias``, DeepSeek-V3's ``e_score_correction_bias``; replicated)."""
+    return [*model.named_parameters(),
+            *((n, b) for n, b in model.named_buffers() if n.endswith("router.expert_bias"))]
 
 
 def all_gather(t: Tensor, size: int, group: object) -> list[Tensor]:
@@ -513,7 +533,9 @@ def comm_device() -> torch.device:
 def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[str, Tensor]:
     """Inverse of :func:`hf_to_megatron`: a full GPTModel state dict → HF Qwen3-MoE weights in
     the fused expert layout of transformers 5 (``experts.gate_up_proj`` [E, 2I, H],
-    ``experts.down_proj`` [E, H, I])."""
+    ``experts.down_proj`` [E, H, I]). DeepSeek-V3: :func:`runtime.megatron.deepseek.megatron_to_hf`."""
+    if deepseek.is_deepseek(cfg):
+        return deepseek.megatron_to_hf(full, cfg)
     heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     hidden, q_rows = int(cfg.hidden_size), heads // groups * d
     out: dict[str, Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],

@@ -35,7 +35,7 @@ at temperature 1 without top-k/top-p. For trainâ€“inference correction with T â‰
 truncated sampling, run the engine with ``processed_logprobs``.
 
 Routed experts (R3). With ``return_routed_experts`` the engine records, with
-``runtime.router_replay.patch_qwen3_moe``, the top-k expert ids every MoE layer
+``runtime.router_replay.patch_moe_routers``, the top-k expert ids every MoE layer
 chose in the engine's own forwards: the prefill routes the prompt, each decode step
 routes only the token fed in (the KV cache holds the rest), and the rows are
 concatenated. Like vLLM the result covers prompt + output minus the last sampled
@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from runtime.rollout.protocol import PAUSE_MODES, WeightVersionSpan
-from runtime.router_replay import RouterReplayGroup, patch_qwen3_moe, storage_dtype
+from runtime.router_replay import RouterReplayGroup, patch_moe_routers, storage_dtype
 
 __all__ = [
     "FINISH_ABORT",
@@ -229,7 +229,7 @@ class LocalEngine:
         # A dense model has no router: routed experts cannot be returned for it.
         self.router_group: RouterReplayGroup | None
         try:
-            self.router_group = patch_qwen3_moe(self.model)
+            self.router_group = patch_moe_routers(self.model)
         except (ValueError, ImportError):
             self.router_group = None
         self.weight_version = "default"  # vLLM's initial version string

@@ -28,12 +28,31 @@ ROOM = "cluster.gpu_memory_gb=100000"  # memory is not what these cases are abou
 CPU_MEGATRON = ["train.backend=megatron", "cluster.gpus_per_node=2", "train.parallelism.expert=2",
                 "model.architecture.moe.token_dispatcher=allgather"]
 
+# The tiny example as a DeepSeek-V3-style model: MLA, a sigmoid router, one leading dense layer,
+# a shared expert (the embedded trainer refuses the selection bias: it keeps it fixed).
+DEEPSEEK = ["model.architecture.family=deepseek_v3", "model.architecture.attention=mla",
+            "model.architecture.num_query_groups=null",
+            "model.architecture.mla={kv_lora_rank: 32, qk_head_dim: 32, qk_pos_emb_head_dim: 32, "
+            "v_head_dim: 32}",
+            "model.architecture.moe.score_function=sigmoid",
+            "model.architecture.moe.first_dense_layers=1",
+            "model.architecture.moe.shared_experts=1",
+            "model.architecture.moe.routed_scaling_factor=2.5"]
+
 # rule, base spec, --set edits, the spec path refused, a job that refuses it, its message
 CASES = [
     ("embedded_model", TINY, ["model.architecture.family=llama"],
-     ("model", "architecture", "family"), "init", "builds the qwen3_moe and qwen3 families"),
+     ("model", "architecture", "family"), "init",
+     "builds the qwen3_moe, qwen3, deepseek_v3 families"),
+    ("embedded_model", TINY, [*DEEPSEEK, "model.architecture.moe.expert_bias=true"],
+     ("model", "architecture", "moe", "expert_bias"), "rl",
+     "embedded trainer keeps the expert-selection bias fixed"),
     ("megatron_model", SINGLE, ["model.architecture.moe.score_function=sigmoid"],
-     ("model", "architecture", "moe", "score_function"), "convert", "the Megatron trainer has no sigmoid router"),
+     ("model", "architecture", "moe", "score_function"), "convert",
+     "the Megatron trainer has no sigmoid router for it"),
+    ("megatron_model", TINY, [*DEEPSEEK, *CPU_MEGATRON, "model.architecture.moe.norm_topk_prob=false"],
+     ("model", "architecture", "moe", "norm_topk_prob"), "rl",
+     "always renormalises a sigmoid router's top-k gates"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
@@ -122,6 +141,23 @@ def test_validate_refuses_what_the_job_refuses(rule, base, edits, path, job, wor
 def test_the_examples_pass_every_preflight() -> None:
     for path in (TINY, SINGLE, EXAMPLES / "compassmax-245b.yaml"):
         assert compile_spec(path).refusals == ()
+
+
+def test_a_tiny_deepseek_spec_passes_every_preflight() -> None:
+    """DeepSeek-V3 / Moonlight (MLA, sigmoid router, shared expert, a leading dense layer, group
+    limit) runs on the embedded trainer and engine, and on the Megatron trainer on CPU ranks
+    with its selection bias."""
+    groups = ["model.architecture.moe.num_groups=4", "model.architecture.moe.group_top_k=1"]
+    assert compile_spec(TINY, [*DEEPSEEK, *groups]).refusals == ()
+    compiled = compile_spec(TINY, [*DEEPSEEK, *groups, *CPU_MEGATRON,
+                                   "model.architecture.moe.expert_bias=true"])
+    assert compiled.refusals == ()
+    train_sh = compiled.files["jobs/rl/train.sh"]
+    for flag in ("--multi-latent-attention", "--moe-router-score-function sigmoid",
+                 "--moe-router-enable-expert-bias", "--moe-shared-expert-intermediate-size 64",
+                 "--moe-router-topk-scaling-factor 2.5", "--moe-router-num-groups 4",
+                 "--moe-router-group-topk 1", "--moe-layer-freq"):
+        assert flag in train_sh, flag
 
 
 def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, capsys,

@@ -90,11 +90,11 @@ REFUSED = {
     "qwen3-30b-a3b-eplb": set(),
     "qwen3-235b-a22b": {"train.parallelism.context", "train.parallelism.last_pipeline_stage_layers",
                         "eval.enabled"},
-    "moonlight-16b-a3b": {"model.architecture.family"},
+    "moonlight-16b-a3b": set(),
     "glm-4.5": {"model.architecture.family", "train.parallelism.context", "eval.enabled"},
-    "deepseek-v3": {"model.architecture.family", "train.parallelism.first_pipeline_stage_layers",
+    "deepseek-v3": {"train.parallelism.first_pipeline_stage_layers",
                     "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
-    "deepseek-r1": {"model.architecture.family", "train.parallelism.context",
+    "deepseek-r1": {"train.parallelism.context",
                     "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
 }
 

@@ -69,6 +69,51 @@ def test_the_model_flags_describe_the_checkpoint(tmp_path: Path) -> None:
     assert "--num-attention-heads" not in message  # only what differs
 
 
+def test_the_deepseek_flags_describe_the_checkpoint(tmp_path: Path) -> None:
+    """MLA, the sigmoid router, its bias, shared experts, routed scaling and the group limit
+    reach train.sh and are compared with a DeepSeek-V3 checkpoint's config."""
+    from runtime.megatron.args import bias_update_rate
+    from tests.families import tiny_deepseek_arch
+
+    def flags(**moe: object) -> tuple[object, object]:
+        arch = {**tiny_deepseek_arch(), "num_query_groups": None}
+        arch["moe"].update(moe)
+        text, spec = tiny_megatron_train_sh(tmp_path, **arch)
+        return parse_megatron_args(trainer_argv(text)), spec["model"]["architecture"]
+
+    args, arch = flags()
+    assert args.multi_latent_attention and args.q_lora_rank == 32 and args.v_head_dim == 32
+    assert args.moe_router_score_function == "sigmoid" and args.moe_router_enable_expert_bias
+    assert (args.moe_router_topk_scaling_factor, args.moe_router_num_groups,
+            args.moe_router_group_topk) == (2.5, 4, 1)
+    assert args.moe_shared_expert_intermediate_size == 32 and args.moe_layer_freq == [0, 1]
+    assert bias_update_rate(args) == 1e-3
+    config = policy_config(arch, build_tokenizer(64))
+    check_architecture(args, config)
+    other, _ = flags(routed_scaling_factor=1.0, num_groups=None, group_top_k=None,
+                     expert_bias=False, shared_experts=2)
+    assert bias_update_rate(other) == 0.0
+    with pytest.raises(MegatronArgsError) as err:
+        check_architecture(other, config)
+    message = str(err.value)
+    for flag in ("--moe-router-topk-scaling-factor 1.0 (the checkpoint has 2.5)",
+                 "--moe-router-num-groups 1 (the checkpoint has 4)",
+                 "--moe-shared-expert-intermediate-size 64 (the checkpoint has 32)"):
+        assert flag in message
+    mla_other, _ = tiny_megatron_train_sh(tmp_path, **{
+        **tiny_deepseek_arch(), "num_query_groups": None, "mla": {**tiny_deepseek_arch()["mla"], "q_lora_rank": None,
+                                        "kv_lora_rank": 16}})
+    with pytest.raises(MegatronArgsError) as err:
+        check_architecture(parse_megatron_args(trainer_argv(mla_other)), config)
+    assert "--kv-lora-rank 16 (the checkpoint has 32)" in str(err.value)
+    assert "--q-lora-rank None (the checkpoint has 32)" in str(err.value)
+    qwen = policy_config(spec_arch := yaml.safe_load(
+        (ROOT / "examples" / "tiny" / "spec.yaml").read_text())["model"]["architecture"],
+        build_tokenizer(int(spec_arch["vocab_size"])))
+    with pytest.raises(MegatronArgsError, match="--multi-latent-attention is set"):
+        check_architecture(args, qwen)
+
+
 def test_the_flags_set_batch_and_optimizer(tmp_path: Path) -> None:
     text, spec = tiny_megatron_train_sh(tmp_path)
     argv = [a if a != "0.001" else "0.002" for a in trainer_argv(text)]  # --lr edited in place

@@ -100,7 +100,7 @@ def test_config_mapping(arch: dict[str, Any], tokenizer: Any) -> None:
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ({"family": "deepseek_v3"}, "not supported by the embedded engine"),
+    ({"family": "glm4_moe"}, "not supported by the embedded engine"),
     ({"moe": None}, "needs a model.architecture.moe"),
     ({"family": "qwen3"}, "family qwen3 is dense"),
     ({"vocab_size": 16}, "smaller than the tokenizer"),

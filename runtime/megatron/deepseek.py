@@ -1,0 +1,258 @@
+"""DeepSeek-V3 / Moonlight (HF ``DeepseekV3ForCausalLM``) as a megatron-core GPTModel.
+
+Architecture mapping (``DeepseekV3Config`` → ``MLATransformerConfig``), next to the common
+fields of :func:`runtime.megatron.model.transformer_config`::
+
+    q_lora_rank → q_lora_rank (None: linear_q_proj)   kv_lora_rank → kv_lora_rank
+    qk_nope_head_dim → qk_head_dim                    qk_rope_head_dim → qk_pos_emb_head_dim
+    v_head_dim → v_head_dim (and kv_channels)         rope_parameters.rope_theta → rotary_base
+    rope_type "rope" (default RoPE; rope_interleave True ↔ MLA's de-interleaving RoPE)
+    q_a_layernorm / kv_a_layernorm → qk_layernorm (q_layernorm / kv_layernorm)
+    n_routed_experts → num_moe_experts                 first_k_dense_replace = k → moe_layer_freq [0]*k + [1]*(L−k)
+    sigmoid router, e_score_correction_bias → moe_router_score_function "sigmoid",
+        moe_router_enable_expert_bias (the buffer ``router.expert_bias``)
+    n_shared_experts · moe_intermediate_size → moe_shared_expert_intermediate_size
+    routed_scaling_factor → moe_router_topk_scaling_factor (None when 1)
+    n_group / topk_group → moe_router_num_groups / moe_router_group_topk (only when
+        topk_group < n_group: with every group allowed, neither side masks anything)
+
+Routing equals HF's: σ = sigmoid(logits); sel = top-k of σ + b over the allowed groups; gates
+σ_sel / (Σ σ_sel + 1e-20) · scaling. Two limits of megatron-core 0.16.1, refused by
+:func:`family_fields`: it renormalises a sigmoid top-k (k > 1) always (HF's
+``norm_topk_prob: false`` has no counterpart), and it scores a group by its top-(k / topk_group)
+experts where HF and vLLM take the top 2, so the groups agree only when k = 2 · topk_group
+(DeepSeek-V3: 8 = 2 · 4; Moonlight has one group).
+
+The selection bias takes no gradient. megatron-core updates it after every optimizer step
+(``finalize_model_grads``: b += rate · sign(mean − tokens per expert), DeepSeek-V3's rule) at
+``moe_router_bias_update_rate``, which :func:`family_fields` sets to 0 (conversion, log-probs)
+unless the caller passes DeepSeek's 1e-3 (the RL job does for ``moe.expert_bias: true``).
+
+Weights (:func:`hf_to_megatron`; the full TP=1/EP=1 layout)::
+
+    q_proj | q_a_proj, q_a_layernorm, q_b_proj → linear_q_proj | linear_q_down_proj,
+                                                  q_layernorm, linear_q_up_proj
+    kv_a_proj_with_mqa → linear_kv_down_proj   kv_a_layernorm → kv_layernorm
+    kv_b_proj → linear_kv_up_proj               o_proj → linear_proj
+    mlp.gate.weight → mlp.router.weight         mlp.gate.e_score_correction_bias → mlp.router.expert_bias
+    mlp.shared_experts.{gate,up,down}_proj → mlp.shared_experts.linear_fc1 ([gate; up]), linear_fc2
+
+(rows keep their order: HF and megatron-core view every projection as [heads, nope | rope]
+and [heads, nope | v], and split the KV down-projection as [kv_lora_rank | rope]).
+
+Local (non-TransformerEngine) MLA needs two adaptations of megatron-core 0.16.1, on CPU and
+GPU alike (:func:`mla_layer_spec`): the local ``DotProductAttention`` does not take MLA's
+``k_channels`` / ``v_channels`` (a TypeError when the layer is built), so MLA layers get
+:class:`MLADotProductAttention`, the same computation with the value head width as its
+output; and without TransformerEngine ``multi_latent_attention`` still believes TE imported
+(its TE names are MagicMock stand-ins, and ``isinstance(…, TELinear)`` raises), so its
+``HAVE_TE`` is set to what ``megatron.core.extensions.transformer_engine`` found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+from megatron.core.utils import divide
+from torch import Tensor
+
+from runtime.megatron.args import hf_rope_theta
+
+__all__ = ["MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
+           "megatron_to_hf", "mla_layer_spec"]
+
+# DeepSeek-V3's bias update rate γ (and megatron-core's default).
+BIAS_UPDATE_RATE = 1e-3
+
+
+def is_deepseek(cfg: Any) -> bool:
+    return getattr(cfg, "model_type", None) == "deepseek_v3"
+
+
+def family_fields(cfg: Any) -> tuple[type, dict[str, Any]]:
+    """(config class, fields) that replace the Qwen3-MoE fields of ``transformer_config`` for
+    a DeepSeek-V3 HF config (mapping in the module doc)."""
+    if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
+        raise NotImplementedError("only default RoPE is converted (no YaRN / scaling yet)")
+    if not getattr(cfg, "rope_interleave", True):
+        raise NotImplementedError("megatron-core's MLA applies the interleaved (DeepSeek) RoPE "
+                                  "layout only; rope_interleave: false is not converted")
+    k = int(cfg.num_experts_per_tok)
+    if k > 1 and not cfg.norm_topk_prob:
+        raise NotImplementedError(
+            "megatron-core 0.16.1 always renormalises a sigmoid router's top-k gates "
+            "(norm_topk_prob: false has no Megatron counterpart)")
+    groups, chosen = int(cfg.n_group or 1), int(cfg.topk_group or 1)
+    limited = chosen < groups
+    if limited and k != 2 * chosen:
+        raise NotImplementedError(
+            f"group-limited routing with top_k {k} ≠ 2 · topk_group {chosen}: megatron-core "
+            "scores a group by its top-(k / topk_group) experts, HF by its top 2")
+    layers = int(cfg.num_hidden_layers)
+    dense = int(cfg.first_k_dense_replace or 0)
+    shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
+    scaling = float(cfg.routed_scaling_factor)
+    return MLATransformerConfig, dict(
+        multi_latent_attention=True,
+        q_lora_rank=None if cfg.q_lora_rank is None else int(cfg.q_lora_rank),
+        kv_lora_rank=int(cfg.kv_lora_rank),
+        qk_head_dim=int(cfg.qk_nope_head_dim),
+        qk_pos_emb_head_dim=int(cfg.qk_rope_head_dim),
+        v_head_dim=int(cfg.v_head_dim),
+        kv_channels=int(cfg.v_head_dim),
+        num_query_groups=int(cfg.num_attention_heads),
+        rope_type="rope",
+        rotary_base=hf_rope_theta(cfg),
+        rotary_scaling_factor=1.0,
+        mscale=1.0,
+        mscale_all_dim=0.0,
+        qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm
+        add_qkv_bias=False,
+        num_moe_experts=int(cfg.n_routed_experts),
+        moe_router_score_function="sigmoid",
+        moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,  # HF always has the (possibly zero) bias
+        moe_router_bias_update_rate=0.0,
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_router_topk_scaling_factor=None if scaling == 1.0 else scaling,
+        moe_router_num_groups=groups if limited else None,
+        moe_router_group_topk=chosen if limited else None,
+    )
+
+
+class MLADotProductAttention(DotProductAttention):
+    """megatron-core's local ``DotProductAttention`` for MLA: queries and keys of
+    ``k_channels`` (nope + rope), values of ``v_channels``; the softmax scale is MLA's.
+    The parent's computation does not depend on the head widths except for the width of
+    its output, [s, b, heads/tp · v_channels]."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, k_channels: int | None = None,
+                 v_channels: int | None = None, cp_comm_type: str | None = None,
+                 pg_collection: Any = None) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        v = v_channels or getattr(config, "v_head_dim", None) or config.kv_channels
+        tp = self.pg_collection.tp.size()
+        self.hidden_size_per_partition = divide(int(v) * config.num_attention_heads, tp)
+
+
+def _swap(spec: Any, old: type, new: type) -> Any:
+    if spec is old:
+        return new
+    if isinstance(spec, list | tuple):
+        return type(spec)(_swap(s, old, new) for s in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _swap(getattr(spec, f.name), old, new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
+def mla_layer_spec(spec: Any) -> Any:
+    """The local block spec with MLA's core attention (module doc); also corrects
+    ``multi_latent_attention.HAVE_TE`` where TransformerEngine is absent."""
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if not getattr(te_ext, "HAVE_TE", False):
+        mla.HAVE_TE = False
+    return _swap(spec, DotProductAttention, MLADotProductAttention)
+
+
+# --------------------------------------------------------------------------- weights
+
+_ATTN = (("q_proj.weight", "linear_q_proj.weight"),
+         ("q_a_proj.weight", "linear_q_down_proj.weight"),
+         ("q_a_layernorm.weight", "q_layernorm.weight"),
+         ("q_b_proj.weight", "linear_q_up_proj.weight"),
+         ("kv_a_proj_with_mqa.weight", "linear_kv_down_proj.weight"),
+         ("kv_a_layernorm.weight", "kv_layernorm.weight"),
+         ("kv_b_proj.weight", "linear_kv_up_proj.weight"),
+         ("o_proj.weight", "linear_proj.weight"))
+
+
+def hf_to_megatron(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """HF DeepSeek-V3 weights (fused in-memory experts of transformers 5, or per-expert
+    checkpoint tensors) → the full GPTModel state dict, ``router.expert_bias`` included."""
+    out: dict[str, Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+                              "decoder.final_layernorm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["output_layer.weight"] = sd["lm_head.weight"]
+    for i in range(int(cfg.num_hidden_layers)):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for ours, theirs in _ATTN:
+            if h + "self_attn." + ours in sd:
+                out[m + "self_attention." + theirs] = sd[h + "self_attn." + ours]
+        out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
+        if h + "mlp.gate.weight" not in sd:  # a leading dense layer
+            out[m + "mlp.linear_fc1.weight"] = torch.cat(
+                [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0)
+            out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
+            continue
+        out[m + "mlp.router.weight"] = sd[h + "mlp.gate.weight"]
+        out[m + "mlp.router.expert_bias"] = sd[h + "mlp.gate.e_score_correction_bias"]
+        for e in range(int(cfg.n_routed_experts)):
+            x = f"{m}mlp.experts.local_experts.{e}."
+            if h + "mlp.experts.gate_up_proj" in sd:
+                out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
+                out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
+            else:
+                p = f"{h}mlp.experts.{e}."
+                out[x + "linear_fc1.weight"] = torch.cat(
+                    [sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0)
+                out[x + "linear_fc2.weight"] = sd[p + "down_proj.weight"]
+        if int(cfg.n_shared_experts or 0):
+            s = h + "mlp.shared_experts."
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                [sd[s + "gate_proj.weight"], sd[s + "up_proj.weight"]], 0)
+            out[m + "mlp.shared_experts.linear_fc2.weight"] = sd[s + "down_proj.weight"]
+    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+
+
+def megatron_to_hf(full: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """Inverse of :func:`hf_to_megatron`, experts in transformers 5's fused layout."""
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
+                              "model.norm.weight": full["decoder.final_layernorm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = full["output_layer.weight"]
+    for i in range(int(cfg.num_hidden_layers)):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for ours, theirs in _ATTN:
+            if m + "self_attention." + theirs in full:
+                out[h + "self_attn." + ours] = full[m + "self_attention." + theirs]
+        out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
+        if m + "mlp.router.weight" not in full:  # dense layer
+            gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, 0)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+            out[h + "mlp.down_proj.weight"] = full[m + "mlp.linear_fc2.weight"]
+            continue
+        out[h + "mlp.gate.weight"] = full[m + "mlp.router.weight"]
+        out[h + "mlp.gate.e_score_correction_bias"] = full[m + "mlp.router.expert_bias"]
+        x = f"{m}mlp.experts.local_experts."
+        experts = range(int(cfg.n_routed_experts))
+        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
+            [full[f"{x}{e}.linear_fc1.weight"] for e in experts])
+        out[h + "mlp.experts.down_proj"] = torch.stack(
+            [full[f"{x}{e}.linear_fc2.weight"] for e in experts])
+        s = h + "mlp.shared_experts."
+        if int(cfg.n_shared_experts or 0):
+            gate, up = full[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, 0)
+            out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = gate, up
+            out[s + "down_proj.weight"] = full[m + "mlp.shared_experts.linear_fc2.weight"]
+        else:  # HF builds a zero-width shared MLP
+            hidden = int(cfg.hidden_size)
+            ref = full[m + "mlp.router.weight"]
+            out[s + "gate_proj.weight"] = ref.new_zeros(0, hidden)
+            out[s + "up_proj.weight"] = ref.new_zeros(0, hidden)
+            out[s + "down_proj.weight"] = ref.new_zeros(hidden, 0)
+    return {k: t.detach().clone().contiguous() for k, t in out.items()}
