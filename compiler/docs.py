@@ -124,7 +124,6 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "screen_nodes": (_ex(TINY, "filters[0].nodes=2"),),
     "megatron_layout": (
         _ex(BIG, "train.parallelism.context=2"),
-        _ex(SINGLE, "train.parallelism.expert_tensor=2", "train.parallelism.expert=4"),
     ),
 }
 

@@ -162,12 +162,6 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
         out.append(Refusal("megatron_layout", FLAG_PATHS[flag], message, hint))
 
     tp = args.tensor_model_parallel_size
-    etp = args.expert_tensor_parallel_size if args.expert_tensor_parallel_size else tp
-    if args.num_experts and etp != 1:
-        refuse("expert_tensor_parallel_size",
-               f"the Megatron trainer keeps each expert whole on its rank, but ETP is {etp}"
-               + ("" if args.expert_tensor_parallel_size else " (expert_tensor unset, so ETP = TP)"),
-               "set train.parallelism.expert_tensor: 1")
     if args.context_parallel_size > 1:
         refuse("context_parallel_size",
                "the Megatron trainer does not run context parallelism (megatron-core needs "

@@ -289,7 +289,9 @@ class MegatronTrainerProcess(TrainerProcess):
         backend, forced = mm.use_devices(spec["cluster"]["devices"])
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
-                  "pp": args.pipeline_model_parallel_size}
+                  "pp": args.pipeline_model_parallel_size,
+                  # Megatron-LM's default: --expert-tensor-parallel-size unset → ETP = TP
+                  "etp": args.expert_tensor_parallel_size or args.tensor_model_parallel_size}
         refused = megatron_flag_refusals(args)  # the layouts `rlspec validate` refuses too
         if refused:
             raise NotImplementedError("; ".join(f"{r.message} ({r.hint})" for r in refused))
@@ -310,8 +312,8 @@ class MegatronTrainerProcess(TrainerProcess):
             self.hf_config, pg, routing_replay=self.replay_mode != "off", dtype=dtype,
             **layout, **overrides)
         if self.main:
-            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, DP %d), %s, %s backend",
-                          world, layout["tp"], layout["pp"], layout["ep"],
+            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, ETP %d, DP %d), %s, "
+                          "%s backend", world, layout["tp"], layout["pp"], layout["ep"], layout["etp"],
                           world // (layout["tp"] * layout["pp"]),
                           str(dtype).removeprefix("torch."), backend)
         read = ckpt.load_model(self.module, args.load)

@@ -38,9 +38,6 @@ CASES = [
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
      ("train", "parallelism", "context"), "rl", "does not run context parallelism"),
-    ("megatron_layout", SINGLE, ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2",
-                                 ROOM],
-     ("train", "parallelism", "expert_tensor"), "rl", "keeps each expert whole on its rank"),
     ("megatron_layout", SINGLE, ["train.parallelism.expert=1", ROOM],
      ("train", "parallelism", "tensor"), "rl", "tensor parallelism needs expert parallelism"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
@@ -118,6 +115,20 @@ def test_validate_refuses_what_the_job_refuses(rule, base, edits, path, job, wor
 def test_the_examples_pass_every_preflight() -> None:
     for path in (TINY, SINGLE, EXAMPLES / "compassmax-245b.yaml"):
         assert compile_spec(path).refusals == ()
+
+
+# Layouts the Megatron trainer runs (tests/megatron/test_mcore_trainer.py proves each equal to
+# the embedded trainer on CPU): validate accepts them.
+RUNS = {
+    "expert_tensor-2": ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2", ROOM],
+    "expert_tensor-unset": ["train.parallelism.expert=2", "train.parallelism.expert_tensor=null",
+                            ROOM],
+}
+
+
+@pytest.mark.parametrize("edits", RUNS.values(), ids=RUNS.keys())
+def test_validate_accepts_the_layouts_the_trainer_runs(edits: list[str]) -> None:
+    assert compile_spec(SINGLE, edits).refusals == ()
 
 
 def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, capsys,

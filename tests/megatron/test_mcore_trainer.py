@@ -83,6 +83,22 @@ def test_tensor_and_expert_parallel_2_step_matches_embedded(tmp_path: Path, repl
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+@pytest.mark.parametrize(("replay", "loss"), [("r3", "grpo"), ("off", "cispo")])
+def test_expert_tensor_parallel_2_step_matches_embedded(tmp_path: Path, replay: str,
+                                                        loss: str) -> None:
+    """ETP = 2 (TP 1, EP 1): each rank holds half of every expert ([gate_r; up_r] rows of
+    fc1, columns of fc2) and the data of its own data-parallel rank; the allgather dispatcher
+    gathers both ranks' tokens over the expert-tensor group, and the experts' gradients are
+    reduced over the expert data-parallel group (size 1 here), not the dense one (size 2),
+    which would average the two different halves (megatron-core 0.16.1 marks experts for that
+    only at EP > 1: ``runtime.megatron.model._mark_tensor_parallel``)."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["1", "1", str(tmp_path), replay, loss, "etp=2"], tmp_path)
+    for out in outs:
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo-kl")])
 def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
     """PP = 2: one layer per stage, activations passed between the two ranks by megatron-core's
