@@ -161,7 +161,6 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
     def refuse(flag: str, message: str, hint: str) -> None:
         out.append(Refusal("megatron_layout", FLAG_PATHS[flag], message, hint))
 
-    tp = args.tensor_model_parallel_size
     if args.context_parallel_size > 1:
         refuse("context_parallel_size",
                "the Megatron trainer does not run context parallelism (megatron-core needs "
@@ -176,12 +175,6 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
             refuse(flag, "the Megatron trainer runs even pipeline stages only",
                    f"remove train.parallelism.{key} and choose a pipeline size dividing "
                    "num_layers")
-    if args.num_experts and tp > 1 and args.expert_model_parallel_size == 1:
-        refuse("tensor_model_parallel_size",
-               "tensor parallelism needs expert parallelism > 1 in the Megatron trainer "
-               "(with EP 1 megatron-core reduces expert gradients over data-parallel ranks "
-               "only, while each TP rank trains them on its own sequence shard)",
-               "set train.parallelism.expert ≥ 2, or tensor: 1")
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
         refuse("untie_embeddings_and_output_weights",
                "the Megatron trainer does not tie embeddings across pipeline stages",

@@ -27,7 +27,9 @@ same metrics; what changes is where the work runs:
 Tensor parallelism trains with sequence parallelism (megatron-core's MoE layer requires it):
 micro-batches are padded to a multiple of TP positions, the norms are
 ``runtime.megatron.model.SequenceParallelRMSNorm`` and replay targets are sharded by
-sequence (``runtime.megatron.replay``). Pipeline parallelism runs megatron-core's 1F1B
+sequence (``runtime.megatron.replay``); any EP and expert-tensor size go with it (experts'
+gradients are reduced over the expert data-parallel group, also at EP = 1:
+``runtime.megatron.model._mark_tensor_parallel``). Pipeline parallelism runs megatron-core's 1F1B
 schedule for the update and forward-only for the old-policy and reference passes; every
 micro-batch of a pass then has one shape, stages replay / record their own MoE layers, and
 the loss and its metrics live on the last stage (its log-probs are summed to all stages).
@@ -85,11 +87,6 @@ class MegatronTrainer(Trainer):
         if tp > 1 and not config.sequence_parallel:
             raise ValueError("megatron-core trains an MoE model under tensor parallelism only "
                              "with sequence parallelism: build it with sequence_parallel=True")
-        if tp > 1 and parallel_state.get_expert_model_parallel_world_size() == 1:
-            # megatron-core reduces EP=1 experts' gradients like dense ones (over DP), but with
-            # expert-TP 1 each TP rank trains them on its own sequence shard
-            raise ValueError("tensor parallelism needs expert parallelism > 1 here (experts are "
-                             "whole on their rank): set train.parallelism.expert ≥ 2")
         config.calculate_per_token_loss = True  # before DDP: gradients are summed, not averaged
         distributed = bool(train["optimizer"]["distributed"])
         ddp = DistributedDataParallel(

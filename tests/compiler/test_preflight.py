@@ -38,8 +38,6 @@ CASES = [
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
      ("train", "parallelism", "context"), "rl", "does not run context parallelism"),
-    ("megatron_layout", SINGLE, ["train.parallelism.expert=1", ROOM],
-     ("train", "parallelism", "tensor"), "rl", "tensor parallelism needs expert parallelism"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
      ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
     ("async_rollout", TINY, ["system.max_staleness=2"],
@@ -123,6 +121,9 @@ RUNS = {
     "expert_tensor-2": ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2", ROOM],
     "expert_tensor-unset": ["train.parallelism.expert=2", "train.parallelism.expert_tensor=null",
                             ROOM],
+    "tensor-without-expert": ["train.parallelism.expert=1", ROOM],
+    "tensor-without-expert-etp-unset": ["train.parallelism.expert=1",
+                                        "train.parallelism.expert_tensor=null", ROOM],
 }
 
 

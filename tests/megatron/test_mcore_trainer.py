@@ -99,6 +99,22 @@ def test_expert_tensor_parallel_2_step_matches_embedded(tmp_path: Path, replay: 
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+@pytest.mark.parametrize(("etp", "replay", "loss"), [("tp", "r2", "espo"), ("1", "r3", "grpo")],
+                         ids=["etp-unset", "etp-1"])
+def test_tensor_parallel_2_without_expert_parallel_matches_embedded(tmp_path: Path, etp: str,
+                                                                    replay: str,
+                                                                    loss: str) -> None:
+    """TP = 2 with EP = 1 (sequence parallelism): with ETP unset (= TP, Megatron-LM's default)
+    every expert is TP-sharded and routes both ranks' sequence halves; with ETP 1 each rank
+    runs its own sequence half through whole experts, whose gradients are then summed over
+    the expert data-parallel group (both TP ranks), not averaged over the dense one (size 1)."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["2", "1", str(tmp_path), replay, loss, f"etp={etp}"], tmp_path)
+    for out in outs:
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo-kl")])
 def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
     """PP = 2: one layer per stage, activations passed between the two ranks by megatron-core's
