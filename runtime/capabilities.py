@@ -165,16 +165,6 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
         refuse("context_parallel_size",
                "the Megatron trainer does not run context parallelism (megatron-core needs "
                "TransformerEngine attention for it)", "set train.parallelism.context: 1")
-    if args.num_virtual_stages_per_pipeline_rank:
-        refuse("num_virtual_stages_per_pipeline_rank",
-               "the Megatron trainer runs the plain 1F1B schedule, not virtual pipeline stages",
-               "remove train.parallelism.virtual_pipeline")
-    for flag, key in (("decoder_first_pipeline_num_layers", "first_pipeline_stage_layers"),
-                      ("decoder_last_pipeline_num_layers", "last_pipeline_stage_layers")):
-        if getattr(args, flag):
-            refuse(flag, "the Megatron trainer runs even pipeline stages only",
-                   f"remove train.parallelism.{key} and choose a pipeline size dividing "
-                   "num_layers")
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
         refuse("untie_embeddings_and_output_weights",
                "the Megatron trainer does not tie embeddings across pipeline stages",

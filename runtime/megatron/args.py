@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["MegatronArgsError", "check_architecture", "hf_moe_layers", "hf_rope_theta",
-           "megatron_parser", "parse_megatron_args", "train_settings"]
+           "megatron_parser", "parse_megatron_args", "pipeline_stages", "train_settings"]
 
 
 class MegatronArgsError(ValueError):
@@ -179,6 +179,18 @@ def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
         raise MegatronArgsError(
             "train.sh's model flags do not describe the checkpoint the run starts from: "
             + "; ".join(wrong) + ". Recompile the bundle from the spec that made the checkpoint")
+
+
+def pipeline_stages(pp: int, first: int | None, last: int | None) -> dict[str, int]:
+    """``TransformerConfig`` fields of uneven pipeline stages (``--decoder-first/last-
+    pipeline-num-layers``). With PP = 2 and both given, the first alone says the same (the
+    last stage holds the rest), and is what is passed: megatron-core 0.16.1 divides by the
+    number of middle stages when both are set under virtual pipeline stages, a
+    ZeroDivisionError at PP = 2 (``get_transformer_layer_offset``)."""
+    if pp == 2 and first and last:
+        last = None
+    return {f"num_layers_in_{name}_pipeline_stage": value
+            for name, value in (("first", first), ("last", last)) if value}
 
 
 def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from transformers import PretrainedConfig
 from runtime.megatron.args import hf_moe_layers, hf_rope_theta
 
 __all__ = [
+    "build_gpt_chunks",
     "build_gpt_model",
     "destroy_parallel",
     "gather_full_state_dict",
@@ -75,7 +76,8 @@ __all__ = [
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
-                  tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1, backend: str = "gloo",
+                  tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
+                  vpp: int | None = None, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
     """Join the default group, build megatron's tensor/expert-parallel groups, seed
     megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
@@ -91,6 +93,7 @@ def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str]
     # default when --expert-tensor-parallel-size is unset is ETP = TP, which callers pass)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp,
                                              expert_model_parallel_size=ep,
                                              expert_tensor_parallel_size=etp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -226,9 +229,11 @@ def _with_norm(spec: Any, norm: type) -> Any:
 def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
                     tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
                     routing_replay: bool = False, dtype: torch.dtype = torch.float32,
-                    **overrides: Any) -> GPTModel:
+                    vp_stage: int | None = None, **overrides: Any) -> GPTModel:
     """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard
-    (``overrides``: :func:`transformer_config`'s)."""
+    (``overrides``: :func:`transformer_config`'s, e.g. the uneven pipeline stages
+    ``num_layers_in_first/last_pipeline_stage``); ``vp_stage``: the virtual pipeline stage
+    (model chunk) of this rank to build (:func:`build_gpt_chunks`)."""
     if int(cfg.num_key_value_heads) % tp or int(cfg.num_experts) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
                          f"ep={ep} the {cfg.num_experts} experts")
@@ -238,7 +243,8 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
     tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, etp=etp, dtype=dtype,
                               routing_replay=routing_replay, **overrides)
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm",
-                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                                      vp_stage=vp_stage)
     if tcfg.sequence_parallel:
         spec = _with_norm(spec, SequenceParallelRMSNorm)
     model = GPTModel(
@@ -246,14 +252,30 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
         position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
-        parallel_output=True, pg_collection=pg_collection,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage())
+        parallel_output=True, pg_collection=pg_collection, vp_stage=vp_stage,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
     _mark_tensor_parallel(model)
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         # built on the CPU (use_cpu_initialization), trained on this rank's GPU
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_gpt_chunks(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
+                     vpp: int | None = None, **kwargs: Any) -> list[GPTModel]:
+    """This rank's model chunks: one GPTModel per virtual pipeline stage (``vpp``, interleaved
+    1F1B; parallel state initialised with the same ``vpp``), or the one model without.
+    ``kwargs``: :func:`build_gpt_model`'s."""
+    if not vpp:
+        return [build_gpt_model(cfg, pg_collection, **kwargs)]
+    return [build_gpt_model(cfg, pg_collection, vp_stage=i,
+                            virtual_pipeline_model_parallel_size=vpp, **kwargs)
+            for i in range(vpp)]
+
+
+def _chunks(model: GPTModel | list[GPTModel]) -> list[GPTModel]:
+    return list(model) if isinstance(model, list | tuple) else [model]
 
 
 def _mark_tensor_parallel(model: GPTModel) -> None:
@@ -345,11 +367,12 @@ def _shard(name: str, full: Tensor, param: Tensor, tp_rank: int) -> Tensor:
     return full.chunk(parts, dim=dim)[tp_rank]
 
 
-def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
+def load_hf_weights(model: GPTModel | list[GPTModel], state_dict_hf: Mapping[str, Tensor],
                     cfg: PretrainedConfig) -> None:
     """Convert HF weights (:func:`hf_to_megatron`) and copy this rank's shard into ``model``.
     Expert e on expert-parallel rank r is global expert r · (E / ep) + e; experts are sliced
-    over the expert-tensor-parallel group as dense weights are over the tensor-parallel one."""
+    over the expert-tensor-parallel group as dense weights are over the tensor-parallel one.
+    ``model``: a GPTModel or this rank's model chunks (:func:`build_gpt_chunks`)."""
     full = hf_to_megatron(state_dict_hf, cfg)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
@@ -357,10 +380,10 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
     ep = parallel_state.get_expert_model_parallel_world_size()
     n_local = int(cfg.num_experts) // ep
     missing = []
-    offset = layer_offset(model)
+    named = [(global_name(name, layer_offset(chunk)), name, param)
+             for chunk in _chunks(model) for name, param in chunk.named_parameters()]
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            key = global_name(name, offset)
+        for key, name, param in named:
             rank = tp_rank
             if ".local_experts." in key:
                 head, tail = key.split(".local_experts.")
@@ -382,12 +405,12 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
 
 
 def layer_offset(model: GPTModel) -> int:
-    """Global index of this pipeline stage's first layer."""
+    """Global index of this pipeline stage's (model chunk's) first layer."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return 0
-    return int(get_transformer_layer_offset(model.config))
+    return int(get_transformer_layer_offset(model.config, vp_stage=getattr(model, "vp_stage", None)))
 
 
 def global_name(name: str, offset: int) -> str:
@@ -477,23 +500,25 @@ def _expert_tp_dim(name: str) -> int:
     return 0 if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) else 1
 
 
-def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
+def gather_full_state_dict(model: GPTModel | list[GPTModel]) -> dict[str, Tensor]:
     """The full (TP=1, EP=1) state dict, on every rank: tensor-parallel shards all-gathered
     along their split dim (the gated fc1 as [gate; up] of the rank-wise [gate_r; up_r]),
     local experts likewise over the expert-tensor-parallel group, then all-gathered over the
     expert-parallel group and renumbered globally.
-    Collective: every rank of the model must call it."""
+    ``model``: a GPTModel or this rank's model chunks. Collective: every rank of the model
+    must call it."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_group = parallel_state.get_expert_model_parallel_group()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
     etp_group = parallel_state.get_expert_tensor_parallel_group()
-    n_local = int(model.config.num_moe_experts or 0) // ep
-    offset = layer_offset(model)
+    chunks = _chunks(model)
+    n_local = int(chunks[0].config.num_moe_experts or 0) // ep
     out: dict[str, Tensor] = {}
-    for local_name, param in model.named_parameters():
-        name = global_name(local_name, offset)
+    named = [(global_name(name, layer_offset(chunk)), param)
+             for chunk in chunks for name, param in chunk.named_parameters()]
+    for name, param in named:
         t = param.detach()
         expert = ".local_experts." in name
         dim = _expert_tp_dim(name) if expert else _tp_dim(name)

@@ -125,11 +125,19 @@ RUNS = {
     "tensor-without-expert-etp-unset": ["train.parallelism.expert=1",
                                         "train.parallelism.expert_tensor=null", ROOM],
 }
+BIG = EXAMPLES / "compassmax-245b.yaml"  # PP 8 over 64 layers
+RUNS_BIG = {
+    "virtual_pipeline-2": ["train.parallelism.virtual_pipeline=2"],
+    "uneven-stages": ["train.parallelism.first_pipeline_stage_layers=4",
+                      "train.parallelism.last_pipeline_stage_layers=12"],
+}
 
 
-@pytest.mark.parametrize("edits", RUNS.values(), ids=RUNS.keys())
-def test_validate_accepts_the_layouts_the_trainer_runs(edits: list[str]) -> None:
-    assert compile_spec(SINGLE, edits).refusals == ()
+@pytest.mark.parametrize(("base", "edits"), [*((SINGLE, e) for e in RUNS.values()),
+                                             *((BIG, e) for e in RUNS_BIG.values())],
+                         ids=[*RUNS, *RUNS_BIG])
+def test_validate_accepts_the_layouts_the_trainer_runs(base: Path, edits: list[str]) -> None:
+    assert compile_spec(base, edits).refusals == ()
 
 
 def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, capsys,

@@ -4,7 +4,9 @@ tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP [RECO
 side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead; LOSS
 ``<loss>-kl`` adds a KL penalty to the frozen initial policy). Options (:data:`LAYOUT`):
 ``etp=N`` expert-tensor parallelism (``etp=tp``: Megatron's default, ETP = TP), ``layers=N``
-decoder layers of the tiny model.
+decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
+interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
+(uneven stages).
 
 Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
@@ -39,7 +41,7 @@ TRAIN: dict[str, Any] = {
 }
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
 # KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
-LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2}
+LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0}
 
 
 def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
@@ -93,10 +95,9 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     from runtime.router_replay import patch_qwen3_moe
     from runtime.trainer import Trainer
 
-    opts = {**LAYOUT, **(options or {})}
-    layout = {"tp": tp, "ep": ep, "pp": pp, "etp": tp if opts["etp"] == "tp" else int(opts["etp"])}
+    layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy(layers=int(opts["layers"]))
+    hf = tiny_hf_policy(layers=layers)
     batch = rl_batch(hf, replay)
     kl = loss.endswith("-kl")  # "<loss>-kl": KL (k3) to the frozen initial policy
     loss = loss.removesuffix("-kl")
@@ -120,14 +121,15 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
 
     pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
-        model = mm.build_gpt_model(hf.config, pg, **layout,
-                                   routing_replay=replay != "off", sequence_parallel=tp > 1,
-                                   **RECOMPUTE[recompute])
+        model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                    routing_replay=replay != "off", sequence_parallel=tp > 1,
+                                    **RECOMPUTE[recompute])
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         reference = None
         if kl:
-            reference = mm.build_gpt_model(hf.config, pg, **layout, sequence_parallel=tp > 1)
+            reference = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                            sequence_parallel=tp > 1)
             mm.load_hf_weights(reference, hf.state_dict(), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
                                   replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
@@ -141,7 +143,19 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
         mm.destroy_parallel()
 
 
-def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path,
+def _layout(tp: int, ep: int, pp: int, options: dict[str, Any] | None
+            ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(parallel sizes, uneven-stage config fields, layers) of the worker's options."""
+    from runtime.megatron.args import pipeline_stages
+
+    opts = {**LAYOUT, **(options or {})}
+    layout = {"tp": tp, "ep": ep, "pp": pp, "etp": tp if opts["etp"] == "tp" else int(opts["etp"]),
+              "vpp": int(opts["vpp"]) or None}
+    stages = pipeline_stages(pp, int(opts["first"]) or None, int(opts["last"]) or None)
+    return layout, stages, int(opts["layers"])
+
+
+def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: int = 1,
                options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step, save a Megatron checkpoint, step again (A); a fresh trainer of other weights loads
     the checkpoint and takes the second step (B). A and B must end equal: the checkpoint holds
@@ -152,17 +166,16 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path,
     from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
 
-    opts = {**LAYOUT, **(options or {})}
-    etp = tp if opts["etp"] == "tp" else int(opts["etp"])
+    layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy()
+    hf = tiny_hf_policy(layers=layers)
     first, second = rl_batch(hf, "off"), rl_batch(tiny_hf_policy(seed=2), "off")
     algorithm = {**ALGO, "loss": "espo"}
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep, etp=etp)
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
         def trainer(weights: Any) -> tuple[Any, Any]:
-            model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, etp=etp,
-                                       sequence_parallel=tp > 1)
+            model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                        sequence_parallel=tp > 1)
             mm.load_hf_weights(model, weights.state_dict(), hf.config)
             return model, MegatronTrainer(model, algorithm=algorithm, train=TRAIN,
                                           vocab_size=int(hf.config.vocab_size),
@@ -174,7 +187,7 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path,
         ckpt.mkdir(exist_ok=True)
         a.save_checkpoint(ckpt)
         a.step(second, epochs=EPOCHS, seed=SEED + 1)
-        model_b, b = trainer(tiny_hf_policy(seed=3))
+        model_b, b = trainer(tiny_hf_policy(seed=3, layers=layers))
         b.load_checkpoint(ckpt)
         steps_after_load = b.optimizer_steps
         b.step(second, epochs=EPOCHS, seed=SEED + 1)
@@ -197,7 +210,7 @@ def main(argv: list[str]) -> None:
     pp = int(rest[0]) if rest else 1
     recompute = rest[1] if len(rest) > 1 else "none"
     torch.set_num_threads(1)
-    out = (run_resume(rank, world_size, tp, ep, workdir, options) if replay == "resume"
+    out = (run_resume(rank, world_size, tp, ep, workdir, pp, options) if replay == "resume"
            else run(rank, world_size, tp, ep, workdir, replay, loss, pp, recompute, options))
     torch.save(out, workdir / f"rank{rank}.pt")
 
