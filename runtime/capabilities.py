@@ -163,8 +163,9 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
 
     if args.context_parallel_size > 1:
         refuse("context_parallel_size",
-               "the Megatron trainer does not run context parallelism (megatron-core needs "
-               "TransformerEngine attention for it)", "set train.parallelism.context: 1")
+               "the Megatron trainer does not run context parallelism (megatron-core 0.16.1 "
+               "needs TransformerEngine attention for it; the trainer builds the local "
+               "modules)", "set train.parallelism.context: 1")
     if args.pipeline_model_parallel_size > 1 and not args.untie_embeddings_and_output_weights:
         refuse("untie_embeddings_and_output_weights",
                "the Megatron trainer does not tie embeddings across pipeline stages",

@@ -148,6 +148,27 @@ def test_virtual_and_uneven_pipeline_stages_match_embedded(tmp_path: Path, repla
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+def test_context_parallel_needs_transformer_engine_attention(tmp_path: Path,
+                                                             megatron_cpu: None) -> None:
+    """CP = 2 does not run, and stays refused (``megatron_layout``): megatron-core 0.16.1's
+    local ``DotProductAttention`` — the only attention it has without TransformerEngine,
+    which has no CPU build, and the one the trainer builds on GPUs too (the local layer spec)
+    — asserts context_parallel_size == 1; context parallelism is TEDotProductAttention's
+    (TE's ring / all-gather attention kernels). The rest of CP (the load-balanced 2·CP
+    sequence split, the per-token loss gathered, replay traces split alike) is not built.
+    When this test fails, megatron-core runs CP without TE: build that and lift the refusal."""
+    from runtime.megatron import model as mm
+    from tests.megatron._worker import tiny_hf_policy
+
+    hf = tiny_hf_policy()
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        with pytest.raises(AssertionError, match="only supported by TEDotProductAttention"):
+            mm.build_gpt_model(hf.config, pg, context_parallel_size=2)
+    finally:
+        mm.destroy_parallel()
+
+
 @pytest.mark.parametrize(("replay", "recompute"), [("r3", "full"), ("r2", "full"),
                                                   ("r3", "selective")])
 def test_recomputed_activations_replay_the_same_experts(tmp_path: Path, replay: str,
