@@ -125,7 +125,6 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "optimizer_offload": (_ex(TINY, "train.optimizer.cpu_offload=true"),),
     "megatron_layout": (
         _ex(BIG, "train.parallelism.context=2"),
-        _ex(SINGLE, "train.parallelism.expert_tensor=2", "train.parallelism.expert=4"),
     ),
 }
 

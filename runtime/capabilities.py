@@ -221,33 +221,11 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
     def refuse(flag: str, message: str, hint: str) -> None:
         out.append(Refusal("megatron_layout", FLAG_PATHS[flag], message, hint))
 
-    tp = args.tensor_model_parallel_size
-    etp = args.expert_tensor_parallel_size if args.expert_tensor_parallel_size else tp
-    if args.num_experts and etp != 1:
-        refuse("expert_tensor_parallel_size",
-               f"the Megatron trainer keeps each expert whole on its rank, but ETP is {etp}"
-               + ("" if args.expert_tensor_parallel_size else " (expert_tensor unset, so ETP = TP)"),
-               "set train.parallelism.expert_tensor: 1")
     if args.context_parallel_size > 1:
         refuse("context_parallel_size",
-               "the Megatron trainer does not run context parallelism (megatron-core needs "
-               "TransformerEngine attention for it)", "set train.parallelism.context: 1")
-    if args.num_virtual_stages_per_pipeline_rank:
-        refuse("num_virtual_stages_per_pipeline_rank",
-               "the Megatron trainer runs the plain 1F1B schedule, not virtual pipeline stages",
-               "remove train.parallelism.virtual_pipeline")
-    for flag, key in (("decoder_first_pipeline_num_layers", "first_pipeline_stage_layers"),
-                      ("decoder_last_pipeline_num_layers", "last_pipeline_stage_layers")):
-        if getattr(args, flag):
-            refuse(flag, "the Megatron trainer runs even pipeline stages only",
-                   f"remove train.parallelism.{key} and choose a pipeline size dividing "
-                   "num_layers")
-    if args.num_experts and tp > 1 and args.expert_model_parallel_size == 1:
-        refuse("tensor_model_parallel_size",
-               "tensor parallelism needs expert parallelism > 1 in the Megatron trainer "
-               "(with EP 1 megatron-core reduces expert gradients over data-parallel ranks "
-               "only, while each TP rank trains them on its own sequence shard)",
-               "set train.parallelism.expert ≥ 2, or tensor: 1")
+               "the Megatron trainer does not run context parallelism (megatron-core 0.16.1 "
+               "needs TransformerEngine attention for it; the trainer builds the local "
+               "modules)", "set train.parallelism.context: 1")
     if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
         refuse("optimizer_cpu_offload",
                "--optimizer-cpu-offload runs inside the distributed optimizer "

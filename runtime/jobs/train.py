@@ -278,7 +278,12 @@ class MegatronTrainerProcess(TrainerProcess):
         from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
         from runtime.megatron import model as mm
-        from runtime.megatron.args import bias_update_rate, check_architecture, train_settings
+        from runtime.megatron.args import (
+            bias_update_rate,
+            check_architecture,
+            pipeline_stages,
+            train_settings,
+        )
         from runtime.megatron.engine import MegatronTrainer
 
         args, spec = self.args, self.ctx.spec
@@ -289,30 +294,37 @@ class MegatronTrainerProcess(TrainerProcess):
         backend, forced = mm.use_devices(spec["cluster"]["devices"])
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
-                  "pp": args.pipeline_model_parallel_size}
+                  "pp": args.pipeline_model_parallel_size,
+                  # Megatron-LM's default: --expert-tensor-parallel-size unset → ETP = TP
+                  "etp": args.expert_tensor_parallel_size or args.tensor_model_parallel_size}
         refused = megatron_flag_refusals(args)  # the layouts `rlspec validate` refuses too
         if refused:
             raise NotImplementedError("; ".join(f"{r.message} ({r.hint})" for r in refused))
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
+        vpp = args.num_virtual_stages_per_pipeline_rank or None  # model chunks per rank
         pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                              backend=backend, seed=args.seed, **layout)
+                              backend=backend, seed=args.seed, vpp=vpp, **layout)
         self.main = rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         # the CPU runs the allgather dispatcher only (the megatron_cpu rule refuses others)
         overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel,
-                                     "moe_token_dispatcher_type": args.moe_token_dispatcher_type}
+                                     "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
+                                     **pipeline_stages(layout["pp"],
+                                                       args.decoder_first_pipeline_num_layers,
+                                                       args.decoder_last_pipeline_num_layers)}
         overrides["moe_router_bias_update_rate"] = bias_update_rate(args)  # DeepSeek-V3's bias
         if args.recompute_granularity:
             overrides.update(recompute_granularity=args.recompute_granularity,
                              recompute_method=args.recompute_method,
                              recompute_num_layers=args.recompute_num_layers)
-        self.module = mm.build_gpt_model(
-            self.hf_config, pg, routing_replay=self.replay_mode != "off", dtype=dtype,
+        chunks = mm.build_gpt_chunks(
+            self.hf_config, pg, vpp=vpp, routing_replay=self.replay_mode != "off", dtype=dtype,
             **layout, **overrides)
+        self.module: Any = chunks if vpp else chunks[0]
         if self.main:
-            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, DP %d), %s, %s backend",
-                          world, layout["tp"], layout["pp"], layout["ep"],
+            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, ETP %d, DP %d), %s, "
+                          "%s backend", world, layout["tp"], layout["pp"], layout["ep"], layout["etp"],
                           world // (layout["tp"] * layout["pp"]),
                           str(dtype).removeprefix("torch."), backend)
         read = ckpt.load_model(self.module, args.load)
@@ -320,10 +332,11 @@ class MegatronTrainerProcess(TrainerProcess):
             self.log.info("weights from %s", read)
         reference = None
         if self.kl_on:  # the frozen starting policy, same layout, routing freely
-            reference = mm.build_gpt_model(self.hf_config, pg, dtype=dtype, **layout,
-                                           **overrides)
+            reference = mm.build_gpt_chunks(self.hf_config, pg, vpp=vpp, dtype=dtype,
+                                            **layout, **overrides)
             ckpt.load_model(reference, args.load)
-            reference.requires_grad_(False).eval()
+            for chunk in reference:
+                chunk.requires_grad_(False).eval()
         self.train_cfg = train_settings(args, self.train_cfg)
         self.trainer = MegatronTrainer(  # type: ignore[assignment]
             self.module, algorithm=self.algorithm, train=self.train_cfg,

@@ -28,9 +28,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers", "hf_num_experts",
-           "hf_rope_theta",
-           "megatron_parser", "parse_megatron_args", "train_settings"]
+__all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers",
+           "hf_num_experts", "hf_rope_theta", "megatron_parser", "parse_megatron_args",
+           "pipeline_stages", "train_settings"]
 
 
 class MegatronArgsError(ValueError):
@@ -232,6 +232,18 @@ def bias_update_rate(args: argparse.Namespace) -> float:
     ``--moe-router-enable-expert-bias`` (``moe.expert_bias: true``), else 0 (the bias, which
     a DeepSeek-V3 checkpoint always has, stays as the checkpoint's)."""
     return 1e-3 if args.moe_router_enable_expert_bias else 0.0
+
+
+def pipeline_stages(pp: int, first: int | None, last: int | None) -> dict[str, int]:
+    """``TransformerConfig`` fields of uneven pipeline stages (``--decoder-first/last-
+    pipeline-num-layers``). With PP = 2 and both given, the first alone says the same (the
+    last stage holds the rest), and is what is passed: megatron-core 0.16.1 divides by the
+    number of middle stages when both are set under virtual pipeline stages, a
+    ZeroDivisionError at PP = 2 (``get_transformer_layer_offset``)."""
+    if pp == 2 and first and last:
+        last = None
+    return {f"num_layers_in_{name}_pipeline_stage": value
+            for name, value in (("first", first), ("last", last)) if value}
 
 
 def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[str, Any]:

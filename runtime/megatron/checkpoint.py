@@ -131,11 +131,20 @@ def save_model(model: Any, root: str | os.PathLike[str]) -> Path:
 
 def load_model(model: Any, root: str | os.PathLike[str]) -> Path:
     """Load the model weights of the checkpoint ``root`` names (any layout, any iteration;
-    optimizer state, if any, is not read). Collective; returns the directory read."""
+    optimizer state, if any, is not read) into a GPTModel or a list of model chunks (virtual
+    pipeline stages; the checkpoint's tensors are keyed by global names either way).
+    Collective; returns the directory read."""
     from megatron.core import dist_checkpointing
 
     path = latest(root)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(path))
+    if not isinstance(model, list):
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(path))
+        with torch.no_grad():
+            model.load_state_dict(state["model"])
+        return path
+    sharded = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+    state = dist_checkpointing.load({"model": sharded}, os.fspath(path))
     with torch.no_grad():
-        model.load_state_dict(state["model"])
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(state["model"][f"chunk{i}"])
     return path

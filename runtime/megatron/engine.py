@@ -27,10 +27,16 @@ same metrics; what changes is where the work runs:
 Tensor parallelism trains with sequence parallelism (megatron-core's MoE layer requires it):
 micro-batches are padded to a multiple of TP positions, the norms are
 ``runtime.megatron.model.SequenceParallelRMSNorm`` and replay targets are sharded by
-sequence (``runtime.megatron.replay``). Pipeline parallelism runs megatron-core's 1F1B
+sequence (``runtime.megatron.replay``); any EP and expert-tensor size go with it (experts'
+gradients are reduced over the expert data-parallel group, also at EP = 1:
+``runtime.megatron.model._mark_tensor_parallel``). Pipeline parallelism runs megatron-core's 1F1B
 schedule for the update and forward-only for the old-policy and reference passes; every
 micro-batch of a pass then has one shape, stages replay / record their own MoE layers, and
 the loss and its metrics live on the last stage (its log-probs are summed to all stages).
+Virtual pipeline stages (``build_gpt_chunks``) run the interleaved schedule over this rank's
+model chunks, each a DDP of its own; every chunk reads every micro-batch and replays or
+records its own routers (``MegatronReplay``'s ``instances``). Uneven first/last stages are
+the chunks' ``TransformerConfig`` (``runtime.megatron.args.pipeline_stages``).
 Context parallelism is not supported.
 """
 
@@ -54,7 +60,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from runtime.megatron.model import comm_device, layer_offset, megatron_logprobs
+from runtime.megatron.model import comm_device, megatron_logprobs
 from runtime.megatron.replay import MegatronReplay, from_megatron_layout
 from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch, Trainer
@@ -70,35 +76,46 @@ class MegatronTrainer(Trainer):
     """Applies the spec's ``algorithm`` to a megatron-core GPTModel, one RL step at a time.
 
     ``model`` is this rank's shard (``build_gpt_model``, with ``routing_replay=True`` for
-    r2/r3); parallel state must be initialised. ``algorithm`` / ``train`` as for ``Trainer``;
-    ``reference``: the frozen KL reference, a GPTModel of the same layout built without
-    routing replay (it routes freely).
+    r2/r3), or its model chunks under virtual pipeline stages (``build_gpt_chunks``: the
+    interleaved 1F1B schedule); parallel state must be initialised. ``algorithm`` / ``train``
+    as for ``Trainer``; ``reference``: the frozen KL reference, a GPTModel (or chunks) of the
+    same layout built without routing replay (it routes freely).
     """
 
-    def __init__(self, model: GPTModel, *, algorithm: dict[str, Any], train: dict[str, Any],
-                 vocab_size: int, replay_mode: str = "off", reference: GPTModel | None = None,
+    def __init__(self, model: GPTModel | list[GPTModel], *, algorithm: dict[str, Any],
+                 train: dict[str, Any], vocab_size: int, replay_mode: str = "off",
+                 reference: GPTModel | list[GPTModel] | None = None,
                  total_optimizer_steps: int = 1, length_balancing: bool = True) -> None:
         if parallel_state.get_context_parallel_world_size() > 1:
             raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
-        config = model.config
+        self.chunks = list(model) if isinstance(model, list | tuple) else [model]
+        config = self.chunks[0].config
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if tp > 1 and not config.sequence_parallel:
             raise ValueError("megatron-core trains an MoE model under tensor parallelism only "
                              "with sequence parallelism: build it with sequence_parallel=True")
-        if tp > 1 and parallel_state.get_expert_model_parallel_world_size() == 1:
-            # megatron-core reduces EP=1 experts' gradients like dense ones (over DP), but with
-            # expert-TP 1 each TP rank trains them on its own sequence shard
-            raise ValueError("tensor parallelism needs expert parallelism > 1 here (experts are "
-                             "whole on their rank): set train.parallelism.expert ≥ 2")
-        config.calculate_per_token_loss = True  # before DDP: gradients are summed, not averaged
         distributed = bool(train["optimizer"]["distributed"])
-        ddp = DistributedDataParallel(
-            config=config, module=model,
-            ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed))
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = ddp.no_sync
-        self.module = model
-        self.device = next(model.parameters()).device
+        ddps = []
+        for chunk in self.chunks:  # gradients summed, not averaged: set before DDP
+            chunk.config.calculate_per_token_loss = True
+            ddps.append(DistributedDataParallel(
+                config=chunk.config, module=chunk,
+                ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed)))
+        self.ddp_chunks = ddps
+        for chunk in self.chunks:  # the schedule reads the first chunk's
+            chunk.config.finalize_model_grads_func = finalize_model_grads
+            chunk.config.no_sync_func = ([d.no_sync for d in ddps] if len(ddps) > 1
+                                         else ddps[0].no_sync)
+        if len(self.chunks) > 1 and parallel_state.get_pipeline_model_parallel_world_size() == 2:
+            # Interleaved with PP 2, each rank's previous and next stage are the same rank and
+            # both messages of a step have one shape: batched, megatron-core posts the sends
+            # as [prev, next] and the receives as [prev, next] on both ranks, so the peer
+            # takes the gradient for the activation and vice versa (measured on gloo). The
+            # unbatched path orders them by rank parity.
+            for chunk in self.chunks:
+                chunk.config.batch_p2p_comm = False
+        self.module = self.chunks[0]
+        self.device = next(self.module.parameters()).device
         self.distributed_optimizer = distributed
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -110,13 +127,25 @@ class MegatronTrainer(Trainer):
         pattern = freq if isinstance(freq, list) else [
             int(i % freq == 0) for i in range(config.num_layers)]
         self.moe_layers = sum(pattern)  # in the whole model
-        self.moe_offset = sum(pattern[:layer_offset(model)])  # before this pipeline stage
-        replay = (MegatronReplay(sequence_parallel=bool(config.sequence_parallel),
-                                 first_layer=self.moe_offset, total_layers=self.moe_layers)
-                  if replay_mode != "off" else None)
-        super().__init__(ddp, algorithm=algorithm, train=train, vocab_size=vocab_size,
+        replay = None
+        # per DDP chunk: the positions of its routers among RouterReplay's instances (the
+        # interleaved schedule runs one chunk per forward step, which replays its own only)
+        self.routers: dict[int, list[int] | None] = {id(d): None for d in ddps}
+        if replay_mode != "off":
+            layers = _router_layers(self.chunks, pattern)
+            replay = MegatronReplay(sequence_parallel=bool(config.sequence_parallel),
+                                    total_layers=self.moe_layers,
+                                    layers=[layer for chunk in layers for _, layer in chunk])
+            if len(ddps) > 1:
+                self.routers = {id(d): [pos for pos, _ in chunk]
+                                for d, chunk in zip(ddps, layers, strict=True)}
+        self.reference_chunks = (None if reference is None else list(reference)
+                                 if isinstance(reference, list | tuple) else [reference])
+        super().__init__(ddps[0] if len(ddps) == 1 else torch.nn.ModuleList(ddps),
+                         algorithm=algorithm, train=train, vocab_size=vocab_size,
                          replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
-                         reference=reference, total_optimizer_steps=total_optimizer_steps,
+                         reference=reference,  # type: ignore[arg-type]
+                         total_optimizer_steps=total_optimizer_steps,
                          length_balancing=length_balancing)
 
     # ------------------------------------------------------------------ engine hooks
@@ -143,7 +172,7 @@ class MegatronTrainer(Trainer):
                             optimizer_cpu_offload=offload,
                             optimizer_offload_fraction=(float(opt.get("offload_fraction", 1.0))
                                                         if offload else 0.0)),
-            [self.model])
+            self.ddp_chunks)
 
     def _lr(self) -> float:
         """``Trainer``'s schedule; weight decay per group as megatron's own scheduler sets it
@@ -181,7 +210,7 @@ class MegatronTrainer(Trainer):
         """A Megatron distributed checkpoint (``dist_checkpointing``) of model and optimizer
         state (the distributed optimizer's shards included) and the optimizer-step count.
         Collective: every rank calls it with the same (shared) directory, which must exist."""
-        model_sd = self.module.sharded_state_dict()
+        model_sd = self._sharded_state_dict()
         dist_checkpointing.save({"model": model_sd,
                                  "optimizer": self.optimizer.sharded_state_dict(
                                      model_sd, metadata=_CKPT_METADATA),
@@ -190,16 +219,27 @@ class MegatronTrainer(Trainer):
     def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_checkpoint` wrote (collective)."""
         _set_adam_step(self.optimizer, 0)
-        model_sd = self.module.sharded_state_dict()
+        model_sd = self._sharded_state_dict()
         state = dist_checkpointing.load(
             {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(
                 model_sd, is_loading=True, metadata=_CKPT_METADATA), "optimizer_steps": 0},
             os.fspath(directory))
         with torch.no_grad():  # fp32 main params are views of the parameters themselves
-            self.module.load_state_dict(state["model"])
+            if len(self.chunks) == 1:
+                self.module.load_state_dict(state["model"])
+            else:
+                for i, chunk in enumerate(self.chunks):
+                    chunk.load_state_dict(state["model"][f"chunk{i}"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer_steps = int(state["optimizer_steps"])
         _set_adam_step(self.optimizer, self.optimizer_steps)  # not restored by the loader
+
+    def _sharded_state_dict(self) -> dict[str, Any]:
+        """The model's sharded state dict; with model chunks one per chunk (``chunk<i>``):
+        the checkpoint's tensors are keyed by their global names either way."""
+        if len(self.chunks) == 1:
+            return self.module.sharded_state_dict()
+        return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.chunks)}
 
     # ------------------------------------------------------------------ data-parallel split
 
@@ -212,6 +252,8 @@ class MegatronTrainer(Trainer):
         micro = list(self._micro_batches(rows, batch))
         mine = micro[self.dp_rank::self.dp]
         count = _all_max([len(mine)])[0]
+        if len(self.chunks) > 1:  # the interleaved schedule runs at least PP micro-batches
+            count = max(count, self.pp)
         indices = [mine[i] if i < len(mine) else rows[:0] for i in range(count)]
         shapes = _all_max([v for index in indices for v in (
             len(index), int(batch.attention_mask[index].sum(1).max()) if len(index) else 1)])
@@ -231,7 +273,6 @@ class MegatronTrainer(Trainer):
         ent = torch.zeros(B, T)
         r2 = self.replay_mode == "r2"
         layers = self.moe_layers if r2 else 0
-        local = slice(self.moe_offset, self.moe_offset + (len(self.replay) if r2 else 0))  # type: ignore[arg-type]
         top_k = int(self.module.config.moe_router_topk or 1)
         ids = torch.zeros(B, T, layers, top_k, dtype=torch.long)  # expert id + 1; 0 = none
         self.model.eval()
@@ -241,14 +282,21 @@ class MegatronTrainer(Trainer):
             n, width = len(index), mb.input_ids.shape[1]
             length = min(width, T)  # beyond T: padding to a multiple of TP
             args = (model, mb.input_ids.to(self.device), mb.attention_mask.to(self.device))
+            routers = self.routers[id(model)]
             if r2:
-                with self.replay.recording() as records:  # type: ignore[union-attr]
+                with self.replay.recording(routers) as records:  # type: ignore[union-attr]
                     out, h = megatron_logprobs(*args, with_entropy=True)
-                got = from_megatron_layout(records, mb.size, width)
-                ids[index, :length, local] = got[:n, :length].long().cpu() + 1
+                if records:
+                    got = from_megatron_layout(records, mb.size, width)
+                    chosen = range(len(self.replay)) if routers is None else routers  # type: ignore[arg-type]
+                    for j, i in enumerate(chosen):  # this chunk's MoE layers
+                        ids[index, :length, self.replay.layers[i]] = (  # type: ignore[union-attr]
+                            got[:n, :length, j].long().cpu() + 1)
+            elif self.replay_mode != "off" and mb.routing is not None:
+                with self.replay.replaying(mb.routing, instances=routers):  # type: ignore[union-attr]
+                    out, h = megatron_logprobs(*args, with_entropy=True)
             else:
-                with self._routing(mb.routing):
-                    out, h = megatron_logprobs(*args, with_entropy=True)
+                out, h = megatron_logprobs(*args, with_entropy=True)
 
             def keep(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:  # last stage
                 old[index, :length] = output[:n, :length].cpu()
@@ -257,7 +305,7 @@ class MegatronTrainer(Trainer):
 
             return out, keep
 
-        self._forward_only(self.model, batch, forward_step)
+        self._forward_only(self.ddp_chunks, batch, forward_step)
         old, ent, ids = self._sum_over_ranks(old, ent, ids)
         if self.replay_mode == "r2":
             recorded = torch.where(ids > 0, ids - 1, torch.arange(top_k).expand_as(ids))
@@ -283,22 +331,32 @@ class MegatronTrainer(Trainer):
 
             return out, keep
 
-        self._forward_only(self.reference, batch, forward_step)
+        self._forward_only(self.reference_chunks, batch, forward_step)
         (ref,) = self._sum_over_ranks(ref)
         return ref
 
-    def _forward_only(self, model: Any, batch: TrainBatch, forward_step: Any) -> None:
+    def _forward_only(self, model: list[Any], batch: TrainBatch, forward_step: Any) -> None:
         """A no-grad pass of ``model`` over the whole batch, this rank's share of it."""
         with torch.no_grad():
             self._schedule(model, list(self._shard(torch.arange(batch.size), batch)),
                            forward_step, forward_only=True)
 
-    def _schedule(self, model: Any, micro: list[Any], forward_step: Any, *,
+    def _schedule(self, chunks: list[Any], micro: list[Any], forward_step: Any, *,
                   forward_only: bool) -> None:
-        """megatron-core's schedule (1F1B across pipeline stages) over ``micro``, which
-        ``_shard`` made of equal shapes on every rank."""
+        """megatron-core's schedule (1F1B across pipeline stages, interleaved over model
+        chunks) over ``micro``, which ``_shard`` made of equal shapes on every rank. Each chunk
+        reads every micro-batch (positions, mask and routing; the first also the tokens).
+        The interleaved schedule runs groups of ``microbatch_group_size_per_vp_stage``
+        micro-batches per chunk, which must be ≥ PP and leave no remainder below PP:
+        PP when it divides the count, else all of them in one group."""
+        data: Any = iter(micro)
+        if len(chunks) > 1:
+            n = len(micro)
+            chunks[0].config.microbatch_group_size_per_vp_stage = (
+                self.pp if n % self.pp == 0 else n)
+            data = [iter(micro) for _ in chunks]
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+            forward_step_func=forward_step, data_iterator=data, model=chunks,
             num_microbatches=len(micro), seq_length=micro[0][2].input_ids.shape[1],
             micro_batch_size=micro[0][2].size, forward_only=forward_only)
 
@@ -321,13 +379,16 @@ class MegatronTrainer(Trainer):
     # ------------------------------------------------------------------ the update
 
     @contextmanager
-    def _update_routing(self, trace: RoutingTrace | None) -> Iterator[None]:
+    def _update_routing(self, trace: RoutingTrace | None,
+                        routers: list[int] | None = None) -> Iterator[None]:
         """``Trainer._routing`` for a forward whose backward may recompute it (full
-        activation recomputation): the recomputed forward replays the same experts."""
+        activation recomputation): the recomputed forward replays the same experts.
+        ``routers``: the chunk's (``MegatronReplay.replaying``'s ``instances``)."""
         if self.replay_mode == "off" or trace is None:
             yield
             return
-        with self.replay.replaying(trace, backward=True):  # type: ignore[union-attr]
+        with self.replay.replaying(trace, backward=True,  # type: ignore[union-attr]
+                                   instances=routers):
             yield
 
     def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
@@ -335,13 +396,14 @@ class MegatronTrainer(Trainer):
         total_tokens = float(mask[mini].sum())
         denom = max(self._share(mask[mini]), 1.0)
         lr = self._lr()
-        self.model.zero_grad_buffer()  # type: ignore[operator]
+        for ddp in self.ddp_chunks:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         micro = list(self._shard(mini, batch))
 
         def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
             index, real, padded = next(data)
-            with self._update_routing(padded.routing):
+            with self._update_routing(padded.routing, self.routers.get(id(model))):
                 logp, _ = megatron_logprobs(model, padded.input_ids.to(self.device),
                                             padded.attention_mask.to(self.device))
 
@@ -359,7 +421,7 @@ class MegatronTrainer(Trainer):
             return logp, loss_func
 
         try:
-            self._schedule(self.model, micro, forward_step, forward_only=False)
+            self._schedule(self.ddp_chunks, micro, forward_step, forward_only=False)
         finally:
             if self.replay_mode != "off":
                 self.replay.finish_backward()  # type: ignore[union-attr]
@@ -369,6 +431,23 @@ class MegatronTrainer(Trainer):
             counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0
             sums["lr"], counts["lr"] = lr, 1.0
         self.optimizer_steps += 1
+
+
+def _router_layers(chunks: list[GPTModel], pattern: list[int]) -> list[list[tuple[int, int]]]:
+    """Per model chunk, (position among RouterReplay's instances, the model's MoE-layer
+    index) of each of its routers, in layer order."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    everyone = {id(r): i for i, r in enumerate(RouterReplay.global_router_replay_instances)}
+    out = []
+    for chunk in chunks:
+        found = []
+        for layer in chunk.decoder.layers:
+            router = getattr(getattr(layer.mlp, "router", None), "router_replay", None)
+            if router is not None:  # layer_number: 1-based, in the whole model
+                found.append((everyone[id(router)], sum(pattern[:layer.layer_number - 1])))
+        out.append(found)
+    return out
 
 
 def _set_adam_step(optimizer: Any, step: int) -> None:

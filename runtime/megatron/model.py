@@ -23,7 +23,8 @@ Weight layout (:func:`hf_to_megatron`): ``linear_qkv.weight`` stacks, per query 
 chunks the output in two). The full state dict is the TP=1/EP=1 layout;
 :func:`load_hf_weights` slices it for the local rank along the one dim whose size differs
 (column-parallel / vocab: dim 0, row-parallel: dim 1; qkv chunks are whole query groups; the
-gated dense fc1 takes [gate_r; up_r]) and picks experts by expert-parallel rank.
+gated fc1 takes [gate_r; up_r]), picks experts by expert-parallel rank and slices them
+likewise over the expert-tensor-parallel group (``etp``; Megatron-LM's default is ETP = TP).
 
 Per-token log-probs follow ``runtime.trainer.sequence_logprobs``: logp[b, t] = log π(x_t | x_<t),
 position 0 is 0; computed from the vocab-parallel logits with
@@ -58,6 +59,7 @@ from runtime.megatron import deepseek
 from runtime.megatron.args import hf_moe_layers, hf_num_experts, hf_rope_theta
 
 __all__ = [
+    "build_gpt_chunks",
     "build_gpt_model",
     "destroy_parallel",
     "gather_full_state_dict",
@@ -75,7 +77,8 @@ __all__ = [
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
-                  tp: int = 1, ep: int = 1, pp: int = 1, backend: str = "gloo",
+                  tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
+                  vpp: int | None = None, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
     """Join the default group, build megatron's tensor/expert-parallel groups, seed
     megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
@@ -87,11 +90,13 @@ def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str]
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, init_method=init_method,
                                              rank=rank, world_size=world_size)
-    # expert-TP 1: experts are whole on their EP rank (default would be expert-TP = TP)
+    # etp: expert-tensor parallelism (1: experts whole on their EP rank; Megatron-LM's
+    # default when --expert-tensor-parallel-size is unset is ETP = TP, which callers pass)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                              pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp,
                                              expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=1)
+                                             expert_tensor_parallel_size=etp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
@@ -131,7 +136,7 @@ def destroy_parallel() -> None:
 
 
 def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: int = 1,
-                       dtype: torch.dtype = torch.float32, routing_replay: bool = False,
+                       etp: int = 1, dtype: torch.dtype = torch.float32, routing_replay: bool = False,
                        **overrides: Any) -> TransformerConfig:
     """The ``TransformerConfig`` of a Qwen3-MoE HF config (mapping in the module doc);
     ``overrides`` replace fields that do not change the model's function (the token
@@ -173,7 +178,7 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
         pipeline_model_parallel_size=pp,
         pipeline_dtype=dtype,  # the activations stages send each other
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=etp,
         # Sequence parallelism (needed to train MoE under TP) swaps the local spec's norms for
         # SequenceParallelRMSNorm; off by default (the forward alone does not need it).
         sequence_parallel=False,
@@ -227,17 +232,24 @@ def _with_norm(spec: Any, norm: type) -> Any:
 
 
 def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
-                    tp: int = 1, ep: int = 1, pp: int = 1, routing_replay: bool = False,
-                    dtype: torch.dtype = torch.float32, **overrides: Any) -> GPTModel:
+                    tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
+                    routing_replay: bool = False, dtype: torch.dtype = torch.float32,
+                    vp_stage: int | None = None, **overrides: Any) -> GPTModel:
     """The local (non-TransformerEngine) GPTModel of a Qwen3-MoE config, this rank's shard
-    (``overrides``: :func:`transformer_config`'s)."""
+    (``overrides``: :func:`transformer_config`'s, e.g. the uneven pipeline stages
+    ``num_layers_in_first/last_pipeline_stage``); ``vp_stage``: the virtual pipeline stage
+    (model chunk) of this rank to build (:func:`build_gpt_chunks`)."""
     if int(cfg.num_key_value_heads) % tp or hf_num_experts(cfg) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
                          f"ep={ep} the {hf_num_experts(cfg)} experts")
-    tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, dtype=dtype,
+    if int(cfg.moe_intermediate_size) % etp:
+        raise ValueError(f"etp={etp} must divide the experts' {cfg.moe_intermediate_size} "
+                         "intermediate channels")
+    tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, etp=etp, dtype=dtype,
                               routing_replay=routing_replay, **overrides)
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm",
-                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                                      vp_stage=vp_stage)
     if tcfg.sequence_parallel:
         spec = _with_norm(spec, SequenceParallelRMSNorm)
     if tcfg.multi_latent_attention:
@@ -247,9 +259,9 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
         position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
-        parallel_output=True, pg_collection=pg_collection,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage())
+        parallel_output=True, pg_collection=pg_collection, vp_stage=vp_stage,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
     _mark_tensor_parallel(model)
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         # built on the CPU (use_cpu_initialization), trained on this rank's GPU
@@ -257,16 +269,40 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
     return model
 
 
+def build_gpt_chunks(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection, *,
+                     vpp: int | None = None, **kwargs: Any) -> list[GPTModel]:
+    """This rank's model chunks: one GPTModel per virtual pipeline stage (``vpp``, interleaved
+    1F1B; parallel state initialised with the same ``vpp``), or the one model without.
+    ``kwargs``: :func:`build_gpt_model`'s."""
+    if not vpp:
+        return [build_gpt_model(cfg, pg_collection, **kwargs)]
+    return [build_gpt_model(cfg, pg_collection, vp_stage=i,
+                            virtual_pipeline_model_parallel_size=vpp, **kwargs)
+            for i in range(vpp)]
+
+
+def _chunks(model: GPTModel | list[GPTModel]) -> list[GPTModel]:
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
 def _mark_tensor_parallel(model: GPTModel) -> None:
     """Set the tensor-parallel attributes megatron-core's own weight initialisation would set
     (skipped here: ``perform_initialization=False``, the weights come from HF). The optimizer
     counts a parameter without ``tensor_model_parallel`` in the gradient norm on TP rank 0
     only, as a replica; sharded weights and the experts (each on one expert-parallel rank)
-    must count on every rank, or clipping sees too small a norm under TP."""
+    must count on every rank, or clipping sees too small a norm under TP.
+
+    Experts are also marked ``allreduce = False`` at every expert-parallel size: megatron-core
+    0.16.1's linear layers do so only when EP > 1, so at EP = 1 its DDP and optimizer would
+    treat them as dense weights, reduced and sharded over the dense data-parallel group. With
+    ETP ≠ TP that group mixes different expert shards (ETP 2, TP 1: both ETP ranks' halves
+    averaged), and with ETP 1 < TP it misses the TP ranks' sequence shards; the expert
+    data-parallel group is the right one in every case."""
     for name, param in model.named_parameters():
         dim = _tp_dim(name)
         if ".local_experts." in name:
             dim = 0 if name.endswith("linear_fc1.weight") else 1
+            param.allreduce = False  # type: ignore[attr-defined]
         if dim is not None and not getattr(param, "tensor_model_parallel", False):
             tensor_parallel.set_tensor_model_parallel_attributes(param, True, dim, 1)
 
@@ -333,36 +369,41 @@ def _shard(name: str, full: Tensor, param: Tensor, tp_rank: int) -> Tensor:
     if len(dims) > 1 or full.shape[dims[0]] % param.shape[dims[0]]:
         raise ValueError(f"{name}: cannot shard {tuple(full.shape)} into {tuple(param.shape)}")
     dim, parts = dims[0], full.shape[dims[0]] // param.shape[dims[0]]
-    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and ".experts." not in name:
-        # gated dense MLP: each rank holds [gate_r; up_r]
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        # gated MLP (dense or expert): each rank holds [gate_r; up_r]
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(parts, 0)[tp_rank], up.chunk(parts, 0)[tp_rank]], 0)
     # qkv: contiguous chunks are whole query groups (needs groups % tp == 0)
     return full.chunk(parts, dim=dim)[tp_rank]
 
 
-def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
+def load_hf_weights(model: GPTModel | list[GPTModel], state_dict_hf: Mapping[str, Tensor],
                     cfg: PretrainedConfig) -> None:
     """Convert HF weights (:func:`hf_to_megatron`) and copy this rank's shard into ``model``.
-    Expert e on expert-parallel rank r is global expert r · (E / ep) + e."""
+    Expert e on expert-parallel rank r is global expert r · (E / ep) + e; experts are sliced
+    over the expert-tensor-parallel group as dense weights are over the tensor-parallel one.
+    ``model``: a GPTModel or this rank's model chunks (:func:`build_gpt_chunks`)."""
     full = hf_to_megatron(state_dict_hf, cfg)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     ep = parallel_state.get_expert_model_parallel_world_size()
     n_local = hf_num_experts(cfg) // ep
     missing = []
-    offset = layer_offset(model)
+    named = [(global_name(name, layer_offset(chunk)), name, param)
+             for chunk in _chunks(model) for name, param in _named_weights(chunk)]
     with torch.no_grad():
-        for name, param in _named_weights(model):
-            key = global_name(name, offset)
+        for key, name, param in named:
+            rank = tp_rank
             if ".local_experts." in key:
                 head, tail = key.split(".local_experts.")
                 e, rest = tail.split(".", 1)
                 key = f"{head}.local_experts.{ep_rank * n_local + int(e)}.{rest}"
+                rank = etp_rank
             if key not in full:
                 missing.append(name)
                 continue
-            src = _shard(name, full[key], param, tp_rank)
+            src = _shard(name, full[key], param, rank)
             if src.shape != param.shape:
                 raise ValueError(f"{name}: converted shape {tuple(src.shape)} != {tuple(param.shape)}")
             param.copy_(src.to(param.dtype))
@@ -374,12 +415,12 @@ def load_hf_weights(model: GPTModel, state_dict_hf: Mapping[str, Tensor],
 
 
 def layer_offset(model: GPTModel) -> int:
-    """Global index of this pipeline stage's first layer."""
+    """Global index of this pipeline stage's (model chunk's) first layer."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return 0
-    return int(get_transformer_layer_offset(model.config))
+    return int(get_transformer_layer_offset(model.config, vp_stage=getattr(model, "vp_stage", None)))
 
 
 def global_name(name: str, offset: int) -> str:
@@ -448,8 +489,8 @@ def _vocab_parallel_entropy(z: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- export
 
-# Tensor-parallel split of the GPTModel parameters the local spec shards (experts are whole on
-# their expert-parallel rank: expert-TP 1); every other parameter is replicated.
+# Tensor-parallel split of the GPTModel parameters the local spec shards (experts: over the
+# expert-tensor-parallel group, :func:`_expert_tp_dim`); every other parameter is replicated.
 _TP_DIM0 = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight",
             "output_layer.weight", "linear_q_proj.weight", "linear_q_down_proj.weight",
             "linear_q_up_proj.weight", "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
@@ -468,30 +509,41 @@ def _tp_dim(name: str) -> int | None:
     return None
 
 
-def gather_full_state_dict(model: GPTModel) -> dict[str, Tensor]:
+def _expert_tp_dim(name: str) -> int:
+    return 0 if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) else 1
+
+
+def gather_full_state_dict(model: GPTModel | list[GPTModel]) -> dict[str, Tensor]:
     """The full (TP=1, EP=1) state dict, on every rank: tensor-parallel shards all-gathered
-    along their split dim (the gated dense fc1 as [gate; up] of the rank-wise [gate_r; up_r]),
-    local experts all-gathered over the expert-parallel group and renumbered globally.
-    Collective: every rank of the model must call it."""
+    along their split dim (the gated fc1 as [gate; up] of the rank-wise [gate_r; up_r]),
+    local experts likewise over the expert-tensor-parallel group, then all-gathered over the
+    expert-parallel group and renumbered globally.
+    ``model``: a GPTModel or this rank's model chunks. Collective: every rank of the model
+    must call it."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     ep_group = parallel_state.get_expert_model_parallel_group()
-    n_local = int(model.config.num_moe_experts or 0) // ep
-    offset = layer_offset(model)
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    etp_group = parallel_state.get_expert_tensor_parallel_group()
+    chunks = _chunks(model)
+    n_local = int(chunks[0].config.num_moe_experts or 0) // ep
     out: dict[str, Tensor] = {}
-    for local_name, param in _named_weights(model):
-        name = global_name(local_name, offset)
+    named = [(global_name(name, layer_offset(chunk)), param)
+             for chunk in chunks for name, param in _named_weights(chunk)]
+    for name, param in named:
         t = param.detach()
-        dim = _tp_dim(name)
-        if dim is not None and tp > 1:
-            parts = all_gather(t, tp, tp_group)
+        expert = ".local_experts." in name
+        dim = _expert_tp_dim(name) if expert else _tp_dim(name)
+        size, group = (etp, etp_group) if expert else (tp, tp_group)
+        if dim is not None and size > 1:
+            parts = all_gather(t, size, group)
             if name.endswith("linear_fc1.weight"):  # [gate_r; up_r] per rank (dense, shared)
                 halves = [p.chunk(2, 0) for p in parts]
                 t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
             else:
                 t = torch.cat(parts, dim)
-        if ".local_experts." in name:
+        if expert:
             head, tail = name.split(".local_experts.")
             e, rest = tail.split(".", 1)
             for r, part in enumerate(all_gather(t, ep, ep_group)):

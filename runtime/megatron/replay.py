@@ -22,7 +22,7 @@ and False after it; any other mask (``prompt_start`` > 0 without a prefix) is re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -61,25 +61,43 @@ def from_megatron_layout(per_layer: list[Tensor], batch: int, length: int) -> Te
 
 class MegatronReplay:
     """``RouterReplayGroup``'s interface (``replaying``, ``recording``) over megatron-core's
-    global ``RouterReplay`` instances of one model (one per MoE layer, in layer order; under
-    pipeline parallelism the stage's own, MoE layers ``first_layer``… of the model)."""
+    global ``RouterReplay`` instances of one model (one per MoE layer, in the order they were
+    built; under pipeline parallelism the stage's own, MoE layers ``first_layer``… of the
+    model, or with model chunks (virtual pipeline stages) ``layers``: the model's MoE-layer
+    index of each instance).
+
+    ``instances`` (of :meth:`replaying` / :meth:`recording`): the positions, among those
+    instances, of the routers the block's forwards run (one model chunk's, for the
+    interleaved schedule, which runs one chunk per forward step); the others are left as
+    they are, so that each chunk's backward-replay queue holds its own forwards only."""
 
     def __init__(self, sequence_parallel: bool = False, first_layer: int = 0,
-                 total_layers: int | None = None) -> None:
+                 total_layers: int | None = None, layers: Sequence[int] | None = None) -> None:
         if not RouterReplay.global_router_replay_instances:
             raise RuntimeError("build the model with routing_replay=True "
                                "(moe_enable_routing_replay) for router replay")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp = tp if sequence_parallel else 1
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank() if self.tp > 1 else 0
-        self.first_layer = first_layer  # this pipeline stage's first MoE layer in the model
+        # the model's MoE-layer index of each instance
+        self.layers = (list(layers) if layers is not None
+                       else list(range(first_layer, first_layer + len(self))))
+        if len(self.layers) != len(self):
+            raise ValueError(f"{len(self.layers)} layer indices for {len(self)} routers")
         self.total_layers = len(self) if total_layers is None else total_layers
+
+    def _routers(self, instances: Sequence[int] | None) -> list[tuple[int, RouterReplay]]:
+        """(model MoE-layer index, router) of ``instances`` (all when None)."""
+        routers = RouterReplay.global_router_replay_instances
+        chosen = range(len(routers)) if instances is None else instances
+        return [(self.layers[i], routers[i]) for i in chosen]
 
     def __len__(self) -> int:
         return len(RouterReplay.global_router_replay_instances)
 
     @contextmanager
-    def replaying(self, trace: RoutingTrace, *, backward: bool = False) -> Iterator[MegatronReplay]:
+    def replaying(self, trace: RoutingTrace, *, backward: bool = False,
+                  instances: Sequence[int] | None = None) -> Iterator[MegatronReplay]:
         """Forwards inside the block route every token to the trace's experts.
 
         ``backward``: the block's forward will be recomputed in the backward pass (activation
@@ -91,20 +109,23 @@ class MegatronReplay:
         if len(layers) != self.total_layers:
             raise RoutingMismatch(f"trace has {len(layers)} MoE layers, the model has "
                                   f"{self.total_layers}")
-        layers = layers[self.first_layer:self.first_layer + len(self)]  # this stage's
-        if self.tp > 1:  # this rank's sequence shard (module doc)
-            rows = layers[0].shape[0] // self.tp
-            layers = [t[self.tp_rank * rows:(self.tp_rank + 1) * rows] for t in layers]
-        RouterReplay.set_replay_data(layers)  # also queues them for REPLAY_BACKWARD
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        routers = self._routers(instances)
+        for layer, router in routers:
+            target = layers[layer]
+            if self.tp > 1:  # this rank's sequence shard (module doc)
+                rows = target.shape[0] // self.tp
+                target = target[self.tp_rank * rows:(self.tp_rank + 1) * rows]
+            router.set_target_indices(target)  # also queues it for REPLAY_BACKWARD
+            router.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         try:
             yield self
         finally:
-            if backward:
-                RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
-            else:
-                RouterReplay.clear_global_router_replay_action()
-                RouterReplay.clear_global_indices()
+            for _, router in routers:
+                if backward:
+                    router.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+                else:
+                    router.clear_router_replay_action()
+                    router.clear_indices()
 
     def finish_backward(self) -> None:
         """End the replays of :meth:`replaying` (``backward=True``) after their backward."""
@@ -112,20 +133,24 @@ class MegatronReplay:
         RouterReplay.clear_global_indices()
 
     @contextmanager
-    def recording(self) -> Iterator[list[Tensor]]:
+    def recording(self, instances: Sequence[int] | None = None) -> Iterator[list[Tensor]]:
         """Record the experts of the forward inside the block; the yielded list holds the
-        per-layer [T · B, k] records afterwards (see :func:`from_megatron_layout`)."""
+        per-layer [T · B, k] records of ``instances`` afterwards (see
+        :func:`from_megatron_layout`)."""
         records: list[Tensor] = []
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        routers = [router for _, router in self._routers(instances)]
+        for router in routers:
+            router.set_router_replay_action(RouterReplayAction.RECORD)
         try:
             yield records
-            got = [r.clone() for r in RouterReplay.get_recorded_data()]
+            got = [r.get_recorded_indices().clone() for r in routers]  # type: ignore[union-attr]
             if self.tp > 1:
                 got = [_gather_sequence(r) for r in got]
             records.extend(got)
         finally:
-            RouterReplay.clear_global_router_replay_action()
-            RouterReplay.clear_global_indices()
+            for router in routers:
+                router.clear_router_replay_action()
+                router.clear_indices()
 
 
 def _gather_sequence(record: Tensor) -> Tensor:

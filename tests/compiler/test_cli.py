@@ -440,9 +440,9 @@ def test_inspect_shows_an_etp_defaulted_to_tp() -> None:
                  "--set", "train.parallelism.expert=2")
     assert "ETP 4 (defaulted to TP) × EP 2" in result.stdout
     assert "Megatron uses ETP = TP = 4" in result.stdout  # the warning explains it
-    # The plan is shown, then what the trainer would refuse at start, and exit 2.
-    assert result.exit_code == 2, result.output
-    assert "keeps each expert whole on its rank, but ETP is 4" in result.stderr
+    # The Megatron trainer runs ETP = TP (tests/megatron): a warning, no refusal.
+    assert result.exit_code == 0, result.output
+    assert "job rl would refuse" not in result.output
 
 
 # --------------------------------------------------------------------------- submit

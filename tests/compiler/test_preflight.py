@@ -57,11 +57,6 @@ CASES = [
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
      ("train", "parallelism", "context"), "rl", "does not run context parallelism"),
-    ("megatron_layout", SINGLE, ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2",
-                                 ROOM],
-     ("train", "parallelism", "expert_tensor"), "rl", "keeps each expert whole on its rank"),
-    ("megatron_layout", SINGLE, ["train.parallelism.expert=1", ROOM],
-     ("train", "parallelism", "tensor"), "rl", "tensor parallelism needs expert parallelism"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
      ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
     ("async_rollout", TINY, ["system.max_staleness=2"],
@@ -158,6 +153,31 @@ def test_a_tiny_deepseek_spec_passes_every_preflight() -> None:
                  "--moe-router-topk-scaling-factor 2.5", "--moe-router-num-groups 4",
                  "--moe-router-group-topk 1", "--moe-layer-freq"):
         assert flag in train_sh, flag
+
+
+# Layouts the Megatron trainer runs (tests/megatron/test_mcore_trainer.py proves each equal to
+# the embedded trainer on CPU): validate accepts them.
+RUNS = {
+    "expert_tensor-2": ["train.parallelism.expert=4", "train.parallelism.expert_tensor=2", ROOM],
+    "expert_tensor-unset": ["train.parallelism.expert=2", "train.parallelism.expert_tensor=null",
+                            ROOM],
+    "tensor-without-expert": ["train.parallelism.expert=1", ROOM],
+    "tensor-without-expert-etp-unset": ["train.parallelism.expert=1",
+                                        "train.parallelism.expert_tensor=null", ROOM],
+}
+BIG = EXAMPLES / "compassmax-245b.yaml"  # PP 8 over 64 layers
+RUNS_BIG = {
+    "virtual_pipeline-2": ["train.parallelism.virtual_pipeline=2"],
+    "uneven-stages": ["train.parallelism.first_pipeline_stage_layers=4",
+                      "train.parallelism.last_pipeline_stage_layers=12"],
+}
+
+
+@pytest.mark.parametrize(("base", "edits"), [*((SINGLE, e) for e in RUNS.values()),
+                                             *((BIG, e) for e in RUNS_BIG.values())],
+                         ids=[*RUNS, *RUNS_BIG])
+def test_validate_accepts_the_layouts_the_trainer_runs(base: Path, edits: list[str]) -> None:
+    assert compile_spec(base, edits).refusals == ()
 
 
 def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, capsys,

@@ -88,14 +88,11 @@ def test_example_explains_every_section(path: Path) -> None:
 REFUSED = {
     "qwen3-30b-a3b": set(),
     "qwen3-30b-a3b-eplb": set(),
-    "qwen3-235b-a22b": {"train.parallelism.context", "train.parallelism.last_pipeline_stage_layers",
-                        "eval.enabled"},
+    "qwen3-235b-a22b": {"train.parallelism.context", "eval.enabled"},
     "moonlight-16b-a3b": set(),
     "glm-4.5": {"model.architecture.family", "train.parallelism.context", "eval.enabled"},
-    "deepseek-v3": {"train.parallelism.first_pipeline_stage_layers",
-                    "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
-    "deepseek-r1": {"train.parallelism.context",
-                    "train.parallelism.last_pipeline_stage_layers", "eval.enabled"},
+    "deepseek-v3": {"eval.enabled"},
+    "deepseek-r1": {"train.parallelism.context", "eval.enabled"},
 }
 
 

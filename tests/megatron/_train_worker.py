@@ -1,8 +1,12 @@
 """One rank of a Megatron-vs-embedded training run (tests/megatron): ``python -m
-tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP [RECOMPUTE]]``
-(RECOMPUTE: ``full`` or ``selective`` activation recomputation on the Megatron side; REPLAY ``resume``:
-the checkpoint round trip of :func:`run_resume` instead; LOSS ``<loss>-kl`` adds a KL penalty
-to the frozen initial policy).
+tests.megatron._train_worker RANK WORLD_SIZE TP EP WORKDIR REPLAY LOSS [PP [RECOMPUTE]]
+[KEY=VALUE ...]`` (RECOMPUTE: ``full`` or ``selective`` activation recomputation on the Megatron
+side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead; LOSS
+``<loss>-kl`` adds a KL penalty to the frozen initial policy). Options (:data:`LAYOUT`):
+``etp=N`` expert-tensor parallelism (``etp=tp``: Megatron's default, ETP = TP), ``layers=N``
+decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
+interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
+(uneven stages).
 
 Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
@@ -36,6 +40,8 @@ TRAIN: dict[str, Any] = {
                   "distributed": True},
 }
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
+# KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
+LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0}
 
 
 def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
@@ -55,7 +61,7 @@ def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
         logp, _ = sequence_logprobs(model, ids, attn)
     # The engine's experts: another policy's routing, so that replaying them differs from
     # routing freely from the first forward on.
-    engine = tiny_hf_policy(seed=1)
+    engine = tiny_hf_policy(seed=1, layers=int(model.config.num_hidden_layers))
     group = patch_qwen3_moe(engine)
     with torch.no_grad(), group.recording() as rec:
         sequence_logprobs(engine, ids, attn)
@@ -79,7 +85,8 @@ RECOMPUTE: dict[str, dict[str, Any]] = {  # as runtime/megatron/args.py renders 
 
 
 def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str,
-        loss: str, pp: int = 1, recompute: str = "none") -> dict[str, Any]:
+        loss: str, pp: int = 1, recompute: str = "none",
+        options: dict[str, Any] | None = None) -> dict[str, Any]:
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
@@ -88,8 +95,9 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     from runtime.router_replay import patch_qwen3_moe
     from runtime.trainer import Trainer
 
+    layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy()
+    hf = tiny_hf_policy(layers=layers)
     batch = rl_batch(hf, replay)
     kl = loss.endswith("-kl")  # "<loss>-kl": KL (k3) to the frozen initial policy
     loss = loss.removesuffix("-kl")
@@ -111,17 +119,17 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                 total_optimizer_steps=TOTAL_STEPS).step(batch, epochs=EPOCHS, seed=SEED)
         free = control.state_dict()
 
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep, pp=pp)
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
-        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, pp=pp,
-                                   routing_replay=replay != "off", sequence_parallel=tp > 1,
-                                   **RECOMPUTE[recompute])
+        model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                    routing_replay=replay != "off", sequence_parallel=tp > 1,
+                                    **RECOMPUTE[recompute])
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
         initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
         reference = None
         if kl:
-            reference = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep, pp=pp,
-                                           sequence_parallel=tp > 1)
+            reference = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                            sequence_parallel=tp > 1)
             mm.load_hf_weights(reference, hf.state_dict(), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
                                   replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
@@ -135,7 +143,20 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
         mm.destroy_parallel()
 
 
-def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> dict[str, Any]:
+def _layout(tp: int, ep: int, pp: int, options: dict[str, Any] | None
+            ) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(parallel sizes, uneven-stage config fields, layers) of the worker's options."""
+    from runtime.megatron.args import pipeline_stages
+
+    opts = {**LAYOUT, **(options or {})}
+    layout = {"tp": tp, "ep": ep, "pp": pp, "etp": tp if opts["etp"] == "tp" else int(opts["etp"]),
+              "vpp": int(opts["vpp"]) or None}
+    stages = pipeline_stages(pp, int(opts["first"]) or None, int(opts["last"]) or None)
+    return layout, stages, int(opts["layers"])
+
+
+def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: int = 1,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step, save a Megatron checkpoint, step again (A); a fresh trainer of other weights loads
     the checkpoint and takes the second step (B). A and B must end equal: the checkpoint holds
     weights, the distributed optimizer's Adam moments and the step count."""
@@ -145,14 +166,16 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> d
     from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
 
+    layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy()
+    hf = tiny_hf_policy(layers=layers)
     first, second = rl_batch(hf, "off"), rl_batch(tiny_hf_policy(seed=2), "off")
     algorithm = {**ALGO, "loss": "espo"}
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
         def trainer(weights: Any) -> tuple[Any, Any]:
-            model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep)
+            model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                        sequence_parallel=tp > 1)
             mm.load_hf_weights(model, weights.state_dict(), hf.config)
             return model, MegatronTrainer(model, algorithm=algorithm, train=TRAIN,
                                           vocab_size=int(hf.config.vocab_size),
@@ -164,7 +187,7 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> d
         ckpt.mkdir(exist_ok=True)
         a.save_checkpoint(ckpt)
         a.step(second, epochs=EPOCHS, seed=SEED + 1)
-        model_b, b = trainer(tiny_hf_policy(seed=3))
+        model_b, b = trainer(tiny_hf_policy(seed=3, layers=layers))
         b.load_checkpoint(ckpt)
         steps_after_load = b.optimizer_steps
         b.step(second, epochs=EPOCHS, seed=SEED + 1)
@@ -179,11 +202,16 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep = (int(a) for a in argv[:4])
     workdir, replay, loss = Path(argv[4]), argv[5], argv[6]
-    pp = int(argv[7]) if len(argv) > 7 else 1
-    recompute = argv[8] if len(argv) > 8 else "none"
+    options = dict(a.split("=", 1) for a in argv[7:] if "=" in a)
+    unknown = options.keys() - LAYOUT.keys()
+    if unknown:
+        raise SystemExit(f"unknown options {sorted(unknown)} (known: {sorted(LAYOUT)})")
+    rest = [a for a in argv[7:] if "=" not in a]
+    pp = int(rest[0]) if rest else 1
+    recompute = rest[1] if len(rest) > 1 else "none"
     torch.set_num_threads(1)
-    out = (run_resume(rank, world_size, tp, ep, workdir) if replay == "resume"
-           else run(rank, world_size, tp, ep, workdir, replay, loss, pp, recompute))
+    out = (run_resume(rank, world_size, tp, ep, workdir, pp, options) if replay == "resume"
+           else run(rank, world_size, tp, ep, workdir, replay, loss, pp, recompute, options))
     torch.save(out, workdir / f"rank{rank}.pt")
 
 

@@ -47,12 +47,18 @@ def launch(module: str, world_size: int, args: Sequence[str], workdir: Path,
     return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
-def tiny_hf_policy(seed: int = 0) -> Any:
-    """The examples/tiny architecture as an HF Qwen3MoeForCausalLM with random weights."""
+def tiny_hf_policy(seed: int = 0, layers: int | None = None, tie: bool = False) -> Any:
+    """The examples/tiny architecture as an HF Qwen3MoeForCausalLM with random weights
+    (``layers``: that many decoder layers instead of the example's 2; ``tie``: tied
+    embeddings)."""
     from runtime.policy import build_policy, build_tokenizer
 
     spec = yaml.safe_load((REPO / "examples" / "tiny" / "spec.yaml").read_text(encoding="utf-8"))
     arch = spec["model"]["architecture"]
+    if layers is not None:
+        arch["num_layers"] = layers
+    if tie:
+        arch["tie_embeddings"] = True
     return build_policy(arch, build_tokenizer(int(arch["vocab_size"])), seed).eval()
 
 

@@ -82,7 +82,7 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
 
     train_log = (out / "logs" / "rl-train.log").read_text()
-    assert "Megatron trainer: world 2 (TP 2, PP 1, EP 2, DP 1)" in train_log
+    assert "Megatron trainer: world 2 (TP 2, PP 1, EP 2, ETP 1, DP 1)" in train_log
     assert "weights from " + str(out / "artifacts" / "policy_megatron" / "release") in train_log
 
     # The conversion job's output: a Megatron-LM checkpoint root.

@@ -83,6 +83,38 @@ def test_tensor_and_expert_parallel_2_step_matches_embedded(tmp_path: Path, repl
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+@pytest.mark.parametrize(("replay", "loss"), [("r3", "grpo"), ("off", "cispo")])
+def test_expert_tensor_parallel_2_step_matches_embedded(tmp_path: Path, replay: str,
+                                                        loss: str) -> None:
+    """ETP = 2 (TP 1, EP 1): each rank holds half of every expert ([gate_r; up_r] rows of
+    fc1, columns of fc2) and the data of its own data-parallel rank; the allgather dispatcher
+    gathers both ranks' tokens over the expert-tensor group, and the experts' gradients are
+    reduced over the expert data-parallel group (size 1 here), not the dense one (size 2),
+    which would average the two different halves (megatron-core 0.16.1 marks experts for that
+    only at EP > 1: ``runtime.megatron.model._mark_tensor_parallel``)."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["1", "1", str(tmp_path), replay, loss, "etp=2"], tmp_path)
+    for out in outs:
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
+@pytest.mark.parametrize(("etp", "replay", "loss"), [("tp", "r2", "espo"), ("1", "r3", "grpo")],
+                         ids=["etp-unset", "etp-1"])
+def test_tensor_parallel_2_without_expert_parallel_matches_embedded(tmp_path: Path, etp: str,
+                                                                    replay: str,
+                                                                    loss: str) -> None:
+    """TP = 2 with EP = 1 (sequence parallelism): with ETP unset (= TP, Megatron-LM's default)
+    every expert is TP-sharded and routes both ranks' sequence halves; with ETP 1 each rank
+    runs its own sequence half through whole experts, whose gradients are then summed over
+    the expert data-parallel group (both TP ranks), not averaged over the dense one (size 1)."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["2", "1", str(tmp_path), replay, loss, f"etp={etp}"], tmp_path)
+    for out in outs:
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo-kl")])
 def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
     """PP = 2: one layer per stage, activations passed between the two ranks by megatron-core's
@@ -93,6 +125,48 @@ def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, 
     for out in outs:
         _check(out)
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
+@pytest.mark.parametrize(("replay", "loss", "layout"), [
+    ("r3", "grpo", ["vpp=2", "layers=4"]),
+    ("r3", "grpo-kl", ["vpp=2", "layers=6", "last=4"]),
+    ("r2", "grpo", ["layers=4", "first=1", "last=3"]),
+], ids=["vpp-2", "vpp-2-uneven", "uneven"])
+def test_virtual_and_uneven_pipeline_stages_match_embedded(tmp_path: Path, replay: str, loss: str,
+                                                           layout: list[str]) -> None:
+    """PP = 2 with virtual pipeline stages (two model chunks per rank, megatron-core's
+    interleaved 1F1B schedule; layers 0, 2 on rank 0 and 1, 3 on rank 1) and uneven stages
+    (``num_layers_in_first/last_pipeline_stage``: 2 + 4 layers as 1 + 2 per chunk; 1 + 3
+    without chunks). Each forward step runs one chunk, which replays (R3) or records (R2) its
+    own routers only. The interleaved schedule with PP = 2 needs unbatched p2p (see
+    ``MegatronTrainer``). R3 with a 3-layer model is not used: it is off by 1.6e-4 at world 1
+    too (Adam on near-zero expert gradients), which has nothing to do with the layout."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["1", "1", str(tmp_path), replay, loss, "2", *layout], tmp_path)
+    for out in outs:
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
+def test_context_parallel_needs_transformer_engine_attention(tmp_path: Path,
+                                                             megatron_cpu: None) -> None:
+    """CP = 2 does not run, and stays refused (``megatron_layout``): megatron-core 0.16.1's
+    local ``DotProductAttention`` — the only attention it has without TransformerEngine,
+    which has no CPU build, and the one the trainer builds on GPUs too (the local layer spec)
+    — asserts context_parallel_size == 1; context parallelism is TEDotProductAttention's
+    (TE's ring / all-gather attention kernels). The rest of CP (the load-balanced 2·CP
+    sequence split, the per-token loss gathered, replay traces split alike) is not built.
+    When this test fails, megatron-core runs CP without TE: build that and lift the refusal."""
+    from runtime.megatron import model as mm
+    from tests.megatron._worker import tiny_hf_policy
+
+    hf = tiny_hf_policy()
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        with pytest.raises(AssertionError, match="only supported by TEDotProductAttention"):
+            mm.build_gpt_model(hf.config, pg, context_parallel_size=2)
+    finally:
+        mm.destroy_parallel()
 
 
 @pytest.mark.parametrize(("replay", "recompute"), [("r3", "full"), ("r2", "full"),
@@ -108,12 +182,16 @@ def test_recomputed_activations_replay_the_same_experts(tmp_path: Path, replay: 
     _check(out)
 
 
-def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", [["1", "2"], ["1", "1", "2", "vpp=2", "layers=6", "last=4"]],
+                         ids=["ep-2", "vpp-2-uneven"])
+def test_checkpoint_resume_is_exact(tmp_path: Path, layout: list[str]) -> None:
     """A Megatron distributed checkpoint (dist_checkpointing, the distributed optimizer's
     shards dp-reshardable) restores weights, Adam moments and step: a trainer of other weights
-    that loads it takes the next step exactly as the one that saved it (EP = 2, DP = 2)."""
-    outs = launch("tests.megatron._train_worker", 2, ["1", "2", str(tmp_path), "resume", "-"],
-                  tmp_path)
+    that loads it takes the next step exactly as the one that saved it (EP = 2, DP = 2; and
+    PP = 2 with two uneven model chunks per rank)."""
+    tp, ep, *rest = layout
+    outs = launch("tests.megatron._train_worker", 2,
+                  [tp, ep, str(tmp_path), "resume", "-", *rest], tmp_path)
     assert (tmp_path / "checkpoint" / "metadata.json").is_file()
     for out in outs:
         assert out["steps_after_load"] == 4 and out["steps"] == 8
