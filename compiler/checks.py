@@ -888,8 +888,9 @@ def memory(spec: Spec, plan: Plan) -> Iterator[Problem]:
 
     Trainer: over capacity without the optimizer state → error; over only with it → warning
     (fits with more of it offloaded: train.optimizer.cpu_offload / offload_fraction, as
-    slime's large recipes run); within 10 % → warning. With the Megatron trainer the
-    estimate includes its local attention's score matrices (its ``attention`` part).
+    slime's large recipes run); within 10 % → warning. With local (unfused) attention the
+    estimate includes its score matrices (its ``attention`` part); the Megatron trainer's
+    SDPA core attention has none (runtime.capabilities.TRAINER_ATTENTION).
     Rollout: weights + one full-length sequence of KV cache over gpu_memory_gb ×
     gpu_memory_utilization → error (vLLM refuses to start); within 10 % → warning.
     Not compared for devices cpu."""

@@ -139,7 +139,7 @@ class TrainLayout:
     distributed_optimizer: bool
     # Attention the trainer builds (runtime.capabilities.TRAINER_ATTENTION): "local" is
     # megatron-core's unfused DotProductAttention, which materialises the score matrix;
-    # "flash" never stores it.
+    # "sdpa" (torch's fused attention, the Megatron trainer's) and "flash" never store it.
     attention: str = "flash"
     heads: int = 1  # attention heads of the model (split over TP)
     # Fraction of the optimizer state the hybrid CPU optimizer keeps in host memory
@@ -181,8 +181,9 @@ def activation_bytes_per_layer(
     - no / selective recompute: 34·s·b·h/t with sequence parallelism, s·b·h·(10 + 24/t)
       without (LayerNorm/dropout inputs are then replicated on every TP rank): everything but
       the paper's 5·a·s²·b/t attention scores (its selective-recompute figure). The scores are
-      counted apart (:func:`local_attention_bytes`), for local attention only: flash
-      attention never stores them.
+      counted apart (:func:`local_attention_bytes`), for local attention only: SDPA / flash
+      attention never stores them (it keeps the output, counted here, and a per-row fp32
+      log-sum-exp, 4·a·s·b/t B, under 0.1 % of this).
     - full recompute: only the layer input, 2·s·b·h (divided by t with sequence parallelism).
     Context parallelism shards the sequence: everything is divided by CP.
     MoE layers are counted as dense blocks (a top-k·f_e-wide MLP is 2-3·h for the models here,
@@ -235,14 +236,18 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
       activations = n_i · in_flight_i · activation_bytes_per_layer(...)
                  (+ one layer's full working set while it is recomputed, under full recompute)
                  (+ fp32 logits s·b·V·4 B/(TP·CP) on the last stage)
-      attention  = with local (unfused) attention, what the Megatron trainer builds
-                 (megatron-core's DotProductAttention: no TransformerEngine, no flash
-                 attention), the score matrices of :func:`local_attention_bytes`:
+      attention  = with local (unfused) attention (megatron-core's DotProductAttention,
+                 what the Megatron trainer built before its SDPA core attention), the score
+                 matrices of :func:`local_attention_bytes`:
                  n_i · in_flight_i · kept (recompute none only: selective recompute
                  recomputes core attention, full recompute the whole layer)
                  + working − kept (none) | working (selective, full) for the layer running
                  + the boolean attention mask b·s² B per micro-batch in flight.
-                 With flash attention (no score matrix) this part is absent.
+                 With SDPA (the Megatron trainer's core attention, runtime.megatron.attention)
+                 or flash attention this part is absent: on GPUs the flash / memory-efficient
+                 kernels keep no score matrix, 0 B per score element kept or at peak, and the
+                 trainer's right-padded batches pass no mask (causal attention). On the CPU
+                 SDPA's math backend does materialise the scores; the estimate is for GPUs.
       in_flight_i = min(PP − i, micro-batches): the 1F1B schedule keeps PP − i micro-batches
                  in flight on stage i (Narayanan et al. 2021); the interleaved schedule
                  multiplies this by 1 + (PP − 1)/(PP·VPP) (Korthikanti et al. §4.2.3).
@@ -333,6 +338,9 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
                      f"{scores / GB:.2f} GB score matrix per layer per micro-batch "
                      f"[{b}, {layout.heads / tp:g} heads, {tokens // cp}, {tokens}], "
                      f"{kept}; {attn_working / GB:.2f} GB while a layer's attention runs")
+    elif layout.attention == "sdpa":
+        notes.append("core attention: torch SDPA (flash / memory-efficient kernels): no score "
+                     "matrix, no mask for right-padded batches")
     if offload:
         notes.append(f"optimizer CPU offload {offload:g}: {host / GB:.1f} GB of optimizer state "
                      "per GPU in host memory (fp32 weights, gradients, Adam m and v)")

@@ -37,10 +37,13 @@ EMBEDDED_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3", "deepseek_v3")
 MEGATRON_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3")
 
 # The attention each trainer (``train.backend``) builds, for the compiler's memory estimate:
-# runtime.megatron builds megatron-core's local layer spec (no TransformerEngine), whose
-# unfused DotProductAttention materialises the [b, heads, s, s] score matrix ("local"); the
-# embedded trainer runs HF's default attention on the CPU (not estimated: CPU runs only).
-TRAINER_ATTENTION: dict[str, str] = {"megatron": "local", "local": "sdpa"}
+# runtime.megatron builds megatron-core's local layer spec (no TransformerEngine) with its
+# core attention replaced by torch's scaled_dot_product_attention (runtime.megatron.attention;
+# "sdpa"): flash / memory-efficient kernels on GPUs, no [b, heads, s, s] score matrix, and no
+# mask for the trainer's right-padded batches. ("local", megatron-core's unfused
+# DotProductAttention that materialises the scores, is what it built before.) The embedded
+# trainer runs HF's default attention, also SDPA, on the CPU (not estimated: CPU runs only).
+TRAINER_ATTENTION: dict[str, str] = {"megatron": "sdpa", "local": "sdpa"}
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ GPU alike (:func:`mla_layer_spec`): the local ``DotProductAttention`` does not t
 output; and without TransformerEngine ``multi_latent_attention`` still believes TE imported
 (its TE names are MagicMock stand-ins, and ``isinstance(…, TELinear)`` raises), so its
 ``HAVE_TE`` is set to what ``megatron.core.extensions.transformer_engine`` found.
+:func:`runtime.megatron.model.build_gpt_model` then replaces that core attention with torch
+SDPA (:mod:`runtime.megatron.attention`, which takes ``k_channels`` / ``v_channels`` too);
+:class:`MLADotProductAttention` remains the local reference it is tested against.
 """
 
 from __future__ import annotations

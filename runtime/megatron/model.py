@@ -36,6 +36,11 @@ local spec's norms become :class:`SequenceParallelRMSNorm`. Weights loaded from 
 tensor-parallel attributes megatron's own initialisation would set
 (:func:`_mark_tensor_parallel`), which the optimizer's gradient norm relies on.
 
+Core attention is torch SDPA (:mod:`runtime.megatron.attention`, put into the local spec by
+:func:`build_gpt_model`) instead of the local ``DotProductAttention``, which materialises the
+score matrix; :func:`megatron_logprobs` passes no mask for right-padded batches (causal
+attention: flash kernels on GPUs).
+
 CPU runs need :func:`runtime.megatron.cpu.enable_cpu` first (see that module).
 """
 
@@ -55,7 +60,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from runtime.megatron import deepseek
+from runtime.megatron import attention, deepseek
 from runtime.megatron.args import hf_moe_layers, hf_num_experts, hf_rope_theta
 
 __all__ = [
@@ -254,6 +259,7 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         spec = _with_norm(spec, SequenceParallelRMSNorm)
     if tcfg.multi_latent_attention:
         spec = deepseek.mla_layer_spec(spec)
+    spec = attention.sdpa_layer_spec(spec)  # core attention: torch SDPA (runtime.megatron.attention)
     model = GPTModel(
         config=tcfg, transformer_layer_spec=spec, vocab_size=int(cfg.vocab_size),
         max_sequence_length=int(cfg.max_position_embeddings),
@@ -431,7 +437,18 @@ def global_name(name: str, offset: int) -> str:
     return name
 
 
-def _attention_mask(attention_mask: Tensor) -> Tensor:
+def _attention_mask(attention_mask: Tensor) -> Tensor | None:
+    """Megatron's boolean mask [B, 1, T, T], True = masked: causal ∪ padded keys; None (causal
+    attention, no mask: flash kernels on GPUs) when every row is right-padded, as the trainer's
+    batches are. A real token's keys are then all real, so only padding positions, whose
+    outputs are never read, attend differently (to the padding before them)."""
+    m = attention_mask.bool()
+    if bool((m[:, 1:] <= m[:, :-1]).all()):
+        return None
+    return _padding_mask(attention_mask)
+
+
+def _padding_mask(attention_mask: Tensor) -> Tensor:
     """Megatron's boolean mask [B, 1, T, T], True = masked: causal ∪ padded keys."""
     t = attention_mask.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()

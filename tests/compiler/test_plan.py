@@ -73,7 +73,7 @@ def test_compassmax_245b_example() -> None:
     assert plan.micro_batches_per_step == 256
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rollout_expert_parallel) == (16, 4, 16)
     assert plan.optimizer_steps_per_rollout == 4 and plan.rl_nodes == 24
-    assert plan.seq_len == 8192  # local attention: see the example's rollout.max_tokens
+    assert plan.seq_len == 32768  # 2048 prompt + 30720 response tokens
     # 16 experts → uint8 ids; 64 MoE layers × top-4 × 1 byte.
     assert (plan.routing_dtype, plan.routing_bytes_per_token) == ("uint8", 256)
     assert plan.params.total == pytest.approx(245e9, rel=0.005)
@@ -260,7 +260,7 @@ def test_make_plan_and_check_never_raise(
         assert problem.path and problem.message
 
 
-# --------------------------------------------------------------------------- local attention, offload
+# --------------------------------------------------------------------------- attention, offload
 
 
 def test_local_attention_score_matrix_at_10k_tokens_and_32_heads() -> None:
@@ -293,9 +293,20 @@ def test_the_megatron_estimate_counts_its_local_attention() -> None:
     assert kept.parts["attention"] * 1e9 == pytest.approx(6 * elements + 8 * elements + mask)
     flash = train_memory(arch, _local_layout(attention="flash"), 80.0)
     assert "attention" not in flash.parts
-    # the spec's Megatron trainer builds local attention; a family it does not build is
-    # refused at start and estimated without the score matrix
-    assert "attention" in make_plan(build()).train_memory.parts
+
+
+def test_the_megatron_trainers_sdpa_attention_keeps_no_scores() -> None:
+    """The Megatron trainer's core attention is torch SDPA (runtime.megatron.attention): on
+    GPUs no score matrix kept or at peak, and no mask for its right-padded batches — the same
+    estimate as flash attention, the 14 + 1 B per score element of local attention gone."""
+    arch = Architecture.model_validate({**QWEN3_30B, "num_layers": 1})
+    sdpa = train_memory(arch, _local_layout(attention="sdpa"), 80.0)
+    flash = train_memory(arch, _local_layout(attention="flash"), 80.0)
+    assert "attention" not in sdpa.parts and sdpa.total_gb == flash.total_gb
+    assert any("torch SDPA" in note and "no score matrix" in note for note in sdpa.notes)
+    estimate = make_plan(build()).train_memory
+    assert "attention" not in estimate.parts
+    assert any("torch SDPA" in note for note in estimate.notes)
 
 
 def test_optimizer_offload_moves_the_moments_to_the_host() -> None:
