@@ -170,7 +170,7 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> No
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(6))
     log = (out / "logs" / "rl-train.log").read_text()
-    assert "Megatron trainer: world 2 (TP 1, PP 2, EP 1, DP 1)" in log
+    assert "Megatron trainer: world 2 (TP 1, PP 2, EP 1, ETP 1, DP 1)" in log
     assert " (exact)" in log and "synced to step " in log, log[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["train_inference_gap"] < 1e-5 for r in rows if r["responses_trained"])

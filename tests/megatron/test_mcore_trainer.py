@@ -157,13 +157,21 @@ def test_context_parallel_needs_transformer_engine_attention(tmp_path: Path,
     (TE's ring / all-gather attention kernels). The rest of CP (the load-balanced 2·CP
     sequence split, the per-token loss gathered, replay traces split alike) is not built.
     When this test fails, megatron-core runs CP without TE: build that and lift the refusal."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
     from runtime.megatron import model as mm
     from tests.megatron._worker import tiny_hf_policy
 
     hf = tiny_hf_policy()
     pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
     try:
+        config = mm.transformer_config(hf.config, context_parallel_size=2)
         with pytest.raises(AssertionError, match="only supported by TEDotProductAttention"):
+            DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                attention_type="self")
+        # the trainer's own attention (runtime.megatron.attention, SDPA) has none either
+        with pytest.raises(NotImplementedError, match="no context parallelism"):
             mm.build_gpt_model(hf.config, pg, context_parallel_size=2)
     finally:
         mm.destroy_parallel()
