@@ -65,6 +65,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from runtime.megatron.args import hf_rope_theta
+from runtime.megatron.hf_mlp import mlp_to_hf
 
 __all__ = ["MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
            "megatron_to_hf", "mla_layer_spec"]
@@ -234,19 +235,10 @@ def megatron_to_hf(full: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
                 out[h + "self_attn." + ours] = full[m + "self_attention." + theirs]
         out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
         out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
+        out.update(mlp_to_hf(full, h, m, int(cfg.n_routed_experts)))
         if m + "mlp.router.weight" not in full:  # dense layer
-            gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, 0)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-            out[h + "mlp.down_proj.weight"] = full[m + "mlp.linear_fc2.weight"]
             continue
-        out[h + "mlp.gate.weight"] = full[m + "mlp.router.weight"]
         out[h + "mlp.gate.e_score_correction_bias"] = full[m + "mlp.router.expert_bias"]
-        x = f"{m}mlp.experts.local_experts."
-        experts = range(int(cfg.n_routed_experts))
-        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
-            [full[f"{x}{e}.linear_fc1.weight"] for e in experts])
-        out[h + "mlp.experts.down_proj"] = torch.stack(
-            [full[f"{x}{e}.linear_fc2.weight"] for e in experts])
         s = h + "mlp.shared_experts."
         if int(cfg.n_shared_experts or 0):
             gate, up = full[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, 0)

@@ -62,6 +62,7 @@ from transformers import PretrainedConfig
 
 from runtime.megatron import attention, deepseek
 from runtime.megatron.args import hf_moe_layers, hf_num_experts, hf_rope_theta
+from runtime.megatron.hf_mlp import mlp_to_hf
 
 __all__ = [
     "build_gpt_chunks",
@@ -627,16 +628,5 @@ def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[st
         out[h + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"]
         out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
         out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
-        if m + "mlp.router.weight" not in full:  # dense layer
-            gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, 0)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-            out[h + "mlp.down_proj.weight"] = full[m + "mlp.linear_fc2.weight"]
-            continue
-        out[h + "mlp.gate.weight"] = full[m + "mlp.router.weight"]
-        x = f"{m}mlp.experts.local_experts."
-        experts = range(int(cfg.num_experts))
-        out[h + "mlp.experts.gate_up_proj"] = torch.stack(
-            [full[f"{x}{e}.linear_fc1.weight"] for e in experts])
-        out[h + "mlp.experts.down_proj"] = torch.stack(
-            [full[f"{x}{e}.linear_fc2.weight"] for e in experts])
+        out.update(mlp_to_hf(full, h, m, int(cfg.num_experts)))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
