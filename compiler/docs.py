@@ -123,6 +123,7 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "embedded_trainer_nodes": (_ex(TINY, "train.nodes=2"),),
     "screen_nodes": (_ex(TINY, "filters[0].nodes=2"),),
     "optimizer_offload": (_ex(TINY, "train.optimizer.cpu_offload=true"),),
+    "vllm_cpu": (_ex(TINY, "rollout.engine=vllm", "model.architecture.head_dim=16"),),
     "megatron_layout": (
         _ex(BIG, "train.parallelism.context=2"),
     ),

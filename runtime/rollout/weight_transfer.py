@@ -126,14 +126,17 @@ class DiskWeightTransfer(WeightTransfer):
     ``engine="local"``: the embedded server's transfer backend, ``update_info =
     {"path": ...}`` through the start → update → finish sequence. ``engine="vllm"``:
     vLLM's path reload (``RolloutClient.reload_weights``), since no vLLM transfer
-    engine reads from disk."""
+    engine reads from disk. ``devices="cpu"``: vLLM's CPU build leaves its reloaded experts
+    unpacked (``runtime.rollout.vllm_worker``), so each reload is followed by its
+    ``repack_cpu_experts``."""
 
     weight_sync = "disk"
 
-    def __init__(self, engine: str = "local") -> None:
+    def __init__(self, engine: str = "local", devices: str = "gpu") -> None:
         if engine not in ("local", "vllm"):
             raise ValueError(f"engine must be 'local' or 'vllm', got {engine!r}")
         self.engine = engine
+        self.after_reload = ("repack_cpu_experts",) if devices == "cpu" else ()
 
     @staticmethod
     def update_info(path: str) -> dict[str, str]:
@@ -155,7 +158,7 @@ class DiskWeightTransfer(WeightTransfer):
                 path, version, update_info=self.update_info(path), pause_mode=pause_mode
             )
         else:
-            client.reload_weights(path, version, pause_mode=pause_mode)
+            client.reload_weights(path, version, pause_mode=pause_mode, then=self.after_reload)
 
 
 class NCCLWeightTransfer(WeightTransfer):
@@ -367,4 +370,4 @@ def driver_weight_transfer(spec: Mapping[str, Any]) -> tuple[DiskWeightTransfer,
     if weight_sync != "disk":
         note = (f"system.weight_sync {weight_sync}: the trainer does not push tensors yet; "
                 "the vLLM engines reload each step's checkpoint folder instead")
-    return DiskWeightTransfer("vllm"), note
+    return DiskWeightTransfer("vllm", spec["cluster"]["devices"]), note

@@ -285,7 +285,8 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
 STUBS = {
     **SLURM_STUBS,
     "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"; sleep 2',
-    "vllm": 'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; sleep 2',
+    # vLLM's interpreter (RLSPEC_VLLM_PYTHON): python -m vllm.entrypoints.openai.api_server ...
+    "vllm-python": 'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; sleep 2',
     # The driver: records its environment, then finishes the run.
     "python": 'echo "$RLSPEC_ROLLOUT_ENDPOINTS" > "$RECORD/endpoints"; sleep 1',
 }
@@ -298,7 +299,8 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "RLSPEC_TEST_NODES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
            "SLURM_CPUS_PER_TASK": "96",
-           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
+           "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
            "WANDB_API_KEY": "z"}
     bash_first_on_path(bin_dir)
     result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,

@@ -39,8 +39,8 @@ def test_tiny_example() -> None:
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rl_nodes) == (1, 1, 2)
     assert plan.seq_len == 24
     assert (plan.routing_dtype, plan.routing_bytes_per_token) == ("uint8", 2 * 2 * 1)
-    # DESIGN.md §5: this model has 0.23 M parameters.
-    assert plan.params.total == 230_400 and plan.params.moe_layers == 2
+    # 0.25 M parameters (head_dim 32: q 4 × 32, k and v 2 × 32 wide), norms not counted.
+    assert plan.params.total == 254_976 and plan.params.moe_layers == 2
     assert plan.train_memory.notes == ("cpu run: not estimated",)
     assert plan.rollout_max_sequences == -1
     screen, adaptive, shaping, flat, history = plan.stage_budgets

@@ -93,6 +93,10 @@ CASES = [
      ("train", "optimizer", "cpu_offload"), "rl", "the embedded trainer has no optimizer CPU offload"),
     ("optimizer_offload", TINY, [*CPU_MEGATRON, "train.optimizer.cpu_offload=true"],
      ("train", "optimizer", "cpu_offload"), "rl", "hybrid CPU optimizer needs CUDA"),
+    ("vllm_cpu", TINY, ["rollout.engine=vllm", "model.architecture.head_dim=16"],
+     ("model", "architecture", "head_dim"), "rl", "no kernel for head_dim 16"),
+    ("vllm_cpu", TINY, ["rollout.engine=vllm", "model.architecture.moe.expert_ffn_hidden_size=48"],
+     ("model", "architecture", "moe", "expert_ffn_hidden_size"), "rl", "cannot reload new weights"),
     ("screen_nodes", TINY, ["filters[0].nodes=2"],
      ("filters", 0, "nodes"), "screen", "would wait for shards no other node screens"),
 ]

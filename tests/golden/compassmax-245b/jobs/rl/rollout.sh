@@ -25,7 +25,8 @@ EXTRA=(--data-parallel-size-local "$LOCAL_DP" --data-parallel-address "${HOSTS[$
 if (( NODE_RANK != REPLICA_HEAD )); then
   EXTRA+=(--headless --data-parallel-start-rank "$START_RANK")
 fi
-vllm serve "$POLICY" \
+"$RLSPEC_VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+  --model "$POLICY" \
   --served-model-name policy \
   --host "$HOST" \
   --port $(( BASE_PORT + 0 )) \

@@ -19,7 +19,8 @@ for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
   DEVICES=$(seq -s, "$first" $(( first + 8 - 1 )))
   EXTRA=()
-  CUDA_VISIBLE_DEVICES=$DEVICES vllm serve "$POLICY" \
+  CUDA_VISIBLE_DEVICES=$DEVICES "$RLSPEC_VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+    --model "$POLICY" \
     --served-model-name policy \
     --host "$HOST" \
     --port $(( BASE_PORT + i )) \
