@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from runtime.losses import compute_loss, train_inference_correction
 from runtime.router_replay import RouterReplayGroup, RoutingTrace
+from runtime.sync_check import check_weight_sync
 
 # How each loss averages (decides the micro-batch weights above).
 TOKEN_MEAN_LOSSES = frozenset({"grpo", "cispo"})
@@ -138,6 +139,7 @@ class Trainer:
         reference: nn.Module | None = None,
         total_optimizer_steps: int = 1,
         length_balancing: bool = True,
+        sync_tolerance: float | None = None,
     ) -> None:
         if replay_mode != "off" and not replay:
             raise ValueError(f"router replay {replay_mode!r} needs the model's MoE routers")
@@ -152,6 +154,7 @@ class Trainer:
         self.replay = replay
         self.reference = reference
         self.length_balancing = length_balancing
+        self.sync_tolerance = sync_tolerance  # runtime.sync_check; None: not checked
         opt = train["optimizer"]
         self.opt_cfg = opt
         self.total_optimizer_steps = max(1, total_optimizer_steps)
@@ -234,13 +237,21 @@ class Trainer:
 
     def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0,
              advantages_from_entropy: Callable[[Tensor], Tensor] | None = None,
-             ) -> dict[str, float]:
+             version: int = 0) -> dict[str, float]:
         """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics.
+
+        With ``sync_tolerance``, the engine's log-probs of the batch (sampled by weights
+        ``version``) must equal the old-policy pass's within it (``runtime.sync_check``).
 
         ``advantages_from_entropy`` replaces the batch's advantages by a function of the old
         policy's per-token entropy [B, T] (RL-ZVP's token advantages), computed from the
         old-policy pass this step makes anyway."""
         old_logp, entropy, batch = self._old_pass(batch)
+        valid = batch.loss_mask
+        n = valid.sum().clamp(min=1)
+        gap = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
+        if self.sync_tolerance is not None:  # before any update uses the engine's tokens
+            check_weight_sync(gap, int(valid.sum()), self.sync_tolerance, version)
         if advantages_from_entropy is not None:
             batch = replace(batch, advantages=advantages_from_entropy(entropy))
         corr = self.algorithm["correction"]
@@ -260,12 +271,10 @@ class Trainer:
                 self._optimizer_step(batch, mini, old_logp, entropy, mask, token_weight,
                                      ref_logp, sums, counts)
         self._reduce_metrics(sums, counts)
-        valid = batch.loss_mask
-        n = valid.sum().clamp(min=1)
         metrics = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
         metrics.update(correction.metrics)
         metrics["entropy"] = float((entropy * valid).sum() / n)
-        metrics["train_inference_gap"] = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
+        metrics["train_inference_gap"] = gap
         metrics["optimizer_steps"] = float(self.optimizer_steps)
         return metrics
 

@@ -777,6 +777,13 @@ class System(Section):
         "weights folder (the one the runtime wires today); nccl and ipc name vLLM's transfer "
         "engines (`--weight-transfer-config`), refused until the trainer pushes over them.",
     )
+    weight_sync_tolerance: PosFloat = Field(
+        0.05,
+        description="Largest mean |log-prob difference| between the rollout engines and the "
+        "trainer on each step's response tokens (before the update uses them): past it the run "
+        "stops, since the engines do not serve the trainer's weights (a sync that did not take "
+        "effect). bf16 engines differ by about 1e-3; with equal fp32 numerics use about 1e-4.",
+    )
 
 
 class Eval(Section):

@@ -77,6 +77,7 @@ class TrainerProcess:
         self.replay_mode = typed.router_replay.mode
         self.total_optimizer_steps = schedule_length(spec, ctx.derived)
         self.length_balancing = typed.system.length_balancing
+        self.sync_tolerance = typed.system.weight_sync_tolerance
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
@@ -100,7 +101,7 @@ class TrainerProcess:
             self.model, algorithm=self.algorithm, train=self.train_cfg,
             vocab_size=int(self.model.config.vocab_size), replay_mode=mode, replay=replay,
             reference=reference, total_optimizer_steps=self.total_optimizer_steps,
-            length_balancing=self.length_balancing)
+            length_balancing=self.length_balancing, sync_tolerance=self.sync_tolerance)
 
     # ----------------------------------------------------------------- heartbeat
     def heartbeat(self) -> None:
@@ -229,7 +230,8 @@ class TrainerProcess:
                 return adv[zvp["rows"]].float()
 
             metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
-                                        advantages_from_entropy=zvp_advantages if zvp else None)
+                                        advantages_from_entropy=zvp_advantages if zvp else None,
+                                        version=step)
         self.publish(step + 1)
         last = step + 1 >= self.steps or bool(payload.get("last"))
         if (self.interval and (step + 1) % self.interval == 0) or last:
@@ -342,7 +344,7 @@ class MegatronTrainerProcess(TrainerProcess):
             self.module, algorithm=self.algorithm, train=self.train_cfg,
             vocab_size=int(self.hf_config.vocab_size), replay_mode=self.replay_mode,
             reference=reference, total_optimizer_steps=self.total_optimizer_steps,
-            length_balancing=self.length_balancing)
+            length_balancing=self.length_balancing, sync_tolerance=self.sync_tolerance)
         self.model = self.module
 
     # ----------------------------------------------------------------- state

@@ -85,7 +85,8 @@ class MegatronTrainer(Trainer):
     def __init__(self, model: GPTModel | list[GPTModel], *, algorithm: dict[str, Any],
                  train: dict[str, Any], vocab_size: int, replay_mode: str = "off",
                  reference: GPTModel | list[GPTModel] | None = None,
-                 total_optimizer_steps: int = 1, length_balancing: bool = True) -> None:
+                 total_optimizer_steps: int = 1, length_balancing: bool = True,
+                 sync_tolerance: float | None = None) -> None:
         if parallel_state.get_context_parallel_world_size() > 1:
             raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
         self.chunks = list(model) if isinstance(model, list | tuple) else [model]
@@ -146,7 +147,7 @@ class MegatronTrainer(Trainer):
                          replay_mode=replay_mode, replay=replay,  # type: ignore[arg-type]
                          reference=reference,  # type: ignore[arg-type]
                          total_optimizer_steps=total_optimizer_steps,
-                         length_balancing=length_balancing)
+                         length_balancing=length_balancing, sync_tolerance=sync_tolerance)
 
     # ------------------------------------------------------------------ engine hooks
 

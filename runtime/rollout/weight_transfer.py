@@ -136,7 +136,7 @@ class DiskWeightTransfer(WeightTransfer):
         if engine not in ("local", "vllm"):
             raise ValueError(f"engine must be 'local' or 'vllm', got {engine!r}")
         self.engine = engine
-        self.after_reload = ("repack_cpu_experts",) if devices == "cpu" else ()
+        self.after_reload = ("repack_cpu_experts",) if (engine, devices) == ("vllm", "cpu") else ()
 
     @staticmethod
     def update_info(path: str) -> dict[str, str]:

@@ -86,7 +86,7 @@ def test_config_mapping(arch: dict[str, Any], tokenizer: Any) -> None:
     cfg = policy_config(arch, tokenizer)
     assert isinstance(cfg, transformers.Qwen3MoeConfig)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 64, 128)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 32)
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 64)
     assert cfg.norm_topk_prob is True and cfg.mlp_only_layers == [] and cfg.decoder_sparse_step == 1
     assert cfg.rope_parameters["rope_theta"] == 1_000_000.0 and cfg.vocab_size == 64
@@ -121,12 +121,12 @@ def test_tiny_policy_size_forward_and_determinism(arch: dict[str, Any], tokenize
     counts = count_parameters(model)
     print("tiny policy parameters:", counts)
     # embed 64·64 + lm_head 64·64 + final norm 64
-    # + 2 layers × (q 64·64 + k 64·32 + v 64·32 + o 64·64 + q/k norms 2·16 + 2 norms·64
-    #               + router 8·64 + 8 experts × (gate+up 2·64·64 + down 64·64))
-    per_layer = 4096 + 2048 + 2048 + 4096 + 32 + 128 + 512 + 8 * (2 * 64 * 64 + 64 * 64)
-    assert counts["total"] == 2 * 4096 + 64 + 2 * per_layer == 230_784
+    # + 2 layers × (q 64·128 + k 64·64 + v 64·64 + o 128·64 (head_dim 32) + q/k norms 2·32
+    #               + 2 norms·64 + router 8·64 + 8 experts × (gate+up 2·64·64 + down 64·64))
+    per_layer = 8192 + 4096 + 4096 + 8192 + 64 + 128 + 512 + 8 * (2 * 64 * 64 + 64 * 64)
+    assert counts["total"] == 2 * 4096 + 64 + 2 * per_layer == 255_424
     assert counts["expert"] == 2 * 8 * 3 * 64 * 64 == 196_608
-    assert counts["active"] == 230_784 - 196_608 * 6 // 8
+    assert counts["active"] == 255_424 - 196_608 * 6 // 8
 
     ids = torch.randint(0, len(tokenizer), (4, 20), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()

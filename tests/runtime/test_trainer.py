@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from runtime.router_replay import RoutingTrace, patch_qwen3_moe
+from runtime.sync_check import WeightSyncError
 from runtime.trainer import TrainBatch, Trainer, kl_penalty, learning_rate, sequence_logprobs
 
 transformers = pytest.importorskip("transformers")
@@ -352,3 +353,21 @@ def test_the_embedded_trainer_keeps_the_newest_checkpoints(keep: int, tmp_path) 
         proc.save_checkpoint(step)
     kept = sorted(p.name for p in proc.paths.checkpoints.iterdir())
     assert kept == [f"step-{s}" for s in range(5 - keep, 5)]
+
+
+def test_a_step_stops_before_updating_when_the_engine_serves_other_weights() -> None:
+    """system.weight_sync_tolerance: the engine's log-probs (noise 0.05 per token here, a
+    mean gap of about 0.04) pass a tolerance of 0.1 and stop a step at 0.01, with no update."""
+    model = tiny_model()
+    batch = make_batch(model)
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "optimizer": OPT}
+    passing = Trainer(model, algorithm=ALGO, train=train, vocab_size=32, sync_tolerance=0.1)
+    metrics = passing.step(batch, version=3)
+    assert 0.01 < metrics["train_inference_gap"] < 0.1
+    before = copy.deepcopy(model.state_dict())
+    strict = Trainer(model, algorithm=ALGO, train=train, vocab_size=32, sync_tolerance=0.01)
+    with pytest.raises(WeightSyncError, match=r"by 0\.0\d+ on average over \d+ response tokens "
+                                              r"of step 4 .*do not serve the weights of version 4"):
+        strict.step(make_batch(model), version=4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was updated

@@ -146,10 +146,17 @@ def test_push_refuses_what_it_cannot_send() -> None:
 def test_the_driver_pushes_the_checkpoint_folder(engine: str, weight_sync: str, mode: str,
                                                  noted: bool) -> None:
     transfer, note = driver_weight_transfer(
-        {"rollout": {"engine": engine}, "system": {"weight_sync": weight_sync}})
+        {"rollout": {"engine": engine}, "system": {"weight_sync": weight_sync},
+         "cluster": {"devices": "gpu"}})
     assert isinstance(transfer, DiskWeightTransfer) and transfer.engine == mode
+    assert transfer.after_reload == ()  # GPU engines re-run their own kernel set-up on reload
     assert (note is not None) == noted
     if noted:
         assert weight_sync in note
     with pytest.raises(ValueError, match="weight_sync"):
-        driver_weight_transfer({"rollout": {"engine": "vllm"}, "system": {"weight_sync": "rdma"}})
+        driver_weight_transfer({"rollout": {"engine": "vllm"}, "system": {"weight_sync": "rdma"},
+                                "cluster": {"devices": "gpu"}})
+    cpu, _ = driver_weight_transfer({"rollout": {"engine": engine}, "cluster": {"devices": "cpu"},
+                                     "system": {"weight_sync": weight_sync}})
+    # vLLM's CPU build: each reload is followed by its experts' repack (runtime.rollout.vllm_worker)
+    assert cpu.after_reload == (("repack_cpu_experts",) if mode == "vllm" else ())

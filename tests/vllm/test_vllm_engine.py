@@ -19,6 +19,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from runtime.policy import load_policy
 from runtime.rollout.client import Completion, RolloutClient
 from runtime.router_replay import RoutingTrace, align_routing, patch_qwen3_moe
+from runtime.sync_check import WeightSyncError, check_weight_sync
 
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
 
@@ -46,9 +47,10 @@ def _routing(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
     return rec.trace.ids.numpy()
 
 
-def _gap(model: torch.nn.Module, client: RolloutClient) -> float:
+def _gaps(model: torch.nn.Module, client: RolloutClient) -> np.ndarray:
+    """|trainer − engine| log-prob of every sampled token."""
     out = client.generate(PROMPTS, n=2, sampling={"max_tokens": 8, "seed": 7})
-    return max(float(np.abs(_logprobs(model, c) - c.logprobs).max()) for cs in out for c in cs)
+    return np.concatenate([np.abs(_logprobs(model, c) - c.logprobs) for cs in out for c in cs])
 
 
 def test_tokens_and_logprobs_are_transformers(client: RolloutClient,
@@ -152,14 +154,19 @@ def test_r3_replays_vllms_experts_with_live_gates(client: RolloutClient,
 def test_a_reload_takes_effect_only_with_the_cpu_repack(client: RolloutClient,
                                                         policies: tuple[Path, Path]) -> None:
     """vLLM's CPU build answers a path reload with 200 and keeps serving its old expert
-    layout (the reason a sync must be verified); the worker extension's repack fixes it."""
+    layout: the trainers' sync check (runtime.sync_check, at the tiny example's tolerance)
+    stops such a step; the worker extension's repack makes the reload take effect."""
     first, second = _model(policies[0]), _model(policies[1])
     try:
         client.reload_weights(str(policies[1]), "1")
         assert client.weight_info() == ["1"]
-        assert _gap(second, client) > 1e-3  # served with stale experts
+        stale = _gaps(second, client)
+        with pytest.raises(WeightSyncError, match="do not serve the weights of version 1"):
+            check_weight_sync(float(stale.mean()), stale.size, 1e-4, 1)
         client.reload_weights(str(policies[1]), "2", then=("repack_cpu_experts",))
-        assert _gap(second, client) < 1e-5
+        synced = _gaps(second, client)
+        assert synced.max() < 1e-5
+        check_weight_sync(float(synced.mean()), synced.size, 1e-4, 2)
     finally:
         client.reload_weights(str(policies[0]), "0", then=("repack_cpu_experts",))
-    assert _gap(first, client) < 1e-5
+    assert _gaps(first, client).max() < 1e-5

@@ -1,0 +1,35 @@
+"""The check that the rollout engines serve the weights the trainer holds.
+
+A weight sync can answer 200 and not take effect (vLLM's CPU build reloads its experts in the
+wrong layout; a reload can read a stale or partial folder; an engine can serve another
+model). Every RL step compares, before any update uses them, the engine's log-probs of the
+batch's response tokens with the trainer's own (old-policy pass, the weights the engines were
+given), over the valid tokens:
+
+    gap = Σ_t m_t · |log π_train(y_t) − log π_engine(y_t)| / Σ_t m_t
+
+and stops the run when gap > ``system.weight_sync_tolerance``. Equal precision on both sides
+(fp32, as the tests and the tiny example run) gives gaps near 1e-7; bf16 engines with MoE
+routing differences stay around 1e-3 (the gap the paper reports before router replay). The
+step's ``train_inference_gap`` metric is this number.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WeightSyncError", "check_weight_sync"]
+
+
+class WeightSyncError(RuntimeError):
+    """The engines' log-probs are not the trainer's: their weights (or numerics) differ."""
+
+
+def check_weight_sync(gap: float, tokens: int, tolerance: float, version: int) -> None:
+    """Raise ``WeightSyncError`` when the mean gap over ``tokens`` exceeds ``tolerance``."""
+    if tokens > 0 and not gap <= tolerance:  # NaN fails too
+        raise WeightSyncError(
+            f"the rollout engines' log-probs differ from the trainer's by {gap:.3g} on average "
+            f"over {tokens} response tokens of step {version} (system.weight_sync_tolerance "
+            f"{tolerance:g}): the engines do not serve the weights of version {version}. A "
+            "weight sync that did not take effect, an engine on another checkpoint, or other "
+            "numerics (precision, FP8, routing without replay): check the rollout log, or "
+            "raise the tolerance if the engines' numerics differ by design")
