@@ -185,6 +185,14 @@ def megatron_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
         yield from _family_features(spec, "the Megatron trainer", MEGATRON_FAMILIES,
                                     "set train.backend: local, or a qwen3_moe / deepseek_v3 "
                                     "model")
+        theta = float(spec["model"]["architecture"]["rope_theta"])
+        if not theta.is_integer():
+            # train.sh would render int(theta), and the trainer refuse the checkpoint's theta
+            yield Refusal("megatron_model", (*ARCH, "rope_theta"),
+                          f"Megatron-LM's --rotary-base is an integer: the Megatron trainer "
+                          f"cannot build rope_theta {theta}",
+                          f"set model.architecture.rope_theta: {round(theta)}.0, or "
+                          "train.backend: local")
 
 
 def aux_loss(spec: Mapping[str, Any]) -> Iterator[Refusal]:
