@@ -59,6 +59,26 @@ def test_world_size_1_step_matches_embedded(tmp_path: Path) -> None:
     _check(out)
 
 
+def test_tied_embeddings_step_matches_embedded_and_publishes_tied(tmp_path: Path) -> None:
+    """``tie_embeddings: true`` on the Megatron trainer (world 1): the GPTModel shares its
+    embedding with the output layer (an untied output layer would keep other weights and
+    the step would differ), the step equals the embedded trainer's on the tied HF policy, and
+    the export, one tensor, publishes as a tied HF model (``policy_from_state_dict``)."""
+    from runtime.policy import policy_from_state_dict
+    from tests.megatron._worker import tiny_hf_policy
+
+    (out,) = launch("tests.megatron._train_worker", 1,
+                    ["1", "1", str(tmp_path), "off", "espo", "tie=1"], tmp_path)
+    assert "lm_head.weight" not in out["got"]  # Megatron holds one tensor for both
+    for key in ("hf", "ref"):  # HF's state dict names the shared tensor twice
+        weights = out[key]
+        assert torch.equal(weights.pop("lm_head.weight"), weights["model.embed_tokens.weight"])
+    _check(out)
+    published = policy_from_state_dict(tiny_hf_policy(tie=True).config, out["got"])
+    assert published.lm_head.weight is published.model.embed_tokens.weight
+    assert torch.equal(published.lm_head.weight, out["got"]["model.embed_tokens.weight"])
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("off", "cispo"), ("r3", "grpo"), ("r2", "espo"),
                                              ("r3", "grpo-kl")])
 def test_expert_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
