@@ -224,3 +224,34 @@ def test_checkpoint_resume_is_exact(tmp_path: Path, layout: list[str]) -> None:
     for out in outs:
         assert out["steps_after_load"] == 4 and out["steps"] == 8
         assert _max_diff(out["a"], out["b"]) == 0.0
+
+
+@pytest.mark.parametrize(("recompute", "expected"), [
+    ("none", (None, None, None)),
+    ("selective", ("selective", None, None)),
+    ("full", ("full", "uniform", 1)),
+])
+def test_the_spec_recompute_reaches_the_megatron_models_config(
+        tmp_path: Path, megatron_cpu: None, recompute: str, expected: tuple) -> None:
+    """``train.recompute`` → train.sh's --recompute-* flags → the train job's model overrides
+    (``runtime.jobs.train.model_overrides``, what ``MegatronTrainerProcess`` builds with) →
+    the GPTModel's TransformerConfig (world 1, in this process)."""
+    from runtime.jobs.train import model_overrides
+    from runtime.megatron import model as mm
+    from runtime.megatron.args import parse_megatron_args
+    from runtime.preflight import trainer_argv
+    from tests.megatron._worker import tiny_hf_policy
+    from tests.runtime.test_megatron_args import tiny_megatron_train_sh
+
+    text, _ = tiny_megatron_train_sh(tmp_path, train={"recompute": recompute})
+    overrides = model_overrides(parse_megatron_args(trainer_argv(text)))
+    hf = tiny_hf_policy()
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        (model,) = mm.build_gpt_chunks(hf.config, pg, **overrides)
+        config = model.config
+        assert (config.recompute_granularity, config.recompute_method,
+                config.recompute_num_layers) == expected
+        assert model.decoder.config.recompute_granularity == expected[0]
+    finally:
+        mm.destroy_parallel()
