@@ -180,7 +180,7 @@ def embedded_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
 
 def megatron_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """``runtime.megatron`` builds Qwen3-MoE and DeepSeek-V3 (MLA) as a megatron-core GPTModel
-    (local layer spec)."""
+    (local layer spec), with Megatron-LM's integer RoPE base (``--rotary-base``)."""
     if _uses_megatron(spec):
         yield from _family_features(spec, "the Megatron trainer", MEGATRON_FAMILIES,
                                     "set train.backend: local, or a qwen3_moe / deepseek_v3 "
