@@ -180,11 +180,19 @@ def embedded_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
 
 def megatron_model(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """``runtime.megatron`` builds Qwen3-MoE and DeepSeek-V3 (MLA) as a megatron-core GPTModel
-    (local layer spec)."""
+    (local layer spec), with Megatron-LM's integer RoPE base (``--rotary-base``)."""
     if _uses_megatron(spec):
         yield from _family_features(spec, "the Megatron trainer", MEGATRON_FAMILIES,
                                     "set train.backend: local, or a qwen3_moe / deepseek_v3 "
                                     "model")
+        theta = float(spec["model"]["architecture"]["rope_theta"])
+        if not theta.is_integer():
+            # train.sh would render int(theta), and the trainer refuse the checkpoint's theta
+            yield Refusal("megatron_model", (*ARCH, "rope_theta"),
+                          f"Megatron-LM's --rotary-base is an integer: the Megatron trainer "
+                          f"cannot build rope_theta {theta}",
+                          f"set model.architecture.rope_theta: {round(theta)}.0, or "
+                          "train.backend: local")
 
 
 def aux_loss(spec: Mapping[str, Any]) -> Iterator[Refusal]:

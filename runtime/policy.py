@@ -312,10 +312,20 @@ def policy_from_state_dict(config: PretrainedConfig,
                            state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
     """The HF model of ``config`` holding ``state_dict`` (HF names), without a second copy of
     the weights: the model is built on the meta device and takes the tensors themselves.
-    For :func:`save_policy` (which writes HF's on-disk layout, e.g. one tensor per expert)."""
+    For :func:`save_policy` (which writes HF's on-disk layout, e.g. one tensor per expert).
+    A tied model (``tie_word_embeddings``) takes its output layer from the input embedding:
+    the state dict may leave ``lm_head.weight`` out (a Megatron export has one tensor)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(dict(state_dict), assign=True, strict=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) \
+        if getattr(config, "tie_word_embeddings", False) else set()
+    result = model.load_state_dict(dict(state_dict), assign=True, strict=False)
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"state dict does not fit {type(model).__name__}: missing "
+                           f"{sorted(missing)}, unexpected {sorted(result.unexpected_keys)}")
+    if tied:
+        model.tie_weights()  # assign replaced the parameters: tie them again
     return model.eval()
 
 

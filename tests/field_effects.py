@@ -78,6 +78,7 @@ TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
 MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
+DRIVER = "tests/runtime/test_driver.py"
 DEEPSEEK = "tests/runtime/test_deepseek.py"
 MCORE_DEEPSEEK = "tests/megatron/test_mcore_deepseek.py"
 SLURM = "tests/slurm/test_slurm.py"
@@ -109,6 +110,12 @@ DS_MCORE = t(MCORE_DEEPSEEK, "test_logprobs_gradients_and_export_match_hf")
 DS_R3 = t(MCORE_DEEPSEEK, "test_r3_with_the_sigmoid_router_replays_the_recorded_experts")
 ARCH_FLAGS = t(MARGS, "test_the_model_flags_describe_the_checkpoint")
 OPT_FLAGS = t(MARGS, "test_the_flags_set_batch_and_optimizer")
+# init's checkpoint of an edited architecture (config.json, the loaded model, its tokenizer,
+# the embedded engine's context), and the train.sh flags of the same fields compared with the
+# checkpoint by the Megatron trainer's preflight (runtime.megatron.args.check_architecture).
+INIT_ARCH = t(DATA, "test_init_builds_head_dim_positions_rope_and_tied_embeddings_of_the_spec")
+ARCH_CKPT = t(MARGS, "test_rope_head_dim_positions_and_tying_reach_the_flags_and_must_match_"
+                     "the_checkpoint")
 SCHEDULE = t(TRAINER, "test_kl_estimators_and_schedule")
 BUILD_STAGES = t(FILTERS, "test_registry_and_build_from_spec_dicts")
 OFFLINE_COST = t(FILTERS, "test_offline_run_artifact_and_cost")
@@ -175,8 +182,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Architecture.num_attention_heads": {"all": (CONFIG_MAP, "check:attention_tp")},
     "Architecture.num_query_groups": {"all": (CONFIG_MAP, "check:attention_tp")},
     # --kv-channels 128 in the golden train.sh (checked against the checkpoint by
-    # runtime.megatron.args); the embedded build of an explicit head_dim is untested.
-    "Architecture.head_dim": {"all": (GOLDEN, "check:checkpoint_head_dim", "MISSING")},
+    # runtime.megatron.args); head_dim 24 ≠ 64 / 4 built by init (q/k/o widths).
+    "Architecture.head_dim": {"all": (GOLDEN, "check:checkpoint_head_dim", INIT_ARCH, ARCH_CKPT)},
     # mla with deepseek_v3 (MLA), gqa with the Qwen3 families; the other pairs are refused.
     "Architecture.attention": {
         "train:local": (DS_CONFIG, "refused:embedded_model"),
@@ -184,12 +191,19 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "Architecture.mla": {"train:local": DS_CONFIG, "train:megatron": (DS_MCORE, DS_FLAGS)},
     "Architecture.vocab_size": {"all": (CONFIG_MAP, t(POLICY, "test_config_rejects"))},
-    "Architecture.max_position_embeddings": {"all": ("check:run_level", "MISSING")},
-    "Architecture.rope_theta": {"all": "MISSING"},
+    # the checkpoint's config and tokenizer; the embedded engine's context (max_model_len)
+    "Architecture.max_position_embeddings": {"all": ("check:run_level", INIT_ARCH, ARCH_CKPT)},
+    # other log-probs from the same weights; --rotary-base against the checkpoint (an int:
+    # a fractional value is refused on Megatron)
+    "Architecture.rope_theta": {"train:local": INIT_ARCH,
+                                "train:megatron": (INIT_ARCH, ARCH_CKPT, "refused:megatron_model")},
     "Architecture.tie_embeddings": {
-        "train:local": (t(PLAN, "test_tied_embeddings_count_once"), "MISSING"),
-        "train:megatron": (t(PLAN, "test_tied_embeddings_count_once"),
-                           "refused:megatron_layout", "MISSING"),  # refused with PP > 1
+        "train:local": (t(PLAN, "test_tied_embeddings_count_once"), INIT_ARCH,
+                        t(TRAINER, "test_a_tied_policy_trains_its_one_embedding_tensor")),
+        "train:megatron": (t(PLAN, "test_tied_embeddings_count_once"), ARCH_CKPT,
+                           t(MCORE_TRAINER, "test_tied_embeddings_step_matches_embedded_and_"
+                                            "publishes_tied"),
+                           "refused:megatron_layout"),  # refused with PP > 1
     },
     "Architecture.moe": {
         "train:local": CONFIG_MAP,  # no moe section: dense Qwen3
@@ -267,7 +281,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Cluster.qos": {"scheduler:slurm": DRY_RUN, "scheduler:local": NOT_READ},
     "Cluster.gpus_per_node": {
         "train:megatron": (MCORE_TINY, SPLIT_245B, "check:training_grid"),  # ranks per node
-        "train:local": ("check:training_grid", "MISSING"),
+        # the embedded engine replicas of the rollout node, one endpoint each
+        "train:local": ("check:training_grid",
+                        t(BUNDLE, "test_embedded_rollout_replicas_per_node_follow_gpus_per_node")),
     },
     "Cluster.gpu_memory_gb": {
         "devices:gpu": "check:memory",
@@ -332,7 +348,9 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Train.recompute": {
         "train:local": "refused:recompute",  # the embedded trainer keeps every activation
         "train:megatron": (t(MCORE_TRAINER, "test_recomputed_activations_replay_the_same_experts"),
-                           t(PLAN, "test_full_recompute_keeps_less_than_selective"), "MISSING"),
+                           t(PLAN, "test_full_recompute_keeps_less_than_selective"),
+                           t(MCORE_TRAINER, "test_the_spec_recompute_reaches_the_megatron_"
+                                            "models_config")),
     },
     "Train.steps": {"all": RL_E2E},  # 3 steps → 3 metrics lines
     "Train.rollout_budget": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
@@ -553,7 +571,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "GRPOParams.clip_high": {"all": t(LOSSES, "test_grpo_matches_reference")},
     "CISPOParams.eps_high": {"all": t(LOSSES, "test_cispo_matches_reference")},
     "CISPOParams.eps_low": {"all": t(LOSSES, "test_cispo_matches_reference")},
-    "Advantage.estimator": {"all": ("check:references", "MISSING")},
+    "Advantage.estimator": {"all": ("check:references",
+                                    t(DRIVER, "test_the_trainers_token_advantages_follow_the_estimator"))},
     "Advantage.alpha_zvp": {"all": t(ADV, "test_rl_zvp_matches_reference")},
     "Advantage.eps": {"all": t(ADV, "test_group_advantages_properties")},  # eps=0 vs default
     "KL.coefficient": {
@@ -579,7 +598,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "System.weight_sync_tolerance": {"all": (
         t(TRAINER, "test_a_step_stops_before_updating_when_the_engine_serves_other_weights"),
         t(VLLM_ENGINE, "test_a_reload_takes_effect_only_with_the_cpu_repack"))},
-    "System.reward_overlap": {"all": "MISSING"},
+    "System.reward_overlap": {"all": t(DRIVER, "test_reward_overlap_scores_chunks_while_others_still_generate")},
     # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on).
     "System.length_balancing": {"all": t(TRAINER, "test_length_balancing_groups_responses_of_similar_length")},
     "System.max_staleness": {"all": "refused:async_rollout"},
@@ -610,22 +629,6 @@ COMPILE_TIME: dict[str, str] = {
 
 # What is missing, per field (the paths are those whose evidence is "MISSING").
 MISSING: dict[str, str] = {
-    "Architecture.head_dim": "the embedded build (policy_config) of an explicit head_dim: no test "
-                             "sets one",
-    "Architecture.max_position_embeddings": "built into the model and the tokenizer by init; no "
-                                            "runtime test varies it",
-    "Architecture.rope_theta": "built into the model by init, --rotary-base checked against the "
-                               "checkpoint; every test runs the default",
-    "Architecture.tie_embeddings": "built by init (tie_word_embeddings) and --untie-... for Megatron; "
-                                   "no runtime test builds or trains a tied model",
-    "Cluster.gpus_per_node": "train:local: the embedded trainer is one process; only the number of "
-                             "embedded rollout replicas per node follows it, which no test varies",
     "Train.precision": "train:megatron+devices:gpu: the train job's --bf16 has not run on a GPU "
                        "(its RL job needs the CUDA vLLM)",
-    "Train.recompute": "train:megatron: the GPTModel recomputes (equal steps with and without, "
-                       "on CPU and on an H200 by bench/gpu.py), but no test shows the train "
-                       "job passes the spec's value to the model (only memory differs)",
-    "Advantage.estimator": "the driver sends RL-ZVP inputs only with rl_zvp; no test checks the "
-                           "trainer's token advantages follow the spec",
-    "System.reward_overlap": "read by the driver (chunked, overlapped scoring); no test varies it",
 }

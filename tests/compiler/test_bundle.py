@@ -479,3 +479,57 @@ def test_rl_launch_ends_with_the_first_role_and_stops_the_others(
     parents = [int(p) for p in (record / "parents").read_text().split()]
     assert len(parents) == 2
     assert not [pid for pid in parents if Path(f"/proc/{pid}").exists()]
+
+
+# The roles of the tiny RL job as stand-ins: the driver records the endpoints it is given and
+# ends the run once the rollout role has recorded its command line; the others wait.
+REPLICA_STUB = """
+case " $* " in
+  *" runtime.jobs.rl "*)
+    echo "$RLSPEC_ROLLOUT_ENDPOINTS" > "$RECORD/endpoints"
+    while [[ ! -s $RECORD/rollout ]]; do sleep 0.05; done
+    exit 0;;
+  *" runtime.jobs.train "*) ;;
+  *) echo "$*" > "$RECORD/rollout.partial"; mv "$RECORD/rollout.partial" "$RECORD/rollout";;
+esac
+while kill -0 "$PPID" 2>/dev/null; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("gpus_per_node", [1, 2, 4])
+def test_embedded_rollout_replicas_per_node_follow_gpus_per_node(tmp_path: Path,
+                                                                 gpus_per_node: int) -> None:
+    """train:local, rollout:local: the embedded trainer is one process, but the rollout node
+    runs cluster.gpus_per_node embedded engine replicas (one slot each; runtime.launch starts
+    them, replica i serving BASE_PORT + LOCAL_RANK i) and the driver gets one endpoint per
+    replica."""
+    from runtime.jobs.rollout_server import build_argv
+
+    out = write_bundle(compile_spec(EXAMPLES["tiny"], [f"cluster.gpus_per_node={gpus_per_node}"])
+                       .files, tmp_path / "b")
+    bin_dir = write_stubs(tmp_path / "bin", {"python": REPLICA_STUB})
+    record = tmp_path / "record"
+    record.mkdir()
+    bash_first_on_path(bin_dir)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
+           "RLSPEC_ROLLOUT_BASE_PORT": "18000"}
+    result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    args = (record / "rollout").read_text().split()
+    served = args[args.index("-m", args.index("-m") + 1) + 1] if gpus_per_node > 1 else None
+    if gpus_per_node > 1:
+        assert args[:4] == ["-m", "runtime.launch", "--nproc-per-node", str(gpus_per_node)]
+        assert served == "runtime.jobs.rollout_server"
+    else:
+        assert args[:2] == ["-m", "runtime.jobs.rollout_server"]
+    server_args = args[args.index("runtime.jobs.rollout_server") + 1:]
+    endpoints = (record / "endpoints").read_text().split()[0].split(",")
+    assert len(endpoints) == gpus_per_node
+    host = server_args[server_args.index("--host") + 1]
+    ports = [build_argv(server_args, env={"LOCAL_RANK": str(r)}) for r in range(gpus_per_node)]
+    assert endpoints == [f"http://{host}:{a[a.index('--port') + 1]}" for a in ports]
+    assert [e.rsplit(":", 1)[1] for e in endpoints] == \
+        [str(18000 + r) for r in range(gpus_per_node)]

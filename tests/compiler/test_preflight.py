@@ -53,6 +53,8 @@ CASES = [
     ("megatron_model", TINY, [*DEEPSEEK, *CPU_MEGATRON, "model.architecture.moe.norm_topk_prob=false"],
      ("model", "architecture", "moe", "norm_topk_prob"), "rl",
      "always renormalises a sigmoid router's top-k gates"),
+    ("megatron_model", TINY, [*CPU_MEGATRON, "model.architecture.rope_theta=10000.5"],
+     ("model", "architecture", "rope_theta"), "rl", "--rotary-base is an integer"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],

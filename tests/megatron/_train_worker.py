@@ -6,7 +6,7 @@ side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead
 ``etp=N`` expert-tensor parallelism (``etp=tp``: Megatron's default, ETP = TP), ``layers=N``
 decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
 interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
-(uneven stages).
+(uneven stages), ``tie=1`` tied input embedding and output layer.
 
 Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
@@ -41,7 +41,7 @@ TRAIN: dict[str, Any] = {
 }
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
 # KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
-LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0}
+LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0, "tie": 0}
 
 
 def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
@@ -97,7 +97,7 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
 
     layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy(layers=layers)
+    hf = tiny_hf_policy(layers=layers, tie=bool(int({**LAYOUT, **(options or {})}["tie"])))
     batch = rl_batch(hf, replay)
     kl = loss.endswith("-kl")  # "<loss>-kl": KL (k3) to the frozen initial policy
     loss = loss.removesuffix("-kl")

@@ -59,6 +59,26 @@ def test_world_size_1_step_matches_embedded(tmp_path: Path) -> None:
     _check(out)
 
 
+def test_tied_embeddings_step_matches_embedded_and_publishes_tied(tmp_path: Path) -> None:
+    """``tie_embeddings: true`` on the Megatron trainer (world 1): the GPTModel shares its
+    embedding with the output layer (an untied output layer would keep other weights and
+    the step would differ), the step equals the embedded trainer's on the tied HF policy, and
+    the export, one tensor, publishes as a tied HF model (``policy_from_state_dict``)."""
+    from runtime.policy import policy_from_state_dict
+    from tests.megatron._worker import tiny_hf_policy
+
+    (out,) = launch("tests.megatron._train_worker", 1,
+                    ["1", "1", str(tmp_path), "off", "espo", "tie=1"], tmp_path)
+    assert "lm_head.weight" not in out["got"]  # Megatron holds one tensor for both
+    for key in ("hf", "ref"):  # HF's state dict names the shared tensor twice
+        weights = out[key]
+        assert torch.equal(weights.pop("lm_head.weight"), weights["model.embed_tokens.weight"])
+    _check(out)
+    published = policy_from_state_dict(tiny_hf_policy(tie=True).config, out["got"])
+    assert published.lm_head.weight is published.model.embed_tokens.weight
+    assert torch.equal(published.lm_head.weight, out["got"]["model.embed_tokens.weight"])
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("off", "cispo"), ("r3", "grpo"), ("r2", "espo"),
                                              ("r3", "grpo-kl")])
 def test_expert_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
@@ -204,3 +224,34 @@ def test_checkpoint_resume_is_exact(tmp_path: Path, layout: list[str]) -> None:
     for out in outs:
         assert out["steps_after_load"] == 4 and out["steps"] == 8
         assert _max_diff(out["a"], out["b"]) == 0.0
+
+
+@pytest.mark.parametrize(("recompute", "expected"), [
+    ("none", (None, None, None)),
+    ("selective", ("selective", None, None)),
+    ("full", ("full", "uniform", 1)),
+])
+def test_the_spec_recompute_reaches_the_megatron_models_config(
+        tmp_path: Path, megatron_cpu: None, recompute: str, expected: tuple) -> None:
+    """``train.recompute`` → train.sh's --recompute-* flags → the train job's model overrides
+    (``runtime.jobs.train.model_overrides``, what ``MegatronTrainerProcess`` builds with) →
+    the GPTModel's TransformerConfig (world 1, in this process)."""
+    from runtime.jobs.train import model_overrides
+    from runtime.megatron import model as mm
+    from runtime.megatron.args import parse_megatron_args
+    from runtime.preflight import trainer_argv
+    from tests.megatron._worker import tiny_hf_policy
+    from tests.runtime.test_megatron_args import tiny_megatron_train_sh
+
+    text, _ = tiny_megatron_train_sh(tmp_path, train={"recompute": recompute})
+    overrides = model_overrides(parse_megatron_args(trainer_argv(text)))
+    hf = tiny_hf_policy()
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        (model,) = mm.build_gpt_chunks(hf.config, pg, **overrides)
+        config = model.config
+        assert (config.recompute_granularity, config.recompute_method,
+                config.recompute_num_layers) == expected
+        assert model.decoder.config.recompute_granularity == expected[0]
+    finally:
+        mm.destroy_parallel()

@@ -345,3 +345,73 @@ def test_run_job_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
     assert run_job(writes, ["--config", str(tmp_path / "missing.json")]) == 1
     assert "failed: config not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- init's architecture
+
+
+def _init_checkpoint(root: Path, **arch: Any) -> Path:
+    """Run the init job in this process on the tiny spec with ``arch`` edits; its checkpoint."""
+    from runtime.jobs import init
+
+    spec = _tiny_spec()
+    spec["model"]["architecture"].update(arch)
+    config = _write_config(root, job="init", spec=spec, outputs={
+        "policy_init": {"path": "artifacts/policy_init", "kind": "hf_checkpoint",
+                        "external": False}})
+    ctx = JobContext.load(config, run_dir=root / "run", log_to_file=False)
+    init.run(ctx)
+    return ctx.output_path("policy_init")
+
+
+def test_init_builds_head_dim_positions_rope_and_tied_embeddings_of_the_spec(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit head_dim (24, not hidden / heads = 16), max_position_embeddings,
+    rope_theta and tie_embeddings reach the init job's checkpoint: its config.json, the
+    model the jobs load from it (attention widths, one shared embedding tensor, other
+    log-probs under another RoPE base), its tokenizer, and the embedded engine's context."""
+    from safetensors.torch import load_file
+
+    from runtime.policy import load_policy
+    from runtime.rollout.engine import EngineError, LocalEngine
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    default = _init_checkpoint(tmp_path / "default")
+    edited = _init_checkpoint(tmp_path / "edited", head_dim=24, max_position_embeddings=40,
+                              rope_theta=5000.0, tie_embeddings=True)
+    cfg = json.loads((edited / "config.json").read_text())
+    assert cfg["head_dim"] == 24 and cfg["max_position_embeddings"] == 40
+    assert cfg["rope_theta"] == 5000.0 and cfg["rope_parameters"]["rope_theta"] == 5000.0
+    assert cfg["tie_word_embeddings"] is True
+    base = json.loads((default / "config.json").read_text())
+    assert (base["head_dim"], base["max_position_embeddings"], base["rope_theta"],
+            base["tie_word_embeddings"]) == (16, 256, 1_000_000.0, False)
+
+    model, tok = load_policy(edited)
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == \
+        (4 * 24, 2 * 24, 4 * 24)  # heads × head_dim, query groups × head_dim
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # one tensor
+    assert "lm_head.weight" not in load_file(edited / "model.safetensors")
+    assert "lm_head.weight" in load_file(default / "model.safetensors")
+    assert tok.model_max_length == 40
+
+    # RoPE has no weights: the same seed gives the same tensors, and only the base differs.
+    rope_only = _init_checkpoint(tmp_path / "rope", rope_theta=5000.0)
+    a, _ = load_policy(default)
+    b, _ = load_policy(rope_only)
+    assert all(torch.equal(x, y) for x, y in
+               zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    ids = torch.tensor([tok.encode("12+34=46 9*9=81")])
+    with torch.no_grad():
+        gap = (a(ids).logits.log_softmax(-1) - b(ids).logits.log_softmax(-1)).abs().max()
+    assert gap > 1e-3
+
+    # The embedded engine's context is the checkpoint's max_position_embeddings.
+    engine = LocalEngine(edited, seed=0)
+    assert engine.max_model_len == 40
+    out = engine.generate([tok.encode("1+1=") * 9], max_tokens=20, seed=0, ignore_eos=True)
+    assert len(out[0].samples[0].token_ids) == 40 - 36
+    with pytest.raises(EngineError, match="40"):
+        engine.generate([tok.encode("1+1=") * 10], max_tokens=1, seed=0)

@@ -173,3 +173,37 @@ def test_optimizer_cpu_offload_reaches_the_megatron_trainer() -> None:
     lone = [a for a in argv if a != "--use-distributed-optimizer"]
     assert [r.path for r in megatron_flag_refusals(parse_megatron_args(lone))] == [
         ("train", "optimizer", "cpu_offload")]
+
+
+def test_rope_head_dim_positions_and_tying_reach_the_flags_and_must_match_the_checkpoint(
+        tmp_path: Path) -> None:
+    """rope_theta, head_dim, max_position_embeddings and tie_embeddings are rendered as
+    --rotary-base, --kv-channels, --max-position-embeddings and (the absence of)
+    --untie-embeddings-and-output-weights, and the trainer's preflight compares each with
+    the checkpoint it starts from: the bundle's own checkpoint passes, another is refused."""
+    edits = {"rope_theta": 5000.0, "head_dim": 24, "max_position_embeddings": 512,
+             "tie_embeddings": True}
+    text, spec = tiny_megatron_train_sh(tmp_path, **edits)
+    args = parse_megatron_args(trainer_argv(text))
+    assert (args.rotary_base, args.kv_channels, args.max_position_embeddings) == (5000, 24, 512)
+    assert not args.untie_embeddings_and_output_weights
+    arch = spec["model"]["architecture"]
+    tokenizer = build_tokenizer(int(arch["vocab_size"]))
+    check_architecture(args, policy_config(arch, tokenizer))  # its own checkpoint
+
+    default, base = tiny_megatron_train_sh(tmp_path)
+    default_args = parse_megatron_args(trainer_argv(default))
+    assert default_args.rotary_base == 1_000_000 and default_args.untie_embeddings_and_output_weights
+    with pytest.raises(MegatronArgsError) as err:  # the flags of the spec, another checkpoint
+        check_architecture(args, policy_config(base["model"]["architecture"], tokenizer))
+    message = str(err.value)
+    for flag in ("--rotary-base 5000.0 (the checkpoint has 1000000.0)",
+                 "--kv-channels 24 (the checkpoint has 32)",
+                 "--max-position-embeddings 512 (the checkpoint has 256)",
+                 "--untie-embeddings-and-output-weights False (the checkpoint has True)"):
+        assert flag in message
+    only_rope = policy_config({**arch, "rope_theta": 10000.0}, tokenizer)
+    with pytest.raises(MegatronArgsError, match=r"--rotary-base 5000\.0 \(the checkpoint has "
+                                                r"10000\.0\)") as err:
+        check_architecture(args, only_rope)
+    assert "--kv-channels" not in str(err.value)

@@ -176,3 +176,21 @@ def test_save_load_identical_logits(arch: dict[str, Any], tokenizer: Any, tmp_pa
 
     bf16, _ = load_policy(path, dtype=torch.bfloat16)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_a_tied_state_dict_without_its_output_layer_builds_a_tied_policy(
+        arch: dict[str, Any], tokenizer: Any) -> None:
+    """A Megatron export of a tied model has one embedding tensor and no lm_head.weight:
+    ``policy_from_state_dict`` (the Megatron trainer's publish, the to_hf job) builds the
+    tied HF model from it; an untied model missing its output layer is still an error."""
+    from runtime.policy import policy_from_state_dict
+
+    tied = build_policy({**arch, "tie_embeddings": True}, tokenizer, seed=3)
+    weights = {k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}
+    built = policy_from_state_dict(tied.config, weights)
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    assert torch.equal(built.lm_head.weight, tied.lm_head.weight)
+    untied = build_policy(arch, tokenizer, seed=3)
+    with pytest.raises(RuntimeError, match=r"missing \['lm_head.weight'\]"):
+        policy_from_state_dict(untied.config, {k: v for k, v in untied.state_dict().items()
+                                               if k != "lm_head.weight"})

@@ -371,3 +371,45 @@ def test_a_step_stops_before_updating_when_the_engine_serves_other_weights() -> 
         strict.step(make_batch(model), version=4)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was updated
+
+
+def test_a_tied_policy_trains_its_one_embedding_tensor(tmp_path) -> None:
+    """``tie_embeddings: true`` builds a policy whose output layer is its input embedding;
+    one RL step on the embedded trainer updates that one tensor with the gradient of both
+    uses (the untied twin, same start, moves its two copies apart), and the published
+    checkpoint loads tied again."""
+    from pathlib import Path
+
+    import yaml
+
+    from runtime.policy import build_policy, build_tokenizer, load_policy, save_policy
+
+    arch = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "tiny" /
+                           "spec.yaml").read_text())["model"]["architecture"]
+    tok = build_tokenizer(int(arch["vocab_size"]))
+    tied = build_policy({**arch, "tie_embeddings": True}, tok, seed=0)
+    emb = tied.model.embed_tokens.weight
+    assert tied.lm_head.weight is emb
+    untied = build_policy(arch, tok, seed=0)
+    untied.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():  # the same start: lm_head a copy of the shared tensor
+        untied.lm_head.weight.copy_(emb)
+    start = emb.detach().clone()
+
+    vocab = int(arch["vocab_size"])
+    batch = make_batch(tied)  # token ids < 32 ≤ vocab
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "optimizer": OPT}
+    trainer = Trainer(tied, algorithm=ALGO, train=train, vocab_size=vocab)
+    assert sum(p is emb for g in trainer.optimizer.param_groups for p in g["params"]) == 1
+    trainer.step(batch)
+    Trainer(untied, algorithm=ALGO, train=train, vocab_size=vocab).step(batch)
+
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight  # still one tensor
+    assert not torch.equal(emb, start)
+    assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+    assert not torch.allclose(emb, untied.model.embed_tokens.weight, atol=1e-6)
+    assert not torch.allclose(emb, untied.lm_head.weight, atol=1e-6)
+
+    loaded, _ = load_policy(save_policy(tied, tok, tmp_path / "v1"))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, emb)

@@ -1,0 +1,218 @@
+"""The RL driver's step in this process, with stand-ins only at its edges: a scripted rollout
+client (the completions it returns are chosen per prompt) and, where the trainer's side is
+checked, the real trainer process (``runtime.jobs.train.TrainerProcess``) on the tiny
+policy. What is checked is what the spec's system and advantage settings change in the
+step: how rewards are scored against generation, and the advantages the trainer trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from compiler.api import compile_spec
+from runtime.jobs.common import JobContext
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "tiny" / "spec.yaml"
+
+
+class ScriptedClient:
+    """Rollout engine stand-in: prompt text → the texts of its n completions (cycled). Each
+    ``generate`` call is recorded as (prompt texts, n); ``before_return`` (if set) runs
+    before a call returns, with the call's prompt texts."""
+
+    endpoints: ClassVar[list[str]] = ["stand-in"]
+
+    def __init__(self, tokenizer: Any, answers: dict[str, list[str]]) -> None:
+        self.tokenizer = tokenizer
+        self.answers = answers
+        self.calls: list[tuple[list[str], int]] = []
+        self.before_return: Any = None
+        self.lock = threading.Lock()
+
+    def generate(self, prompts: list[list[int]], *, n: int, sampling: dict[str, Any],
+                 return_routed_experts: bool = False) -> list[list[Any]]:
+        from runtime.rollout.client import Completion
+
+        texts = [self.tokenizer.decode(p) for p in prompts]
+        with self.lock:
+            self.calls.append((texts, n))
+        out = []
+        for p, text in zip(prompts, texts, strict=True):
+            script = self.answers[text]
+            group = []
+            for k in range(n):
+                ids = [*self.tokenizer.encode(script[k % len(script)], add_special_tokens=False),
+                       self.tokenizer.eos_token_id]
+                group.append(Completion(list(p), ids, np.full(len(ids), -0.5, dtype=np.float32),
+                                        None, "stop", None))
+            out.append(group)
+        if self.before_return is not None:
+            self.before_return(texts)
+        return out
+
+
+def _context(tmp_path: Path, prompts: int, *edits: str) -> JobContext:
+    """The RL job's context of the tiny spec on a train file of ``prompts`` rows i+1=."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": i, "prompt": f"{i}+1=", "answer": str(i + 1)})
+                             + "\n" for i in range(prompts)))
+    compiled = compile_spec(TINY, [
+        "data.generator=null", f"data.train={train}", f"data.eval={train}",
+        f"rollout.prompts_per_step={prompts}", "rollout.n=4",
+        f"train.global_batch_size={4 * prompts}", "train.micro_batch_size=4", *edits])
+    config = tmp_path / "b" / "jobs" / "rl" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(compiled.files["jobs/rl/config.json"])
+    return JobContext.load(config, run_dir=tmp_path / "run", log_to_file=False)
+
+
+# --------------------------------------------------------------------------- reward overlap
+
+
+class RecordingReward:
+    """The spec's reward, with every group it scores recorded in ``events``."""
+
+    def __init__(self, inner: Any, events: list[tuple[str, Any]], lock: threading.Lock) -> None:
+        self.inner, self.events, self.lock = inner, events, lock
+        self.scored = threading.Event()
+
+    def group_rewards(self, prompt: str, texts: list[str], reference: str) -> Any:
+        with self.lock:
+            self.events.append(("score", prompt))
+        self.scored.set()
+        return self.inner.group_rewards(prompt, texts, reference)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_reward_overlap_scores_chunks_while_others_still_generate(tmp_path: Path,
+                                                                   overlap: bool) -> None:
+    """``system.reward_overlap: true``: the step's prompts are generated in chunks (two per
+    endpoint) and a chunk is scored as soon as it returns, while another chunk is still
+    generating (the chunk without the first prompt returns only once a score has happened);
+    ``false``: one request of every prompt, scored after it returns."""
+    from runtime.driver import RLDriver
+    from runtime.policy import build_tokenizer
+    from runtime.rewards import build_reward
+
+    ctx = _context(tmp_path, 4, "filters=[]", "algorithm.advantage.estimator=group",
+                   f"system.reward_overlap={str(overlap).lower()}")
+    tokenizer = build_tokenizer(64)
+    client = ScriptedClient(tokenizer, {f"{i}+1=": [str(i + 1), "0"] for i in range(4)})
+    driver = RLDriver(ctx, client=client)
+    events: list[tuple[str, Any]] = []
+    reward = RecordingReward(build_reward(ctx.spec["reward"]), events, client.lock)
+    first = driver.rows[next(iter(driver.rows))]["prompt"]
+
+    def before_return(texts: list[str]) -> None:
+        if first not in texts:  # this chunk waits until another chunk has been scored
+            assert reward.scored.wait(timeout=60), "no chunk was scored while this one generated"
+        with client.lock:
+            events.append(("returned", tuple(texts)))
+
+    client.before_return = before_return
+    batch, _ = driver._rollouts(driver._new_state(), 0, tokenizer, reward,
+                                {"tokens": 0, "seconds": 0.0})
+    assert len(batch.groups) == 4
+    kinds = [kind for kind, _ in events]
+    if overlap:
+        assert len(client.calls) == 2 and all(len(texts) == 2 for texts, _ in client.calls)
+        # a score between the two returns: the second chunk was still generating
+        assert kinds.index("score") < len(kinds) - 1 - kinds[::-1].index("returned")
+    else:
+        assert len(client.calls) == 1 and len(client.calls[0][0]) == 4
+        assert kinds == ["returned"] + ["score"] * 4
+
+
+# --------------------------------------------------------------------------- advantage estimator
+
+ANSWERS = {"0+1=": ["1"], "1+1=": ["7"], "2+1=": ["3", "3", "9", "9"]}  # right, wrong, mixed
+
+
+@pytest.mark.parametrize("estimator", ["rl_zvp", "group"])
+def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
+                                                            estimator: str) -> None:
+    """The driver's step → the trainer process's step, one flat_groups rl_zvp stage keeping
+    flat groups in the batch. ``estimator: rl_zvp``: the trainer's token advantages of the
+    all-correct group are +alpha_zvp·H_t, of the all-wrong group −alpha_zvp·(max H − H_t)
+    (H the old policy's entropies of the step), of the mixed group its group advantage;
+    ``group``: the flat groups train with advantage 0. (The compiler pairs the estimator with
+    the flat_groups stage; here the estimator alone is varied in the job's config.)"""
+    from runtime.advantages import group_advantages
+    from runtime.driver import RLDriver
+    from runtime.jobs.train import TrainerProcess
+    from runtime.policy import build_policy, build_tokenizer, save_policy
+    from runtime.rewards import build_reward
+
+    # the scripted engine's log-probs are not the policy's: no weight-sync check here
+    ctx = _context(tmp_path, 3, "filters=[{type: flat_groups, action: rl_zvp}]",
+                   "algorithm.advantage.estimator=rl_zvp", "algorithm.advantage.alpha_zvp=0.25",
+                   "system.weight_sync_tolerance=1000")
+    ctx.spec["algorithm"]["advantage"]["estimator"] = estimator
+    arch = ctx.spec["model"]["architecture"]
+    tokenizer = build_tokenizer(int(arch["vocab_size"]))
+    policy = next(name for name, ref in ctx.inputs.items() if ref.kind == "hf_checkpoint")
+    save_policy(build_policy(arch, tokenizer, seed=0), tokenizer,
+                ctx.input_path(policy, check=False))
+
+    driver = RLDriver(ctx, client=ScriptedClient(tokenizer, ANSWERS))
+    state = driver._new_state()
+    batch, _ = driver._rollouts(state, 0, tokenizer, build_reward(ctx.spec["reward"]),
+                                {"tokens": 0, "seconds": 0.0})
+    assert sorted(g.status for g in batch.groups) == ["reshaped", "reshaped", "used"]
+    payload = driver._batch(state, batch, driver._model_shape(), tokenizer.pad_token_id)
+    payload.update(step=0, batch_id="b0", version=0, optimizer_steps=0, last=False)
+
+    proc = TrainerProcess(ctx)
+    seen: dict[str, torch.Tensor] = {}
+    step = proc.trainer.step
+
+    def spy(train_batch: Any, *, advantages_from_entropy: Any = None, **kw: Any) -> Any:
+        def token_advantages(entropy: torch.Tensor) -> torch.Tensor:
+            seen["entropy"] = entropy
+            seen["advantages"] = advantages_from_entropy(entropy)
+            return seen["advantages"]
+
+        seen["batch_advantages"] = train_batch.advantages
+        return step(train_batch, advantages_from_entropy=advantages_from_entropy and
+                    token_advantages, **kw)
+
+    proc.trainer.step = spy  # type: ignore[method-assign]
+    proc.train_batch(payload)
+
+    mask = payload["loss_mask"]
+    texts = [tokenizer.decode(ids[:4]) for ids in payload["input_ids"]]
+    rows = {p: [b for b, t in enumerate(texts) if t == p] for p in ANSWERS}
+    assert sorted(len(r) for r in rows.values()) == [4, 4, 4]
+    mixed = torch.tensor([1.0, 1.0, 0.0, 0.0])  # "3" right, "9" wrong
+    group = group_advantages(mixed[None])[0]
+    if estimator == "group":
+        assert "advantages" not in seen  # the sequence advantages are trained on
+        adv = seen["batch_advantages"]
+        assert torch.equal(adv[rows["0+1="] + rows["1+1="]], torch.zeros(8))
+        assert sorted(adv[rows["2+1="]].tolist()) == pytest.approx(sorted(group.tolist()))
+        return
+    adv, entropy = seen["advantages"], seen["entropy"]
+    for b in rows["0+1="]:
+        m = mask[b]
+        torch.testing.assert_close(adv[b][m], 0.25 * entropy[b][m])
+        assert (adv[b][m] > 0).all()
+    for b in rows["1+1="]:
+        m = mask[b]
+        torch.testing.assert_close(adv[b][m], -0.25 * (entropy[b][m].max() - entropy[b][m]))
+        assert (adv[b][m] <= 0).all() and (adv[b][m] < 0).any()
+    for b in rows["2+1="]:
+        m = mask[b]
+        want = group[0] if tokenizer.decode(payload["input_ids"][b][4:5]) == "3" else group[2]
+        torch.testing.assert_close(adv[b][m], torch.full_like(adv[b][m], float(want)))
+    assert (adv[~mask] == 0).all()
