@@ -149,19 +149,33 @@ def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
                         c.time_limit, extra, mem=mem, exclusive=bool(gpus) and c.exclusive)
 
 
-def rl_layout(spec: Spec, plan: Plan) -> dict[str, int]:
-    """Node split and ports of the RL allocation (all sizes come from the plan)."""
+def engine_layout(spec: Spec, plan: Plan, nodes: int) -> dict[str, int]:
+    """The vLLM replicas that ``nodes`` nodes hold (the RL job's rollout nodes, or all nodes of
+    a screen / eval job) and their ports; replica sizes come from the plan."""
     return {
-        "rollout_nodes": spec.rollout.nodes,
-        "train_nodes": spec.train.nodes,
-        "replicas": plan.rollout_replicas,
+        "engine_nodes": nodes,
+        "replicas": nodes * plan.replicas_per_node // plan.nodes_per_replica,
         "replicas_per_node": plan.replicas_per_node,
         "nodes_per_replica": plan.nodes_per_replica,
         "local_data_parallel": max(1, spec.cluster.gpus_per_node // spec.rollout.parallelism.tensor),
         "base_port": ROLLOUT_BASE_PORT,
-        "master_port": MASTER_PORT,
         "dp_rpc_port": DP_RPC_PORT,
     }
+
+
+def rl_layout(spec: Spec, plan: Plan) -> dict[str, int]:
+    """Node split and ports of the RL allocation (all sizes come from the plan)."""
+    return {
+        **engine_layout(spec, plan, spec.rollout.nodes),
+        "rollout_nodes": spec.rollout.nodes,
+        "train_nodes": spec.train.nodes,
+        "master_port": MASTER_PORT,
+    }
+
+
+# Jobs that sample from the policy: on vLLM (``rollout.engine: vllm``) each starts replicas on
+# all its nodes, as the RL job's rollout nodes do, and runs its entry point once against them.
+SERVED_ENTRIES = ("screen", "evaluate")
 
 
 def job_config(spec_data: dict, plan: Plan, graph: JobGraph, job: Job) -> dict[str, Any]:
@@ -220,6 +234,12 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
                "megatron_path": megatron}
         folder = f"jobs/{name}"
         launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
+        if job.entry in SERVED_ENTRIES and spec.rollout.engine == "vllm":
+            model = next(graph.artifacts[a] for a in job.inputs
+                         if graph.artifacts[a].kind == "hf_checkpoint")
+            ctx.update(layout=engine_layout(spec, plan, job.nodes), policy_path=model)
+            launch = "job/served_launch.sh.j2"
+            files[f"{folder}/rollout.sh"] = render("rl/rollout.sh.j2", **ctx)
         files[f"{folder}/launch.sh"] = render(launch, **ctx)
         files[f"{folder}/sbatch.sh"] = render("job/sbatch.sh.j2", **ctx)
         files[f"{folder}/config.json"] = render(

@@ -325,11 +325,22 @@ def _screen_stage(spec: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]] | No
 
 def screen_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """The screen job shards its prompts over the tasks Slurm starts, one per node; the local
-    scheduler starts one, so the other shards would never come."""
+    scheduler starts one, so the other shards would never come. On vLLM its nodes hold whole
+    engine replicas."""
     found = _screen_stage(spec)
-    if found is None or spec["cluster"]["scheduler"] != "local":
+    if found is None:
         return
     i, stage = found
+    rollout = spec["rollout"]
+    per_replica = rollout["parallelism"]["tensor"] * rollout["parallelism"]["data"]
+    span = max(1, per_replica // spec["cluster"]["gpus_per_node"])  # nodes of one replica
+    if rollout["engine"] == "vllm" and stage["nodes"] % span:
+        yield Refusal("screen_nodes", ("filters", i, "nodes"),
+                      f"one vLLM replica spans {span} nodes (rollout.parallelism {per_replica} "
+                      f"GPUs): {stage['nodes']} screen nodes do not hold whole replicas",
+                      f"set filters[{i}].nodes to a multiple of {span}")
+    if spec["cluster"]["scheduler"] != "local":
+        return
     if stage["nodes"] > 1:
         yield Refusal("screen_nodes", ("filters", i, "nodes"),
                       f"the local scheduler runs the screen job once, on this machine: nodes "
@@ -503,8 +514,8 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "data": _ALL_JOBS,
     "init": (*_ALL_JOBS, "embedded_model"),
     "sft": (*_ALL_JOBS, "embedded_model"),
-    "screen": (*_ALL_JOBS, "embedded_model", "screen_nodes"),
-    "evaluate": (*_ALL_JOBS, "embedded_model"),
+    "screen": (*_ALL_JOBS, "embedded_model", "screen_nodes", "vllm_cpu"),
+    "evaluate": (*_ALL_JOBS, "embedded_model", "vllm_cpu"),
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "aux_loss", "weight_sync", "async_rollout",
@@ -519,9 +530,11 @@ def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
     dev = "GPU" if spec["cluster"]["devices"] == "gpu" else "CPU"
     trainer = ("Megatron-core trainer, " + ("NCCL" if dev == "GPU" else "gloo") + f" on {dev}"
                if _uses_megatron(spec) else "embedded HF trainer on CPU")
-    engine = ("vLLM replicas on GPU" if not _uses_embedded_engine(spec)
+    engine = (f"vLLM replicas on {dev}" if not _uses_embedded_engine(spec)
               else "embedded rollout server on CPU")
-    one_model = f"embedded HF engine on {dev} (one process per node)"
+    one_model = (f"vLLM replicas on {dev} (every node; the rollout client on the batch host)"
+                 if not _uses_embedded_engine(spec)
+                 else f"embedded HF engine on {dev} (one process per node)")
     return {
         "data": ("task generator on CPU",),
         "init": ("HF model built from the architecture on CPU",),

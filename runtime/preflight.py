@@ -160,10 +160,13 @@ _SFT_BYTES = 16
 
 
 def _one_gpu_memory(config: Mapping[str, Any]) -> Iterator[Refusal]:
-    """SFT, screen and eval hold the whole policy in one process on one GPU: it must fit."""
+    """SFT (and screen / eval on the embedded engine) hold the whole policy in one process on
+    one GPU: it must fit."""
     spec, entry = config["spec"], config["entry"]
     if spec["cluster"]["devices"] != "gpu" or entry not in ("sft", "screen", "evaluate"):
         return
+    if entry != "sft" and spec["rollout"]["engine"] == "vllm":
+        return  # served by the job's vLLM replicas, in the rollout layout
     if entry == "screen" and not any(f["type"] == "offline_pass_rate"
                                      and f["proxy_model"] == "policy" for f in spec["filters"]):
         return  # a proxy model's size is not in the spec
@@ -178,8 +181,7 @@ def _one_gpu_memory(config: Mapping[str, Any]) -> Iterator[Refusal]:
             ("eval", "enabled") if entry == "evaluate" else ("filters",))
         yield Refusal("one_gpu_memory", path,
                       f"{what} the whole {total / 1e9:,.1f} B-parameter policy in one process on "
-                      f"one GPU: {need:,.0f} GB > {have:g} GB (vLLM-served screen/eval and "
-                      "Megatron SFT are not wired yet)",
+                      f"one GPU: {need:,.0f} GB > {have:g} GB (Megatron SFT is not wired yet)",
                       {"sft": "remove the sft section (start from an SFT checkpoint)",
                        "evaluate": "set eval.enabled: false (eval.every_steps still evaluates "
                                    "on the rollout engines inside the RL job)",

@@ -1,8 +1,9 @@
 r"""Job ``evaluate`` (``eval_before``, ``eval_after``): held-out accuracy of a policy.
 
 The policy is the job's single ``hf_checkpoint`` input; the prompts are
-the eval split (``runtime.prompts.eval_file``). Every prompt gets ``spec.eval.samples`` answers from the embedded
-engine (``runtime.rollout.LocalEngine`` on CPU, one torch thread, a few batched
+the eval split (``runtime.prompts.eval_file``). Every prompt gets ``spec.eval.samples`` answers from the
+engine of ``rollout.engine`` (``open_engine``: the vLLM replicas the launch script started on
+every node of the job, or the embedded ``LocalEngine`` on the spec's device; a few batched
 ``generate`` calls) at ``spec.eval.temperature`` (0 → greedy), at most
 ``spec.eval.max_tokens`` (else ``spec.rollout.max_tokens``) tokens, stopping at the
 tokenizer's eos. Each answer is scored with the spec's verifiers
@@ -23,6 +24,7 @@ the result does not depend on how the prompts are batched.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,14 +63,22 @@ def single_output(ctx: JobContext) -> str:
     return next(iter(ctx.outputs))
 
 
-def open_engine(model_dir: Path, seed: int, device: Any = "cpu") -> Any:
-    """A ``LocalEngine`` on ``device`` (``runtime.devices.job_device``); one torch thread."""
+def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
+    """The engine the spec's ``rollout.engine`` names: ``vllm`` — the replicas the job's
+    launch script started (``runtime.rollout.remote``); ``local`` — a ``LocalEngine`` on the
+    spec's device (``runtime.devices.job_device``), one torch thread."""
+    if ctx.spec["rollout"]["engine"] == "vllm":
+        from runtime.rollout.remote import RemoteEngine, engine_endpoints
+
+        timeout = float(os.environ.get("RLSPEC_STARTUP_TIMEOUT", 900))
+        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=timeout)
     import torch
 
+    from runtime.devices import job_device
     from runtime.rollout.engine import LocalEngine
 
     torch.set_num_threads(1)
-    return LocalEngine(model_dir, device=device, seed=seed)
+    return LocalEngine(model_dir, device=job_device(ctx.spec), seed=seed)
 
 
 def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int,
@@ -98,12 +108,10 @@ def eval_max_tokens(spec: dict[str, Any]) -> int:
 
 
 def run(ctx: JobContext) -> None:
-    from runtime.devices import job_device
     from runtime.prompts import drop_overlong, eval_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
-    device = job_device(ctx.spec)
     data = ctx.section("data")
     prompt_key, answer_key = data["prompt_key"], data["answer_key"]
     n, temperature = ctx.model_spec.eval.samples, ctx.model_spec.eval.temperature
@@ -116,7 +124,7 @@ def run(ctx: JobContext) -> None:
     rows = dict(enumerate(read_jsonl(eval_file(ctx))))
     if not rows:
         raise JobError("the eval split is empty")
-    engine = open_engine(policy, seed, device)
+    engine = open_engine(ctx, policy, seed)
     rows = drop_overlong(rows, engine.tokenizer, data, ctx.log, "eval")
     ctx.log.info("evaluating %s on %d prompts × %d sample(s), T=%g, max %d tokens",
                  policy, len(rows), n, temperature, max_tokens)

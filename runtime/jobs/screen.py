@@ -4,8 +4,8 @@ Parameters: the first ``offline_pass_rate`` item of ``spec.filters``. The proxy 
 job's single ``hf_checkpoint`` input (the policy, or the external checkpoint named by
 ``proxy_model``). It samples ``k = samples_per_prompt`` answers to every prompt of
 the train split (``runtime.prompts.train_file``) at the stage's ``temperature`` (at most ``spec.rollout.max_tokens``
-tokens, stopping at eos; embedded CPU engine, one torch thread, seeded with
-``spec.train.seed``); the verifier scores of the spec's ``reward`` section give
+tokens, stopping at eos; on the engine of ``rollout.engine``, ``evaluate.open_engine``; seeded
+with ``spec.train.seed``); the verifier scores of the spec's ``reward`` section give
 ``p_i = mean_j score_ij``. The drop rule and the cost accounting are those of
 ``runtime.filters.OfflinePassRate`` (the RL driver's)::
 
@@ -15,7 +15,9 @@ tokens, stopping at eos; embedded CPU engine, one torch thread, seeded with
 
 Prompt ids are the rows' ``id`` (the row index where a row has none).
 
-Nodes: the stage's ``nodes`` is the job's size; Slurm starts one task per node (task rank
+Nodes: the stage's ``nodes`` is the job's size. On vLLM every node runs engine replicas and one
+task spreads the prompts over all of them. On the embedded engine Slurm starts one task per
+node (task rank
 ``SLURM_PROCID``). Task r samples the prompts r, r + nodes, r + 2·nodes, ... of the split
 and writes their scores to ``artifacts/.<output>.shards-<SLURM_JOB_ID>/shard-<r>.json``
 (with a fingerprint of what it screened); task 0 waits for every shard, merges them and
@@ -114,13 +116,11 @@ def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(ctx: JobContext) -> None:
-    from runtime.devices import job_device
     from runtime.filters.offline_pass_rate import OfflinePassRate
     from runtime.prompts import drop_overlong, train_file
     from runtime.rewards import build_reward
     from runtime.tasks.arithmetic import read_jsonl
 
-    device = job_device(ctx.spec)
     params = screen_params(ctx.spec)
     stage = OfflinePassRate(**params)
     data = ctx.section("data")
@@ -137,9 +137,11 @@ def run(ctx: JobContext) -> None:
     by_id = {row.get("id", i): row for i, row in enumerate(rows)}
     if len(by_id) != len(rows):
         raise JobError("the train split has duplicate prompt ids")
-    engine = open_engine(proxy, seed, device)
+    engine = open_engine(ctx, proxy, seed)
     by_id = drop_overlong(by_id, engine.tokenizer, data, ctx.log, "train")
-    nodes, rank = stage.nodes, ctx.rank
+    # On vLLM one task spreads every prompt over the replicas of all the job's nodes.
+    served = ctx.spec["rollout"]["engine"] == "vllm"
+    nodes, rank = (1, 0) if served else (stage.nodes, ctx.rank)
     if not 0 <= rank < nodes:
         raise JobError(f"task rank {rank} outside the screen's {nodes} node(s)")
     ids = list(by_id)

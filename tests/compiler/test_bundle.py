@@ -334,6 +334,39 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]
 
 
+@pytest.mark.parametrize(("job", "nodes", "model"), [
+    ("screen", 4, "/lustre/ckpt/compassmax-mini"),  # the proxy model, on the screen's 4 nodes
+    ("eval_before", 8, "/lustre/ckpt/compassmax-245b-sft"),  # the policy, on the rollout nodes
+])
+def test_245b_screen_and_eval_start_vllm_replicas_on_their_nodes(tmp_path: Path, job: str,
+                                                                 nodes: int, model: str) -> None:
+    """rollout.engine vllm: the job's nodes run the rollout layout's replicas (TP 8 × DP 2 over
+    2 nodes: heads serve, the others run headless) of the job's model, and the job's entry
+    point runs once, on the batch host, against every head's endpoint."""
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
+    record.mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42", "SLURMD_NODENAME": "node-0",
+           "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]", "SLURM_CPUS_PER_TASK": "96",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
+           "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
+           "WANDB_API_KEY": "z"}
+    bash_first_on_path(bin_dir)
+    result = subprocess.run([BASH, f"jobs/{job}/launch.sh"], cwd=out, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for node in range(nodes):
+        args = (record / f"vllm.node-{node}").read_text().split()
+        assert args[args.index("--model") + 1] == model
+        assert args[args.index("--host") + 1] == f"node-{node}"
+        assert args[args.index("--tensor-parallel-size") + 1] == "8"
+        assert ("--headless" in args) == bool(node % 2)
+    assert not list(record.glob("torchrun.*"))
+    heads = ",".join(f"http://node-{n}:8000" for n in range(0, nodes, 2))
+    assert (record / "endpoints").read_text().split() == [heads]  # the job's one process
+
+
 def test_the_rl_driver_runs_in_the_container_on_slurm(tmp_path: Path) -> None:
     # Every role of a Slurm run starts in cluster.container, the driver on the batch host too.
     out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")

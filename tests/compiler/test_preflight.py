@@ -77,8 +77,6 @@ CASES = [
      ("model", "architecture", "moe", "token_dispatcher"), "rl", "runs the allgather dispatcher"),
     ("recompute", TINY, ["train.recompute=selective"],
      ("train", "recompute"), "rl", "embedded trainer does not recompute"),
-    ("one_gpu_memory", EXAMPLES / "compassmax-245b.yaml", ["eval.enabled=true"],
-     ("eval", "enabled"), "eval_before", "244.9 B-parameter policy in one process on one GPU"),
     ("one_gpu_memory", SINGLE, ["sft={steps: 10}"],
      ("sft",), "sft", "SFT trains the whole 30.5 B-parameter policy"),
     ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],

@@ -247,12 +247,14 @@ def test_screen_drops_exactly_the_prompts_outside_the_range(bundle: Path, run_di
         len(rows) * k * stage.proxy_cost_ratio / stage.reuse_epochs)
     assert result.cost == pytest.approx(summary["screening_cost"])
     # The rates are the verifier's on the proxy's seeded samples: recompute them here.
-    from runtime.jobs.evaluate import open_engine, sample_texts
+    from runtime.jobs.evaluate import sample_texts
+    from runtime.rollout.engine import LocalEngine
 
     spec = config["spec"]
     threads = torch.get_num_threads()
     try:
-        engine = open_engine(run_dir / "artifacts" / "policy_sft", spec["train"]["seed"])
+        torch.set_num_threads(1)  # as the job's engine runs
+        engine = LocalEngine(run_dir / "artifacts" / "policy_sft", seed=spec["train"]["seed"])
         answers = sample_texts(engine, [r["prompt"] for r in rows], n=k,
                                max_tokens=spec["rollout"]["max_tokens"],
                                temperature=stage.temperature, seed=spec["train"]["seed"])

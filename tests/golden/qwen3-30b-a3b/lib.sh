@@ -54,6 +54,17 @@ rlspec_wait_any() {
   done
 }
 
+# rlspec_stop PID...: stop roles started in the background (`rlspec_run_on ... &`): each pid
+# and its children. Locally the role runs as a child of the background subshell, which a
+# plain kill would leave running; under Slurm the child is srun, which passes the signal on.
+rlspec_stop() {
+  local _pid
+  for _pid in "$@"; do
+    pkill -TERM -P "$_pid" 2>/dev/null || true
+    kill -TERM "$_pid" 2>/dev/null || true
+  done
+}
+
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
 rlspec_join() {
   local IFS=,

@@ -12,9 +12,48 @@ source "$JOB_DIR/../../lib.sh"
 mkdir -p "$RLSPEC_RUN_DIR/logs"
 cd "$RLSPEC_RUN_DIR"
 
+# Served on vLLM (rollout.engine: vllm): the job's 1 node(s) run 1 engine replica(s)
+# (rollout.sh, as the RL job's rollout nodes do), and the job runs once, here, spreading its
+# prompts over all of them with the RL driver's rollout client.
 rlspec_log eval_before "start"
-mapfile -t NODES < <(rlspec_nodes 1)
-HOSTS=$(rlspec_join "${NODES[@]}")
-rlspec_run_on "$HOSTS" 1 \
-  "$RLSPEC_PYTHON" -m runtime.jobs.evaluate --config "$JOB_DIR/config.json"
-rlspec_log eval_before "done"
+mapfile -t ROLLOUT_NODES < <(rlspec_nodes 1)
+RLSPEC_ROLLOUT_HOSTS=$(rlspec_join "${ROLLOUT_NODES[@]}")
+export RLSPEC_ROLLOUT_HOSTS
+# One HTTP endpoint per engine replica (the head node of each replica serves it).
+export RLSPEC_ROLLOUT_BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
+ENDPOINTS=()
+for ((r = 0; r < 1; r++)); do
+  head=$(( r * 1 / 1 ))
+  port=$(( RLSPEC_ROLLOUT_BASE_PORT + r % 1 ))
+  ENDPOINTS+=("http://${ROLLOUT_NODES[$head]}:$port")
+done
+RLSPEC_ROLLOUT_ENDPOINTS=$(rlspec_join "${ENDPOINTS[@]}")
+export RLSPEC_ROLLOUT_ENDPOINTS
+rlspec_log eval_before "engines: $RLSPEC_ROLLOUT_ENDPOINTS"
+
+rlspec_run_on "$RLSPEC_ROLLOUT_HOSTS" 1 bash "$JOB_DIR/rollout.sh" \
+  > "$RLSPEC_RUN_DIR/logs/eval_before-engines.log" 2>&1 &
+ENGINES_PID=$!
+rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.evaluate --config "$JOB_DIR/config.json" &
+JOB_PID=$!
+# shellcheck disable=SC2317  # called by the EXIT trap
+stop_all() {
+  rlspec_stop "$ENGINES_PID" "$JOB_PID"
+  wait 2>/dev/null || true
+}
+trap stop_all EXIT
+
+# The job ends when its entry point does; engines that end first are a failure.
+set +e
+rlspec_wait_any FINISHED "$ENGINES_PID" "$JOB_PID"
+status=$?
+set -e
+if [[ $FINISHED == "$JOB_PID" && $status -eq 0 ]]; then
+  rlspec_log eval_before "done"
+  exit 0
+fi
+if [[ $FINISHED == "$ENGINES_PID" ]]; then
+  rlspec_log eval_before "the engines exited with status $status; see $RLSPEC_RUN_DIR/logs/eval_before-engines.log"
+  exit $(( status == 0 ? 1 : status ))
+fi
+exit "$status"

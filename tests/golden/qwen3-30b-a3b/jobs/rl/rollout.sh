@@ -15,6 +15,10 @@ BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 # The RL endpoints the driver uses (/pause, /start_weight_update, ..., /collective_rpc) are
 # mounted only in vLLM's dev mode.
 export VLLM_SERVER_DEV_MODE=1
+# The engines run in the background of this script: when the task is stopped (srun's SIGTERM,
+# or the launch script's when its job ends) they are stopped with it, never left running.
+trap 'exit 143' TERM INT
+trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT
 for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
   DEVICES=$(seq -s, "$first" $(( first + 8 - 1 )))
@@ -34,6 +38,7 @@ for ((i = 0; i < 1; i++)); do
     --seed 1234 \
     --enable-return-routed-experts \
     "${EXTRA[@]}" &
+
 done
 # An engine that dies takes the node's task down, and srun --kill-on-bad-exit the job step.
 # (A bare `wait -n`, bash 4.3+: the engines are this script's only children.)

@@ -54,7 +54,7 @@ DRIVER_PID=$!
 declare -A ROLE=([$ROLLOUT_PID]=rollout [$TRAIN_PID]=train [$DRIVER_PID]=driver)
 # shellcheck disable=SC2317  # called by the EXIT trap
 stop_all() {
-  kill "$ROLLOUT_PID" "$TRAIN_PID" "$DRIVER_PID" 2>/dev/null || true
+  rlspec_stop "$ROLLOUT_PID" "$TRAIN_PID" "$DRIVER_PID"
   wait 2>/dev/null || true
 }
 trap stop_all EXIT
