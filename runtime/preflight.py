@@ -205,7 +205,8 @@ def preflight_job(config: Mapping[str, Any], job_file: JobFile,
 
 
 def preflight_context(ctx: Any) -> None:
-    """A starting job's own checks: :func:`preflight_job` of its context (a
+    """A starting job's own checks: the library versions (``runtime.versions``), then
+    :func:`preflight_job` of its context (a
     ``runtime.jobs.common.JobContext``: config, config_path, spec, bundle_dir), with its sibling
     files read from the bundle. The same checks `rlspec validate` ran on the bundle, so a
     refusal here means the bundle was edited or built elsewhere: a JobError naming each one."""
@@ -214,6 +215,11 @@ def preflight_context(ctx: Any) -> None:
         path = Path(ctx.config_path).parent / name
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
+    from runtime.versions import version_problems
+
+    problems = version_problems()
+    if problems:
+        raise JobError("refused at start: " + "; ".join(problems))
     refused = preflight_job({**ctx.config, "spec": ctx.spec}, sibling, Path(ctx.bundle_dir).parent)
     if refused:
         raise JobError("refused at start: " + "; ".join(

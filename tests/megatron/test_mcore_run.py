@@ -124,10 +124,9 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     compiled = rlspec("compile", "examples/tiny/spec.yaml", "-o", str(bundle), *MEGATRON,
                       "--set", f"model.checkpoint={converted}",
                       "--set", "model.checkpoint_format=megatron",
-                      "--set", f"model.tokenizer={sft}", "--set", "sft=null",
-                      # a checkpoint without config.json: head_dim must be written out
-                      # (compiler.checks.checkpoint_head_dim); the tiny policy's is 64 / 4
-                      "--set", "model.architecture.head_dim=16")
+                      "--set", f"model.tokenizer={sft}", "--set", "sft=null")
+    # (a checkpoint without config.json needs head_dim written out, as the tiny spec does:
+    # compiler.checks.checkpoint_head_dim)
     assert compiled.returncode == 0, compiled.stderr
     env = {**os.environ, "RLSPEC_RUN_DIR": str(tmp_path / "to-hf"), "PYTHONPATH": str(ROOT)}
     job = subprocess.run([sys.executable, "-m", "runtime.jobs.convert", "--config",

@@ -386,7 +386,7 @@ def test_init_builds_head_dim_positions_rope_and_tied_embeddings_of_the_spec(
     assert cfg["tie_word_embeddings"] is True
     base = json.loads((default / "config.json").read_text())
     assert (base["head_dim"], base["max_position_embeddings"], base["rope_theta"],
-            base["tie_word_embeddings"]) == (16, 256, 1_000_000.0, False)
+            base["tie_word_embeddings"]) == (32, 256, 1_000_000.0, False)
 
     model, tok = load_policy(edited)
     attn = model.model.layers[0].self_attn
