@@ -573,20 +573,6 @@ def redundant_experts(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (("rollout", "engine"),))
 
 
-# --------------------------------------------------------------------------- router replay
-
-
-def router_replay(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """r2/r3 need an MoE model. r3 also needs an engine that returns routed experts: both
-    engines do (vLLM `--enable-return-routed-experts`, and the local one), so any engine with
-    any rollout layout (expert_parallel included) is fine."""
-    mode = spec.router_replay.mode
-    if mode != "off" and spec.model.architecture.moe is None:
-        yield _error(("router_replay", "mode"),
-                     f"router replay {mode} on a dense model: there is no routing to replay",
-                     "set router_replay.mode: off", (MOE,))
-
-
 # --------------------------------------------------------------------------- run-level
 
 
@@ -962,7 +948,6 @@ RULES: tuple[Rule, ...] = (
     interleaved_schedule,
     rollout_grid,
     redundant_experts,
-    router_replay,
     run_level,
     cluster_settings,
     zve_budgets,

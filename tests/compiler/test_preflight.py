@@ -39,11 +39,22 @@ DEEPSEEK = ["model.architecture.family=deepseek_v3", "model.architecture.attenti
             "model.architecture.moe.shared_experts=1",
             "model.architecture.moe.routed_scaling_factor=2.5"]
 
+# The tiny example as a GLM-4.5-style model: qkv bias and half-rotary RoPE (the family's),
+# DeepSeek-V3's sigmoid MoE with a leading dense layer and a shared expert.
+GLM = ["model.architecture.family=glm4_moe", "model.architecture.moe.score_function=sigmoid",
+       "model.architecture.moe.first_dense_layers=1", "model.architecture.moe.shared_experts=1",
+       "model.architecture.moe.routed_scaling_factor=2.5"]
+# The tiny example without its MoE section (dense qwen3; router replay stays r3)
+DENSE = ["model.architecture.family=qwen3", "model.architecture.moe=null"]
+
 # rule, base spec, --set edits, the spec path refused, a job that refuses it, its message
 CASES = [
-    ("embedded_model", TINY, ["model.architecture.family=llama"],
-     ("model", "architecture", "family"), "init",
-     "builds the qwen3_moe, qwen3, deepseek_v3 families"),
+    ("embedded_model", TINY, ["model.architecture.partial_rotary_factor=0.5"],
+     ("model", "architecture", "partial_rotary_factor"), "init",
+     "qwen3_moe rotates every dimension of each head"),
+    ("embedded_model", TINY, [*GLM, "model.architecture.moe.expert_bias=true"],
+     ("model", "architecture", "moe", "expert_bias"), "rl",
+     "the Megatron trainer applies GLM-4.5's"),
     ("embedded_model", TINY, [*DEEPSEEK, "model.architecture.moe.expert_bias=true"],
      ("model", "architecture", "moe", "expert_bias"), "rl",
      "embedded trainer keeps the expert-selection bias fixed"),
@@ -53,6 +64,11 @@ CASES = [
     ("megatron_model", TINY, [*DEEPSEEK, *CPU_MEGATRON, "model.architecture.moe.norm_topk_prob=false"],
      ("model", "architecture", "moe", "norm_topk_prob"), "rl",
      "always renormalises a sigmoid router's top-k gates"),
+    ("megatron_model", TINY, [*GLM, *CPU_MEGATRON, "model.architecture.moe.score_function=softmax"],
+     ("model", "architecture", "moe", "score_function"), "rl",
+     "GLM-4.5 routes with sigmoid; the Megatron trainer has no softmax router"),
+    ("dense_replay", TINY, [*DENSE, "model.architecture.family=llama"],
+     ("router_replay", "mode"), "rl", "router replay r3 on a dense model (family llama"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
@@ -131,6 +147,21 @@ def test_validate_refuses_what_the_job_refuses(rule, base, edits, path, job, wor
     assert p.line is not None or p.file == "--set"  # located: the YAML line or the --set
     message = p.message.split(" (job")[0]
     assert message in _job_refusal(base, edits, job, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("mode", ["r2", "r3"])
+def test_router_replay_needs_an_moe_model(family: str, mode: str) -> None:
+    """A dense model has no routers: r2 and r3 are refused (``rlspec validate`` exits 2), with
+    the mode and the way out; off compiles."""
+    dense = [*DENSE, f"model.architecture.family={family}"]
+    sets = [arg for edit in [*dense, f"router_replay.mode={mode}"] for arg in ("--set", edit)]
+    result = cli("validate", TINY, *sets)
+    assert result.exit_code == 2, result.output
+    assert (f"router_replay.mode: router replay {mode} on a dense model (family {family}"
+            in result.stderr)
+    assert "hint: set router_replay.mode: off, or give the model a moe section" in result.stderr
+    assert compile_spec(TINY, [*dense, "router_replay.mode=off"]).refusals == ()
 
 
 def test_the_examples_pass_every_preflight() -> None:
