@@ -187,9 +187,10 @@ def family_flags(spec: Spec) -> dict[str, Any]:
     ``--add-qkv-bias``, ``--rotary-percent``), from the runtime's one declaration
     (``runtime.capabilities``); the trainer checks them against the checkpoint's config."""
     arch = spec.model.architecture
-    return {"qk_norm": arch.family in capabilities.QK_NORM_FAMILIES,
+    dumped = arch.model_dump(mode="json")
+    return {"qk_norm": capabilities.qk_norm(dumped),
             "qkv_bias": arch.family in capabilities.QKV_BIAS_FAMILIES,
-            "rotary_percent": capabilities.rotary_percent(arch.model_dump(mode="json"))}
+            "rotary_percent": capabilities.rotary_percent(dumped)}
 
 
 def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,

@@ -27,8 +27,8 @@ from typing import Any
 
 __all__ = ["DENSE_FAMILIES", "EMBEDDED_FAMILIES", "JOB_RULES", "MEGATRON_FAMILIES",
            "PARTIAL_ROTARY", "QKV_BIAS_FAMILIES", "QK_NORM_FAMILIES", "RULES",
-           "SIGMOID_MOE_FAMILIES", "TRAINER_ATTENTION", "Refusal", "engines", "refusals",
-           "rotary_percent", "rules_for"]
+           "SIGMOID_MOE_FAMILIES", "TRAINER_ATTENTION", "Refusal", "engines", "qk_norm",
+           "refusals", "rotary_percent", "rules_for"]
 
 SpecPath = tuple[str | int, ...]
 
@@ -48,6 +48,12 @@ QK_NORM_FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen3", "deepseek_v3")  # MLA
 QKV_BIAS_FAMILIES: tuple[str, ...] = ("glm4_moe",)
 # partial_rotary_factor of the families that rotate part of each head (unset in the spec: this)
 PARTIAL_ROTARY: dict[str, float] = {"glm4_moe": 0.5}
+
+
+def qk_norm(arch: Mapping[str, Any]) -> bool:
+    """Whether the attention normalises q and k per head: ``qk_norm``, or the family's."""
+    value = arch.get("qk_norm")
+    return arch["family"] in QK_NORM_FAMILIES if value is None else bool(value)
 
 
 def rotary_percent(arch: Mapping[str, Any]) -> float:
@@ -121,6 +127,12 @@ def _family_features(spec: Mapping[str, Any], engine: str, families: Sequence[st
                       f"{family} rotates every dimension of each head; {engine} has no partial "
                       f"RoPE ({arch['partial_rotary_factor']}) for it",
                       "remove model.architecture.partial_rotary_factor (glm4_moe takes it)")
+    if (family != "glm4_moe" and arch.get("qk_norm") is not None
+            and arch["qk_norm"] != (family in QK_NORM_FAMILIES)):
+        yield Refusal(rule, (*ARCH, "qk_norm"),
+                      f"{family} {'always' if family in QK_NORM_FAMILIES else 'never'} normalises "
+                      f"queries and keys per head; {engine} builds it so, not with qk_norm "
+                      f"{arch['qk_norm']}", "remove model.architecture.qk_norm (glm4_moe takes it)")
     if family == "deepseek_v3":
         yield from _deepseek_features(spec, engine, rule)
         return

@@ -53,8 +53,9 @@ scores with sigmoid and applies the group limit with DeepSeek's top-2 group scor
 norms, no biases): the GQA mapping above, ``attention_bias = mlp_bias = False``.
 
 ``family: glm4_moe`` (GLM-4.5, GLM-4.5-Air) builds ``Glm4MoeForCausalLM``: grouped-query
-attention with a bias on q/k/v (``attention_bias = True``) and no q/k norm (``use_qk_norm =
-False``, as both published checkpoints), RoPE on the first half of each head only, and
+attention with a bias on q/k/v (``attention_bias = True``, both published checkpoints),
+per-head q/k RMSNorm with ``qk_norm: true`` (``use_qk_norm``: GLM-4.5 355B has it, GLM-4.5-Air
+and HF's default not), RoPE on the first half of each head only, and
 DeepSeek-V3's MoE (the same router, ``Glm4MoeTopkRouter``: sigmoid, selection bias, group
 limit, routed scaling; shared experts; leading dense layers) under the same names::
 
@@ -64,7 +65,7 @@ limit, routed scaling; shared experts; leading dense layers) under the same name
         n_group / topk_group as for deepseek_v3; num_nextn_predict_layers = 0 (no MTP layer)
 
 ``partial_rotary_factor`` other than 1 on another family is rejected (their HF classes rotate
-every dimension).
+every dimension), and so is a ``qk_norm`` other than the family's (Qwen3: always, Llama: never).
 """
 
 from __future__ import annotations
@@ -177,6 +178,10 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
     if rotary is not None and family != "glm4_moe" and float(rotary) != 1.0:
         raise ValueError(f"family {family} rotates every head dimension: "
                          f"partial_rotary_factor {rotary} applies to glm4_moe only")
+    qk_norm = arch.get("qk_norm")
+    if qk_norm is not None and family != "glm4_moe" and bool(qk_norm) != (family != "llama"):
+        raise ValueError(f"family {family} {'never' if family == 'llama' else 'always'} "
+                         f"normalises queries and keys: qk_norm {qk_norm} applies to glm4_moe only")
     if family == "deepseek_v3":
         return _deepseek_v3_config(arch, tokenizer)
     if _get(arch, "attention", "gqa") != "gqa":
@@ -196,7 +201,7 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
         rope = dict(common.pop("rope_parameters"))
         rope["partial_rotary_factor"] = float(GLM4_MOE_PARTIAL_ROTARY if rotary is None else rotary)
         return Glm4MoeConfig(**common, rope_parameters=rope, attention_bias=True,
-                             use_qk_norm=False, **_sigmoid_moe(arch, "GLM-4.5"))
+                             use_qk_norm=bool(qk_norm), **_sigmoid_moe(arch, "GLM-4.5"))
     if _get(moe, "score_function", "softmax") != "softmax":
         raise ValueError(f"Qwen3-MoE routes with softmax, not {moe['score_function']!r}")
     if _get(moe, "expert_bias", False):

@@ -161,6 +161,13 @@ class Architecture(Section):
         32768, description="Longest sequence the positional encoding supports."
     )
     rope_theta: PosFloat = Field(1_000_000.0, description="RoPE base.")
+    qk_norm: bool | None = Field(
+        None,
+        description="Per-head RMSNorm of queries and keys before RoPE (HF `use_qk_norm`, Qwen3's "
+        "q_norm / k_norm; `--qk-layernorm`). None: the family's: true for qwen3 and qwen3_moe "
+        "(and deepseek_v3's MLA norms), false for llama and glm4_moe. GLM-4.5 (355B) has it, "
+        "GLM-4.5-Air not: only glm4_moe takes a value other than its family's.",
+    )
     partial_rotary_factor: PosFloat | None = Field(
         None,
         description="Share of each head's dimensions that RoPE rotates (HF "

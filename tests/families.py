@@ -54,9 +54,10 @@ def tiny_deepseek_policy(seed: int = 0, *, q_lora_rank: int | None = 32,
     return model.eval()
 
 
-def tiny_glm_arch(*, groups: bool = False) -> dict[str, Any]:
+def tiny_glm_arch(*, groups: bool = False, qk_norm: bool | None = None) -> dict[str, Any]:
     """A 2-layer GLM-4.5-style ``model.architecture``: GQA (4 heads, 2 query groups, head_dim
     16, RoPE on half of each head: GLM-4.5's default partial_rotary_factor), q/k/v biases,
+    (``qk_norm``: GLM-4.5's per-head q/k norms; none: the family's, without, as GLM-4.5-Air),
     one leading dense layer, 8 sigmoid-routed experts with the selection bias, top-2, one
     shared expert, routed scaling 2.5 and (``groups``) 4 groups of which a token may use 1."""
     moe: dict[str, Any] = {
@@ -71,7 +72,7 @@ def tiny_glm_arch(*, groups: bool = False) -> dict[str, Any]:
         "family": "glm4_moe", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
         "num_attention_heads": 4, "num_query_groups": 2, "head_dim": 16, "attention": "gqa",
         "vocab_size": 64, "max_position_embeddings": 256, "rope_theta": 10000.0,
-        "tie_embeddings": False, "moe": moe,
+        "tie_embeddings": False, "moe": moe, "qk_norm": qk_norm,
     }
 
 
@@ -97,6 +98,8 @@ def _randomise(model: Any, seed: int, bias_seed: int | None) -> None:
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 p.normal_(0.0, 0.5, generator=g)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # HF initialises them to 1
+                p.uniform_(0.5, 1.5, generator=g)
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if gate is None or not hasattr(gate, "e_score_correction_bias"):
@@ -108,14 +111,14 @@ def _randomise(model: Any, seed: int, bias_seed: int | None) -> None:
                                 generator=torch.Generator().manual_seed(bias_seed)) * 0.1)
 
 
-def tiny_glm_policy(seed: int = 0, *, groups: bool = False, bias_seed: int | None = 3,
-                    layers: int | None = None) -> Any:
+def tiny_glm_policy(seed: int = 0, *, groups: bool = False, qk_norm: bool | None = None,
+                    bias_seed: int | None = 3, layers: int | None = None) -> Any:
     """The HF Glm4MoeForCausalLM of :func:`tiny_glm_arch` (random weights, seed; ``layers``
     decoder layers instead of 2), router weights scaled up, a random selection bias
-    (``bias_seed``) and random q/k/v biases."""
+    (``bias_seed``), random q/k/v biases and (``qk_norm``) random q/k norm weights."""
     from runtime.policy import build_policy, build_tokenizer
 
-    arch = tiny_glm_arch(groups=groups)
+    arch = tiny_glm_arch(groups=groups, qk_norm=qk_norm)
     if layers is not None:
         arch["num_layers"] = layers
     model = build_policy(arch, build_tokenizer(int(arch["vocab_size"])), seed)

@@ -205,6 +205,13 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         # family needs the other (qwen3 with moe, qwen3_moe without)
         "train:megatron": (DENSE_MCORE, DENSE_FLAGS, "refused:megatron_model"),
     },
+    # glm4_moe: use_qk_norm in the HF config (q_norm built), --qk-layernorm compared with the
+    # checkpoint's, the megatron-core model with q/k layernorms equal to HF; other families
+    # take only their own (refused otherwise).
+    "Architecture.qk_norm": {
+        "train:local": (GLM_CONFIG, "refused:embedded_model"),
+        "train:megatron": (GLM_FLAGS, GLM_MCORE, "refused:megatron_model"),
+    },
     # glm4_moe: the family's 0.5 or the spec's 0.25 in the HF config (rotary_emb of 2 · 2
     # dims) and as --rotary-percent, compared with the checkpoint's (the megatron-core model
     # takes it from there: GPTModel(rotary_percent)); other families refuse it.

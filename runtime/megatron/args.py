@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers",
-           "hf_num_experts", "hf_qk_norm", "hf_rope_theta", "hf_rotary_percent", "megatron_parser", "parse_megatron_args",
+           "hf_num_experts", "hf_qk_norm", "hf_rope_theta", "hf_rotary_percent",
+           "megatron_parser", "parse_megatron_args",
            "pipeline_stages", "train_settings"]
 
 

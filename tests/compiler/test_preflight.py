@@ -52,6 +52,9 @@ CASES = [
     ("embedded_model", TINY, ["model.architecture.partial_rotary_factor=0.5"],
      ("model", "architecture", "partial_rotary_factor"), "init",
      "qwen3_moe rotates every dimension of each head"),
+    ("embedded_model", TINY, ["model.architecture.qk_norm=false"],
+     ("model", "architecture", "qk_norm"), "init",
+     "qwen3_moe always normalises queries and keys per head"),
     ("embedded_model", TINY, [*GLM, "model.architecture.moe.expert_bias=true"],
      ("model", "architecture", "moe", "expert_bias"), "rl",
      "the Megatron trainer applies GLM-4.5's"),
@@ -232,6 +235,26 @@ def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, caps
     config["hidden_size"] = 64  # the same shape: accepted
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert compile_spec(tmp_path / "spec.yaml").refusals == ()
+
+
+def test_a_glm_checkpoint_decides_q_k_norms_and_partial_rope() -> None:
+    """GLM-4.5 has per-head q/k norms, GLM-4.5-Air not, and both rotate half of each head:
+    the spec's qk_norm (none: without) and partial_rotary_factor (none: 0.5) are compared with
+    the checkpoint's use_qk_norm and partial_rotary_factor (top level or in rope_parameters)."""
+    from runtime.preflight import checkpoint_mismatches
+    from tests.families import tiny_glm_arch
+
+    arch = tiny_glm_arch()
+    glm45 = {"model_type": "glm4_moe", "use_qk_norm": True, "partial_rotary_factor": 0.5}
+    (p,) = checkpoint_mismatches(arch, glm45, "ckpt/config.json")
+    assert p.path == ("model", "architecture", "qk_norm")
+    assert p.hint == "set model.architecture.qk_norm: true"
+    assert checkpoint_mismatches({**arch, "qk_norm": True}, glm45, "c") == []
+    air = {"model_type": "glm4_moe", "use_qk_norm": False,
+           "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+    (p,) = checkpoint_mismatches(arch, air, "c")
+    assert p.path == ("model", "architecture", "partial_rotary_factor")
+    assert "partial_rotary_factor is 0.5 but" in p.message
 
 
 # Qwen/Qwen3-30B-A3B's config.json (the keys the comparison reads).

@@ -90,7 +90,7 @@ REFUSED = {
     "qwen3-30b-a3b-eplb": set(),
     "qwen3-235b-a22b": {"train.parallelism.context", "eval.enabled"},
     "moonlight-16b-a3b": set(),
-    "glm-4.5": {"model.architecture.family", "train.parallelism.context", "eval.enabled"},
+    "glm-4.5": {"train.parallelism.context", "eval.enabled"},
     "deepseek-v3": {"eval.enabled"},
     "deepseek-r1": {"train.parallelism.context", "eval.enabled"},
 }

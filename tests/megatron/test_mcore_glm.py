@@ -29,17 +29,21 @@ pytestmark = pytest.mark.megatron
 ATOL = 1e-4
 
 
-@pytest.mark.parametrize("kw", [{}, {"groups": True}], ids=["one-group", "group-limited"])
+KINDS = [{}, {"groups": True, "qk_norm": True}]
+KIND_IDS = ["air-like", "group-limited-qk-norm"]  # GLM-4.5-Air has no q/k norm, GLM-4.5 has
+
+
+@pytest.mark.parametrize("kw", KINDS, ids=KIND_IDS)
 def test_conversion_round_trip_is_exact(kw: dict[str, Any]) -> None:
-    """HF → Megatron → HF: the qkv biases, the router's selection bias and the shared expert
-    map to Megatron's names and back unchanged."""
+    """HF → Megatron → HF: the qkv biases, the q/k norms, the router's selection bias and the
+    shared expert map to Megatron's names and back unchanged."""
     from runtime.megatron import model as mm
 
     hf = tiny_glm_policy(**kw)
     sd = hf.state_dict()
     full = mm.hf_to_megatron(sd, hf.config)
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in full
-    assert "decoder.layers.0.self_attention.q_layernorm.weight" not in full  # use_qk_norm False
+    assert ("decoder.layers.0.self_attention.q_layernorm.weight" in full) == bool(kw)
     assert "decoder.layers.1.mlp.router.expert_bias" in full
     assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in full
     assert "decoder.layers.0.mlp.linear_fc1.weight" in full  # the leading dense layer
@@ -67,17 +71,19 @@ def _gate_ids(hf: Any, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tens
 
 
 @pytest.mark.usefixtures("megatron_cpu")
-@pytest.mark.parametrize("groups", [False, True], ids=["one-group", "group-limited"])
-def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, groups: bool) -> None:
+@pytest.mark.parametrize("kw", KINDS, ids=KIND_IDS)
+def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, kw: dict[str, Any]) -> None:
     from runtime.megatron import model as mm
     from runtime.trainer import sequence_logprobs
 
-    hf = tiny_glm_policy(groups=groups)
+    hf = tiny_glm_policy(**kw)
     pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
     try:
         model = mm.build_gpt_model(hf.config, pg)
         cfg = model.config
-        assert cfg.add_qkv_bias and not cfg.qk_layernorm and cfg.moe_layer_freq == [0, 1]
+        assert cfg.add_qkv_bias and cfg.qk_layernorm == bool(kw) and cfg.moe_layer_freq == [0, 1]
+        assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk) == (
+            (4, 1) if kw else (None, None))
         assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
         assert cfg.moe_router_topk_scaling_factor == 2.5
         # RoPE on half of each head: 16 · 0.5 = 8 dims, 4 frequencies

@@ -134,11 +134,12 @@ def test_the_glm_flags_describe_the_checkpoint(tmp_path: Path) -> None:
     assert args.moe_router_topk_scaling_factor == 2.5
     config = policy_config(arch, build_tokenizer(64))
     check_architecture(args, config)
-    quarter, _ = flags(partial_rotary_factor=0.25)
-    assert quarter.rotary_percent == 0.25
+    quarter, _ = flags(partial_rotary_factor=0.25, qk_norm=True)  # GLM-4.5 (355B): q/k norms
+    assert quarter.rotary_percent == 0.25 and quarter.qk_layernorm
     with pytest.raises(MegatronArgsError) as err:
         check_architecture(quarter, config)
     assert "--rotary-percent 0.25 (the checkpoint has 0.5)" in str(err.value)
+    assert "--qk-layernorm True (the checkpoint has False)" in str(err.value)
     qwen = policy_config(yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
                          ["model"]["architecture"], build_tokenizer(64))
     with pytest.raises(MegatronArgsError) as err:

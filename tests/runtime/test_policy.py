@@ -120,6 +120,9 @@ def test_glm4_moe_config_mapping(tokenizer: Any) -> None:
     model = build_policy({**arch, "partial_rotary_factor": 0.25}, tokenizer, seed=0)
     assert isinstance(model, transformers.Glm4MoeForCausalLM)
     assert model.model.rotary_emb.inv_freq.numel() == 2  # 16 · 0.25 = 4 dims, 2 frequencies
+    assert not hasattr(model.model.layers[0].self_attn, "q_norm")  # GLM-4.5-Air's
+    normed = build_policy({**arch, "qk_norm": True}, tokenizer, seed=0)  # GLM-4.5's
+    assert normed.config.use_qk_norm and normed.model.layers[0].self_attn.q_norm.weight.numel() == 16
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -127,6 +130,7 @@ def test_glm4_moe_config_mapping(tokenizer: Any) -> None:
     ({"family": "glm4_moe"}, "GLM-4.5 routes with sigmoid"),
     ({"family": "llama"}, "family llama is dense"),
     ({"partial_rotary_factor": 0.5}, "applies to glm4_moe only"),
+    ({"qk_norm": False}, "qk_norm False applies to glm4_moe only"),
     ({"moe": None}, "needs a model.architecture.moe"),
     ({"family": "qwen3"}, "family qwen3 is dense"),
     ({"vocab_size": 16}, "smaller than the tokenizer"),
