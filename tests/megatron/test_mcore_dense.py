@@ -17,12 +17,11 @@ import pytest
 import torch
 
 from tests.families import tiny_dense_policy
-from tests.megatron._worker import batch, launch, scored
+from tests.megatron._match import check_against_hf
+from tests.megatron._worker import launch
 from tests.megatron.test_mcore_trainer import _check
 
 pytestmark = pytest.mark.megatron
-
-ATOL = 1e-4
 FAMILIES = ["qwen3", "llama"]
 
 
@@ -47,7 +46,6 @@ def test_conversion_round_trip_is_exact(family: str, tie: bool) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, family: str) -> None:
     from runtime.megatron import model as mm
-    from runtime.trainer import sequence_logprobs
 
     hf = tiny_dense_policy(family)
     pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
@@ -56,26 +54,7 @@ def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, family: str) -> 
         assert model.config.num_moe_experts is None
         assert model.config.qk_layernorm == (family == "qwen3")
         mm.load_hf_weights(model, hf.state_dict(), hf.config)
-        ids, mask = batch()
-        m = scored(mask)
-        ref, ref_h = sequence_logprobs(hf, ids, mask, with_entropy=True)
-        got, got_h = mm.megatron_logprobs(model, ids, mask, with_entropy=True)
-        assert ref_h is not None and got_h is not None
-        d_logp = (got - ref)[m].abs().max().item()
-        d_ent = (got_h - ref_h)[m].abs().max().item()
-        assert d_logp <= ATOL, f"max |Δ logp| = {d_logp:.3g}"
-        assert d_ent <= ATOL, f"max |Δ entropy| = {d_ent:.3g}"
-        ref[m].sum().backward()
-        got[m].sum().backward()
-        want = mm.hf_to_megatron({n: p.grad for n, p in hf.named_parameters()}, hf.config)
-        scale = max(g.abs().max().item() for g in want.values())
-        for name, p in model.named_parameters():
-            assert p.grad is not None, name
-            diff = (p.grad - want[name]).abs().max().item()
-            assert diff <= 1e-4 * scale, f"{name}: max |Δ grad| = {diff:.3g} (scale {scale:.3g})"
-        exported = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
-        for key, value in hf.state_dict().items():
-            assert torch.equal(exported[key], value), key
+        check_against_hf(hf, model)
     finally:
         mm.destroy_parallel()
 
