@@ -1,6 +1,10 @@
-"""A megatron-core GPTModel that computes exactly what HF ``Qwen3MoeForCausalLM`` computes.
+"""A megatron-core GPTModel that computes exactly what the HF model of the spec's family computes.
 
-Architecture mapping (``Qwen3MoeConfig`` → ``TransformerConfig`` / ``GPTModel``)::
+Families: Qwen3-MoE (this module), Qwen3 and Llama (dense: this module, no MoE fields),
+DeepSeek-V3 (:mod:`runtime.megatron.deepseek`: MLA, sigmoid router), GLM-4.5
+(:mod:`runtime.megatron.glm`: this module's GQA with q/k/v biases and partial RoPE, DeepSeek-V3's
+MoE). Architecture mapping (``Qwen3MoeConfig`` / ``Qwen3Config`` / ``LlamaConfig`` →
+``TransformerConfig`` / ``GPTModel``)::
 
     num_hidden_layers → num_layers            hidden_size → hidden_size
     num_attention_heads → num_attention_heads num_key_value_heads → num_query_groups
@@ -9,7 +13,9 @@ Architecture mapping (``Qwen3MoeConfig`` → ``TransformerConfig`` / ``GPTModel`
     num_experts → num_moe_experts             num_experts_per_tok → moe_router_topk
     mlp_only_layers → moe_layer_freq (0 = dense, 1 = MoE)
     rope_parameters.rope_theta → rotary_base  tie_word_embeddings → share_embeddings_and_output_weights
-    attention_bias → add_qkv_bias             (RMSNorm, SwiGLU, qk_layernorm, no linear bias)
+    rope_parameters.partial_rotary_factor → rotary_percent (GPTModel; 1 where absent)
+    attention_bias → add_qkv_bias             q_norm / k_norm (Qwen3; GLM use_qk_norm) → qk_layernorm
+    (RMSNorm, SwiGLU, no linear bias; a dense model: num_moe_experts None, no MoE field)
 
 Routing: Qwen3 takes p = softmax(router logits), keeps the top-k, and with ``norm_topk_prob``
 renormalises them: w_i = p_i / Σ_topk p_j = softmax over the top-k *logits*. That is Megatron's
