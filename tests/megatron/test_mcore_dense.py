@@ -83,3 +83,13 @@ def test_router_replay_is_refused_on_a_dense_model(tmp_path: Path) -> None:
                             vocab_size=int(hf.config.vocab_size), replay_mode="r3")
     finally:
         mm.destroy_parallel()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_2_step_matches_embedded(tmp_path: Path, family: str) -> None:
+    """TP = 2 (with sequence parallelism) on two ranks: half of every weight and of each
+    sequence per rank; the step equals the embedded trainer's."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["2", "1", str(tmp_path), "off", "cispo", f"family={family}"], tmp_path)
+    for out in outs:
+        _check(out)

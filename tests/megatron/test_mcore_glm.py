@@ -125,3 +125,13 @@ def _unrotated_key_bias_aside(out: dict[str, Any]) -> dict[str, Any]:
             assert (heads[:, 8:] - ref[:, 8:]).abs().max().item() <= 2e-4, key
             got[key] = torch.cat([heads[:, :8], ref[:, 8:]], 1).reshape(-1)
     return {**out, "got": got}
+
+
+def test_tensor_and_expert_parallel_2_step_matches_embedded(tmp_path: Path) -> None:
+    """TP = 2 with sequence parallelism and EP = 2 on two ranks: the q/k/v biases are split
+    with their query groups, RoPE's half-rotary heads stay whole on a rank; R3's targets are
+    sliced by sequence. The step equals the embedded trainer's."""
+    outs = launch("tests.megatron._train_worker", 2,
+                  ["2", "2", str(tmp_path), "r3", "grpo", "family=glm4_moe"], tmp_path)
+    for out in outs:
+        _check(_unrotated_key_bias_aside(out))
