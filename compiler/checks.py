@@ -7,12 +7,12 @@ fields involved (`path` + `related`), the conflicting numbers, and a value that 
 
 Rules are grouped by concern, in the order a person would fix them: training grid, expert
 grid, attention/TP, Qwen3 head_dim, pipeline, sequence parallel, context parallel, batch
-arithmetic, rollout, router replay, run-level, ZVE budgets, references between sections,
-settings the selected path does not read, memory.
+arithmetic, rollout, run-level, ZVE budgets, references between sections, settings the
+selected path does not read, memory.
 
 What a job of the bundle would refuse at start (the embedded trainer on GPUs, a layout the
-Megatron trainer does not run, …) is declared by the runtime (`runtime.capabilities`) and
-checked by `compiler.api` through every job's preflight, not here.
+Megatron trainer does not run, router replay on a dense model, …) is declared by the runtime
+(`runtime.capabilities`) and checked by `compiler.api` through every job's preflight, not here.
 
 Decisions where DESIGN.md §3 leaves room (see each rule's docstring):
 - Memory over capacity is an error only when weights + grads + activations alone are over;
