@@ -7,12 +7,12 @@ fields involved (`path` + `related`), the conflicting numbers, and a value that 
 
 Rules are grouped by concern, in the order a person would fix them: training grid, expert
 grid, attention/TP, Qwen3 head_dim, pipeline, sequence parallel, context parallel, batch
-arithmetic, rollout, router replay, run-level, ZVE budgets, references between sections,
-settings the selected path does not read, memory.
+arithmetic, rollout, run-level, ZVE budgets, references between sections, settings the
+selected path does not read, memory.
 
 What a job of the bundle would refuse at start (the embedded trainer on GPUs, a layout the
-Megatron trainer does not run, …) is declared by the runtime (`runtime.capabilities`) and
-checked by `compiler.api` through every job's preflight, not here.
+Megatron trainer does not run, router replay on a dense model, …) is declared by the runtime
+(`runtime.capabilities`) and checked by `compiler.api` through every job's preflight, not here.
 
 Decisions where DESIGN.md §3 leaves room (see each rule's docstring):
 - Memory over capacity is an error only when weights + grads + activations alone are over;
@@ -573,20 +573,6 @@ def redundant_experts(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (("rollout", "engine"),))
 
 
-# --------------------------------------------------------------------------- router replay
-
-
-def router_replay(spec: Spec, plan: Plan) -> Iterator[Problem]:
-    """r2/r3 need an MoE model. r3 also needs an engine that returns routed experts: both
-    engines do (vLLM `--enable-return-routed-experts`, and the local one), so any engine with
-    any rollout layout (expert_parallel included) is fine."""
-    mode = spec.router_replay.mode
-    if mode != "off" and spec.model.architecture.moe is None:
-        yield _error(("router_replay", "mode"),
-                     f"router replay {mode} on a dense model: there is no routing to replay",
-                     "set router_replay.mode: off", (MOE,))
-
-
 # --------------------------------------------------------------------------- run-level
 
 
@@ -962,7 +948,6 @@ RULES: tuple[Rule, ...] = (
     interleaved_schedule,
     rollout_grid,
     redundant_experts,
-    router_replay,
     run_level,
     cluster_settings,
     zve_budgets,

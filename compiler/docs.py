@@ -72,10 +72,6 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
         _ex(SINGLE, "rollout.parallelism.tensor=3", "rollout.parallelism.data=1"),
     ),
     "redundant_experts": (_ex(TINY, "rollout.redundant_experts=8"),),
-    "router_replay": (
-        _ex(SINGLE, "model.architecture.moe=null", "train.parallelism.expert=1",
-            "train.parallelism.expert_tensor=null", "rollout.parallelism.expert_parallel=false"),
-    ),
     "run_level": (
         _ex(SINGLE, "rollout.prompts_per_step=60"),
         _ex(SINGLE, "rollout.max_tokens=40000"),
@@ -108,6 +104,11 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
 REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "embedded_model": (_ex(TINY, "model.architecture.moe.score_function=sigmoid"),),
     "megatron_model": (_ex(SINGLE, "model.architecture.moe.shared_experts=1"),),
+    "dense_replay": (
+        _ex(SINGLE, "model.architecture.family=qwen3", "model.architecture.moe=null",
+            "train.parallelism.expert=1", "train.parallelism.expert_tensor=null",
+            "rollout.parallelism.expert_parallel=false"),
+    ),
     "aux_loss": (_ex(SINGLE, "model.architecture.moe.aux_loss_coeff=0.001"),),
     "weight_sync": (_ex(SINGLE, "system.weight_sync=nccl"),),
     "async_rollout": (_ex(SINGLE, "system.max_staleness=1"),),

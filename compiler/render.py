@@ -23,6 +23,7 @@ import yaml
 from compiler import __version__
 from compiler.graph import Artifact, Job, JobGraph
 from compiler.plan import Plan
+from runtime import capabilities
 from spec.models import Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -195,6 +196,17 @@ def job_config(spec_data: dict, plan: Plan, graph: JobGraph, job: Job) -> dict[s
     }
 
 
+def family_flags(spec: Spec) -> dict[str, Any]:
+    """What the family's attention has, for train.sh's Megatron flags (``--qk-layernorm``,
+    ``--add-qkv-bias``, ``--rotary-percent``), from the runtime's one declaration
+    (``runtime.capabilities``); the trainer checks them against the checkpoint's config."""
+    arch = spec.model.architecture
+    dumped = arch.model_dump(mode="json")
+    return {"qk_norm": capabilities.qk_norm(dumped),
+            "qkv_bias": arch.family in capabilities.QKV_BIAS_FAMILIES,
+            "rotary_percent": capabilities.rotary_percent(dumped)}
+
+
 def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
                   source_name: str, overrides: tuple[str, ...] = ()) -> dict[str, str]:
     """All files of the bundle, relative path → text; `manifest.json` describes the rest."""
@@ -246,7 +258,8 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
             "json.j2", value=job_config(data, plan, graph, job))
         if name == "rl":
             files[f"{folder}/rollout.sh"] = render("rl/rollout.sh.j2", **ctx)
-            files[f"{folder}/train.sh"] = render("rl/train.sh.j2", **ctx)
+            files[f"{folder}/train.sh"] = render("rl/train.sh.j2", family=family_flags(spec),
+                                                 **ctx)
 
     manifest = {
         "rlspec_version": __version__,

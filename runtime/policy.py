@@ -1,8 +1,8 @@
 """The embedded policy: a character-level tokenizer and a small HF model of a standard family.
 
 The tiny run's policy is a real ``Qwen3MoeForCausalLM`` (or ``Qwen3ForCausalLM`` for a dense
-``qwen3`` spec) built from the spec's ``model.architecture`` with random weights; nothing is
-downloaded. Checkpoints are ordinary HF folders (config.json, model.safetensors in the
+``qwen3`` spec, ``LlamaForCausalLM``, ``DeepseekV3ForCausalLM``, ``Glm4MoeForCausalLM``) built
+from the spec's ``model.architecture`` with random weights; nothing is downloaded. Checkpoints are ordinary HF folders (config.json, model.safetensors in the
 original per-expert layout, generation_config.json, tokenizer.json, tokenizer_config.json)
 that ``AutoModelForCausalLM`` / ``AutoTokenizer`` / vLLM load as is.
 
@@ -48,6 +48,24 @@ The HF model always has the bias buffer (zeros); ``moe.expert_bias: false`` keep
 It has one shared-expert MLP of n_shared_experts × moe_intermediate_size, so a
 ``shared_expert_ffn_hidden_size`` other than that product is rejected, and its router always
 scores with sigmoid and applies the group limit with DeepSeek's top-2 group score.
+
+``family: llama`` builds ``LlamaForCausalLM`` (dense, grouped-query attention without q/k
+norms, no biases): the GQA mapping above, ``attention_bias = mlp_bias = False``.
+
+``family: glm4_moe`` (GLM-4.5, GLM-4.5-Air) builds ``Glm4MoeForCausalLM``: grouped-query
+attention with a bias on q/k/v (``attention_bias = True``, both published checkpoints),
+per-head q/k RMSNorm with ``qk_norm: true`` (``use_qk_norm``: GLM-4.5 355B has it, GLM-4.5-Air
+and HF's default not), RoPE on the first half of each head only, and
+DeepSeek-V3's MoE (the same router, ``Glm4MoeTopkRouter``: sigmoid, selection bias, group
+limit, routed scaling; shared experts; leading dense layers) under the same names::
+
+    partial_rotary_factor → rope_parameters.partial_rotary_factor (none: GLM-4.5's 0.5;
+        rotated dims = int(head_dim · factor), the first ones of each head, rotate-half layout)
+    moe.* → n_routed_experts, n_shared_experts, first_k_dense_replace, routed_scaling_factor,
+        n_group / topk_group as for deepseek_v3; num_nextn_predict_layers = 0 (no MTP layer)
+
+``partial_rotary_factor`` other than 1 on another family is rejected (their HF classes rotate
+every dimension), and so is a ``qk_norm`` other than the family's (Qwen3: always, Llama: never).
 """
 
 from __future__ import annotations
@@ -65,6 +83,10 @@ from transformers import (
     AutoTokenizer,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -91,7 +113,9 @@ __all__ = [
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = "0123456789+-*= "
-SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3", "deepseek_v3")
+SUPPORTED_FAMILIES = ("qwen3_moe", "qwen3", "llama", "deepseek_v3", "glm4_moe")
+# GLM-4.5's share of each head's dimensions that RoPE rotates (``partial_rotary_factor``)
+GLM4_MOE_PARTIAL_ROTARY = 0.5
 # tokenizer_config.json names the generic fast tokenizer, which transformers 4.x and 5.x
 # both resolve (5.x would write its own class name, "TokenizersBackend", unknown to 4.x —
 # the version a separate vLLM environment may have).
@@ -143,50 +167,41 @@ def _get(arch: Mapping[str, Any], key: str, default: Any = None) -> Any:
 def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """The transformers config of the spec's ``model.architecture`` (mapping in the module
     doc): ``Qwen3MoeConfig`` for family qwen3_moe, ``Qwen3Config`` for a dense qwen3,
-    ``DeepseekV3Config`` for deepseek_v3."""
+    ``LlamaConfig`` for llama, ``DeepseekV3Config`` for deepseek_v3, ``Glm4MoeConfig`` for
+    glm4_moe."""
     family = arch.get("family")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"model.architecture.family {family!r} is not supported by the embedded "
                          f"engine (local trainer / rollout); supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
+    rotary = arch.get("partial_rotary_factor")
+    if rotary is not None and family != "glm4_moe" and float(rotary) != 1.0:
+        raise ValueError(f"family {family} rotates every head dimension: "
+                         f"partial_rotary_factor {rotary} applies to glm4_moe only")
+    qk_norm = arch.get("qk_norm")
+    if qk_norm is not None and family != "glm4_moe" and bool(qk_norm) != (family != "llama"):
+        raise ValueError(f"family {family} {'never' if family == 'llama' else 'always'} "
+                         f"normalises queries and keys: qk_norm {qk_norm} applies to glm4_moe only")
     if family == "deepseek_v3":
         return _deepseek_v3_config(arch, tokenizer)
     if _get(arch, "attention", "gqa") != "gqa":
         raise ValueError(f"family {family} uses grouped-query attention, not {arch['attention']!r}")
-    hidden, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
-    head_dim = arch.get("head_dim")
-    if head_dim is None:
-        if hidden % heads:
-            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
-                             f"{heads}: give head_dim")
-        head_dim = hidden // heads
-    vocab = int(arch["vocab_size"])
-    if vocab < len(tokenizer):
-        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-    common: dict[str, Any] = {
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int(arch["ffn_hidden_size"]),
-        "num_hidden_layers": int(arch["num_layers"]),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_get(arch, "num_query_groups", heads)),
-        "head_dim": int(head_dim),
-        "max_position_embeddings": int(_get(arch, "max_position_embeddings", 32768)),
-        "rope_parameters": {"rope_type": "default",
-                            "rope_theta": float(_get(arch, "rope_theta", 1_000_000.0))},
-        "tie_word_embeddings": bool(_get(arch, "tie_embeddings", False)),
-        "use_sliding_window": False,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+    common = _gqa_common(arch, tokenizer)
     moe = arch.get("moe")
-    if family == "qwen3":
+    if family in ("qwen3", "llama"):
         if moe is not None:
-            raise ValueError("family qwen3 is dense but a moe section is given: use qwen3_moe")
-        return Qwen3Config(**common)
+            raise ValueError(f"family {family} is dense but a moe section is given"
+                             + (": use qwen3_moe" if family == "qwen3" else ""))
+        if family == "llama":
+            return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+        return Qwen3Config(**common, use_sliding_window=False)
     if moe is None:
-        raise ValueError("family qwen3_moe needs a model.architecture.moe section")
+        raise ValueError(f"family {family} needs a model.architecture.moe section")
+    if family == "glm4_moe":
+        rope = dict(common.pop("rope_parameters"))
+        rope["partial_rotary_factor"] = float(GLM4_MOE_PARTIAL_ROTARY if rotary is None else rotary)
+        return Glm4MoeConfig(**common, rope_parameters=rope, attention_bias=True,
+                             use_qk_norm=bool(qk_norm), **_sigmoid_moe(arch, "GLM-4.5"))
     if _get(moe, "score_function", "softmax") != "softmax":
         raise ValueError(f"Qwen3-MoE routes with softmax, not {moe['score_function']!r}")
     if _get(moe, "expert_bias", False):
@@ -202,6 +217,7 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
         raise ValueError(f"moe.first_dense_layers {first_dense} leaves no MoE layer")
     return Qwen3MoeConfig(
         **common,
+        use_sliding_window=False,
         num_experts=int(moe["num_experts"]),
         num_experts_per_tok=int(moe["top_k"]),
         moe_intermediate_size=int(moe["expert_ffn_hidden_size"]),
@@ -210,6 +226,20 @@ def policy_config(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -
         decoder_sparse_step=1,  # every layer MoE except mlp_only_layers
         mlp_only_layers=list(range(first_dense)),
     )
+
+
+def _gqa_common(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """Config fields of the grouped-query-attention families (Qwen3, Llama, GLM-4.5)."""
+    hidden, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
+    head_dim = arch.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                             f"{heads}: give head_dim")
+        head_dim = hidden // heads
+    return {**_common(arch, tokenizer),
+            "num_key_value_heads": int(_get(arch, "num_query_groups", heads)),
+            "head_dim": int(head_dim)}
 
 
 def _common(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
@@ -232,39 +262,25 @@ def _common(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) -> dict
     }
 
 
-def _deepseek_v3_config(arch: Mapping[str, Any],
-                        tokenizer: PreTrainedTokenizerFast) -> DeepseekV3Config:
-    """``DeepseekV3Config`` of a deepseek_v3 architecture (mapping in the module doc)."""
-    if _get(arch, "attention", "gqa") != "mla" or arch.get("mla") is None:
-        raise ValueError("family deepseek_v3 uses multi-head latent attention: set attention: mla "
-                         "and give the mla section")
-    moe = arch.get("moe")
-    if moe is None:
-        raise ValueError("family deepseek_v3 needs a model.architecture.moe section")
+def _sigmoid_moe(arch: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The MoE fields DeepSeek-V3 and GLM-4.5 share (one naming in both HF configs): a sigmoid
+    router with the selection bias, optional group limit, shared experts of n_shared_experts ×
+    moe_intermediate_size and the leading dense layers ``first_k_dense_replace``."""
+    moe = arch["moe"]
     if _get(moe, "score_function", "softmax") != "sigmoid":
-        raise ValueError(f"DeepSeek-V3 routes with sigmoid, not {moe.get('score_function')!r}")
+        raise ValueError(f"{name} routes with sigmoid, not {moe.get('score_function')!r}")
     shared = int(_get(moe, "shared_experts", 0))
     expert_ffn = int(moe["expert_ffn_hidden_size"])
     shared_ffn = moe.get("shared_expert_ffn_hidden_size")
     if shared_ffn is not None and int(shared_ffn) != shared * expert_ffn:
-        raise ValueError(f"DeepSeek-V3's shared-expert MLP is shared_experts × "
+        raise ValueError(f"{name}'s shared-expert MLP is shared_experts × "
                          f"expert_ffn_hidden_size = {shared * expert_ffn} wide, not "
                          f"moe.shared_expert_ffn_hidden_size {shared_ffn}")
     first_dense = int(_get(moe, "first_dense_layers", 0))
     if first_dense >= int(arch["num_layers"]):
         raise ValueError(f"moe.first_dense_layers {first_dense} leaves no MoE layer")
     groups = moe.get("num_groups")
-    mla = arch["mla"]
-    heads = int(arch["num_attention_heads"])
-    return DeepseekV3Config(
-        **_common(arch, tokenizer),
-        num_key_value_heads=heads,
-        q_lora_rank=None if mla.get("q_lora_rank") is None else int(mla["q_lora_rank"]),
-        kv_lora_rank=int(mla["kv_lora_rank"]),
-        qk_nope_head_dim=int(mla["qk_head_dim"]),
-        qk_rope_head_dim=int(mla["qk_pos_emb_head_dim"]),
-        v_head_dim=int(mla["v_head_dim"]),
-        rope_interleave=True,
+    return dict(
         n_routed_experts=int(moe["num_experts"]),
         num_experts_per_tok=int(moe["top_k"]),
         moe_intermediate_size=expert_ffn,
@@ -278,16 +294,44 @@ def _deepseek_v3_config(arch: Mapping[str, Any],
     )
 
 
+def _deepseek_v3_config(arch: Mapping[str, Any],
+                        tokenizer: PreTrainedTokenizerFast) -> DeepseekV3Config:
+    """``DeepseekV3Config`` of a deepseek_v3 architecture (mapping in the module doc)."""
+    if _get(arch, "attention", "gqa") != "mla" or arch.get("mla") is None:
+        raise ValueError("family deepseek_v3 uses multi-head latent attention: set attention: mla "
+                         "and give the mla section")
+    if arch.get("moe") is None:
+        raise ValueError("family deepseek_v3 needs a model.architecture.moe section")
+    mla = arch["mla"]
+    heads = int(arch["num_attention_heads"])
+    return DeepseekV3Config(
+        **_common(arch, tokenizer),
+        num_key_value_heads=heads,
+        q_lora_rank=None if mla.get("q_lora_rank") is None else int(mla["q_lora_rank"]),
+        kv_lora_rank=int(mla["kv_lora_rank"]),
+        qk_nope_head_dim=int(mla["qk_head_dim"]),
+        qk_rope_head_dim=int(mla["qk_pos_emb_head_dim"]),
+        v_head_dim=int(mla["v_head_dim"]),
+        rope_interleave=True,
+        **_sigmoid_moe(arch, "DeepSeek-V3"),
+    )
+
+
+_MODEL_CLASSES: dict[type, type] = {
+    Qwen3MoeConfig: Qwen3MoeForCausalLM, Qwen3Config: Qwen3ForCausalLM,
+    LlamaConfig: LlamaForCausalLM, DeepseekV3Config: DeepseekV3ForCausalLM,
+    Glm4MoeConfig: Glm4MoeForCausalLM,
+}
+
+
 def build_policy(arch: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast,
                  seed: int) -> PreTrainedModel:
     """Random-initialised float32 policy; the same seed gives the same weights. The global
     torch RNG is left as it was."""
     config = policy_config(arch, tokenizer)
-    cls = (Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else
-           DeepseekV3ForCausalLM if isinstance(config, DeepseekV3Config) else Qwen3ForCausalLM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(config)
+        model = _MODEL_CLASSES[type(config)](config)
     model.to(torch.float32)
     gen = model.generation_config
     gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = (

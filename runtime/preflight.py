@@ -73,7 +73,8 @@ def _train_flags(config: Mapping[str, Any], job_file: JobFile) -> Iterator[Refus
 
 def _hf_value(cfg: Mapping[str, Any], *keys: str) -> Any:
     for key in keys:
-        if key == "rope_theta" and isinstance(cfg.get("rope_parameters"), Mapping):
+        if (key in ("rope_theta", "partial_rotary_factor")
+                and isinstance(cfg.get("rope_parameters"), Mapping)):
             value = cfg["rope_parameters"].get("rope_theta")
             if value is not None:
                 return value
@@ -105,6 +106,12 @@ def checkpoint_mismatches(arch: Mapping[str, Any], cfg: Mapping[str, Any],
         pairs += [
             (("num_query_groups",), arch["num_query_groups"] or heads, ("num_key_value_heads",)),
             (("head_dim",), arch["head_dim"] or arch["hidden_size"] // heads, ("head_dim",)),
+        ]
+    if arch["family"] == "glm4_moe":  # the two GLM-4.5 checkpoints differ in q/k norms
+        pairs += [
+            (("qk_norm",), capabilities.qk_norm(arch), ("use_qk_norm",)),
+            (("partial_rotary_factor",), capabilities.rotary_percent(arch),
+             ("partial_rotary_factor",)),
         ]
     if moe is not None:
         pairs += [

@@ -32,7 +32,9 @@ transformers' DeepSeek-V3 router (``patch_deepseek_v3``) selects with the bias a
 limit, sel = top-k over the chosen groups of (σ + b); in replay sel is the given ids (the bias
 and the group limit are already in the recorded choice) and the gates are its own formula on
 the live scores, g_i = σ_i / (Σ_{j∈sel} σ_j + 1e-20) · routed_scaling_factor (normalised only
-with ``norm_topk_prob``), so the router weight keeps its gradient.
+with ``norm_topk_prob``), so the router weight keeps its gradient. GLM-4.5's router
+(``Glm4MoeTopkRouter``, ``patch_glm4_moe``) has the same fields and arithmetic and takes the
+same replay forward.
 
 This module depends on torch and numpy only (transformers is imported lazily in
 ``patch_qwen3_moe`` / ``patch_deepseek_v3``); it never imports the ``compiler`` package.
@@ -69,6 +71,7 @@ __all__ = [
     "decode_routed_experts",
     "encode_routed_experts",
     "patch_deepseek_v3",
+    "patch_glm4_moe",
     "patch_moe_routers",
     "patch_qwen3_moe",
     "routing_bytes_per_token",
@@ -737,10 +740,13 @@ def _deepseek_router_forward(
 def _router_kinds() -> list[tuple[type, object]]:
     """(router class, replacement forward) of each HF MoE family replay supports."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
+    # GLM-4.5's router is DeepSeek-V3's (same fields, same arithmetic): one replay forward
     return [(Qwen3MoeTopKRouter, _qwen3_router_forward),
-            (DeepseekV3TopkRouter, _deepseek_router_forward)]
+            (DeepseekV3TopkRouter, _deepseek_router_forward),
+            (Glm4MoeTopkRouter, _deepseek_router_forward)]
 
 
 def _patch(model: nn.Module, kinds: list[tuple[type, object]], what: str) -> RouterReplayGroup:
@@ -780,13 +786,19 @@ def patch_deepseek_v3(model: nn.Module) -> RouterReplayGroup:
     """``patch_qwen3_moe`` for transformers' ``DeepseekV3TopkRouter`` (DeepSeek-V3,
     Moonlight): replay in :func:`_deepseek_router_forward`. Dense leading layers
     (``first_k_dense_replace``) have no router; MoE layers are numbered from 0."""
-    return _patch(model, _router_kinds()[1:], "DeepseekV3TopkRouter")
+    return _patch(model, _router_kinds()[1:2], "DeepseekV3TopkRouter")
+
+
+def patch_glm4_moe(model: nn.Module) -> RouterReplayGroup:
+    """``patch_deepseek_v3`` for transformers' ``Glm4MoeTopkRouter`` (GLM-4.5), whose fields and
+    arithmetic are DeepSeek-V3's: replay in :func:`_deepseek_router_forward`."""
+    return _patch(model, _router_kinds()[2:], "Glm4MoeTopkRouter")
 
 
 def patch_moe_routers(model: nn.Module) -> RouterReplayGroup:
     """The replay patch of whichever supported HF MoE family ``model`` is (Qwen3-MoE,
-    DeepSeek-V3): what the embedded trainer and rollout engine call."""
-    return _patch(model, _router_kinds(), "Qwen3-MoE or DeepSeek-V3 router")
+    DeepSeek-V3, GLM-4.5): what the embedded trainer and rollout engine call."""
+    return _patch(model, _router_kinds(), "Qwen3-MoE, DeepSeek-V3 or GLM-4.5 router")
 
 
 # --------------------------------------------------------------------------------------

@@ -161,6 +161,20 @@ class Architecture(Section):
         32768, description="Longest sequence the positional encoding supports."
     )
     rope_theta: PosFloat = Field(1_000_000.0, description="RoPE base.")
+    qk_norm: bool | None = Field(
+        None,
+        description="Per-head RMSNorm of queries and keys before RoPE (HF `use_qk_norm`, Qwen3's "
+        "q_norm / k_norm; `--qk-layernorm`). None: the family's: true for qwen3 and qwen3_moe "
+        "(and deepseek_v3's MLA norms), false for llama and glm4_moe. GLM-4.5 (355B) has it, "
+        "GLM-4.5-Air not: only glm4_moe takes a value other than its family's.",
+    )
+    partial_rotary_factor: PosFloat | None = Field(
+        None,
+        description="Share of each head's dimensions that RoPE rotates (HF "
+        "`partial_rotary_factor`, `--rotary-percent`): the first head_dim × factor of them, the "
+        "rest carry no position. None: the family's, 0.5 for glm4_moe (GLM-4.5), 1 for the "
+        "others, which take no other value. head_dim × factor must be an even whole number.",
+    )
     tie_embeddings: bool = Field(False, description="Share input embedding and output layer.")
     moe: MoE | None = Field(None, description="MoE layout; none for a dense model.")
 
@@ -179,6 +193,16 @@ class Architecture(Section):
                 raise ValueError(
                     f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                     f"num_query_groups ({groups})"
+                )
+        if self.partial_rotary_factor is not None:
+            factor = self.partial_rotary_factor
+            head = (self.head_dim or self.hidden_size // self.num_attention_heads
+                    if self.attention == "gqa" or self.mla is None else self.mla.qk_pos_emb_head_dim)
+            rotated = head * factor
+            if factor > 1 or rotated != int(rotated) or int(rotated) % 2:
+                raise ValueError(
+                    f"partial_rotary_factor {factor} must be at most 1 and rotate an even whole "
+                    f"number of each head's {head} dimensions (head_dim × factor = {rotated:g})"
                 )
         if self.moe is not None and self.moe.first_dense_layers >= self.num_layers:
             raise ValueError(

@@ -81,6 +81,8 @@ MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
 DRIVER = "tests/runtime/test_driver.py"
 DEEPSEEK = "tests/runtime/test_deepseek.py"
 MCORE_DEEPSEEK = "tests/megatron/test_mcore_deepseek.py"
+MCORE_GLM = "tests/megatron/test_mcore_glm.py"
+MCORE_DENSE = "tests/megatron/test_mcore_dense.py"
 SLURM = "tests/slurm/test_slurm.py"
 VLLM = "tests/vllm_flags/test_vllm_flags.py"
 VLLM_RUN = "tests/vllm/test_vllm_tiny_run.py"
@@ -108,6 +110,13 @@ DS_CONFIG = t(DEEPSEEK, "test_config_mapping")
 DS_FLAGS = t(MARGS, "test_the_deepseek_flags_describe_the_checkpoint")
 DS_MCORE = t(MCORE_DEEPSEEK, "test_logprobs_gradients_and_export_match_hf")
 DS_R3 = t(MCORE_DEEPSEEK, "test_r3_with_the_sigmoid_router_replays_the_recorded_experts")
+# GLM-4.5 (qkv bias, partial RoPE, DeepSeek-V3's MoE) and the dense qwen3 / llama: the HF config
+# of the spec (embedded), the train.sh flags compared with it, the megatron-core model equal to HF.
+GLM_CONFIG = t(POLICY, "test_glm4_moe_config_mapping")
+GLM_FLAGS = t(MARGS, "test_the_glm_flags_describe_the_checkpoint")
+GLM_MCORE = t(MCORE_GLM, "test_logprobs_gradients_and_export_match_hf")
+DENSE_FLAGS = t(MARGS, "test_the_dense_flags_describe_the_checkpoint")
+DENSE_MCORE = t(MCORE_DENSE, "test_logprobs_gradients_and_export_match_hf")
 ARCH_FLAGS = t(MARGS, "test_the_model_flags_describe_the_checkpoint")
 OPT_FLAGS = t(MARGS, "test_the_flags_set_batch_and_optimizer")
 # init's checkpoint of an edited architecture (config.json, the loaded model, its tokenizer,
@@ -172,9 +181,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Model.architecture": {"all": "section:Architecture"},
     # ------------------------------------------------------------------ architecture
     "Architecture.family": {
-        # qwen3 → Qwen3Config, deepseek_v3 → DeepseekV3Config
-        "train:local": (CONFIG_MAP, DS_CONFIG, "refused:embedded_model"),
-        "train:megatron": (DS_MCORE, "refused:megatron_model"),  # qwen3_moe, deepseek_v3
+        # qwen3 → Qwen3Config, llama → LlamaConfig, deepseek_v3 → DeepseekV3Config,
+        # glm4_moe → Glm4MoeConfig; refused: a family without (or with) the moe it needs
+        "train:local": (CONFIG_MAP, DS_CONFIG, GLM_CONFIG, "refused:embedded_model"),
+        "train:megatron": (DS_MCORE, GLM_MCORE, DENSE_MCORE, "refused:megatron_model"),
     },
     "Architecture.num_layers": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:pipeline")},
     "Architecture.hidden_size": {"all": (CONFIG_MAP, ARCH_FLAGS, "check:memory")},
@@ -184,7 +194,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # --kv-channels 128 in the golden train.sh (checked against the checkpoint by
     # runtime.megatron.args); head_dim 24 ≠ 64 / 4 built by init (q/k/o widths).
     "Architecture.head_dim": {"all": (GOLDEN, "check:checkpoint_head_dim", INIT_ARCH, ARCH_CKPT)},
-    # mla with deepseek_v3 (MLA), gqa with the Qwen3 families; the other pairs are refused.
+    # mla with deepseek_v3 (MLA), gqa with the other families; the other pairs are refused.
     "Architecture.attention": {
         "train:local": (DS_CONFIG, "refused:embedded_model"),
         "train:megatron": (DS_MCORE, "refused:megatron_model"),
@@ -206,8 +216,24 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
                            "refused:megatron_layout"),  # refused with PP > 1
     },
     "Architecture.moe": {
-        "train:local": CONFIG_MAP,  # no moe section: dense Qwen3
-        "train:megatron": "refused:megatron_model",  # dense families refused
+        "train:local": (CONFIG_MAP, "refused:embedded_model"),  # no moe section: dense Qwen3
+        # no moe section: a GPTModel without MoE layers (qwen3, llama); refused where the
+        # family needs the other (qwen3 with moe, qwen3_moe without)
+        "train:megatron": (DENSE_MCORE, DENSE_FLAGS, "refused:megatron_model"),
+    },
+    # glm4_moe: use_qk_norm in the HF config (q_norm built), --qk-layernorm compared with the
+    # checkpoint's, the megatron-core model with q/k layernorms equal to HF; other families
+    # take only their own (refused otherwise).
+    "Architecture.qk_norm": {
+        "train:local": (GLM_CONFIG, "refused:embedded_model"),
+        "train:megatron": (GLM_FLAGS, GLM_MCORE, "refused:megatron_model"),
+    },
+    # glm4_moe: the family's 0.5 or the spec's 0.25 in the HF config (rotary_emb of 2 · 2
+    # dims) and as --rotary-percent, compared with the checkpoint's (the megatron-core model
+    # takes it from there: GPTModel(rotary_percent)); other families refuse it.
+    "Architecture.partial_rotary_factor": {
+        "train:local": (GLM_CONFIG, "refused:embedded_model"),
+        "train:megatron": (GLM_FLAGS, GLM_MCORE, "refused:megatron_model"),
     },
     # q_lora_rank 32 and none (full-rank q_proj) in both tests; the others mapped to the HF
     # config, rendered as --kv-lora-rank … and compared with the checkpoint's.
@@ -219,7 +245,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "MoE.num_experts": {"all": (CONFIG_MAP, "check:expert_sizes")},
     "MoE.top_k": {"all": (CONFIG_MAP, t(PLAN, "test_routing_ids_are_int16_above_256_experts"))},
     "MoE.expert_ffn_hidden_size": {"all": (CONFIG_MAP, "check:expert_sizes")},
-    # softmax for the Qwen3 families, sigmoid for deepseek_v3; the other pairs are refused.
+    # softmax for Qwen3-MoE, sigmoid for deepseek_v3 and glm4_moe; the other pairs are refused.
     "MoE.score_function": {"train:local": (t(DEEPSEEK, "test_config_rejects"),
                                            "refused:embedded_model"),
                            "train:megatron": (DS_FLAGS, "refused:megatron_model")},
@@ -587,8 +613,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # ------------------------------------------------------------------ router replay
     "RouterReplay.mode": {
         "train:local": (t(TRAINER, "test_r3_replays_engine_routing_and_router_still_learns"),
-                        t(TRAINER, "test_r2_and_updates_raise_the_likelihood_of_advantaged_responses")),
-        "train:megatron": (MCORE_TINY, "check:router_replay"),  # R3: gap < 1e-5
+                        t(TRAINER, "test_r2_and_updates_raise_the_likelihood_of_advantaged_responses"),
+                        "refused:dense_replay"),
+        # R3: gap < 1e-5; R2 / R3 of GLM-4.5's router; refused on a dense model
+        "train:megatron": (MCORE_TINY, t(MCORE_GLM, "test_rl_step_with_router_replay_matches_embedded"),
+                           "refused:dense_replay"),
         "rollout:local": RL_E2E,  # --return-routed-experts: train–inference gap < 1e-3
         "rollout:vllm": SPLIT_245B,  # --enable-return-routed-experts
     },

@@ -1,7 +1,8 @@
 """The Megatron-core trainer engine.
 
-:mod:`runtime.megatron.model` builds the spec's MoE GPTModel, converts HF weights in and out
-and computes per-token log-probs; :mod:`runtime.megatron.engine` trains it (DDP, distributed
+:mod:`runtime.megatron.model` builds the spec's GPTModel (every family of the spec; DeepSeek-V3
+and GLM-4.5 in :mod:`runtime.megatron.deepseek` / :mod:`runtime.megatron.glm`), converts HF
+weights in and out (:mod:`runtime.megatron.hf_mlp`: the MLPs) and computes per-token log-probs; :mod:`runtime.megatron.engine` trains it (DDP, distributed
 optimizer, ``forward_backward_func``, the losses of ``runtime.losses``);
 :mod:`runtime.megatron.replay` runs R2 / R3 through megatron-core's ``RouterReplay``;
 :mod:`runtime.megatron.checkpoint` reads and writes Megatron-LM checkpoint roots;

@@ -18,7 +18,11 @@ non-TransformerEngine modules): ``--moe-grouped-gemm`` (local experts are sequen
 ``--use-precision-aware-optimizer`` (Megatron-LM asks for it with ``--optimizer-cpu-offload``;
 megatron-core 0.16.1 needs TransformerEngine for it, so the fp32 main weights stay on the GPU),
 ``--tokenizer-*`` (the tokenizer is the HF checkpoint's), ``--position-embedding-type``,
-``--normalization``, ``--swiglu``, ``--disable-bias-linear`` (fixed by the Qwen3-MoE family).
+``--normalization``, ``--swiglu``, ``--disable-bias-linear`` (every family: RMSNorm, SwiGLU, no
+linear bias). The family-dependent attention flags are checked against the checkpoint's
+config: ``--qk-layernorm`` (Qwen3, Qwen3-MoE, DeepSeek-V3's MLA norms; GLM-4.5 with
+``use_qk_norm``), ``--add-qkv-bias`` (GLM-4.5's ``attention_bias``), ``--rotary-percent``
+(GLM-4.5's ``partial_rotary_factor``, 0.5).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers",
-           "hf_num_experts", "hf_rope_theta", "megatron_parser", "parse_megatron_args",
+           "hf_num_experts", "hf_qk_norm", "hf_rope_theta", "hf_rotary_percent",
+           "megatron_parser", "parse_megatron_args",
            "pipeline_stages", "train_settings"]
 
 
@@ -69,6 +74,9 @@ def megatron_parser() -> argparse.ArgumentParser:
         p.add_argument(name, type=int)
     p.add_argument("--position-embedding-type", choices=["rope"], default="rope")
     p.add_argument("--rotary-base", type=int, default=10000)
+    p.add_argument("--rotary-percent", type=float, default=1.0)
+    p.add_argument("--qk-layernorm", action="store_true")
+    p.add_argument("--add-qkv-bias", action="store_true")
     p.add_argument("--normalization", choices=["RMSNorm"], default="RMSNorm")
     p.add_argument("--swiglu", action="store_true")
     p.add_argument("--disable-bias-linear", action="store_true")
@@ -147,17 +155,43 @@ def hf_rope_theta(cfg: Any) -> float:
 
 
 def hf_num_experts(cfg: Any) -> int:
-    """Routed experts of an HF MoE config (Qwen3-MoE ``num_experts``, DeepSeek-V3
-    ``n_routed_experts``)."""
+    """Routed experts of an HF MoE config (Qwen3-MoE ``num_experts``, DeepSeek-V3 and GLM-4.5
+    ``n_routed_experts``); 0 for a dense model (Qwen3, Llama)."""
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
     return int(experts or 0)
+
+
+# HF families whose first ``first_k_dense_replace`` layers are dense (DeepSeek-V3's naming)
+_FIRST_K_DENSE = ("deepseek_v3", "glm4_moe")
+
+
+def hf_qk_norm(cfg: Any) -> bool:
+    """Whether the attention normalises q and k per head (Megatron ``qk_layernorm``): Qwen3
+    and Qwen3-MoE always, GLM-4.5 with ``use_qk_norm``, Llama never. (DeepSeek-V3's MLA
+    sets its own: its q_a / kv_a norms.)"""
+    if getattr(cfg, "model_type", None) in ("qwen3", "qwen3_moe", "deepseek_v3"):
+        return True
+    return bool(getattr(cfg, "use_qk_norm", False))
+
+
+def hf_rotary_percent(cfg: Any) -> float:
+    """The share of each head's dimensions RoPE rotates (Megatron ``rotary_percent``): HF's
+    ``partial_rotary_factor`` (GLM-4.5: 0.5), 1 where the config has none."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    if factor is None:
+        factor = getattr(cfg, "partial_rotary_factor", None)
+    return float(1.0 if factor is None else factor)
 
 
 def hf_moe_layers(cfg: Any) -> list[int]:
     """The HF layer pattern as Megatron's ``moe_layer_freq`` list (0 dense, 1 MoE). Qwen3-MoE:
     ``mlp_only_layers`` are dense, and of the rest every ``decoder_sparse_step``-th is MoE;
-    DeepSeek-V3: the first ``first_k_dense_replace`` layers are dense."""
-    if getattr(cfg, "model_type", None) == "deepseek_v3":
+    DeepSeek-V3 and GLM-4.5: the first ``first_k_dense_replace`` layers are dense; a dense
+    model (no experts): every layer."""
+    if not hf_num_experts(cfg):
+        return [0] * int(cfg.num_hidden_layers)
+    if getattr(cfg, "model_type", None) in _FIRST_K_DENSE:
         dense_first = int(cfg.first_k_dense_replace or 0)
         return [0 if i < dense_first else 1 for i in range(int(cfg.num_hidden_layers))]
     dense = set(getattr(cfg, "mlp_only_layers", []) or [])
@@ -166,18 +200,20 @@ def hf_moe_layers(cfg: Any) -> list[int]:
 
 
 def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
-    """The model flags must describe the HF config ``cfg`` (Qwen3-MoE or DeepSeek-V3) of the
-    starting checkpoint; raises :class:`MegatronArgsError` listing every difference."""
-    mla = getattr(cfg, "model_type", None) == "deepseek_v3"
+    """The model flags must describe the HF config ``cfg`` (Qwen3-MoE, Qwen3, Llama,
+    DeepSeek-V3 or GLM-4.5) of the starting checkpoint; raises :class:`MegatronArgsError`
+    listing every difference."""
+    model_type = getattr(cfg, "model_type", None)
+    mla = model_type == "deepseek_v3"
     if args.multi_latent_attention != mla:
         raise MegatronArgsError(
             f"--multi-latent-attention is {'set' if args.multi_latent_attention else 'not set'} "
-            f"but the checkpoint is {getattr(cfg, 'model_type', '?')}: DeepSeek-V3 uses MLA, "
-            "Qwen3-MoE grouped-query attention. Recompile the bundle from the spec that made "
+            f"but the checkpoint is {model_type or '?'}: DeepSeek-V3 uses MLA, the other "
+            "families grouped-query attention. Recompile the bundle from the spec that made "
             "the checkpoint")
     n = int(cfg.num_hidden_layers)
     heads = int(cfg.num_attention_heads)
-    expected: Mapping[str, tuple[Any, Any]] = {
+    expected: dict[str, tuple[Any, Any]] = {
         "--num-layers": (args.num_layers, n),
         "--hidden-size": (args.hidden_size, int(cfg.hidden_size)),
         "--ffn-hidden-size": (args.ffn_hidden_size, int(cfg.intermediate_size)),
@@ -188,21 +224,30 @@ def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
                                       int(cfg.max_position_embeddings)),
         "--untie-embeddings-and-output-weights": (args.untie_embeddings_and_output_weights,
                                                   not bool(cfg.tie_word_embeddings)),
-        "--num-experts": (args.num_experts, hf_num_experts(cfg)),
-        "--moe-router-topk": (args.moe_router_topk, int(cfg.num_experts_per_tok)),
-        "--moe-ffn-hidden-size": (args.moe_ffn_hidden_size, int(cfg.moe_intermediate_size)),
-        "--moe-router-pre-softmax": (args.moe_router_pre_softmax, not bool(cfg.norm_topk_prob)),
-        "--moe-layer-freq": (_moe_layers(args), hf_moe_layers(cfg)),
+        "--qk-layernorm": (args.qk_layernorm, hf_qk_norm(cfg)),
+        "--add-qkv-bias": (args.add_qkv_bias, bool(getattr(cfg, "attention_bias", False))),
+        "--rotary-percent": (args.rotary_percent, hf_rotary_percent(cfg)),
+        "--num-experts": (args.num_experts, hf_num_experts(cfg) or None),
     }
+    if hf_num_experts(cfg):
+        expected.update({
+            "--moe-router-topk": (args.moe_router_topk, int(cfg.num_experts_per_tok)),
+            "--moe-ffn-hidden-size": (args.moe_ffn_hidden_size, int(cfg.moe_intermediate_size)),
+            "--moe-router-pre-softmax": (args.moe_router_pre_softmax,
+                                         not bool(cfg.norm_topk_prob)),
+            "--moe-layer-freq": (_moe_layers(args), hf_moe_layers(cfg)),
+        })
     if mla:
-        shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
-        expected = {
-            **expected,
+        expected.update({
             "--q-lora-rank": (args.q_lora_rank, cfg.q_lora_rank),
             "--kv-lora-rank": (args.kv_lora_rank, int(cfg.kv_lora_rank)),
             "--qk-head-dim": (args.qk_head_dim, int(cfg.qk_nope_head_dim)),
             "--qk-pos-emb-head-dim": (args.qk_pos_emb_head_dim, int(cfg.qk_rope_head_dim)),
             "--v-head-dim": (args.v_head_dim, int(cfg.v_head_dim)),
+        })
+    if model_type in _FIRST_K_DENSE:  # DeepSeek-V3's router, shared experts (and GLM-4.5's)
+        shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
+        expected.update({
             "--moe-router-score-function": (args.moe_router_score_function, "sigmoid"),
             "--moe-shared-expert-intermediate-size": (args.moe_shared_expert_intermediate_size,
                                                       shared or None),
@@ -211,13 +256,12 @@ def check_architecture(args: argparse.Namespace, cfg: Any) -> None:
             "--moe-router-num-groups": (args.moe_router_num_groups or 1, int(cfg.n_group or 1)),
             "--moe-router-group-topk": (args.moe_router_group_topk or 1,
                                         int(cfg.topk_group or 1)),
-        }
-    else:
-        expected = {**expected,
-                    "--moe-router-score-function": (args.moe_router_score_function, "softmax")}
+        })
+    elif hf_num_experts(cfg):
+        expected["--moe-router-score-function"] = (args.moe_router_score_function, "softmax")
     if args.kv_channels is not None and not mla:
-        expected = {**expected, "--kv-channels": (args.kv_channels, int(cfg.head_dim))}
-    expected = {**expected, "--rotary-base": (float(args.rotary_base), hf_rope_theta(cfg))}
+        expected["--kv-channels"] = (args.kv_channels, int(cfg.head_dim))
+    expected["--rotary-base"] = (float(args.rotary_base), hf_rope_theta(cfg))
     wrong = [f"{flag} {got} (the checkpoint has {want})"
              for flag, (got, want) in expected.items() if got != want]
     if wrong:

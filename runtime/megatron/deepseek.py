@@ -36,6 +36,7 @@ Weights (:func:`hf_to_megatron`; the full TP=1/EP=1 layout)::
     kv_b_proj → linear_kv_up_proj               o_proj → linear_proj
     mlp.gate.weight → mlp.router.weight         mlp.gate.e_score_correction_bias → mlp.router.expert_bias
     mlp.shared_experts.{gate,up,down}_proj → mlp.shared_experts.linear_fc1 ([gate; up]), linear_fc2
+    (the MLP names are every family's: :mod:`runtime.megatron.hf_mlp`)
 
 (rows keep their order: HF and megatron-core view every projection as [heads, nope | rope]
 and [heads, nope | v], and split the KV down-projection as [kv_lora_rank | rope]).
@@ -58,17 +59,16 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
 
 from runtime.megatron.args import hf_rope_theta
-from runtime.megatron.hf_mlp import mlp_to_hf
+from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron
 
 __all__ = ["MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
-           "megatron_to_hf", "mla_layer_spec"]
+           "megatron_to_hf", "mla_layer_spec", "sigmoid_moe_fields"]
 
 # DeepSeek-V3's bias update rate γ (and megatron-core's default).
 BIAS_UPDATE_RATE = 1e-3
@@ -86,21 +86,6 @@ def family_fields(cfg: Any) -> tuple[type, dict[str, Any]]:
     if not getattr(cfg, "rope_interleave", True):
         raise NotImplementedError("megatron-core's MLA applies the interleaved (DeepSeek) RoPE "
                                   "layout only; rope_interleave: false is not converted")
-    k = int(cfg.num_experts_per_tok)
-    if k > 1 and not cfg.norm_topk_prob:
-        raise NotImplementedError(
-            "megatron-core 0.16.1 always renormalises a sigmoid router's top-k gates "
-            "(norm_topk_prob: false has no Megatron counterpart)")
-    groups, chosen = int(cfg.n_group or 1), int(cfg.topk_group or 1)
-    limited = chosen < groups
-    if limited and k != 2 * chosen:
-        raise NotImplementedError(
-            f"group-limited routing with top_k {k} ≠ 2 · topk_group {chosen}: megatron-core "
-            "scores a group by its top-(k / topk_group) experts, HF by its top 2")
-    layers = int(cfg.num_hidden_layers)
-    dense = int(cfg.first_k_dense_replace or 0)
-    shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
-    scaling = float(cfg.routed_scaling_factor)
     return MLATransformerConfig, dict(
         multi_latent_attention=True,
         q_lora_rank=None if cfg.q_lora_rank is None else int(cfg.q_lora_rank),
@@ -117,6 +102,30 @@ def family_fields(cfg: Any) -> tuple[type, dict[str, Any]]:
         mscale_all_dim=0.0,
         qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm
         add_qkv_bias=False,
+        **sigmoid_moe_fields(cfg),
+    )
+
+
+def sigmoid_moe_fields(cfg: Any) -> dict[str, Any]:
+    """The MoE fields of DeepSeek-V3's sigmoid router, selection bias, group limit, shared
+    experts and leading dense layers (module doc), which GLM-4.5 shares under the same HF
+    names (``runtime.megatron.glm``); refuses what megatron-core 0.16.1 cannot match."""
+    k = int(cfg.num_experts_per_tok)
+    if k > 1 and not cfg.norm_topk_prob:
+        raise NotImplementedError(
+            "megatron-core 0.16.1 always renormalises a sigmoid router's top-k gates "
+            "(norm_topk_prob: false has no Megatron counterpart)")
+    groups, chosen = int(cfg.n_group or 1), int(cfg.topk_group or 1)
+    limited = chosen < groups
+    if limited and k != 2 * chosen:
+        raise NotImplementedError(
+            f"group-limited routing with top_k {k} ≠ 2 · topk_group {chosen}: megatron-core "
+            "scores a group by its top-(k / topk_group) experts, HF by its top 2")
+    layers = int(cfg.num_hidden_layers)
+    dense = int(cfg.first_k_dense_replace or 0)
+    shared = int(cfg.n_shared_experts or 0) * int(cfg.moe_intermediate_size)
+    scaling = float(cfg.routed_scaling_factor)
+    return dict(
         num_moe_experts=int(cfg.n_routed_experts),
         moe_router_score_function="sigmoid",
         moe_router_pre_softmax=False,
@@ -197,28 +206,7 @@ def hf_to_megatron(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
                 out[m + "self_attention." + theirs] = sd[h + "self_attn." + ours]
         out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
         out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
-        if h + "mlp.gate.weight" not in sd:  # a leading dense layer
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
-                [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0)
-            out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
-            continue
-        out[m + "mlp.router.weight"] = sd[h + "mlp.gate.weight"]
-        out[m + "mlp.router.expert_bias"] = sd[h + "mlp.gate.e_score_correction_bias"]
-        for e in range(int(cfg.n_routed_experts)):
-            x = f"{m}mlp.experts.local_experts.{e}."
-            if h + "mlp.experts.gate_up_proj" in sd:
-                out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
-                out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
-            else:
-                p = f"{h}mlp.experts.{e}."
-                out[x + "linear_fc1.weight"] = torch.cat(
-                    [sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0)
-                out[x + "linear_fc2.weight"] = sd[p + "down_proj.weight"]
-        if int(cfg.n_shared_experts or 0):
-            s = h + "mlp.shared_experts."
-            out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
-                [sd[s + "gate_proj.weight"], sd[s + "up_proj.weight"]], 0)
-            out[m + "mlp.shared_experts.linear_fc2.weight"] = sd[s + "down_proj.weight"]
+        out.update(mlp_to_megatron(sd, h, m, int(cfg.n_routed_experts)))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
 
 
@@ -235,19 +223,5 @@ def megatron_to_hf(full: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
                 out[h + "self_attn." + ours] = full[m + "self_attention." + theirs]
         out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
         out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
-        out.update(mlp_to_hf(full, h, m, int(cfg.n_routed_experts)))
-        if m + "mlp.router.weight" not in full:  # dense layer
-            continue
-        out[h + "mlp.gate.e_score_correction_bias"] = full[m + "mlp.router.expert_bias"]
-        s = h + "mlp.shared_experts."
-        if int(cfg.n_shared_experts or 0):
-            gate, up = full[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, 0)
-            out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = gate, up
-            out[s + "down_proj.weight"] = full[m + "mlp.shared_experts.linear_fc2.weight"]
-        else:  # HF builds a zero-width shared MLP
-            hidden = int(cfg.hidden_size)
-            ref = full[m + "mlp.router.weight"]
-            out[s + "gate_proj.weight"] = ref.new_zeros(0, hidden)
-            out[s + "up_proj.weight"] = ref.new_zeros(0, hidden)
-            out[s + "down_proj.weight"] = ref.new_zeros(hidden, 0)
+        out.update(mlp_to_hf(full, h, m, int(cfg.n_routed_experts), shared_module=True))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}

@@ -92,9 +92,11 @@ class MegatronTrainer(Trainer):
         self.chunks = list(model) if isinstance(model, list | tuple) else [model]
         config = self.chunks[0].config
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        if tp > 1 and not config.sequence_parallel:
+        if tp > 1 and config.num_moe_experts and not config.sequence_parallel:
             raise ValueError("megatron-core trains an MoE model under tensor parallelism only "
                              "with sequence parallelism: build it with sequence_parallel=True")
+        if replay_mode != "off" and not config.num_moe_experts:
+            raise ValueError(f"router replay {replay_mode} on a dense model: it has no routers")
         distributed = bool(train["optimizer"]["distributed"])
         ddps = []
         for chunk in self.chunks:  # gradients summed, not averaged: set before DDP
@@ -127,7 +129,7 @@ class MegatronTrainer(Trainer):
         freq = config.moe_layer_freq
         pattern = freq if isinstance(freq, list) else [
             int(i % freq == 0) for i in range(config.num_layers)]
-        self.moe_layers = sum(pattern)  # in the whole model
+        self.moe_layers = sum(pattern) if config.num_moe_experts else 0  # in the whole model
         replay = None
         # per DDP chunk: the positions of its routers among RouterReplay's instances (the
         # interleaved schedule runs one chunk per forward step, which replays its own only)

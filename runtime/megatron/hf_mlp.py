@@ -1,6 +1,20 @@
-"""One decoder layer's MLP from Megatron's names to HF's (both families share it): the gated
-dense MLP of a leading dense layer, or the router and the routed experts in transformers 5's
-fused layout (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I])."""
+"""One decoder layer's MLP between HF's names and Megatron's, for every family (Qwen3, Llama,
+Qwen3-MoE, DeepSeek-V3, GLM-4.5 name their MLPs alike)::
+
+    mlp.{gate,up}_proj, mlp.down_proj          → mlp.linear_fc1 ([gate; up]), mlp.linear_fc2
+        (a dense layer: the dense families, the leading dense layers of the MoE ones)
+    mlp.gate.weight                            → mlp.router.weight
+    mlp.gate.e_score_correction_bias           → mlp.router.expert_bias (sigmoid routers)
+    mlp.experts.gate_up_proj [E, 2I, H] | mlp.experts.{e}.{gate,up}_proj
+                                               → mlp.experts.local_experts.{e}.linear_fc1
+    mlp.experts.down_proj [E, H, I] | mlp.experts.{e}.down_proj
+                                               → mlp.experts.local_experts.{e}.linear_fc2
+    mlp.shared_experts.{gate,up,down}_proj     → mlp.shared_experts.linear_fc1 ([gate; up]),
+                                                 linear_fc2 (DeepSeek-V3, GLM-4.5)
+
+HF → Megatron accepts transformers 5's fused in-memory experts and the per-expert checkpoint
+layout; Megatron → HF writes the fused one. DeepSeek-V3 and GLM-4.5 always build a
+shared-expert MLP, zero wide without shared experts (``shared_module``)."""
 
 from __future__ import annotations
 
@@ -9,19 +23,64 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["mlp_to_hf"]
+__all__ = ["mlp_to_hf", "mlp_to_megatron"]
 
 
-def mlp_to_hf(full: Mapping[str, Tensor], h: str, m: str, num_experts: int) -> dict[str, Tensor]:
-    """HF weights of the MLP of Megatron layer prefix ``m`` under HF layer prefix ``h``."""
+def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str,
+                    num_experts: int) -> dict[str, Tensor]:
+    """Megatron weights of the MLP of HF layer prefix ``h`` under Megatron prefix ``m``."""
+    if h + "mlp.gate.weight" not in sd:  # dense layer
+        return {m + "mlp.linear_fc1.weight": torch.cat(
+                    [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0),
+                m + "mlp.linear_fc2.weight": sd[h + "mlp.down_proj.weight"]}
+    out = {m + "mlp.router.weight": sd[h + "mlp.gate.weight"]}
+    if h + "mlp.gate.e_score_correction_bias" in sd:
+        out[m + "mlp.router.expert_bias"] = sd[h + "mlp.gate.e_score_correction_bias"]
+    for e in range(num_experts):
+        x = f"{m}mlp.experts.local_experts.{e}."
+        if h + "mlp.experts.gate_up_proj" in sd:
+            out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
+            out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
+        else:
+            p = f"{h}mlp.experts.{e}."
+            out[x + "linear_fc1.weight"] = torch.cat(
+                [sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0)
+            out[x + "linear_fc2.weight"] = sd[p + "down_proj.weight"]
+    s = h + "mlp.shared_experts."
+    if s + "gate_proj.weight" in sd and sd[s + "gate_proj.weight"].numel():
+        out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+            [sd[s + "gate_proj.weight"], sd[s + "up_proj.weight"]], 0)
+        out[m + "mlp.shared_experts.linear_fc2.weight"] = sd[s + "down_proj.weight"]
+    return out
+
+
+def mlp_to_hf(full: Mapping[str, Tensor], h: str, m: str, num_experts: int, *,
+              shared_module: bool = False) -> dict[str, Tensor]:
+    """HF weights of the MLP of Megatron layer prefix ``m`` under HF layer prefix ``h``
+    (``shared_module``: the HF MoE block has a shared-expert MLP even without shared experts,
+    zero wide)."""
     if m + "mlp.router.weight" not in full:  # dense layer
         gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, 0)
         return {h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
                 h + "mlp.down_proj.weight": full[m + "mlp.linear_fc2.weight"]}
     x = f"{m}mlp.experts.local_experts."
     experts = range(num_experts)
-    return {h + "mlp.gate.weight": full[m + "mlp.router.weight"],
-            h + "mlp.experts.gate_up_proj": torch.stack(
-                [full[f"{x}{e}.linear_fc1.weight"] for e in experts]),
-            h + "mlp.experts.down_proj": torch.stack(
-                [full[f"{x}{e}.linear_fc2.weight"] for e in experts])}
+    out = {h + "mlp.gate.weight": full[m + "mlp.router.weight"],
+           h + "mlp.experts.gate_up_proj": torch.stack(
+               [full[f"{x}{e}.linear_fc1.weight"] for e in experts]),
+           h + "mlp.experts.down_proj": torch.stack(
+               [full[f"{x}{e}.linear_fc2.weight"] for e in experts])}
+    if m + "mlp.router.expert_bias" in full:
+        out[h + "mlp.gate.e_score_correction_bias"] = full[m + "mlp.router.expert_bias"]
+    s = h + "mlp.shared_experts."
+    if m + "mlp.shared_experts.linear_fc1.weight" in full:
+        gate, up = full[m + "mlp.shared_experts.linear_fc1.weight"].chunk(2, 0)
+        out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = gate, up
+        out[s + "down_proj.weight"] = full[m + "mlp.shared_experts.linear_fc2.weight"]
+    elif shared_module:  # HF builds a zero-width shared MLP
+        ref = full[m + "mlp.router.weight"]
+        hidden = ref.shape[1]
+        out[s + "gate_proj.weight"] = ref.new_zeros(0, hidden)
+        out[s + "up_proj.weight"] = ref.new_zeros(0, hidden)
+        out[s + "down_proj.weight"] = ref.new_zeros(hidden, 0)
+    return out

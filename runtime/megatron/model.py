@@ -1,6 +1,10 @@
-"""A megatron-core GPTModel that computes exactly what HF ``Qwen3MoeForCausalLM`` computes.
+"""A megatron-core GPTModel that computes exactly what the HF model of the spec's family computes.
 
-Architecture mapping (``Qwen3MoeConfig`` → ``TransformerConfig`` / ``GPTModel``)::
+Families: Qwen3-MoE (this module), Qwen3 and Llama (dense: this module, no MoE fields),
+DeepSeek-V3 (:mod:`runtime.megatron.deepseek`: MLA, sigmoid router), GLM-4.5
+(:mod:`runtime.megatron.glm`: this module's GQA with q/k/v biases and partial RoPE, DeepSeek-V3's
+MoE). Architecture mapping (``Qwen3MoeConfig`` / ``Qwen3Config`` / ``LlamaConfig`` →
+``TransformerConfig`` / ``GPTModel``)::
 
     num_hidden_layers → num_layers            hidden_size → hidden_size
     num_attention_heads → num_attention_heads num_key_value_heads → num_query_groups
@@ -9,7 +13,9 @@ Architecture mapping (``Qwen3MoeConfig`` → ``TransformerConfig`` / ``GPTModel`
     num_experts → num_moe_experts             num_experts_per_tok → moe_router_topk
     mlp_only_layers → moe_layer_freq (0 = dense, 1 = MoE)
     rope_parameters.rope_theta → rotary_base  tie_word_embeddings → share_embeddings_and_output_weights
-    attention_bias → add_qkv_bias             (RMSNorm, SwiGLU, qk_layernorm, no linear bias)
+    rope_parameters.partial_rotary_factor → rotary_percent (GPTModel; 1 where absent)
+    attention_bias → add_qkv_bias             q_norm / k_norm (Qwen3; GLM use_qk_norm) → qk_layernorm
+    (RMSNorm, SwiGLU, no linear bias; a dense model: num_moe_experts None, no MoE field)
 
 Routing: Qwen3 takes p = softmax(router logits), keeps the top-k, and with ``norm_topk_prob``
 renormalises them: w_i = p_i / Σ_topk p_j = softmax over the top-k *logits*. That is Megatron's
@@ -60,9 +66,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from runtime.megatron import attention, deepseek
-from runtime.megatron.args import hf_moe_layers, hf_num_experts, hf_rope_theta
-from runtime.megatron.hf_mlp import mlp_to_hf
+from runtime.megatron import attention, deepseek, glm
+from runtime.megatron.args import (
+    hf_moe_layers,
+    hf_num_experts,
+    hf_qk_norm,
+    hf_rope_theta,
+    hf_rotary_percent,
+)
+from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron
 
 __all__ = [
     "build_gpt_chunks",
@@ -149,10 +161,11 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
     dispatcher, activation recomputation)."""
     if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
         raise NotImplementedError("only default RoPE is converted (no YaRN / scaling yet)")
-    n_layers = int(cfg.num_hidden_layers)
-    freq = hf_moe_layers(cfg)
+    if getattr(cfg, "model_type", None) == "llama" and (cfg.attention_bias or cfg.mlp_bias):
+        raise NotImplementedError("Llama with attention_bias / mlp_bias (biases on o_proj and the "
+                                  "MLP too) has no megatron-core local-spec counterpart here")
     fields: dict[str, Any] = dict(
-        num_layers=n_layers,
+        num_layers=int(cfg.num_hidden_layers),
         hidden_size=int(cfg.hidden_size),
         num_attention_heads=int(cfg.num_attention_heads),
         num_query_groups=int(cfg.num_key_value_heads),
@@ -160,25 +173,13 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
         ffn_hidden_size=int(cfg.intermediate_size),
         normalization="RMSNorm",
         layernorm_epsilon=float(cfg.rms_norm_eps),
-        qk_layernorm=True,
+        qk_layernorm=hf_qk_norm(cfg),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=bool(getattr(cfg, "attention_bias", False)),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # MoE
-        num_moe_experts=hf_num_experts(cfg),
-        moe_ffn_hidden_size=int(cfg.moe_intermediate_size),
-        moe_router_topk=int(cfg.num_experts_per_tok),
-        moe_router_pre_softmax=not bool(cfg.norm_topk_prob),
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-        moe_layer_freq=freq,
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        moe_enable_routing_replay=routing_replay,
         # parallelism / precision
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -200,9 +201,31 @@ def transformer_config(cfg: PretrainedConfig, *, tp: int = 1, ep: int = 1, pp: i
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+    if hf_num_experts(cfg):  # the MoE families (a dense model leaves num_moe_experts None)
+        fields.update(
+            num_moe_experts=hf_num_experts(cfg),
+            moe_ffn_hidden_size=int(cfg.moe_intermediate_size),
+            moe_router_topk=int(cfg.num_experts_per_tok),
+            moe_router_pre_softmax=not bool(cfg.norm_topk_prob),
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_router_dtype="fp32",
+            moe_layer_freq=hf_moe_layers(cfg),
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+            moe_enable_routing_replay=routing_replay,
+        )
+    elif routing_replay:
+        raise ValueError(f"{getattr(cfg, 'model_type', 'this')} model is dense: it has no "
+                         "routers to replay")
+    else:  # MoE-only settings the RL job passes whatever the family
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("moe_")}
     config_class: type = TransformerConfig
     if deepseek.is_deepseek(cfg):  # MLA, sigmoid router (runtime.megatron.deepseek)
         config_class, family = deepseek.family_fields(cfg)
+        fields.update(family)
+    elif glm.is_glm(cfg):  # qkv bias, sigmoid router (runtime.megatron.glm)
+        config_class, family = glm.family_fields(cfg)
         fields.update(family)
     return config_class(**{**fields, **overrides})
 
@@ -245,10 +268,11 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
     (``overrides``: :func:`transformer_config`'s, e.g. the uneven pipeline stages
     ``num_layers_in_first/last_pipeline_stage``); ``vp_stage``: the virtual pipeline stage
     (model chunk) of this rank to build (:func:`build_gpt_chunks`)."""
-    if int(cfg.num_key_value_heads) % tp or hf_num_experts(cfg) % ep:
+    experts = hf_num_experts(cfg)
+    if int(cfg.num_key_value_heads) % tp or (experts or 1) % ep:
         raise ValueError(f"tp={tp} must divide the {cfg.num_key_value_heads} query groups and "
-                         f"ep={ep} the {hf_num_experts(cfg)} experts")
-    if int(cfg.moe_intermediate_size) % etp:
+                         f"ep={ep} the {experts} experts")
+    if experts and int(cfg.moe_intermediate_size) % etp:
         raise ValueError(f"etp={etp} must divide the experts' {cfg.moe_intermediate_size} "
                          "intermediate channels")
     tcfg = transformer_config(cfg, tp=tp, ep=ep, pp=pp, etp=etp, dtype=dtype,
@@ -266,6 +290,7 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         max_sequence_length=int(cfg.max_position_embeddings),
         share_embeddings_and_output_weights=bool(cfg.tie_word_embeddings),
         position_embedding_type="rope", rotary_base=hf_rope_theta(cfg),  # type: ignore[arg-type]
+        rotary_percent=hf_rotary_percent(cfg),
         parallel_output=True, pg_collection=pg_collection, vp_stage=vp_stage,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
@@ -338,32 +363,18 @@ def hf_to_megatron(state_dict_hf: Mapping[str, Tensor], cfg: PretrainedConfig) -
         k = sd[h + "self_attn.k_proj.weight"].view(groups, d, hidden)
         v = sd[h + "self_attn.v_proj.weight"].view(groups, d, hidden)
         out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, hidden)
-        if cfg.attention_bias:
+        if h + "self_attn.q_proj.bias" in sd:  # attention_bias (GLM-4.5)
             qb = sd[h + "self_attn.q_proj.bias"].view(groups, -1)
             kb = sd[h + "self_attn.k_proj.bias"].view(groups, d)
             vb = sd[h + "self_attn.v_proj.bias"].view(groups, d)
             out[m + "self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb], 1).reshape(-1)
-        out[m + "self_attention.q_layernorm.weight"] = sd[h + "self_attn.q_norm.weight"]
-        out[m + "self_attention.k_layernorm.weight"] = sd[h + "self_attn.k_norm.weight"]
+        if h + "self_attn.q_norm.weight" in sd:  # Qwen3's q/k norms (GLM-4.5: use_qk_norm)
+            out[m + "self_attention.q_layernorm.weight"] = sd[h + "self_attn.q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = sd[h + "self_attn.k_norm.weight"]
         out[m + "self_attention.linear_proj.weight"] = sd[h + "self_attn.o_proj.weight"]
         out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
         out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
-        if h + "mlp.gate.weight" not in sd:  # dense layer (mlp_only_layers)
-            out[m + "mlp.linear_fc1.weight"] = torch.cat(
-                [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0)
-            out[m + "mlp.linear_fc2.weight"] = sd[h + "mlp.down_proj.weight"]
-            continue
-        out[m + "mlp.router.weight"] = sd[h + "mlp.gate.weight"]
-        for e in range(int(cfg.num_experts)):
-            x = f"{m}mlp.experts.local_experts.{e}."
-            if h + "mlp.experts.gate_up_proj" in sd:
-                out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
-                out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
-            else:
-                p = f"{h}mlp.experts.{e}."
-                out[x + "linear_fc1.weight"] = torch.cat(
-                    [sd[p + "gate_proj.weight"], sd[p + "up_proj.weight"]], 0)
-                out[x + "linear_fc2.weight"] = sd[p + "down_proj.weight"]
+        out.update(mlp_to_megatron(sd, h, m, hf_num_experts(cfg)))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}
 
 
@@ -618,15 +629,16 @@ def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[st
         out[h + "self_attn.q_proj.weight"] = qkv[:, :q_rows].reshape(-1, hidden)
         out[h + "self_attn.k_proj.weight"] = qkv[:, q_rows:q_rows + d].reshape(-1, hidden)
         out[h + "self_attn.v_proj.weight"] = qkv[:, q_rows + d:].reshape(-1, hidden)
-        if cfg.attention_bias:
+        if m + "self_attention.linear_qkv.bias" in full:
             b = full[m + "self_attention.linear_qkv.bias"].view(groups, q_rows + 2 * d)
             out[h + "self_attn.q_proj.bias"] = b[:, :q_rows].reshape(-1)
             out[h + "self_attn.k_proj.bias"] = b[:, q_rows:q_rows + d].reshape(-1)
             out[h + "self_attn.v_proj.bias"] = b[:, q_rows + d:].reshape(-1)
-        out[h + "self_attn.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
-        out[h + "self_attn.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
+        if m + "self_attention.q_layernorm.weight" in full:
+            out[h + "self_attn.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
+            out[h + "self_attn.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
         out[h + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"]
         out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
         out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
-        out.update(mlp_to_hf(full, h, m, int(cfg.num_experts)))
+        out.update(mlp_to_hf(full, h, m, hf_num_experts(cfg), shared_module=glm.is_glm(cfg)))
     return {k: t.detach().clone().contiguous() for k, t in out.items()}

@@ -104,7 +104,7 @@ def bundle_245b(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "b245"
     result = run("compile", BIG, "-o", out)
     assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stdout and "4 jobs" in result.stdout
+    assert "wrote" in result.stdout and "6 jobs" in result.stdout
     return out
 
 
@@ -271,7 +271,7 @@ def test_compile_writes_a_complete_bundle(bundle_245b: Path) -> None:
     for rel in ("manifest.json", "spec.yaml", "spec.resolved.yaml", "graph.json", "graph.dot",
                 "env.sh", "lib.sh", "submit.sh"):
         assert rel in files, rel
-    assert manifest["order"] == ["convert", "screen", "rl", "export"]
+    assert manifest["order"] == ["convert", "eval_before", "screen", "rl", "eval_after", "export"]
     for name in manifest["order"]:
         for leaf in ("launch.sh", "sbatch.sh", "config.json"):
             assert f"jobs/{name}/{leaf}" in files, (name, leaf)
@@ -359,7 +359,7 @@ def test_inspect_json_is_the_plan(bundle_245b: Path) -> None:
     assert plan["rl_nodes"] == 24 and plan["micro_batches_per_step"] == 256
     assert plan["routing_bytes_per_token"] == 256 and plan["routing_dtype"] == "uint8"
     assert plan["pipeline_layers"] == [8] * 8
-    assert [j["name"] for j in data["jobs"]] == ["convert", "screen", "rl", "export"]
+    assert [j["name"] for j in data["jobs"]] == ["convert", "eval_before", "screen", "rl", "eval_after", "export"]
 
 
 def test_inspect_graph_tree_lists_every_job(bundle_245b: Path) -> None:
@@ -418,7 +418,7 @@ def test_inspect_unknown_job_lists_the_jobs(bundle_245b: Path) -> None:
     assert result.exit_code == 1
     no_traceback(result)
     assert "no job 'nope'" in result.stderr
-    assert "convert, screen, rl, export" in result.stderr
+    assert "convert, eval_before, screen, rl, eval_after, export" in result.stderr
     bad = cli("inspect", bundle_245b, "--graph", "pie")
     assert bad.exit_code == 1 and "tree, dot or png" in bad.stderr
 

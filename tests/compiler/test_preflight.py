@@ -39,11 +39,25 @@ DEEPSEEK = ["model.architecture.family=deepseek_v3", "model.architecture.attenti
             "model.architecture.moe.shared_experts=1",
             "model.architecture.moe.routed_scaling_factor=2.5"]
 
+# The tiny example as a GLM-4.5-style model: qkv bias and half-rotary RoPE (the family's),
+# DeepSeek-V3's sigmoid MoE with a leading dense layer and a shared expert.
+GLM = ["model.architecture.family=glm4_moe", "model.architecture.moe.score_function=sigmoid",
+       "model.architecture.moe.first_dense_layers=1", "model.architecture.moe.shared_experts=1",
+       "model.architecture.moe.routed_scaling_factor=2.5"]
+# The tiny example without its MoE section (dense qwen3; router replay stays r3)
+DENSE = ["model.architecture.family=qwen3", "model.architecture.moe=null"]
+
 # rule, base spec, --set edits, the spec path refused, a job that refuses it, its message
 CASES = [
-    ("embedded_model", TINY, ["model.architecture.family=llama"],
-     ("model", "architecture", "family"), "init",
-     "builds the qwen3_moe, qwen3, deepseek_v3 families"),
+    ("embedded_model", TINY, ["model.architecture.partial_rotary_factor=0.5"],
+     ("model", "architecture", "partial_rotary_factor"), "init",
+     "qwen3_moe rotates every dimension of each head"),
+    ("embedded_model", TINY, ["model.architecture.qk_norm=false"],
+     ("model", "architecture", "qk_norm"), "init",
+     "qwen3_moe always normalises queries and keys per head"),
+    ("embedded_model", TINY, [*GLM, "model.architecture.moe.expert_bias=true"],
+     ("model", "architecture", "moe", "expert_bias"), "rl",
+     "the Megatron trainer applies GLM-4.5's"),
     ("embedded_model", TINY, [*DEEPSEEK, "model.architecture.moe.expert_bias=true"],
      ("model", "architecture", "moe", "expert_bias"), "rl",
      "embedded trainer keeps the expert-selection bias fixed"),
@@ -55,6 +69,11 @@ CASES = [
      "always renormalises a sigmoid router's top-k gates"),
     ("megatron_model", TINY, [*CPU_MEGATRON, "model.architecture.rope_theta=10000.5"],
      ("model", "architecture", "rope_theta"), "rl", "--rotary-base is an integer"),
+    ("megatron_model", TINY, [*GLM, *CPU_MEGATRON, "model.architecture.moe.score_function=softmax"],
+     ("model", "architecture", "moe", "score_function"), "rl",
+     "GLM-4.5 routes with sigmoid; the Megatron trainer has no softmax router"),
+    ("dense_replay", TINY, [*DENSE, "model.architecture.family=llama"],
+     ("router_replay", "mode"), "rl", "router replay r3 on a dense model (family llama"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
     ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
@@ -137,6 +156,21 @@ def test_validate_refuses_what_the_job_refuses(rule, base, edits, path, job, wor
     assert message in _job_refusal(base, edits, job, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("mode", ["r2", "r3"])
+def test_router_replay_needs_an_moe_model(family: str, mode: str) -> None:
+    """A dense model has no routers: r2 and r3 are refused (``rlspec validate`` exits 2), with
+    the mode and the way out; off compiles."""
+    dense = [*DENSE, f"model.architecture.family={family}"]
+    sets = [arg for edit in [*dense, f"router_replay.mode={mode}"] for arg in ("--set", edit)]
+    result = cli("validate", TINY, *sets)
+    assert result.exit_code == 2, result.output
+    assert (f"router_replay.mode: router replay {mode} on a dense model (family {family}"
+            in result.stderr)
+    assert "hint: set router_replay.mode: off, or give the model a moe section" in result.stderr
+    assert compile_spec(TINY, [*dense, "router_replay.mode=off"]).refusals == ()
+
+
 def test_the_examples_pass_every_preflight() -> None:
     for path in (TINY, SINGLE, EXAMPLES / "compassmax-245b.yaml"):
         assert compile_spec(path).refusals == ()
@@ -205,6 +239,26 @@ def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, caps
     config["hidden_size"] = 64  # the same shape: accepted
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert compile_spec(tmp_path / "spec.yaml").refusals == ()
+
+
+def test_a_glm_checkpoint_decides_q_k_norms_and_partial_rope() -> None:
+    """GLM-4.5 has per-head q/k norms, GLM-4.5-Air not, and both rotate half of each head:
+    the spec's qk_norm (none: without) and partial_rotary_factor (none: 0.5) are compared with
+    the checkpoint's use_qk_norm and partial_rotary_factor (top level or in rope_parameters)."""
+    from runtime.preflight import checkpoint_mismatches
+    from tests.families import tiny_glm_arch
+
+    arch = tiny_glm_arch()
+    glm45 = {"model_type": "glm4_moe", "use_qk_norm": True, "partial_rotary_factor": 0.5}
+    (p,) = checkpoint_mismatches(arch, glm45, "ckpt/config.json")
+    assert p.path == ("model", "architecture", "qk_norm")
+    assert p.hint == "set model.architecture.qk_norm: true"
+    assert checkpoint_mismatches({**arch, "qk_norm": True}, glm45, "c") == []
+    air = {"model_type": "glm4_moe", "use_qk_norm": False,
+           "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+    (p,) = checkpoint_mismatches(arch, air, "c")
+    assert p.path == ("model", "architecture", "partial_rotary_factor")
+    assert "partial_rotary_factor is 0.5 but" in p.message
 
 
 # Qwen/Qwen3-30B-A3B's config.json (the keys the comparison reads).

@@ -6,9 +6,11 @@ side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead
 ``etp=N`` expert-tensor parallelism (``etp=tp``: Megatron's default, ETP = TP), ``layers=N``
 decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
 interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
-(uneven stages), ``tie=1`` tied input embedding and output layer.
+(uneven stages), ``tie=1`` tied input embedding and output layer (qwen3_moe), ``family=F``
+the model family (qwen3_moe, the default: the tiny example's; glm4_moe, qwen3, llama:
+``tests.families``).
 
-Both trainers start from the same HF weights (the tiny example's Qwen3-MoE, seed 0) and take
+Both trainers start from the same HF weights (the tiny model of the family, seed 0) and take
 the same RL step on the same batch: two PPO epochs × two optimizer steps, micro-batches of 2,
 Adam with weight decay, TIS correction. Each rank saves to WORKDIR/rank{RANK}.pt the
 embedded trainer's updated HF weights and metrics, the Megatron trainer's (exported to HF
@@ -41,14 +43,29 @@ TRAIN: dict[str, Any] = {
 }
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
 # KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
-LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0, "tie": 0}
+LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0, "tie": 0,
+                          "family": "qwen3_moe"}
+
+
+def policy(family: str, seed: int = 0, layers: int = 2, tie: bool = False) -> Any:
+    """The tiny HF policy of ``family`` (module doc)."""
+    from tests.families import tiny_dense_policy, tiny_glm_policy
+
+    if family == "qwen3_moe":
+        return tiny_hf_policy(seed=seed, layers=layers, tie=tie)
+    if tie:
+        raise ValueError("tie=1 is built for the qwen3_moe family only")
+    if family == "glm4_moe":
+        return tiny_glm_policy(seed, layers=layers)
+    return tiny_dense_policy(family, seed, layers=layers)
 
 
 def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
     """B responses of varying length (right-padded), 4 prompt tokens each, the engine's
     log-probs = the policy's + noise, sequence advantages; with r3 the experts of another
     policy (the last real position and padding unmasked, as ``align_routing``)."""
-    from runtime.router_replay import RoutingTrace, patch_qwen3_moe
+    from runtime.megatron.args import hf_num_experts
+    from runtime.router_replay import RoutingTrace, patch_moe_routers
     from runtime.trainer import TrainBatch, sequence_logprobs
 
     g = torch.Generator().manual_seed(11)
@@ -59,20 +76,21 @@ def rl_batch(model: Any, replay: str, b: int = 10, t: int = 14) -> Any:
     loss_mask = attn & (torch.arange(t)[None] >= 4)
     with torch.no_grad():
         logp, _ = sequence_logprobs(model, ids, attn)
-    # The engine's experts: another policy's routing, so that replaying them differs from
-    # routing freely from the first forward on.
-    engine = tiny_hf_policy(seed=1, layers=int(model.config.num_hidden_layers))
-    group = patch_qwen3_moe(engine)
-    with torch.no_grad(), group.recording() as rec:
-        sequence_logprobs(engine, ids, attn)
     rollout = (logp + 0.05 * torch.randn(b, t, generator=g)) * loss_mask
     adv = torch.randn(b, generator=g)
     routing = None
     if replay == "r3":
+        # The engine's experts: another policy's routing, so that replaying them differs from
+        # routing freely from the first forward on.
+        engine = policy(model.config.model_type, seed=1,
+                        layers=int(model.config.num_hidden_layers))
+        group = patch_moe_routers(engine)
+        with torch.no_grad(), group.recording() as rec:
+            sequence_logprobs(engine, ids, attn)
         trace_ids = rec.trace.ids.reshape(b, t, *rec.trace.ids.shape[1:])
         mask = attn.clone()
         mask[torch.arange(b), lengths - 1] = False
-        routing = RoutingTrace(trace_ids, int(model.config.num_experts), mask)
+        routing = RoutingTrace(trace_ids, hf_num_experts(model.config), mask)
     return TrainBatch(ids, attn, loss_mask, rollout, adv, routing)
 
 
@@ -92,12 +110,13 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     enable_cpu()
     from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
-    from runtime.router_replay import patch_qwen3_moe
+    from runtime.router_replay import patch_moe_routers
     from runtime.trainer import Trainer
 
     layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
-    hf = tiny_hf_policy(layers=layers, tie=bool(int({**LAYOUT, **(options or {})}["tie"])))
+    options = {**LAYOUT, **(options or {})}
+    hf = policy(options["family"], layers=layers, tie=bool(int(options["tie"])))
     batch = rl_batch(hf, replay)
     kl = loss.endswith("-kl")  # "<loss>-kl": KL (k3) to the frozen initial policy
     loss = loss.removesuffix("-kl")
@@ -107,7 +126,7 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     vocab = int(hf.config.vocab_size)
 
     embedded = copy.deepcopy(hf)
-    group = patch_qwen3_moe(embedded) if replay != "off" else None
+    group = patch_moe_routers(embedded) if replay != "off" else None
     ref = Trainer(embedded, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
                   replay_mode=replay, replay=group, total_optimizer_steps=TOTAL_STEPS,
                   reference=copy.deepcopy(hf) if kl else None)

@@ -1,6 +1,8 @@
 """The embedded DeepSeek-V3 / Moonlight policy (``family: deepseek_v3``): transformers'
 DeepseekV3ForCausalLM built from the spec's architecture, saved and reloaded, and router replay
-of its sigmoid router (``runtime.router_replay.patch_deepseek_v3``)."""
+of its sigmoid router (``runtime.router_replay.patch_deepseek_v3``). GLM-4.5 (``family:
+glm4_moe``, ``Glm4MoeForCausalLM``) has the same router (``patch_glm4_moe``): the checkpoint
+and replay tests run on both."""
 
 from __future__ import annotations
 
@@ -18,10 +20,16 @@ from runtime.policy import (
     policy_config,
     save_policy,
 )
-from runtime.router_replay import patch_deepseek_v3, patch_moe_routers
-from tests.families import tiny_deepseek_arch, tiny_deepseek_policy
+from runtime.router_replay import patch_deepseek_v3, patch_glm4_moe, patch_moe_routers
+from tests.families import tiny_deepseek_arch, tiny_deepseek_policy, tiny_glm_policy
 
 transformers = pytest.importorskip("transformers")
+
+
+# family → (tiny policy, its router's replay patch, HF class)
+SIGMOID = {"deepseek_v3": (tiny_deepseek_policy, patch_deepseek_v3, "DeepseekV3ForCausalLM"),
+           "glm4_moe": (tiny_glm_policy, patch_glm4_moe, "Glm4MoeForCausalLM")}
+FAMILY = pytest.mark.parametrize("family", list(SIGMOID))
 
 
 def _ids(seed: int = 1) -> torch.Tensor:
@@ -83,12 +91,14 @@ def test_qwen3_moe_rejects_deepseek_routing_fields() -> None:
             policy_config({**arch, "moe": {**arch["moe"], **extra}}, build_tokenizer(64))
 
 
-def test_save_load_identical_logits(tmp_path: Path) -> None:
-    model = tiny_deepseek_policy()
+@FAMILY
+def test_save_load_identical_logits(tmp_path: Path, family: str) -> None:
+    policy, _, cls = SIGMOID[family]
+    model = policy()
     tok = build_tokenizer(64)
     save_policy(model, tok, tmp_path / "ckpt")
     loaded, _ = load_policy(tmp_path / "ckpt")
-    assert type(loaded).__name__ == "DeepseekV3ForCausalLM"
+    assert type(loaded).__name__ == cls
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -117,9 +127,11 @@ def _routed(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Ten
     return logits, picked, gates
 
 
-def test_record_then_replay_is_bitwise_the_normal_forward() -> None:
-    model = tiny_deepseek_policy()
-    group = patch_deepseek_v3(model)
+@FAMILY
+def test_record_then_replay_is_bitwise_the_normal_forward(family: str) -> None:
+    policy, patch, _ = SIGMOID[family]
+    model = policy()
+    group = patch(model)
     assert len(group) == 1  # one MoE layer after the leading dense one
     ids = _ids()
     with torch.no_grad():
@@ -136,8 +148,9 @@ def test_record_then_replay_is_bitwise_the_normal_forward() -> None:
     assert torch.allclose(free_gates[0].sum(-1), torch.full((ids.numel(),), 2.5))
 
 
-def test_replay_after_weight_change_keeps_experts_and_router_learns() -> None:
-    model = tiny_deepseek_policy()
+@FAMILY
+def test_replay_after_weight_change_keeps_experts_and_router_learns(family: str) -> None:
+    model = SIGMOID[family][0]()
     group = patch_moe_routers(model)  # the family-generic entry point finds the same router
     ids = _ids()
     with torch.no_grad(), group.recording() as rec:
@@ -174,9 +187,11 @@ def _router_input(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return got[0].reshape(-1, gate.hidden_dim).float()
 
 
-def test_replay_mask_routes_left_out_rows_live() -> None:
-    model = tiny_deepseek_policy()
-    group = patch_deepseek_v3(model)
+@FAMILY
+def test_replay_mask_routes_left_out_rows_live(family: str) -> None:
+    policy, patch, _ = SIGMOID[family]
+    model = policy()
+    group = patch(model)
     ids = _ids()
     with torch.no_grad():
         _, free, _ = _routed(model, ids)

@@ -26,14 +26,16 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 
 
-def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None,
+def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None, replay: str | None = None,
                            **edits: object) -> tuple[str, dict]:
     spec = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
+    if replay is not None:
+        spec["router_replay"]["mode"] = replay
+    spec["train"]["parallelism"] = {"expert": 2}
     for key, value in (train or {}).items():
         spec["train"][key] = {**spec["train"][key], **value} if isinstance(value, dict) else value
     spec["train"]["backend"] = "megatron"
     spec["cluster"]["gpus_per_node"] = 2
-    spec["train"]["parallelism"] = {"expert": 2}
     spec["model"]["architecture"]["moe"]["token_dispatcher"] = "allgather"
     for key, value in edits.items():
         spec["model"]["architecture"][key] = value
@@ -112,6 +114,64 @@ def test_the_deepseek_flags_describe_the_checkpoint(tmp_path: Path) -> None:
         build_tokenizer(int(spec_arch["vocab_size"])))
     with pytest.raises(MegatronArgsError, match="--multi-latent-attention is set"):
         check_architecture(args, qwen)
+
+
+def test_the_glm_flags_describe_the_checkpoint(tmp_path: Path) -> None:
+    """GLM-4.5: the qkv bias, no q/k norm and half-rotary RoPE (the family's, or the spec's
+    partial_rotary_factor) reach train.sh as --add-qkv-bias / --rotary-percent, with the
+    sigmoid router, its bias and shared experts, and are compared with the checkpoint's config."""
+    from tests.families import tiny_glm_arch
+
+    def flags(**edits: object) -> tuple[object, object]:
+        text, spec = tiny_megatron_train_sh(tmp_path, **{**tiny_glm_arch(), **edits})
+        return parse_megatron_args(trainer_argv(text)), spec["model"]["architecture"]
+
+    args, arch = flags()
+    assert args.add_qkv_bias and not args.qk_layernorm and args.rotary_percent == 0.5
+    assert not args.multi_latent_attention and args.num_query_groups == 2
+    assert args.moe_router_score_function == "sigmoid" and args.moe_router_enable_expert_bias
+    assert args.moe_shared_expert_intermediate_size == 32 and args.moe_layer_freq == [0, 1]
+    assert args.moe_router_topk_scaling_factor == 2.5
+    config = policy_config(arch, build_tokenizer(64))
+    check_architecture(args, config)
+    quarter, _ = flags(partial_rotary_factor=0.25, qk_norm=True)  # GLM-4.5 (355B): q/k norms
+    assert quarter.rotary_percent == 0.25 and quarter.qk_layernorm
+    with pytest.raises(MegatronArgsError) as err:
+        check_architecture(quarter, config)
+    assert "--rotary-percent 0.25 (the checkpoint has 0.5)" in str(err.value)
+    assert "--qk-layernorm True (the checkpoint has False)" in str(err.value)
+    qwen = policy_config(yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
+                         ["model"]["architecture"], build_tokenizer(64))
+    with pytest.raises(MegatronArgsError) as err:
+        check_architecture(args, qwen)
+    for flag in ("--qk-layernorm False (the checkpoint has True)",
+                 "--add-qkv-bias True (the checkpoint has False)",
+                 "--rotary-percent 0.5 (the checkpoint has 1.0)",
+                 "--moe-router-score-function sigmoid (the checkpoint has softmax)"):
+        assert flag in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_the_dense_flags_describe_the_checkpoint(tmp_path: Path, family: str) -> None:
+    """A dense model renders no MoE flag (no expert grid either) and --qk-layernorm for Qwen3
+    only; a dense checkpoint under MoE flags, or the other family's norms, is an error."""
+    from tests.families import tiny_dense_arch
+
+    text, spec = tiny_megatron_train_sh(tmp_path, train={"parallelism": {"expert": 1}},
+                                        replay="off", **tiny_dense_arch(family), moe=None)
+    assert "--num-experts" not in text and "--expert-model-parallel-size" not in text
+    args = parse_megatron_args(trainer_argv(text))
+    assert args.num_experts is None and args.qk_layernorm == (family == "qwen3")
+    assert not args.add_qkv_bias and args.rotary_percent == 1.0
+    config = policy_config(spec["model"]["architecture"], build_tokenizer(64))
+    check_architecture(args, config)
+    other = "llama" if family == "qwen3" else "qwen3"
+    with pytest.raises(MegatronArgsError, match=f"--qk-layernorm {family == 'qwen3'} "):
+        check_architecture(args, policy_config({**spec["model"]["architecture"],
+                                                "family": other}, build_tokenizer(64)))
+    moe, _ = tiny_megatron_train_sh(tmp_path)
+    with pytest.raises(MegatronArgsError, match="--num-experts 8 \\(the checkpoint has None\\)"):
+        check_architecture(parse_megatron_args(trainer_argv(moe)), config)
 
 
 def test_the_flags_set_batch_and_optimizer(tmp_path: Path) -> None:

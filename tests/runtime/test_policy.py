@@ -97,10 +97,40 @@ def test_config_mapping(arch: dict[str, Any], tokenizer: Any) -> None:
     assert policy_config(dense_first, tokenizer).mlp_only_layers == [0]
     dense = {k: v for k, v in arch.items() if k != "moe"} | {"family": "qwen3"}
     assert isinstance(policy_config(dense, tokenizer), transformers.Qwen3Config)
+    llama = policy_config(dense | {"family": "llama"}, tokenizer)
+    assert isinstance(llama, transformers.LlamaConfig)
+    assert (llama.num_key_value_heads, llama.head_dim, llama.attention_bias) == (2, 32, False)  # the spec's head_dim
+
+
+def test_glm4_moe_config_mapping(tokenizer: Any) -> None:
+    """GLM-4.5: qkv bias, no q/k norm, RoPE on half of each head unless the spec says
+    otherwise, DeepSeek-V3's MoE fields; the model rotates exactly head_dim × factor dims."""
+    from tests.families import tiny_glm_arch
+
+    arch = tiny_glm_arch(groups=True)
+    cfg = policy_config(arch, tokenizer)
+    assert isinstance(cfg, transformers.Glm4MoeConfig)
+    assert cfg.attention_bias is True and cfg.use_qk_norm is False
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5
+    assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 32)
+    assert (cfg.n_shared_experts, cfg.first_k_dense_replace, cfg.routed_scaling_factor) == (1, 1, 2.5)
+    assert (cfg.n_group, cfg.topk_group, cfg.num_nextn_predict_layers) == (4, 1, 0)
+    quarter = policy_config({**arch, "partial_rotary_factor": 0.25}, tokenizer)
+    assert quarter.rope_parameters["partial_rotary_factor"] == 0.25
+    model = build_policy({**arch, "partial_rotary_factor": 0.25}, tokenizer, seed=0)
+    assert isinstance(model, transformers.Glm4MoeForCausalLM)
+    assert model.model.rotary_emb.inv_freq.numel() == 2  # 16 · 0.25 = 4 dims, 2 frequencies
+    assert not hasattr(model.model.layers[0].self_attn, "q_norm")  # GLM-4.5-Air's
+    normed = build_policy({**arch, "qk_norm": True}, tokenizer, seed=0)  # GLM-4.5's
+    assert normed.config.use_qk_norm and normed.model.layers[0].self_attn.q_norm.weight.numel() == 16
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ({"family": "glm4_moe"}, "not supported by the embedded engine"),
+    ({"family": "mixtral"}, "not supported by the embedded engine"),
+    ({"family": "glm4_moe"}, "GLM-4.5 routes with sigmoid"),
+    ({"family": "llama"}, "family llama is dense"),
+    ({"partial_rotary_factor": 0.5}, "applies to glm4_moe only"),
+    ({"qk_norm": False}, "qk_norm False applies to glm4_moe only"),
     ({"moe": None}, "needs a model.architecture.moe"),
     ({"family": "qwen3"}, "family qwen3 is dense"),
     ({"vocab_size": 16}, "smaller than the tokenizer"),
