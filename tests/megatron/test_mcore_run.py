@@ -40,6 +40,19 @@ MEGATRON = [*ON_CPU, "--set", "cluster.gpus_per_node=2",
 PIPELINE = [*ON_CPU, "--set", "cluster.gpus_per_node=2",
             "--set", "train.parallelism.pipeline=2", "--set", "train.checkpoint.interval=1",
             "--set", "train.checkpoint.keep=2"]
+# The tiny example as a DeepSeek-V3-style model: MLA, a sigmoid router with the selection bias
+# (updated by the Megatron trainer), one shared expert, one leading dense layer.
+DEEPSEEK = ["--set", "model.architecture.family=deepseek_v3",
+            "--set", "model.architecture.attention=mla",
+            "--set", "model.architecture.num_query_groups=null",
+            "--set", "model.architecture.head_dim=null",
+            "--set", "model.architecture.mla={kv_lora_rank: 32, qk_head_dim: 32, "
+                     "qk_pos_emb_head_dim: 32, v_head_dim: 32}",
+            "--set", "model.architecture.moe.score_function=sigmoid",
+            "--set", "model.architecture.moe.expert_bias=true",
+            "--set", "model.architecture.moe.first_dense_layers=1",
+            "--set", "model.architecture.moe.shared_experts=1",
+            "--set", "model.architecture.moe.routed_scaling_factor=2.5"]
 SHORT = ["--set", "sft.steps=10", "--set", "train.steps=3",
          "--set", "data.generator.train_size=300", "--set", "data.generator.eval_size=40"]
 
@@ -139,15 +152,22 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert all(torch.equal(back[k], original[k]) for k in back)
 
 
-def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("edits", "world"), [
+    (PIPELINE, "TP 1, PP 2, EP 1, ETP 1, DP 1"),
+    ([*MEGATRON, *DEEPSEEK], "TP 2, PP 1, EP 2, ETP 1, DP 1"),
+], ids=["qwen3_moe-pp2", "deepseek_v3-tp2-ep2"])
+def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits: list[str],
+                                                           world: str) -> None:
     """SIGKILL the run's process group after two RL steps; the same command resumes: the trainer takes up
     the Megatron checkpoint of the driver's last complete step (model, optimizer shards) and
-    every step is logged once. Two pipeline stages: publishing gathers both stages' layers."""
+    every step is logged once, with R3 (the tiny example's). Two pipeline stages: publishing
+    gathers both stages' layers; DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
+    leading dense layer) over TP 2 × EP 2."""
     import signal
     import time
 
     out = tmp_path / "run"
-    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *PIPELINE, *SHORT,
+    args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *edits, *SHORT,
             "--set", "train.steps=6", "--set", "eval.enabled=false"]
     proc = subprocess.Popen([sys.executable, "-m", "compiler.main", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -169,7 +189,7 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path) -> No
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(6))
     log = (out / "logs" / "rl-train.log").read_text()
-    assert "Megatron trainer: world 2 (TP 1, PP 2, EP 1, ETP 1, DP 1)" in log
+    assert f"Megatron trainer: world 2 ({world})" in log
     assert " (exact)" in log and "synced to step " in log, log[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["train_inference_gap"] < 1e-5 for r in rows if r["responses_trained"])
