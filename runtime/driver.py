@@ -681,10 +681,16 @@ def _alive(pid: int) -> bool:
 
 
 def _tensorboard(folder: Path, log: Any) -> Any:
+    """A TensorBoard writer into ``folder``; None (metrics.jsonl only) when the tensorboard
+    package is not installed. Any other error (a broken install, a failing dependency of
+    torch's writer) propagates."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:  # tensorboard is not installed: metrics.jsonl only
-        log.info("no TensorBoard events (%s): metrics.jsonl only", " ".join(str(exc).split()))
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "tensorboard":
+            raise
+        log.warning("no TensorBoard events (%s): metrics.jsonl only",
+                    " ".join(str(exc).split()))
         return None
     return SummaryWriter(str(folder))
 
