@@ -23,14 +23,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from spec.models import Architecture
 
-if TYPE_CHECKING:  # plan.py imports this module; its dataclasses are imported lazily below.
-    from compiler.plan import MemoryEstimate, ParamCount
-
 GB = 1e9  # memory is reported in GB = 10^9 bytes, as cluster.gpu_memory_gb is
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts of the policy, in parameters (not bytes)."""
+
+    total: int
+    active: int  # per token: non-expert + shared + top_k routed experts
+    embedding: int  # input embedding + output layer (once if tied)
+    non_expert: int  # everything not inside routed experts (incl. embedding, shared experts)
+    expert: int  # all routed experts of all MoE layers
+    moe_layers: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU, in GB (10^9), with the capacity they are compared against."""
+
+    parts: dict[str, float]  # e.g. {"weights": .., "grads": .., "optimizer": .., "activations": ..}
+    total_gb: float
+    capacity_gb: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.total_gb / self.capacity_gb
 
 
 @dataclass(frozen=True)
@@ -95,8 +117,6 @@ def layer_shape(arch: Architecture) -> LayerShape:
 
 def count_params(arch: Architecture) -> ParamCount:
     """Total / active / expert / non-expert parameter counts of the policy."""
-    from compiler.plan import ParamCount
-
     s = layer_shape(arch)
     dense_layers = min(s.first_dense, arch.num_layers)
     moe_layers = arch.num_layers - dense_layers
@@ -259,8 +279,6 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
     `compiler.checks` reports an estimate over capacity as an error only when it is over
     without the optimizer state (offloading it would fit), else as a warning.
     """
-    from compiler.plan import MemoryEstimate
-
     s = layer_shape(arch)
     h, vocab = arch.hidden_size, arch.vocab_size
     w_b, g_b, o_b = _BYTES.get(layout.precision, _BYTES["bf16"])
@@ -390,8 +408,6 @@ def rollout_memory(
     attention data-parallel rank keeps its own cache). CUDA graphs and the profiling peak
     (a few GB) are not modelled.
     """
-    from compiler.plan import MemoryEstimate
-
     tp, dp = max(1, tp), max(1, dp)
     expert_shards = tp * dp if expert_parallel else tp
     dense = params.non_expert / tp

@@ -11,36 +11,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from compiler import estimates
+from compiler.estimates import MemoryEstimate, ParamCount
 from runtime.capabilities import MEGATRON_FAMILIES, TRAINER_ATTENTION
 from spec.errors import Problem
 from spec.models import AdaptiveGroupSize, FlatGroups, OfflinePassRate, Spec
 from spec.partial import Invalid, InvalidValueUsed
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """Parameter counts of the policy, in parameters (not bytes)."""
-
-    total: int
-    active: int  # per token: non-expert + shared + top_k routed experts
-    embedding: int  # input embedding + output layer (once if tied)
-    non_expert: int  # everything not inside routed experts (incl. embedding, shared experts)
-    expert: int  # all routed experts of all MoE layers
-    moe_layers: int
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per GPU, in GB (10^9), with the capacity they are compared against."""
-
-    parts: dict[str, float]  # e.g. {"weights": .., "grads": .., "optimizer": .., "activations": ..}
-    total_gb: float
-    capacity_gb: float
-    notes: tuple[str, ...] = ()
-
-    @property
-    def fraction(self) -> float:
-        return self.total_gb / self.capacity_gb
 
 
 @dataclass(frozen=True)
@@ -213,9 +189,6 @@ def make_plan(spec: Spec) -> Plan:
     did not validate, `spec.partial`) each value that needs an invalid one is itself `Invalid`,
     so a check that reads it is skipped while the others run.
     """
-    # estimates imports this module's dataclasses, so it is imported here, not at the top.
-    from compiler import estimates
-
     arch = spec.model.architecture
     gpn = spec.cluster.gpus_per_node
     p = spec.train.parallelism

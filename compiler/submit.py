@@ -10,14 +10,11 @@ refused (`SlurmUnavailable`). The job ids are recorded in `submission.json` for 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.bundle import SUBMISSION, BundleError, read_manifest, verify_bundle
+from compiler.processes import stop_tree
 
 LOGS = "logs"
 
@@ -237,48 +235,13 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (Linux /proc; empty elsewhere), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            # the command may contain spaces and parentheses: the ppid follows the last ')'
-            ppid = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
 def _stop_local(job: Any, timeout_s: float = 30.0) -> None:
     """Stop a submitit local job and every process it started: SIGTERM to the whole tree
     (the launch script's EXIT trap stops its roles; submitit's own job wrapper ignores
     SIGTERM, which is why the tree is signalled, not only the controller), then SIGKILL to
-    whatever is left after ``timeout_s``."""
-    process = getattr(job, "_process", None)
-    if process is None:
+    whatever is left after ``timeout_s``. A local job's id is its controller's process id."""
+    if not (str(job.job_id).isdigit() and stop_tree(int(job.job_id), timeout_s)):
         job.cancel(check=False)
-        return
-    tree = _descendants(process.pid)
-    _signal_all([process.pid, *tree], signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
-        time.sleep(0.2)
-    _signal_all([*_descendants(process.pid), *tree], signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    process.wait(timeout=10)
 
 
 def _last_line(text: str) -> str:

@@ -272,8 +272,8 @@ class RLDriver:
 
     def __init__(self, ctx: Any, *, client: Any = None, trainer_timeout_s: float | None = None,
                  startup_timeout_s: float | None = None) -> None:
+        from runtime.files import read_jsonl
         from runtime.prompts import train_file
-        from runtime.tasks.arithmetic import read_jsonl
 
         self.ctx = ctx
         self.log = ctx.log
@@ -322,8 +322,8 @@ class RLDriver:
 
     def _eval_prompts(self, tokenizer: Any) -> list[dict[str, Any]]:
         """The eval split's rows that fit data.max_prompt_tokens (read once)."""
+        from runtime.files import read_jsonl
         from runtime.prompts import drop_overlong, eval_file
-        from runtime.tasks.arithmetic import read_jsonl
 
         if self._eval_rows is None:
             rows = dict(enumerate(read_jsonl(eval_file(self.ctx))))
@@ -501,7 +501,7 @@ class RLDriver:
         split, ``eval.samples`` answers each at ``eval.temperature`` (0: greedy), the mean
         correctness — the in-run counterpart of the eval jobs."""
         from runtime.filters import Group
-        from runtime.jobs.evaluate import eval_max_tokens
+        from runtime.prompts import eval_max_tokens
 
         cfg = self.spec["eval"]
         rows = self._eval_prompts(tokenizer)
@@ -681,10 +681,16 @@ def _alive(pid: int) -> bool:
 
 
 def _tensorboard(folder: Path, log: Any) -> Any:
+    """A TensorBoard writer into ``folder``; None (metrics.jsonl only) when the tensorboard
+    package is not installed. Any other error (a broken install, a failing dependency of
+    torch's writer) propagates."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception as exc:  # tensorboard is not installed: metrics.jsonl only
-        log.info("no TensorBoard events (%s): metrics.jsonl only", " ".join(str(exc).split()))
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "tensorboard":
+            raise
+        log.warning("no TensorBoard events (%s): metrics.jsonl only",
+                    " ".join(str(exc).split()))
         return None
     return SummaryWriter(str(folder))
 

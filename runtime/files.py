@@ -1,4 +1,5 @@
-"""Files a job writes: atomic text / JSON files and atomic output folders with a completion marker.
+"""Files a job writes: atomic text / JSON files and atomic output folders with a completion marker;
+and the JSONL rows jobs read (``read_jsonl``).
 
 An output is a directory; it is *complete* when it holds the marker file ``.complete``,
 written last (``atomic_dir`` writes it into a temporary sibling and renames the directory
@@ -36,6 +37,7 @@ __all__ = [
     "fsync_tree",
     "is_complete",
     "mark_complete",
+    "read_jsonl",
 ]
 
 COMPLETE_MARKER = ".complete"
@@ -191,3 +193,14 @@ def atomic_dir(final: str | os.PathLike[str], *, marker: bool = True,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)

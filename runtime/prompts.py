@@ -24,7 +24,7 @@ from runtime.errors import JobError
 if TYPE_CHECKING:
     from runtime.jobs.common import JobContext
 
-__all__ = ["drop_overlong", "eval_file", "split_file", "train_file"]
+__all__ = ["drop_overlong", "eval_file", "eval_max_tokens", "split_file", "train_file"]
 
 
 def split_file(artifact: Path, split: str) -> Path:
@@ -69,3 +69,8 @@ def drop_overlong(rows: Mapping[Any, dict[str, Any]], tokenizer: Any, data: Mapp
             "dropped %d of %d %s prompts longer than data.max_prompt_tokens = %d tokens",
             dropped, len(rows), split, int(limit))
     return kept
+
+
+def eval_max_tokens(spec: dict[str, Any]) -> int:
+    """``eval.max_tokens``; unset (None) means ``rollout.max_tokens``, as the model says."""
+    return int(spec["eval"]["max_tokens"] or spec["rollout"]["max_tokens"])

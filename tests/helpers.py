@@ -7,6 +7,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from compiler.processes import processes_mentioning
+
+__all__ = ["SLURM_STUBS", "processes_mentioning", "status_rows", "write_stubs"]
+
 
 def status_rows(text: str) -> dict[str, list[str]]:
     """job → cells (job, id, state, log) of `rlspec status`'s table."""
@@ -37,16 +41,3 @@ def write_stubs(bin_dir: Path, stubs: Mapping[str, str]) -> Path:
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     return bin_dir
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Ids of live processes whose command line contains ``text``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids

@@ -61,6 +61,7 @@ from runtime.files import (
     fsync_tree,
     is_complete,
     mark_complete,
+    read_jsonl,
 )
 from runtime.preflight import preflight_context
 from spec.errors import dotted
@@ -81,6 +82,7 @@ __all__ = [
     "job_logger",
     "mark_complete",
     "parse_args",
+    "read_jsonl",
     "run_job",
 ]
 

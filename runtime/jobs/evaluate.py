@@ -102,15 +102,10 @@ def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int
     return out
 
 
-def eval_max_tokens(spec: dict[str, Any]) -> int:
-    """``eval.max_tokens``; unset (None) means ``rollout.max_tokens``, as the model says."""
-    return int(spec["eval"]["max_tokens"] or spec["rollout"]["max_tokens"])
-
-
 def run(ctx: JobContext) -> None:
-    from runtime.prompts import drop_overlong, eval_file
+    from runtime.files import read_jsonl
+    from runtime.prompts import drop_overlong, eval_file, eval_max_tokens
     from runtime.rewards import build_reward
-    from runtime.tasks.arithmetic import read_jsonl
 
     data = ctx.section("data")
     prompt_key, answer_key = data["prompt_key"], data["answer_key"]

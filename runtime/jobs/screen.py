@@ -116,10 +116,10 @@ def screen_params(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(ctx: JobContext) -> None:
+    from runtime.files import read_jsonl
     from runtime.filters.offline_pass_rate import OfflinePassRate
     from runtime.prompts import drop_overlong, train_file
     from runtime.rewards import build_reward
-    from runtime.tasks.arithmetic import read_jsonl
 
     params = screen_params(ctx.spec)
     stage = OfflinePassRate(**params)

@@ -45,9 +45,9 @@ def run(ctx: JobContext) -> None:
     import torch
 
     from runtime.devices import job_device
+    from runtime.files import read_jsonl
     from runtime.policy import load_policy, save_policy
     from runtime.prompts import drop_overlong, train_file
-    from runtime.tasks.arithmetic import read_jsonl
     from runtime.trainer import sequence_logprobs
 
     device = job_device(ctx.spec)

@@ -37,7 +37,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ __all__ = [
     "Example",
     "difficulty",
     "generate_splits",
-    "read_jsonl",
     "space_size",
     "summary",
     "write_dataset",
@@ -221,14 +220,6 @@ def write_jsonl(path: str | os.PathLike[str], examples: Iterable[Example], *,
             fh.write(json.dumps(ex.row(prompt_key, answer_key), ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The rows of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
 
 
 def summary(examples: Sequence[Example]) -> dict[str, Any]:

@@ -216,3 +216,24 @@ def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
         want = group[0] if tokenizer.decode(payload["input_ids"][b][4:5]) == "3" else group[2]
         torch.testing.assert_close(adv[b][m], torch.full_like(adv[b][m], float(want)))
     assert (adv[~mask] == 0).all()
+
+
+def test_tensorboard_missing_is_tolerated_and_other_import_errors_propagate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import sys
+
+    from runtime.driver import _tensorboard
+
+    log = logging.getLogger("test_tensorboard")
+    for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed
+    with caplog.at_level(logging.WARNING, logger="test_tensorboard"):
+        assert _tensorboard(tmp_path, log) is None
+    assert "no TensorBoard events" in caplog.text
+
+    monkeypatch.delitem(sys.modules, "tensorboard")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not tensorboard's error
+    with pytest.raises(ImportError):
+        _tensorboard(tmp_path, log)

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from runtime.files import read_jsonl
 from runtime.filters.offline_pass_rate import OfflinePassRate, ScreenResult
 from runtime.jobs.common import COMPLETE_MARKER, is_complete, mark_complete
 from runtime.rewards import ArithmeticVerifier
-from runtime.tasks.arithmetic import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

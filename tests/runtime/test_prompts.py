@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from runtime.files import read_jsonl
 from runtime.jobs.common import JobContext, is_complete
 from runtime.prompts import split_file
-from runtime.tasks.arithmetic import ArithmeticConfig, read_jsonl, write_dataset
+from runtime.tasks.arithmetic import ArithmeticConfig, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

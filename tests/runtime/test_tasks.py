@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runtime.files import read_jsonl
 from runtime.rewards import ArithmeticVerifier
 from runtime.tasks.arithmetic import (
     ArithmeticConfig,
     difficulty,
     generate_splits,
-    read_jsonl,
     space_size,
     write_dataset,
 )
