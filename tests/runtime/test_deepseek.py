@@ -23,9 +23,6 @@ from runtime.policy import (
 from runtime.router_replay import patch_deepseek_v3, patch_glm4_moe, patch_moe_routers
 from tests.families import tiny_deepseek_arch, tiny_deepseek_policy, tiny_glm_policy
 
-transformers = pytest.importorskip("transformers")
-
-
 # family → (tiny policy, its router's replay patch, HF class)
 SIGMOID = {"deepseek_v3": (tiny_deepseek_policy, patch_deepseek_v3, "DeepseekV3ForCausalLM"),
            "glm4_moe": (tiny_glm_policy, patch_glm4_moe, "Glm4MoeForCausalLM")}

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from runtime.jobs.common import COMPLETE_MARKER
@@ -22,8 +23,6 @@ from runtime.policy import (
     policy_config,
     save_policy,
 )
-
-transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,17 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from runtime.rollout.client import RolloutClient, RolloutError  # noqa: E402
-from runtime.rollout.engine import EngineError, LocalEngine  # noqa: E402
-from runtime.rollout.protocol import CompletionRequest, ProtocolError  # noqa: E402
-from runtime.rollout.server import check_host  # noqa: E402
-from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer  # noqa: E402
-from runtime.router_replay import align_routing, patch_qwen3_moe  # noqa: E402
+from runtime.rollout.client import RolloutClient, RolloutError
+from runtime.rollout.engine import EngineError, LocalEngine
+from runtime.rollout.protocol import CompletionRequest, ProtocolError
+from runtime.rollout.server import check_host
+from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
+from runtime.router_replay import align_routing, patch_qwen3_moe
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64

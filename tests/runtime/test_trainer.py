@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from runtime.router_replay import RoutingTrace, patch_qwen3_moe
 from runtime.sync_check import WeightSyncError
 from runtime.trainer import TrainBatch, Trainer, kl_penalty, learning_rate, sequence_logprobs
-
-transformers = pytest.importorskip("transformers")
 
 ALGO = {
     "loss": "espo", "espo": {"alpha": 0.02, "high_entropy_fraction": 0.2},
