@@ -300,14 +300,20 @@ def test_routed_experts_are_the_training_models_experts(
 
 
 def _in_flight(eng: LocalEngine, **kw: object) -> tuple[threading.Thread, list]:
-    """Start a long generation on a thread; return once it is running."""
+    """Start a long generation on a thread; return once it samples its first token (past the
+    prefill, inside the token loop)."""
     out: list = []
+    sampling = threading.Event()
+    sample = eng._sample
+
+    def first_token(*args: object, **kwargs: object) -> object:
+        sampling.set()
+        return sample(*args, **kwargs)
+
+    eng._sample = first_token  # type: ignore[method-assign]
     t = threading.Thread(target=lambda: out.append(eng.generate(**kw)))  # type: ignore[arg-type]
     t.start()
-    deadline = time.monotonic() + 30
-    while eng.num_inflight == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    time.sleep(0.02)  # past the prefill, inside the token loop
+    assert sampling.wait(timeout=60), "the generation never reached its token loop"
     return t, out
 
 
