@@ -13,62 +13,48 @@ all U·n sequences decode together, one [rows, 1] forward per token. Finished ro
 are dropped from the batch (and the KV cache) so that long tails do not pay for
 finished sequences. No Python loop over sequences runs inside the token loop.
 
-Sampling follows vLLM's sampler (``vllm/v1/sample/sampler.py``): temperature <
-1e-5 is greedy; otherwise logits / T, then top-k, then top-p (vLLM's
-``apply_top_k_top_p``: ascending sort, mask cumulative mass ≤ 1 − p, always keep
-the top token), then a draw from the renormalised distribution.
-
-Randomness. Each sequence has a 64-bit key: ``seed + j`` for sample j of a seeded
-request (vLLM's ``ParentRequest`` gives child j the seed ``seed + j``), or a draw
-from the engine's own generator (seeded with ``seed``) otherwise. The uniform for
-step t is a counter-based hash of (key, t), and the token is the inverse-CDF draw
-at that uniform. So a sequence's sample depends only on its key, its step and its
-logits — not on which other sequences share the batch — and a seeded request is
-reproducible whether it is sent alone, batched, or split across replicas.
-
-Logprobs (``logprobs_mode``, vLLM's ``--logprobs-mode``, default ``raw_logprobs``):
-``raw_logprobs`` = log_softmax of the model's raw logits (temperature 1, before
-top-k/top-p), which is vLLM's default and what the trainer recomputes;
-``processed_logprobs`` = log-probabilities under the distribution actually sampled
-from (after temperature, top-k, top-p), i.e. the behaviour policy μ. They coincide
-at temperature 1 without top-k/top-p. For train–inference correction with T ≠ 1 or
-truncated sampling, run the engine with ``processed_logprobs``.
+Sampling, randomness and logprobs are ``runtime.rollout.sampling``'s; the output types
+and their assembly (routed experts included) are ``runtime.rollout.outputs``'s; pausing
+is ``runtime.rollout.pausing``'s.
 
 Routed experts (R3). With ``return_routed_experts`` the engine records, with
 ``runtime.router_replay.patch_moe_routers``, the top-k expert ids every MoE layer
 chose in the engine's own forwards: the prefill routes the prompt, each decode step
-routes only the token fed in (the KV cache holds the rest), and the rows are
-concatenated. Like vLLM the result covers prompt + output minus the last sampled
-token (never forwarded): shape (num_tokens − 1 − routed_experts_prompt_start,
-moe_layers, top_k), uint8 for ≤ 256 experts.
+routes only the token fed in (the KV cache holds the rest).
 
-Weights. ``load_weights(path, version)`` loads a checkpoint of the same
-architecture (a directory of ``*.safetensors`` as ``save_pretrained`` writes them,
-or one ``.safetensors`` file; checkpoint or fused parameter names both work since
-transformers' own loader maps them) and swaps it in place, so the patched routers
-stay. Every sample reports the weight version(s) that produced its tokens as
-``WeightVersionSpan`` s.
-
-Pausing mirrors vLLM's ``/pause`` modes: ``abort`` ends in-flight generations with
-``finish_reason="abort"``, ``wait`` lets them finish, ``keep`` freezes them between
-two tokens (the engine lock is released, so weights can be swapped) until
-``resume``; new requests wait while paused.
+Weights. ``load_weights(path, version)`` swaps a checkpoint of the same architecture
+in place (read by ``runtime.rollout.checkpoint``), so the patched routers stay. Every
+sample reports the weight version(s) that produced its tokens as ``WeightVersionSpan`` s.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from runtime.rollout.protocol import PAUSE_MODES, WeightVersionSpan
+from runtime.rollout.checkpoint import read_checkpoint
+from runtime.rollout.outputs import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineError,
+    PromptOutput,
+    SampleOutput,
+    _Spans,
+    collect_outputs,
+)
+from runtime.rollout.pausing import PauseControl
+from runtime.rollout.sampling import (
+    _GREEDY_EPS,
+    LogprobsMode,
+    _sequence_keys,
+    sample_tokens,
+)
 from runtime.router_replay import RouterReplayGroup, patch_moe_routers, storage_dtype
 
 __all__ = [
@@ -82,114 +68,8 @@ __all__ = [
     "SampleOutput",
 ]
 
-LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_ABORT = "abort"
-# finish codes 0..3; 0 (still running) cannot survive the token loop, which ends every
-# row by max_tokens at the latest.
-_FINISH_NAMES = (FINISH_LENGTH, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
-
-# vLLM treats temperatures below this as greedy (vllm/v1/sample/sampler.py).
-_GREEDY_EPS = 1e-5
-_M32 = 0xFFFFFFFF
-
-
-class EngineError(ValueError):
-    """A generation or weight-loading request the engine cannot serve; ``status`` is
-    the HTTP status a server answers with (400 bad input, 503 shutting down)."""
-
-    def __init__(self, message: str, *, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class SampleOutput:
-    """One sampled continuation."""
-
-    token_ids: list[int]
-    logprobs: np.ndarray  # float32 [len(token_ids)]
-    finish_reason: str  # "stop" | "length" | "abort"
-    stop_reason: int | None  # the stop token id; None for EOS, length and abort
-    routed_experts: np.ndarray | None  # [P + len − 1 − prompt_start, moe_layers, top_k]
-    weight_versions: tuple[WeightVersionSpan, ...]
-    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, best first
-
-    @property
-    def weight_version(self) -> str:
-        """The version that sampled the first output token (the oldest one)."""
-        return self.weight_versions[0].weight_version if self.weight_versions else ""
-
-
-@dataclass(frozen=True)
-class PromptOutput:
-    prompt_token_ids: list[int]
-    samples: list[SampleOutput]
-
-
-# --------------------------------------------------------------------------------------
-# counter-based uniforms
-# --------------------------------------------------------------------------------------
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """32-bit integer finaliser on int64 tensors holding values in [0, 2^32).
-
-    Multipliers are below 2^31, so every product stays below 2^63: no signed
-    overflow (whose wrap-around torch does not promise)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x346CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _sequence_keys(seeds: Sequence[int]) -> torch.Tensor:
-    """Fold 64-bit seeds (any Python int) into 32-bit hash keys, int64 [B]."""
-    s = [int(v) % (1 << 64) for v in seeds]
-    lo = torch.tensor([v & _M32 for v in s], dtype=torch.int64)
-    hi = torch.tensor([v >> 32 for v in s], dtype=torch.int64)
-    return _mix32(lo ^ _mix32(hi ^ 0x1B873593))
-
-
-def _uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
-    """float64 uniforms in (0, 1), one per key, for decode step ``step``: 53 bits
-    from two hash words of (key, step)."""
-    s = _mix32(torch.tensor([(step * 0x9E3779B1) & _M32], dtype=torch.int64, device=keys.device))
-    h1 = _mix32(keys ^ s)
-    h2 = _mix32(h1 ^ 0x27D4EB2F)
-    bits = (h1 << 21) | (h2 >> 11)
-    return (bits.to(torch.float64) + 0.5) * (2.0**-53)
-
-
-# --------------------------------------------------------------------------------------
-# the engine
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Spans:
-    """Weight versions over the decode steps of one generate call: (version, first step)."""
-
-    items: list[tuple[str, int]]
-
-    def note(self, version: str, step: int) -> None:
-        if self.items[-1][0] != version:
-            self.items.append((version, step))
-
-    def for_length(self, n_out: int) -> tuple[WeightVersionSpan, ...]:
-        out: list[WeightVersionSpan] = []
-        for i, (version, start) in enumerate(self.items):
-            end = self.items[i + 1][1] if i + 1 < len(self.items) else n_out
-            out.append(WeightVersionSpan(version, min(start, n_out), min(end, n_out)))
-            if end >= n_out:
-                break
-        return tuple(out)
-
-
-class LocalEngine:
+class LocalEngine(PauseControl):
     """Batched KV-cached sampler over a transformers causal LM (see the module docstring).
 
     Thread-safe: generations and weight loads serialise on one lock; ``pause`` /
@@ -237,12 +117,7 @@ class LocalEngine:
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe
         self._lock = threading.Lock()  # model + weights
-        self._cond = threading.Condition()  # pause state
-        self._paused = False
-        self._pause_mode = "abort"
-        self._abort_epoch = 0
-        self._inflight = 0
-        self._closed = False
+        self._init_pause()
 
     # -- properties -----------------------------------------------------------------
     @property
@@ -303,90 +178,8 @@ class LocalEngine:
             return f"token_id:{token_id}"
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    # -- pause / resume ---------------------------------------------------------------
-    def pause(self, mode: str = "abort") -> None:
-        """vLLM's ``pause_generation``: new requests wait; in-flight ones are aborted
-        (``abort``), finished (``wait``, returns when they are done) or frozen (``keep``)."""
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
-        with self._cond:
-            self._paused = True
-            self._pause_mode = mode
-            if mode == "abort":
-                self._abort_epoch += 1
-            self._cond.notify_all()
-            if mode in ("abort", "wait"):
-                self._cond.wait_for(lambda: self._inflight == 0)
-
-    def resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
-
-    @property
-    def is_paused(self) -> bool:
-        return self._paused
-
-    @property
-    def num_inflight(self) -> int:
-        """Generations admitted and not yet returned (running, queued or frozen)."""
-        return self._inflight
-
-    def abort_all(self) -> None:
-        """End every in-flight generation (finish_reason "abort") without pausing."""
-        with self._cond:
-            self._abort_epoch += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Shut down: abort in-flight generations and refuse new ones (503)."""
-        with self._cond:
-            self._closed = True
-            self._abort_epoch += 1
-            self._cond.notify_all()
-
     def set_weight_version(self, version: str) -> None:
         self.weight_version = str(version)
-
-    @contextmanager
-    def _admitted(self) -> Iterator[int]:
-        """Wait while paused, then count the request in flight; yields its abort epoch."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._paused or self._closed)
-            if self._closed:
-                raise EngineError("the engine is shutting down", status=503)
-            self._inflight += 1
-            epoch = self._abort_epoch
-        try:
-            yield epoch
-        finally:
-            with self._cond:
-                self._inflight -= 1
-                self._cond.notify_all()
-
-    def _checkpoint(self, epoch: int) -> bool:
-        """Between two tokens (engine lock held): True if this generation must abort.
-        In keep-mode pause the lock is released until resume, so that weights can be
-        swapped while the generation is frozen."""
-        with self._cond:
-            if self._abort_epoch != epoch:
-                return True
-            frozen = self._paused and self._pause_mode == "keep"
-        if not frozen:
-            return False
-        self._lock.release()
-        try:
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: (
-                        not (self._paused and self._pause_mode == "keep")
-                        or self._abort_epoch != epoch
-                    )
-                )
-        finally:
-            self._lock.acquire()
-        return self._abort_epoch != epoch
-
     # -- weights ------------------------------------------------------------------------
     def load_weights(self, path: str | os.PathLike[str], version: str | None = None) -> None:
         """Swap in the weights stored at ``path`` (same architecture); all-or-nothing.
@@ -395,45 +188,8 @@ class LocalEngine:
         not) or one ``.safetensors`` file, with checkpoint (per-expert) or module
         (fused) parameter names. ``version`` (if given) becomes the weight version.
         """
-        from safetensors.torch import load_file
-
-        p = os.fspath(path)
-        if os.path.isdir(p):
-            files = sorted(glob.glob(os.path.join(p, "*.safetensors")))
-        elif os.path.isfile(p) and p.endswith(".safetensors"):
-            files = [p]
-        else:
-            raise EngineError(f"no safetensors checkpoint at {p!r}")
-        if not files:
-            raise EngineError(f"no *.safetensors files in {p!r}")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(f))
-        # transformers' loader applies the model's checkpoint conversions (e.g. the
-        # per-expert → fused expert weights of Qwen3-MoE); we only borrow its result.
-        try:
-            fresh, info = type(self.model).from_pretrained(
-                None,
-                config=self.config,
-                state_dict=state,
-                dtype=self.dtype,
-                use_kernels=False,
-                output_loading_info=True,
-            )
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise EngineError(f"cannot load weights from {p!r}: {exc}") from exc
-        problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
-        if problems or info.get("error_msgs"):
-            raise EngineError(
-                f"checkpoint {p!r} does not fit the served model: {problems or info['error_msgs']}"
-            )
-        new_state = fresh.state_dict()
+        new_state = read_checkpoint(self.model, self.config, self.dtype, path)
         live = self.model.state_dict()
-        if set(new_state) != set(live):
-            raise EngineError(f"checkpoint {p!r} has different parameters than the served model")
-        bad = [k for k in live if live[k].shape != new_state[k].shape]
-        if bad:
-            raise EngineError(f"checkpoint {p!r}: shape mismatch for {bad[:5]}")
         with self._lock, torch.no_grad():
             for k, t in live.items():
                 t.copy_(new_state[k].to(device=t.device, dtype=t.dtype))
@@ -682,7 +438,7 @@ class LocalEngine:
             logits, routes = self._forward(tok[:, None], mask, last_pos[:, None], cache, record)
             if routes is not None and routes_out is not None:
                 routes_out[active, step] = routes[:, 0].to(routes_out.dtype)
-        return self._collect(
+        return collect_outputs(
             prompts,
             n,
             tokens_out,
@@ -713,90 +469,7 @@ class LocalEngine:
         num_logprobs: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Draw one token per row; returns (tokens [R], logprobs [R], top-k logprobs)."""
-        raw = torch.log_softmax(logits, dim=-1)
-        processed = logits if greedy else logits / temperature
-        vocab = processed.shape[-1]
-        use_k = 0 < top_k < vocab
-        if use_k or top_p < 1.0:
-            # vLLM's apply_top_k_top_p: one ascending sort serves both filters.
-            srt, order = processed.sort(dim=-1)
-            if use_k:
-                kth = srt[:, vocab - top_k : vocab - top_k + 1]
-                srt = srt.masked_fill(srt < kth, float("-inf"))
-            if top_p < 1.0:
-                cum = srt.softmax(dim=-1).cumsum(dim=-1)
-                drop = cum <= 1.0 - top_p
-                drop[:, -1] = False
-                srt = srt.masked_fill(drop, float("-inf"))
-            processed = srt.scatter(-1, order, srt)
-        if greedy:
-            tok = processed.argmax(dim=-1)
-        else:
-            cdf = torch.softmax(processed.double(), dim=-1).cumsum(dim=-1)
-            u = _uniforms(keys, step)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-            tok = tok.clamp_max(vocab - 1)
-        table = (
-            raw if self.logprobs_mode == "raw_logprobs" else torch.log_softmax(processed, dim=-1)
+        return sample_tokens(
+            logits, keys, step, greedy, temperature, top_p, top_k, num_logprobs,
+            self.logprobs_mode,
         )
-        lp = table.gather(1, tok[:, None]).squeeze(1)
-        top = None
-        if num_logprobs:
-            vals, idx = table.topk(num_logprobs, dim=-1)
-            top = (idx, vals)
-        return tok, lp, top
-
-    def _collect(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        tokens_out: torch.Tensor,
-        logp_out: torch.Tensor,
-        top_ids_out: torch.Tensor | None,
-        top_lp_out: torch.Tensor | None,
-        out_len: torch.Tensor,
-        finish: torch.Tensor,
-        stop_reason: torch.Tensor,
-        prompt_routes: list[torch.Tensor],
-        routes_out: torch.Tensor | None,
-        prompt_start: int,
-        spans: _Spans,
-    ) -> list[PromptOutput]:
-        tokens = tokens_out.cpu().numpy()
-        logps = logp_out.cpu().numpy()
-        lens = out_len.cpu().tolist()
-        codes = finish.cpu().tolist()
-        stops = stop_reason.cpu().tolist()
-        routes_np = None if routes_out is None else routes_out.cpu().numpy()
-        top_ids = None if top_ids_out is None else top_ids_out.cpu().numpy()
-        top_lps = None if top_lp_out is None else top_lp_out.cpu().numpy()
-        results: list[PromptOutput] = []
-        for i, prompt in enumerate(prompts):
-            samples: list[SampleOutput] = []
-            for j in range(n):
-                b = i * n + j
-                m = lens[b]
-                routed = None
-                if routes_np is not None and prompt_routes:
-                    total = len(prompt) + m - 1  # every token but the last sampled one
-                    full = np.concatenate([prompt_routes[i].numpy(), routes_np[b, : max(m - 1, 0)]])
-                    routed = np.ascontiguousarray(full[prompt_start:total])
-                top = None
-                if top_ids is not None and top_lps is not None:
-                    top = [
-                        list(zip(top_ids[b, t].tolist(), top_lps[b, t].tolist(), strict=True))
-                        for t in range(m)
-                    ]
-                samples.append(
-                    SampleOutput(
-                        token_ids=tokens[b, :m].tolist(),
-                        logprobs=logps[b, :m].astype(np.float32, copy=True),
-                        finish_reason=_FINISH_NAMES[codes[b]],
-                        stop_reason=stops[b] if stops[b] >= 0 else None,
-                        routed_experts=routed,
-                        weight_versions=spans.for_length(m),
-                        top_logprobs=top,
-                    )
-                )
-            results.append(PromptOutput(prompt_token_ids=list(prompt), samples=samples))
-        return results
