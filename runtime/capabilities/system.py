@@ -1,0 +1,101 @@
+"""Rules on the system, the scheduler and the nodes of each job."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from runtime.capabilities.refusal import Refusal, _uses_embedded_trainer
+
+
+def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Only ``disk`` is wired: the trainer writes each step's weights to an HF folder that the
+    engines reload. vLLM's NCCL / IPC transfer (``runtime.rollout.weight_transfer``) has no
+    trainer-side push yet, and the embedded engine always reads from disk."""
+    mode = spec["system"]["weight_sync"]
+    if mode != "disk":
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      f"weight_sync {mode}: the trainer does not push weights over {mode.upper()} "
+                      "yet; the engines reload each step's weights from disk",
+                      "set system.weight_sync: disk")
+
+
+def async_rollout(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The driver runs synchronous on-policy steps: rollouts of step t use the weights of t."""
+    k = spec["system"]["max_staleness"]
+    if k > 0:
+        yield Refusal("async_rollout", ("system", "max_staleness"),
+                      f"max_staleness {k}: the driver generates each step's rollouts with that "
+                      "step's weights (no asynchronous, off-policy rollout yet)",
+                      "set system.max_staleness: 0")
+
+
+def container(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Containers are started by Slurm's pyxis (``srun --container-image``); a local run
+    starts its processes on this machine directly."""
+    cluster = spec["cluster"]
+    if cluster.get("container") is not None and cluster["scheduler"] == "local":
+        yield Refusal("container", ("cluster", "container"),
+                      "the local scheduler runs the jobs on this machine and starts no container",
+                      "remove cluster.container, or set cluster.scheduler: slurm")
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def local_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The local scheduler runs each role of the RL job once, on this machine
+    (``rlspec_run_on`` starts one task): a second trainer node (Megatron would wait for node
+    ranks that never start) or a second rollout node (its engines would never start, its
+    endpoints would repeat the first node's) cannot run."""
+    if spec["cluster"]["scheduler"] != "local":
+        return
+    for role, path in (("trainer", ("train", "nodes")), ("rollout engines", ("rollout", "nodes"))):
+        nodes = spec[path[0]]["nodes"]
+        if nodes > 1 and not (role == "trainer" and _uses_embedded_trainer(spec)):
+            yield Refusal("local_nodes", path,
+                          f"the local scheduler runs the {role} once, on this machine: "
+                          f"{path[0]}.nodes {nodes} asks for nodes it does not have",
+                          f"set {path[0]}.nodes: 1, or cluster.scheduler: slurm")
+
+
+def embedded_trainer_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The embedded trainer is one process: on more trainer nodes each node would start its
+    own copy, all reading the same batches and writing the same weights."""
+    nodes = spec["train"]["nodes"]
+    if _uses_embedded_trainer(spec) and nodes > 1:
+        yield Refusal("embedded_trainer_nodes", ("train", "nodes"),
+                      f"the embedded trainer is one process: on train.nodes {nodes} every "
+                      "trainer node would start its own copy of it",
+                      "set train.nodes: 1, or train.backend: megatron")
+
+
+def _screen_stage(spec: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]] | None:
+    """The first ``offline_pass_rate`` stage (the one the screen job runs) and its index."""
+    return next(((i, st) for i, st in enumerate(spec["filters"])
+                 if st["type"] == "offline_pass_rate"), None)
+
+
+def screen_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """The screen job shards its prompts over the tasks Slurm starts, one per node; the local
+    scheduler starts one, so the other shards would never come. On vLLM its nodes hold whole
+    engine replicas."""
+    found = _screen_stage(spec)
+    if found is None:
+        return
+    i, stage = found
+    rollout = spec["rollout"]
+    per_replica = rollout["parallelism"]["tensor"] * rollout["parallelism"]["data"]
+    span = max(1, per_replica // spec["cluster"]["gpus_per_node"])  # nodes of one replica
+    if rollout["engine"] == "vllm" and stage["nodes"] % span:
+        yield Refusal("screen_nodes", ("filters", i, "nodes"),
+                      f"one vLLM replica spans {span} nodes (rollout.parallelism {per_replica} "
+                      f"GPUs): {stage['nodes']} screen nodes do not hold whole replicas",
+                      f"set filters[{i}].nodes to a multiple of {span}")
+    if spec["cluster"]["scheduler"] != "local":
+        return
+    if stage["nodes"] > 1:
+        yield Refusal("screen_nodes", ("filters", i, "nodes"),
+                      f"the local scheduler runs the screen job once, on this machine: nodes "
+                      f"{stage['nodes']} would wait for shards no other node screens",
+                      f"set filters[{i}].nodes: 1, or cluster.scheduler: slurm")
