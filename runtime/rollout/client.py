@@ -31,6 +31,12 @@ version → (resume). ``update_info`` defaults to our disk backend
 (``runtime.rollout.weight_transfer``: NCCL after ``init_weight_transfer_engine``, IPC).
 ``reload_weights`` is vLLM's path reload (``/collective_rpc reload_weights``), which
 ``weight_sync: disk`` uses against ``vllm serve``.
+
+This module holds the client's transport (HTTP, retries, broadcast), readiness and
+generation; the pause / weight-update / weight-transfer calls are the
+``WeightUpdates`` mixin of ``runtime.rollout.client_updates`` that ``RolloutClient``
+inherits, and ``RolloutError`` lives in ``runtime.rollout.client_errors`` (still
+importable from here).
 """
 
 from __future__ import annotations
@@ -50,8 +56,9 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from runtime.rollout.client_errors import RolloutError, error_message
+from runtime.rollout.client_updates import WeightUpdates
 from runtime.rollout.protocol import (
-    PAUSE_MODES,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -69,17 +76,6 @@ __all__ = ["Completion", "RolloutClient", "RolloutError"]
 _SAMPLING_KEYS = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
 )
-
-
-class RolloutError(RuntimeError):
-    """A request the rollout service refused or could not serve."""
-
-    def __init__(
-        self, message: str, *, status: int | None = None, endpoint: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.endpoint = endpoint
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ class _Job:
     prompt_indices: list[int]
 
 
-class RolloutClient:
+class RolloutClient(WeightUpdates):
     """Client of one or more rollout endpoints (base URLs such as ``http://127.0.0.1:8000``)."""
 
     def __init__(
@@ -164,7 +160,7 @@ class RolloutClient:
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             raise RolloutError(
-                f"{method} {url} → {exc.code}: {_error_message(raw)}",
+                f"{method} {url} → {exc.code}: {error_message(raw)}",
                 status=exc.code,
                 endpoint=endpoint,
             ) from None
@@ -417,128 +413,6 @@ class RolloutClient:
             weight_versions=spans,
             endpoint=endpoint,
         )
-
-    # -- control --------------------------------------------------------------------------
-    def pause(self, mode: str = "abort") -> None:
-        """``POST /pause?mode=...`` on every endpoint (abort | wait | keep)."""
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"mode must be one of {PAUSE_MODES}")
-        self._broadcast(lambda e: self._request(e, "POST", "/pause", query={"mode": mode}))
-
-    def resume(self) -> None:
-        self._broadcast(lambda e: self._request(e, "POST", "/resume"))
-
-    def update_weight_version(self, version: str) -> None:
-        self._broadcast(
-            lambda e: self._request(
-                e, "POST", "/update_weight_version", {"new_version": str(version)}
-            )
-        )
-
-    def update_weights(
-        self,
-        path: str,
-        version: str,
-        *,
-        update_info: Mapping[str, Any] | None = None,
-        pause_mode: str | None = "wait",
-    ) -> None:
-        """Load new weights on every endpoint and publish ``version``.
-
-        vLLM's sequence per endpoint: start_weight_update → update_weights
-        (``update_info``, default ``{"path": path}`` for the embedded server's disk
-        backend) → finish_weight_update(weight_version). With ``pause_mode`` the
-        endpoints are paused first (``wait``: in-flight requests finish on the old
-        weights) and resumed afterwards; pass None when the caller manages pausing.
-        A failed update still closes the update (finish without a version) so the
-        endpoint accepts the next one, then raises.
-        """
-        info = dict(update_info) if update_info is not None else {"path": str(path)}
-        if pause_mode is not None:
-            self.pause(pause_mode)
-        try:
-
-            def one(endpoint: str) -> None:
-                self._request(
-                    endpoint, "POST", "/start_weight_update", {"is_checkpoint_format": True}
-                )
-                try:
-                    self._request(endpoint, "POST", "/update_weights", {"update_info": info})
-                except RolloutError:
-                    self._request(endpoint, "POST", "/finish_weight_update", {})
-                    raise
-                self._request(
-                    endpoint, "POST", "/finish_weight_update", {"weight_version": str(version)}
-                )
-
-            self._broadcast(one)
-        finally:
-            if pause_mode is not None:
-                self.resume()
-
-
-    # -- weight transfer engines (runtime.rollout.weight_transfer) ------------------------
-    def world_sizes(self) -> list[int]:
-        """``GET /get_world_size`` of every endpoint: its workers (TP · PP · DP), in order."""
-        return [
-            int(r["world_size"])
-            for r in self._broadcast(
-                lambda e: self._request(e, "GET", "/get_world_size", timeout=30.0)
-            )
-        ]
-
-    def init_weight_transfer_engine(self, init_infos: Sequence[Mapping[str, Any]]) -> None:
-        """``POST /init_weight_transfer_engine {"init_info": init_infos[k]}`` on endpoint k.
-
-        The calls run concurrently: with NCCL every worker of every endpoint joins one
-        rendezvous, which returns only once all of them (and the trainer) are in."""
-        if len(init_infos) != len(self.endpoints):
-            raise ValueError(f"need one init_info per endpoint ({len(self.endpoints)}), "
-                             f"got {len(init_infos)}")
-        infos = dict(zip(self.endpoints, init_infos, strict=True))
-        self._broadcast(
-            lambda e: self._request(
-                e, "POST", "/init_weight_transfer_engine", {"init_info": dict(infos[e])}
-            )
-        )
-
-    def reload_weights(self, path: str, version: str, *, pause_mode: str | None = "wait",
-                       then: Sequence[str] = ()) -> None:
-        """Reload every endpoint's weights from the checkpoint folder ``path``, publish ``version``.
-
-        vLLM 0.33 has no disk transfer backend; its path reload is the workers'
-        ``reload_weights(weights_path=...)`` (checkpoint format, layerwise) reached through
-        ``POST /collective_rpc`` (dev mode, string kwargs only). ``then``: worker methods
-        (``--worker-extension-cls``, ``runtime.rollout.vllm_worker``) called after the reload,
-        before the version is published. Pausing with ``wait`` (or ``abort``) also clears the
-        prefix cache, whose entries the old weights computed."""
-        rpcs = [{"method": "reload_weights", "kwargs": {"weights_path": str(path)}},
-                *({"method": str(m)} for m in then)]
-        if pause_mode is not None:
-            self.pause(pause_mode)
-        try:
-            for rpc in rpcs:
-                self._broadcast(lambda e, rpc=rpc: self._request(e, "POST", "/collective_rpc",
-                                                                 rpc))
-            self.update_weight_version(version)
-        finally:
-            if pause_mode is not None:
-                self.resume()
-
-
-def _error_message(raw: bytes) -> str:
-    """The message of a vLLM-shaped error body, or the raw text."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return raw[:500].decode(errors="replace")
-    if isinstance(body, dict):
-        err = body.get("error", body.get("detail"))
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        if err is not None:
-            return str(err)
-    return str(body)[:500]
 
 
 def _same_path(a: Any, b: str) -> bool:

@@ -28,6 +28,11 @@ The server binds loopback addresses only, unless ``--allow-non-loopback`` is giv
 (the cluster case): nothing here authenticates requests. It prints one line
 ``serving on http://HOST:PORT`` once it accepts connections and shuts down
 gracefully on SIGTERM / SIGINT (in-flight generations are aborted).
+
+This module holds the server, the request handler's transport, health / models /
+completions / pause routes, the route tables and ``main``; the weight-update,
+weight-transfer and weight-version routes (and the update state machine) are the
+``WeightRoutes`` mixin of ``runtime.rollout.server_weights``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from runtime.rollout.protocol import (
     error_body,
     token_id_string,
 )
+from runtime.rollout.server_weights import WeightRoutes, _UpdateState
 
 if TYPE_CHECKING:
     from runtime.rollout.engine import LocalEngine, SampleOutput
@@ -88,15 +94,6 @@ def check_host(host: str, *, allow_non_loopback: bool = False) -> None:
             f"refusing to listen on {host!r}: not a loopback address. The rollout server "
             "has no authentication; pass --allow-non-loopback to serve a cluster network."
         )
-
-
-class _UpdateState:
-    """vLLM's RL state machine (``rl_state_machine.py``): start → update* → finish."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.active = False
-        self.staged_version: str | None = None
 
 
 class RolloutHTTPServer(ThreadingHTTPServer):
@@ -131,7 +128,7 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(WeightRoutes, BaseHTTPRequestHandler):
     server: RolloutHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive for the client's connection reuse
 
@@ -331,131 +328,6 @@ class _Handler(BaseHTTPRequestHandler):
     def is_paused(self, query: dict[str, list[str]]) -> None:
         self._send_json(200, {"is_paused": self.server.engine.is_paused})
 
-    def start_weight_update(self, query: dict[str, list[str]]) -> None:
-        self._body()  # {"is_checkpoint_format": bool}: every disk checkpoint is one
-        st = self.server.update_state
-        with st.lock:
-            if st.active:
-                raise ProtocolError(
-                    "start_weight_update called while a weight update is already in progress. "
-                    "Call POST /finish_weight_update first.",
-                    status=409,
-                )
-            st.active = True
-            st.staged_version = None
-        self._send_json(200, {"message": "Weight update started"})
-
-    def update_weights(self, query: dict[str, list[str]]) -> None:
-        body = self._body(required=True)
-        info = body.get("update_info")
-        if info is None:
-            raise ProtocolError("Missing 'update_info' in request body", param="body.update_info")
-        if not isinstance(info, dict) or not isinstance(info.get("path"), str):
-            raise ProtocolError(
-                "update_info must be {'path': <checkpoint dir or .safetensors file>, "
-                "'weight_version': <optional str>} (NCCL / IPC transfers are not implemented)",
-                param="body.update_info",
-            )
-        version = info.get("weight_version")
-        if version is not None and not isinstance(version, str):
-            raise ProtocolError("weight_version must be a string", param="body.update_info")
-        st = self.server.update_state
-        if not st.active:
-            raise ProtocolError(
-                "update_weights requires a preceding start_weight_update. "
-                "Call POST /start_weight_update first.",
-                status=409,
-            )
-        from runtime.rollout.engine import EngineError
-
-        try:
-            self.server.engine.load_weights(info["path"])
-        except EngineError as exc:
-            raise ProtocolError(str(exc), param="body.update_info") from exc
-        with st.lock:
-            if version is not None:
-                st.staged_version = version
-        self._send_json(200, {"message": "Weights updated"})
-
-    def finish_weight_update(self, query: dict[str, list[str]]) -> None:
-        body = self._body()
-        version = body.get("weight_version")
-        if version is not None and not isinstance(version, str):
-            raise ProtocolError("weight_version must be a string", param="body.weight_version")
-        st = self.server.update_state
-        with st.lock:
-            if not st.active:
-                raise ProtocolError(
-                    "finish_weight_update called without a preceding start_weight_update.",
-                    status=409,
-                )
-            final = version if version is not None else st.staged_version
-            if final is not None:
-                self.server.engine.set_weight_version(final)
-            st.active = False
-            st.staged_version = None
-        self._send_json(200, {"message": "Weight update finished"})
-
-    def init_weight_transfer_engine(self, query: dict[str, list[str]]) -> None:
-        # vLLM: body {"init_info": dict} (required) → {"message": "Weight transfer initialized"}.
-        # The disk backend needs no rendezvous, so it takes no init_info fields; NCCL / IPC
-        # info sent here by mistake is refused rather than ignored.
-        body = self._body(required=True)
-        if "init_info" not in body:
-            raise ProtocolError("Field required: init_info", param="body.init_info")
-        info = body["init_info"]
-        if not isinstance(info, dict):
-            raise ProtocolError("init_info must be an object", param="body.init_info")
-        if info:
-            raise ProtocolError(
-                f"this server's only transfer backend is disk (update_info {{'path': ...}}), "
-                f"which takes no init_info; got {sorted(info)}",
-                param="body.init_info",
-            )
-        self._send_json(200, {"message": "Weight transfer initialized"})
-
-    def collective_rpc(self, query: dict[str, list[str]]) -> None:
-        # vLLM dev mode: body {"method": str, "args": [str], "kwargs": {str: str}} runs the
-        # method on every worker → {"results": [one per worker]}. Only the workers' path reload
-        # `reload_weights(weights_path=...)` exists here (one worker: this process).
-        body = self._body(required=True)
-        method = body.get("method")
-        if method is None:
-            raise ProtocolError("Missing 'method' in request body", param="body.method")
-        if method != "reload_weights":
-            raise ProtocolError(f"Method {method!r} is not implemented.", status=501)
-        kwargs = body.get("kwargs") or {}
-        if body.get("args") or not isinstance(kwargs, dict) or set(kwargs) - {"weights_path"}:
-            raise ProtocolError(
-                "reload_weights takes only kwargs.weights_path here (a checkpoint folder)",
-                param="body.kwargs",
-            )
-        path = kwargs.get("weights_path")
-        if not isinstance(path, str):
-            raise ProtocolError(
-                "kwargs.weights_path (a checkpoint folder) is required", param="body.kwargs"
-            )
-        from runtime.rollout.engine import EngineError
-
-        try:
-            self.server.engine.load_weights(path)
-        except EngineError as exc:
-            raise ProtocolError(str(exc), param="body.kwargs") from exc
-        self._send_json(200, {"results": [None]})
-
-    def get_world_size(self, query: dict[str, list[str]]) -> None:
-        self._send_json(200, {"world_size": 1})
-
-    def update_weight_version(self, query: dict[str, list[str]]) -> None:
-        body = self._body(required=True)
-        version = body.get("new_version")
-        if not isinstance(version, str):
-            raise ProtocolError("Field required: new_version (a string)", param="body.new_version")
-        self.server.engine.set_weight_version(version)
-        self._send_json(200, {"success": True, "new_version": version})
-
-    def weight_info(self, query: dict[str, list[str]]) -> None:
-        self._send_json(200, {"weight_version": self.server.engine.weight_version})
 
 
 _GET_ROUTES = {
