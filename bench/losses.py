@@ -6,10 +6,11 @@ The script is a list of sections (``SECTIONS``): each is ``(name, measure, show)
 ``measure() -> dict`` returns its results and ``show(dict)`` prints them; ``main()`` runs
 them in order and returns ``{name: results}``. Add a section by appending to ``SECTIONS``.
 
-Section "losses" times forward + backward of ESPO against GRPO on the same batch (B=64,
-T=4096, varied response lengths), interleaving the two (and ESPO's entropy grouping alone,
-as context) so that drifts of the machine hit all alike, and reports the ratio ESPO/GRPO
-of the medians (goal ≤ 1.3×). Absolute times are printed only as context: they depend on
+Section "losses" times forward + backward of GRPO, GSPO, ESPO and CISPO on the same batch
+(B=64, T=4096, varied response lengths), each the same way (its value, its closed-form
+gradient, its metrics), interleaved (with ESPO's entropy grouping alone, as context) so
+that drifts of the machine hit all alike, and reports each loss's ratio to GRPO of the
+medians (goal for ESPO ≤ 1.3×). Absolute times are printed only as context: they depend on
 the machine and its load, the ratio much less.
 
 Section "router replay" runs ``bench/replay_overhead.py``'s ``measure_replay_overhead()``
@@ -46,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.replay_overhead import measure_replay_overhead
-from runtime.losses import espo_high_entropy_mask, espo_loss, grpo_loss
+from runtime.losses import cispo_loss, espo_high_entropy_mask, espo_loss, grpo_loss, gspo_loss
 from runtime.router_replay import routing_bytes_per_token, storage_dtype
 
 ESPO_GOAL = 1.3
@@ -77,66 +78,66 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def measure_losses(B: int = 64, T: int = 4096, reps: int = 21, warmup: int = 3) -> dict:
-    """Forward+backward time of ESPO vs GRPO on one batch, interleaved, as a ratio.
+    """Forward+backward time of every loss on one batch, interleaved, as ratios to GRPO.
 
-    Each repetition times GRPO, ESPO and ESPO's entropy grouping alone, in an order that
-    rotates between repetitions. The ratio is that of the medians; the median of the
-    per-repetition ratios is reported as a check.
+    All four losses are timed the same way: one call (value, closed-form gradient attached
+    by ``_WithGrad``, the common metrics with one device→host transfer) and ``backward()``.
+    Each repetition times GRPO, GSPO, ESPO, CISPO and ESPO's entropy grouping alone, in an
+    order that rotates between repetitions. A ratio is that of the medians; the median of
+    the per-repetition ratios is reported as a check.
     """
     x = _make_batch(B, T)
     lp = x["logp"]
+    args = (lp, x["old_logp"], x["advantages"], x["mask"])
 
-    def grpo() -> None:
-        lp.grad = None
-        grpo_loss(lp, x["old_logp"], x["advantages"], x["mask"]).loss.backward()
+    def backward(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            lp.grad = None
+            fn().loss.backward()
+        return run
 
-    def espo() -> None:
-        lp.grad = None
-        espo_loss(
-            lp, x["old_logp"], x["advantages"], x["mask"], x["entropy"], vocab_size=151_936
-        ).loss.backward()
-
-    def grouping() -> None:
-        espo_high_entropy_mask(x["entropy"], x["mask"], 0.2)
-
-    cases = {"grpo": grpo, "espo": espo, "espo_grouping": grouping}
+    cases = {
+        "grpo": backward(lambda: grpo_loss(*args)),
+        "gspo": backward(lambda: gspo_loss(*args)),
+        "espo": backward(lambda: espo_loss(*args, x["entropy"], vocab_size=151_936)),
+        "cispo": backward(lambda: cispo_loss(*args)),
+        "espo_grouping": lambda: espo_high_entropy_mask(x["entropy"], x["mask"], 0.2),
+    }
     names = list(cases)
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
-    pair_ratios: list[float] = []
     for i in range(reps):
         order = names[i % len(names) :] + names[: i % len(names)]
-        rep = {k: _timed(cases[k]) for k in order}
-        for k, v in rep.items():
-            times[k].append(v)
-        pair_ratios.append(rep["espo"] / rep["grpo"])
+        for k in order:
+            times[k].append(_timed(cases[k]))
     med = {k: statistics.median(v) for k, v in times.items()}
+    others = [k for k in names if k != "grpo"]
     return {
         "B": B,
         "T": T,
         "reps": reps,
         "threads": torch.get_num_threads(),
-        "grpo_ms": 1e3 * med["grpo"],
-        "espo_ms": 1e3 * med["espo"],
-        "espo_grouping_ms": 1e3 * med["espo_grouping"],
-        "ratio_espo_grpo": med["espo"] / med["grpo"],
-        "ratio_espo_grpo_median_of_reps": statistics.median(pair_ratios),
-        "ratio_grouping_grpo": med["espo_grouping"] / med["grpo"],
+        "ms": {k: 1e3 * v for k, v in med.items()},
+        "ratio_to_grpo": {k: med[k] / med["grpo"] for k in others},
+        "ratio_to_grpo_median_of_reps": {
+            k: statistics.median(a / g for a, g in zip(times[k], times["grpo"], strict=True))
+            for k in others
+        },
         "goal": ESPO_GOAL,
     }
 
 
 def show_losses(r: dict) -> None:
-    ok = "OK" if r["ratio_espo_grpo"] <= r["goal"] else "ABOVE GOAL"
-    print(f"  ESPO/GRPO forward+backward: {r['ratio_espo_grpo']:.2f}x (goal ≤ {r['goal']}x) {ok}")
-    print(f"  median of per-repetition ratios: {r['ratio_espo_grpo_median_of_reps']:.2f}x")
-    print(f"  ESPO's entropy grouping alone / GRPO: {r['ratio_grouping_grpo']:.2f}x")
+    ratio, per_rep, ms = r["ratio_to_grpo"], r["ratio_to_grpo_median_of_reps"], r["ms"]
+    ok = "OK" if ratio["espo"] <= r["goal"] else "ABOVE GOAL"
+    print(f"  ESPO/GRPO forward+backward: {ratio['espo']:.2f}x (goal ≤ {r['goal']}x) {ok}")
+    for k in ratio:
+        print(f"  {k}/grpo: {ratio[k]:.2f}x of medians, {per_rep[k]:.2f}x median of per-rep ratios")
     print(
         f"  context: B={r['B']} T={r['T']} reps={r['reps']} threads={r['threads']}; medians "
-        f"GRPO {r['grpo_ms']:.2f} ms, ESPO {r['espo_ms']:.2f} ms "
-        f"(of which grouping {r['espo_grouping_ms']:.2f} ms)"
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
     )
 
 

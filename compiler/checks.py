@@ -113,6 +113,8 @@ def _etp(spec: Spec, plan: Plan) -> str:
 
 
 def _world(spec: Spec, plan: Plan) -> str:
+    if spec.train.backend == "local":
+        return "world size 1 (the embedded trainer is one process)"
     return (f"world size {plan.train_world_size} ({spec.train.nodes} node(s) × "
             f"{spec.cluster.gpus_per_node} GPUs)")
 

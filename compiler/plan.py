@@ -37,7 +37,7 @@ class Plan:
     """Derived sizes of one run. Field names are shown verbatim by `rlspec inspect --json`."""
 
     # trainer (Megatron-core)
-    train_world_size: int  # W = train.nodes × gpus_per_node
+    train_world_size: int  # W = train.nodes × gpus_per_node (Megatron); 1 (the embedded trainer)
     data_parallel: int  # DP = W / (TP·PP·CP)
     expert_tensor_parallel: int  # ETP, resolved (unset → TP)
     expert_tensor_defaulted: bool  # ETP came from Megatron's default (= TP)
@@ -195,7 +195,8 @@ def make_plan(spec: Spec) -> Plan:
     tp, pp, cp, ep = p.tensor, p.pipeline, p.context, p.expert
     etp = _step(lambda: p.expert_tensor if p.expert_tensor is not None else tp)
 
-    world = _step(lambda: spec.train.nodes * gpn)
+    # The embedded trainer is one process on one device, whatever the node has (DP = 1).
+    world = _step(lambda: 1 if spec.train.backend == "local" else spec.train.nodes * gpn)
     dp = _step(lambda: _div(world, tp * pp * cp))
     expert_dp = _step(lambda: _div(world, etp * ep * pp))
     layers = _step(lambda: pipeline_split(arch.num_layers, pp, p.first_pipeline_stage_layers,

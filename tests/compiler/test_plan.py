@@ -51,6 +51,15 @@ def test_tiny_example() -> None:
     assert plan.expected_rollouts_per_step == 128 + 100 + 64
 
 
+def test_embedded_trainer_is_one_rank_whatever_the_node_holds() -> None:
+    """The embedded trainer is one process on one device: a node with 3 GPUs does not make DP 3
+    (the tiny example's global batch 128 is not a multiple of 16 × 3 and still validates)."""
+    spec = load_spec(EXAMPLES / "tiny" / "spec.yaml", overrides=["cluster.gpus_per_node=3"]).spec
+    plan = make_plan(spec)
+    assert (plan.train_world_size, plan.data_parallel, plan.micro_batches_per_step) == (1, 1, 8)
+    assert not [p for p in check(spec, plan) if p.severity == "error"]
+
+
 def test_single_node_example() -> None:
     plan = plan_of(EXAMPLES / "qwen3-30b-a3b.yaml")
     assert (plan.train_world_size, plan.data_parallel, plan.expert_data_parallel) == (16, 4, 2)
