@@ -126,7 +126,7 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "optimizer_offload": (_ex(TINY, "train.optimizer.cpu_offload=true"),),
     "vllm_cpu": (_ex(TINY, "rollout.engine=vllm", "model.architecture.head_dim=16"),),
     "megatron_layout": (
-        _ex(BIG, "train.parallelism.context=2"),
+        _ex(BIG, "model.architecture.tie_embeddings=true"),
     ),
 }
 

@@ -266,7 +266,10 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
                  With SDPA (the Megatron trainer's core attention, runtime.megatron.attention)
                  or flash attention this part is absent: on GPUs the flash / memory-efficient
                  kernels keep no score matrix, 0 B per score element kept or at peak, and the
-                 trainer's right-padded batches pass no mask (causal attention). On the CPU
+                 trainer's right-padded batches pass no mask (causal attention), except
+                 under CP > 1: one causal mask of the local rows over all keys, s²/CP ·
+                 (1 + activation bytes), boolean and additive (runtime.megatron.context_parallel,
+                 shared by all layers). On the CPU
                  SDPA's math backend does materialise the scores; the estimate is for GPUs.
       in_flight_i = min(PP − i, micro-batches): the 1F1B schedule keeps PP − i micro-batches
                  in flight on stage i (Narayanan et al. 2021); the interleaved schedule
@@ -306,6 +309,9 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
     else:  # core attention (selective) or the whole layer (full) is recomputed
         attn_kept, attn_running = 0.0, attn_working
     mask = b * tokens * tokens / cp if local else 0.0
+    # SDPA under CP > 1: one causal mask of the local rows, boolean + additive (activation
+    # dtype), shared by every layer and micro-batch of a length (runtime.megatron.context_parallel)
+    cp_mask = tokens * tokens / cp * (1 + w_b) if layout.attention == "sdpa" and cp > 1 else 0.0
     offload = min(1.0, max(0.0, layout.optimizer_offload))
     host = 0.0
 
@@ -339,6 +345,8 @@ def train_memory(arch: Architecture, layout: TrainLayout, capacity_gb: float) ->
         if local:
             attn = (n * in_flight * attn_kept + attn_running + in_flight * mask) if n else 0.0
             parts["attention"] = attn / GB
+        elif cp_mask and n:
+            parts["attention"] = cp_mask / GB
         total = sum(parts.values())
         if best is None or total > best[0]:
             best = (total, i, parts, _HOST_BYTES * sharded * offload)

@@ -398,7 +398,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     },
     "TrainParallelism.context": {
         "train:local": LOCAL_LAYOUT,
-        "train:megatron": ("refused:megatron_layout", "check:context_parallel"),
+        "train:megatron": (t(MCORE_TRAINER, "test_context_parallel_2_step_matches_embedded"),
+                           "check:context_parallel"),
     },
     "TrainParallelism.expert": {
         "train:local": LOCAL_LAYOUT,

@@ -29,11 +29,6 @@ def megatron_flag_refusals(args: Any) -> list[Refusal]:
     def refuse(flag: str, message: str, hint: str) -> None:
         out.append(Refusal("megatron_layout", FLAG_PATHS[flag], message, hint))
 
-    if args.context_parallel_size > 1:
-        refuse("context_parallel_size",
-               "the Megatron trainer does not run context parallelism (megatron-core 0.16.1 "
-               "needs TransformerEngine attention for it; the trainer builds the local "
-               "modules)", "set train.parallelism.context: 1")
     if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
         refuse("optimizer_cpu_offload",
                "--optimizer-cpu-offload runs inside the distributed optimizer "

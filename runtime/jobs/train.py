@@ -301,7 +301,8 @@ class MegatronTrainerProcess(TrainerProcess):
         check_architecture(args, self.hf_config)
         vpp = args.num_virtual_stages_per_pipeline_rank or None  # model chunks per rank
         pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                              backend=backend, seed=args.seed, vpp=vpp, **layout)
+                              backend=backend, seed=args.seed, vpp=vpp,
+                              cp=args.context_parallel_size, **layout)
         self.main = rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         overrides = model_overrides(args)
@@ -312,7 +313,7 @@ class MegatronTrainerProcess(TrainerProcess):
         if self.main:
             self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, ETP %d, DP %d), %s, "
                           "%s backend", world, layout["tp"], layout["pp"], layout["ep"], layout["etp"],
-                          world // (layout["tp"] * layout["pp"]),
+                          world // (layout["tp"] * layout["pp"] * args.context_parallel_size),
                           str(dtype).removeprefix("torch."), backend)
         read = ckpt.load_model(self.module, args.load)
         if self.main:
@@ -425,6 +426,8 @@ def model_overrides(args: Any) -> dict[str, Any]:
                                                    args.decoder_first_pipeline_num_layers,
                                                    args.decoder_last_pipeline_num_layers)}
     overrides["moe_router_bias_update_rate"] = bias_update_rate(args)  # DeepSeek-V3's bias
+    if args.context_parallel_size > 1:  # runtime.megatron.context_parallel
+        overrides["context_parallel_size"] = args.context_parallel_size
     if args.recompute_granularity:
         overrides.update(recompute_granularity=args.recompute_granularity,
                          recompute_method=args.recompute_method,

@@ -5,6 +5,8 @@ and GLM-4.5 in :mod:`runtime.megatron.deepseek` / :mod:`runtime.megatron.glm`), 
 weights in and out (:mod:`runtime.megatron.hf_mlp`: the MLPs) and computes per-token log-probs; :mod:`runtime.megatron.engine` trains it (DDP, distributed
 optimizer, ``forward_backward_func``, the losses of ``runtime.losses``);
 :mod:`runtime.megatron.replay` runs R2 / R3 through megatron-core's ``RouterReplay``;
+:mod:`runtime.megatron.attention` is the core attention (torch SDPA) and
+:mod:`runtime.megatron.context_parallel` its context parallelism (sequence split, K/V gather);
 :mod:`runtime.megatron.checkpoint` reads and writes Megatron-LM checkpoint roots;
 :mod:`runtime.megatron.args` reads the Megatron-LM flags of ``train.sh``;
 :mod:`runtime.megatron.cpu` holds the CPU-only patches that tests and CPU runs apply first.

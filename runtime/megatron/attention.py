@@ -34,7 +34,15 @@ the ModuleSpec tree), computing the same function with torch's fused kernels:
 
 Not supported (refused when the module is built or called, as the local module refuses most
 of them): attention dropout > 0 (the Megatron trainer sets 0), sliding-window layers,
-``softmax_type`` other than vanilla, attention bias, packed sequences, context parallelism.
+``softmax_type`` other than vanilla, attention bias, packed sequences.
+
+Context parallelism (``runtime.megatron.context_parallel``): each CP rank holds chunks r and
+2·CP−1−r of the sequence; K and V are all-gathered over the CP group in global order (the
+backward a reduce-scatter), and the local queries attend with a mask of global positions
+(causal: ``context_parallel.causal_mask``; a given megatron mask arrives with its rows
+restricted to the local queries), i.e. full causal attention restricted to the local rows.
+Under CP the call always takes the masked path (no ``is_causal`` flash case). ``cp_comm_type``
+(p2p ring, a2a, ...) is not read: the function is the same, computed this way.
 
 On the CPU SDPA runs its math backend, which does materialise the scores (tests only); the
 memory estimate (``compiler.estimates``, ``runtime.capabilities.TRAINER_ATTENTION``) is for
@@ -57,6 +65,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
+
+from runtime.megatron import context_parallel
 
 __all__ = ["SDPAttention", "additive_mask", "sdpa_layer_spec"]
 
@@ -102,9 +112,6 @@ class SDPAttention(MegatronModule):
                  v_channels: int | None = None, cp_comm_type: str | None = None,
                  pg_collection: ProcessGroupCollection | None = None) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("SDPAttention has no context parallelism "
-                                      "(TransformerEngine's attention has)")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise NotImplementedError(f"attention dropout {dropout}: the Megatron trainer's "
@@ -144,6 +151,10 @@ class SDPAttention(MegatronModule):
         groups = heads // key.shape[2]
         causal = False
         mask = dead = None
+        if context_parallel.size() > 1:  # whole-sequence K / V, causal by global position
+            key, value = context_parallel.gather_sequence(key), context_parallel.gather_sequence(value)
+            if attention_mask is None and self.attn_mask_type == AttnMaskType.causal:
+                attention_mask = context_parallel.causal_mask(sq, query.device)
         if attention_mask is not None:
             mask, dead = additive_mask(attention_mask, query.dtype)
             if groups > 1:

@@ -24,6 +24,9 @@ do run on CPU once these nine things hold; :func:`enable_cpu` arranges the seven
 7. activation recomputation (``CheckpointFunction``) saves and restores a "CUDA" generator
    state next to the CPU one and the tracker's: on the CPU there is none to save
    (``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``).
+7b. under context parallelism the rotary embeddings take this CP rank's positions with
+   ``get_pos_emb_on_this_cp_rank``, which builds its index in pinned memory and copies it to
+   the GPU: the rotary modules get :func:`_pos_emb_on_this_cp_rank` (the same selection).
 
 and the caller provides the other two (:mod:`runtime.megatron.model` does):
 
@@ -62,6 +65,22 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
+# Modules that bind ``get_pos_emb_on_this_cp_rank`` (7b of the module doc).
+_ROPE_MODULES = (
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+)
+
+
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    """megatron-core's ``get_pos_emb_on_this_cp_rank`` without pinned memory: chunks r and
+    2·CP−1−r of ``pos_emb`` along ``seq_dim``."""
+    cp, r = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([r, 2 * cp - r - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
 
 
 class _CpuTorch(types.ModuleType):
@@ -169,6 +188,11 @@ def enable_cpu() -> None:
     _saved["tensor_type"] = torch.Tensor.type
     torch.Tensor.type = _tensor_type  # type: ignore[method-assign, assignment]
     _saved["cuda_rng_state"] = (_random._get_cuda_rng_state, _random._set_cuda_rng_state)
+    _saved["pos_emb"] = {}
+    for name in _ROPE_MODULES:
+        module = importlib.import_module(name)
+        _saved["pos_emb"][name] = module.get_pos_emb_on_this_cp_rank
+        module.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     _random._get_cuda_rng_state = _no_cuda_rng_state
     _random._set_cuda_rng_state = _set_no_cuda_rng_state
 
@@ -183,6 +207,8 @@ def disable_cpu() -> None:
     torch.cuda.synchronize = _saved.pop("synchronize")
     for name, real in _saved.pop("torch_of").items():
         importlib.import_module(name).torch = real
+    for name, real in _saved.pop("pos_emb").items():
+        importlib.import_module(name).get_pos_emb_on_this_cp_rank = real
     torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
     _random._get_cuda_rng_state, _random._set_cuda_rng_state = _saved.pop("cuda_rng_state")
     _random._CUDA_RNG_STATE_TRACKER, _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = (

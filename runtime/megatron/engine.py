@@ -37,7 +37,10 @@ Virtual pipeline stages (``build_gpt_chunks``) run the interleaved schedule over
 model chunks, each a DDP of its own; every chunk reads every micro-batch and replays or
 records its own routers (``MegatronReplay``'s ``instances``). Uneven first/last stages are
 the chunks' ``TransformerConfig`` (``runtime.megatron.args.pipeline_stages``).
-Context parallelism is not supported.
+Context parallelism (``runtime.megatron.context_parallel``): every micro-batch is padded to a
+multiple of 2·CP (× TP) positions, each CP rank runs its two chunks and gets the whole
+log-probs back, replay traces are split alike (R2 records gathered), and the loss share is
+counted on CP rank 0 (megatron-core sums it over data × context-parallel ranks).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
+from runtime.megatron import context_parallel
 from runtime.megatron.model import comm_device, megatron_logprobs
 from runtime.megatron.replay import MegatronReplay, from_megatron_layout
 from runtime.router_replay import RoutingTrace
@@ -87,8 +91,6 @@ class MegatronTrainer(Trainer):
                  reference: GPTModel | list[GPTModel] | None = None,
                  total_optimizer_steps: int = 1, length_balancing: bool = True,
                  sync_tolerance: float | None = None) -> None:
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise NotImplementedError("the Megatron trainer does not run context parallelism yet")
         self.chunks = list(model) if isinstance(model, list | tuple) else [model]
         config = self.chunks[0].config
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -126,6 +128,8 @@ class MegatronTrainer(Trainer):
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
         # sequence parallelism splits each micro-batch's positions over the TP ranks
         self.length_multiple = tp if config.sequence_parallel else 1
+        self.cp = context_parallel.size()  # 2·CP chunks per sequence (context_parallel)
+        self.length_multiple *= 2 * self.cp if self.cp > 1 else 1
         freq = config.moe_layer_freq
         pattern = freq if isinstance(freq, list) else [
             int(i % freq == 0) for i in range(config.num_layers)]
@@ -290,13 +294,15 @@ class MegatronTrainer(Trainer):
                 with self.replay.recording(routers) as records:  # type: ignore[union-attr]
                     out, h = megatron_logprobs(*args, with_entropy=True)
                 if records:
-                    got = from_megatron_layout(records, mb.size, width)
+                    got = from_megatron_layout(context_parallel.gather_records(records, mb.size),
+                                               mb.size, width)
                     chosen = range(len(self.replay)) if routers is None else routers  # type: ignore[arg-type]
                     for j, i in enumerate(chosen):  # this chunk's MoE layers
                         ids[index, :length, self.replay.layers[i]] = (  # type: ignore[union-attr]
                             got[:n, :length, j].long().cpu() + 1)
             elif self.replay_mode != "off" and mb.routing is not None:
-                with self.replay.replaying(mb.routing, instances=routers):  # type: ignore[union-attr]
+                trace = context_parallel.split_trace(mb.routing)
+                with self.replay.replaying(trace, instances=routers):  # type: ignore[union-attr, arg-type]
                     out, h = megatron_logprobs(*args, with_entropy=True)
             else:
                 out, h = megatron_logprobs(*args, with_entropy=True)
@@ -406,7 +412,8 @@ class MegatronTrainer(Trainer):
 
         def forward_step(data: Iterator[Any], model: Any) -> tuple[Tensor, Any]:
             index, real, padded = next(data)
-            with self._update_routing(padded.routing, self.routers.get(id(model))):
+            with self._update_routing(context_parallel.split_trace(padded.routing),
+                                      self.routers.get(id(model))):
                 logp, _ = megatron_logprobs(model, padded.input_ids.to(self.device),
                                             padded.attention_mask.to(self.device))
 
@@ -419,6 +426,7 @@ class MegatronTrainer(Trainer):
                 loss = self._micro_loss(logp, index, real, old_logp, entropy, mask,
                                         token_weight, ref_logp, total_tokens, denom, sums, counts)
                 share = self._share(mask[index, : real.input_ids.shape[1]])
+                share = share if context_parallel.rank() == 0 else 0  # summed over DP × CP
                 return loss.to(output.device), torch.tensor(int(share), dtype=torch.int), {}
 
             return logp, loss_func

@@ -66,7 +66,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 from transformers import PretrainedConfig
 
-from runtime.megatron import attention, deepseek, glm
+from runtime.megatron import attention, context_parallel, deepseek, glm
 from runtime.megatron.args import (
     hf_moe_layers,
     hf_num_experts,
@@ -96,7 +96,7 @@ __all__ = [
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
                   tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
-                  vpp: int | None = None, backend: str = "gloo",
+                  vpp: int | None = None, cp: int = 1, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
     """Join the default group, build megatron's tensor/expert-parallel groups, seed
     megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
@@ -114,7 +114,8 @@ def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str]
                                              pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp,
                                              expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=etp)
+                                             expert_tensor_parallel_size=etp,
+                                             context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
@@ -478,6 +479,9 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
     m, Σ all-reduced over the tensor-parallel group. Positions: cumsum(mask) − 1 (so left
     padding works); padded keys are masked out.
     """
+    if context_parallel.size() > 1:  # this rank's positions; log-probs gathered whole
+        return context_parallel.logprobs(model, input_ids, attention_mask,
+                                         with_entropy=with_entropy)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if model.config.sequence_parallel and input_ids.shape[1] % tp:
         raise ValueError(f"sequence parallelism splits the {input_ids.shape[1]} positions over "

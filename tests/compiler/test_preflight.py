@@ -76,8 +76,10 @@ CASES = [
      ("router_replay", "mode"), "rl", "router replay r3 on a dense model (family llama"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
-    ("megatron_layout", SINGLE, ["train.parallelism.context=2", ROOM],
-     ("train", "parallelism", "context"), "rl", "does not run context parallelism"),
+    ("megatron_layout", SINGLE, ["train.parallelism.pipeline=2",
+                                 "model.architecture.tie_embeddings=true", ROOM],
+     ("model", "architecture", "tie_embeddings"), "rl",
+     "does not tie embeddings across pipeline stages"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
      ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
     ("async_rollout", TINY, ["system.max_staleness=2"],
@@ -309,12 +311,14 @@ def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "every job's preflight passes" in result.stdout
     train_sh = bundle / "jobs" / "rl" / "train.sh"  # an operator edits a flag in place
-    train_sh.write_text(train_sh.read_text().replace("--context-parallel-size 1",
-                                                     "--context-parallel-size 2"))
+    train_sh.write_text(train_sh.read_text().replace("--untie-embeddings-and-output-weights",
+                                                     "").replace(
+        "--pipeline-model-parallel-size 1", "--pipeline-model-parallel-size 2"))
     result = cli("check", str(bundle))
     assert result.exit_code == 2
-    assert "train.parallelism.context: the Megatron trainer does not run context" in result.stderr
-    assert "spec.yaml:" in result.stderr and "hint: set train.parallelism.context: 1" in result.stderr
+    assert ("model.architecture.tie_embeddings: the Megatron trainer does not tie embeddings"
+            in result.stderr), result.stderr
+    assert "spec.yaml:" in result.stderr and "hint: set model.architecture.tie_embeddings" in result.stderr
     train_sh.write_text(train_sh.read_text().replace("--seq-length", "--seq-len"))
     result = cli("check", str(bundle))
     assert result.exit_code == 2 and "--seq-len" in result.stderr

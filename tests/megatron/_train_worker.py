@@ -6,8 +6,9 @@ side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead
 ``etp=N`` expert-tensor parallelism (``etp=tp``: Megatron's default, ETP = TP), ``layers=N``
 decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
 interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
-(uneven stages), ``tie=1`` tied input embedding and output layer (qwen3_moe), ``family=F``
-the model family (qwen3_moe, the default: the tiny example's; glm4_moe, qwen3, llama:
+(uneven stages), ``cp=N`` context parallelism (``runtime.megatron.context_parallel``),
+``tie=1`` tied input embedding and output layer (qwen3_moe), ``family=F``
+the model family (qwen3_moe, the default: the tiny example's; glm4_moe, deepseek_v3, qwen3, llama:
 ``tests.families``).
 
 Both trainers start from the same HF weights (the tiny model of the family, seed 0) and take
@@ -44,12 +45,12 @@ TRAIN: dict[str, Any] = {
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
 # KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
 LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0, "tie": 0,
-                          "family": "qwen3_moe"}
+                          "family": "qwen3_moe", "cp": 1}
 
 
 def policy(family: str, seed: int = 0, layers: int = 2, tie: bool = False) -> Any:
     """The tiny HF policy of ``family`` (module doc)."""
-    from tests.families import tiny_dense_policy, tiny_glm_policy
+    from tests.families import tiny_deepseek_policy, tiny_dense_policy, tiny_glm_policy
 
     if family == "qwen3_moe":
         return tiny_hf_policy(seed=seed, layers=layers, tie=tie)
@@ -57,6 +58,8 @@ def policy(family: str, seed: int = 0, layers: int = 2, tie: bool = False) -> An
         raise ValueError("tie=1 is built for the qwen3_moe family only")
     if family == "glm4_moe":
         return tiny_glm_policy(seed, layers=layers)
+    if family == "deepseek_v3":  # MLA; the tiny architecture's 2 layers
+        return tiny_deepseek_policy(seed)
     return tiny_dense_policy(family, seed, layers=layers)
 
 
@@ -108,6 +111,7 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
+    from runtime.megatron import context_parallel
     from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
     from runtime.router_replay import patch_moe_routers
@@ -138,7 +142,8 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                 total_optimizer_steps=TOTAL_STEPS).step(batch, epochs=EPOCHS, seed=SEED)
         free = control.state_dict()
 
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
+    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", cp=int(options["cp"]),
+                          **layout)
     try:
         model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
                                     routing_replay=replay != "off", sequence_parallel=tp > 1,
@@ -155,7 +160,8 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                                   reference=reference)
         metrics = trainer.step(batch, epochs=EPOCHS, seed=SEED)
         trained = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
-        return {"hf": hf.state_dict(), "initial": initial, "ref": embedded.state_dict(),
+        return {"cp": context_parallel.size(), "hf": hf.state_dict(), "initial": initial,
+                "ref": embedded.state_dict(),
                 "got": trained, "free": free, "ref_metrics": ref_metrics, "metrics": metrics,
                 "lr": TRAIN["optimizer"]["lr"]}
     finally:
@@ -171,6 +177,8 @@ def _layout(tp: int, ep: int, pp: int, options: dict[str, Any] | None
     layout = {"tp": tp, "ep": ep, "pp": pp, "etp": tp if opts["etp"] == "tp" else int(opts["etp"]),
               "vpp": int(opts["vpp"]) or None}
     stages = pipeline_stages(pp, int(opts["first"]) or None, int(opts["last"]) or None)
+    if int(opts["cp"]) > 1:  # a TransformerConfig field (init_parallel takes cp itself)
+        stages["context_parallel_size"] = int(opts["cp"])
     return layout, stages, int(opts["layers"])
 
 

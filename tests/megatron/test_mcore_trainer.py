@@ -13,7 +13,7 @@ A Megatron checkpoint resumes the step exactly.
 EP = 2 runs two processes (gloo, file:// rendezvous): data parallelism 2, four of the eight
 experts per rank, the optimizer state sharded over both. TP = 2 × EP = 2 runs the same two
 processes as one tensor-parallel pair with sequence parallelism, PP = 2 as two pipeline
-stages. R2 / R3 go through megatron-core's
+stages, CP = 2 as two context-parallel ranks. R2 / R3 go through megatron-core's
 ``RouterReplay``; the R3 trace is another policy's routing, so the control (the same step
 routing freely) lands far away, and agreeing with the embedded replay is not an accident.
 """
@@ -176,33 +176,30 @@ def test_virtual_and_uneven_pipeline_stages_match_embedded(tmp_path: Path, repla
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
-def test_context_parallel_needs_transformer_engine_attention(tmp_path: Path,
-                                                             megatron_cpu: None) -> None:
-    """CP = 2 does not run, and stays refused (``megatron_layout``): megatron-core 0.16.1's
-    local ``DotProductAttention`` — the only attention it has without TransformerEngine,
-    which has no CPU build, and the one the trainer builds on GPUs too (the local layer spec)
-    — asserts context_parallel_size == 1; context parallelism is TEDotProductAttention's
-    (TE's ring / all-gather attention kernels). The rest of CP (the load-balanced 2·CP
-    sequence split, the per-token loss gathered, replay traces split alike) is not built.
-    When this test fails, megatron-core runs CP without TE: build that and lift the refusal."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from runtime.megatron import model as mm
-    from tests.megatron._worker import tiny_hf_policy
-
-    hf = tiny_hf_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
-    try:
-        config = mm.transformer_config(hf.config, context_parallel_size=2)
-        with pytest.raises(AssertionError, match="only supported by TEDotProductAttention"):
-            DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
-                                attention_type="self")
-        # the trainer's own attention (runtime.megatron.attention, SDPA) has none either
-        with pytest.raises(NotImplementedError, match="no context parallelism"):
-            mm.build_gpt_model(hf.config, pg, context_parallel_size=2)
-    finally:
-        mm.destroy_parallel()
+@pytest.mark.parametrize(("tp", "ep", "replay", "loss", "family"), [
+    ("1", "1", "r3", "grpo", "qwen3_moe"), ("1", "1", "r2", "espo", "qwen3_moe"),
+    ("1", "1", "off", "grpo-kl", "qwen3_moe"), ("1", "1", "r3", "grpo", "deepseek_v3"),
+    ("2", "1", "r3", "grpo", "qwen3_moe"), ("2", "2", "r2", "espo", "qwen3_moe"),
+], ids=["r3", "r2", "kl", "mla-r3", "tp2-r3", "tp2-ep2-r2"])
+def test_context_parallel_2_step_matches_embedded(tmp_path: Path, tp: str, ep: str, replay: str,
+                                                  loss: str, family: str) -> None:
+    """CP = 2 (``runtime.megatron.context_parallel``): each rank holds chunks r and 3 − r of
+    every micro-batch's positions (padded to a multiple of 4), its attention reads the
+    all-gathered keys and values with a causal mask of global positions (SDPAttention; not
+    megatron-core 0.16.1's local attention, which asserts CP = 1), the rotary embedding takes
+    the same positions (MLA's too: deepseek_v3; qwen3_moe is GQA), R3 traces are split alike
+    and R2 records gathered; both ranks get the
+    whole log-probs back and compute the same loss, its share counted once. Gradients are
+    summed over the data × context-parallel group by megatron-core's DDP. With TP = 2 (four
+    ranks; sequence parallelism, positions padded to a multiple of 8) each CP rank's two
+    chunks are split again over the TP pair; with EP = 2 too, R2 records are gathered over TP,
+    then CP."""
+    outs = launch("tests.megatron._train_worker", 2 * int(tp),
+                  [tp, ep, str(tmp_path), replay, loss, "cp=2", f"family={family}"], tmp_path)
+    for out in outs:
+        assert out["cp"] == 2
+        _check(out)
+    assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
 @pytest.mark.parametrize(("replay", "recompute"), [("r3", "full"), ("r2", "full"),

@@ -206,3 +206,22 @@ def test_model_logprobs_and_gradients_equal_the_local_attention(
     for name, g in got_grads.items():
         d = (g - want_grads[name]).abs().max().item()
         assert d <= 1e-5 * scale, f"{name}: max |Δ grad| = {d:.3g} (scale {scale:.3g})"
+
+
+# --------------------------------------------------------------------------- context parallel
+
+
+def test_context_parallel_2_equals_whole_sequence_attention(tmp_path: Path) -> None:
+    """CP = 2 (two gloo ranks, ``runtime.megatron.context_parallel``): each rank's queries —
+    chunks r and 3 − r of four — against the all-gathered keys and values, masked by global
+    position, equal the whole sequence's causal attention restricted to those rows, and the
+    input gradients (K and V: summed over both ranks' queries, i.e. reduce-scattered) equal the
+    whole-sequence gradients' rows: GQA without a mask and with padding masks (left-padded
+    rows that see no key included), MLA-shaped heads (hn ≠ hv, MLA's softmax scale)."""
+    from tests.megatron._worker import launch
+
+    outs = launch("tests.megatron._cp_attention_worker", 2, [str(tmp_path)], tmp_path)
+    for out in outs:
+        assert set(out) == {"gqa", "gqa-padded", "mla"}
+        for case, err in out.items():
+            assert err <= TOL, (case, err)

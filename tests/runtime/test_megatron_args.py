@@ -267,3 +267,18 @@ def test_rope_head_dim_positions_and_tying_reach_the_flags_and_must_match_the_ch
                                                 r"10000\.0\)") as err:
         check_architecture(args, only_rope)
     assert "--kv-channels" not in str(err.value)
+
+
+def test_context_parallel_reaches_the_train_jobs_model_overrides(tmp_path: Path) -> None:
+    """``train.parallelism.context: 2`` → ``--context-parallel-size 2`` → no layout refusal,
+    and the train job builds its GPTModel with ``context_parallel_size`` 2 (its
+    ``init_parallel`` takes the same flag)."""
+    from runtime.capabilities import megatron_flag_refusals
+    from runtime.jobs.train import model_overrides
+
+    text, _ = tiny_megatron_train_sh(tmp_path, train={"parallelism": {"context": 2,
+                                                                       "expert": 1}})
+    args = parse_megatron_args(trainer_argv(text))
+    assert args.context_parallel_size == 2
+    assert megatron_flag_refusals(args) == []
+    assert model_overrides(args)["context_parallel_size"] == 2
