@@ -30,7 +30,9 @@ EXAMPLES = {
     "qwen3-30b-a3b": ROOT / "examples" / "qwen3-30b-a3b.yaml",
     "compassmax-245b": ROOT / "examples" / "compassmax-245b.yaml",
 }
-RECIPES = sorted((ROOT / "tests" / "compiler" / "recipes").glob("*.yaml"))
+# The published layouts that validate (test_recipes.NOT_EXPRESSIBLE lists the one that cannot).
+RECIPES = sorted(p for p in (ROOT / "tests" / "compiler" / "recipes").glob("*.yaml")
+                 if p.stem != "qwen3-235b-a22b-modelzoo")
 UPDATE = os.environ.get("RLSPEC_UPDATE_GOLDEN") == "1"
 # The bash that runs rendered scripts here; RLSPEC_TEST_BASH=/path/to/bash-4.4 runs them on
 # the oldest bash a batch host may have (RHEL/Rocky 8 ship 4.4), sub-scripts included.
