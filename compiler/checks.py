@@ -63,6 +63,11 @@ HEAD_DIM: Path = (*ARCH, "head_dim")
 GPU_MEM: Path = ("cluster", "gpu_memory_gb")
 
 NEAR_MEMORY = 0.9  # within 10 % of capacity: a warning
+# FP8 rollouts (fp8_rollout): FP8-rounded weights alone move the engines' mean |log-prob gap|
+# to about 1e-3 (examples/tiny after 10 SFT steps, tests/runtime/test_run.py) – 1e-1 (a random
+# MoE with peaked logits, tests/runtime/test_fp8.py); a weight-sync tolerance below this
+# would stop an FP8 run on its numerics alone.
+FP8_SYNC_TOLERANCE = 1e-2
 
 
 def _error(path: Path, message: str, suggestion: str | None = None,
@@ -575,6 +580,53 @@ def redundant_experts(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (("rollout", "engine"),))
 
 
+def fp8_rollout(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """FP8 rollouts (``rollout.fp8``: vLLM ``--quantization fp8``, the embedded engine's
+    FP8-rounded weights) sample from other numerics than the trainer's BF16/FP32 policy:
+    every token's log-prob differs, so the update needs the train–inference correction
+    (``algorithm.correction`` tis or mis; none is an error). On an MoE model the rounding
+    also flips expert choices near a routing tie, which only router replay r3 removes (the
+    trainer then routes as the FP8 engine did): without it a warning. FP8-RL (arXiv
+    2601.18150) reports an MoE run with BF16 training and FP8 rollouts that collapsed without
+    importance-sampling correction. The gap the step's weight-sync check measures grows with
+    FP8 too: a ``system.weight_sync_tolerance`` below ``FP8_SYNC_TOLERANCE`` (1e-2) would
+    stop the run at its first step (a warning: the gap depends on the model)."""
+    if not spec.rollout.fp8:
+        return
+    fp8: Path = ("rollout", "fp8")
+    correction: Path = ("algorithm", "correction", "mode")
+    if spec.algorithm.correction.mode == "none":
+        yield _error(correction,
+                     "rollout.fp8 samples with FP8-rounded weights while the trainer computes in "
+                     f"{spec.train.precision}: every rollout token's log-prob differs from the "
+                     "trainer's, and algorithm.correction.mode none leaves the update biased "
+                     "(FP8-RL, arXiv 2601.18150: an MoE run with BF16 training and FP8 "
+                     "rollouts collapsed without importance-sampling correction)",
+                     "set algorithm.correction.mode: tis (or mis), or rollout.fp8: false",
+                     (fp8,))
+    mode = spec.router_replay.mode
+    if spec.model.architecture.moe is not None and mode != "r3":
+        why = ("router_replay.mode is off" if mode == "off" else
+               "router_replay.mode r2 replays the trainer's own routing, not the FP8 engine's")
+        yield _warning(("router_replay", "mode"),
+                       f"rollout.fp8 on an MoE model and {why}: FP8-rounded router inputs flip "
+                       "expert choices near a tie, so the trainer scores some tokens with other "
+                       "experts than sampled them, a mismatch the token correction can only "
+                       "down-weight (FP8-RL, arXiv 2601.18150: an MoE run with BF16 training "
+                       "and FP8 rollouts collapsed without importance-sampling correction)",
+                       "set router_replay.mode: r3", (fp8,))
+    tolerance = spec.system.weight_sync_tolerance
+    if tolerance < FP8_SYNC_TOLERANCE:
+        yield _warning(("system", "weight_sync_tolerance"),
+                       f"weight_sync_tolerance {tolerance:g} with rollout.fp8: FP8-rounded "
+                       "weights alone move the engines' log-probs by about 1e-3 to 1e-1 per "
+                       "token on average, so the weight-sync check would stop the run at its "
+                       "first step on FP8 numerics alone",
+                       f"set system.weight_sync_tolerance: {FP8_SYNC_TOLERANCE:g} or more "
+                       "(above the train_inference_gap your model shows with FP8)",
+                       (fp8,))
+
+
 # --------------------------------------------------------------------------- run-level
 
 
@@ -798,7 +850,6 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
     - rollout.engine local: ``gpu_memory_utilization``, ``max_num_seqs`` and
       ``parallelism.expert_parallel`` (vLLM's); ``parallelism.tensor`` / ``data`` only set how
       many devices each embedded replica claims, so they divide the replica count;
-      (``rollout.fp8`` changes numerics: ``runtime.capabilities`` refuses it there);
     - train.optimizer.cpu_offload false: ``offload_fraction`` (the share offloaded);
     - cluster.scheduler local: ``partition``, ``account``, ``qos`` (Slurm's; its resource
       requests ``cpus_per_task``, ``exclusive`` and ``mem_gb`` are ``cluster_settings``');
@@ -950,6 +1001,7 @@ RULES: tuple[Rule, ...] = (
     interleaved_schedule,
     rollout_grid,
     redundant_experts,
+    fp8_rollout,
     run_level,
     cluster_settings,
     zve_budgets,

@@ -72,6 +72,10 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
         _ex(SINGLE, "rollout.parallelism.tensor=3", "rollout.parallelism.data=1"),
     ),
     "redundant_experts": (_ex(TINY, "rollout.redundant_experts=8"),),
+    "fp8_rollout": (
+        _ex(TINY, "rollout.fp8=true", "algorithm.correction.mode=none"),
+        _ex(SINGLE, "rollout.fp8=true", "router_replay.mode=off"),
+    ),
     "run_level": (
         _ex(SINGLE, "rollout.prompts_per_step=60"),
         _ex(SINGLE, "rollout.max_tokens=40000"),
@@ -118,7 +122,6 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "megatron_cpu": (_ex(TINY, "train.backend=megatron"),),
     "recompute": (_ex(TINY, "train.recompute=full"),),
     "tokenizer": (_ex(SINGLE, "model.tokenizer=/models/another-tokenizer"),),
-    "fp8": (_ex(TINY, "rollout.fp8=true"),),
     "local_nodes": (_ex(TINY, "train.backend=megatron", "model.architecture.moe.token_dispatcher=allgather",
                         "train.nodes=2"),),
     "embedded_trainer_nodes": (_ex(TINY, "train.nodes=2"),),

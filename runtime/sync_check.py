@@ -10,7 +10,9 @@ given), over the valid tokens:
 
 and stops the run when gap > ``system.weight_sync_tolerance``. Equal precision on both sides
 (fp32, as the tests and the tiny example run) gives gaps near 1e-7; bf16 engines with MoE
-routing differences stay around 1e-3 (the gap the paper reports before router replay). The
+routing differences stay around 1e-3 (the gap the paper reports before router replay); FP8
+rollouts (``rollout.fp8``) add about 1e-3 (the tiny example) to 1e-1 by design, so their
+tolerance must sit above that (``compiler.checks.fp8_rollout`` warns below 1e-2). The
 step's ``train_inference_gap`` metric is this number.
 """
 

@@ -482,7 +482,13 @@ class Rollout(Section):
         0.85, description="`--gpu-memory-utilization`: share of GPU memory vLLM may use."
     )
     max_num_seqs: PosInt = Field(256, description="`--max-num-seqs`: concurrent sequences per replica.")
-    fp8: bool = Field(False, description="Serve with FP8 weights (`--quantization fp8`).")
+    fp8: bool = Field(
+        False,
+        description="Sample with FP8 weights: vLLM `--quantization fp8`; the embedded engine "
+        "rounds its linear and expert weights through float8_e4m3fn (per-output-channel absmax "
+        "scales; embeddings, lm_head, norms and routers stay) at load and every weight update. "
+        "Needs `algorithm.correction` tis or mis; on MoE models use `router_replay.mode: r3`.",
+    )
 
 
 # --------------------------------------------------------------------------- data

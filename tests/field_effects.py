@@ -71,6 +71,7 @@ REWARDS = "tests/runtime/test_rewards.py"
 RL = "tests/runtime/test_rl_job.py"
 PROMPTS = "tests/runtime/test_prompts.py"
 ROLLOUT = "tests/runtime/test_rollout.py"
+FP8 = "tests/runtime/test_fp8.py"
 REPLAY = "tests/runtime/test_router_replay.py"
 RUN = "tests/runtime/test_run.py"
 TASKS = "tests/runtime/test_tasks.py"
@@ -482,8 +483,16 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Rollout.redundant_experts": {
         "rollout:vllm": "test:tests/vllm_flags/test_vllm_flags.py::test_redundant_experts_enable_vllms_eplb",
         "rollout:local": "check:redundant_experts"},
-    # --quantization fp8; the embedded engine would sample unquantized: refused there.
-    "Rollout.fp8": {"rollout:vllm": ("check:memory", FP8_FLAGS), "rollout:local": "refused:fp8"},
+    # --quantization fp8 (vLLM; the embedded server from the job config): FP8-rounded weights,
+    # log-probs those of the rounded model, the gap visible in train_inference_gap; the
+    # correction / r3 / tolerance check; FP8 weights in the rollout memory estimate.
+    "Rollout.fp8": {
+        "rollout:vllm": ("check:memory", "check:fp8_rollout", FP8_FLAGS),
+        "rollout:local": (t(FP8, "test_fp8_engine_serves_the_rounded_weights_with_a_bounded_gap"),
+                          t(FP8, "test_the_rl_jobs_rollout_server_serves_fp8_from_the_job_config"),
+                          t(RUN, "test_fp8_rollouts_run_end_to_end_and_show_in_the_gap"),
+                          "check:fp8_rollout"),
+    },
     # 2-node replicas of TP 8 × DP 2 (--data-parallel-address, headless second node).
     # On the embedded engine TP·DP only sets the devices a replica claims (warned).
     "RolloutParallelism.tensor": {"rollout:vllm": (SPLIT_245B, "check:rollout_grid"),
@@ -607,7 +616,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "train:megatron": MCORE_TINY,  # kl 0.1: the frozen reference GPTModel, kl logged
     },
     "KL.estimator": {"all": SCHEDULE},  # kl_penalty k1 / k2 / k3
-    "Correction.mode": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
+    "Correction.mode": {"all": (t(LOSSES, "test_high_entropy_mask_and_correction_match_reference"),
+                                t(CHECKS, "test_fp8_rollouts_without_a_train_inference_correction_are_an_error"))},
     "Correction.cap": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
     "Correction.low": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},
     "Correction.high": {"all": t(LOSSES, "test_high_entropy_mask_and_correction_match_reference")},

@@ -28,7 +28,6 @@ from runtime.capabilities.hardware import (
     VLLM_CPU_EXPERT_ALIGNMENT,  # noqa: F401  (re-exported)
     VLLM_CPU_HEAD_DIMS,  # noqa: F401  (re-exported)
     devices,
-    fp8,
     megatron_cpu,
     optimizer_offload,
     precision,
@@ -91,7 +90,6 @@ RULES: dict[str, Rule] = {
     "recompute": recompute,
     "tokenizer": tokenizer,
     "optimizer_offload": optimizer_offload,
-    "fp8": fp8,
     "local_nodes": local_nodes,
     "embedded_trainer_nodes": embedded_trainer_nodes,
     "screen_nodes": screen_nodes,
@@ -112,7 +110,7 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "async_rollout",
-           "precision", "devices", "megatron_cpu", "recompute", "tokenizer", "fp8",
+           "precision", "devices", "megatron_cpu", "recompute", "tokenizer",
            "local_nodes", "embedded_trainer_nodes", "optimizer_offload", "vllm_cpu"),
 }
 

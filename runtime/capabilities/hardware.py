@@ -105,16 +105,6 @@ def recompute(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set train.recompute: none")
 
 
-def fp8(spec: Mapping[str, Any]) -> Iterator[Refusal]:
-    """The embedded engine serves the policy's own weights: FP8 rollouts (vLLM
-    ``--quantization fp8``) would sample with other numerics than the spec asks for."""
-    if _uses_embedded_engine(spec) and spec["rollout"]["fp8"]:
-        yield Refusal("fp8", ("rollout", "fp8"),
-                      "the embedded rollout engine serves the policy's weights as they are, "
-                      "not quantized to FP8",
-                      "set rollout.fp8: false, or rollout.engine: vllm")
-
-
 def optimizer_offload(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Optimizer CPU offload is megatron-core's ``HybridDeviceOptimizer``
     (``--optimizer-cpu-offload``): the embedded trainer has no offload (one CPU process, its

@@ -66,7 +66,8 @@ def single_output(ctx: JobContext) -> str:
 def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
     """The engine the spec's ``rollout.engine`` names: ``vllm`` — the replicas the job's
     launch script started (``runtime.rollout.remote``); ``local`` — a ``LocalEngine`` on the
-    spec's device (``runtime.devices.job_device``), one torch thread."""
+    spec's device (``runtime.devices.job_device``), one torch thread, FP8-rounded weights
+    under ``rollout.fp8`` (as the job's vLLM replicas serve with ``--quantization fp8``)."""
     if ctx.spec["rollout"]["engine"] == "vllm":
         from runtime.rollout.remote import RemoteEngine, engine_endpoints
 
@@ -78,7 +79,8 @@ def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
     from runtime.rollout.engine import LocalEngine
 
     torch.set_num_threads(1)
-    return LocalEngine(model_dir, device=job_device(ctx.spec), seed=seed)
+    return LocalEngine(model_dir, device=job_device(ctx.spec), seed=seed,
+                       fp8=ctx.model_spec.rollout.fp8)
 
 
 def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int,

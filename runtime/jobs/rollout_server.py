@@ -8,6 +8,9 @@
 * refuses a host that is not loopback when the run is local (no Slurm allocation),
 * serves with one torch thread and dies with its parent (no orphan engine when the
   launch script is stopped),
+* takes the engine's numerics from the job's typed config: ``rollout.fp8`` serves with
+  ``--quantization fp8`` (FP8-rounded weights, ``runtime.rollout.fp8``), as ``vllm serve``
+  does in the same job,
 
 then hands over to ``runtime.rollout.server.main``.
 """
@@ -24,7 +27,8 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     """The ``runtime.rollout.server`` command line for this wrapper's arguments."""
     env = dict(os.environ if env is None else env)
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--config", default=None, help="the job's config.json (unused: for logs)")
+    ap.add_argument("--config", default=None,
+                    help="the job's config.json (its rollout.fp8 selects --quantization fp8)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -36,9 +40,18 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
            "--threads", str(args.threads)]
     if args.return_routed_experts:
         out.append("--return-routed-experts")
+    if args.config is not None and _fp8(args.config):
+        out += ["--quantization", "fp8"]
     if env.get("SLURM_JOB_ID"):  # cluster: the head node serves the other nodes' driver
         out.append("--allow-non-loopback")
     return out
+
+
+def _fp8(config: str) -> bool:
+    """``rollout.fp8`` of the job config at ``config`` (validated as the jobs validate it)."""
+    from runtime.jobs.common import JobContext
+
+    return JobContext.load(config, log_to_file=False).model_spec.rollout.fp8
 
 
 def main(argv: Sequence[str] | None = None) -> int:

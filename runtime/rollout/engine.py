@@ -25,6 +25,9 @@ routes only the token fed in (the KV cache holds the rest).
 Weights. ``load_weights(path, version)`` swaps a checkpoint of the same architecture
 in place (read by ``runtime.rollout.checkpoint``), so the patched routers stay. Every
 sample reports the weight version(s) that produced its tokens as ``WeightVersionSpan`` s.
+With ``fp8=True`` (``rollout.fp8``, vLLM's ``--quantization fp8``) the linear and expert
+weights are rounded through float8_e4m3fn at load and after every ``load_weights``
+(``runtime.rollout.fp8``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 
 from runtime.rollout.checkpoint import read_checkpoint
+from runtime.rollout.fp8 import quantize_fp8_
 from runtime.rollout.outputs import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -85,6 +89,7 @@ class LocalEngine(PauseControl):
         dtype: torch.dtype = torch.float32,
         logprobs_mode: LogprobsMode = "raw_logprobs",
         max_model_len: int | None = None,
+        fp8: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,6 +105,9 @@ class LocalEngine(PauseControl):
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype,
                                                           use_kernels=False)  # see load_policy
         self.model.to(self.device).eval()
+        # FP8 serving (runtime.rollout.fp8): the weights it rounds, at load and every update.
+        self.fp8 = bool(fp8)
+        self.fp8_parameters: list[str] = quantize_fp8_(self.model) if self.fp8 else []
         self.tokenizer = self._load_tokenizer()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         limit = getattr(self.config, "max_position_embeddings", None)
@@ -193,6 +201,8 @@ class LocalEngine(PauseControl):
         with self._lock, torch.no_grad():
             for k, t in live.items():
                 t.copy_(new_state[k].to(device=t.device, dtype=t.dtype))
+            if self.fp8:
+                quantize_fp8_(self.model, self.fp8_parameters)
             if version is not None:
                 self.weight_version = str(version)
 

@@ -1,7 +1,8 @@
 """HTTP front end of the embedded rollout engine (stdlib only).
 
     python -m runtime.rollout.server --model DIR --host 127.0.0.1 --port P \\
-        [--return-routed-experts] [--seed S] [--logprobs-mode raw_logprobs]
+        [--return-routed-experts] [--seed S] [--logprobs-mode raw_logprobs] \\
+        [--quantization fp8]
 
 Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described in
 ``runtime.rollout.protocol`` on a ``ThreadingHTTPServer``: ``GET /health``,
@@ -405,6 +406,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument(
+        "--quantization", default=None, choices=("fp8",),
+        help="fp8: round the linear and expert weights through float8_e4m3fn at load and every "
+        "weight update (vLLM --quantization fp8; runtime.rollout.fp8)",
+    )
+    ap.add_argument(
         "--allow-non-loopback", action="store_true", help="allow binding a non-loopback address"
     )
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -437,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=getattr(torch, args.dtype),
         logprobs_mode=args.logprobs_mode,
         max_model_len=args.max_model_len,
+        fp8=args.quantization == "fp8",
     )
     if args.return_routed_experts and engine.router_group is None:
         print("error: --return-routed-experts needs an MoE model with routers", file=sys.stderr)

@@ -435,6 +435,44 @@ def test_r3_with_any_engine_and_expert_parallel_rollout_is_valid(engine: str) ->
     assert errors_of(build(edits)) == []
 
 
+# --------------------------------------------------------------------------- FP8 rollouts
+
+
+FP8 = {"rollout.fp8": True, "router_replay.mode": "r3"}
+CORRECTION = ("algorithm", "correction", "mode")
+
+
+def test_fp8_rollouts_without_a_train_inference_correction_are_an_error() -> None:
+    p = only({**FP8, "algorithm.correction.mode": "none"}, CORRECTION)
+    assert "rollout.fp8" in p.message and "2601.18150" in p.message
+    assert p.suggestion.startswith("set algorithm.correction.mode: tis")
+    assert ("rollout", "fp8") in p.related
+    # The same correction without FP8, and FP8 with tis or mis, raise nothing here.
+    assert CORRECTION not in paths({"algorithm.correction.mode": "none"})
+    for mode in ("tis", "mis"):
+        assert problems_of(build({**FP8, "algorithm.correction.mode": mode})) == []
+
+
+@pytest.mark.parametrize("mode", ["off", "r2"])
+def test_fp8_rollouts_on_an_moe_model_without_r3_are_a_warning(mode: str) -> None:
+    p = only({"rollout.fp8": True, "router_replay.mode": mode}, ("router_replay", "mode"),
+             "warning")
+    assert "MoE" in p.message and "2601.18150" in p.message
+    assert (f"mode is {mode}" if mode == "off" else "trainer's own routing") in p.message
+    assert p.suggestion == "set router_replay.mode: r3"
+    assert ("router_replay", "mode") not in paths({"router_replay.mode": mode})
+    # A dense model has no routing to replay.
+    assert ("router_replay", "mode") not in paths({**DENSE, "rollout.fp8": True})
+
+
+def test_fp8_rollouts_with_a_sync_tolerance_below_the_fp8_gap_are_a_warning() -> None:
+    tol = ("system", "weight_sync_tolerance")
+    p = only({**FP8, "system.weight_sync_tolerance": 1e-4}, tol, "warning")
+    assert "0.0001" in p.message and "set system.weight_sync_tolerance: 0.01" in p.suggestion
+    assert tol not in paths({"system.weight_sync_tolerance": 1e-4})
+    assert tol not in paths({**FP8, "system.weight_sync_tolerance": 0.01})
+
+
 # --------------------------------------------------------------------------- run-level
 
 

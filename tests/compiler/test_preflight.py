@@ -102,8 +102,6 @@ CASES = [
      ("sft",), "sft", "SFT trains the whole 30.5 B-parameter policy"),
     ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],
      ("model", "tokenizer"), "rl", "tokenizer saved with the HF checkpoint"),
-    ("fp8", TINY, ["rollout.fp8=true"],
-     ("rollout", "fp8"), "rl", "not quantized to FP8"),
     ("local_nodes", TINY, [*CPU_MEGATRON, "train.nodes=2"],
      ("train", "nodes"), "rl", "the local scheduler runs the trainer once"),
     ("local_nodes", TINY, ["rollout.nodes=2"],

@@ -66,6 +66,27 @@ def test_run_executes_the_graph_and_resumes(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()} == before
 
 
+def test_fp8_rollouts_run_end_to_end_and_show_in_the_gap(tmp_path: Path) -> None:
+    """rollout.fp8 with TIS on the tiny spec: the embedded engines serve FP8-rounded weights
+    (the rollout server is started with --quantization fp8), the run completes, and each step's
+    train_inference_gap is well above the 1e-4 that the same spec's fp32 engines stay under
+    (test_run_executes_the_graph_and_resumes runs at weight_sync_tolerance 1e-4)."""
+    out = tmp_path / "run"
+    run = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT,
+                 "--set", "rollout.fp8=true", "--set", "algorithm.correction.mode=tis",
+                 "--set", "system.weight_sync_tolerance=0.05")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
+    served = (out / "logs" / "rl-rollout.log").read_text()
+    assert "--quantization fp8" in served
+    metrics = [json.loads(line) for line in
+               (out / "artifacts" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    gaps = [m["train_inference_gap"] for m in metrics]
+    assert all(5e-4 < g <= 0.05 for g in gaps), gaps
+
+
 def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
     result = rlspec("run", "examples/qwen3-30b-a3b.yaml", "--out", str(tmp_path / "x"))
     assert result.returncode == 1 and "rlspec submit" in result.stderr
