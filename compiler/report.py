@@ -14,7 +14,10 @@ Files written to ``--out`` (default ``<first run>/report``), each replaced atomi
     zero_variance.png   share of prompt groups whose rewards were all equal, per step
     rollouts.png        cumulative rollouts: generated, used for gradient, reshaped, dropped
     gap.png             mean |log π_train − log μ_rollout| per step, per replay mode
-    report.md           the summary table of every run and the plots
+    report.md           the summary table of every run and the plots; the table counts
+                        rollouts wasted (no gradient) and rollouts reshaped by RL-ZVP (a
+                        class of their own: trained on, but from flat groups) apart, with
+                        the mean share of a step's Σ|advantage| the RL-ZVP groups carry
 """
 
 from __future__ import annotations
@@ -217,11 +220,23 @@ def _fmt(value: Any, kind: str = "") -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.3g}"
 
 
+def _share(count: Any, generated: int) -> str:
+    """``count`` and its share of the generated rollouts."""
+    return _fmt(count) + (f" ({100 * count / generated:.1f}%)"
+                          if isinstance(count, int) and generated else "")
+
+
 def summary_rows(run: Run) -> list[tuple[str, str]]:
     s = run.summary
     generated = s.get("rollouts_generated") or sum(
         int(m.get("rollouts_generated") or 0) for m in run.metrics)
     wasted = s.get("rollouts_wasted")
+    reshaped = s.get("rollouts_reshaped")
+    if reshaped is None and run.metrics and "rollouts_reshaped" in run.metrics[0]:
+        reshaped = sum(int(m.get("rollouts_reshaped") or 0) for m in run.metrics)
+    shares = [m["reshaped_advantage_share"] for m in run.metrics
+              if isinstance(m.get("reshaped_advantage_share"), (int, float))]
+    zvp_share = sum(shares) / len(shares) if shares else None
     before, after = s.get("eval_accuracy_before"), s.get("eval_accuracy_after")
     gain = (after - before) if isinstance(before, (int, float)) and isinstance(
         after, (int, float)) else None
@@ -232,8 +247,9 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("held-out accuracy after RL", _fmt(after, "pct")),
         ("gain (points)", "n/a" if gain is None else f"{100 * gain:+.1f}"),
         ("rollouts generated", _fmt(int(generated))),
-        ("rollouts wasted", _fmt(wasted) + (
-            f" ({100 * wasted / generated:.1f}%)" if isinstance(wasted, int) and generated else "")),
+        ("rollouts wasted", _share(wasted, generated)),
+        ("rollouts reshaped (RL-ZVP)", _share(reshaped, generated)),
+        ("RL-ZVP share of the advantage mass (mean per step)", _fmt(zvp_share, "pct")),
         ("zero-variance rollouts", _fmt(s.get("rollouts_zero_variance"))),
         ("router replay", run.replay),
         ("RL wall time", _fmt(s.get("wall_seconds"), "s")),

@@ -158,6 +158,8 @@ def describe(summary: dict[str, Any]) -> str:
     generated = summary.get("rollouts_generated") or 0
     wasted = summary.get("rollouts_wasted") or 0
     share = f" ({100 * wasted / generated:.1f}%)" if generated else ""
+    reshaped = summary.get("rollouts_reshaped") or 0
     return (f"held-out accuracy {pct(summary.get('eval_accuracy_before'))} → "
             f"{pct(summary.get('eval_accuracy_after'))}; rollouts generated {generated}, "
-            f"wasted {wasted}{share}; RL wall time {summary.get('wall_seconds', 0):.0f} s")
+            f"wasted {wasted}{share}, reshaped by RL-ZVP {reshaped}; "
+            f"RL wall time {summary.get('wall_seconds', 0):.0f} s")

@@ -17,6 +17,15 @@ RL-ZVP for zero-variance groups (``rl_zvp_token_advantages``; alpha_zvp = 0.1,
     group p has variance:            A_t = A_{p,g}            (the group advantage)
     every token with m_t = 0:        A_t = 0
 
+Share of the advantage mass from RL-ZVP groups (``advantage_mass_share``, a per-step
+diagnostic; ``reshaped`` = rows of groups whose flat_sign ≠ 0)::
+
+    share = Σ_{b ∈ reshaped, t} |A_{b,t}| m_{b,t}  /  Σ_{b, t} |A_{b,t}| m_{b,t}     (0 if 0/0)
+
+It says how much of the update's signal the reshaped groups carry; it is the advantage
+weight of their tokens, not their share of the gradient norm (which also depends on the
+log-prob gradients and the clipping).
+
 Decisions (where DESIGN.md is silent)
 -------------------------------------
 
@@ -54,6 +63,7 @@ from torch import Tensor
 
 __all__ = [
     "FLAT_TOL",
+    "advantage_mass_share",
     "group_advantages",
     "rl_zvp_token_advantages",
     "zero_variance_groups",
@@ -179,3 +189,15 @@ def rl_zvp_token_advantages(
     out = torch.where(pos_g, pos, torch.where(neg_g, neg, torch.where(flat[:, None, None], zeros, ga)))
     out = torch.where(m, out, zeros)
     return out.reshape(entropy.shape) if flat_layout else out
+
+
+def advantage_mass_share(advantages: Tensor, mask: Tensor, rows: Tensor) -> float:
+    """Share of ``Σ |A| · m`` over ``[B, T]`` (or ``[B]``, one advantage per response)
+    carried by the rows where ``rows`` ``[B]`` is True (module doc); 0 when the total is 0."""
+    a = _as_float(advantages).abs()
+    m = mask.to(a.dtype)
+    if a.dim() == 1:
+        a = a[:, None]
+    mass = (a * m).sum(dim=1)
+    total = float(mass.sum())
+    return float(mass[rows.to(torch.bool)].sum()) / total if total > 0 else 0.0

@@ -36,11 +36,15 @@ Resume (exact for the driver): the driver's state — step, pipeline (stages, le
 stream position and RNG, run totals — is pickled atomically after every step together
 with the number of metrics lines; a restart truncates ``metrics.jsonl`` to that count, drops
 exchange files of later steps and continues with the next step, after loading the last
-weights into the engines. Rollouts of the interrupted step are sampled anew (engine
-sampling is unseeded). The trainer restarts from ``weights/v<s>`` (exact weights) and
-the newest checkpoint ≤ s for the optimizer state (exact when that checkpoint is at s,
-else Adam's moments are those of the checkpoint's step); its learning-rate schedule
-position comes from the driver (exact).
+weights into the engines. The interrupted step re-samples the same rollouts: every
+generation request carries a seed derived from ``train.seed``, the step and the request's
+prompts (``runtime.seeds``), and the step's prompts, the pipeline's RNG and the weights
+``v<s>`` it samples from are those of the interrupted session. The trainer restarts from
+``weights/v<s>`` (exact weights) and the newest checkpoint ≤ s for the optimizer state
+(exact when that checkpoint is at s, else Adam's moments are those of the checkpoint's
+step); its learning-rate schedule position comes from the driver (exact). With a checkpoint
+at every step (``train.checkpoint.interval: 1``) a resumed run logs exactly the steps of an
+uninterrupted one (time fields aside).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import json
 import math
 import os
@@ -433,12 +438,16 @@ class RLDriver:
 
     # ----------------------------------------------------------------- generation
     def _generate(self, requests: list[Any], tokenizer: Any, reward: Any,
-                  stats: dict[str, Any]) -> list[Any]:
-        """One group per request: sampled, decoded and scored."""
+                  stats: dict[str, Any], step: int = 0, round_: int = 0) -> list[Any]:
+        """One group per request: sampled, decoded and scored. Each chunk of prompts is
+        one seeded request (``runtime.seeds``: ``train.seed``, step, sampling round of the
+        step, the chunk's prompt ids and n)."""
         from runtime.filters import Group
+        from runtime.seeds import request_seed
 
         sampling = dict(self.rollout["sampling"])
         sampling["max_tokens"] = int(self.rollout["max_tokens"])
+        run_seed = int(self.train["seed"])
         want_routes = self.replay_mode == "r3"
         encoded = {}
         for r in requests:
@@ -471,7 +480,10 @@ class RLDriver:
 
         def gen(chunk: list[int]) -> list[list[Any]]:
             prompts = [encoded[requests[i].prompt_id] for i in chunk]
-            return self.client.generate(prompts, n=requests[chunk[0]].n, sampling=sampling,
+            n = requests[chunk[0]].n
+            key = (round_, tuple(requests[i].prompt_id for i in chunk), n)
+            seeded = {**sampling, "seed": request_seed(run_seed, "rollout", step, key)}
+            return self.client.generate(prompts, n=n, sampling=seeded,
                                         return_routed_experts=want_routes)
 
         t0 = time.monotonic()
@@ -491,24 +503,29 @@ class RLDriver:
         (``RewardComposer.judge_step``: a JudgeError, before anything is trained on those
         rewards, when too many replies could not be parsed)."""
         before = reward.judge_counters()
+        rounds = itertools.count()  # the sampling rounds of the step (DAPO refills)
         batch = state.pipeline.step(
-            step, state.stream, lambda reqs: self._generate(reqs, tokenizer, reward, stats),
+            step, state.stream,
+            lambda reqs: self._generate(reqs, tokenizer, reward, stats, step, next(rounds)),
             int(self.rollout["prompts_per_step"]))
         return batch, reward.judge_step(before)
 
-    def _evaluate(self, tokenizer: Any, reward: Any, context: Any) -> float:
+    def _evaluate(self, tokenizer: Any, reward: Any, context: Any, step: int = 0) -> float:
         """Held-out accuracy of the engines' current weights (``eval.every_steps``): the eval
         split, ``eval.samples`` answers each at ``eval.temperature`` (0: greedy), the mean
-        correctness — the in-run counterpart of the eval jobs."""
+        correctness — the in-run counterpart of the eval jobs. Seeded (``runtime.seeds``)
+        with ``train.seed`` and the step."""
         from runtime.filters import Group
         from runtime.prompts import eval_max_tokens
+        from runtime.seeds import request_seed
 
         cfg = self.spec["eval"]
         rows = self._eval_prompts(tokenizer)
         prompts = [tokenizer.encode(str(r[self.prompt_key]), add_special_tokens=False)
                    for r in rows]
         sampling = {"temperature": float(cfg["temperature"]),
-                    "max_tokens": eval_max_tokens(self.spec)}
+                    "max_tokens": eval_max_tokens(self.spec),
+                    "seed": request_seed(int(self.train["seed"]), "eval", step)}
         completions = self.client.generate(prompts, n=int(cfg["samples"]),
                                            sampling=sampling)
         correct = []
@@ -611,7 +628,7 @@ class RLDriver:
             wall = time.monotonic() - t0
             evaluated = None
             if self.eval_every and ((step + 1) % self.eval_every == 0 or last):
-                evaluated = self._evaluate(tokenizer, reward, pipeline.ctx)
+                evaluated = self._evaluate(tokenizer, reward, pipeline.ctx, step)
             line = {
                 "step": step,
                 "reward_mean": float(raw.mean()) if raw.size else None,
@@ -622,6 +639,7 @@ class RLDriver:
                 "rollouts_reshaped": led.reshaped,
                 "rollouts_kept_flat": led.kept_flat,
                 "rollouts_dropped": led.dropped,
+                "reshaped_advantage_share": tm.get("reshaped_advantage_share"),
                 "responses_trained": int(payload["input_ids"].shape[0]),
                 "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
                 "entropy": tm.get("entropy"),
@@ -664,6 +682,7 @@ class RLDriver:
                           self.budget, state.step, led.generated)
         return {"rollouts_generated": led.generated,
                 "rollouts_wasted": led.wasted,
+                "rollouts_reshaped": led.reshaped,
                 "rollouts_zero_variance": led.zero_variance,
                 "wall_seconds": state.wall_seconds,
                 "steps": state.step,

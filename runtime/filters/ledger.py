@@ -14,6 +14,11 @@ exactly one status, see ``runtime.filters.base.Status``)::
     grown         rollouts beyond the base group size n (adaptive group size)
     wasted        = kept_flat + dropped: rollouts that contributed no gradient
 
+``reshaped`` is a class of its own: neither ``used`` (its group had no reward variance)
+nor ``wasted`` (RL-ZVP gives its tokens non-zero advantages). The RL metrics line reports
+it per step (``rollouts_reshaped``) next to ``reshaped_advantage_share``, the share of the
+step's Σ|advantage| those tokens carry (``runtime.advantages.advantage_mass_share``).
+
     screening          weighted cost of the offline screen, in policy rollouts:
                        samples · proxy_cost_ratio / reuse_epochs
     screening_samples  proxy samples drawn (unweighted)

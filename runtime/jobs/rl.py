@@ -8,7 +8,8 @@ trainer through files under ``artifacts/rl/exchange``. At the end it writes the 
     policy_final   the last weights (HF folder, atomic, ``.complete``)
     rl_metrics     artifacts/rl: metrics.jsonl (one line per step), summary.json
                    {eval_accuracy_before, rollouts_generated, rollouts_wasted,
-                   rollouts_zero_variance, wall_seconds, steps, ...}, ledger.json,
+                   rollouts_reshaped, rollouts_zero_variance, wall_seconds, steps, ...},
+                   ledger.json,
                    tensorboard/ (when TensorBoard is installed)
 
 A restart resumes after the last complete step (``runtime.driver`` module doc).
@@ -80,8 +81,9 @@ def run(ctx: JobContext) -> None:
             shutil.copytree(paths.root / "tensorboard", tmp / "tensorboard")
         atomic_write_json(Path(tmp) / "summary.json", summary)
         atomic_write_json(Path(tmp) / "ledger.json", ledger)
-    ctx.log.info("RL done: %d steps, %d rollouts (%d wasted, %d zero-variance) in %.1f s",
-                 steps, summary["rollouts_generated"], summary["rollouts_wasted"],
+    ctx.log.info("RL done: %d steps, %d rollouts (%d wasted, %d reshaped by RL-ZVP, "
+                 "%d zero-variance) in %.1f s", steps, summary["rollouts_generated"],
+                 summary["rollouts_wasted"], summary["rollouts_reshaped"],
                  summary["rollouts_zero_variance"], summary["wall_seconds"])
 
 

@@ -198,7 +198,7 @@ class TrainerProcess:
     def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        from runtime.advantages import rl_zvp_token_advantages
+        from runtime.advantages import advantage_mass_share, rl_zvp_token_advantages
         from runtime.router_replay import RoutingTrace
         from runtime.trainer import TrainBatch
 
@@ -214,6 +214,7 @@ class TrainerProcess:
         metrics: dict[str, Any] = {}
         if batch.size:
             zvp = payload.get("zvp")
+            share: list[float] = []
 
             def zvp_advantages(entropy: torch.Tensor) -> torch.Tensor:
                 """RL-ZVP token advantages of the batch's rows (they need the old policy's
@@ -227,11 +228,16 @@ class TrainerProcess:
                 adv = rl_zvp_token_advantages(
                     zvp["rewards"], H, M, alpha_zvp=zvp["alpha_zvp"], eps=zvp["eps"],
                     valid=zvp["valid"], flat_sign=zvp["flat_sign"])
-                return adv[zvp["rows"]].float()
+                out = adv[zvp["rows"]].float()
+                reshaped = zvp["flat_sign"].reshape(-1)[zvp["rows"] // G] != 0
+                share.append(advantage_mass_share(out, batch.loss_mask[:, :T], reshaped))
+                return out
 
             metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
                                         advantages_from_entropy=zvp_advantages if zvp else None,
                                         version=step)
+            # Σ|A| share of the RL-ZVP groups' tokens (runtime.advantages); 0 without them
+            metrics["reshaped_advantage_share"] = share[0] if share else 0.0
         self.publish(step + 1)
         last = step + 1 >= self.steps or bool(payload.get("last"))
         if (self.interval and (step + 1) % self.interval == 0) or last:

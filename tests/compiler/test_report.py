@@ -21,6 +21,7 @@ def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True) 
     lines = [{"step": s, "reward_mean": s / steps, "train_accuracy": s / steps,
               "zero_variance_rate": 0.5 - s / (3 * steps), "rollouts_generated": 128,
               "rollouts_used": 100, "rollouts_reshaped": 20, "rollouts_dropped": 8,
+              "reshaped_advantage_share": 0.1 if s % 2 else 0.3,
               "train_inference_gap": (1e-3 if replay == "off" else 1e-4) * (1 + s)}
              for s in range(steps)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -28,7 +29,8 @@ def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True) 
         (path / "summary.json").write_text(json.dumps({
             "eval_accuracy_before": 0.2, "eval_accuracy_after": 0.41,
             "rollouts_generated": 128 * steps, "rollouts_wasted": 10 * steps,
-            "rollouts_zero_variance": 600, "wall_seconds": 42.0}))
+            "rollouts_reshaped": 20 * steps, "rollouts_zero_variance": 600,
+            "wall_seconds": 42.0}))
     return path
 
 
@@ -42,6 +44,9 @@ def test_report_draws_every_plot_and_tabulates_each_run(tmp_path: Path) -> None:
     assert "| | `replay-on` | `replay-off` |" in md
     assert "| gain (points) | +21.0 | n/a |" in md
     assert "| rollouts wasted | 300 (7.8%) | n/a |" in md
+    # reshaped rollouts: their own row, from the summary or else summed over the steps
+    assert "| rollouts reshaped (RL-ZVP) | 600 (15.6%) | 400 (15.6%) |" in md
+    assert "| RL-ZVP share of the advantage mass (mean per step) | 20.0% | 20.0% |" in md
     assert "| router replay | r3 | off |" in md
     assert "| RL steps logged | 30 | 20 |" in md
     assert "still in progress" in md  # the second run has no summary.json yet

@@ -25,8 +25,9 @@ TINY = ROOT / "examples" / "tiny" / "spec.yaml"
 
 class ScriptedClient:
     """Rollout engine stand-in: prompt text → the texts of its n completions (cycled). Each
-    ``generate`` call is recorded as (prompt texts, n); ``before_return`` (if set) runs
-    before a call returns, with the call's prompt texts."""
+    ``generate`` call is recorded as (prompt texts, n) in ``calls`` and its sampling
+    parameters in ``sampling``; ``before_return`` (if set) runs before a call returns, with
+    the call's prompt texts."""
 
     endpoints: ClassVar[list[str]] = ["stand-in"]
 
@@ -34,6 +35,7 @@ class ScriptedClient:
         self.tokenizer = tokenizer
         self.answers = answers
         self.calls: list[tuple[list[str], int]] = []
+        self.sampling: list[dict[str, Any]] = []
         self.before_return: Any = None
         self.lock = threading.Lock()
 
@@ -44,6 +46,7 @@ class ScriptedClient:
         texts = [self.tokenizer.decode(p) for p in prompts]
         with self.lock:
             self.calls.append((texts, n))
+            self.sampling.append(dict(sampling))
         out = []
         for p, text in zip(prompts, texts, strict=True):
             script = self.answers[text]
@@ -134,6 +137,61 @@ def test_reward_overlap_scores_chunks_while_others_still_generate(tmp_path: Path
         assert kinds == ["returned"] + ["score"] * 4
 
 
+# --------------------------------------------------------------------------- seeded sampling
+
+
+def _seeded_context(path: Path, *edits: str) -> JobContext:
+    path.mkdir()
+    return _context(path, 8, "filters=[]", "algorithm.advantage.estimator=group",
+                    "system.reward_overlap=true", "rollout.prompts_per_step=4",
+                    "train.global_batch_size=16", *edits)
+
+
+def _seeded_requests(ctx: JobContext, steps: int, state: Any = None) -> tuple[list[Any], Any]:
+    """(prompt texts, n, seed) of every generate call of ``steps`` driver steps from
+    ``state`` (a fresh one by default), and the state after them."""
+    from runtime.driver import RLDriver
+    from runtime.policy import build_tokenizer
+    from runtime.rewards import build_reward
+
+    tokenizer = build_tokenizer(64)
+    client = ScriptedClient(tokenizer, {f"{i}+1=": [str(i + 1), "0"] for i in range(8)})
+    driver = RLDriver(ctx, client=client)
+    state = state if state is not None else driver._new_state()
+    reward = build_reward(ctx.spec["reward"])
+    for _ in range(steps):
+        driver._rollouts(state, state.step, tokenizer, reward, {"tokens": 0, "seconds": 0.0})
+        state.step += 1
+    return [(texts, n, s["seed"]) for (texts, n), s in zip(client.calls, client.sampling,
+                                                           strict=True)], state
+
+
+def test_every_rollout_request_is_seeded_from_the_run_seed_step_and_prompts(
+        tmp_path: Path) -> None:
+    """Each generate call of a step carries a seed: the same spec gives the same prompts and
+    seeds step by step; a driver resumed from the pickled state after step 1 sends step 2's
+    requests exactly as the uninterrupted driver did; every request of a run has its own
+    seed; another ``train.seed`` gives other seeds for the same prompts."""
+    from runtime.driver import load_state, save_state
+
+    a, _ = _seeded_requests(_seeded_context(tmp_path / "a"), 3)
+    b, _ = _seeded_requests(_seeded_context(tmp_path / "b"), 3)
+    assert a == b
+    seeds = [seed for _, _, seed in a]
+    assert all(isinstance(s, int) and 0 <= s < 2**62 for s in seeds)
+    assert len(set(seeds)) == len(seeds) == 6  # 2 chunks a step (reward overlap), 3 steps
+
+    ctx = _seeded_context(tmp_path / "c")
+    first, state = _seeded_requests(ctx, 2)
+    save_state(tmp_path / "driver.pkl", state)
+    resumed, _ = _seeded_requests(ctx, 1, load_state(tmp_path / "driver.pkl"))
+    assert first + resumed == a
+
+    other, _ = _seeded_requests(_seeded_context(tmp_path / "d", "train.seed=7"), 3)
+    assert [(t, n) for t, n, _ in other] == [(t, n) for t, n, _ in a]  # same prompts
+    assert not {s for _, _, s in other} & set(seeds)
+
+
 # --------------------------------------------------------------------------- advantage estimator
 
 ANSWERS = {"0+1=": ["1"], "1+1=": ["7"], "2+1=": ["3", "3", "9", "9"]}  # right, wrong, mixed
@@ -188,7 +246,7 @@ def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
                     token_advantages, **kw)
 
     proc.trainer.step = spy  # type: ignore[method-assign]
-    proc.train_batch(payload)
+    metrics = proc.train_batch(payload)
 
     mask = payload["loss_mask"]
     texts = [tokenizer.decode(ids[:4]) for ids in payload["input_ids"]]
@@ -201,6 +259,7 @@ def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
         adv = seen["batch_advantages"]
         assert torch.equal(adv[rows["0+1="] + rows["1+1="]], torch.zeros(8))
         assert sorted(adv[rows["2+1="]].tolist()) == pytest.approx(sorted(group.tolist()))
+        assert metrics["reshaped_advantage_share"] == 0.0  # flat groups carry no advantage
         return
     adv, entropy = seen["advantages"], seen["entropy"]
     for b in rows["0+1="]:
@@ -216,6 +275,11 @@ def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
         want = group[0] if tokenizer.decode(payload["input_ids"][b][4:5]) == "3" else group[2]
         torch.testing.assert_close(adv[b][m], torch.full_like(adv[b][m], float(want)))
     assert (adv[~mask] == 0).all()
+    # the reshaped groups' share of the step's Σ|A| over response tokens
+    mass = (adv.abs() * mask).sum(1)
+    reshaped = mass[rows["0+1="] + rows["1+1="]].sum() / mass.sum()
+    assert 0 < metrics["reshaped_advantage_share"] < 1
+    assert metrics["reshaped_advantage_share"] == pytest.approx(float(reshaped))
 
 
 def test_tensorboard_missing_is_tolerated_and_other_import_errors_propagate(

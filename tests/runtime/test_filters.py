@@ -412,6 +412,34 @@ def test_drop_fallbacks_when_pool_runs_dry(fallback):
     assert not b.ledger.violations()
 
 
+def test_ledger_books_reshaped_groups_as_their_own_class(tmp_path):
+    """A step with informative, dropped-flat and RL-ZVP-reshaped groups: reshaped rollouts
+    are neither used nor wasted, to_dict carries them, and the driver's resume pickle keeps
+    every count (the next step adds to them)."""
+    from runtime.driver import DriverState, load_state, save_state
+
+    pipe = _pipe([FlatGroups(action="drop", oversample=1.0, max_refills=2, fallback="rl_zvp")])
+    b = pipe.step(0, ListSource(["m1", "c1", "w1", "m2", "h1"]), FakeEngine(), 4)
+    assert _statuses(b) == {"m1": "used", "m2": "used", "c1": "reshaped", "w1": "reshaped",
+                            "h1": "dropped"}
+    led = b.ledger
+    assert (led.generated, led.used, led.reshaped, led.kept_flat, led.dropped) == (20, 8, 8, 0, 4)
+    assert (led.groups_used, led.groups_reshaped, led.groups_dropped) == (2, 2, 1)
+    assert led.wasted == 4 and led.zero_variance == 12  # reshaped: flat, but not wasted
+    assert not led.violations()
+    d = led.to_dict()
+    assert (d["reshaped"], d["groups_reshaped"], d["wasted"]) == (8, 2, 4)
+    assert d["used"] + d["reshaped"] + d["wasted"] == d["generated"]
+
+    save_state(tmp_path / "driver.pkl", DriverState(step=1, pipeline=pipe))
+    resumed = load_state(tmp_path / "driver.pkl").pipeline
+    assert resumed.ledger.to_dict() == pipe.ledger.to_dict()
+    assert resumed.ledger.reshaped == 8
+    resumed.step(1, ListSource(["m3", "c2", "w2", "m4"]), FakeEngine(), 4)
+    assert resumed.ledger.reshaped == 16 and resumed.ledger.used == 16
+    assert not resumed.ledger.violations()
+
+
 def test_drop_refill_limit():
     eng = FakeEngine()
     pipe = _pipe([FlatGroups(action="drop", oversample=1.0, max_refills=1)])

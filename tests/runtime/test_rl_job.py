@@ -4,7 +4,8 @@ A bundle of the tiny spec with 3 RL steps of 4 prompts × 4 samples (global batc
 data → init → sft (short) → rl as the scheduler runs them. Checks: metrics.jsonl has one
 line per step with the documented keys, policy_final and rl_metrics are complete, the
 summary's fields, the ledger's conservation, and that no process of the run is left (the
-engine's port is closed). A second test SIGKILLs a run mid-way and resumes it.
+engine's port is closed). Two runs of one spec log the same steps; a run SIGKILLed mid-way
+and resumed logs the steps of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ OVERRIDES = [
 METRIC_KEYS = {
     "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
     "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
-    "clip_fraction", "train_inference_gap", "kl", "wall_seconds",
+    "clip_fraction", "train_inference_gap", "kl", "wall_seconds", "reshaped_advantage_share",
 }
 
 
@@ -119,6 +120,21 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+TIME_KEYS = {"wall_seconds", "tokens_per_second"}
+
+
+def _untimed(lines: list[dict]) -> list[dict]:
+    """Metrics lines without their time fields."""
+    return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in lines]
+
+
+def _run_copy(base_run: Path, run_dir: Path) -> Path:
+    """A run dir holding ``base_run``'s dataset, policy_init and policy_sft."""
+    for name in ("dataset", "policy_init", "policy_sft"):
+        shutil.copytree(base_run / "artifacts" / name, run_dir / "artifacts" / name)
+    return run_dir
+
+
 def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
     bundle, run_dir = prepared
     port = _free_port()
@@ -140,6 +156,11 @@ def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
     assert summary["eval_accuracy_before"] is None
     for key in ("rollouts_wasted", "rollouts_zero_variance", "wall_seconds"):
         assert key in summary
+    assert summary["rollouts_reshaped"] == sum(m["rollouts_reshaped"] for m in lines)
+    for m in lines:  # the share of Σ|advantage| the RL-ZVP groups carry, 0 without any
+        assert 0 <= m["reshaped_advantage_share"] <= 1
+        if m["rollouts_reshaped"] == 0:
+            assert m["reshaped_advantage_share"] == 0
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["generated"] == (ledger["used"] + ledger["reshaped"] + ledger["kept_flat"]
                                    + ledger["dropped"])
@@ -156,13 +177,42 @@ def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
     assert _processes_of(run_dir) == []
 
 
+def test_same_seed_same_steps_and_another_seed_other_rollouts(prepared: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    """Two runs of one spec log the same metrics lines (time fields aside): the rollouts,
+    their rewards and the updates are the same. Another ``train.seed`` samples other
+    rollouts from the same first policy (the first step's entropy, taken over the sampled
+    tokens, differs)."""
+    _, base_run = prepared
+    bundle = _compile(tmp_path / "bundle", 2)
+    runs = []
+    for name in ("a", "b"):
+        run_dir = _run_copy(base_run, tmp_path / name)
+        proc = _launch(bundle, "rl", run_dir, _free_port())
+        assert proc.returncode == 0, proc.stderr
+        runs.append(_metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl"))
+    assert [m["step"] for m in runs[0]] == [0, 1]
+    assert _untimed(runs[0]) == _untimed(runs[1])
+    other = _compile(tmp_path / "other", 2, "train.seed=4321")
+    run_dir = _run_copy(base_run, tmp_path / "c")
+    proc = _launch(other, "rl", run_dir, _free_port())
+    assert proc.returncode == 0, proc.stderr
+    lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+    assert lines[0]["entropy"] != runs[0][0]["entropy"]
+
+
 def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run SIGKILLed mid-way and launched again logs exactly the steps of an uninterrupted
+    run of the same bundle (time fields aside): the interrupted step re-samples the same
+    rollouts (seeded requests), and with a checkpoint every step the trainer resumes
+    exactly."""
     _, base_run = prepared
     steps = 8
-    bundle = _compile(tmp_path / "bundle", steps=steps)
-    run_dir = tmp_path / "run"
-    for name in ("dataset", "policy_init", "policy_sft"):
-        shutil.copytree(base_run / "artifacts" / name, run_dir / "artifacts" / name)
+    bundle = _compile(tmp_path / "bundle", steps, "train.checkpoint.interval=1")
+    reference = _run_copy(base_run, tmp_path / "reference")
+    proc = _launch(bundle, "rl", reference, _free_port())
+    assert proc.returncode == 0, proc.stderr
+    run_dir = _run_copy(base_run, tmp_path / "run")
     metrics = run_dir / "artifacts" / "rl" / "metrics.jsonl"
     port = _free_port()
     proc = subprocess.Popen(["bash", str(bundle / "jobs" / "rl" / "launch.sh")],
@@ -187,6 +237,7 @@ def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Pat
     assert "resuming after step" in again.stderr
     lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert [m["step"] for m in lines] == list(range(steps))
+    assert _untimed(lines) == _untimed(_metrics(reference / "artifacts" / "rl" / "metrics.jsonl"))
     summary = json.loads((run_dir / "artifacts" / "rl" / "summary.json").read_text())
     assert summary["steps"] == steps
     assert summary["rollouts_generated"] == sum(m["rollouts_generated"] for m in lines)
