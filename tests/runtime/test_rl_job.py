@@ -35,7 +35,8 @@ OVERRIDES = [
 METRIC_KEYS = {
     "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
     "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
-    "clip_fraction", "train_inference_gap", "kl", "wall_seconds",
+    "clip_fraction", "train_inference_gap", "kl", "wall_seconds", "generation_seconds",
+    "replica_busy_seconds", "replica_idle_fraction",
 }
 
 
