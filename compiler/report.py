@@ -14,6 +14,9 @@ Files written to ``--out`` (default ``<first run>/report``), each replaced atomi
     zero_variance.png   share of prompt groups whose rewards were all equal, per step
     rollouts.png        cumulative rollouts: generated, used for gradient, reshaped, dropped
     gap.png             mean |log π_train − log μ_rollout| per step, per replay mode
+    replica_idle.png    the rollout replicas' idle share of each step's generation time,
+                        mean and largest over the replicas (only when a run logged
+                        ``replica_idle_fraction``)
     report.md           the summary table of every run and the plots; the table counts
                         rollouts wasted (no gradient) and rollouts reshaped by RL-ZVP (a
                         class of their own: trained on, but from flat groups) apart, with
@@ -207,6 +210,30 @@ def plot_gap(runs: Sequence[Run], path: Path) -> None:
     _save(fig, path)
 
 
+def idle_series(run: Run) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, max) over the replicas of ``replica_idle_fraction``, where logged."""
+    xs, means, peaks = [], [], []
+    for line in run.metrics:
+        values = line.get("replica_idle_fraction")
+        if isinstance(values, list) and values:
+            xs.append(int(line["step"]) + 1)
+            means.append(sum(values) / len(values))
+            peaks.append(max(values))
+    return xs, means, peaks
+
+
+def plot_replica_idle(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Rollout replica idle time", "share of the step's generation time")
+    for i, run in enumerate(runs):
+        xs, means, peaks = idle_series(run)
+        if xs:
+            ax.plot(xs, means, "-", color=f"C{i}", label=f"mean over replicas, {run.label}")
+            ax.plot(xs, peaks, "--", color=f"C{i}", label=f"most idle replica, {run.label}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -260,6 +287,13 @@ PLOTS = (("reward.png", plot_reward, "Reward and accuracy"),
          ("zero_variance.png", plot_zero_variance, "Zero-variance groups"),
          ("rollouts.png", plot_rollouts, "Rollout accounting"),
          ("gap.png", plot_gap, "Train–inference gap"))
+IDLE_PLOT = ("replica_idle.png", plot_replica_idle, "Rollout replica idle time")
+
+
+def plots(runs: Sequence[Run]) -> tuple[tuple[str, Any, str], ...]:
+    """The plots of these runs: every one of ``PLOTS``, and the replica idle time when a run
+    logged it."""
+    return PLOTS + ((IDLE_PLOT,) if any(idle_series(r)[0] for r in runs) else ())
 
 
 def markdown(runs: Sequence[Run]) -> str:
@@ -273,7 +307,7 @@ def markdown(runs: Sequence[Run]) -> str:
     for i, (name, _) in enumerate(rows[0]):
         lines.append(f"| {name} | " + " | ".join(row[i][1] for row in rows) + " |")
     lines.append("")
-    for file, _, title in PLOTS:
+    for file, _, title in plots(runs):
         lines += [f"## {title}", "", f"![{title}]({file})", ""]
     return "\n".join(lines)
 
@@ -285,7 +319,7 @@ def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
     out = (out or runs[0].path / "report").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for file, draw, _ in PLOTS:
+    for file, draw, _ in plots(runs):
         draw(runs, out / file)
     tmp = out / ".report.md.tmp"
     tmp.write_text(markdown(runs), encoding="utf-8")

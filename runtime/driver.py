@@ -28,13 +28,26 @@ With ``eval.every_steps`` = k, the engines' weights after every k-th step (and a
 last) are evaluated on the eval split (``eval.samples`` at ``eval.temperature``) and the
 metrics line gets ``eval_accuracy``.
 
+Rollout replicas: the step's prompt groups go to the engine replicas (the client's
+endpoints) by predicted work when ``system.length_balancing`` is true: each group's work is
+n × its prompt's predicted generation length (``runtime.rollout.length_predictor``: the
+mean length of the prompt's last group in this run, else the mean over all completions so
+far, else ``rollout.max_tokens`` / 2) + its prompt's length, and the groups are assigned
+longest first to the least-loaded replica (``runtime.rollout.balance``); each replica then
+gets its groups as one request per group size (two with ``reward_overlap``). Off: the
+client spreads every request's prompts round-robin. Either way the client reports every
+request's start and finish, and the metrics line has each replica's busy time
+(``replica_busy_seconds``: the union of its requests' spans) and idle fraction
+(``replica_idle_fraction``: 1 − busy / ``generation_seconds``, the wall time of the step's
+generation, scoring included; ``runtime.rollout.replica_time``).
+
 Batch size: every response of the batch's groups is sent to the trainer, which splits them
 into about B / ``train.global_batch_size`` optimizer steps (``runtime.trainer``): adaptive
 group sizes change B from step to step, and trimming to a fixed size would waste rollouts.
 
 Resume (exact for the driver): the driver's state — step, pipeline (stages, ledger), prompt
-stream position and RNG, run totals — is pickled atomically after every step together
-with the number of metrics lines; a restart truncates ``metrics.jsonl`` to that count, drops
+stream position and RNG, length predictor, run totals — is pickled atomically after every
+step together with the number of metrics lines; a restart truncates ``metrics.jsonl`` to that count, drops
 exchange files of later steps and continues with the next step, after loading the last
 weights into the engines. The interrupted step re-samples the same rollouts: every
 generation request carries a seed derived from ``train.seed``, the step and the request's
@@ -64,7 +77,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +206,7 @@ class DriverState:
     optimizer_steps: int = 0
     wall_seconds: float = 0.0
     numpy_rng: Any = None
+    lengths: Any = None  # LengthPredictor: per-prompt generation lengths, for balancing
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -307,6 +321,7 @@ class RLDriver:
         self.adv_eps = float(adv["eps"])
         self.alpha_zvp = float(adv["alpha_zvp"])
         self.overlap = bool(self.spec["system"]["reward_overlap"])
+        self.balance = bool(self.spec["system"]["length_balancing"])
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
         self.weight_transfer, note = driver_weight_transfer(self.spec)
@@ -376,7 +391,12 @@ class RLDriver:
                           len(result.prompt_ids))
         stream = prompt_stream(self.spec, prompt_ids)
         return DriverState(pipeline=pipeline, stream=stream,
-                           numpy_rng=np.random.default_rng(seed))
+                           numpy_rng=np.random.default_rng(seed), lengths=self._predictor())
+
+    def _predictor(self) -> Any:
+        from runtime.rollout.length_predictor import LengthPredictor
+
+        return LengthPredictor(int(self.rollout["max_tokens"]))
 
     def _resume(self) -> DriverState:
         state = load_state(self.paths.state)
@@ -389,6 +409,8 @@ class RLDriver:
             self.paths.metrics.unlink(missing_ok=True)
             return self._new_state()
         self.log.info("resuming after step %d (state %s)", state.step, self.paths.state)
+        if state.lengths is None:  # a state saved before length balancing: no history yet
+            state.lengths = self._predictor()
         lines = []
         if self.paths.metrics.is_file():
             lines = self.paths.metrics.read_text(encoding="utf-8").splitlines()
@@ -437,12 +459,41 @@ class RLDriver:
             time.sleep(0.05)
 
     # ----------------------------------------------------------------- generation
+    def _chunks(self, requests: list[Any], encoded: dict[Any, list[int]],
+                lengths: Any) -> list[tuple[int | None, list[int]]]:
+        """The requests (indices) of each ``client.generate`` call, with the replica it goes
+        to (None: the client's round-robin): of equal n, several per replica when rewards
+        overlap generation; by predicted work with ``system.length_balancing`` (module doc)."""
+        from runtime.rollout.balance import lpt_assign
+
+        replicas = len(self.client.endpoints)
+        if self.balance:
+            work = [r.n * lengths.predict(r.prompt_id) + len(encoded[r.prompt_id])
+                    for r in requests]
+            owner = lpt_assign(work, replicas)
+            parts = 2 if self.overlap else 1
+            keys = [(owner[i], r.n) for i, r in enumerate(requests)]
+        else:
+            parts = max(1, 2 * replicas) if self.overlap else 1
+            keys = [(None, r.n) for r in requests]
+        by_key: dict[tuple[int | None, int], list[int]] = {}
+        for i, key in enumerate(keys):
+            by_key.setdefault(key, []).append(i)
+        chunks: list[tuple[int | None, list[int]]] = []
+        for (replica, _), idx in by_key.items():
+            size = max(1, math.ceil(len(idx) / parts))
+            chunks += [(replica, idx[k : k + size]) for k in range(0, len(idx), size)]
+        return chunks
+
     def _generate(self, requests: list[Any], tokenizer: Any, reward: Any,
-                  stats: dict[str, Any], step: int = 0, round_: int = 0) -> list[Any]:
-        """One group per request: sampled, decoded and scored. Each chunk of prompts is
-        one seeded request (``runtime.seeds``: ``train.seed``, step, sampling round of the
-        step, the chunk's prompt ids and n)."""
+                  stats: dict[str, Any], lengths: Any, step: int = 0,
+                  round_: int = 0) -> list[Any]:
+        """One group per request: sampled, decoded and scored; each group's lengths go to the
+        predictor, each replica's busy time and the generation's wall time to ``stats``. Each
+        chunk of prompts is one seeded request (``runtime.seeds``: ``train.seed``, step,
+        sampling round of the step, the chunk's prompt ids and n)."""
         from runtime.filters import Group
+        from runtime.rollout.replica_time import RequestLog
         from runtime.seeds import request_seed
 
         sampling = dict(self.rollout["sampling"])
@@ -454,15 +505,8 @@ class RLDriver:
             if r.prompt_id not in encoded:
                 text = str(self.rows[r.prompt_id][self.prompt_key])
                 encoded[r.prompt_id] = tokenizer.encode(text, add_special_tokens=False)
-        # chunks of equal n: several per endpoint when rewards overlap generation
-        by_n: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_n.setdefault(r.n, []).append(i)
-        parts = max(1, 2 * len(self.client.endpoints)) if self.overlap else 1
-        chunks: list[list[int]] = []
-        for idx in by_n.values():
-            size = max(1, math.ceil(len(idx) / parts))
-            chunks += [idx[k : k + size] for k in range(0, len(idx), size)]
+        chunks = self._chunks(requests, encoded, lengths)
+        log = RequestLog()
         groups: list[Any] = [None] * len(requests)
 
         def score(chunk: list[int], completions: list[list[Any]]) -> None:
@@ -472,29 +516,39 @@ class RLDriver:
                 texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
                 got = reward.group_rewards(str(row[self.prompt_key]), texts,
                                            str(row.get(self.answer_key, "")))
-                stats["tokens"] += sum(len(c.token_ids) for c in comps)
-                groups[i] = Group(req.prompt_id, got.rewards,
-                                  lengths=[len(c.token_ids) for c in comps],
+                sizes = [len(c.token_ids) for c in comps]
+                stats["tokens"] += sum(sizes)
+                lengths.observe(req.prompt_id, sizes)
+                groups[i] = Group(req.prompt_id, got.rewards, lengths=sizes,
                                   token_ids=[c.token_ids for c in comps], scores=got.scores,
                                   payload=(encoded[req.prompt_id], comps))
 
-        def gen(chunk: list[int]) -> list[list[Any]]:
+        def gen(replica: int | None, chunk: list[int]) -> list[list[Any]]:
             prompts = [encoded[requests[i].prompt_id] for i in chunk]
             n = requests[chunk[0]].n
             key = (round_, tuple(requests[i].prompt_id for i in chunk), n)
             seeded = {**sampling, "seed": request_seed(run_seed, "rollout", step, key)}
             return self.client.generate(prompts, n=n, sampling=seeded,
-                                        return_routed_experts=want_routes)
+                                        return_routed_experts=want_routes, endpoint=replica,
+                                        on_request=log)
 
         t0 = time.monotonic()
         if len(chunks) == 1:
-            score(chunks[0], gen(chunks[0]))
+            score(chunks[0][1], gen(*chunks[0]))
         else:
             with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
-                futures = {pool.submit(gen, c): c for c in chunks}
-                for fut in as_completed(futures):
-                    score(futures[fut], fut.result())  # scored while others still generate
+                futures = {pool.submit(gen, *c): c[1] for c in chunks}
+                if self.overlap:  # each chunk scored as it returns, while others generate
+                    arrivals: Any = as_completed(futures)
+                else:  # scored once every chunk has returned
+                    wait(futures)
+                    arrivals = futures
+                for fut in arrivals:
+                    score(futures[fut], fut.result())
         stats["seconds"] += time.monotonic() - t0
+        busy = stats.setdefault("replica_busy", [0.0] * len(self.client.endpoints))
+        for r, seconds in enumerate(log.busy(self.client.endpoints)):
+            busy[r] += seconds
         return groups
 
     def _rollouts(self, state: DriverState, step: int, tokenizer: Any, reward: Any,
@@ -506,7 +560,8 @@ class RLDriver:
         rounds = itertools.count()  # the sampling rounds of the step (DAPO refills)
         batch = state.pipeline.step(
             step, state.stream,
-            lambda reqs: self._generate(reqs, tokenizer, reward, stats, step, next(rounds)),
+            lambda reqs: self._generate(reqs, tokenizer, reward, stats, state.lengths, step,
+                                        next(rounds)),
             int(self.rollout["prompts_per_step"]))
         return batch, reward.judge_step(before)
 
@@ -603,7 +658,8 @@ class RLDriver:
         while not self._finished(state):
             step = state.step
             t0 = time.monotonic()
-            stats = {"tokens": 0, "seconds": 0.0}
+            stats: dict[str, Any] = {"tokens": 0, "seconds": 0.0,
+                                     "replica_busy": [0.0] * len(self.client.endpoints)}
             pipeline = state.pipeline
             batch, judged = self._rollouts(state, step, tokenizer, reward, stats)
             all_groups = batch.groups + batch.removed
@@ -642,6 +698,7 @@ class RLDriver:
                 "reshaped_advantage_share": tm.get("reshaped_advantage_share"),
                 "responses_trained": int(payload["input_ids"].shape[0]),
                 "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
+                **replica_metrics(stats),
                 "entropy": tm.get("entropy"),
                 "clip_fraction": {k.split("/", 1)[1]: v for k, v in tm.items()
                                   if k.startswith("clip_frac/")},
@@ -666,6 +723,8 @@ class RLDriver:
                         writer.add_scalar(f"rl/{key}", value, step)
                 for key, value in line["clip_fraction"].items():
                     writer.add_scalar(f"rl/clip_fraction/{key}", value, step)
+                for r, value in enumerate(line["replica_idle_fraction"]):
+                    writer.add_scalar(f"rl/replica_idle_fraction/{r}", value, step)
                 writer.flush()
             state.optimizer_steps = int(done.get("optimizer_steps", state.optimizer_steps))
             state.wall_seconds += wall
@@ -687,6 +746,18 @@ class RLDriver:
                 "wall_seconds": state.wall_seconds,
                 "steps": state.step,
                 "ledger": led.to_dict()}
+
+
+def replica_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """The metrics line's rollout-replica keys from one step's generation ``stats``:
+    ``generation_seconds``, and per replica (endpoint order) ``replica_busy_seconds`` and
+    ``replica_idle_fraction`` (``runtime.rollout.replica_time``)."""
+    from runtime.rollout.replica_time import idle_fraction
+
+    wall = float(stats["seconds"])
+    busy = [float(b) for b in stats.get("replica_busy", [])]
+    return {"generation_seconds": wall, "replica_busy_seconds": busy,
+            "replica_idle_fraction": [idle_fraction(b, wall) for b in busy]}
 
 
 def _alive(pid: int) -> bool:

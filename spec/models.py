@@ -797,7 +797,11 @@ class System(Section):
 
     reward_overlap: bool = Field(True, description="Score rollouts while others still generate.")
     length_balancing: bool = Field(
-        True, description="Balance micro-batches by token count across data-parallel ranks."
+        True,
+        description="Balance work by length: the trainer's micro-batches by token count across "
+        "data-parallel ranks, and each step's prompt groups across the rollout replicas by "
+        "predicted generation length (longest first to the least-loaded replica). Off: "
+        "micro-batches in order, groups round-robin.",
     )
     max_staleness: NonNegInt = Field(
         0, description="Policy versions a rollout may lag (0: synchronous on-policy)."

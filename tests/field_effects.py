@@ -639,8 +639,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         t(TRAINER, "test_a_step_stops_before_updating_when_the_engine_serves_other_weights"),
         t(VLLM_ENGINE, "test_a_reload_takes_effect_only_with_the_cpu_repack"))},
     "System.reward_overlap": {"all": t(DRIVER, "test_reward_overlap_scores_chunks_while_others_still_generate")},
-    # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on).
-    "System.length_balancing": {"all": t(TRAINER, "test_length_balancing_groups_responses_of_similar_length")},
+    # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on), and the
+    # driver's assignment of groups to the rollout replicas (any engine: the client's endpoints).
+    "System.length_balancing": {"all": (
+        t(TRAINER, "test_length_balancing_groups_responses_of_similar_length"),
+        t(DRIVER, "test_length_balancing_spreads_groups_over_replicas_by_predicted_length"))},
     "System.max_staleness": {"all": "refused:async_rollout"},
     # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
     # --weight-transfer-config.

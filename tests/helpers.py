@@ -1,15 +1,24 @@
-"""Helpers several test folders share: reading `rlspec status`, stand-ins for Slurm, and
-finding a run's processes."""
+"""Helpers several test files share: reading `rlspec status`, stand-ins for Slurm, finding a
+run's processes, and embedded rollout servers."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
-from collections.abc import Mapping
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from compiler.processes import processes_mentioning
 
-__all__ = ["SLURM_STUBS", "processes_mentioning", "status_rows", "write_stubs"]
+__all__ = ["SLURM_STUBS", "processes_mentioning", "rollout_servers", "status_rows",
+           "write_stubs"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def status_rows(text: str) -> dict[str, list[str]]:
@@ -41,3 +50,47 @@ def write_stubs(bin_dir: Path, stubs: Mapping[str, str]) -> Path:
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     return bin_dir
+
+
+def _wait_url(proc: subprocess.Popen[str], log: Path, timeout: float = 60.0) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith("serving on "):
+                return line.split()[-1]
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"server did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def rollout_servers(model_dir: Path, logs: Path, count: int, *extra: str) -> Iterator[list[str]]:
+    """``count`` embedded rollout servers (``runtime.rollout.server``) of ``model_dir`` on
+    127.0.0.1, server i with ``--seed i`` and its log ``logs/server<i>.log``; yields their
+    URLs, and stops them (only these processes, by pid) on exit, which must be clean."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = []
+    for i in range(count):
+        cmd = [sys.executable, "-m", "runtime.rollout.server", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", "0", "--seed", str(i), *extra]
+        with (logs / f"server{i}.log").open("w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                          stderr=err, text=True))
+    try:
+        yield [_wait_url(p, logs / f"server{i}.log") for i, p in enumerate(procs)]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                rc = p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+                rc = None
+            assert p.stdout is not None
+            p.stdout.close()
+            assert rc == 0, "the server did not shut down cleanly on SIGTERM"

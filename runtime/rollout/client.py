@@ -5,11 +5,16 @@ our embedded server (``runtime.rollout.server``) or ``vllm serve`` — with the 
 code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol``).
 
 * ``generate`` assigns prompts to endpoints round-robin (the starting endpoint
-  rotates from call to call), sends one ``/v1/completions`` request per endpoint and
+  rotates from call to call) or, with ``endpoint=i``, all to endpoint i (the driver's
+  length balancing, ``runtime.rollout.balance``), sends one ``/v1/completions`` request
+  per endpoint and
   chunk (``max_prompts_per_request``) concurrently from a thread pool, and returns
   ``Completion`` s in prompt order, n per prompt. It always asks for
   ``return_token_ids`` (exact ids, no detokenisation round trip), ``logprobs=0`` (the
-  sampled token's logprob) and ``return_tokens_as_token_ids``.
+  sampled token's logprob) and ``return_tokens_as_token_ids``. ``on_request(endpoint,
+  start, finish)``, when given, is called after every completion request (each attempt)
+  with its ``time.monotonic`` span: the driver's replica busy time
+  (``runtime.rollout.replica_time``).
 * Routed experts are decoded with ``runtime.router_replay.decode_routed_experts``
   and checked to have num_tokens − 1 − prompt_start rows.
 * ``weight_version``: from the choice's ``weight_versions`` when the server sends it
@@ -48,7 +53,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -249,8 +254,12 @@ class RolloutClient(WeightUpdates):
         return_routed_experts: bool = False,
         *,
         routed_experts_prompt_start: int = 0,
+        endpoint: int | None = None,
+        on_request: Callable[[str, float, float], None] | None = None,
     ) -> list[list[Completion]]:
-        """Sample ``n`` completions of each prompt; result[i][j] is sample j of prompt i."""
+        """Sample ``n`` completions of each prompt; result[i][j] is sample j of prompt i.
+        ``endpoint``: the index of the endpoint every prompt goes to (None: round-robin);
+        ``on_request``: called with (endpoint, start, finish) after every request."""
         sampling = dict(sampling or {})
         unknown = set(sampling) - _SAMPLING_KEYS
         if unknown:
@@ -262,11 +271,13 @@ class RolloutClient(WeightUpdates):
             return []
         if any(not p for p in prompt_lists):
             raise ValueError("every prompt needs at least one token")
+        if endpoint is not None and not 0 <= endpoint < len(self.endpoints):
+            raise ValueError(f"endpoint {endpoint} is not one of the {len(self.endpoints)}")
         if self.model is None:
             self.wait_ready()
         with self._lock:
             offset = next(self._rr)
-        jobs = self._plan(len(prompt_lists), offset)
+        jobs = self._plan(len(prompt_lists), offset, endpoint)
         futures = [
             self._pool.submit(
                 self._run_job,
@@ -276,6 +287,7 @@ class RolloutClient(WeightUpdates):
                 sampling,
                 return_routed_experts,
                 routed_experts_prompt_start,
+                on_request,
             )
             for job in jobs
         ]
@@ -288,10 +300,11 @@ class RolloutClient(WeightUpdates):
             raise RolloutError(f"no completions came back for prompts {missing[:10]}")
         return [r for r in results if r is not None]
 
-    def _plan(self, num_prompts: int, offset: int) -> list[_Job]:
+    def _plan(self, num_prompts: int, offset: int, endpoint: int | None = None) -> list[_Job]:
         per_endpoint: dict[int, list[int]] = {}
         for i in range(num_prompts):
-            per_endpoint.setdefault((offset + i) % len(self.endpoints), []).append(i)
+            e = (offset + i) % len(self.endpoints) if endpoint is None else endpoint
+            per_endpoint.setdefault(e, []).append(i)
         jobs = []
         for e, idx in per_endpoint.items():
             for k in range(0, len(idx), self.max_prompts_per_request):
@@ -306,6 +319,7 @@ class RolloutClient(WeightUpdates):
         sampling: dict[str, Any],
         return_routed_experts: bool,
         prompt_start: int,
+        on_request: Callable[[str, float, float], None] | None = None,
     ) -> list[list[Completion]]:
         chunk = [prompts[i] for i in job.prompt_indices]
         request = CompletionRequest(
@@ -330,7 +344,12 @@ class RolloutClient(WeightUpdates):
             version = None
             if self._sends_versions.get(endpoint) is not True:
                 version = self._probe_version(endpoint)
-            raw = self._request(endpoint, "POST", "/v1/completions", body)
+            start = time.monotonic()
+            try:
+                raw = self._request(endpoint, "POST", "/v1/completions", body)
+            finally:
+                if on_request is not None:
+                    on_request(endpoint, start, time.monotonic())
             try:
                 response = CompletionResponse.from_json(raw)
                 grouped = choices_by_prompt(response.choices, len(chunk), n)

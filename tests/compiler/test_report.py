@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True) -> Path:
+def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True,
+             idle: bool = False) -> Path:
     (path / "bundle").mkdir(parents=True)
     (path / "bundle" / "spec.resolved.yaml").write_text(f"router_replay:\n  mode: '{replay}'\n")
     lines = [{"step": s, "reward_mean": s / steps, "train_accuracy": s / steps,
@@ -24,6 +25,9 @@ def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True) 
               "reshaped_advantage_share": 0.1 if s % 2 else 0.3,
               "train_inference_gap": (1e-3 if replay == "off" else 1e-4) * (1 + s)}
              for s in range(steps)]
+    if idle:  # two rollout replicas, one idle 10 %, the other 40 % of the generation time
+        for line in lines:
+            line["replica_idle_fraction"] = [0.1, 0.4]
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     if summary:
         (path / "summary.json").write_text(json.dumps({
@@ -51,6 +55,21 @@ def test_report_draws_every_plot_and_tabulates_each_run(tmp_path: Path) -> None:
     assert "| RL steps logged | 30 | 20 |" in md
     assert "still in progress" in md  # the second run has no summary.json yet
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_replica_idle_time_is_plotted_where_a_run_logged_it(tmp_path: Path) -> None:
+    from compiler.report import idle_series
+
+    plain = make_run(tmp_path / "plain", "off")
+    folder = write_report([plain], tmp_path / "without")
+    assert not (folder / "replica_idle.png").exists()
+    assert "replica_idle.png" not in (folder / "report.md").read_text()
+
+    balanced = make_run(tmp_path / "balanced", "off", steps=5, idle=True)
+    assert idle_series(load_run(balanced)) == ([1, 2, 3, 4, 5], [0.25] * 5, [0.4] * 5)
+    folder = write_report([plain, balanced], tmp_path / "with")
+    assert (folder / "replica_idle.png").read_bytes()[:8] == PNG
+    assert "## Rollout replica idle time" in (folder / "report.md").read_text()
 
 
 def test_a_live_run_is_read_from_the_rl_job_artifacts(tmp_path: Path) -> None:

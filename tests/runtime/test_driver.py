@@ -1,14 +1,19 @@
 """The RL driver's step in this process, with stand-ins only at its edges: a scripted rollout
-client (the completions it returns are chosen per prompt) and, where the trainer's side is
-checked, the real trainer process (``runtime.jobs.train.TrainerProcess``) on the tiny
-policy. What is checked is what the spec's system and advantage settings change in the
-step: how rewards are scored against generation, and the advantages the trainer trains on.
+client (the completions it returns are chosen per prompt) or two real embedded engine
+replicas (``runtime.rollout.server``) and, where the trainer's side is checked, the real
+trainer process (``runtime.jobs.train.TrainerProcess``) on the tiny policy. What is checked
+is what the spec's system and advantage settings change in the step: how rewards are scored
+against generation, which replica generates which group, and the advantages the trainer
+trains on; and that the prompts' length history survives a resume.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,6 +23,7 @@ import torch
 
 from compiler.api import compile_spec
 from runtime.jobs.common import JobContext
+from tests.helpers import rollout_servers
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "tiny" / "spec.yaml"
@@ -40,7 +46,8 @@ class ScriptedClient:
         self.lock = threading.Lock()
 
     def generate(self, prompts: list[list[int]], *, n: int, sampling: dict[str, Any],
-                 return_routed_experts: bool = False) -> list[list[Any]]:
+                 return_routed_experts: bool = False, endpoint: int | None = None,
+                 on_request: Any = None) -> list[list[Any]]:
         from runtime.rollout.client import Completion
 
         texts = [self.tokenizer.decode(p) for p in prompts]
@@ -190,6 +197,98 @@ def test_every_rollout_request_is_seeded_from_the_run_seed_step_and_prompts(
     other, _ = _seeded_requests(_seeded_context(tmp_path / "d", "train.seed=7"), 3)
     assert [(t, n) for t, n, _ in other] == [(t, n) for t, n, _ in a]  # same prompts
     assert not {s for _, _, s in other} & set(seeds)
+
+
+# --------------------------------------------------------------------------- length balancing
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two embedded rollout servers of the tiny spec's policy (random init)."""
+    from runtime.policy import build_policy, build_tokenizer, save_policy
+
+    root = tmp_path_factory.mktemp("replicas")
+    config = json.loads(compile_spec(TINY, []).files["jobs/rl/config.json"])
+    arch = config["spec"]["model"]["architecture"]
+    tokenizer = build_tokenizer(int(arch["vocab_size"]))
+    save_policy(build_policy(arch, tokenizer, seed=0), tokenizer, root / "policy")
+    with rollout_servers(root / "policy", root, 2, "--return-routed-experts") as urls:
+        yield urls
+
+
+@pytest.mark.parametrize("balancing", [True, False])
+def test_length_balancing_spreads_groups_over_replicas_by_predicted_length(
+        tmp_path: Path, replicas: list[str], balancing: bool) -> None:
+    """Two embedded engine replicas, 4 prompts × 4 samples; the history predicts prompt 0 50×
+    longer than the others. ``system.length_balancing: true``: longest first to the least
+    loaded replica, so prompt 0 has a replica to itself and the other three share the other;
+    ``false``: the client's round-robin, two prompts each. Either way each group's lengths
+    become its prompt's prediction, and each replica's busy time (within the generation's
+    wall time) and idle fraction are measured for the metrics line."""
+    from runtime.driver import RLDriver, replica_metrics
+    from runtime.policy import build_tokenizer
+    from runtime.rewards import build_reward
+    from runtime.rollout.client import RolloutClient
+
+    ctx = _context(tmp_path, 4, "filters=[]", "algorithm.advantage.estimator=group",
+                   "system.reward_overlap=false",
+                   f"system.length_balancing={str(balancing).lower()}")
+    tokenizer = build_tokenizer(int(ctx.spec["model"]["architecture"]["vocab_size"]))
+    with RolloutClient(replicas, timeout_s=120, retries=0) as client:
+        driver = RLDriver(ctx, client=client)
+        state = driver._new_state()
+        long_id = next(iter(driver.rows))
+        for pid in driver.rows:
+            state.lengths.observe(pid, [200] * 4 if pid == long_id else [4] * 4)
+        stats: dict[str, Any] = {"tokens": 0, "seconds": 0.0}
+        batch, _ = driver._rollouts(state, 0, tokenizer, build_reward(ctx.spec["reward"]), stats)
+    groups = batch.groups + batch.removed
+    served = {g.prompt_id: {c.endpoint for c in g.payload[1]} for g in groups}
+    assert sorted(served) == sorted(driver.rows)
+    assert all(len(urls) == 1 for urls in served.values())  # a group stays on one replica
+    per_replica = Counter(next(iter(urls)) for urls in served.values())
+    if balancing:
+        assert per_replica[next(iter(served[long_id]))] == 1
+        assert sorted(per_replica.values()) == [1, 3]
+    else:
+        assert sorted(per_replica.values()) == [2, 2]
+    for g in groups:  # the step's lengths replace the history
+        assert state.lengths.predict(g.prompt_id) == statistics.mean(g.lengths)
+    line = replica_metrics(stats)
+    assert line["generation_seconds"] == stats["seconds"]
+    busy, idle = line["replica_busy_seconds"], line["replica_idle_fraction"]
+    assert len(busy) == len(idle) == 2
+    assert all(0 < b <= line["generation_seconds"] for b in busy)
+    assert idle == [pytest.approx(1 - b / line["generation_seconds"]) for b in busy]
+
+
+def test_the_length_history_survives_a_resume(tmp_path: Path) -> None:
+    """A step's group lengths become the predictions (answers of 1 and 5 characters + EOS);
+    the state pickled after the step resumes with them; a state pickled before the predictor
+    existed resumes with an empty one (the prior: rollout.max_tokens / 2)."""
+    from runtime.driver import RLDriver, save_state
+    from runtime.policy import build_tokenizer
+    from runtime.rewards import build_reward
+
+    ctx = _context(tmp_path, 2, "filters=[]", "algorithm.advantage.estimator=group")
+    tokenizer = build_tokenizer(64)
+    client = ScriptedClient(tokenizer, {"0+1=": ["1"], "1+1=": ["22222"]})
+    driver = RLDriver(ctx, client=client)
+    state = driver._new_state()
+    half = int(ctx.spec["rollout"]["max_tokens"]) / 2
+    assert state.lengths.predict(0) == half
+    driver._rollouts(state, 0, tokenizer, build_reward(ctx.spec["reward"]),
+                     {"tokens": 0, "seconds": 0.0})
+    assert (state.lengths.predict(0), state.lengths.predict(1), state.lengths.prior) == (2, 6, 4)
+    state.step = 1
+    save_state(driver.paths.state, state)
+    resumed = RLDriver(ctx, client=client)._resume()
+    assert resumed.step == 1
+    assert (resumed.lengths.predict(0), resumed.lengths.predict(1), resumed.lengths.predict(7)) \
+        == (2, 6, 4)
+    del state.__dict__["lengths"]  # as pickled before length balancing
+    save_state(driver.paths.state, state)
+    assert RLDriver(ctx, client=client)._resume().lengths.predict(1) == half
 
 
 # --------------------------------------------------------------------------- advantage estimator

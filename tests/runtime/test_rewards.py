@@ -398,7 +398,8 @@ class _Client:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def generate(self, prompts, *, n, sampling, return_routed_experts=False):
+    def generate(self, prompts, *, n, sampling, return_routed_experts=False, endpoint=None,
+                 on_request=None):
         import numpy as np
 
         from runtime.rollout.client import Completion

@@ -37,6 +37,7 @@ METRIC_KEYS = {
     "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
     "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
     "clip_fraction", "train_inference_gap", "kl", "wall_seconds", "reshaped_advantage_share",
+    "generation_seconds", "replica_busy_seconds", "replica_idle_fraction",
 }
 
 
@@ -120,7 +121,8 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-TIME_KEYS = {"wall_seconds", "tokens_per_second"}
+TIME_KEYS = {"wall_seconds", "tokens_per_second", "generation_seconds", "replica_busy_seconds",
+             "replica_idle_fraction"}
 
 
 def _untimed(lines: list[dict]) -> list[dict]:

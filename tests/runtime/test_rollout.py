@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import select
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from runtime.rollout.protocol import CompletionRequest, ProtocolError
 from runtime.rollout.server import check_host
 from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
 from runtime.router_replay import align_routing, patch_qwen3_moe
+from tests.helpers import rollout_servers
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64
@@ -360,54 +358,11 @@ def test_engine_rejects_bad_input(engine: LocalEngine) -> None:
 # ------------------------------------------------------------------------------ server
 
 
-def _start_server(model_dir: Path, log: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "runtime.rollout.server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", "0", *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with log.open("w") as err:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True
-        )
-
-
-def _wait_url(proc: subprocess.Popen[str], log: Path, timeout: float = 60.0) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("serving on "):
-                return line.split()[-1]
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"server did not start (rc={proc.poll()}):\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     logs = tmp_path_factory.mktemp("server_logs")
-    procs = [
-        _start_server(
-            model_dir, logs / f"server{i}.log", "--return-routed-experts", "--seed", str(i)
-        )
-        for i in range(2)
-    ]
-    try:
-        yield [_wait_url(p, logs / f"server{i}.log") for i, p in enumerate(procs)]
-    finally:
-        for p in procs:  # only the processes this fixture started, by their pid
-            p.terminate()
-        for p in procs:
-            try:
-                rc = p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-                rc = None
-            assert p.stdout is not None
-            p.stdout.close()
-            assert rc == 0, "the server did not shut down cleanly on SIGTERM"
+    with rollout_servers(model_dir, logs, 2, "--return-routed-experts") as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
@@ -456,6 +411,23 @@ def test_http_generate_matches_the_engine(
         assert c.routed_experts is not None
         assert c.routed_experts.shape[0] == len(PROMPTS[2]) + len(c.token_ids) - 1 - 3
         assert (c.finish_reason, c.stop_reason) in {("stop", 30), ("length", None)}
+
+
+def test_generate_on_one_endpoint_reports_each_request(client: RolloutClient,
+                                                       servers: list[str]) -> None:
+    """``endpoint=i`` sends every prompt to endpoint i (the driver's length balancing);
+    ``on_request`` gets each request's (endpoint, start, finish)."""
+    from runtime.rollout.replica_time import RequestLog
+
+    log = RequestLog()
+    got = client.generate(PROMPTS, n=2, sampling={"max_tokens": 3}, endpoint=1, on_request=log)
+    assert {c.endpoint for row in got for c in row} == {servers[1]}
+    assert [e for e, _, _ in log.events] == [servers[1]]  # one request: all prompts fit one
+    assert all(finish >= start for _, start, finish in log.events)
+    busy = log.busy(servers)
+    assert busy[0] == 0 and busy[1] > 0
+    with pytest.raises(ValueError, match="endpoint 2 is not one of the 2"):
+        client.generate(PROMPTS, endpoint=2)
 
 
 def test_http_weight_update_changes_outputs_and_version(
