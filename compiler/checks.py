@@ -627,6 +627,24 @@ def fp8_rollout(spec: Spec, plan: Plan) -> Iterator[Problem]:
                        (fp8,))
 
 
+def stale_rollouts(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """Bounded-staleness rollouts (``system.max_staleness`` k > 0: step s may be sampled by
+    the weights of step s − k, ``runtime.driver``) come from an older policy than the one
+    the trainer updates: the update needs the importance weight π_old / μ of the
+    train–inference correction (``algorithm.correction`` tis or mis, the decoupled
+    objective of AReaL, arXiv 2505.24298); none is an error, since the ratio of the loss
+    would treat the stale tokens as on-policy."""
+    k = spec.system.max_staleness
+    if k and spec.algorithm.correction.mode == "none":
+        yield _error(("algorithm", "correction", "mode"),
+                     f"system.max_staleness {k}: rollouts may come from weights up to {k} "
+                     "step(s) older than the trainer's, and algorithm.correction.mode none "
+                     "trains on them as if on-policy (no importance weight π_old / μ for the "
+                     "behaviour policy)",
+                     "set algorithm.correction.mode: tis (or mis), or system.max_staleness: 0",
+                     (("system", "max_staleness"),))
+
+
 # --------------------------------------------------------------------------- run-level
 
 
@@ -1002,6 +1020,7 @@ RULES: tuple[Rule, ...] = (
     rollout_grid,
     redundant_experts,
     fp8_rollout,
+    stale_rollouts,
     run_level,
     cluster_settings,
     zve_budgets,

@@ -76,6 +76,9 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
         _ex(TINY, "rollout.fp8=true", "algorithm.correction.mode=none"),
         _ex(SINGLE, "rollout.fp8=true", "router_replay.mode=off"),
     ),
+    "stale_rollouts": (
+        _ex(TINY, "system.max_staleness=1", "algorithm.correction.mode=none"),
+    ),
     "run_level": (
         _ex(SINGLE, "rollout.prompts_per_step=60"),
         _ex(SINGLE, "rollout.max_tokens=40000"),
@@ -115,7 +118,6 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     ),
     "aux_loss": (_ex(SINGLE, "model.architecture.moe.aux_loss_coeff=0.001"),),
     "weight_sync": (_ex(SINGLE, "system.weight_sync=nccl"),),
-    "async_rollout": (_ex(SINGLE, "system.max_staleness=1"),),
     "container": (_ex(TINY, "cluster.container.image=/images/rlspec.sqsh"),),
     "precision": (_ex(TINY, "train.precision=bf16"),),
     "devices": (_ex(TINY, "cluster.devices=gpu"),),

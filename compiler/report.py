@@ -17,6 +17,9 @@ Files written to ``--out`` (default ``<first run>/report``), each replaced atomi
     replica_idle.png    the rollout replicas' idle share of each step's generation time,
                         mean and largest over the replicas (only when a run logged
                         ``replica_idle_fraction``)
+    staleness.png       each step's staleness: how many policy versions its rollouts lag the
+                        weights they train (only when a run logged a staleness above 0,
+                        ``system.max_staleness``)
     report.md           the summary table of every run and the plots; the table counts
                         rollouts wasted (no gradient) and rollouts reshaped by RL-ZVP (a
                         class of their own: trained on, but from flat groups) apart, with
@@ -234,6 +237,22 @@ def plot_replica_idle(runs: Sequence[Run], path: Path) -> None:
     _save(fig, path)
 
 
+def stale(run: Run) -> bool:
+    """Whether some step of ``run`` was sampled by older weights than it trained."""
+    return any(y > 0 for y in run.series("staleness")[1])
+
+
+def plot_staleness(runs: Sequence[Run], path: Path) -> None:
+    fig, ax = _figure("Rollout staleness", "policy versions behind the trainer")
+    for i, run in enumerate(runs):
+        xs, ys = run.series("staleness")
+        if xs:
+            ax.step(xs, ys, where="mid", color=f"C{i}", label=run.label)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -279,6 +298,8 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("RL-ZVP share of the advantage mass (mean per step)", _fmt(zvp_share, "pct")),
         ("zero-variance rollouts", _fmt(s.get("rollouts_zero_variance"))),
         ("router replay", run.replay),
+        ("rollouts by staleness", ", ".join(
+            f"{k}: {v:,}" for k, v in (s.get("rollouts_by_staleness") or {}).items()) or "n/a"),
         ("RL wall time", _fmt(s.get("wall_seconds"), "s")),
     ]
 
@@ -288,12 +309,14 @@ PLOTS = (("reward.png", plot_reward, "Reward and accuracy"),
          ("rollouts.png", plot_rollouts, "Rollout accounting"),
          ("gap.png", plot_gap, "Train–inference gap"))
 IDLE_PLOT = ("replica_idle.png", plot_replica_idle, "Rollout replica idle time")
+STALENESS_PLOT = ("staleness.png", plot_staleness, "Rollout staleness")
 
 
 def plots(runs: Sequence[Run]) -> tuple[tuple[str, Any, str], ...]:
-    """The plots of these runs: every one of ``PLOTS``, and the replica idle time when a run
-    logged it."""
-    return PLOTS + ((IDLE_PLOT,) if any(idle_series(r)[0] for r in runs) else ())
+    """The plots of these runs: every one of ``PLOTS``, the replica idle time when a run
+    logged it, and the staleness when a run's rollouts lagged."""
+    return (PLOTS + ((IDLE_PLOT,) if any(idle_series(r)[0] for r in runs) else ())
+            + ((STALENESS_PLOT,) if any(stale(r) for r in runs) else ()))
 
 
 def markdown(runs: Sequence[Run]) -> str:

@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = ap.parse_args(argv[:cut])
     if not 0 <= ns.node_rank < ns.nnodes:
         ap.error(f"--node-rank {ns.node_rank} is not in 0..{ns.nnodes - 1}")
-    from runtime.driver import die_with_parent
+    from runtime.processes import die_with_parent
 
     die_with_parent()  # the launch script's stop reaches the ranks through this process
     return launch(argv[cut + 1], argv[cut + 2:], nnodes=ns.nnodes,

@@ -237,11 +237,13 @@ class Trainer:
 
     def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0,
              advantages_from_entropy: Callable[[Tensor], Tensor] | None = None,
-             version: int = 0) -> dict[str, float]:
+             version: int = 0, behaviour_version: int | None = None) -> dict[str, float]:
         """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics.
 
-        With ``sync_tolerance``, the engine's log-probs of the batch (sampled by weights
-        ``version``) must equal the old-policy pass's within it (``runtime.sync_check``).
+        With ``sync_tolerance``, the engine's log-probs of a batch sampled by the weights the
+        trainer holds (``behaviour_version`` = ``version``, or None) must equal the
+        old-policy pass's within it (``runtime.sync_check``). A batch sampled by older
+        weights (bounded staleness) differs by design: its gap is logged, not checked.
 
         ``advantages_from_entropy`` replaces the batch's advantages by a function of the old
         policy's per-token entropy [B, T] (RL-ZVP's token advantages), computed from the
@@ -250,7 +252,8 @@ class Trainer:
         valid = batch.loss_mask
         n = valid.sum().clamp(min=1)
         gap = float(((old_logp - batch.rollout_logp).abs() * valid).sum() / n)
-        if self.sync_tolerance is not None:  # before any update uses the engine's tokens
+        on_policy = behaviour_version is None or behaviour_version == version
+        if self.sync_tolerance is not None and on_policy:  # before any update uses them
             check_weight_sync(gap, int(valid.sum()), self.sync_tolerance, version)
         if advantages_from_entropy is not None:
             batch = replace(batch, advantages=advantages_from_entropy(entropy))

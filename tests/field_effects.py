@@ -644,7 +644,12 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "System.length_balancing": {"all": (
         t(TRAINER, "test_length_balancing_groups_responses_of_similar_length"),
         t(DRIVER, "test_length_balancing_spreads_groups_over_replicas_by_predicted_length"))},
-    "System.max_staleness": {"all": "refused:async_rollout"},
+    # the driver's hand-over loop (any engine, any trainer: both inherit Trainer.step's
+    # on-policy-only sync check) and the compiler's correction rule
+    "System.max_staleness": {"all": (
+        t(RL, "test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill"),
+        t(TRAINER, "test_a_stale_batch_is_trained_with_its_gap_logged_not_checked"),
+        "check:stale_rollouts")},
     # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
     # --weight-transfer-config.
     "System.weight_sync": {

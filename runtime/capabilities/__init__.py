@@ -63,7 +63,6 @@ from runtime.capabilities.refusal import (
     _uses_megatron,
 )
 from runtime.capabilities.system import (
-    async_rollout,
     container,
     embedded_trainer_nodes,
     local_nodes,
@@ -82,7 +81,6 @@ RULES: dict[str, Rule] = {
     "dense_replay": dense_replay,
     "aux_loss": aux_loss,
     "weight_sync": weight_sync,
-    "async_rollout": async_rollout,
     "container": container,
     "precision": precision,
     "devices": devices,
@@ -109,8 +107,8 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "evaluate": (*_ALL_JOBS, "embedded_model", "vllm_cpu"),
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
-    "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "async_rollout",
-           "precision", "devices", "megatron_cpu", "recompute", "tokenizer",
+    "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "precision",
+           "devices", "megatron_cpu", "recompute", "tokenizer",
            "local_nodes", "embedded_trainer_nodes", "optimizer_offload", "vllm_cpu"),
 }
 

@@ -20,16 +20,6 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set system.weight_sync: disk")
 
 
-def async_rollout(spec: Mapping[str, Any]) -> Iterator[Refusal]:
-    """The driver runs synchronous on-policy steps: rollouts of step t use the weights of t."""
-    k = spec["system"]["max_staleness"]
-    if k > 0:
-        yield Refusal("async_rollout", ("system", "max_staleness"),
-                      f"max_staleness {k}: the driver generates each step's rollouts with that "
-                      "step's weights (no asynchronous, off-policy rollout yet)",
-                      "set system.max_staleness: 0")
-
-
 def container(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Containers are started by Slurm's pyxis (``srun --container-image``); a local run
     starts its processes on this machine directly."""

@@ -52,7 +52,8 @@ def _wait_trainer_finished(ctx: JobContext, paths: Any, timeout_s: float = 300.0
 
 
 def run(ctx: JobContext) -> None:
-    from runtime.driver import RLDriver, die_with_parent, rollout_endpoints
+    from runtime.driver import RLDriver
+    from runtime.processes import die_with_parent, rollout_endpoints
     from runtime.rollout.client import RolloutClient
 
     die_with_parent()

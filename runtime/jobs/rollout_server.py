@@ -55,7 +55,7 @@ def _fp8(config: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.driver import die_with_parent
+    from runtime.processes import die_with_parent
     from runtime.rollout import server
 
     server_argv = build_argv(argv)

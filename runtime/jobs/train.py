@@ -1,7 +1,7 @@
 """The RL job's trainer: trains each batch the driver hands over (local or Megatron backend).
 
 Started by ``jobs/rl/train.sh`` next to the driver (``runtime.jobs.rl``); the exchange files
-are described in ``runtime.driver``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
+are described in ``runtime.exchange``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
 advantages of reshaped groups from the old policy's entropies) → ``Trainer.step`` → weights
 ``weights/v<s+1>`` (HF folder, atomic) → a checkpoint every ``train.checkpoint.interval``
 steps and after the last (``checkpoints/rl/step-<k>``: model, optimizer, step; the newest
@@ -60,7 +60,7 @@ class TrainerProcess:
     def __init__(self, ctx: JobContext) -> None:
         import torch
 
-        from runtime.driver import RunPaths
+        from runtime.exchange import RunPaths
 
         self.ctx = ctx
         self.log = ctx.log
@@ -78,6 +78,7 @@ class TrainerProcess:
         self.total_optimizer_steps = schedule_length(spec, ctx.derived)
         self.length_balancing = typed.system.length_balancing
         self.sync_tolerance = typed.system.weight_sync_tolerance
+        self.max_staleness = typed.system.max_staleness
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
@@ -182,8 +183,21 @@ class TrainerProcess:
             return payload
         return None
 
+    def _schedule_position(self, step: int, payload: dict[str, Any]) -> int:
+        """The optimizer steps taken before ``step``: the batch's, else (handed over while
+        earlier steps were training, ``runtime.exchange``) the count ``done-<step-1>.json``
+        recorded."""
+        import json
+
+        if payload.get("optimizer_steps") is not None:
+            return int(payload["optimizer_steps"])
+        if step == 0:
+            return 0
+        return int(json.loads(self.paths.done(step - 1).read_text())["optimizer_steps"])
+
     def publish(self, version: int) -> None:
-        """Write ``weights/v<version>`` (HF, atomic) and drop all but the previous version."""
+        """Write ``weights/v<version>`` (HF, atomic) and drop the versions no engine can
+        still be asked to load (older than ``system.max_staleness`` + 1 before it)."""
         from runtime.policy import save_policy
 
         self.model.eval()
@@ -192,7 +206,7 @@ class TrainerProcess:
 
     def _prune_weights(self, version: int) -> None:
         for old in self.paths.weights.glob("v*"):
-            if old.name[1:].isdigit() and int(old.name[1:]) < version - 1:
+            if old.name[1:].isdigit() and int(old.name[1:]) < version - 1 - self.max_staleness:
                 shutil.rmtree(old, ignore_errors=True)
 
     def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -204,7 +218,7 @@ class TrainerProcess:
 
         step = int(payload["step"])
         if step != self.version:
-            self.sync(step, int(payload["optimizer_steps"]))
+            self.sync(step, self._schedule_position(step, payload))
         routing = None
         if payload.get("routing_ids") is not None:
             routing = RoutingTrace(payload["routing_ids"], int(payload["num_experts"]),
@@ -235,7 +249,8 @@ class TrainerProcess:
 
             metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
                                         advantages_from_entropy=zvp_advantages if zvp else None,
-                                        version=step)
+                                        version=step,
+                                        behaviour_version=payload.get("behaviour_version"))
             # Σ|A| share of the RL-ZVP groups' tokens (runtime.advantages); 0 without them
             metrics["reshaped_advantage_share"] = share[0] if share else 0.0
         self.publish(step + 1)
@@ -448,7 +463,8 @@ def _idle() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from runtime.driver import RunPaths, die_with_parent
+    from runtime.exchange import RunPaths
+    from runtime.processes import die_with_parent
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])

@@ -473,6 +473,16 @@ def test_fp8_rollouts_with_a_sync_tolerance_below_the_fp8_gap_are_a_warning() ->
     assert tol not in paths({**FP8, "system.weight_sync_tolerance": 0.01})
 
 
+def test_stale_rollouts_without_a_train_inference_correction_are_an_error() -> None:
+    p = only({"system.max_staleness": 2, "algorithm.correction.mode": "none"}, CORRECTION)
+    assert "max_staleness 2" in p.message and "π_old / μ" in p.message
+    assert p.suggestion.startswith("set algorithm.correction.mode: tis")
+    assert ("system", "max_staleness") in p.related
+    for mode in ("tis", "mis"):
+        assert problems_of(build({"system.max_staleness": 2,
+                                  "algorithm.correction.mode": mode})) == []
+
+
 # --------------------------------------------------------------------------- run-level
 
 

@@ -82,8 +82,6 @@ CASES = [
      "does not tie embeddings across pipeline stages"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
      ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
-    ("async_rollout", TINY, ["system.max_staleness=2"],
-     ("system", "max_staleness"), "rl", "no asynchronous, off-policy rollout"),
     ("container", TINY, ["cluster.container={image: img.sqsh}"],
      ("cluster", "container"), "sft", "starts no container"),
     ("precision", TINY, ["train.precision=bf16"],
@@ -330,8 +328,8 @@ def test_check_of_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
 
 def test_errors_of_the_checks_and_the_runtime_come_together() -> None:
     # A grid error (no bundle can be built) and a runtime refusal of the same file, at once.
-    problems = _refused(SINGLE, ["train.parallelism.expert=3", "system.max_staleness=1"])
-    assert {p.path[-1] for p in problems} >= {"expert", "max_staleness"}
+    problems = _refused(SINGLE, ["train.parallelism.expert=3", "system.weight_sync=nccl"])
+    assert {p.path[-1] for p in problems} >= {"expert", "weight_sync"}
 
 
 def test_rlspec_run_writes_under_cluster_output_dir(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True,
-             idle: bool = False) -> Path:
+             idle: bool = False, staleness: int = 0) -> Path:
     (path / "bundle").mkdir(parents=True)
     (path / "bundle" / "spec.resolved.yaml").write_text(f"router_replay:\n  mode: '{replay}'\n")
     lines = [{"step": s, "reward_mean": s / steps, "train_accuracy": s / steps,
@@ -28,13 +28,17 @@ def make_run(path: Path, replay: str, steps: int = 30, *, summary: bool = True,
     if idle:  # two rollout replicas, one idle 10 %, the other 40 % of the generation time
         for line in lines:
             line["replica_idle_fraction"] = [0.1, 0.4]
+    for line in lines:  # system.max_staleness: the first steps lag less
+        line["staleness"] = min(int(line["step"]), staleness)
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     if summary:
         (path / "summary.json").write_text(json.dumps({
             "eval_accuracy_before": 0.2, "eval_accuracy_after": 0.41,
             "rollouts_generated": 128 * steps, "rollouts_wasted": 10 * steps,
             "rollouts_reshaped": 20 * steps, "rollouts_zero_variance": 600,
-            "wall_seconds": 42.0}))
+            "wall_seconds": 42.0,
+            "rollouts_by_staleness": {str(k): 128 * (1 if k < staleness else steps - k)
+                                      for k in range(staleness + 1)}}))
     return path
 
 
@@ -70,6 +74,20 @@ def test_replica_idle_time_is_plotted_where_a_run_logged_it(tmp_path: Path) -> N
     folder = write_report([plain, balanced], tmp_path / "with")
     assert (folder / "replica_idle.png").read_bytes()[:8] == PNG
     assert "## Rollout replica idle time" in (folder / "report.md").read_text()
+
+
+def test_staleness_is_plotted_and_counted_where_rollouts_lagged(tmp_path: Path) -> None:
+    on_policy = make_run(tmp_path / "sync", "off", steps=5)
+    folder = write_report([on_policy], tmp_path / "without")
+    assert not (folder / "staleness.png").exists()
+    assert "| rollouts by staleness | 0: 640 |" in (folder / "report.md").read_text()
+
+    lagging = make_run(tmp_path / "async", "off", steps=5, staleness=2)
+    folder = write_report([on_policy, lagging], tmp_path / "with")
+    assert (folder / "staleness.png").read_bytes()[:8] == PNG
+    md = (folder / "report.md").read_text()
+    assert "## Rollout staleness" in md
+    assert "| rollouts by staleness | 0: 640 | 0: 128, 1: 128, 2: 384 |" in md
 
 
 def test_a_live_run_is_read_from_the_rl_job_artifacts(tmp_path: Path) -> None:

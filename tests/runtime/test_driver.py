@@ -179,7 +179,7 @@ def test_every_rollout_request_is_seeded_from_the_run_seed_step_and_prompts(
     seeds step by step; a driver resumed from the pickled state after step 1 sends step 2's
     requests exactly as the uninterrupted driver did; every request of a run has its own
     seed; another ``train.seed`` gives other seeds for the same prompts."""
-    from runtime.driver import load_state, save_state
+    from runtime.driver_state import load_state, save_state
 
     a, _ = _seeded_requests(_seeded_context(tmp_path / "a"), 3)
     b, _ = _seeded_requests(_seeded_context(tmp_path / "b"), 3)
@@ -225,10 +225,11 @@ def test_length_balancing_spreads_groups_over_replicas_by_predicted_length(
     ``false``: the client's round-robin, two prompts each. Either way each group's lengths
     become its prompt's prediction, and each replica's busy time (within the generation's
     wall time) and idle fraction are measured for the metrics line."""
-    from runtime.driver import RLDriver, replica_metrics
+    from runtime.driver import RLDriver
     from runtime.policy import build_tokenizer
     from runtime.rewards import build_reward
     from runtime.rollout.client import RolloutClient
+    from runtime.run_log import replica_metrics
 
     ctx = _context(tmp_path, 4, "filters=[]", "algorithm.advantage.estimator=group",
                    "system.reward_overlap=false",
@@ -266,7 +267,8 @@ def test_the_length_history_survives_a_resume(tmp_path: Path) -> None:
     """A step's group lengths become the predictions (answers of 1 and 5 characters + EOS);
     the state pickled after the step resumes with them; a state pickled before the predictor
     existed resumes with an empty one (the prior: rollout.max_tokens / 2)."""
-    from runtime.driver import RLDriver, save_state
+    from runtime.driver import RLDriver
+    from runtime.driver_state import save_state
     from runtime.policy import build_tokenizer
     from runtime.rewards import build_reward
 
@@ -386,7 +388,7 @@ def test_tensorboard_missing_is_tolerated_and_other_import_errors_propagate(
     import logging
     import sys
 
-    from runtime.driver import _tensorboard
+    from runtime.run_log import _tensorboard
 
     log = logging.getLogger("test_tensorboard")
     for name in [m for m in sys.modules if m.startswith("torch.utils.tensorboard")]:

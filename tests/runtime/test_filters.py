@@ -416,7 +416,7 @@ def test_ledger_books_reshaped_groups_as_their_own_class(tmp_path):
     """A step with informative, dropped-flat and RL-ZVP-reshaped groups: reshaped rollouts
     are neither used nor wasted, to_dict carries them, and the driver's resume pickle keeps
     every count (the next step adds to them)."""
-    from runtime.driver import DriverState, load_state, save_state
+    from runtime.driver_state import DriverState, load_state, save_state
 
     pipe = _pipe([FlatGroups(action="drop", oversample=1.0, max_refills=2, fallback="rl_zvp")])
     b = pipe.step(0, ListSource(["m1", "c1", "w1", "m2", "h1"]), FakeEngine(), 4)

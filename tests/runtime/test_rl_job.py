@@ -215,23 +215,7 @@ def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Pat
     proc = _launch(bundle, "rl", reference, _free_port())
     assert proc.returncode == 0, proc.stderr
     run_dir = _run_copy(base_run, tmp_path / "run")
-    metrics = run_dir / "artifacts" / "rl" / "metrics.jsonl"
-    port = _free_port()
-    proc = subprocess.Popen(["bash", str(bundle / "jobs" / "rl" / "launch.sh")],
-                            env=_env(run_dir, port), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    _wait_gone(run_dir, port)
-    assert _processes_of(run_dir) == []
+    _kill_after(bundle, run_dir, 2)
     assert not is_complete(run_dir / "artifacts" / "rl")
     port = _free_port()
     again = _launch(bundle, "rl", run_dir, port)
@@ -246,6 +230,63 @@ def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Pat
     assert is_complete(run_dir / "artifacts" / "policy_final")
     _wait_gone(run_dir, port)
     assert _processes_of(run_dir) == []
+
+
+def _kill_after(bundle: Path, run_dir: Path, lines: int) -> None:
+    """Launch the RL job and SIGKILL its process group once ``lines`` steps are logged."""
+    metrics = run_dir / "artifacts" / "rl" / "metrics.jsonl"
+    port = _free_port()
+    proc = subprocess.Popen(["bash", str(bundle / "jobs" / "rl" / "launch.sh")],
+                            env=_env(run_dir, port), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    _wait_gone(run_dir, port)
+    assert _processes_of(run_dir) == []
+
+
+def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
+        prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """``system.max_staleness: 2``: step s is sampled by the weights of step max(0, s − 2)
+    (the engines generate ahead while the trainer trains), each line records its policy
+    version and staleness (never above 2), and the summary the rollouts per staleness. A run
+    SIGKILLed after two logged steps, with later steps handed over and untrained, trains
+    those batches after the restart: it logs exactly the steps of an uninterrupted run (time
+    fields aside), and its ledger counts every rollout once."""
+    _, base_run = prepared
+    steps = 6
+    bundle = _compile(tmp_path / "bundle", steps, "system.max_staleness=2",
+                      "train.checkpoint.interval=1")
+    reference = _run_copy(base_run, tmp_path / "reference")
+    proc = _launch(bundle, "rl", reference, _free_port())
+    assert proc.returncode == 0, proc.stderr + (reference / "logs" / "rl-train.log").read_text()
+    out = reference / "artifacts" / "rl"
+    lines = _metrics(out / "metrics.jsonl")
+    assert [m["policy_version"] for m in lines] == [0, 0, 0, 1, 2, 3]
+    assert [m["staleness"] for m in lines] == [0, 1, 2, 2, 2, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rollouts_by_staleness"] == {"0": 16, "1": 16, "2": 64}
+    assert all(m["train_inference_gap"] is not None for m in lines)
+
+    run_dir = _run_copy(base_run, tmp_path / "run")
+    _kill_after(bundle, run_dir, 2)
+    again = _launch(bundle, "rl", run_dir, _free_port())
+    assert again.returncode == 0, again.stderr
+    assert "resuming after step" in again.stderr
+    assert "were handed over and are trained first" in again.stderr
+    resumed = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+    assert _untimed(resumed) == _untimed(lines)
+    ledger = json.loads((run_dir / "artifacts" / "rl" / "ledger.json").read_text())
+    assert ledger == json.loads((out / "ledger.json").read_text())
+    assert ledger["generated"] == sum(m["rollouts_generated"] for m in resumed) == 96
 
 
 def test_rl_job_stops_at_the_rollout_budget(prepared: tuple[Path, Path], tmp_path: Path) -> None:

@@ -340,7 +340,7 @@ def test_the_embedded_trainer_keeps_the_newest_checkpoints(keep: int, tmp_path) 
     """TrainerProcess.save_checkpoint prunes checkpoints/rl/step-* to train.checkpoint.keep."""
     import logging
 
-    from runtime.driver import RunPaths
+    from runtime.exchange import RunPaths
     from runtime.jobs.train import TrainerProcess
 
     proc = TrainerProcess.__new__(TrainerProcess)  # the pruning needs no bundle or process
@@ -370,6 +370,22 @@ def test_a_step_stops_before_updating_when_the_engine_serves_other_weights() -> 
         strict.step(make_batch(model), version=4)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was updated
+
+
+def test_a_stale_batch_is_trained_with_its_gap_logged_not_checked() -> None:
+    """system.max_staleness: a batch sampled by weights older than the trainer's
+    (``behaviour_version`` < ``version``) differs from the trainer's log-probs by design, so
+    the weight-sync check passes it to the correction and logs the gap; the same batch
+    sampled by the trainer's own version is stopped."""
+    model = tiny_model()
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "optimizer": OPT}
+    strict = Trainer(model, algorithm=ALGO, train=train, vocab_size=32, sync_tolerance=0.01)
+    before = copy.deepcopy(model.state_dict())
+    metrics = strict.step(make_batch(model), version=4, behaviour_version=3)
+    assert metrics["train_inference_gap"] > 0.01
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(WeightSyncError):
+        strict.step(make_batch(model), version=5, behaviour_version=5)
 
 
 def test_a_tied_policy_trains_its_one_embedding_tensor(tmp_path) -> None:
