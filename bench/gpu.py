@@ -160,15 +160,17 @@ def megatron_trainer(cfg: Any, weights: dict[str, torch.Tensor], *, dtype: torch
                      replay: str, train: dict[str, Any], total_steps: int,
                      **overrides: Any) -> tuple[Any, Any]:
     """A world-1 Megatron trainer on this GPU (NCCL, file:// rendezvous: nothing listens)."""
-    from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import init_parallel, use_devices
 
-    backend, _ = mm.use_devices("gpu" if DEVICE == "cuda" else "cpu")
+    backend, _ = use_devices("gpu" if DEVICE == "cuda" else "cpu")
     assert backend == ("nccl" if DEVICE == "cuda" else "gloo"), backend
     rendezvous = Path(tempfile.mkdtemp(prefix="rlspec-gpu-")) / "rendezvous"
-    pg = mm.init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
-    model = mm.build_gpt_model(cfg, pg, routing_replay=replay != "off", dtype=dtype, **overrides)
-    mm.load_hf_weights(model, weights, cfg)
+    pg = init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
+    model = build_gpt_model(cfg, pg, routing_replay=replay != "off", dtype=dtype, **overrides)
+    load_hf_weights(model, weights, cfg)
     trainer = MegatronTrainer(model, algorithm=ALGORITHM, train=train,
                               vocab_size=int(cfg.vocab_size), replay_mode=replay,
                               total_optimizer_steps=total_steps)
@@ -176,9 +178,9 @@ def megatron_trainer(cfg: Any, weights: dict[str, torch.Tensor], *, dtype: torch
 
 
 def release() -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.parallel import destroy_parallel
 
-    mm.destroy_parallel()
+    destroy_parallel()
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -190,7 +192,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def conformance(emit: Callable[..., None], replays: list[str]) -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
     from runtime.router_replay import patch_qwen3_moe
     from runtime.trainer import Trainer
 
@@ -213,7 +215,7 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
         model, trainer = megatron_trainer(cfg, start, dtype=torch.float32, replay=replay,
                                           train=train, total_steps=8, **overrides)
         metrics = trainer.step(make_batch(cfg, 10, 24, 4, seed=11, device="cpu"), epochs=2, seed=3)
-        got = mm.megatron_to_hf(mm.gather_full_state_dict(model), cfg)
+        got = megatron_to_hf(gather_full_state_dict(model), cfg)
         want = embedded.state_dict()
         diff, moved = max_diff(got, want), max_diff(want, start)
         emit(section="conformance", replay=replay, layout=overrides, dtype="float32",
@@ -277,12 +279,13 @@ def local_attention(emit: Callable[..., None], seq: int = 4096, heads: int = 8,
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from compiler.estimates import _LOCAL_ATTENTION_BYTES
-    from runtime.megatron import model as mm
     from runtime.megatron.attention import SDPAttention
+    from runtime.megatron.logprobs import _padding_mask
+    from runtime.megatron.parallel import init_parallel, use_devices
 
-    backend, _ = mm.use_devices("gpu" if DEVICE == "cuda" else "cpu")
+    backend, _ = use_devices("gpu" if DEVICE == "cuda" else "cpu")
     rendezvous = Path(tempfile.mkdtemp(prefix="rlspec-gpu-")) / "rendezvous"
-    pg = mm.init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
+    pg = init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
     if DEVICE == "cpu":
         seq, heads, head_dim = 64, 4, 16
     kv = max(1, heads // 4)
@@ -313,7 +316,7 @@ def local_attention(emit: Callable[..., None], seq: int = 4096, heads: int = 8,
     def gqa(s: int) -> tuple[tuple[int, ...], ...]:
         return (s, 1, heads, head_dim), (s, 1, kv, head_dim), (s, 1, kv, head_dim)
 
-    mask = mm._padding_mask(torch.ones(1, seq, dtype=torch.bool, device=DEVICE))
+    mask = _padding_mask(torch.ones(1, seq, dtype=torch.bool, device=DEVICE))
     local = _attention_memory(build(DotProductAttention), gqa(seq), dtype, mask)
     report("local (mask)", seq, local, _LOCAL_ATTENTION_BYTES["bf16"])
     for name, m in (("sdpa (mask)", mask), ("sdpa (causal, no mask)", None)):
@@ -345,7 +348,7 @@ def optimizer_offload(emit: Callable[..., None]) -> None:
     """One RL step of the Megatron trainer with optimizer CPU offload (megatron-core's
     HybridDeviceOptimizer, train.optimizer.cpu_offload) against the same step without: equal
     weights (float32), and the peak GPU memory of both (bfloat16)."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
 
     cfg = qwen3_moe(layers=2, hidden=1024, heads=8, kv=2, head_dim=128, ffn=512, experts=16,
                     top_k=4, vocab=4096)
@@ -365,7 +368,7 @@ def optimizer_offload(emit: Callable[..., None]) -> None:
             batch = make_batch(cfg, 10, 64, 4, seed=11, device="cpu")
             metrics = trainer.step(batch, epochs=2, seed=3)
             sync()
-            got = {k: v.float().cpu() for k, v in mm.gather_full_state_dict(model).items()}
+            got = {k: v.float().cpu() for k, v in gather_full_state_dict(model).items()}
             results[(str(dtype), fraction)] = got
             row: dict[str, Any] = dict(section="optimizer_offload", dtype=str(dtype),
                                        offload_fraction=fraction, loss=metrics.get("loss"),
@@ -374,7 +377,7 @@ def optimizer_offload(emit: Callable[..., None]) -> None:
             if fraction:
                 plain = results[(str(dtype), 0.0)]
                 full = {k: v.float().cpu() for k, v in start.items()}
-                moved = max_diff(mm.megatron_to_hf(plain, cfg), full)
+                moved = max_diff(megatron_to_hf(plain, cfg), full)
                 diff = max(float((got[k] - plain[k]).abs().max()) for k in got)
                 row.update(max_abs_diff=diff, moved=moved, ok=diff <= 1e-3 * moved)
             emit(**row)

@@ -1,10 +1,11 @@
 """Jobs ``convert`` and ``to_hf``: HF ↔ Megatron checkpoints for ``train.backend: megatron``.
 
 ``convert`` (HF policy → output ``policy_megatron``): builds the spec's GPTModel
-(``runtime.megatron.model``, TP = EP = 1), copies the HF weights in (``load_hf_weights``) and
-writes a Megatron-LM checkpoint root (``runtime.megatron.checkpoint``):
-``latest_checkpointed_iteration.txt`` = ``release`` and ``release/``, a dist_checkpointing
-directory whose ``model`` shards any TP/EP layout of the trainer loads.
+(``runtime.megatron.model``, TP = EP = 1), copies the HF weights in (``load_hf_weights`` of
+``runtime.megatron.hf_weights``) and writes a Megatron-LM checkpoint root
+(``runtime.megatron.checkpoint``): ``latest_checkpointed_iteration.txt`` = ``release`` and
+``release/``, a dist_checkpointing directory whose ``model`` shards any TP/EP layout of the
+trainer loads.
 
 ``to_hf`` (the user's Megatron checkpoint → output ``policy_init``, for the rollout engines):
 the reverse, through ``gather_full_state_dict`` → ``megatron_to_hf`` → ``save_policy``. A
@@ -36,22 +37,24 @@ def _dtype(ctx: JobContext, forced: Any) -> Any:
 
 def run(ctx: JobContext) -> None:
     from runtime.megatron import checkpoint as ckpt
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel, use_devices
     from runtime.policy import load_policy, policy_config, policy_from_state_dict, save_policy
 
     if ctx.rank != 0:
         return
-    backend, forced = mm.use_devices(ctx.model_spec.cluster.devices)
+    backend, forced = use_devices(ctx.model_spec.cluster.devices)
     dtype = _dtype(ctx, forced)
     with tempfile.TemporaryDirectory(prefix="rlspec-convert-") as tmp:
-        pg = mm.init_parallel(0, 1, os.path.join(tmp, "rendezvous"), backend=backend,
-                              seed=ctx.model_spec.train.seed)
+        pg = init_parallel(0, 1, os.path.join(tmp, "rendezvous"), backend=backend,
+                           seed=ctx.model_spec.train.seed)
         try:
             if "policy_megatron" in ctx.outputs:
                 src = next(n for n, a in ctx.inputs.items() if a.kind == "hf_checkpoint")
                 hf, _ = load_policy(ctx.input_path(src))
-                model = mm.build_gpt_model(hf.config, pg, dtype=dtype)
-                mm.load_hf_weights(model, hf.state_dict(), hf.config)
+                model = build_gpt_model(hf.config, pg, dtype=dtype)
+                load_hf_weights(model, hf.state_dict(), hf.config)
                 with ctx.atomic_output("policy_megatron", source=str(ctx.input_path(src))) as out:
                     ckpt.save_model(model, out)
                 ctx.log.info("converted %s to a Megatron checkpoint (%s) at %s",
@@ -66,16 +69,16 @@ def run(ctx: JobContext) -> None:
                                    "model.tokenizer to the tokenizer's folder")
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
                 config = policy_config(ctx.section("model.architecture"), tokenizer)
-                model = mm.build_gpt_model(config, pg, dtype=dtype)
+                model = build_gpt_model(config, pg, dtype=dtype)
                 read = ckpt.load_model(model, ctx.input_path("user_checkpoint"))
-                hf = policy_from_state_dict(config, mm.megatron_to_hf(
-                    mm.gather_full_state_dict(model), config))
+                hf = policy_from_state_dict(config, megatron_to_hf(
+                    gather_full_state_dict(model), config))
                 save_policy(hf, tokenizer, ctx.output_path("policy_init"), job=ctx.job,
                             source=str(read))
                 ctx.log.info("converted the Megatron checkpoint %s to HF at %s", read,
                              ctx.output_path("policy_init"))
         finally:
-            mm.destroy_parallel()
+            destroy_parallel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

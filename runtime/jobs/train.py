@@ -300,16 +300,17 @@ class MegatronTrainerProcess(TrainerProcess):
 
         from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
-        from runtime.megatron import model as mm
         from runtime.megatron.args import check_architecture, train_settings
         from runtime.megatron.engine import MegatronTrainer
+        from runtime.megatron.model import build_gpt_chunks
+        from runtime.megatron.parallel import init_parallel, use_devices
 
         args, spec = self.args, self.ctx.spec
         if args.moe_enable_routing_replay != (self.replay_mode != "off"):
             raise ValueError(f"--moe-enable-routing-replay is {'set' if args.moe_enable_routing_replay else 'not set'} "
                              f"but router_replay.mode is {self.replay_mode}")
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        backend, forced = mm.use_devices(spec["cluster"]["devices"])
+        backend, forced = use_devices(spec["cluster"]["devices"])
         dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
         layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
                   "pp": args.pipeline_model_parallel_size,
@@ -321,13 +322,13 @@ class MegatronTrainerProcess(TrainerProcess):
         self.hf_config = AutoConfig.from_pretrained(self.policy_path)
         check_architecture(args, self.hf_config)
         vpp = args.num_virtual_stages_per_pipeline_rank or None  # model chunks per rank
-        pg = mm.init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                              backend=backend, seed=args.seed, vpp=vpp,
-                              cp=args.context_parallel_size, **layout)
+        pg = init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
+                           backend=backend, seed=args.seed, vpp=vpp,
+                           cp=args.context_parallel_size, **layout)
         self.main = rank == 0
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         overrides = model_overrides(args)
-        chunks = mm.build_gpt_chunks(
+        chunks = build_gpt_chunks(
             self.hf_config, pg, vpp=vpp, routing_replay=self.replay_mode != "off", dtype=dtype,
             **layout, **overrides)
         self.module: Any = chunks if vpp else chunks[0]
@@ -341,8 +342,8 @@ class MegatronTrainerProcess(TrainerProcess):
             self.log.info("weights from %s", read)
         reference = None
         if self.kl_on:  # the frozen starting policy, same layout, routing freely
-            reference = mm.build_gpt_chunks(self.hf_config, pg, vpp=vpp, dtype=dtype,
-                                            **layout, **overrides)
+            reference = build_gpt_chunks(self.hf_config, pg, vpp=vpp, dtype=dtype,
+                                         **layout, **overrides)
             ckpt.load_model(reference, args.load)
             for chunk in reference:
                 chunk.requires_grad_(False).eval()
@@ -375,7 +376,7 @@ class MegatronTrainerProcess(TrainerProcess):
         else the published weights of ``step`` (``--load`` at 0) and the optimizer state of
         the newest checkpoint before it, or a fresh one."""
         from runtime.megatron import checkpoint as ckpt
-        from runtime.megatron import model as mm
+        from runtime.megatron.hf_weights import load_hf_weights
         from runtime.policy import load_policy
 
         trainer: Any = self.trainer
@@ -392,7 +393,7 @@ class MegatronTrainerProcess(TrainerProcess):
                 how = "fresh optimizer state"
             if step:
                 fresh, _ = load_policy(self.paths.version(step))
-                mm.load_hf_weights(self.module, fresh.state_dict(), self.hf_config)
+                load_hf_weights(self.module, fresh.state_dict(), self.hf_config)
                 how = f"weights {self.paths.version(step)}, {how}"
             else:
                 how = f"weights {ckpt.load_model(self.module, self.args.load)}, {how}"
@@ -423,12 +424,12 @@ class MegatronTrainerProcess(TrainerProcess):
 
     def publish(self, version: int) -> None:
         """Gather the shards to rank 0, which writes ``weights/v<version>`` (collective)."""
-        from runtime.megatron import model as mm
+        from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
         from runtime.policy import policy_from_state_dict, save_policy
 
-        full = mm.gather_full_state_dict(self.module)
+        full = gather_full_state_dict(self.module)
         if self.main:
-            hf = policy_from_state_dict(self.hf_config, mm.megatron_to_hf(full, self.hf_config))
+            hf = policy_from_state_dict(self.hf_config, megatron_to_hf(full, self.hf_config))
             save_policy(hf, self.tokenizer, self.paths.version(version), step=version)
             self._prune_weights(version)
 

@@ -1,9 +1,14 @@
 """The Megatron-core trainer engine.
 
+:mod:`runtime.megatron.parallel` sets up the process groups (and their collectives);
 :mod:`runtime.megatron.model` builds the spec's GPTModel (every family of the spec; DeepSeek-V3
-and GLM-4.5 in :mod:`runtime.megatron.deepseek` / :mod:`runtime.megatron.glm`), converts HF
-weights in and out (:mod:`runtime.megatron.hf_mlp`: the MLPs) and computes per-token log-probs; :mod:`runtime.megatron.engine` trains it (DDP, distributed
-optimizer, ``forward_backward_func``, the losses of ``runtime.losses``);
+and GLM-4.5 in :mod:`runtime.megatron.deepseek` / :mod:`runtime.megatron.glm`);
+:mod:`runtime.megatron.hf_weights` converts HF weights in and out (:mod:`runtime.megatron.hf_mlp`:
+the MLPs), loads this rank's shard and gathers the full state dict;
+:mod:`runtime.megatron.logprobs` computes per-token log-probs and entropies;
+:mod:`runtime.megatron.engine` trains it (DDP, distributed optimizer, ``forward_backward_func``,
+the losses of ``runtime.losses``; :mod:`runtime.megatron.microbatches` pads its micro-batches
+to the shapes all ranks share);
 :mod:`runtime.megatron.replay` runs R2 / R3 through megatron-core's ``RouterReplay``;
 :mod:`runtime.megatron.attention` is the core attention (torch SDPA) and
 :mod:`runtime.megatron.context_parallel` its context parallelism (sequence split, K/V gather);

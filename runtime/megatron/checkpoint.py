@@ -15,6 +15,9 @@ Every rank writes its shards into the same directory, so the directory is made b
 hidden temporary sibling (``runtime.jobs.common.atomic_dir``), its name broadcast, and only
 renamed into place, with its ``.complete`` marker, after every rank has written: a killed job
 leaves no half checkpoint under a final name. The tracker is replaced atomically afterwards.
+
+Loading the distributed optimizer's state leaves torch Adam's ``step`` unset:
+:func:`set_adam_step` restores it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from runtime.files import atomic_dir, atomic_write_text, is_complete
 
 __all__ = ["TRACKER", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
-           "saved_iterations", "shared_atomic_dir", "write_tracker"]
+           "saved_iterations", "set_adam_step", "shared_atomic_dir", "write_tracker"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -148,3 +151,20 @@ def load_model(model: Any, root: str | os.PathLike[str]) -> Path:
         for i, chunk in enumerate(model):
             chunk.load_state_dict(state["model"][f"chunk{i}"])
     return path
+
+
+def set_adam_step(optimizer: Any, step: int) -> None:
+    """After a distributed checkpoint's load (``MegatronTrainer.load_checkpoint``): set torch
+    Adam's per-parameter ``step`` (its bias correction), creating zero moments
+    where the state is still empty. Without Apex or TransformerEngine the distributed
+    optimizer's state dict reads ``step`` from that state, which torch only creates at the
+    first step, and the dp-reshardable loader restores the moments but not ``step``; every
+    parameter takes every optimizer step, so ``step`` is the optimizer-step count."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                state["step"] = torch.tensor(float(step))
+                state.setdefault("exp_avg", torch.zeros_like(p.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p.data))

@@ -18,11 +18,12 @@ from global positions (:func:`causal_mask`: key position > query position is mas
 explicit megatron mask arrives with its rows already restricted to the local queries). That is
 full causal attention restricted to the local rows.
 
-Log-probs (:func:`logprobs`). Position g's logits predict token g+1, which may live on another
-rank: the target of each local position is read from the whole (unsplit) ``input_ids``, the
-local per-token log-probs and entropies are all-gathered and put in global order. Every CP
-rank then holds the micro-batch's whole log-probs and computes the same loss; the gather's
-backward keeps this rank's rows without summing (:class:`_GatherIdentical`), so each rank's
+Log-probs (``runtime.megatron.logprobs.megatron_logprobs`` under CP > 1). Position g's logits
+predict token g+1, which may live on another rank: the target of each local position is read
+from the whole (unsplit) ``input_ids``, the local per-token log-probs and entropies are
+all-gathered and put in global order (:func:`gather`). Every CP rank then holds the
+micro-batch's whole log-probs and computes the same loss; the gather's backward keeps this
+rank's rows without summing (:func:`gather_identical`), so each rank's
 gradient is that of its own tokens and megatron's sum over the CP ranks is the whole
 gradient. The loss share (token count) is counted on CP rank 0 only, since megatron-core
 sums shares over the data×context-parallel group.
@@ -33,13 +34,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from torch import Tensor
 
+from runtime.megatron.parallel import comm_device
 from runtime.router_replay import RoutingTrace
 
-__all__ = ["causal_mask", "gather_records", "gather_sequence", "local_positions", "logprobs",
-           "rank", "size", "split", "split_trace"]
+__all__ = ["causal_mask", "gather", "gather_identical", "gather_records", "gather_sequence",
+           "local_positions", "rank", "size", "split", "split_trace"]
 
 
 def size() -> int:
@@ -92,8 +94,6 @@ def _global_order(parts: list[Tensor], dim: int, cp: int) -> Tensor:
 
 
 def _all_gather(t: Tensor, dim: int) -> Tensor:
-    from runtime.megatron.model import comm_device
-
     cp, group = size(), parallel_state.get_context_parallel_group()
     src = t.detach().to(comm_device()).contiguous()
     parts = [torch.empty_like(src) for _ in range(cp)]
@@ -112,8 +112,6 @@ class _GatherSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        from runtime.megatron.model import comm_device
-
         g = grad.to(comm_device()).contiguous()
         torch.distributed.all_reduce(g, group=parallel_state.get_context_parallel_group())
         return split(g.to(grad.device), ctx.dim), None
@@ -137,6 +135,18 @@ def gather_sequence(t: Tensor, dim: int = 0) -> Tensor:
     """This CP rank's positions of the whole sequence (``dim``) gathered from every rank in
     global order; the backward is a reduce-scatter (K and V of :class:`SDPAttention`)."""
     return _GatherSum.apply(t, dim) if size() > 1 else t
+
+
+def gather_identical(t: Tensor, dim: int) -> Tensor:
+    """This CP rank's positions (``dim``) gathered from every rank in global order; the
+    backward keeps this rank's rows of the gradient, not summed (log-probs, module doc)."""
+    return _GatherIdentical.apply(t, dim)
+
+
+def gather(t: Tensor, dim: int) -> Tensor:
+    """This CP rank's positions (``dim``) gathered from every rank in global order, no
+    gradient (entropies)."""
+    return _all_gather(t, dim)
 
 
 _CAUSAL: dict[tuple[int, int, int, Any], Tensor] = {}
@@ -167,41 +177,3 @@ def gather_records(records: list[Tensor], batch: int) -> list[Tensor]:
         return records
     return [_all_gather(r.view(-1, batch, r.shape[-1]), 0).reshape(-1, r.shape[-1])
             for r in records]
-
-
-def logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, *,
-             with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``runtime.megatron.model.megatron_logprobs`` under CP > 1: the forward runs on this
-    rank's positions, the per-token log-probs [B, T] (and entropies) come back whole on every
-    CP rank (module doc). Before the last pipeline stage: the stage's local hidden states."""
-    from runtime.megatron.model import _attention_mask, _vocab_parallel_entropy
-
-    b, t = input_ids.shape
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    cp = size()
-    if model.config.sequence_parallel and t % (2 * cp * tp):
-        raise ValueError(f"sequence parallelism with CP {cp} splits the {t} positions into "
-                         f"{2 * cp * tp} pieces: pad them to a multiple of {2 * cp * tp}")
-    rows = local_positions(t, device=input_ids.device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = _attention_mask(attention_mask)
-    if mask is not None:  # [B, 1, T, T] → this rank's query rows
-        mask = mask.index_select(2, rows)
-    logits = model(input_ids=input_ids.index_select(1, rows),
-                   position_ids=position_ids.index_select(1, rows), attention_mask=mask)
-    if not getattr(model, "module", model).post_process:
-        return logits, None
-    z = logits.float()  # [B, 2c, V/tp]: position g predicts token g + 1
-    last = rows == t - 1
-    target = input_ids.index_select(1, (rows + 1).clamp(max=t - 1))
-    # a copy: megatron's cross entropy works in place on its input (z is read below)
-    nll = tensor_parallel.vocab_parallel_cross_entropy(z.clone(), target)
-    local = torch.where(last, torch.zeros_like(nll), -nll)
-    logp = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
-    logp[:, 1:] = _GatherIdentical.apply(local, 1)[:, :-1]
-    entropy = None
-    if with_entropy:
-        entropy = torch.zeros_like(logp)
-        with torch.no_grad():
-            entropy[:, 1:] = _all_gather(_vocab_parallel_entropy(z), 1)[:, :-1]
-    return logp, entropy

@@ -28,7 +28,8 @@ do run on CPU once these nine things hold; :func:`enable_cpu` arranges the seven
    ``get_pos_emb_on_this_cp_rank``, which builds its index in pinned memory and copies it to
    the GPU: the rotary modules get :func:`_pos_emb_on_this_cp_rank` (the same selection).
 
-and the caller provides the other two (:mod:`runtime.megatron.model` does):
+and the caller provides the other two (:mod:`runtime.megatron.parallel` and
+:mod:`runtime.megatron.model` do):
 
 8. a gloo process group (``torch.distributed.init_process_group("gloo", init_method=
    "file://…")`` — loopback only, never ``env://``) and ``parallel_state`` groups built on it,

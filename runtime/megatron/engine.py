@@ -14,15 +14,18 @@ same metrics; what changes is where the work runs:
   micro-batch size or data-parallel degree;
 * micro-batches of a mini-batch (length-balanced as in ``Trainer``) go round-robin to the
   data-parallel ranks. Every rank runs the same number of forwards on equal shapes, padded
-  (all-reduced max rows × length; dummy rows carry no loss): expert parallelism all-gathers
-  tokens in every MoE layer, which needs equal token counts across ranks;
+  (all-reduced max rows × length; dummy rows carry no loss: ``runtime.megatron.microbatches``):
+  expert parallelism all-gathers tokens in every MoE layer, which needs equal token counts
+  across ranks;
 * the old-policy pass is split the same way and its log-probs, entropies and (R2) recorded
   experts are summed over data-parallel ranks, so every rank holds the whole batch's;
 * router replay is megatron-core's ``RouterReplay`` (``runtime.megatron.replay``): R2 records
   in the old-policy pass, R3 and R2 replay in the update;
+* checkpoints are megatron-core's ``dist_checkpointing`` (Adam's ``step`` restored by
+  ``runtime.megatron.checkpoint.set_adam_step``);
 * the batch and all bookkeeping stay on the CPU, as in ``Trainer``; only the forward runs on
-  the model's device (its log-probs come back differentiably), and collective tensors go to
-  the GPU under NCCL. Tested on CPU (gloo) only.
+  the model's device (its log-probs, ``runtime.megatron.logprobs``, come back
+  differentiably), and collective tensors go to the GPU under NCCL. Tested on CPU (gloo) only.
 
 Tensor parallelism trains with sequence parallelism (megatron-core's MoE layer requires it):
 micro-batches are padded to a multiple of TP positions, the norms are
@@ -64,8 +67,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from runtime.megatron import context_parallel
-from runtime.megatron.model import comm_device, megatron_logprobs
-from runtime.megatron.replay import MegatronReplay, from_megatron_layout
+from runtime.megatron.checkpoint import set_adam_step
+from runtime.megatron.logprobs import megatron_logprobs
+from runtime.megatron.microbatches import pad_columns, pad_rows
+from runtime.megatron.parallel import all_max, comm_device
+from runtime.megatron.replay import MegatronReplay, from_megatron_layout, router_layers
 from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch, Trainer
 
@@ -139,7 +145,7 @@ class MegatronTrainer(Trainer):
         # interleaved schedule runs one chunk per forward step, which replays its own only)
         self.routers: dict[int, list[int] | None] = {id(d): None for d in ddps}
         if replay_mode != "off":
-            layers = _router_layers(self.chunks, pattern)
+            layers = router_layers(self.chunks, pattern)
             replay = MegatronReplay(sequence_parallel=bool(config.sequence_parallel),
                                     total_layers=self.moe_layers,
                                     layers=[layer for chunk in layers for _, layer in chunk])
@@ -225,7 +231,7 @@ class MegatronTrainer(Trainer):
 
     def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_checkpoint` wrote (collective)."""
-        _set_adam_step(self.optimizer, 0)
+        set_adam_step(self.optimizer, 0)
         model_sd = self._sharded_state_dict()
         state = dist_checkpointing.load(
             {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(
@@ -239,7 +245,7 @@ class MegatronTrainer(Trainer):
                     chunk.load_state_dict(state["model"][f"chunk{i}"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer_steps = int(state["optimizer_steps"])
-        _set_adam_step(self.optimizer, self.optimizer_steps)  # not restored by the loader
+        set_adam_step(self.optimizer, self.optimizer_steps)  # not restored by the loader
 
     def _sharded_state_dict(self) -> dict[str, Any]:
         """The model's sharded state dict; with model chunks one per chunk (``chunk<i>``):
@@ -258,20 +264,20 @@ class MegatronTrainer(Trainer):
         Every rank yields the same number, with the same shapes."""
         micro = list(self._micro_batches(rows, batch))
         mine = micro[self.dp_rank::self.dp]
-        count = _all_max([len(mine)])[0]
+        count = all_max([len(mine)])[0]
         if len(self.chunks) > 1:  # the interleaved schedule runs at least PP micro-batches
             count = max(count, self.pp)
         indices = [mine[i] if i < len(mine) else rows[:0] for i in range(count)]
-        shapes = _all_max([v for index in indices for v in (
+        shapes = all_max([v for index in indices for v in (
             len(index), int(batch.attention_mask[index].sum(1).max()) if len(index) else 1)])
         if self.pp > 1:  # pipeline stages exchange activations of one fixed shape
             shapes = [max(shapes[0::2]), max(shapes[1::2])] * count
         for i, index in enumerate(indices):
             n_rows, length = shapes[2 * i], shapes[2 * i + 1]
             width = -(-length // self.length_multiple) * self.length_multiple
-            real = _pad_columns(batch.select(index), length) if len(index) else None
-            wide = None if real is None else _pad_columns(real, width)
-            yield index, real, _pad_rows(wide, batch, n_rows, width)  # type: ignore[misc]
+            real = pad_columns(batch.select(index), length) if len(index) else None
+            wide = None if real is None else pad_columns(real, width)
+            yield index, real, pad_rows(wide, batch, n_rows, width)  # type: ignore[misc]
 
     def _old_pass(self, batch: TrainBatch) -> tuple[Tensor, Tensor, TrainBatch]:
         """``Trainer._old_pass`` split over data-parallel ranks, then summed over them."""
@@ -442,101 +448,3 @@ class MegatronTrainer(Trainer):
             counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1.0
             sums["lr"], counts["lr"] = lr, 1.0
         self.optimizer_steps += 1
-
-
-def _router_layers(chunks: list[GPTModel], pattern: list[int]) -> list[list[tuple[int, int]]]:
-    """Per model chunk, (position among RouterReplay's instances, the model's MoE-layer
-    index) of each of its routers, in layer order."""
-    from megatron.core.transformer.moe.router_replay import RouterReplay
-
-    everyone = {id(r): i for i, r in enumerate(RouterReplay.global_router_replay_instances)}
-    out = []
-    for chunk in chunks:
-        found = []
-        for layer in chunk.decoder.layers:
-            router = getattr(getattr(layer.mlp, "router", None), "router_replay", None)
-            if router is not None:  # layer_number: 1-based, in the whole model
-                found.append((everyone[id(router)], sum(pattern[:layer.layer_number - 1])))
-        out.append(found)
-    return out
-
-
-def _set_adam_step(optimizer: Any, step: int) -> None:
-    """Set torch Adam's per-parameter ``step`` (its bias correction), creating zero moments
-    where the state is still empty. Without Apex or TransformerEngine the distributed
-    optimizer's state dict reads ``step`` from that state, which torch only creates at the
-    first step, and the dp-reshardable loader restores the moments but not ``step``; every
-    parameter takes every optimizer step, so ``step`` is the optimizer-step count."""
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = chained.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                state["step"] = torch.tensor(float(step))
-                state.setdefault("exp_avg", torch.zeros_like(p.data))
-                state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
-
-
-def _all_max(values: list[int]) -> list[int]:
-    """Element-wise max over all ranks (every rank must call it with as many values)."""
-    t = torch.tensor(values, dtype=torch.long, device=comm_device())
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [int(v) for v in t.tolist()]
-
-
-def _filler(trace: RoutingTrace, rows: int, length: int) -> Tensor:
-    """Routing ids 0..k−1 for positions that have no replay ids (padding, dummy rows)."""
-    k = trace.top_k
-    return torch.arange(k, dtype=trace.ids.dtype).expand(rows, length, trace.num_layers, k)
-
-
-def _trace_mask(trace: RoutingTrace) -> Tensor:
-    return trace.mask if trace.mask is not None else torch.ones(trace.token_shape, dtype=torch.bool)
-
-
-def _pad_columns(mb: TrainBatch, length: int) -> TrainBatch:
-    """Right-pad a micro-batch to ``length`` positions (padding is masked out everywhere)."""
-    extra = length - mb.input_ids.shape[1]
-    if extra <= 0:
-        return mb
-
-    def pad(t: Tensor) -> Tensor:
-        return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, extra))
-
-    routing = mb.routing
-    if routing is not None:
-        routing = RoutingTrace(torch.cat([routing.ids, _filler(routing, mb.size, extra)], 1),
-                               routing.num_experts, pad(_trace_mask(routing)))
-    adv = mb.advantages if mb.advantages.dim() == 1 else pad(mb.advantages)
-    return TrainBatch(pad(mb.input_ids), pad(mb.attention_mask), pad(mb.loss_mask),
-                      pad(mb.rollout_logp), adv, routing)
-
-
-def _pad_rows(real: TrainBatch | None, batch: TrainBatch, rows: int, length: int) -> TrainBatch:
-    """``real`` plus dummy rows up to ``rows``: one attended token (no empty softmax), no loss,
-    filler routing."""
-    extra = rows - (0 if real is None else real.size)
-    attn = torch.zeros(extra, length, dtype=batch.attention_mask.dtype)
-    attn[:, 0] = 1
-    routing = None
-    if batch.routing is not None:
-        routing = RoutingTrace(_filler(batch.routing, extra, length).clone(),
-                               batch.routing.num_experts,
-                               torch.zeros(extra, length, dtype=torch.bool))
-    dummy = TrainBatch(
-        torch.zeros(extra, length, dtype=batch.input_ids.dtype), attn,
-        torch.zeros(extra, length, dtype=batch.loss_mask.dtype),
-        torch.zeros(extra, length, dtype=batch.rollout_logp.dtype),
-        torch.zeros((extra, length) if batch.advantages.dim() == 2 else (extra,),
-                    dtype=batch.advantages.dtype), routing)
-    if real is None:
-        return dummy
-    if routing is not None:
-        assert real.routing is not None
-        routing = RoutingTrace(torch.cat([real.routing.ids, routing.ids]), routing.num_experts,
-                               torch.cat([_trace_mask(real.routing), _trace_mask(routing)]))
-    return TrainBatch(*(torch.cat([a, b]) for a, b in (
-        (real.input_ids, dummy.input_ids), (real.attention_mask, dummy.attention_mask),
-        (real.loss_mask, dummy.loss_mask), (real.rollout_logp, dummy.rollout_logp),
-        (real.advantages, dummy.advantages))), routing)

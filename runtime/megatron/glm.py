@@ -16,7 +16,7 @@ DeepSeek-V3's MoE (:func:`runtime.megatron.deepseek.sigmoid_moe_fields`). Mappin
 
 Routing equals HF's (``Glm4MoeTopkRouter`` is DeepSeek-V3's router): σ = sigmoid(logits);
 sel = top-k of σ + b over the allowed groups; gates σ_sel / (Σ σ_sel + 1e-20) · scaling.
-Weights: the GQA attention of :func:`runtime.megatron.model.hf_to_megatron` (bias rows in
+Weights: the GQA attention of :func:`runtime.megatron.hf_weights.hf_to_megatron` (bias rows in
 the same per-group [q | k | v] order as the weights) and the MLPs of
 :mod:`runtime.megatron.hf_mlp` (router bias, shared experts, leading dense layers).
 """

@@ -18,6 +18,9 @@ ones. A trace's False positions are therefore filled with experts 0..k−1, whic
 where no loss or later position reads them: padding and each sequence's last position (see
 ``runtime.router_replay.align_routing``). That holds when each row's mask is True on a prefix
 and False after it; any other mask (``prompt_start`` > 0 without a prefix) is refused.
+
+Model chunks (virtual pipeline stages) replay and record their own routers only:
+:func:`router_layers` finds each chunk's among ``RouterReplay``'s instances.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from contextlib import contextmanager
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 from torch import Tensor
 
-from runtime.megatron.model import all_gather, comm_device
+from runtime.megatron.parallel import all_gather, comm_device
 from runtime.router_replay import RoutingMismatch, RoutingTrace
 
-__all__ = ["MegatronReplay", "from_megatron_layout", "to_megatron_layout"]
+__all__ = ["MegatronReplay", "from_megatron_layout", "router_layers", "to_megatron_layout"]
 
 
 def to_megatron_layout(trace: RoutingTrace) -> list[Tensor]:
@@ -159,3 +163,18 @@ def _gather_sequence(record: Tensor) -> Tensor:
                        parallel_state.get_tensor_model_parallel_world_size(),
                        parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts).to(record.device)
+
+
+def router_layers(chunks: list[GPTModel], pattern: list[int]) -> list[list[tuple[int, int]]]:
+    """Per model chunk, (position among RouterReplay's instances, the model's MoE-layer
+    index) of each of its routers, in layer order."""
+    everyone = {id(r): i for i, r in enumerate(RouterReplay.global_router_replay_instances)}
+    out = []
+    for chunk in chunks:
+        found = []
+        for layer in chunk.decoder.layers:
+            router = getattr(getattr(layer.mlp, "router", None), "router_replay", None)
+            if router is not None:  # layer_number: 1-based, in the whole model
+                found.append((everyone[id(router)], sum(pattern[:layer.layer_number - 1])))
+        out.append(found)
+    return out

@@ -6,7 +6,7 @@ Every rank draws the same whole-sequence query, key, value and output gradient; 
 and 2·CP−1−r) and compares output and input gradients with the whole-sequence attention of
 megatron's local module (scores masked with −10000, softmax, values: computed here) restricted
 to its rows. Cases: GQA causal without a mask, GQA with a left/right padding mask (rows
-restricted to the local queries, as ``context_parallel.logprobs`` passes it), MLA-shaped heads
+restricted to the local queries, as ``runtime.megatron.logprobs`` passes it under CP), MLA-shaped heads
 (hn ≠ hv, MLA's softmax scale). Saves the largest relative errors to WORKDIR/rank{RANK}.pt.
 """
 
@@ -39,7 +39,7 @@ def _case(pg: Any, *, heads: int, groups: int, hn: int, hv: int, padded: bool,
 
     from runtime.megatron import context_parallel as cp
     from runtime.megatron.attention import SDPAttention
-    from runtime.megatron.model import _padding_mask
+    from runtime.megatron.logprobs import _padding_mask
 
     s, b = 16, 2
     config = TransformerConfig(num_layers=2, hidden_size=heads * hn, num_attention_heads=heads,
@@ -83,15 +83,15 @@ def main(argv: list[str]) -> None:
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
-    from runtime.megatron import model as mm
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
-    pg = mm.init_parallel(rank, world, workdir / "rendezvous", cp=world)
+    pg = init_parallel(rank, world, workdir / "rendezvous", cp=world)
     try:
         out = {"gqa": _case(pg, heads=4, groups=2, hn=8, hv=8, padded=False, mla=False),
                "gqa-padded": _case(pg, heads=4, groups=2, hn=8, hv=8, padded=True, mla=False),
                "mla": _case(pg, heads=4, groups=4, hn=12, hv=8, padded=False, mla=True)}
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
     torch.save(out, workdir / f"rank{rank}.pt")
 
 

@@ -35,13 +35,14 @@ def check_against_hf(hf: Any, model: Any) -> None:
     """``model`` (weights loaded from ``hf``) gives HF's log-probs and entropies on
     :func:`batch`, the gradients of HF's converted with ``hf_to_megatron`` (a selection-bias
     buffer: none), and exports HF's weights back bit for bit."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, hf_to_megatron, megatron_to_hf
+    from runtime.megatron.logprobs import megatron_logprobs
     from runtime.trainer import sequence_logprobs
 
     ids, mask = batch()
     m = scored(mask)
     ref, ref_h = sequence_logprobs(hf, ids, mask, with_entropy=True)
-    got, got_h = mm.megatron_logprobs(model, ids, mask, with_entropy=True)
+    got, got_h = megatron_logprobs(model, ids, mask, with_entropy=True)
     assert ref_h is not None and got_h is not None
     d_logp = (got - ref)[m].abs().max().item()
     d_ent = (got_h - ref_h)[m].abs().max().item()
@@ -53,13 +54,13 @@ def check_against_hf(hf: Any, model: Any) -> None:
              for n, p in hf.named_parameters()}
     grads.update({n: torch.zeros_like(b) for n, b in hf.named_buffers()
                   if n.endswith("e_score_correction_bias")})
-    want = mm.hf_to_megatron(grads, hf.config)
+    want = hf_to_megatron(grads, hf.config)
     scale = max(g.abs().max().item() for g in want.values())
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         diff = (p.grad - want[name]).abs().max().item()
         assert diff <= 1e-4 * scale, f"{name}: max |Δ grad| = {diff:.3g} (scale {scale:.3g})"
-    exported = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+    exported = megatron_to_hf(gather_full_state_dict(model), hf.config)
     for key, value in hf.state_dict().items():
         assert torch.equal(exported[key], value), key
 
@@ -74,7 +75,7 @@ def check_sigmoid_r3(hf: Any, model: Any, patch: Any) -> None:
     gradient."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
-    from runtime.megatron import model as mm
+    from runtime.megatron.logprobs import megatron_logprobs
     from runtime.megatron.replay import MegatronReplay, from_megatron_layout
     from runtime.router_replay import RoutingTrace
     from runtime.trainer import sequence_logprobs
@@ -84,7 +85,7 @@ def check_sigmoid_r3(hf: Any, model: Any, patch: Any) -> None:
     b, t = ids.shape
     replay = MegatronReplay()
     with torch.no_grad(), replay.recording() as records:
-        mm.megatron_logprobs(model, ids, mask)
+        megatron_logprobs(model, ids, mask)
     recorded = from_megatron_layout(records, b, t)  # [B, T, L, k]
     real = mask.bool()
     hf_ids = gate_ids(hf, ids, mask)[0].view(b, t, -1)
@@ -107,7 +108,7 @@ def check_sigmoid_r3(hf: Any, model: Any, patch: Any) -> None:
     hook = router.register_forward_hook(lambda _m, _i, out: used.append(out[1].clone()))
     model.zero_grad()
     with replay.replaying(trace):
-        got, _ = mm.megatron_logprobs(model, ids, mask)
+        got, _ = megatron_logprobs(model, ids, mask)
     hook.remove()
     want_map = torch.zeros(t * b, 8, dtype=torch.bool).scatter(
         1, recorded[:, :, 0].transpose(0, 1).reshape(t * b, -1), True)

@@ -112,8 +112,10 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
 
     enable_cpu()
     from runtime.megatron import context_parallel
-    from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
+    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.model import build_gpt_chunks
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.router_replay import patch_moe_routers
     from runtime.trainer import Trainer
 
@@ -142,30 +144,30 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                 total_optimizer_steps=TOTAL_STEPS).step(batch, epochs=EPOCHS, seed=SEED)
         free = control.state_dict()
 
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", cp=int(options["cp"]),
-                          **layout)
+    pg = init_parallel(rank, world_size, workdir / "rendezvous", cp=int(options["cp"]),
+                       **layout)
     try:
-        model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
-                                    routing_replay=replay != "off", sequence_parallel=tp > 1,
-                                    **RECOMPUTE[recompute])
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
-        initial = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        model = build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                 routing_replay=replay != "off", sequence_parallel=tp > 1,
+                                 **RECOMPUTE[recompute])
+        load_hf_weights(model, hf.state_dict(), hf.config)
+        initial = megatron_to_hf(gather_full_state_dict(model), hf.config)
         reference = None
         if kl:
-            reference = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
-                                            sequence_parallel=tp > 1)
-            mm.load_hf_weights(reference, hf.state_dict(), hf.config)
+            reference = build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                         sequence_parallel=tp > 1)
+            load_hf_weights(reference, hf.state_dict(), hf.config)
         trainer = MegatronTrainer(model, algorithm=algorithm, train=TRAIN, vocab_size=vocab,
                                   replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
                                   reference=reference)
         metrics = trainer.step(batch, epochs=EPOCHS, seed=SEED)
-        trained = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        trained = megatron_to_hf(gather_full_state_dict(model), hf.config)
         return {"cp": context_parallel.size(), "hf": hf.state_dict(), "initial": initial,
                 "ref": embedded.state_dict(),
                 "got": trained, "free": free, "ref_metrics": ref_metrics, "metrics": metrics,
                 "lr": TRAIN["optimizer"]["lr"]}
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 def _layout(tp: int, ep: int, pp: int, options: dict[str, Any] | None
@@ -190,20 +192,22 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: 
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
-    from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
+    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.model import build_gpt_chunks
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     layout, stages, layers = _layout(tp, ep, pp, options)
     torch.manual_seed(0)
     hf = tiny_hf_policy(layers=layers)
     first, second = rl_batch(hf, "off"), rl_batch(tiny_hf_policy(seed=2), "off")
     algorithm = {**ALGO, "loss": "espo"}
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", **layout)
+    pg = init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
         def trainer(weights: Any) -> tuple[Any, Any]:
-            model = mm.build_gpt_chunks(hf.config, pg, **layout, **stages,
-                                        sequence_parallel=tp > 1)
-            mm.load_hf_weights(model, weights.state_dict(), hf.config)
+            model = build_gpt_chunks(hf.config, pg, **layout, **stages,
+                                     sequence_parallel=tp > 1)
+            load_hf_weights(model, weights.state_dict(), hf.config)
             return model, MegatronTrainer(model, algorithm=algorithm, train=TRAIN,
                                           vocab_size=int(hf.config.vocab_size),
                                           total_optimizer_steps=TOTAL_STEPS)
@@ -218,11 +222,11 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: 
         b.load_checkpoint(ckpt)
         steps_after_load = b.optimizer_steps
         b.step(second, epochs=EPOCHS, seed=SEED + 1)
-        return {"a": mm.megatron_to_hf(mm.gather_full_state_dict(model_a), hf.config),
-                "b": mm.megatron_to_hf(mm.gather_full_state_dict(model_b), hf.config),
+        return {"a": megatron_to_hf(gather_full_state_dict(model_a), hf.config),
+                "b": megatron_to_hf(gather_full_state_dict(model_b), hf.config),
                 "steps_after_load": steps_after_load, "steps": b.optimizer_steps}
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 def main(argv: list[str]) -> None:

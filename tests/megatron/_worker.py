@@ -87,26 +87,29 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path) -> dict[str
     from runtime.megatron.cpu import enable_cpu
 
     enable_cpu()
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.logprobs import megatron_logprobs
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.trainer import sequence_logprobs
 
     torch.manual_seed(0)
     hf = tiny_hf_policy()
-    pg = mm.init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
+    pg = init_parallel(rank, world_size, workdir / "rendezvous", tp=tp, ep=ep)
     try:
-        model = mm.build_gpt_model(hf.config, pg, tp=tp, ep=ep)
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model = build_gpt_model(hf.config, pg, tp=tp, ep=ep)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         model.eval()
         ids, mask = batch()
         with torch.no_grad():
             ref, ref_h = sequence_logprobs(hf, ids, mask, with_entropy=True)
-            got, got_h = mm.megatron_logprobs(model, ids, mask, with_entropy=True)
+            got, got_h = megatron_logprobs(model, ids, mask, with_entropy=True)
         assert ref_h is not None and got_h is not None
-        exported = mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        exported = megatron_to_hf(gather_full_state_dict(model), hf.config)
         return {"ref": ref, "ref_h": ref_h, "got": got, "got_h": got_h, "mask": scored(mask),
                 "hf": hf.state_dict(), "exported": exported}
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 def main(argv: list[str]) -> None:

@@ -52,24 +52,27 @@ def test_world_size_2_matches_hf(tmp_path: Path, tp: int, ep: int) -> None:
 def test_world_size_1_gradients_match_hf(tmp_path: Path) -> None:
     """∂(Σ masked logp)/∂θ: HF's gradients converted with hf_to_megatron (a linear re-layout)
     equal megatron's parameter gradients, max |Δ| ≤ 1e-4 · max |g| (fp32)."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import hf_to_megatron, load_hf_weights
+    from runtime.megatron.logprobs import megatron_logprobs
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.trainer import sequence_logprobs
     from tests.megatron._worker import batch, scored, tiny_hf_policy
 
     hf = tiny_hf_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg)
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model = build_gpt_model(hf.config, pg)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         ids, mask = batch()
         m = scored(mask)
         sequence_logprobs(hf, ids, mask)[0][m].sum().backward()
-        mm.megatron_logprobs(model, ids, mask)[0][m].sum().backward()
-        ref = mm.hf_to_megatron({n: p.grad for n, p in hf.named_parameters()}, hf.config)
+        megatron_logprobs(model, ids, mask)[0][m].sum().backward()
+        ref = hf_to_megatron({n: p.grad for n, p in hf.named_parameters()}, hf.config)
         scale = max(g.abs().max().item() for g in ref.values())
         for name, p in model.named_parameters():
             assert p.grad is not None, name
             diff = (p.grad - ref[name]).abs().max().item()
             assert diff <= 1e-4 * scale, f"{name}: max |Δ grad| = {diff:.3g} (scale {scale:.3g})"
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()

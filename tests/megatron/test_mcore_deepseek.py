@@ -26,15 +26,15 @@ pytestmark = pytest.mark.megatron
 
 def test_conversion_round_trip_is_exact() -> None:
     """HF → Megatron → HF, for both query layouts and without a shared expert."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import hf_to_megatron, megatron_to_hf
 
     for kw in ({}, {"q_lora_rank": None}):
         hf = tiny_deepseek_policy(**kw)
         sd = hf.state_dict()
-        full = mm.hf_to_megatron(sd, hf.config)
+        full = hf_to_megatron(sd, hf.config)
         assert "decoder.layers.1.mlp.router.expert_bias" in full
         assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in full
-        back = mm.megatron_to_hf(full, hf.config)
+        back = megatron_to_hf(full, hf.config)
         assert back.keys() == sd.keys()
         for key, value in sd.items():
             assert torch.equal(back[key], value), key
@@ -43,18 +43,20 @@ def test_conversion_round_trip_is_exact() -> None:
 @pytest.mark.usefixtures("megatron_cpu")
 @pytest.mark.parametrize("q_lora_rank", [32, None], ids=["q-lora", "full-rank-q"])
 def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, q_lora_rank: int | None) -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     hf = tiny_deepseek_policy(q_lora_rank=q_lora_rank)
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg)
+        model = build_gpt_model(hf.config, pg)
         assert model.config.multi_latent_attention and model.config.moe_layer_freq == [0, 1]
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         check_against_hf(hf, model)
         assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.usefixtures("megatron_cpu")
@@ -64,18 +66,20 @@ def test_r3_with_the_sigmoid_router_replays_the_recorded_experts(tmp_path: Path)
     replay routes to the recorded experts and gives the same log-probs as the embedded
     replay of HF (gates from the live sigmoid scores, renormalised, · 2.5), and the router
     weight gets a gradient (``tests.megatron._match.check_sigmoid_r3``)."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.router_replay import patch_deepseek_v3
 
     hf = tiny_deepseek_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg, routing_replay=True)
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model = build_gpt_model(hf.config, pg, routing_replay=True)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         model.eval()
         check_sigmoid_r3(hf, model, patch_deepseek_v3)
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.usefixtures("megatron_cpu")
@@ -86,19 +90,22 @@ def test_the_selection_bias_takes_deepseeks_update(tmp_path: Path) -> None:
     (``runtime.megatron.args.bias_update_rate``); at rate 0 the checkpoint's bias stays."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.logprobs import megatron_logprobs
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     hf = tiny_deepseek_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
         for rate in (1e-3, 0.0):
-            model = mm.build_gpt_model(hf.config, pg, moe_router_bias_update_rate=rate)
-            mm.load_hf_weights(model, hf.state_dict(), hf.config)
+            model = build_gpt_model(hf.config, pg, moe_router_bias_update_rate=rate)
+            load_hf_weights(model, hf.state_dict(), hf.config)
             router = model.decoder.layers[1].mlp.router
             before = router.expert_bias.clone()
             assert not router.expert_bias.requires_grad
             ids, mask = batch()
-            mm.megatron_logprobs(model, ids, mask)[0].sum().backward()
+            megatron_logprobs(model, ids, mask)[0].sum().backward()
             tokens = router.local_tokens_per_expert.clone()
             assert tokens.sum() == ids.numel() * 2  # top-2 of every token
             _update_router_expert_bias([model], model.config)
@@ -106,4 +113,4 @@ def test_the_selection_bias_takes_deepseeks_update(tmp_path: Path) -> None:
             assert torch.equal(router.expert_bias, before + step)
             assert (rate == 0) == torch.equal(router.expert_bias, before)
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()

@@ -28,15 +28,15 @@ FAMILIES = ["qwen3", "llama"]
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_conversion_round_trip_is_exact(family: str, tie: bool) -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import hf_to_megatron, megatron_to_hf
 
     hf = tiny_dense_policy(family, tie=tie)
     sd = hf.state_dict()
-    full = mm.hf_to_megatron(sd, hf.config)
+    full = hf_to_megatron(sd, hf.config)
     assert not any(".router." in k or ".experts." in k for k in full)
     assert ("decoder.layers.0.self_attention.q_layernorm.weight" in full) == (family == "qwen3")
     assert ("output_layer.weight" in full) == (not tie)
-    back = mm.megatron_to_hf(full, hf.config)
+    back = megatron_to_hf(full, hf.config)
     assert back.keys() == sd.keys() - ({"lm_head.weight"} if tie else set())
     for key, value in back.items():
         assert torch.equal(value, sd[key]), key
@@ -45,18 +45,20 @@ def test_conversion_round_trip_is_exact(family: str, tie: bool) -> None:
 @pytest.mark.usefixtures("megatron_cpu")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, family: str) -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     hf = tiny_dense_policy(family)
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg)
+        model = build_gpt_model(hf.config, pg)
         assert model.config.num_moe_experts is None
         assert model.config.qk_layernorm == (family == "qwen3")
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         check_against_hf(hf, model)
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.parametrize(("family", "loss"), [("qwen3", "espo"), ("llama", "grpo-kl")])
@@ -68,21 +70,22 @@ def test_rl_step_matches_embedded(tmp_path: Path, family: str, loss: str) -> Non
 
 @pytest.mark.usefixtures("megatron_cpu")
 def test_router_replay_is_refused_on_a_dense_model(tmp_path: Path) -> None:
-    from runtime.megatron import model as mm
     from runtime.megatron.engine import MegatronTrainer
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from tests.megatron._train_worker import ALGO, TRAIN
 
     hf = tiny_dense_policy("llama")
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
         with pytest.raises(ValueError, match="dense: it has no routers to replay"):
-            mm.build_gpt_model(hf.config, pg, routing_replay=True)
-        model = mm.build_gpt_model(hf.config, pg)
+            build_gpt_model(hf.config, pg, routing_replay=True)
+        model = build_gpt_model(hf.config, pg)
         with pytest.raises(ValueError, match="router replay r3 on a dense model"):
             MegatronTrainer(model, algorithm={**ALGO, "loss": "grpo"}, train=TRAIN,
                             vocab_size=int(hf.config.vocab_size), replay_mode="r3")
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -36,17 +36,17 @@ KIND_IDS = ["air-like", "group-limited-qk-norm"]  # GLM-4.5-Air has no q/k norm,
 def test_conversion_round_trip_is_exact(kw: dict[str, Any]) -> None:
     """HF → Megatron → HF: the qkv biases, the q/k norms, the router's selection bias and the
     shared expert map to Megatron's names and back unchanged."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import hf_to_megatron, megatron_to_hf
 
     hf = tiny_glm_policy(**kw)
     sd = hf.state_dict()
-    full = mm.hf_to_megatron(sd, hf.config)
+    full = hf_to_megatron(sd, hf.config)
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in full
     assert ("decoder.layers.0.self_attention.q_layernorm.weight" in full) == bool(kw)
     assert "decoder.layers.1.mlp.router.expert_bias" in full
     assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in full
     assert "decoder.layers.0.mlp.linear_fc1.weight" in full  # the leading dense layer
-    back = mm.megatron_to_hf(full, hf.config)
+    back = megatron_to_hf(full, hf.config)
     assert back.keys() == sd.keys()
     for key, value in sd.items():
         assert torch.equal(back[key], value), key
@@ -55,12 +55,14 @@ def test_conversion_round_trip_is_exact(kw: dict[str, Any]) -> None:
 @pytest.mark.usefixtures("megatron_cpu")
 @pytest.mark.parametrize("kw", KINDS, ids=KIND_IDS)
 def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, kw: dict[str, Any]) -> None:
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     hf = tiny_glm_policy(**kw)
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg)
+        model = build_gpt_model(hf.config, pg)
         cfg = model.config
         assert cfg.add_qkv_bias and cfg.qk_layernorm == bool(kw) and cfg.moe_layer_freq == [0, 1]
         assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk) == (
@@ -69,12 +71,12 @@ def test_logprobs_gradients_and_export_match_hf(tmp_path: Path, kw: dict[str, An
         assert cfg.moe_router_topk_scaling_factor == 2.5
         # RoPE on half of each head: 16 · 0.5 = 8 dims, 4 frequencies
         assert model.rotary_pos_emb.inv_freq.numel() == 4
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         check_against_hf(hf, model)
         assert model.decoder.layers[0].self_attention.linear_qkv.bias.grad.abs().sum() > 0
         assert model.decoder.layers[1].mlp.router.weight.grad.abs().sum() > 0
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.usefixtures("megatron_cpu")
@@ -84,18 +86,20 @@ def test_r3_with_glms_router_replays_the_recorded_experts(tmp_path: Path) -> Non
     to the recorded experts, gives the log-probs of the embedded replay of HF (gates from the
     live sigmoid scores, renormalised, · 2.5), and the router weight gets a gradient
     (``tests.megatron._match.check_sigmoid_r3``)."""
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.router_replay import patch_glm4_moe
 
     hf = tiny_glm_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg, routing_replay=True)
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model = build_gpt_model(hf.config, pg, routing_replay=True)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         model.eval()
         check_sigmoid_r3(hf, model, patch_glm4_moe)
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo")])

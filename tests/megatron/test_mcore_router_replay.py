@@ -18,13 +18,16 @@ pytestmark = pytest.mark.megatron
 def test_record_then_replay_reproduces_routing(tmp_path: Path) -> None:
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.logprobs import megatron_logprobs
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     hf = tiny_hf_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg, routing_replay=True)
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
+        model = build_gpt_model(hf.config, pg, routing_replay=True)
+        load_hf_weights(model, hf.state_dict(), hf.config)
         model.eval()
         routers = [layer.mlp.router for layer in model.decoder.layers]
         assert len(RouterReplay.global_router_replay_instances) == len(routers) == 2
@@ -36,7 +39,7 @@ def test_record_then_replay_reproduces_routing(tmp_path: Path) -> None:
         def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
             used.clear()
             with torch.no_grad():
-                logp, _ = mm.megatron_logprobs(model, ids, mask)
+                logp, _ = megatron_logprobs(model, ids, mask)
             return logp, [m.clone() for m in used]
 
         RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
@@ -82,4 +85,4 @@ def test_record_then_replay_reproduces_routing(tmp_path: Path) -> None:
         RouterReplay.clear_global_indices()
         assert torch.isfinite(logp_rec).all()
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()

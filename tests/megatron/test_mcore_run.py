@@ -65,17 +65,19 @@ def rlspec(*args: str) -> subprocess.CompletedProcess:
 def _megatron_export(root: Path, hf_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     """The HF state dict of the Megatron checkpoint ``root`` (world 1, in this process)."""
     from runtime.megatron import checkpoint as ckpt
-    from runtime.megatron import model as mm
+    from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
+    from runtime.megatron.model import build_gpt_model
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.policy import load_policy
 
     hf, _ = load_policy(hf_dir)
-    pg = mm.init_parallel(0, 1, tmp / "rendezvous")
+    pg = init_parallel(0, 1, tmp / "rendezvous")
     try:
-        model = mm.build_gpt_model(hf.config, pg)
+        model = build_gpt_model(hf.config, pg)
         ckpt.load_model(model, root)
-        return mm.megatron_to_hf(mm.gather_full_state_dict(model), hf.config)
+        return megatron_to_hf(gather_full_state_dict(model), hf.config)
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 def _hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -242,8 +242,9 @@ def test_the_spec_recompute_reaches_the_megatron_models_config(
     (``runtime.jobs.train.model_overrides``, what ``MegatronTrainerProcess`` builds with) →
     the GPTModel's TransformerConfig (world 1, in this process)."""
     from runtime.jobs.train import model_overrides
-    from runtime.megatron import model as mm
     from runtime.megatron.args import parse_megatron_args
+    from runtime.megatron.model import build_gpt_chunks
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.preflight import trainer_argv
     from tests.megatron._worker import tiny_hf_policy
     from tests.runtime.test_megatron_args import tiny_megatron_train_sh
@@ -251,12 +252,12 @@ def test_the_spec_recompute_reaches_the_megatron_models_config(
     text, _ = tiny_megatron_train_sh(tmp_path, train={"recompute": recompute})
     overrides = model_overrides(parse_megatron_args(trainer_argv(text)))
     hf = tiny_hf_policy()
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
-        (model,) = mm.build_gpt_chunks(hf.config, pg, **overrides)
+        (model,) = build_gpt_chunks(hf.config, pg, **overrides)
         config = model.config
         assert (config.recompute_granularity, config.recompute_method,
                 config.recompute_num_layers) == expected
         assert model.decoder.config.recompute_granularity == expected[0]
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()

@@ -27,13 +27,13 @@ TOL = 1e-6
 
 @pytest.fixture
 def parallel(megatron_cpu: None, tmp_path: Path) -> Iterator[Any]:
-    from runtime.megatron import model as mm
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
 
-    pg = mm.init_parallel(0, 1, tmp_path / "rendezvous")
+    pg = init_parallel(0, 1, tmp_path / "rendezvous")
     try:
         yield pg
     finally:
-        mm.destroy_parallel()
+        destroy_parallel()
 
 
 def _config(heads: int, groups: int, kv_channels: int, **kw: Any) -> Any:
@@ -168,18 +168,19 @@ def _logprobs(hf: Any, pg: Any, ids: torch.Tensor, mask: torch.Tensor, local: bo
     """Log-probs and parameter gradients (of Σ scored logp) of the Megatron model, with the
     SDPA core attention or megatron-core's local one (given megatron's full boolean mask: the
     local module's own causal mask is a CUDA tensor)."""
-    from runtime.megatron import attention
-    from runtime.megatron import model as mm
+    from runtime.megatron import attention, logprobs
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_model
 
     with monkeypatch.context() as mp:
         if local:
             mp.setattr(attention, "sdpa_layer_spec", lambda spec: spec)
-            mp.setattr(mm, "_attention_mask", mm._padding_mask)
-        model = mm.build_gpt_model(hf.config, pg)
+            mp.setattr(logprobs, "_attention_mask", logprobs._padding_mask)
+        model = build_gpt_model(hf.config, pg)
         core = model.decoder.layers[0].self_attention.core_attention
         assert isinstance(core, attention.SDPAttention) != local
-        mm.load_hf_weights(model, hf.state_dict(), hf.config)
-        logp, _ = mm.megatron_logprobs(model, ids, mask)
+        load_hf_weights(model, hf.state_dict(), hf.config)
+        logp, _ = logprobs.megatron_logprobs(model, ids, mask)
         logp[scored(mask)].sum().backward()
     return logp.detach(), {n: p.grad for n, p in model.named_parameters()}  # type: ignore[misc]
 
