@@ -300,7 +300,7 @@ class MegatronTrainerProcess(TrainerProcess):
 
         from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
-        from runtime.megatron.args import check_architecture, train_settings
+        from runtime.megatron.args import check_architecture, model_overrides, train_settings
         from runtime.megatron.engine import MegatronTrainer
         from runtime.megatron.model import build_gpt_chunks
         from runtime.megatron.parallel import init_parallel, use_devices
@@ -432,29 +432,6 @@ class MegatronTrainerProcess(TrainerProcess):
             hf = policy_from_state_dict(self.hf_config, megatron_to_hf(full, self.hf_config))
             save_policy(hf, self.tokenizer, self.paths.version(version), step=version)
             self._prune_weights(version)
-
-
-def model_overrides(args: Any) -> dict[str, Any]:
-    """The ``TransformerConfig`` fields the Megatron trainer takes from train.sh's flags
-    (``runtime.megatron.model.transformer_config``'s overrides): sequence parallelism, the
-    token dispatcher (the CPU runs allgather only: the megatron_cpu rule refuses others),
-    uneven pipeline stages, DeepSeek-V3's bias update rate and activation recomputation
-    (``train.recompute``)."""
-    from runtime.megatron.args import bias_update_rate, pipeline_stages
-
-    overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel,
-                                 "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
-                                 **pipeline_stages(args.pipeline_model_parallel_size,
-                                                   args.decoder_first_pipeline_num_layers,
-                                                   args.decoder_last_pipeline_num_layers)}
-    overrides["moe_router_bias_update_rate"] = bias_update_rate(args)  # DeepSeek-V3's bias
-    if args.context_parallel_size > 1:  # runtime.megatron.context_parallel
-        overrides["context_parallel_size"] = args.context_parallel_size
-    if args.recompute_granularity:
-        overrides.update(recompute_granularity=args.recompute_granularity,
-                         recompute_method=args.recompute_method,
-                         recompute_num_layers=args.recompute_num_layers)
-    return overrides
 
 
 def _idle() -> None:

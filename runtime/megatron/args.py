@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = ["MegatronArgsError", "bias_update_rate", "check_architecture", "hf_moe_layers",
            "hf_num_experts", "hf_qk_norm", "hf_rope_theta", "hf_rotary_percent",
-           "megatron_parser", "parse_megatron_args",
+           "megatron_parser", "model_overrides", "parse_megatron_args",
            "pipeline_stages", "train_settings"]
 
 
@@ -308,3 +308,24 @@ def train_settings(args: argparse.Namespace, train: Mapping[str, Any]) -> dict[s
             "offload_fraction": args.optimizer_offload_fraction,
         },
     }
+
+
+def model_overrides(args: Any) -> dict[str, Any]:
+    """The ``TransformerConfig`` fields the Megatron trainer takes from train.sh's flags
+    (``runtime.megatron.model.transformer_config``'s overrides): sequence parallelism, the
+    token dispatcher (the CPU runs allgather only: the megatron_cpu rule refuses others),
+    uneven pipeline stages, DeepSeek-V3's bias update rate and activation recomputation
+    (``train.recompute``)."""
+    overrides: dict[str, Any] = {"sequence_parallel": args.sequence_parallel,
+                                 "moe_token_dispatcher_type": args.moe_token_dispatcher_type,
+                                 **pipeline_stages(args.pipeline_model_parallel_size,
+                                                   args.decoder_first_pipeline_num_layers,
+                                                   args.decoder_last_pipeline_num_layers)}
+    overrides["moe_router_bias_update_rate"] = bias_update_rate(args)  # DeepSeek-V3's bias
+    if args.context_parallel_size > 1:  # runtime.megatron.context_parallel
+        overrides["context_parallel_size"] = args.context_parallel_size
+    if args.recompute_granularity:
+        overrides.update(recompute_granularity=args.recompute_granularity,
+                         recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
+    return overrides

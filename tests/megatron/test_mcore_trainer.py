@@ -239,10 +239,9 @@ def test_checkpoint_resume_is_exact(tmp_path: Path, layout: list[str]) -> None:
 def test_the_spec_recompute_reaches_the_megatron_models_config(
         tmp_path: Path, megatron_cpu: None, recompute: str, expected: tuple) -> None:
     """``train.recompute`` → train.sh's --recompute-* flags → the train job's model overrides
-    (``runtime.jobs.train.model_overrides``, what ``MegatronTrainerProcess`` builds with) →
+    (``runtime.megatron.args.model_overrides``, what ``MegatronTrainerProcess`` builds with) →
     the GPTModel's TransformerConfig (world 1, in this process)."""
-    from runtime.jobs.train import model_overrides
-    from runtime.megatron.args import parse_megatron_args
+    from runtime.megatron.args import model_overrides, parse_megatron_args
     from runtime.megatron.model import build_gpt_chunks
     from runtime.megatron.parallel import destroy_parallel, init_parallel
     from runtime.preflight import trainer_argv

@@ -274,7 +274,7 @@ def test_context_parallel_reaches_the_train_jobs_model_overrides(tmp_path: Path)
     and the train job builds its GPTModel with ``context_parallel_size`` 2 (its
     ``init_parallel`` takes the same flag)."""
     from runtime.capabilities import megatron_flag_refusals
-    from runtime.jobs.train import model_overrides
+    from runtime.megatron.args import model_overrides
 
     text, _ = tiny_megatron_train_sh(tmp_path, train={"parallelism": {"context": 2,
                                                                        "expert": 1}})
