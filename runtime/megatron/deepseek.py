@@ -65,7 +65,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from runtime.megatron.args import hf_rope_theta
-from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron
+from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron, outer_to_hf, outer_to_megatron
 
 __all__ = ["MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
            "megatron_to_hf", "mla_layer_spec", "sigmoid_moe_fields"]
@@ -195,10 +195,7 @@ _ATTN = (("q_proj.weight", "linear_q_proj.weight"),
 def hf_to_megatron(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """HF DeepSeek-V3 weights (fused in-memory experts of transformers 5, or per-expert
     checkpoint tensors) → the full GPTModel state dict, ``router.expert_bias`` included."""
-    out: dict[str, Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-                              "decoder.final_layernorm.weight": sd["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = sd["lm_head.weight"]
+    out: dict[str, Tensor] = outer_to_megatron(sd, bool(cfg.tie_word_embeddings))
     for i in range(int(cfg.num_hidden_layers)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for ours, theirs in _ATTN:
@@ -212,10 +209,7 @@ def hf_to_megatron(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
 
 def megatron_to_hf(full: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     """Inverse of :func:`hf_to_megatron`, experts in transformers 5's fused layout."""
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-                              "model.norm.weight": full["decoder.final_layernorm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = full["output_layer.weight"]
+    out: dict[str, Tensor] = outer_to_hf(full, bool(cfg.tie_word_embeddings))
     for i in range(int(cfg.num_hidden_layers)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for ours, theirs in _ATTN:

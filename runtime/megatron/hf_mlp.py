@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["mlp_to_hf", "mlp_to_megatron"]
+__all__ = ["mlp_to_hf", "mlp_to_megatron", "outer_to_hf", "outer_to_megatron"]
 
 
 def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str,
@@ -84,3 +84,19 @@ def mlp_to_hf(full: Mapping[str, Tensor], h: str, m: str, num_experts: int, *,
         out[s + "up_proj.weight"] = ref.new_zeros(0, hidden)
         out[s + "down_proj.weight"] = ref.new_zeros(hidden, 0)
     return out
+
+
+# The weights outside the decoder layers: embedding, final norm and (untied) output layer.
+_OUTER = (("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
+          ("model.norm.weight", "decoder.final_layernorm.weight"),
+          ("lm_head.weight", "output_layer.weight"))
+
+
+def outer_to_megatron(sd: Mapping[str, Tensor], tied: bool) -> dict[str, Tensor]:
+    """The HF embedding, final norm and lm_head (absent when ``tied``) by GPTModel name."""
+    return {ours: sd[hf] for hf, ours in _OUTER if not (tied and hf == "lm_head.weight")}
+
+
+def outer_to_hf(full: Mapping[str, Tensor], tied: bool) -> dict[str, Tensor]:
+    """Inverse of :func:`outer_to_megatron`."""
+    return {hf: full[ours] for hf, ours in _OUTER if not (tied and hf == "lm_head.weight")}

@@ -29,7 +29,7 @@ from transformers import PretrainedConfig
 
 from runtime.megatron import deepseek, glm
 from runtime.megatron.args import hf_num_experts
-from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron
+from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron, outer_to_hf, outer_to_megatron
 from runtime.megatron.model import expert_tp_dim, global_name, layer_offset, model_chunks, tp_dim
 from runtime.megatron.parallel import all_gather
 
@@ -47,10 +47,7 @@ def hf_to_megatron(state_dict_hf: Mapping[str, Tensor], cfg: PretrainedConfig) -
     sd = state_dict_hf
     heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     hidden = int(cfg.hidden_size)
-    out: dict[str, Tensor] = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
-                              "decoder.final_layernorm.weight": sd["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["output_layer.weight"] = sd["lm_head.weight"]
+    out: dict[str, Tensor] = outer_to_megatron(sd, bool(cfg.tie_word_embeddings))
     for i in range(int(cfg.num_hidden_layers)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         q = sd[h + "self_attn.q_proj.weight"].view(groups, heads // groups * d, hidden)
@@ -184,10 +181,7 @@ def megatron_to_hf(full: Mapping[str, Tensor], cfg: PretrainedConfig) -> dict[st
         return deepseek.megatron_to_hf(full, cfg)
     heads, groups, d = int(cfg.num_attention_heads), int(cfg.num_key_value_heads), int(cfg.head_dim)
     hidden, q_rows = int(cfg.hidden_size), heads // groups * d
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-                              "model.norm.weight": full["decoder.final_layernorm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = full["output_layer.weight"]
+    out: dict[str, Tensor] = outer_to_hf(full, bool(cfg.tie_word_embeddings))
     for i in range(int(cfg.num_hidden_layers)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = full[m + "self_attention.linear_qkv.weight"].view(groups, q_rows + 2 * d, hidden)
