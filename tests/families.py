@@ -37,14 +37,18 @@ def _sigmoid_moe(groups: bool) -> dict[str, Any]:
 
 
 def tiny_deepseek_policy(seed: int = 0, *, q_lora_rank: int | None = 32,
-                         groups: bool = True, bias_seed: int | None = 3) -> Any:
-    """The HF DeepseekV3ForCausalLM of :func:`tiny_deepseek_arch` (random weights, seed), with
-    router weights scaled up so routing is decisive, and (``bias_seed``) a random non-zero
-    selection bias, so tests see the bias steer the choice."""
+                         groups: bool = True, bias_seed: int | None = 3,
+                         layers: int | None = None) -> Any:
+    """The HF DeepseekV3ForCausalLM of :func:`tiny_deepseek_arch` (random weights, seed;
+    ``layers`` decoder layers instead of 2), with router weights scaled up so routing is
+    decisive, and (``bias_seed``) a random non-zero selection bias, so tests see the bias
+    steer the choice."""
 
     from runtime.policy import build_policy, build_tokenizer
 
     arch = tiny_deepseek_arch(q_lora_rank=q_lora_rank, groups=groups)
+    if layers is not None:
+        arch["num_layers"] = layers
     model = build_policy(arch, build_tokenizer(int(arch["vocab_size"])), seed)
     _randomise(model, seed, bias_seed)
     return model.eval()

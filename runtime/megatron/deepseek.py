@@ -47,7 +47,16 @@ GPU alike (:func:`mla_layer_spec`): the local ``DotProductAttention`` does not t
 :class:`MLADotProductAttention`, the same computation with the value head width as its
 output; and without TransformerEngine ``multi_latent_attention`` still believes TE imported
 (its TE names are MagicMock stand-ins, and ``isinstance(…, TELinear)`` raises), so its
-``HAVE_TE`` is set to what ``megatron.core.extensions.transformer_engine`` found.
+``HAVE_TE`` is set to what ``megatron.core.extensions.transformer_engine`` found. The local
+spec also makes the two down-projections (``linear_q_down_proj``, ``linear_kv_down_proj``)
+column-parallel: under TP > 1 their output is gathered over the TP group, whose backward
+keeps each rank's own slice, but the RoPE key part of the KV down-projection feeds every
+rank's attention heads, so its gradient is a sum over the TP ranks that the slice drops
+(the step then differs from the HF one: tests/megatron, DeepSeek at TP 2). MLA layers get
+:class:`DuplicatedLinear` there instead, megatron-core's ``parallel_mode="duplicated"`` (TE's
+``TELinear``): the whole weight on every rank, applied to its sequence shard; the RoPE keys
+are gathered over the sequence (backward: reduce-scatter, the sum) and the weight's gradient
+is summed over the TP group by ``finalize_model_grads`` (``sequence_parallel`` attribute).
 :func:`runtime.megatron.model.build_gpt_model` then replaces that core attention with torch
 SDPA (:mod:`runtime.megatron.attention`, which takes ``k_channels`` / ``v_channels`` too);
 :class:`MLADotProductAttention` remains the local reference it is tested against.
@@ -59,6 +68,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.utils import divide
@@ -67,7 +78,7 @@ from torch import Tensor
 from runtime.megatron.args import hf_rope_theta
 from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron, outer_to_hf, outer_to_megatron
 
-__all__ = ["MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
+__all__ = ["DuplicatedLinear", "MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
            "megatron_to_hf", "mla_layer_spec", "sigmoid_moe_fields"]
 
 # DeepSeek-V3's bias update rate γ (and megatron-core's default).
@@ -158,13 +169,39 @@ class MLADotProductAttention(DotProductAttention):
         self.hidden_size_per_partition = divide(int(v) * config.num_attention_heads, tp)
 
 
-def _swap(spec: Any, old: type, new: type) -> Any:
-    if spec is old:
+class DuplicatedLinear(torch.nn.Linear):
+    """A linear layer whose whole weight every tensor-parallel rank holds and applies to its
+    own tokens (module doc): megatron-core's ``parallel_mode="duplicated"`` without
+    TransformerEngine. Its gradient is summed over the TP group under sequence parallelism
+    (``finalize_model_grads``) and averaged over data parallelism like any dense weight."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: Any, bias: bool = True,
+                 skip_bias_add: bool = False, **_: Any) -> None:
+        super().__init__(input_size, output_size, bias=bias, dtype=config.params_dtype)
+        self._return_bias = skip_bias_add and bias
+        for param in self.parameters():
+            param.allreduce = True  # type: ignore[attr-defined]
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+    def forward(self, x: Tensor) -> Any:
+        return super().forward(x) if self._return_bias else (super().forward(x), None)
+
+
+def _swap(spec: Any, old: type, new: type, fields: tuple[str, ...] | None = None) -> Any:
+    """``spec`` with ``old`` replaced by ``new`` (only in the dataclass fields named
+    ``fields``, when given)."""
+    if spec is old and fields is None:
         return new
     if isinstance(spec, list | tuple):
-        return type(spec)(_swap(s, old, new) for s in spec)
+        return type(spec)(_swap(s, old, new, fields) for s in spec)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{f.name: _swap(getattr(spec, f.name), old, new)
+        def field(name: str) -> Any:
+            value = getattr(spec, name)
+            if fields is not None and name in fields and value is old:
+                return new
+            return _swap(value, old, new, fields)
+
+        return dataclasses.replace(spec, **{f.name: field(f.name)
                                             for f in dataclasses.fields(spec) if f.init})
     return spec
 
@@ -177,6 +214,11 @@ def mla_layer_spec(spec: Any) -> Any:
 
     if not getattr(te_ext, "HAVE_TE", False):
         mla.HAVE_TE = False
+    # MLA accepts its module-level ``Linear`` as a duplicated down-projection: TE's, else ours
+    if mla.Linear is None:
+        mla.Linear = DuplicatedLinear
+    spec = _swap(spec, ColumnParallelLinear, mla.Linear,
+                 fields=("linear_q_down_proj", "linear_kv_down_proj"))
     return _swap(spec, DotProductAttention, MLADotProductAttention)
 
 

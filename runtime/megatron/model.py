@@ -264,8 +264,8 @@ def _mark_tensor_parallel(model: GPTModel) -> None:
 # Tensor-parallel split of the GPTModel parameters the local spec shards (experts: over the
 # expert-tensor-parallel group, :func:`expert_tp_dim`); every other parameter is replicated.
 _TP_DIM0 = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight",
-            "output_layer.weight", "linear_q_proj.weight", "linear_q_down_proj.weight",
-            "linear_q_up_proj.weight", "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
+            "output_layer.weight", "linear_q_proj.weight", "linear_q_up_proj.weight",
+            "linear_kv_up_proj.weight")  # MLA's down-projections: duplicated (deepseek)
 _TP_DIM1 = ("linear_proj.weight",)
 
 

@@ -58,8 +58,8 @@ def policy(family: str, seed: int = 0, layers: int = 2, tie: bool = False) -> An
         raise ValueError("tie=1 is built for the qwen3_moe family only")
     if family == "glm4_moe":
         return tiny_glm_policy(seed, layers=layers)
-    if family == "deepseek_v3":  # MLA; the tiny architecture's 2 layers
-        return tiny_deepseek_policy(seed)
+    if family == "deepseek_v3":  # MLA
+        return tiny_deepseek_policy(seed, layers=layers)
     return tiny_dense_policy(family, seed, layers=layers)
 
 

@@ -143,6 +143,27 @@ def test_tensor_parallel_2_without_expert_parallel_matches_embedded(tmp_path: Pa
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize(("world", "layout"), [
+    (1, ["1", "1"]), (2, ["1", "1", "etp=2"]), (2, ["2", "1", "etp=tp"]),
+    (2, ["1", "1", "2", "vpp=2", "layers=6", "last=4"]),
+], ids=["world-1", "etp-2", "tp-2-ep-1", "vpp-2-uneven"])
+def test_sigmoid_router_families_step_matches_embedded_at_the_recipe_layouts(
+        tmp_path: Path, family: str, world: int, layout: list[str]) -> None:
+    """DeepSeek-V3 (MLA, q_lora) and GLM-4.5 (GQA with biases, partial RoPE): sigmoid router
+    with the selection bias, a shared expert and a leading dense layer, R3 and GRPO, at world
+    1 and the layouts of the published recipes: ETP 2, TP 2 with EP 1 (ETP = TP, sequence
+    parallelism), PP 2 with two virtual stages each and uneven stages (2 + 4 layers). The
+    step equals the embedded HF trainer's on the same weights, and the ranks end equal."""
+    tp, ep, *rest = layout
+    outs = launch("tests.megatron._train_worker", world,
+                  [tp, ep, str(tmp_path), "r3", "grpo", *rest, f"family={family}"], tmp_path)
+    for out in outs:
+        _check(out)
+    if world > 1:
+        assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo-kl")])
 def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
     """PP = 2: one layer per stage, activations passed between the two ranks by megatron-core's
