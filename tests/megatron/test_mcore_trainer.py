@@ -143,21 +143,27 @@ def test_tensor_parallel_2_without_expert_parallel_matches_embedded(tmp_path: Pa
     assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
-@pytest.mark.parametrize(("world", "layout"), [
-    (1, ["1", "1"]), (2, ["1", "1", "etp=2"]), (2, ["2", "1", "etp=tp"]),
-    (2, ["1", "1", "2", "vpp=2", "layers=6", "last=4"]),
-], ids=["world-1", "etp-2", "tp-2-ep-1", "vpp-2-uneven"])
-def test_sigmoid_router_families_step_matches_embedded_at_the_recipe_layouts(
-        tmp_path: Path, family: str, world: int, layout: list[str]) -> None:
+VPP_UNEVEN = (2, ["1", "1", "2", "vpp=2", "layers=6", "last=4"])
+
+
+@pytest.mark.parametrize(("family", "replay", "world", "layout"), [
+    *[(family, "r3", *layout) for family in ("deepseek_v3", "glm4_moe") for layout in (
+        (1, ["1", "1"]), (2, ["1", "1", "etp=2"]), (2, ["2", "1", "etp=tp"]), VPP_UNEVEN)],
+    ("qwen3", "off", *VPP_UNEVEN), ("llama", "off", *VPP_UNEVEN),
+], ids=[f"{f}-{x}" for f in ("deepseek_v3", "glm4_moe")
+        for x in ("world-1", "etp-2", "tp-2-ep-1", "vpp-2-uneven")]
+    + ["qwen3-vpp-2-uneven", "llama-vpp-2-uneven"])
+def test_each_family_steps_as_embedded_at_the_recipe_layouts(
+        tmp_path: Path, family: str, replay: str, world: int, layout: list[str]) -> None:
     """DeepSeek-V3 (MLA, q_lora) and GLM-4.5 (GQA with biases, partial RoPE): sigmoid router
     with the selection bias, a shared expert and a leading dense layer, R3 and GRPO, at world
     1 and the layouts of the published recipes: ETP 2, TP 2 with EP 1 (ETP = TP, sequence
-    parallelism), PP 2 with two virtual stages each and uneven stages (2 + 4 layers). The
-    step equals the embedded HF trainer's on the same weights, and the ranks end equal."""
+    parallelism), PP 2 with two virtual stages each and uneven stages (2 + 4 layers); the
+    dense families (no routing to replay) at the pipeline layout. The step equals the
+    embedded HF trainer's on the same weights, and the ranks end equal."""
     tp, ep, *rest = layout
     outs = launch("tests.megatron._train_worker", world,
-                  [tp, ep, str(tmp_path), "r3", "grpo", *rest, f"family={family}"], tmp_path)
+                  [tp, ep, str(tmp_path), replay, "grpo", *rest, f"family={family}"], tmp_path)
     for out in outs:
         _check(out)
     if world > 1:
@@ -201,7 +207,10 @@ def test_virtual_and_uneven_pipeline_stages_match_embedded(tmp_path: Path, repla
     ("1", "1", "r3", "grpo", "qwen3_moe"), ("1", "1", "r2", "espo", "qwen3_moe"),
     ("1", "1", "off", "grpo-kl", "qwen3_moe"), ("1", "1", "r3", "grpo", "deepseek_v3"),
     ("2", "1", "r3", "grpo", "qwen3_moe"), ("2", "2", "r2", "espo", "qwen3_moe"),
-], ids=["r3", "r2", "kl", "mla-r3", "tp2-r3", "tp2-ep2-r2"])
+    ("1", "1", "r2", "espo", "deepseek_v3"), ("1", "1", "r3", "grpo", "glm4_moe"),
+    ("1", "1", "off", "grpo", "qwen3"), ("1", "1", "off", "espo", "llama"),
+], ids=["r3", "r2", "kl", "mla-r3", "tp2-r3", "tp2-ep2-r2", "mla-r2", "glm-r3", "qwen3-dense",
+        "llama"])
 def test_context_parallel_2_step_matches_embedded(tmp_path: Path, tp: str, ep: str, replay: str,
                                                   loss: str, family: str) -> None:
     """CP = 2 (``runtime.megatron.context_parallel``): each rank holds chunks r and 3 − r of
