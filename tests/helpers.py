@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compiler.processes import processes_mentioning
 
-__all__ = ["SLURM_STUBS", "processes_mentioning", "rollout_servers", "status_rows",
+__all__ = ["AWAIT_ROLES", "HOLD", "SLURM_STUBS", "STARTED", "processes_mentioning", "rollout_servers", "status_rows",
            "write_stubs"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,21 @@ SLURM_STUBS = {
     "srun": """
 hosts=""; while [[ $1 == --* ]]; do case $1 in --nodelist=*) hosts=${1#--nodelist=};; esac; shift; done
 IFS=, read -r -a H <<< "$hosts"; i=0
+# Like srun, a SIGTERM to the step is passed on to its tasks.
+trap 'kill $(jobs -p) 2>/dev/null; wait; exit 143' TERM
 for h in "${H[@]}"; do SLURM_PROCID=$i SLURMD_NODENAME=$h "$@" & i=$((i+1)); done; wait""",
 }
+
+# Stand-ins for a job's long-running roles (torchrun, a vLLM server) end this way: never by
+# themselves, only when the launch script stops them or their parent is gone, so that the
+# driver's end, not a timer, decides when the job ends.
+HOLD = 'while kill -0 "$PPID" 2>/dev/null; do sleep 0.1; done'
+# A role stand-in marks that it has started (after recording what it was given) ...
+STARTED = 'touch "$RECORD/started.${SLURMD_NODENAME:-local}.$$"'
+# ... and the driver's stand-in ends the job once RLSPEC_TEST_ROLES of them have.
+AWAIT_ROLES = ('shopt -s nullglob; started=("$RECORD"/started.*); '
+               'while (( ${#started[@]} < RLSPEC_TEST_ROLES )); do '
+               'sleep 0.05; started=("$RECORD"/started.*); done')
 
 
 def write_stubs(bin_dir: Path, stubs: Mapping[str, str]) -> Path:

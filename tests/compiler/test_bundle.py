@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from compiler.bundle import BundleError, write_bundle
 from compiler.graph import GraphError, Job, _link, build_graph
 from compiler.plan import make_plan
 from spec.errors import SpecError
-from tests.helpers import SLURM_STUBS, write_stubs
+from tests.helpers import AWAIT_ROLES, HOLD, SLURM_STUBS, STARTED, write_stubs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -286,11 +285,11 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
 
 STUBS = {
     **SLURM_STUBS,
-    "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"; sleep 2',
+    "torchrun": f'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"; {STARTED}; {HOLD}',
     # vLLM's interpreter (RLSPEC_VLLM_PYTHON): python -m vllm.entrypoints.openai.api_server ...
-    "vllm-python": 'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; sleep 2',
-    # The driver: records its environment, then finishes the run.
-    "python": 'echo "$RLSPEC_ROLLOUT_ENDPOINTS" > "$RECORD/endpoints"; sleep 1',
+    "vllm-python": f'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; {STARTED}; {HOLD}',
+    # The driver: records its environment, then finishes the run once every role has started.
+    "python": f'echo "$RLSPEC_ROLLOUT_ENDPOINTS" > "$RECORD/endpoints"; {AWAIT_ROLES}',
 }
 
 
@@ -299,7 +298,7 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
     bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
     record.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
+           "RLSPEC_TEST_NODES": "24", "RLSPEC_TEST_ROLES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
            "SLURM_CPUS_PER_TASK": "96",
            "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
            "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
@@ -349,7 +348,8 @@ def test_245b_screen_and_eval_start_vllm_replicas_on_their_nodes(tmp_path: Path,
     bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
     record.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42", "SLURMD_NODENAME": "node-0",
+           "RLSPEC_TEST_NODES": str(nodes), "RLSPEC_TEST_ROLES": str(nodes),
+           "SLURM_JOB_ID": "42", "SLURMD_NODENAME": "node-0",
            "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]", "SLURM_CPUS_PER_TASK": "96",
            "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
            "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
@@ -443,44 +443,54 @@ def test_srun_steps_get_the_cpus_of_the_node_task(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- waiting for roles
 
 
-@pytest.mark.parametrize("child, status", [
-    ("sleep 0.5; exit 7", 7),     # ends while the others run
-    ("exit 5", 5),                 # had ended before the wait began
-    ("sleep 0.5; exit 0", 0),
-    ("sleep 0.5; exit 127", 127),  # a command not found: not taken for "no child left"
+# A child that ends once the script is about to wait (a file appears), or one that has ended
+# (a zombie, not reaped) before the wait begins.
+ON_GO = 'while [[ ! -e "$T/go" ]]; do sleep 0.01; done; '
+
+
+@pytest.mark.parametrize("child, status, ended_before", [
+    (ON_GO + "exit 7", 7, False),      # ends while the others run
+    ("exit 5", 5, True),               # had ended before the wait began
+    (ON_GO + "exit 0", 0, False),
+    (ON_GO + "exit 127", 127, False),  # a command not found: not taken for "no child left"
 ])
 def test_rlspec_wait_any_names_the_first_child_to_end_and_its_status(
-        tmp_path: Path, child: str, status: int) -> None:
+        tmp_path: Path, child: str, status: int, ended_before: bool) -> None:
     out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
+    # ended: a zombie, or already reaped by bash
+    before = ('while [[ $(cut -d" " -f3 /proc/$B/stat 2>/dev/null || echo Z) != Z ]]; do '
+              'sleep 0.01; done' if ended_before else "")
     script = f"""set -euo pipefail
 source {str(out / "lib.sh")!r}
+T={str(tmp_path)!r}
 sleep 60 & A=$!
 ( {child} ) & B=$!
 sleep 60 & C=$!
-sleep 0.2
+{before}
+touch "$T/go"
 s=0
 rlspec_wait_any FINISHED "$A" "$B" "$C" || s=$?
 echo "$s $FINISHED $B"
 kill -0 "$A" && kill -0 "$C" && echo "others running"
 kill "$A" "$C"
 """
-    started = time.monotonic()
     result = subprocess.run([BASH, "-c", script], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     got, finished, expected, *rest = result.stdout.split()
     assert (int(got), finished) == (status, expected)
     assert " ".join(rest) == "others running"
-    assert time.monotonic() - started < 20
 
 
 # The tiny RL job run here (local, no Slurm) with a stand-in runtime: the role named by
-# RLSPEC_TEST_FIRST ends first with RLSPEC_TEST_STATUS; the others run until their role's
-# process is stopped (as the runtime's PR_SET_PDEATHSIG makes them).
+# RLSPEC_TEST_FIRST ends with RLSPEC_TEST_STATUS once the two others have started; those run
+# until their role's process is stopped (as the runtime's PR_SET_PDEATHSIG makes them).
 RUNTIME_STUB = """
 case " $* " in
-  *" runtime.jobs.$RLSPEC_TEST_FIRST "*) sleep 1; exit "$RLSPEC_TEST_STATUS";;
+  *" runtime.jobs.$RLSPEC_TEST_FIRST "*)
+    while (( $(cat "$RECORD"/parent.* 2>/dev/null | wc -l) < 2 )); do sleep 0.05; done
+    exit "$RLSPEC_TEST_STATUS";;
 esac
-echo "$PPID" >> "$RECORD/parents"
+echo "$PPID" > "$RECORD/partial.$$"; mv "$RECORD/partial.$$" "$RECORD/parent.$$"
 while kill -0 "$PPID" 2>/dev/null; do sleep 0.1; done
 """
 
@@ -511,7 +521,7 @@ def test_rl_launch_ends_with_the_first_role_and_stops_the_others(
     assert proc.returncode == rc, stderr
     assert message.format(run=run) in stderr
     # The roles still running when the first ended were stopped by the launch script.
-    parents = [int(p) for p in (record / "parents").read_text().split()]
+    parents = [int(p.read_text()) for p in record.glob("parent.*")]
     assert len(parents) == 2
     assert not [pid for pid in parents if Path(f"/proc/{pid}").exists()]
 

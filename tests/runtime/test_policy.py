@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +157,8 @@ def test_tiny_policy_size_forward_and_determinism(arch: dict[str, Any], tokenize
     assert counts["active"] == 255_424 - 196_608 * 6 // 8
 
     ids = torch.randint(0, len(tokenizer), (4, 20), generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
     with torch.no_grad():
         logits = model(ids).logits
-    print(f"forward 4×20: {1e3 * (time.perf_counter() - t0):.1f} ms")
     assert logits.shape == (4, 20, 64) and torch.isfinite(logits).all()
 
     state = torch.get_rng_state()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from compiler.api import compile_spec
+from compiler.api import Compiled, compile_spec
 from compiler.bundle import write_bundle
 from tests.compiler.test_recipes import NOT_EXPRESSIBLE
-from tests.helpers import SLURM_STUBS, write_stubs
+from tests.helpers import AWAIT_ROLES, HOLD, SLURM_STUBS, STARTED, write_stubs
 
 pytestmark = pytest.mark.vllm_flags
 
@@ -41,12 +41,14 @@ SPECS = [ROOT / "examples" / "qwen3-30b-a3b.yaml", ROOT / "examples" / "compassm
 
 STUBS = {
     **SLURM_STUBS,
-    "torchrun": "sleep 2",
+    "torchrun": f"{STARTED}; {HOLD}",
     # argv exactly, one NUL-terminated argument after another, one file per call; then the
     # environment the RL endpoints depend on.
     "vllm-python": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
-            'printf "%s" "${VLLM_SERVER_DEV_MODE:-}" > "$RECORD/dev_mode.$SLURMD_NODENAME.$$"; sleep 2',
-    "python": "sleep 1",
+            'printf "%s" "${VLLM_SERVER_DEV_MODE:-}" > "$RECORD/dev_mode.$SLURMD_NODENAME.$$"; '
+            f"{STARTED}; {HOLD}",
+    # The driver ends the job once every role's processes have started.
+    "python": f'case " $* " in *" runtime.jobs.rl "*) {AWAIT_ROLES};; esac',
 }
 
 
@@ -133,7 +135,8 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
     record.mkdir()
     nodes = manifest["jobs"]["rl"]["resources"]["nodes"]
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "8",
+           "RLSPEC_TEST_NODES": str(nodes), "SLURM_JOB_ID": "42",
+           "RLSPEC_TEST_ROLES": str(role_processes(compiled)), "SLURM_CPUS_PER_TASK": "8",
            "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]", "RLSPEC_RUN_DIR": str(tmp_path / "run"),
            "RLSPEC_PYTHON": "python", "RLSPEC_VLLM_PYTHON": "vllm-python"}
     env.update({name: "x" for name in manifest.get("env_passthrough", [])})
@@ -148,6 +151,14 @@ def rendered_vllm_calls(spec: Path, tmp_path: Path,
         argv = serve_argv([a.decode() for a in p.read_bytes().split(b"\0")[:-1]])
         calls.append((argv, p.with_name(p.name.replace("vllm.", "dev_mode.", 1)).read_text()))
     return calls
+
+
+def role_processes(compiled: Compiled) -> int:
+    """The RL job's torchrun (one per trainer node) and vLLM processes (one per rollout node,
+    or one per replica where several share a node)."""
+    roles, plan = (json.loads(compiled.files["manifest.json"])["jobs"]["rl"]["roles"],
+                   compiled.validated.plan)
+    return roles["train"] + roles["rollout"] * plan.replicas_per_node
 
 
 def serve_argv(argv: list[str]) -> list[str]:
