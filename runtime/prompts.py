@@ -17,12 +17,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from runtime.errors import JobError
-
-if TYPE_CHECKING:
-    from runtime.jobs.common import JobContext
 
 __all__ = ["drop_overlong", "eval_file", "eval_max_tokens", "split_file", "train_file"]
 
@@ -33,12 +30,21 @@ def split_file(artifact: Path, split: str) -> Path:
     return artifact / f"{split}.jsonl" if artifact.is_dir() else artifact
 
 
-def train_file(ctx: JobContext) -> Path:
+class JobInputs(Protocol):
+    """What these functions read of a job (``runtime.jobs.common.JobContext`` is one)."""
+
+    job: str
+    inputs: Mapping[str, Any]
+
+    def input_path(self, name: str) -> Path: ...
+
+
+def train_file(ctx: JobInputs) -> Path:
     """The train split of the job's ``dataset`` input."""
     return split_file(ctx.input_path("dataset"), "train")
 
 
-def eval_file(ctx: JobContext) -> Path:
+def eval_file(ctx: JobInputs) -> Path:
     """The eval split: the job's ``eval_dataset`` input (``data.eval``), else ``eval.jsonl``
     of the generated dataset folder."""
     if "eval_dataset" in ctx.inputs:

@@ -85,8 +85,10 @@ def bundle(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def run_dir(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run holding the initial policy and the SFT policy (what eval_before samples)."""
     run = tmp_path_factory.mktemp("run")
     _launch(bundle, "init", run)
+    _launch(bundle, "sft", run)
     return run
 
 
@@ -104,7 +106,6 @@ def test_sft_and_screen_read_a_train_file(bundle: Path, run_dir: Path,
         "dataset"]["path"] == str(files["train"])
     dropped = f"dropped {OVERLONG} of {TRAIN_ROWS + OVERLONG} train prompts longer than " \
         "data.max_prompt_tokens = 16 tokens"
-    _launch(bundle, "sft", run_dir)
     assert is_complete(run_dir / "artifacts" / "policy_sft")
     assert dropped in (run_dir / "logs" / "sft.log").read_text()
     _launch(bundle, "screen", run_dir)
