@@ -154,7 +154,7 @@ class RolloutClient(WeightUpdates):
         query: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Any:
-        url = endpoint + path + (f"?{urlencode(query)}" if query else "")
+        url = endpoint + path + (f"?{urlencode(query, doseq=True)}" if query else "")  # lists repeat
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
         if data is not None:

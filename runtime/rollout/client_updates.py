@@ -2,6 +2,8 @@
 that ``runtime.rollout.client.RolloutClient`` inherits.
 
 It holds vLLM's control calls broadcast to every endpoint: ``pause`` / ``resume``,
+sleep mode's ``sleep`` / ``wake_up`` / ``is_sleeping`` (colocated placement; see
+``runtime.rollout.sleeping``),
 ``update_weight_version``, the update sequence (start_weight_update →
 update_weights → finish_weight_update) of ``update_weights``, the weight-transfer
 engine set-up (``world_sizes``, ``init_weight_transfer_engine``; see
@@ -50,6 +52,33 @@ class WeightUpdates:
 
     def resume(self) -> None:
         self._broadcast(lambda e: self._request(e, "POST", "/resume"))
+
+    # -- sleep mode (vLLM's dev routes; runtime.rollout.sleeping) --------------------------
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """``POST /sleep?level=...&mode=...`` on every endpoint: pause (``mode``: abort |
+        wait | keep), then level 1 offloads the weights and drops the KV cache, level 2
+        drops both (reload the weights after waking them), level 0 only pauses."""
+        if level not in (0, 1, 2):
+            raise ValueError(f"level must be 0, 1 or 2, got {level!r}")
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}")
+        query = {"level": str(int(level)), "mode": mode}
+        self._broadcast(lambda e: self._request(e, "POST", "/sleep", query=query))
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """``POST /wake_up`` on every endpoint, ``tags`` (``weights``, ``kv_cache``) as
+        repeated ``?tags=`` parameters; None wakes everything."""
+        if isinstance(tags, str):
+            raise TypeError("tags must be a sequence of tag names, not a string")
+        query = {"tags": [str(t) for t in tags]} if tags else None
+        self._broadcast(lambda e: self._request(e, "POST", "/wake_up", query=query))
+
+    def is_sleeping(self) -> list[bool]:
+        """``GET /is_sleeping`` of every endpoint, in order (vLLM: paused or asleep)."""
+        return [
+            bool(r["is_sleeping"])
+            for r in self._broadcast(lambda e: self._request(e, "GET", "/is_sleeping"))
+        ]
 
     def update_weight_version(self, version: str) -> None:
         self._broadcast(

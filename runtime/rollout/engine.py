@@ -25,6 +25,8 @@ routes only the token fed in (the KV cache holds the rest).
 Weights. ``load_weights(path, version)`` swaps a checkpoint of the same architecture
 in place (read by ``runtime.rollout.checkpoint``), so the patched routers stay. Every
 sample reports the weight version(s) that produced its tokens as ``WeightVersionSpan`` s.
+Sleep mode (vLLM's ``sleep`` / ``wake_up`` / ``is_sleeping``, for colocated placement)
+releases the parameters' storage; it is ``runtime.rollout.sleeping``'s.
 With ``fp8=True`` (``rollout.fp8``, vLLM's ``--quantization fp8``) the linear and expert
 weights are rounded through float8_e4m3fn at load and after every ``load_weights``
 (``runtime.rollout.fp8``).
@@ -59,6 +61,7 @@ from runtime.rollout.sampling import (
     _sequence_keys,
     sample_tokens,
 )
+from runtime.rollout.sleeping import SleepControl
 from runtime.router_replay import RouterReplayGroup, patch_moe_routers, storage_dtype
 
 __all__ = [
@@ -73,7 +76,7 @@ __all__ = [
 ]
 
 
-class LocalEngine(PauseControl):
+class LocalEngine(SleepControl, PauseControl):
     """Batched KV-cached sampler over a transformers causal LM (see the module docstring).
 
     Thread-safe: generations and weight loads serialise on one lock; ``pause`` /
@@ -126,6 +129,7 @@ class LocalEngine(PauseControl):
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe
         self._lock = threading.Lock()  # model + weights
         self._init_pause()
+        self._init_sleep()
 
     # -- properties -----------------------------------------------------------------
     @property
@@ -196,15 +200,18 @@ class LocalEngine(PauseControl):
         not) or one ``.safetensors`` file, with checkpoint (per-expert) or module
         (fused) parameter names. ``version`` (if given) becomes the weight version.
         """
+        self._check_weights_awake()
         new_state = read_checkpoint(self.model, self.config, self.dtype, path)
-        live = self.model.state_dict()
         with self._lock, torch.no_grad():
+            self._check_weights_awake()
+            live = self.model.state_dict()
             for k, t in live.items():
                 t.copy_(new_state[k].to(device=t.device, dtype=t.dtype))
             if self.fp8:
                 quantize_fp8_(self.model, self.fp8_parameters)
             if version is not None:
                 self.weight_version = str(version)
+            self._weights_loaded()
 
     # -- generation ---------------------------------------------------------------------
     def generate(

@@ -3,7 +3,8 @@
 Pausing mirrors vLLM's ``/pause`` modes: ``abort`` ends in-flight generations with
 ``finish_reason="abort"``, ``wait`` lets them finish, ``keep`` freezes them between
 two tokens (the engine lock is released, so weights can be swapped) until
-``resume``; new requests wait while paused.
+``resume``; new requests wait while paused (unless ``_refusal`` refuses them, as a
+sleeping engine does).
 """
 
 from __future__ import annotations
@@ -73,13 +74,23 @@ class PauseControl:
             self._abort_epoch += 1
             self._cond.notify_all()
 
+    def _refusal(self) -> EngineError | None:
+        """Why a generation cannot be admitted now (None: it can); read under ``_cond``.
+        ``runtime.rollout.sleeping.SleepControl`` refuses while asleep."""
+        return None
+
     @contextmanager
     def _admitted(self) -> Iterator[int]:
         """Wait while paused, then count the request in flight; yields its abort epoch."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._paused or self._closed)
+            self._cond.wait_for(
+                lambda: not self._paused or self._closed or self._refusal() is not None
+            )
             if self._closed:
                 raise EngineError("the engine is shutting down", status=503)
+            refused = self._refusal()
+            if refused is not None:
+                raise refused
             self._inflight += 1
             epoch = self._abort_epoch
         try:

@@ -11,7 +11,8 @@ Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described
 ``/finish_weight_update``, ``POST /update_weight_version``, ``GET /weight_info``,
 ``POST /init_weight_transfer_engine`` (empty ``init_info``: the disk backend has no
 rendezvous), ``POST /collective_rpc`` (only ``reload_weights`` with
-``kwargs.weights_path``, vLLM's path reload) and ``GET /get_world_size`` (1).
+``kwargs.weights_path``, vLLM's path reload), ``GET /get_world_size`` (1) and sleep
+mode's ``POST /sleep?level=&mode=`` / ``POST /wake_up?tags=`` / ``GET /is_sleeping``.
 
 Weight updates. vLLM's sequence is start_weight_update → update_weights (one or
 more; ``update_info`` is consumed by the NCCL or IPC transfer backend chosen with
@@ -33,7 +34,9 @@ gracefully on SIGTERM / SIGINT (in-flight generations are aborted).
 This module holds the server, the request handler's transport, health / models /
 completions / pause routes, the route tables and ``main``; the weight-update,
 weight-transfer and weight-version routes (and the update state machine) are the
-``WeightRoutes`` mixin of ``runtime.rollout.server_weights``.
+``WeightRoutes`` mixin of ``runtime.rollout.server_weights``; the sleep routes are the
+``SleepRoutes`` mixin of ``runtime.rollout.server_sleep`` (engine side:
+``runtime.rollout.sleeping``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from runtime.rollout.protocol import (
     error_body,
     token_id_string,
 )
+from runtime.rollout.server_sleep import SleepRoutes
 from runtime.rollout.server_weights import WeightRoutes, _UpdateState
 
 if TYPE_CHECKING:
@@ -129,7 +133,7 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
 
 
-class _Handler(WeightRoutes, BaseHTTPRequestHandler):
+class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
     server: RolloutHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive for the client's connection reuse
 
@@ -337,6 +341,7 @@ _GET_ROUTES = {
     "/is_paused": _Handler.is_paused,
     "/weight_info": _Handler.weight_info,
     "/get_world_size": _Handler.get_world_size,
+    "/is_sleeping": _Handler.is_sleeping,
 }
 _POST_ROUTES = {
     "/v1/completions": _Handler.completions,
@@ -348,6 +353,8 @@ _POST_ROUTES = {
     "/update_weight_version": _Handler.update_weight_version,
     "/init_weight_transfer_engine": _Handler.init_weight_transfer_engine,
     "/collective_rpc": _Handler.collective_rpc,
+    "/sleep": _Handler.sleep,
+    "/wake_up": _Handler.wake_up,
 }
 
 

@@ -83,7 +83,7 @@ class WeightRoutes:
         try:
             self.server.engine.load_weights(info["path"])
         except EngineError as exc:
-            raise ProtocolError(str(exc), param="body.update_info") from exc
+            raise ProtocolError(str(exc), status=exc.status, param="body.update_info") from exc
         with st.lock:
             if version is not None:
                 st.staged_version = version
@@ -152,7 +152,7 @@ class WeightRoutes:
         try:
             self.server.engine.load_weights(path)
         except EngineError as exc:
-            raise ProtocolError(str(exc), param="body.kwargs") from exc
+            raise ProtocolError(str(exc), status=exc.status, param="body.kwargs") from exc
         self._send_json(200, {"results": [None]})
 
     def get_world_size(self, query: dict[str, list[str]]) -> None:
