@@ -645,6 +645,54 @@ def stale_rollouts(spec: Spec, plan: Plan) -> Iterator[Problem]:
                      (("system", "max_staleness"),))
 
 
+def colocated_placement(spec: Spec, plan: Plan) -> Iterator[Problem]:
+    """Colocated engines (``rollout.placement: colocated``, ``runtime.placement``) run on the
+    trainer's nodes and GPUs: rollout.nodes must equal train.nodes (the replicas tile the
+    same GPUs). While the engines are awake each GPU holds what the trainer keeps between its
+    steps (weights, gradients, optimizer state: the trainer does not offload them for
+    generation; its activations are freed) next to vLLM's share, gpu_memory_utilization ×
+    gpu_memory_gb, which vLLM claims at start (it refuses to start with less free memory):
+    their sum over gpu_memory_gb is an error, within 10 % a warning (estimates:
+    ``compiler.estimates``; not compared for devices cpu). While the trainer steps the
+    engines sleep (level 2: weights and KV cache released), so the trainer's own peak is
+    the memory rule's. The refusals of the runtime (staleness, vLLM's CPU build) are
+    ``runtime.capabilities.placement``'s."""
+    r = spec.rollout
+    if r.placement != "colocated":
+        return
+    placement: Path = ("rollout", "placement")
+    if r.nodes != spec.train.nodes:
+        yield _error(R_NODES, f"colocated engines run on the trainer's {spec.train.nodes} node(s), "
+                              f"but rollout.nodes is {r.nodes}",
+                     f"set rollout.nodes: {spec.train.nodes}, or rollout.placement: disaggregated",
+                     (placement, TRAIN_NODES))
+    if spec.cluster.devices == "cpu":
+        return
+    cap = spec.cluster.gpu_memory_gb
+    parts = plan.train_memory.parts
+    train = plan.train_memory.total_gb - parts.get("activations", 0.0) - parts.get("attention", 0.0)
+    share = r.gpu_memory_utilization * cap
+    util: Path = ("rollout", "gpu_memory_utilization")
+    free = NEAR_MEMORY * cap - train  # what the trainer leaves to vLLM, with a 10 % margin
+    fits = (math.floor(free / cap * 100) / 100) if free > 0 else 0.0
+    if plan.rollout_memory.total_gb <= fits * cap:
+        hint = f"set rollout.gpu_memory_utilization: {fits:g} or less"
+    else:  # no utilization leaves vLLM its weights and one sequence next to the trainer
+        hint = ("shrink the trainer's memory (raise PP or EP, train.nodes, set "
+                "train.optimizer.cpu_offload), or set rollout.placement: disaggregated")
+    total = train + share
+    detail = (f"the trainer's weights, gradients and optimizer state ({train:.1f} GB) + vLLM's "
+              f"share (gpu_memory_utilization {r.gpu_memory_utilization:g} × {cap:g} GB = "
+              f"{share:.1f} GB) = {total:.1f} GB")
+    if total > cap:
+        yield _error(util, f"colocated on one GPU, {detail} > {cap:g} GB: vLLM would not find "
+                           "its share free at start", hint,
+                     (placement, GPU_MEM, ("train", "parallelism")))
+    elif total >= NEAR_MEMORY * cap:
+        yield _warning(util, f"colocated on one GPU, {detail} is within 10 % of {cap:g} GB",
+                       hint, (placement, GPU_MEM))
+
+
 # --------------------------------------------------------------------------- run-level
 
 
@@ -684,7 +732,8 @@ def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
 def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Slurm without a partition relies on the site default (warning); Slurm's resource
     requests set on a local spec do nothing there (warning); weight_sync ipc needs
-    trainer and engines on one machine, which separate Slurm nodes are not (error)."""
+    trainer and engines on one machine, which separate Slurm nodes are not (error; colocated
+    engines share the trainer's nodes)."""
     c = spec.cluster
     if c.scheduler == "slurm" and not c.partition:
         yield _warning(("cluster", "partition"), "scheduler slurm without a partition: jobs go "
@@ -699,7 +748,8 @@ def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
                                                   "a local run neither reserves nor limits it",
                                "remove it, or set cluster.scheduler: slurm",
                                (("cluster", "scheduler"),))
-    if c.scheduler == "slurm" and spec.system.weight_sync == "ipc":
+    if (c.scheduler == "slurm" and spec.system.weight_sync == "ipc"
+            and spec.rollout.placement != "colocated"):
         yield _error(("system", "weight_sync"),
                      f"weight_sync ipc shares CUDA memory inside one machine, but the trainer "
                      f"({spec.train.nodes} node(s)) and the rollout engines ({spec.rollout.nodes} "
@@ -1021,6 +1071,7 @@ RULES: tuple[Rule, ...] = (
     redundant_experts,
     fp8_rollout,
     stale_rollouts,
+    colocated_placement,
     run_level,
     cluster_settings,
     zve_budgets,

@@ -79,6 +79,11 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "stale_rollouts": (
         _ex(TINY, "system.max_staleness=1", "algorithm.correction.mode=none"),
     ),
+    "colocated_placement": (
+        _ex(SINGLE, "rollout.placement=colocated"),
+        _ex(SINGLE, "rollout.placement=colocated", "rollout.nodes=2",
+            "rollout.gpu_memory_utilization=0.32"),
+    ),
     "run_level": (
         _ex(SINGLE, "rollout.prompts_per_step=60"),
         _ex(SINGLE, "rollout.max_tokens=40000"),
@@ -118,6 +123,9 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     ),
     "aux_loss": (_ex(SINGLE, "model.architecture.moe.aux_loss_coeff=0.001"),),
     "weight_sync": (_ex(SINGLE, "system.weight_sync=nccl"),),
+    "placement": (_ex(TINY, "rollout.placement=colocated", "system.max_staleness=1",
+                      "algorithm.correction.mode=tis"),
+                  _ex(TINY, "rollout.placement=colocated", "rollout.engine=vllm")),
     "container": (_ex(TINY, "cluster.container.image=/images/rlspec.sqsh"),),
     "precision": (_ex(TINY, "train.precision=bf16"),),
     "devices": (_ex(TINY, "cluster.devices=gpu"),),

@@ -80,6 +80,8 @@ def show_summary(out: Console, compiled: Compiled) -> None:
         + (f", {plan.nodes_per_replica} nodes each" if plan.nodes_per_replica > 1
            else f", {plan.replicas_per_node} per node")))
     table.add_row("allocation", (
+        f"RL job: {plan.rl_nodes} nodes, trainer and rollout engines colocated on the same GPUs"
+        if spec.rollout.placement == "colocated" else
         f"RL job: {plan.rl_nodes} nodes = {spec.rollout.nodes} rollout + {spec.train.nodes} trainer"))
     table.add_row("run", (
         f"{plan.rollouts_per_step} rollouts/step ({spec.rollout.prompts_per_step} prompts × "

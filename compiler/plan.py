@@ -50,7 +50,7 @@ class Plan:
     rollout_replicas: int  # R / gpus_per_replica
     rollout_expert_parallel: int | None  # TP·DP when expert_parallel, else None
     # run
-    rl_nodes: int  # nodes of the RL allocation (rollout + trainer)
+    rl_nodes: int  # nodes of the RL allocation (trainer + rollout; the trainer's when colocated)
     seq_len: int  # max prompt tokens + max response tokens
     rollouts_per_step: int  # prompts_per_step × n, before filters
     optimizer_steps_per_rollout: int  # (rollouts_per_step / global_batch) × ppo_epochs
@@ -265,7 +265,8 @@ def make_plan(spec: Spec) -> Plan:
         gpus_per_replica=per_replica,
         rollout_replicas=replicas,
         rollout_expert_parallel=_step(lambda: per_replica if rp.expert_parallel else None),
-        rl_nodes=_step(lambda: spec.train.nodes + spec.rollout.nodes),
+        rl_nodes=_step(lambda: spec.train.nodes + (0 if spec.rollout.placement == "colocated"
+                                                    else spec.rollout.nodes)),
         seq_len=seq_len,
         rollouts_per_step=rollouts,
         optimizer_steps_per_rollout=opt_steps,

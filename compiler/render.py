@@ -150,7 +150,7 @@ def slurm_request(spec: Spec, job: Job) -> SlurmRequest:
                         c.time_limit, extra, mem=mem, exclusive=bool(gpus) and c.exclusive)
 
 
-def engine_layout(spec: Spec, plan: Plan, nodes: int) -> dict[str, int]:
+def engine_layout(spec: Spec, plan: Plan, nodes: int) -> dict[str, int | bool]:
     """The vLLM replicas that ``nodes`` nodes hold (the RL job's rollout nodes, or all nodes of
     a screen / eval job) and their ports; replica sizes come from the plan."""
     return {
@@ -161,15 +161,17 @@ def engine_layout(spec: Spec, plan: Plan, nodes: int) -> dict[str, int]:
         "local_data_parallel": max(1, spec.cluster.gpus_per_node // spec.rollout.parallelism.tensor),
         "base_port": ROLLOUT_BASE_PORT,
         "dp_rpc_port": DP_RPC_PORT,
+        "colocated": False,  # the engines share their GPUs with the trainer (rl_layout)
     }
 
 
-def rl_layout(spec: Spec, plan: Plan) -> dict[str, int]:
+def rl_layout(spec: Spec, plan: Plan) -> dict[str, int | bool]:
     """Node split and ports of the RL allocation (all sizes come from the plan)."""
     return {
         **engine_layout(spec, plan, spec.rollout.nodes),
         "rollout_nodes": spec.rollout.nodes,
         "train_nodes": spec.train.nodes,
+        "colocated": spec.rollout.placement == "colocated",
         "master_port": MASTER_PORT,
     }
 

@@ -10,7 +10,8 @@ token advantages of reshaped groups, computed by the trainer, which has the old 
 entropies) → TrainBatch tensors → ``batch-<s>.pt`` (handed over) → … → ``done-<s>.json`` →
 load ``weights/v<s+1>`` into every engine
 (``runtime.rollout.weight_transfer.driver_weight_transfer``) → one metrics line
-(``runtime.run_log``) → state saved (``runtime.driver_state``).
+(``runtime.run_log``) → state saved (``runtime.driver_state``). With colocated placement the
+engines sleep from the hand-over to the load (``runtime.placement``).
 
 Bounded staleness (``system.max_staleness`` k). The driver hands over step g's batch as
 soon as the engines hold weights ``v<j>`` with g − j ≤ k, without waiting for the trainer:
@@ -128,6 +129,9 @@ class RLDriver:
         self.weight_transfer, note = driver_weight_transfer(self.spec)
         if note:
             self.log.warning(note)
+        from runtime.placement import Placement
+
+        self.placement = Placement(self.spec, client, self.weight_transfer)
 
     # ----------------------------------------------------------------- setup
     def _tokenizer(self) -> Any:
@@ -357,6 +361,7 @@ class RLDriver:
         payload.update(step=step, batch_id=batch_id, behaviour_version=state.version,
                        optimizer_steps=None if state.pending else state.optimizer_steps,
                        last=last)
+        self.placement.release()  # colocated: the engines sleep before the trainer steps
         write_batch(self.paths.batch(step), payload)
         led = batch.ledger
         staleness = step - state.version
@@ -391,10 +396,12 @@ class RLDriver:
         step = pending.step
         done = self._wait_done(step, pending.batch_id)
         tm = done.get("metrics") or {}
-        self.weight_transfer.push(self.client, str(step + 1),
-                                  path=str(self.paths.version(step + 1)))
+        self.placement.load(str(step + 1), str(self.paths.version(step + 1)))
         state.version = step + 1
         line = dict(pending.line)
+        sleep_wake = self.placement.take_seconds()
+        if sleep_wake is not None:
+            line["sleep_wake_seconds"] = sleep_wake
         if self.eval_every and ((step + 1) % self.eval_every == 0 or pending.last):
             line["eval_accuracy"] = self._evaluate(tokenizer, reward, state.pipeline.ctx, step)
         now = time.monotonic()
@@ -442,6 +449,9 @@ class RLDriver:
         if state.version > 0:  # the engines start from policy_sft: load the last weights
             self.weight_transfer.push(self.client, str(state.version),
                                       path=str(paths.version(state.version)))
+        if state.pending and self.placement.colocated:  # resumed: they are trained first
+            self.log.info("colocated: the engines sleep while the handed-over steps train")
+            self.placement.release()
         log = RunLog(paths.metrics, paths.root / "tensorboard", self.steps, state.step, self.log)
         self._last_finish = time.monotonic()
         while not self._all_handed_over(state):

@@ -467,6 +467,14 @@ class Rollout(Section):
         "vllm", description="vllm: `vllm serve` replicas; local: the embedded torch server."
     )
     nodes: PosInt = Field(1, description="Nodes the rollout engines use inside the RL allocation.")
+    placement: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="disaggregated: the engines have nodes of their own (train.nodes + "
+        "rollout.nodes in the allocation); colocated: they share the trainer's nodes and GPUs "
+        "(rollout.nodes = train.nodes), sleeping (vLLM `--enable-sleep-mode`, level 2) while "
+        "the trainer steps and waking for the new weights. Synchronous only (max_staleness 0); "
+        "trainer memory + gpu_memory_utilization of the GPU must fit it.",
+    )
     parallelism: RolloutParallelism = Field(default_factory=RolloutParallelism)
     redundant_experts: NonNegInt = Field(
         0,

@@ -466,6 +466,20 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         "scheduler:slurm": (SPLIT_245B, "check:rollout_grid"),  # vllm on nodes 0..7
         "scheduler:local": "refused:local_nodes",  # one rollout task on this machine
     },
+    # Colocated: the allocation is the trainer's nodes; srun --overlap; vLLM (GPU) started with
+    # --enable-sleep-mode, the embedded server with its sleep mode; the driver sleeps the
+    # engines from each hand-over to the weight load (a run equal to a disaggregated one).
+    "Rollout.placement": {
+        "rollout:local": (t(RL, "test_colocated_engines_sleep_through_training_and_resume_after_sigkill"),
+                          t("tests/runtime/test_placement.py",
+                            "test_colocated_engines_sleep_then_wake_weights_load_and_wake_the_kv_cache"),
+                          "check:colocated_placement"),
+        "rollout:vllm+devices:gpu": (
+            t(BUNDLE, "test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes"),
+            t(VLLM, "test_colocated_engines_start_with_vllms_sleep_mode"),
+            "check:colocated_placement"),
+        "rollout:vllm+devices:cpu": "refused:placement",  # vLLM's CPU build has no sleep mode
+    },
     "Rollout.parallelism": {"all": "section:RolloutParallelism"},
     "Rollout.n": {"all": RL_E2E},  # 4 prompts × n 4 = 16 rollouts a step
     "Rollout.prompts_per_step": {"all": (RL_E2E, "check:run_level")},

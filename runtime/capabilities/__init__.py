@@ -66,6 +66,7 @@ from runtime.capabilities.system import (
     container,
     embedded_trainer_nodes,
     local_nodes,
+    placement,
     screen_nodes,
     weight_sync,
 )
@@ -81,6 +82,7 @@ RULES: dict[str, Rule] = {
     "dense_replay": dense_replay,
     "aux_loss": aux_loss,
     "weight_sync": weight_sync,
+    "placement": placement,
     "container": container,
     "precision": precision,
     "devices": devices,
@@ -107,7 +109,8 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "evaluate": (*_ALL_JOBS, "embedded_model", "vllm_cpu"),
     "convert": (*_ALL_JOBS, "megatron_model"),
     "export": _ALL_JOBS,
-    "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "precision",
+    "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "placement",
+           "precision",
            "devices", "megatron_cpu", "recompute", "tokenizer",
            "local_nodes", "embedded_trainer_nodes", "optimizer_offload", "vllm_cpu"),
 }

@@ -20,6 +20,28 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "set system.weight_sync: disk")
 
 
+def placement(spec: Mapping[str, Any]) -> Iterator[Refusal]:
+    """Colocated engines (``rollout.placement: colocated``, ``runtime.placement``) sleep
+    while the trainer steps: they cannot generate steps ahead of the trainer meanwhile
+    (``system.max_staleness`` > 0). Sleep mode releases memory of vLLM's CUDA memory pool;
+    vLLM's CPU build has none and refuses ``--enable-sleep-mode`` at start."""
+    rollout = spec["rollout"]
+    if rollout["placement"] != "colocated":
+        return
+    k = spec["system"]["max_staleness"]
+    if k:
+        yield Refusal("placement", ("system", "max_staleness"),
+                      f"colocated engines sleep while the trainer steps, so they cannot "
+                      f"generate the {k} step(s) ahead of it that max_staleness {k} asks for",
+                      "set system.max_staleness: 0, or rollout.placement: disaggregated")
+    if rollout["engine"] == "vllm" and spec["cluster"]["devices"] == "cpu":
+        yield Refusal("placement", ("rollout", "placement"),
+                      "colocated engines sleep through vLLM's --enable-sleep-mode, which needs "
+                      "CUDA memory: vLLM's CPU build refuses it",
+                      "set rollout.engine: local (the embedded engine sleeps on CPU), or "
+                      "rollout.placement: disaggregated")
+
+
 def container(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """Containers are started by Slurm's pyxis (``srun --container-image``); a local run
     starts its processes on this machine directly."""

@@ -34,12 +34,15 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--return-routed-experts", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--enable-sleep-mode", action="store_true")
     args = ap.parse_args(argv)
     port = args.port + int(env.get("LOCAL_RANK") or 0)
     out = ["--model", args.model, "--host", args.host, "--port", str(port),
            "--threads", str(args.threads)]
     if args.return_routed_experts:
         out.append("--return-routed-experts")
+    if args.enable_sleep_mode:  # colocated placement: sleeps while the trainer steps
+        out.append("--enable-sleep-mode")
     if args.config is not None and _fp8(args.config):
         out += ["--quantization", "fp8"]
     if env.get("SLURM_JOB_ID"):  # cluster: the head node serves the other nodes' driver

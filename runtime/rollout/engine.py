@@ -93,6 +93,7 @@ class LocalEngine(SleepControl, PauseControl):
         logprobs_mode: LogprobsMode = "raw_logprobs",
         max_model_len: int | None = None,
         fp8: bool = False,
+        enable_sleep_mode: bool = False,
     ) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -129,7 +130,7 @@ class LocalEngine(SleepControl, PauseControl):
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe
         self._lock = threading.Lock()  # model + weights
         self._init_pause()
-        self._init_sleep()
+        self._init_sleep(enable_sleep_mode)
 
     # -- properties -----------------------------------------------------------------
     @property

@@ -2,7 +2,7 @@
 
     python -m runtime.rollout.server --model DIR --host 127.0.0.1 --port P \\
         [--return-routed-experts] [--seed S] [--logprobs-mode raw_logprobs] \\
-        [--quantization fp8]
+        [--quantization fp8] [--enable-sleep-mode]
 
 Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described in
 ``runtime.rollout.protocol`` on a ``ThreadingHTTPServer``: ``GET /health``,
@@ -418,6 +418,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "weight update (vLLM --quantization fp8; runtime.rollout.fp8)",
     )
     ap.add_argument(
+        "--enable-sleep-mode", action="store_true",
+        help="allow POST /sleep at level 1 or 2 to release the weights and KV cache (vLLM "
+        "--enable-sleep-mode; colocated placement, runtime.rollout.sleeping)",
+    )
+    ap.add_argument(
         "--allow-non-loopback", action="store_true", help="allow binding a non-loopback address"
     )
     ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -451,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         logprobs_mode=args.logprobs_mode,
         max_model_len=args.max_model_len,
         fp8=args.quantization == "fp8",
+        enable_sleep_mode=args.enable_sleep_mode,
     )
     if args.return_routed_experts and engine.router_group is None:
         print("error: --return-routed-experts needs an MoE model with routers", file=sys.stderr)

@@ -29,7 +29,9 @@ unmapped memory after a forgotten reload): a generation request that arrives whi
 weights or the KV cache are asleep is refused (``EngineError``, HTTP 503); after a level-2
 sleep the engine refuses generations (HTTP 409) until a weight load, even once awake, and
 aborts ``keep`` generations frozen across the sleep; loading weights while they are asleep
-is refused (409); an unknown tag, level or mode is a ``ValueError`` (HTTP 400).
+is refused (409); an unknown tag, level or mode is a ``ValueError`` (HTTP 400). Without
+``--enable-sleep-mode`` vLLM's allocator pool holds nothing, so a level-1 or level-2 sleep
+"succeeds" with every byte still in use; this engine refuses it (``EngineError``, HTTP 400).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class SleepControl:
 
         def abort_all(self) -> None: ...
 
-    def _init_sleep(self) -> None:
+    def _init_sleep(self, enabled: bool) -> None:
+        self.sleep_mode_enabled = enabled  # vLLM's --enable-sleep-mode
         self._sleep_guard = threading.Lock()  # one sleep / wake_up at a time
         self._sleeping_tags: set[str] = set()
         self._sleep_level = 0
@@ -85,6 +88,9 @@ class SleepControl:
             raise ValueError(f"sleep level must be one of {SLEEP_LEVELS}, got {level!r}")
         if mode not in PAUSE_MODES:
             raise ValueError(f"sleep mode must be one of {PAUSE_MODES}, got {mode!r}")
+        if level > 0 and not self.sleep_mode_enabled:
+            raise EngineError("sleep mode is off: start the engine with --enable-sleep-mode "
+                              "to release its memory", status=400)
         with self._sleep_guard:
             self.pause(mode)
             if level == 0 or self._sleeping_tags:

@@ -335,6 +335,42 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]
 
 
+def test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes(tmp_path: Path) -> None:
+    """rollout.placement colocated: the allocation is the trainer's 2 nodes; each node runs a
+    trainer task and a vLLM replica started with sleep mode, both job steps with srun
+    --overlap (else the second would wait for the first to end)."""
+    edits = ["rollout.placement=colocated", "rollout.nodes=2",
+             "rollout.gpu_memory_utilization=0.28"]
+    compiled = compile_spec(EXAMPLES["qwen3-30b-a3b"], edits)
+    assert compiled.graph.jobs["rl"].nodes == 2
+    out = write_bundle(compiled.files, tmp_path / "b")
+    assert "#SBATCH --nodes=2" in (out / "jobs" / "rl" / "sbatch.sh").read_text()
+    stubs = {**STUBS, "srun": 'echo "srun $*" >> "$RECORD/srun"\n' + SLURM_STUBS["srun"]}
+    bin_dir, record = write_stubs(tmp_path / "bin", stubs), tmp_path / "record"
+    record.mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+           "RLSPEC_TEST_NODES": "2", "RLSPEC_TEST_ROLES": "4", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node-[0-1]", "SLURM_CPUS_PER_TASK": "64",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
+           "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "WANDB_API_KEY": "z"}
+    bash_first_on_path(bin_dir)
+    result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for node in ("node-0", "node-1"):
+        trainer = (record / f"torchrun.{node}").read_text().split()
+        assert trainer[trainer.index("--master-addr") + 1] == "node-0"
+        engine = (record / f"vllm.{node}").read_text().split()
+        assert engine[engine.index("--host") + 1] == node and "--enable-sleep-mode" in engine
+    steps = (record / "srun").read_text().splitlines()
+    assert len(steps) == 2 and all("--nodelist=node-0,node-1 " in s for s in steps)
+    assert all(" --overlap " in s for s in steps)
+    # Disaggregated: engines on nodes of their own, no sleep mode, no overlapping steps.
+    plain = compile_spec(EXAMPLES["qwen3-30b-a3b"]).files
+    assert "--enable-sleep-mode" not in plain["jobs/rl/rollout.sh"]
+    assert "--overlap" not in plain["lib.sh"]
+
+
 @pytest.mark.parametrize(("job", "nodes", "model"), [
     ("screen", 4, "/lustre/ckpt/compassmax-mini"),  # the proxy model, on the screen's 4 nodes
     ("eval_before", 8, "/lustre/ckpt/compassmax-245b-sft"),  # the policy, on the rollout nodes

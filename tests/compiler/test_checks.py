@@ -483,6 +483,36 @@ def test_stale_rollouts_without_a_train_inference_correction_are_an_error() -> N
                                   "algorithm.correction.mode": mode})) == []
 
 
+COLOCATED = {"rollout.placement": "colocated", "rollout.nodes": 2}  # the base trains on 2
+UTIL = ("rollout", "gpu_memory_utilization")
+
+
+def test_colocated_engines_run_on_the_trainers_nodes() -> None:
+    p = only({"rollout.placement": "colocated"}, ("rollout", "nodes"))
+    assert_numbers(p, "trainer's 2 node(s)", "rollout.nodes is 1")
+    assert p.suggestion == "set rollout.nodes: 2, or rollout.placement: disaggregated"
+    spec = build(COLOCATED | {"rollout.gpu_memory_utilization": 0.28})
+    assert problems_of(spec) == []
+    assert make_plan(spec).rl_nodes == 2  # the trainer's nodes, shared
+    assert make_plan(build()).rl_nodes == 3  # disaggregated: 2 trainer + 1 rollout
+
+
+def test_colocated_trainer_state_and_vllm_share_must_fit_one_gpu() -> None:
+    # 8.8 GB weights + 17.6 GB grads + 22.9 GB optimizer = 49.3 GB stay through generation.
+    p = only(COLOCATED, UTIL)
+    assert_numbers(p, "49.3 GB", "0.85 × 80 GB = 68.0 GB", "117.3 GB > 80 GB")
+    assert p.suggestion == "set rollout.gpu_memory_utilization: 0.28 or less"  # ≤ 90 % of 80
+    p = only(COLOCATED | {"rollout.gpu_memory_utilization": 0.3}, UTIL, "warning")
+    assert_numbers(p, "73.3 GB", "within 10 %")
+    # No utilization leaves vLLM its 8.1 GB of weights + one sequence next to the trainer.
+    p = only(COLOCATED | {"cluster.gpu_memory_gb": 60}, UTIL)
+    assert p.suggestion.startswith("shrink the trainer's memory")
+    assert "placement: disaggregated" in p.suggestion
+    # Disaggregated, the engines have their GPUs to themselves; on CPU nothing is estimated.
+    assert UTIL not in paths({"rollout.gpu_memory_utilization": 0.85})
+    assert UTIL not in paths(COLOCATED | CPU_LOCAL)
+
+
 # --------------------------------------------------------------------------- run-level
 
 
@@ -522,6 +552,8 @@ def test_slurm_resources_set_on_a_local_spec_are_warned(field: str, value: objec
 def test_ipc_weight_sync_across_slurm_nodes() -> None:
     p = only({"system.weight_sync": "ipc"}, ("system", "weight_sync"))
     assert_numbers(p, "2 node(s)", "1 node(s)")
+    # Colocated engines share the trainer's nodes (ipc is refused by the runtime instead).
+    assert ("system", "weight_sync") not in paths(COLOCATED | {"system.weight_sync": "ipc"})
 
 
 # --------------------------------------------------------------------------- ZVE budgets

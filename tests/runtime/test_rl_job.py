@@ -289,6 +289,39 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     assert ledger["generated"] == sum(m["rollouts_generated"] for m in resumed) == 96
 
 
+def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
+        prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    """``rollout.placement: colocated``: the engine sleeps (level 2: its weights discarded)
+    from each hand-over until the trainer's weights are loaded, and the run logs exactly the
+    steps of a disaggregated run (time fields aside: an engine woken without its reload
+    refuses to sample, so a wrong order fails the run). Killed after two steps, with the
+    third handed over, the restarted run puts the engine to sleep before that batch is
+    trained and still logs the same steps."""
+    _, base_run = prepared
+    steps = 4
+    reference_bundle = _compile(tmp_path / "reference_bundle", steps,
+                                "train.checkpoint.interval=1")
+    reference = _run_copy(base_run, tmp_path / "reference")
+    proc = _launch(reference_bundle, "rl", reference, _free_port())
+    assert proc.returncode == 0, proc.stderr
+    want = _untimed(_metrics(reference / "artifacts" / "rl" / "metrics.jsonl"))
+
+    bundle = _compile(tmp_path / "bundle", steps, "train.checkpoint.interval=1",
+                      "rollout.placement=colocated")
+    assert "--enable-sleep-mode" in (bundle / "jobs" / "rl" / "rollout.sh").read_text()
+    run_dir = _run_copy(base_run, tmp_path / "run")
+    _kill_after(bundle, run_dir, 2)
+    again = _launch(bundle, "rl", run_dir, _free_port())
+    assert again.returncode == 0, again.stderr
+    assert "resuming after step" in again.stderr
+    assert "the engines sleep while the handed-over steps train" in again.stderr
+    lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+    assert all(m["sleep_wake_seconds"] > 0 for m in lines)
+    assert [{k: v for k, v in m.items() if k != "sleep_wake_seconds"}
+            for m in _untimed(lines)] == want
+    assert "sleep_wake_seconds" not in _metrics(reference / "artifacts" / "rl" / "metrics.jsonl")[0]
+
+
 def test_rl_job_stops_at_the_rollout_budget(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     """16 rollouts a step and a budget of 20: the second step reaches it, and the run ends
     there, trainer included (final checkpoint and policy_final from step 2). In-run held-out

@@ -52,7 +52,7 @@ def _tokens(eng: LocalEngine) -> list[list[int]]:
 
 
 def test_level_1_releases_the_weights_and_wakes_to_the_same_fp8_weights(model_dir: Path) -> None:
-    eng = LocalEngine(model_dir, seed=0, fp8=True)
+    eng = LocalEngine(model_dir, seed=0, fp8=True, enable_sleep_mode=True)
     before, tokens = _params(eng), _tokens(eng)
     assert not eng.is_sleeping and _stored_bytes(eng) > 0
     eng.sleep(1)
@@ -77,7 +77,7 @@ def test_level_1_releases_the_weights_and_wakes_to_the_same_fp8_weights(model_di
 
 
 def test_level_2_refuses_generation_until_the_weights_are_reloaded(model_dir: Path) -> None:
-    eng = LocalEngine(model_dir, seed=0, fp8=True)
+    eng = LocalEngine(model_dir, seed=0, fp8=True, enable_sleep_mode=True)
     before, tokens = _params(eng), _tokens(eng)
     eng.set_weight_version("step-3")
     # A keep-mode sleep freezes an in-flight generation; waking without a reload aborts it
@@ -99,7 +99,7 @@ def test_level_2_refuses_generation_until_the_weights_are_reloaded(model_dir: Pa
 
 
 def test_bad_sleep_arguments_are_refused(model_dir: Path) -> None:
-    eng = LocalEngine(model_dir, seed=0)
+    eng = LocalEngine(model_dir, seed=0, enable_sleep_mode=True)
     for level, mode in ((3, "abort"), (-1, "abort"), (1, "nap")):
         with pytest.raises(ValueError):
             eng.sleep(level, mode)
@@ -112,12 +112,28 @@ def test_bad_sleep_arguments_are_refused(model_dir: Path) -> None:
     assert not eng.is_sleeping
 
 
+def test_without_sleep_mode_only_level_0_is_allowed(model_dir: Path) -> None:
+    # vLLM allots no releasable memory pool without --enable-sleep-mode: the engine says so
+    # instead of "sleeping" with its memory still held.
+    eng = LocalEngine(model_dir, seed=0)
+    for level in (1, 2):
+        with pytest.raises(EngineError, match="--enable-sleep-mode") as info:
+            eng.sleep(level)
+        assert info.value.status == 400
+    assert not eng.is_sleeping and _stored_bytes(eng) > 0
+    eng.sleep(0)  # pausing needs no memory pool
+    assert eng.is_paused
+    eng.wake_up()
+    assert not eng.is_sleeping
+
+
 # ------------------------------------------------------------------------------ server
 
 
 @pytest.fixture(scope="module")
 def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    with rollout_servers(model_dir, tmp_path_factory.mktemp("sleep_logs"), 2) as urls:
+    with rollout_servers(model_dir, tmp_path_factory.mktemp("sleep_logs"), 2,
+                         "--enable-sleep-mode") as urls:
         yield urls
 
 

@@ -245,6 +245,16 @@ def test_fp8_and_the_engine_limits_reach_every_vllm(tmp_path: Path) -> None:
         assert "--quantization" not in argv
 
 
+def test_colocated_engines_start_with_vllms_sleep_mode(tmp_path: Path) -> None:
+    calls = rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path,
+                                ("rollout.placement=colocated", "rollout.nodes=2",
+                                 "rollout.gpu_memory_utilization=0.28"))
+    assert calls
+    for argv, dev_mode in calls:  # /sleep and /wake_up are dev-mode routes
+        assert check_argv(argv) == [] and dev_mode == "1", " ".join(argv)
+        assert "--enable-sleep-mode" in argv
+
+
 def test_weight_sync_disk_passes_no_transfer_config(tmp_path: Path) -> None:
     # vLLM has no disk transfer engine: the driver reloads the folder via /collective_rpc.
     calls = rendered_vllm_calls(ROOT / "examples" / "qwen3-30b-a3b.yaml", tmp_path,
