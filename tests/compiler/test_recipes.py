@@ -69,6 +69,26 @@ def test_recipe_validates(path: Path) -> None:
     assert _errors(path) == []
 
 
+# Recipes whose source colocates trainer and vLLM (NeMo-RL) and that fit colocated at the
+# source's gpu_memory_utilization, next to the trainer's weights, gradients and optimizer state
+# (rlspec's trainer does not offload them during generation, as NeMo-RL does).
+COLOCATED = ("llama3.2-1b-nemorl", "moonlight-16b-a3b-nemorl", "qwen3-1.7b-nemorl",
+             "qwen3-30b-a3b-nemorl-8n8g")
+
+
+@pytest.mark.parametrize("stem", COLOCATED)
+def test_colocated_recipes_share_the_trainers_nodes(stem: str) -> None:
+    src = load_spec(RECIPES / f"{stem}.yaml")
+    spec = src.spec
+    assert spec.rollout.placement == "colocated"
+    assert make_plan(spec).rl_nodes == spec.train.nodes == spec.rollout.nodes
+    assert [p for p in check(spec, make_plan(spec)) if p.severity == "error"] == []
+    # At a utilization that leaves too little for the trainer, the colocation check says so.
+    high = load_spec(RECIPES / f"{stem}.yaml", ["rollout.gpu_memory_utilization=0.95"])
+    errors = [p.path for p in check(high.spec, make_plan(high.spec)) if p.severity == "error"]
+    assert errors == [("rollout", "gpu_memory_utilization")]
+
+
 def test_the_eplb_recipe_needs_its_redundant_experts() -> None:
     # slime's 24-GPU engine: 128 experts do not split over EP 24, 128 + 16 do.
     src = load_spec(RECIPES / "qwen3-30b-a3b-eplb.yaml", ["rollout.redundant_experts=0"])
