@@ -172,7 +172,7 @@ PREFLIGHT_CHECKS: dict[str, tuple[str, str, tuple[Example, ...]]] = {
 _HEADER = """\
 # Checks and refusals
 
-<!-- Generated from compiler/checks.py, runtime/capabilities.py and runtime/preflight.py by
+<!-- Generated from compiler/checks/, runtime/capabilities.py and runtime/preflight.py by
 `make docs` (python -m compiler.docs). Do not edit by hand. -->
 
 `rlspec validate` (and `compile`, `inspect`, `run`) checks a spec in three layers and reports
@@ -182,7 +182,7 @@ is invalid.
 
 1. **Shape**: types, bounds, unknown keys (with a did-you-mean), the stage order of
    `filters`. The keys and their bounds are in [spec.md](spec.md).
-2. **Compiler checks** (`compiler/checks.py`): the sizes of different sections against each
+2. **Compiler checks** (`compiler/checks/`): the sizes of different sections against each
    other, computed on the plan (world sizes, grids, batches, memory). An *error* means the
    run cannot start, or would silently do something other than what is written; a
    *warning* is legal but probably not meant (shown by `validate` and `inspect`).
