@@ -166,7 +166,7 @@ PREFLIGHT_CHECKS: dict[str, tuple[str, str, tuple[Example, ...]]] = {
         "login node does not see is compared when the job starts.",
         (),
     ),
-    "one_gpu_memory": ("_one_gpu_memory", "", (_ex(SINGLE, "sft={steps: 10}"),)),
+    "one_gpu_memory": ("_one_gpu_memory", "", (_ex(BIG, "rollout.engine=local"),)),
 }
 
 _HEADER = """\

@@ -24,7 +24,7 @@ from compiler import __version__
 from compiler.graph import Artifact, Job, JobGraph
 from compiler.plan import Plan
 from runtime import capabilities
-from spec.models import Spec
+from spec.models import SFT_OPTIMIZER, Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -248,6 +248,14 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
                "megatron_path": megatron}
         folder = f"jobs/{name}"
         launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
+        if job.entry == "sft" and spec.train.backend == "megatron":
+            # the Megatron trainer in the train layout, from the HF policy_init
+            init = next(graph.artifacts[a] for a in job.inputs
+                        if graph.artifacts[a].kind == "hf_checkpoint")
+            launch = "job/megatron_launch.sh.j2"
+            files[f"{folder}/train.sh"] = render(
+                "rl/train.sh.j2", family=family_flags(spec), entry="sft",
+                sft_optimizer=SFT_OPTIMIZER, **{**ctx, "policy_path": init})
         if job.entry in SERVED_ENTRIES and spec.rollout.engine == "vllm":
             model = next(graph.artifacts[a] for a in job.inputs
                          if graph.artifacts[a].kind == "hf_checkpoint")
@@ -261,7 +269,7 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
         if name == "rl":
             files[f"{folder}/rollout.sh"] = render("rl/rollout.sh.j2", **ctx)
             files[f"{folder}/train.sh"] = render("rl/train.sh.j2", family=family_flags(spec),
-                                                 **ctx)
+                                                 entry="train", **ctx)
 
     manifest = {
         "rlspec_version": __version__,

@@ -37,13 +37,14 @@ __all__ = ["checkpoint_mismatches", "preflight_bundle", "preflight_context", "pr
 JobFile = Callable[[str], "str | None"]
 
 
-def trainer_argv(train_sh: str) -> list[str]:
-    """The arguments after ``-m runtime.jobs.train`` in a rendered ``train.sh``."""
+def trainer_argv(train_sh: str, module: str = "runtime.jobs.train") -> list[str]:
+    """The arguments after ``-m <module>`` in a rendered ``train.sh`` (the RL trainer's, or
+    ``runtime.jobs.sft``'s)."""
     lines, inside = [], False
     for line in train_sh.splitlines():
-        if "-m runtime.jobs.train" in line:
+        if f"-m {module} " in line:
             inside = True
-            line = line.split("-m runtime.jobs.train", 1)[1]
+            line = line.split(f"-m {module}", 1)[1]
         if inside:
             lines.append(line.rstrip().rstrip("\\").strip())
             if not line.rstrip().endswith("\\"):
@@ -52,19 +53,22 @@ def trainer_argv(train_sh: str) -> list[str]:
 
 
 def _train_flags(config: Mapping[str, Any], job_file: JobFile) -> Iterator[Refusal]:
-    """The Megatron trainer's flags parse, and describe a layout it runs."""
+    """The Megatron trainer's flags (the RL job's, or the SFT job's) parse, and describe a
+    layout it runs."""
     from runtime.megatron.args import MegatronArgsError, parse_megatron_args
 
+    job, rl = str(config["job"]), config["entry"] == "rl"
     text = job_file("train.sh")
     if text is None:
         yield Refusal("train_flags", ("train", "backend"),
-                      "jobs/rl/train.sh is missing from the bundle", "recompile the bundle")
+                      f"jobs/{job}/train.sh is missing from the bundle", "recompile the bundle")
         return
     try:
-        args = parse_megatron_args(trainer_argv(text))
+        args = parse_megatron_args(
+            trainer_argv(text, "runtime.jobs.train" if rl else "runtime.jobs.sft"), checkpoints=rl)
     except MegatronArgsError as exc:
         yield Refusal("train_flags", ("train",), str(exc),
-                      "recompile the bundle, or correct the flag in jobs/rl/train.sh")
+                      f"recompile the bundle, or correct the flag in jobs/{job}/train.sh")
         return
     yield from capabilities.megatron_flag_refusals(args)
 
@@ -167,11 +171,13 @@ _SFT_BYTES = 16
 
 
 def _one_gpu_memory(config: Mapping[str, Any]) -> Iterator[Refusal]:
-    """SFT (and screen / eval on the embedded engine) hold the whole policy in one process on
-    one GPU: it must fit."""
+    """The embedded SFT (train.backend local; Megatron's runs in the train layout) and screen /
+    eval on the embedded engine hold the whole policy in one process on one GPU: it must fit."""
     spec, entry = config["spec"], config["entry"]
     if spec["cluster"]["devices"] != "gpu" or entry not in ("sft", "screen", "evaluate"):
         return
+    if entry == "sft" and spec["train"]["backend"] == "megatron":
+        return  # the Megatron trainer's layout: the memory check's estimate
     if entry != "sft" and spec["rollout"]["engine"] == "vllm":
         return  # served by the job's vLLM replicas, in the rollout layout
     if entry == "screen" and not any(f["type"] == "offline_pass_rate"
@@ -188,8 +194,9 @@ def _one_gpu_memory(config: Mapping[str, Any]) -> Iterator[Refusal]:
             ("eval", "enabled") if entry == "evaluate" else ("filters",))
         yield Refusal("one_gpu_memory", path,
                       f"{what} the whole {total / 1e9:,.1f} B-parameter policy in one process on "
-                      f"one GPU: {need:,.0f} GB > {have:g} GB (Megatron SFT is not wired yet)",
-                      {"sft": "remove the sft section (start from an SFT checkpoint)",
+                      f"one GPU: {need:,.0f} GB > {have:g} GB",
+                      {"sft": "set train.backend: megatron (SFT in the train layout), or "
+                              "remove the sft section (start from an SFT checkpoint)",
                        "evaluate": "set eval.enabled: false (eval.every_steps still evaluates "
                                    "on the rollout engines inside the RL job)",
                        "screen": "screen with a smaller proxy_model"}[entry])
@@ -204,7 +211,7 @@ def preflight_job(config: Mapping[str, Any], job_file: JobFile,
     relative external paths (the spec's folder); None skips reading checkpoints."""
     job, entry, spec = str(config["job"]), str(config["entry"]), config["spec"]
     found = capabilities.refusals(spec, entry, job)
-    if entry == "rl" and spec["train"]["backend"] == "megatron":
+    if entry in ("rl", "sft") and spec["train"]["backend"] == "megatron":
         found += [replace(r, job=job) for r in _train_flags(config, job_file)]
     found += [replace(r, job=job) for r in _checkpoints(config, base)]
     found += [replace(r, job=job) for r in _one_gpu_memory(config)]

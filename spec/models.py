@@ -422,8 +422,15 @@ class Train(Section):
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
 
 
+# The SFT optimizer's fixed settings (Adam at a constant sft.lr, no weight decay, gradients
+# clipped to norm 1), the same on the embedded trainer and on Megatron (train.sh's flags).
+SFT_OPTIMIZER = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8, "weight_decay": 0.0,
+                 "clip_grad": 1.0}
+
+
 class SFT(Section):
-    """A short supervised cold start before RL (the paper's pipeline starts with SFT)."""
+    """A short supervised cold start before RL (the paper's pipeline starts with SFT): the
+    embedded trainer, or with train.backend megatron the Megatron trainer in the train layout."""
 
     steps: PosInt = Field(description="Optimizer steps of supervised fine-tuning.")
     lr: PosFloat = Field(1e-4, description="Learning rate.")

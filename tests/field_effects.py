@@ -84,6 +84,7 @@ DEEPSEEK = "tests/runtime/test_deepseek.py"
 MCORE_DEEPSEEK = "tests/megatron/test_mcore_deepseek.py"
 MCORE_GLM = "tests/megatron/test_mcore_glm.py"
 MCORE_DENSE = "tests/megatron/test_mcore_dense.py"
+MCORE_SFT = "test:tests/megatron/test_mcore_sft.py::test_megatron_sft_is_the_embedded_sft"
 SLURM = "tests/slurm/test_slurm.py"
 VLLM = "tests/vllm_flags/test_vllm_flags.py"
 VLLM_RUN = "tests/vllm/test_vllm_tiny_run.py"
@@ -342,9 +343,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Container.image": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Container.mounts": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     # ------------------------------------------------------------------ sft
-    "SFT.steps": {"all": SFT_JOB},
-    "SFT.lr": {"all": SFT_JOB},
-    "SFT.batch_size": {"all": SFT_JOB},
+    # Megatron: --global-batch-size / --lr in jobs/sft/train.sh, the embedded SFT's weights.
+    "SFT.steps": {"train:local": SFT_JOB, "train:megatron": MCORE_SFT},
+    "SFT.lr": {"train:local": SFT_JOB, "train:megatron": MCORE_SFT},
+    "SFT.batch_size": {"train:local": SFT_JOB, "train:megatron": MCORE_SFT},
     # ------------------------------------------------------------------ train
     "Train.backend": {
         "train:local": RL_E2E,

@@ -104,7 +104,9 @@ _ALL_JOBS = ("container",)
 JOB_RULES: dict[str, tuple[str, ...]] = {
     "data": _ALL_JOBS,
     "init": (*_ALL_JOBS, "embedded_model"),
-    "sft": (*_ALL_JOBS, "embedded_model"),
+    # the HF policy_init is read by the embedded engine; with train.backend megatron the SFT
+    # runs on the Megatron trainer (its flags: runtime.preflight)
+    "sft": (*_ALL_JOBS, "embedded_model", "megatron_model", "megatron_cpu", "optimizer_offload"),
     "screen": (*_ALL_JOBS, "embedded_model", "screen_nodes", "vllm_cpu"),
     "evaluate": (*_ALL_JOBS, "embedded_model", "vllm_cpu"),
     "convert": (*_ALL_JOBS, "megatron_model"),

@@ -275,8 +275,10 @@ class JobContext:
 
     @property
     def rank(self) -> int:
-        """Task rank inside a multi-node job (Slurm's SLURM_PROCID; 0 when run locally)."""
-        return int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0)
+        """This process's rank: torchrun's global RANK where a node runs several ranks (the
+        Megatron SFT), else the task rank of a one-task-per-node job (Slurm's SLURM_PROCID);
+        0 when run locally."""
+        return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -8,14 +8,20 @@ Teacher-forced next-token training on ``prompt → answer <eos>`` pairs of the t
 with N the number of answer tokens in the batch, AdamW at ``sft.lr`` for ``sft.steps`` steps
 of ``sft.batch_size`` examples drawn with seed ``train.seed``. The result (HF folder) is the
 policy RL starts from. Kept short on purpose: RL must have something left to learn.
+
+``train.backend: megatron``: the same loss, batches and optimizer (``spec.models.SFT_OPTIMIZER``)
+on the Megatron trainer in the spec's train layout (``runtime.megatron.sft``), one process per
+GPU started by ``jobs/sft/train.sh`` with its Megatron-LM flags; the weights start from the HF
+``policy_init`` and rank 0 writes the gathered result as the HF ``policy_sft``.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from runtime.errors import JobError
 from runtime.jobs.common import JobContext, run_job
 
 
@@ -41,49 +47,114 @@ def encode_pairs(tokenizer: Any, rows: Sequence[dict[str, Any]], prompt_key: str
     return ids, attention, target
 
 
+def _batches(ctx: JobContext, tokenizer: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """``sft.steps`` batches of ``sft.batch_size`` pairs drawn with seed ``train.seed``: the
+    same on every rank and on both trainers."""
+    import torch
+
+    from runtime.files import read_jsonl
+    from runtime.prompts import drop_overlong, train_file
+
+    sft, data = ctx.section("sft"), ctx.section("data")
+    rows = list(drop_overlong(dict(enumerate(read_jsonl(train_file(ctx)))), tokenizer, data,
+                              ctx.log, "train").values())
+    generator = torch.Generator().manual_seed(int(ctx.section("train.seed")))
+    for _ in range(int(sft["steps"])):
+        index = torch.randint(len(rows), (int(sft["batch_size"]),), generator=generator).tolist()
+        yield encode_pairs(tokenizer, [rows[i] for i in index], data["prompt_key"],
+                           data["answer_key"])
+
+
+def _log_step(ctx: JobContext, step: int, steps: int, loss: float) -> None:
+    if step % 50 == 0 or step == steps - 1:
+        ctx.log.info("step %d/%d: loss %.4f", step + 1, steps, loss)
+
+
 def run(ctx: JobContext) -> None:
     import torch
 
     from runtime.devices import job_device
-    from runtime.files import read_jsonl
     from runtime.policy import load_policy, save_policy
-    from runtime.prompts import drop_overlong, train_file
     from runtime.trainer import sequence_logprobs
+    from spec.models import SFT_OPTIMIZER as OPT
 
+    if ctx.model_spec.train.backend == "megatron":
+        raise JobError("train.backend is megatron: the SFT runs on the Megatron trainer, "
+                       "started with its flags by jobs/sft/train.sh (jobs/sft/launch.sh)")
     device = job_device(ctx.spec)
-    sft = ctx.section("sft")
-    data = ctx.section("data")
-    seed = int(ctx.section("train.seed"))
+    steps = int(ctx.section("sft.steps"))
     model, tokenizer = load_policy(ctx.input_path("policy_init"))
     model.to(device)
-    rows = list(drop_overlong(dict(enumerate(read_jsonl(train_file(ctx)))), tokenizer, data,
-                              ctx.log, "train").values())
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(sft["lr"]), weight_decay=0.0)
+    torch.manual_seed(int(ctx.section("train.seed")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(ctx.section("sft.lr")),
+                                  betas=(OPT["adam_beta1"], OPT["adam_beta2"]),
+                                  eps=OPT["adam_eps"], weight_decay=OPT["weight_decay"])
     model.train()
-    steps, batch_size = int(sft["steps"]), int(sft["batch_size"])
-    for step in range(steps):
-        index = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
-        ids, attention, target = encode_pairs(tokenizer, [rows[i] for i in index],
-                                              data["prompt_key"], data["answer_key"])
+    loss = torch.zeros(())
+    for step, (ids, attention, target) in enumerate(_batches(ctx, tokenizer)):
         ids, attention, target = ids.to(device), attention.to(device), target.to(device)
         logp, _ = sequence_logprobs(model, ids, attention)
         loss = -(logp * target).sum() / target.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPT["clip_grad"])
         optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            ctx.log.info("step %d/%d: loss %.4f", step + 1, steps, loss.item())
+        _log_step(ctx, step, steps, loss.item())
     model.eval().to("cpu")  # saved from host memory
     if ctx.rank == 0:
         save_policy(model, tokenizer, ctx.output_path("policy_sft"), job=ctx.job, steps=steps,
                     final_loss=loss.item())
 
 
+def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
+    """``train.backend: megatron``: this rank's share of the SFT (module doc)."""
+    from runtime.megatron.args import parse_megatron_args, train_settings
+    from runtime.megatron.engine import MegatronTrainer
+    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.setup import build_policy
+    from runtime.megatron.sft import sft_batch, sft_step
+    from runtime.policy import load_policy, policy_from_state_dict, save_policy
+
+    if ctx.model_spec.train.backend != "megatron":
+        raise JobError(f"Megatron flags given, but train.backend is "
+                       f"{ctx.model_spec.train.backend}: the embedded SFT takes only --config")
+    args = parse_megatron_args(["--config", str(ctx.config_path), *flags], checkpoints=False)
+    init = str(ctx.input_path("policy_init"))
+    policy = build_policy(args, ctx.spec["cluster"]["devices"], init, routing_replay=False)
+    load_hf_weights(policy.module, load_policy(init)[0].state_dict(), policy.hf_config)
+    if policy.main:
+        ctx.log.info("Megatron SFT: %s", policy.describe)
+    steps = int(ctx.section("sft.steps"))
+    trainer = MegatronTrainer(
+        policy.module, algorithm=ctx.spec["algorithm"],
+        train=train_settings(args, ctx.spec["train"]), vocab_size=int(policy.hf_config.vocab_size),
+        total_optimizer_steps=steps, length_balancing=bool(ctx.section("system.length_balancing")))
+    loss = 0.0
+    for step, (ids, attention, target) in enumerate(_batches(ctx, policy.tokenizer)):
+        loss = sft_step(trainer, sft_batch(ids, attention, target))["loss"]
+        if policy.main:
+            _log_step(ctx, step, steps, loss)
+    full = gather_full_state_dict(policy.module)  # collective
+    if policy.main:
+        model = policy_from_state_dict(policy.hf_config, megatron_to_hf(full, policy.hf_config))
+        save_policy(model, policy.tokenizer, ctx.output_path("policy_sft"), job=ctx.job,
+                    steps=steps, final_loss=loss)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_job(run, argv, description=__doc__)
+    """``--config PATH [--force]``, and with train.backend megatron the Megatron-LM flags of
+    ``jobs/sft/train.sh``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--config")
+    ap.add_argument("--force", action="store_true")
+    known, flags = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    own = ([] if known.config is None else ["--config", known.config]) + (
+        ["--force"] if known.force else [])
+    if not flags:
+        return run_job(run, own or argv, description=__doc__)
+    return run_job(lambda ctx: run_megatron(ctx, flags), own, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -295,55 +295,28 @@ class MegatronTrainerProcess(TrainerProcess):
         super().__init__(ctx)
 
     def _setup(self) -> None:
-        import torch
-        from transformers import AutoConfig, AutoTokenizer
-
-        from runtime.capabilities import megatron_flag_refusals
         from runtime.megatron import checkpoint as ckpt
-        from runtime.megatron.args import check_architecture, model_overrides, train_settings
+        from runtime.megatron.args import train_settings
         from runtime.megatron.engine import MegatronTrainer
-        from runtime.megatron.model import build_gpt_chunks
-        from runtime.megatron.parallel import init_parallel, use_devices
+        from runtime.megatron.setup import build_policy
 
-        args, spec = self.args, self.ctx.spec
+        args = self.args
         if args.moe_enable_routing_replay != (self.replay_mode != "off"):
             raise ValueError(f"--moe-enable-routing-replay is {'set' if args.moe_enable_routing_replay else 'not set'} "
                              f"but router_replay.mode is {self.replay_mode}")
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        backend, forced = use_devices(spec["cluster"]["devices"])
-        dtype = forced or (torch.bfloat16 if args.bf16 else torch.float32)
-        layout = {"tp": args.tensor_model_parallel_size, "ep": args.expert_model_parallel_size,
-                  "pp": args.pipeline_model_parallel_size,
-                  # Megatron-LM's default: --expert-tensor-parallel-size unset → ETP = TP
-                  "etp": args.expert_tensor_parallel_size or args.tensor_model_parallel_size}
-        refused = megatron_flag_refusals(args)  # the layouts `rlspec validate` refuses too
-        if refused:
-            raise NotImplementedError("; ".join(f"{r.message} ({r.hint})" for r in refused))
-        self.hf_config = AutoConfig.from_pretrained(self.policy_path)
-        check_architecture(args, self.hf_config)
-        vpp = args.num_virtual_stages_per_pipeline_rank or None  # model chunks per rank
-        pg = init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
-                           backend=backend, seed=args.seed, vpp=vpp,
-                           cp=args.context_parallel_size, **layout)
-        self.main = rank == 0
-        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
-        overrides = model_overrides(args)
-        chunks = build_gpt_chunks(
-            self.hf_config, pg, vpp=vpp, routing_replay=self.replay_mode != "off", dtype=dtype,
-            **layout, **overrides)
-        self.module: Any = chunks if vpp else chunks[0]
+        policy = build_policy(args, self.ctx.spec["cluster"]["devices"], str(self.policy_path),
+                              routing_replay=self.replay_mode != "off")
+        self.main = policy.main
+        self.hf_config, self.tokenizer = policy.hf_config, policy.tokenizer
+        self.module: Any = policy.module
         if self.main:
-            self.log.info("Megatron trainer: world %d (TP %d, PP %d, EP %d, ETP %d, DP %d), %s, "
-                          "%s backend", world, layout["tp"], layout["pp"], layout["ep"], layout["etp"],
-                          world // (layout["tp"] * layout["pp"] * args.context_parallel_size),
-                          str(dtype).removeprefix("torch."), backend)
+            self.log.info("Megatron trainer: %s", policy.describe)
         read = ckpt.load_model(self.module, args.load)
         if self.main:
             self.log.info("weights from %s", read)
         reference = None
         if self.kl_on:  # the frozen starting policy, same layout, routing freely
-            reference = build_gpt_chunks(self.hf_config, pg, vpp=vpp, dtype=dtype,
-                                         **layout, **overrides)
+            reference = policy.build_like()
             ckpt.load_model(reference, args.load)
             for chunk in reference:
                 chunk.requires_grad_(False).eval()

@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
         raise MegatronArgsError(f"train.sh Megatron flags: {message}")
 
 
-def megatron_parser() -> argparse.ArgumentParser:
+def megatron_parser(checkpoints: bool = True) -> argparse.ArgumentParser:
     """Every flag ``templates/rl/train.sh.j2`` renders, with Megatron-LM's names and types."""
     p = _Parser(prog="runtime.jobs.train", add_help=False, allow_abbrev=False)
     p.add_argument("--config", required=True)
@@ -117,9 +117,9 @@ def megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-method", choices=["uniform", "block"])
     p.add_argument("--recompute-num-layers", type=int)
     p.add_argument("--seed", type=int, default=1234)
-    # checkpoints
-    p.add_argument("--load", required=True)
-    p.add_argument("--save", required=True)
+    # checkpoints (the RL trainer's; the SFT job starts from the HF policy_init)
+    p.add_argument("--load", required=checkpoints)
+    p.add_argument("--save", required=checkpoints)
     return p
 
 
@@ -135,9 +135,10 @@ def _layer_freq(text: str) -> int | list[int]:
     return [0] * int(m.group(1)) + [1] * int(m.group(2))
 
 
-def parse_megatron_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the trainer's command line (``--config`` plus the Megatron flags)."""
-    return megatron_parser().parse_args(list(argv))
+def parse_megatron_args(argv: Sequence[str], *, checkpoints: bool = True) -> argparse.Namespace:
+    """Parse the trainer's command line (``--config`` plus the Megatron flags);
+    ``checkpoints``: ``--load`` and ``--save`` are required (the RL trainer)."""
+    return megatron_parser(checkpoints).parse_args(list(argv))
 
 
 def _moe_layers(args: argparse.Namespace) -> list[int]:

@@ -77,6 +77,22 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(path: Path, tmp_path: Path)
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.parametrize(("example", "edits"), [
+    ("compassmax-245b", ("sft={steps: 10}",)),  # GPUs: torchrun
+    ("tiny", ("train.backend=megatron", "model.architecture.moe.token_dispatcher=allgather",
+              "cluster.gpus_per_node=2", "train.parallelism.expert=2")),  # CPU: file rendezvous
+], ids=["gpu", "cpu"])
+def test_megatron_scripts_pass_bash_n_and_shellcheck(example: str, edits: tuple[str, ...],
+                                                         tmp_path: Path) -> None:
+    files = compile_spec(EXAMPLES[example], edits).files
+    out = write_bundle(files, tmp_path / "b")
+    scripts = ["jobs/sft/launch.sh", "jobs/sft/train.sh", "jobs/rl/launch.sh", "jobs/rl/train.sh"]
+    for script in scripts:
+        subprocess.run([BASH, "-n", script], cwd=out, check=True)
+    result = subprocess.run(["shellcheck", "-x", *scripts], cwd=out, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 # Bash features newer than 4.4 (RHEL/Rocky 8's bash; Ubuntu 20.04 has 5.0): the pattern, what
 # it is, and a line it must catch (so that no pattern is vacuous).
 NEWER_THAN_BASH_4_4 = {
@@ -333,6 +349,41 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
             assert "--headless" not in args
     assert (record / "endpoints").read_text().split() == [
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]
+
+
+def test_245b_sft_runs_the_megatron_trainer_in_the_train_layout(tmp_path: Path) -> None:
+    """With an sft section and train.backend megatron, the sft job starts torchrun on each of
+    the 16 trainer nodes with the train layout's Megatron flags, the SFT's batch and learning
+    rate, no RL checkpoint flags, and the HF policy it starts from as tokenizer."""
+    compiled = compile_spec(EXAMPLES["compassmax-245b"], ["sft={steps: 10, lr: 2.0e-5}"])
+    out = write_bundle(compiled.files, tmp_path / "b")
+    stubs = {**SLURM_STUBS, "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"'}
+    bin_dir, record = write_stubs(tmp_path / "bin", stubs), tmp_path / "record"
+    record.mkdir()
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+           "RLSPEC_TEST_NODES": "16", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-15]",
+           "SLURM_CPUS_PER_TASK": "96",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
+           "HF_TOKEN": "x", "JUDGE_API_KEY": "y", "WANDB_API_KEY": "z"}
+    bash_first_on_path(bin_dir)
+    result = subprocess.run([BASH, "jobs/sft/launch.sh"], cwd=out, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for rank in range(16):
+        args = (record / f"torchrun.node-{rank}").read_text().split()
+        assert args[args.index("--nnodes") + 1] == "16"
+        assert args[args.index("--node-rank") + 1] == str(rank)
+        assert args[args.index("--master-addr") + 1] == "node-0"
+        assert args[args.index("-m") + 1] == "runtime.jobs.sft"
+        assert args[args.index("--expert-model-parallel-size") + 1] == "8"
+        assert args[args.index("--global-batch-size") + 1] == "32"  # sft.batch_size
+        assert args[args.index("--lr") + 1] == args[args.index("--min-lr") + 1] == "2e-05"
+        assert args[args.index("--tokenizer-model") + 1] == "/lustre/ckpt/compassmax-245b-sft"
+        assert "--load" not in args and "--moe-enable-routing-replay" not in args
+    # The embedded SFT (train.backend local) keeps the one-process-per-node launch.
+    tiny = compile_spec(EXAMPLES["tiny"]).files
+    assert "jobs/sft/train.sh" not in tiny
+    assert "-m runtime.jobs.sft" in tiny["jobs/sft/launch.sh"]
 
 
 def test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes(tmp_path: Path) -> None:

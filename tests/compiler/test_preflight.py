@@ -101,8 +101,8 @@ CASES = [
      ("model", "architecture", "moe", "token_dispatcher"), "rl", "runs the allgather dispatcher"),
     ("recompute", TINY, ["train.recompute=selective"],
      ("train", "recompute"), "rl", "embedded trainer does not recompute"),
-    ("one_gpu_memory", SINGLE, ["sft={steps: 10}"],
-     ("sft",), "sft", "SFT trains the whole 30.5 B-parameter policy"),
+    ("one_gpu_memory", EXAMPLES / "compassmax-245b.yaml", ["rollout.engine=local"],
+     ("eval", "enabled"), "eval_before", "the embedded engine serves the whole 244.9 B-parameter"),
     ("tokenizer", SINGLE, ["model.tokenizer=/models/other-tokenizer"],
      ("model", "tokenizer"), "rl", "tokenizer saved with the HF checkpoint"),
     ("local_nodes", TINY, [*CPU_MEGATRON, "train.nodes=2"],
@@ -323,6 +323,16 @@ def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
     train_sh.write_text(train_sh.read_text().replace("--seq-length", "--seq-len"))
     result = cli("check", str(bundle))
     assert result.exit_code == 2 and "--seq-len" in result.stderr
+
+
+def test_the_megatron_sft_flags_are_checked_like_the_trainers(tmp_path: Path) -> None:
+    bundle = write_bundle(compile_spec(SINGLE, ["sft={steps: 10}"]).files, tmp_path / "b")
+    assert cli("check", str(bundle)).exit_code == 0
+    train_sh = bundle / "jobs" / "sft" / "train.sh"  # an operator edits a flag in place
+    train_sh.write_text(train_sh.read_text().replace("--seq-length", "--seq-len"))
+    result = cli("check", str(bundle))
+    assert result.exit_code == 2 and "--seq-len" in result.stderr
+    assert "jobs/sft/train.sh" in result.stderr and "(job sft" in result.stderr
 
 
 def test_check_of_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
