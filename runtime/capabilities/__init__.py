@@ -132,7 +132,9 @@ def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
     return {
         "data": ("task generator on CPU",),
         "init": ("HF model built from the architecture on CPU",),
-        "sft": (f"embedded HF trainer on {dev}",),
+        "sft": (("Megatron-core trainer in the train layout, "
+                 + ("NCCL" if dev == "GPU" else "gloo") + f" on {dev}")
+                if _uses_megatron(spec) else f"embedded HF trainer on {dev}",),
         "screen": (one_model,),
         "evaluate": (one_model,),
         "convert": (f"HF ↔ Megatron conversion on {dev}",),

@@ -96,6 +96,9 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
                                      "rl", "eval_after", "export"]
     assert all(j["state"] == "COMPLETED" for j in summary["jobs"].values())
 
+    # The SFT ran on the Megatron trainer too, in the same layout.
+    assert "Megatron SFT: world 2 (TP 2, PP 1, EP 2, ETP 1, DP 1)" in (
+        out / "logs" / "sft.log").read_text()
     train_log = (out / "logs" / "rl-train.log").read_text()
     assert "Megatron trainer: world 2 (TP 2, PP 1, EP 2, ETP 1, DP 1)" in train_log
     assert "weights from " + str(out / "artifacts" / "policy_megatron" / "release") in train_log
