@@ -309,20 +309,29 @@ STUBS = {
 }
 
 
-def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> None:
-    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
-    bin_dir, record = write_stubs(tmp_path / "bin", STUBS), tmp_path / "record"
+def _run_in_allocation(out: Path, job: str, stubs: dict[str, str], nodes: int, tmp_path: Path,
+                       roles: int = 0) -> Path:
+    """Run ``jobs/<job>/launch.sh`` of the bundle ``out`` as if in a Slurm allocation of
+    ``nodes`` nodes (node-0 …), with ``stubs`` on PATH and ``roles`` role stand-ins to wait
+    for (``AWAIT_ROLES``); returns the folder the stubs record in."""
+    bin_dir, record = write_stubs(tmp_path / "bin", stubs), tmp_path / "record"
     record.mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": "24", "RLSPEC_TEST_ROLES": "24", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-23]",
-           "SLURM_CPUS_PER_TASK": "96",
-           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
-           "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "JUDGE_API_KEY": "y",
-           "WANDB_API_KEY": "z"}
+           "RLSPEC_TEST_NODES": str(nodes), "RLSPEC_TEST_ROLES": str(roles),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": f"node-[0-{nodes - 1}]",
+           "SLURM_CPUS_PER_TASK": "96", "RLSPEC_RUN_DIR": str(tmp_path / "run"),
+           "RLSPEC_PYTHON": "python", "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x",
+           "JUDGE_API_KEY": "y", "WANDB_API_KEY": "z"}
     bash_first_on_path(bin_dir)
-    result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([BASH, f"jobs/{job}/launch.sh"], cwd=out, env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    return record
+
+
+def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    record = _run_in_allocation(out, "rl", STUBS, 24, tmp_path, roles=24)
 
     # Trainer: nodes 8..23, node ranks 0..15, master = the first trainer node.
     for rank in range(16):
@@ -358,17 +367,7 @@ def test_245b_sft_runs_the_megatron_trainer_in_the_train_layout(tmp_path: Path) 
     compiled = compile_spec(EXAMPLES["compassmax-245b"], ["sft={steps: 10, lr: 2.0e-5}"])
     out = write_bundle(compiled.files, tmp_path / "b")
     stubs = {**SLURM_STUBS, "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"'}
-    bin_dir, record = write_stubs(tmp_path / "bin", stubs), tmp_path / "record"
-    record.mkdir()
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": "16", "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node-[0-15]",
-           "SLURM_CPUS_PER_TASK": "96",
-           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
-           "HF_TOKEN": "x", "JUDGE_API_KEY": "y", "WANDB_API_KEY": "z"}
-    bash_first_on_path(bin_dir)
-    result = subprocess.run([BASH, "jobs/sft/launch.sh"], cwd=out, env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    record = _run_in_allocation(out, "sft", stubs, 16, tmp_path)
     for rank in range(16):
         args = (record / f"torchrun.node-{rank}").read_text().split()
         assert args[args.index("--nnodes") + 1] == "16"
@@ -397,17 +396,7 @@ def test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes(tmp_path: P
     out = write_bundle(compiled.files, tmp_path / "b")
     assert "#SBATCH --nodes=2" in (out / "jobs" / "rl" / "sbatch.sh").read_text()
     stubs = {**STUBS, "srun": 'echo "srun $*" >> "$RECORD/srun"\n' + SLURM_STUBS["srun"]}
-    bin_dir, record = write_stubs(tmp_path / "bin", stubs), tmp_path / "record"
-    record.mkdir()
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-           "RLSPEC_TEST_NODES": "2", "RLSPEC_TEST_ROLES": "4", "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node-[0-1]", "SLURM_CPUS_PER_TASK": "64",
-           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_PYTHON": "python",
-           "RLSPEC_VLLM_PYTHON": "vllm-python", "HF_TOKEN": "x", "WANDB_API_KEY": "z"}
-    bash_first_on_path(bin_dir)
-    result = subprocess.run([BASH, "jobs/rl/launch.sh"], cwd=out, env=env, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    record = _run_in_allocation(out, "rl", stubs, 2, tmp_path, roles=4)
     for node in ("node-0", "node-1"):
         trainer = (record / f"torchrun.{node}").read_text().split()
         assert trainer[trainer.index("--master-addr") + 1] == "node-0"
