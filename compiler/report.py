@@ -23,7 +23,9 @@ Files written to ``--out`` (default ``<first run>/report``), each replaced atomi
     report.md           the summary table of every run and the plots; the table counts
                         rollouts wasted (no gradient) and rollouts reshaped by RL-ZVP (a
                         class of their own: trained on, but from flat groups) apart, with
-                        the mean share of a step's Σ|advantage| the RL-ZVP groups carry
+                        the mean share of a step's Σ|advantage| the RL-ZVP groups carry,
+                        and (colocated placement) the engines' mean sleep + wake-up time
+                        per step
 """
 
 from __future__ import annotations
@@ -287,6 +289,9 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
     gain = (after - before) if isinstance(before, (int, float)) and isinstance(
         after, (int, float)) else None
     last = run.metrics[-1]
+    # colocated placement: the engines' sleep + wake-up time around each trainer step
+    sleep_wake = [m["sleep_wake_seconds"] for m in run.metrics
+                  if isinstance(m.get("sleep_wake_seconds"), (int, float))]
     return [
         ("RL steps logged", _fmt(int(last["step"]) + 1)),
         ("held-out accuracy before RL", _fmt(before, "pct")),
@@ -300,6 +305,8 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("router replay", run.replay),
         ("rollouts by staleness", ", ".join(
             f"{k}: {v:,}" for k, v in (s.get("rollouts_by_staleness") or {}).items()) or "n/a"),
+        ("engine sleep + wake-up per step (colocated)",
+         f"{sum(sleep_wake) / len(sleep_wake):.2f} s" if sleep_wake else "n/a"),
         ("RL wall time", _fmt(s.get("wall_seconds"), "s")),
     ]
 

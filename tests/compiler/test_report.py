@@ -90,6 +90,17 @@ def test_staleness_is_plotted_and_counted_where_rollouts_lagged(tmp_path: Path) 
     assert "| rollouts by staleness | 0: 640 | 0: 128, 1: 128, 2: 384 |" in md
 
 
+def test_colocated_runs_show_the_engines_sleep_and_wake_time(tmp_path: Path) -> None:
+    plain = make_run(tmp_path / "disaggregated", "off", steps=4)
+    colocated = make_run(tmp_path / "colocated", "off", steps=4)
+    lines = [json.loads(x) for x in (colocated / "metrics.jsonl").read_text().splitlines()]
+    for line, seconds in zip(lines, (0.5, 0.25, 0.25, 0.5), strict=True):
+        line["sleep_wake_seconds"] = seconds
+    (colocated / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    md = (write_report([plain, colocated], tmp_path / "report") / "report.md").read_text()
+    assert "| engine sleep + wake-up per step (colocated) | n/a | 0.38 s |" in md
+
+
 def test_a_live_run_is_read_from_the_rl_job_artifacts(tmp_path: Path) -> None:
     run = make_run(tmp_path / "live", "r3", summary=False)
     live = run / "artifacts" / "rl"
