@@ -458,6 +458,8 @@ class RLDriver:
                                model_root=str(self.ctx.input_of_kind("hf_checkpoint")))
         if self.scorer is not None:  # started with the engines, in parallel
             self.scorer.wait_ready(timeout=self.startup_timeout_s)
+            self.log.info("%d reward workers (pids %s) decode and score the rollouts",
+                          self.scorer.workers, ", ".join(map(str, self.scorer.pids)))
         if state.version > 0:  # the engines start from policy_sft: load the last weights
             self.weight_transfer.push(self.client, str(state.version),
                                       path=str(paths.version(state.version)))
