@@ -19,8 +19,10 @@ a steady drift of the machine hits every rung alike. Re-running with the same ``
 re-reads the finished runs (run dir ``round<r>-<i>``: round r, i-th in its order) of the same
 number of steps and runs the others. Rungs:
 
-    baseline            reward_overlap false, length_balancing false, max_staleness 0
-    + parallel detok    not built: the driver decodes and scores in its own thread
+    baseline            reward_overlap false, length_balancing false, max_staleness 0,
+                        reward_workers 1 (the driver decodes and scores in its own thread)
+    + parallel detok    system.reward_workers 2 (``runtime.scoring``: spawned processes
+                        decode and score each group as its chunk returns)
     + reward overlap    system.reward_overlap true
     + length balancing  system.length_balancing true (LPT over predicted lengths)
     + async k=1         system.max_staleness 1 (generate step s+1 while step s trains)
@@ -37,7 +39,12 @@ steps and replicas. Each figure printed is the median over the rounds of that ro
 (a ratio: to the same round's baseline), so that one round hit by a burst of load does not
 decide it; the per-round ratios are printed too (their spread is the noise of this shared
 machine). From the baseline's shares, Amdahl bounds what each kind of rung can buy here
-(printed). Every rung uses
+(printed). W = 2 reward workers, not more: this machine has 2 cores, already shared by the
+driver, the two engine replicas and the trainer, so a third worker could only time-slice
+with the others; 2 is the smallest pool that scores two groups at once, and it pays the
+pool's cost (pickling each group's token ids and result; the workers start with the
+engines, outside the steps' wall time) for whatever the driver's thread gains. Every rung
+uses
 ``system.weight_sync_tolerance`` 0.05 so that the FP8 rung's rounding passes the trainer's
 weight-sync check (the tolerance only decides when a run stops, not its speed).
 
@@ -132,11 +139,12 @@ BASE = [
     "system.weight_sync_tolerance=0.05",
 ]
 OFF = {"system.reward_overlap": "false", "system.length_balancing": "false",
-       "system.max_staleness": "0", "rollout.fp8": "false"}
+       "system.max_staleness": "0", "rollout.fp8": "false", "system.reward_workers": "1"}
+REWARD_WORKERS = 2  # the parallel-detok rung's W: one per core of this machine (module doc)
 # (name, key changed from the rung above; None: not built)
 EMBEDDED_RUNGS: list[tuple[str, dict[str, str] | None]] = [
     ("baseline (sync)", {}),
-    ("+ parallel detok", None),
+    ("+ parallel detok", {"system.reward_workers": str(REWARD_WORKERS)}),
     ("+ reward overlap", {"system.reward_overlap": "true"}),
     ("+ length balancing", {"system.length_balancing": "true"}),
     ("+ async k=1", {"system.max_staleness": "1"}),
@@ -267,8 +275,7 @@ def embedded(workdir: Path, steps: int, rounds: int) -> float:
     cumulative = 1.0
     for name, ov in rungs:
         if ov is None:
-            print(f"{name:<22}{'not built':>11}  (the driver decodes and scores in its own "
-                  "thread as chunks arrive)")
+            print(f"{name:<22}{'not built':>11}")
             continue
         per = [rate(g[name]) / rate(g[base_name]) for g in per_round]
         ratio = med(per)

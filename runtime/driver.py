@@ -3,8 +3,9 @@ r"""The RL job's driver: prompts → rollouts → rewards → ZVE filters → ad
 The driver, the trainer and the engines meet through the run directory's exchange files
 (``runtime.exchange``). Step s: select prompts (pipeline) → generate n per prompt (group
 sizes from the pipeline; ``runtime.generation``: seeded requests, balanced over the
-replicas, rewards overlapped) → rewards (``build_reward``) → ``pipeline.process`` (a step
-whose http-judge replies were unreadable more often than
+replicas, rewards overlapped) → rewards (``build_reward``; decoded and scored by a pool of
+``system.reward_workers`` processes made once per run when more than 1, ``runtime.scoring``)
+→ ``pipeline.process`` (a step whose http-judge replies were unreadable more often than
 ``reward.judge.max_parse_failure_rate`` stops the run here) → group advantages (+ RL-ZVP
 token advantages of reshaped groups, computed by the trainer, which has the old policy's
 entropies) → TrainBatch tensors → ``batch-<s>.pt`` (handed over) → … → ``done-<s>.json`` →
@@ -124,6 +125,8 @@ class RLDriver:
         self.adv_eps = float(adv["eps"])
         self.alpha_zvp = float(adv["alpha_zvp"])
         self.max_staleness = int(self.spec["system"]["max_staleness"])
+        self.reward_workers = int(self.spec["system"]["reward_workers"])
+        self.scorer: Any = None  # the run's ScoringPool while run() runs (reward_workers > 1)
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
         self.weight_transfer, note = driver_weight_transfer(self.spec)
@@ -277,7 +280,7 @@ class RLDriver:
     def _generation(self) -> Any:
         from runtime.generation import Generation
 
-        return Generation(self.spec, self.rows, self.client)
+        return Generation(self.spec, self.rows, self.client, self.scorer)
 
     def _rollouts(self, state: DriverState, step: int, tokenizer: Any, reward: Any,
                   stats: dict[str, Any]) -> tuple[Any, dict[str, int]]:
@@ -430,7 +433,21 @@ class RLDriver:
         self.paths.batch(step).unlink(missing_ok=True)  # after the state no longer needs it
 
     def run(self) -> dict[str, Any]:
-        """Run (or resume) every step; returns the summary written to rl_metrics."""
+        """Run (or resume) every step; returns the summary written to rl_metrics. With
+        ``system.reward_workers`` > 1 the run's pool of reward workers lives as long as this
+        call (``runtime.scoring``)."""
+        if self.reward_workers < 2:
+            return self._run()
+        from runtime.scoring import ScoringPool
+
+        with ScoringPool(self.reward_workers, str(self.ctx.input_of_kind("hf_checkpoint")),
+                         self.spec["reward"]) as self.scorer:
+            try:
+                return self._run()
+            finally:
+                self.scorer = None
+
+    def _run(self) -> dict[str, Any]:
         from runtime.rewards import build_reward
         from runtime.run_log import RunLog
 
@@ -446,6 +463,10 @@ class RLDriver:
         reward = build_reward(self.spec["reward"])
         self.client.wait_ready(timeout=self.startup_timeout_s,
                                model_root=str(self.ctx.input_of_kind("hf_checkpoint")))
+        if self.scorer is not None:  # started with the engines, in parallel
+            self.scorer.wait_ready(timeout=self.startup_timeout_s)
+            self.log.info("%d reward workers (pids %s) decode and score the rollouts",
+                          self.scorer.workers, ", ".join(map(str, self.scorer.pids)))
         if state.version > 0:  # the engines start from policy_sft: load the last weights
             self.weight_transfer.push(self.client, str(state.version),
                                       path=str(paths.version(state.version)))

@@ -12,6 +12,12 @@ completions arrive while the others still generate. Either way the client report
 request's start and finish, and ``stats`` gets each replica's busy time (the union of its
 requests' spans, ``runtime.rollout.replica_time``) and the generation's wall time.
 
+Decoding and scoring: in the driver's thread (``system.reward_workers`` = 1), or, given a
+``scorer`` (``runtime.scoring.ScoringPool``, W > 1 workers), each group is submitted to the
+pool as soon as its chunk returns and the results are collected, in the groups' order, once
+every chunk has been submitted; the version check, the token counts and the length history
+stay in the driver's thread, in the order the chunks return, as with W = 1.
+
 Every request carries a seed derived from ``train.seed``, the step, the sampling round and
 the request's prompts (``runtime.seeds``), so a step re-sampled after a restart gets the same
 rollouts. Every completion carries the weights version that sampled it when the engine
@@ -47,8 +53,9 @@ class Generation:
     """Samples, decodes and scores prompt groups through ``client`` (module doc)."""
 
     def __init__(self, spec: dict[str, Any], rows: dict[Any, dict[str, Any]],
-                 client: Any) -> None:
+                 client: Any, scorer: Any = None) -> None:
         self.spec = spec
+        self.scorer = scorer  # a runtime.scoring.ScoringPool, or None: the driver's thread
         self.rows = rows
         self.client = client
         self.rollout = spec["rollout"]
@@ -107,6 +114,7 @@ class Generation:
         chunks = self.chunks(requests, encoded, lengths)
         log = RequestLog()
         groups: list[Any] = [None] * len(requests)
+        submitted: dict[int, tuple[Any, list[Any], list[int]]] = {}  # with a scorer
 
         def score(chunk: list[int], completions: list[list[Any]]) -> None:
             for i, comps in zip(chunk, completions, strict=True):
@@ -114,6 +122,15 @@ class Generation:
                 if expect is not None:
                     self._check_version(comps, expect, step)
                 row = self.rows[req.prompt_id]
+                if self.scorer is not None:  # decoded and scored in a worker
+                    sizes = [len(c.token_ids) for c in comps]
+                    stats["tokens"] += sum(sizes)
+                    lengths.observe(req.prompt_id, sizes)
+                    future = self.scorer.submit(str(row[self.prompt_key]),
+                                                [c.token_ids for c in comps],
+                                                str(row.get(self.answer_key, "")))
+                    submitted[i] = (future, comps, sizes)
+                    continue
                 texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
                 got = reward.group_rewards(str(row[self.prompt_key]), texts,
                                            str(row.get(self.answer_key, "")))
@@ -146,6 +163,11 @@ class Generation:
                     arrivals = futures
                 for fut in arrivals:
                     score(futures[fut], fut.result())
+        for i, (future, comps, sizes) in submitted.items():
+            got = self.scorer.result(future, reward)
+            groups[i] = Group(requests[i].prompt_id, got.rewards, lengths=sizes,
+                              token_ids=[c.token_ids for c in comps], scores=got.scores,
+                              payload=(encoded[requests[i].prompt_id], comps))
         stats["seconds"] += time.monotonic() - t0
         busy = stats.setdefault("replica_busy", [0.0] * len(self.client.endpoints))
         for r, seconds in enumerate(log.busy(self.client.endpoints)):
@@ -180,11 +202,19 @@ class Generation:
                     "seed": request_seed(self.run_seed, "eval", step)}
         completions = self.client.generate(prompts, n=int(cfg["samples"]),
                                            sampling=sampling)
+        futures = []
+        if self.scorer is not None:  # every prompt's group at once, spread over the workers
+            futures = [self.scorer.submit(str(row[self.prompt_key]), [c.token_ids for c in comps],
+                                          str(row.get(self.answer_key, "")))
+                       for row, comps in zip(rows, completions, strict=True)]
         correct = []
-        for row, comps in zip(rows, completions, strict=True):
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            got = reward.group_rewards(str(row[self.prompt_key]), texts,
-                                       str(row.get(self.answer_key, "")))
+        for k, (row, comps) in enumerate(zip(rows, completions, strict=True)):
+            if futures:
+                got = self.scorer.result(futures[k], reward)
+            else:
+                texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+                got = reward.group_rewards(str(row[self.prompt_key]), texts,
+                                           str(row.get(self.answer_key, "")))
             group = Group(row.get("id"), got.rewards, scores=got.scores)
             correct.append(context.correctness(group))
         return float(np.concatenate(correct).mean()) if correct else 0.0

@@ -811,6 +811,11 @@ class System(Section):
     """Overlap and balancing: the system wastes no GPU time."""
 
     reward_overlap: bool = Field(True, description="Score rollouts while others still generate.")
+    reward_workers: PosInt = Field(
+        1,
+        description="Worker processes that detokenize and score finished rollouts (the "
+        "driver's pool), while generation goes on; 1: the driver's own thread.",
+    )
     length_balancing: bool = Field(
         True,
         description="Balance work by length: the trainer's micro-batches by token count across "

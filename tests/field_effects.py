@@ -655,6 +655,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         t(TRAINER, "test_a_step_stops_before_updating_when_the_engine_serves_other_weights"),
         t(VLLM_ENGINE, "test_a_reload_takes_effect_only_with_the_cpu_repack"))},
     "System.reward_overlap": {"all": t(DRIVER, "test_reward_overlap_scores_chunks_while_others_still_generate")},
+    # the driver's pool of reward workers (runtime.scoring), whatever the engine or trainer:
+    # RLDriver.run makes it, Generation submits each group to it; the http judge through it
+    "System.reward_workers": {"all": (
+        t(DRIVER, "test_reward_workers_score_the_same_groups_as_the_drivers_thread"),
+        t(REWARDS, "test_the_driver_step_counts_judge_failures_and_stops_the_run"))},
     # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on), and the
     # driver's assignment of groups to the rollout replicas (any engine: the client's endpoints).
     "System.length_balancing": {"all": (

@@ -93,6 +93,13 @@ class RewardComposer:
         stats = getattr(self.judge, "stats", None)
         return dict(stats()) if callable(stats) else {}
 
+    def add_judge_counts(self, counts: dict[str, int]) -> None:
+        """Add the counters of a copy of this reward's judge (in a reward worker,
+        ``runtime.scoring``) to the judge's, so that :meth:`judge_step` sees its calls."""
+        add = getattr(self.judge, "add_stats", None)
+        if callable(add):
+            add(counts)
+
     def judge_step(self, since: dict[str, int]) -> dict[str, int]:
         """``judge_calls`` and ``judge_parse_failures`` since the counters ``since``; a
         JudgeError when the failures are more than ``max_parse_failure_rate`` of the calls."""

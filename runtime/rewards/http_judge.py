@@ -28,7 +28,8 @@ environment variable; it is read at every request and sent as ``Authorization:
 Bearer …``. Construction fails if the variable is named but unset. ``url`` may be a
 base URL (``http://host:8000`` or ``…/v1``) or the full chat-completions URL.
 
-Counters (``stats()``): ``calls``, ``retries``, ``parse_failures``, ``errors``.
+Counters (``stats()``): ``calls``, ``retries``, ``parse_failures``, ``errors``; ``add_stats``
+adds the counts of a copy of the judge in a reward worker (``runtime.scoring``).
 The judge is thread-safe (``pairwise_rewards(max_workers=…)``).
 """
 
@@ -116,6 +117,13 @@ class HTTPJudge:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
+
+    def add_stats(self, counts: dict[str, int]) -> None:
+        """Add counts made elsewhere (a copy of this judge in a reward worker,
+        ``runtime.scoring``) to this judge's counters."""
+        with self._lock:
+            for key, value in counts.items():
+                self._stats[key] = self._stats.get(key, 0) + int(value)
 
     def _count(self, key: str) -> None:
         with self._lock:

@@ -144,6 +144,90 @@ def test_reward_overlap_scores_chunks_while_others_still_generate(tmp_path: Path
         assert kinds == ["returned"] + ["score"] * 4
 
 
+# --------------------------------------------------------------------------- reward workers
+
+
+def _policy_tokenizer(ctx: JobContext) -> Any:
+    """The character tokenizer, saved as the RL job's HF policy input (what the reward
+    workers load)."""
+    from runtime.files import atomic_dir
+    from runtime.policy import build_tokenizer, save_tokenizer
+
+    tokenizer = build_tokenizer(64)
+    name = next(n for n, ref in ctx.inputs.items() if ref.kind == "hf_checkpoint")
+    with atomic_dir(ctx.input_path(name, check=False)) as tmp:
+        save_tokenizer(tokenizer, tmp)
+    return tokenizer
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_reward_workers_score_the_same_groups_as_the_drivers_thread(tmp_path: Path,
+                                                                     overlap: bool) -> None:
+    """``system.reward_workers: 2``: ``run()`` makes one pool of 2 worker processes for the
+    run, the step's groups (and the in-run evaluation's) are decoded and scored there — the
+    same rewards, scores, lengths, order and accuracy as the driver's own thread
+    (``reward_workers: 1``, no pool) — and the pool is shut down (its workers gone) when
+    ``run()`` returns."""
+    from runtime.driver import RLDriver
+    from runtime.processes import pid_alive
+    from runtime.rewards import build_reward
+    from runtime.scoring import ScoringPool
+
+    # right first for odd i, wrong first for even i: the evaluation (1 sample) gets half
+    answers = {f"{i}+1=": [str(i + 1), "0", f"{i + 1} ok", str(i)][::1 if i % 2 else -1]
+               for i in range(4)}
+
+    def step(workers: int) -> tuple[list[Any], Any]:
+        (tmp_path / str(workers)).mkdir()
+        ctx = _context(tmp_path / str(workers), 4, "filters=[]",
+                       "algorithm.advantage.estimator=group",
+                       f"system.reward_overlap={str(overlap).lower()}",
+                       f"system.reward_workers={workers}")
+        tokenizer = _policy_tokenizer(ctx)
+        driver = RLDriver(ctx, client=ScriptedClient(tokenizer, answers))
+        seen: dict[str, Any] = {}
+
+        def run_steps() -> dict[str, Any]:  # the run's steps: here, one step's rollouts
+            seen["pool"], seen["submitted"] = driver.scorer, 0
+            if driver.scorer is not None:
+                driver.scorer.wait_ready(timeout=300)
+                submit = driver.scorer.submit
+
+                def counted(*args: Any) -> Any:
+                    seen["submitted"] += 1
+                    return submit(*args)
+
+                driver.scorer.submit = counted  # type: ignore[method-assign]
+            state, reward = driver._new_state(), build_reward(ctx.spec["reward"])
+            seen["batch"], _ = driver._rollouts(state, 0, tokenizer, reward,
+                                                {"tokens": 0, "seconds": 0.0})
+            seen["eval"] = driver._evaluate(tokenizer, reward, state.pipeline.ctx)
+            return {}
+
+        driver._run = run_steps  # type: ignore[method-assign]
+        driver.run()
+        assert driver.scorer is None
+        # each group of the step and of the evaluation went to a worker
+        assert seen["submitted"] == (8 if workers > 1 else 0)
+        return seen["batch"].groups + seen["batch"].removed, seen["pool"], seen["eval"]
+
+    one, no_pool, eval_one = step(1)
+    two, pool, eval_two = step(2)
+    assert eval_one == eval_two == 0.5
+    assert no_pool is None and isinstance(pool, ScoringPool) and pool.workers == 2
+    assert len(one) == 4
+    assert any(r == 1.0 for g in one for r in g.raw_rewards)
+    assert any(r == 0.0 for g in one for r in g.raw_rewards)
+    for a, b in zip(one, two, strict=True):
+        assert a.prompt_id == b.prompt_id
+        assert list(a.raw_rewards) == list(b.raw_rewards)
+        assert list(a.scores) == list(b.scores) and list(a.lengths) == list(b.lengths)
+        assert a.token_ids == b.token_ids
+    # every worker process has ended: the pool was shut down with the run
+    pids = set(pool.pids)
+    assert len(pids) == 2 and not any(pid_alive(pid) for pid in pids)
+
+
 # --------------------------------------------------------------------------- seeded sampling
 
 

@@ -415,16 +415,22 @@ class _Client:
         return out
 
 
-def test_the_driver_step_counts_judge_failures_and_stops_the_run(judge_server, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_driver_step_counts_judge_failures_and_stops_the_run(judge_server, tmp_path,
+                                                                 workers):
     """The RL driver's step (prompts → rollouts → judged rewards → pipeline batch) against a
     judge on 127.0.0.1 that answers garbage: the step's counts go to its metrics line, and
-    a step past reward.judge.max_parse_failure_rate stops the run."""
+    a step past reward.judge.max_parse_failure_rate stops the run — also when the judge is
+    called from 2 reward worker processes (``runtime.scoring``), whose counts reach the
+    driver's reward."""
+    import contextlib
     from pathlib import Path
 
     from compiler.api import compile_spec
     from runtime.driver import RLDriver
     from runtime.jobs.common import JobContext
-    from runtime.policy import build_tokenizer
+    from runtime.policy import build_tokenizer, save_tokenizer
+    from runtime.scoring import ScoringPool
 
     root = Path(__file__).resolve().parents[2]
     train = tmp_path / "train.jsonl"
@@ -442,16 +448,22 @@ def test_the_driver_step_counts_judge_failures_and_stops_the_run(judge_server, t
     config.write_text(compiled.files["jobs/rl/config.json"])
     ctx = JobContext.load(config, run_dir=tmp_path / "run", log_to_file=False)
     tokenizer = build_tokenizer(64)
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
     driver = RLDriver(ctx, client=_Client(tokenizer))
     reward = build_reward(ctx.spec["reward"])
     state = driver._new_state()
     stats = {"tokens": 0, "seconds": 0.0}
-    _Handler.script = [(200, "A")] * 9 + [(200, "{}")]  # 2 groups × 6 pairs
-    batch, judged = driver._rollouts(state, 0, tokenizer, reward, stats)
-    assert len(batch.groups) == 2
-    assert judged == {"judge_calls": 12, "judge_parse_failures": 3}
-    with pytest.raises(JudgeError, match=r"12 of 12 replies of the judge at http://127\.0\.0\.1"):
-        driver._rollouts(state, 1, tokenizer, reward, stats)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # as RLDriver.run makes it for system.reward_workers
+            driver.scorer = stack.enter_context(
+                ScoringPool(workers, str(tmp_path / "tokenizer"), ctx.spec["reward"]))
+        _Handler.script = [(200, "A")] * 9 + [(200, "{}")]  # 2 groups × 6 pairs
+        batch, judged = driver._rollouts(state, 0, tokenizer, reward, stats)
+        assert len(batch.groups) == 2
+        assert judged == {"judge_calls": 12, "judge_parse_failures": 3}
+        with pytest.raises(JudgeError,
+                           match=r"12 of 12 replies of the judge at http://127\.0\.0\.1"):
+            driver._rollouts(state, 1, tokenizer, reward, stats)
 
 
 def test_build_reward_errors():
