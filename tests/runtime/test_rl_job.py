@@ -232,8 +232,9 @@ def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Pat
     assert _processes_of(run_dir) == []
 
 
-def _kill_after(bundle: Path, run_dir: Path, lines: int) -> None:
-    """Launch the RL job and SIGKILL its process group once ``lines`` steps are logged."""
+def _kill_after(bundle: Path, run_dir: Path, lines: int, until: Path | None = None) -> None:
+    """Launch the RL job and SIGKILL its process group once ``lines`` steps are logged (and
+    the file ``until`` exists)."""
     metrics = run_dir / "artifacts" / "rl" / "metrics.jsonl"
     port = _free_port()
     proc = subprocess.Popen(["bash", str(bundle / "jobs" / "rl" / "launch.sh")],
@@ -242,7 +243,8 @@ def _kill_after(bundle: Path, run_dir: Path, lines: int) -> None:
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            if (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines
+                    and (until is None or until.exists())):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -295,8 +297,8 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
     from each hand-over until the trainer's weights are loaded, and the run logs exactly the
     steps of a disaggregated run (time fields aside: an engine woken without its reload
     refuses to sample, so a wrong order fails the run). Killed after two steps, with the
-    third handed over, the restarted run puts the engine to sleep before that batch is
-    trained and still logs the same steps."""
+    third handed over and trained but not logged, the restarted run puts the engine to sleep
+    before that batch is trained again and still logs the same steps."""
     _, base_run = prepared
     steps = 4
     reference_bundle = _compile(tmp_path / "reference_bundle", steps,
@@ -310,10 +312,13 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
                       "rollout.placement=colocated")
     assert "--enable-sleep-mode" in (bundle / "jobs" / "rl" / "rollout.sh").read_text()
     run_dir = _run_copy(base_run, tmp_path / "run")
-    _kill_after(bundle, run_dir, 2)
+    # Killed once the trainer has finished step 2 (its done file) and before the driver logs
+    # it: the driver's state then holds step 2 as handed over, not yet finished.
+    _kill_after(bundle, run_dir, 2, until=run_dir / "artifacts" / "rl" / "exchange" / "done-2.json")
     again = _launch(bundle, "rl", run_dir, _free_port())
     assert again.returncode == 0, again.stderr
-    assert "resuming after step" in again.stderr
+    assert "resuming after step 2" in again.stderr
+    assert "were handed over and are trained first" in again.stderr
     assert "the engines sleep while the handed-over steps train" in again.stderr
     lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert all(m["sleep_wake_seconds"] > 0 for m in lines)
