@@ -349,3 +349,35 @@ def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
                                 "-j", ids["rl"])
     assert "REQUEUED" in history, history  # it did run twice
     assert "resuming after step" in (run / "logs" / "rl.log").read_text()
+
+
+def test_a_colocated_rl_job_runs_trainer_and_engine_on_one_node(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """rollout.placement colocated: the RL job asks Slurm for the trainer's one node and runs
+    its rollout and trainer steps there together (srun --overlap; the job holds one CPU per
+    node task, so without it the second step would wait for the first to end), the engine
+    sleeping through each trainer step."""
+    bundle = tmp_path / "tiny"
+    result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
+                    "--set", "rollout.placement=colocated", "--set", "eval.enabled=false")
+    assert result.returncode == 0, result.stderr
+    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr
+    ids = submitted(bundle)
+    assert scontrol_job(slurm_cluster, ids["rl"])["NumNodes"] in ("1", "1-1")  # pending: a range
+    states = slurm_cluster.wait_finished(list(ids.values()), timeout=400)
+    assert all(state == "COMPLETED" for state in states.values()), (states, bundle / "logs")
+    run = bundle / "runs" / "tiny"
+    lines = [json.loads(x) for x in (run / "artifacts" / "rl" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [m["step"] for m in lines] == [0, 1]
+    assert all(m["sleep_wake_seconds"] > 0 for m in lines)
+    # The allocation and its job steps (the batch script, the rollout and trainer sruns) all
+    # on one node, the two sruns at the same time.
+    out = slurm_cluster.run("sacct", "-n", "-P", "-o", "JobID,NodeList,Start,End", "-j", ids["rl"])
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    assert len({row[1] for row in rows}) == 1, out
+    sruns = [row for row in rows if re.fullmatch(r"\d+\.\d+", row[0])]
+    assert len(sruns) == 2, out
+    (_, _, start_a, end_a), (_, _, start_b, end_b) = sruns
+    assert start_a < end_b and start_b < end_a, out  # they overlapped in time
