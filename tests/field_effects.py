@@ -473,6 +473,7 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # engines from each hand-over to the weight load (a run equal to a disaggregated one).
     "Rollout.placement": {
         "rollout:local": (t(RL, "test_colocated_engines_sleep_through_training_and_resume_after_sigkill"),
+                          t(SLURM, "test_a_colocated_rl_job_runs_trainer_and_engine_on_one_node"),
                           t("tests/runtime/test_placement.py",
                             "test_colocated_engines_sleep_then_wake_weights_load_and_wake_the_kv_cache"),
                           "check:colocated_placement"),
