@@ -209,6 +209,12 @@ def family_flags(spec: Spec) -> dict[str, Any]:
             "rotary_percent": capabilities.rotary_percent(dumped)}
 
 
+def hf_input(graph: JobGraph, job: Job) -> Artifact:
+    """The HF checkpoint a job reads (the policy it serves or trains from)."""
+    return next(graph.artifacts[a] for a in job.inputs
+                if graph.artifacts[a].kind == "hf_checkpoint")
+
+
 def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
                   source_name: str, overrides: tuple[str, ...] = ()) -> dict[str, str]:
     """All files of the bundle, relative path → text; `manifest.json` describes the rest."""
@@ -236,7 +242,7 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
     }
     rl_job = graph.jobs["rl"]
     rl_inputs = [graph.artifacts[a] for a in rl_job.inputs]
-    policy = next(a for a in rl_inputs if a.kind == "hf_checkpoint")
+    policy = hf_input(graph, rl_job)
     megatron = next((a for a in rl_inputs if a.kind == "megatron_checkpoint"), None)
     layout = rl_layout(spec, plan)
     requests = {}
@@ -250,16 +256,13 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
         launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
         if job.entry == "sft" and spec.train.backend == "megatron":
             # the Megatron trainer in the train layout, from the HF policy_init
-            init = next(graph.artifacts[a] for a in job.inputs
-                        if graph.artifacts[a].kind == "hf_checkpoint")
             launch = "job/megatron_launch.sh.j2"
             files[f"{folder}/train.sh"] = render(
                 "rl/train.sh.j2", family=family_flags(spec), entry="sft",
-                sft_optimizer=SFT_OPTIMIZER, **{**ctx, "policy_path": init})
+                sft_optimizer=SFT_OPTIMIZER, **{**ctx, "policy_path": hf_input(graph, job)})
         if job.entry in SERVED_ENTRIES and spec.rollout.engine == "vllm":
-            model = next(graph.artifacts[a] for a in job.inputs
-                         if graph.artifacts[a].kind == "hf_checkpoint")
-            ctx.update(layout=engine_layout(spec, plan, job.nodes), policy_path=model)
+            ctx.update(layout=engine_layout(spec, plan, job.nodes),
+                       policy_path=hf_input(graph, job))
             launch = "job/served_launch.sh.j2"
             files[f"{folder}/rollout.sh"] = render("rl/rollout.sh.j2", **ctx)
         files[f"{folder}/launch.sh"] = render(launch, **ctx)

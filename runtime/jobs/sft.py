@@ -150,10 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config")
     ap.add_argument("--force", action="store_true")
     known, flags = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    own = ([] if known.config is None else ["--config", known.config]) + (
-        ["--force"] if known.force else [])
-    if not flags:
-        return run_job(run, own or argv, description=__doc__)
+    if not flags:  # the embedded SFT: run_job parses (and reports errors in) the command line
+        return run_job(run, argv, description=__doc__)
+    own = (["--config", known.config] if known.config else []) + (["--force"] if known.force else [])
     return run_job(lambda ctx: run_megatron(ctx, flags), own, description=__doc__)
 
 
