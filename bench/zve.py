@@ -211,7 +211,7 @@ def _run_tiny(out: Path, overrides: list[str], shared_from: Path | None) -> dict
     return {"summary": summary, "metrics": metrics, "ledger": ledger}
 
 
-def _rollouts_to(metrics: list[dict[str, Any]], target: float) -> int | None:
+def rollouts_to(metrics: list[dict[str, Any]], target: float) -> int | None:
     """Rollouts generated up to the first in-run evaluation at or above ``target``."""
     total = 0
     for line in metrics:
@@ -243,7 +243,7 @@ def section_b(workdir: Path) -> None:
     def stats(res: dict[str, Any]) -> dict[str, float]:
         s, m = res["summary"], res["metrics"]
         generated = s["rollouts_generated"]
-        reached = _rollouts_to(m, target)
+        reached = rollouts_to(m, target)
         return {"generated": generated, "zv": s["rollouts_zero_variance"] / generated,
                 "wasted": s["rollouts_wasted"] / generated,
                 "to_target": float(reached) if reached is not None else float("nan"),
