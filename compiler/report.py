@@ -285,6 +285,9 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
     shares = [m["reshaped_advantage_share"] for m in run.metrics
               if isinstance(m.get("reshaped_advantage_share"), (int, float))]
     zvp_share = sum(shares) / len(shares) if shares else None
+    norms = [m["reshaped_grad_norm_share"] for m in run.metrics
+             if isinstance(m.get("reshaped_grad_norm_share"), (int, float))]
+    zvp_norm = sum(norms) / len(norms) if norms else None
     before, after = s.get("eval_accuracy_before"), s.get("eval_accuracy_after")
     gain = (after - before) if isinstance(before, (int, float)) and isinstance(
         after, (int, float)) else None
@@ -301,6 +304,7 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
         ("rollouts wasted", _share(wasted, generated)),
         ("rollouts reshaped (RL-ZVP)", _share(reshaped, generated)),
         ("RL-ZVP share of the advantage mass (mean per step)", _fmt(zvp_share, "pct")),
+        ("RL-ZVP gradient norm / the update's (mean per step)", _fmt(zvp_norm)),
         ("zero-variance rollouts", _fmt(s.get("rollouts_zero_variance"))),
         ("router replay", run.replay),
         ("rollouts by staleness", ", ".join(

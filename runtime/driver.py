@@ -412,6 +412,7 @@ class RLDriver:
         self._last_finish = now
         line.update({
             "reshaped_advantage_share": tm.get("reshaped_advantage_share"),
+            "reshaped_grad_norm_share": tm.get("reshaped_grad_norm_share"),
             "entropy": tm.get("entropy"),
             "clip_fraction": {k.split("/", 1)[1]: v for k, v in tm.items()
                               if k.startswith("clip_frac/")},

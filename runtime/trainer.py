@@ -20,6 +20,12 @@ of the mini-batch's tokens; a sequence-mean loss (GSPO, ESPO: mean over response
 share of the mini-batch's non-empty responses. So the gradient does not depend on
 ``micro_batch_size``.
 
+Share of the gradient from RL-ZVP's reshaped groups (``reshaped_rows``): the mini-batch's
+reshaped rows are accumulated first, in micro-batches of their own, so the gradient splits
+exactly as g = g_R + g_U without an extra pass, and the step logs
+``reshaped_grad_norm_share`` = ‖g_R‖ / ‖g‖ (before clipping; above 1 when the other rows'
+gradient partly cancels g_R), averaged over the step's optimizer steps.
+
 Token convention: ``logp[b, t] = log π(x_t | x_<t)`` for t ≥ 1 (position 0 has none);
 ``entropy[b, t]`` is the entropy of the distribution that predicted ``x_t``.
 KL to a frozen reference (``algorithm.kl.coefficient > 0``), per token with d = ref − logp:
@@ -99,6 +105,12 @@ def sequence_logprobs(
     return logp, entropy
 
 
+def gradient_norm(model: nn.Module) -> float:
+    """‖∇‖₂ over every parameter's accumulated gradient."""
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """Per-token KL(π‖π_ref) estimate with d = ref_logp − logp (see the module docstring)."""
     d = ref_logp - logp
@@ -160,6 +172,7 @@ class Trainer:
         self.total_optimizer_steps = max(1, total_optimizer_steps)
         self.optimizer = self._build_optimizer()
         self.optimizer_steps = 0
+        self._reshaped: Tensor | None = None  # the current step's RL-ZVP rows (step())
 
     def _build_optimizer(self) -> Any:
         """AdamW with Megatron's parameter groups: biases and 1-D parameters (norms) get no
@@ -237,7 +250,8 @@ class Trainer:
 
     def step(self, batch: TrainBatch, *, epochs: int = 1, seed: int = 0,
              advantages_from_entropy: Callable[[Tensor], Tensor] | None = None,
-             version: int = 0, behaviour_version: int | None = None) -> dict[str, float]:
+             version: int = 0, behaviour_version: int | None = None,
+             reshaped_rows: Tensor | None = None) -> dict[str, float]:
         """One RL step: old-policy pass, correction, then the optimizer steps. Returns metrics.
 
         With ``sync_tolerance``, the engine's log-probs of a batch sampled by the weights the
@@ -247,7 +261,8 @@ class Trainer:
 
         ``advantages_from_entropy`` replaces the batch's advantages by a function of the old
         policy's per-token entropy [B, T] (RL-ZVP's token advantages), computed from the
-        old-policy pass this step makes anyway."""
+        old-policy pass this step makes anyway. ``reshaped_rows`` (bool [B]) marks the rows of
+        RL-ZVP's groups: the step then logs their share of the gradient norm (module doc)."""
         old_logp, entropy, batch = self._old_pass(batch)
         valid = batch.loss_mask
         n = valid.sum().clamp(min=1)
@@ -266,6 +281,7 @@ class Trainer:
 
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
+        self._reshaped = reshaped_rows
         generator = torch.Generator().manual_seed(seed)
         self.model.train()
         for _ in range(epochs):
@@ -350,16 +366,31 @@ class Trainer:
         denom = max(self._share(mask[mini]), 1.0)
         lr = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
-        for index in self._micro_batches(mini, batch):
-            mb = batch.select(index)
-            with self._routing(mb.routing):
-                logp, _ = self._logprobs(mb.input_ids, mb.attention_mask)
-            loss = self._micro_loss(logp, index, mb, old_logp, entropy, mask, token_weight,
-                                    ref_logp, total_tokens, denom, sums, counts)
-            (loss / denom).backward()
+        # RL-ZVP's rows first, then the others: ‖g_R‖ is read between the two (module doc)
+        parts = [(mini, False)]
+        if self._reshaped is not None:
+            r = self._reshaped[mini]
+            parts = [(mini[r], True), (mini[~r], False)]
+        norm_reshaped = 0.0
+        for rows, reshaped in parts:
+            if not len(rows):
+                continue
+            for index in self._micro_batches(rows, batch):
+                mb = batch.select(index)
+                with self._routing(mb.routing):
+                    logp, _ = self._logprobs(mb.input_ids, mb.attention_mask)
+                loss = self._micro_loss(logp, index, mb, old_logp, entropy, mask, token_weight,
+                                        ref_logp, total_tokens, denom, sums, counts)
+                (loss / denom).backward()
+            if reshaped:
+                norm_reshaped = gradient_norm(self.model)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg["clip_grad"])
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1
+        if self._reshaped is not None:
+            share = norm_reshaped / float(grad_norm) if float(grad_norm) > 0 else 0.0
+            sums["reshaped_grad_norm_share"] = sums.get("reshaped_grad_norm_share", 0.0) + share
+            counts["reshaped_grad_norm_share"] = counts.get("reshaped_grad_norm_share", 0.0) + 1
         sums["lr"], counts["lr"] = lr, 1.0
         self.optimizer.step()
         self.optimizer_steps += 1

@@ -17,7 +17,9 @@ exactly one status, see ``runtime.filters.base.Status``)::
 ``reshaped`` is a class of its own: neither ``used`` (its group had no reward variance)
 nor ``wasted`` (RL-ZVP gives its tokens non-zero advantages). The RL metrics line reports
 it per step (``rollouts_reshaped``) next to ``reshaped_advantage_share``, the share of the
-step's Σ|advantage| those tokens carry (``runtime.advantages.advantage_mass_share``).
+step's Σ|advantage| those tokens carry (``runtime.advantages.advantage_mass_share``), and
+``reshaped_grad_norm_share``, ‖g_R‖ / ‖g‖: the norm of their part of the update's gradient
+over the whole gradient's (``runtime.trainer``; the embedded trainer measures it).
 
     screening          weighted cost of the offline screen, in policy rollouts:
                        samples · proxy_cost_ratio / reuse_epochs

@@ -229,6 +229,10 @@ class TrainerProcess:
         if batch.size:
             zvp = payload.get("zvp")
             share: list[float] = []
+            reshaped_rows = None  # bool [B]: the batch's rows from RL-ZVP's (flat) groups
+            if zvp:
+                G = zvp["rewards"].shape[1]
+                reshaped_rows = zvp["flat_sign"].reshape(-1)[zvp["rows"] // G] != 0
 
             def zvp_advantages(entropy: torch.Tensor) -> torch.Tensor:
                 """RL-ZVP token advantages of the batch's rows (they need the old policy's
@@ -243,16 +247,18 @@ class TrainerProcess:
                     zvp["rewards"], H, M, alpha_zvp=zvp["alpha_zvp"], eps=zvp["eps"],
                     valid=zvp["valid"], flat_sign=zvp["flat_sign"])
                 out = adv[zvp["rows"]].float()
-                reshaped = zvp["flat_sign"].reshape(-1)[zvp["rows"] // G] != 0
-                share.append(advantage_mass_share(out, batch.loss_mask[:, :T], reshaped))
+                share.append(advantage_mass_share(out, batch.loss_mask[:, :T], reshaped_rows))
                 return out
 
             metrics = self.trainer.step(batch, epochs=self.epochs, seed=self.seed + step,
                                         advantages_from_entropy=zvp_advantages if zvp else None,
                                         version=step,
-                                        behaviour_version=payload.get("behaviour_version"))
+                                        behaviour_version=payload.get("behaviour_version"),
+                                        reshaped_rows=reshaped_rows)
             # Σ|A| share of the RL-ZVP groups' tokens (runtime.advantages); 0 without them
             metrics["reshaped_advantage_share"] = share[0] if share else 0.0
+            # ‖g_R‖ / ‖g‖ (runtime.trainer); None where the trainer does not split it
+            metrics.setdefault("reshaped_grad_norm_share", None if zvp else 0.0)
         self.publish(step + 1)
         last = step + 1 >= self.steps or bool(payload.get("last"))
         if (self.interval and (step + 1) % self.interval == 0) or last:

@@ -465,6 +465,7 @@ def test_the_trainers_token_advantages_follow_the_estimator(tmp_path: Path,
     reshaped = mass[rows["0+1="] + rows["1+1="]].sum() / mass.sum()
     assert 0 < metrics["reshaped_advantage_share"] < 1
     assert metrics["reshaped_advantage_share"] == pytest.approx(float(reshaped))
+    assert metrics["reshaped_grad_norm_share"] > 0  # their part of the gradient's norm
 
 
 def test_tensorboard_missing_is_tolerated_and_other_import_errors_propagate(

@@ -37,6 +37,7 @@ METRIC_KEYS = {
     "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
     "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
     "clip_fraction", "train_inference_gap", "kl", "wall_seconds", "reshaped_advantage_share",
+    "reshaped_grad_norm_share",
     "generation_seconds", "replica_busy_seconds", "replica_idle_fraction",
 }
 
@@ -163,6 +164,9 @@ def test_rl_job_end_to_end(prepared: tuple[Path, Path]) -> None:
         assert 0 <= m["reshaped_advantage_share"] <= 1
         if m["rollouts_reshaped"] == 0:
             assert m["reshaped_advantage_share"] == 0
+            assert m["reshaped_grad_norm_share"] == 0  # ‖g_R‖ / ‖g‖ (runtime.trainer)
+        else:
+            assert m["reshaped_grad_norm_share"] > 0
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["generated"] == (ledger["used"] + ledger["reshaped"] + ledger["kept_flat"]
                                    + ledger["dropped"])

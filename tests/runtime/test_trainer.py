@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -428,3 +429,38 @@ def test_a_tied_policy_trains_its_one_embedding_tensor(tmp_path) -> None:
     loaded, _ = load_policy(save_policy(tied, tok, tmp_path / "v1"))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, emb)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "espo"])
+def test_reshaped_rows_report_their_share_of_the_gradient_norm(loss: str) -> None:
+    """‖g_R‖ / ‖g‖ of RL-ZVP's rows equals the ratio of two reference steps' gradient norms:
+    the step with only those rows' advantages (the others at A = 0 add no gradient but keep
+    the mini-batch's normalisation) over the full step; splitting the accumulation by class
+    leaves the full gradient as it was."""
+    reshaped = torch.tensor([True, False, True, True, False, False, True, False])
+
+    def run(batch_edit, rows):
+        model = tiny_model()
+        trainer = Trainer(model, algorithm={**ALGO, "loss": loss},
+                          train={"micro_batch_size": 3, "global_batch_size": 8, "optimizer": OPT},
+                          vocab_size=32)
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(*args, **kwargs):
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None})
+
+        trainer.optimizer.step = capture  # type: ignore[method-assign]
+        batch = batch_edit(make_batch(model))
+        return trainer.step(batch, reshaped_rows=rows), captured
+
+    full, grads = run(lambda b: b, reshaped)
+    plain, plain_grads = run(lambda b: b, None)
+    only_r, _ = run(lambda b: replace(b, advantages=b.advantages * reshaped), None)
+    assert full["reshaped_grad_norm_share"] == pytest.approx(
+        only_r["grad_norm"] / plain["grad_norm"], rel=1e-4)
+    assert full["reshaped_grad_norm_share"] > 0 and "reshaped_grad_norm_share" not in plain
+    for name in plain_grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=2e-6, rtol=1e-4, msg=name)
+    none, _ = run(lambda b: b, torch.zeros(8, dtype=torch.bool))
+    assert none["reshaped_grad_norm_share"] == 0.0
