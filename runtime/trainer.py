@@ -105,12 +105,6 @@ def sequence_logprobs(
     return logp, entropy
 
 
-def gradient_norm(model: nn.Module) -> float:
-    """‖∇‖₂ over every parameter's accumulated gradient."""
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """Per-token KL(π‖π_ref) estimate with d = ref_logp − logp (see the module docstring)."""
     d = ref_logp - logp
@@ -383,7 +377,8 @@ class Trainer:
                                         ref_logp, total_tokens, denom, sums, counts)
                 (loss / denom).backward()
             if reshaped:
-                norm_reshaped = gradient_norm(self.model)
+                norm_reshaped = float(nn.utils.get_total_norm(
+                    [p.grad for p in self.model.parameters() if p.grad is not None]))
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg["clip_grad"])
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1
