@@ -48,7 +48,8 @@ per seed (the same seed draws the same start) and bootstrapped the same way.
 
 Run: ``python bench/evidence.py --quick`` (3 seeds, short runs, under 30 minutes on 2 cores)
 or ``python bench/evidence.py`` (5 seeds); ``--workdir DIR`` keeps the runs and the plots
-(re-running on the same folder re-reads finished runs), ``--jobs N`` runs N at a time.
+(re-running on the same folder re-reads finished runs), ``--jobs N`` runs N at a time,
+``--sections E --stress-lr 3e-4`` runs section E alone at another learning rate.
 The last line reads ``ZVE/vanilla rollouts to target: R (95% CI a–b), N seeds; R3 gap same
 precision: G× of off``.
 """
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -155,7 +157,9 @@ def loss_configs(mode: Mode) -> list[tuple[str, list[str]]]:
     """Section E: one loss each, at the stress learning rate, 4 optimizer steps per batch."""
     stress = [f"train.optimizer.lr={mode.stress_lr}", f"train.optimizer.min_lr={mode.stress_lr}",
               "train.global_batch_size=32"]
-    return [(loss.upper(), [f"algorithm.loss={loss}", *stress]) for loss in ("espo", "grpo", "gspo")]
+    # the lr is in the name, hence in the run folder: a workdir holds each lr's runs apart
+    return [(f"{loss.upper()} lr {mode.stress_lr:g}", [f"algorithm.loss={loss}", *stress])
+            for loss in ("espo", "grpo", "gspo")]
 
 
 def slug(name: str) -> str:
@@ -340,7 +344,7 @@ def _clip(metrics: list[dict[str, Any]]) -> dict[str, float]:
 def section_e(runs: dict[str, list[Run]], mode: Mode) -> list[str]:
     lines = ["== E. policy losses at a stress learning rate "
              f"(lr {mode.stress_lr:g} constant, 4 optimizer steps per rollout batch), full ZVE ==",
-             f"{'loss':6s} {'collapsed':>9s} {'final acc %':>20s} {'entropy start→end':>20s} "
+             f"{'loss':14s} {'collapsed':>9s} {'final acc %':>20s} {'entropy start→end':>20s} "
              f"{'clip fraction (mean over steps)':>34s}"]
     for name, rs in runs.items():
         collapsed = sum(r.final < r.before for r in rs)
@@ -351,7 +355,7 @@ def section_e(runs: dict[str, list[Run]], mode: Mode) -> list[str]:
             for k, v in _clip(r.metrics).items():
                 clips.setdefault(k, []).append(v)
         clip = " ".join(f"{k} {quantile(v, 0.5):.4f}" for k, v in clips.items())
-        lines.append(f"{name:6s} {collapsed:>4d}/{len(rs):<4d} "
+        lines.append(f"{name:14s} {collapsed:>4d}/{len(rs):<4d} "
                      f"{fmt_ci(median_ci([r.final for r in rs]), 100, 1):>20s} "
                      f"{h0:9.3f} → {h1:<8.3f} {clip:>34s}")
     lines.append("collapsed: final held-out accuracy below the accuracy before RL; entropy: mean "
@@ -472,7 +476,7 @@ def plot_curves(runs: dict[str, list[Run]], path: Path, title: str) -> None:
         k = min(len(c[1]) for c in curves)
         x = np.median([c[0][:k] for c in curves], axis=0)
         y = np.median([c[1][:k] for c in curves], axis=0)
-        width = 2 if name in ("vanilla GRPO", "full ZVE", "ESPO") else 1
+        width = 2 if name in ("vanilla GRPO", "full ZVE") or name.startswith("ESPO") else 1
         axes[0].plot(x, y, label=name, lw=width)
         axes[1].plot(x + rs[0].screening / 1e3, y, label=name, lw=width)
     axes[0].set_xlabel("RL rollouts generated (thousands)")
@@ -495,10 +499,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sections", default="ZER", help="which sections to run (default ZER)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs and plots here")
     ap.add_argument("--jobs", type=int, default=2, help="RL runs at a time (default 2)")
+    ap.add_argument("--stress-lr", type=float, default=None,
+                    help=f"section E's learning rate (default {FULL.stress_lr:g}); a lower one "
+                         "shows which losses collapse first")
     args = ap.parse_args(argv)
     mode = QUICK if args.quick else FULL
     if args.seeds:
-        mode = Mode(**{**mode.__dict__, "seeds": args.seeds})
+        mode = dataclasses.replace(mode, seeds=args.seeds)
+    if args.stress_lr:
+        mode = dataclasses.replace(mode, stress_lr=args.stress_lr)
     t0 = time.perf_counter()
     tmp = None
     if args.workdir is None:

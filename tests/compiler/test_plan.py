@@ -39,16 +39,20 @@ def test_tiny_example() -> None:
     assert (plan.gpus_per_replica, plan.rollout_replicas, plan.rl_nodes) == (1, 1, 2)
     assert plan.seq_len == 24
     assert (plan.routing_dtype, plan.routing_bytes_per_token) == ("uint8", 2 * 2 * 1)
-    # 0.25 M parameters (head_dim 32: q 4 × 32, k and v 2 × 32 wide), norms not counted.
-    assert plan.params.total == 254_976 and plan.params.moe_layers == 2
+    # 0.51 M parameters, norms not counted: embedding and output 2 × 64 × 128; per layer
+    # attention q, o 128 × 128, k, v 128 × 64 (head_dim 32: 2 KV heads), router 128 × 8, and
+    # 8 experts of 3 × 128 × 64.
+    per_layer = 2 * 128 * 128 + 2 * 128 * 64 + 128 * 8 + 8 * 3 * 128 * 64
+    assert plan.params.total == 2 * 64 * 128 + 2 * per_layer == 509_952
+    assert plan.params.moe_layers == 2
     assert plan.train_memory.notes == ("cpu run: not estimated",)
     assert plan.rollout_max_sequences == -1
     screen, adaptive, shaping, flat, history = plan.stage_budgets
     assert screen.one_time_rollouts == 10000 * 8  # train prompts × k × cost 1 / 1 epoch
-    assert screen.rollouts_per_step == 80000 / 800
+    assert screen.rollouts_per_step == 80000 / 1000  # amortised over train.steps
     assert adaptive.worst_case_rollouts_per_step == 0.5 * 128  # (budget 1.5 − 1) × 16 × 8
     assert shaping.rollouts_per_step == flat.rollouts_per_step == history.rollouts_per_step == 0
-    assert plan.expected_rollouts_per_step == 128 + 100 + 64
+    assert plan.expected_rollouts_per_step == 128 + 80 + 64
 
 
 def test_embedded_trainer_is_one_rank_whatever_the_node_holds() -> None:

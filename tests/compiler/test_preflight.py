@@ -238,8 +238,8 @@ def test_a_checkpoint_that_differs_from_the_spec_is_refused(tmp_path: Path, caps
     bundle = write_bundle(compile_spec(tmp_path / "spec.yaml", preflight=False).files,
                           tmp_path / "bundle")
     assert run_job(lambda ctx: None, ["--config", str(bundle / "jobs" / "sft" / "config.json")]) == 1
-    assert "hidden_size is 64 but the checkpoint" in capsys.readouterr().err
-    config["hidden_size"] = 64  # the same shape: accepted
+    assert "hidden_size is 128 but the checkpoint" in capsys.readouterr().err
+    config["hidden_size"] = 128  # the same shape: accepted
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert compile_spec(tmp_path / "spec.yaml").refusals == ()
 

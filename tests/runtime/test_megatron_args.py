@@ -67,7 +67,7 @@ def test_the_model_flags_describe_the_checkpoint(tmp_path: Path) -> None:
         check_architecture(parse_megatron_args(trainer_argv(other)), config)
     message = str(err.value)
     assert "--num-layers 3 (the checkpoint has 2)" in message
-    assert "--hidden-size 32 (the checkpoint has 64)" in message
+    assert "--hidden-size 32 (the checkpoint has 128)" in message
     assert "--num-attention-heads" not in message  # only what differs
 
 
@@ -176,7 +176,7 @@ def test_the_dense_flags_describe_the_checkpoint(tmp_path: Path, family: str) ->
 
 def test_the_flags_set_batch_and_optimizer(tmp_path: Path) -> None:
     text, spec = tiny_megatron_train_sh(tmp_path)
-    argv = [a if a != "0.001" else "0.002" for a in trainer_argv(text)]  # --lr edited in place
+    argv = [a if a != "0.0005" else "0.002" for a in trainer_argv(text)]  # --lr edited in place
     settings = train_settings(parse_megatron_args(argv), spec["train"])
     assert settings["optimizer"]["lr"] == 0.002
     assert settings["micro_batch_size"] == 16 and settings["global_batch_size"] == 128

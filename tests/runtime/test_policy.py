@@ -83,7 +83,7 @@ def test_tokenizer_reloads_with_autotokenizer(tokenizer: Any, tmp_path: Path) ->
 def test_config_mapping(arch: dict[str, Any], tokenizer: Any) -> None:
     cfg = policy_config(arch, tokenizer)
     assert isinstance(cfg, transformers.Qwen3MoeConfig)
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 64, 128)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (2, 128, 128)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 32)
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 64)
     assert cfg.norm_topk_prob is True and cfg.mlp_only_layers == [] and cfg.decoder_sparse_step == 1
@@ -148,13 +148,13 @@ def test_tiny_policy_size_forward_and_determinism(arch: dict[str, Any], tokenize
     assert isinstance(model, transformers.Qwen3MoeForCausalLM)
     counts = count_parameters(model)
     print("tiny policy parameters:", counts)
-    # embed 64·64 + lm_head 64·64 + final norm 64
-    # + 2 layers × (q 64·128 + k 64·64 + v 64·64 + o 128·64 (head_dim 32) + q/k norms 2·32
-    #               + 2 norms·64 + router 8·64 + 8 experts × (gate+up 2·64·64 + down 64·64))
-    per_layer = 8192 + 4096 + 4096 + 8192 + 64 + 128 + 512 + 8 * (2 * 64 * 64 + 64 * 64)
-    assert counts["total"] == 2 * 4096 + 64 + 2 * per_layer == 255_424
-    assert counts["expert"] == 2 * 8 * 3 * 64 * 64 == 196_608
-    assert counts["active"] == 255_424 - 196_608 * 6 // 8
+    # embed 64·128 + lm_head 64·128 + final norm 128
+    # + 2 layers × (q 128·128 + k 128·64 + v 128·64 + o 128·128 (head_dim 32) + q/k norms 2·32
+    #               + 2 norms·128 + router 8·128 + 8 experts × (gate+up 2·128·64 + down 64·128))
+    per_layer = 16384 + 8192 + 8192 + 16384 + 64 + 256 + 1024 + 8 * (2 * 128 * 64 + 64 * 128)
+    assert counts["total"] == 2 * 8192 + 128 + 2 * per_layer == 510_720
+    assert counts["expert"] == 2 * 8 * 3 * 128 * 64 == 393_216
+    assert counts["active"] == 510_720 - 393_216 * 6 // 8
 
     ids = torch.randint(0, len(tokenizer), (4, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

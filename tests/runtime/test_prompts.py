@@ -120,8 +120,11 @@ def test_eval_before_reads_the_eval_file(bundle: Path, run_dir: Path,
     _launch(bundle, "eval_before", run_dir)
     out = run_dir / "artifacts" / "eval_before"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["prompt"] for s in samples] == [r["prompt"] for r in _fitting(files["eval"])]
-    assert [s["prompt_id"] for s in samples] == [r["id"] for r in _fitting(files["eval"])]
+    k = json.loads((out / "metrics.json").read_text())["samples_per_prompt"]  # eval.samples
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in _fitting(files["eval"])
+                                              for _ in range(k)]
+    assert [s["prompt_id"] for s in samples] == [r["id"] for r in _fitting(files["eval"])
+                                                 for _ in range(k)]
     assert "dropped 1 of 7 eval prompts" in (run_dir / "logs" / "eval_before.log").read_text()
 
 

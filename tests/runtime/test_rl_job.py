@@ -131,6 +131,21 @@ def _untimed(lines: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k not in TIME_KEYS} for m in lines]
 
 
+def _leaves(m: dict, approx: bool = False) -> dict:
+    """A metrics line flattened to {dotted key: value}; with ``approx`` its floats compare
+    equal within a relative 1e-5 (``pytest.approx``; the train-inference gap, itself float
+    noise of about 1e-7, within 1e-6), its other values exactly."""
+    out: dict = {}
+    for k, v in m.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in _leaves(v, approx).items()})
+        elif approx and isinstance(v, float):
+            out[k] = pytest.approx(v, rel=1e-5, abs=1e-6 if k == "train_inference_gap" else 0)
+        else:
+            out[k] = v
+    return out
+
+
 def _run_copy(base_run: Path, run_dir: Path) -> Path:
     """A run dir holding ``base_run``'s dataset, policy_init and policy_sft."""
     for name in ("dataset", "policy_init", "policy_sft"):
@@ -326,8 +341,11 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
     assert "the engines sleep while the handed-over steps train" in again.stderr
     lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert all(m["sleep_wake_seconds"] > 0 for m in lines)
-    assert [{k: v for k, v in m.items() if k != "sleep_wake_seconds"}
-            for m in _untimed(lines)] == want
+    got = [{k: v for k, v in m.items() if k != "sleep_wake_seconds"} for m in _untimed(lines)]
+    # The same rollouts and counts; the engine's log-probs after a wake-up may differ from the
+    # always-awake engine's in the last bit (its reloaded weights sit elsewhere in memory, and
+    # the CPU matmul kernels depend on alignment), and TIS carries that into loss and grad norm.
+    assert [_leaves(m) for m in got] == [_leaves(m, approx=True) for m in want]
     assert "sleep_wake_seconds" not in _metrics(reference / "artifacts" / "rl" / "metrics.jsonl")[0]
 
 

@@ -248,6 +248,7 @@ def test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_s
     config = json.loads(compile_spec(tiny, [
         "algorithm.ppo_epochs=2", "rollout.prompts_per_step=2", "rollout.n=4",
         "train.global_batch_size=4", "train.micro_batch_size=4", f"train.steps={steps}",
+        "train.optimizer.warmup_steps=0",  # a pure cosine: the lr falls at every step
     ]).files["jobs/rl/config.json"])
     spec = config["spec"]
     total = schedule_length(spec, config["derived"])

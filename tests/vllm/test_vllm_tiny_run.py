@@ -28,7 +28,9 @@ def test_tiny_rl_steps_against_vllm(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "RLSPEC_VLLM_PYTHON": str(VLLM_PYTHON)}
     run = subprocess.run([sys.executable, "-m", "compiler.main", "run", "examples/tiny/spec.yaml",
-                          "--out", str(out), *SHORT, "--set", "rollout.engine=vllm"],
+                          "--out", str(out), *SHORT, "--set", "rollout.engine=vllm",
+                          # greedy, one answer a prompt: compared with the embedded engine's
+                          "--set", "eval.temperature=0.0", "--set", "eval.samples=1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     # every job stopped the engines it started (rollout.sh's trap, lib.sh's rlspec_stop)
