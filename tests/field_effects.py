@@ -78,6 +78,7 @@ TASKS = "tests/runtime/test_tasks.py"
 TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
+MCORE_PRECISION = "tests/megatron/test_mcore_precision.py"
 MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
 DRIVER = "tests/runtime/test_driver.py"
 DEEPSEEK = "tests/runtime/test_deepseek.py"
@@ -371,8 +372,11 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Train.precision": {
         "train:local": "refused:precision",  # the embedded trainer is float32
         "train:megatron+devices:cpu": "refused:precision",  # float32 forced on the CPU
+        # --bf16: bf16 weights, fp32 gradients and master weights (the GPU branch on the CPU);
         # the convert job writes the Megatron checkpoint in bf16 on an H200
-        "train:megatron+devices:gpu": ("check:memory", "gpu:jobs", "MISSING"),
+        "train:megatron+devices:gpu": ("check:memory", "gpu:jobs",
+                                       t(MCORE_PRECISION, "test_the_spec_precision_sets_the_"
+                                                          "megatron_train_jobs_dtypes")),
     },
     "Train.recompute": {
         "train:local": "refused:recompute",  # the embedded trainer keeps every activation
@@ -698,7 +702,4 @@ COMPILE_TIME: dict[str, str] = {
 }
 
 # What is missing, per field (the paths are those whose evidence is "MISSING").
-MISSING: dict[str, str] = {
-    "Train.precision": "train:megatron+devices:gpu: the train job's --bf16 has not run on a GPU "
-                       "(its RL job needs the CUDA vLLM)",
-}
+MISSING: dict[str, str] = {}

@@ -109,9 +109,13 @@ class MegatronTrainer(Trainer):
         ddps = []
         for chunk in self.chunks:  # gradients summed, not averaged: set before DDP
             chunk.config.calculate_per_token_loss = True
+            # bf16 weights accumulate and reduce their gradients in fp32, as Megatron-LM forces
+            # for --bf16 (--accumulate-allreduce-grads-in-fp32) and compiler.estimates counts.
             ddps.append(DistributedDataParallel(
                 config=chunk.config, module=chunk,
-                ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=distributed)))
+                ddp_config=DistributedDataParallelConfig(
+                    use_distributed_optimizer=distributed,
+                    grad_reduce_in_fp32=bool(chunk.config.bf16))))
         self.ddp_chunks = ddps
         for chunk in self.chunks:  # the schedule reads the first chunk's
             chunk.config.finalize_model_grads_func = finalize_model_grads

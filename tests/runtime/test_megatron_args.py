@@ -27,7 +27,10 @@ GOLDEN = ROOT / "tests" / "golden"
 
 
 def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None, replay: str | None = None,
-                           **edits: object) -> tuple[str, dict]:
+                           sections: dict | None = None, **edits: object) -> tuple[str, dict]:
+    """The tiny example on the Megatron trainer (EP 2): its rendered jobs/rl/train.sh and spec;
+    ``train`` entries and ``sections`` (e.g. ``{"cluster": {"devices": "gpu"}}``) replace the
+    example's, ``edits`` its architecture's."""
     spec = yaml.safe_load((ROOT / "examples" / "tiny" / "spec.yaml").read_text())
     if replay is not None:
         spec["router_replay"]["mode"] = replay
@@ -36,6 +39,8 @@ def tiny_megatron_train_sh(tmp_path: Path, train: dict | None = None, replay: st
         spec["train"][key] = {**spec["train"][key], **value} if isinstance(value, dict) else value
     spec["train"]["backend"] = "megatron"
     spec["cluster"]["gpus_per_node"] = 2
+    for section, entries in (sections or {}).items():
+        spec[section].update(entries)
     spec["model"]["architecture"]["moe"]["token_dispatcher"] = "allgather"
     for key, value in edits.items():
         spec["model"]["architecture"][key] = value
