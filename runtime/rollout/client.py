@@ -20,8 +20,11 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
 * ``weight_version``: from the choice's ``weight_versions`` when the server sends it
   (ours does; the oldest span wins, since it bounds staleness), else from
   ``GET /weight_info`` read just before the request (vLLM dev mode), else None.
-* Transport errors, 5xx and 503 are retried (``retries`` times, with backoff, on the
-  next endpoint); 4xx are raised at once as ``RolloutError`` with the server's message.
+* Transport errors and 5xx are retried (``retries`` times) on another endpoint, chosen
+  by ``runtime.rollout.failover``: a failed endpoint is skipped for ``down_s`` seconds and
+  the retry goes at once to the live endpoint with the fewest requests in flight; only when
+  every endpoint is down does a retry wait (``backoff_s``, doubling). 4xx are raised at
+  once as ``RolloutError`` with the server's message.
 
 A seeded request is reproducible however the prompts are spread: vLLM and our
 engine seed every prompt of a request alike (sample j uses seed + j), so the
@@ -63,6 +66,7 @@ import numpy as np
 
 from runtime.rollout.client_errors import RolloutError, error_message
 from runtime.rollout.client_updates import WeightUpdates
+from runtime.rollout.failover import EndpointHealth
 from runtime.rollout.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -117,6 +121,7 @@ class RolloutClient(WeightUpdates):
         max_prompts_per_request: int = 256,
         max_workers: int | None = None,
         backoff_s: float = 0.5,
+        down_s: float = 30.0,
     ) -> None:
         if not endpoints:
             raise ValueError("need at least one endpoint")
@@ -128,6 +133,7 @@ class RolloutClient(WeightUpdates):
         self.model = model
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.backoff_s = float(backoff_s)
+        self._health = EndpointHealth(len(self.endpoints), down_s=down_s)
         self._pool = ThreadPoolExecutor(max_workers=max_workers or max(4, 2 * len(self.endpoints)))
         self._rr = itertools.count()
         self._lock = threading.Lock()
@@ -180,19 +186,28 @@ class RolloutClient(WeightUpdates):
                 f"{method} {url}: response is not JSON: {raw[:200]!r}", endpoint=endpoint
             ) from exc
 
-    def _with_retries(self, first: int, fn: Any) -> Any:
-        """Run ``fn(endpoint)``; on transport errors / 5xx try the next endpoints."""
+    def _with_retries(self, planned: int, fn: Any) -> Any:
+        """Run ``fn(endpoint)`` on the planned endpoint, or where ``self._health`` sends it;
+        on transport errors / 5xx retry on another (module doc)."""
         last: RolloutError | None = None
+        tried: set[int] = set()
         for attempt in range(self.retries + 1):
-            endpoint = self.endpoints[(first + attempt) % len(self.endpoints)]
+            i = self._health.pick(planned, tried)
+            if attempt and self._health.is_down(i):  # nowhere healthy left: wait, then retry
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            tried.add(i)
             try:
-                return fn(endpoint)
+                with self._health.attempt(i):
+                    result = fn(self.endpoints[i])
             except RolloutError as exc:
                 if exc.status is not None and exc.status < 500:
+                    self._health.answered(i)
                     raise
+                self._health.failed(i)
                 last = exc
-                if attempt < self.retries:
-                    time.sleep(self.backoff_s * (2**attempt))
+                continue
+            self._health.answered(i)
+            return result
         assert last is not None
         raise last
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -568,6 +569,27 @@ def test_http_pause_holds_new_requests_until_resume(servers: list[str]) -> None:
     t.join(timeout=30)
     assert result and len(result[0][0][0].token_ids) >= 1
     c.close()
+
+
+def test_a_dead_endpoint_costs_one_attempt_and_its_requests_fail_over(
+    client: RolloutClient, servers: list[str]
+) -> None:
+    """A replica that died: its planned requests go to the live ones, with the same samples
+    (seeded), and only the first request tries it; later ones skip it while it is down."""
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    sampling = {"max_tokens": 4, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    want = [[x.token_ids for x in row] for row in client.generate(PROMPTS, n=2, sampling=sampling)]
+    attempts: list[str] = []
+    with RolloutClient([dead, *servers], model=client.model, timeout_s=60, retries=2,
+                       backoff_s=0.01) as c:
+        for _ in range(2):  # 4 prompts over 3 endpoints: each call plans some for the dead one
+            got = c.generate(PROMPTS, n=2, sampling=sampling,
+                             on_request=lambda endpoint, *_: attempts.append(endpoint))
+            assert [[x.token_ids for x in row] for row in got] == want
+            assert {x.endpoint for row in got for x in row} <= set(servers)
+    assert attempts.count(dead) == 1
 
 
 def test_non_loopback_host_is_refused(model_dir: Path) -> None:
