@@ -114,32 +114,29 @@ class Generation:
         chunks = self.chunks(requests, encoded, lengths)
         log = RequestLog()
         groups: list[Any] = [None] * len(requests)
-        submitted: dict[int, tuple[Any, list[Any], list[int]]] = {}  # with a scorer
+        received: dict[int, list[Any]] = {}  # request → its completions
+        submitted: dict[int, Any] = {}  # request → its scoring future (with a scorer)
+
+        def group(i: int, got: Any) -> Any:
+            comps, pid = received[i], requests[i].prompt_id
+            return Group(pid, got.rewards, lengths=[len(c.token_ids) for c in comps],
+                         token_ids=[c.token_ids for c in comps], scores=got.scores,
+                         payload=(encoded[pid], comps))
 
         def score(chunk: list[int], completions: list[list[Any]]) -> None:
             for i, comps in zip(chunk, completions, strict=True):
                 req = requests[i]
                 if expect is not None:
                     self._check_version(comps, expect, step)
-                row = self.rows[req.prompt_id]
-                if self.scorer is not None:  # decoded and scored in a worker
-                    sizes = [len(c.token_ids) for c in comps]
-                    stats["tokens"] += sum(sizes)
-                    lengths.observe(req.prompt_id, sizes)
-                    future = self.scorer.submit(str(row[self.prompt_key]),
-                                                [c.token_ids for c in comps],
-                                                str(row.get(self.answer_key, "")))
-                    submitted[i] = (future, comps, sizes)
-                    continue
-                texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-                got = reward.group_rewards(str(row[self.prompt_key]), texts,
-                                           str(row.get(self.answer_key, "")))
+                received[i] = comps
                 sizes = [len(c.token_ids) for c in comps]
                 stats["tokens"] += sum(sizes)
                 lengths.observe(req.prompt_id, sizes)
-                groups[i] = Group(req.prompt_id, got.rewards, lengths=sizes,
-                                  token_ids=[c.token_ids for c in comps], scores=got.scores,
-                                  payload=(encoded[req.prompt_id], comps))
+                row = self.rows[req.prompt_id]
+                if self.scorer is not None:  # decoded and scored in a worker
+                    submitted[i] = self._submit(row, comps)
+                else:
+                    groups[i] = group(i, self._score(row, comps, tokenizer, reward))
 
         def gen(replica: int | None, chunk: list[int]) -> list[list[Any]]:
             prompts = [encoded[requests[i].prompt_id] for i in chunk]
@@ -163,16 +160,25 @@ class Generation:
                     arrivals = futures
                 for fut in arrivals:
                     score(futures[fut], fut.result())
-        for i, (future, comps, sizes) in submitted.items():
-            got = self.scorer.result(future, reward)
-            groups[i] = Group(requests[i].prompt_id, got.rewards, lengths=sizes,
-                              token_ids=[c.token_ids for c in comps], scores=got.scores,
-                              payload=(encoded[requests[i].prompt_id], comps))
+        for i, future in submitted.items():
+            groups[i] = group(i, self.scorer.result(future, reward))
         stats["seconds"] += time.monotonic() - t0
         busy = stats.setdefault("replica_busy", [0.0] * len(self.client.endpoints))
         for r, seconds in enumerate(log.busy(self.client.endpoints)):
             busy[r] += seconds
         return groups
+
+    def _score(self, row: dict[str, Any], completions: list[Any], tokenizer: Any,
+               reward: Any) -> Any:
+        """Decode and score one prompt's completions in this thread."""
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        return reward.group_rewards(str(row[self.prompt_key]), texts,
+                                    str(row.get(self.answer_key, "")))
+
+    def _submit(self, row: dict[str, Any], completions: list[Any]) -> Any:
+        """Hand one prompt's completions to the scoring pool; its future."""
+        return self.scorer.submit(str(row[self.prompt_key]), [c.token_ids for c in completions],
+                                  str(row.get(self.answer_key, "")))
 
     @staticmethod
     def _check_version(completions: list[Any], expect: int, step: int) -> None:
@@ -204,17 +210,12 @@ class Generation:
                                            sampling=sampling)
         futures = []
         if self.scorer is not None:  # every prompt's group at once, spread over the workers
-            futures = [self.scorer.submit(str(row[self.prompt_key]), [c.token_ids for c in comps],
-                                          str(row.get(self.answer_key, "")))
+            futures = [self._submit(row, comps)
                        for row, comps in zip(rows, completions, strict=True)]
         correct = []
         for k, (row, comps) in enumerate(zip(rows, completions, strict=True)):
-            if futures:
-                got = self.scorer.result(futures[k], reward)
-            else:
-                texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-                got = reward.group_rewards(str(row[self.prompt_key]), texts,
-                                           str(row.get(self.answer_key, "")))
+            got = (self.scorer.result(futures[k], reward) if futures
+                   else self._score(row, comps, tokenizer, reward))
             group = Group(row.get("id"), got.rewards, scores=got.scores)
             correct.append(context.correctness(group))
         return float(np.concatenate(correct).mean()) if correct else 0.0
