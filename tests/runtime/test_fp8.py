@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,15 @@ import transformers
 from runtime.policy import build_policy, build_tokenizer
 from runtime.rollout.engine import LocalEngine
 from runtime.rollout.fp8 import E4M3_MAX, fp8_parameter_names, quantize_fp8_, round_fp8
-from tests.runtime.test_rollout import PROMPTS, _full_logprobs, _save_model, _save_tokenizer
+from tests.runtime.test_rollout import PROMPTS, _full_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # e4m3: 3 mantissa bits (half an ulp is 2⁻⁴ of the value), subnormal step 2⁻⁹ of the scale.
 REL = 2.0**-4
 SUBNORMAL_HALF_STEP = 2.0**-10
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ quantizer
@@ -117,21 +110,6 @@ def test_quantize_rounds_linear_and_expert_weights_and_leaves_the_rest(family: s
 
 
 # ------------------------------------------------------------------------------ engine
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_moe_fp8")
-    _save_model(path, seed=0)
-    _save_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_moe_fp8_step1")
-    _save_model(path, seed=1)
-    return path
 
 
 def _reference(path: Path, fp8: bool) -> torch.nn.Module:

@@ -29,6 +29,8 @@ from tests.helpers import rollout_servers
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64
 EOS = 1
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [2]]
 
 
@@ -60,31 +62,6 @@ def _save_tokenizer(path: Path) -> None:
         tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
     fast.save_pretrained(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny model's ops are far too small for intra-op parallelism; on a shared
-    # 2-core machine two OpenMP threads per op make it 10× slower, not faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_moe")
-    _save_model(path, seed=0)
-    _save_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_moe_step1")
-    _save_model(path, seed=1)
-    return path
 
 
 @pytest.fixture(scope="module")

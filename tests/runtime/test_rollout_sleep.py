@@ -14,25 +14,11 @@ import torch
 from runtime.rollout.client import RolloutClient, RolloutError
 from runtime.rollout.engine import EngineError, LocalEngine
 from tests.helpers import rollout_servers
-from tests.runtime.test_rollout import PROMPTS, _in_flight, _post, _save_model, _save_tokenizer
+from tests.runtime.test_rollout import PROMPTS, _in_flight, _post
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLING = {"max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_moe")
-    _save_model(path, seed=0)
-    _save_tokenizer(path)
-    return path
 
 
 def _params(eng: LocalEngine) -> dict[str, torch.Tensor]:
