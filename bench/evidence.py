@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -126,8 +127,10 @@ def fmt_ci(m: tuple[float, float, float], scale: float = 1.0, digits: int = 2) -
 
 
 # ---------------------------------------------------------------------------------- runs
-def spec_filters() -> list[dict[str, Any]]:
-    return yaml.safe_load(SPEC.read_text())["filters"]
+@functools.cache
+def evidence_spec() -> dict[str, Any]:
+    """The evidence spec's YAML, read once (callers copy what they change)."""
+    return yaml.safe_load(SPEC.read_text())
 
 
 def flow(value: Any) -> str:
@@ -137,7 +140,7 @@ def flow(value: Any) -> str:
 
 def zve_configs() -> list[tuple[str, list[str]]]:
     """(name, --set overrides) of section Z; the first is the reference (vanilla)."""
-    full = spec_filters()
+    full = copy.deepcopy(evidence_spec()["filters"])
     dapo = [{"type": "flat_groups", "action": "drop", "oversample": 1.5, "max_refills": 2,
              "fallback": "shrink"}]
     group = "algorithm.advantage.estimator=group"
@@ -193,7 +196,7 @@ class Runner:
     def __init__(self, workdir: Path, mode: Mode, jobs: int = 1) -> None:
         self.workdir, self.mode, self.jobs = workdir, mode, jobs
         self.start = workdir / "start"
-        self.spec = yaml.safe_load(SPEC.read_text())
+        self.spec = evidence_spec()
         # one torch thread per process: OpenMP threads spinning against each other on shared
         # cores cost far more than they bring, and the figures do not depend on --jobs
         # (a thread count changes float reduction order, hence the sampled tokens)
@@ -377,9 +380,9 @@ def section_r(start: Path, mode: Mode) -> tuple[float, list[str]]:
     median ratio to off in the same precision after the updates."""
     import torch
 
-    from bench.replay import engine_generate, topk_sets_differ, train_logps
+    from bench.replay import engine_generate, measure, train_logps
     from runtime.policy import load_policy
-    from runtime.router_replay import RoutingTrace, align_routing, patch_qwen3_moe
+    from runtime.router_replay import patch_qwen3_moe
 
     torch.set_num_threads(2)
     rows = [json.loads(x) for x in (start / "artifacts" / "dataset" / "eval.jsonl").read_text().splitlines()]
@@ -393,19 +396,10 @@ def section_r(start: Path, mode: Mode) -> tuple[float, list[str]]:
         (label, when): {"off": [], "r2": [], "r3": [], "flips": []}
         for label, _ in pairs for when in ("start", "after")}
 
-    def measure(trainer: Any, group: Any, seq: Any, mu: Any, routed: Any, r2: Any, r3: Any,
-                into: dict[str, list[float]]) -> None:
-        with torch.no_grad():
-            with group.recording() as rec:
-                off = train_logps(trainer, seq, width)
-            with group.replaying(r2):
-                lp2 = train_logps(trainer, seq, width)
-            with group.replaying(r3):
-                lp3 = train_logps(trainer, seq, width)
-        for name, lp in (("off", off), ("r2", lp2), ("r3", lp3)):
-            into[name].append((lp.float() - mu).abs().mean().item())
-        own = rec.trace.ids.numpy().reshape(seq.shape[0], seq.shape[1], *routed.shape[2:])[:, :-1]
-        into["flips"].append(float(topk_sets_differ(routed.astype(np.int64), own.astype(np.int64)).mean()))
+    def record(m: dict[str, float], into: dict[str, list[float]]) -> None:
+        for name in ("off", "r2", "r3"):
+            into[name].append(m[f"gap_{name}"])
+        into["flips"].append(m["layer_diff_off"])
 
     for seed in range(mode.seeds):
         gen = torch.Generator().manual_seed(seed)
@@ -417,12 +411,10 @@ def section_r(start: Path, mode: Mode) -> tuple[float, list[str]]:
         for label, dtype in pairs:
             trainer = copy.deepcopy(model).to(dtype).eval()
             group = patch_qwen3_moe(trainer)
-            r3 = RoutingTrace.stack([align_routing(routed[b], prompt_len=width, response_len=response_len,
-                                                   num_experts=group[0].num_experts)
-                                     for b in range(len(pick))])
             with torch.no_grad(), group.recording() as rec:  # R2: the old-policy forward's routing
                 train_logps(trainer, seq, width)
-            measure(trainer, group, seq, mu, routed, rec.trace, r3, stats[(label, "start")])
+            args = (trainer, group, seq, mu, routed, group[0].num_experts, width, rec.trace)
+            record(measure(*args), stats[(label, "start")])
             trainer.train()
             opt = torch.optim.AdamW(trainer.parameters(), lr=1e-4)
             for _ in range(mode.drift_steps):
@@ -431,7 +423,7 @@ def section_r(start: Path, mode: Mode) -> tuple[float, list[str]]:
                 loss.backward()
                 opt.step()
             trainer.eval()
-            measure(trainer, group, seq, mu, routed, rec.trace, r3, stats[(label, "after")])
+            record(measure(*args), stats[(label, "after")])
     lines = ["== R. router replay: mean |logp_train − logp_rollout| over response tokens, SFT policy ==",
              f"{mode.seeds} seeds × {len(pick)} eval prompts of {width} tokens, {response_len} tokens "
              f"sampled by a bf16 copy (T = 1); after: {mode.drift_steps} AdamW updates (lr 1e-4) of "

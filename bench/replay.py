@@ -106,9 +106,13 @@ def topk_sets_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.sort(a, axis=-1) != np.sort(b, axis=-1)).any(axis=-1)
 
 
-def measure(trainer, tgroup, seq, mu, routed, num_experts) -> dict[str, float]:
+def measure(trainer, tgroup, seq, mu, routed, num_experts, prompt_len: int = PROMPT_LEN,
+            r2: RoutingTrace | None = None) -> dict[str, float]:
+    """Gaps mean |logp_train − logp_rollout| over the response tokens with the trainer's own
+    routing (off), replaying the engine's (r3) and, given ``r2`` (a trace the trainer
+    recorded earlier), replaying that; and how often the two routings differ."""
     B, n = seq.shape
-    P = PROMPT_LEN
+    P = prompt_len
     traces = [align_routing(routed[b], prompt_len=P, response_len=n - P,
                             num_experts=num_experts) for b in range(B)]
     trace = RoutingTrace.stack(traces)
@@ -117,6 +121,10 @@ def measure(trainer, tgroup, seq, mu, routed, num_experts) -> dict[str, float]:
             lp_off = train_logps(trainer, seq, P)
         with tgroup.replaying(trace):
             lp_r3 = train_logps(trainer, seq, P)
+        extra = {}
+        if r2 is not None:
+            with tgroup.replaying(r2):
+                extra["gap_r2"] = (train_logps(trainer, seq, P) - mu).abs().mean().item()
     engine_ids = routed  # [B, n−1, L, k]
     off_ids = rec_off.trace.ids.numpy().reshape(B, n, *routed.shape[2:])[:, : n - 1]
     diff_off = topk_sets_differ(engine_ids.astype(np.int64), off_ids.astype(np.int64))
@@ -124,7 +132,8 @@ def measure(trainer, tgroup, seq, mu, routed, num_experts) -> dict[str, float]:
     gap_off = (lp_off - mu).abs().mean().item()
     gap_r3 = (lp_r3 - mu).abs().mean().item()
     return {
-        "gap_off": gap_off, "gap_r3": gap_r3, "ratio": gap_r3 / gap_off,
+        "gap_off": gap_off, "gap_r3": gap_r3, **extra,
+        "ratio": gap_r3 / gap_off if gap_off else float("nan"),
         "max_off": (lp_off - mu).abs().max().item(), "max_r3": (lp_r3 - mu).abs().max().item(),
         "moved": moved.float().mean().item(),
         "moved_off": (lp_off - mu).abs()[moved].mean().item(),
