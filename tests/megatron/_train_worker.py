@@ -7,7 +7,8 @@ side; REPLAY ``resume``: the checkpoint round trip of :func:`run_resume` instead
 decoder layers of the tiny model, ``vpp=N`` virtual pipeline stages (model chunks, the
 interleaved schedule), ``first=N`` / ``last=N`` layers of the first / last pipeline stage
 (uneven stages), ``cp=N`` context parallelism (``runtime.megatron.context_parallel``),
-``tie=1`` tied input embedding and output layer (qwen3_moe), ``family=F``
+``tie=1`` tied input embedding and output layer (qwen3_moe), ``dtype=bfloat16`` the
+Megatron model's parameters (:func:`run_resume` only), ``family=F``
 the model family (qwen3_moe, the default: the tiny example's; glm4_moe, deepseek_v3, qwen3, llama:
 ``tests.families``).
 
@@ -45,7 +46,7 @@ TRAIN: dict[str, Any] = {
 EPOCHS, SEED, TOTAL_STEPS = 2, 3, 8
 # KEY=VALUE options and their defaults ("etp": "tp" resolves to the TP size)
 LAYOUT: dict[str, Any] = {"etp": 1, "layers": 2, "vpp": 0, "first": 0, "last": 0, "tie": 0,
-                          "family": "qwen3_moe", "cp": 1}
+                          "family": "qwen3_moe", "cp": 1, "dtype": "float32"}
 
 
 def policy(family: str, seed: int = 0, layers: int = 2, tie: bool = False) -> Any:
@@ -198,6 +199,7 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: 
     from runtime.megatron.parallel import destroy_parallel, init_parallel
 
     layout, stages, layers = _layout(tp, ep, pp, options)
+    dtype = getattr(torch, {**LAYOUT, **(options or {})}["dtype"])  # bfloat16: --bf16's model
     torch.manual_seed(0)
     hf = tiny_hf_policy(layers=layers)
     first, second = rl_batch(hf, "off"), rl_batch(tiny_hf_policy(seed=2), "off")
@@ -205,7 +207,7 @@ def run_resume(rank: int, world_size: int, tp: int, ep: int, workdir: Path, pp: 
     pg = init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
         def trainer(weights: Any) -> tuple[Any, Any]:
-            model = build_gpt_chunks(hf.config, pg, **layout, **stages,
+            model = build_gpt_chunks(hf.config, pg, **layout, **stages, dtype=dtype,
                                      sequence_parallel=tp > 1)
             load_hf_weights(model, weights.state_dict(), hf.config)
             return model, MegatronTrainer(model, algorithm=algorithm, train=TRAIN,

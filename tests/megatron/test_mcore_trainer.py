@@ -253,13 +253,16 @@ def test_recomputed_activations_replay_the_same_experts(tmp_path: Path, replay: 
     _check(out)
 
 
-@pytest.mark.parametrize("layout", [["1", "2"], ["1", "1", "2", "vpp=2", "layers=6", "last=4"]],
-                         ids=["ep-2", "vpp-2-uneven"])
+@pytest.mark.parametrize("layout", [["1", "2"], ["1", "1", "2", "vpp=2", "layers=6", "last=4"],
+                                    ["1", "2", "dtype=bfloat16"]],
+                         ids=["ep-2", "vpp-2-uneven", "ep-2-bf16"])
 def test_checkpoint_resume_is_exact(tmp_path: Path, layout: list[str]) -> None:
     """A Megatron distributed checkpoint (dist_checkpointing, the distributed optimizer's
     shards dp-reshardable) restores weights, Adam moments and step: a trainer of other weights
     that loads it takes the next step exactly as the one that saved it (EP = 2, DP = 2; and
-    PP = 2 with two uneven model chunks per rank)."""
+    PP = 2 with two uneven model chunks per rank). In bf16 (``train.precision: bf16``'s model,
+    fp32 master weights and gradients) the fp32 master weights must come back too: restored
+    from the bf16 weights alone, the next step would start from rounded values."""
     tp, ep, *rest = layout
     outs = launch("tests.megatron._train_worker", 2,
                   [tp, ep, str(tmp_path), "resume", "-", *rest], tmp_path)
