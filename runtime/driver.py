@@ -126,6 +126,7 @@ class RLDriver:
         self.alpha_zvp = float(adv["alpha_zvp"])
         self.max_staleness = int(self.spec["system"]["max_staleness"])
         self.reward_workers = int(self.spec["system"]["reward_workers"])
+        self.sync_tolerance = float(self.spec["system"]["weight_sync_tolerance"])
         self.scorer: Any = None  # the run's ScoringPool while run() runs (reward_workers > 1)
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
@@ -392,6 +393,26 @@ class RLDriver:
         state.next_batch = step + 1
         save_state(self.paths.state, state)
 
+    def _check_probe(self, version: int) -> float | None:
+        """After the engines loaded ``version``: each engine's log-probs of the version's
+        probe against the trainer's (``runtime.sync_check``); stops the run past
+        ``system.weight_sync_tolerance``. Returns the largest gap, None without a probe."""
+        from runtime.files import COMPLETE_MARKER
+        from runtime.sync_check import WeightSyncError, check_weight_sync, probe_gap
+
+        marker = self.paths.version(version) / COMPLETE_MARKER
+        probe = json.loads(marker.read_text()).get("probe") if marker.is_file() else None
+        if not probe:  # a batch without rows made this version
+            return None
+        gap = max(probe_gap(engine, probe["logprobs"])
+                  for engine in self.client.prompt_logprobs(probe["token_ids"]))
+        try:
+            check_weight_sync(gap, len(probe["logprobs"]), self.sync_tolerance, version,
+                              what="probe tokens")
+        except WeightSyncError as exc:
+            raise JobError(str(exc)) from exc
+        return gap
+
     def _finish(self, state: DriverState, tokenizer: Any, reward: Any, log: Any) -> None:
         """Wait for the oldest handed-over step to be trained, load its weights into the
         engines, evaluate when due, and log its metrics line."""
@@ -400,8 +421,10 @@ class RLDriver:
         done = self._wait_done(step, pending.batch_id)
         tm = done.get("metrics") or {}
         self.placement.load(str(step + 1), str(self.paths.version(step + 1)))
+        probe_gap = self._check_probe(step + 1)
         state.version = step + 1
         line = dict(pending.line)
+        line["weight_sync_probe_gap"] = probe_gap
         sleep_wake = self.placement.take_seconds()
         if sleep_wake is not None:
             line["sleep_wake_seconds"] = sleep_wake
@@ -471,6 +494,7 @@ class RLDriver:
         if state.version > 0:  # the engines start from policy_sft: load the last weights
             self.weight_transfer.push(self.client, str(state.version),
                                       path=str(paths.version(state.version)))
+            self._check_probe(state.version)
         if state.pending and self.placement.colocated:  # resumed: they are trained first
             self.log.info("colocated: the engines sleep while the handed-over steps train")
             self.placement.release()

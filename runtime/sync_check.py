@@ -14,23 +14,50 @@ routing differences stay around 1e-3 (the gap the paper reports before router re
 rollouts (``rollout.fp8``) add about 1e-3 (the tiny example) to 1e-1 by design, so their
 tolerance must sit above that (``compiler.checks.fp8_rollout`` warns below 1e-2). The
 step's ``train_inference_gap`` metric is this number.
+
+That check needs a batch sampled by the weights the trainer holds, which bounded staleness
+(``system.max_staleness`` > 0) rarely gives. So every published version also carries a
+*probe*: the trainer's log-probs, under the new weights, of one sequence of the step's batch
+(its first row, at most ``PROBE_TOKENS`` tokens, :func:`probe_sequence`). After loading that
+version into the engines the driver asks each of them for the same sequence's log-probs
+teacher-forced (vLLM's ``prompt_logprobs``) and applies the same tolerance to the mean gap
+(:func:`probe_gap`), before any rollout is sampled with the new weights.
 """
 
 from __future__ import annotations
 
-__all__ = ["WeightSyncError", "check_weight_sync"]
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["PROBE_TOKENS", "WeightSyncError", "check_weight_sync", "probe_gap", "probe_sequence"]
+
+PROBE_TOKENS = 64  # the probe's length at most: enough tokens to average, one cheap request
 
 
 class WeightSyncError(RuntimeError):
     """The engines' log-probs are not the trainer's: their weights (or numerics) differ."""
 
 
-def check_weight_sync(gap: float, tokens: int, tolerance: float, version: int) -> None:
+def probe_sequence(input_ids: Any, attention_mask: Any) -> list[int]:
+    """The probe: the first row's real tokens (right-padded rows), at most ``PROBE_TOKENS``."""
+    length = int(attention_mask[0].sum())
+    return [int(t) for t in input_ids[0, :min(length, PROBE_TOKENS)]]
+
+
+def probe_gap(engine: Sequence[float], trainer: Sequence[float]) -> float:
+    """Mean |log π_engine − log π_train| over the probe's tokens after the first."""
+    if len(engine) != len(trainer) or not len(trainer):
+        raise ValueError(f"{len(engine)} engine and {len(trainer)} trainer probe log-probs")
+    return sum(abs(float(a) - float(b)) for a, b in zip(engine, trainer, strict=True)) / len(trainer)
+
+
+def check_weight_sync(gap: float, tokens: int, tolerance: float, version: int,
+                      what: str = "response tokens") -> None:
     """Raise ``WeightSyncError`` when the mean gap over ``tokens`` exceeds ``tolerance``."""
     if tokens > 0 and not gap <= tolerance:  # NaN fails too
         raise WeightSyncError(
             f"the rollout engines' log-probs differ from the trainer's by {gap:.3g} on average "
-            f"over {tokens} response tokens of step {version} (system.weight_sync_tolerance "
+            f"over {tokens} {what} of step {version} (system.weight_sync_tolerance "
             f"{tolerance:g}): the engines do not serve the weights of version {version}. A "
             "weight sync that did not take effect, an engine on another checkpoint, or other "
             "numerics (precision, FP8, routing without replay): check the rollout log, or "

@@ -196,6 +196,14 @@ class Trainer:
         with self.replay.replaying(trace):  # type: ignore[union-attr]
             yield
 
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Per-token log-probs [B, T] under the current weights, routing freely (no grad;
+        collective on the Megatron trainer): the weight-sync probe's trainer side."""
+        zeros = torch.zeros(input_ids.shape, dtype=torch.float32)
+        batch = TrainBatch(input_ids, attention_mask, attention_mask.bool(), zeros,
+                           zeros[:, 0].clone())
+        return self._old_pass(batch)[0]
+
     def _old_pass(self, batch: TrainBatch) -> tuple[Tensor, Tensor, TrainBatch]:
         """old_logp and entropy of the whole batch, micro-batch by micro-batch (no grad).
 

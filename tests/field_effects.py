@@ -658,6 +658,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # CPU build, whose reload without the repack it stops
     "System.weight_sync_tolerance": {"all": (
         t(TRAINER, "test_a_step_stops_before_updating_when_the_engine_serves_other_weights"),
+        t(DRIVER, "test_the_weight_sync_probe_stops_a_run_whose_engines_do_not_serve_the_"
+                  "trainers_weights"),
         t(VLLM_ENGINE, "test_a_reload_takes_effect_only_with_the_cpu_repack"))},
     "System.reward_overlap": {"all": t(DRIVER, "test_reward_overlap_scores_chunks_while_others_still_generate")},
     # the driver's pool of reward workers (runtime.scoring), whatever the engine or trainer:

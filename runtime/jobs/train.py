@@ -195,13 +195,29 @@ class TrainerProcess:
             return 0
         return int(json.loads(self.paths.done(step - 1).read_text())["optimizer_steps"])
 
-    def publish(self, version: int) -> None:
-        """Write ``weights/v<version>`` (HF, atomic) and drop the versions no engine can
-        still be asked to load (older than ``system.max_staleness`` + 1 before it)."""
+    def probe(self, batch: Any) -> dict[str, list[Any]] | None:
+        """The weight-sync probe of the version this step made (``runtime.sync_check``): its
+        tokens and the trainer's log-probs of them under the new weights (collective)."""
+        import torch
+
+        from runtime.sync_check import probe_sequence
+
+        if not batch.size:
+            return None
+        ids = probe_sequence(batch.input_ids, batch.attention_mask)
+        row = torch.tensor([ids])
+        logp = self.trainer.logprobs(row, torch.ones_like(row))
+        return {"token_ids": ids, "logprobs": [float(x) for x in logp[0, 1:]]}
+
+    def publish(self, version: int, probe: dict[str, list[Any]] | None = None) -> None:
+        """Write ``weights/v<version>`` (HF, atomic; its completion marker holds ``probe``)
+        and drop the versions no engine can still be asked to load (older than
+        ``system.max_staleness`` + 1 before it)."""
         from runtime.policy import save_policy
 
         self.model.eval()
-        save_policy(self.model, self.tokenizer, self.paths.version(version), step=version)
+        save_policy(self.model, self.tokenizer, self.paths.version(version), step=version,
+                    probe=probe)
         self._prune_weights(version)
 
     def _prune_weights(self, version: int) -> None:
@@ -226,6 +242,7 @@ class TrainerProcess:
         batch = TrainBatch(payload["input_ids"], payload["attention_mask"], payload["loss_mask"],
                            payload["rollout_logp"], payload["advantages"], routing)
         metrics: dict[str, Any] = {}
+        probe = None
         if batch.size:
             zvp = payload.get("zvp")
             share: list[float] = []
@@ -259,7 +276,8 @@ class TrainerProcess:
             metrics["reshaped_advantage_share"] = share[0] if share else 0.0
             # ‖g_R‖ / ‖g‖ (runtime.trainer); None where the trainer does not split it
             metrics.setdefault("reshaped_grad_norm_share", None if zvp else 0.0)
-        self.publish(step + 1)
+            probe = self.probe(batch)
+        self.publish(step + 1, probe)
         last = step + 1 >= self.steps or bool(payload.get("last"))
         if (self.interval and (step + 1) % self.interval == 0) or last:
             self.save_checkpoint(step + 1)
@@ -401,7 +419,7 @@ class MegatronTrainerProcess(TrainerProcess):
             raise RuntimeError(f"{self.paths.batch(found[0])} changed while the ranks read it")
         return payload
 
-    def publish(self, version: int) -> None:
+    def publish(self, version: int, probe: dict[str, list[Any]] | None = None) -> None:
         """Gather the shards to rank 0, which writes ``weights/v<version>`` (collective)."""
         from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
         from runtime.policy import policy_from_state_dict, save_policy
@@ -409,7 +427,8 @@ class MegatronTrainerProcess(TrainerProcess):
         full = gather_full_state_dict(self.module)
         if self.main:
             hf = policy_from_state_dict(self.hf_config, megatron_to_hf(full, self.hf_config))
-            save_policy(hf, self.tokenizer, self.paths.version(version), step=version)
+            save_policy(hf, self.tokenizer, self.paths.version(version), step=version,
+                        probe=probe)
             self._prune_weights(version)
 
 

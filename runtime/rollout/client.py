@@ -315,6 +315,33 @@ class RolloutClient(WeightUpdates):
             raise RolloutError(f"no completions came back for prompts {missing[:10]}")
         return [r for r in results if r is not None]
 
+    def prompt_logprobs(self, token_ids: Sequence[int]) -> list[np.ndarray]:
+        """Every endpoint's log-probs of ``token_ids`` read as a prompt (teacher-forced,
+        vLLM's ``prompt_logprobs=0``): one float64 array of len − 1 per endpoint, entry t − 1
+        = log p(x_t | x_<t). The weight-sync probe's engine side (``runtime.sync_check``)."""
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2:
+            raise ValueError("a probe needs at least two tokens")
+        if self.model is None:
+            self.wait_ready()
+        body = CompletionRequest(prompt=[ids], model=self.model, max_tokens=1, temperature=0.0,
+                                 prompt_logprobs=0, return_token_ids=True).to_json()
+
+        def one(endpoint: str) -> np.ndarray:
+            raw = self._request(endpoint, "POST", "/v1/completions", body)
+            try:
+                choice = CompletionResponse.from_json(raw).choices[0]
+                got = np.asarray(choice.prompt_token_logprobs(), dtype=np.float64)
+            except (ProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
+                raise RolloutError(f"{endpoint}: no prompt_logprobs in the response: {exc}",
+                                   status=502, endpoint=endpoint) from exc
+            if len(got) != len(ids) - 1:
+                raise RolloutError(f"{endpoint}: {len(got)} prompt log-probs for {len(ids)} "
+                                   "tokens", status=502, endpoint=endpoint)
+            return got
+
+        return self._broadcast(one)
+
     def _plan(self, num_prompts: int, offset: int, endpoint: int | None = None) -> list[_Job]:
         per_endpoint: dict[int, list[int]] = {}
         for i in range(num_prompts):

@@ -34,6 +34,7 @@ weights are rounded through float8_e4m3fn at load and after every ``load_weights
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
@@ -230,8 +231,11 @@ class LocalEngine(SleepControl, PauseControl):
         return_routed_experts: bool = False,
         routed_experts_prompt_start: int = 0,
         num_logprobs: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> list[PromptOutput]:
-        """Sample ``n`` continuations of every prompt; one ``PromptOutput`` per prompt."""
+        """Sample ``n`` continuations of every prompt; one ``PromptOutput`` per prompt, with
+        each prompt token's log-prob and rank when ``prompt_logprobs`` (vLLM's
+        ``prompt_logprobs=0``)."""
         prompts = [list(map(int, p)) for p in prompts]
         self._validate(
             prompts, n, max_tokens, temperature, top_p, top_k, routed_experts_prompt_start
@@ -247,7 +251,7 @@ class LocalEngine(SleepControl, PauseControl):
         else:
             seq_seeds = [seed + j for _ in prompts for j in range(n)]
         with self._admitted() as epoch, self._lock, torch.inference_mode():
-            return self._generate_locked(
+            outputs = self._generate_locked(
                 prompts,
                 n=n,
                 max_tokens=max_tokens,
@@ -262,6 +266,20 @@ class LocalEngine(SleepControl, PauseControl):
                 num_logprobs=num_logprobs,
                 epoch=epoch,
             )
+            if prompt_logprobs:
+                outputs = [dataclasses.replace(o, prompt_logprobs=self._prompt_logprobs(p))
+                           for o, p in zip(outputs, prompts, strict=True)]
+            return outputs
+
+    def _prompt_logprobs(self, prompt: list[int]) -> list[tuple[float, int]]:
+        """(log p(x_t | x_<t), rank) of every prompt token after the first: one uncached
+        forward over the prompt, in the precision the engine samples with."""
+        ids = torch.tensor([prompt], device=self.device)
+        logp = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0, :-1].float(),
+                                 dim=-1)
+        chosen = logp.gather(1, ids[0, 1:, None])
+        ranks = (logp > chosen).sum(dim=1) + 1
+        return list(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True))
 
     def _validate(
         self,

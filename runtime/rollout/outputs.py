@@ -69,6 +69,8 @@ class SampleOutput:
 class PromptOutput:
     prompt_token_ids: list[int]
     samples: list[SampleOutput]
+    # with prompt_logprobs: (log p(x_t | x_<t), its rank in the vocabulary) for t ≥ 1
+    prompt_logprobs: list[tuple[float, int]] | None = None
 
 
 

@@ -27,6 +27,9 @@ field                           handling here
 ``top_k``                       0 or −1 = off, else ≥ 1
 ``seed``                        int or null
 ``logprobs``                    null or 0..20 (vLLM's ``max_logprobs`` default 20)
+``prompt_logprobs``             null or 0: each prompt token's log-prob given the tokens
+                                before it (the weight-sync probe, ``runtime.sync_check``);
+                                vLLM's top-k alternatives (> 0) are refused
 ``stop_token_ids``              list of ints; the stop token is kept in the output
                                 and reported as ``stop_reason`` (vLLM ``check_stop``,
                                 ``vllm/v1/core/sched/utils.py``)
@@ -42,7 +45,7 @@ Fields refused with 400 when set to a non-default value (vLLM supports them, we 
 not): ``stream``, ``echo``, ``use_beam_search``, ``stop`` (strings),
 ``min_tokens``, ``min_p``, ``presence_penalty``, ``frequency_penalty``,
 ``repetition_penalty``, ``logit_bias``, ``allowed_token_ids``, ``bad_words``,
-``prompt_logprobs``, ``logprob_token_ids``, ``prompt_embeds``, ``suffix``.
+``prompt_logprobs`` > 0, ``logprob_token_ids``, ``prompt_embeds``, ``suffix``.
 Other unknown fields are ignored, as vLLM's ``OpenAIBaseModel`` does.
 
 Response — ``CompletionResponse`` / ``CompletionResponseChoice`` / ``CompletionLogProbs``
@@ -228,7 +231,7 @@ _UNSUPPORTED_NEUTRAL: dict[str, tuple[object, ...]] = {
     "logit_bias": (None, {}),
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
-    "prompt_logprobs": (None,),
+    "prompt_logprobs": (None, 0),  # 0 is implemented (module doc)
     "logprob_token_ids": (None,),
     "prompt_embeds": (None,),
     "suffix": (None, ""),
@@ -249,6 +252,7 @@ class CompletionRequest:
     top_k: int = 0
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     return_token_ids: bool = False
@@ -339,6 +343,7 @@ class CompletionRequest:
             top_k=0 if top_k == -1 else top_k,
             seed=seed,
             logprobs=logprobs,
+            prompt_logprobs=_get_int(d, "prompt_logprobs", None),
             stop_token_ids=stop_token_ids,
             ignore_eos=_get_bool(d, "ignore_eos", False),
             return_token_ids=_get_bool(d, "return_token_ids", False),
@@ -367,6 +372,8 @@ class CompletionRequest:
             body["seed"] = self.seed
         if self.logprobs is not None:
             body["logprobs"] = self.logprobs
+        if self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.prompt_logprobs
         if self.stop_token_ids:
             body["stop_token_ids"] = list(self.stop_token_ids)
         # Sent only when used: it is the one field an older vLLM would ignore silently.

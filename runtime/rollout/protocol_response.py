@@ -112,6 +112,19 @@ class CompletionChoice:
     prompt_token_ids: list[int] | None = None
     routed_experts: str | None = None
     weight_versions: list[WeightVersionSpan] | None = None
+    # vLLM's per prompt token entry: None for the first, else {"<token id>": {"logprob",
+    # "rank", "decoded_token"}} (the prompt token, then its top-k alternatives when asked)
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
+
+    def prompt_token_logprobs(self) -> list[float]:
+        """log p(x_t | x_<t) of the prompt tokens after the first (``prompt_token_ids`` order)."""
+        if self.prompt_logprobs is None or self.prompt_token_ids is None:
+            raise ValueError("the choice carries no prompt_logprobs / prompt_token_ids")
+        ids, entries = self.prompt_token_ids, self.prompt_logprobs
+        if len(entries) != len(ids):
+            raise ValueError(f"{len(entries)} prompt_logprobs entries for {len(ids)} tokens")
+        return [float(e[str(t)]["logprob"]) for t, e in zip(ids[1:], entries[1:], strict=True)
+                if e is not None]
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -121,7 +134,7 @@ class CompletionChoice:
             "finish_reason": self.finish_reason,
             "stop_reason": self.stop_reason,
             "token_ids": self.token_ids,
-            "prompt_logprobs": None,
+            "prompt_logprobs": self.prompt_logprobs,
             "prompt_token_ids": self.prompt_token_ids,
             "routed_experts": self.routed_experts,
         }
@@ -148,6 +161,7 @@ class CompletionChoice:
                 else [int(t) for t in d["prompt_token_ids"]]
             ),
             routed_experts=d.get("routed_experts"),
+            prompt_logprobs=d.get("prompt_logprobs"),
             weight_versions=(
                 None if raw_versions is None else list(parse_weight_versions(raw_versions, n_out))
             ),

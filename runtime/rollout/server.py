@@ -72,6 +72,7 @@ from runtime.rollout.server_weights import WeightRoutes, _UpdateState
 
 if TYPE_CHECKING:
     from runtime.rollout.engine import LocalEngine, SampleOutput
+    from runtime.rollout.outputs import PromptOutput
 
 __all__ = ["RolloutHTTPServer", "check_host", "main", "make_server"]
 
@@ -254,6 +255,7 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
                 return_routed_experts=self.server.return_routed_experts,
                 routed_experts_prompt_start=req.routed_experts_prompt_start,
                 num_logprobs=req.logprobs or None,
+                prompt_logprobs=req.prompt_logprobs is not None,
             )
         except EngineError as exc:
             raise ProtocolError(str(exc), status=exc.status) from exc
@@ -277,6 +279,7 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
                         prompt_token_ids=po.prompt_token_ids if req.return_token_ids else None,
                         routed_experts=routed,
                         weight_versions=list(s.weight_versions),
+                        prompt_logprobs=self._prompt_logprobs(po),
                     )
                 )
                 completion_tokens += len(s.token_ids)
@@ -287,6 +290,16 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
             id=f"cmpl-{req.request_id or uuid.uuid4().hex}",
         )
         self._send_json(200, response.to_json())
+
+    def _prompt_logprobs(self, po: PromptOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's ``prompt_logprobs`` entries: None for the first token, then the token's own
+        {"<id>": {logprob, rank, decoded_token}}."""
+        if po.prompt_logprobs is None:
+            return None
+        engine = self.server.engine
+        return [None, *({str(t): {"logprob": lp, "rank": rank, "decoded_token": engine.token_text(t)}}
+                        for t, (lp, rank) in zip(po.prompt_token_ids[1:], po.prompt_logprobs,
+                                                 strict=True))]
 
     def _logprobs(self, req: CompletionRequest, s: SampleOutput) -> CompletionLogProbs:
         engine = self.server.engine

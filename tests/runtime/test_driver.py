@@ -347,6 +347,42 @@ def test_length_balancing_spreads_groups_over_replicas_by_predicted_length(
     assert idle == [pytest.approx(1 - b / line["generation_seconds"]) for b in busy]
 
 
+def test_the_weight_sync_probe_stops_a_run_whose_engines_do_not_serve_the_trainers_weights(
+        tmp_path: Path, replicas: list[str]) -> None:
+    """After loading version v the driver compares each engine's log-probs of v's probe (in
+    the version folder's completion marker) with the trainer's: the engines' own weights pass
+    (gap at float noise); a probe of other weights (an update that did not take effect) stops
+    the run with the tolerance in the message; a version without a probe is not checked."""
+    from runtime.driver import RLDriver
+    from runtime.errors import JobError
+    from runtime.policy import build_policy, build_tokenizer, save_policy
+    from runtime.rollout.client import RolloutClient
+    from runtime.sync_check import probe_sequence
+    from runtime.trainer import sequence_logprobs
+
+    ctx = _context(tmp_path, 4, "system.weight_sync_tolerance=0.001")
+    arch = ctx.spec["model"]["architecture"]
+    tokenizer = build_tokenizer(int(arch["vocab_size"]))
+    ids = torch.tensor([tokenizer.encode("12+30=42", add_special_tokens=False)])
+    tokens = probe_sequence(ids, torch.ones_like(ids))
+    with RolloutClient(replicas, timeout_s=120, retries=0) as client:
+        driver = RLDriver(ctx, client=client)
+        for version, seed in ((1, 0), (2, 1)):  # the replicas serve seed 0's weights
+            policy = build_policy(arch, tokenizer, seed=seed)
+            with torch.no_grad():
+                logp, _ = sequence_logprobs(policy, torch.tensor([tokens]),
+                                            torch.ones(1, len(tokens), dtype=torch.long))
+            save_policy(policy, tokenizer, driver.paths.version(version), step=version,
+                        probe={"token_ids": tokens, "logprobs": logp[0, 1:].tolist()})
+        assert driver._check_probe(1) < 1e-5
+        with pytest.raises(JobError, match=r"over \d+ probe tokens of step 2 \(system\."
+                                           r"weight_sync_tolerance 0\.001\).*do not serve the "
+                                           r"weights of version 2"):
+            driver._check_probe(2)
+        save_policy(build_policy(arch, tokenizer, seed=0), tokenizer, driver.paths.version(3))
+        assert driver._check_probe(3) is None
+
+
 def test_the_length_history_survives_a_resume(tmp_path: Path) -> None:
     """A step's group lengths become the predictions (answers of 1 and 5 characters + EOS);
     the state pickled after the step resumes with them; a state pickled before the predictor

@@ -37,7 +37,7 @@ METRIC_KEYS = {
     "step", "reward_mean", "train_accuracy", "zero_variance_rate", "rollouts_generated",
     "rollouts_used", "rollouts_reshaped", "rollouts_dropped", "tokens_per_second", "entropy",
     "clip_fraction", "train_inference_gap", "kl", "wall_seconds", "reshaped_advantage_share",
-    "reshaped_grad_norm_share",
+    "reshaped_grad_norm_share", "weight_sync_probe_gap",
     "generation_seconds", "replica_busy_seconds", "replica_idle_fraction",
 }
 
@@ -133,14 +133,15 @@ def _untimed(lines: list[dict]) -> list[dict]:
 
 def _leaves(m: dict, approx: bool = False) -> dict:
     """A metrics line flattened to {dotted key: value}; with ``approx`` its floats compare
-    equal within a relative 1e-5 (``pytest.approx``; the train-inference gap, itself float
-    noise of about 1e-7, within 1e-6), its other values exactly."""
+    equal within a relative 1e-5 (``pytest.approx``; the train-inference and probe gaps,
+    themselves float noise of about 1e-7, within 1e-6), its other values exactly."""
     out: dict = {}
     for k, v in m.items():
         if isinstance(v, dict):
             out.update({f"{k}.{kk}": vv for kk, vv in _leaves(v, approx).items()})
         elif approx and isinstance(v, float):
-            out[k] = pytest.approx(v, rel=1e-5, abs=1e-6 if k == "train_inference_gap" else 0)
+            gap = k in ("train_inference_gap", "weight_sync_probe_gap")
+            out[k] = pytest.approx(v, rel=1e-5, abs=1e-6 if gap else 0)
         else:
             out[k] = v
     return out
@@ -296,6 +297,8 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rollouts_by_staleness"] == {"0": 16, "1": 16, "2": 64}
     assert all(m["train_inference_gap"] is not None for m in lines)
+    # the trainer's check skips stale batches; the probe checks every load (fp32 both sides)
+    assert all(m["weight_sync_probe_gap"] < 1e-5 for m in lines)
 
     run_dir = _run_copy(base_run, tmp_path / "run")
     _kill_after(bundle, run_dir, 2)

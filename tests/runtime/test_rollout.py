@@ -548,6 +548,31 @@ def test_http_pause_holds_new_requests_until_resume(servers: list[str]) -> None:
     c.close()
 
 
+def test_prompt_logprobs_are_the_teacher_forced_logprobs_in_vllms_format(
+    client: RolloutClient, reference: torch.nn.Module, servers: list[str]
+) -> None:
+    """``prompt_logprobs: 0`` (the weight-sync probe): each prompt token's log-prob given the
+    tokens before it, as vLLM returns it (None first, then {"<id>": {logprob, rank,
+    decoded_token}}), from every endpoint; top-k alternatives (> 0) are refused."""
+    ids = [5, 9, 12, 20, 7, 33, 3]
+    want = _full_logprobs(reference, ids[:1], ids[1:])
+    for got in client.prompt_logprobs(ids):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    body = {"prompt": [ids], "max_tokens": 1, "prompt_logprobs": 0, "return_token_ids": True}
+    code, out = _post(servers[0] + "/v1/completions", body)
+    entries = out["choices"][0]["prompt_logprobs"]
+    assert code == 200 and entries[0] is None and len(entries) == len(ids)
+    for t, entry, lp in zip(ids[1:], entries[1:], want, strict=True):
+        assert list(entry) == [str(t)] and set(entry[str(t)]) == {"logprob", "rank",
+                                                                  "decoded_token"}
+        assert entry[str(t)]["logprob"] == pytest.approx(float(lp), abs=1e-5)
+        assert entry[str(t)]["rank"] >= 1
+    code, out = _post(servers[0] + "/v1/completions", {**body, "prompt_logprobs": 2})
+    assert code == 400 and out["error"]["param"] == "prompt_logprobs"
+    code, out = _post(servers[0] + "/v1/completions", {"prompt": [ids], "max_tokens": 1})
+    assert code == 200 and out["choices"][0]["prompt_logprobs"] is None
+
+
 def test_a_dead_endpoint_costs_one_attempt_and_its_requests_fail_over(
     client: RolloutClient, servers: list[str]
 ) -> None:

@@ -19,7 +19,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 from runtime.policy import load_policy
 from runtime.rollout.client import Completion, RolloutClient
 from runtime.router_replay import RoutingTrace, align_routing, patch_qwen3_moe
-from runtime.sync_check import WeightSyncError, check_weight_sync
+from runtime.sync_check import WeightSyncError, check_weight_sync, probe_gap
 
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm")]
 
@@ -170,3 +170,31 @@ def test_a_reload_takes_effect_only_with_the_cpu_repack(client: RolloutClient,
     finally:
         client.reload_weights(str(policies[0]), "0", then=("repack_cpu_experts",))
     assert _gaps(first, client).max() < 1e-5
+
+
+def _teacher_forced(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
+    """transformers' log p(x_t | x_<t) for t ≥ 1, one full forward."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([tokens])).logits[0].double(), -1)
+    return logp[:-1].gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
+
+
+def test_the_weight_sync_probe_reads_what_vllm_serves(client: RolloutClient,
+                                                      policies: tuple[Path, Path]) -> None:
+    """vLLM's ``prompt_logprobs`` (the driver's probe after every load) are transformers'
+    teacher-forced log-probs of the weights it serves: after a path reload that does not
+    take effect (no CPU repack) the probe of the new weights is far off; after the repack
+    it is at float noise."""
+    tokens = PROMPTS[2] + PROMPTS[0]
+    first, second = _model(policies[0]), _model(policies[1])
+    (got,) = client.prompt_logprobs(tokens)
+    assert np.abs(got - _teacher_forced(first, tokens)).max() < 1e-5
+    try:
+        client.reload_weights(str(policies[1]), "1")
+        (stale,) = client.prompt_logprobs(tokens)
+        assert probe_gap(stale, _teacher_forced(second, tokens)) > 1e-3
+        client.reload_weights(str(policies[1]), "2", then=("repack_cpu_experts",))
+        (synced,) = client.prompt_logprobs(tokens)
+        assert probe_gap(synced, _teacher_forced(second, tokens)) < 1e-5
+    finally:
+        client.reload_weights(str(policies[0]), "0", then=("repack_cpu_experts",))
