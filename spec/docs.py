@@ -21,7 +21,7 @@ from spec.models import Spec
 _HEADER = """\
 # Spec reference
 
-<!-- Generated from spec/models.py by `make docs` (python -m spec.docs). Do not edit by hand. -->
+<!-- Generated from spec/models/ by `make docs` (python -m spec.docs). Do not edit by hand. -->
 
 A spec is one YAML file describing one RL run. Every key is checked before anything runs:
 an unknown key is an error (with a did-you-mean), types are strict (`'8'` is not an

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 PathPart = str | int
+KeyPath = tuple[PathPart, ...]
+# The file a problem of a `--set` override names: the command line.
+OVERRIDE_FILE = "--set"
 EXIT_BAD_INPUT = 2  # any input the user must fix: a spec, a run directory, an argument
 EXIT_INVALID_SPEC = EXIT_BAD_INPUT
 EXIT_FAILURE = 1
@@ -26,6 +29,26 @@ def dotted(path: tuple[PathPart, ...]) -> str:
         else:
             out += ("." if out else "") + part
     return out or "<root>"
+
+
+def describe_value(value: Any) -> str:
+    """A value as a person reads it: "the string '8'", "the integer 8", "a list"."""
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
 
 
 @dataclass(frozen=True)
@@ -75,3 +98,8 @@ class SpecError(Exception):
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in the spec:"
         return "\n".join([head, *(p.format() for p in self.problems)])
+
+
+def in_file_order(problems: list[Problem]) -> list[Problem]:
+    """File order: by line, problems without a line (and --set ones) last."""
+    return sorted(problems, key=lambda p: (p.file == OVERRIDE_FILE, p.line is None, p.line or 0))

@@ -15,10 +15,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from spec.errors import PathPart, Problem, SpecError, dotted
-from spec.loader import OVERRIDE_FILE, describe_value, load_value
-
-KeyPath = tuple[PathPart, ...]
+from spec.errors import OVERRIDE_FILE, KeyPath, PathPart, Problem, SpecError, describe_value, dotted
+from spec.yaml_reader import load_value
 
 _KEY = re.compile(r"[^.\[\]=\s]+")
 _INDEX = re.compile(r"\[(-?[0-9]+)\]")

@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from spec.errors import PathPart, Problem
-
-KeyPath = tuple[PathPart, ...]
+from spec.errors import KeyPath, Problem
+from spec.models import Spec
+from spec.walk import is_model, union_members, union_tags, unwrap, walk
 
 
 class InvalidValueUsed(Exception):
@@ -60,14 +60,12 @@ class _Errors:
     """pydantic's errors as paths of the document."""
 
     def __init__(self, error: ValidationError, raw: Any):
-        from spec.loader import _is_model, _unwrap, _walk
-
         self.fields: set[KeyPath] = set()  # a value there did not validate (or is missing)
         self.models: set[KeyPath] = set()  # a model there ran its validators, which failed
         self.under: set[KeyPath] = set()  # every prefix of a path that has an error
         for err in error.errors(include_url=False):
-            path, tp, _, _ = _walk(tuple(err["loc"]), raw)
-            if err["type"] in ("value_error", "assertion_error") and _is_model(_unwrap(tp)):
+            path, tp, _, _ = walk(tuple(err["loc"]), raw)
+            if err["type"] in ("value_error", "assertion_error") and is_model(unwrap(tp)):
                 self.models.add(path)
             elif err["type"] != "extra_forbidden":  # an unknown key is no field: it is left out
                 self.fields.add(path)
@@ -83,16 +81,14 @@ def _adapt(tp: Any, value: Any, path: KeyPath) -> Any:
 
 
 def _value(tp: Any, data: Any, path: KeyPath, errors: _Errors, problems: list[Problem]) -> Any:
-    from spec.loader import _is_model, _tags, _union_members, _unwrap
-
     if path in errors.fields:
         return Invalid(path)
     if path not in errors.under:
         return _adapt(tp, data, path)
-    model = _unwrap(tp)
-    if not _is_model(model) and isinstance(data, Mapping):
-        model = _tags(_union_members(tp)).get(data.get("type"))  # a stage of a tagged union
-    if _is_model(model) and isinstance(data, Mapping):
+    model = unwrap(tp)
+    if not is_model(model) and isinstance(data, Mapping):
+        model = union_tags(union_members(tp)).get(data.get("type"))  # a stage of a tagged union
+    if is_model(model) and isinstance(data, Mapping):
         return _model(model, data, path, errors, problems)
     if typing.get_origin(model) is list and isinstance(data, list):
         item = typing.get_args(model)[0]
@@ -127,8 +123,6 @@ def _model(cls: type[BaseModel], data: Mapping[str, Any], path: KeyPath, errors:
 
 def partial_spec(error: ValidationError, raw: Mapping[str, Any]) -> tuple[Any, list[Problem]]:
     """(best-effort Spec, unlocated problems of the model validators pydantic skipped)."""
-    from spec.models import Spec
-
     problems: list[Problem] = []
     spec = _model(Spec, raw, (), _Errors(error, raw), problems)
     return spec, list(dict.fromkeys(problems))

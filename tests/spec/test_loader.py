@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spec import loader
+from spec import yaml_reader
 from spec.errors import Problem, SpecError
 from spec.loader import (
     MAX_BYTES,
@@ -286,7 +286,7 @@ def test_oversized_text_is_refused_by_load_data() -> None:
 
 def test_too_many_plain_values_are_not_blamed_on_aliases(monkeypatch) -> None:
     """Under the byte limit but over the value budget, with no alias: the count is named."""
-    monkeypatch.setattr(loader, "NODE_BUDGET", 50)
+    monkeypatch.setattr(yaml_reader, "NODE_BUDGET", 50)
     (p,) = data_problems("".join(f"k{i}: {i}\n" for i in range(80)))
     assert p.message.startswith("the document holds more than 50 values")
     assert "alias" not in p.message and p.line is not None

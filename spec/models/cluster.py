@@ -1,0 +1,112 @@
+"""The `cluster` section: scheduler, devices, Slurm resources, container and environment."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from spec.models.base import PosFloat, PosInt, Section
+
+# \Z, not $: "$" also matches before a trailing newline, which would reach a script.
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+# Slurm names (partition, account, qos) are written into #SBATCH lines: one plain word.
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
+# Names that look like credentials must never be written into a bundle.
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL)", re.I)
+
+
+class Container(Section):
+    """Container the jobs run in (pyxis/enroot `srun --container-image`)."""
+
+    image: str = Field(description="Image reference or squashfs path.")
+    mounts: list[str] = Field(default_factory=list, description="`src:dst` bind mounts.")
+
+
+class Cluster(Section):
+    """Where the jobs run. `local` runs the same jobs, in the same order, on this machine."""
+
+    scheduler: Literal["slurm", "local"] = Field("local", description="Job scheduler.")
+    devices: Literal["gpu", "cpu"] = Field(
+        "gpu", description="What a rank runs on; cpu is for the embedded tiny run and tests."
+    )
+    partition: str | None = Field(None, description="Slurm partition (`--partition`).")
+    account: str | None = Field(None, description="Slurm account (`--account`).")
+    qos: str | None = Field(None, description="Slurm QOS (`--qos`).")
+    gpus_per_node: PosInt = Field(
+        8, description="GPUs per node; with devices=cpu, worker processes per node."
+    )
+    gpu_memory_gb: PosFloat = Field(80.0, description="Memory of one GPU, in GB (10^9 bytes).")
+    cpus_per_task: PosInt = Field(
+        8,
+        description="CPU cores per rank (per GPU; with devices=cpu, per worker process). A job "
+        "starts one Slurm task per node, which runs that node's ranks, so it asks for "
+        "`--cpus-per-task` = cpus_per_task × its ranks per node (× 1 for a job without GPUs), "
+        "on sbatch and on every srun step. Slurm only (setting it on a local spec is warned).",
+    )
+    exclusive: bool = Field(
+        True,
+        description="Jobs with GPUs get whole nodes (`--exclusive`): no other job shares their "
+        "CPUs, memory or network. Slurm only (setting it on a local spec is warned).",
+    )
+    mem_gb: PosInt | None = Field(
+        None,
+        description="Memory per node, in Slurm's GB (1024^3 bytes): `--mem=<N>G` for every job. "
+        "None: all of the node's memory for the jobs with GPUs (`--mem=0`), the partition's "
+        "default for the jobs without. Slurm only (setting it on a local spec is warned).",
+    )
+    time_limit: str = Field("24:00:00", description="Wall-clock limit per job, [D-]HH:MM:SS.")
+    container: Container | None = Field(None, description="Container image for every job.")
+    modules: list[str] = Field(default_factory=list, description="Environment modules to load.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Non-secret environment variables written into the launch scripts.",
+    )
+    env_passthrough: list[str] = Field(
+        default_factory=list,
+        description="Names of variables taken from the submitting environment at submit "
+        "time (tokens, keys): their values are never written into the bundle.",
+    )
+    output_dir: str = Field(
+        "runs", description="Directory under which each run writes checkpoints, logs, metrics."
+    )
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_name(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a Slurm name (letters, digits, '_', '.', '+', '-'); it is "
+                "written into #SBATCH lines"
+            )
+        return v
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not _TIME.match(v):
+            raise ValueError(f"time_limit {v!r} is not [D-]HH:MM:SS, e.g. '2-00:00:00' or '04:00:00'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+            if _SECRET_NAME.search(name):
+                raise ValueError(
+                    f"{name} looks like a secret and would be written into the bundle; "
+                    f"list it in cluster.env_passthrough instead"
+                )
+        return v
+
+    @field_validator("env_passthrough")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+        return v
