@@ -46,8 +46,9 @@ class System(Section):
     weight_sync_tolerance: PosFloat = Field(
         0.05,
         description="Largest mean |log-prob difference| between the rollout engines and the "
-        "trainer on each step's response tokens (before the update uses them): past it the run "
-        "stops, since the engines do not serve the trainer's weights (a sync that did not take "
+        "trainer on each step's response tokens (before the update uses them), and on the "
+        "probe sequence the driver checks after every weight load: past it the run stops, "
+        "since the engines do not serve the trainer's weights (a sync that did not take "
         "effect). bf16 engines differ by about 1e-3; with equal fp32 numerics use about 1e-4.",
     )
 
