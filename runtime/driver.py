@@ -396,22 +396,28 @@ class RLDriver:
     def _check_probe(self, version: int) -> float | None:
         """After the engines loaded ``version``: each engine's log-probs of the version's
         probe against the trainer's (``runtime.sync_check``); stops the run past
-        ``system.weight_sync_tolerance``. Returns the largest gap, None without a probe."""
+        ``system.weight_sync_tolerance``, naming the engine. Returns the largest gap (NaN
+        when one is), None when the version carries no probe."""
         from runtime.files import COMPLETE_MARKER
         from runtime.sync_check import WeightSyncError, check_weight_sync, probe_gap
 
         marker = self.paths.version(version) / COMPLETE_MARKER
-        probe = json.loads(marker.read_text()).get("probe") if marker.is_file() else None
-        if not probe:  # a batch without rows made this version
+        if not marker.is_file():  # published atomically: the engines just read this folder
+            self.log.warning("weights v%d have no completion marker: its probe is skipped",
+                             version)
             return None
-        gap = max(probe_gap(engine, probe["logprobs"])
-                  for engine in self.client.prompt_logprobs(probe["token_ids"]))
-        try:
-            check_weight_sync(gap, len(probe["logprobs"]), self.sync_tolerance, version,
-                              what="probe tokens")
-        except WeightSyncError as exc:
-            raise JobError(str(exc)) from exc
-        return gap
+        probe = json.loads(marker.read_text()).get("probe")
+        if not probe or len(probe["token_ids"]) < 2:  # an empty batch made this version
+            return None
+        engines = self.client.prompt_logprobs(probe["token_ids"])
+        gaps = [probe_gap(lp, probe["logprobs"]) for lp in engines]
+        for endpoint, gap in zip(self.client.endpoints, gaps, strict=True):
+            try:
+                check_weight_sync(gap, len(probe["logprobs"]), self.sync_tolerance, version,
+                                  what=f"probe tokens of weights v{version} on {endpoint}")
+            except WeightSyncError as exc:
+                raise JobError(str(exc)) from exc
+        return max(gaps)
 
     def _finish(self, state: DriverState, tokenizer: Any, reward: Any, log: Any) -> None:
         """Wait for the oldest handed-over step to be trained, load its weights into the
@@ -421,10 +427,10 @@ class RLDriver:
         done = self._wait_done(step, pending.batch_id)
         tm = done.get("metrics") or {}
         self.placement.load(str(step + 1), str(self.paths.version(step + 1)))
-        probe_gap = self._check_probe(step + 1)
+        probed = self._check_probe(step + 1)
         state.version = step + 1
         line = dict(pending.line)
-        line["weight_sync_probe_gap"] = probe_gap
+        line["weight_sync_probe_gap"] = probed
         sleep_wake = self.placement.take_seconds()
         if sleep_wake is not None:
             line["sleep_wake_seconds"] = sleep_wake

@@ -18,7 +18,8 @@ step's ``train_inference_gap`` metric is this number.
 That check needs a batch sampled by the weights the trainer holds, which bounded staleness
 (``system.max_staleness`` > 0) rarely gives. So every published version also carries a
 *probe*: the trainer's log-probs, under the new weights, of one sequence of the step's batch
-(its first row, at most ``PROBE_TOKENS`` tokens, :func:`probe_sequence`). After loading that
+(the last ``PROBE_TOKENS`` tokens of its first row, response included: a chat template's
+opening tokens are near-certain under any weights, :func:`probe_sequence`). After loading that
 version into the engines the driver asks each of them for the same sequence's log-probs
 teacher-forced (vLLM's ``prompt_logprobs``) and applies the same tolerance to the mean gap
 (:func:`probe_gap`), before any rollout is sampled with the new weights.
@@ -38,10 +39,13 @@ class WeightSyncError(RuntimeError):
     """The engines' log-probs are not the trainer's: their weights (or numerics) differ."""
 
 
-def probe_sequence(input_ids: Any, attention_mask: Any) -> list[int]:
-    """The probe: the first row's real tokens (right-padded rows), at most ``PROBE_TOKENS``."""
+def probe_sequence(input_ids: Any, attention_mask: Any) -> list[int] | None:
+    """The probe: the last ``PROBE_TOKENS`` real tokens of the first row (right-padded rows),
+    None when it has fewer than two (nothing to score)."""
     length = int(attention_mask[0].sum())
-    return [int(t) for t in input_ids[0, :min(length, PROBE_TOKENS)]]
+    if length < 2:
+        return None
+    return [int(t) for t in input_ids[0, max(0, length - PROBE_TOKENS):length]]
 
 
 def probe_gap(engine: Sequence[float], trainer: Sequence[float]) -> float:
@@ -52,12 +56,14 @@ def probe_gap(engine: Sequence[float], trainer: Sequence[float]) -> float:
 
 
 def check_weight_sync(gap: float, tokens: int, tolerance: float, version: int,
-                      what: str = "response tokens") -> None:
-    """Raise ``WeightSyncError`` when the mean gap over ``tokens`` exceeds ``tolerance``."""
+                      what: str | None = None) -> None:
+    """Raise ``WeightSyncError`` when the mean gap over ``tokens`` exceeds ``tolerance``;
+    ``what``: the tokens (default: the response tokens of step ``version``)."""
     if tokens > 0 and not gap <= tolerance:  # NaN fails too
         raise WeightSyncError(
             f"the rollout engines' log-probs differ from the trainer's by {gap:.3g} on average "
-            f"over {tokens} {what} of step {version} (system.weight_sync_tolerance "
+            f"over {tokens} {what or f'response tokens of step {version}'} "
+            f"(system.weight_sync_tolerance "
             f"{tolerance:g}): the engines do not serve the weights of version {version}. A "
             "weight sync that did not take effect, an engine on another checkpoint, or other "
             "numerics (precision, FP8, routing without replay): check the rollout log, or "

@@ -202,9 +202,9 @@ class TrainerProcess:
 
         from runtime.sync_check import probe_sequence
 
-        if not batch.size:
+        ids = probe_sequence(batch.input_ids, batch.attention_mask) if batch.size else None
+        if ids is None:  # the same on every rank: they all read one batch
             return None
-        ids = probe_sequence(batch.input_ids, batch.attention_mask)
         row = torch.tensor([ids])
         logp = self.trainer.logprobs(row, torch.ones_like(row))
         return {"token_ids": ids, "logprobs": [float(x) for x in logp[0, 1:]]}

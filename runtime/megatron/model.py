@@ -220,13 +220,12 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
     _mark_tensor_parallel(model)
     if dtype != torch.float32:
-        # The local spec builds its torch norms in fp32 whatever params_dtype says; a bf16 model
-        # is bf16 throughout, as Megatron-LM's Float16Module makes it and vLLM serves it; the
-        # routers' expert bias stays fp32 (megatron-core restores it so at each forward).
-        model.to(dtype)
-        for module in model.modules():
-            if hasattr(module, "_maintain_float32_expert_bias"):
-                module._maintain_float32_expert_bias()
+        # The local spec builds its torch norms in fp32 whatever params_dtype says: every
+        # parameter of a bf16 model is bf16, as Megatron-LM's Float16Module makes it and vLLM
+        # serves it. Buffers keep their dtype: the routers' expert bias and token counters
+        # are fp32 bookkeeping (counts of thousands of tokens step by 32 in bf16).
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
     if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
         # built on the CPU (use_cpu_initialization), trained on this rank's GPU
         model.cuda(torch.cuda.current_device())

@@ -23,8 +23,9 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
 * Transport errors and 5xx are retried (``retries`` times) on another endpoint, chosen
   by ``runtime.rollout.failover``: a failed endpoint is skipped for ``down_s`` seconds and
   the retry goes at once to the live endpoint with the fewest requests in flight; only when
-  every endpoint is down does a retry wait (``backoff_s``, doubling). 4xx are raised at
-  once as ``RolloutError`` with the server's message.
+  every endpoint is down does a retry wait (``backoff_s``, doubling). An answer the client
+  cannot use (malformed, missing fields) is retried elsewhere too, without marking the
+  endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
 
 A seeded request is reproducible however the prompts are spread: vLLM and our
 engine seed every prompt of a request alike (sample j uses seed + j), so the
@@ -203,7 +204,10 @@ class RolloutClient(WeightUpdates):
                 if exc.status is not None and exc.status < 500:
                     self._health.answered(i)
                     raise
-                self._health.failed(i)
+                if exc.answered:  # alive, its answer unusable: try another, do not shun it
+                    self._health.answered(i)
+                else:
+                    self._health.failed(i)
                 last = exc
                 continue
             self._health.answered(i)
@@ -397,7 +401,8 @@ class RolloutClient(WeightUpdates):
                 grouped = choices_by_prompt(response.choices, len(chunk), n)
             except (ProtocolError, KeyError, TypeError, ValueError) as exc:
                 raise RolloutError(
-                    f"{endpoint}: malformed completion response: {exc}", status=502
+                    f"{endpoint}: malformed completion response: {exc}", status=502,
+                    answered=True,
                 ) from exc
             return [
                 [
@@ -433,10 +438,12 @@ class RolloutClient(WeightUpdates):
         elif choice.logprobs is not None:
             token_ids = [parse_token_id_string(t) for t in choice.logprobs.tokens]
         else:
-            raise RolloutError(f"{endpoint}: choice without token_ids or logprobs", status=502)
+            raise RolloutError(f"{endpoint}: choice without token_ids or logprobs", status=502,
+                               answered=True)
         if choice.logprobs is None or len(choice.logprobs.token_logprobs) != len(token_ids):
             raise RolloutError(
-                f"{endpoint}: choice {choice.index} lacks per-token logprobs", status=502
+                f"{endpoint}: choice {choice.index} lacks per-token logprobs", status=502,
+                answered=True,
             )
         logprobs = np.asarray(
             [np.nan if v is None else v for v in choice.logprobs.token_logprobs], dtype=np.float32
@@ -447,7 +454,7 @@ class RolloutClient(WeightUpdates):
                 raise RolloutError(
                     f"{endpoint} returned no routed_experts: start it with "
                     "--enable-return-routed-experts (vLLM) / --return-routed-experts",
-                    endpoint=endpoint,
+                    endpoint=endpoint, answered=True,
                 )
             routed = decode_routed_experts(choice.routed_experts)
             expected = len(prompt) + len(token_ids) - 1 - prompt_start
@@ -455,7 +462,7 @@ class RolloutClient(WeightUpdates):
                 raise RolloutError(
                     f"{endpoint}: routed_experts has {routed.shape[0]} rows, expected {expected} "
                     f"(prompt {len(prompt)} + output {len(token_ids)} − 1 − start {prompt_start})",
-                    status=502,
+                    status=502, answered=True,
                 )
         spans = tuple(choice.weight_versions or ())
         if choice.weight_versions is not None:

@@ -11,14 +11,18 @@ __all__ = ["RolloutError", "error_message"]
 
 
 class RolloutError(RuntimeError):
-    """A request the rollout service refused or could not serve."""
+    """A request the rollout service refused or could not serve. ``answered``: the endpoint
+    did answer, and the client found the answer unusable (a malformed body, missing fields):
+    retried elsewhere, but the endpoint is not marked down (``runtime.rollout.failover``)."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, endpoint: str | None = None
+        self, message: str, *, status: int | None = None, endpoint: str | None = None,
+        answered: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.endpoint = endpoint
+        self.answered = answered
 
 
 def error_message(raw: bytes) -> str:

@@ -273,13 +273,14 @@ class LocalEngine(SleepControl, PauseControl):
 
     def _prompt_logprobs(self, prompt: list[int]) -> list[tuple[float, int]]:
         """(log p(x_t | x_<t), rank) of every prompt token after the first: one uncached
-        forward over the prompt, in the precision the engine samples with."""
+        forward over the prompt, in the precision the engine samples with. The rank counts
+        the tokens at least as likely, itself included, as vLLM's does."""
         ids = torch.tensor([prompt], device=self.device)
-        logp = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0, :-1].float(),
-                                 dim=-1)
-        chosen = logp.gather(1, ids[0, 1:, None])
-        ranks = (logp > chosen).sum(dim=1) + 1
-        return list(zip(chosen[:, 0].tolist(), ranks.tolist(), strict=True))
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        chosen = logits.gather(1, ids[0, 1:, None])
+        logp = chosen[:, 0] - torch.logsumexp(logits, dim=-1)
+        ranks = (logits >= chosen).sum(dim=1)
+        return list(zip(logp.tolist(), ranks.tolist(), strict=True))
 
     def _validate(
         self,

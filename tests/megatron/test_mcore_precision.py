@@ -98,11 +98,12 @@ def test_the_spec_precision_sets_the_megatron_train_jobs_dtypes(
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
-def test_a_bf16_model_keeps_its_routers_expert_bias_in_fp32(
+def test_a_bf16_model_keeps_its_routers_bias_and_counters_in_fp32(
         tmp_path: Path, megatron_cpu: None, family: str) -> None:
     """The families with a router expert bias (GLM-4.5, DeepSeek-V3): a bf16 model is bf16
-    throughout except that buffer, which megatron-core keeps in fp32 (a bias rounded to bf16
-    moves the top-k); its log-probs are the fp32 HF model's up to bf16 noise."""
+    throughout except the routers' bias and token counters, which megatron-core keeps in fp32
+    (a bias rounded to bf16 moves the top-k; counts step by 32 in bf16 past 4096); its
+    log-probs are the fp32 HF model's up to bf16 noise."""
     from runtime.megatron.hf_weights import load_hf_weights
     from runtime.megatron.logprobs import megatron_logprobs
     from runtime.megatron.model import build_gpt_chunks
@@ -116,8 +117,10 @@ def test_a_bf16_model_keeps_its_routers_expert_bias_in_fp32(
         (model,) = build_gpt_chunks(hf.config, pg, dtype=torch.bfloat16)
         load_hf_weights(model, hf.state_dict(), hf.config)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        biases = {n: b for n, b in model.named_buffers() if n.endswith("router.expert_bias")}
-        assert biases and {b.dtype for b in biases.values()} == {torch.float32}
+        router = {n: b for n, b in model.named_buffers()
+                  if n.endswith(("router.expert_bias", "router.local_tokens_per_expert"))}
+        assert {n.rsplit(".", 1)[1] for n in router} == {"expert_bias", "local_tokens_per_expert"}
+        assert {b.dtype for b in router.values()} == {torch.float32}
         ids = torch.randint(1, int(hf.config.vocab_size), (2, 12),
                             generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)

@@ -118,11 +118,13 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert not list(save.glob(".*"))  # no partial checkpoint left behind
 
     # The engines served exactly the published Megatron weights: the trainer's log-probs of
-    # the sampled tokens equal the engines' to float precision (R3 replays their experts).
+    # the sampled tokens equal the engines' to float precision (R3 replays their experts),
+    # and so do the two ranks' probe log-probs (TP 2 + SP, EP 2) after each load.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     trained = [r for r in rows if r["responses_trained"]]
     assert trained and all(r["train_inference_gap"] < 1e-5 for r in trained)
+    assert all(r["weight_sync_probe_gap"] < 1e-5 for r in trained)
     assert all(r["grad_norm"] > 0 for r in trained)
     assert all(r["kl"] is not None for r in trained)  # the frozen reference GPTModel is there
 

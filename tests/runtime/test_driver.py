@@ -375,12 +375,18 @@ def test_the_weight_sync_probe_stops_a_run_whose_engines_do_not_serve_the_traine
             save_policy(policy, tokenizer, driver.paths.version(version), step=version,
                         probe={"token_ids": tokens, "logprobs": logp[0, 1:].tolist()})
         assert driver._check_probe(1) < 1e-5
-        with pytest.raises(JobError, match=r"over \d+ probe tokens of step 2 \(system\."
-                                           r"weight_sync_tolerance 0\.001\).*do not serve the "
-                                           r"weights of version 2"):
+        with pytest.raises(JobError, match=r"over \d+ probe tokens of weights v2 on http://"
+                                           r"127\.0\.0\.1:\d+ \(system\.weight_sync_"
+                                           r"tolerance 0\.001\).*do not serve the weights of "
+                                           r"version 2"):
             driver._check_probe(2)
         save_policy(build_policy(arch, tokenizer, seed=0), tokenizer, driver.paths.version(3))
         assert driver._check_probe(3) is None
+        nan = {"token_ids": tokens, "logprobs": [float("nan")] * (len(tokens) - 1)}
+        save_policy(build_policy(arch, tokenizer, seed=0), tokenizer, driver.paths.version(4),
+                    probe=nan)  # a NaN gap fails, whichever engine it comes from
+        with pytest.raises(JobError, match="differ from the trainer's by nan"):
+            driver._check_probe(4)
 
 
 def test_the_length_history_survives_a_resume(tmp_path: Path) -> None:
