@@ -193,32 +193,35 @@ class RolloutClient(WeightUpdates):
         last: RolloutError | None = None
         tried: set[int] = set()
         for attempt in range(self.retries + 1):
-            i = self._health.pick(planned, tried)
-            if attempt and self._health.is_down(i):  # nowhere healthy left: wait, then retry
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            tried.add(i)
-            try:
-                with self._health.attempt(i):
+            with self._health.attempt(planned, tried) as i:
+                tried.add(i)
+                if attempt and self._health.is_down(i):  # nowhere healthy left: wait
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                try:
                     result = fn(self.endpoints[i])
-            except RolloutError as exc:
-                if exc.status is not None and exc.status < 500:
-                    self._health.answered(i)
-                    raise
-                if exc.answered:  # alive, its answer unusable: try another, do not shun it
-                    self._health.answered(i)
-                else:
-                    self._health.failed(i)
-                last = exc
-                continue
+                except RolloutError as exc:
+                    if exc.status is not None and exc.status < 500:
+                        self._health.answered(i)
+                        raise
+                    if exc.answered:  # alive, its answer unusable: try another, do not shun it
+                        self._health.answered(i)
+                    else:
+                        self._health.failed(i)
+                    last = exc
+                    continue
             self._health.answered(i)
             return result
         assert last is not None
         raise last
 
     def _broadcast(self, fn: Any) -> list[Any]:
-        """Run ``fn(endpoint)`` on every endpoint concurrently; raise the first error."""
+        """Run ``fn(endpoint)`` on every endpoint concurrently; raise the first error. An
+        endpoint that served its call is up again (``runtime.rollout.failover``)."""
         futures = [self._pool.submit(fn, e) for e in self.endpoints]
-        return [f.result() for f in futures]
+        results = [f.result() for f in futures]
+        for i in range(len(self.endpoints)):
+            self._health.answered(i)
+        return results
 
     # -- readiness / introspection --------------------------------------------------------
     def wait_ready(self, timeout: float = 120.0, *, model_root: str | None = None) -> None:

@@ -44,23 +44,28 @@ class EndpointHealth:
         """The endpoint for the next attempt of a request planned for ``planned`` that has
         already tried ``tried`` (module doc)."""
         with self._lock:
-            now = self._clock()
-            fresh = [i for i in range(self.n) if i not in tried] or list(range(self.n))
-            up = [i for i in fresh if now >= self._down_until[i]]
-            if planned in up:
-                return planned
-            # every fresh endpoint down: the one whose cool-down ends first
-            if not up:
-                return min(fresh, key=lambda i: (self._down_until[i], (i - planned) % self.n))
-            return min(up, key=lambda i: (self._in_flight[i], (i - planned) % self.n))
+            return self._pick(planned, tried)
+
+    def _pick(self, planned: int, tried: set[int] | frozenset[int]) -> int:
+        now = self._clock()
+        fresh = [i for i in range(self.n) if i not in tried] or list(range(self.n))
+        up = [i for i in fresh if now >= self._down_until[i]]
+        if planned in up:
+            return planned
+        if not up:  # every fresh endpoint down: the one whose cool-down ends first
+            return min(fresh, key=lambda i: (self._down_until[i], (i - planned) % self.n))
+        return min(up, key=lambda i: (self._in_flight[i], (i - planned) % self.n))
 
     @contextmanager
-    def attempt(self, i: int) -> Iterator[None]:
-        """Count one request in flight at ``i`` while the block runs."""
+    def attempt(self, planned: int,
+                tried: set[int] | frozenset[int] = frozenset()) -> Iterator[int]:
+        """Pick the endpoint (:meth:`pick`) and count the request in flight there, in one
+        step, so that concurrent failovers spread; yields it, uncounted after the block."""
         with self._lock:
+            i = self._pick(planned, tried)
             self._in_flight[i] += 1
         try:
-            yield
+            yield i
         finally:
             with self._lock:
                 self._in_flight[i] -= 1

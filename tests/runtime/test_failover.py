@@ -66,3 +66,13 @@ def test_bad_arguments_are_refused() -> None:
         EndpointHealth(0)
     with pytest.raises(ValueError):
         EndpointHealth(2, down_s=-1)
+
+
+def test_concurrent_failovers_spread_over_the_live_endpoints() -> None:
+    """Picking and counting are one step: two requests planned for a down endpoint, in flight
+    at once, go to two different live ones."""
+    health = EndpointHealth(3, clock=Clock())
+    health.failed(0)
+    with health.attempt(0) as first, health.attempt(0) as second:
+        assert {first, second} == {1, 2}
+    assert health.pick(0) == 1  # both done: the first after the planned one again
