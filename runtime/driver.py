@@ -71,9 +71,10 @@ import numpy as np
 
 from runtime.driver_state import DriverState, Pending, load_state, save_state
 from runtime.errors import JobError
-from runtime.exchange import RunPaths, build_train_tensors, step_of, write_batch
+from runtime.exchange import RunPaths, build_train_tensors, routing_shape, step_of, write_batch
 from runtime.files import atomic_write_text
 from runtime.processes import pid_alive
+from runtime.sync_check import check_probe
 
 __all__ = ["RLDriver", "TrainerFailed", "prompt_stream"]
 
@@ -126,7 +127,6 @@ class RLDriver:
         self.alpha_zvp = float(adv["alpha_zvp"])
         self.max_staleness = int(self.spec["system"]["max_staleness"])
         self.reward_workers = int(self.spec["system"]["reward_workers"])
-        self.sync_tolerance = float(self.spec["system"]["weight_sync_tolerance"])
         self.scorer: Any = None  # the run's ScoringPool while run() runs (reward_workers > 1)
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
@@ -161,14 +161,7 @@ class RLDriver:
         return self._eval_rows
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:
-        cfg = json.loads((self.ctx.input_of_kind("hf_checkpoint") / "config.json").read_text())
-        experts = (cfg.get("num_experts") or cfg.get("num_local_experts")
-                   or cfg.get("n_routed_experts"))  # Qwen3-MoE, DeepSeek-V3
-        top_k = cfg.get("num_experts_per_tok")
-        layers = cfg.get("num_hidden_layers")
-        dense = len(cfg.get("mlp_only_layers") or []) + int(cfg.get("first_k_dense_replace") or 0)
-        moe_layers = None if layers is None else layers - dense
-        return experts, moe_layers, top_k
+        return routing_shape(self.ctx.input_of_kind("hf_checkpoint"))
 
     def _new_state(self) -> DriverState:
         from runtime.filters import build_pipeline
@@ -393,31 +386,9 @@ class RLDriver:
         state.next_batch = step + 1
         save_state(self.paths.state, state)
 
-    def _check_probe(self, version: int) -> float | None:
-        """After the engines loaded ``version``: each engine's log-probs of the version's
-        probe against the trainer's (``runtime.sync_check``); stops the run past
-        ``system.weight_sync_tolerance``, naming the engine. Returns the largest gap (NaN
-        when one is), None when the version carries no probe."""
-        from runtime.files import COMPLETE_MARKER
-        from runtime.sync_check import WeightSyncError, check_weight_sync, probe_gap
-
-        marker = self.paths.version(version) / COMPLETE_MARKER
-        if not marker.is_file():  # published atomically: the engines just read this folder
-            self.log.warning("weights v%d have no completion marker: its probe is skipped",
-                             version)
-            return None
-        probe = json.loads(marker.read_text()).get("probe")
-        if not probe or len(probe["token_ids"]) < 2:  # an empty batch made this version
-            return None
-        engines = self.client.prompt_logprobs(probe["token_ids"])
-        gaps = [probe_gap(lp, probe["logprobs"]) for lp in engines]
-        for endpoint, gap in zip(self.client.endpoints, gaps, strict=True):
-            try:
-                check_weight_sync(gap, len(probe["logprobs"]), self.sync_tolerance, version,
-                                  what=f"probe tokens of weights v{version} on {endpoint}")
-            except WeightSyncError as exc:
-                raise JobError(str(exc)) from exc
-        return max(gaps)
+    def _check_probe(self, version: int) -> float | None:  # of the weights just loaded
+        return check_probe(self.client, self.paths.version(version), version,
+                           self.spec["system"]["weight_sync_tolerance"], warn=self.log.warning)
 
     def _finish(self, state: DriverState, tokenizer: Any, reward: Any, log: Any) -> None:
         """Wait for the oldest handed-over step to be trained, load its weights into the
@@ -430,7 +401,6 @@ class RLDriver:
         probed = self._check_probe(step + 1)
         state.version = step + 1
         line = dict(pending.line)
-        line["weight_sync_probe_gap"] = probed
         sleep_wake = self.placement.take_seconds()
         if sleep_wake is not None:
             line["sleep_wake_seconds"] = sleep_wake
@@ -450,6 +420,7 @@ class RLDriver:
             "kl": tm.get("kl"),
             "loss": tm.get("loss"),
             "grad_norm": tm.get("grad_norm"),
+            "weight_sync_probe_gap": probed,
             "lr": tm.get("lr"),
             "wall_seconds": wall,
         })

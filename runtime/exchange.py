@@ -23,6 +23,7 @@ still being trained, and then ``done-<s−1>.json`` holds it) and ``last``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RunPaths", "build_train_tensors", "step_of", "write_batch"]
+__all__ = ["RunPaths", "build_train_tensors", "routing_shape", "step_of", "write_batch"]
+
+
+def routing_shape(hf_checkpoint: Path) -> tuple[int | None, int | None, int | None]:
+    """(routed experts, MoE layers, top-k) of an HF checkpoint's config.json: the shape of a
+    batch's R3 routing tensors (None where the config does not say)."""
+    cfg = json.loads((hf_checkpoint / "config.json").read_text())
+    experts = (cfg.get("num_experts") or cfg.get("num_local_experts")
+               or cfg.get("n_routed_experts"))  # Qwen3-MoE, DeepSeek-V3
+    layers = cfg.get("num_hidden_layers")
+    dense = len(cfg.get("mlp_only_layers") or []) + int(cfg.get("first_k_dense_replace") or 0)
+    return experts, None if layers is None else layers - dense, cfg.get("num_experts_per_tok")
 
 
 @dataclass(frozen=True)

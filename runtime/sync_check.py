@@ -27,16 +27,22 @@ teacher-forced (vLLM's ``prompt_logprobs``) and applies the same tolerance to th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["PROBE_TOKENS", "WeightSyncError", "check_weight_sync", "probe_gap", "probe_sequence"]
+from runtime.errors import JobError
+
+__all__ = ["PROBE_TOKENS", "WeightSyncError", "check_probe", "check_weight_sync", "probe_gap",
+           "probe_sequence"]
 
 PROBE_TOKENS = 64  # the probe's length at most: enough tokens to average, one cheap request
 
 
-class WeightSyncError(RuntimeError):
-    """The engines' log-probs are not the trainer's: their weights (or numerics) differ."""
+class WeightSyncError(JobError):
+    """The engines' log-probs are not the trainer's: their weights (or numerics) differ. A
+    ``JobError``: the message is meant for the user as is, from the trainer or the driver."""
 
 
 def probe_sequence(input_ids: Any, attention_mask: Any) -> list[int] | None:
@@ -68,3 +74,25 @@ def check_weight_sync(gap: float, tokens: int, tolerance: float, version: int,
             "weight sync that did not take effect, an engine on another checkpoint, or other "
             "numerics (precision, FP8, routing without replay): check the rollout log, or "
             "raise the tolerance if the engines' numerics differ by design")
+
+
+def check_probe(client: Any, folder: Path, version: int, tolerance: float, *,
+                warn: Callable[[str], None]) -> float | None:
+    """After the engines of ``client`` loaded the weights ``folder`` (``version``): each
+    engine's log-probs of the probe in the folder's completion marker against the trainer's.
+    Raises ``WeightSyncError`` past ``tolerance``, naming the engine; returns the largest gap,
+    None when the version carries no probe (an empty batch made it)."""
+    from runtime.files import COMPLETE_MARKER
+
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():  # published atomically: the engines just read this folder
+        warn(f"weights v{version} have no completion marker: its probe is skipped")
+        return None
+    probe = json.loads(marker.read_text()).get("probe")
+    if not probe or len(probe["token_ids"]) < 2:
+        return None
+    gaps = [probe_gap(lp, probe["logprobs"]) for lp in client.prompt_logprobs(probe["token_ids"])]
+    for endpoint, gap in zip(client.endpoints, gaps, strict=True):
+        check_weight_sync(gap, len(probe["logprobs"]), tolerance, version,
+                          what=f"probe tokens of weights v{version} on {endpoint}")
+    return max(gaps)

@@ -34,10 +34,10 @@ weights are rounded through float8_e4m3fn at load and after every ``load_weights
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ from runtime.rollout.sampling import (
     _GREEDY_EPS,
     LogprobsMode,
     _sequence_keys,
+    prompt_logprobs_of,
     sample_tokens,
 )
 from runtime.rollout.sleeping import SleepControl
@@ -233,9 +234,8 @@ class LocalEngine(SleepControl, PauseControl):
         num_logprobs: int | None = None,
         prompt_logprobs: bool = False,
     ) -> list[PromptOutput]:
-        """Sample ``n`` continuations of every prompt; one ``PromptOutput`` per prompt, with
-        each prompt token's log-prob and rank when ``prompt_logprobs`` (vLLM's
-        ``prompt_logprobs=0``)."""
+        """Sample ``n`` continuations of every prompt; one ``PromptOutput`` per prompt (with
+        ``prompt_logprobs``: vLLM's ``prompt_logprobs=0``, ``sampling.prompt_logprobs_of``)."""
         prompts = [list(map(int, p)) for p in prompts]
         self._validate(
             prompts, n, max_tokens, temperature, top_p, top_k, routed_experts_prompt_start
@@ -266,21 +266,8 @@ class LocalEngine(SleepControl, PauseControl):
                 num_logprobs=num_logprobs,
                 epoch=epoch,
             )
-            if prompt_logprobs:
-                outputs = [dataclasses.replace(o, prompt_logprobs=self._prompt_logprobs(p))
-                           for o, p in zip(outputs, prompts, strict=True)]
-            return outputs
-
-    def _prompt_logprobs(self, prompt: list[int]) -> list[tuple[float, int]]:
-        """(log p(x_t | x_<t), rank) of every prompt token after the first: one uncached
-        forward over the prompt, in the precision the engine samples with. The rank counts
-        the tokens at least as likely, itself included, as vLLM's does."""
-        ids = torch.tensor([prompt], device=self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        chosen = logits.gather(1, ids[0, 1:, None])
-        logp = chosen[:, 0] - torch.logsumexp(logits, dim=-1)
-        ranks = (logits >= chosen).sum(dim=1)
-        return list(zip(logp.tolist(), ranks.tolist(), strict=True))
+            return [replace(o, prompt_logprobs=prompt_logprobs_of(self.model, p, self.device))
+                    if prompt_logprobs else o for o, p in zip(outputs, prompts, strict=True)]
 
     def _validate(
         self,

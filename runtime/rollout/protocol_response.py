@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "choices_by_prompt",
     "parse_token_id_string",
     "parse_weight_versions",
+    "prompt_logprob_entries",
     "token_id_string",
 ]
 
@@ -166,6 +167,14 @@ class CompletionChoice:
                 None if raw_versions is None else list(parse_weight_versions(raw_versions, n_out))
             ),
         )
+
+
+def prompt_logprob_entries(ids: Sequence[int], logprobs: Sequence[tuple[float, int]],
+                           token_text: Callable[[int], str]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs`` of a choice: None for the first token, then each token's
+    own {"<id>": {"logprob", "rank", "decoded_token"}}."""
+    return [None, *({str(t): {"logprob": lp, "rank": rank, "decoded_token": token_text(t)}}
+                    for t, (lp, rank) in zip(ids[1:], logprobs, strict=True))]
 
 
 @dataclass(frozen=True)

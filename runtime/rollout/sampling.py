@@ -122,3 +122,17 @@ def sample_tokens(
         vals, idx = table.topk(num_logprobs, dim=-1)
         top = (idx, vals)
     return tok, lp, top
+
+
+def prompt_logprobs_of(model: torch.nn.Module, prompt: Sequence[int],
+                       device: torch.device) -> list[tuple[float, int]]:
+    """(log p(x_t | x_<t), rank) of every prompt token after the first (vLLM's
+    ``prompt_logprobs=0``): one uncached forward over the prompt, in the precision the
+    engine samples with. The rank counts the tokens at least as likely, itself included, as
+    vLLM's does."""
+    ids = torch.tensor([list(prompt)], device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    chosen = logits.gather(1, ids[0, 1:, None])
+    logp = chosen[:, 0] - torch.logsumexp(logits, dim=-1)
+    ranks = (logits >= chosen).sum(dim=1)
+    return list(zip(logp.tolist(), ranks.tolist(), strict=True))

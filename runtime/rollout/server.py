@@ -67,12 +67,12 @@ from runtime.rollout.protocol import (
     error_body,
     token_id_string,
 )
+from runtime.rollout.protocol_response import prompt_logprob_entries
 from runtime.rollout.server_sleep import SleepRoutes
 from runtime.rollout.server_weights import WeightRoutes, _UpdateState
 
 if TYPE_CHECKING:
     from runtime.rollout.engine import LocalEngine, SampleOutput
-    from runtime.rollout.outputs import PromptOutput
 
 __all__ = ["RolloutHTTPServer", "check_host", "main", "make_server"]
 
@@ -279,7 +279,8 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
                         prompt_token_ids=po.prompt_token_ids if req.return_token_ids else None,
                         routed_experts=routed,
                         weight_versions=list(s.weight_versions),
-                        prompt_logprobs=self._prompt_logprobs(po),
+                        prompt_logprobs=None if po.prompt_logprobs is None else prompt_logprob_entries(
+                            po.prompt_token_ids, po.prompt_logprobs, engine.token_text),
                     )
                 )
                 completion_tokens += len(s.token_ids)
@@ -290,16 +291,6 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
             id=f"cmpl-{req.request_id or uuid.uuid4().hex}",
         )
         self._send_json(200, response.to_json())
-
-    def _prompt_logprobs(self, po: PromptOutput) -> list[dict[str, dict[str, Any]] | None] | None:
-        """vLLM's ``prompt_logprobs`` entries: None for the first token, then the token's own
-        {"<id>": {logprob, rank, decoded_token}}."""
-        if po.prompt_logprobs is None:
-            return None
-        engine = self.server.engine
-        return [None, *({str(t): {"logprob": lp, "rank": rank, "decoded_token": engine.token_text(t)}}
-                        for t, (lp, rank) in zip(po.prompt_token_ids[1:], po.prompt_logprobs,
-                                                 strict=True))]
 
     def _logprobs(self, req: CompletionRequest, s: SampleOutput) -> CompletionLogProbs:
         engine = self.server.engine
