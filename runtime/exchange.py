@@ -9,6 +9,8 @@ and the driver (``runtime.jobs.rl``, ``runtime.driver``). They share the run dir
     artifacts/rl/exchange/trainer-heartbeat.json   trainer liveness (pid, host, time)
     artifacts/rl/exchange/trainer-error.json       the trainer's failure, one line
     artifacts/rl/weights/v<s+1>/           the policy after step s (HF folder, atomic)
+    artifacts/rl/weights/v<s+1>/ipc_update.json   weight_sync ipc: the update body of its
+                                           tensors, in the segment /dev/shm/rlspec-<owner>-v<s+1>
     artifacts/rl/state/driver.pkl          driver state (``runtime.driver_state``)
     artifacts/rl/metrics.jsonl             one line per complete step
     checkpoints/rl/step-<k>/               trainer checkpoints (model, optimizer, step)
@@ -75,6 +77,13 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.run_dir / "checkpoints" / "rl"
+
+    @property
+    def owner(self) -> str:
+        """This run's name among the node's shared-memory segments (weight_sync ipc)."""
+        import hashlib
+
+        return hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
 
     def batch(self, step: int) -> Path:
         return self.exchange / f"batch-{step}.pt"

@@ -11,6 +11,9 @@ with ``--enable-sleep-mode``; ``runtime.rollout.sleeping`` on the embedded engin
     generate step s → sleep(level 2) → hand batch s to the trainer → trainer steps →
     wake_up(weights) → load v<s+1> → wake_up(kv_cache) → generate step s+1
 
+With ``system.weight_sync: ipc`` the load maps the trainer's shared tensors instead of
+reading its folder (``runtime.rollout.weight_transfer.IPCWeightTransfer``).
+
 Level 2 discards the weights instead of offloading them to host memory (level 1): they are
 replaced by v<s+1> anyway, so copying them out and back would be wasted bandwidth. The
 weights wake first and the KV cache only after the load, so that the load never needs the

@@ -352,6 +352,21 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
     return final
 
 
+def checkpoint_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save_policy` writes, by the names it writes them under (HF's
+    on-disk layout, e.g. one tensor per expert; tied copies left out), without writing
+    them: what the engines read from a folder, for the engines that map them instead
+    (``weight_sync: ipc``). They share the model's memory."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    for key in model._keys_to_ignore_on_save or ():
+        state.pop(key, None)
+    state = remove_tied_weights_from_state_dict(state, model)
+    return dict(revert_weight_conversion(model, state))
+
+
 def policy_from_state_dict(config: PretrainedConfig,
                            state_dict: Mapping[str, torch.Tensor]) -> PreTrainedModel:
     """The HF model of ``config`` holding ``state_dict`` (HF names), without a second copy of

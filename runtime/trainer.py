@@ -397,3 +397,10 @@ class Trainer:
         sums["lr"], counts["lr"] = lr, 1.0
         self.optimizer.step()
         self.optimizer_steps += 1
+
+
+def schedule_length(spec: dict[str, Any], derived: dict[str, Any]) -> int:
+    """Optimizer steps the learning-rate schedule spans: the plan's optimizer steps per RL
+    step (rollouts / global batch × ppo_epochs: the epochs are already in it) × train.steps."""
+    per_step = int(derived.get("optimizer_steps_per_rollout") or 1)
+    return per_step * int(spec["train"]["steps"])

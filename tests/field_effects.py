@@ -77,6 +77,7 @@ RUN = "tests/runtime/test_run.py"
 TASKS = "tests/runtime/test_tasks.py"
 TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
+SHARED = "tests/runtime/test_shared_weights.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
 MCORE_PRECISION = "tests/megatron/test_mcore_precision.py"
 MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
@@ -678,10 +679,13 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         t(RL, "test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill"),
         t(TRAINER, "test_a_stale_batch_is_trained_with_its_gap_logged_not_checked"),
         "check:stale_rollouts")},
-    # Only disk is wired: nccl / ipc are refused; disk = /collective_rpc reload, no
-    # --weight-transfer-config.
+    # nccl is refused; ipc runs on the CPU with the embedded engine (the colocated RL run maps
+    # the trainer's shared memory; the server's IPC update), and is refused on GPUs and with
+    # vLLM's CPU build; disk = /collective_rpc reload, no --weight-transfer-config.
     "System.weight_sync": {
-        "rollout:local": "refused:weight_sync",
+        "rollout:local": ("refused:weight_sync",
+                          t(RL, "test_colocated_engines_sleep_through_training_and_resume_after_sigkill"),
+                          t(SHARED, "test_an_ipc_update_serves_exactly_the_shared_weights")),
         "rollout:vllm": ("refused:weight_sync",
                          t(VLLM, "test_weight_sync_disk_passes_no_transfer_config"),
                          t(ROLLOUT, "test_vllm_disk_reload_through_collective_rpc")),

@@ -81,10 +81,11 @@ def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
     if (c.scheduler == "slurm" and spec.system.weight_sync == "ipc"
             and spec.rollout.placement != "colocated"):
         yield _error(("system", "weight_sync"),
-                     f"weight_sync ipc shares CUDA memory inside one machine, but the trainer "
+                     f"weight_sync ipc shares memory inside one machine, but the trainer "
                      f"({spec.train.nodes} node(s)) and the rollout engines ({spec.rollout.nodes} "
                      "node(s)) run on separate Slurm nodes",
-                     "set system.weight_sync: nccl", (TRAIN_NODES, R_NODES))
+                     "set system.weight_sync: disk, or rollout.placement: colocated",
+                     (TRAIN_NODES, R_NODES))
 
 
 # --------------------------------------------------------------------------- ZVE budgets

@@ -9,15 +9,29 @@ from runtime.capabilities.refusal import Refusal, _uses_embedded_trainer
 
 
 def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
-    """Only ``disk`` is wired: the trainer writes each step's weights to an HF folder that the
-    engines reload. vLLM's NCCL / IPC transfer (``runtime.rollout.weight_transfer``) has no
-    trainer-side push yet, and the embedded engine always reads from disk."""
+    """``disk``: the trainer writes each step's weights to an HF folder that the engines
+    reload. ``ipc``: the trainer also shares the tensors and the engines of its node map them
+    (``runtime.rollout.shared_weights``), wired for the CPU (shared memory) into the embedded
+    engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the trainer's side (CUDA
+    IPC from the rank that holds the gathered weights, into every engine GPU) is not built.
+    ``nccl``: the trainer has no broadcast to vLLM's NCCL group yet."""
     mode = spec["system"]["weight_sync"]
-    if mode != "disk":
+    if mode == "nccl":
         yield Refusal("weight_sync", ("system", "weight_sync"),
-                      f"weight_sync {mode}: the trainer does not push weights over {mode.upper()} "
+                      "weight_sync nccl: the trainer does not broadcast weights over NCCL "
                       "yet; the engines reload each step's weights from disk",
                       "set system.weight_sync: disk")
+    elif mode == "ipc" and spec["cluster"]["devices"] == "gpu":
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      "weight_sync ipc on GPUs: the trainer shares its weights over CPU shared "
+                      "memory only; CUDA IPC into the engines' GPUs is not built",
+                      "set system.weight_sync: disk")
+    elif mode == "ipc" and spec["rollout"]["engine"] == "vllm":
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      "weight_sync ipc: vLLM's IPC backend maps CUDA memory, which vLLM's CPU "
+                      "build does not have",
+                      "set system.weight_sync: disk, or rollout.engine: local (the embedded "
+                      "engine maps the trainer's shared memory)")
 
 
 def placement(spec: Mapping[str, Any]) -> Iterator[Refusal]:

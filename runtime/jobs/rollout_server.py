@@ -1,7 +1,8 @@
 """The RL job's embedded rollout engine: ``runtime.rollout.server`` on the job's policy.
 
 ``jobs/rl/rollout.sh`` runs ``python -m runtime.jobs.rollout_server --config ... --model DIR
---host HOST --port P [--return-routed-experts]``. This wrapper
+--host HOST --port P [--return-routed-experts] [--enable-sleep-mode]
+[--weight-transfer-config JSON]``. This wrapper
 
 * serves port + ``LOCAL_RANK`` (``runtime.launch`` starts one wrapper per replica when a
   node holds several),
@@ -35,6 +36,7 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
     ap.add_argument("--return-routed-experts", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--enable-sleep-mode", action="store_true")
+    ap.add_argument("--weight-transfer-config", default=None)
     args = ap.parse_args(argv)
     port = args.port + int(env.get("LOCAL_RANK") or 0)
     out = ["--model", args.model, "--host", args.host, "--port", str(port),
@@ -43,6 +45,8 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
         out.append("--return-routed-experts")
     if args.enable_sleep_mode:  # colocated placement: sleeps while the trainer steps
         out.append("--enable-sleep-mode")
+    if args.weight_transfer_config is not None:  # weight_sync ipc: updates from shared memory
+        out += ["--weight-transfer-config", args.weight_transfer_config]
     if args.config is not None and _fp8(args.config):
         out += ["--quantization", "fp8"]
     if env.get("SLURM_JOB_ID"):  # cluster: the head node serves the other nodes' driver

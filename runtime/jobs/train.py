@@ -3,14 +3,16 @@
 Started by ``jobs/rl/train.sh`` next to the driver (``runtime.jobs.rl``); the exchange files
 are described in ``runtime.exchange``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
 advantages of reshaped groups from the old policy's entropies) → ``Trainer.step`` → weights
-``weights/v<s+1>`` (HF folder, atomic) → a checkpoint every ``train.checkpoint.interval``
-steps and after the last (``checkpoints/rl/step-<k>``: model, optimizer, step; the newest
-``checkpoint.keep`` kept) → ``done-<s>.json`` with the metrics. A batch whose step is not
-the trainer's current version (a restarted run) re-syncs first: weights from
-``weights/v<s>``, optimizer state from the newest checkpoint ≤ s. After the last step the
-process writes ``trainer-finished.json`` and waits to be stopped by the launch script (it
-must not end before the driver does). A heartbeat file lets the driver notice a dead
-trainer; a failure is written to ``trainer-error.json`` and ends the process with status 1.
+``weights/v<s+1>`` (HF folder, atomic; with ``system.weight_sync: ipc`` its tensors are also
+shared with this node's engines, ``IPCWeightTransfer.publish``, and held while an engine may
+load them) → a checkpoint every ``train.checkpoint.interval`` steps and after the last
+(``checkpoints/rl/step-<k>``: model, optimizer, step; the newest ``checkpoint.keep`` kept) →
+``done-<s>.json`` with the metrics. A batch whose step is not the trainer's current version (a
+restarted run) re-syncs first: weights from ``weights/v<s>``, optimizer state from the newest
+checkpoint ≤ s. After the last step the process writes ``trainer-finished.json`` and waits to
+be stopped by the launch script (it must not end before the driver does). A heartbeat file
+lets the driver notice a dead trainer; a failure is written to ``trainer-error.json`` and ends
+the process with status 1.
 
 ``train.backend: megatron`` (:class:`MegatronTrainerProcess`): one process per GPU, started
 by torchrun (by ``runtime.launch`` with ``file://`` rendezvous on ``cluster.devices: cpu``)
@@ -38,17 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime.jobs.common import JobContext, atomic_dir, atomic_write_json
+from runtime.trainer import schedule_length
 
 
-class _Stop(BaseException):
+class _Stop(BaseException):  # SIGTERM
     pass
-
-
-def schedule_length(spec: dict[str, Any], derived: dict[str, Any]) -> int:
-    """Optimizer steps the learning-rate schedule spans: the plan's optimizer steps per RL
-    step (rollouts / global batch × ppo_epochs: the epochs are already in it) × train.steps."""
-    per_step = int(derived.get("optimizer_steps_per_rollout") or 1)
-    return per_step * int(spec["train"]["steps"])
 
 
 def _on_term(signum: int, frame: Any) -> None:
@@ -79,6 +75,8 @@ class TrainerProcess:
         self.length_balancing = typed.system.length_balancing
         self.sync_tolerance = typed.system.weight_sync_tolerance
         self.max_staleness = typed.system.max_staleness
+        self.weight_sync, self.engine = typed.system.weight_sync, typed.rollout.engine
+        self.ipc: Any = None  # weight_sync ipc: the IPCPublisher, once this process shares
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
@@ -104,7 +102,6 @@ class TrainerProcess:
             reference=reference, total_optimizer_steps=self.total_optimizer_steps,
             length_balancing=self.length_balancing, sync_tolerance=self.sync_tolerance)
 
-    # ----------------------------------------------------------------- heartbeat
     def heartbeat(self) -> None:
         while self._beat:
             with contextlib.suppress(OSError):
@@ -218,12 +215,28 @@ class TrainerProcess:
         self.model.eval()
         save_policy(self.model, self.tokenizer, self.paths.version(version), step=version,
                     probe=probe)
+        self._share(version, self.model)
         self._prune_weights(version)
 
+    def _share(self, version: int, model: Any) -> None:
+        """``weight_sync: ipc``: share the version's tensors with this node's engines (vLLM
+        loads checkpoint names; the embedded engine takes its own module names as they are)."""
+        if self.weight_sync != "ipc":
+            return
+        from runtime.policy import checkpoint_tensors
+        from runtime.rollout.weight_transfer import IPCPublisher
+
+        self.ipc = self.ipc or IPCPublisher(self.paths.owner)  # removes a killed one's segments
+        named = checkpoint_tensors(model) if self.engine == "vllm" else model.state_dict()
+        self.ipc.publish(version, self.paths.version(version), named.items())
+
     def _prune_weights(self, version: int) -> None:
+        oldest = version - 1 - self.max_staleness  # the oldest version an engine may still load
         for old in self.paths.weights.glob("v*"):
-            if old.name[1:].isdigit() and int(old.name[1:]) < version - 1 - self.max_staleness:
+            if old.name[1:].isdigit() and int(old.name[1:]) < oldest:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.ipc is not None:
+            self.ipc.prune(oldest)
 
     def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -429,13 +442,13 @@ class MegatronTrainerProcess(TrainerProcess):
             hf = policy_from_state_dict(self.hf_config, megatron_to_hf(full, self.hf_config))
             save_policy(hf, self.tokenizer, self.paths.version(version), step=version,
                         probe=probe)
+            self._share(version, hf)
             self._prune_weights(version)
 
 
 def _idle() -> None:
-    """Wait to be stopped by the launch script (the trainer must not end before the driver)."""
-    while True:
-        time.sleep(1.0)
+    """Wait for the launch script's SIGTERM (``_Stop``): never end before the driver."""
+    threading.Event().wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     ctx = JobContext.load(args.config, log_to_file=False)
     paths = RunPaths(ctx.run_dir)
+    proc: TrainerProcess | None = None
     try:
         if ctx.outputs_complete():
             ctx.log.info("trainer: outputs exist, nothing to train")
@@ -458,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ctx.model_spec.train.backend == "megatron":
             from runtime.megatron.args import parse_megatron_args
 
-            proc: TrainerProcess = MegatronTrainerProcess(ctx, parse_megatron_args(argv))
+            proc = MegatronTrainerProcess(ctx, parse_megatron_args(argv))
         elif megatron_flags:
             raise ValueError(f"the local trainer takes only --config, not {megatron_flags}")
         else:
@@ -476,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_json(paths.trainer_error, {"error": message, "pid": os.getpid()})
         print(f"rlspec trainer failed: {message}", file=sys.stderr)
         return 1
+    finally:
+        if proc is not None and proc.ipc is not None:
+            proc.ipc.close()  # its shared-memory segments (a SIGKILL leaves them to the next)
     return 0
 
 

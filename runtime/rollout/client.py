@@ -24,8 +24,9 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
   by ``runtime.rollout.failover``: a failed endpoint is skipped for ``down_s`` seconds and
   the retry goes at once to the live endpoint with the fewest requests in flight; only when
   every endpoint is down does a retry wait (``backoff_s``, doubling). An answer the client
-  cannot use (malformed, missing fields) is retried elsewhere too, without marking the
-  endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
+  cannot use (malformed, missing fields), or none within ``timeout_s`` from an endpoint
+  that still answers ``/health`` (slow, not dead), is retried elsewhere too, without marking
+  the endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
 
 A seeded request is reproducible however the prompts are spread: vLLM and our
 engine seed every prompt of a request alike (sample j uses seed + j), so the
@@ -150,7 +151,6 @@ class RolloutClient(WeightUpdates):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- HTTP -----------------------------------------------------------------------------
     def _request(
         self,
         endpoint: str,
@@ -177,7 +177,9 @@ class RolloutClient(WeightUpdates):
                 endpoint=endpoint,
             ) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise RolloutError(f"{method} {url} failed: {exc}", endpoint=endpoint) from exc
+            slow = isinstance(getattr(exc, "reason", exc), TimeoutError)
+            raise RolloutError(f"{method} {url} failed: {exc}", endpoint=endpoint,
+                               timed_out=slow) from exc
         if not raw.strip():
             return None
         try:
@@ -203,7 +205,8 @@ class RolloutClient(WeightUpdates):
                     if exc.status is not None and exc.status < 500:
                         self._health.answered(i)
                         raise
-                    if exc.answered:  # alive, its answer unusable: try another, do not shun it
+                    # alive (answer unusable, or slow but /health answers): do not shun it
+                    if exc.answered or (exc.timed_out and self._alive(self.endpoints[i])):
                         self._health.answered(i)
                     else:
                         self._health.failed(i)
@@ -213,6 +216,13 @@ class RolloutClient(WeightUpdates):
             return result
         assert last is not None
         raise last
+
+    def _alive(self, endpoint: str) -> bool:
+        try:
+            self._request(endpoint, "GET", "/health", timeout=min(5.0, self.timeout_s))
+        except RolloutError:
+            return False
+        return True
 
     def _broadcast(self, fn: Any) -> list[Any]:
         """Run ``fn(endpoint)`` on every endpoint concurrently; raise the first error. An

@@ -13,16 +13,18 @@ __all__ = ["RolloutError", "error_message"]
 class RolloutError(RuntimeError):
     """A request the rollout service refused or could not serve. ``answered``: the endpoint
     did answer, and the client found the answer unusable (a malformed body, missing fields):
-    retried elsewhere, but the endpoint is not marked down (``runtime.rollout.failover``)."""
+    retried elsewhere, but the endpoint is not marked down (``runtime.rollout.failover``).
+    ``timed_out``: no answer within the client's timeout (a slow replica, or a hung one)."""
 
     def __init__(
         self, message: str, *, status: int | None = None, endpoint: str | None = None,
-        answered: bool = False,
+        answered: bool = False, timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.endpoint = endpoint
         self.answered = answered
+        self.timed_out = timed_out
 
 
 def error_message(raw: bytes) -> str:

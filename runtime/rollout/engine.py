@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -196,13 +196,14 @@ class LocalEngine(SleepControl, PauseControl):
     def set_weight_version(self, version: str) -> None:
         self.weight_version = str(version)
     # -- weights ------------------------------------------------------------------------
-    def load_weights(self, path: str | os.PathLike[str], version: str | None = None) -> None:
+    def load_weights(self, path: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+                     version: str | None = None) -> None:
         """Swap in the weights stored at ``path`` (same architecture); all-or-nothing.
 
-        ``path``: a checkpoint directory (every ``*.safetensors`` in it, sharded or
-        not) or one ``.safetensors`` file, with checkpoint (per-expert) or module
-        (fused) parameter names. ``version`` (if given) becomes the weight version.
-        """
+        ``path``: a checkpoint directory (every ``*.safetensors`` in it, sharded or not),
+        one ``.safetensors`` file, or the tensors (name → tensor), with checkpoint
+        (per-expert) or module (fused) parameter names. ``version`` (if given) becomes the
+        weight version."""
         self._check_weights_awake()
         new_state = read_checkpoint(self.model, self.config, self.dtype, path)
         with self._lock, torch.no_grad():

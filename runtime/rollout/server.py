@@ -2,15 +2,16 @@
 
     python -m runtime.rollout.server --model DIR --host 127.0.0.1 --port P \\
         [--return-routed-experts] [--seed S] [--logprobs-mode raw_logprobs] \\
-        [--quantization fp8] [--enable-sleep-mode]
+        [--quantization fp8] [--enable-sleep-mode] \\
+        [--weight-transfer-config '{"backend": "ipc"}']
 
 Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described in
 ``runtime.rollout.protocol`` on a ``ThreadingHTTPServer``: ``GET /health``,
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /pause`` / ``/resume``,
 ``GET /is_paused``, ``POST /start_weight_update`` / ``/update_weights`` /
 ``/finish_weight_update``, ``POST /update_weight_version``, ``GET /weight_info``,
-``POST /init_weight_transfer_engine`` (empty ``init_info``: the disk backend has no
-rendezvous), ``POST /collective_rpc`` (only ``reload_weights`` with
+``POST /init_weight_transfer_engine`` (empty ``init_info``, or IPC's ``{"packed": false}``),
+``POST /collective_rpc`` (only ``reload_weights`` with
 ``kwargs.weights_path``, vLLM's path reload), ``GET /get_world_size`` (1) and sleep
 mode's ``POST /sleep?level=&mode=`` / ``POST /wake_up?tags=`` / ``GET /is_sleeping``.
 
@@ -18,10 +19,12 @@ Weight updates. vLLM's sequence is start_weight_update → update_weights (one o
 more; ``update_info`` is consumed by the NCCL or IPC transfer backend chosen with
 ``--weight-transfer-config``, the trainer pushing tensors alongside) →
 finish_weight_update (which publishes ``weight_version``). We keep the sequence and
-its 409 ordering errors but implement one transfer backend: ``update_info =
-{"path": <checkpoint dir or .safetensors file>, "weight_version": <optional>}`` is
-read from disk by the engine, all-or-nothing, under the engine lock (so it never
-lands in the middle of a forward). Pause first (``/pause?mode=wait``) so that no
+its 409 ordering errors and implement two transfer backends: disk, ``update_info =
+{"path": <checkpoint dir or .safetensors file>, "weight_version": <optional>}``, and,
+with ``--weight-transfer-config '{"backend": "ipc"}'``, vLLM's unpacked IPC update (the
+trainer's tensors mapped from shared memory, ``runtime.rollout.server_weights``). Either
+is loaded by the engine all-or-nothing, under the engine lock (so it never lands in the
+middle of a forward). Pause first (``/pause?mode=wait``) so that no
 output mixes versions; with ``mode=keep`` the frozen requests continue on the new
 weights after ``/resume`` and report both versions in ``weight_versions``.
 
@@ -41,7 +44,6 @@ weight-transfer and weight-version routes (and the update state machine) are the
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -113,6 +115,7 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         *,
         served_model_name: str,
         return_routed_experts: bool,
+        weight_transfer: str = "disk",
         verbose: bool = False,
     ) -> None:
         # IPv6 literals ("::1") need an AF_INET6 socket; decided before bind.
@@ -121,6 +124,7 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         self.engine = engine
         self.served_model_name = served_model_name
         self.return_routed_experts = return_routed_experts
+        self.weight_transfer = weight_transfer  # "disk", or "ipc" (server_weights)
         self.verbose = verbose
         self.update_state = _UpdateState()
         self.created = int(time.time())
@@ -370,6 +374,7 @@ def make_server(
     served_model_name: str | None = None,
     return_routed_experts: bool = False,
     allow_non_loopback: bool = False,
+    weight_transfer: str = "disk",
     verbose: bool = False,
 ) -> RolloutHTTPServer:
     """Bind (not yet serve) an HTTP server for ``engine``; ``port=0`` picks a free port."""
@@ -379,62 +384,15 @@ def make_server(
         engine,
         served_model_name=served_model_name or engine.model_dir,
         return_routed_experts=return_routed_experts,
+        weight_transfer=weight_transfer,
         verbose=verbose,
     )
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m runtime.rollout.server", description=__doc__.split("\n\n")[0]
-    )
-    ap.add_argument(
-        "--model", required=True, help="checkpoint directory (config.json + safetensors)"
-    )
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    ap.add_argument(
-        "--served-model-name", default=None, help="model id clients send (default: --model)"
-    )
-    ap.add_argument(
-        "--return-routed-experts",
-        "--enable-return-routed-experts",
-        dest="return_routed_experts",
-        action="store_true",
-        help="add routed_experts to every choice (vLLM --enable-return-routed-experts)",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' randomness")
-    ap.add_argument("--device", default="cpu")
-    # One intra-op thread by default: a small policy's ops are too small to split, and
-    # OpenMP threads that spin against other processes on shared cores cost ~10× (we
-    # measured 21k vs 1-2k tokens/s on 2 busy cores). Scale out with more servers, or
-    # raise this for a large model on dedicated cores.
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (0: torch default)"
-    )
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument(
-        "--logprobs-mode", default="raw_logprobs", choices=("raw_logprobs", "processed_logprobs")
-    )
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument(
-        "--quantization", default=None, choices=("fp8",),
-        help="fp8: round the linear and expert weights through float8_e4m3fn at load and every "
-        "weight update (vLLM --quantization fp8; runtime.rollout.fp8)",
-    )
-    ap.add_argument(
-        "--enable-sleep-mode", action="store_true",
-        help="allow POST /sleep at level 1 or 2 to release the weights and KV cache (vLLM "
-        "--enable-sleep-mode; colocated placement, runtime.rollout.sleeping)",
-    )
-    ap.add_argument(
-        "--allow-non-loopback", action="store_true", help="allow binding a non-loopback address"
-    )
-    ap.add_argument("--verbose", action="store_true", help="log every request to stderr")
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+    from runtime.rollout.server_args import parse_args
+
+    args = parse_args(argv, __doc__.split("\n\n")[0])
     # Checked before torch is imported and the model loaded: a refused host costs nothing.
     try:
         check_host(args.host, allow_non_loopback=args.allow_non_loopback)
@@ -472,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         served_model_name=args.served_model_name,
         return_routed_experts=args.return_routed_experts,
         allow_non_loopback=args.allow_non_loopback,
+        weight_transfer=args.weight_transfer_config,
         verbose=args.verbose,
     )
 

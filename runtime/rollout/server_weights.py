@@ -3,8 +3,12 @@ request handler (``runtime.rollout.server``) and vLLM's RL update state machine
 (``_UpdateState``, ``rl_state_machine.py``: start → update* → finish).
 
 It serves ``POST /start_weight_update`` / ``/update_weights`` / ``/finish_weight_update``
-(the disk backend: ``update_info = {"path", "weight_version"}``),
-``POST /init_weight_transfer_engine`` (empty ``init_info`` only),
+with two transfer backends: disk, always (``update_info = {"path", "weight_version"}``), and
+vLLM's IPC when served with ``--weight-transfer-config '{"backend": "ipc"}'`` (unpacked
+``IPCWeightTransferUpdateInfo``: ``names``, ``dtype_names``, ``shapes``,
+``ipc_handles_pickled``, unpickled only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` as
+vLLM does; the tensors are mapped by ``runtime.rollout.shared_weights``);
+``POST /init_weight_transfer_engine`` (empty ``init_info``, or IPC's ``{"packed": false}``),
 ``POST /collective_rpc`` (``reload_weights`` with ``kwargs.weights_path``),
 ``GET /get_world_size``, ``POST /update_weight_version`` and ``GET /weight_info``.
 The transport (``_body``, ``_send_json``) and ``server`` come from the handler.
@@ -62,10 +66,15 @@ class WeightRoutes:
         info = body.get("update_info")
         if info is None:
             raise ProtocolError("Missing 'update_info' in request body", param="body.update_info")
-        if not isinstance(info, dict) or not isinstance(info.get("path"), str):
+        if isinstance(info, dict) and "path" not in info and self.server.weight_transfer == "ipc":
+            source: Any = self._ipc_tensors(info)
+        elif isinstance(info, dict) and isinstance(info.get("path"), str):
+            source = info["path"]
+        else:
             raise ProtocolError(
                 "update_info must be {'path': <checkpoint dir or .safetensors file>, "
-                "'weight_version': <optional str>} (NCCL / IPC transfers are not implemented)",
+                "'weight_version': <optional str>}, or an IPC update when served with "
+                "--weight-transfer-config '{\"backend\": \"ipc\"}' (NCCL is not implemented)",
                 param="body.update_info",
             )
         version = info.get("weight_version")
@@ -81,13 +90,42 @@ class WeightRoutes:
         from runtime.rollout.engine import EngineError
 
         try:
-            self.server.engine.load_weights(info["path"])
+            self.server.engine.load_weights(source)
         except EngineError as exc:
             raise ProtocolError(str(exc), status=exc.status, param="body.update_info") from exc
+        del source  # the mapped tensors: the engine holds its own copy now
         with st.lock:
             if version is not None:
                 st.staged_version = version
         self._send_json(200, {"message": "Weights updated"})
+
+    def _ipc_tensors(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The tensors an unpacked IPC update maps (vLLM's ``IPCWeightTransferUpdateInfo``)."""
+        import base64
+        import binascii
+        import os
+        import pickle
+
+        from runtime.rollout.shared_weights import open_shared
+
+        extra = set(info) - {"names", "dtype_names", "shapes", "ipc_handles_pickled",
+                             "ipc_handles", "tensor_sizes", "weight_version"}
+        if extra or "ipc_handles_pickled" not in info or info.get("tensor_sizes") is not None:
+            raise ProtocolError(
+                "an IPC update over HTTP is {names, dtype_names, shapes, ipc_handles_pickled} "
+                f"(unpacked){'; unknown fields ' + str(sorted(extra)) if extra else ''}",
+                param="body.update_info")
+        if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
+            raise ProtocolError("Refusing to deserialize `ipc_handles_pickled` without "
+                                "VLLM_ALLOW_INSECURE_SERIALIZATION=1", param="body.update_info")
+        try:
+            handles = pickle.loads(base64.b64decode(info["ipc_handles_pickled"], validate=True))
+            return dict(open_shared(info["names"], info["dtype_names"], info["shapes"],
+                                    handles, self.server.engine.device))
+        except (ValueError, TypeError, KeyError, binascii.Error, pickle.UnpicklingError,
+                RuntimeError, OSError) as exc:
+            raise ProtocolError(f"cannot map the IPC update: {exc}", param="body.update_info",
+                                status=400) from exc
 
     def finish_weight_update(self, query: dict[str, list[str]]) -> None:
         body = self._body()
@@ -110,18 +148,21 @@ class WeightRoutes:
 
     def init_weight_transfer_engine(self, query: dict[str, list[str]]) -> None:
         # vLLM: body {"init_info": dict} (required) → {"message": "Weight transfer initialized"}.
-        # The disk backend needs no rendezvous, so it takes no init_info fields; NCCL / IPC
-        # info sent here by mistake is refused rather than ignored.
+        # The disk backend needs no rendezvous, so it takes no init_info fields; IPC takes its
+        # must-agree `packed` flag (unpacked only, here); anything else is refused rather than
+        # ignored.
         body = self._body(required=True)
         if "init_info" not in body:
             raise ProtocolError("Field required: init_info", param="body.init_info")
         info = body["init_info"]
         if not isinstance(info, dict):
             raise ProtocolError("init_info must be an object", param="body.init_info")
-        if info:
+        ipc = self.server.weight_transfer == "ipc"
+        if info and not (ipc and info == {"packed": False}):
+            expected = '{"packed": false} (unpacked only)' if ipc else "empty"
             raise ProtocolError(
-                f"this server's only transfer backend is disk (update_info {{'path': ...}}), "
-                f"which takes no init_info; got {sorted(info)}",
+                f"this server's transfer backend is {self.server.weight_transfer}, whose "
+                f"init_info is {expected}; got {info}",
                 param="body.init_info",
             )
         self._send_json(200, {"message": "Weight transfer initialized"})

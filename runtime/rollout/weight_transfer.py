@@ -39,19 +39,27 @@ Facts of the pinned vLLM 0.33.0, read from its wheel and recorded by
   several ``vllm serve`` replicas needs a ``rank_offset`` per replica, built here.
 
 vLLM is imported lazily, only by NCCL's ``connect`` / ``push`` (on a GPU): rlspec's
-environment does not have it. IPC needs only torch's ``reduce_tensor``, as vLLM's does.
-Neither GPU path has run here (no GPU, no vLLM in this environment); the bodies they send
-were checked against vLLM 0.33.0's own classes and encoders.
+environment does not have it. IPC's data plane is ``runtime.rollout.shared_weights``: CUDA
+IPC handles as vLLM's (torch's ``reduce_tensor``), or, on the CPU, segments of the node's
+shared memory that the embedded engine maps (the RL trainer's side: ``IPCPublisher``).
+Neither GPU path has run here (no GPU, no CUDA vLLM in this environment); the bodies they
+send were checked against vLLM 0.33.0's own classes and encoders, and the CPU path runs in
+the RL job's tests.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
+import os
 import pickle
+import socket
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -60,14 +68,19 @@ if TYPE_CHECKING:
     from runtime.rollout.client import RolloutClient
 
 __all__ = [
+    "IPC_UPDATE_FILE",
     "WEIGHT_TRANSFERS",
     "DiskWeightTransfer",
+    "IPCPublisher",
     "IPCWeightTransfer",
     "NCCLWeightTransfer",
     "WeightTransfer",
     "driver_weight_transfer",
     "tensor_metadata",
 ]
+
+# The update body of a version the trainer shared (weight_sync ipc), in the version's folder.
+IPC_UPDATE_FILE = "ipc_update.json"
 
 NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
 
@@ -291,14 +304,27 @@ class NCCLWeightTransfer(WeightTransfer):
 
 
 class IPCWeightTransfer(WeightTransfer):
-    """vLLM's CUDA IPC backend, unpacked: the engine maps this process's GPU tensors.
+    """vLLM's IPC backend, unpacked: the engines map the trainer's memory on their node
+    (``runtime.rollout.shared_weights``: CUDA IPC on a GPU, shared memory on the CPU).
 
-    A worker finds its tensors by its GPU's UUID, so every engine worker must run on
-    the GPU of this (single) trainer process: colocated engines of TP 1. Handles go
-    pickled over HTTP, so the engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``
-    (the rendered ``rollout.sh`` sets it)."""
+    Two ways in. ``named_tensors``: this process shares them for the length of the push
+    (CPU tensors through a segment of its own, removed afterwards).
+    ``path``: the trainer shared a version's tensors when it wrote the folder (``publish``,
+    the update body in ``IPC_UPDATE_FILE``, the tensors held by the trainer) and the driver
+    sends that body. When the process that shared them is gone (a resumed run: the new
+    trainer has not shared the version the engines restart from) or never shared them,
+    the folder is loaded through ``fallback`` (disk) instead, and said. Handles go pickled
+    over HTTP, so the engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (the rendered
+    ``rollout.sh`` sets it)."""
 
     weight_sync = "ipc"
+
+    def __init__(self, fallback: DiskWeightTransfer | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.fallback = fallback
+        self.log = log
+        self.routes: Counter[str] = Counter()  # pushes by route: "ipc" / "disk"
+        self._connected: set[str] = set()  # endpoints whose transfer engine is set up
 
     @staticmethod
     def init_info() -> dict[str, bool]:
@@ -307,7 +333,7 @@ class IPCWeightTransfer(WeightTransfer):
 
     @staticmethod
     def update_info(
-        named_tensors: Sequence[tuple[str, Any]], handles: Sequence[Mapping[str, tuple]]
+        named_tensors: Sequence[tuple[str, Any]], handles: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         """``IPCWeightTransferUpdateInfo`` for HTTP: metadata + ``ipc_handles_pickled``."""
         if len(handles) != len(named_tensors):
@@ -315,8 +341,48 @@ class IPCWeightTransfer(WeightTransfer):
         pickled = base64.b64encode(pickle.dumps([dict(h) for h in handles])).decode("ascii")
         return {**tensor_metadata(named_tensors), "ipc_handles_pickled": pickled}
 
+    @classmethod
+    def publish(cls, folder: str | os.PathLike[str], named_tensors: NamedTensors,
+                segment: str | os.PathLike[str]) -> list[tuple[str, torch.Tensor]]:
+        """Trainer side: share ``named_tensors`` (on the CPU: into the file ``segment``), their
+        update body into ``folder/IPC_UPDATE_FILE``; returns what to keep alive meanwhile."""
+        import psutil
+
+        from runtime.files import atomic_write_json
+        from runtime.rollout.shared_weights import share
+
+        named = list(named_tensors)
+        kept, handles = share(named, segment)
+        me = psutil.Process()
+        atomic_write_json(Path(folder) / IPC_UPDATE_FILE, {
+            "pid": me.pid, "started": me.create_time(), "host": socket.gethostname(),
+            "update_info": cls.update_info(named, handles)})
+        return kept
+
+    @staticmethod
+    def shared_update(folder: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, str]:
+        """The update body the trainer left in ``folder``, or None and why it cannot be used
+        (no body, or its process, which holds the tensors, is gone)."""
+        import psutil
+
+        path = Path(folder) / IPC_UPDATE_FILE
+        try:
+            shared = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None, f"{path} does not exist"
+        if shared["host"] != socket.gethostname():
+            return None, f"the trainer shared it on {shared['host']}, not on this node"
+        try:
+            alive = psutil.Process(shared["pid"]).create_time() == shared["started"]
+        except psutil.Error:
+            alive = False
+        if not alive:
+            return None, f"the trainer process that shared it (pid {shared['pid']}) has ended"
+        return shared["update_info"], ""
+
     def connect(self, client: RolloutClient) -> None:
         client.init_weight_transfer_engine([self.init_info()] * len(client.endpoints))
+        self._connected = set(client.endpoints)
 
     def push(
         self,
@@ -327,24 +393,79 @@ class IPCWeightTransfer(WeightTransfer):
         named_tensors: NamedTensors | None = None,
         pause_mode: str | None = "wait",
     ) -> None:
-        import torch
-        from torch.multiprocessing.reductions import reduce_tensor
+        kept: list[tuple[str, torch.Tensor]] = []
+        segment = None
+        if named_tensors is not None:
+            from runtime.rollout.shared_weights import segment_path, share
 
-        if named_tensors is None:
-            raise ValueError("weight_sync ipc shares tensors: pass named_tensors")
-        # Strong references: the handles do not keep the storage alive, and the engine
-        # maps it during /update_weights.
-        weights = [(n, t.detach().contiguous()) for n, t in named_tensors]
-        off_gpu = [n for n, t in weights if not t.is_cuda]
-        if off_gpu:
-            raise ValueError(f"CUDA IPC shares GPU tensors; on the CPU: {off_gpu[:5]}")
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        handles = [{uuid: reduce_tensor(t)[1]} for _, t in weights]
-        torch.cuda.current_stream().synchronize()  # the copies exist before the engine reads
-        client.update_weights(path or "", version, update_info=self.update_info(weights, handles),
-                              pause_mode=pause_mode)
-        torch.cuda.ipc_collect()
-        del weights
+            named = list(named_tensors)
+            segment = segment_path(f"push{os.getpid()}", sum(self.routes.values()))
+            kept, handles = share(named, segment)  # alive until the engines have copied them
+            info: dict[str, Any] | None = self.update_info(named, handles)
+        elif path is not None:
+            info, why = self.shared_update(path)
+            if info is None:
+                if self.fallback is None:
+                    raise ValueError(f"weight_sync ipc: no shared weights for {path}: {why}")
+                if self.log is not None:
+                    self.log(f"weights v{version} from the folder {path} (not over IPC: {why})")
+                self.routes["disk"] += 1
+                self.fallback.push(client, version, path=path, pause_mode=pause_mode)
+                return
+        else:
+            raise ValueError("weight_sync ipc: pass named_tensors, or the path of a version "
+                             "the trainer shared")
+        try:
+            if set(client.endpoints) != self._connected:
+                self.connect(client)
+            client.update_weights(path or "", version, update_info=info, pause_mode=pause_mode)
+        finally:
+            if segment is not None:
+                Path(segment).unlink(missing_ok=True)  # the engines hold their copies now
+            if kept:
+                import torch
+
+                del kept
+                torch.cuda.ipc_collect()
+        self.routes["ipc"] += 1
+        if self.routes["ipc"] == 1 and self.log is not None:
+            self.log(f"weights v{version} mapped over IPC ({len(info['names'])} tensors); "
+                     "the next versions too, unless said")
+
+
+class IPCPublisher:
+    """The trainer's side of ``weight_sync: ipc``: shares each version it writes
+    (``IPCWeightTransfer.publish``, into the segment ``segment_path(owner, version)``),
+    holds what must stay alive while an engine may still load it, and unlinks the segments
+    of versions no engine can be asked to load any more, and all of them at ``close``.
+    Created, it removes the segments a killed predecessor of the same ``owner`` left."""
+
+    def __init__(self, owner: str) -> None:
+        from runtime.rollout.shared_weights import remove_segments
+
+        self.owner = owner
+        self.kept: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        remove_segments(owner)
+
+    def publish(self, version: int, folder: str | os.PathLike[str],
+                named_tensors: NamedTensors) -> None:
+        from runtime.rollout.shared_weights import segment_path
+
+        self.kept[version] = IPCWeightTransfer.publish(folder, named_tensors,
+                                                       segment_path(self.owner, version))
+
+    def prune(self, oldest: int) -> None:
+        """Release every version older than ``oldest``."""
+        from runtime.rollout.shared_weights import remove_segments
+
+        self.kept = {v: t for v, t in self.kept.items() if v >= oldest}
+        remove_segments(self.owner, keep=lambda version: version >= oldest)
+
+    def close(self) -> None:
+        from runtime.rollout.shared_weights import remove_segments
+
+        self.kept.clear()
+        remove_segments(self.owner)
 
 
 WEIGHT_TRANSFERS: dict[str, type[WeightTransfer]] = {
@@ -354,20 +475,26 @@ WEIGHT_TRANSFERS: dict[str, type[WeightTransfer]] = {
 }
 
 
-def driver_weight_transfer(spec: Mapping[str, Any]) -> tuple[DiskWeightTransfer, str | None]:
+def driver_weight_transfer(
+    spec: Mapping[str, Any], log: Callable[[str], None] | None = None
+) -> tuple[WeightTransfer, str | None]:
     """What the RL driver pushes after each step, and a note when it is not ``weight_sync``.
 
-    The driver holds no tensors, only the checkpoint folder the trainer writes each
-    step, so it always pushes from disk. ``nccl`` / ``ipc`` need the trainer to push
-    (``NCCLWeightTransfer`` / ``IPCWeightTransfer``); the note says the folder is used
-    instead. The embedded engine implements only the disk backend, whatever the spec says."""
+    The driver holds no tensors, only the folder the trainer writes each step. ``disk``:
+    the engines load that folder. ``ipc``: the trainer also shared the version's tensors
+    (``IPCWeightTransfer.publish``) and the engines map them; a folder nobody shares now
+    (a resumed run's first load) is read from disk. ``nccl`` needs the trainer to broadcast
+    (``NCCLWeightTransfer``), which it does not: the note says the folder is used instead.
+    The embedded engine has no NCCL backend: it reads the folder, whatever the spec says."""
     engine, weight_sync = spec["rollout"]["engine"], spec["system"]["weight_sync"]
     if weight_sync not in WEIGHT_TRANSFERS:
         raise ValueError(f"unknown system.weight_sync {weight_sync!r}")
-    if engine != "vllm":  # the embedded engine's one backend: nothing to note
-        return DiskWeightTransfer("local"), None
+    disk = (DiskWeightTransfer("local") if engine != "vllm"
+            else DiskWeightTransfer("vllm", spec["cluster"]["devices"]))
+    if weight_sync == "ipc":
+        return IPCWeightTransfer(fallback=disk, log=log), None
     note = None
-    if weight_sync != "disk":
-        note = (f"system.weight_sync {weight_sync}: the trainer does not push tensors yet; "
+    if weight_sync == "nccl" and engine == "vllm":
+        note = ("system.weight_sync nccl: the trainer does not broadcast tensors yet; "
                 "the vLLM engines reload each step's checkpoint folder instead")
-    return DiskWeightTransfer("vllm", spec["cluster"]["devices"]), note
+    return disk, note

@@ -40,8 +40,10 @@ class System(Section):
     weight_sync: Literal["nccl", "ipc", "disk"] = Field(
         "disk",
         description="How new weights reach the rollout engines: disk reloads each step's "
-        "weights folder (the one the runtime wires today); nccl and ipc name vLLM's transfer "
-        "engines (`--weight-transfer-config`), refused until the trainer pushes over them.",
+        "weights folder; ipc maps the trainer's tensors from shared memory on its node "
+        "(vLLM's IPC update, `--weight-transfer-config`; CPU runs with the embedded engine, "
+        "refused on GPUs until CUDA IPC is built); nccl (vLLM's NCCL group) is refused until "
+        "the trainer broadcasts over it.",
     )
     weight_sync_tolerance: PosFloat = Field(
         0.05,

@@ -24,6 +24,9 @@ from tests.compiler.test_cli import cli
 
 TINY = EXAMPLES / "tiny" / "spec.yaml"
 SINGLE = EXAMPLES / "qwen3-30b-a3b.yaml"
+# SINGLE's engines on its trainer's 2 nodes, leaving the trainer room on each GPU
+COLOCATED_GPU = ["rollout.placement=colocated", "rollout.nodes=2",
+                 "rollout.gpu_memory_utilization=0.3"]
 ROOM = "cluster.gpu_memory_gb=100000"  # memory is not what these cases are about
 CPU_MEGATRON = ["train.backend=megatron", "cluster.gpus_per_node=2", "train.parallelism.expert=2",
                 "model.architecture.moe.token_dispatcher=allgather"]
@@ -81,7 +84,11 @@ CASES = [
      ("model", "architecture", "tie_embeddings"), "rl",
      "does not tie embeddings across pipeline stages"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
-     ("system", "weight_sync"), "rl", "does not push weights over NCCL"),
+     ("system", "weight_sync"), "rl", "does not broadcast weights over NCCL"),
+    ("weight_sync", SINGLE, ["system.weight_sync=ipc", *COLOCATED_GPU],
+     ("system", "weight_sync"), "rl", "CUDA IPC into the engines' GPUs is not built"),
+    ("weight_sync", TINY, ["system.weight_sync=ipc", "rollout.engine=vllm"],
+     ("system", "weight_sync"), "rl", "vLLM's IPC backend maps CUDA memory"),
     ("placement", TINY, ["rollout.placement=colocated", "system.max_staleness=1",
                          "algorithm.correction.mode=tis"],
      ("system", "max_staleness"), "rl", "cannot generate the 1 step(s) ahead"),

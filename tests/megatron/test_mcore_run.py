@@ -3,7 +3,7 @@
 Two CPU ranks (``cluster.gpus_per_node: 2``) as one tensor-parallel pair (TP 2 with sequence
 parallelism, EP 2: half of every weight, half the experts per rank), R3 router replay, started by
 ``runtime.launch`` with ``file://`` rendezvous from the rendered ``train.sh`` and its
-Megatron-LM flags. Checked: the conversion job's Megatron-LM layout, checkpoints under
+Megatron-LM flags, weights shared with the engine over shared memory (``weight_sync: ipc``). Checked: the conversion job's Megatron-LM layout, checkpoints under
 ``--save`` (one per step, ``keep`` newest, tracker), the published weights are what the
 engines serve (train–inference gap at float precision), the KL penalty to the frozen
 starting GPTModel is computed, the final HF policy equals the last
@@ -23,6 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from runtime.exchange import RunPaths
+from runtime.rollout.shared_weights import segment_path
 from tests.helpers import processes_mentioning
 
 pytestmark = pytest.mark.megatron
@@ -89,7 +91,7 @@ def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
 def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) -> None:
     out = tmp_path / "run"
     result = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *MEGATRON, *SHORT,
-                    "--set", "algorithm.kl.coefficient=0.1")
+                    "--set", "algorithm.kl.coefficient=0.1", "--set", "system.weight_sync=ipc")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["jobs"]) == ["data", "init", "sft", "convert", "eval_before", "screen",
@@ -117,9 +119,15 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert not list(save.glob(".*"))  # no partial checkpoint left behind
 
-    # The engines served exactly the published Megatron weights: the trainer's log-probs of
-    # the sampled tokens equal the engines' to float precision (R3 replays their experts),
-    # and so do the two ranks' probe log-probs (TP 2 + SP, EP 2) after each load.
+    # The engines served exactly the published Megatron weights, which rank 0 gathered and
+    # shared (weight_sync ipc: every load mapped from shared memory, none from a folder, and
+    # no segment left): the trainer's log-probs of the sampled tokens equal the engines' to
+    # float precision (R3 replays their experts), and so do the two ranks' probe log-probs
+    # (TP 2 + SP, EP 2) after each load.
+    driver_log = (out / "logs" / "rl.log").read_text()
+    assert "weights v1 mapped over IPC" in driver_log and "not over IPC" not in driver_log
+    owner = RunPaths(out).owner
+    assert not list(segment_path(owner, 0).parent.glob(f"rlspec-{owner}-v*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     trained = [r for r in rows if r["responses_trained"]]

@@ -167,9 +167,9 @@ def test_the_rl_jobs_rollout_server_serves_fp8_from_the_job_config(tmp_path: Pat
     assert json.loads(config.read_text())["spec"]["rollout"]["fp8"] is fp8
     argv = build_argv(["--config", str(config), "--model", "m", "--port", "8000"], env={})
     assert (argv[argv.index("--quantization") + 1] == "fp8") if fp8 else "--quantization" not in argv
-    from runtime.rollout.server import _parse_args
+    from runtime.rollout.server_args import parse_args
 
-    assert _parse_args(argv).quantization == ("fp8" if fp8 else None)
+    assert parse_args(argv, "").quantization == ("fp8" if fp8 else None)
     ctx = JobContext.load(bundle / "jobs" / "eval_before" / "config.json", run_dir=tmp_path,
                           log_to_file=False)
     engine = open_engine(ctx, model_dir, seed=0)

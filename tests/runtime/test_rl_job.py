@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from runtime.exchange import RunPaths
 from runtime.jobs.common import is_complete
+from runtime.rollout.shared_weights import segment_path
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -315,12 +317,14 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
 
 def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
         prepared: tuple[Path, Path], tmp_path: Path) -> None:
-    """``rollout.placement: colocated``: the engine sleeps (level 2: its weights discarded)
-    from each hand-over until the trainer's weights are loaded, and the run logs exactly the
-    steps of a disaggregated run (time fields aside: an engine woken without its reload
-    refuses to sample, so a wrong order fails the run). Killed after two steps, with the
-    third handed over and trained but not logged, the restarted run puts the engine to sleep
-    before that batch is trained again and still logs the same steps."""
+    """``rollout.placement: colocated`` with ``system.weight_sync: ipc``: the engine sleeps
+    (level 2: its weights discarded) from each hand-over until the trainer's weights are
+    loaded, mapped from the trainer's shared memory, and the run logs exactly the steps of a
+    disaggregated run with disk sync (time fields aside: an engine woken without its reload
+    refuses to sample, so a wrong order fails the run; the probe checks every load). Killed
+    after two steps, with the third handed over and trained but not logged, the restarted run
+    puts the engine to sleep before that batch is trained again and still logs the same steps;
+    the weights it restarts from, shared by the killed trainer, are read from their folder."""
     _, base_run = prepared
     steps = 4
     reference_bundle = _compile(tmp_path / "reference_bundle", steps,
@@ -331,17 +335,30 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
     want = _untimed(_metrics(reference / "artifacts" / "rl" / "metrics.jsonl"))
 
     bundle = _compile(tmp_path / "bundle", steps, "train.checkpoint.interval=1",
-                      "rollout.placement=colocated")
-    assert "--enable-sleep-mode" in (bundle / "jobs" / "rl" / "rollout.sh").read_text()
+                      "rollout.placement=colocated", "system.weight_sync=ipc")
+    rollout_sh = (bundle / "jobs" / "rl" / "rollout.sh").read_text()
+    assert "--enable-sleep-mode" in rollout_sh
+    assert "--weight-transfer-config '{\"backend\": \"ipc\"}'" in rollout_sh
+    assert "export VLLM_ALLOW_INSECURE_SERIALIZATION=1" in rollout_sh
     run_dir = _run_copy(base_run, tmp_path / "run")
     # Killed once the trainer has finished step 2 (its done file) and before the driver logs
     # it: the driver's state then holds step 2 as handed over, not yet finished.
     _kill_after(bundle, run_dir, 2, until=run_dir / "artifacts" / "rl" / "exchange" / "done-2.json")
+    # The killed trainer's shared-memory segments outlive it; its successor removes them.
+    owner = RunPaths(run_dir).owner
+    shm = segment_path(owner, 0).parent
+    assert sorted(shm.glob(f"rlspec-{owner}-v*"))
     again = _launch(bundle, "rl", run_dir, _free_port())
     assert again.returncode == 0, again.stderr
+    assert sorted(shm.glob(f"rlspec-{owner}-v*")) == []  # and its own at exit
     assert "resuming after step 2" in again.stderr
     assert "were handed over and are trained first" in again.stderr
     assert "the engines sleep while the handed-over steps train" in again.stderr
+    # Every load but the first went over IPC (a failed IPC load fails the run; only a
+    # version nobody shares falls back to its folder, and says so).
+    fallbacks = [line for line in again.stderr.splitlines() if "not over IPC" in line]
+    assert len(fallbacks) == 1 and "weights v2 from the folder" in fallbacks[0], fallbacks
+    assert "has ended" in fallbacks[0] and "weights v3 mapped over IPC" in again.stderr
     lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert all(m["sleep_wake_seconds"] > 0 for m in lines)
     got = [{k: v for k, v in m.items() if k != "sleep_wake_seconds"} for m in _untimed(lines)]

@@ -628,6 +628,50 @@ def test_an_unusable_answer_is_retried_elsewhere_without_shunning_the_endpoint(
         bad.server_close()
 
 
+def test_a_slow_endpoint_is_retried_elsewhere_but_a_hung_one_is_shunned(
+    client: RolloutClient, servers: list[str]
+) -> None:
+    """No answer within the client's timeout: the request goes to another endpoint. An
+    endpoint that still answers /health is slow, not dead: it is not marked down (its
+    planned requests keep going to it); one that answers nothing is."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Stub(BaseHTTPRequestHandler):
+        healthy = True
+
+        def do_GET(self) -> None:
+            if not self.healthy:
+                release.wait()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:  # a generation that outlasts the client's timeout
+            release.wait()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    for healthy in (True, False):
+        Stub.healthy = healthy
+        stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+        threading.Thread(target=stub.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        try:
+            with RolloutClient([url, servers[0]], model=client.model, timeout_s=2.0, retries=1,
+                               backoff_s=0.01) as c:
+                got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
+                assert got[0][0].endpoint == servers[0]
+                assert c._health.is_down(0) is not healthy
+        finally:
+            release.set()
+            stub.shutdown()
+            stub.server_close()
+            release.clear()
+
+
 def test_non_loopback_host_is_refused(model_dir: Path) -> None:
     for host in ("127.0.0.1", "::1", "localhost"):
         check_host(host)

@@ -241,7 +241,7 @@ def test_with_two_ppo_epochs_the_schedule_reaches_min_lr_at_the_last_optimizer_s
     from pathlib import Path
 
     from compiler.api import compile_spec
-    from runtime.jobs.train import schedule_length
+    from runtime.trainer import schedule_length
 
     steps = 3
     tiny = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "spec.yaml"

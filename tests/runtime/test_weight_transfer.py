@@ -130,24 +130,29 @@ def test_push_refuses_what_it_cannot_send() -> None:
         DiskWeightTransfer("vllm").push(_NoClient(), "1")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="connect"):
         NCCLWeightTransfer("127.0.0.1", 29650).push(_NoClient(), "1", named_tensors=NAMED)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="pass named_tensors"):
+    # A folder nobody shares, and no disk route to fall back to
+    with pytest.raises(ValueError, match=r"no shared weights for /x: /x/ipc_update\.json does not"):
         IPCWeightTransfer().push(_NoClient(), "1", path="/x")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="on the CPU"):
-        IPCWeightTransfer().push(_NoClient(), "1", named_tensors=NAMED)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pass named_tensors, or the path"):
+        IPCWeightTransfer().push(_NoClient(), "1")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("engine", "weight_sync", "mode", "noted"), [
     ("local", "nccl", "local", False),  # the embedded engine: disk, whatever the spec says
     ("local", "disk", "local", False),
     ("vllm", "disk", "vllm", False),
-    ("vllm", "nccl", "vllm", True),  # the trainer does not push yet: said, not hidden
-    ("vllm", "ipc", "vllm", True),
+    ("vllm", "nccl", "vllm", True),  # the trainer does not broadcast yet: said, not hidden
+    ("local", "ipc", "local", False),  # shared memory, and the folder where nobody shares it
+    ("vllm", "ipc", "vllm", False),
 ])
 def test_the_driver_pushes_the_checkpoint_folder(engine: str, weight_sync: str, mode: str,
                                                  noted: bool) -> None:
     transfer, note = driver_weight_transfer(
         {"rollout": {"engine": engine}, "system": {"weight_sync": weight_sync},
          "cluster": {"devices": "gpu"}})
+    if weight_sync == "ipc":
+        assert isinstance(transfer, IPCWeightTransfer) and transfer.fallback is not None
+        transfer = transfer.fallback
     assert isinstance(transfer, DiskWeightTransfer) and transfer.engine == mode
     assert transfer.after_reload == ()  # GPU engines re-run their own kernel set-up on reload
     assert (note is not None) == noted
@@ -158,5 +163,6 @@ def test_the_driver_pushes_the_checkpoint_folder(engine: str, weight_sync: str, 
                                 "cluster": {"devices": "gpu"}})
     cpu, _ = driver_weight_transfer({"rollout": {"engine": engine}, "cluster": {"devices": "cpu"},
                                      "system": {"weight_sync": weight_sync}})
+    cpu = getattr(cpu, "fallback", None) or cpu
     # vLLM's CPU build: each reload is followed by its experts' repack (runtime.rollout.vllm_worker)
     assert cpu.after_reload == (("repack_cpu_experts",) if mode == "vllm" else ())
