@@ -91,6 +91,7 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "cluster_settings": (
         _ex(SINGLE, "cluster.partition=null"),
         _ex(SINGLE, "system.weight_sync=ipc"),
+        _ex(SINGLE, "system.reward_workers=100"),
     ),
     "zve_budgets": (
         _ex(SINGLE, "filters[1].fallback=null"),
@@ -125,7 +126,13 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "weight_sync": (_ex(SINGLE, "system.weight_sync=nccl"),
                     _ex(SINGLE, "system.weight_sync=ipc", "rollout.placement=colocated", "rollout.nodes=2",
                         "rollout.gpu_memory_utilization=0.3"),
-                    _ex(TINY, "system.weight_sync=ipc", "rollout.engine=vllm")),
+                    _ex(TINY, "system.weight_sync=ipc", "rollout.engine=vllm"),
+                    _ex(TINY, "system.weight_sync=ipc", "cluster.scheduler=slurm",
+                        "cluster.partition=cpu", "rollout.placement=colocated",
+                        "train.backend=megatron", "cluster.gpus_per_node=2",
+                        "train.parallelism.expert=2",
+                        "model.architecture.moe.token_dispatcher=allgather", "train.nodes=2",
+                        "rollout.nodes=2")),
     "placement": (_ex(TINY, "rollout.placement=colocated", "system.max_staleness=1",
                       "algorithm.correction.mode=tis"),
                   _ex(TINY, "rollout.placement=colocated", "rollout.engine=vllm")),

@@ -151,13 +151,11 @@ class RLDriver:
 
     def _eval_prompts(self, tokenizer: Any) -> list[dict[str, Any]]:
         """The eval split's rows that fit data.max_prompt_tokens (read once)."""
-        from runtime.files import read_jsonl
-        from runtime.prompts import drop_overlong, eval_file
+        from runtime.prompts import drop_overlong, eval_rows
 
         if self._eval_rows is None:
-            rows = dict(enumerate(read_jsonl(eval_file(self.ctx))))
-            self._eval_rows = list(drop_overlong(rows, tokenizer, self.spec["data"], self.log,
-                                                 "eval").values())
+            self._eval_rows = list(drop_overlong(eval_rows(self.ctx), tokenizer,
+                                                 self.spec["data"], self.log, "eval").values())
         return self._eval_rows
 
     def _model_shape(self) -> tuple[int | None, int | None, int | None]:

@@ -56,6 +56,17 @@ def eval_file(ctx: JobInputs) -> Path:
     return dataset / "eval.jsonl"
 
 
+def eval_rows(ctx: JobInputs) -> dict[int, dict[str, Any]]:
+    """The eval split's rows (``eval_file``) by position; a JobError when it is empty (the
+    eval jobs read it before they load a model, the RL driver once for its evaluations)."""
+    from runtime.files import read_jsonl
+
+    rows = dict(enumerate(read_jsonl(eval_file(ctx))))
+    if not rows:
+        raise JobError(f"the eval split {eval_file(ctx)} is empty")
+    return rows
+
+
 def drop_overlong(rows: Mapping[Any, dict[str, Any]], tokenizer: Any, data: Mapping[str, Any],
                   log: logging.Logger, split: str) -> dict[Any, dict[str, Any]]:
     """``rows`` (prompt id → row) without the prompts longer than ``data.max_prompt_tokens``

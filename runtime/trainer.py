@@ -126,6 +126,21 @@ def learning_rate(step: int, *, total: int, lr: float, min_lr: float, warmup: in
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class StepTensors:
+    """What every optimizer step of one RL step reads: the batch, the old policy's log-probs
+    and entropies, the correction's mask and token weights, the reference's log-probs (KL)
+    and RL-ZVP's rows (None without them)."""
+
+    batch: TrainBatch
+    old_logp: Tensor
+    entropy: Tensor
+    mask: Tensor
+    token_weight: Tensor
+    ref_logp: Tensor | None
+    reshaped: Tensor | None
+
+
 class Trainer:
     """Applies the spec's ``algorithm`` to a policy, one RL step at a time.
 
@@ -166,7 +181,6 @@ class Trainer:
         self.total_optimizer_steps = max(1, total_optimizer_steps)
         self.optimizer = self._build_optimizer()
         self.optimizer_steps = 0
-        self._reshaped: Tensor | None = None  # the current step's RL-ZVP rows (step())
 
     def _build_optimizer(self) -> Any:
         """AdamW with Megatron's parameter groups: biases and 1-D parameters (norms) get no
@@ -283,14 +297,13 @@ class Trainer:
 
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}
-        self._reshaped = reshaped_rows
+        step = StepTensors(batch, old_logp, entropy, mask, token_weight, ref_logp, reshaped_rows)
         generator = torch.Generator().manual_seed(seed)
         self.model.train()
         for _ in range(epochs):
             order = torch.randperm(batch.size, generator=generator)
             for mini in order.tensor_split(self.mini_batches(batch.size)):
-                self._optimizer_step(batch, mini, old_logp, entropy, mask, token_weight,
-                                     ref_logp, sums, counts)
+                self._optimizer_step(step, mini, sums, counts)
         self._reduce_metrics(sums, counts)
         metrics = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
         metrics.update(correction.metrics)
@@ -334,24 +347,23 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _micro_loss(self, logp: Tensor, index: Tensor, mb: TrainBatch, old_logp: Tensor,
-                    entropy: Tensor, mask: Tensor, token_weight: Tensor,
-                    ref_logp: Tensor | None, total_tokens: float, denom: float,
-                    sums: dict[str, float], counts: dict[str, float]) -> Tensor:
+    def _micro_loss(self, logp: Tensor, index: Tensor, mb: TrainBatch, step: StepTensors,
+                    total_tokens: float, denom: float, sums: dict[str, float],
+                    counts: dict[str, float]) -> Tensor:
         """The micro-batch's loss *sum*: loss · share (+ β · Σ kl · denom / tokens), so that
         Σ over the mini-batch's micro-batches / denom is the mini-batch loss (module doc).
         Adds the micro-batch's metrics to ``sums`` / ``counts``."""
         length = mb.input_ids.shape[1]
-        m = mask[index, :length]
+        m = step.mask[index, :length]
         share = self._share(m)
         out = compute_loss(
-            self.loss_name, self.loss_params, logp=logp, old_logp=old_logp[index, :length],
-            advantages=mb.advantages, mask=m, entropy=entropy[index, :length],
-            vocab_size=self.vocab_size, token_weight=token_weight[index, :length])
+            self.loss_name, self.loss_params, logp=logp, old_logp=step.old_logp[index, :length],
+            advantages=mb.advantages, mask=m, entropy=step.entropy[index, :length],
+            vocab_size=self.vocab_size, token_weight=step.token_weight[index, :length])
         loss = out.loss * share if share else logp.sum() * 0.0  # no NaN from an empty mean
-        if ref_logp is not None:
+        if step.ref_logp is not None:
             kl_cfg = self.algorithm["kl"]
-            kl = kl_penalty(logp, ref_logp[index, :length], kl_cfg["estimator"])
+            kl = kl_penalty(logp, step.ref_logp[index, :length], kl_cfg["estimator"])
             kl_sum = (kl * m).sum()
             loss = loss + kl_cfg["coefficient"] * kl_sum * (denom / max(total_tokens, 1.0))
             sums["kl"] = sums.get("kl", 0.0) + float(kl_sum.detach())
@@ -362,16 +374,17 @@ class Trainer:
                 counts[key] = counts.get(key, 0.0) + share
         return loss
 
-    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
-                        sums, counts) -> None:
-        total_tokens = float(mask[mini].sum())
-        denom = max(self._share(mask[mini]), 1.0)
+    def _optimizer_step(self, step: StepTensors, mini: Tensor, sums: dict[str, float],
+                        counts: dict[str, float]) -> None:
+        batch = step.batch
+        total_tokens = float(step.mask[mini].sum())
+        denom = max(self._share(step.mask[mini]), 1.0)
         lr = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
         # RL-ZVP's rows first, then the others: ‖g_R‖ is read between the two (module doc)
         parts = [(mini, False)]
-        if self._reshaped is not None:
-            r = self._reshaped[mini]
+        if step.reshaped is not None:
+            r = step.reshaped[mini]
             parts = [(mini[r], True), (mini[~r], False)]
         norm_reshaped = 0.0
         for rows, reshaped in parts:
@@ -381,8 +394,7 @@ class Trainer:
                 mb = batch.select(index)
                 with self._routing(mb.routing):
                     logp, _ = self._logprobs(mb.input_ids, mb.attention_mask)
-                loss = self._micro_loss(logp, index, mb, old_logp, entropy, mask, token_weight,
-                                        ref_logp, total_tokens, denom, sums, counts)
+                loss = self._micro_loss(logp, index, mb, step, total_tokens, denom, sums, counts)
                 (loss / denom).backward()
             if reshaped:
                 norm_reshaped = float(nn.utils.get_total_norm(
@@ -390,7 +402,7 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.opt_cfg["clip_grad"])
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
         counts["grad_norm"] = counts.get("grad_norm", 0.0) + 1
-        if self._reshaped is not None:
+        if step.reshaped is not None:
             share = norm_reshaped / float(grad_norm) if float(grad_norm) > 0 else 0.0
             sums["reshaped_grad_norm_share"] = sums.get("reshaped_grad_norm_share", 0.0) + share
             counts["reshaped_grad_norm_share"] = counts.get("reshaped_grad_norm_share", 0.0) + 1

@@ -667,7 +667,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # RLDriver.run makes it, Generation submits each group to it; the http judge through it
     "System.reward_workers": {"all": (
         t(DRIVER, "test_reward_workers_score_the_same_groups_as_the_drivers_thread"),
-        t(REWARDS, "test_the_driver_step_counts_judge_failures_and_stops_the_run"))},
+        t(REWARDS, "test_the_driver_step_counts_judge_failures_and_stops_the_run"),
+        # more workers than the batch host's task has CPUs (Slurm) is a warning
+        "check:cluster_settings",
+        t(CHECKS, "test_reward_workers_beyond_the_drivers_cpus_are_warned"))},
     # Trainer._micro_batches, shared by both backends (MegatronTrainer passes it on), and the
     # driver's assignment of groups to the rollout replicas (any engine: the client's endpoints).
     "System.length_balancing": {"all": (

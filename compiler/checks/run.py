@@ -63,7 +63,9 @@ def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """Slurm without a partition relies on the site default (warning); Slurm's resource
     requests set on a local spec do nothing there (warning); weight_sync ipc needs
     trainer and engines on one machine, which separate Slurm nodes are not (error; colocated
-    engines share the trainer's nodes)."""
+    engines share the trainer's nodes); on Slurm the driver and its ``reward_workers`` run
+    in the RL job's task on the batch host, ``cpus_per_task`` × its ranks CPUs shared with
+    that node's engines or trainer ranks: more workers than CPUs only time-slice (warning)."""
     c = spec.cluster
     if c.scheduler == "slurm" and not c.partition:
         yield _warning(("cluster", "partition"), "scheduler slurm without a partition: jobs go "
@@ -78,6 +80,16 @@ def cluster_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
                                                   "a local run neither reserves nor limits it",
                                "remove it, or set cluster.scheduler: slurm",
                                (("cluster", "scheduler"),))
+    workers, cpus = spec.system.reward_workers, c.cpus_per_task * c.gpus_per_node
+    if c.scheduler == "slurm" and workers + 1 > cpus:
+        yield _warning(("system", "reward_workers"),
+                       f"reward_workers {workers} and the driver need {workers + 1} CPUs, but "
+                       f"the RL job's task on the batch host has {cpus} (cpus_per_task "
+                       f"{c.cpus_per_task} × {c.gpus_per_node} ranks), shared with that node's "
+                       "engines or trainer ranks",
+                       f"set system.reward_workers: {max(1, cpus - 1)} or fewer, or raise "
+                       "cluster.cpus_per_task",
+                       (("cluster", "cpus_per_task"), ("cluster", "gpus_per_node")))
     if (c.scheduler == "slurm" and spec.system.weight_sync == "ipc"
             and spec.rollout.placement != "colocated"):
         yield _error(("system", "weight_sync"),

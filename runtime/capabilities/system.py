@@ -11,9 +11,10 @@ from runtime.capabilities.refusal import Refusal, _uses_embedded_trainer
 def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """``disk``: the trainer writes each step's weights to an HF folder that the engines
     reload. ``ipc``: the trainer also shares the tensors and the engines of its node map them
-    (``runtime.rollout.shared_weights``), wired for the CPU (shared memory) into the embedded
-    engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the trainer's side (CUDA
-    IPC from the rank that holds the gathered weights, into every engine GPU) is not built.
+    (``runtime.rollout.shared_weights``), wired for the CPU (shared memory of one node) into
+    the embedded engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the trainer's
+    side (CUDA IPC from the rank that holds the gathered weights, into every engine GPU) is
+    not built.
     ``nccl``: the trainer has no broadcast to vLLM's NCCL group yet."""
     mode = spec["system"]["weight_sync"]
     if mode == "nccl":
@@ -26,6 +27,12 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "weight_sync ipc on GPUs: the trainer shares its weights over CPU shared "
                       "memory only; CUDA IPC into the engines' GPUs is not built",
                       "set system.weight_sync: disk")
+    elif mode == "ipc" and max(spec["train"]["nodes"], spec["rollout"]["nodes"]) > 1:
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      f"weight_sync ipc: the trainer shares its weights in its first node's "
+                      f"memory, which the engines of the other nodes (train.nodes "
+                      f"{spec['train']['nodes']}, rollout.nodes {spec['rollout']['nodes']}) "
+                      "cannot map", "set system.weight_sync: disk, or one node")
     elif mode == "ipc" and spec["rollout"]["engine"] == "vllm":
         yield Refusal("weight_sync", ("system", "weight_sync"),
                       "weight_sync ipc: vLLM's IPC backend maps CUDA memory, which vLLM's CPU "

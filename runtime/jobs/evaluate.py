@@ -105,8 +105,7 @@ def sample_texts(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: int
 
 
 def run(ctx: JobContext) -> None:
-    from runtime.files import read_jsonl
-    from runtime.prompts import drop_overlong, eval_file, eval_max_tokens
+    from runtime.prompts import drop_overlong, eval_max_tokens, eval_rows
     from runtime.rewards import build_reward
 
     data = ctx.section("data")
@@ -118,9 +117,7 @@ def run(ctx: JobContext) -> None:
     policy = ctx.input_path(single_input(ctx, "hf_checkpoint"))
     out_name = single_output(ctx)
 
-    rows = dict(enumerate(read_jsonl(eval_file(ctx))))
-    if not rows:
-        raise JobError("the eval split is empty")
+    rows = eval_rows(ctx)
     engine = open_engine(ctx, policy, seed)
     rows = drop_overlong(rows, engine.tokenizer, data, ctx.log, "eval")
     ctx.log.info("evaluating %s on %d prompts × %d sample(s), T=%g, max %d tokens",

@@ -207,9 +207,8 @@ class TrainerProcess:
         return {"token_ids": ids, "logprobs": [float(x) for x in logp[0, 1:]]}
 
     def publish(self, version: int, probe: dict[str, list[Any]] | None = None) -> None:
-        """Write ``weights/v<version>`` (HF, atomic; its completion marker holds ``probe``)
-        and drop the versions no engine can still be asked to load (older than
-        ``system.max_staleness`` + 1 before it)."""
+        """Write ``weights/v<version>`` (HF, atomic; its completion marker holds ``probe``),
+        share it (ipc), and drop the versions no engine can still be asked to load."""
         from runtime.policy import save_policy
 
         self.model.eval()
@@ -462,7 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     die_with_parent()
     signal.signal(signal.SIGTERM, _on_term)
     ctx = JobContext.load(args.config, log_to_file=False)
-    paths = RunPaths(ctx.run_dir)
     proc: TrainerProcess | None = None
     try:
         if ctx.outputs_complete():
@@ -487,12 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
         traceback.print_exc()
         with contextlib.suppress(OSError):
-            atomic_write_json(paths.trainer_error, {"error": message, "pid": os.getpid()})
+            atomic_write_json(RunPaths(ctx.run_dir).trainer_error,
+                              {"error": message, "pid": os.getpid()})
         print(f"rlspec trainer failed: {message}", file=sys.stderr)
         return 1
     finally:
-        if proc is not None and proc.ipc is not None:
-            proc.ipc.close()  # its shared-memory segments (a SIGKILL leaves them to the next)
+        if proc is not None and proc.ipc is not None:  # its segments (SIGKILL: the next's job)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a 2nd SIGTERM (parent's death) too
+            proc.ipc.close()
     return 0
 
 

@@ -69,11 +69,11 @@ from torch import Tensor
 from runtime.megatron import context_parallel
 from runtime.megatron.checkpoint import set_adam_step
 from runtime.megatron.logprobs import megatron_logprobs
-from runtime.megatron.microbatches import pad_columns, pad_rows
+from runtime.megatron.microbatches import dummy_loss, pad_columns, pad_rows
 from runtime.megatron.parallel import all_max, comm_device
 from runtime.megatron.replay import MegatronReplay, from_megatron_layout, router_layers
 from runtime.router_replay import RoutingTrace
-from runtime.trainer import TrainBatch, Trainer
+from runtime.trainer import StepTensors, TrainBatch, Trainer
 
 __all__ = ["MegatronTrainer"]
 
@@ -410,8 +410,9 @@ class MegatronTrainer(Trainer):
                                    instances=routers):
             yield
 
-    def _optimizer_step(self, batch, mini, old_logp, entropy, mask, token_weight, ref_logp,
-                        sums, counts) -> None:
+    def _optimizer_step(self, step: StepTensors, mini: Tensor, sums: dict[str, float],
+                        counts: dict[str, float]) -> None:
+        batch, mask = step.batch, step.mask
         total_tokens = float(mask[mini].sum())
         denom = max(self._share(mask[mini]), 1.0)
         lr = self._lr()
@@ -429,12 +430,12 @@ class MegatronTrainer(Trainer):
 
             def loss_func(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
                 n = len(index)
-                if not n:  # a dummy micro-batch: backward must still run (MoE collectives)
-                    return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
+                if not n:
+                    return dummy_loss(output)
                 # the loss is computed where the batch lives (differentiably copied there)
                 logp = output[:n, : real.input_ids.shape[1]].cpu()
-                loss = self._micro_loss(logp, index, real, old_logp, entropy, mask,
-                                        token_weight, ref_logp, total_tokens, denom, sums, counts)
+                loss = self._micro_loss(logp, index, real, step, total_tokens, denom, sums,
+                                        counts)
                 share = self._share(mask[index, : real.input_ids.shape[1]])
                 share = share if context_parallel.rank() == 0 else 0  # summed over DP × CP
                 return loss.to(output.device), torch.tensor(int(share), dtype=torch.int), {}

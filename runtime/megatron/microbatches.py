@@ -16,7 +16,14 @@ from torch import Tensor
 from runtime.router_replay import RoutingTrace
 from runtime.trainer import TrainBatch
 
-__all__ = ["pad_columns", "pad_rows"]
+__all__ = ["dummy_loss", "pad_columns", "pad_rows"]
+
+
+def dummy_loss(output: Tensor) -> tuple[Tensor, Tensor, dict]:
+    """The loss of a micro-batch of dummy rows only, in megatron-core's ``loss_func`` form:
+    zero, counting nothing, yet connected to ``output`` (its backward must still run: the MoE
+    layers' collectives wait for every rank)."""
+    return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
 
 
 def _filler(trace: RoutingTrace, rows: int, length: int) -> Tensor:

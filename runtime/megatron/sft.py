@@ -22,6 +22,7 @@ from torch import Tensor
 
 from runtime.megatron import context_parallel
 from runtime.megatron.logprobs import megatron_logprobs
+from runtime.megatron.microbatches import dummy_loss
 from runtime.trainer import TrainBatch
 
 __all__ = ["sft_batch", "sft_step"]
@@ -54,8 +55,8 @@ def sft_step(trainer: Any, batch: TrainBatch) -> dict[str, float]:
 
         def loss_func(output: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
             n = len(index)
-            if not n:  # a dummy micro-batch: backward must still run (MoE collectives)
-                return output.sum() * 0.0, torch.tensor(0, dtype=torch.int), {}
+            if not n:
+                return dummy_loss(output)
             width = real.input_ids.shape[1]
             mask = real.loss_mask.to(output.device)
             nll = -(output[:n, :width] * mask).sum()

@@ -63,7 +63,16 @@ def device_key(device: torch.device | str) -> str:
 
 
 def _write_segment(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[str, int, int]]:
-    """Write ``tensors`` into the segment ``path`` (atomically); their handles."""
+    """Write ``tensors`` into the segment ``path`` (atomically); their handles. An OSError
+    that says what to do when the segment does not fit (containers often have 64 MB)."""
+    import shutil
+
+    need = sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise OSError(f"weight_sync ipc: the weights ({need / 2**20:.1f} MiB) do not fit in "
+                      f"{path.parent} ({free / 2**20:.1f} MiB free): give the node (or the "
+                      "container: --shm-size) more shared memory, or set system.weight_sync: disk")
     handles, offset = [], 0
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

@@ -549,6 +549,18 @@ def test_slurm_resources_set_on_a_local_spec_are_warned(field: str, value: objec
     assert ("cluster", field) not in paths({f"cluster.{field}": value})  # on Slurm: no warning
 
 
+def test_reward_workers_beyond_the_drivers_cpus_are_warned() -> None:
+    """The base spec's RL task has cpus_per_task × gpus_per_node CPUs on the batch host."""
+    cluster = build().cluster
+    cpus = cluster.cpus_per_task * cluster.gpus_per_node
+    assert ("system", "reward_workers") not in paths({"system.reward_workers": cpus - 1})
+    p = only({"system.reward_workers": cpus}, ("system", "reward_workers"), "warning")
+    assert_numbers(p, f"need {cpus + 1} CPUs", f"has {cpus}")
+    assert f"set system.reward_workers: {cpus - 1} or fewer" in (p.suggestion or "")
+    local = {"cluster.scheduler": "local", "cluster.partition": DELETE, "system.weight_sync": "nccl"}
+    assert ("system", "reward_workers") not in paths({**local, "system.reward_workers": cpus})
+
+
 def test_ipc_weight_sync_across_slurm_nodes() -> None:
     p = only({"system.weight_sync": "ipc"}, ("system", "weight_sync"))
     assert_numbers(p, "2 node(s)", "1 node(s)")

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,10 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     # (TP 2 + SP, EP 2) after each load.
     driver_log = (out / "logs" / "rl.log").read_text()
     assert "weights v1 mapped over IPC" in driver_log and "not over IPC" not in driver_log
+    deadline = time.monotonic() + 60
+    while processes_mentioning(str(out)):  # the trainer ranks end after the run (SIGTERM)
+        assert time.monotonic() < deadline, "processes of the run are left"
+        time.sleep(0.2)
     owner = RunPaths(out).owner
     assert not list(segment_path(owner, 0).parent.glob(f"rlspec-{owner}-v*"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -179,7 +184,6 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits
     gathers both stages' layers; DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
     leading dense layer) over TP 2 × EP 2."""
     import signal
-    import time
 
     out = tmp_path / "run"
     args = ["run", "examples/tiny/spec.yaml", "--out", str(out), *edits, *SHORT,

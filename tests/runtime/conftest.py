@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.runtime.test_rollout import _save_model, _save_tokenizer
+from tests.runtime.tiny_moe import save_tiny_moe, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def one_thread() -> Iterator[None]:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen3-MoE (seed 0) and its character tokenizer."""
     path = tmp_path_factory.mktemp("tiny_moe")
-    _save_model(path, seed=0)
-    _save_tokenizer(path)
+    save_tiny_moe(path, seed=0)
+    save_tokenizer(path)
     return path
 
 
@@ -36,5 +36,5 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same architecture with other weights (seed 1): a trained step's stand-in."""
     path = tmp_path_factory.mktemp("tiny_moe_step1")
-    _save_model(path, seed=1)
+    save_tiny_moe(path, seed=1)
     return path

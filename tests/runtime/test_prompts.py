@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -149,6 +150,22 @@ def test_the_driver_reads_the_train_and_eval_files(bundle: Path, run_dir: Path,
     assert list(driver.rows.values()) == _fitting(files["train"])
     assert list(driver.rows) == [r["id"] for r in _fitting(files["train"])]
     assert driver._eval_prompts(tokenizer) == _fitting(files["eval"])  # the in-run evaluation
+
+
+def test_an_empty_eval_split_is_refused_by_name(tmp_path: Path) -> None:
+    """The eval jobs and the driver's in-run evaluation read the split through one function,
+    which names the file when it is empty (before any model is loaded)."""
+    from runtime.jobs.common import JobError
+    from runtime.prompts import eval_rows
+
+    split = tmp_path / "held-out.jsonl"
+    ctx = SimpleNamespace(job="eval_before", inputs={"eval_dataset": {}},
+                          input_path=lambda name: split)
+    split.write_text("")
+    with pytest.raises(JobError, match=f"the eval split {split} is empty"):
+        eval_rows(ctx)  # type: ignore[arg-type]
+    split.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    assert eval_rows(ctx) == {0: {"prompt": "1+1", "answer": "2"}}  # type: ignore[arg-type]
 
 
 def test_drop_overlong_counts_tokens(run_dir: Path) -> None:

@@ -284,7 +284,9 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     version and staleness (never above 2), and the summary the rollouts per staleness. A run
     SIGKILLed after two logged steps, with later steps handed over and untrained, trains
     those batches after the restart: it logs exactly the steps of an uninterrupted run (time
-    fields aside), and its ledger counts every rollout once."""
+    fields aside), and its ledger counts every rollout once. The killed and resumed run
+    syncs over shared memory (``weight_sync: ipc``: the trainer keeps each version shared
+    until no engine can be asked to load it), the uninterrupted one from disk."""
     _, base_run = prepared
     steps = 6
     bundle = _compile(tmp_path / "bundle", steps, "system.max_staleness=2",
@@ -302,12 +304,15 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     # the trainer's check skips stale batches; the probe checks every load (fp32 both sides)
     assert all(m["weight_sync_probe_gap"] < 1e-5 for m in lines)
 
+    ipc = _compile(tmp_path / "ipc_bundle", steps, "system.max_staleness=2",
+                   "train.checkpoint.interval=1", "system.weight_sync=ipc")
     run_dir = _run_copy(base_run, tmp_path / "run")
-    _kill_after(bundle, run_dir, 2)
-    again = _launch(bundle, "rl", run_dir, _free_port())
+    _kill_after(ipc, run_dir, 2)
+    again = _launch(ipc, "rl", run_dir, _free_port())
     assert again.returncode == 0, again.stderr
     assert "resuming after step" in again.stderr
     assert "were handed over and are trained first" in again.stderr
+    assert "mapped over IPC" in again.stderr
     resumed = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert _untimed(resumed) == _untimed(lines)
     ledger = json.loads((run_dir / "artifacts" / "rl" / "ledger.json").read_text())
@@ -348,8 +353,10 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
     owner = RunPaths(run_dir).owner
     shm = segment_path(owner, 0).parent
     assert sorted(shm.glob(f"rlspec-{owner}-v*"))
-    again = _launch(bundle, "rl", run_dir, _free_port())
+    port = _free_port()
+    again = _launch(bundle, "rl", run_dir, port)
     assert again.returncode == 0, again.stderr
+    _wait_gone(run_dir, port)  # the trainer ends after the launch script (SIGTERM)
     assert sorted(shm.glob(f"rlspec-{owner}-v*")) == []  # and its own at exit
     assert "resuming after step 2" in again.stderr
     assert "were handed over and are trained first" in again.stderr

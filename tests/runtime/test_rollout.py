@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
 
@@ -25,43 +24,12 @@ from runtime.rollout.server import check_host
 from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
 from runtime.router_replay import align_routing, patch_qwen3_moe
 from tests.helpers import rollout_servers
+from tests.runtime.tiny_moe import EOS, VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
-VOCAB = 64
-EOS = 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [2]]
-
-
-def _config() -> transformers.Qwen3MoeConfig:
-    # initializer_range 0.2 (not 0.02) gives peaked logits and clearly separated router
-    # scores, so sampling and routing are not near-uniform.
-    return transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2,
-        eos_token_id=EOS, pad_token_id=0,
-    )  # fmt: skip
-
-
-def _save_model(path: Path, seed: int) -> None:
-    torch.manual_seed(seed)
-    transformers.Qwen3MoeForCausalLM(_config()).save_pretrained(path)
-
-
-def _save_tokenizer(path: Path) -> None:
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ."
-    vocab = {"<pad>": 0, "<eos>": EOS, "<unk>": 2}
-    for ch in chars[: VOCAB - len(vocab)]:
-        vocab[ch] = len(vocab)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), "isolated")
-    tok.decoder = tokenizers.decoders.Fuse()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,18 @@ def test_segments_are_removed_by_version_and_mapped_ones_stay_readable(owner: st
         open_shared(["w"], ["bfloat16"], [[10, 4]], handles, "cpu")
 
 
+def test_weights_that_do_not_fit_the_shared_memory_are_refused_before_writing(
+        owner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**26, 2**26 - 100, 100))
+    with pytest.raises(OSError, match=r"do not fit in .* \(0.0 MiB free\): give the node"):
+        share(NAMED, segment_path(owner, 1))
+    assert _segments(owner) == []  # nothing half-written
+
+
 def test_a_handle_that_does_not_fit_is_refused(owner: str) -> None:
     _, handles = share(NAMED[:1], segment_path(owner, 1))
     ((_, (path, _, _)),) = handles[0].items()
