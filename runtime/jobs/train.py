@@ -15,13 +15,11 @@ lets the driver notice a dead trainer; a failure is written to ``trainer-error.j
 the process with status 1.
 
 ``train.backend: megatron`` (:class:`MegatronTrainerProcess`): one process per GPU, started
-by torchrun (by ``runtime.launch`` with ``file://`` rendezvous on ``cluster.devices: cpu``)
-with the Megatron-LM flags of ``train.sh`` (``runtime.megatron.args``). The model starts from
-``--load``; rank 0 alone reads and writes the exchange files and broadcasts which batch to
-take. Weights are published by gathering the shards (``gather_full_state_dict``) to rank 0,
-which writes the HF folder; checkpoints are Megatron-LM iterations under ``--save``
-(``iter_<step>``, the distributed optimizer's shards included; ``runtime.megatron.checkpoint``).
-"""
+by torchrun (``runtime.launch``, ``file://`` rendezvous, on CPUs) with ``train.sh``'s
+Megatron-LM flags (``runtime.megatron.args``), from ``--load``; rank 0 alone reads and writes
+the exchange files, broadcasts which batch to take, and publishes the weights the shards are
+gathered to (``gather_full_state_dict``). Checkpoints: Megatron-LM iterations under
+``--save`` (``iter_<step>``, optimizer shards included; ``runtime.megatron.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -76,7 +74,7 @@ class TrainerProcess:
         self.sync_tolerance = typed.system.weight_sync_tolerance
         self.max_staleness = typed.system.max_staleness
         self.weight_sync, self.engine = typed.system.weight_sync, typed.rollout.engine
-        self.ipc: Any = None  # weight_sync ipc: the IPCPublisher, once this process shares
+        self.ipc: Any = None  # weight_sync ipc: the IPCPublisher of the main process
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
@@ -84,6 +82,10 @@ class TrainerProcess:
         self.version = 0
         self._beat = True
         self._setup()
+        if self.main and self.weight_sync == "ipc":  # a /dev/shm too small fails now, not later
+            from runtime.rollout.weight_transfer import IPCPublisher
+
+            self.ipc = IPCPublisher(self.paths.owner, self.policy_path, self.max_staleness + 2)
 
     def _setup(self) -> None:
         from runtime.policy import load_policy
@@ -220,12 +222,10 @@ class TrainerProcess:
     def _share(self, version: int, model: Any) -> None:
         """``weight_sync: ipc``: share the version's tensors with this node's engines (vLLM
         loads checkpoint names; the embedded engine takes its own module names as they are)."""
-        if self.weight_sync != "ipc":
+        if self.ipc is None:  # weight_sync disk
             return
         from runtime.policy import checkpoint_tensors
-        from runtime.rollout.weight_transfer import IPCPublisher
 
-        self.ipc = self.ipc or IPCPublisher(self.paths.owner)  # removes a killed one's segments
         named = checkpoint_tensors(model) if self.engine == "vllm" else model.state_dict()
         self.ipc.publish(version, self.paths.version(version), named.items())
 

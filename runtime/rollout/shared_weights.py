@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["device_key", "open_shared", "remove_segments", "segment_path", "share"]
+__all__ = ["check_room", "device_key", "open_shared", "remove_segments", "segment_path", "share"]
 
 ALIGN = 64  # bytes: every tensor starts at a multiple, so any dtype can view it in place
 
@@ -51,6 +51,19 @@ def remove_segments(owner: str, keep: Callable[[int], bool] = lambda version: Fa
             path.unlink(missing_ok=True)
 
 
+def check_room(need: int) -> None:
+    """An OSError that says what to do when ``need`` bytes do not fit in the node's shared
+    memory (containers often get 64 MB)."""
+    import shutil
+
+    where = _shm_dir()
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise OSError(f"weight_sync ipc: the weights ({need / 2**20:.1f} MiB) do not fit in "
+                      f"{where} ({free / 2**20:.1f} MiB free): give the node (or the "
+                      "container: --shm-size) more shared memory, or set system.weight_sync: disk")
+
+
 def device_key(device: torch.device | str) -> str:
     """The key a tensor on ``device`` is shared under: its GPU's UUID, or ``cpu@<host>``."""
     device = torch.device(device)
@@ -63,16 +76,8 @@ def device_key(device: torch.device | str) -> str:
 
 
 def _write_segment(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[str, int, int]]:
-    """Write ``tensors`` into the segment ``path`` (atomically); their handles. An OSError
-    that says what to do when the segment does not fit (containers often have 64 MB)."""
-    import shutil
-
-    need = sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
-    free = shutil.disk_usage(path.parent).free
-    if need > free:
-        raise OSError(f"weight_sync ipc: the weights ({need / 2**20:.1f} MiB) do not fit in "
-                      f"{path.parent} ({free / 2**20:.1f} MiB free): give the node (or the "
-                      "container: --shm-size) more shared memory, or set system.weight_sync: disk")
+    """Write ``tensors`` into the segment ``path`` (atomically, if it fits); their handles."""
+    check_room(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors))
     handles, offset = [], 0
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

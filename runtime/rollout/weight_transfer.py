@@ -42,9 +42,8 @@ vLLM is imported lazily, only by NCCL's ``connect`` / ``push`` (on a GPU): rlspe
 environment does not have it. IPC's data plane is ``runtime.rollout.shared_weights``: CUDA
 IPC handles as vLLM's (torch's ``reduce_tensor``), or, on the CPU, segments of the node's
 shared memory that the embedded engine maps (the RL trainer's side: ``IPCPublisher``).
-Neither GPU path has run here (no GPU, no CUDA vLLM in this environment); the bodies they
-send were checked against vLLM 0.33.0's own classes and encoders, and the CPU path runs in
-the RL job's tests.
+Neither GPU path has run here (no GPU, no CUDA vLLM); their bodies were checked against
+vLLM 0.33.0's own classes and encoders. The CPU path runs in the RL job's tests.
 """
 
 from __future__ import annotations
@@ -308,14 +307,13 @@ class IPCWeightTransfer(WeightTransfer):
     (``runtime.rollout.shared_weights``: CUDA IPC on a GPU, shared memory on the CPU).
 
     Two ways in. ``named_tensors``: this process shares them for the length of the push
-    (CPU tensors through a segment of its own, removed afterwards).
-    ``path``: the trainer shared a version's tensors when it wrote the folder (``publish``,
-    the update body in ``IPC_UPDATE_FILE``, the tensors held by the trainer) and the driver
-    sends that body. When the process that shared them is gone (a resumed run: the new
-    trainer has not shared the version the engines restart from) or never shared them,
-    the folder is loaded through ``fallback`` (disk) instead, and said. Handles go pickled
-    over HTTP, so the engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (the rendered
-    ``rollout.sh`` sets it)."""
+    (CPU ones through a segment of its own). ``path``: the trainer shared a version's tensors
+    when it wrote the folder (``publish``: the update body in ``IPC_UPDATE_FILE``, the tensors
+    in its segment) and the driver sends that body. When the process that shared them is
+    gone (a resumed run: the new trainer has not shared the version the engines restart
+    from) or never shared them, the folder is loaded through ``fallback`` (disk), and said.
+    Handles go pickled over HTTP: the engines need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``
+    (the rendered ``rollout.sh`` sets it)."""
 
     weight_sync = "ipc"
 
@@ -434,18 +432,20 @@ class IPCWeightTransfer(WeightTransfer):
 
 
 class IPCPublisher:
-    """The trainer's side of ``weight_sync: ipc``: shares each version it writes
-    (``IPCWeightTransfer.publish``, into the segment ``segment_path(owner, version)``),
-    holds what must stay alive while an engine may still load it, and unlinks the segments
-    of versions no engine can be asked to load any more, and all of them at ``close``.
-    Created, it removes the segments a killed predecessor of the same ``owner`` left."""
+    """The trainer's side of ``weight_sync: ipc``: shares each version it writes (segment
+    ``segment_path(owner, version)``), holds what must stay alive while an engine may load
+    it, unlinks the versions no engine can be asked to load, all at ``close``. Created, it
+    removes what a killed predecessor (same ``owner``) left, and checks that ``versions``
+    copies of the checkpoint folder ``like``'s tensors fit in the node's shared memory."""
 
-    def __init__(self, owner: str) -> None:
-        from runtime.rollout.shared_weights import remove_segments
+    def __init__(self, owner: str, like: str | os.PathLike[str] | None = None,
+                 versions: int = 1) -> None:
+        from runtime.rollout.shared_weights import check_room, remove_segments
 
-        self.owner = owner
-        self.kept: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self.owner, self.kept = owner, {}
         remove_segments(owner)
+        if like is not None:
+            check_room(versions * sum(f.stat().st_size for f in Path(like).glob("*.safetensors")))
 
     def publish(self, version: int, folder: str | os.PathLike[str],
                 named_tensors: NamedTensors) -> None:

@@ -98,13 +98,21 @@ def test_segments_are_removed_by_version_and_mapped_ones_stay_readable(owner: st
 
 
 def test_weights_that_do_not_fit_the_shared_memory_are_refused_before_writing(
-        owner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        owner: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before each segment write, and when the trainer starts: the versions an engine may
+    load, and the next, each the size of the policy's checkpoint."""
     import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
+    free = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) * 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 0, free))
+    IPCPublisher(owner, model_dir, versions=2)
+    with pytest.raises(OSError, match=r"weight_sync ipc: the weights \(.* MiB\) do not fit in "
+                                      r".* MiB free\): give the node"):
+        IPCPublisher(owner, model_dir, versions=3)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**26, 2**26 - 100, 100))
-    with pytest.raises(OSError, match=r"do not fit in .* \(0.0 MiB free\): give the node"):
+    with pytest.raises(OSError, match=r"set system\.weight_sync: disk"):
         share(NAMED, segment_path(owner, 1))
     assert _segments(owner) == []  # nothing half-written
 
