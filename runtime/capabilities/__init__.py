@@ -139,7 +139,11 @@ def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
         "evaluate": (one_model,),
         "convert": (f"HF ↔ Megatron conversion on {dev}",),
         "export": ("safetensors conversion on CPU",),
-        "rl": (f"trainer: {trainer}", f"rollout: {engine}", "driver: rewards and filters on CPU"),
+        "rl": (f"trainer: {trainer}", f"rollout: {engine}", "driver: rewards and filters on CPU",
+               "weights: " + ("mapped from the trainer's shared memory (ipc; a resumed run's "
+                              "first load from its folder)"
+                              if spec["system"]["weight_sync"] == "ipc"
+                              else "each step's folder, reloaded by the engines (disk)")),
     }.get(entry, ())
 
 

@@ -348,6 +348,20 @@ def test_inspect_of_a_bundle_keeps_its_overrides(tmp_path: Path) -> None:
     assert plan["train_world_size"] == 16 and plan["data_parallel"] == 4
 
 
+def test_inspect_says_what_each_role_of_the_rl_job_runs_on(tmp_path: Path) -> None:
+    """The roles' engines and devices, and how the weights reach the engines, as the runtime
+    declares them (runtime.capabilities.engines)."""
+    tiny = str(TINY)
+    rl = json.loads(cli("inspect", tiny, "--json").stdout)["engines"]["rl"]
+    assert rl == ["trainer: embedded HF trainer on CPU", "rollout: embedded rollout server on CPU",
+                  "driver: rewards and filters on CPU",
+                  "weights: each step's folder, reloaded by the engines (disk)"]
+    ipc = json.loads(cli("inspect", tiny, "--set", "system.weight_sync=ipc", "--json").stdout)
+    assert ipc["engines"]["rl"][3].startswith("weights: mapped from the trainer's shared memory")
+    summary = cli("inspect", tiny, "--set", "system.weight_sync=ipc").stdout
+    assert "mapped from the trainer's shared memory" in " ".join(summary.split())
+
+
 def test_inspect_json_is_the_plan(bundle_245b: Path) -> None:
     result = cli("inspect", bundle_245b, "--json")
     data = json.loads(result.stdout)
