@@ -124,6 +124,7 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     ),
     "aux_loss": (_ex(SINGLE, "model.architecture.moe.aux_loss_coeff=0.001"),),
     "weight_sync": (_ex(SINGLE, "system.weight_sync=nccl"),
+                    _ex(TINY, "system.weight_sync=nccl", "rollout.engine=vllm"),
                     _ex(SINGLE, "system.weight_sync=ipc", "rollout.placement=colocated", "rollout.nodes=2",
                         "rollout.gpu_memory_utilization=0.3"),
                     _ex(TINY, "system.weight_sync=ipc", "rollout.engine=vllm"),

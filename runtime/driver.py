@@ -130,7 +130,8 @@ class RLDriver:
         self.scorer: Any = None  # the run's ScoringPool while run() runs (reward_workers > 1)
         from runtime.rollout.weight_transfer import driver_weight_transfer
 
-        self.weight_transfer, note = driver_weight_transfer(self.spec, log=self.log.info)
+        self.weight_transfer, note = driver_weight_transfer(
+            self.spec, log=self.log.info, exchange=self.paths.exchange)
         if note:
             self.log.warning(note)
         from runtime.placement import Placement

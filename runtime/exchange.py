@@ -11,6 +11,9 @@ and the driver (``runtime.jobs.rl``, ``runtime.driver``). They share the run dir
     artifacts/rl/weights/v<s+1>/           the policy after step s (HF folder, atomic)
     artifacts/rl/weights/v<s+1>/ipc_update.json   weight_sync ipc: the update body of its
                                            tensors, in the segment /dev/shm/rlspec-<owner>-v<s+1>
+    artifacts/rl/exchange/weight-broadcast.json    weight_sync nccl: the trainer's sender
+    artifacts/rl/exchange/weight-broadcast.store   its requests and groups (a FileStore;
+                                           runtime.rollout.broadcast_transfer)
     artifacts/rl/state/driver.pkl          driver state (``runtime.driver_state``)
     artifacts/rl/metrics.jsonl             one line per complete step
     checkpoints/rl/step-<k>/               trainer checkpoints (model, optimizer, step)

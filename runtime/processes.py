@@ -17,7 +17,7 @@ import time
 
 from runtime.errors import JobError
 
-__all__ = ["die_with_parent", "pid_alive", "rollout_endpoints"]
+__all__ = ["die_with_parent", "pid_alive", "process_record", "record_alive", "rollout_endpoints"]
 
 
 def die_with_parent() -> None:
@@ -59,3 +59,31 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_record() -> dict[str, object]:
+    """This process as another can find it again: pid, start time and host (a pid alone may
+    be reused by then)."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return {"pid": me.pid, "started": me.create_time(), "host": socket.gethostname()}
+
+
+def record_alive(record: dict[str, object], what: str = "process") -> str:
+    """Why the process of a ``process_record`` cannot be reached from here ("" while it
+    lives on this node)."""
+    import socket
+
+    import psutil
+
+    if record["host"] != socket.gethostname():
+        return f"the {what} runs on {record['host']}, not on this node"
+    try:
+        alive = psutil.Process(int(record["pid"])).create_time() == record["started"]
+    except psutil.Error:
+        alive = False
+    return "" if alive else f"the {what} (pid {record['pid']}) has ended"
+

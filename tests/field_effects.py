@@ -78,6 +78,7 @@ TASKS = "tests/runtime/test_tasks.py"
 TRAINER = "tests/runtime/test_trainer.py"
 WT = "tests/runtime/test_weight_transfer.py"
 SHARED = "tests/runtime/test_shared_weights.py"
+BROADCAST = "tests/runtime/test_broadcast_weights.py"
 MCORE_RUN = "tests/megatron/test_mcore_run.py"
 MCORE_PRECISION = "tests/megatron/test_mcore_precision.py"
 MCORE_TRAINER = "tests/megatron/test_mcore_trainer.py"
@@ -682,13 +683,16 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
         t(RL, "test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill"),
         t(TRAINER, "test_a_stale_batch_is_trained_with_its_gap_logged_not_checked"),
         "check:stale_rollouts")},
-    # nccl is refused; ipc runs on the CPU with the embedded engine (the colocated RL run maps
-    # the trainer's shared memory; the server's IPC update), and is refused on GPUs and with
-    # vLLM's CPU build; disk = /collective_rpc reload, no --weight-transfer-config.
+    # ipc and nccl run on the CPU with the embedded engine (the colocated RL run maps the
+    # trainer's shared memory, the resumed RL run receives its broadcast; the server's IPC and
+    # NCCL updates), and are refused on GPUs and with vLLM's CPU build; disk = /collective_rpc
+    # reload, no --weight-transfer-config.
     "System.weight_sync": {
         "rollout:local": ("refused:weight_sync",
                           t(RL, "test_colocated_engines_sleep_through_training_and_resume_after_sigkill"),
-                          t(SHARED, "test_an_ipc_update_serves_exactly_the_shared_weights")),
+                          t(SHARED, "test_an_ipc_update_serves_exactly_the_shared_weights"),
+                          t(RL, "test_rl_job_resumes_after_sigkill"),
+                          t(BROADCAST, "test_the_engines_serve_exactly_the_weights_the_trainer_broadcast")),
         "rollout:vllm": ("refused:weight_sync",
                          t(VLLM, "test_weight_sync_disk_passes_no_transfer_config"),
                          t(ROLLOUT, "test_vllm_disk_reload_through_collective_rpc")),

@@ -140,11 +140,17 @@ def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
         "convert": (f"HF ↔ Megatron conversion on {dev}",),
         "export": ("safetensors conversion on CPU",),
         "rl": (f"trainer: {trainer}", f"rollout: {engine}", "driver: rewards and filters on CPU",
-               "weights: " + ("mapped from the trainer's shared memory (ipc; a resumed run's "
-                              "first load from its folder)"
-                              if spec["system"]["weight_sync"] == "ipc"
-                              else "each step's folder, reloaded by the engines (disk)")),
+               "weights: " + WEIGHT_ROUTES[spec["system"]["weight_sync"]]),
     }.get(entry, ())
+
+
+WEIGHT_ROUTES = {
+    "disk": "each step's folder, reloaded by the engines (disk)",
+    "ipc": "mapped from the trainer's shared memory (ipc; a resumed run's first load from its "
+           "folder)",
+    "nccl": "broadcast by the trainer over gloo in vLLM's NCCL wire format (nccl; a resumed "
+            "run's first load from its folder)",
+}
 
 
 def rules_for(entry: str, spec: Mapping[str, Any]) -> tuple[str, ...]:

@@ -14,15 +14,24 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     (``runtime.rollout.shared_weights``), wired for the CPU (shared memory of one node) into
     the embedded engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the trainer's
     side (CUDA IPC from the rank that holds the gathered weights, into every engine GPU) is
-    not built.
-    ``nccl``: the trainer has no broadcast to vLLM's NCCL group yet."""
+    not built. ``nccl``: the trainer broadcasts each version to the engines in vLLM's NCCL
+    wire format (``runtime.rollout.broadcast_transfer``), wired for the CPU (a gloo group)
+    into the embedded engine: vLLM's NCCL backend needs CUDA, and on GPUs the trainer does
+    not join vLLM's NCCL group yet."""
     mode = spec["system"]["weight_sync"]
-    if mode == "nccl":
+    gpu = spec["cluster"]["devices"] == "gpu"
+    if mode == "nccl" and gpu:
         yield Refusal("weight_sync", ("system", "weight_sync"),
-                      "weight_sync nccl: the trainer does not broadcast weights over NCCL "
-                      "yet; the engines reload each step's weights from disk",
+                      "weight_sync nccl on GPUs: the trainer does not join the engines' NCCL "
+                      "group yet (its broadcast runs over gloo on the CPU)",
                       "set system.weight_sync: disk")
-    elif mode == "ipc" and spec["cluster"]["devices"] == "gpu":
+    elif mode == "nccl" and spec["rollout"]["engine"] == "vllm":
+        yield Refusal("weight_sync", ("system", "weight_sync"),
+                      "weight_sync nccl: vLLM's NCCL backend needs CUDA, which vLLM's CPU "
+                      "build does not have",
+                      "set system.weight_sync: disk, or rollout.engine: local (the embedded "
+                      "engine receives the trainer's broadcast over gloo)")
+    elif mode == "ipc" and gpu:
         yield Refusal("weight_sync", ("system", "weight_sync"),
                       "weight_sync ipc on GPUs: the trainer shares its weights over CPU shared "
                       "memory only; CUDA IPC into the engines' GPUs is not built",

@@ -45,7 +45,7 @@ def build_argv(argv: Sequence[str] | None = None, env: dict[str, str] | None = N
         out.append("--return-routed-experts")
     if args.enable_sleep_mode:  # colocated placement: sleeps while the trainer steps
         out.append("--enable-sleep-mode")
-    if args.weight_transfer_config is not None:  # weight_sync ipc: updates from shared memory
+    if args.weight_transfer_config is not None:  # weight_sync ipc / nccl: shared memory, or the trainer's broadcast
         out += ["--weight-transfer-config", args.weight_transfer_config]
     if args.config is not None and _fp8(args.config):
         out += ["--quantization", "fp8"]

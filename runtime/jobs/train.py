@@ -4,8 +4,9 @@ Started by ``jobs/rl/train.sh`` next to the driver (``runtime.jobs.rl``); the ex
 are described in ``runtime.exchange``. Loop: wait for ``exchange/batch-<s>.pt`` → (RL-ZVP token
 advantages of reshaped groups from the old policy's entropies) → ``Trainer.step`` → weights
 ``weights/v<s+1>`` (HF folder, atomic; with ``system.weight_sync: ipc`` its tensors are also
-shared with this node's engines, ``IPCWeightTransfer.publish``, and held while an engine may
-load them) → a checkpoint every ``train.checkpoint.interval`` steps and after the last
+shared with this node's engines, ``IPCWeightTransfer.publish``, with ``nccl`` held for the
+driver to have them broadcast, ``runtime.rollout.broadcast_transfer``; either while an engine
+may load them) → a checkpoint every ``train.checkpoint.interval`` steps and after the last
 (``checkpoints/rl/step-<k>``: model, optimizer, step; the newest ``checkpoint.keep`` kept) →
 ``done-<s>.json`` with the metrics. A batch whose step is not the trainer's current version (a
 restarted run) re-syncs first: weights from ``weights/v<s>``, optimizer state from the newest
@@ -74,7 +75,7 @@ class TrainerProcess:
         self.sync_tolerance = typed.system.weight_sync_tolerance
         self.max_staleness = typed.system.max_staleness
         self.weight_sync, self.engine = typed.system.weight_sync, typed.rollout.engine
-        self.ipc: Any = None  # weight_sync ipc: the IPCPublisher of the main process
+        self.publisher: Any = None  # weight_sync ipc / nccl: the main process's (_publisher)
         self.policy_path = ctx.input_of_kind("hf_checkpoint")
         self.kl_on = typed.algorithm.kl.coefficient > 0
         self.main = True  # this process reads and writes the exchange files
@@ -82,10 +83,23 @@ class TrainerProcess:
         self.version = 0
         self._beat = True
         self._setup()
-        if self.main and self.weight_sync == "ipc":  # a /dev/shm too small fails now, not later
+        if self.main:
+            self.publisher = self._publisher(typed.cluster.scheduler == "local")
+
+    def _publisher(self, local: bool) -> Any:
+        """What shares each version with the engines besides its folder: ``ipc``'s
+        IPCPublisher (a /dev/shm too small fails now, not after a step), ``nccl``'s
+        BroadcastSender (gloo bound to loopback on a local run); None for ``disk``."""
+        if self.weight_sync == "ipc":
             from runtime.rollout.weight_transfer import IPCPublisher
 
-            self.ipc = IPCPublisher(self.paths.owner, self.policy_path, self.max_staleness + 2)
+            return IPCPublisher(self.paths.owner, self.policy_path, self.max_staleness + 2)
+        if self.weight_sync == "nccl":
+            from runtime.rollout.broadcast_transfer import BroadcastSender
+            from runtime.rollout.broadcast_weights import gloo_host
+
+            return BroadcastSender(self.paths.exchange, gloo_host(local))
+        return None
 
     def _setup(self) -> None:
         from runtime.policy import load_policy
@@ -220,22 +234,23 @@ class TrainerProcess:
         self._prune_weights(version)
 
     def _share(self, version: int, model: Any) -> None:
-        """``weight_sync: ipc``: share the version's tensors with this node's engines (vLLM
-        loads checkpoint names; the embedded engine takes its own module names as they are)."""
-        if self.ipc is None:  # weight_sync disk
+        """``weight_sync: ipc`` / ``nccl``: share (hold) the version's tensors for the engines
+        (vLLM loads checkpoint names; the embedded engine takes its own module names as they
+        are)."""
+        if self.publisher is None:  # weight_sync disk
             return
         from runtime.policy import checkpoint_tensors
 
         named = checkpoint_tensors(model) if self.engine == "vllm" else model.state_dict()
-        self.ipc.publish(version, self.paths.version(version), named.items())
+        self.publisher.publish(version, self.paths.version(version), named.items())
 
     def _prune_weights(self, version: int) -> None:
         oldest = version - 1 - self.max_staleness  # the oldest version an engine may still load
         for old in self.paths.weights.glob("v*"):
             if old.name[1:].isdigit() and int(old.name[1:]) < oldest:
                 shutil.rmtree(old, ignore_errors=True)
-        if self.ipc is not None:
-            self.ipc.prune(oldest)
+        if self.publisher is not None:
+            self.publisher.prune(oldest)
 
     def train_batch(self, payload: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -490,9 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rlspec trainer failed: {message}", file=sys.stderr)
         return 1
     finally:
-        if proc is not None and proc.ipc is not None:  # its segments (SIGKILL: the next's job)
+        if proc is not None and proc.publisher is not None:  # ipc: its segments (after a
+            # SIGKILL: the next trainer's job)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a 2nd SIGTERM (parent's death) too
-            proc.ipc.close()
+            proc.publisher.close()
     return 0
 
 

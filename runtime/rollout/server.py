@@ -3,14 +3,15 @@
     python -m runtime.rollout.server --model DIR --host 127.0.0.1 --port P \\
         [--return-routed-experts] [--seed S] [--logprobs-mode raw_logprobs] \\
         [--quantization fp8] [--enable-sleep-mode] \\
-        [--weight-transfer-config '{"backend": "ipc"}']
+        [--weight-transfer-config '{"backend": "ipc" | "nccl"}']
 
 Serves the subset of vLLM's OpenAI-compatible API and RL dev endpoints described in
 ``runtime.rollout.protocol`` on a ``ThreadingHTTPServer``: ``GET /health``,
 ``GET /v1/models``, ``POST /v1/completions``, ``POST /pause`` / ``/resume``,
 ``GET /is_paused``, ``POST /start_weight_update`` / ``/update_weights`` /
 ``/finish_weight_update``, ``POST /update_weight_version``, ``GET /weight_info``,
-``POST /init_weight_transfer_engine`` (empty ``init_info``, or IPC's ``{"packed": false}``),
+``POST /init_weight_transfer_engine`` (empty ``init_info``, IPC's ``{"packed": false}``, or
+NCCL's, which joins the trainer's group),
 ``POST /collective_rpc`` (only ``reload_weights`` with
 ``kwargs.weights_path``, vLLM's path reload), ``GET /get_world_size`` (1) and sleep
 mode's ``POST /sleep?level=&mode=`` / ``POST /wake_up?tags=`` / ``GET /is_sleeping``.
@@ -19,10 +20,12 @@ Weight updates. vLLM's sequence is start_weight_update → update_weights (one o
 more; ``update_info`` is consumed by the NCCL or IPC transfer backend chosen with
 ``--weight-transfer-config``, the trainer pushing tensors alongside) →
 finish_weight_update (which publishes ``weight_version``). We keep the sequence and
-its 409 ordering errors and implement two transfer backends: disk, ``update_info =
+its 409 ordering errors and implement three transfer backends: disk, ``update_info =
 {"path": <checkpoint dir or .safetensors file>, "weight_version": <optional>}``, and,
 with ``--weight-transfer-config '{"backend": "ipc"}'``, vLLM's unpacked IPC update (the
-trainer's tensors mapped from shared memory, ``runtime.rollout.server_weights``). Either
+trainer's tensors mapped from shared memory), or with ``nccl`` vLLM's NCCL update (the
+trainer's broadcast, received in the group init joined: a gloo group in vLLM's wire format,
+``runtime.rollout.broadcast_weights``); both in ``runtime.rollout.server_weights``. Each
 is loaded by the engine all-or-nothing, under the engine lock (so it never lands in the
 middle of a forward). Pause first (``/pause?mode=wait``) so that no
 output mixes versions; with ``mode=keep`` the frozen requests continue on the new
@@ -124,7 +127,8 @@ class RolloutHTTPServer(ThreadingHTTPServer):
         self.engine = engine
         self.served_model_name = served_model_name
         self.return_routed_experts = return_routed_experts
-        self.weight_transfer = weight_transfer  # "disk", or "ipc" (server_weights)
+        self.weight_transfer = weight_transfer  # "disk", "ipc" or "nccl" (server_weights)
+        self.broadcast: dict[str, Any] | None = None  # nccl: the group init joined
         self.verbose = verbose
         self.update_state = _UpdateState()
         self.created = int(time.time())

@@ -10,14 +10,14 @@ __all__ = ["parse_args"]
 
 
 def _weight_transfer_backend(text: str) -> str:
-    """``--weight-transfer-config`` is vLLM's JSON ``{"backend": ...}``; disk and ipc here."""
+    """``--weight-transfer-config`` is vLLM's JSON ``{"backend": ...}``; disk, ipc, nccl here."""
     try:
         backend = json.loads(text)["backend"]
     except (ValueError, TypeError, KeyError) as exc:
         raise argparse.ArgumentTypeError(f'expected {{"backend": "ipc"}}, got {text!r}') from exc
-    if backend not in ("disk", "ipc"):
+    if backend not in ("disk", "ipc", "nccl"):
         raise argparse.ArgumentTypeError(f"backend {backend!r}: this server implements ipc "
-                                         "(and disk, always), not nccl")
+                                         "and nccl (and disk, always)")
     return str(backend)
 
 
@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     ap.add_argument(
         "--weight-transfer-config", type=_weight_transfer_backend, default='{"backend": "disk"}',
         metavar="JSON", help='\'{"backend": "ipc"}\': also take IPC weight updates (vLLM '
-        "--weight-transfer-config; runtime.rollout.shared_weights). Without it, the disk "
-        "backend only (update_info {'path': ...})",
+        "--weight-transfer-config; runtime.rollout.shared_weights); nccl: join the trainer's "
+        "broadcast group and receive them (runtime.rollout.broadcast_weights). Without it, "
+        "the disk backend only (update_info {'path': ...})",
     )
     ap.add_argument(
         "--enable-sleep-mode", action="store_true",

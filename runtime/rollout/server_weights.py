@@ -3,12 +3,16 @@ request handler (``runtime.rollout.server``) and vLLM's RL update state machine
 (``_UpdateState``, ``rl_state_machine.py``: start → update* → finish).
 
 It serves ``POST /start_weight_update`` / ``/update_weights`` / ``/finish_weight_update``
-with two transfer backends: disk, always (``update_info = {"path", "weight_version"}``), and
+with three transfer backends: disk, always (``update_info = {"path", "weight_version"}``),
 vLLM's IPC when served with ``--weight-transfer-config '{"backend": "ipc"}'`` (unpacked
 ``IPCWeightTransferUpdateInfo``: ``names``, ``dtype_names``, ``shapes``,
 ``ipc_handles_pickled``, unpickled only with ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` as
-vLLM does; the tensors are mapped by ``runtime.rollout.shared_weights``);
-``POST /init_weight_transfer_engine`` (empty ``init_info``, or IPC's ``{"packed": false}``),
+vLLM does; the tensors are mapped by ``runtime.rollout.shared_weights``), and vLLM's NCCL
+with ``'{"backend": "nccl"}'`` (``NCCLWeightTransferUpdateInfo``: ``names``, ``dtype_names``,
+``shapes``, received from the trainer's broadcast, ``runtime.rollout.broadcast_weights``);
+``POST /init_weight_transfer_engine`` (empty ``init_info``, IPC's ``{"packed": false}``, or
+NCCL's ``NCCLWeightTransferInitInfo`` with a file rendezvous, ``rendezvous`` and ``group``, in
+place of vLLM's TCP address pair: the server joins the trainer's group),
 ``POST /collective_rpc`` (``reload_weights`` with ``kwargs.weights_path``),
 ``GET /get_world_size``, ``POST /update_weight_version`` and ``GET /weight_info``.
 The transport (``_body``, ``_send_json``) and ``server`` come from the handler.
@@ -66,15 +70,16 @@ class WeightRoutes:
         info = body.get("update_info")
         if info is None:
             raise ProtocolError("Missing 'update_info' in request body", param="body.update_info")
-        if isinstance(info, dict) and "path" not in info and self.server.weight_transfer == "ipc":
-            source: Any = self._ipc_tensors(info)
+        backend = self.server.weight_transfer
+        if isinstance(info, dict) and "path" not in info and backend in ("ipc", "nccl"):
+            source: Any = None  # read below, once the update is known to be open
         elif isinstance(info, dict) and isinstance(info.get("path"), str):
             source = info["path"]
         else:
             raise ProtocolError(
                 "update_info must be {'path': <checkpoint dir or .safetensors file>, "
                 "'weight_version': <optional str>}, or an IPC update when served with "
-                "--weight-transfer-config '{\"backend\": \"ipc\"}' (NCCL is not implemented)",
+                "--weight-transfer-config '{\"backend\": \"ipc\"}' (or nccl)",
                 param="body.update_info",
             )
         version = info.get("weight_version")
@@ -89,6 +94,8 @@ class WeightRoutes:
             )
         from runtime.rollout.engine import EngineError
 
+        if source is None:
+            source = self._ipc_tensors(info) if backend == "ipc" else self._received(info)
         try:
             self.server.engine.load_weights(source)
         except EngineError as exc:
@@ -127,6 +134,56 @@ class WeightRoutes:
             raise ProtocolError(f"cannot map the IPC update: {exc}", param="body.update_info",
                                 status=400) from exc
 
+    def _received(self, info: dict[str, Any]) -> dict[str, Any]:
+        """The tensors of an NCCL update (``NCCLWeightTransferUpdateInfo``: names, dtype_names,
+        shapes), received from the trainer's broadcast in the group ``init`` joined."""
+        from runtime.rollout.broadcast_weights import receive
+
+        extra = set(info) - {"names", "dtype_names", "shapes", "weight_version"}
+        if extra or not all(isinstance(info.get(k), list)
+                            for k in ("names", "dtype_names", "shapes")):
+            raise ProtocolError("an NCCL update is {names, dtype_names, shapes}"
+                                f"{'; unknown fields ' + str(sorted(extra)) if extra else ''}",
+                                param="body.update_info")
+        joined = self.server.broadcast
+        if joined is None:
+            raise ProtocolError("no weight-transfer group: call POST "
+                                "/init_weight_transfer_engine first", status=409)
+        try:
+            return receive(joined["group"], info["names"], info["dtype_names"],
+                           info["shapes"], packed=joined["packed"],
+                           buffer_size_bytes=joined["packed_buffer_size_bytes"])
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ProtocolError(f"cannot receive the NCCL update: {exc}",
+                                param="body.update_info", status=400) from exc
+
+    def _join(self, info: dict[str, Any]) -> None:
+        """NCCL's init: join the trainer's group (``runtime.rollout.broadcast_weights``) as
+        rank ``rank_offset`` (this server is one worker); returns once every rank is in."""
+        from runtime.rollout.broadcast_weights import gloo_host, open_group
+
+        fields = {"rendezvous", "group", "rank_offset", "world_size", "packed",
+                  "packed_buffer_size_bytes", "packed_num_buffers"}
+        if "master_address" in info or "nccl_unique_id_b64" in info:
+            raise ProtocolError("the embedded engine joins the trainer's group through a file "
+                                "rendezvous (init_info.rendezvous and .group), not a TCP store "
+                                "or an NCCL id", param="body.init_info")
+        if set(info) - fields or not {"rendezvous", "group", "rank_offset",
+                                      "world_size"} <= set(info):
+            raise ProtocolError(f"an NCCL init_info here is {sorted(fields)} "
+                                f"(rendezvous, group, rank_offset, world_size required); got "
+                                f"{sorted(info)}", param="body.init_info")
+        host = self.server.server_address[0]
+        try:
+            group = open_group(info["rendezvous"], info["group"], int(info["rank_offset"]),
+                               int(info["world_size"]), gloo_host(host in ("127.0.0.1", "::1")))
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ProtocolError(f"cannot join the weight-transfer group: {exc}",
+                                param="body.init_info", status=400) from exc
+        self.server.broadcast = {
+            "group": group, "packed": bool(info.get("packed", False)),
+            "packed_buffer_size_bytes": int(info.get("packed_buffer_size_bytes", 1 << 30))}
+
     def finish_weight_update(self, query: dict[str, list[str]]) -> None:
         body = self._body()
         version = body.get("weight_version")
@@ -157,6 +214,10 @@ class WeightRoutes:
         info = body["init_info"]
         if not isinstance(info, dict):
             raise ProtocolError("init_info must be an object", param="body.init_info")
+        if self.server.weight_transfer == "nccl":
+            self._join(info)
+            self._send_json(200, {"message": "Weight transfer initialized"})
+            return
         ipc = self.server.weight_transfer == "ipc"
         if info and not (ipc and info == {"packed": False}):
             expected = '{"packed": false} (unpacked only)' if ipc else "empty"

@@ -43,7 +43,9 @@ environment does not have it. IPC's data plane is ``runtime.rollout.shared_weigh
 IPC handles as vLLM's (torch's ``reduce_tensor``), or, on the CPU, segments of the node's
 shared memory that the embedded engine maps (the RL trainer's side: ``IPCPublisher``).
 Neither GPU path has run here (no GPU, no CUDA vLLM); their bodies were checked against
-vLLM 0.33.0's own classes and encoders. The CPU path runs in the RL job's tests.
+vLLM 0.33.0's own classes and encoders. The CPU path runs in the RL job's tests. On the
+CPU, ``nccl`` into the embedded engine is a gloo broadcast in vLLM's NCCL wire format
+(``runtime.rollout.broadcast_transfer``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ import contextlib
 import json
 import os
 import pickle
-import socket
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -344,38 +345,30 @@ class IPCWeightTransfer(WeightTransfer):
                 segment: str | os.PathLike[str]) -> list[tuple[str, torch.Tensor]]:
         """Trainer side: share ``named_tensors`` (on the CPU: into the file ``segment``), their
         update body into ``folder/IPC_UPDATE_FILE``; returns what to keep alive meanwhile."""
-        import psutil
-
         from runtime.files import atomic_write_json
+        from runtime.processes import process_record
         from runtime.rollout.shared_weights import share
 
         named = list(named_tensors)
         kept, handles = share(named, segment)
-        me = psutil.Process()
         atomic_write_json(Path(folder) / IPC_UPDATE_FILE, {
-            "pid": me.pid, "started": me.create_time(), "host": socket.gethostname(),
-            "update_info": cls.update_info(named, handles)})
+            **process_record(), "update_info": cls.update_info(named, handles)})
         return kept
 
     @staticmethod
     def shared_update(folder: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, str]:
         """The update body the trainer left in ``folder``, or None and why it cannot be used
         (no body, or its process, which holds the tensors, is gone)."""
-        import psutil
+        from runtime.processes import record_alive
 
         path = Path(folder) / IPC_UPDATE_FILE
         try:
             shared = json.loads(path.read_text())
         except FileNotFoundError:
             return None, f"{path} does not exist"
-        if shared["host"] != socket.gethostname():
-            return None, f"the trainer shared it on {shared['host']}, not on this node"
-        try:
-            alive = psutil.Process(shared["pid"]).create_time() == shared["started"]
-        except psutil.Error:
-            alive = False
-        if not alive:
-            return None, f"the trainer process that shared it (pid {shared['pid']}) has ended"
+        why = record_alive(shared, "trainer process that shared it")
+        if why:
+            return None, why
         return shared["update_info"], ""
 
     def connect(self, client: RolloutClient) -> None:
@@ -476,16 +469,19 @@ WEIGHT_TRANSFERS: dict[str, type[WeightTransfer]] = {
 
 
 def driver_weight_transfer(
-    spec: Mapping[str, Any], log: Callable[[str], None] | None = None
+    spec: Mapping[str, Any], log: Callable[[str], None] | None = None,
+    exchange: str | os.PathLike[str] | None = None,
 ) -> tuple[WeightTransfer, str | None]:
     """What the RL driver pushes after each step, and a note when it is not ``weight_sync``.
 
     The driver holds no tensors, only the folder the trainer writes each step. ``disk``:
     the engines load that folder. ``ipc``: the trainer also shared the version's tensors
     (``IPCWeightTransfer.publish``) and the engines map them; a folder nobody shares now
-    (a resumed run's first load) is read from disk. ``nccl`` needs the trainer to broadcast
-    (``NCCLWeightTransfer``), which it does not: the note says the folder is used instead.
-    The embedded engine has no NCCL backend: it reads the folder, whatever the spec says."""
+    (a resumed run's first load) is read from disk. ``nccl`` with the embedded engine: the
+    trainer broadcasts the version to the engines when the driver asks
+    (``runtime.rollout.broadcast_transfer``, through the run's ``exchange`` folder), the
+    same fallback to disk. ``nccl`` with vLLM needs the trainer to join vLLM's NCCL group
+    (``NCCLWeightTransfer``), which it does not: the note says the folder is used instead."""
     engine, weight_sync = spec["rollout"]["engine"], spec["system"]["weight_sync"]
     if weight_sync not in WEIGHT_TRANSFERS:
         raise ValueError(f"unknown system.weight_sync {weight_sync!r}")
@@ -493,8 +489,14 @@ def driver_weight_transfer(
             else DiskWeightTransfer("vllm", spec["cluster"]["devices"]))
     if weight_sync == "ipc":
         return IPCWeightTransfer(fallback=disk, log=log), None
+    if weight_sync == "nccl" and engine != "vllm":
+        from runtime.rollout.broadcast_transfer import BroadcastWeightTransfer
+
+        if exchange is None:
+            raise ValueError("weight_sync nccl: pass the run's exchange folder")
+        return BroadcastWeightTransfer(exchange, fallback=disk, log=log), None
     note = None
-    if weight_sync == "nccl" and engine == "vllm":
-        note = ("system.weight_sync nccl: the trainer does not broadcast tensors yet; "
+    if weight_sync == "nccl":
+        note = ("system.weight_sync nccl: the trainer does not join vLLM's NCCL group yet; "
                 "the vLLM engines reload each step's checkpoint folder instead")
     return disk, note

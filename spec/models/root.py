@@ -42,8 +42,9 @@ class System(Section):
         description="How new weights reach the rollout engines: disk reloads each step's "
         "weights folder; ipc maps the trainer's tensors from shared memory on its node "
         "(vLLM's IPC update, `--weight-transfer-config`; CPU runs with the embedded engine, "
-        "refused on GPUs until CUDA IPC is built); nccl (vLLM's NCCL group) is refused until "
-        "the trainer broadcasts over it.",
+        "refused on GPUs until CUDA IPC is built); nccl has the trainer broadcast each version "
+        "to the engines in vLLM's NCCL wire format (a gloo group on the CPU with the embedded "
+        "engine; refused on GPUs and with vLLM until the trainer joins vLLM's NCCL group).",
     )
     weight_sync_tolerance: PosFloat = Field(
         0.05,

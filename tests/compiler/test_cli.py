@@ -360,6 +360,8 @@ def test_inspect_says_what_each_role_of_the_rl_job_runs_on(tmp_path: Path) -> No
     assert ipc["engines"]["rl"][3].startswith("weights: mapped from the trainer's shared memory")
     summary = cli("inspect", tiny, "--set", "system.weight_sync=ipc").stdout
     assert "mapped from the trainer's shared memory" in " ".join(summary.split())
+    nccl = json.loads(cli("inspect", tiny, "--set", "system.weight_sync=nccl", "--json").stdout)
+    assert nccl["engines"]["rl"][3].startswith("weights: broadcast by the trainer over gloo")
 
 
 def test_inspect_json_is_the_plan(bundle_245b: Path) -> None:

@@ -173,7 +173,7 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
 
 
 @pytest.mark.parametrize(("edits", "world"), [
-    (PIPELINE, "TP 1, PP 2, EP 1, ETP 1, DP 1"),
+    ([*PIPELINE, "--set", "system.weight_sync=nccl"], "TP 1, PP 2, EP 1, ETP 1, DP 1"),
     ([*MEGATRON, *DEEPSEEK], "TP 2, PP 1, EP 2, ETP 1, DP 1"),
 ], ids=["qwen3_moe-pp2", "deepseek_v3-tp2-ep2"])
 def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits: list[str],
@@ -181,7 +181,8 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits
     """SIGKILL the run's process group after two RL steps; the same command resumes: the trainer takes up
     the Megatron checkpoint of the driver's last complete step (model, optimizer shards) and
     every step is logged once, with R3 (the tiny example's). Two pipeline stages: publishing
-    gathers both stages' layers; DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
+    gathers both stages' layers, which rank 0 broadcasts to the engine (``weight_sync: nccl``;
+    the resumed run's first load from its folder); DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
     leading dense layer) over TP 2 × EP 2."""
     import signal
 
@@ -213,3 +214,8 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert all(r["train_inference_gap"] < 1e-5 for r in rows if r["responses_trained"])
     assert (out / "checkpoints" / "megatron" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    assert all(r["weight_sync_probe_gap"] < 1e-5 for r in rows)
+    if "system.weight_sync=nccl" in edits:
+        driver = (out / "logs" / "rl.log").read_text()
+        assert "broadcast to the engines" in driver
+        assert driver.count("not broadcast") == 1, driver[-3000:]  # the resumed first load

@@ -227,22 +227,31 @@ def test_same_seed_same_steps_and_another_seed_other_rollouts(prepared: tuple[Pa
 
 def test_rl_job_resumes_after_sigkill(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     """A run SIGKILLed mid-way and launched again logs exactly the steps of an uninterrupted
-    run of the same bundle (time fields aside): the interrupted step re-samples the same
-    rollouts (seeded requests), and with a checkpoint every step the trainer resumes
-    exactly."""
+    run (time fields aside): the interrupted step re-samples the same rollouts (seeded
+    requests), and with a checkpoint every step the trainer resumes exactly. The killed and
+    resumed run syncs by broadcast (``weight_sync: nccl``: the trainer sends each version to
+    the engine in vLLM's NCCL wire format, over gloo), the uninterrupted one from disk; only
+    the restart's first load, which the new trainer does not hold, comes from its folder."""
     _, base_run = prepared
     steps = 8
     bundle = _compile(tmp_path / "bundle", steps, "train.checkpoint.interval=1")
     reference = _run_copy(base_run, tmp_path / "reference")
     proc = _launch(bundle, "rl", reference, _free_port())
     assert proc.returncode == 0, proc.stderr
+    nccl = _compile(tmp_path / "nccl_bundle", steps, "train.checkpoint.interval=1",
+                    "system.weight_sync=nccl")
+    rollout_sh = (nccl / "jobs" / "rl" / "rollout.sh").read_text()
+    assert "--weight-transfer-config '{\"backend\":\"nccl\"}'" in rollout_sh
     run_dir = _run_copy(base_run, tmp_path / "run")
-    _kill_after(bundle, run_dir, 2)
+    _kill_after(nccl, run_dir, 2)
     assert not is_complete(run_dir / "artifacts" / "rl")
     port = _free_port()
-    again = _launch(bundle, "rl", run_dir, port)
+    again = _launch(nccl, "rl", run_dir, port)
     assert again.returncode == 0, again.stderr
     assert "resuming after step" in again.stderr
+    fallbacks = [line for line in again.stderr.splitlines() if "not broadcast" in line]
+    assert len(fallbacks) == 1, fallbacks
+    assert "broadcast to the engines" in again.stderr
     lines = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
     assert [m["step"] for m in lines] == list(range(steps))
     assert _untimed(lines) == _untimed(_metrics(reference / "artifacts" / "rl" / "metrics.jsonl"))
@@ -343,7 +352,7 @@ def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
                       "rollout.placement=colocated", "system.weight_sync=ipc")
     rollout_sh = (bundle / "jobs" / "rl" / "rollout.sh").read_text()
     assert "--enable-sleep-mode" in rollout_sh
-    assert "--weight-transfer-config '{\"backend\": \"ipc\"}'" in rollout_sh
+    assert "--weight-transfer-config '{\"backend\":\"ipc\"}'" in rollout_sh
     assert "export VLLM_ALLOW_INSECURE_SERIALIZATION=1" in rollout_sh
     run_dir = _run_copy(base_run, tmp_path / "run")
     # Killed once the trainer has finished step 2 (its done file) and before the driver logs

@@ -35,19 +35,12 @@ from runtime.rollout.weight_transfer import (
     IPCWeightTransfer,
 )
 from tests.helpers import rollout_servers
+from tests.runtime.tiny_moe import MIXED_TENSORS, PROMPTS, SAMPLING
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NAMED = [
-    ("model.embed_tokens.weight", torch.randn(10, 4).to(torch.bfloat16)),
-    ("model.layers.0.mlp.experts.3.down_proj.weight", torch.randn(6, 4).half().t()),  # a view
-    ("model.norm.weight", torch.randn(3)),
-    ("positions", torch.arange(5)),
-    ("empty", torch.zeros(0, 4)),
-]
-PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [2]]
-SAMPLING = {"max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+NAMED = MIXED_TENSORS
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compiler.render import vllm_weight_transfer_config
+from runtime.rollout.broadcast_transfer import BroadcastWeightTransfer
 from runtime.rollout.weight_transfer import (
     WEIGHT_TRANSFERS,
     DiskWeightTransfer,
@@ -138,20 +139,23 @@ def test_push_refuses_what_it_cannot_send() -> None:
 
 
 @pytest.mark.parametrize(("engine", "weight_sync", "mode", "noted"), [
-    ("local", "nccl", "local", False),  # the embedded engine: disk, whatever the spec says
+    ("local", "nccl", "local", False),  # the trainer broadcasts; the folder where it cannot
     ("local", "disk", "local", False),
     ("vllm", "disk", "vllm", False),
-    ("vllm", "nccl", "vllm", True),  # the trainer does not broadcast yet: said, not hidden
+    ("vllm", "nccl", "vllm", True),  # the trainer does not join vLLM's group: said, not hidden
     ("local", "ipc", "local", False),  # shared memory, and the folder where nobody shares it
     ("vllm", "ipc", "vllm", False),
 ])
 def test_the_driver_pushes_the_checkpoint_folder(engine: str, weight_sync: str, mode: str,
-                                                 noted: bool) -> None:
+                                                 noted: bool, tmp_path: Path) -> None:
     transfer, note = driver_weight_transfer(
         {"rollout": {"engine": engine}, "system": {"weight_sync": weight_sync},
-         "cluster": {"devices": "gpu"}})
+         "cluster": {"devices": "gpu"}}, exchange=tmp_path)
     if weight_sync == "ipc":
         assert isinstance(transfer, IPCWeightTransfer) and transfer.fallback is not None
+        transfer = transfer.fallback
+    if (engine, weight_sync) == ("local", "nccl"):
+        assert isinstance(transfer, BroadcastWeightTransfer) and transfer.exchange == tmp_path
         transfer = transfer.fallback
     assert isinstance(transfer, DiskWeightTransfer) and transfer.engine == mode
     assert transfer.after_reload == ()  # GPU engines re-run their own kernel set-up on reload
@@ -162,7 +166,7 @@ def test_the_driver_pushes_the_checkpoint_folder(engine: str, weight_sync: str, 
         driver_weight_transfer({"rollout": {"engine": "vllm"}, "system": {"weight_sync": "rdma"},
                                 "cluster": {"devices": "gpu"}})
     cpu, _ = driver_weight_transfer({"rollout": {"engine": engine}, "cluster": {"devices": "cpu"},
-                                     "system": {"weight_sync": weight_sync}})
+                                     "system": {"weight_sync": weight_sync}}, exchange=tmp_path)
     cpu = getattr(cpu, "fallback", None) or cpu
     # vLLM's CPU build: each reload is followed by its experts' repack (runtime.rollout.vllm_worker)
     assert cpu.after_reload == (("repack_cpu_experts",) if mode == "vllm" else ())

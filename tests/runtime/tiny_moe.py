@@ -1,5 +1,6 @@
 """The tiny Qwen3-MoE checkpoint the rollout tests serve (tests/runtime/conftest.py's
-fixtures, test_rollout.py): its config, its weights for a seed, its character tokenizer."""
+fixtures, test_rollout.py): its config, its weights for a seed, its character tokenizer; and
+what the weight-update tests send (tensors of every kind) and sample with."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ import transformers
 
 VOCAB = 64
 EOS = 1
+
+# Tensors a weight update must carry bit-exact: dtypes, a view, a 0-dim and an empty one.
+MIXED_TENSORS = [
+    ("model.embed_tokens.weight", torch.randn(10, 4).to(torch.bfloat16)),
+    ("model.layers.0.mlp.experts.3.down_proj.weight", torch.randn(6, 4).half().t()),  # a view
+    ("model.norm.weight", torch.randn(3)),
+    ("positions", torch.arange(5)),
+    ("scale", torch.tensor(0.5)),
+    ("empty", torch.zeros(0, 4)),
+    ("last", torch.randn(7, dtype=torch.float64)),
+]
+PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [2]]
+SAMPLING = {"max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
 
 
 def tiny_moe_config() -> transformers.Qwen3MoeConfig:
