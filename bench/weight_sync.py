@@ -2,7 +2,7 @@
 ``nccl`` (the trainer's broadcast over gloo), per load.
 
 Run: ``.venv/bin/python bench/weight_sync.py`` (``--reps N``, ``--sizes tiny,mid,large``,
-``--backends ipc,nccl``).
+``--backends ipc,nccl,nccl-packed``).
 
 For each model size (Qwen3-MoE configs built here; nothing is downloaded) and each backend,
 one embedded rollout server runs in its own process, served as the RL job serves it
@@ -14,7 +14,9 @@ in ``/dev/shm``), ``nccl`` hands it to a ``BroadcastSender`` (a copy it holds, o
 thread); then it pushes the version as the driver does: ``disk`` has the engine read the
 folder (``DiskWeightTransfer("local")``), ``ipc`` map the segment (``IPCWeightTransfer``),
 ``nccl`` receive the sender's broadcast (``BroadcastWeightTransfer``: request, ack, the
-engine's ``/update_weights`` while the sender broadcasts, done; through the FileStore).
+engine's ``/update_weights`` while the sender broadcasts, done; through the FileStore), one
+broadcast per tensor as the RL job sends them, or (``nccl-packed``) in vLLM's default packed
+1 GiB buffers.
 Timed: the push (pause → load → publish the version → resume, the engine's side) and the
 trainer's publish. Disk and the backend alternate, in an order that flips every repetition,
 against the same server; each ratio is of medians measured on one server. The engine's
@@ -75,11 +77,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--sizes", default="tiny,mid,large")
-    ap.add_argument("--backends", default="ipc,nccl")
+    ap.add_argument("--backends", default="ipc,nccl,nccl-packed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results: dict[str, tuple[str, float, float]] = {}
-    print(f"{'size':6} {'params':>9} {'backend':>7} {'disk load':>10} {'its load':>10} "
+    print(f"{'size':6} {'params':>9} {'backend':>11} {'disk load':>10} {'its load':>10} "
           f"{'load ratio':>10} {'publish':>9} {'with publish':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -94,11 +96,12 @@ def main() -> int:
             for backend in args.backends.split(","):
                 d, b, pub = measure(base, backend, versions, args.reps)
                 results[backend] = (size, d / b, d / (b + pub))
-                print(f"{size:6} {params / 1e6:8.1f}M {backend:>7} {d * 1e3:8.1f}ms "
+                print(f"{size:6} {params / 1e6:8.1f}M {backend:>11} {d * 1e3:8.1f}ms "
                       f"{b * 1e3:8.1f}ms {d / b:9.2f}x {pub * 1e3:7.1f}ms {d / (b + pub):11.2f}x")
     words = {"ipc": "the trainer's segment write", "nccl": "the trainer's copy"}
     print("weight sync: " + "; ".join(
-        f"{backend} load {load:.2f}x faster than disk, {total:.2f}x with {words[backend]} "
+        f"{backend} load {load:.2f}x faster than disk, {total:.2f}x with "
+        f"{words[backend.split('-')[0]]} "
         f"({size})" for backend, (size, load, total) in results.items()))
     return 0
 
@@ -111,7 +114,9 @@ def load_policy_of(path: Path) -> tuple[object, object]:
 
 def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float, float, float]:
     """Medians of the disk load, the ``backend`` load and the trainer's publish for it, against
-    one server of that backend (disk updates go to the same server)."""
+    one server of that backend (disk updates go to the same server). ``nccl``: one broadcast
+    per tensor, as the RL job sends over gloo; ``nccl-packed``: vLLM's default wire format,
+    1 GiB buffers."""
     from runtime.policy import save_policy
     from runtime.rollout.broadcast_transfer import BroadcastSender, BroadcastWeightTransfer
     from runtime.rollout.client import RolloutClient
@@ -122,11 +127,12 @@ def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float,
     owner, probe = "bench-weight-sync", [5, 9, 12, 40, 41, 42, 7, 3]
     logs = base / f"logs-{backend}"
     logs.mkdir()
+    served = backend.split("-")[0]
     disk = DiskWeightTransfer("local")
     times: dict[str, list[float]] = {"disk": [], backend: [], "publish": []}
     with ExitStack() as stack:
         urls = stack.enter_context(rollout_servers(
-            base / "v0", logs, 1, "--weight-transfer-config", f'{{"backend": "{backend}"}}'))
+            base / "v0", logs, 1, "--weight-transfer-config", f'{{"backend": "{served}"}}'))
         client = RolloutClient(urls, timeout_s=600, retries=0)
         stack.callback(client.close)
         client.wait_ready(timeout=120)
@@ -134,9 +140,10 @@ def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float,
             stack.callback(remove_segments, owner)
             fast: object = IPCWeightTransfer()
         else:
-            sender = BroadcastSender(base / "exchange", "127.0.0.1")
+            sender = BroadcastSender(base / f"exchange-{backend}", "127.0.0.1")
             stack.callback(sender.close)
-            fast = BroadcastWeightTransfer(base / "exchange", disk)
+            fast = BroadcastWeightTransfer(base / f"exchange-{backend}", disk,
+                                           packed=backend == "nccl-packed")
         v = 0
         for rep in range(reps + 1):  # the first round warms both up, untimed
             for mode in (("disk", backend) if rep % 2 else (backend, "disk")):
@@ -148,7 +155,7 @@ def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float,
                 if mode == "ipc":
                     IPCWeightTransfer.publish(folder, model.state_dict().items(),
                                               segment_path(owner, v))
-                elif mode == "nccl":
+                elif mode != "disk":
                     sender.publish(v, folder, model.state_dict().items())
                 t1 = time.perf_counter()
                 (disk if mode == "disk" else fast).push(client, str(v), path=str(folder))
@@ -157,7 +164,7 @@ def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float,
                 got = client.prompt_logprobs(probe)[0]
                 want = model_logprobs(model, probe)
                 assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
-                if backend == "ipc":
+                if served == "ipc":
                     remove_segments(owner, keep=lambda version, v=v: version >= v)
                 else:
                     sender.prune(v)
@@ -165,7 +172,7 @@ def measure(base: Path, backend: str, versions: list, reps: int) -> tuple[float,
                     times[mode].append(t2 - t1)
                     if mode != "disk":
                         times["publish"].append(t1 - t0)
-        if backend == "nccl":
+        if served == "nccl":
             assert dict(fast.routes) == {"broadcast": reps + 1}  # none fell back to disk
     return tuple(statistics.median(times[k]) for k in ("disk", backend, "publish"))
 

@@ -494,7 +494,9 @@ def driver_weight_transfer(
 
         if exchange is None:
             raise ValueError("weight_sync nccl: pass the run's exchange folder")
-        return BroadcastWeightTransfer(exchange, fallback=disk, log=log), None
+        # One broadcast per tensor: over gloo, vLLM's packed 1 GiB buffers load 3-4x slower
+        # (bench/weight_sync.py, RESULTS §7).
+        return BroadcastWeightTransfer(exchange, fallback=disk, log=log, packed=False), None
     note = None
     if weight_sync == "nccl":
         note = ("system.weight_sync nccl: the trainer does not join vLLM's NCCL group yet; "

@@ -13,7 +13,8 @@ import transformers
 from runtime.policy import build_policy, build_tokenizer
 from runtime.rollout.engine import LocalEngine
 from runtime.rollout.fp8 import E4M3_MAX, fp8_parameter_names, quantize_fp8_, round_fp8
-from tests.runtime.test_rollout import PROMPTS, _full_logprobs
+from tests.runtime.engine_probes import MIXED_PROMPTS as PROMPTS
+from tests.runtime.engine_probes import full_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,7 @@ def _reference(path: Path, fp8: bool) -> torch.nn.Module:
 
 def _gaps(engine: LocalEngine, model: torch.nn.Module) -> np.ndarray:
     outs = engine.generate(PROMPTS, n=4, max_tokens=10, seed=3, ignore_eos=True)
-    return np.concatenate([np.abs(s.logprobs - _full_logprobs(model, o.prompt_token_ids, s.token_ids))
+    return np.concatenate([np.abs(s.logprobs - full_logprobs(model, o.prompt_token_ids, s.token_ids))
                            for o in outs for s in o.samples])
 
 

@@ -24,13 +24,12 @@ from runtime.rollout.server import check_host
 from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
 from runtime.router_replay import align_routing, patch_qwen3_moe
 from tests.helpers import rollout_servers
+from tests.runtime.engine_probes import MIXED_PROMPTS as PROMPTS
+from tests.runtime.engine_probes import full_logprobs, in_flight, post_json
 from tests.runtime.tiny_moe import EOS, VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [2]]
-
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> LocalEngine:
@@ -41,14 +40,6 @@ def engine(model_dir: Path) -> LocalEngine:
 def reference(model_dir: Path) -> torch.nn.Module:
     """A second, independent model instance: the 'training' side."""
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
-
-def _full_logprobs(model: torch.nn.Module, prompt: list[int], out: list[int]) -> np.ndarray:
-    """Logprobs of ``out`` under one uncached forward of prompt + out[:-1]."""
-    ids = torch.tensor([prompt + out[:-1]])
-    with torch.inference_mode():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return logp[len(prompt) - 1 :].gather(1, torch.tensor(out)[:, None]).squeeze(1).numpy()
 
 
 # ------------------------------------------------------------------------------ engine
@@ -67,7 +58,7 @@ def test_engine_logprobs_match_uncached_forward(
             for s in o.samples:
                 assert len(s.token_ids) == 10 and s.finish_reason == "length"
                 assert s.logprobs.dtype == np.float32
-                ref = _full_logprobs(reference, o.prompt_token_ids, s.token_ids)
+                ref = full_logprobs(reference, o.prompt_token_ids, s.token_ids)
                 np.testing.assert_allclose(s.logprobs, ref, atol=1e-4, rtol=0)
 
 
@@ -243,29 +234,11 @@ def test_routed_experts_are_the_training_models_experts(
         np.testing.assert_array_equal(t.routed_experts, s.routed_experts[4:])
 
 
-def _in_flight(eng: LocalEngine, **kw: object) -> tuple[threading.Thread, list]:
-    """Start a long generation on a thread; return once it samples its first token (past the
-    prefill, inside the token loop)."""
-    out: list = []
-    sampling = threading.Event()
-    sample = eng._sample
-
-    def first_token(*args: object, **kwargs: object) -> object:
-        sampling.set()
-        return sample(*args, **kwargs)
-
-    eng._sample = first_token  # type: ignore[method-assign]
-    t = threading.Thread(target=lambda: out.append(eng.generate(**kw)))  # type: ignore[arg-type]
-    t.start()
-    assert sampling.wait(timeout=60), "the generation never reached its token loop"
-    return t, out
-
-
 def test_pause_abort_and_keep_with_a_weight_swap(model_dir: Path, other_weights: Path) -> None:
     eng = LocalEngine(model_dir, seed=0)
     kw = dict(prompts=[[3, 4, 5]], n=4, max_tokens=250, seed=0, ignore_eos=True)
     # abort: the in-flight generation returns early with finish_reason "abort".
-    t, out = _in_flight(eng, **kw)
+    t, out = in_flight(eng, **kw)
     eng.pause("abort")
     t.join(timeout=30)
     samples = out[0][0].samples
@@ -274,7 +247,7 @@ def test_pause_abort_and_keep_with_a_weight_swap(model_dir: Path, other_weights:
     eng.resume()
     # keep: the generation freezes between two tokens; the weights are swapped under
     # it, and after resume it finishes on the new weights, reporting both versions.
-    t, out = _in_flight(eng, **kw)
+    t, out = in_flight(eng, **kw)
     eng.pause("keep")
     eng.load_weights(other_weights, "step-1")
     eng.resume()
@@ -317,18 +290,6 @@ def client(servers: list[str]) -> Iterator[RolloutClient]:
     c.wait_ready(timeout=30)
     yield c
     c.close()
-
-
-def _post(url: str, body: object, raw: bytes | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method="POST", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_http_generate_matches_the_engine(
@@ -441,9 +402,9 @@ def test_http_weight_transfer_engine_routes(servers: list[str], client: RolloutC
     assert client.world_sizes() == [1, 1]
     # The disk backend has no rendezvous: empty init_info only, answered as vLLM does.
     client.init_weight_transfer_engine([{}, {}])
-    assert _post(url + "/init_weight_transfer_engine", {"init_info": {}}) == (
+    assert post_json(url + "/init_weight_transfer_engine", {"init_info": {}}) == (
         200, {"message": "Weight transfer initialized"})
-    code, body = _post(url + "/init_weight_transfer_engine", {})
+    code, body = post_json(url + "/init_weight_transfer_engine", {})
     assert code == 400 and body["error"]["param"] == "body.init_info"
     # NCCL init info sent to the embedded server by mistake is refused, not ignored.
     infos = NCCLWeightTransfer("127.0.0.1", 29650).init_infos(client.world_sizes())
@@ -452,11 +413,11 @@ def test_http_weight_transfer_engine_routes(servers: list[str], client: RolloutC
     assert info.value.status == 400 and "disk" in str(info.value)
     with pytest.raises(ValueError, match="one init_info per endpoint"):
         client.init_weight_transfer_engine([{}])
-    code, body = _post(url + "/collective_rpc", {"method": "sleep"})
+    code, body = post_json(url + "/collective_rpc", {"method": "sleep"})
     assert code == 501 and "not implemented" in body["error"]["message"]
-    code, body = _post(url + "/collective_rpc", {"args": []})
+    code, body = post_json(url + "/collective_rpc", {"args": []})
     assert code == 400 and body["error"]["param"] == "body.method"
-    code, body = _post(url + "/collective_rpc",
+    code, body = post_json(url + "/collective_rpc",
                        {"method": "reload_weights", "kwargs": {"weights_iterator": "x"}})
     assert code == 400 and body["error"]["param"] == "body.kwargs"
 
@@ -474,17 +435,17 @@ def test_http_errors_are_vllm_shaped(servers: list[str], client: RolloutClient) 
         (dict(body={"prompt": [1, 2], "model": "other"}), 404, "model"),
     ]
     for kwargs, status, param in cases:
-        code, body = _post(url + "/v1/completions", kwargs.get("body"), kwargs.get("raw"))
+        code, body = post_json(url + "/v1/completions", kwargs.get("body"), kwargs.get("raw"))
         assert code == status, (kwargs, body)
         err = body["error"]
         assert err["code"] == status and isinstance(err["message"], str) and err["message"]
         assert err["type"] == ("BadRequestError" if status == 400 else "NotFoundError")
         assert err["param"] == param
-    assert _post(url + "/no_such_route", {})[0] == 404
-    assert _post(url + "/update_weights", {"update_info": {"path": "/nope"}})[0] == 409
-    code, body = _post(url + "/update_weight_version", {"weight_version": "x"})
+    assert post_json(url + "/no_such_route", {})[0] == 404
+    assert post_json(url + "/update_weights", {"update_info": {"path": "/nope"}})[0] == 409
+    code, body = post_json(url + "/update_weight_version", {"weight_version": "x"})
     assert code == 400 and body["error"]["param"] == "body.new_version"
-    code, body = _post(url + "/pause?mode=sideways", {})
+    code, body = post_json(url + "/pause?mode=sideways", {})
     assert code == 400 and body["error"]["param"] == "query.mode"
     with pytest.raises(RolloutError) as info:
         client.generate([[1, 2]], sampling={"top_p": 0.0})
@@ -523,11 +484,11 @@ def test_prompt_logprobs_are_the_teacher_forced_logprobs_in_vllms_format(
     tokens before it, as vLLM returns it (None first, then {"<id>": {logprob, rank,
     decoded_token}}), from every endpoint; top-k alternatives (> 0) are refused."""
     ids = [5, 9, 12, 20, 7, 33, 3]
-    want = _full_logprobs(reference, ids[:1], ids[1:])
+    want = full_logprobs(reference, ids[:1], ids[1:])
     for got in client.prompt_logprobs(ids):
         np.testing.assert_allclose(got, want, atol=1e-5)
     body = {"prompt": [ids], "max_tokens": 1, "prompt_logprobs": 0, "return_token_ids": True}
-    code, out = _post(servers[0] + "/v1/completions", body)
+    code, out = post_json(servers[0] + "/v1/completions", body)
     entries = out["choices"][0]["prompt_logprobs"]
     assert code == 200 and entries[0] is None and len(entries) == len(ids)
     for t, entry, lp in zip(ids[1:], entries[1:], want, strict=True):
@@ -535,9 +496,9 @@ def test_prompt_logprobs_are_the_teacher_forced_logprobs_in_vllms_format(
                                                                   "decoded_token"}
         assert entry[str(t)]["logprob"] == pytest.approx(float(lp), abs=1e-5)
         assert entry[str(t)]["rank"] >= 1
-    code, out = _post(servers[0] + "/v1/completions", {**body, "prompt_logprobs": 2})
+    code, out = post_json(servers[0] + "/v1/completions", {**body, "prompt_logprobs": 2})
     assert code == 400 and out["error"]["param"] == "prompt_logprobs"
-    code, out = _post(servers[0] + "/v1/completions", {"prompt": [ids], "max_tokens": 1})
+    code, out = post_json(servers[0] + "/v1/completions", {"prompt": [ids], "max_tokens": 1})
     assert code == 200 and out["choices"][0]["prompt_logprobs"] is None
 
 

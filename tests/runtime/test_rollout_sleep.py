@@ -14,7 +14,8 @@ import torch
 from runtime.rollout.client import RolloutClient, RolloutError
 from runtime.rollout.engine import EngineError, LocalEngine
 from tests.helpers import rollout_servers
-from tests.runtime.test_rollout import PROMPTS, _in_flight, _post
+from tests.runtime.engine_probes import MIXED_PROMPTS as PROMPTS
+from tests.runtime.engine_probes import in_flight, post_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +69,7 @@ def test_level_2_refuses_generation_until_the_weights_are_reloaded(model_dir: Pa
     eng.set_weight_version("step-3")
     # A keep-mode sleep freezes an in-flight generation; waking without a reload aborts it
     # rather than letting it sample from uninitialised weights.
-    t, out = _in_flight(eng, prompts=[[3, 4, 5]], n=2, max_tokens=250, seed=0, ignore_eos=True)
+    t, out = in_flight(eng, prompts=[[3, 4, 5]], n=2, max_tokens=250, seed=0, ignore_eos=True)
     eng.sleep(2, mode="keep")
     assert _stored_bytes(eng) == 0
     eng.wake_up()  # all tags, no reload: the forgotten-reload mistake
@@ -151,7 +152,7 @@ def test_http_level_1_sleep_and_wake(client: RolloutClient, servers: list[str]) 
     with pytest.raises(RolloutError, match="asleep") as info:
         client.generate(PROMPTS, sampling=SAMPLING)
     assert info.value.status == 503
-    code, body = _post(servers[0] + "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})
+    code, body = post_json(servers[0] + "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})
     assert code == 503 and "asleep" in body["error"]["message"]  # OpenAI-style error body
     client.wake_up(["weights", "kv_cache"])  # repeated ?tags= parameters
     assert client.is_sleeping() == [False, False]
@@ -171,10 +172,10 @@ def test_http_level_2_wake_reload_wake(client: RolloutClient, servers: list[str]
     # The colocated driver's sequence: weights, reload from the checkpoint folder, KV cache.
     client.sleep(2)
     url = servers[0]
-    assert _post(url + "/start_weight_update", {})[0] == 200
-    code, body = _post(url + "/update_weights", {"update_info": {"path": str(model_dir)}})
+    assert post_json(url + "/start_weight_update", {})[0] == 200
+    code, body = post_json(url + "/update_weights", {"update_info": {"path": str(model_dir)}})
     assert code == 409 and "wake_up" in body["error"]["message"]  # the weights are asleep
-    assert _post(url + "/finish_weight_update", {})[0] == 200
+    assert post_json(url + "/finish_weight_update", {})[0] == 200
     client.wake_up(["weights"])
     assert client.is_sleeping() == [True, True]  # the KV cache still sleeps
     with pytest.raises(RolloutError, match="asleep"):
@@ -202,11 +203,11 @@ def test_http_bad_sleep_parameters(client: RolloutClient, servers: list[str]) ->
     url = servers[0]
     for query, param in (("level=3", "query.level"), ("level=one", "query.level"),
                          ("mode=nap", "query.mode")):  # fmt: skip
-        code, body = _post(f"{url}/sleep?{query}", None, raw=b"")
+        code, body = post_json(f"{url}/sleep?{query}", None, raw=b"")
         assert code == 400 and body["error"]["param"] == param, query
-    code, body = _post(f"{url}/wake_up?tags=weights&tags=gpu", None, raw=b"")
+    code, body = post_json(f"{url}/wake_up?tags=weights&tags=gpu", None, raw=b"")
     assert code == 400 and body["error"]["param"] == "query.tags"
-    code, _ = _post(f"{url}/is_sleeping", None, raw=b"")
+    code, _ = post_json(f"{url}/is_sleeping", None, raw=b"")
     assert code == 405
     with pytest.raises(ValueError):
         client.sleep(level=3)

@@ -1,0 +1,57 @@
+"""What several rollout tests do to the embedded engine (test_rollout, test_rollout_sleep,
+test_fp8): a full (uncached) forward's log-probs, a generation caught inside its token loop,
+a raw JSON POST; and prompts of mixed lengths, which share one left-padded batch."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import torch
+
+from runtime.rollout.engine import LocalEngine
+
+MIXED_PROMPTS = [[5, 9, 12], [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51],
+                 [2]]
+
+
+def full_logprobs(model: torch.nn.Module, prompt: list[int], out: list[int]) -> np.ndarray:
+    """Logprobs of ``out`` under one uncached forward of prompt + out[:-1]."""
+    ids = torch.tensor([prompt + out[:-1]])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return logp[len(prompt) - 1 :].gather(1, torch.tensor(out)[:, None]).squeeze(1).numpy()
+
+
+def in_flight(eng: LocalEngine, **kw: object) -> tuple[threading.Thread, list]:
+    """Start a long generation on a thread; return once it samples its first token (past the
+    prefill, inside the token loop)."""
+    out: list = []
+    sampling = threading.Event()
+    sample = eng._sample
+
+    def first_token(*args: object, **kwargs: object) -> object:
+        sampling.set()
+        return sample(*args, **kwargs)
+
+    eng._sample = first_token  # type: ignore[method-assign]
+    t = threading.Thread(target=lambda: out.append(eng.generate(**kw)))  # type: ignore[arg-type]
+    t.start()
+    assert sampling.wait(timeout=60), "the generation never reached its token loop"
+    return t, out
+
+
+def post_json(url: str, body: object, raw: bytes | None = None) -> tuple[int, dict]:
+    """POST ``body`` as JSON (or ``raw`` bytes); the status and the JSON answer, errors too."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
