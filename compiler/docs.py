@@ -149,9 +149,8 @@ REFUSAL_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "screen_nodes": (_ex(TINY, "filters[0].nodes=2"),),
     "optimizer_offload": (_ex(TINY, "train.optimizer.cpu_offload=true"),),
     "vllm_cpu": (_ex(TINY, "rollout.engine=vllm", "model.architecture.head_dim=16"),),
-    "megatron_layout": (
-        _ex(BIG, "model.architecture.tie_embeddings=true"),
-    ),
+    # Reached by an edited train.sh only: validate refuses the same settings in the spec.
+    "megatron_layout": (),
 }
 
 # The preflight's own checks beside the capability rules (runtime.preflight), by rule name:
@@ -318,7 +317,9 @@ def render_checks() -> str:
     for name, fn in refusals.items():
         if name in capabilities.FLAG_RULES:
             where = ["", "Run by: the `rl` job (Megatron trainer), on the flags of "
-                         "`jobs/rl/train.sh`."]
+                         "`jobs/rl/train.sh`, and by `rlspec check DIR`: a compiled bundle "
+                         "never holds these flags (validate refuses the settings that would "
+                         "render them), a `train.sh` edited by hand may."]
         else:
             where = ["", "Run at start by the job entry points " + ", ".join(f"`{j}`" for j in jobs_of[name])
                      + (" (and `rl` when its trainer or engine is the embedded one)"

@@ -217,8 +217,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
                         t(TRAINER, "test_a_tied_policy_trains_its_one_embedding_tensor")),
         "train:megatron": (t(PLAN, "test_tied_embeddings_count_once"), ARCH_CKPT,
                            t(MCORE_TRAINER, "test_tied_embeddings_step_matches_embedded_and_"
-                                            "publishes_tied"),
-                           "refused:megatron_layout"),  # refused with PP > 1
+                                            "publishes_tied"),  # world 1 and PP 2
+                           t(MCORE_RUN, "test_a_killed_megatron_run_resumes_from_its_checkpoint")),
     },
     "Architecture.moe": {
         "train:local": (CONFIG_MAP, "refused:embedded_model"),  # no moe section: dense Qwen3

@@ -27,6 +27,10 @@ do run on CPU once these nine things hold; :func:`enable_cpu` arranges the seven
 7b. under context parallelism the rotary embeddings take this CP rank's positions with
    ``get_pos_emb_on_this_cp_rank``, which builds its index in pinned memory and copies it to
    the GPU: the rotary modules get :func:`_pos_emb_on_this_cp_rank` (the same selection).
+7c. with tied embeddings over pipeline stages the last stage's copy of the embedding is
+   moved with ``Tensor.cuda()`` before the all-reduce that fills it from the first stage:
+   ``LanguageModule.setup_embeddings_and_output_layer`` runs with ``Tensor.cuda`` as the
+   identity (:func:`_setup_embeddings_on_cpu`).
 
 and the caller provides the other two (:mod:`runtime.megatron.parallel` and
 :mod:`runtime.megatron.model` do):
@@ -52,6 +56,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.tensor_parallel import random as _random
 
 __all__ = ["CpuRNGStatesTracker", "cpu_enabled", "disable_cpu", "enable_cpu"]
@@ -196,6 +201,18 @@ def enable_cpu() -> None:
         module.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     _random._get_cuda_rng_state = _no_cuda_rng_state
     _random._set_cuda_rng_state = _set_no_cuda_rng_state
+    _saved["setup_embeddings"] = LanguageModule.setup_embeddings_and_output_layer
+    LanguageModule.setup_embeddings_and_output_layer = _setup_embeddings_on_cpu
+
+
+def _setup_embeddings_on_cpu(self: Any) -> None:
+    """megatron-core's set-up of the tied embedding copies (7c), its tensors left on the CPU."""
+    real = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda t, *args, **kwargs: t  # type: ignore[method-assign, assignment]
+    try:
+        _saved["setup_embeddings"](self)
+    finally:
+        torch.Tensor.cuda = real  # type: ignore[method-assign]
 
 
 def disable_cpu() -> None:
@@ -211,6 +228,7 @@ def disable_cpu() -> None:
     for name, real in _saved.pop("pos_emb").items():
         importlib.import_module(name).get_pos_emb_on_this_cp_rank = real
     torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
+    LanguageModule.setup_embeddings_and_output_layer = _saved.pop("setup_embeddings")
     _random._get_cuda_rng_state, _random._set_cuda_rng_state = _saved.pop("cuda_rng_state")
     _random._CUDA_RNG_STATE_TRACKER, _random._CUDA_RNG_STATE_TRACKER_INITIALIZED = (
         _saved.pop("rng_tracker"))

@@ -91,8 +91,12 @@ def load_hf_weights(model: GPTModel | list[GPTModel], state_dict_hf: Mapping[str
     """Convert HF weights (:func:`hf_to_megatron`) and copy this rank's shard into ``model``.
     Expert e on expert-parallel rank r is global expert r · (E / ep) + e; experts are sliced
     over the expert-tensor-parallel group as dense weights are over the tensor-parallel one.
-    ``model``: a GPTModel or this rank's model chunks (:func:`build_gpt_chunks`)."""
+    ``model``: a GPTModel or this rank's model chunks (:func:`build_gpt_chunks`). Tied
+    embeddings over pipeline stages: the last stage's output layer is its copy of the
+    embedding (megatron-core all-reduces the two copies' gradients)."""
     full = hf_to_megatron(state_dict_hf, cfg)
+    if cfg.tie_word_embeddings:
+        full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     ep_rank = parallel_state.get_expert_model_parallel_rank()

@@ -22,7 +22,8 @@ def test_every_rule_has_an_entry_and_an_example() -> None:
     assert [r.__name__ for r in checks.RULES] == list(docs.CHECK_EXAMPLES)
     assert set(capabilities.RULES) | set(capabilities.FLAG_RULES) == set(docs.REFUSAL_EXAMPLES)
     for name, examples in {**docs.CHECK_EXAMPLES, **docs.REFUSAL_EXAMPLES}.items():
-        assert examples, f"{name} has no example"
+        # a rule on train.sh's flags alone is reached by an edited bundle, not by a spec
+        assert examples or name in capabilities.FLAG_RULES, f"{name} has no example"
     text = docs.render_checks()
     for name in [*docs.CHECK_EXAMPLES, *docs.REFUSAL_EXAMPLES, *docs.PREFLIGHT_CHECKS]:
         assert f"\n### `{name}`\n" in text

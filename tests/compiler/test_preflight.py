@@ -79,10 +79,6 @@ CASES = [
      ("router_replay", "mode"), "rl", "router replay r3 on a dense model (family llama"),
     ("aux_loss", SINGLE, ["model.architecture.moe.aux_loss_coeff=0.001"],
      ("model", "architecture", "moe", "aux_loss_coeff"), "rl", "auxiliary loss"),
-    ("megatron_layout", SINGLE, ["train.parallelism.pipeline=2",
-                                 "model.architecture.tie_embeddings=true", ROOM],
-     ("model", "architecture", "tie_embeddings"), "rl",
-     "does not tie embeddings across pipeline stages"),
     ("weight_sync", SINGLE, ["system.weight_sync=nccl"],
      ("system", "weight_sync"), "rl", "does not join the engines' NCCL group"),
     ("weight_sync", TINY, ["system.weight_sync=nccl", "rollout.engine=vllm"],
@@ -139,7 +135,9 @@ CASES = [
 
 def test_every_rule_has_a_case() -> None:
     covered = {case[0] for case in CASES}
-    assert covered == set(capabilities.RULES) | set(capabilities.FLAG_RULES) | {"one_gpu_memory"}
+    assert covered == set(capabilities.RULES) | {"one_gpu_memory"}
+    # the rules on train.sh's flags alone: test_check_runs_every_preflight_on_a_written_bundle
+    assert set(capabilities.FLAG_RULES) == {"megatron_layout"}
 
 
 def _refused(base: Path, edits: list[str]) -> list:
@@ -325,14 +323,13 @@ def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "every job's preflight passes" in result.stdout
     train_sh = bundle / "jobs" / "rl" / "train.sh"  # an operator edits a flag in place
-    train_sh.write_text(train_sh.read_text().replace("--untie-embeddings-and-output-weights",
-                                                     "").replace(
-        "--pipeline-model-parallel-size 1", "--pipeline-model-parallel-size 2"))
+    train_sh.write_text(train_sh.read_text().replace("--use-distributed-optimizer",
+                                                     "--optimizer-cpu-offload"))
     result = cli("check", str(bundle))
     assert result.exit_code == 2
-    assert ("model.architecture.tie_embeddings: the Megatron trainer does not tie embeddings"
-            in result.stderr), result.stderr
-    assert "spec.yaml:" in result.stderr and "hint: set model.architecture.tie_embeddings" in result.stderr
+    assert ("train.optimizer.cpu_offload: --optimizer-cpu-offload runs inside the distributed "
+            "optimizer" in result.stderr), result.stderr
+    assert "spec.yaml:" in result.stderr and "hint: set train.optimizer.distributed" in result.stderr
     train_sh.write_text(train_sh.read_text().replace("--seq-length", "--seq-len"))
     result = cli("check", str(bundle))
     assert result.exit_code == 2 and "--seq-len" in result.stderr

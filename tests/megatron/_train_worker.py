@@ -162,8 +162,12 @@ def run(rank: int, world_size: int, tp: int, ep: int, workdir: Path, replay: str
                                   replay_mode=replay, total_optimizer_steps=TOTAL_STEPS,
                                   reference=reference)
         metrics = trainer.step(batch, epochs=EPOCHS, seed=SEED)
-        trained = megatron_to_hf(gather_full_state_dict(model), hf.config)
+        full = gather_full_state_dict(model)
+        trained = megatron_to_hf(full, hf.config)
+        # tied over pipeline stages: the last stage's copy of the embedding (None otherwise)
+        tied_copy = full.get("output_layer.weight") if hf.config.tie_word_embeddings else None
         return {"cp": context_parallel.size(), "hf": hf.state_dict(), "initial": initial,
+                "tied_copy": tied_copy,
                 "ref": embedded.state_dict(),
                 "got": trained, "free": free, "ref_metrics": ref_metrics, "metrics": metrics,
                 "lr": TRAIN["optimizer"]["lr"]}

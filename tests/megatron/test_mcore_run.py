@@ -173,7 +173,8 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
 
 
 @pytest.mark.parametrize(("edits", "world"), [
-    ([*PIPELINE, "--set", "system.weight_sync=nccl"], "TP 1, PP 2, EP 1, ETP 1, DP 1"),
+    ([*PIPELINE, "--set", "system.weight_sync=nccl", "--set",
+      "model.architecture.tie_embeddings=true"], "TP 1, PP 2, EP 1, ETP 1, DP 1"),
     ([*MEGATRON, *DEEPSEEK], "TP 2, PP 1, EP 2, ETP 1, DP 1"),
 ], ids=["qwen3_moe-pp2", "deepseek_v3-tp2-ep2"])
 def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits: list[str],
@@ -182,7 +183,8 @@ def test_a_killed_megatron_run_resumes_from_its_checkpoint(tmp_path: Path, edits
     the Megatron checkpoint of the driver's last complete step (model, optimizer shards) and
     every step is logged once, with R3 (the tiny example's). Two pipeline stages: publishing
     gathers both stages' layers, which rank 0 broadcasts to the engine (``weight_sync: nccl``;
-    the resumed run's first load from its folder); DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
+    the resumed run's first load from its folder), with the embedding tied to the output
+    layer (the last stage's copy of it saved and restored with the checkpoint); DeepSeek-V3 (MLA, sigmoid router and bias, shared expert,
     leading dense layer) over TP 2 × EP 2."""
     import signal
 

@@ -75,24 +75,33 @@ def test_world_size_1_step_matches_embedded(tmp_path: Path) -> None:
     _check(out)
 
 
-def test_tied_embeddings_step_matches_embedded_and_publishes_tied(tmp_path: Path) -> None:
-    """``tie_embeddings: true`` on the Megatron trainer (world 1): the GPTModel shares its
-    embedding with the output layer (an untied output layer would keep other weights and
-    the step would differ), the step equals the embedded trainer's on the tied HF policy, and
-    the export, one tensor, publishes as a tied HF model (``policy_from_state_dict``)."""
+@pytest.mark.parametrize("layout", [["off", "espo"], ["r2", "espo", "2"]], ids=["world-1", "pp-2"])
+def test_tied_embeddings_step_matches_embedded_and_publishes_tied(tmp_path: Path,
+                                                                  layout: list[str]) -> None:
+    """``tie_embeddings: true`` on the Megatron trainer: the GPTModel shares its embedding
+    with the output layer (an untied output layer would keep other weights and the step
+    would differ), the step equals the embedded trainer's on the tied HF policy, and the
+    export, one tensor, publishes as a tied HF model (``policy_from_state_dict``). Over two
+    pipeline stages the last holds a copy of the embedding, filled from the first at load,
+    whose gradient megatron-core sums with the first's: both copies take the same step."""
     from runtime.policy import policy_from_state_dict
     from tests.megatron._worker import tiny_hf_policy
 
-    (out,) = launch("tests.megatron._train_worker", 1,
-                    ["1", "1", str(tmp_path), "off", "espo", "tie=1"], tmp_path)
-    assert "lm_head.weight" not in out["got"]  # Megatron holds one tensor for both
-    for key in ("hf", "ref"):  # HF's state dict names the shared tensor twice
-        weights = out[key]
-        assert torch.equal(weights.pop("lm_head.weight"), weights["model.embed_tokens.weight"])
-    _check(out)
-    published = policy_from_state_dict(tiny_hf_policy(tie=True).config, out["got"])
-    assert published.lm_head.weight is published.model.embed_tokens.weight
-    assert torch.equal(published.lm_head.weight, out["got"]["model.embed_tokens.weight"])
+    outs = launch("tests.megatron._train_worker", len(layout) - 1,
+                  ["1", "1", str(tmp_path), *layout, "tie=1"], tmp_path)
+    for out in outs:
+        assert "lm_head.weight" not in out["got"]  # Megatron holds one tensor for both
+        for key in ("hf", "ref", "free"):  # HF's state dict names the shared tensor twice
+            weights = out[key] or {}  # (free: the step without replay, if replayed)
+            for name in (weights and ["lm_head.weight"]):
+                assert torch.equal(weights.pop(name), weights["model.embed_tokens.weight"])
+        _check(out)
+        copy = out["tied_copy"]
+        assert (copy is None) == (len(outs) == 1)
+        assert copy is None or torch.equal(copy, out["got"]["model.embed_tokens.weight"])
+        published = policy_from_state_dict(tiny_hf_policy(tie=True).config, out["got"])
+        assert published.lm_head.weight is published.model.embed_tokens.weight
+        assert torch.equal(published.lm_head.weight, out["got"]["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize(("replay", "loss"), [("off", "cispo"), ("r3", "grpo"), ("r2", "espo"),
