@@ -323,11 +323,14 @@ def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
         slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """Preemption: Slurm requeues the running RL job (`scontrol requeue`, what a preempting
     partition does with --requeue); the job starts again and continues after its last
-    complete step — no step logged twice, none skipped — and the run finishes."""
+    complete step — no step logged twice, none skipped — and the run finishes. The weights
+    reach the engine by the trainer's broadcast (`weight_sync: nccl`, gloo on the node's
+    address): the requeued job's trainer is a new group, whose first version, which it does
+    not hold, comes from its folder."""
     steps = 30
     bundle = tmp_path / "tiny"
     result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
-                    "--set", f"train.steps={steps}")
+                    "--set", f"train.steps={steps}", "--set", "system.weight_sync=nccl")
     assert result.returncode == 0, result.stderr
     result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr
@@ -348,7 +351,10 @@ def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
     history = slurm_cluster.run("sacct", "-n", "-X", "-P", "--duplicates", "-o", "JobID,State",
                                 "-j", ids["rl"])
     assert "REQUEUED" in history, history  # it did run twice
-    assert "resuming after step" in (run / "logs" / "rl.log").read_text()
+    log = (run / "logs" / "rl.log").read_text()
+    assert "resuming after step" in log
+    assert log.count("broadcast to the engines") == 2, log[-3000:]  # once per session
+    assert log.count("not broadcast") == 1, log[-3000:]
 
 
 def test_a_colocated_rl_job_runs_trainer_and_engine_on_one_node(
