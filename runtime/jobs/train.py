@@ -52,6 +52,9 @@ def _on_term(signum: int, frame: Any) -> None:
 
 class TrainerProcess:
     """The local backend's trainer (one process), and the loop every backend shares."""
+
+    shares_live_parameters = True  # publish() shares the parameters the next step updates
+
     def __init__(self, ctx: JobContext) -> None:
         import torch
 
@@ -98,7 +101,9 @@ class TrainerProcess:
             from runtime.rollout.broadcast_transfer import BroadcastSender
             from runtime.rollout.broadcast_weights import gloo_host
 
-            return BroadcastSender(self.paths.exchange, gloo_host(local))
+            # Without staleness the next batch comes after the push: no copy is needed.
+            return BroadcastSender(self.paths.exchange, gloo_host(local),
+                                   copy=self.shares_live_parameters and self.max_staleness > 0)
         return None
 
     def _setup(self) -> None:
@@ -340,6 +345,8 @@ class TrainerProcess:
 
 class MegatronTrainerProcess(TrainerProcess):
     """``train.backend: megatron``: this rank of the Megatron trainer (module doc)."""
+
+    shares_live_parameters = False  # it publishes a gathered copy of its shards
 
     def __init__(self, ctx: JobContext, args: Any) -> None:
         self.args = args

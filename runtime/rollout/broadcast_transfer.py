@@ -24,7 +24,8 @@ answers them in order, each with ``<session>/ack/<n>`` and then ``<session>/done
 
 A restarted trainer is a new session: the driver sets up a new group with it. The sender
 holds what an engine may still be asked to load, by the same rule as the weight folders
-(``prune``), as copies: the next step updates the parameters in place.
+(``prune``), as copies when the trainer may update them in place meanwhile (the embedded
+trainer with ``max_staleness`` > 0: it trains the next batch while the driver pushes).
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ def _wait(store: Any, key: str, gone: Callable[[], str], timeout_s: float) -> di
 class BroadcastSender:
     """The trainer's side (its main process): serves the driver's requests on a thread."""
 
-    def __init__(self, exchange: str | Path, host: str, *, timeout_s: float = 600.0) -> None:
+    def __init__(self, exchange: str | Path, host: str, *, copy: bool = True,
+                 timeout_s: float = 600.0) -> None:
         from runtime.files import atomic_write_json
         from runtime.processes import process_record
 
         self.exchange, self.host, self.timeout_s = Path(exchange), host, timeout_s
+        self.copy = copy  # False: the published tensors do not change while they are held
         self.exchange.mkdir(parents=True, exist_ok=True)
         self.session = secrets.token_hex(6)
         self.store = _store(self.exchange)
@@ -119,8 +122,9 @@ class BroadcastSender:
 
     def publish(self, version: int, folder: str | Path,
                 named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Hold ``version``'s tensors (copies, on the CPU) until ``prune``."""
-        snapshot = [(name, t.detach().to("cpu", copy=True)) for name, t in named_tensors]
+        """Hold ``version``'s tensors (on the CPU; copies unless ``copy`` is off) until
+        ``prune``."""
+        snapshot = [(name, t.detach().to("cpu", copy=self.copy)) for name, t in named_tensors]
         with self._lock:
             self.held[int(version)] = snapshot
 

@@ -293,9 +293,11 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     version and staleness (never above 2), and the summary the rollouts per staleness. A run
     SIGKILLed after two logged steps, with later steps handed over and untrained, trains
     those batches after the restart: it logs exactly the steps of an uninterrupted run (time
-    fields aside), and its ledger counts every rollout once. The killed and resumed run
-    syncs over shared memory (``weight_sync: ipc``: the trainer keeps each version shared
-    until no engine can be asked to load it), the uninterrupted one from disk."""
+    fields aside), and its ledger counts every rollout once. The killed and resumed runs
+    sync over shared memory (``weight_sync: ipc``) and by broadcast (``nccl``: the trainer
+    holds copies, since it trains the next batch while the driver pushes): the trainer
+    keeps each version until no engine can be asked to load it. The uninterrupted run syncs
+    from disk."""
     _, base_run = prepared
     steps = 6
     bundle = _compile(tmp_path / "bundle", steps, "system.max_staleness=2",
@@ -313,20 +315,21 @@ def test_bounded_staleness_pipelines_steps_and_resumes_after_sigkill(
     # the trainer's check skips stale batches; the probe checks every load (fp32 both sides)
     assert all(m["weight_sync_probe_gap"] < 1e-5 for m in lines)
 
-    ipc = _compile(tmp_path / "ipc_bundle", steps, "system.max_staleness=2",
-                   "train.checkpoint.interval=1", "system.weight_sync=ipc")
-    run_dir = _run_copy(base_run, tmp_path / "run")
-    _kill_after(ipc, run_dir, 2)
-    again = _launch(ipc, "rl", run_dir, _free_port())
-    assert again.returncode == 0, again.stderr
-    assert "resuming after step" in again.stderr
-    assert "were handed over and are trained first" in again.stderr
-    assert "mapped over IPC" in again.stderr
-    resumed = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
-    assert _untimed(resumed) == _untimed(lines)
-    ledger = json.loads((run_dir / "artifacts" / "rl" / "ledger.json").read_text())
-    assert ledger == json.loads((out / "ledger.json").read_text())
-    assert ledger["generated"] == sum(m["rollouts_generated"] for m in resumed) == 96
+    for sync, said in (("ipc", "mapped over IPC"), ("nccl", "broadcast to the engines")):
+        bundle = _compile(tmp_path / f"{sync}_bundle", steps, "system.max_staleness=2",
+                          "train.checkpoint.interval=1", f"system.weight_sync={sync}")
+        run_dir = _run_copy(base_run, tmp_path / f"run_{sync}")
+        _kill_after(bundle, run_dir, 2)
+        again = _launch(bundle, "rl", run_dir, _free_port())
+        assert again.returncode == 0, again.stderr
+        assert "resuming after step" in again.stderr
+        assert "were handed over and are trained first" in again.stderr
+        assert said in again.stderr
+        resumed = _metrics(run_dir / "artifacts" / "rl" / "metrics.jsonl")
+        assert _untimed(resumed) == _untimed(lines), sync
+        ledger = json.loads((run_dir / "artifacts" / "rl" / "ledger.json").read_text())
+        assert ledger == json.loads((out / "ledger.json").read_text())
+        assert ledger["generated"] == sum(m["rollouts_generated"] for m in resumed) == 96
 
 
 def test_colocated_engines_sleep_through_training_and_resume_after_sigkill(
