@@ -25,12 +25,6 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       "weight_sync nccl on GPUs: the trainer does not join the engines' NCCL "
                       "group yet (its broadcast runs over gloo on the CPU)",
                       "set system.weight_sync: disk")
-    elif mode == "nccl" and spec["rollout"]["engine"] == "vllm":
-        yield Refusal("weight_sync", ("system", "weight_sync"),
-                      "weight_sync nccl: vLLM's NCCL backend needs CUDA, which vLLM's CPU "
-                      "build does not have",
-                      "set system.weight_sync: disk, or rollout.engine: local (the embedded "
-                      "engine receives the trainer's broadcast over gloo)")
     elif mode == "ipc" and gpu:
         yield Refusal("weight_sync", ("system", "weight_sync"),
                       "weight_sync ipc on GPUs: the trainer shares its weights over CPU shared "
@@ -42,12 +36,15 @@ def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
                       f"memory, which the engines of the other nodes (train.nodes "
                       f"{spec['train']['nodes']}, rollout.nodes {spec['rollout']['nodes']}) "
                       "cannot map", "set system.weight_sync: disk, or one node")
-    elif mode == "ipc" and spec["rollout"]["engine"] == "vllm":
+    elif mode != "disk" and spec["rollout"]["engine"] == "vllm":
+        needs, embedded = {
+            "nccl": ("NCCL backend needs CUDA", "receives the trainer's broadcast over gloo"),
+            "ipc": ("IPC backend maps CUDA memory", "maps the trainer's shared memory"),
+        }[mode]
         yield Refusal("weight_sync", ("system", "weight_sync"),
-                      "weight_sync ipc: vLLM's IPC backend maps CUDA memory, which vLLM's CPU "
-                      "build does not have",
-                      "set system.weight_sync: disk, or rollout.engine: local (the embedded "
-                      "engine maps the trainer's shared memory)")
+                      f"weight_sync {mode}: vLLM's {needs}, which vLLM's CPU build does not "
+                      "have", "set system.weight_sync: disk, or rollout.engine: local (the "
+                      f"embedded engine {embedded})")
 
 
 def placement(spec: Mapping[str, Any]) -> Iterator[Refusal]:

@@ -45,6 +45,7 @@ from runtime.rollout.weight_transfer import (
     PACKED_NUM_BUFFERS,
     DiskWeightTransfer,
     WeightTransfer,
+    group_ranks,
     tensor_metadata,
 )
 
@@ -231,10 +232,13 @@ class BroadcastWeightTransfer(WeightTransfer):
             return reason
         return why
 
-    def _ask(self, session: str, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        if self._store is None:
+    def _the_store(self) -> Any:
+        if self._store is None:  # on first use: the driver creates the exchange folder later
             self._store = _store(self.exchange)
-        n = self._store.add(f"{session}/requests", 1) - 1
+        return self._store
+
+    def _ask(self, session: str, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        n = self._the_store().add(f"{session}/requests", 1) - 1
         self._store.set(f"{session}/request/{n}", json.dumps(request))
         return n, _wait(self._store, f"{session}/ack/{n}", self._gone(session), self.timeout_s)
 
@@ -244,22 +248,16 @@ class BroadcastWeightTransfer(WeightTransfer):
             raise RuntimeError(f"weight broadcast failed in the trainer: {done['error']}")
 
     def _join(self, client: RolloutClient, session: str) -> None:
-        sizes = client.world_sizes()
-        world = 1 + sum(sizes)
-        if self._store is None:
-            self._store = _store(self.exchange)
-        group = self._store.add(f"{session}/groups", 1)
+        world, offsets = group_ranks(client.world_sizes())
+        group = self._the_store().add(f"{session}/groups", 1)
         n, ack = self._ask(session, {"op": "join", "group": group, "world_size": world,
                                      **self.wire})
         if "error" in ack:
             raise RuntimeError(f"weight broadcast: the trainer cannot join: {ack['error']}")
-        infos, offset = [], 1
-        for size in sizes:  # vLLM's NCCLWeightTransferInitInfo, rendezvous by file
-            infos.append({"rendezvous": str(self.exchange / STORE_FILE),
-                          "group": f"{session}/g{group}", "rank_offset": offset,
-                          "world_size": world, **self.wire})
-            offset += size
-        client.init_weight_transfer_engine(infos)
+        # vLLM's NCCLWeightTransferInitInfo, with a file rendezvous for the address pair
+        client.init_weight_transfer_engine([
+            {"rendezvous": str(self.exchange / STORE_FILE), "group": f"{session}/g{group}",
+             "rank_offset": offset, "world_size": world, **self.wire} for offset in offsets])
         self._done(session, n)
         self._joined = (session, tuple(client.endpoints))
 

@@ -161,6 +161,7 @@ class WeightRoutes:
         """NCCL's init: join the trainer's group (``runtime.rollout.broadcast_weights``) as
         rank ``rank_offset`` (this server is one worker); returns once every rank is in."""
         from runtime.rollout.broadcast_weights import gloo_host, open_group
+        from runtime.rollout.weight_transfer import PACKED_BUFFER_SIZE_BYTES
 
         fields = {"rendezvous", "group", "rank_offset", "world_size", "packed",
                   "packed_buffer_size_bytes", "packed_num_buffers"}
@@ -182,7 +183,8 @@ class WeightRoutes:
                                 param="body.init_info", status=400) from exc
         self.server.broadcast = {
             "group": group, "packed": bool(info.get("packed", False)),
-            "packed_buffer_size_bytes": int(info.get("packed_buffer_size_bytes", 1 << 30))}
+            "packed_buffer_size_bytes": int(info.get("packed_buffer_size_bytes",
+                                                     PACKED_BUFFER_SIZE_BYTES))}
 
     def finish_weight_update(self, query: dict[str, list[str]]) -> None:
         body = self._body()

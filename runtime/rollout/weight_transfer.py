@@ -41,7 +41,8 @@ Facts of the pinned vLLM 0.33.0, read from its wheel and recorded by
 vLLM is imported lazily, only by NCCL's ``connect`` / ``push`` (on a GPU): rlspec's
 environment does not have it. IPC's data plane is ``runtime.rollout.shared_weights``: CUDA
 IPC handles as vLLM's (torch's ``reduce_tensor``), or, on the CPU, segments of the node's
-shared memory that the embedded engine maps (the RL trainer's side: ``IPCPublisher``).
+shared memory that the embedded engine maps (the RL trainer's side:
+``runtime.rollout.publishers``).
 Neither GPU path has run here (no GPU, no CUDA vLLM); their bodies were checked against
 vLLM 0.33.0's own classes and encoders. The CPU path runs in the RL job's tests. On the
 CPU, ``nccl`` into the embedded engine is a gloo broadcast in vLLM's NCCL wire format
@@ -71,11 +72,11 @@ __all__ = [
     "IPC_UPDATE_FILE",
     "WEIGHT_TRANSFERS",
     "DiskWeightTransfer",
-    "IPCPublisher",
     "IPCWeightTransfer",
     "NCCLWeightTransfer",
     "WeightTransfer",
     "driver_weight_transfer",
+    "group_ranks",
     "tensor_metadata",
 ]
 
@@ -104,6 +105,18 @@ def tensor_metadata(named_tensors: Sequence[tuple[str, Any]]) -> dict[str, list[
         "dtype_names": [dtype_name(t.dtype) for _, t in named_tensors],
         "shapes": [[int(d) for d in t.shape] for _, t in named_tensors],
     }
+
+
+def group_ranks(worker_world_sizes: Sequence[int]) -> tuple[int, list[int]]:
+    """One broadcast group over the trainer (rank 0) and the workers of every endpoint: its
+    world size and each endpoint's ``rank_offset`` (``1 + Σ workers of the endpoints before
+    it``; independent ``vllm serve`` replicas all number their workers from 0)."""
+    if not worker_world_sizes or any(int(n) < 1 for n in worker_world_sizes):
+        raise ValueError(f"every endpoint needs ≥ 1 worker, got {list(worker_world_sizes)}")
+    offsets = [1]
+    for n in worker_world_sizes:
+        offsets.append(offsets[-1] + int(n))
+    return offsets.pop(), offsets
 
 
 class WeightTransfer(ABC):
@@ -203,27 +216,21 @@ class NCCLWeightTransfer(WeightTransfer):
 
     @staticmethod
     def world_size(worker_world_sizes: Sequence[int]) -> int:
-        return 1 + sum(int(n) for n in worker_world_sizes)
+        return group_ranks(worker_world_sizes)[0]
 
     def init_infos(self, worker_world_sizes: Sequence[int]) -> list[dict[str, Any]]:
         """The ``init_info`` of each endpoint (``NCCLWeightTransferInitInfo`` fields)."""
-        if not worker_world_sizes or any(int(n) < 1 for n in worker_world_sizes):
-            raise ValueError(f"every endpoint needs ≥ 1 worker, got {list(worker_world_sizes)}")
-        world = self.world_size(worker_world_sizes)
-        infos, offset = [], 1
-        for n in worker_world_sizes:
-            infos.append({
-                "master_address": self.master_address,
-                "master_port": self.master_port,
-                "rank_offset": offset,
-                "world_size": world,
-                # Must-agree wire parameters: the workers decode as the trainer encodes.
-                "packed": self.packed,
-                "packed_buffer_size_bytes": self.packed_buffer_size_bytes,
-                "packed_num_buffers": self.packed_num_buffers,
-            })
-            offset += int(n)
-        return infos
+        world, offsets = group_ranks(worker_world_sizes)
+        return [{
+            "master_address": self.master_address,
+            "master_port": self.master_port,
+            "rank_offset": offset,
+            "world_size": world,
+            # Must-agree wire parameters: the workers decode as the trainer encodes.
+            "packed": self.packed,
+            "packed_buffer_size_bytes": self.packed_buffer_size_bytes,
+            "packed_num_buffers": self.packed_num_buffers,
+        } for offset in offsets]
 
     @staticmethod
     def update_info(named_tensors: Sequence[tuple[str, Any]]) -> dict[str, list[Any]]:
@@ -422,43 +429,6 @@ class IPCWeightTransfer(WeightTransfer):
         if self.routes["ipc"] == 1 and self.log is not None:
             self.log(f"weights v{version} mapped over IPC ({len(info['names'])} tensors); "
                      "the next versions too, unless said")
-
-
-class IPCPublisher:
-    """The trainer's side of ``weight_sync: ipc``: shares each version it writes (segment
-    ``segment_path(owner, version)``), holds what must stay alive while an engine may load
-    it, unlinks the versions no engine can be asked to load, all at ``close``. Created, it
-    removes what a killed predecessor (same ``owner``) left, and checks that ``versions``
-    copies of the checkpoint folder ``like``'s tensors fit in the node's shared memory."""
-
-    def __init__(self, owner: str, like: str | os.PathLike[str] | None = None,
-                 versions: int = 1) -> None:
-        from runtime.rollout.shared_weights import check_room, remove_segments
-
-        self.owner, self.kept = owner, {}
-        remove_segments(owner)
-        if like is not None:
-            check_room(versions * sum(f.stat().st_size for f in Path(like).glob("*.safetensors")))
-
-    def publish(self, version: int, folder: str | os.PathLike[str],
-                named_tensors: NamedTensors) -> None:
-        from runtime.rollout.shared_weights import segment_path
-
-        self.kept[version] = IPCWeightTransfer.publish(folder, named_tensors,
-                                                       segment_path(self.owner, version))
-
-    def prune(self, oldest: int) -> None:
-        """Release every version older than ``oldest``."""
-        from runtime.rollout.shared_weights import remove_segments
-
-        self.kept = {v: t for v, t in self.kept.items() if v >= oldest}
-        remove_segments(self.owner, keep=lambda version: version >= oldest)
-
-    def close(self) -> None:
-        from runtime.rollout.shared_weights import remove_segments
-
-        self.kept.clear()
-        remove_segments(self.owner)
 
 
 WEIGHT_TRANSFERS: dict[str, type[WeightTransfer]] = {

@@ -21,6 +21,7 @@ import torch
 from runtime.policy import checkpoint_tensors, load_policy
 from runtime.rollout.client import RolloutClient, RolloutError
 from runtime.rollout.engine import LocalEngine
+from runtime.rollout.publishers import IPCPublisher
 from runtime.rollout.shared_weights import (
     device_key,
     open_shared,
@@ -31,7 +32,6 @@ from runtime.rollout.shared_weights import (
 from runtime.rollout.weight_transfer import (
     IPC_UPDATE_FILE,
     DiskWeightTransfer,
-    IPCPublisher,
     IPCWeightTransfer,
 )
 from tests.helpers import rollout_servers
