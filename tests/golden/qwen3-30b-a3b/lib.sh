@@ -71,6 +71,26 @@ rlspec_join() {
   echo "$*"
 }
 
+# rlspec_vllm_python: the interpreter of vLLM's environment, found where the engines start
+# (inside the container on Slurm): RLSPEC_VLLM_PYTHON if set, else the interpreter of the
+# `vllm` command on PATH (its shebang: the runtime image keeps vLLM in its own venv), else
+# RLSPEC_PYTHON. Status 2, and why, when that interpreter has no vllm package.
+rlspec_vllm_python() {
+  local py=${RLSPEC_VLLM_PYTHON:-} cmd line
+  if [[ -z $py ]] && cmd=$(command -v vllm) && IFS= read -r line < "$cmd" && [[ $line == '#!'* ]]; then
+    py=${line#'#!'}
+    [[ $py == '/usr/bin/env '* ]] && py=${py#'/usr/bin/env '}
+    py=${py%% *}
+  fi
+  py=${py:-$RLSPEC_PYTHON}
+  if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' 2>/dev/null; then
+    echo "rollout.engine vllm: $py has no vllm package; set RLSPEC_VLLM_PYTHON to the" \
+      "interpreter of vLLM's environment (or put its vllm command on PATH)" >&2
+    return 2
+  fi
+  echo "$py"
+}
+
 # rlspec_log JOB MESSAGE: a timestamped line on stderr.
 rlspec_log() {
   echo "[rlspec $(date -u +%H:%M:%S)] $1: $2" >&2

@@ -12,6 +12,9 @@ NODE_RANK=${SLURM_PROCID:-0}
 HOST=${HOSTS[$NODE_RANK]}
 POLICY="$RLSPEC_RUN_DIR"/artifacts/policy_final
 BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
+# shellcheck source=/dev/null
+source "$JOB_DIR/../../lib.sh"
+RLSPEC_VLLM_PYTHON=$(rlspec_vllm_python) || exit 2
 # The RL endpoints the driver uses (/pause, /start_weight_update, ..., /collective_rpc) are
 # mounted only in vLLM's dev mode.
 export VLLM_SERVER_DEV_MODE=1
