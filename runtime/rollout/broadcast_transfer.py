@@ -6,7 +6,10 @@ group in vLLM's NCCL wire format: ``runtime.rollout.broadcast_weights``).
 
 They meet in the run's exchange folder (``runtime.exchange``)::
 
-    weight-broadcast.json    the sender: pid, start time, host, session
+    weight-broadcast.json    the sender: pid, start time, host, session, and the time it last
+                             refreshed the file (every RECORD_EVERY_S: the driver of a fresh
+                             run clears the folder, and a sender on another node is known alive
+                             only by this time, within SENDER_STALE_S)
     weight-broadcast.store   a FileStore: requests, replies, and the groups' rendezvous
 
 The driver numbers its requests with the store's counter ``<session>/requests``; the sender
@@ -30,6 +33,7 @@ trainer with ``max_staleness`` > 0: it trains the next batch while the driver pu
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import secrets
@@ -58,6 +62,8 @@ __all__ = ["SENDER_FILE", "STORE_FILE", "BroadcastSender", "BroadcastWeightTrans
 
 SENDER_FILE = "weight-broadcast.json"
 STORE_FILE = "weight-broadcast.store"
+RECORD_EVERY_S = 2.0  # the sender rewrites its record this often
+SENDER_STALE_S = 30.0  # a sender on another node whose record is older is taken for gone
 
 
 def _store(exchange: Path) -> Any:
@@ -82,6 +88,10 @@ def _wait_key(store: Any, key: str, seconds: float) -> bool:
     return True
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def _wait(store: Any, key: str, gone: Callable[[], str], timeout_s: float) -> dict[str, Any]:
     """The JSON value of ``key`` once it is set; raises as soon as ``gone()`` says why the
     other end will never set it."""
@@ -101,7 +111,6 @@ class BroadcastSender:
 
     def __init__(self, exchange: str | Path, host: str, *, copy: bool = True,
                  timeout_s: float = 600.0) -> None:
-        from runtime.files import atomic_write_json
         from runtime.processes import process_record
 
         self.exchange, self.host, self.timeout_s = Path(exchange), host, timeout_s
@@ -116,10 +125,14 @@ class BroadcastSender:
         self._wire: dict[str, Any] = {}
         self._acked = -1  # the last request acknowledged
         self._stopping = threading.Event()
+        self._record: dict[str, Any] = {**process_record(), "session": self.session}
+        self._record_lock = threading.Lock()  # no refresh once close() has removed the record
+        self._refresh()
+        # Its own thread: a broadcast may take longer than SENDER_STALE_S.
+        threading.Thread(target=self._keep_record, name="weight-broadcast-record",
+                         daemon=True).start()
         self._thread = threading.Thread(target=self._serve, name="weight-broadcast", daemon=True)
         self._thread.start()
-        atomic_write_json(self.exchange / SENDER_FILE,
-                          {**process_record(), "session": self.session})
 
     def publish(self, version: int, folder: str | Path,
                 named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -134,9 +147,29 @@ class BroadcastSender:
         with self._lock:
             self.held = {v: t for v, t in self.held.items() if v >= oldest}
 
+    def _refresh(self) -> None:
+        """Rewrite the sender's record with the time (module doc)."""
+        from runtime.files import atomic_write_json
+
+        with self._record_lock:
+            if self._stopping.is_set():
+                return
+            with contextlib.suppress(OSError):  # the exchange folder is being replaced
+                atomic_write_json(self.exchange / SENDER_FILE, {**self._record, "time": time.time()})
+
+    def _keep_record(self) -> None:
+        while not self._stopping.wait(RECORD_EVERY_S):
+            self._refresh()
+
     def close(self) -> None:
-        (self.exchange / SENDER_FILE).unlink(missing_ok=True)
-        self._stopping.set()  # not through the store: its folder may be gone by now
+        with self._record_lock:
+            self._stopping.set()  # not through the store: its folder may be gone by now
+            path = self.exchange / SENDER_FILE
+            try:  # a newer trainer's record is not this one's to remove
+                if json.loads(path.read_text()).get("session") == self.session:
+                    path.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                pass
         self._thread.join(timeout=15.0)  # a broadcast in flight ends with the process
         with self._lock:
             self.held.clear()
@@ -148,20 +181,26 @@ class BroadcastSender:
             self._acked = n
 
     def _serve(self) -> None:
+        try:
+            self._serve_requests()
+        except Exception as exc:  # the record says why, and the driver loads from the folders
+            self._record["error"] = _one_line(exc)
+            self._refresh()
+
+    def _serve_requests(self) -> None:
         n = 0
         while not self._stopping.is_set():
             key = f"{self.session}/request/{n}"
             try:
                 if not _wait_key(self.store, key, 1.0):
                     continue
-            except RuntimeError:  # the exchange folder is gone: the run has ended
+                request = json.loads(self.store.get(key))
+            except RuntimeError:  # the exchange folder is being replaced: try again
                 continue
-            request = json.loads(self.store.get(key))
             try:
                 self._answer(n, request)
             except Exception as exc:  # the driver raises it; this thread serves the next
-                self._reply("done" if self._acked == n else "ack", n,
-                            {"error": " ".join(f"{type(exc).__name__}: {exc}".split())})
+                self._reply("done" if self._acked == n else "ack", n, {"error": _one_line(exc)})
             n += 1
 
     def _answer(self, n: int, request: dict[str, Any]) -> None:
@@ -221,7 +260,9 @@ class BroadcastWeightTransfer(WeightTransfer):
             sender = json.loads((self.exchange / SENDER_FILE).read_text())
         except FileNotFoundError:
             return None, "the trainer has no weight sender running"
-        why = record_alive(sender, "trainer that would send it")
+        if sender.get("error"):
+            return None, f"the trainer's weight sender failed: {sender['error']}"
+        why = record_alive(sender, "trainer that would send it", fresh_within=SENDER_STALE_S)
         return (None, why) if why else (sender, "")
 
     def _gone(self, session: str) -> Callable[[], str]:
@@ -281,6 +322,9 @@ class BroadcastWeightTransfer(WeightTransfer):
                     self._done(session, n)
                 else:
                     why = ack["error"]
+            except BaseException:
+                self._joined = None  # the group's collectives may be out of step: a new one
+                raise
             finally:
                 if pause_mode is not None:
                     client.resume()

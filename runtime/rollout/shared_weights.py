@@ -42,12 +42,13 @@ def segment_path(owner: str, version: int) -> Path:
 
 
 def remove_segments(owner: str, keep: Callable[[int], bool] = lambda version: False) -> None:
-    """Unlink ``owner``'s segments whose version ``keep`` rejects (all by default). A
-    receiver that has one mapped keeps its pages until it lets go."""
+    """Unlink ``owner``'s segments whose version ``keep`` rejects (all by default), and those
+    a killed writer left half-written (``.tmp``). A receiver that has one mapped keeps its
+    pages until it lets go."""
     prefix = f"rlspec-{owner}-v"
     for path in _shm_dir().glob(prefix + "*"):
-        version = path.name[len(prefix):]
-        if version.isdigit() and not keep(int(version)):
+        version = path.name[len(prefix):].removesuffix(".tmp")
+        if version.isdigit() and (path.suffix == ".tmp" or not keep(int(version))):
             path.unlink(missing_ok=True)
 
 
@@ -80,15 +81,19 @@ def _write_segment(path: Path, tensors: Sequence[torch.Tensor]) -> list[tuple[st
     check_room(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors))
     handles, offset = [], 0
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for t in tensors:
-            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(b"\0" * (-offset % ALIGN))
-            offset += -offset % ALIGN
-            f.write(memoryview(data))
-            handles.append((str(path), offset, int(data.nbytes)))
-            offset += int(data.nbytes)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for t in tensors:
+                data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(b"\0" * (-offset % ALIGN))
+                offset += -offset % ALIGN
+                f.write(memoryview(data))
+                handles.append((str(path), offset, int(data.nbytes)))
+                offset += int(data.nbytes)
+        os.replace(tmp, path)
+    except BaseException:  # a full /dev/shm, or SIGTERM mid-write: leave no half segment
+        tmp.unlink(missing_ok=True)
+        raise
     return handles
 
 

@@ -200,3 +200,75 @@ def test_the_sender_answers_requests_in_order_while_the_trainer_steps(tmp_path: 
         assert answers[1] == {"error": "no group joined"}
     finally:
         sender.close()
+
+
+def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Wait for ``condition()`` (the sender's threads act on their own schedule)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.05)
+
+
+def test_a_sender_on_another_node_is_alive_while_its_record_is_fresh(tmp_path: Path) -> None:
+    """Trainer and driver on different nodes (Slurm): no pid to check, only the record's time."""
+    import time
+
+    from runtime.rollout.broadcast_transfer import SENDER_STALE_S
+
+    transfer = BroadcastWeightTransfer(tmp_path, DiskWeightTransfer("local"))
+    record = {"pid": 7, "started": 0.0, "host": "trainer-node-7", "session": "s"}
+    (tmp_path / SENDER_FILE).write_text(json.dumps({**record, "time": time.time()}))
+    assert transfer._sender() == ({**record, "time": pytest.approx(time.time(), abs=60)}, "")
+    (tmp_path / SENDER_FILE).write_text(json.dumps(
+        {**record, "time": time.time() - SENDER_STALE_S - 5}))
+    sender, why = transfer._sender()
+    assert sender is None
+    assert why.startswith("the trainer that would send it on trainer-node-7 has not refreshed "
+                          "its record for 3")
+
+
+def test_the_sender_keeps_its_record_when_a_fresh_run_clears_the_folder(tmp_path: Path) -> None:
+    """The driver of a fresh run removes the exchange folder, perhaps after the trainer's
+    sender started: the sender writes its record again, so the run still broadcasts."""
+    import shutil
+
+    exchange = tmp_path / "exchange"
+    sender = BroadcastSender(exchange, "127.0.0.1", timeout_s=30)
+    transfer = BroadcastWeightTransfer(exchange, DiskWeightTransfer("local"))
+    try:
+        shutil.rmtree(exchange)
+        exchange.mkdir()
+        _until(lambda: transfer._sender()[0] is not None, "sender record again")
+        assert transfer._sender()[0]["session"] == sender.session
+    finally:
+        sender.close()
+    assert not (exchange / SENDER_FILE).exists()
+
+
+def test_a_sender_that_fails_says_so_and_the_driver_loads_from_the_folders(
+        tmp_path: Path) -> None:
+    """Its thread ends on an error it cannot answer (here a request it cannot read): the
+    record says why, so the driver does not wait on it for an hour."""
+    sender = BroadcastSender(tmp_path, "127.0.0.1", timeout_s=30)
+    transfer = BroadcastWeightTransfer(tmp_path, DiskWeightTransfer("local"))
+    try:
+        transfer._the_store().set(f"{sender.session}/request/0", "not json")
+        _until(lambda: transfer._sender()[0] is None, "failure in the record")
+        assert transfer._sender()[1].startswith(
+            "the trainer's weight sender failed: JSONDecodeError: ")
+    finally:
+        sender.close()
+
+
+def test_a_closing_sender_leaves_a_newer_trainers_record(tmp_path: Path) -> None:
+    old = BroadcastSender(tmp_path, "127.0.0.1", timeout_s=30)
+    new = BroadcastSender(tmp_path, "127.0.0.1", timeout_s=30)
+    try:
+        old.close()
+        assert json.loads((tmp_path / SENDER_FILE).read_text())["session"] == new.session
+    finally:
+        new.close()
+    assert not (tmp_path / SENDER_FILE).exists()

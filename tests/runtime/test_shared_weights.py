@@ -90,6 +90,20 @@ def test_segments_are_removed_by_version_and_mapped_ones_stay_readable(owner: st
         open_shared(["w"], ["bfloat16"], [[10, 4]], handles, "cpu")
 
 
+def test_a_write_that_fails_leaves_no_half_segment_and_a_killed_ones_is_swept(
+        owner: str) -> None:
+    """A full /dev/shm (or SIGTERM) mid-write removes its .tmp; a SIGKILLed writer's .tmp
+    goes with the owner's next sweep, whatever the versions kept."""
+
+    unwritable = torch.zeros(3).to_sparse()  # fails once the first tensor is written
+    with pytest.raises(RuntimeError):
+        share([NAMED[0], ("bad", unwritable)], segment_path(owner, 5))
+    assert _segments(owner) == []
+    segment_path(owner, 6).with_name(segment_path(owner, 6).name + ".tmp").write_bytes(b"x")
+    remove_segments(owner, keep=lambda version: True)
+    assert _segments(owner) == []
+
+
 def test_weights_that_do_not_fit_the_shared_memory_are_refused_before_writing(
         owner: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before each segment write, and when the trainer starts: the versions an engine may
