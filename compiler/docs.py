@@ -74,6 +74,7 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "redundant_experts": (_ex(TINY, "rollout.redundant_experts=8"),),
     "fp8_rollout": (
         _ex(TINY, "rollout.fp8=true", "algorithm.correction.mode=none"),
+        _ex(TINY, "rollout.fp8=true"),
         _ex(SINGLE, "rollout.fp8=true", "router_replay.mode=off"),
     ),
     "stale_rollouts": (
@@ -182,7 +183,7 @@ PREFLIGHT_CHECKS: dict[str, tuple[str, str, tuple[Example, ...]]] = {
 _HEADER = """\
 # Checks and refusals
 
-<!-- Generated from compiler/checks/, runtime/capabilities.py and runtime/preflight.py by
+<!-- Generated from compiler/checks/, runtime/capabilities/ and runtime/preflight.py by
 `make docs` (python -m compiler.docs). Do not edit by hand. -->
 
 `rlspec validate` (and `compile`, `inspect`, `run`) checks a spec in three layers and reports
@@ -196,7 +197,7 @@ is invalid.
    other, computed on the plan (world sizes, grids, batches, memory). An *error* means the
    run cannot start, or would silently do something other than what is written; a
    *warning* is legal but probably not meant (shown by `validate` and `inspect`).
-3. **Start-up refusals** (`runtime/capabilities.py`, `runtime/preflight.py`): what a job of
+3. **Start-up refusals** (`runtime/capabilities/`, `runtime/preflight.py`): what a job of
    the bundle checks when it starts, before it loads weights: what its trainer, rollout
    engine, scheduler and devices support. `validate` and `compile` run every job's
    preflight on the bundle they build, so a setting a job would refuse after hours in the
@@ -235,7 +236,9 @@ def _location(problem, source, example: Example):
 
 
 def check_messages(rule_name: str, example: Example) -> list[str]:
-    """What compiler check ``rule_name`` reports on ``example``, as `validate` prints it."""
+    """What compiler check ``rule_name`` reports on ``example``, as `validate` prints it: its
+    warnings only where the spec has no error, since an invalid spec's report lists its
+    errors alone (`spec.errors.SpecError`)."""
     from compiler.checks import RULES
     from compiler.plan import make_plan
     from spec.loader import load_spec
@@ -243,7 +246,22 @@ def check_messages(rule_name: str, example: Example) -> list[str]:
     rule = {r.__name__: r for r in RULES}[rule_name]
     source = load_spec(ROOT / example.spec, example.overrides)
     plan = make_plan(source.spec)
-    return [_location(p, source, example).format() for p in rule(source.spec, plan)]
+    problems = list(rule(source.spec, plan))
+    if any(p.severity == "warning" for p in problems) and not _validates(example):
+        problems = [p for p in problems if p.severity == "error"]
+    return [_location(p, source, example).format() for p in problems]
+
+
+def _validates(example: Example) -> bool:
+    """Whether `rlspec validate` accepts the example (and so prints its warnings)."""
+    from compiler.api import validate
+    from spec.errors import SpecError
+
+    try:
+        validate(ROOT / example.spec, example.overrides)
+    except SpecError:
+        return False
+    return True
 
 
 def refusal_messages(rule_name: str, example: Example) -> list[str]:
@@ -295,10 +313,8 @@ def render_checks() -> str:
                              f"entries of no rule): {missing}")
 
     out = [_HEADER.rstrip("\n"), "", "## Compiler checks", "",
-           "In the order they run, which is the order one fixes them in: training grid, "
-           "expert grid, attention, pipeline, sequence and context parallelism, batch "
-           "arithmetic, rollout, router replay, run level, cluster, filter budgets, references "
-           "between sections, memory."]
+           "In the order they run, which is the order one fixes them in: "
+           + ", ".join(f"`{n}`" for n in names) + "."]
     _table(out, "check", ((r.__name__, _summary(_doc(r))) for r in checks.RULES))
     for rule in checks.RULES:
         _entry(out, rule.__name__, _doc(rule), CHECK_EXAMPLES[rule.__name__], check_messages)
@@ -308,7 +324,7 @@ def render_checks() -> str:
         for rule_name in rules:
             jobs_of.setdefault(rule_name, []).append(entry)
     out += ["", "## Start-up refusals", "",
-            "What the runtime cannot run yet, declared once in `runtime/capabilities.py`: each "
+            "What the runtime cannot run yet, declared once in `runtime/capabilities/`: each "
             "job runs the rules of its entry point when it starts, and `validate` runs them "
             "all first. A refusal names the jobs that would refuse to start. The table of what "
             "runs on which path is in the [README](../README.md#what-runs-today)."]

@@ -10,14 +10,16 @@ from runtime.capabilities.refusal import Refusal, _uses_embedded_trainer
 
 def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """``disk``: the trainer writes each step's weights to an HF folder that the engines
-    reload. ``ipc``: the trainer also shares the tensors and the engines of its node map them
-    (``runtime.rollout.shared_weights``), wired for the CPU (shared memory of one node) into
-    the embedded engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the trainer's
-    side (CUDA IPC from the rank that holds the gathered weights, into every engine GPU) is
-    not built. ``nccl``: the trainer broadcasts each version to the engines in vLLM's NCCL
-    wire format (``runtime.rollout.broadcast_transfer``), wired for the CPU (a gloo group)
-    into the embedded engine: vLLM's NCCL backend needs CUDA, and on GPUs the trainer does
-    not join vLLM's NCCL group yet."""
+    reload; ``ipc`` (the tensors shared in one node's memory) and ``nccl`` (a broadcast in
+    vLLM's NCCL wire format) run on the CPU into the embedded engine only, the folder still
+    written. ``ipc``: the trainer also shares the tensors and the engines of its node map
+    them (``runtime.rollout.shared_weights``), wired for the CPU (shared memory of one node)
+    into the embedded engine: vLLM's IPC backend maps CUDA memory only, and on GPUs the
+    trainer's side (CUDA IPC from the rank that holds the gathered weights, into every engine
+    GPU) is not built. ``nccl``: the trainer broadcasts each version to the engines in vLLM's
+    NCCL wire format (``runtime.rollout.broadcast_transfer``), wired for the CPU (a gloo
+    group) into the embedded engine: vLLM's NCCL backend needs CUDA, and on GPUs the trainer
+    does not join vLLM's NCCL group yet."""
     mode = spec["system"]["weight_sync"]
     gpu = spec["cluster"]["devices"] == "gpu"
     if mode == "nccl" and gpu:
