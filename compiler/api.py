@@ -6,6 +6,7 @@ The CLI and the tests call these; side effects (writing a bundle, submitting it)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 from compiler.checks import HEAD_DIM, RULES, check
 from compiler.graph import JobGraph, build_graph
+from compiler.inputs import anchored, missing_inputs
 from compiler.plan import Plan, make_plan
 from compiler.render import render_bundle
 from runtime import capabilities
@@ -57,9 +59,10 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
         if err.partial is None:
             raise
         raise SpecError(err.problems + partial_problems(err.partial)) from None
-    spec, plan = source.spec, make_plan(source.spec)
-    problems = [source.locate(p) for p in check(spec, plan)]
     base = Path(path).resolve().parent
+    source = dataclasses.replace(source, spec=anchored(source.spec, base))
+    spec, plan = source.spec, make_plan(source.spec)
+    problems = [source.locate(p) for p in check(spec, plan) + missing_inputs(spec)]
     if checkpoint_config(spec.model_dump(mode="json"), base) is not None:
         # The checkpoint's own config.json decides its head_dim (compared field by field):
         # checkpoint_head_dim is for a checkpoint that cannot be read from here.

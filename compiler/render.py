@@ -42,7 +42,7 @@ def _shell_path(artifact: Artifact) -> str:
     """A shell word for an artifact's path: run-relative ones are anchored at $RLSPEC_RUN_DIR."""
     if artifact.external and PurePosixPath(artifact.path).is_absolute():
         return _quote(artifact.path)
-    if artifact.external:  # relative to where the user keeps the spec: the bundle's parent
+    if artifact.external:  # compiler.inputs anchors the spec's own; a hand-written config's
         return '"$RLSPEC_BUNDLE_DIR"/../' + _quote(artifact.path)
     return '"$RLSPEC_RUN_DIR"/' + _quote(artifact.path)
 

@@ -41,6 +41,9 @@ with its dotted path and line. Any key can be overridden on the command line wit
 - Anchors, aliases and merge keys (`<<: *defaults`) work; a document may expand to at most
   100,000 values.
 - Quote a string that would otherwise read as a number, boolean or null: `name: '2024'`.
+- Your own files (`model.checkpoint`, `model.tokenizer`, `data.train`, `data.eval`, a screen's
+  `proxy_model`) may be given relative to the spec's folder, or from `~`: the bundle holds
+  them as absolute paths. On `cluster.scheduler: local`, validate checks that they exist.
 """
 
 _BOUND_WORDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}

@@ -17,8 +17,9 @@ Artifact paths resolve as::
 
     produced by a job (external = false)   → $RLSPEC_RUN_DIR / path
     given by the user, absolute            → path
-    given by the user, relative            → $RLSPEC_BUNDLE_DIR/.. / path
-                                             (the spec's folder, where the user keeps data)
+    given by the user, relative            → $RLSPEC_BUNDLE_DIR/.. / path (the compiler
+                                             makes each absolute, from the spec's folder:
+                                             only a hand-edited config has one)
 
 Outputs are directories (written with ``runtime.files``, re-exported here). One is
 *complete* when it holds the marker file ``.complete``,

@@ -1,0 +1,76 @@
+"""The user's own files a spec names (checkpoints, tokenizer, prompt files, the screen's proxy
+model): where a relative path points, and whether a local run will find them.
+
+A relative path is read from the spec's folder, as the user wrote it beside the spec: the
+compiler makes it absolute (``anchored``), so every job finds the same file wherever the
+bundle is written. On ``cluster.scheduler: local`` the jobs run on this machine, so a file
+that is not here is an error now rather than at the job's start (``missing_inputs``); on
+Slurm the nodes' mounts may hold what the login node cannot see, and nothing is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spec.errors import Problem
+from spec.models import OfflinePassRate, Spec
+
+__all__ = ["anchored", "missing_inputs"]
+
+
+def _inputs(spec: Spec) -> Iterator[tuple[tuple[Any, ...], str, str]]:
+    """(spec path, value, "file" | "folder") of each user file the spec names."""
+    if spec.model.checkpoint is not None:
+        yield ("model", "checkpoint"), spec.model.checkpoint, "folder"
+    if spec.model.tokenizer is not None:
+        yield ("model", "tokenizer"), spec.model.tokenizer, "folder"
+    if spec.data.generator is None and spec.data.train is not None:
+        yield ("data", "train"), spec.data.train, "file"
+    if spec.data.eval is not None:
+        yield ("data", "eval"), spec.data.eval, "file"
+    for i, stage in enumerate(spec.filters):
+        if isinstance(stage, OfflinePassRate) and stage.proxy_model != "policy":
+            yield ("filters", i, "proxy_model"), stage.proxy_model, "folder"
+
+
+def anchored(spec: Spec, base: Path) -> Spec:
+    """``spec`` with each relative input path made absolute against ``base`` (the spec's
+    folder), and ``~`` expanded; absolute paths are kept as written."""
+    model, data = dict(spec.model), dict(spec.data)
+    filters = list(spec.filters)
+    changed = False
+    for path, value, _ in _inputs(spec):
+        given = Path(value).expanduser()  # ~ is the submitting user's home, as on the nodes
+        absolute = str(given if given.is_absolute() else (base / given).resolve())
+        if absolute == value:
+            continue
+        changed = True
+        if path[0] == "model":
+            model[path[1]] = absolute
+        elif path[0] == "data":
+            data[path[1]] = absolute
+        else:
+            filters[path[1]] = filters[path[1]].model_copy(update={"proxy_model": absolute})
+    if not changed:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update=model),
+                                   "data": spec.data.model_copy(update=data),
+                                   "filters": filters})
+
+
+def missing_inputs(spec: Spec) -> list[Problem]:
+    """On a local run, the input paths (anchored) that this machine does not have."""
+    if spec.cluster.scheduler != "local":
+        return []
+    problems = []
+    for path, value, kind in _inputs(spec):
+        found = Path(value)
+        if (found.is_file() if kind == "file" else found.is_dir()):
+            continue
+        what = f"no {kind} {value}" + (" (it is a folder)" if kind == "file" and found.is_dir()
+                                       else " (it is a file)" if found.is_file() else "")
+        problems.append(Problem(path, f"{what}: the local run's jobs would not find it",
+                                "fix the path (a relative one is read from the spec's folder)"))
+    return problems
