@@ -37,7 +37,7 @@ def _inputs(spec: Spec) -> Iterator[tuple[tuple[Any, ...], str, str]]:
 
 def anchored(spec: Spec, base: Path) -> Spec:
     """``spec`` with each relative input path made absolute against ``base`` (the spec's
-    folder), and ``~`` expanded; absolute paths are kept as written."""
+    folder), and ``~`` expanded (in ``cluster.output_dir`` too); absolute paths are kept."""
     model, data = dict(spec.model), dict(spec.data)
     filters = list(spec.filters)
     changed = False
@@ -53,11 +53,15 @@ def anchored(spec: Spec, base: Path) -> Spec:
             data[path[1]] = absolute
         else:
             filters[path[1]] = filters[path[1]].model_copy(update={"proxy_model": absolute})
+    cluster = spec.cluster
+    if cluster.output_dir.startswith("~"):  # a shell would expand it; the quoted path does not
+        cluster = cluster.model_copy(update={"output_dir": str(Path(cluster.output_dir).expanduser())})
+        changed = True
     if not changed:
         return spec
     return spec.model_copy(update={"model": spec.model.model_copy(update=model),
                                    "data": spec.data.model_copy(update=data),
-                                   "filters": filters})
+                                   "filters": filters, "cluster": cluster})
 
 
 def missing_inputs(spec: Spec) -> list[Problem]:

@@ -65,3 +65,11 @@ def test_home_is_expanded(spec_dir: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HOME", str(spec_dir))
     validated = validate(spec_dir / "spec.yaml", (*USER_DATA[:2], "data.eval=~/d/eval.jsonl"))
     assert validated.source.spec.data.eval == str(spec_dir / "d" / "eval.jsonl")
+
+
+def test_home_in_the_output_dir_is_expanded(spec_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """Quoted into env.sh, a ~ would make a folder named ~ in the bundle."""
+    monkeypatch.setenv("HOME", str(spec_dir))
+    compiled = compile_spec(spec_dir / "spec.yaml", ("cluster.output_dir=~/runs",))
+    assert f"rlspec_default_run_dir={spec_dir}/runs/tiny" in compiled.files["env.sh"]
