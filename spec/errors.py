@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from spec.secrets import looks_secret, mask
+
 PathPart = str | int
 KeyPath = tuple[PathPart, ...]
 # The file a problem of a `--set` override names: the command line.
@@ -42,6 +44,8 @@ def describe_value(value: Any) -> str:
     if isinstance(value, float):
         return f"the number {value!r}"
     if isinstance(value, str):
+        if looks_secret(value):  # a credential is never shown
+            return f"the string {mask(value)!r}"
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f"the string {shown!r}"
     if isinstance(value, list):
@@ -49,6 +53,15 @@ def describe_value(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
+
+
+class Refusal(ValueError):
+    """A model validator's refusal that knows the fix: `spec.pydantic_errors` shows `hint`
+    as the problem's hint."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from spec.errors import OVERRIDE_FILE, KeyPath, Problem, SpecError, describe_val
 from spec.models import Spec
 from spec.overrides import apply_overrides_tracked
 from spec.pydantic_errors import problems_from_validation
+from spec.secrets import mask_override, secrets_in
 from spec.yaml_reader import (
     MAX_BYTES,
     MAX_DEPTH,
@@ -67,10 +68,11 @@ def locate(
     overridden = overridden or {}
     for prefix in _prefixes(problem.path):
         if prefix in overridden:
-            return replace(problem, file=OVERRIDE_FILE, line=None,
-                           message=f"{problem.message} (from --set {overridden[prefix]})")
+            return replace(problem, file=OVERRIDE_FILE, line=None, message=f"{problem.message} "
+                           f"(from --set {mask_override(overridden[prefix])})")
         if prefix in locations:
-            below = [t for p, t in overridden.items() if p[: len(problem.path)] == problem.path]
+            below = [mask_override(t) for p, t in overridden.items()
+                     if p[: len(problem.path)] == problem.path]
             message = problem.message
             if below:
                 message += " (after --set " + ", --set ".join(dict.fromkeys(below)) + ")"
@@ -119,6 +121,23 @@ class SpecSource:
         return locate(problem, self.file, self.locations, self.overridden)
 
 
+def _replaced_secrets(data: Mapping[str, Any], locations: Mapping[KeyPath, int], file: str,
+                      overridden: Mapping[KeyPath, str]) -> list[Problem]:
+    """Secrets of the file that a `--set` replaces: the models never see them, but the file
+    is copied into the bundle (spec.yaml)."""
+    problems = []
+    for path, what in secrets_in(data):
+        by = next((t for o, t in overridden.items() if path[: len(o)] == o), None)
+        if by is not None:
+            line = next((locations[p] for p in _prefixes(path) if p in locations), None)
+            problems.append(Problem(
+                path, f"{what}; --set {mask_override(by)} replaces it, but the spec file is "
+                "copied into the bundle (spec.yaml)", "remove it from the file: a secret "
+                "goes in the environment, named in cluster.env_passthrough", file=file,
+                line=line))
+    return problems
+
+
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecSource:
     """Read, apply `--set` overrides, validate. SpecError lists every problem of the file."""
     if isinstance(overrides, str):  # one override passed bare, not a list of characters
@@ -128,7 +147,9 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SpecSource:
     problems: list[Problem] = []
     overridden: dict[KeyPath, str] = {}
     if overrides:
+        written = raw  # the file is copied into the bundle as it is, overrides or not
         raw, problems, overridden = apply_overrides_tracked(raw, overrides)
+        problems += _replaced_secrets(written, locations, file, overridden)
         # Lines of the file no longer describe what an override replaced.
         locations = {p: n for p, n in locations.items()
                      if not any(p[: len(o)] == o for o in overridden)}

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from spec.errors import OVERRIDE_FILE, KeyPath, PathPart, Problem, SpecError, describe_value, dotted
+from spec.secrets import looks_secret, mask, mask_override
 from spec.yaml_reader import load_value
 
 _KEY = re.compile(r"[^.\[\]=\s]+")
@@ -47,13 +48,14 @@ def parse_path(text: str) -> list[PathPart] | None:
 
 
 def _problem(path: KeyPath, message: str, text: str, hint: str | None = None) -> Problem:
-    return Problem(path, f"{message} (in --set {text})", hint, file=OVERRIDE_FILE)
+    return Problem(path, f"{message} (in --set {mask_override(text)})", hint, file=OVERRIDE_FILE)
 
 
 def _apply_one(data: dict[str, Any], text: str) -> tuple[KeyPath, list[KeyPath]] | Problem:
     """Set one override in place: (the path set, mappings created on the way) or a Problem."""
     if "=" not in text:
-        return Problem((), f"malformed override '{text}': no '='", _USAGE, file=OVERRIDE_FILE)
+        return Problem((), f"malformed override '{mask_override(text)}': no '='", _USAGE,
+                       file=OVERRIDE_FILE)
     key, value_text = text.split("=", 1)
     parts = parse_path(key.strip())
     if parts is None:
@@ -61,9 +63,11 @@ def _apply_one(data: dict[str, Any], text: str) -> tuple[KeyPath, list[KeyPath]]
     try:
         value = load_value(value_text)
     except SpecError as err:
-        first = err.problems[0]
+        shown, why = value_text.strip(), err.problems[0].message
+        if looks_secret(shown) or mask_override(text) != text:  # YAML's words may quote it
+            shown, why = mask(shown), "the YAML parser's words would show it"
         return _problem(tuple(parts),
-                        f"the value {value_text.strip()!r} is not valid YAML: {first.message}",
+                        f"the value {shown!r} is not valid YAML: {why}",
                         text, "quote a value that holds YAML punctuation, e.g. name='a: b'")
     container: Any = data
     resolved: list[PathPart] = []
@@ -117,6 +121,7 @@ def apply_overrides_tracked(
     data = copy.deepcopy(raw)
     problems: list[Problem] = []
     overridden: dict[KeyPath, str] = {}
+    applied: list[tuple[KeyPath, str]] = []
     for text in overrides:
         # On a copy: an override that fails half-way must leave nothing behind.
         trial = copy.deepcopy(data)
@@ -131,6 +136,15 @@ def apply_overrides_tracked(
             del overridden[earlier]
         for p in (*created, path):
             overridden[p] = text
+        applied.append((path, text))
+    # A replaced override is checked by no model, but every --set is recorded in the bundle.
+    for path, text in applied:
+        if overridden.get(path) != text and mask_override(text) != text:
+            problems.append(Problem(
+                (), f"--set {mask_override(text)} holds a secret; a later --set replaces it, "
+                "but every --set is recorded in the bundle (manifest.json)",
+                "leave it out: a secret goes in the environment, named in "
+                "cluster.env_passthrough", file=OVERRIDE_FILE))
     return data, problems, overridden
 
 

@@ -115,7 +115,7 @@ def _model(cls: type[BaseModel], data: Mapping[str, Any], path: KeyPath, errors:
             try:
                 decorator.func(instance)
             except (ValueError, AssertionError) as exc:
-                problems.append(Problem(path, str(exc)))
+                problems.append(Problem(path, str(exc), getattr(exc, "hint", None)))
             except Exception:  # it used an invalid value: nothing to say
                 continue
     return instance

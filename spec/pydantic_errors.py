@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from spec.errors import KeyPath, Problem, SpecError, describe_value, dotted
 from spec.models import Spec
+from spec.secrets import looks_secret, mask, secret_name
 from spec.walk import is_model, union_members, union_tags, unwrap, walk
 from spec.yaml_reader import load_value
 
@@ -190,7 +191,9 @@ def _problem_from(err: Mapping[str, Any], raw: Any) -> Problem:
     if kind in ("value_error", "assertion_error"):
         error = ctx.get("error")
         text = str(error) if error is not None else err["msg"].removeprefix("Value error, ")
-        return Problem(path, text)
+        if path and path[-1] == "[key]":  # a mapping key's validator: the key is the place
+            path = path[:-1]
+        return Problem(path, text, getattr(error, "hint", None))
     if kind == "invalid_key":
         return Problem(path[:-1], f"key {value!r} is {describe_value(value)}, not a string",
                        f"quote it: '{value}'")
@@ -200,6 +203,30 @@ def _problem_from(err: Mapping[str, Any], raw: Any) -> Problem:
                    f"(got {describe_value(value)})")
 
 
+def _masked(problem: Problem, value: Any) -> Problem:
+    """The problem without the secret it would quote: a value that looks like a credential,
+    or any value of a `cluster.env` variable whose name is a secret's, is shown masked."""
+    path = problem.path
+    under_secret = (len(path) == 3 and path[:2] == ("cluster", "env")
+                    and isinstance(path[2], str) and secret_name(path[2]))
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return problem
+    text = str(value)
+    if not text or not (under_secret or (isinstance(value, str) and looks_secret(value))):
+        return problem
+
+    def hide(words: str | None) -> str | None:
+        if words is None:
+            return None
+        return words.replace(text, mask(text)).replace(text[:37], mask(text))
+
+    return Problem(path, hide(problem.message) or "", hide(problem.suggestion),
+                   problem.severity, problem.file, problem.line, problem.related)
+
+
 def problems_from_validation(error: ValidationError, raw: Any) -> list[Problem]:
     """Every error of a pydantic ValidationError of `Spec`, as unlocated Problems."""
-    return list(dict.fromkeys(_problem_from(e, raw) for e in error.errors(include_url=False)))
+    return list(dict.fromkeys(
+        _problem_from(e, raw) if e["loc"][-1:] == ("[key]",)  # a name: the refusal hides it
+        else _masked(_problem_from(e, raw), e.get("input"))
+        for e in error.errors(include_url=False)))

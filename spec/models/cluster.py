@@ -3,19 +3,46 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from spec.models.base import PosFloat, PosInt, Section
+from spec.errors import Refusal
+from spec.models.base import PosFloat, PosInt, Section, no_secret
+from spec.secrets import credential, secret_word
 
 # \Z, not $: "$" also matches before a trailing newline, which would reach a script.
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}\Z")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # Slurm names (partition, account, qos) are written into #SBATCH lines: one plain word.
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+\Z")
-# Names that look like credentials must never be written into a bundle.
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|CREDENTIAL)", re.I)
+# cluster.env is written into env.sh, jobs/*/config.json and spec.resolved.yaml.
+_WRITTEN = "cluster.env is written into the bundle (env.sh, jobs/*/config.json, spec.resolved.yaml)"
+
+
+def _env_name(name: str) -> str:
+    """A cluster.env name: a shell name that does not say it holds a secret (`spec.secrets`)."""
+    if not _ENV_NAME.match(name):
+        raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+    if credential(name) is not None:
+        raise Refusal(f"this name looks like {credential(name)}, not a variable's name; "
+                      f"{_WRITTEN}", "remove it")
+    if (word := secret_word(name)) is not None:
+        raise Refusal(f"{name} looks like a secret (its name has '{word}'); {_WRITTEN}",
+                      f"remove {name} from cluster.env and list it in cluster.env_passthrough: "
+                      "its value is then taken from the environment when a job starts, and "
+                      "never written")
+    return name
+
+
+def _env_value(value: str) -> str:
+    return no_secret(value, "remove the variable from cluster.env; export it in the "
+                     "environment that submits the run and list its name in "
+                     "cluster.env_passthrough (its value is then never written)")
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvValue = Annotated[str, AfterValidator(_env_value)]
 
 
 class Container(Section):
@@ -60,9 +87,13 @@ class Cluster(Section):
     time_limit: str = Field("24:00:00", description="Wall-clock limit per job, [D-]HH:MM:SS.")
     container: Container | None = Field(None, description="Container image for every job.")
     modules: list[str] = Field(default_factory=list, description="Environment modules to load.")
-    env: dict[str, str] = Field(
+    env: dict[EnvName, EnvValue] = Field(
         default_factory=dict,
-        description="Non-secret environment variables written into the launch scripts.",
+        description="Non-secret environment variables written into the launch scripts (and "
+        "the bundle's other files). A name that says it holds a secret (a word such as TOKEN, "
+        "KEY, PASS, PAT, SECRET, AUTH, PRIVATE, COOKIE, SESSION between its '_') and a value "
+        "that looks like a credential (a token or key of a known issuer, a PEM private key, "
+        "a URL with a password) are refused: list such a variable in env_passthrough.",
     )
     env_passthrough: list[str] = Field(
         default_factory=list,
@@ -88,19 +119,6 @@ class Cluster(Section):
     def _time(cls, v: str) -> str:
         if not _TIME.match(v):
             raise ValueError(f"time_limit {v!r} is not [D-]HH:MM:SS, e.g. '2-00:00:00' or '04:00:00'")
-        return v
-
-    @field_validator("env")
-    @classmethod
-    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
-            if _SECRET_NAME.search(name):
-                raise ValueError(
-                    f"{name} looks like a secret and would be written into the bundle; "
-                    f"list it in cluster.env_passthrough instead"
-                )
         return v
 
     @field_validator("env_passthrough")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,7 +24,11 @@ class Judge(Section):
     type: Literal["rule", "http"] = Field(
         description="rule: compare verifier scores; http: an OpenAI-compatible LLM judge."
     )
-    url: str | None = Field(None, description="Chat-completions endpoint of the judge (http).")
+    url: str | None = Field(
+        None,
+        description="Chat-completions endpoint of the judge (http). No credential in it "
+        "(`https://user:password@...` is refused): the key goes in api_key_env.",
+    )
     model: str | None = Field(None, description="Judge model name (http).")
     api_key_env: str | None = Field(
         None,
@@ -40,6 +44,12 @@ class Judge(Section):
         description="Largest share of an RL step's judge replies that may be unreadable (not A, "
         "B or TIE; each counts as a tie); above it the run stops (http).",
     )
+
+    secret_hints: ClassVar[dict[str, str]] = {
+        "url": "take the credential out of the URL: put the key in an environment variable, "
+        "name it in reward.judge.api_key_env and in cluster.env_passthrough; the judge sends "
+        "it as 'Authorization: Bearer <key>' and it is never written",
+    }
 
     @model_validator(mode="after")
     def _http(self) -> Judge:

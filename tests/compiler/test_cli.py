@@ -215,6 +215,34 @@ def test_a_compiler_check_that_needs_a_bad_value_is_skipped(tmp_path: Path) -> N
         ("rollout.parallelism", lines["rollout.parallelism.tensor"] - 1)]  # TP·DP 16 > 8 GPUs
 
 
+@pytest.mark.parametrize(("override", "path", "secret"), [
+    ("cluster.env.HF_TOKEN=hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h", "cluster.env.HF_TOKEN",
+     "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"),
+    ("cluster.env.WANDB_KEY=0123456789abcdef", "cluster.env.WANDB_KEY", "0123456789abcdef"),
+    ("reward.judge={type: http, model: m, url: 'https://bob:hunter2pw@judge.example/v1'}",
+     "reward.judge.url", "hunter2pw"),
+], ids=["hf-token", "secret-name", "judge-url-password"])
+def test_validate_refuses_a_secret_without_showing_it(override: str, path: str,
+                                                      secret: str) -> None:
+    """A secret would be written into 8 files of the bundle: exit 2, the field and a hint on
+    stderr, the value masked (the --set text too)."""
+    result = cli("validate", TINY, "--set", override)
+    assert result.exit_code == 2
+    no_traceback(result)
+    assert re.search(rf"^--set: error: {re.escape(path)}: .*\n    hint: ", result.stderr, re.M)
+    assert secret not in result.stderr + result.stdout
+
+
+def test_validate_accepts_common_variables_in_cluster_env() -> None:
+    """TOKENIZERS_PARALLELISM was refused as a secret (its name contains TOKEN)."""
+    result = cli("validate", TINY, "--set",
+                 "cluster.env={TOKENIZERS_PARALLELISM: 'false', NCCL_DEBUG: WARN, "
+                 "HF_HUB_OFFLINE: '1', WANDB_PROJECT: rl, PYTORCH_CUDA_ALLOC_CONF: "
+                 "'expandable_segments:True'}")
+    assert result.exit_code == 0, result.output
+    assert not error_lines(result.stderr)
+
+
 def test_a_misspelt_section_gets_did_you_mean(tmp_path: Path) -> None:
     spec = tmp_path / "typo.yaml"
     spec.write_text(TINY.read_text().replace("\nrollout:\n", "\nrollot:\n"))

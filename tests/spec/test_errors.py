@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spec.errors import SpecError
 from spec.loader import load_spec
@@ -294,3 +295,139 @@ def test_a_stage_rule_runs_beside_a_bad_key_of_its_stage(problems_of, spec_dict)
     assert [(p.path, p.message[:28]) for p in problems] == [
         (("filters", 0), "min_pass_rate (0.9) ≥ max_pa"),
         (("filters", 0, "samples_per_prompt"), "expected an integer, got the")]
+
+
+# --------------------------------------------------------------------------- secrets
+# Every value of a spec is written into the bundle: a secret in cluster.env (by its name or
+# its value), a credential-looking string or a URL with a password in any field is refused
+# at its key's line, and never shown whole.
+
+HF = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"  # the shape of a Hugging Face token
+CREDENTIALS = {
+    "hugging-face": HF,
+    "openai": "sk-" + "Zx9" * 16,
+    "openai-project": "sk-proj-" + "a1B_c2D-" * 4,
+    "github-classic": "ghp_" + "A1b2C3d4E5" * 4,
+    "github-oauth": "gho_" + "Q9w8E7r6T5" * 4,
+    "github-fine-grained": "github_pat_11ABCDEFG0" + "x1Y2z3" * 8,
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "slack": "xoxb-1234567890-0987654321-AbCdEfGhIjKlMnOp",
+    "pem": "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH "
+           "PRIVATE KEY-----",
+    "url-password": "postgres://bob:hunter2pw@db.example:5432/runs",
+}
+
+
+def env_spec(env: dict) -> str:
+    """valid.yaml with a cluster.env section, written as YAML (its first key on line 34)."""
+    lines = "".join(f"    {k}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n"
+                    for k, v in env.items())
+    return (DATA / "valid.yaml").read_text() + "cluster:\n  env:\n" + lines
+
+
+def shown(problems) -> str:
+    return "\n".join(p.format() for p in problems)
+
+
+@pytest.mark.parametrize("name", [
+    "KEY", "SSH_KEY", "PRIVATE_KEY", "SSH_PRIVATE_KEY", "WANDB_KEY", "JUDGE_KEY", "DB_PASS",
+    "GITHUB_PAT", "AUTH", "HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD",
+    "OAUTH_CLIENT_SECRET", "PROXY_AUTH", "SESSION_COOKIE", "MY_PRIVATE_THING", "db_pwd",
+    "GH_AUTHTOKEN", "HTTP_BASICAUTH",
+])
+def test_a_secret_name_in_cluster_env_is_refused_at_its_line(problems_of, name) -> None:
+    (p,) = problems_of(env_spec({"OMP_NUM_THREADS": "8", name: "s3cr3t-value"}))
+    assert (p.path, p.line) == (("cluster", "env", name), 35)
+    assert p.message.startswith(f"{name} looks like a secret (its name has '")
+    assert "written into the bundle" in p.message
+    assert "cluster.env_passthrough" in (p.suggestion or "")
+    assert "s3cr3t-value" not in p.format()
+
+
+def test_common_variables_are_no_secrets(write_spec) -> None:
+    """Names the old substring match refused (TOKENIZERS_PARALLELISM) or a sloppy one would
+    (a word that only contains KEY, PASS or AUTH; a variable that points at a key)."""
+    env = dict.fromkeys([
+        "TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
+        "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS",
+        "PYTORCH_CUDA_ALLOC_CONF", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER",
+        "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL",
+        "TRANSFORMERS_OFFLINE", "VLLM_ATTENTION_BACKEND", "MAX_JOBS", "KEYBOARD_LAYOUT",
+        "MONKEY", "GIT_AUTHOR_NAME", "NUM_PASSES", "HF_TOKEN_PATH", "SSL_KEY_FILE",
+        "SSH_AUTH_SOCK", "PWD",
+    ], "false")
+    assert load_spec(write_spec(env_spec(env))).spec.cluster.env == env
+
+
+@pytest.mark.parametrize("kind", sorted(CREDENTIALS))
+def test_a_credential_value_is_refused_under_any_name(problems_of, kind) -> None:
+    value = CREDENTIALS[kind]
+    (p,) = problems_of(env_spec({"HF_HOME": "/scratch/hf", "SETTING": value}))
+    assert (p.path, p.line) == (("cluster", "env", "SETTING"), 35)
+    assert p.message.startswith(f"'{value[:4]}***' ")
+    assert "cluster.env_passthrough" in (p.suggestion or "")
+    assert value[5:] not in p.format()  # masked: at most its first 4 characters
+
+
+@pytest.mark.parametrize("value", [
+    "/scratch/hf_cache/models_and_datasets_xyz", "hf_transfer", "sk-learn",
+    "task-abcdefghijklmnopqrstuvwxyz-0123", "disk-0123456789abcdefghijklmnop",
+    "AKIA_SHORT", "xoxb-1", "0123456789abcdef0123456789abcdef01234567",  # a git commit
+    "https://user@judge.example:8443/v1", "ssh://git@github.com:22/org/repo.git",
+    "-----BEGIN CERTIFICATE-----", "https://judge.example/v1?mode=fast", "gpt-4o-mini",
+])
+def test_values_that_only_resemble_credentials_pass(write_spec, value) -> None:
+    assert load_spec(write_spec(env_spec({"SETTING": value}))).spec.cluster.env["SETTING"] == value
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    (("model", "checkpoint"), HF),
+    (("data", "train"), "https://bob:hunter2pw@data.example/train.jsonl"),
+    (("filters", 0, "proxy_model"), CREDENTIALS["openai"]),
+    (("description",), "key " + CREDENTIALS["github-classic"]),
+])
+def test_a_credential_in_any_field_is_refused(problems_of, spec_dict, path, value) -> None:
+    spec_dict["filters"] = [{"type": "offline_pass_rate"}]
+    node = spec_dict
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    (p,) = problems_of(spec_dict)
+    assert p.path == path and "written into the bundle" in p.message
+    assert value[5:] not in p.format()
+
+
+def test_a_credential_in_a_list_names_its_item(problems_of, spec_dict) -> None:
+    spec_dict["cluster"] = {"container": {"image": "img.sqsh",
+                                          "mounts": ["/data:/data", f"/x/{HF}:/y"]}}
+    (p,) = problems_of(spec_dict)
+    assert p.path == ("cluster", "container", "mounts")
+    assert p.message.startswith("item 1: '/x/h***' looks like a Hugging Face token")
+
+
+def test_a_judge_url_with_a_password_is_refused(problems_of, spec_dict) -> None:
+    spec_dict["reward"]["judge"] = {"type": "http", "model": "judge",
+                                    "url": "https://bob:hunter2pw@judge.example/v1"}
+    (p,) = problems_of(spec_dict)
+    assert p.path == ("reward", "judge", "url")
+    assert p.message.startswith("'http***' holds a URL with a password")
+    assert "reward.judge.api_key_env" in (p.suggestion or "")
+    assert "cluster.env_passthrough" in (p.suggestion or "")
+    assert "hunter2pw" not in p.format() and "bob" not in p.format()
+
+
+def test_a_judge_url_without_a_password_passes(write_spec, spec_dict) -> None:
+    spec_dict["reward"]["judge"] = {"type": "http", "model": "judge", "api_key_env": "JUDGE_KEY",
+                                    "url": "https://judge@judge.example:8443/v1"}
+    spec_dict["cluster"] = {"env_passthrough": ["JUDGE_KEY"]}
+    text = yaml.safe_dump(spec_dict, sort_keys=False)
+    assert load_spec(write_spec(text)).spec.reward.judge.url.endswith(":8443/v1")
+
+
+def test_a_secret_of_the_wrong_type_is_not_shown(problems_of) -> None:
+    """DB_PASS: 12345678 is an integer: its type error, and its hint, mask it too."""
+    text = env_spec({}) + "    DB_PASS: 12345678\n    SETTING: 1234567\n"
+    problems = problems_of(text)
+    assert "12345678" not in shown(problems)
+    assert any("got the integer 12***" in p.message for p in problems)
+    assert any(p.message.endswith("got the integer 1234567") for p in problems)  # no secret

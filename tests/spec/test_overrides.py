@@ -167,3 +167,67 @@ def test_override_and_file_problems_are_reported_together(problems_of) -> None:
 def test_later_override_wins() -> None:
     (p,) = set_problems("train.parallelism.tensor=2", "train.parallelism={tensor: x}")
     assert p.message.endswith("(from --set train.parallelism={tensor: x})")
+
+
+# --------------------------------------------------------------------------- secrets
+# A refused secret is never echoed whole: not in the message, not in the "(from --set ...)"
+# that quotes the override. What a later --set replaces is refused too: every --set is
+# recorded in the bundle (manifest.json) and the file is copied into it (spec.yaml).
+
+HF = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"
+
+
+def shown(problems: list) -> str:
+    return "\n".join(p.format() for p in problems)
+
+
+@pytest.mark.parametrize(("override", "path", "secret"), [
+    (f"cluster.env.HF_TOKEN={HF}", ("cluster", "env", "HF_TOKEN"), HF),
+    ("cluster.env.DB_PASS=hunter2", ("cluster", "env", "DB_PASS"), "hunter2"),
+    ("cluster.env.DB_PASS=12345678", ("cluster", "env", "DB_PASS"), "12345678"),
+    ("cluster.env={GITHUB_PAT: hunter2}", ("cluster", "env", "GITHUB_PAT"), "hunter2"),
+    (f"cluster.env.SETTING={HF}", ("cluster", "env", "SETTING"), HF),
+    (f"model.checkpoint={HF}", ("model", "checkpoint"), HF),
+    (f"train.steps={HF}", ("train", "steps"), HF),
+    ("reward.judge={type: http, model: m, url: 'https://bob:hunter2pw@judge.example/v1'}",
+     ("reward", "judge", "url"), "hunter2pw"),
+    ("reward.judge.url=https://bob:hunter2pw@judge.example/v1", ("reward", "judge", "url"),
+     "hunter2pw"),
+    ("cluster.env.DB_PASS=[hunter2", ("cluster", "env", "DB_PASS"), "hunter2"),
+])
+def test_a_secret_set_by_override_is_refused_and_masked(override, path, secret) -> None:
+    problems = set_problems(override)
+    assert path in [p.path for p in problems]
+    assert all(p.file == "--set" for p in problems)
+    assert secret not in shown(problems)
+    assert "***" in shown(problems)
+
+
+def test_a_secret_in_the_file_is_masked_in_the_message_of_a_later_override(problems_of) -> None:
+    text = VALID.read_text() + "cluster:\n  env:\n    SETTING: " + HF + "\n"
+    problems = problems_of(text, ("cluster.env.HF_HOME=/scratch/hf",))
+    assert [(p.path, p.line) for p in problems] == [(("cluster", "env", "SETTING"), 34)]
+    assert HF[4:] not in shown(problems)
+
+
+def test_a_replaced_secret_override_is_refused() -> None:
+    """The spec that validates holds no secret, but manifest.json would keep the --set."""
+    (p,) = set_problems("cluster.env.DB_PASS=hunter2", "cluster.env={}")
+    assert (p.path, p.file) == ((), "--set")
+    assert p.message == ("--set cluster.env.DB_PASS=hu*** holds a secret; a later --set "
+                         "replaces it, but every --set is recorded in the bundle (manifest.json)")
+
+
+def test_a_secret_of_the_file_replaced_by_an_override_is_refused(problems_of) -> None:
+    text = VALID.read_text() + f"cluster:\n  env:\n    DB_PASS: hunter2\n    X: '{HF}'\n"
+    problems = problems_of(text, ("cluster.env={}",))
+    assert [(p.path, p.line) for p in problems] == [
+        (("cluster", "env", "DB_PASS"), 34), (("cluster", "env", "X"), 35)]
+    assert all("copied into the bundle (spec.yaml)" in p.message for p in problems)
+    assert "hunter2" not in shown(problems) and HF[4:] not in shown(problems)
+
+
+def test_common_variables_set_by_override_pass() -> None:
+    spec = load_spec(VALID, ["cluster.env.TOKENIZERS_PARALLELISM='false'",
+                             "cluster.env.WANDB_PROJECT=rl", "cluster.env.NCCL_DEBUG=INFO"]).spec
+    assert spec.cluster.env["TOKENIZERS_PARALLELISM"] == "false"
