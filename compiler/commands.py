@@ -58,6 +58,7 @@ def check_command(bundle: Path) -> int:
     makes at start), located in the bundle's spec.yaml where the spec still loads."""
     from compiler.api import refusal_problems
     from compiler.bundle import BundleError, read_manifest
+    from compiler.edited import describe, edited_train_sh
     from runtime.preflight import preflight_bundle, read_bundle
     from spec.errors import EXIT_BAD_INPUT
     from spec.loader import load_spec
@@ -74,7 +75,16 @@ def check_command(bundle: Path) -> int:
         _err(f"error: {bundle}: a job config cannot be read ({exc}); recompile the bundle")
         return EXIT_BAD_INPUT
     jobs = manifest["order"]
-    if not refusals:
+    try:
+        edited = edited_train_sh(Path(bundle), manifest)
+    except SpecError as exc:  # the bundle's spec.resolved.yaml no longer validates
+        _err(f"error: {bundle}: its spec.resolved.yaml does not validate; recompile the "
+             f"bundle\n{exc}")
+        return EXIT_BAD_INPUT
+    for found in edited:
+        print("\n".join(describe(found)))
+    edits = [p for found in edited for p in found.problems]
+    if not refusals and not edits:
         print(f"{bundle}: every job's preflight passes ({len(jobs)} jobs: {', '.join(jobs)})")
         return 0
     problems = refusal_problems(refusals)
@@ -83,6 +93,7 @@ def check_command(bundle: Path) -> int:
         problems = [source.locate(p) for p in problems]
     except (SpecError, OSError):
         pass  # the bundle's spec no longer loads: the refusals stand unlocated
+    problems += edits
     _err("\n".join([f"{len(problems)} job setting{'s' if len(problems) != 1 else ''} "
                     f"refused in {bundle}:", *(p.format() for p in problems)]))
     return EXIT_BAD_INPUT

@@ -163,8 +163,9 @@ PREFLIGHT_CHECKS: dict[str, tuple[str, str, tuple[Example, ...]]] = {
         "The `rl` job of a Megatron trainer parses the flags of `jobs/rl/train.sh` with the "
         "trainer's own parser (`runtime/megatron/args.py`) and refuses a flag it rejects or a "
         "layout of `megatron_layout`. A compiled bundle always parses; this catches a "
-        "`train.sh` edited by hand (`rlspec check DIR`). Way out: recompile the bundle, or "
-        "correct the flag.",
+        "`train.sh` edited by hand (`rlspec check DIR`, which also checks an edited layout "
+        "as the spec's keys set to its flags: `compiler/edited.py`). Way out: recompile the "
+        "bundle, or correct the flag.",
         (),
     ),
     "checkpoint": (

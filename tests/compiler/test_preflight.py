@@ -335,6 +335,37 @@ def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--seq-len" in result.stderr
 
 
+def test_an_edited_layout_meets_the_checks_of_the_spec_that_would_render_it(
+        tmp_path: Path) -> None:
+    """The trainer runs train.sh's layout, not the spec's: an edited TP or EP is checked as
+    the spec's key set to it (compiler.edited), each error naming the edited flag."""
+    bundle = write_bundle(compile_spec(SINGLE).files, tmp_path / "b")
+    train_sh = bundle / "jobs" / "rl" / "train.sh"
+    rendered = train_sh.read_text()
+    train_sh.write_text(rendered.replace("--tensor-model-parallel-size 4",
+                                         "--tensor-model-parallel-size 3")
+                        .replace("--expert-model-parallel-size 8", "--expert-model-parallel-size 5")
+                        .replace("--seed 1234", "--seed 7"))
+    result = cli("check", str(bundle))
+    assert result.exit_code == 2, result.output
+    assert ("jobs/rl/train.sh is edited (--tensor-model-parallel-size 3, "
+            "--expert-model-parallel-size 5, --seed 7)") in result.stdout
+    assert "not checked (no spec key renders them): --seed" in result.stdout
+    assert ("jobs/rl/train.sh: error: train.parallelism.expert: num_experts 128 is not a "
+            "multiple of expert parallel size 5 (edited: --expert-model-parallel-size 5)"
+            in result.stderr), result.stderr
+    assert ("jobs/rl/train.sh: error: train.parallelism.tensor: num_attention_heads 32 is not a "
+            "multiple of tensor parallel size 3 (edited: --tensor-model-parallel-size 3)"
+            in result.stderr)
+    assert "--set" not in result.stderr
+    train_sh.write_text(rendered.replace("--tensor-model-parallel-size 4",
+                                         "--tensor-model-parallel-size 2"))
+    result = cli("check", str(bundle))  # a layout that validates: said, and it passes
+    assert result.exit_code == 0, result.output
+    assert "jobs/rl/train.sh is edited (--tensor-model-parallel-size 2)" in result.stdout
+    assert "every job's preflight passes" in result.stdout
+
+
 def test_the_megatron_sft_flags_are_checked_like_the_trainers(tmp_path: Path) -> None:
     bundle = write_bundle(compile_spec(SINGLE, ["sft={steps: 10}"]).files, tmp_path / "b")
     assert cli("check", str(bundle)).exit_code == 0
