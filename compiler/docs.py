@@ -88,6 +88,8 @@ CHECK_EXAMPLES: dict[str, tuple[Example, ...]] = {
     "run_level": (
         _ex(SINGLE, "rollout.prompts_per_step=60"),
         _ex(SINGLE, "rollout.max_tokens=40000"),
+        _ex(SINGLE, "rollout.n=1", "rollout.prompts_per_step=512"),
+        _ex(TINY, "train.optimizer.warmup_steps=5000"),
     ),
     "cluster_settings": (
         _ex(SINGLE, "cluster.partition=null"),

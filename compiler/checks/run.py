@@ -28,9 +28,28 @@ from spec.models import AdaptiveGroupSize, FlatGroups, RewardShaping, Spec
 
 def run_level(spec: Spec, plan: Plan) -> Iterator[Problem]:
     """prompts_per_step × n is a whole multiple of global_batch_size (optimizer steps per
-    rollout batch are derived); prompt + response (rollout and eval) fit the positions."""
+    rollout batch are derived); prompt + response (rollout and eval) fit the positions; a
+    run can learn (groups of more than one response for group advantages, a warm-up shorter
+    than the run)."""
     rollouts, gbs = plan.rollouts_per_step, spec.train.global_batch_size
     r = spec.rollout
+    if r.n == 1 and spec.algorithm.advantage.estimator == "group":
+        adaptive = any(isinstance(s, AdaptiveGroupSize) for s in spec.filters)
+        message = ("n is 1: a group of one response has zero variance, so its group-relative "
+                   "advantage is 0" + (" wherever adaptive_group_size keeps the base size"
+                                       if adaptive else ", for every prompt: RL learns nothing"))
+        problem = _warning if adaptive else _error
+        yield problem(("rollout", "n"), message, "set rollout.n: 8 (any n ≥ 2)",
+                      (("algorithm", "advantage", "estimator"),))
+    optimizer_steps = plan.optimizer_steps_per_rollout * spec.train.steps
+    warmup = spec.train.optimizer.warmup_steps
+    if warmup >= optimizer_steps:
+        yield _warning(("train", "optimizer", "warmup_steps"),
+                       f"warmup_steps {warmup} ≥ the run's {optimizer_steps} optimizer steps "
+                       f"({plan.optimizer_steps_per_rollout} per RL step × train.steps "
+                       f"{spec.train.steps}): the learning rate never reaches lr",
+                       f"set train.optimizer.warmup_steps below {optimizer_steps}",
+                       (("train", "steps"),))
     if rollouts % gbs:
         # q·n is a multiple of gbs exactly when q is a multiple of gbs / gcd(n, gbs).
         prompts = _multiples_near(r.prompts_per_step, gbs // math.gcd(r.n, gbs))

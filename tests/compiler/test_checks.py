@@ -811,3 +811,27 @@ def test_memory_hint_names_the_offload_keys() -> None:
     unused = [p for p in check(src.spec, make_plan(src.spec))
               if p.path == ("train", "optimizer", "offload_fraction")]
     assert [p.severity for p in unused] == ["warning"] and "no effect" in unused[0].message
+
+
+def test_a_run_of_one_response_groups_cannot_learn_from_group_advantages() -> None:
+    """n = 1: zero variance everywhere (an error), or where adaptive_group_size keeps the
+    base size (a warning); RL-ZVP's token advantages are another matter."""
+    one = {"rollout.n": 1, "rollout.prompts_per_step": 256}
+    [problem] = [p for p in problems_of(build(one)) if p.path == ("rollout", "n")]
+    assert problem.severity == "error" and "RL learns nothing" in problem.message
+    adaptive = build({**one, "filters": [{"type": "adaptive_group_size"}]})
+    [problem] = [p for p in problems_of(adaptive) if p.path == ("rollout", "n")]
+    assert problem.severity == "warning" and "adaptive_group_size" in problem.message
+    assert not [p for p in problems_of(build({"rollout.n": 2})) if p.path == ("rollout", "n")]
+
+
+def test_a_warmup_as_long_as_the_run_is_said() -> None:
+    """BASE: 32 prompts × 8 = 256 rollouts / 64 = 4 optimizer steps per RL step, × 100 steps."""
+    def warned(warmup: int) -> list[Problem]:
+        return [p for p in problems_of(build({"train.optimizer.warmup_steps": warmup}))
+                if p.path == ("train", "optimizer", "warmup_steps")]
+
+    assert warned(399) == []
+    [problem] = warned(400)
+    assert problem.severity == "warning"
+    assert problem.message.startswith("warmup_steps 400 ≥ the run's 400 optimizer steps")
