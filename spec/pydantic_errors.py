@@ -12,6 +12,7 @@ import difflib
 import re
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -226,7 +227,24 @@ def _masked(problem: Problem, value: Any) -> Problem:
 
 def problems_from_validation(error: ValidationError, raw: Any) -> list[Problem]:
     """Every error of a pydantic ValidationError of `Spec`, as unlocated Problems."""
-    return list(dict.fromkeys(
+    return _misspelt_required(list(dict.fromkeys(
         _problem_from(e, raw) if e["loc"][-1:] == ("[key]",)  # a name: the refusal hides it
         else _masked(_problem_from(e, raw), e.get("input"))
-        for e in error.errors(include_url=False)))
+        for e in error.errors(include_url=False))))
+
+
+def _misspelt_required(problems: list[Problem]) -> list[Problem]:
+    """A misspelt required key (``step:`` for ``steps:``) is one problem, the unknown key's,
+    not that and a missing ``steps`` too."""
+    missing = {p.path: p for p in problems if p.message.startswith("missing required ")}
+    merged: set[tuple] = set()
+    out = []
+    for p in problems:
+        close = re.fullmatch(r"did you mean '(.+)'\?", p.suggestion or "")
+        meant = (*p.path[:-1], close[1]) if close else None
+        if p.message.startswith("unknown key ") and meant in missing:
+            merged.add(meant)
+            what = missing[meant].message.split(" ")[2]  # key / section
+            p = replace(p, message=f"{p.message}: the required {what} '{close[1]}' is missing")
+        out.append(p)
+    return [p for p in out if p.path not in merged or not p.message.startswith("missing ")]

@@ -52,11 +52,10 @@ def test_unknown_top_level_key(problems_of, spec_dict) -> None:
     spec_dict["rolout"] = spec_dict.pop("rollout")
     problems = problems_of(spec_dict)
     assert [(p.path, p.message, p.suggestion) for p in problems] == [
-        (("rolout",), "unknown key 'rolout'", "did you mean 'rollout'?"),
-        (("rollout",), "missing required section 'rollout'",
-         "rollout: The rollout engines: vLLM replicas that sample n responses per prompt."),
+        (("rolout",), "unknown key 'rolout': the required section 'rollout' is missing",
+         "did you mean 'rollout'?"),
     ]
-    assert problems[0].line is not None and problems[1].line is None
+    assert problems[0].line is not None
 
 
 def test_unknown_key_in_a_deep_section(problems_of, spec_dict) -> None:
@@ -147,6 +146,17 @@ def test_missing_required_key_is_shown_at_its_section(problems_of) -> None:
     assert p.line == 13  # the `train:` line
     assert p.message == "missing required key 'global_batch_size'"
     assert p.suggestion == "global_batch_size: Responses per optimizer step."
+
+
+def test_a_misspelt_required_key_is_one_problem(problems_of) -> None:
+    """Not "unknown key 'global_batchsize'" and "missing required key" for the same slip."""
+    text = (DATA / "valid.yaml").read_text().replace("  global_batch_size: 64\n",
+                                                     "  global_batchsize: 64\n")
+    (p,) = problems_of(text)
+    assert p.path == ("train", "global_batchsize")
+    assert p.message == ("unknown key 'global_batchsize': the required key 'global_batch_size' "
+                         "is missing")
+    assert p.suggestion == "did you mean 'global_batch_size'?"
 
 
 def test_missing_section(problems_of, spec_dict) -> None:
