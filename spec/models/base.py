@@ -13,6 +13,8 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, no silent coercion of types."""
+    """Base of every section: unknown keys are errors, no silent coercion of types, and a
+    number is finite (`.inf` and `.nan` are refused by every float field)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True,
+                              allow_inf_nan=False)
