@@ -7,6 +7,7 @@ that has been submitted (it holds `submission.json`) keeps that record across a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,8 +27,32 @@ class BundleError(Exception):
     exit_code = 1
 
 
+class BundleInputError(BundleError):
+    """A path or bundle file the user gave that cannot be used (bad input: exit code 2)."""
+
+    exit_code = 2
+
+
+def _unwritable(out_dir: str | Path, out: Path, exc: OSError) -> BundleInputError:
+    """An OSError of creating the bundle's directory, in a person's words."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = f"{exc.filename or out.parent} is a file, not a directory"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = f"{out.parent} is not writable ({exc.strerror})"
+    else:
+        why = f"no directory can be created in {out.parent} ({exc.strerror})"
+    return BundleInputError(f"cannot write the bundle to {out_dir}: {why}; "
+                            "choose an output directory you can write (-o)")
+
+
 def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> Path:
-    out = Path(out_dir)
+    if not str(out_dir).strip():  # Path("") is ".": an empty -o would replace the cwd
+        raise BundleInputError("the output directory is empty; name one, e.g. -o bundles/run1")
+    # Resolved first: `-o .` (or `..`) names the directory by its real name, which the
+    # temporary sibling and the rename need.
+    out = Path(out_dir).resolve()
+    if not out.name:
+        raise BundleInputError(f"{out_dir} cannot be a bundle directory; name a new one (-o)")
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / MANIFEST).is_file():
@@ -37,8 +62,11 @@ def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = Fa
             f"{out} has been submitted ({SUBMISSION}); compile into a new directory, or "
             f"cancel it and remove {out / SUBMISSION} first"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise _unwritable(out_dir, out, exc) from None
     try:
         for rel, text in sorted(files.items()):
             path = tmp / rel
@@ -60,14 +88,52 @@ def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = Fa
     return out
 
 
+# The manifest's keys that the commands read, with their JSON types, and those of each job.
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string"}
+_MANIFEST_KEYS = {"order": list, "jobs": dict, "files": dict, "overrides": list,
+                  "scheduler": str, "env_passthrough": list}
+_JOB_KEYS = {"launch": str, "depends_on": list, "resources": dict}
+_RESOURCE_KEYS = ("job_name", "nodes", "cpus_per_task", "time", "gpus_per_node", "extra")
+
+
+def _manifest_problem(data: Any) -> str | None:
+    """What makes parsed JSON not a manifest (the keys the commands read), or None."""
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean",
+                type(None): "null"}.get(type(data), "a number")
+        return f"it holds {kind}, not an object"
+    for key, tp in _MANIFEST_KEYS.items():
+        if not isinstance(data.get(key), tp):
+            return f"{key!r} is missing or not {_JSON_TYPES[tp]}"
+    for name in data["order"]:
+        job = data["jobs"].get(name) if isinstance(name, str) else None
+        if not isinstance(job, dict):
+            return f"job {name!r} of 'order' is not an object in 'jobs'"
+        for key, tp in _JOB_KEYS.items():
+            if not isinstance(job.get(key), tp):
+                return f"jobs.{name}.{key} is missing or not {_JSON_TYPES[tp]}"
+        missing = [k for k in _RESOURCE_KEYS if k not in job["resources"]]
+        if missing:
+            return f"jobs.{name}.resources lacks {', '.join(missing)}"
+    return None
+
+
 def read_manifest(bundle: str | Path) -> dict[str, Any]:
+    if not Path(bundle).exists():  # a mistyped path says so, not "not a bundle"
+        raise BundleInputError(f"{bundle} does not exist; give a bundle directory (check the path)")
     path = Path(bundle) / MANIFEST
     if not path.is_file():
-        raise BundleError(f"{bundle} is not an rlspec bundle (no {MANIFEST}); run `rlspec compile`")
+        raise BundleInputError(
+            f"{bundle} is not an rlspec bundle (no {MANIFEST}); run `rlspec compile`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); recompile the bundle") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise BundleInputError(f"{path} is not valid JSON ({exc}); recompile the bundle") from None
+    problem = _manifest_problem(data)
+    if problem:
+        raise BundleInputError(f"{path} is not a valid rlspec manifest ({problem}); "
+                               "recompile the bundle")
+    return data
 
 
 def verify_bundle(bundle: str | Path, manifest: dict[str, Any]) -> list[str]:

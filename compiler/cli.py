@@ -1,11 +1,13 @@
 """`rlspec`: validate, compile, inspect, submit, status, cancel, schema.
 
-Exit codes: 0 success, 2 invalid spec (every problem listed), 1 any other failure. A user
-never sees a traceback for a mistake of theirs: errors are caught here, at the edge.
+Exit codes: 0 success, 2 bad input (an invalid spec, every problem listed; a path, bundle
+or run directory that cannot be used; a bad option), 1 any other failure. A user never sees
+a traceback for a mistake of theirs: errors are caught here, at the edge.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -102,7 +104,8 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
 @app.command("compile")
 def compile_(
     spec: SpecArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle directory to write.")],
+    # a string: Path("") would be ".", and an empty -o is refused, not the cwd
+    output: Annotated[str, typer.Option("-o", "--output", help="Bundle directory to write.")],
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing (unsubmitted) bundle.")] = False,
 ) -> None:
@@ -128,21 +131,35 @@ def inspect(
     set_: SetOpt = None,
     graph: Annotated[
         str | None,
-        typer.Option("--graph", help="Show the job graph: tree, dot, or png (writes graph.png)."),
+        typer.Option("--graph", help="Show the job graph: tree, dot, or png (writes graph.png, "
+                     "or the -o path)."),
     ] = None,
     job: Annotated[str | None, typer.Option("--job", help="Show one job's scripts and config.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable plan.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Where --graph png writes the image (default graph.png).",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --graph png image.")] = False,
 ) -> None:
     """Show the plan: derived sizes, budgets, memory, the graph, or one job's files."""
     from compiler import inspect as view
     from compiler.api import compile_spec
 
+    if graph not in (None, "tree", "dot", "png"):
+        raise _fail(f"--graph takes tree, dot or png, not {graph!r}", EXIT_BAD_INPUT)
+    if output is not None and graph != "png":
+        raise _fail("-o/--output names the image of --graph png; add --graph png",
+                    EXIT_BAD_INPUT)
+    png = output or Path("graph.png")
+    if graph == "png" and png.exists() and not force:
+        raise _fail(f"{png} already exists; pass --force to replace it, or -o another path",
+                    EXIT_BAD_INPUT)
     spec_path, overrides = target, list(set_ or [])
     if target.is_dir():
         try:
             manifest = read_manifest(target)
         except BundleError as exc:
-            raise _fail(str(exc)) from None
+            raise _fail(str(exc), exc.exit_code) from None
         spec_path, overrides = target / "spec.yaml", manifest["overrides"] + overrides
     try:  # the plan of a layout the runtime refuses is shown too, the refusals after it
         compiled = compile_spec(spec_path, overrides, preflight=False)
@@ -151,24 +168,17 @@ def inspect(
 
     if job is not None:
         if job not in compiled.graph.jobs:
-            raise _fail(f"no job {job!r}; jobs: {', '.join(compiled.graph.order())}")
+            raise _fail(f"no job {job!r}; jobs: {', '.join(compiled.graph.order())}",
+                        EXIT_BAD_INPUT)
         view.show_job(out, compiled, job)
     elif graph is not None:
         if graph == "tree":
             view.show_tree(out, compiled)
         elif graph == "dot":
             sys.stdout.write(compiled.files["graph.dot"])
-        elif graph == "png":
-            dot = shutil.which("dot")
-            if dot is None:
-                raise _fail("PNG needs Graphviz's `dot` (apt-get install graphviz); "
-                            "`--graph dot` prints the DOT text")
-            png = Path("graph.png")
-            subprocess.run([dot, "-Tpng", "-o", str(png)], input=compiled.files["graph.dot"],
-                           text=True, check=True)
-            out.print(f"wrote {png}")
         else:
-            raise _fail(f"--graph takes tree, dot or png, not {graph!r}")
+            _write_png(compiled.files["graph.dot"], png)
+            out.print(f"wrote {png}")
     elif as_json:
         sys.stdout.write(json.dumps(view.plan_json(compiled), indent=2, sort_keys=True) + "\n")
     else:
@@ -176,6 +186,28 @@ def inspect(
     if compiled.refusals:
         typer.echo(SpecError(list(compiled.refusals)).format(), err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _write_png(dot_text: str, png: Path) -> None:
+    """Graphviz's PNG of ``dot_text`` written to ``png`` (replaced whole, never half-written)."""
+    dot = shutil.which("dot")
+    if dot is None:
+        raise _fail("PNG needs Graphviz's `dot` (apt-get install graphviz); "
+                    "`--graph dot` prints the DOT text")
+    done = subprocess.run([dot, "-Tpng"], input=dot_text.encode(), capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        raise _fail(f"`dot -Tpng` failed (exit {done.returncode}): "
+                    f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+    tmp = png.with_name(f".{png.name}.tmp")
+    try:
+        tmp.write_bytes(done.stdout)
+        os.replace(tmp, png)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _fail(f"cannot write {png}: {exc.strerror}; choose a writable path with -o",
+                    EXIT_BAD_INPUT) from None
 
 
 @app.command()
@@ -232,7 +264,7 @@ def run(
         summary = runner.run_local(compiled, out or runner.default_run_dir(compiled),
                                    echo=typer.echo)
     except BundleError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
         raise _fail("interrupted: run the same command again to resume", 130) from None
     failed = [n for n, j in summary["jobs"].items() if j["state"] != "COMPLETED"]
@@ -248,6 +280,8 @@ def report(
         help="Run directories (`rlspec run --out DIR`); several are drawn on the same axes.")],
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for the plots and report.md (default <first run>/report).")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Write into a folder that holds other files than an earlier report.")] = False,
 ) -> None:
     """PNG plots (reward and accuracy, zero-variance rate, rollout accounting, train–inference
     gap per replay mode) and a markdown summary of one or more runs."""
@@ -255,7 +289,7 @@ def report(
 
     _require("report", "report")
     try:
-        folder = write_report(runs, out)
+        folder = write_report(runs, out, force=force)
     except ReportError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from None
     typer.echo(f"wrote {folder / 'report.md'} and its plots")
@@ -267,17 +301,22 @@ def status(bundle: Annotated[Path, typer.Argument(help="A submitted bundle direc
     from compiler import inspect as view
     from compiler import submit as sub
 
+    problems: list[str] = []
     try:
         read_manifest(bundle)
         record = sub.Submission.load(bundle.resolve())
         if record is None:
             raise BundleError(f"{bundle} has not been submitted; `rlspec submit {bundle}`")
         if record.backend == "slurm":
-            live = sub.slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
+            live, problems = sub.slurm_states(
+                [j["id"] for j in record.jobs.values() if j.get("id")])
             for j in record.jobs.values():
                 j["state"] = live.get(j["id"], j["state"])
     except BundleError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), exc.exit_code) from None
+    if problems:  # the table then shows the last recorded states
+        typer.echo(f"warning: {'; '.join(problems)}; a job Slurm did not report shows its "
+                   "last recorded state", err=True)
     view.show_status(out, record)
 
 
@@ -288,8 +327,8 @@ def cancel(bundle: Annotated[Path, typer.Argument(help="A submitted bundle direc
 
     try:
         ids = sub.cancel(bundle)
-    except BundleError as exc:
-        raise _fail(str(exc)) from None
+    except BundleError as exc:  # CancelFailed (1): the jobs scancel did not cancel
+        raise _fail(str(exc), exc.exit_code) from None
     out.print(f"cancelled {len(ids)} job(s): {' '.join(ids)}")
 
 

@@ -33,7 +33,7 @@ def validate_command(spec: Path, overrides: Sequence[str]) -> int:
     return 0
 
 
-def compile_command(spec: Path, output: Path, overrides: Sequence[str], force: bool) -> int:
+def compile_command(spec: Path, output: str | Path, overrides: Sequence[str], force: bool) -> int:
     from compiler.api import compile_spec
     from compiler.bundle import BundleError, write_bundle
 
@@ -43,7 +43,10 @@ def compile_command(spec: Path, output: Path, overrides: Sequence[str], force: b
     except SpecError as exc:
         _err(exc.format())
         return exc.exit_code
-    except (BundleError, OSError) as exc:
+    except BundleError as exc:  # the output path's problems are bad input (exit 2)
+        _err(f"error: {exc}")
+        return exc.exit_code
+    except OSError as exc:
         _err(f"error: {exc}")
         return EXIT_FAILURE
     for w in compiled.validated.warnings:
@@ -66,7 +69,10 @@ def check_command(bundle: Path) -> int:
     try:
         manifest = read_manifest(bundle)
         files = read_bundle(bundle)
-    except (BundleError, OSError, ValueError, KeyError) as exc:
+    except BundleError as exc:  # no such path, not a bundle, a damaged manifest
+        _err(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except (OSError, ValueError, KeyError) as exc:
         _err(f"error: {bundle}: not a readable bundle ({exc}); run `rlspec compile`")
         return EXIT_BAD_INPUT
     try:

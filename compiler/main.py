@@ -31,7 +31,8 @@ def _fast(argv: list[str]) -> int | None:
     parser.add_argument("spec", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     if argv[0] == "compile":
-        parser.add_argument("-o", "--output", type=Path, required=True)
+        # a string: Path("") would be ".", and an empty -o is refused, not the cwd
+        parser.add_argument("-o", "--output", required=True)
         parser.add_argument("--force", action="store_true")
         parser.add_argument("--no-force", dest="force", action="store_false")
     try:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 SMOOTH = 20  # steps in the rolling mean of noisy per-step series
+HEADING = "# rlspec run report"  # report.md's first line: how a report folder is known
 
 
 class ReportError(Exception):
@@ -70,6 +71,10 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """Read a run directory; a missing or unreadable ``metrics.jsonl`` is a ReportError."""
+    if not path.exists():
+        raise ReportError(f"{path} does not exist; give a run directory (`rlspec run --out DIR`)")
+    if not path.is_dir():
+        raise ReportError(f"{path} is a file, not a run directory (`rlspec run --out DIR`)")
     path = path.resolve()
     candidates = [path / "metrics.jsonl", path / "artifacts" / "rl" / "metrics.jsonl"]
     metrics_path = next((p for p in candidates if p.is_file()), None)
@@ -77,7 +82,7 @@ def load_run(path: Path) -> Run:
         raise ReportError(f"{path}: no metrics.jsonl (looked in {candidates[0]} and "
                           f"{candidates[1]}); is it the --out directory of `rlspec run`?")
     metrics = []
-    for number, text in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, text in enumerate(_text(metrics_path).splitlines(), 1):
         if not text.strip():
             continue
         try:
@@ -86,12 +91,40 @@ def load_run(path: Path) -> Run:
             raise ReportError(f"{metrics_path}:{number}: not JSON ({exc.msg})") from None
         if not isinstance(line, dict) or "step" not in line:
             raise ReportError(f"{metrics_path}:{number}: a metrics line needs a `step`")
+        step = line["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ReportError(f"{metrics_path}:{number}: `step` must be an integer ≥ 0, "
+                              f"not {step!r}; fix or remove that line")
         metrics.append(line)
     if not metrics:
         raise ReportError(f"{metrics_path}: no steps logged yet")
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = _summary(summary_path) if summary_path.is_file() else {}
     return Run(path, metrics, summary, _replay_mode(path))
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ReportError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                          "is it a metrics file `rlspec run` wrote?") from None
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json: a damaged one is an error (remove it to report the metrics)."""
+    try:
+        summary = json.loads(_text(path))
+    except json.JSONDecodeError as exc:
+        summary = str(exc)
+    if not isinstance(summary, dict):
+        detail = f"not JSON: {summary}" if isinstance(summary, str) else "not a JSON object"
+        raise ReportError(f"{path} is damaged ({detail}); remove it to report from the "
+                          "metrics alone (`rlspec run` writes it again when the run ends)")
+    return summary
 
 
 def _replay_mode(path: Path) -> str:
@@ -99,10 +132,11 @@ def _replay_mode(path: Path) -> str:
     import yaml
 
     resolved = path / "bundle" / "spec.resolved.yaml"
-    if not resolved.is_file():
-        return "unknown"
-    spec = yaml.safe_load(resolved.read_text()) or {}
-    mode = (spec.get("router_replay") or {}).get("mode", "unknown")
+    try:
+        spec = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+        mode = spec["router_replay"]["mode"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return "unknown"  # no bundle, or a resolved spec that does not say: only a label
     return "off" if mode is False else str(mode)  # YAML 1.1 reads a bare `off` as false
 
 
@@ -332,7 +366,7 @@ def plots(runs: Sequence[Run]) -> tuple[tuple[str, Any, str], ...]:
 
 def markdown(runs: Sequence[Run]) -> str:
     rows = [summary_rows(r) for r in runs]
-    lines = ["# rlspec run report", ""]
+    lines = [HEADING, ""]
     if not all(r.summary for r in runs):
         lines += ["Runs without `summary.json` are still in progress or stopped early: "
                   "their figures are from the steps logged so far.", ""]
@@ -346,16 +380,40 @@ def markdown(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
+def _check_folder(out: Path, force: bool) -> None:
+    """Refuse a folder that is a file, or one holding something other than an earlier
+    report (its own report.md, say) unless ``force``: a report replaces only its files."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"{out} is a file, not a folder; choose another --out")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    previous = out / "report.md"
+    try:
+        ours = previous.is_file() and previous.read_text(encoding="utf-8").startswith(HEADING)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        what = "a report.md rlspec did not write" if previous.exists() else "other files"
+        raise ReportError(f"{out} holds {what}; choose another --out, or pass --force to "
+                          "write the report there (its report.md and plots are replaced)")
+
+
+def write_report(run_dirs: Sequence[Path], out: Path | None = None, *,
+                 force: bool = False) -> Path:
     """Load every run, draw the plots and write ``report.md``; returns the report folder."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
     runs = [load_run(Path(d)) for d in run_dirs]
     out = (out or runs[0].path / "report").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for file, draw, _ in plots(runs):
-        draw(runs, out / file)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(markdown(runs), encoding="utf-8")
-    os.replace(tmp, out / "report.md")
+    _check_folder(out, force)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for file, draw, _ in plots(runs):
+            draw(runs, out / file)
+        tmp = out / ".report.md.tmp"
+        tmp.write_text(markdown(runs), encoding="utf-8")
+        os.replace(tmp, out / "report.md")
+    except OSError as exc:
+        raise ReportError(f"cannot write the report to {out}: {exc.strerror} "
+                          f"({exc.filename}); choose another --out") from None
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.api import Compiled
-from compiler.bundle import BundleError, read_manifest, write_bundle
+from compiler.bundle import BundleError, BundleInputError, read_manifest, write_bundle
 from compiler.submit import submit
 
 
@@ -49,8 +49,9 @@ def default_run_dir(compiled: Compiled) -> Path:
 def run_local(compiled: Compiled, out: Path, *, echo: Any = print) -> dict[str, Any]:
     spec = compiled.validated.source.spec
     if spec.cluster.scheduler != "local":
-        raise BundleError(f"`rlspec run` executes on this machine; {spec.name} is a "
-                          f"{spec.cluster.scheduler} spec: use `rlspec compile` + `rlspec submit`")
+        raise BundleInputError(
+            f"`rlspec run` executes on this machine; {spec.name} is a "
+            f"{spec.cluster.scheduler} spec: use `rlspec compile` + `rlspec submit`")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     bundle = prepare_bundle(compiled, out)

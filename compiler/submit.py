@@ -21,7 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.bundle import SUBMISSION, BundleError, read_manifest, verify_bundle
+from compiler.bundle import (
+    SUBMISSION,
+    BundleError,
+    BundleInputError,
+    read_manifest,
+    verify_bundle,
+)
 from compiler.processes import stop_tree
 
 LOGS = "logs"
@@ -56,10 +62,30 @@ class Submission:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-            return cls(backend=data["backend"], jobs=data["jobs"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise BundleError(f"{path} is damaged ({exc}); check the jobs with squeue/sacct") from exc
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not JSON, or not UTF-8
+            data, problem = None, f"not JSON: {exc}"
+        else:
+            problem = _record_problem(data)
+        if problem:
+            raise BundleInputError(f"{path} is not a valid submission record ({problem}); "
+                                   "check the jobs with squeue/sacct")
+        return cls(backend=data["backend"], jobs=data["jobs"])
+
+
+def _record_problem(data: Any) -> str | None:
+    """What makes parsed JSON not a submission record, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("backend") not in ("slurm", "local"):
+        return "'backend' is not slurm or local"
+    if not isinstance(data.get("jobs"), dict):
+        return "'jobs' is not an object of job name → {id, state}"
+    for name, job in data["jobs"].items():
+        if not (isinstance(job, dict) and isinstance(job.get("state"), str)
+                and isinstance(job.get("id"), str | None)):
+            return f"job {name!r} is not an object with a string 'state' and 'id'"
+    return None
 
 
 class SlurmUnavailable(BundleError):
@@ -260,30 +286,57 @@ def _need(command: str) -> None:
         raise BundleError(f"`{command}` is not available here: run this on a Slurm login node")
 
 
-def slurm_states(ids: list[str]) -> dict[str, str]:
-    """Current Slurm state of job ids: squeue for live jobs, sacct for finished ones."""
+def _query(command: list[str], *, gone_ok: bool = True) -> tuple[str, str | None]:
+    """Run a Slurm command: (its stdout, what went wrong or None). With ``gone_ok``, Slurm's
+    "Invalid job id" (squeue -j of jobs that left the queue) is not a failure."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        return "", f"`{command[0]}` could not run ({exc.strerror})"
+    if done.returncode != 0 and not (gone_ok and "Invalid job id" in done.stderr):
+        return done.stdout, (f"`{command[0]}` failed (exit {done.returncode}): "
+                             f"{_last_line(done.stderr) or 'no message'}")
+    return done.stdout, None
+
+
+def slurm_states(ids: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Current Slurm state of job ids (squeue for live jobs, sacct for finished ones), and
+    what went wrong asking (a job missing from the states is not known now)."""
     states: dict[str, str] = {}
+    problems: list[str] = []
     if not ids:
-        return states
+        return states, problems
     _need("squeue")
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)],
-                         capture_output=True, text=True, check=False).stdout
+    out, problem = _query(["squeue", "-h", "-o", "%i %T", "-j", ",".join(ids)])
+    problems += [problem] if problem else []
     for line in out.splitlines():
-        job_id, state = line.split()[:2]
-        states[job_id] = state
+        if len(line.split()) >= 2:
+            job_id, state = line.split()[:2]
+            states[job_id] = state
     rest = [i for i in ids if i not in states]
     if rest and shutil.which("sacct"):
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(rest)],
-                             capture_output=True, text=True, check=False).stdout
+        out, problem = _query(["sacct", "-n", "-X", "-P", "-o", "JobID,State",
+                               "-j", ",".join(rest)])
+        problems += [problem] if problem else []
         for line in out.splitlines():
             job_id, _, state = line.partition("|")
-            states[job_id] = state.split()[0] if state else "UNKNOWN"
-    return states
+            states[job_id] = state.split()[0] if state.strip() else "UNKNOWN"
+    elif rest and not problems:
+        problems.append("`sacct` is not available here (it reports the jobs that left the "
+                        "queue)")
+    return states, problems
+
+
+class CancelFailed(BundleError):
+    """scancel failed for some jobs (exit code 1): they were not recorded as cancelled."""
 
 
 def cancel(bundle: str | Path) -> list[str]:
-    """scancel every recorded Slurm job of the bundle; returns the ids cancelled."""
+    """scancel every recorded Slurm job of the bundle; returns the ids cancelled. When
+    scancel fails, the jobs Slurm does not show as ended keep their recorded state and
+    `CancelFailed` names them."""
     root = Path(bundle).resolve()
+    read_manifest(bundle)  # a mistyped path or another folder says so
     record = Submission.load(root)
     if record is None:
         raise BundleError(f"{root} has not been submitted")
@@ -291,17 +344,37 @@ def cancel(bundle: str | Path) -> list[str]:
         raise BundleError("local runs execute in the foreground; stop them with Ctrl-C")
     _need("scancel")
     # Jobs that already ended keep their real state (and are not counted as cancelled).
-    live = slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
-    ids = []
-    for job in record.jobs.values():
+    live, _ = slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])
+    to_cancel = {}
+    for name, job in record.jobs.items():
         state = live.get(job.get("id") or "", job["state"])
         if state in ENDED:
             job["state"] = state
+        elif job.get("id"):
+            to_cancel[name] = job
         else:
-            if job.get("id"):
-                ids.append(job["id"])
+            job["state"] = "CANCELLED"  # never reached Slurm
+    failure = None
+    if to_cancel:
+        _, failure = _query(["scancel", *(j["id"] for j in to_cancel.values())], gone_ok=False)
+    if failure:
+        # What did end (scancel may have cancelled some) is recorded; the rest is not.
+        after, _ = slurm_states([j["id"] for j in to_cancel.values()])
+        for job in to_cancel.values():
+            if after.get(job["id"]) in ENDED:
+                job["state"] = after[job["id"]]
+        left = {n: j for n, j in to_cancel.items() if j["state"] not in ENDED}
+        done = [f"{n} ({j['state']})" for n, j in to_cancel.items() if n not in left]
+    else:
+        for job in to_cancel.values():
             job["state"] = "CANCELLED"
-    if ids:
-        subprocess.run(["scancel", *ids], check=False)
+        left, done = {}, []
     record.save(root)
-    return ids
+    if left:
+        raise CancelFailed(
+            f"{failure}; not cancelled: " + ", ".join(f"{n} (Slurm job {j['id']})"
+                                                     for n, j in left.items())
+            + (f" (ended: {', '.join(done)})" if done else "")
+            + f"; they keep their recorded state; run `rlspec cancel {bundle}` again once "
+            "scancel works here (or scancel those ids yourself)")
+    return [j["id"] for j in to_cancel.values() if j["state"] == "CANCELLED"]

@@ -35,7 +35,7 @@ with its dotted path and line. Any key can be overridden on the command line wit
 - Only `true` and `false` are booleans. `yes`, `no`, `on`, `off` are strings, so
   `router_replay: {mode: off}` means the mode `"off"`.
 - `1e-6`, `1.5e-4` and `3E-4` are numbers (YAML 1.1 would read them as strings);
-  `1_000_000` is an integer; `.inf` is infinity.
+  `1_000_000` is an integer; `.inf` and `.nan` are refused (every number must be finite).
 - `24:00:00` and `2024-01-01` are strings (no base-60 numbers, no dates).
 - One document per file; keys are strings and appear once per mapping.
 - Anchors, aliases and merge keys (`<<: *defaults`) work; a document may expand to at most

@@ -180,6 +180,9 @@ def _problem_from(err: Mapping[str, Any], raw: Any) -> Problem:
     if kind in _BOUNDS:
         key, words = _BOUNDS[kind]
         return Problem(path, f"must be {words} {_number(ctx.get(key))}, got {value!r}")
+    if kind == "finite_number":
+        return Problem(path, f"must be a finite number, got {value!r}",
+                       "give a number (YAML's .inf and .nan are not numbers a spec can use)")
     if kind in ("too_short", "too_long"):
         n = ctx.get("min_length" if kind == "too_short" else "max_length")
         words = "at least" if kind == "too_short" else "at most"

@@ -35,10 +35,12 @@ def no_secret(value: str, hint: str = PASSTHROUGH_HINT) -> str:
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, no silent coercion of types, no
-    secrets (a credential-looking string, or a URL with a password, in any field)."""
+    """Base of every section: unknown keys are errors, no silent coercion of types, a number
+    is finite (`.inf` and `.nan` are refused by every float field), and no secrets (a
+    credential-looking string, or a URL with a password, in any field)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True,
+                              allow_inf_nan=False)
     # The hint of a refused secret, by field name, where a field knows a better one.
     secret_hints: ClassVar[dict[str, str]] = {}
 

@@ -65,7 +65,8 @@ class Cluster(Section):
     gpus_per_node: PosInt = Field(
         8, description="GPUs per node; with devices=cpu, worker processes per node."
     )
-    gpu_memory_gb: PosFloat = Field(80.0, description="Memory of one GPU, in GB (10^9 bytes).")
+    gpu_memory_gb: PosFloat = Field(80.0, le=100_000,
+                                    description="Memory of one GPU, in GB (10^9 bytes).")
     cpus_per_task: PosInt = Field(
         8,
         description="CPU cores per rank (per GPU; with devices=cpu, per worker process). A job "

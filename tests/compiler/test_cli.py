@@ -459,12 +459,12 @@ def test_inspect_graph_tree_piped_keeps_whole_summaries(bundle_245b: Path) -> No
 
 def test_inspect_unknown_job_lists_the_jobs(bundle_245b: Path) -> None:
     result = cli("inspect", bundle_245b, "--job", "nope")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input
     no_traceback(result)
     assert "no job 'nope'" in result.stderr
     assert "convert, eval_before, screen, rl, eval_after, export" in result.stderr
     bad = cli("inspect", bundle_245b, "--graph", "pie")
-    assert bad.exit_code == 1 and "tree, dot or png" in bad.stderr
+    assert bad.exit_code == 2 and "tree, dot or png" in bad.stderr
 
 
 def test_inspect_245b_summary_shows_grids_memory_and_replay() -> None:
@@ -671,8 +671,11 @@ def test_status_of_an_unsubmitted_bundle(bundle_245b: Path, tmp_path: Path) -> N
     assert result.exit_code == 1
     no_traceback(result)
     assert "has not been submitted" in result.stderr and "rlspec submit" in result.stderr
-    not_a_bundle = cli("status", tmp_path)
-    assert not_a_bundle.exit_code == 1 and "rlspec compile" in not_a_bundle.stderr
+    for command in ("status", "submit", "cancel"):  # another folder is bad input
+        not_a_bundle = cli(command, tmp_path)
+        assert not_a_bundle.exit_code == 2, (command, not_a_bundle.output)
+        assert "not an rlspec bundle" in not_a_bundle.stderr
+        assert "rlspec compile" in not_a_bundle.stderr
 
 
 def _slurm_record(bundle: Path) -> None:
@@ -755,6 +758,18 @@ def test_a_malformed_stage_is_reported_not_a_traceback(override: str) -> None:
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize("override", ["cluster.gpu_memory_gb=.inf", "cluster.gpu_memory_gb=1e308",
+                                      "train.optimizer.lr=.inf", "algorithm.correction.cap=-.inf"])
+def test_a_non_finite_or_huge_number_is_refused_not_a_traceback(override: str) -> None:
+    """gpu_memory_gb .inf (or 1e308) made the KV-cache estimate NaN: a ValueError escaped."""
+    result = cli("validate", SINGLE, "--set", override)
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    path = override.partition("=")[0]
+    assert re.search(rf"error: {re.escape(path)}: must be (a finite number|at most 100000)",
+                     result.stderr), result.stderr
+
+
 # --------------------------------------------------------------------------- schema, version
 
 
@@ -815,3 +830,213 @@ def test_status_names_a_job_that_slurm_ended_abnormally(state: str) -> None:
     text = console.export_text()
     assert f"rl failed ({state}); log: logs/8.out" in text
     assert "sft failed" not in text and "export failed" not in text
+
+
+# --------------------------------------------------------------------------- Slurm failures
+
+
+# A login node whose Slurm cannot reach its controller: every command fails this way.
+NO_CONTROLLER = 'echo "$(basename "$0"): fatal: Could not establish a configuration source" >&2; exit 1'
+
+
+def _slurm_stubs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **bodies: str) -> Path:
+    """Stand-ins for Slurm's commands first on PATH; each logs its arguments to calls.log."""
+    log = tmp_path / "calls.log"
+    stubs = {name: f'echo "$(basename "$0") $*" >> {log}\n{body}' for name, body in bodies.items()}
+    bin_dir = write_stubs(tmp_path / "bin-slurm-stubs", stubs)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def _two_slurm_jobs(bundle: Path) -> None:
+    (bundle / "submission.json").write_text(json.dumps({"backend": "slurm", "jobs": {
+        "convert": {"id": "4242", "state": "SUBMITTED", "log": "logs/4242"},
+        "screen": {"id": "4243", "state": "SUBMITTED", "log": "logs/4243"}}}))
+
+
+def _states(bundle: Path) -> dict[str, str]:
+    jobs = json.loads((bundle / "submission.json").read_text())["jobs"]
+    return {name: job["state"] for name, job in jobs.items()}
+
+
+def test_a_failed_scancel_is_reported_and_nothing_is_recorded_cancelled(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    log = _slurm_stubs(monkeypatch, tmp_path, squeue=NO_CONTROLLER, sacct=NO_CONTROLLER,
+                       scancel=NO_CONTROLLER)
+    _two_slurm_jobs(bundle_copy)
+    result = cli("cancel", bundle_copy)
+    no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert "cancelled" not in result.stdout
+    assert len(error_lines(result.stderr)) == 1
+    assert "Could not establish a configuration source" in result.stderr
+    assert "not cancelled: convert (Slurm job 4242), screen (Slurm job 4243)" in result.stderr
+    assert _states(bundle_copy) == {"convert": "SUBMITTED", "screen": "SUBMITTED"}
+    assert "scancel 4242 4243" in log.read_text()
+
+
+def test_cancel_records_the_jobs_scancel_cancelled(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """squeue shows convert running, sacct says screen already completed: only convert is
+    cancelled."""
+    log = _slurm_stubs(monkeypatch, tmp_path, squeue="echo '4242 RUNNING'",
+                       sacct="echo '4243|COMPLETED'", scancel="exit 0")
+    _two_slurm_jobs(bundle_copy)
+    result = cli("cancel", bundle_copy)
+    assert result.exit_code == 0, result.output
+    assert "cancelled 1 job(s): 4242" in result.stdout
+    assert _states(bundle_copy) == {"convert": "CANCELLED", "screen": "COMPLETED"}
+    assert "scancel 4242\n" in log.read_text()
+
+
+def test_status_warns_when_slurm_cannot_be_asked(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _slurm_stubs(monkeypatch, tmp_path, squeue=NO_CONTROLLER, sacct=NO_CONTROLLER)
+    _two_slurm_jobs(bundle_copy)
+    result = cli("status", bundle_copy)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert "`squeue` failed (exit 1)" in warnings[0] and "`sacct` failed" in warnings[0]
+    assert "last recorded state" in warnings[0]
+    assert status_rows(result.stdout)["convert"][2] == "SUBMITTED"
+
+
+def test_status_of_jobs_that_left_the_queue_needs_no_warning(
+        bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """squeue -j of ended jobs says "Invalid job id" (exit 1): sacct answers for them."""
+    _slurm_stubs(monkeypatch, tmp_path,
+                 squeue="echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+                 sacct="printf '4242|COMPLETED\\n4243|CANCELLED by 0\\n'")
+    _two_slurm_jobs(bundle_copy)
+    result = cli("status", bundle_copy)
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    rows = status_rows(result.stdout)
+    assert (rows["convert"][2], rows["screen"][2]) == ("COMPLETED", "CANCELLED")
+
+
+# --------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path: Path) -> Path:
+    return compile_to(TINY, tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("command", ["status", "submit", "cancel", "check", "report", "inspect"])
+def test_a_path_that_does_not_exist_says_so(command: str, tmp_path: Path) -> None:
+    result = cli(command, tmp_path / "nope")
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert "does not exist" in result.stderr or "file not found" in result.stderr, result.stderr
+    assert "has not been submitted" not in result.stderr
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", "null", '{"order": ["x"], "jobs": {}}'])
+@pytest.mark.parametrize("args", [("inspect",), ("submit", "--dry-run"), ("submit",),
+                                  ("status",), ("cancel",), ("check",)])
+def test_a_manifest_of_the_wrong_shape_is_named(tiny_bundle: Path, content: str,
+                                                args: tuple[str, ...]) -> None:
+    (tiny_bundle / "manifest.json").write_text(content)
+    result = cli(args[0], tiny_bundle, *args[1:])
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert "is not a valid rlspec manifest" in result.stderr and "recompile" in result.stderr
+    assert not (tiny_bundle / "submission.json").exists()
+
+
+@pytest.mark.parametrize("record", [{"backend": "slurm", "jobs": [1, 2]}, [],
+                                    {"backend": "slurm", "jobs": {"convert": 7}}])
+@pytest.mark.parametrize("command", ["status", "cancel"])
+def test_a_submission_record_of_the_wrong_shape_is_named(bundle_copy: Path, record: object,
+                                                         command: str) -> None:
+    (bundle_copy / "submission.json").write_text(json.dumps(record))
+    result = cli(command, bundle_copy)
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert "is not a valid submission record" in result.stderr
+
+
+def test_run_of_a_slurm_spec_is_bad_input(tmp_path: Path) -> None:
+    result = cli("run", SINGLE, "--out", tmp_path / "run", env={"RLSPEC_PYTHON": sys.executable})
+    no_traceback(result)
+    assert result.exit_code == 2 and "rlspec submit" in result.stderr, result.output
+
+
+def test_compile_into_the_current_bundle_with_force(tiny_bundle: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cd bundle && rlspec compile ../spec.yaml -o . --force` (Path('.') has no name)."""
+    monkeypatch.chdir(tiny_bundle)
+    result = cli("compile", SINGLE, "-o", ".", "--force")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["name"] == "qwen3-30b-a3b-espo"
+    assert sorted(p.name for p in tiny_bundle.parent.iterdir()) == ["tiny"]
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+
+
+@pytest.mark.parametrize(("target", "read_only", "words"), [
+    ("", False, "the output directory is empty"),
+    ("afile/sub", False, "afile is a file, not a directory"),
+    ("/proc/rlspec-bundle", False, "no directory can be created in /proc"),
+    ("bundle", True, "is not writable (Read-only file system)"),
+])
+def test_compile_output_path_problems_are_one_clear_line(
+        target: str, read_only: bool, words: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a directory\n")
+    if read_only:  # tests run as root too, where a chmod does not stop a write
+        _read_only(monkeypatch)
+    result = cli("compile", TINY, "-o", target)
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert len(error_lines(result.stderr)) == 1 and words in result.stderr, result.stderr
+    assert "Errno" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_compile_refuses_an_empty_output_through_the_console_script(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "compiler.main", "compile", str(TINY),
+                             "-o", ""], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2, result.stderr
+    assert "the output directory is empty" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is missing")
+
+
+@needs_dot
+def test_inspect_graph_png_writes_where_asked_and_never_clobbers(
+        tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = cli("inspect", tiny_bundle, "--graph", "png")
+    assert first.exit_code == 0 and (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "graph.png").write_bytes(b"mine")
+    again = cli("inspect", tiny_bundle, "--graph", "png")
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert (tmp_path / "graph.png").read_bytes() == b"mine"
+    forced = cli("inspect", tiny_bundle, "--graph", "png", "--force")
+    assert forced.exit_code == 0 and (tmp_path / "graph.png").read_bytes()[:4] == b"\x89PNG"
+    elsewhere = cli("inspect", tiny_bundle, "--graph", "png", "-o", tmp_path / "g" / "x.png")
+    no_traceback(elsewhere)  # dot could not open the file: CalledProcessError before
+    assert elsewhere.exit_code == 2 and "cannot write" in elsewhere.stderr
+    (tmp_path / "g").mkdir()
+    written = cli("inspect", tiny_bundle, "--graph", "png", "-o", tmp_path / "g" / "x.png")
+    assert written.exit_code == 0 and (tmp_path / "g" / "x.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "graph.png", "tiny"]
+    alone = cli("inspect", tiny_bundle, "-o", tmp_path / "y.png")
+    assert alone.exit_code == 2 and "--graph png" in alone.stderr

@@ -378,7 +378,7 @@ def test_the_megatron_sft_flags_are_checked_like_the_trainers(tmp_path: Path) ->
 
 def test_check_of_a_folder_that_is_no_bundle(tmp_path: Path) -> None:
     result = cli("check", str(tmp_path))
-    assert result.exit_code == 2 and "not a readable bundle" in result.stderr
+    assert result.exit_code == 2 and "not an rlspec bundle" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -123,6 +123,81 @@ def test_unreadable_runs_are_one_clear_error(tmp_path: Path, content: str | None
         load_run(tmp_path)
 
 
+@pytest.mark.parametrize(("metrics", "summary", "message"), [
+    ('{"step": 0}\n{"step": "x"}\n', None, r"metrics.jsonl:2: `step` must be an integer"),
+    ('{"step": true}\n', None, r"metrics.jsonl:1: `step` must be an integer"),
+    ('{"step": 1.5}\n', None, r"metrics.jsonl:1: `step` must be an integer"),
+    (b'{"step": 0}\n\xff\xfe\n', None, r"metrics.jsonl:2: not UTF-8 text \(byte 0xff\)"),
+    ('{"step": 0}\n', '{"eval', r"summary.json is damaged \(not JSON: "),
+    ('{"step": 0}\n', "[]", r"summary.json is damaged \(not a JSON object\); remove it"),
+])
+def test_damaged_run_files_are_one_clear_error(tmp_path: Path, metrics: str | bytes,
+                                               summary: str | None, message: str) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(metrics if isinstance(metrics, bytes) else metrics.encode())
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(ReportError, match=message):
+        load_run(tmp_path)
+
+
+def test_a_run_path_that_does_not_exist_or_is_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="nope does not exist"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ReportError, match="is a file, not a run directory"):
+        load_run(tmp_path / "afile")
+
+
+def test_a_damaged_resolved_spec_only_loses_the_replay_label(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "r3", steps=2)
+    (run / "bundle" / "spec.resolved.yaml").write_text("router_replay: [unclosed\n")
+    assert load_run(run).replay == "unknown"
+
+
+def test_the_report_folder_is_checked_before_writing(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "r3", steps=3)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ReportError, match="afile is a file, not a folder"):
+        write_report([run], tmp_path / "afile")
+    with pytest.raises(ReportError, match=r"cannot write the report to .*afile/sub"):
+        write_report([run], tmp_path / "afile" / "sub")
+
+    mine = tmp_path / "myreport"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my notes\n")
+    with pytest.raises(ReportError, match=r"a report\.md rlspec did not write.*--force"):
+        write_report([run], mine)
+    assert (mine / "report.md").read_text() == "# my notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(ReportError, match="holds other files"):
+        write_report([run], tmp_path / "docs")
+
+    write_report([run], mine, force=True)
+    assert (mine / "report.md").read_text().startswith("# rlspec run report")
+    (mine / "notes.txt").write_text("kept")  # a folder with an earlier report: written again
+    write_report([run], mine)
+    assert (mine / "notes.txt").read_text() == "kept"
+    assert write_report([run]) == write_report([run]) == run / "report"  # the default, twice
+
+
+def test_cli_report_refuses_a_hand_written_report_then_forces(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", "r3", steps=3)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("# my notes\n")
+    command = [sys.executable, "-m", "compiler.main", "report", str(run), "-o",
+               str(tmp_path / "mine")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    forced = subprocess.run([*command, "--force"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "mine" / "report.md").read_text().startswith("# rlspec run report")
+
+
 def test_cli_exit_code_two_and_no_traceback_for_a_bad_run_dir(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "compiler.main", "report", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

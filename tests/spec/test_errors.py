@@ -441,3 +441,49 @@ def test_a_secret_of_the_wrong_type_is_not_shown(problems_of) -> None:
     assert "12345678" not in shown(problems)
     assert any("got the integer 12***" in p.message for p in problems)
     assert any(p.message.endswith("got the integer 1234567") for p in problems)  # no secret
+def _float_fields(model: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The dotted paths of every float field of `model`'s sections (tagged unions skipped)."""
+    from spec.walk import is_model, union_members, unwrap
+
+    found = []
+    for name, f in model.model_fields.items():
+        for tp in union_members(f.annotation) or [unwrap(f.annotation)]:
+            tp = unwrap(tp)
+            if tp is float:
+                found.append((*prefix, name))
+            elif is_model(tp) and "type" not in tp.model_fields:
+                found += _float_fields(tp, (*prefix, name))
+    return sorted(set(found))
+
+
+def test_every_float_field_is_found() -> None:
+    from spec.models import Spec
+
+    paths = {".".join(p) for p in _float_fields(Spec)}
+    assert {"cluster.gpu_memory_gb", "train.optimizer.lr", "algorithm.correction.cap"} <= paths
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_field_refuses_a_non_finite_number(write_spec, spec_dict, value) -> None:
+    """`.inf` used to pass every `> 0` bound and crash the memory estimate (NaN → int)."""
+    import yaml
+
+    from spec.models import Spec
+
+    spec = write_spec(yaml.safe_dump(spec_dict))
+    for path in _float_fields(Spec):
+        key = ".".join(path)
+        with pytest.raises(SpecError) as info:
+            load_spec(spec, [f"{key}={value}"])
+        messages = {p.message for p in info.value.problems if p.path == path}
+        assert any(m.startswith("must be a finite number") for m in messages), (
+            key, info.value.format())
+
+
+def test_a_huge_gpu_memory_is_refused_not_overflowed(write_spec, spec_dict) -> None:
+    import yaml
+
+    spec_dict["cluster"] = {"gpu_memory_gb": 1e308}
+    with pytest.raises(SpecError) as info:
+        load_spec(write_spec(yaml.safe_dump(spec_dict)))
+    assert [p.message for p in info.value.problems] == ["must be at most 100000, got 1e+308"]
