@@ -1,8 +1,10 @@
 """Writing and reading bundles on disk: the only place the compiler writes files.
 
 A bundle is written into a temporary sibling directory and renamed into place, so a reader
-never sees half a bundle; an existing bundle is replaced only with `force`, and a bundle
-that has been submitted (it holds `submission.json`) keeps that record across a rewrite.
+never sees half a bundle. An existing bundle is replaced only with `force`, and never one
+that has been submitted (it holds `submission.json`). What the old bundle did not write (the
+run directory of `cluster.output_dir: runs`, logs, a user's notes: `foreign_paths`) is moved
+into the new one, never deleted.
 """
 
 from __future__ import annotations
@@ -45,6 +47,53 @@ def _unwritable(out_dir: str | Path, out: Path, exc: OSError) -> BundleInputErro
                             "choose an output directory you can write (-o)")
 
 
+def foreign_paths(out: Path) -> list[str]:
+    """What ``out``, an existing bundle, holds that its manifest did not write: each a file,
+    or a folder none of whose contents it wrote, relative to ``out``."""
+    try:
+        written = set(json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleInputError(f"{out / MANIFEST} cannot be read ({exc}): what the bundle wrote "
+                               "is unknown, so --force cannot keep the rest; compile into "
+                               "another directory") from None
+    written.add(MANIFEST)
+    found: list[str] = []
+
+    def walk(folder: Path, prefix: str) -> None:
+        for entry in sorted(folder.iterdir()):
+            rel = prefix + entry.name
+            if rel in written:
+                continue
+            if entry.is_dir() and not entry.is_symlink() and any(
+                    w.startswith(rel + "/") for w in written):
+                walk(entry, rel + "/")
+            else:
+                found.append(rel)
+
+    walk(out, "")
+    return found
+
+
+def _carry(out: Path, tmp: Path, keep: list[str], files: dict[str, str]) -> list[str]:
+    """Move ``keep`` from the old bundle ``out`` into the new one ``tmp``; what was moved."""
+    clash = [rel for rel in keep if any(f == rel or f.startswith(rel + "/") or
+                                        rel.startswith(f + "/") for f in files)]
+    if clash:
+        raise BundleInputError(f"{out} holds {', '.join(clash)}, which the old bundle did not "
+                               "write and the new one would: move it out of the bundle first")
+    moved: list[str] = []
+    try:
+        for rel in keep:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(out / rel, tmp / rel)
+            moved.append(rel)
+    except BaseException:
+        for rel in moved:  # nothing a user wrote is left in the discarded directory
+            os.rename(tmp / rel, out / rel)
+        raise
+    return moved
+
+
 def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> Path:
     if not str(out_dir).strip():  # Path("") is ".": an empty -o would replace the cwd
         raise BundleInputError("the output directory is empty; name one, e.g. -o bundles/run1")
@@ -75,10 +124,20 @@ def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = Fa
             os.chmod(path, 0o755 if rel.endswith(EXECUTABLE) else 0o644)
         os.chmod(tmp, 0o755)
         if out.exists():
+            moved = _carry(out, tmp, foreign_paths(out), files)
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(out, old)
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old, out)
+                    raise
+            except BaseException:  # back where they were, before tmp is removed
+                for rel in moved:
+                    os.rename(tmp / rel, out / rel)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)

@@ -27,8 +27,15 @@ from compiler.submit import submit
 
 
 def prepare_bundle(compiled: Compiled, out: Path) -> Path:
+    """``out/bundle``: written on a new or empty ``out``, reused where ``out`` holds a run of
+    the same spec; a folder of other files is refused (the run writes and replaces
+    ``summary.json``, ``metrics.jsonl``, ``tensorboard/`` ... at its top)."""
     bundle = out / "bundle"
     new = json.loads(compiled.files["manifest.json"])
+    if not bundle.exists() and out.is_dir() and any(out.iterdir()):
+        raise BundleInputError(
+            f"{out} holds files and no rlspec run (no {bundle}): a run would write over them; "
+            "choose a new or empty --out")
     if bundle.exists():
         old = read_manifest(bundle)
         if old["spec_sha256"] != new["spec_sha256"] or old["rlspec_version"] != new["rlspec_version"]:

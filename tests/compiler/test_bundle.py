@@ -252,6 +252,52 @@ def test_write_is_atomic_and_refuses_to_clobber(tmp_path: Path, monkeypatch) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "notabundle"]
 
 
+def test_force_keeps_what_the_old_bundle_did_not_write(tmp_path: Path, monkeypatch) -> None:
+    """The run directory of `cluster.output_dir: runs`, logs and notes in the bundle are moved
+    into the new bundle; the old bundle's own files are replaced, its stale job folders go."""
+    out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
+    (out / "runs" / "tiny" / "checkpoints").mkdir(parents=True)
+    (out / "runs" / "tiny" / "checkpoints" / "m.pt").write_bytes(b"weights")
+    (out / "NOTES.md").write_text("mine")
+    (out / "jobs" / "rl" / "my.patch").write_text("patch")
+    (out / "jobs" / "rl" / "train.sh").write_text("edited")  # the bundle's own: replaced
+    assert bundle_mod.foreign_paths(out) == ["NOTES.md", "jobs/rl/my.patch", "runs"]
+
+    new = compile_spec(EXAMPLES["qwen3-30b-a3b"]).files
+    real_rename = os.rename
+
+    def failing_swap(src, dst):  # the swap fails after the user's paths were carried over
+        if str(dst).endswith(".b.old"):
+            raise OSError("busy")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_swap)
+    with pytest.raises(OSError, match="busy"):
+        write_bundle(new, out, force=True)
+    monkeypatch.undo()
+    assert (out / "runs" / "tiny" / "checkpoints" / "m.pt").read_bytes() == b"weights"
+    assert bundle_mod.foreign_paths(out) == ["NOTES.md", "jobs/rl/my.patch", "runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+    write_bundle(new, out, force=True)
+    assert (out / "runs" / "tiny" / "checkpoints" / "m.pt").read_bytes() == b"weights"
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert (out / "jobs" / "rl" / "my.patch").read_text() == "patch"
+    assert (out / "jobs" / "rl" / "train.sh").read_text() == new["jobs/rl/train.sh"]
+    assert not (out / "jobs" / "data").exists()  # tiny's job, not qwen's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_force_refuses_a_kept_path_the_new_bundle_would_write(tmp_path: Path) -> None:
+    out = write_bundle(compile_spec(EXAMPLES["qwen3-30b-a3b"]).files, tmp_path / "b")
+    (out / "jobs" / "data").mkdir()  # not qwen's; the tiny bundle has a data job
+    (out / "jobs" / "data" / "x").write_text("mine")
+    with pytest.raises(BundleError, match="jobs/data, which the old bundle did not write"):
+        write_bundle(compile_spec(EXAMPLES["tiny"]).files, out, force=True)
+    assert (out / "jobs" / "data" / "x").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_a_submitted_bundle_is_not_overwritten(tmp_path: Path) -> None:
     files = compile_spec(EXAMPLES["tiny"]).files
     out = write_bundle(files, tmp_path / "b")

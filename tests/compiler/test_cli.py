@@ -323,6 +323,15 @@ def test_compiling_twice_gives_byte_identical_trees(bundle_245b: Path, tmp_path:
     assert tree(again) == tree(bundle_245b)
 
 
+def test_compile_force_says_what_it_kept(tmp_path: Path) -> None:
+    out = compile_to(TINY, tmp_path / "bundle")
+    (out / "runs").mkdir()
+    forced = cli("compile", TINY, "-o", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "kept what the old bundle did not write: runs" in forced.stdout
+    assert (out / "runs").is_dir()
+
+
 def test_compile_refuses_an_existing_dir_unless_forced(tmp_path: Path) -> None:
     out = compile_to(TINY, tmp_path / "bundle")
     before = tree(out)

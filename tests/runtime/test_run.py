@@ -89,8 +89,18 @@ def test_fp8_rollouts_run_end_to_end_and_show_in_the_gap(tmp_path: Path) -> None
 
 def test_run_refuses_a_cluster_spec(tmp_path: Path) -> None:
     result = rlspec("run", "examples/qwen3-30b-a3b.yaml", "--out", str(tmp_path / "x"))
-    assert result.returncode == 1 and "rlspec submit" in result.stderr
+    assert result.returncode == 2 and "rlspec submit" in result.stderr
     assert not (tmp_path / "x" / "bundle").exists()
+
+
+def test_run_refuses_a_folder_of_other_files(tmp_path: Path) -> None:
+    """A run writes summary.json, metrics.jsonl, tensorboard/ at the top of --out."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.json").write_text("my notes")
+    result = rlspec("run", "examples/tiny/spec.yaml", "--out", str(tmp_path / "mine"))
+    assert result.returncode == 2 and "choose a new or empty --out" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["summary.json"]
+    assert (tmp_path / "mine" / "summary.json").read_text() == "my notes"
 
 
 def test_sigterm_stops_every_job_process_and_the_run_resumes(tmp_path: Path) -> None:
