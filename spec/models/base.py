@@ -13,6 +13,8 @@ PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# A seed every consumer takes: numpy's generators refuse negatives, torch's more than 64 bits.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 # Where a credential goes instead of the spec: a variable read when a job starts.
 PASSTHROUGH_HINT = (

@@ -63,7 +63,7 @@ class Cluster(Section):
     account: str | None = Field(None, description="Slurm account (`--account`).")
     qos: str | None = Field(None, description="Slurm QOS (`--qos`).")
     gpus_per_node: PosInt = Field(
-        8, description="GPUs per node; with devices=cpu, worker processes per node."
+        8, le=256, description="GPUs per node; with devices=cpu, worker processes per node."
     )
     gpu_memory_gb: PosFloat = Field(80.0, le=100_000,
                                     description="Memory of one GPU, in GB (10^9 bytes).")

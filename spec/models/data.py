@@ -6,14 +6,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from spec.models.base import PosInt, Section
+from spec.models.base import PosInt, Section, Seed
 
 
 class ArithmeticTask(Section):
     """The embedded verifiable task: multi-digit arithmetic generated from a seed."""
 
     type: Literal["arithmetic"] = "arithmetic"
-    seed: int = Field(0, description="Generator seed.")
+    seed: Seed = Field(0, description="Generator seed.")
     train_size: PosInt = Field(2000, description="Training prompts.")
     eval_size: PosInt = Field(200, description="Held-out prompts.")
     min_digits: PosInt = Field(1, description="Fewest digits per operand.")
@@ -44,7 +44,7 @@ class Data(Section):
     prompt_key: str = Field("prompt", description="JSONL field holding the prompt.")
     answer_key: str = Field("answer", description="JSONL field holding the reference answer.")
     max_prompt_tokens: PosInt = Field(1024, description="Longest prompt, in tokens.")
-    shuffle_seed: int = Field(0, description="Seed of the prompt order (the prompt ledger follows it).")
+    shuffle_seed: Seed = Field(0, description="Seed of the prompt order (the prompt ledger follows it).")
 
     @model_validator(mode="after")
     def _source(self) -> Data:

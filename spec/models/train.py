@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from spec.models.base import NonNegInt, PosFloat, PosInt, Section
+from spec.models.base import NonNegInt, PosFloat, PosInt, Section, Seed
 
 
 class TrainParallelism(Section):
@@ -99,7 +99,7 @@ class Train(Section):
     rollout_budget: PosInt | None = Field(
         None, description="Stop RL after the step whose rollouts bring the total to this many "
         "(compares filter policies at an equal budget); none runs every step.")
-    seed: int = Field(1234, description="Random seed of the run: the trainer, the filters, the "
+    seed: Seed = Field(1234, description="Random seed of the run: the trainer, the filters, the "
                       "screen and eval samples, and every RL sampling request (`runtime.seeds`).")
     optimizer: Optimizer = Field(default_factory=Optimizer)
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)

@@ -487,3 +487,17 @@ def test_a_huge_gpu_memory_is_refused_not_overflowed(write_spec, spec_dict) -> N
     with pytest.raises(SpecError) as info:
         load_spec(write_spec(yaml.safe_dump(spec_dict)))
     assert [p.message for p in info.value.problems] == ["must be at most 100000, got 1e+308"]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("train", "seed", -1, "must be at least 0, got -1"),
+    ("train", "seed", 2**63, f"must be less than {2**63}, got {2**63}"),
+    ("cluster", "gpus_per_node", 10**8, "must be at most 256, got 100000000"),
+])
+def test_seeds_and_node_sizes_every_consumer_takes(problems_of, spec_dict, section: str,
+                                                   key: str, value: int, message: str) -> None:
+    """numpy's generators refuse a negative seed and torch one over 64 bits (at job start);
+    a local CPU spec would start gpus_per_node processes."""
+    spec_dict.setdefault(section, {})[key] = value
+    (p,) = problems_of(spec_dict)
+    assert (p.path, p.message) == ((section, key), message)
