@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from spec.errors import KeyPath, Problem, SpecError, describe_value, dotted
 from spec.models import Spec
 from spec.secrets import looks_secret, mask, secret_name
-from spec.walk import is_model, union_members, union_tags, unwrap, walk
+from spec.walk import child, is_model, union_members, union_tags, unwrap, walk
 from spec.yaml_reader import load_value
 
 
@@ -50,11 +50,28 @@ def _homes(model: Any, key: str, prefix: KeyPath = (), depth: int = 4) -> list[K
     return list(dict.fromkeys(found))
 
 
+def _other_members_key(path: KeyPath, model: Any, key: str) -> str | None:
+    """For a member of a tagged union (a filters stage): the other types that take ``key``."""
+    if not is_model(model) or "type" not in model.model_fields:
+        return None
+    tp: Any = Spec
+    for part in path[:-1]:
+        tp = child(tp, part)
+    tags = union_tags(union_members(tp))
+    having = [tag for tag, m in tags.items() if key in m.model_fields and m is not model]
+    if not having:
+        return None
+    this = next((tag for tag, m in tags.items() if m is model), model.__name__)
+    return f"'{key}' is a key of the {' and '.join(having)} type, not of {this}"
+
+
 def _unknown_key(path: KeyPath, parent: Any, value: Any) -> Problem:
     key = path[-1]
     model = unwrap(parent)
     fields = list(model.model_fields) if is_model(model) else []
     hint = _did_you_mean(key, fields)
+    if hint is None and isinstance(key, str):
+        hint = _other_members_key(path, model, key)
     if hint is None and isinstance(key, str):
         # A key written in the wrong section: look below this one first, then everywhere.
         homes = [(*path[:-1], *h) for h in _homes(model, key)] or _homes(Spec, key)

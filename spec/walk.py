@@ -52,7 +52,7 @@ def union_tags(members: list[Any]) -> dict[str, type[BaseModel]]:
     return out
 
 
-def _child(tp: Any, part: PathPart) -> Any:
+def child(tp: Any, part: PathPart) -> Any:
     """The annotation one step down `part` from `tp`, or None when unknown."""
     tp = unwrap(tp)
     if is_model(tp):
@@ -87,7 +87,7 @@ def walk(loc: tuple, raw: Any) -> tuple[KeyPath, Any, Any, Any]:
             if not (isinstance(data, dict) and part in data):
                 continue  # another pydantic tag, e.g. 'function-after[_check(), int]'
         path.append(part)
-        parent, tp = tp, _child(tp, part)
+        parent, tp = tp, child(tp, part)
         if isinstance(data, dict) and isinstance(part, str):
             data = data.get(part)
         elif isinstance(data, list) and isinstance(part, int) and -len(data) <= part < len(data):

@@ -501,3 +501,11 @@ def test_seeds_and_node_sizes_every_consumer_takes(problems_of, spec_dict, secti
     spec_dict.setdefault(section, {})[key] = value
     (p,) = problems_of(spec_dict)
     assert (p.path, p.message) == ((section, key), message)
+
+
+def test_a_key_of_another_stage_type_names_that_type(problems_of, spec_dict) -> None:
+    """A stage whose type was changed keeps the other type's keys: say whose they are."""
+    spec_dict["filters"] = [{"type": "history", "proxy_model": "policy"}]
+    problems = [p for p in problems_of(spec_dict) if p.path[-1] == "proxy_model"]
+    assert [p.suggestion for p in problems] == [
+        "'proxy_model' is a key of the offline_pass_rate type, not of history"]
