@@ -285,7 +285,13 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, file: str) -> Problem:
         hint = f"{exc.context} that starts at line {exc.context_mark.line + 1}"
     this_line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
     if "\t" in problem or (problem.startswith("found character") and "\t" in this_line):
-        hint = "indent with spaces: YAML does not allow tabs"
+        leading = this_line[: len(this_line) - len(this_line.lstrip(" \t"))]
+        hint = ("indent with spaces: YAML does not allow tabs" if "\t" in leading else
+                f"remove the tab at column {column} (YAML allows no tab here; quote a value "
+                "that holds one)")
+    elif "expected <block end>" in problem:
+        hint = ("this line's indentation matches no key above it: indent it as its siblings"
+                + (f" ({hint})" if hint else ""))
     elif "mapping values are not allowed" in problem:
         hint = "check the indentation of this line; a value that contains ': ' must be quoted"
     elif "undefined alias" in problem:

@@ -200,6 +200,18 @@ def test_tab_indentation() -> None:
     assert p.suggestion == "indent with spaces: YAML does not allow tabs"
 
 
+def test_a_tab_after_a_value_is_not_called_indentation() -> None:
+    (p,) = data_problems("name: tiny\ntrain:\n  steps: 1\t\n")
+    assert (p.line, p.suggestion) == (
+        3, "remove the tab at column 11 (YAML allows no tab here; quote a value that holds one)")
+
+
+def test_an_indentation_that_matches_no_key_above() -> None:
+    (p,) = data_problems("name: tiny\nmodel:\n    checkpoint: null\n  architecture: {}\n")
+    assert p.line == 4
+    assert p.suggestion.startswith("this line's indentation matches no key above it")
+
+
 def test_bad_indentation() -> None:
     (p,) = data_problems("name: tiny\ntrain: 1\n  steps: 2\n")
     assert p.line == 3
