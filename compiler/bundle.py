@@ -103,11 +103,11 @@ def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = Fa
     if not out.name:
         raise BundleInputError(f"{out_dir} cannot be a bundle directory; name a new one (-o)")
     if out.exists() and not force:
-        raise BundleError(f"{out} already exists; pass --force to replace it")
+        raise BundleInputError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / MANIFEST).is_file():
-        raise BundleError(f"{out} exists and is not an rlspec bundle; refusing to replace it")
+        raise BundleInputError(f"{out} exists and is not an rlspec bundle; refusing to replace it")
     if out.exists() and (out / SUBMISSION).is_file():
-        raise BundleError(
+        raise BundleInputError(
             f"{out} has been submitted ({SUBMISSION}); compile into a new directory, or "
             f"cancel it and remove {out / SUBMISSION} first"
         )

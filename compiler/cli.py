@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from compiler import __version__
-from compiler.bundle import BundleError, read_manifest
+from compiler.bundle import BundleError, BundleInputError, read_manifest
 from spec.errors import EXIT_BAD_INPUT, EXIT_FAILURE, SpecError
 
 app = typer.Typer(
@@ -306,7 +306,7 @@ def status(bundle: Annotated[Path, typer.Argument(help="A submitted bundle direc
         read_manifest(bundle)
         record = sub.Submission.load(bundle.resolve())
         if record is None:
-            raise BundleError(f"{bundle} has not been submitted; `rlspec submit {bundle}`")
+            raise BundleInputError(f"{bundle} has not been submitted; `rlspec submit {bundle}`")
         if record.backend == "slurm":
             live, problems = sub.slurm_states(
                 [j["id"] for j in record.jobs.values() if j.get("id")])

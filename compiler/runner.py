@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.api import Compiled
-from compiler.bundle import BundleError, BundleInputError, read_manifest, write_bundle
+from compiler.bundle import BundleInputError, read_manifest, write_bundle
 from compiler.submit import submit
 
 
@@ -39,7 +39,7 @@ def prepare_bundle(compiled: Compiled, out: Path) -> Path:
     if bundle.exists():
         old = read_manifest(bundle)
         if old["spec_sha256"] != new["spec_sha256"] or old["rlspec_version"] != new["rlspec_version"]:
-            raise BundleError(
+            raise BundleInputError(
                 f"{out} holds a run of another spec (or rlspec version); "
                 "choose another --out, or remove it to start over")
         return bundle

@@ -157,19 +157,19 @@ def _minutes(time: str) -> int:
 def preflight(bundle: Path, manifest: dict[str, Any], *, force: bool) -> None:
     """Refuse what would fail later: resubmission, edited files, missing secrets."""
     if (bundle / SUBMISSION).is_file() and not force:
-        raise BundleError(
+        raise BundleInputError(
             f"{bundle} was already submitted (see `rlspec status {bundle}`); "
             "pass --force to submit it again"
         )
     changed = verify_bundle(bundle, manifest)
     if changed:
-        raise BundleError(
+        raise BundleInputError(
             "files of the bundle differ from its manifest: " + ", ".join(changed)
             + "; recompile instead of editing generated files"
         )
     missing = [n for n in manifest["env_passthrough"] if n not in os.environ]
     if missing:
-        raise BundleError(
+        raise BundleInputError(
             "cluster.env_passthrough names variables that are not set here: "
             + ", ".join(missing) + "; export them before submitting"
         )
@@ -283,7 +283,7 @@ ENDED = ("COMPLETED", "CANCELLED", "PREEMPTED", *FAILED_STATES)
 
 def _need(command: str) -> None:
     if shutil.which(command) is None:
-        raise BundleError(f"`{command}` is not available here: run this on a Slurm login node")
+        raise BundleInputError(f"`{command}` is not available here: run this on a Slurm login node")
 
 
 def _query(command: list[str], *, gone_ok: bool = True) -> tuple[str, str | None]:
@@ -339,9 +339,9 @@ def cancel(bundle: str | Path) -> list[str]:
     read_manifest(bundle)  # a mistyped path or another folder says so
     record = Submission.load(root)
     if record is None:
-        raise BundleError(f"{root} has not been submitted")
+        raise BundleInputError(f"{root} has not been submitted")
     if record.backend != "slurm":
-        raise BundleError("local runs execute in the foreground; stop them with Ctrl-C")
+        raise BundleInputError("local runs execute in the foreground; stop them with Ctrl-C")
     _need("scancel")
     # Jobs that already ended keep their real state (and are not counted as cancelled).
     live, _ = slurm_states([j["id"] for j in record.jobs.values() if j.get("id")])

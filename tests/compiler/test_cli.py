@@ -338,7 +338,7 @@ def test_compile_refuses_an_existing_dir_unless_forced(tmp_path: Path) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
     refused = cli("compile", SINGLE, "-o", out)
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2
     no_traceback(refused)
     assert "--force" in refused.stderr
     assert tree(out) == before
@@ -593,7 +593,7 @@ SAFE = {"RLSPEC_RUN_DIR": "/dev/null/x"}
 def test_submit_refuses_a_submitted_bundle(bundle_copy: Path) -> None:
     (bundle_copy / "submission.json").write_text('{"backend": "local", "jobs": {}}\n')
     result = cli("submit", bundle_copy, "--local", env=SAFE)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     no_traceback(result)
     assert "already submitted" in result.stderr and "--force" in result.stderr
 
@@ -602,7 +602,7 @@ def test_submit_refuses_an_edited_bundle(bundle_copy: Path) -> None:
     launch = bundle_copy / "jobs" / "rl" / "launch.sh"
     launch.write_text(launch.read_text() + "echo edited by hand\n")
     result = cli("submit", bundle_copy, "--local", env={**SAFE, **dict.fromkeys(SECRETS, "x")})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     no_traceback(result)
     assert "jobs/rl/launch.sh" in result.stderr and "recompile" in result.stderr
     assert not (bundle_copy / "submission.json").exists()
@@ -614,7 +614,7 @@ def test_submit_names_unset_passthrough_variables_and_never_writes_values(
     env = {**SAFE, **values, "JUDGE_API_KEY": None}
     out = compile_to(BIG, tmp_path / "b", env=env)
     result = cli("submit", out, "--local", env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     no_traceback(result)
     assert "JUDGE_API_KEY" in result.stderr and "export" in result.stderr
     assert "HF_TOKEN" not in result.stderr
@@ -677,7 +677,7 @@ def test_status_lists_jobs_in_graph_order(failed_run) -> None:
 
 def test_status_of_an_unsubmitted_bundle(bundle_245b: Path, tmp_path: Path) -> None:
     result = cli("status", bundle_245b)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     no_traceback(result)
     assert "has not been submitted" in result.stderr and "rlspec submit" in result.stderr
     for command in ("status", "submit", "cancel"):  # another folder is bad input
@@ -707,7 +707,7 @@ def test_status_of_a_slurm_bundle_without_slurm_is_a_clear_error(
     _slurm_record(bundle_copy)
     result = cli("status", bundle_copy)
     no_traceback(result)
-    assert result.exit_code == 1 and "`squeue` is not available here" in result.stderr
+    assert result.exit_code == 2 and "`squeue` is not available here" in result.stderr
 
 
 def test_cancel_without_slurm_is_a_clear_error(
@@ -716,7 +716,7 @@ def test_cancel_without_slurm_is_a_clear_error(
     _slurm_record(bundle_copy)
     result = cli("cancel", bundle_copy)
     no_traceback(result)
-    assert result.exit_code == 1 and "`scancel` is not available here" in result.stderr
+    assert result.exit_code == 2 and "`scancel` is not available here" in result.stderr
 
 
 @pytest.mark.parametrize("present", [(), ("sbatch",), ("srun",)])
@@ -754,7 +754,7 @@ def test_submit_local_of_a_slurm_bundle_is_what_was_asked(
 def test_cancel_of_a_local_run_is_refused(failed_run) -> None:
     out, _ = failed_run
     result = cli("cancel", out)
-    assert result.exit_code == 1 and "local runs" in result.stderr
+    assert result.exit_code == 2 and "local runs" in result.stderr
 
 
 # --------------------------------------------------------------------------- tracebacks

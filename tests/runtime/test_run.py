@@ -62,7 +62,7 @@ def test_run_executes_the_graph_and_resumes(tmp_path: Path) -> None:
     # Another spec into the same directory is refused; what is there stays.
     other = rlspec("run", "examples/tiny/spec.yaml", "--out", str(out), *SHORT,
                    "--set", "train.steps=3")
-    assert other.returncode == 1 and "another spec" in other.stderr
+    assert other.returncode == 2 and "another spec" in other.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()} == before
 
 

@@ -262,7 +262,7 @@ def test_submitting_a_submitted_bundle_again_is_refused(
         ids = submitted(bundle)
         queued = slurm_cluster.run("squeue", "-h", "-o", "%i").split()
         again = rlspec("submit", bundle)
-        assert again.returncode == 1
+        assert again.returncode == 2
         assert "already submitted" in again.stderr and "--force" in again.stderr, again.stderr
         assert "Traceback" not in again.stderr
         # Nothing was sent, nothing was rewritten.
