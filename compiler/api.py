@@ -62,7 +62,7 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     base = Path(path).resolve().parent
     source = dataclasses.replace(source, spec=anchored(source.spec, base))
     spec, plan = source.spec, make_plan(source.spec)
-    problems = [source.locate(p) for p in check(spec, plan) + missing_inputs(spec)]
+    problems = [source.locate(p) for p in check(spec, plan)]
     if checkpoint_config(spec.model_dump(mode="json"), base) is not None:
         # The checkpoint's own config.json decides its head_dim (compared field by field):
         # checkpoint_head_dim is for a checkpoint that cannot be read from here.
@@ -79,7 +79,8 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
         dumped = spec.model_dump(mode="json")
         refusals = capabilities.refusals(dumped, "rl")
         problems += [source.locate(p) for p in checkpoint_problems(dumped, base)]
-    refused = [source.locate(p) for p in refusal_problems(refusals)]
+    # A local run's missing input is a start-up failure too: inspect shows it beside the plan.
+    refused = [source.locate(p) for p in refusal_problems(refusals) + missing_inputs(spec)]
     errors = [p for p in problems if p.severity == "error"] + (refused if preflight else [])
     if errors:
         raise SpecError(errors)

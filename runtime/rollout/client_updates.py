@@ -14,6 +14,7 @@ engine set-up (``world_sizes``, ``init_weight_transfer_engine``; see
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +103,8 @@ class WeightUpdates:
         backend) → finish_weight_update(weight_version). With ``pause_mode`` the
         endpoints are paused first (``wait``: in-flight requests finish on the old
         weights) and resumed afterwards; pass None when the caller manages pausing.
-        A failed update still closes the update (finish without a version) so the
-        endpoint accepts the next one, then raises.
+        A failed update still closes the update where the endpoint has not (finish without
+        a version) so it accepts the next one, then raises the update's error.
         """
         info = dict(update_info) if update_info is not None else {"path": str(path)}
         if pause_mode is not None:
@@ -117,7 +118,10 @@ class WeightUpdates:
                 try:
                     self._request(endpoint, "POST", "/update_weights", {"update_info": info})
                 except RolloutError:
-                    self._request(endpoint, "POST", "/finish_weight_update", {})
+                    # vLLM 0.33's workers close an update that raised themselves, and then
+                    # refuse this finish (500): the update's own error is the one to raise.
+                    with contextlib.suppress(RolloutError):
+                        self._request(endpoint, "POST", "/finish_weight_update", {})
                     raise
                 self._request(
                     endpoint, "POST", "/finish_weight_update", {"weight_version": str(version)}

@@ -61,14 +61,13 @@ Response — ``CompletionResponse`` / ``CompletionResponseChoice`` / ``Completio
 (num_tokens − 1 − routed_experts_prompt_start, moe_layers, top_k) over prompt +
 output tokens, uint8 for ≤ 256 experts (``numpy2base64`` of the engine's array).
 
-``weight_versions`` on a choice: DESIGN.md §5 reports that vLLM 0.33 choices carry
-the weight version that sampled each output-token span, but the stored vLLM source
-read here (``completion/protocol.py``) has no such field yet and the per-request
-attribution RFC (vllm-project/vllm#54443) is open. Our server emits it as a list
-of ``{"weight_version": str, "start": int, "end": int}`` spans over the output
-tokens (end exclusive); the client reads that, a list of strings, or a plain string,
-and falls back to ``GET /weight_info`` taken just before the request when the
-server sends nothing.
+``weight_versions`` on a choice: vLLM 0.33 carries the weight version that sampled each
+output-token span when the request sets ``return_weight_versions: true`` (which the client
+always does), as ``{"version": str, "start": int, "end": int}`` spans; 0.30 has no such
+field. Our server emits them always, as ``{"weight_version": str, "start": int, "end":
+int}`` spans over the output tokens (end exclusive); the client reads either key, a list of
+strings, or a plain string, and falls back to ``GET /weight_info`` taken just before the
+request when the server sends nothing.
 
 RL endpoints (``vllm/entrypoints/serve/dev/rlhf/api_router.py``; in the pinned 0.33.0
 ``vllm/entrypoints/rl/online/api_router.py``; mounted only with ``VLLM_SERVER_DEV_MODE=1``).
@@ -78,13 +77,14 @@ in ``runtime.rollout.weight_transfer``:
 
 * ``POST /pause?mode=abort|wait|keep`` → ``{"status": "paused"}``. abort (default)
   finishes in-flight requests with ``finish_reason="abort"``, wait lets them finish,
-  keep freezes them until resume. New requests wait until ``/resume``
-  (``tests/entrypoints/serve/dev/rlhf/state_transitions/test_pause_resume.py``).
+  keep freezes them until resume. New requests wait until ``/resume`` (vLLM 0.30, and
+  our server; vLLM 0.33 instead refuses them with a retryable 503 after abort and wait, so
+  the driver never generates while it pushes weights).
   A bad mode → 400 with ``param="query.mode"``.
 * ``POST /resume`` → ``{"status": "resumed"}``; ``GET /is_paused`` → ``{"is_paused": bool}``.
-* ``POST /start_weight_update`` (body ``{"is_checkpoint_format": bool}``, ignored) →
-  ``{"message": "Weight update started"}``; 409 when one is already active
-  (``rl_state_machine.py``).
+* ``POST /start_weight_update`` (body ``{"is_checkpoint_format": bool}``, ignored: vLLM
+  takes none) → ``{"message": "Weight update started"}``; our server answers 409 when one
+  is already active, vLLM 0.33 a 500 from its workers.
 * ``POST /update_weights`` body ``{"update_info": {...}}`` → ``{"message":
   "Weights updated"}``; 400 without ``update_info``, 409 without a started update.
   vLLM hands ``update_info`` to its NCCL / IPC transfer backend
@@ -376,6 +376,9 @@ class CompletionRequest:
             body["prompt_logprobs"] = self.prompt_logprobs
         if self.stop_token_ids:
             body["stop_token_ids"] = list(self.stop_token_ids)
+        # vLLM 0.33 stamps each choice's weight_versions only when asked (older vLLMs and the
+        # embedded server, which always stamps, ignore the field).
+        body["return_weight_versions"] = True
         # Sent only when used: it is the one field an older vLLM would ignore silently.
         if self.routed_experts_prompt_start:
             body["routed_experts_prompt_start"] = self.routed_experts_prompt_start

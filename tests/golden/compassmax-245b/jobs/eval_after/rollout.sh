@@ -29,10 +29,13 @@ REPLICA_HEAD=$(( NODE_RANK / 2 * 2 ))
 START_RANK=$(( (NODE_RANK - REPLICA_HEAD) * LOCAL_DP ))
 EXTRA=(--data-parallel-size-local "$LOCAL_DP" --data-parallel-address "${HOSTS[$REPLICA_HEAD]}"
        --data-parallel-rpc-port 13345)
+VLLM_ENTRY=(-m vllm.entrypoints.openai.api_server)
 if (( NODE_RANK != REPLICA_HEAD )); then
+  # The API server module ignores --headless: vLLM's CLI (`vllm serve`) runs headless engines.
+  VLLM_ENTRY=(-m vllm.entrypoints.cli.main serve)
   EXTRA+=(--headless --data-parallel-start-rank "$START_RANK")
 fi
-"$RLSPEC_VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+"$RLSPEC_VLLM_PYTHON" "${VLLM_ENTRY[@]}" \
   --model "$POLICY" \
   --served-model-name policy \
   --host "$HOST" \

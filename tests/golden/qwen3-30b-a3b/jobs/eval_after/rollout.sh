@@ -22,11 +22,12 @@ export VLLM_SERVER_DEV_MODE=1
 # or the launch script's when its job ends) they are stopped with it, never left running.
 trap 'exit 143' TERM INT
 trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT
+VLLM_ENTRY=(-m vllm.entrypoints.openai.api_server)
 for ((i = 0; i < 1; i++)); do
   first=$(( i * 8 ))
   DEVICES=$(seq -s, "$first" $(( first + 8 - 1 )))
   EXTRA=()
-  CUDA_VISIBLE_DEVICES=$DEVICES "$RLSPEC_VLLM_PYTHON" -m vllm.entrypoints.openai.api_server \
+  CUDA_VISIBLE_DEVICES=$DEVICES "$RLSPEC_VLLM_PYTHON" "${VLLM_ENTRY[@]}" \
     --model "$POLICY" \
     --served-model-name policy \
     --host "$HOST" \
