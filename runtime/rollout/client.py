@@ -7,8 +7,7 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
 * ``generate`` assigns prompts to endpoints round-robin (the starting endpoint
   rotates from call to call) or, with ``endpoint=i``, all to endpoint i (the driver's
   length balancing, ``runtime.rollout.balance``), sends one ``/v1/completions`` request
-  per endpoint and
-  chunk (``max_prompts_per_request``) concurrently from a thread pool, and returns
+  per endpoint and chunk (``max_prompts_per_request``) concurrently, and returns
   ``Completion`` s in prompt order, n per prompt. It always asks for
   ``return_token_ids`` (exact ids, no detokenisation round trip), ``logprobs=0`` (the
   sampled token's logprob) and ``return_tokens_as_token_ids``. ``on_request(endpoint,
@@ -17,9 +16,8 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
   (``runtime.rollout.replica_time``).
 * Routed experts are decoded with ``runtime.router_replay.decode_routed_experts``
   and checked to have num_tokens − 1 − prompt_start rows.
-* ``weight_version``: from the choice's ``weight_versions`` when the server sends it
-  (ours does; the oldest span wins, since it bounds staleness), else from
-  ``GET /weight_info`` read just before the request (vLLM dev mode), else None.
+* ``weight_version``: from the choice's ``weight_versions`` (ours and vLLM 0.33 send them;
+  the oldest span wins: it bounds staleness), else ``GET /weight_info`` just before.
 * Transport errors and 5xx are retried (``retries`` times) on another endpoint, chosen
   by ``runtime.rollout.failover``: a failed endpoint is skipped for ``down_s`` seconds and
   the retry goes at once to the live endpoint with the fewest requests in flight; only when
@@ -42,11 +40,10 @@ version → (resume). ``update_info`` defaults to our disk backend
 ``reload_weights`` is vLLM's path reload (``/collective_rpc reload_weights``), which
 ``weight_sync: disk`` uses against ``vllm serve``.
 
-This module holds the client's transport (HTTP, retries, broadcast), readiness and
-generation; the pause / weight-update / weight-transfer calls are the
+This module holds the client's transport (HTTP, never through a proxy, retries, broadcast),
+readiness and generation; the pause / weight-update / weight-transfer calls are the
 ``WeightUpdates`` mixin of ``runtime.rollout.client_updates`` that ``RolloutClient``
-inherits, and ``RolloutError`` lives in ``runtime.rollout.client_errors`` (still
-importable from here).
+inherits, and ``RolloutError`` lives in ``runtime.rollout.client_errors``.
 """
 
 from __future__ import annotations
@@ -79,6 +76,9 @@ from runtime.rollout.protocol import (
     parse_token_id_string,
 )
 from runtime.router_replay import decode_routed_experts
+
+# Engines are cluster nodes: never through the submitter's http_proxy (the judge keeps it).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 __all__ = ["Completion", "RolloutClient", "RolloutError"]
 
@@ -167,7 +167,7 @@ class RolloutClient(WeightUpdates):
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout_s) as resp:
+            with _DIRECT.open(req, timeout=timeout or self.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raw = exc.read()
