@@ -15,7 +15,7 @@ from typing import Any
 
 from compiler.checks import HEAD_DIM, RULES, check
 from compiler.graph import JobGraph, build_graph
-from compiler.inputs import anchored, missing_inputs
+from compiler.inputs import anchored, missing_inputs, unmounted_inputs
 from compiler.plan import Plan, make_plan
 from compiler.render import render_bundle
 from runtime import capabilities
@@ -62,7 +62,7 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     base = Path(path).resolve().parent
     source = dataclasses.replace(source, spec=anchored(source.spec, base))
     spec, plan = source.spec, make_plan(source.spec)
-    problems = [source.locate(p) for p in check(spec, plan)]
+    problems = [source.locate(p) for p in check(spec, plan) + unmounted_inputs(spec)]
     if checkpoint_config(spec.model_dump(mode="json"), base) is not None:
         # The checkpoint's own config.json decides its head_dim (compared field by field):
         # checkpoint_head_dim is for a checkpoint that cannot be read from here.

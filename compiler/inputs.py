@@ -5,7 +5,9 @@ A relative path is read from the spec's folder, as the user wrote it beside the 
 compiler makes it absolute (``anchored``), so every job finds the same file wherever the
 bundle is written. On ``cluster.scheduler: local`` the jobs run on this machine, so a file
 that is not here is an error now rather than at the job's start (``missing_inputs``); on
-Slurm the nodes' mounts may hold what the login node cannot see, and nothing is checked.
+Slurm the nodes' mounts may hold what the login node cannot see, so only a path that the
+spec's container would not see (under none of ``cluster.container.mounts``) is said
+(``unmounted_inputs``, a warning: the image itself may hold it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from spec.errors import Problem
 from spec.models import OfflinePassRate, Spec
 
-__all__ = ["anchored", "missing_inputs"]
+__all__ = ["anchored", "missing_inputs", "unmounted_inputs"]
 
 
 def _inputs(spec: Spec) -> Iterator[tuple[tuple[Any, ...], str, str]]:
@@ -77,4 +79,22 @@ def missing_inputs(spec: Spec) -> list[Problem]:
                                        else " (it is a file)" if found.is_file() else "")
         problems.append(Problem(path, f"{what}: the local run's jobs would not find it",
                                 "fix the path (a relative one is read from the spec's folder)"))
+    return problems
+
+
+def unmounted_inputs(spec: Spec) -> list[Problem]:
+    """Warnings for the input paths (anchored) under none of the container's mount points."""
+    container = spec.cluster.container
+    if container is None or spec.cluster.scheduler != "slurm":
+        return []
+    # pyxis also mounts the user's home unless told not to (--no-container-mount-home).
+    points = [Path(m.split(":")[1] if ":" in m else m) for m in container.mounts] + [Path.home()]
+    problems = []
+    for path, value, _ in _inputs(spec):
+        if not any(Path(value).is_relative_to(point) for point in points):
+            problems.append(Problem(
+                path, f"{value} is under none of cluster.container.mounts "
+                f"({', '.join(container.mounts) or 'none'}): the jobs in the container would "
+                "not see it, unless the image holds it",
+                "add its folder to cluster.container.mounts (SRC:DST)", severity="warning"))
     return problems

@@ -37,6 +37,7 @@ SLURM_STUBS = {
     "scontrol": 'for ((i = 0; i < RLSPEC_TEST_NODES; i++)); do echo "node-$i"; done',
     # srun: one task per node of --nodelist, SLURM_PROCID = index, like Slurm would.
     "srun": """
+[[ -n ${RECORD:-} ]] && echo "$*" >> "$RECORD/srun"  # the step's options and command
 hosts=""; while [[ $1 == --* ]]; do case $1 in --nodelist=*) hosts=${1#--nodelist=};; esac; shift; done
 IFS=, read -r -a H <<< "$hosts"; i=0
 # Like srun, a SIGTERM to the step is passed on to its tasks.

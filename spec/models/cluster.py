@@ -87,7 +87,8 @@ class Cluster(Section):
     )
     time_limit: str = Field("24:00:00", description="Wall-clock limit per job, [D-]HH:MM:SS.")
     container: Container | None = Field(None, description="Container image for every job.")
-    modules: list[str] = Field(default_factory=list, description="Environment modules to load.")
+    modules: list[str] = Field(default_factory=list, description="Environment modules to load on "
+                               "the nodes (not inside `container`: an image has no module system).")
     env: dict[EnvName, EnvValue] = Field(
         default_factory=dict,
         description="Non-secret environment variables written into the launch scripts (and "

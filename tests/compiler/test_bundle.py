@@ -343,6 +343,22 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
     assert "MY_SECRET_TOKEN must be set" in missing.stderr
 
 
+def test_modules_load_on_the_hosts_not_in_the_container(tmp_path: Path) -> None:
+    """The image has no module system: env.sh, sourced inside the container's steps too,
+    loads cluster.modules only where RLSPEC_IN_CONTAINER is unset (lib.sh sets it there)."""
+    compiled = compile_spec(EXAMPLES["compassmax-245b"], ["cluster.modules=[cuda/12.4]"])
+    out = write_bundle(compiled.files, tmp_path / "b")
+    script = ('module() { echo "module $*"; }; export -f module; '
+              'HF_TOKEN=x JUDGE_API_KEY=y WANDB_API_KEY=z; export HF_TOKEN JUDGE_API_KEY '
+              'WANDB_API_KEY; source env.sh')
+    env = {"PATH": os.environ["PATH"]}
+    host = subprocess.run([BASH, "-c", script], cwd=out, capture_output=True, text=True, env=env)
+    assert host.returncode == 0 and host.stdout == "module load cuda/12.4\n", host.stderr
+    inside = subprocess.run([BASH, "-c", script], cwd=out, capture_output=True, text=True,
+                            env={**env, "RLSPEC_IN_CONTAINER": "1"})
+    assert inside.returncode == 0 and inside.stdout == "", inside.stderr
+
+
 # --------------------------------------------------------------------------- node split
 
 STUBS = {
@@ -406,6 +422,13 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
             assert "--headless" not in args
     assert (record / "endpoints").read_text().split() == [
         "http://node-0:8000,http://node-2:8000,http://node-4:8000,http://node-6:8000"]
+    # Every step runs in the spec's container, which sees the bundle (its scripts) and the run
+    # directory at their host paths, then the spec's mounts; env.sh loads no module inside.
+    steps = (record / "srun").read_text().splitlines()
+    assert len(steps) == 3  # rollout, trainer, driver
+    mounts = f"{out.resolve()}:{out.resolve()},{tmp_path / 'run'}:{tmp_path / 'run'},/lustre:/lustre"
+    for step in steps:
+        assert f"--container-mounts={mounts} --export=ALL,RLSPEC_IN_CONTAINER=1" in step, step
 
 
 def test_245b_sft_runs_the_megatron_trainer_in_the_train_layout(tmp_path: Path) -> None:
@@ -443,8 +466,7 @@ def test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes(tmp_path: P
     assert compiled.graph.jobs["rl"].nodes == 2
     out = write_bundle(compiled.files, tmp_path / "b")
     assert "#SBATCH --nodes=2" in (out / "jobs" / "rl" / "sbatch.sh").read_text()
-    stubs = {**STUBS, "srun": 'echo "srun $*" >> "$RECORD/srun"\n' + SLURM_STUBS["srun"]}
-    record = _run_in_allocation(out, "rl", stubs, 2, tmp_path, roles=4)
+    record = _run_in_allocation(out, "rl", STUBS, 2, tmp_path, roles=4)  # srun records steps
     for node in ("node-0", "node-1"):
         trainer = (record / f"torchrun.{node}").read_text().split()
         assert trainer[trainer.index("--master-addr") + 1] == "node-0"

@@ -73,3 +73,15 @@ def test_home_in_the_output_dir_is_expanded(spec_dir: Path, monkeypatch: pytest.
     monkeypatch.setenv("HOME", str(spec_dir))
     compiled = compile_spec(spec_dir / "spec.yaml", ("cluster.output_dir=~/runs",))
     assert f"rlspec_default_run_dir={spec_dir}/runs/tiny" in compiled.files["env.sh"]
+
+
+def test_a_slurm_input_the_container_would_not_see_is_a_warning() -> None:
+    """Under none of cluster.container.mounts (nor the home pyxis mounts): the image might
+    hold it, so it is said, not refused."""
+    big = TINY.parents[1] / "compassmax-245b.yaml"
+    [warning] = [w for w in validate(big, ("data.train=/scratch/x.jsonl",)).warnings
+                 if w.path == ("data", "train")]
+    assert warning.message.startswith("/scratch/x.jsonl is under none of "
+                                      "cluster.container.mounts (/lustre:/lustre)")
+    assert not [w for w in validate(big, (f"data.train={Path.home()}/x.jsonl",)).warnings
+                if w.path == ("data", "train")]

@@ -13,6 +13,14 @@ rlspec_nodes() {
   fi
 }
 
+# The spec's container (pyxis): it reads the bundle's scripts and configs and writes the run
+# directory at their host paths, so both are mounted there, before cluster.container.mounts;
+# RLSPEC_IN_CONTAINER tells env.sh not to load modules (the image has no module system).
+rlspec_mounts=/lustre:/lustre
+RLSPEC_CONTAINER=(--container-image=/lustre/images/rlspec-megatron-vllm.sqsh
+  "--container-mounts=$RLSPEC_BUNDLE_DIR:$RLSPEC_BUNDLE_DIR,$RLSPEC_RUN_DIR:$RLSPEC_RUN_DIR${rlspec_mounts:+,$rlspec_mounts}"
+  "--export=ALL,RLSPEC_IN_CONTAINER=1")
+
 # rlspec_run_on HOSTS NNODES CMD...: one task per node on HOSTS (comma-separated) under
 # Slurm, with the CPUs the job asked for its node task (--cpus-per-task: cluster.cpus_per_task
 # × the node's ranks); locally the command runs once, as task 0.
@@ -22,9 +30,7 @@ rlspec_run_on() {
   if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     srun --kill-on-bad-exit=1 --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 \
       --cpus-per-task="${SLURM_CPUS_PER_TASK:?the job was submitted without --cpus-per-task}" \
-      --nodelist="$hosts" \
-      --container-image=/lustre/images/rlspec-megatron-vllm.sqsh \
-      --container-mounts=/lustre:/lustre \
+      --nodelist="$hosts" "${RLSPEC_CONTAINER[@]}" \
       "$@"
   else
     SLURM_PROCID=0 "$@"
@@ -36,9 +42,7 @@ rlspec_run_on() {
 rlspec_run_here() {
   if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     srun --overlap --nodes=1 --ntasks=1 --nodelist="${SLURMD_NODENAME:-$(hostname)}" \
-      --container-image=/lustre/images/rlspec-megatron-vllm.sqsh \
-      --container-mounts=/lustre:/lustre \
-      "$@"
+      "${RLSPEC_CONTAINER[@]}" "$@"
     return
   fi
   "$@"

@@ -41,10 +41,10 @@ export RLSPEC_ROLLOUT_ENDPOINTS
 rlspec_log rl "rollout nodes: $RLSPEC_ROLLOUT_HOSTS; trainer nodes: $RLSPEC_TRAIN_HOSTS; master $MASTER_ADDR:$MASTER_PORT"
 
 rlspec_run_on "$RLSPEC_ROLLOUT_HOSTS" 8 bash "$JOB_DIR/rollout.sh" \
-  > "$RLSPEC_RUN_DIR/logs/rl-rollout.log" 2>&1 &
+  >> "$RLSPEC_RUN_DIR/logs/rl-rollout.log" 2>&1 &
 ROLLOUT_PID=$!
 rlspec_run_on "$RLSPEC_TRAIN_HOSTS" 16 bash "$JOB_DIR/train.sh" \
-  > "$RLSPEC_RUN_DIR/logs/rl-train.log" 2>&1 &
+  >> "$RLSPEC_RUN_DIR/logs/rl-train.log" 2>&1 &
 TRAIN_PID=$!
 rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.rl --config "$JOB_DIR/config.json" &
 DRIVER_PID=$!

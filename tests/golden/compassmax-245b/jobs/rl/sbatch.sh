@@ -16,6 +16,7 @@
 #SBATCH --partition=h100
 #SBATCH --qos=high
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 set -euo pipefail
 exec bash "${SLURM_SUBMIT_DIR:?submit from the bundle directory}/jobs/rl/launch.sh"

@@ -32,7 +32,7 @@ export RLSPEC_ROLLOUT_ENDPOINTS
 rlspec_log screen "engines: $RLSPEC_ROLLOUT_ENDPOINTS"
 
 rlspec_run_on "$RLSPEC_ROLLOUT_HOSTS" 4 bash "$JOB_DIR/rollout.sh" \
-  > "$RLSPEC_RUN_DIR/logs/screen-engines.log" 2>&1 &
+  >> "$RLSPEC_RUN_DIR/logs/screen-engines.log" 2>&1 &
 ENGINES_PID=$!
 rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.screen --config "$JOB_DIR/config.json" &
 JOB_PID=$!

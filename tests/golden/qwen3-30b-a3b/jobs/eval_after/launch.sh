@@ -32,7 +32,7 @@ export RLSPEC_ROLLOUT_ENDPOINTS
 rlspec_log eval_after "engines: $RLSPEC_ROLLOUT_ENDPOINTS"
 
 rlspec_run_on "$RLSPEC_ROLLOUT_HOSTS" 1 bash "$JOB_DIR/rollout.sh" \
-  > "$RLSPEC_RUN_DIR/logs/eval_after-engines.log" 2>&1 &
+  >> "$RLSPEC_RUN_DIR/logs/eval_after-engines.log" 2>&1 &
 ENGINES_PID=$!
 rlspec_run_here "$RLSPEC_PYTHON" -m runtime.jobs.evaluate --config "$JOB_DIR/config.json" &
 JOB_PID=$!

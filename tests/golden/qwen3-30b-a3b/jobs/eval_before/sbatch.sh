@@ -15,6 +15,7 @@
 #SBATCH --account=my-project
 #SBATCH --partition=gpu
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 set -euo pipefail
 exec bash "${SLURM_SUBMIT_DIR:?submit from the bundle directory}/jobs/eval_before/launch.sh"

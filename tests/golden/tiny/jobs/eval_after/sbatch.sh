@@ -10,6 +10,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
 set -euo pipefail
 exec bash "${SLURM_SUBMIT_DIR:?submit from the bundle directory}/jobs/eval_after/launch.sh"
