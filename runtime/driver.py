@@ -106,7 +106,7 @@ class RLDriver:
         self.client = client
         env = os.environ
         self.trainer_timeout_s = float(trainer_timeout_s or env.get("RLSPEC_TRAINER_TIMEOUT", 300))
-        self.startup_timeout_s = float(startup_timeout_s or env.get("RLSPEC_STARTUP_TIMEOUT", 900))
+        self.startup_timeout_s = float(startup_timeout_s or ctx.startup_timeout_s)
         self.t_start = time.time()
         data = self.spec["data"]
         self.prompt_key = data["prompt_key"]

@@ -666,6 +666,8 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "System.reward_overlap": {"all": t(DRIVER, "test_reward_overlap_scores_chunks_while_others_still_generate")},
     # the driver's pool of reward workers (runtime.scoring), whatever the engine or trainer:
     # RLDriver.run makes it, Generation submits each group to it; the http judge through it
+    "System.startup_timeout_s": {"all": (
+        t(DRIVER, "test_the_driver_waits_for_its_engines_as_long_as_the_spec_says"))},
     "System.reward_workers": {"all": (
         t(DRIVER, "test_reward_workers_score_the_same_groups_as_the_drivers_thread"),
         t(REWARDS, "test_the_driver_step_counts_judge_failures_and_stops_the_run"),

@@ -265,6 +265,13 @@ class JobContext:
 
     # ----- spec access
 
+    @property
+    def startup_timeout_s(self) -> float:
+        """How long the job waits for its engines (and trainer) to come up: the spec's
+        ``system.startup_timeout_s``, or RLSPEC_STARTUP_TIMEOUT where set."""
+        return float(os.environ.get("RLSPEC_STARTUP_TIMEOUT")
+                     or self.model_spec.system.startup_timeout_s)
+
     def section(self, dotted: str) -> Any:
         """``spec`` value at a dotted path (``"data.generator"``); a JobError if absent."""
         node: Any = self.spec

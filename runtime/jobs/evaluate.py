@@ -24,7 +24,6 @@ the result does not depend on how the prompts are batched.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -71,8 +70,7 @@ def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
     if ctx.spec["rollout"]["engine"] == "vllm":
         from runtime.rollout.remote import RemoteEngine, engine_endpoints
 
-        timeout = float(os.environ.get("RLSPEC_STARTUP_TIMEOUT", 900))
-        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=timeout)
+        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s)
     import torch
 
     from runtime.devices import job_device

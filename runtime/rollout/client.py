@@ -249,7 +249,7 @@ class RolloutClient(WeightUpdates):
                 except RolloutError as exc:
                     if time.monotonic() > deadline:
                         raise RolloutError(
-                            f"{endpoint} not ready after {timeout:.0f}s: {exc}"
+                            f"{endpoint} not ready after {timeout:g} s: {exc}"
                         ) from exc
                     time.sleep(0.2)
         for i, endpoint in enumerate(self.endpoints):

@@ -38,7 +38,7 @@ class RemoteEngine:
     """``LocalEngine``'s sampling interface over ``vllm serve`` replicas of ``model_dir``."""
 
     def __init__(self, model_dir: Path, endpoints: Sequence[str], *,
-                 startup_timeout_s: float = 900.0) -> None:
+                 startup_timeout_s: float) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)

@@ -46,6 +46,13 @@ class System(Section):
         "to the engines in vLLM's NCCL wire format (a gloo group on the CPU with the embedded "
         "engine; refused on GPUs and with vLLM until the trainer joins vLLM's NCCL group).",
     )
+    startup_timeout_s: PosFloat = Field(
+        1800.0,
+        description="Seconds the RL job's driver (and a job serving an engine: screen, eval) "
+        "waits for its engines to answer and for the trainer's first heartbeat: container "
+        "start, weight loading and compilation on every node. A model of hundreds of GB read "
+        "from a shared file system may need more. RLSPEC_STARTUP_TIMEOUT, where set, wins.",
+    )
     weight_sync_tolerance: PosFloat = Field(
         0.05,
         description="Largest mean |log-prob difference| between the rollout engines and the "

@@ -389,6 +389,35 @@ def test_the_weight_sync_probe_stops_a_run_whose_engines_do_not_serve_the_traine
             driver._check_probe(4)
 
 
+def test_the_driver_waits_for_its_engines_as_long_as_the_spec_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """system.startup_timeout_s bounds the wait for the engines (and the trainer's first
+    heartbeat); RLSPEC_STARTUP_TIMEOUT, where set, wins."""
+    import socket
+
+    from runtime.driver import RLDriver
+    from runtime.rollout.client import RolloutClient, RolloutError
+
+    monkeypatch.delenv("RLSPEC_STARTUP_TIMEOUT", raising=False)
+    from runtime.policy import build_policy, build_tokenizer, save_policy
+
+    ctx = _context(tmp_path, 4, "system.startup_timeout_s=0.5")
+    tokenizer = build_tokenizer(int(ctx.spec["model"]["architecture"]["vocab_size"]))
+    name = next(n for n, ref in ctx.inputs.items() if ref.kind == "hf_checkpoint")
+    save_policy(build_policy(ctx.spec["model"]["architecture"], tokenizer, seed=0), tokenizer,
+                ctx.input_path(name, check=False))  # what the driver reads before it waits
+    with socket.socket() as s:  # a port nothing listens on: the engines never come up
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with RolloutClient([f"http://127.0.0.1:{port}"], timeout_s=5, retries=0) as client:
+        driver = RLDriver(ctx, client=client)
+        assert driver.startup_timeout_s == 0.5
+        with pytest.raises(RolloutError, match=r"not ready after 0\.5 s"):
+            driver.run()
+    monkeypatch.setenv("RLSPEC_STARTUP_TIMEOUT", "7")
+    assert RLDriver(ctx, client=None).startup_timeout_s == 7.0
+
+
 def test_the_length_history_survives_a_resume(tmp_path: Path) -> None:
     """A step's group lengths become the predictions (answers of 1 and 5 characters + EOS);
     the state pickled after the step resumes with them; a state pickled before the predictor
