@@ -129,10 +129,10 @@ def plan_submission(bundle: Path, manifest: dict[str, Any], backend: str) -> lis
                 use_srun=False,
                 stderr_to_stdout=True,
                 # A job whose dependency failed is cancelled (DependencyNeverSatisfied)
-                # instead of waiting in the queue for ever; a requeued job (same id) appends
-                # to its log rather than truncating the first attempt's.
-                additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes",
-                                       "open-mode": "append"},
+                # instead of waiting in the queue for ever. (submitit appends to the log of a
+                # requeued job, and has Slurm send USR2 to every step before the time limit:
+                # the launch scripts ignore it.)
+                additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes"},
             )
             if res["gpus_per_node"]:
                 params["gpus_per_node"] = res["gpus_per_node"]

@@ -343,6 +343,9 @@ def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None,
     previous = None
     with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # submitit's --signal=USR2@90 reaches every job step before the time limit: a job
+        # that runs on to SIGTERM stops as cleanly as it can (the default would end it now).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         if ctx.outputs_complete() and not args.force:
             ctx.log.info("outputs exist, skipping (%s)",

@@ -431,6 +431,17 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         assert f"--container-mounts={mounts} --export=ALL,RLSPEC_IN_CONTAINER=1" in step, step
 
 
+def test_the_roles_outlive_submitits_usr2_before_the_time_limit(tmp_path: Path) -> None:
+    """submitit asks Slurm for USR2 on every step 90 s before the limit; the trainer and the
+    engines ignore it (its default action would end them)."""
+    out = write_bundle(compile_spec(EXAMPLES["compassmax-245b"]).files, tmp_path / "b")
+    survive = 'kill -USR2 $$ && touch "$RECORD/survived.$SLURMD_NODENAME.$$"; '
+    stubs = {**STUBS, "torchrun": survive + STUBS["torchrun"],
+             "vllm-python": STUBS["vllm-python"].replace("exit 0; ", "exit 0; " + survive, 1)}
+    record = _run_in_allocation(out, "rl", stubs, 24, tmp_path, roles=24)
+    assert len(list(record.glob("survived.*"))) == 24  # 8 engine nodes, 16 trainer nodes
+
+
 def test_245b_sft_runs_the_megatron_trainer_in_the_train_layout(tmp_path: Path) -> None:
     """With an sft section and train.backend megatron, the sft job starts torchrun on each of
     the 16 trainer nodes with the train layout's Megatron flags, the SFT's batch and learning

@@ -3,6 +3,9 @@
 # Do not edit: change the spec and run `rlspec compile` again.
 # One task per trainer node (SLURM_PROCID = trainer node index).
 set -euo pipefail
+# `rlspec submit` (submitit) has Slurm send SIGUSR2 to every job step 90 s before the time
+# limit; nothing here checkpoints on it, and its default action would end the step early.
+trap '' USR2
 JOB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=/dev/null
 source "$JOB_DIR/../../env.sh"

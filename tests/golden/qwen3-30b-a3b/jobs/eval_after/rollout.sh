@@ -4,6 +4,9 @@
 # One task per rollout node (SLURM_PROCID = rollout node index): starts its engine replicas.
 # Replica layout: 1 replica(s) of TP=2 × DP=4 = 8 gpu(s), 1 per node.
 set -euo pipefail
+# `rlspec submit` (submitit) has Slurm send SIGUSR2 to every job step 90 s before the time
+# limit; nothing here checkpoints on it, and its default action would end the step early.
+trap '' USR2
 JOB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=/dev/null
 source "$JOB_DIR/../../env.sh"
