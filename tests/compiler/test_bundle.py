@@ -431,6 +431,19 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
         assert f"--container-mounts={mounts} --export=ALL,RLSPEC_IN_CONTAINER=1" in step, step
 
 
+def test_a_role_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    """rlspec_stop: SIGTERM, then SIGKILL to what still runs (a task stuck in a collective
+    must not hold the allocation); a role that ends on SIGTERM is not waited on longer."""
+    out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
+    script = ("source lib.sh; sleep 300 & polite=$!; "
+              "bash -c 'trap \"\" TERM; sleep 300' & stuck=$!; sleep 0.2; "
+              "RLSPEC_STOP_GRACE_S=1 rlspec_stop \"$polite\" \"$stuck\"; wait; "
+              "kill -0 \"$stuck\" 2>/dev/null && echo stuck-alive || echo stuck-gone")
+    result = subprocess.run([BASH, "-c", script], cwd=out, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "stuck-gone", result.stdout + result.stderr
+
+
 def test_the_roles_outlive_submitits_usr2_before_the_time_limit(tmp_path: Path) -> None:
     """submitit asks Slurm for USR2 on every step 90 s before the limit; the trainer and the
     engines ignore it (its default action would end them)."""

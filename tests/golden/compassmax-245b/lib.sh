@@ -69,14 +69,32 @@ rlspec_wait_any() {
 }
 
 # rlspec_stop PID...: stop roles started in the background (`rlspec_run_on ... &`): each pid
-# and its children. Locally the role runs as a child of the background subshell, which a
-# plain kill would leave running; under Slurm the child is srun, which passes the signal on.
+# and its children get SIGTERM; what still runs RLSPEC_STOP_GRACE_S (60) seconds later gets
+# SIGKILL, so that a task stuck in a collective or on a file system does not hold the
+# allocation (under Slurm the job's end then takes its steps down). Locally the role runs as
+# a child of the background subshell, which a plain kill would leave running; under Slurm the
+# child is srun, which passes the signal on.
 rlspec_stop() {
-  local _pid
+  local _pid _left=${RLSPEC_STOP_GRACE_S:-60}
   for _pid in "$@"; do
     pkill -TERM -P "$_pid" 2>/dev/null || true
     kill -TERM "$_pid" 2>/dev/null || true
   done
+  while (( _left-- > 0 )) && rlspec_running "$@" >/dev/null; do sleep 1; done
+  for _pid in $(rlspec_running "$@"); do
+    pkill -KILL -P "$_pid" 2>/dev/null || true
+    kill -KILL "$_pid" 2>/dev/null || true
+  done
+}
+
+# rlspec_running PID...: those of PIDS (background jobs of this shell) still running (an
+# ended one not yet waited for is not); status 1 when none is.
+rlspec_running() {
+  local _pid _found=1
+  for _pid in $(jobs -rp); do
+    [[ " $* " == *" $_pid "* ]] && { echo "$_pid"; _found=0; }
+  done
+  return $_found
 }
 
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
