@@ -181,6 +181,21 @@ def rl_layout(spec: Spec, plan: Plan) -> dict[str, int | bool]:
 SERVED_ENTRIES = ("screen", "evaluate")
 
 
+def engine_settings(spec: Spec, plan: Plan, job: Job) -> dict[str, Any]:
+    """What a job's engines serve: the longest sequence its requests make (an evaluation's
+    eval.max_tokens, the RL job's in-run eval too) and whether they record routed experts
+    (R3 replays the RL job's only: recording costs generation speed, and a dense proxy
+    model could not serve it)."""
+    if job.entry == "evaluate":
+        longest = plan.eval_seq_len
+    elif job.entry == "rl" and spec.eval.every_steps > 0:
+        longest = max(plan.seq_len, plan.eval_seq_len)
+    else:
+        longest = plan.seq_len
+    return {"engine_len": longest,
+            "routed_experts": job.entry == "rl" and spec.router_replay.mode == "r3"}
+
+
 def job_config(spec_data: dict, plan: Plan, graph: JobGraph, job: Job) -> dict[str, Any]:
     """The runtime config of one job: all a job reads (runtime never imports the compiler)."""
     def paths(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -251,7 +266,7 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
         slurm = slurm_request(spec, job)
         requests[name] = slurm
         ctx = {"job": job, "slurm": slurm, "layout": layout, "policy_path": policy,
-               "megatron_path": megatron}
+               "megatron_path": megatron, **engine_settings(spec, plan, job)}
         folder = f"jobs/{name}"
         launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
         if job.entry == "sft" and spec.train.backend == "megatron":

@@ -705,7 +705,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     "Eval.every_steps": {"all": t(RL, "test_rl_job_stops_at_the_rollout_budget")},
     "Eval.samples": {"all": EVAL_JOB},  # 2 samples per prompt
     "Eval.temperature": {"all": EVAL_SAMPLING},
-    "Eval.max_tokens": {"all": ("check:run_level", EVAL_SAMPLING)},
+    "Eval.max_tokens": {"rollout:local": ("check:run_level", EVAL_SAMPLING),
+                        "rollout:vllm": ("check:run_level", EVAL_SAMPLING, t(
+                            BUNDLE, "test_each_jobs_engines_serve_its_longest_request_and_"
+                                    "record_experts_only_for_rl"))},
     # ------------------------------------------------------------------ export
     "Export.format": {"all": "doc"},  # Literal["hf"]: one value
     "Export.dtype": {"all": (t(EVAL, "test_export_converts_dtype_and_keeps_files"),

@@ -748,3 +748,23 @@ def test_embedded_rollout_replicas_per_node_follow_gpus_per_node(tmp_path: Path,
     assert endpoints == [f"http://{host}:{a[a.index('--port') + 1]}" for a in ports]
     assert [e.rsplit(":", 1)[1] for e in endpoints] == \
         [str(18000 + r) for r in range(gpus_per_node)]
+
+
+def test_each_jobs_engines_serve_its_longest_request_and_record_experts_only_for_rl() -> None:
+    """An eval's engines take eval.max_tokens (vLLM refuses a longer request than its
+    --max-model-len: the job failed at its first request); the RL job's too where it
+    evaluates in the run. Routed experts are recorded for R3 in the RL job only."""
+    files = compile_spec(EXAMPLES["compassmax-245b"],
+                         ["rollout.max_tokens=8192", "eval.max_tokens=30720"]).files
+    prompt = 2048  # data.max_prompt_tokens of the example
+
+    def flag(job: str, name: str) -> str | None:
+        args = files[f"jobs/{job}/rollout.sh"].split()
+        return args[args.index(name) + 1] if name in args else None
+
+    assert flag("screen", "--max-model-len") == str(prompt + 8192)
+    for job in ("eval_before", "eval_after", "rl"):  # the example evaluates every 50 steps
+        assert flag(job, "--max-model-len") == str(prompt + 30720), job
+    assert "--enable-return-routed-experts" in files["jobs/rl/rollout.sh"]
+    for job in ("screen", "eval_before", "eval_after"):
+        assert "--enable-return-routed-experts" not in files[f"jobs/{job}/rollout.sh"], job

@@ -51,7 +51,6 @@ fi
   --max-num-seqs 256 \
   --dtype bfloat16 \
   --seed 1234 \
-  --enable-return-routed-experts \
   "${EXTRA[@]}" &
 # An engine that dies takes the node's task down, and srun --kill-on-bad-exit the job step.
 # (A bare `wait -n`, bash 4.3+: the engines are this script's only children.)

@@ -39,11 +39,10 @@ for ((i = 0; i < 1; i++)); do
     --data-parallel-size 4 \
     --enable-expert-parallel \
     --gpu-memory-utilization 0.85 \
-    --max-model-len 9216 \
+    --max-model-len 17408 \
     --max-num-seqs 256 \
     --dtype bfloat16 \
     --seed 1234 \
-    --enable-return-routed-experts \
     "${EXTRA[@]}" &
 
 done
