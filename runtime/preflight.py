@@ -142,10 +142,34 @@ def checkpoint_mismatches(arch: Mapping[str, Any], cfg: Mapping[str, Any],
     return out
 
 
+def _proxy_mismatches(spec: Mapping[str, Any], cfg: Mapping[str, Any],
+                      cfg_file: str) -> Iterator[Refusal]:
+    """The screen's proxy model is another model than the policy: only what serving it in the
+    rollout layout needs is checked (its heads over the engines' TP, its positions over the
+    screen's prompt + response)."""
+    stage = next(i for i, s in enumerate(spec["filters"]) if s["type"] == "offline_pass_rate")
+    path = ("filters", stage, "proxy_model")
+    tp = int(spec["rollout"]["parallelism"]["tensor"]) if spec["rollout"]["engine"] == "vllm" else 1
+    heads = cfg.get("num_attention_heads")
+    if isinstance(heads, int) and heads % tp:
+        yield Refusal("checkpoint", path,
+                      f"the proxy model's num_attention_heads {heads} ({cfg_file}) is not a "
+                      f"multiple of the engines' tensor parallel size {tp}",
+                      "choose a proxy whose heads TP divides, or proxy_model: policy")
+    need = int(spec["data"]["max_prompt_tokens"]) + int(spec["rollout"]["max_tokens"])
+    positions = cfg.get("max_position_embeddings")
+    if isinstance(positions, int) and positions < need:
+        yield Refusal("checkpoint", path,
+                      f"the proxy model's max_position_embeddings {positions} ({cfg_file}) is "
+                      f"below the screen's max_prompt_tokens + max_tokens = {need}",
+                      "choose a proxy with a longer context, or proxy_model: policy")
+
+
 def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refusal]:
-    """An external HF checkpoint the job reads, compared with the spec where readable."""
+    """An external HF checkpoint the job reads, compared with the spec where readable (the
+    policy field by field; the screen's proxy model for what serving it needs)."""
     arch = config["spec"]["model"]["architecture"]
-    for art in (config.get("inputs") or {}).values():
+    for name, art in (config.get("inputs") or {}).items():
         if not art.get("external") or art.get("kind") != "hf_checkpoint":
             continue
         path = Path(str(art["path"]))
@@ -158,7 +182,9 @@ def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refus
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # not readable from here (e.g. a compute-node mount)
             continue
-        if isinstance(cfg, dict):
+        if isinstance(cfg, dict) and name == "proxy_model":
+            yield from _proxy_mismatches(config["spec"], cfg, str(cfg_file))
+        elif isinstance(cfg, dict):
             yield from checkpoint_mismatches(arch, cfg, str(cfg_file))
 
 

@@ -408,3 +408,26 @@ def test_more_nodes_are_refused_only_where_one_task_runs() -> None:
 
     assert rules(["train.nodes=2"]) == {"embedded_trainer_nodes"}
     assert rules([*CPU_MEGATRON, "train.nodes=2", "rollout.nodes=2", "filters[0].nodes=2"]) == set()
+
+
+def test_a_smaller_proxy_model_is_checked_for_serving_not_against_the_policy(
+        tmp_path: Path) -> None:
+    """The screen's proxy is another model: a different architecture is its point. What it
+    must meet is the engines' layout (heads over the rollout TP 8) and the screen's length."""
+    big = EXAMPLES / "compassmax-245b.yaml"
+    proxy = tmp_path / "proxy"
+    proxy.mkdir()
+    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_hidden_layers": 4,
+              "hidden_size": 512, "num_attention_heads": 16, "num_key_value_heads": 4,
+              "max_position_embeddings": 40960, "vocab_size": 151936}
+    (proxy / "config.json").write_text(json.dumps(config))
+    compile_spec(big, [f"filters[0].proxy_model={proxy}"])  # no refusal: it can be served
+    (proxy / "config.json").write_text(json.dumps({**config, "num_attention_heads": 12,
+                                                   "max_position_embeddings": 4096}))
+    with pytest.raises(SpecError) as err:
+        compile_spec(big, [f"filters[0].proxy_model={proxy}"])
+    messages = sorted(p.message for p in err.value.problems if p.path == ("filters", 0, "proxy_model"))
+    assert len(messages) == 2, err.value
+    assert messages[0].startswith("the proxy model's max_position_embeddings 4096")
+    assert messages[1].startswith("the proxy model's num_attention_heads 12")
+    assert "tensor parallel size 8" in messages[1]
