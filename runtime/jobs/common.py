@@ -272,6 +272,12 @@ class JobContext:
         return float(os.environ.get("RLSPEC_STARTUP_TIMEOUT")
                      or self.model_spec.system.startup_timeout_s)
 
+    @property
+    def rollout_timeout_s(self) -> float:
+        """How long one generation request may take before it is retried on another replica
+        (RLSPEC_ROLLOUT_TIMEOUT; 600 s): raise it for long responses at low throughput."""
+        return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
+
     def section(self, dotted: str) -> Any:
         """``spec`` value at a dotted path (``"data.generator"``); a JobError if absent."""
         node: Any = self.spec

@@ -70,7 +70,8 @@ def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
     if ctx.spec["rollout"]["engine"] == "vllm":
         from runtime.rollout.remote import RemoteEngine, engine_endpoints
 
-        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s)
+        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s,
+                            request_timeout_s=ctx.rollout_timeout_s)
     import torch
 
     from runtime.devices import job_device

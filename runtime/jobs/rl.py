@@ -18,7 +18,6 @@ A restart resumes after the last complete step (``runtime.driver`` module doc).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -59,7 +58,7 @@ def run(ctx: JobContext) -> None:
     die_with_parent()
     endpoints = rollout_endpoints()
     ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
-    client = RolloutClient(endpoints, timeout_s=float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT", 600)))
+    client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s)
     try:
         driver = RLDriver(ctx, client=client)
         summary = driver.run()

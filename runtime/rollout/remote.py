@@ -38,12 +38,12 @@ class RemoteEngine:
     """``LocalEngine``'s sampling interface over ``vllm serve`` replicas of ``model_dir``."""
 
     def __init__(self, model_dir: Path, endpoints: Sequence[str], *,
-                 startup_timeout_s: float) -> None:
+                 startup_timeout_s: float, request_timeout_s: float) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.client = RolloutClient(endpoints)
+        self.client = RolloutClient(endpoints, timeout_s=request_timeout_s)
         # every replica must serve this job's checkpoint (not a stale engine on the port)
         self.client.wait_ready(timeout=startup_timeout_s, model_root=str(self.model_dir))
 
