@@ -164,7 +164,7 @@ class RLDriver:
 
     def _new_state(self) -> DriverState:
         from runtime.filters import build_pipeline
-        from runtime.filters.offline_pass_rate import ScreenResult
+        from runtime.prompts import screened_prompts
         from runtime.rewards import build_reward
 
         reward = build_reward(self.spec["reward"])
@@ -173,23 +173,7 @@ class RLDriver:
                                   group_size=int(self.rollout["n"]),
                                   max_tokens=int(self.rollout["max_tokens"]), seed=seed,
                                   reward_range=reward.reward_range)
-        prompt_ids = list(self.rows)
-        screen_path = None
-        if "pass_rates" in self.ctx.inputs:
-            ref = self.ctx.input_path("pass_rates", check=False)
-            if (ref / ".complete").is_file():
-                found = sorted(ref.glob("*.jsonl"))
-                screen_path = found[0] if found else None
-            else:
-                self.log.warning("input pass_rates (%s) is missing or incomplete: RL runs "
-                                 "without the offline screen", ref)
-        if screen_path is not None:
-            result = ScreenResult.read_jsonl(screen_path)
-            survivors = pipeline.load_screen(result)
-            known = set(self.rows)
-            prompt_ids = [p for p in survivors if p in known] or prompt_ids
-            self.log.info("screen %s: %d of %d prompts survive", screen_path, len(prompt_ids),
-                          len(result.prompt_ids))
+        prompt_ids = screened_prompts(self.ctx, pipeline, list(self.rows), self.log)
         stream = prompt_stream(self.spec, prompt_ids)
         return DriverState(pipeline=pipeline, stream=stream,
                            numpy_rng=np.random.default_rng(seed), lengths=self._predictor())

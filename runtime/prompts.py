@@ -91,3 +91,35 @@ def drop_overlong(rows: Mapping[Any, dict[str, Any]], tokenizer: Any, data: Mapp
 def eval_max_tokens(spec: dict[str, Any]) -> int:
     """``eval.max_tokens``; unset (None) means ``rollout.max_tokens``, as the model says."""
     return int(spec["eval"]["max_tokens"] or spec["rollout"]["max_tokens"])
+
+
+def screened_prompts(ctx: Any, pipeline: Any, prompt_ids: list[Any],
+                     log: logging.Logger) -> list[Any]:
+    """The train split's prompts RL draws from: those the offline screen (input
+    ``pass_rates``) kept, loaded into ``pipeline``; all of them without a screen. A screen
+    that kept none is an error, never all prompts instead."""
+    from runtime.filters.offline_pass_rate import ScreenResult
+
+    if "pass_rates" not in ctx.inputs:
+        return prompt_ids
+    ref = ctx.input_path("pass_rates", check=False)
+    found = sorted(ref.glob("*.jsonl")) if (ref / ".complete").is_file() else []
+    if not found:
+        log.warning("input pass_rates (%s) is missing or incomplete: RL runs without the "
+                    "offline screen", ref)
+        return prompt_ids
+    result = ScreenResult.read_jsonl(found[0])
+    survivors = pipeline.load_screen(result)
+    known = set(prompt_ids)
+    kept = [p for p in survivors if p in known]
+    if not kept:
+        raise JobError(f"the screen {found[0]} kept no prompt of the train split "
+                       f"({len(survivors)} survivors, none among its {len(known)} prompts): "
+                       "nothing to train on; widen the offline_pass_rate stage's "
+                       "min_pass_rate / max_pass_rate")
+    unscreened = len(known - set(result.prompt_ids))
+    if unscreened:
+        log.warning("%d prompt(s) of the train split were not screened (the proxy model's "
+                    "tokenizer found them too long): RL leaves them out", unscreened)
+    log.info("screen %s: %d of %d prompts survive", found[0], len(kept), len(result.prompt_ids))
+    return kept

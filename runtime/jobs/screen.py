@@ -22,7 +22,7 @@ node (task rank
 and writes their scores to ``artifacts/.<output>.shards-<SLURM_JOB_ID>/shard-<r>.json``
 (with a fingerprint of what it screened); task 0 waits for every shard, merges them and
 writes the output. Sample j of a prompt is seeded ``train.seed + j`` whatever its batch, so
-the pass rates do not depend on the number of nodes. (The local scheduler starts one task:
+the seeds do not depend on the number of nodes (vLLM's batch mix can still flip a near-tie). (The local scheduler starts one task:
 ``runtime.capabilities.screen_nodes`` refuses ``nodes > 1`` there.)
 
 Output ``pass_rates`` (atomic): ``pass_rates.jsonl`` (``ScreenResult.write_jsonl``: a meta

@@ -26,10 +26,10 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
   that still answers ``/health`` (slow, not dead), is retried elsewhere too, without marking
   the endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
 
-A seeded request is reproducible however the prompts are spread: vLLM and our
-engine seed every prompt of a request alike (sample j uses seed + j), so the
-split into endpoints and chunks does not change what is sampled. With a seed, all
-prompts share one random stream; leave ``seed`` unset for independent draws.
+Seeds do not depend on how the prompts are spread: vLLM and our engine seed every prompt
+alike (sample j uses seed + j), so our engine samples the same whatever the split (vLLM's
+batch mix can still flip near-tied tokens). With a seed, all prompts share one random
+stream; leave ``seed`` unset for independent draws.
 
 Weight updates follow vLLM's sequence on every endpoint: (pause) →
 ``/start_weight_update`` → ``/update_weights`` → ``/finish_weight_update`` with the
