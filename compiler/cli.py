@@ -144,6 +144,7 @@ def inspect(
     """Show the plan: derived sizes, budgets, memory, the graph, or one job's files."""
     from compiler import inspect as view
     from compiler.api import compile_spec
+    from compiler.inputs import bundle_input_overrides
 
     if graph not in (None, "tree", "dot", "png"):
         raise _fail(f"--graph takes tree, dot or png, not {graph!r}", EXIT_BAD_INPUT)
@@ -162,6 +163,8 @@ def inspect(
             raise _fail(str(exc), exc.exit_code) from None
         spec_path, overrides = target / "spec.yaml", manifest["overrides"] + overrides
     try:  # the plan of a layout the runtime refuses is shown too, the refusals after it
+        if target.is_dir():  # its inputs where its compile anchored them
+            overrides += bundle_input_overrides(target, overrides)
         compiled = compile_spec(spec_path, overrides, preflight=False)
     except SpecError as exc:
         raise _report_spec_error(exc) from None

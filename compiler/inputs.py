@@ -19,7 +19,7 @@ from typing import Any
 from spec.errors import Problem
 from spec.models import OfflinePassRate, Spec
 
-__all__ = ["anchored", "missing_inputs", "unmounted_inputs"]
+__all__ = ["anchored", "bundle_input_overrides", "missing_inputs", "unmounted_inputs"]
 
 
 def _inputs(spec: Spec) -> Iterator[tuple[tuple[Any, ...], str, str]]:
@@ -98,3 +98,23 @@ def unmounted_inputs(spec: Spec) -> list[Problem]:
                 "not see it, unless the image holds it",
                 "add its folder to cluster.container.mounts (SRC:DST)", severity="warning"))
     return problems
+
+
+def bundle_input_overrides(bundle: Path, overrides: list[str]) -> list[str]:
+    """``--set`` overrides that give a bundle's ``spec.yaml`` (the user's text, relative paths
+    and all; with the bundle's ``overrides``) the input paths its compile anchored, from its
+    ``spec.resolved.yaml``: a bundle is read where it lies, not where its spec was."""
+    import yaml
+
+    from spec.loader import load_spec
+
+    source = load_spec(bundle / "spec.yaml", overrides)
+    resolved = yaml.safe_load((bundle / "spec.resolved.yaml").read_text(encoding="utf-8"))
+    sets = []
+    for path, _, _ in _inputs(source.spec):
+        value: Any = resolved
+        for part in path:
+            value = value[part]
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+        sets.append(f"{key}='{str(value).replace(chr(39), chr(39) * 2)}'")
+    return sets

@@ -190,7 +190,8 @@ class RLDriver:
                 if stale.exists():
                     import shutil
 
-                    shutil.rmtree(stale)
+                    # a trainer started meanwhile may be writing its sender's record there
+                    shutil.rmtree(stale, ignore_errors=True)
             self.paths.metrics.unlink(missing_ok=True)
             return self._new_state()
         self.log.info("resuming after step %d (state %s)", state.step, self.paths.state)

@@ -72,22 +72,15 @@ def process_record() -> dict[str, object]:
     return {"pid": me.pid, "started": me.create_time(), "host": socket.gethostname()}
 
 
-def record_alive(record: dict[str, object], what: str = "process", *,
-                 fresh_within: float | None = None) -> str:
+def record_alive(record: dict[str, object], what: str = "process") -> str:
     """Why the process of a ``process_record`` cannot be reached from here ("" while it
-    lives). On this node its pid says; on another, only a record its process refreshes
-    (``record["time"]``, within ``fresh_within`` seconds) says it lives."""
+    lives on this node)."""
     import socket
-    import time
 
     import psutil
 
     if record["host"] != socket.gethostname():
-        if fresh_within is None:
-            return f"the {what} runs on {record['host']}, not on this node"
-        age = time.time() - float(record.get("time", 0.0))  # type: ignore[arg-type]
-        return "" if age <= fresh_within else (
-            f"the {what} on {record['host']} has not refreshed its record for {age:.0f} s")
+        return f"the {what} runs on {record['host']}, not on this node"
     try:
         alive = psutil.Process(int(record["pid"])).create_time() == record["started"]
     except psutil.Error:

@@ -36,12 +36,15 @@ _SECRET_PARTS = ("SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE")
 # token's path, the auth server's URL): its value is no secret. A URL that carries one is
 # refused by `url_password` / `credential` anyway.
 _POINTERS = frozenset({"FILE", "PATH", "DIR", "URL", "SOCK", "SOCKET"})
+# Well-known variables whose value is the path of a credentials file, not the credential.
+_PATH_VARIABLES = frozenset({"GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE"})
 
 
 def secret_word(name: str) -> str | None:
     """The word of an environment variable's name that says it holds a secret, or None."""
     words = [w for w in name.upper().split("_") if w]
-    if not words or words[-1] in _POINTERS or name.upper() == "PWD":  # $PWD is a directory
+    if (not words or words[-1] in _POINTERS or name.upper() == "PWD"  # $PWD is a directory
+            or name.upper() in _PATH_VARIABLES):
         return None
     for word in words:
         if (word in _SECRET_WORDS or word.endswith(_SECRET_SUFFIXES)

@@ -37,6 +37,7 @@ import contextlib
 import datetime
 import json
 import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -152,7 +153,8 @@ class BroadcastSender:
         from runtime.files import atomic_write_json
 
         with self._record_lock:
-            if self._stopping.is_set():
+            # not into a folder the run's end (or a fresh run's driver) has removed
+            if self._stopping.is_set() or not self.exchange.is_dir():
                 return
             with contextlib.suppress(OSError):  # the exchange folder is being replaced
                 atomic_write_json(self.exchange / SENDER_FILE, {**self._record, "time": time.time()})
@@ -251,6 +253,8 @@ class BroadcastWeightTransfer(WeightTransfer):
         self.routes: Counter[str] = Counter()  # pushes by route: "broadcast" / "disk"
         self._joined: tuple[str, tuple[str, ...]] | None = None  # (session, endpoints)
         self._store: Any = None
+        self._clock = time.monotonic
+        self._seen: tuple[Any, float] = (None, 0.0)  # a remote record's stamp, seen when
 
     def _sender(self) -> tuple[dict[str, Any] | None, str]:
         """The trainer's live sender, or None and why there is none."""
@@ -262,8 +266,22 @@ class BroadcastWeightTransfer(WeightTransfer):
             return None, "the trainer has no weight sender running"
         if sender.get("error"):
             return None, f"the trainer's weight sender failed: {sender['error']}"
-        why = record_alive(sender, "trainer that would send it", fresh_within=SENDER_STALE_S)
+        if sender["host"] != socket.gethostname():
+            return self._remote(sender)
+        why = record_alive(sender, "trainer that would send it")
         return (None, why) if why else (sender, "")
+
+    def _remote(self, sender: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """A sender on another node lives while its record keeps changing, timed by this
+        process's clock (the nodes' clocks may differ)."""
+        now, stamp = self._clock(), (sender["session"], sender.get("time"))
+        if stamp != self._seen[0]:
+            self._seen = (stamp, now)
+        age = now - self._seen[1]
+        if age > SENDER_STALE_S:
+            return None, (f"the trainer's weight sender on {sender['host']} has not refreshed "
+                          f"its record for {age:.0f} s")
+        return sender, ""
 
     def _gone(self, session: str) -> Callable[[], str]:
         def why() -> str:

@@ -432,15 +432,20 @@ def test_245b_rl_job_splits_nodes_and_launches_every_role(tmp_path: Path) -> Non
 
 
 def test_a_role_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
-    """rlspec_stop: SIGTERM, then SIGKILL to what still runs (a task stuck in a collective
-    must not hold the allocation); a role that ends on SIGTERM is not waited on longer."""
+    """rlspec_stop, on roles started as the launch scripts start them (`rlspec_run_on ... &`:
+    the pid is the background subshell, the role its child): SIGTERM, then SIGKILL to what
+    still runs (a task stuck in a collective must not hold the allocation)."""
     out = write_bundle(compile_spec(EXAMPLES["tiny"]).files, tmp_path / "b")
-    script = ("source lib.sh; sleep 300 & polite=$!; "
-              "bash -c 'trap \"\" TERM; sleep 300' & stuck=$!; sleep 0.2; "
+    script = ("source \"$BUNDLE/lib.sh\"; "
+              "rlspec_run_on 127.0.0.1 1 sleep 300 & polite=$!; "
+              "rlspec_run_on 127.0.0.1 1 bash -c 'trap \"\" TERM; echo $$ > stuck.pid; "
+              "exec sleep 300' & stuck=$!; "
+              "for ((i = 0; i < 100; i++)); do [[ -s stuck.pid ]] && break; sleep 0.1; done; "
               "RLSPEC_STOP_GRACE_S=1 rlspec_stop \"$polite\" \"$stuck\"; wait; "
-              "kill -0 \"$stuck\" 2>/dev/null && echo stuck-alive || echo stuck-gone")
-    result = subprocess.run([BASH, "-c", script], cwd=out, capture_output=True, text=True,
-                            timeout=60)
+              # gone, or a zombie its new parent has not reaped yet (a container's init may not)
+              "rlspec_alive \"$(cat stuck.pid)\" && echo stuck-alive || echo stuck-gone")
+    result = subprocess.run([BASH, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "BUNDLE": str(out)})
     assert result.stdout.strip().splitlines()[-1] == "stuck-gone", result.stdout + result.stderr
 
 

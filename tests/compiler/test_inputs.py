@@ -85,3 +85,16 @@ def test_a_slurm_input_the_container_would_not_see_is_a_warning() -> None:
                                       "cluster.container.mounts (/lustre:/lustre)")
     assert not [w for w in validate(big, (f"data.train={Path.home()}/x.jsonl",)).warnings
                 if w.path == ("data", "train")]
+
+
+def test_inspect_of_a_bundle_reads_the_inputs_where_its_compile_anchored_them(
+        spec_dir: Path, tmp_path: Path) -> None:
+    """The bundle's spec.yaml is the user's text, relative paths and all: read from the
+    bundle, they would point into it (a local run's inputs then 'missing')."""
+    from tests.compiler.test_cli import cli
+
+    out = write_bundle(compile_spec(spec_dir / "spec.yaml", USER_DATA).files,
+                       tmp_path / "elsewhere" / "bundle")
+    result = cli("inspect", out, "--job", "screen")
+    assert result.exit_code == 0, result.output
+    assert str((spec_dir / "d" / "train.jsonl").resolve()) in result.stdout

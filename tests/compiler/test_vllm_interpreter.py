@@ -65,5 +65,27 @@ def test_an_interpreter_without_vllm_is_refused_with_the_way_out(lib_sh: Path,
                                                                  tmp_path: Path) -> None:
     out = resolve(lib_sh, tmp_path, {"RLSPEC_PYTHON": sys.executable}, has_vllm=False)
     assert out.returncode == 2 and out.stdout == ""
-    assert f"{sys.executable} has no vllm package" in out.stderr
+    assert f"no vllm package in {sys.executable}" in out.stderr
     assert "set RLSPEC_VLLM_PYTHON" in out.stderr
+
+
+def test_pips_trampoline_for_a_spaced_path_is_read(lib_sh: Path, tmp_path: Path) -> None:
+    """pip writes `#!/bin/sh` and an exec line when the venv's path has a space or is long."""
+    spaced = tmp_path / "my venv"
+    spaced.mkdir()
+    (spaced / "python").symlink_to(sys.executable)
+    quotes = "'" * 3
+    trampoline = f'/bin/sh\n{quotes}exec\' "{spaced}/python" "$0" "$@"\n\' {quotes}'
+    out = resolve(lib_sh, tmp_path, {"RLSPEC_PYTHON": "/nonexistent"}, vllm_shebang=trampoline)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{spaced}/python"
+
+
+def test_a_vllm_command_without_the_package_falls_back_to_the_runtime(
+        lib_sh: Path, tmp_path: Path) -> None:
+    wrapper = tmp_path / "wrapper-python"
+    wrapper.write_text("#!/bin/sh\nexit 1\n")  # a wrapper of some other python
+    wrapper.chmod(0o755)
+    out = resolve(lib_sh, tmp_path, {"RLSPEC_PYTHON": sys.executable},
+                  vllm_shebang=str(wrapper))
+    assert out.returncode == 0 and out.stdout.strip() == sys.executable, out.stderr

@@ -213,21 +213,24 @@ def _until(condition, what: str, timeout_s: float = 30.0) -> None:
 
 
 def test_a_sender_on_another_node_is_alive_while_its_record_is_fresh(tmp_path: Path) -> None:
-    """Trainer and driver on different nodes (Slurm): no pid to check, only the record's time."""
-    import time
-
+    """Trainer and driver on different nodes (Slurm): no pid to check, only whether the
+    record keeps changing, timed by the driver's own clock (the nodes' clocks may differ)."""
     from runtime.rollout.broadcast_transfer import SENDER_STALE_S
 
     transfer = BroadcastWeightTransfer(tmp_path, DiskWeightTransfer("local"))
-    record = {"pid": 7, "started": 0.0, "host": "trainer-node-7", "session": "s"}
-    (tmp_path / SENDER_FILE).write_text(json.dumps({**record, "time": time.time()}))
-    assert transfer._sender() == ({**record, "time": pytest.approx(time.time(), abs=60)}, "")
-    (tmp_path / SENDER_FILE).write_text(json.dumps(
-        {**record, "time": time.time() - SENDER_STALE_S - 5}))
+    now = [1000.0]
+    transfer._clock = lambda: now[0]
+    record = {"pid": 7, "started": 0.0, "host": "trainer-node-7", "session": "s",
+              "time": 5.0}  # another node's clock: far from this one's
+    (tmp_path / SENDER_FILE).write_text(json.dumps(record))
+    assert transfer._sender() == (record, "")
+    now[0] += SENDER_STALE_S + 5  # the record has not changed since
     sender, why = transfer._sender()
     assert sender is None
-    assert why.startswith("the trainer that would send it on trainer-node-7 has not refreshed "
-                          "its record for 3")
+    assert why == (f"the trainer's weight sender on trainer-node-7 has not refreshed its "
+                   f"record for {SENDER_STALE_S + 5:.0f} s")
+    (tmp_path / SENDER_FILE).write_text(json.dumps({**record, "time": 7.0}))  # refreshed
+    assert transfer._sender()[0] is not None
 
 
 def test_the_sender_keeps_its_record_when_a_fresh_run_clears_the_folder(tmp_path: Path) -> None:
@@ -239,7 +242,10 @@ def test_the_sender_keeps_its_record_when_a_fresh_run_clears_the_folder(tmp_path
     sender = BroadcastSender(exchange, "127.0.0.1", timeout_s=30)
     transfer = BroadcastWeightTransfer(exchange, DiskWeightTransfer("local"))
     try:
-        shutil.rmtree(exchange)
+        with sender._record_lock:  # not in the middle of a refresh
+            shutil.rmtree(exchange)
+        sender._refresh()  # the run's end removes the folder: the record does not bring it back
+        assert not exchange.exists()
         exchange.mkdir()
         _until(lambda: transfer._sender()[0] is not None, "sender record again")
         assert transfer._sender()[0]["session"] == sender.session

@@ -364,7 +364,7 @@ def test_common_variables_are_no_secrets(write_spec) -> None:
         "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL",
         "TRANSFORMERS_OFFLINE", "VLLM_ATTENTION_BACKEND", "MAX_JOBS", "KEYBOARD_LAYOUT",
         "MONKEY", "GIT_AUTHOR_NAME", "NUM_PASSES", "HF_TOKEN_PATH", "SSL_KEY_FILE",
-        "SSH_AUTH_SOCK", "PWD",
+        "SSH_AUTH_SOCK", "PWD", "GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE",
     ], "false")
     assert load_spec(write_spec(env_spec(env))).spec.cluster.env == env
 

@@ -69,32 +69,33 @@ rlspec_wait_any() {
 }
 
 # rlspec_stop PID...: stop roles started in the background (`rlspec_run_on ... &`): each pid
-# and its children get SIGTERM; what still runs RLSPEC_STOP_GRACE_S (60) seconds later gets
-# SIGKILL, so that a task stuck in a collective or on a file system does not hold the
-# allocation (under Slurm the job's end then takes its steps down). Locally the role runs as
-# a child of the background subshell, which a plain kill would leave running; under Slurm the
-# child is srun, which passes the signal on.
+# (the background subshell) and its children (srun, or locally the role itself) get SIGTERM;
+# those still running RLSPEC_STOP_GRACE_S (60) seconds later get SIGKILL, so that a task
+# stuck in a collective or on a file system does not hold the allocation (under Slurm the
+# job's end then takes its steps down). srun passes the signal on to its tasks.
 rlspec_stop() {
-  local _pid _left=${RLSPEC_STOP_GRACE_S:-60}
+  local _pid _left=${RLSPEC_STOP_GRACE_S:-60} _procs=()
   for _pid in "$@"; do
-    pkill -TERM -P "$_pid" 2>/dev/null || true
+    _procs+=("$_pid")
+    mapfile -t -O "${#_procs[@]}" _procs < <(pgrep -P "$_pid" 2>/dev/null || true)
+  done
+  for _pid in "${_procs[@]}"; do
     kill -TERM "$_pid" 2>/dev/null || true
   done
-  while (( _left-- > 0 )) && rlspec_running "$@" >/dev/null; do sleep 1; done
-  for _pid in $(rlspec_running "$@"); do
-    pkill -KILL -P "$_pid" 2>/dev/null || true
-    kill -KILL "$_pid" 2>/dev/null || true
+  while (( _left-- > 0 )) && rlspec_alive "${_procs[@]}"; do sleep 1; done
+  for _pid in "${_procs[@]}"; do
+    if rlspec_alive "$_pid"; then kill -KILL "$_pid" 2>/dev/null || true; fi
   done
 }
 
-# rlspec_running PID...: those of PIDS (background jobs of this shell) still running (an
-# ended one not yet waited for is not); status 1 when none is.
-rlspec_running() {
-  local _pid _found=1
-  for _pid in $(jobs -rp); do
-    [[ " $* " == *" $_pid "* ]] && { echo "$_pid"; _found=0; }
+# rlspec_alive PID...: status 0 while one of PIDS runs (an ended child this shell has not
+# waited for yet is a zombie, not running).
+rlspec_alive() {
+  local _pid _state
+  for _pid in "$@"; do
+    _state=$(ps -o stat= -p "$_pid" 2>/dev/null) && [[ $_state != Z* ]] && return 0
   done
-  return $_found
+  return 1
 }
 
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
@@ -104,23 +105,36 @@ rlspec_join() {
 }
 
 # rlspec_vllm_python: the interpreter of vLLM's environment, found where the engines start
-# (inside the container on Slurm): RLSPEC_VLLM_PYTHON if set, else the interpreter of the
-# `vllm` command on PATH (its shebang: the runtime image keeps vLLM in its own venv), else
-# RLSPEC_PYTHON. Status 2, and why, when that interpreter has no vllm package.
+# (inside the container on Slurm): RLSPEC_VLLM_PYTHON if set; else the first of the `vllm`
+# command's interpreter (its shebang, or pip's /bin/sh trampoline for a long or spaced path:
+# the runtime image keeps vLLM in its own venv) and RLSPEC_PYTHON that has the vllm package.
+# Status 2, and why, when none has it.
 rlspec_vllm_python() {
-  local py=${RLSPEC_VLLM_PYTHON:-} cmd line
-  if [[ -z $py ]] && cmd=$(command -v vllm) && IFS= read -r line < "$cmd" && [[ $line == '#!'* ]]; then
-    py=${line#'#!'}
-    [[ $py == '/usr/bin/env '* ]] && py=${py#'/usr/bin/env '}
-    py=${py%% *}
+  local py cmd line tried=()
+  if [[ -n ${RLSPEC_VLLM_PYTHON:-} ]]; then
+    tried=("$RLSPEC_VLLM_PYTHON")
+  else
+    if cmd=$(command -v vllm) && IFS= read -r line < "$cmd" && [[ $line == '#!'* ]]; then
+      py=${line#'#!'}
+      [[ $py == '/usr/bin/env '* ]] && py=${py#'/usr/bin/env '}
+      if [[ $py == /bin/sh ]]; then  # pip's trampoline: '''exec' "PYTHON" "$0" "$@"
+        py=$(sed -n "2s/^'''exec' \"\([^\"]*\)\".*/\1/p" "$cmd")
+      else
+        py=${py%% *}
+      fi
+      [[ -n $py ]] && tried+=("$py")
+    fi
+    tried+=("$RLSPEC_PYTHON")
   fi
-  py=${py:-$RLSPEC_PYTHON}
-  if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' 2>/dev/null; then
-    echo "rollout.engine vllm: $py has no vllm package; set RLSPEC_VLLM_PYTHON to the" \
-      "interpreter of vLLM's environment (or put its vllm command on PATH)" >&2
-    return 2
-  fi
-  echo "$py"
+  for py in "${tried[@]}"; do
+    if "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("vllm") is None)' 2>/dev/null; then
+      echo "$py"
+      return 0
+    fi
+  done
+  echo "rollout.engine vllm: no vllm package in ${tried[*]}; set RLSPEC_VLLM_PYTHON to the" \
+    "interpreter of vLLM's environment (or put its vllm command on PATH)" >&2
+  return 2
 }
 
 # rlspec_log JOB MESSAGE: a timestamped line on stderr.
