@@ -111,6 +111,7 @@ def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
     from runtime.megatron.args import parse_megatron_args, train_settings
     from runtime.megatron.engine import MegatronTrainer
     from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.parallel import destroy_parallel
     from runtime.megatron.setup import build_policy
     from runtime.megatron.sft import sft_batch, sft_step
     from runtime.policy import load_policy, policy_from_state_dict, save_policy
@@ -135,6 +136,9 @@ def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
         if policy.main:
             _log_step(ctx, step, steps, loss)
     full = gather_full_state_dict(policy.module)  # collective
+    # The groups go before the interpreter does: a gloo group left to its destructor at exit
+    # can abort the process ("terminate called without an active exception"), a failed job.
+    destroy_parallel()
     if policy.main:
         model = policy_from_state_dict(policy.hf_config, megatron_to_hf(full, policy.hf_config))
         save_policy(model, policy.tokenizer, ctx.output_path("policy_sft"), job=ctx.job,
