@@ -94,7 +94,10 @@ def _carry(out: Path, tmp: Path, keep: list[str], files: dict[str, str]) -> list
     return moved
 
 
-def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = False) -> Path:
+def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = False,
+                 kept: list[str] | None = None) -> Path:
+    """Write ``files`` as the bundle ``out_dir`` (module doc); with ``kept``, a list, the
+    paths carried over from the bundle it replaced are appended to it."""
     if not str(out_dir).strip():  # Path("") is ".": an empty -o would replace the cwd
         raise BundleInputError("the output directory is empty; name one, e.g. -o bundles/run1")
     # Resolved first: `-o .` (or `..`) names the directory by its real name, which the
@@ -125,6 +128,8 @@ def write_bundle(files: dict[str, str], out_dir: str | Path, *, force: bool = Fa
         os.chmod(tmp, 0o755)
         if out.exists():
             moved = _carry(out, tmp, foreign_paths(out), files)
+            if kept is not None:
+                kept.extend(moved)
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             try:

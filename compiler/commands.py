@@ -35,13 +35,12 @@ def validate_command(spec: Path, overrides: Sequence[str]) -> int:
 
 def compile_command(spec: Path, output: str | Path, overrides: Sequence[str], force: bool) -> int:
     from compiler.api import compile_spec
-    from compiler.bundle import MANIFEST, BundleError, foreign_paths, write_bundle
+    from compiler.bundle import BundleError, write_bundle
 
+    kept: list[str] = []
     try:
         compiled = compile_spec(spec, list(overrides))
-        target = Path(output).resolve() if str(output).strip() else None
-        kept = foreign_paths(target) if force and target and (target / MANIFEST).is_file() else []
-        write_bundle(compiled.files, output, force=force)
+        write_bundle(compiled.files, output, force=force, kept=kept)
     except SpecError as exc:
         _err(exc.format())
         return exc.exit_code

@@ -64,11 +64,10 @@ class EditedTrainSh:
     unchecked: list[str]  # flags that differ which no spec key renders
 
 
-def _flags(text: str, module: str, checkpoints: bool) -> dict[str, Any]:
-    from runtime.megatron.args import parse_megatron_args
-    from runtime.preflight import trainer_argv
+def _flags(text: str, entry: str) -> dict[str, Any]:
+    from runtime.preflight import train_sh_args
 
-    flags = vars(parse_megatron_args(trainer_argv(text, module), checkpoints=checkpoints))
+    flags = vars(train_sh_args(text, entry))
     flags.update({m.group(1).replace("-", "_"): int(m.group(2)) for m in LAUNCHER.finditer(text)})
     return flags
 
@@ -86,9 +85,8 @@ def check_edited_train_sh(resolved: Path, job: str, entry: str, edited: str,
     from runtime.megatron.args import MegatronArgsError
 
     rl = entry == "rl"
-    module = "runtime.jobs.train" if rl else "runtime.jobs.sft"
     try:
-        mine, theirs = _flags(edited, module, rl), _flags(rendered, module, rl)
+        mine, theirs = _flags(edited, entry), _flags(rendered, entry)
     except MegatronArgsError:  # the preflight says which flag does not parse
         return EditedTrainSh(job, {}, [], [])
     changed = {flag: value for flag, value in mine.items() if theirs.get(flag) != value}

@@ -31,7 +31,7 @@ from runtime.capabilities import ARCH, Refusal
 from runtime.errors import JobError
 
 __all__ = ["checkpoint_mismatches", "preflight_bundle", "preflight_context", "preflight_job",
-           "trainer_argv"]
+           "train_sh_args", "trainer_argv"]
 
 # A job's sibling file in the bundle (``jobs/<job>/<name>``), or None when absent.
 JobFile = Callable[[str], "str | None"]
@@ -52,20 +52,29 @@ def trainer_argv(train_sh: str, module: str = "runtime.jobs.train") -> list[str]
     return shlex.split(" ".join(lines))
 
 
+def train_sh_args(train_sh: str, entry: str) -> Any:
+    """The Megatron trainer's parsed flags of a rendered ``train.sh``: the RL job's trainer
+    (``entry`` rl) or the SFT's. ``MegatronArgsError`` when one does not parse."""
+    from runtime.megatron.args import parse_megatron_args
+
+    rl = entry == "rl"
+    return parse_megatron_args(
+        trainer_argv(train_sh, "runtime.jobs.train" if rl else "runtime.jobs.sft"), checkpoints=rl)
+
+
 def _train_flags(config: Mapping[str, Any], job_file: JobFile) -> Iterator[Refusal]:
     """The Megatron trainer's flags (the RL job's, or the SFT job's) parse, and describe a
     layout it runs."""
-    from runtime.megatron.args import MegatronArgsError, parse_megatron_args
+    from runtime.megatron.args import MegatronArgsError
 
-    job, rl = str(config["job"]), config["entry"] == "rl"
+    job = str(config["job"])
     text = job_file("train.sh")
     if text is None:
         yield Refusal("train_flags", ("train", "backend"),
                       f"jobs/{job}/train.sh is missing from the bundle", "recompile the bundle")
         return
     try:
-        args = parse_megatron_args(
-            trainer_argv(text, "runtime.jobs.train" if rl else "runtime.jobs.sft"), checkpoints=rl)
+        args = train_sh_args(text, str(config["entry"]))
     except MegatronArgsError as exc:
         yield Refusal("train_flags", ("train",), str(exc),
                       f"recompile the bundle, or correct the flag in jobs/{job}/train.sh")

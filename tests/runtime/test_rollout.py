@@ -25,7 +25,7 @@ from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransf
 from runtime.router_replay import align_routing, patch_qwen3_moe
 from tests.helpers import rollout_servers
 from tests.runtime.engine_probes import MIXED_PROMPTS as PROMPTS
-from tests.runtime.engine_probes import full_logprobs, in_flight, post_json
+from tests.runtime.engine_probes import canned_server, full_logprobs, in_flight, post_json
 from tests.runtime.tiny_moe import EOS, VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
@@ -529,32 +529,12 @@ def test_an_unusable_answer_is_retried_elsewhere_without_shunning_the_endpoint(
     """An endpoint that answers 200 with a body the client cannot use: the request goes to
     another endpoint, and the endpoint is not marked down (it is alive; a protocol or
     configuration problem is not a dead replica)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Garbled(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"choices": "none"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    bad = ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
-    threading.Thread(target=bad.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{bad.server_address[1]}"
-    try:
-        with RolloutClient([url, servers[0]], model=client.model, timeout_s=60, retries=1,
-                           backoff_s=0.01) as c:
-            got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
-            assert got[0][0].endpoint == servers[0]
-            assert not c._health.is_down(0)
-    finally:
-        bad.shutdown()
-        bad.server_close()
+    with canned_server(b'{"choices": "none"}') as url, RolloutClient(
+            [url, servers[0]], model=client.model, timeout_s=60, retries=1,
+            backoff_s=0.01) as c:
+        got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
+        assert got[0][0].endpoint == servers[0]
+        assert not c._health.is_down(0)
 
 
 def test_a_slow_endpoint_is_retried_elsewhere_but_a_hung_one_is_shunned(

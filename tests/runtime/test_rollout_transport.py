@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from runtime.rollout.client import RolloutClient
 from runtime.rollout.protocol import CompletionRequest
-
-
-class _Engine(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = json.dumps({"weight_version": "7"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+from tests.runtime.engine_probes import canned_server
 
 
 @pytest.fixture
 def engine() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with canned_server(json.dumps({"weight_version": "7"}).encode()) as url:
+        yield url
 
 
 def test_the_engines_are_reached_directly_whatever_http_proxy_says(
