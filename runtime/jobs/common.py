@@ -274,8 +274,9 @@ class JobContext:
 
     @property
     def rollout_timeout_s(self) -> float:
-        """How long one generation request may take before it is retried on another replica
-        (RLSPEC_ROLLOUT_TIMEOUT; 600 s): raise it for long responses at low throughput."""
+        """The fixed part of how long one generation request may take before it is retried on
+        another replica (RLSPEC_ROLLOUT_TIMEOUT; 600 s): the client adds the time its
+        ``max_tokens`` take at a decode floor (``runtime.rollout.request_time``)."""
         return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
 
     def section(self, dotted: str) -> Any:
@@ -293,6 +294,23 @@ class JobContext:
         Megatron SFT), else the task rank of a one-task-per-node job (Slurm's SLURM_PROCID);
         0 when run locally."""
         return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+
+
+def single_input(ctx: JobContext, kind: str) -> str:
+    """The name of the job's single input of ``kind``; a JobError if there is not one."""
+    names = [n for n, ref in ctx.inputs.items() if ref.kind == kind]
+    if len(names) != 1:
+        raise JobError(f"job {ctx.job} needs exactly one {kind} input, has "
+                       f"{', '.join(names) or 'none'}")
+    return names[0]
+
+
+def single_output(ctx: JobContext) -> str:
+    """The name of the job's single output; a JobError if there is not one."""
+    if len(ctx.outputs) != 1:
+        raise JobError(f"job {ctx.job} needs exactly one output, has {', '.join(ctx.outputs)}")
+    return next(iter(ctx.outputs))
+
 
 
 # --------------------------------------------------------------------------- entry points

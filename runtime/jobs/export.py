@@ -18,8 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.jobs.common import COMPLETE_MARKER, JobContext, JobError, run_job
-from runtime.jobs.evaluate import single_output
+from runtime.jobs.common import COMPLETE_MARKER, JobContext, JobError, run_job, single_output
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}

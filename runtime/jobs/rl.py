@@ -58,7 +58,8 @@ def run(ctx: JobContext) -> None:
     die_with_parent()
     endpoints = rollout_endpoints()
     ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
-    client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s)
+    client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s,
+                           max_num_seqs=ctx.model_spec.rollout.max_num_seqs)
     try:
         driver = RLDriver(ctx, client=client)
         summary = driver.run()

@@ -22,9 +22,12 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
   by ``runtime.rollout.failover``: a failed endpoint is skipped for ``down_s`` seconds and
   the retry goes at once to the live endpoint with the fewest requests in flight; only when
   every endpoint is down does a retry wait (``backoff_s``, doubling). An answer the client
-  cannot use (malformed, missing fields), or none within ``timeout_s`` from an endpoint
+  cannot use (malformed, missing fields), or none within the request's limit from an endpoint
   that still answers ``/health`` (slow, not dead), is retried elsewhere too, without marking
   the endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
+  A completion request's limit grows with the generation it asks for
+  (``runtime.rollout.request_time``: ``timeout_s`` plus ``max_tokens`` at a decode floor per
+  wave of ``max_num_seqs`` sequences in flight on its endpoint).
 
 Seeds do not depend on how the prompts are spread: vLLM and our engine seed every prompt
 alike (sample j uses seed + j), so our engine samples the same whatever the split (vLLM's
@@ -65,17 +68,16 @@ import numpy as np
 
 from runtime.rollout.client_errors import RolloutError, error_message
 from runtime.rollout.client_updates import WeightUpdates
+from runtime.rollout.completion import Completion, to_completion
 from runtime.rollout.failover import EndpointHealth
 from runtime.rollout.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ProtocolError,
-    WeightVersionSpan,
     choices_by_prompt,
-    parse_token_id_string,
 )
-from runtime.router_replay import decode_routed_experts
+from runtime.rollout.request_time import DECODE_FLOOR_TOKENS_PER_S, request_limit_s
 
 # Engines are cluster nodes: never through the submitter's http_proxy (the judge keeps it).
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -87,21 +89,6 @@ __all__ = ["Completion", "RolloutClient", "RolloutError"]
 _SAMPLING_KEYS = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
 )
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One sampled continuation of one prompt."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    logprobs: np.ndarray  # float32 [len(token_ids)]: logprob of each sampled token
-    routed_experts: np.ndarray | None  # [len(prompt)+len(tokens)−1−prompt_start, layers, k]
-    finish_reason: str  # "stop" | "length" | "abort"
-    weight_version: str | None
-    stop_reason: int | str | None = None
-    weight_versions: tuple[WeightVersionSpan, ...] = ()
-    endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +111,8 @@ class RolloutClient(WeightUpdates):
         max_workers: int | None = None,
         backoff_s: float = 0.5,
         down_s: float = 30.0,
+        max_num_seqs: int = 256,
+        decode_floor: float = DECODE_FLOOR_TOKENS_PER_S,
     ) -> None:
         if not endpoints:
             raise ValueError("need at least one endpoint")
@@ -135,6 +124,9 @@ class RolloutClient(WeightUpdates):
         self.model = model
         self.max_prompts_per_request = int(max_prompts_per_request)
         self.backoff_s = float(backoff_s)
+        # request_limit_s's inputs: the engines' batch size, and sequences in flight on each
+        self.max_num_seqs, self.decode_floor = int(max_num_seqs), float(decode_floor)
+        self._sequences = dict.fromkeys(self.endpoints, 0)
         self._health = EndpointHealth(len(self.endpoints), down_s=down_s)
         self._pool = ThreadPoolExecutor(max_workers=max_workers or max(4, 2 * len(self.endpoints)))
         self._rr = itertools.count()
@@ -403,10 +395,18 @@ class RolloutClient(WeightUpdates):
             version = None
             if self._sends_versions.get(endpoint) is not True:
                 version = self._probe_version(endpoint)
+            seqs = len(chunk) * n
+            with self._lock:
+                self._sequences[endpoint] += seqs
+                limit = request_limit_s(self.timeout_s, request.max_tokens,
+                                        self._sequences[endpoint], self.max_num_seqs,
+                                        self.decode_floor)
             start = time.monotonic()
             try:
-                raw = self._request(endpoint, "POST", "/v1/completions", body)
+                raw = self._request(endpoint, "POST", "/v1/completions", body, timeout=limit)
             finally:
+                with self._lock:
+                    self._sequences[endpoint] -= seqs
                 if on_request is not None:
                     on_request(endpoint, start, time.monotonic())
             try:
@@ -419,15 +419,22 @@ class RolloutClient(WeightUpdates):
                 ) from exc
             return [
                 [
-                    self._completion(
-                        endpoint, chunk[p], c, version, return_routed_experts, prompt_start
-                    )
+                    self._completion(endpoint, chunk[p], c, version, return_routed_experts,
+                                     prompt_start)
                     for c in grouped[p]
                 ]
                 for p in range(len(chunk))
             ]
 
         return self._with_retries(job.endpoint, call)
+
+    def _completion(self, endpoint: str, prompt: list[int], choice: CompletionChoice,
+                    probed: str | None, routes: bool, prompt_start: int) -> Completion:
+        if choice.weight_versions is not None:
+            self._sends_versions[endpoint] = True
+        elif self._sends_versions.get(endpoint) is None:
+            self._sends_versions[endpoint] = False
+        return to_completion(endpoint, prompt, choice, probed, routes, prompt_start)
 
     def _probe_version(self, endpoint: str) -> str | None:
         """The endpoint's current weight version, for servers that do not stamp choices."""
@@ -436,64 +443,6 @@ class RolloutClient(WeightUpdates):
         except RolloutError:
             return None  # vLLM without VLLM_SERVER_DEV_MODE has no /weight_info
         return None if not isinstance(info, dict) else info.get("weight_version")
-
-    def _completion(
-        self,
-        endpoint: str,
-        prompt: list[int],
-        choice: CompletionChoice,
-        probed_version: str | None,
-        return_routed_experts: bool,
-        prompt_start: int,
-    ) -> Completion:
-        if choice.token_ids is not None:
-            token_ids = choice.token_ids
-        elif choice.logprobs is not None:
-            token_ids = [parse_token_id_string(t) for t in choice.logprobs.tokens]
-        else:
-            raise RolloutError(f"{endpoint}: choice without token_ids or logprobs", status=502,
-                               answered=True)
-        if choice.logprobs is None or len(choice.logprobs.token_logprobs) != len(token_ids):
-            raise RolloutError(
-                f"{endpoint}: choice {choice.index} lacks per-token logprobs", status=502,
-                answered=True,
-            )
-        logprobs = np.asarray(
-            [np.nan if v is None else v for v in choice.logprobs.token_logprobs], dtype=np.float32
-        )
-        routed = None
-        if return_routed_experts:
-            if choice.routed_experts is None:
-                raise RolloutError(
-                    f"{endpoint} returned no routed_experts: start it with "
-                    "--enable-return-routed-experts (vLLM) / --return-routed-experts",
-                    endpoint=endpoint, answered=True,
-                )
-            routed = decode_routed_experts(choice.routed_experts)
-            expected = len(prompt) + len(token_ids) - 1 - prompt_start
-            if routed.shape[0] != expected:
-                raise RolloutError(
-                    f"{endpoint}: routed_experts has {routed.shape[0]} rows, expected {expected} "
-                    f"(prompt {len(prompt)} + output {len(token_ids)} − 1 − start {prompt_start})",
-                    status=502, answered=True,
-                )
-        spans = tuple(choice.weight_versions or ())
-        if choice.weight_versions is not None:
-            self._sends_versions[endpoint] = True
-        elif self._sends_versions.get(endpoint) is None:
-            self._sends_versions[endpoint] = False
-        version = spans[0].weight_version if spans else probed_version
-        return Completion(
-            prompt_ids=list(prompt),
-            token_ids=list(token_ids),
-            logprobs=logprobs,
-            routed_experts=routed,
-            finish_reason=str(choice.finish_reason),
-            weight_version=version,
-            stop_reason=choice.stop_reason,
-            weight_versions=spans,
-            endpoint=endpoint,
-        )
 
 
 def _same_path(a: Any, b: str) -> bool:

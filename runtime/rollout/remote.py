@@ -1,6 +1,6 @@
 """The rollout client behind the embedded engine's ``generate``: jobs served by vLLM.
 
-The screen and eval jobs sample through ``runtime.jobs.evaluate.sample_texts``, written against
+The screen and eval jobs sample through ``runtime.jobs.sampled.sample_texts``, written against
 ``LocalEngine``: ``tokenizer``, ``decode``, ``model_dir`` and ``generate(prompts, n=..., ...)``
 returning one ``PromptOutput`` per prompt. With ``rollout.engine: vllm`` their launch script
 starts ``vllm serve`` replicas on every node of the job (the RL job's rollout.sh) and exports
@@ -38,12 +38,16 @@ class RemoteEngine:
     """``LocalEngine``'s sampling interface over ``vllm serve`` replicas of ``model_dir``."""
 
     def __init__(self, model_dir: Path, endpoints: Sequence[str], *,
-                 startup_timeout_s: float, request_timeout_s: float) -> None:
+                 startup_timeout_s: float, request_timeout_s: float,
+                 max_num_seqs: int = 256) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.client = RolloutClient(endpoints, timeout_s=request_timeout_s)
+        self.client = RolloutClient(endpoints, timeout_s=request_timeout_s,
+                                    max_num_seqs=max_num_seqs)
+        #: sequences every replica runs at once, all replicas together
+        self.batch_sequences = len(endpoints) * max_num_seqs
         # every replica must serve this job's checkpoint (not a stale engine on the port)
         self.client.wait_ready(timeout=startup_timeout_s, model_root=str(self.model_dir))
 

@@ -153,12 +153,12 @@ def test_fp8_engine_serves_the_rounded_weights_with_a_bounded_gap(
 def test_the_rl_jobs_rollout_server_serves_fp8_from_the_job_config(tmp_path: Path, model_dir: Path,
                                                                    fp8: bool) -> None:
     """The RL job's embedded server gets --quantization fp8 from its config; the eval and
-    screen jobs' embedded engine (evaluate.open_engine) rounds its weights likewise."""
+    screen jobs' embedded engine (sampled.open_engine) rounds its weights likewise."""
     from compiler.api import compile_spec
     from compiler.bundle import write_bundle
     from runtime.jobs.common import JobContext
-    from runtime.jobs.evaluate import open_engine
     from runtime.jobs.rollout_server import build_argv
+    from runtime.jobs.sampled import open_engine
 
     bundle = write_bundle(compile_spec(ROOT / "examples" / "tiny" / "spec.yaml",
                                        [f"rollout.fp8={str(fp8).lower()}",

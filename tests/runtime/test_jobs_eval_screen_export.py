@@ -225,6 +225,7 @@ def test_screen_drops_exactly_the_prompts_outside_the_range(bundle: Path, run_di
     out = run_dir / "artifacts" / "pass_rates"
     assert is_complete(out)
     assert {p.name for p in out.iterdir()} == {"pass_rates.jsonl", "summary.json", COMPLETE_MARKER}
+    assert not list(out.parent.glob(".pass_rates.progress-*"))  # done: nothing to resume
     result = ScreenResult.read_jsonl(out / "pass_rates.jsonl")
     rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))
     assert result.prompt_ids == [r["id"] for r in rows]
@@ -252,7 +253,7 @@ def test_screen_drops_exactly_the_prompts_outside_the_range(bundle: Path, run_di
         len(rows) * k * stage.proxy_cost_ratio / stage.reuse_epochs)
     assert result.cost == pytest.approx(summary["screening_cost"])
     # The rates are the verifier's on the proxy's seeded samples: recompute them here.
-    from runtime.jobs.evaluate import sample_texts
+    from runtime.jobs.sampled import sample_texts
     from runtime.rollout.engine import LocalEngine
 
     spec = config["spec"]
@@ -294,8 +295,8 @@ def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))
-    assert "screening 150 of 300 prompts (task 1 of 2)" in errs[0]
-    assert "screening 150 of 300 prompts (task 0 of 2)" in errs[1]
+    assert "task 1 of 2: 150 of 300 prompts" in errs[0]
+    assert "task 0 of 2: 150 of 300 prompts" in errs[1]
     one = ScreenResult.read_jsonl(run_dir / "artifacts" / "pass_rates" / "pass_rates.jsonl")
     two_dir = run_dir / "artifacts" / "pass_rates_2nodes"
     two = ScreenResult.read_jsonl(two_dir / "pass_rates.jsonl")
@@ -304,6 +305,85 @@ def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
     assert np.array_equal(two.kept, one.kept)
     assert json.loads((two_dir / "summary.json").read_text())["nodes"] == 2
     assert not list((run_dir / "artifacts").glob(".pass_rates_2nodes.shards-*"))
+
+
+def test_sampling_stopped_in_mid_run_resumes_with_what_is_left(
+        bundle: Path, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen and eval jobs save each batch's per-prompt values before sampling the next
+    (sampled.sample_resumably, runtime.progress): a run stopped after its first batch, run
+    again, samples only the prompts left, and its values are those of one uninterrupted run.
+    A torn last line (a kill in mid-write) is dropped; another fingerprint starts again."""
+    from runtime.jobs.common import JobContext
+    from runtime.jobs.sampled import sample_resumably
+    from runtime.progress import Progress
+    from runtime.rollout.engine import LocalEngine
+
+    monkeypatch.setenv("RLSPEC_RUN_DIR", str(run_dir))
+    ctx = JobContext.load(bundle / "jobs" / "screen" / "config.json")
+    engine = LocalEngine(run_dir / "artifacts" / "policy_sft", seed=0)
+    rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))[:12]
+    prompts = {str(r["id"]): r["prompt"] for r in rows}
+    calls: list[int] = []
+    generate = engine.generate
+
+    def counted(batch: Any, **kw: Any) -> Any:
+        calls.append(len(batch))
+        return generate(batch, **kw)
+
+    engine.generate = counted  # type: ignore[method-assign]
+    sampling = {"n": 2, "max_tokens": 8, "temperature": 1.0, "seed": 3, "per_call": 8}
+
+    def texts(key: str, answers: list[Any]) -> list[str]:
+        return [a.text for a in answers]
+
+    whole = sample_resumably(ctx, engine, prompts, Progress(tmp_path / "whole.jsonl", "w"),
+                             texts, **sampling)
+    assert calls == [4, 4, 4]
+
+    class Killed(Exception):
+        pass
+
+    def dies(key: str, answers: list[Any]) -> list[str]:
+        if key == str(rows[4]["id"]):  # the first prompt of the second batch
+            raise Killed
+        return texts(key, answers)
+
+    path = tmp_path / "stopped.jsonl"
+    with pytest.raises(Killed):
+        sample_resumably(ctx, engine, prompts, Progress(path, "w"), dies, **sampling)
+    with path.open("a") as fh:
+        fh.write('{"key": "torn", "val')
+    calls.clear()
+    resumed = Progress(path, "w")
+    assert sorted(resumed.done) == sorted(list(prompts)[:4])
+    again = sample_resumably(ctx, engine, prompts, resumed, texts, **sampling)
+    assert calls == [4, 4]
+    assert again == whole
+    assert Progress(path, "w").done == whole  # the torn line went, the rest was appended
+    assert Progress(path, "other work").done == {}
+
+
+def test_evaluate_splits_its_prompts_over_its_nodes(bundle: Path, run_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """rollout.nodes 2 with the embedded engine on Slurm: each task evaluates half of the
+    prompts (not all of them twice), task 0 merges; the result is the one-node result."""
+    _launch(bundle, "eval_before", run_dir)
+    config = _variant(bundle, tmp_path, "eval_before", "eval_2nodes",
+                      {"cluster.scheduler": "slurm", "rollout.nodes": 2})
+    procs = [subprocess.Popen([sys.executable, "-m", "runtime.jobs.evaluate", "--config",
+                               str(config)],
+                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
+                                   "SLURM_JOB_ID": "4243"},
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "task 1 of 2: 30 of 60 prompts" in errs[0]
+    one, two = (run_dir / "artifacts" / name for name in ("eval_before", "eval_2nodes"))
+    assert list(read_jsonl(two / "samples.jsonl")) == list(read_jsonl(one / "samples.jsonl"))
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["accuracy"] == json.loads((one / "metrics.json").read_text())["accuracy"]
+    assert not list((run_dir / "artifacts").glob(".eval_2nodes.*"))
 
 
 def test_screen_samples_at_its_temperature_with_its_proxy_model(bundle: Path, run_dir: Path,

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import transformers
 from runtime.rollout.client import RolloutClient, RolloutError
 from runtime.rollout.engine import EngineError, LocalEngine
 from runtime.rollout.protocol import CompletionRequest, ProtocolError
+from runtime.rollout.request_time import DECODE_FLOOR_TOKENS_PER_S, request_limit_s
 from runtime.rollout.server import check_host
 from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
 from runtime.router_replay import align_routing, patch_qwen3_moe
@@ -579,6 +581,39 @@ def test_a_slow_endpoint_is_retried_elsewhere_but_a_hung_one_is_shunned(
             stub.shutdown()
             stub.server_close()
             release.clear()
+
+
+def test_a_request_may_run_as_long_as_the_generation_it_asks_for(
+    client: RolloutClient, servers: list[str]
+) -> None:
+    """A completion request's limit is the client's timeout plus its max_tokens at the decode
+    floor for every wave of max_num_seqs sequences in flight on its endpoint, its own
+    included (runtime.rollout.request_time): a long reasoning answer is not cut off at a
+    fixed 600 s, and requests queued behind others get the waves ahead of them."""
+    assert request_limit_s(600, 32768, 256, 256) == 600 + 32768 / DECODE_FLOOR_TOKENS_PER_S
+    assert request_limit_s(600, 100, 257, 256, floor=10) == 620
+    assert request_limit_s(600, 100, 0, 256, floor=10) == 610  # at least one wave
+    with pytest.raises(ValueError):
+        request_limit_s(600, 100, 1, 0)
+
+    held = threading.Barrier(3, timeout=60)
+    limits: list[float] = []
+    with RolloutClient(servers[:1], model=client.model, timeout_s=7, retries=0,
+                       max_num_seqs=4, decode_floor=2.0, max_prompts_per_request=1) as c:
+        real = c._request
+
+        def spy(endpoint: str, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+            if path == "/v1/completions":  # all three requests counted before any is sent
+                limits.append(kw["timeout"])
+                held.wait()
+            return real(endpoint, method, path, body, **kw)
+
+        c._request = spy  # type: ignore[method-assign]
+        got = c.generate([[5, 9, 12], [7, 3], [4, 4, 4]], n=3, sampling={"max_tokens": 8})
+    assert [len(g) for g in got] == [3, 3, 3]
+    # 3, 6 and 9 sequences in flight → 1, 2 and 3 waves of 4 → 8/2 s each on top of 7 s
+    assert sorted(limits) == [7 + 4, 7 + 8, 7 + 12]
+    assert c._sequences == {servers[0]: 0}
 
 
 def test_non_loopback_host_is_refused(model_dir: Path) -> None:

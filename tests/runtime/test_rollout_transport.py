@@ -42,20 +42,22 @@ def test_every_completion_asks_vllm_for_its_weight_versions() -> None:
 def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """screen and eval on vLLM wait as the RL job does: system.startup_timeout_s for the
-    engines, RLSPEC_ROLLOUT_TIMEOUT per request (it was a fixed 600 s there)."""
+    engines, RLSPEC_ROLLOUT_TIMEOUT per request (it was a fixed 600 s there) on top of the
+    decode time of rollout.max_num_seqs-sized waves (the client's request_time)."""
     from pathlib import Path
 
     from compiler.api import compile_spec
     from compiler.bundle import write_bundle
     from runtime.jobs.common import JobContext
-    from runtime.jobs.evaluate import open_engine
+    from runtime.jobs.sampled import open_engine
     from runtime.rollout import remote
 
     seen: dict[str, float] = {}
 
     class Client:
-        def __init__(self, endpoints: list[str], *, timeout_s: float) -> None:
-            seen["request"] = timeout_s
+        def __init__(self, endpoints: list[str], *, timeout_s: float,
+                     max_num_seqs: int) -> None:
+            seen["request"], seen["max_num_seqs"] = timeout_s, max_num_seqs
 
         def wait_ready(self, timeout: float, model_root: str) -> None:
             seen["startup"] = timeout
@@ -66,10 +68,11 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
     monkeypatch.setenv("RLSPEC_ROLLOUT_TIMEOUT", "5400")
     monkeypatch.delenv("RLSPEC_STARTUP_TIMEOUT", raising=False)
     spec = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "spec.yaml"
-    bundle = write_bundle(compile_spec(spec, ["rollout.engine=vllm",
+    bundle = write_bundle(compile_spec(spec, ["rollout.engine=vllm", "rollout.max_num_seqs=64",
                                               "system.startup_timeout_s=120"]).files,
                           tmp_path / "b")
     ctx = JobContext.load(bundle / "jobs" / "eval_before" / "config.json", run_dir=tmp_path,
                           log_to_file=False)
-    open_engine(ctx, tmp_path, seed=0)
-    assert seen == {"request": 5400.0, "startup": 120.0}
+    engine = open_engine(ctx, tmp_path, seed=0)
+    assert seen == {"request": 5400.0, "startup": 120.0, "max_num_seqs": 64}
+    assert engine.batch_sequences == 64  # one replica's batch per call (sampled.call_sequences)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.jobs.evaluate import sample_texts
+from runtime.jobs.sampled import sample_texts
 from runtime.rollout.engine import LocalEngine
 from tests.helpers import processes_mentioning
 from tests.vllm.conftest import VLLM_PYTHON
