@@ -335,6 +335,10 @@ EFFECTS: dict[str, dict[str, Evidence]] = {
     # `rlspec run`, which submits locally).
     "Cluster.time_limit": {"scheduler:slurm": DRY_RUN, "scheduler:local": t(
         CLI, "test_a_local_submit_gives_every_job_the_spec_time_limit")},
+    # lib.sh's watcher requeues a job before its time limit, at most this many times.
+    "Cluster.max_requeues": {"scheduler:slurm": (
+        t(SLURM, "test_a_job_near_its_time_limit_requeues_itself_and_goes_on"), GOLDEN),
+        "scheduler:local": NOT_READ},
     # srun --container-image / --container-mounts in the golden 245b lib.sh.
     "Cluster.container": {"scheduler:slurm": GOLDEN, "scheduler:local": "refused:container"},
     "Cluster.modules": {"all": SHELL},  # `module load` in env.sh

@@ -48,8 +48,9 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
       ``parallelism.expert_parallel`` (vLLM's); ``parallelism.tensor`` / ``data`` only set how
       many devices each embedded replica claims, so they divide the replica count;
     - train.optimizer.cpu_offload false: ``offload_fraction`` (the share offloaded);
-    - cluster.scheduler local: ``partition``, ``account``, ``qos`` (Slurm's; its resource
-      requests ``cpus_per_task``, ``exclusive`` and ``mem_gb`` are ``cluster_settings``');
+    - cluster.scheduler local: ``partition``, ``account``, ``qos`` and ``max_requeues``
+      (Slurm's; its resource requests ``cpus_per_task``, ``exclusive`` and ``mem_gb`` are
+      ``cluster_settings``');
     - cluster.devices cpu: ``gpu_memory_gb`` (memory is compared for GPU runs only)."""
     backend: Path = ("train", "backend")
     if spec.train.backend == "local":
@@ -104,6 +105,12 @@ def unused_settings(spec: Spec, plan: Plan) -> Iterator[Problem]:
                            "cluster.scheduler: local (only a Slurm request carries it)",
                            f"remove cluster.{name}, or set cluster.scheduler: slurm",
                            (("cluster", "scheduler"),))
+        for name, value in _changed(spec.cluster, ("max_requeues",)):
+            yield _warning(("cluster", name),
+                           f"cluster.{name} is {_show(value)} but has no effect with "
+                           "cluster.scheduler: local (only a Slurm job requeues itself before "
+                           "its time limit)", f"remove cluster.{name}, or set "
+                           "cluster.scheduler: slurm", (("cluster", "scheduler"),))
     if spec.cluster.devices == "cpu":
         for name, value in _changed(spec.cluster, ("gpu_memory_gb",)):
             yield _warning(GPU_MEM, f"cluster.{name} is {_show(value)} but has no effect with "

@@ -86,6 +86,12 @@ class Cluster(Section):
         "default for the jobs without. Slurm only (setting it on a local spec is warned).",
     )
     time_limit: str = Field("24:00:00", description="Wall-clock limit per job, [D-]HH:MM:SS.")
+    max_requeues: int = Field(
+        3, ge=0, le=100,
+        description="How many times a Slurm job that nears its `time_limit` requeues itself "
+        "(`scontrol requeue`, 90 s before the limit) to go on where it stopped: the RL job from "
+        "its last checkpoint, screen and eval from their saved batches. 0: it ends as TIMEOUT. "
+        "Slurm only (setting it on a local spec is warned).")
     container: Container | None = Field(None, description="Container image for every job.")
     modules: list[str] = Field(default_factory=list, description="Environment modules to load on "
                                "the nodes (not inside `container`: an image has no module system).")

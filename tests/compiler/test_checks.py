@@ -779,11 +779,14 @@ def test_vllm_settings_on_the_embedded_engine_are_a_warning() -> None:
 
 
 def test_slurm_settings_on_the_local_scheduler_are_a_warning() -> None:
-    assert _unused({"cluster.account": "a", "cluster.qos": "q", "cluster.cpus_per_task": 4}) == {}
+    assert _unused({"cluster.account": "a", "cluster.qos": "q", "cluster.cpus_per_task": 4,
+                    "cluster.max_requeues": 0}) == {}
     found = _unused({"cluster.scheduler": "local", "cluster.account": "a", "cluster.qos": "q",
-                     "cluster.cpus_per_task": 4})
+                     "cluster.cpus_per_task": 4, "cluster.max_requeues": 0})
     # cpus_per_task is warned once, by cluster_settings (test_slurm_resources_set_on_a_local_...)
-    assert set(found) == {("cluster", f) for f in ("partition", "account", "qos")}
+    assert set(found) == {("cluster", f)
+                          for f in ("partition", "account", "qos", "max_requeues")}
+    assert "only a Slurm job requeues itself" in found[("cluster", "max_requeues")].message
     assert found[("cluster", "qos")].message == ("cluster.qos is q but has no effect with "
                                                  "cluster.scheduler: local (only a Slurm request "
                                                  "carries it)")

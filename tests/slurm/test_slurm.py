@@ -357,6 +357,43 @@ def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
     assert log.count("not broadcast") == 1, log[-3000:]
 
 
+def test_a_job_near_its_time_limit_requeues_itself_and_goes_on(
+        slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """cluster.max_requeues: every launch script starts lib.sh's watcher, which requeues the
+    job RLSPEC_REQUEUE_LEAD_S before its time limit; Slurm starts it again
+    (SLURM_RESTART_COUNT 1), and with no requeue left it runs on to its end. Here a 2-minute
+    limit and a 100 s lead: the first run, which would run past its limit, is requeued about
+    20 s in, and the second one completes."""
+    bundle = tmp_path / "tiny"
+    result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
+                    "--set", "cluster.max_requeues=1")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"source {bundle / 'lib.sh'}\n"
+        "rlspec_requeue_before_time_limit probe\n"
+        'echo "start ${SLURM_RESTART_COUNT:-0}" >> "$RLSPEC_RUN_DIR/starts"\n'
+        # the first run works on past its time limit; the second finishes
+        'if (( ${SLURM_RESTART_COUNT:-0} == 0 )); then while :; do sleep 1; done; fi\n')
+    out = slurm_cluster.run(
+        "sbatch", "--parsable", f"--partition={slurm_cluster.partition}", "--time=2",
+        "--requeue", f"--output={tmp_path / 'job.out'}", "--open-mode=append",
+        f"--export=ALL,RLSPEC_RUN_DIR={run},RLSPEC_REQUEUE_LEAD_S=100", str(script))
+    job = out.strip().split(";")[0]
+    states = slurm_cluster.wait_finished([job], timeout=300)
+    assert states[job] == "COMPLETED", (states, (tmp_path / "job.out").read_text())
+    assert (run / "starts").read_text().split("\n")[:2] == ["start 0", "start 1"]
+    history = slurm_cluster.run("sacct", "-n", "-X", "-P", "--duplicates", "-o", "JobID,State",
+                                "-j", job)
+    assert "REQUEUED" in history, history
+    log = (run / "logs" / "probe.log").read_text()
+    assert "requeued" in log and "(restart 1 of at most 1)" in log, log
+    assert "requeued 1 time(s) already" in (tmp_path / "job.out").read_text()
+
+
 def test_a_colocated_rl_job_runs_trainer_and_engine_on_one_node(
         slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """rollout.placement colocated: the RL job asks Slurm for the trainer's one node and runs
