@@ -24,6 +24,7 @@ from runtime.preflight import checkpoint_mismatches, preflight_bundle
 from spec.errors import Problem, SpecError
 from spec.loader import SpecSource, load_spec, read_text
 from spec.partial import InvalidValueUsed
+from spec.secrets import redacted
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,15 @@ def compile_spec(path: str | Path, overrides: Sequence[str] = (), *,
     graph, files = None, {}
     if not any(p.severity == "error" for p in problems):  # a bundle needs a sound plan
         graph = build_graph(spec, plan)
+        text, hidden = redacted(read_text(path))  # comments: no check reads them
+        problems += [Problem((), f"this line holds what looks like {what}: the bundle's copy "
+                                 "of the spec masks it", "remove it from the spec file; pass "
+                                 "secrets through cluster.env_passthrough",
+                             severity="warning", file=str(path), line=line)
+                     for line, what in hidden]
         files = render_bundle(
             spec, plan, graph,
-            source_text=read_text(path), source_name=Path(path).name, overrides=tuple(overrides),
+            source_text=text, source_name=Path(path).name, overrides=tuple(overrides),
         )
         refusals = preflight_bundle(files, base=base)
     else:  # the runtime's rules still speak: every problem of the file at once

@@ -12,8 +12,11 @@ the spec refuses:
   real lengths, and PEM private-key blocks;
 - a URL with a password in its userinfo (`url_password`), e.g. `https://bob:pw@host/`.
 
-A refused value is never echoed: `mask` keeps at most its first 4 characters. This module
-imports nothing of the spec, so `spec.errors` can use it.
+A refused value is never echoed: `mask` keeps at most its first 4 characters. Comments are
+no values, so nothing refuses them; the bundle's copy of the spec file (`spec.yaml`) is
+`redacted`: what looks like a credential, or a URL's password, is masked there (and the
+compiler warns, naming the line). This module imports nothing of the spec, so `spec.errors`
+can use it.
 """
 
 from __future__ import annotations
@@ -135,3 +138,25 @@ def secrets_in(data: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[An
     elif isinstance(data, str) and looks_secret(data):
         what = credential(data) or "a URL with a password"
         yield path, f"{mask(data)!r} looks like {what}"
+
+
+def redacted(text: str) -> tuple[str, list[tuple[int, str]]]:
+    """``text`` with every credential and URL password masked (`mask`), and (line, what) of
+    each: for copying a spec file, whose comments no check reads, into the bundle."""
+    spans: list[tuple[int, int, str]] = []
+    for what, pattern in _CREDENTIALS:
+        spans += [(m.start(), m.end(), what) for m in pattern.finditer(text)]
+    for m in _USERINFO.finditer(text):
+        user, colon, password = m.group(1).partition(":")
+        if colon and password:
+            start = m.start(1) + len(user) + 1
+            spans.append((start, start + len(password), "a URL with a password"))
+    out, found, end = [], [], 0
+    for start, stop, what in sorted(spans):
+        if start < end:  # inside a span masked already
+            continue
+        out += [text[end:start], mask(text[start:stop])]
+        found.append((text.count("\n", 0, start) + 1, what))
+        end = stop
+    out.append(text[end:])
+    return "".join(out), found

@@ -343,6 +343,25 @@ def test_secrets_stay_out_of_the_bundle(tmp_path: Path, monkeypatch) -> None:
     assert "MY_SECRET_TOKEN must be set" in missing.stderr
 
 
+def test_a_secret_in_a_comment_is_masked_in_the_bundle_copy_of_the_spec(tmp_path: Path) -> None:
+    """A comment is no value, so nothing refuses it; the bundle keeps the user's spec text
+    (spec.yaml) with every credential and URL password masked, and compile warns at the line."""
+    token = "hf_" + "Ab1" * 12
+    text = EXAMPLES["tiny"].read_text().replace(
+        "\n", f"\n# old token: {token}\n# mirror: https://bob:hunter22@mirror.example/\n", 1)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    compiled = compile_spec(spec)
+    assert not any(token in t or "hunter22" in t for t in compiled.files.values())
+    copy = compiled.files["spec.yaml"]
+    assert "# old token: hf_A***" in copy and "https://bob:hu***@mirror.example/" in copy
+    assert copy.replace("hf_A***", token).replace("hu***", "hunter22") == text  # nothing else
+    warned = {(w.line, w.message.split(":")[0]) for w in compiled.validated.warnings
+              if "masks it" in w.message}
+    assert warned == {(2, "this line holds what looks like a Hugging Face token"),
+                      (3, "this line holds what looks like a URL with a password")}
+
+
 def test_modules_load_on_the_hosts_not_in_the_container(tmp_path: Path) -> None:
     """The image has no module system: env.sh, sourced inside the container's steps too,
     loads cluster.modules only where RLSPEC_IN_CONTAINER is unset (lib.sh sets it there)."""
