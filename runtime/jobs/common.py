@@ -279,6 +279,21 @@ class JobContext:
         ``max_tokens`` take at a decode floor (``runtime.rollout.request_time``)."""
         return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
 
+    def engine_concurrency(self, seq_len: int | None = None) -> int:
+        """Sequences one rollout engine replica runs at once (what the client's request limits
+        count waves of, ``runtime.rollout.request_time``): ``rollout.max_num_seqs``, or fewer
+        where the compiler's estimate of its KV cache (``rollout_max_sequences`` full-length
+        sequences of ``seq_len`` tokens) holds fewer sequences of ``seq_len`` tokens — vLLM
+        queues the rest. Without an estimate (CPU runs), ``max_num_seqs``."""
+        most = self.model_spec.rollout.max_num_seqs
+        fit, planned = (int(self.derived.get(k) or 0) for k in ("rollout_max_sequences",
+                                                                   "seq_len"))
+        if fit > 0:
+            if seq_len and planned:
+                fit = fit * planned // max(1, seq_len)
+            most = max(1, min(most, fit))
+        return most
+
     def section(self, dotted: str) -> Any:
         """``spec`` value at a dotted path (``"data.generator"``); a JobError if absent."""
         node: Any = self.spec

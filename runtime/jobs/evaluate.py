@@ -65,7 +65,7 @@ def run(ctx: JobContext) -> None:
     out_name = single_output(ctx)
 
     rows = eval_rows(ctx)
-    engine = open_engine(ctx, policy, seed)
+    engine = open_engine(ctx, policy, seed, seq_len=ctx.derived.get("eval_seq_len"))
     rows = drop_overlong(rows, engine.tokenizer, data, ctx.log, "eval")
     keyed = {str(i): row for i, row in rows.items()}
     # On vLLM one task spreads the prompts over every replica; the embedded engine runs one
@@ -73,8 +73,7 @@ def run(ctx: JobContext) -> None:
     nodes = 1 if ctx.spec["rollout"]["engine"] == "vllm" else ctx.model_spec.rollout.nodes
     ctx.log.info("evaluating %s on %d prompts × %d sample(s) over %d task(s), T=%g, max %d "
                  "tokens", policy, len(rows), n, nodes, temperature, max_tokens)
-    work = fingerprint(ctx, list(keyed), n, temperature, max_tokens, seed,
-                       ctx.section("reward"), checkpoints=[policy])
+    work = fingerprint(ctx, keyed, n, temperature, max_tokens, seed, checkpoints=[policy])
 
     def scored(key: str, answers: list[Sample]) -> list[dict[str, Any]]:
         row = keyed[key]

@@ -59,7 +59,7 @@ def run(ctx: JobContext) -> None:
     endpoints = rollout_endpoints()
     ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
     client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s,
-                           max_num_seqs=ctx.model_spec.rollout.max_num_seqs)
+                           max_num_seqs=ctx.engine_concurrency())
     try:
         driver = RLDriver(ctx, client=client)
         summary = driver.run()

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +62,19 @@ class Sample:
     finish_reason: str
 
 
-def open_engine(ctx: JobContext, model_dir: Path, seed: int) -> Any:
+def open_engine(ctx: JobContext, model_dir: Path, seed: int, seq_len: int | None = None) -> Any:
     """The engine the spec's ``rollout.engine`` names: ``vllm`` — the replicas the job's
-    launch script started (``runtime.rollout.remote``); ``local`` — a ``LocalEngine`` on the
-    spec's device (``runtime.devices.job_device``), one torch thread, FP8-rounded weights
-    under ``rollout.fp8`` (as the job's vLLM replicas serve with ``--quantization fp8``)."""
+    launch script started (``runtime.rollout.remote``; each runs
+    ``ctx.engine_concurrency(seq_len)`` sequences at once, ``seq_len`` the longest the job
+    asks for); ``local`` — a ``LocalEngine`` on the spec's device
+    (``runtime.devices.job_device``), one torch thread, FP8-rounded weights under
+    ``rollout.fp8`` (as the job's vLLM replicas serve with ``--quantization fp8``)."""
     if ctx.spec["rollout"]["engine"] == "vllm":
         from runtime.rollout.remote import RemoteEngine, engine_endpoints
 
         return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s,
                             request_timeout_s=ctx.rollout_timeout_s,
-                            max_num_seqs=ctx.model_spec.rollout.max_num_seqs)
+                            max_num_seqs=ctx.engine_concurrency(seq_len))
     import torch
 
     from runtime.devices import job_device
@@ -110,7 +112,8 @@ def sample_batches(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: i
     if ahead <= 0:
         yield from ((start, call(start)) for start in starts)
         return
-    with ThreadPoolExecutor(max_workers=ahead + 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=ahead + 1)
+    try:
         pending = deque((s, pool.submit(call, s)) for s in starts[:ahead + 1])
         queued = iter(starts[ahead + 1:])
         while pending:
@@ -120,6 +123,8 @@ def sample_batches(engine: Any, prompts: Sequence[str], *, n: int, max_tokens: i
             if nxt is not None:
                 pending.append((nxt, pool.submit(call, nxt)))
             yield start, answers
+    finally:  # a failure is reported now, not after the call still in flight
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def call_sequences(engine: Any) -> int:
@@ -134,14 +139,24 @@ def sample_texts(engine: Any, prompts: Sequence[str], **sampling: Any) -> list[l
     return [group for _, batch in sample_batches(engine, prompts, **sampling) for group in batch]
 
 
-def fingerprint(ctx: JobContext, *parts: Any, checkpoints: Sequence[Path] = ()) -> str:
-    """What a piece of work is: ``parts`` (prompt ids, parameters) and each checkpoint's
-    path and completion marker (a checkpoint written again is other work)."""
+def fingerprint(ctx: JobContext, rows: Mapping[str, Mapping[str, Any]], *parts: Any,
+                checkpoints: Sequence[Path] = ()) -> str:
+    """What a piece of work is: its prompts (each key with its row's prompt and answer, as
+    ``data.prompt_key`` / ``answer_key`` name them), ``parts`` (the sampling parameters), the
+    engine that samples (``rollout.engine``, ``rollout.fp8``), the reward that scores, and each
+    checkpoint's path and completion marker (a checkpoint written again is other work)."""
+    data = ctx.spec["data"]
+    digest = hashlib.sha256()
+    for key, row in rows.items():
+        digest.update(json.dumps([key, row.get(data["prompt_key"]), row.get(data["answer_key"])],
+                                 default=str).encode() + b"\n")
     marks = []
     for path in checkpoints:
         marker = Path(path) / COMPLETE_MARKER
         marks.append([str(path), marker.read_text(encoding="utf-8") if marker.is_file() else ""])
-    blob = json.dumps([ctx.job, marks, *parts], sort_keys=True, default=str)
+    rollout = ctx.spec["rollout"]
+    blob = json.dumps([ctx.job, digest.hexdigest(), marks, rollout["engine"], rollout["fp8"],
+                       ctx.spec["reward"], *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -153,10 +168,13 @@ def progress_for(ctx: JobContext, out_name: str, work: str) -> Progress:
 
 
 def forget_progress(ctx: JobContext, out_name: str) -> None:
-    """The output is complete: every task's progress file goes."""
+    """The output is complete: every task's progress file goes, and the shards of every
+    earlier Slurm job (a killed run's, under its own job id)."""
     final = ctx.output_path(out_name)
     for path in final.parent.glob(f".{final.name}.progress-*.jsonl"):
         path.unlink(missing_ok=True)
+    for folder in final.parent.glob(f".{final.name}.shards-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def sample_resumably(ctx: JobContext, engine: Any, prompts: dict[str, str], progress: Progress,
@@ -165,6 +183,7 @@ def sample_resumably(ctx: JobContext, engine: Any, prompts: dict[str, str], prog
     """``value(key, answers)`` of every prompt of ``prompts`` (key → text), in their order:
     sampled (``sample_batches``) only for the keys ``progress`` does not hold yet, and saved
     there batch by batch."""
+    prompts = {str(k): text for k, text in prompts.items()}  # Progress keys are strings
     todo = [k for k in prompts if k not in progress.done]
     if len(todo) < len(prompts):
         ctx.log.info("resuming: %d of %d prompts were done by an earlier run (%s)",

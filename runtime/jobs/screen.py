@@ -103,8 +103,8 @@ def run(ctx: JobContext) -> None:
     k = stage.samples_per_prompt
     ctx.log.info("screening %d prompts over %d task(s) × %d samples with %s (T=%g, max %d "
                  "tokens)", len(ids), nodes, k, proxy, stage.temperature, max_tokens)
-    work = fingerprint(ctx, list(keyed), stage.params(), seed, max_tokens, nodes,
-                       ctx.section("reward"), checkpoints=[proxy])
+    work = fingerprint(ctx, keyed, stage.params(), seed, max_tokens, nodes,
+                       checkpoints=[proxy])
 
     def scores_of(key: str, answers: list[Sample]) -> list[float]:
         row = keyed[key]

@@ -46,7 +46,7 @@ class RemoteEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.client = RolloutClient(endpoints, timeout_s=request_timeout_s,
                                     max_num_seqs=max_num_seqs)
-        #: sequences every replica runs at once, all replicas together
+        #: sequences the replicas run at once, all together (``max_num_seqs`` each)
         self.batch_sequences = len(endpoints) * max_num_seqs
         # every replica must serve this job's checkpoint (not a stale engine on the port)
         self.client.wait_ready(timeout=startup_timeout_s, model_root=str(self.model_dir))

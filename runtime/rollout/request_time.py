@@ -10,7 +10,8 @@ asks for, at a decode speed no healthy engine falls below, plus a fixed allowanc
 
 ``base`` (the job's ``RLSPEC_ROLLOUT_TIMEOUT``, 600 s) covers admission, prefill and a busy
 engine's queue; ``max_num_seqs`` is what the engine runs at once (``rollout.max_num_seqs``,
-rendered as vLLM's ``--max-num-seqs``), so the sequences in flight beyond it wait for whole
+vLLM's ``--max-num-seqs``, or fewer where its KV cache holds fewer full-length sequences:
+``JobContext.engine_concurrency``), so the sequences in flight beyond it wait for whole
 waves of generations to end. An engine that decodes more slowly than the floor, per sequence,
 is treated as hung: its request is retried elsewhere (``runtime.rollout.client``).
 """

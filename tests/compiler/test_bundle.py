@@ -362,6 +362,34 @@ def test_a_secret_in_a_comment_is_masked_in_the_bundle_copy_of_the_spec(tmp_path
                       (3, "this line holds what looks like a URL with a password")}
 
 
+def test_the_time_limit_watcher_ends_with_its_launch_script(tmp_path: Path) -> None:
+    """lib.sh's requeue watcher is disowned: a launch script whose EXIT trap waits for its
+    roles (the RL and served jobs' `wait`) ends with its work instead of waiting, with the
+    watcher, for the time limit and requeuing a finished job. A local spec's bundle has no
+    watcher: a local run inside someone's Slurm allocation must not requeue it."""
+    out = write_bundle(compile_spec(EXAMPLES["tiny"], ["cluster.scheduler=slurm",
+                                                       "cluster.max_requeues=2"]).files,
+                       tmp_path / "b")
+    record = tmp_path / "record"
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    record.mkdir()
+    bin_dir = write_stubs(tmp_path / "bin", {
+        "squeue": 'echo 1:43',  # 103 s left: due 3 s after the start, with a 100 s lead
+        "scontrol": 'echo "$*" >> "$RECORD/scontrol"'})
+    script = (f'set -euo pipefail; source {out / "lib.sh"}; rlspec_requeue_before_time_limit '
+              "probe; trap wait EXIT; sleep 0.1 & exit 0")
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "RLSPEC_RUN_DIR": str(tmp_path / "run"), "RLSPEC_REQUEUE_LEAD_S": "100",
+           "RECORD": str(record)}
+    done = subprocess.run([BASH, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # Had the script waited for the watcher, the watcher would have requeued it first.
+    assert not (record / "scontrol").exists()
+    assert "max_requeues" in (out / "lib.sh").read_text()
+    local = compile_spec(EXAMPLES["tiny"]).files
+    assert not any("requeue" in local[f] for f in ("lib.sh", "jobs/rl/launch.sh"))
+
+
 def test_modules_load_on_the_hosts_not_in_the_container(tmp_path: Path) -> None:
     """The image has no module system: env.sh, sourced inside the container's steps too,
     loads cluster.modules only where RLSPEC_IN_CONTAINER is unset (lib.sh sets it there)."""

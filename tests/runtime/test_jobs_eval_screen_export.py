@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,7 @@ def test_sampling_stopped_in_mid_run_resumes_with_what_is_left(
     again, samples only the prompts left, and its values are those of one uninterrupted run.
     A torn last line (a kill in mid-write) is dropped; another fingerprint starts again."""
     from runtime.jobs.common import JobContext
-    from runtime.jobs.sampled import sample_resumably
+    from runtime.jobs.sampled import fingerprint, sample_resumably
     from runtime.progress import Progress
     from runtime.rollout.engine import LocalEngine
 
@@ -361,6 +362,40 @@ def test_sampling_stopped_in_mid_run_resumes_with_what_is_left(
     assert again == whole
     assert Progress(path, "w").done == whole  # the torn line went, the rest was appended
     assert Progress(path, "other work").done == {}
+    # The work is its prompts' text, not only their ids: an edited split is other work.
+    by_key = {str(r["id"]): r for r in rows}
+    edited = {**by_key, str(rows[0]["id"]): {**rows[0], "prompt": "1+1="}}
+    assert fingerprint(ctx, edited, 1) != fingerprint(ctx, by_key, 1) == fingerprint(
+        ctx, dict(by_key), 1)
+
+
+def test_a_failed_sampling_call_is_reported_without_waiting_for_the_next() -> None:
+    """sample_batches keeps the next call in flight on served engines; when a call fails,
+    the failure comes back at once, not after the call in flight has run to its end."""
+    from runtime.jobs.sampled import sample_batches
+
+    release, finished = threading.Event(), threading.Event()
+
+    class Engine:
+        model_dir = "m"
+        tokenizer = type("T", (), {"eos_token_id": None,
+                                   "encode": staticmethod(lambda text, **kw: [1, 2])})()
+
+        def generate(self, prompts: Any, **kw: Any) -> Any:
+            if self.calls == 0:
+                self.calls += 1
+                raise ValueError("engine gone")
+            release.wait(60)  # the second call: still running when the first fails
+            finished.set()
+            return []
+
+        calls = 0
+
+    with pytest.raises(ValueError, match="engine gone"):
+        list(sample_batches(Engine(), ["a", "b"], n=1, max_tokens=2, temperature=0.0, seed=0,
+                            ahead=1, per_call=1))
+    assert not finished.is_set()
+    release.set()
 
 
 def test_evaluate_splits_its_prompts_over_its_nodes(bundle: Path, run_dir: Path,

@@ -76,3 +76,26 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
     engine = open_engine(ctx, tmp_path, seed=0)
     assert seen == {"request": 5400.0, "startup": 120.0, "max_num_seqs": 64}
     assert engine.batch_sequences == 64  # one replica's batch per call (sampled.call_sequences)
+
+
+def test_an_engine_runs_as_many_sequences_as_its_kv_cache_holds(tmp_path) -> None:
+    """The request limits count waves of what a replica really runs at once: the 245B
+    example's replica holds 66 full-length (32k) sequences in its KV cache, not its
+    max_num_seqs 256, and half as many of the eval jobs' 64k; without an estimate (a CPU
+    run) it is rollout.max_num_seqs."""
+    from pathlib import Path
+
+    from runtime.jobs.common import JobContext
+
+    golden = Path(__file__).resolve().parents[1] / "golden"
+    ctx = JobContext.load(golden / "compassmax-245b" / "jobs" / "rl" / "config.json",
+                          run_dir=tmp_path, log_to_file=False)
+    assert (ctx.derived["rollout_max_sequences"], ctx.derived["seq_len"]) == (66, 32768)
+    assert ctx.model_spec.rollout.max_num_seqs == 256
+    assert ctx.engine_concurrency() == 66
+    assert ctx.engine_concurrency(65536) == 33
+    assert ctx.engine_concurrency(1024) == 256  # short sequences: max_num_seqs binds
+    tiny = JobContext.load(golden / "tiny" / "jobs" / "rl" / "config.json", run_dir=tmp_path,
+                           log_to_file=False)
+    assert tiny.derived["rollout_max_sequences"] == -1
+    assert tiny.engine_concurrency() == tiny.model_spec.rollout.max_num_seqs

@@ -106,17 +106,25 @@ rlspec_alive() {
 # At most cluster.max_requeues (3) times (SLURM_RESTART_COUNT
 # counts them), and never for a run whose limit was within the lead when it started (it
 # would requeue at once, again and again). squeue's time left is read again every 5 minutes
-# (an administrator may change the limit). The watcher writes to logs/JOB.log, holds none of
-# the script's pipes, and ends with the script.
+# (an administrator may change the limit; a failed read keeps the last one). The watcher is
+# disowned (the scripts' `wait` does not wait for it), writes to logs/JOB.log, holds none of
+# the script's pipes, and ends within 5 s of the script.
 rlspec_requeue_before_time_limit() {
   [[ -n "${SLURM_JOB_ID:-}" ]] || return 0
   local job=$1 restarts=${SLURM_RESTART_COUNT:-0} most=3
-  local lead=${RLSPEC_REQUEUE_LEAD_S:-90} left parent=$$
+  local lead=${RLSPEC_REQUEUE_LEAD_S:-90} left parent=$$ tries=0
   if (( restarts >= most )); then
     (( most == 0 )) || rlspec_log "$job" "requeued $restarts time(s) already (cluster.max_requeues $most): it ends at its time limit"
     return 0
   fi
-  left=$(rlspec_seconds_left) || return 0  # no limit, or none Slurm tells
+  until left=$(rlspec_seconds_left); do
+    # 2: no time limit; 1: squeue did not answer (a busy slurmctld): ask again
+    if (( $? == 2 || ++tries >= 3 )); then
+      (( tries < 3 )) || rlspec_log "$job" "squeue did not tell the time left: it is not requeued before its time limit"
+      return 0
+    fi
+    sleep 5
+  done
   if (( left <= lead )); then
     rlspec_log "$job" "time limit within ${lead} s of the start: it is not requeued before it"
     return 0
@@ -126,8 +134,12 @@ rlspec_requeue_before_time_limit() {
     local due=$(( SECONDS + left - lead )) look=$(( SECONDS + 300 ))
     while kill -0 "$parent" 2>/dev/null; do
       if (( SECONDS >= look )); then
-        left=$(rlspec_seconds_left) || exit 0
-        due=$(( SECONDS + left - lead )) look=$(( SECONDS + 300 ))
+        look=$(( SECONDS + 300 ))
+        if left=$(rlspec_seconds_left); then
+          due=$(( SECONDS + left - lead ))
+        elif (( $? == 2 )); then
+          exit 0  # the limit was lifted
+        fi
       fi
       if (( SECONDS >= due )); then
         rlspec_log "$job" "requeued $(( due + lead - SECONDS )) s before its time limit (restart $((restarts + 1)) of at most $most): it goes on where it stopped when Slurm starts it again"
@@ -137,14 +149,16 @@ rlspec_requeue_before_time_limit() {
       sleep 5
     done
   ) </dev/null >> "$RLSPEC_RUN_DIR/logs/$job.log" 2>&1 &
+  disown $!
 }
 
 # rlspec_seconds_left: the seconds left before this Slurm job's time limit (squeue's %L:
-# [[days-]hours:]minutes:seconds); status 1 when it has none (UNLIMITED, NOT_SET).
+# [[days-]hours:]minutes:seconds); status 2 when it has none (UNLIMITED, NOT_SET), 1 when
+# squeue does not answer.
 rlspec_seconds_left() {
   local left
   left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || return 1
-  [[ $left =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
+  [[ $left =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 2
   echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60
             + 10#${BASH_REMATCH[5]}) * 60 + 10#${BASH_REMATCH[6]} ))
 }

@@ -84,57 +84,6 @@ rlspec_alive() {
   return 1
 }
 
-# rlspec_requeue_before_time_limit JOB: under Slurm, a watcher in the background that requeues
-# this job (`scontrol requeue`; it was submitted with --requeue) RLSPEC_REQUEUE_LEAD_S (90)
-# seconds before its time limit, so that a job that needs longer than one allocation goes on
-# where it stopped (each job resumes: the RL job from its last checkpoint, screen and eval
-# from their saved batches, the others skip what is complete) instead of ending as TIMEOUT.
-# At most cluster.max_requeues (3) times (SLURM_RESTART_COUNT
-# counts them), and never for a run whose limit was within the lead when it started (it
-# would requeue at once, again and again). squeue's time left is read again every 5 minutes
-# (an administrator may change the limit). The watcher writes to logs/JOB.log, holds none of
-# the script's pipes, and ends with the script.
-rlspec_requeue_before_time_limit() {
-  [[ -n "${SLURM_JOB_ID:-}" ]] || return 0
-  local job=$1 restarts=${SLURM_RESTART_COUNT:-0} most=3
-  local lead=${RLSPEC_REQUEUE_LEAD_S:-90} left parent=$$
-  if (( restarts >= most )); then
-    (( most == 0 )) || rlspec_log "$job" "requeued $restarts time(s) already (cluster.max_requeues $most): it ends at its time limit"
-    return 0
-  fi
-  left=$(rlspec_seconds_left) || return 0  # no limit, or none Slurm tells
-  if (( left <= lead )); then
-    rlspec_log "$job" "time limit within ${lead} s of the start: it is not requeued before it"
-    return 0
-  fi
-  (
-    trap - EXIT
-    local due=$(( SECONDS + left - lead )) look=$(( SECONDS + 300 ))
-    while kill -0 "$parent" 2>/dev/null; do
-      if (( SECONDS >= look )); then
-        left=$(rlspec_seconds_left) || exit 0
-        due=$(( SECONDS + left - lead )) look=$(( SECONDS + 300 ))
-      fi
-      if (( SECONDS >= due )); then
-        rlspec_log "$job" "requeued $(( due + lead - SECONDS )) s before its time limit (restart $((restarts + 1)) of at most $most): it goes on where it stopped when Slurm starts it again"
-        scontrol requeue "$SLURM_JOB_ID" || rlspec_log "$job" "scontrol requeue failed: the job ends at its time limit"
-        exit 0
-      fi
-      sleep 5
-    done
-  ) </dev/null >> "$RLSPEC_RUN_DIR/logs/$job.log" 2>&1 &
-}
-
-# rlspec_seconds_left: the seconds left before this Slurm job's time limit (squeue's %L:
-# [[days-]hours:]minutes:seconds); status 1 when it has none (UNLIMITED, NOT_SET).
-rlspec_seconds_left() {
-  local left
-  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null) || return 1
-  [[ $left =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 1
-  echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60
-            + 10#${BASH_REMATCH[5]}) * 60 + 10#${BASH_REMATCH[6]} ))
-}
-
 # rlspec_join ITEM...: the items joined by commas (Slurm host lists, endpoint lists).
 rlspec_join() {
   local IFS=,

@@ -11,7 +11,6 @@ source "$JOB_DIR/../../env.sh"
 source "$JOB_DIR/../../lib.sh"
 mkdir -p "$RLSPEC_RUN_DIR/logs"
 cd "$RLSPEC_RUN_DIR"
-rlspec_requeue_before_time_limit export
 
 rlspec_log export "start"
 mapfile -t NODES < <(rlspec_nodes 1)

@@ -11,7 +11,6 @@ source "$JOB_DIR/../../env.sh"
 source "$JOB_DIR/../../lib.sh"
 mkdir -p "$RLSPEC_RUN_DIR/logs"
 cd "$RLSPEC_RUN_DIR"
-rlspec_requeue_before_time_limit rl
 
 # The allocation is split deterministically: the first 1 node(s) run the
 # rollout engines, the next 1 the trainer; the driver (rewards, filters,
