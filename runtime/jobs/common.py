@@ -276,7 +276,9 @@ class JobContext:
     def rollout_timeout_s(self) -> float:
         """The fixed part of how long one generation request may take before it is retried on
         another replica (RLSPEC_ROLLOUT_TIMEOUT; 600 s): the client adds the time its
-        ``max_tokens`` take at a decode floor (``runtime.rollout.request_time``)."""
+        ``max_tokens`` take at a decode floor (``runtime.rollout.request_time``). An engine
+        that generates no token that long with requests in flight is hung: its requests are
+        cut then (``runtime.rollout.stall``)."""
         return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
 
     def engine_concurrency(self, seq_len: int | None = None) -> int:

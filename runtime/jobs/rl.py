@@ -59,7 +59,8 @@ def run(ctx: JobContext) -> None:
     endpoints = rollout_endpoints()
     ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
     client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s,
-                           max_num_seqs=ctx.engine_concurrency())
+                           max_num_seqs=ctx.engine_concurrency(),
+                           stall_s=ctx.rollout_timeout_s)
     try:
         driver = RLDriver(ctx, client=client)
         summary = driver.run()

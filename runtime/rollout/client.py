@@ -27,7 +27,9 @@ code, using only fields that exist in vLLM 0.33 (see ``runtime.rollout.protocol`
   the endpoint down. 4xx are raised at once as ``RolloutError`` with the server's message.
   A completion request's limit grows with the generation it asks for
   (``runtime.rollout.request_time``: ``timeout_s`` plus ``max_tokens`` at a decode floor per
-  wave of ``max_num_seqs`` sequences in flight on its endpoint).
+  wave of ``max_num_seqs`` sequences in flight on its endpoint); with ``stall_s``, requests on
+  an engine whose generated-token counter stands still that long are cut sooner, and retried
+  elsewhere (``runtime.rollout.stall``).
 
 Seeds do not depend on how the prompts are spread: vLLM and our engine seed every prompt
 alike (sample j uses seed + j), so our engine samples the same whatever the split (vLLM's
@@ -51,6 +53,7 @@ inherits, and ``RolloutError`` lives in ``runtime.rollout.client_errors``.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
@@ -78,6 +81,7 @@ from runtime.rollout.protocol import (
     choices_by_prompt,
 )
 from runtime.rollout.request_time import DECODE_FLOOR_TOKENS_PER_S, request_limit_s
+from runtime.rollout.stall import Stalled, StallWatch
 
 # Engines are cluster nodes: never through the submitter's http_proxy (the judge keeps it).
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -113,6 +117,7 @@ class RolloutClient(WeightUpdates):
         down_s: float = 30.0,
         max_num_seqs: int = 256,
         decode_floor: float = DECODE_FLOOR_TOKENS_PER_S,
+        stall_s: float | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("need at least one endpoint")
@@ -127,6 +132,8 @@ class RolloutClient(WeightUpdates):
         # request_limit_s's inputs: the engines' batch size, and sequences in flight on each
         self.max_num_seqs, self.decode_floor = int(max_num_seqs), float(decode_floor)
         self._sequences = dict.fromkeys(self.endpoints, 0)
+        # stall_s: an engine that generates nothing that long with requests in flight is hung
+        self._stall = None if stall_s is None else StallWatch(self._metrics, stall_s=stall_s)
         self._health = EndpointHealth(len(self.endpoints), down_s=down_s)
         self._pool = ThreadPoolExecutor(max_workers=max_workers or max(4, 2 * len(self.endpoints)))
         self._rr = itertools.count()
@@ -136,6 +143,8 @@ class RolloutClient(WeightUpdates):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._stall is not None:
+            self._stall.close()
 
     def __enter__(self) -> RolloutClient:
         return self
@@ -152,26 +161,32 @@ class RolloutClient(WeightUpdates):
         *,
         query: Mapping[str, Any] | None = None,
         timeout: float | None = None,
+        watched: bool = False,
     ) -> Any:
+        """``method`` ``path`` on ``endpoint``; its JSON answer. ``watched``: a POST the
+        client's ``StallWatch`` cuts if the engine stops generating (``runtime.rollout.stall``)."""
         url = endpoint + path + (f"?{urlencode(query, doseq=True)}" if query else "")  # lists repeat
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
         try:
-            with _DIRECT.open(req, timeout=timeout or self.timeout_s) as resp:
-                raw = resp.read()
+            if watched and self._stall is not None and data is not None:
+                status, raw = self._stall.post(endpoint, path, data, timeout or self.timeout_s)
+            else:
+                req = urllib.request.Request(url, data=data, method=method)
+                if data is not None:
+                    req.add_header("Content-Type", "application/json")
+                with _DIRECT.open(req, timeout=timeout or self.timeout_s) as resp:
+                    status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            raise RolloutError(
-                f"{method} {url} → {exc.code}: {error_message(raw)}",
-                status=exc.code,
-                endpoint=endpoint,
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
+            status, raw = exc.code, exc.read()
+        except Stalled as exc:
+            raise RolloutError(f"{method} {url}: {exc}", endpoint=endpoint) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             slow = isinstance(getattr(exc, "reason", exc), TimeoutError)
             raise RolloutError(f"{method} {url} failed: {exc}", endpoint=endpoint,
                                timed_out=slow) from exc
+        if status >= 400:
+            raise RolloutError(f"{method} {url} → {status}: {error_message(raw)}",
+                               status=status, endpoint=endpoint)
         if not raw.strip():
             return None
         try:
@@ -180,6 +195,14 @@ class RolloutClient(WeightUpdates):
             raise RolloutError(
                 f"{method} {url}: response is not JSON: {raw[:200]!r}", endpoint=endpoint
             ) from exc
+
+    def _metrics(self, endpoint: str) -> str | None:
+        """The endpoint's ``/metrics`` text (the ``StallWatch``'s reading), None if unread."""
+        try:
+            with _DIRECT.open(endpoint + "/metrics", timeout=10.0) as resp:
+                return resp.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return None
 
     def _with_retries(self, planned: int, fn: Any) -> Any:
         """Run ``fn(endpoint)`` on the planned endpoint, or where ``self._health`` sends it;
@@ -403,7 +426,8 @@ class RolloutClient(WeightUpdates):
                                         self.decode_floor)
             start = time.monotonic()
             try:
-                raw = self._request(endpoint, "POST", "/v1/completions", body, timeout=limit)
+                raw = self._request(endpoint, "POST", "/v1/completions", body, timeout=limit,
+                                    watched=True)
             finally:
                 with self._lock:
                     self._sequences[endpoint] -= seqs

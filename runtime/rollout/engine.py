@@ -13,9 +13,8 @@ all U·n sequences decode together, one [rows, 1] forward per token. Finished ro
 are dropped from the batch (and the KV cache) so that long tails do not pay for
 finished sequences. No Python loop over sequences runs inside the token loop.
 
-Sampling, randomness and logprobs are ``runtime.rollout.sampling``'s; the output types
-and their assembly (routed experts included) are ``runtime.rollout.outputs``'s; pausing
-is ``runtime.rollout.pausing``'s.
+Sampling and logprobs: ``runtime.rollout.sampling``; outputs (routed experts included):
+``runtime.rollout.outputs``; pausing: ``runtime.rollout.pausing``.
 
 Routed experts (R3). With ``return_routed_experts`` the engine records, with
 ``runtime.router_replay.patch_moe_routers``, the top-k expert ids every MoE layer
@@ -127,7 +126,7 @@ class LocalEngine(SleepControl, PauseControl):
         except (ValueError, ImportError):
             self.router_group = None
         self.weight_version = "default"  # vLLM's initial version string
-
+        self.generated_tokens = 0  # vLLM's generation_tokens counter (the server's /metrics)
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()  # numpy generators are not thread-safe
         self._lock = threading.Lock()  # model + weights
@@ -430,6 +429,7 @@ class LocalEngine(SleepControl, PauseControl):
             )
             tokens_out[active, step] = tok
             logp_out[active, step] = lp
+            self.generated_tokens += int(tok.numel())
             if top is not None and top_ids_out is not None and top_lp_out is not None:
                 top_ids_out[active, step] = top[0]
                 top_lp_out[active, step] = top[1]

@@ -345,6 +345,18 @@ class _Handler(WeightRoutes, SleepRoutes, BaseHTTPRequestHandler):
     def is_paused(self, query: dict[str, list[str]]) -> None:
         self._send_json(200, {"is_paused": self.server.engine.is_paused})
 
+    def metrics(self, query: dict[str, list[str]]) -> None:
+        """vLLM's Prometheus counter of generated tokens (``runtime.rollout.stall`` reads it)."""
+        name = self.server.served_model_name.replace("\\", "\\\\").replace('"', '\\"')
+        data = ("# TYPE vllm:generation_tokens_total counter\n"
+                f'vllm:generation_tokens_total{{engine="0",model_name="{name}"}} '
+                f"{float(self.server.engine.generated_tokens)}\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
 
 
 _GET_ROUTES = {
@@ -354,6 +366,7 @@ _GET_ROUTES = {
     "/weight_info": _Handler.weight_info,
     "/get_world_size": _Handler.get_world_size,
     "/is_sleeping": _Handler.is_sleeping,
+    "/metrics": _Handler.metrics,
 }
 _POST_ROUTES = {
     "/v1/completions": _Handler.completions,

@@ -23,6 +23,7 @@ from runtime.rollout.engine import EngineError, LocalEngine
 from runtime.rollout.protocol import CompletionRequest, ProtocolError
 from runtime.rollout.request_time import DECODE_FLOOR_TOKENS_PER_S, request_limit_s
 from runtime.rollout.server import check_host
+from runtime.rollout.stall import generated_tokens
 from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransfer
 from runtime.router_replay import align_routing, patch_qwen3_moe
 from tests.helpers import rollout_servers
@@ -581,6 +582,84 @@ def test_a_slow_endpoint_is_retried_elsewhere_but_a_hung_one_is_shunned(
             stub.shutdown()
             stub.server_close()
             release.clear()
+
+
+def test_an_engine_that_stops_generating_is_cut_and_one_that_generates_is_not(
+    client: RolloutClient, servers: list[str]
+) -> None:
+    """With stall_s, the client reads each busy endpoint's vLLM counter
+    vllm:generation_tokens_total (runtime.rollout.stall). Requests in flight on an endpoint
+    whose counter stands still for stall_s are cut long before their limit, retried
+    elsewhere, and the endpoint is marked down. An endpoint whose counter moves keeps its
+    request past stall_s, for as long as it needs (here it answers through a real server)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Stub(BaseHTTPRequestHandler):
+        moving, reads = False, 0
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path != "/metrics":
+                return self._send(200, b"")
+            Stub.reads += 1
+            if Stub.moving and Stub.reads >= 12:  # well past stall_s of reads
+                release.set()
+            count = Stub.reads if Stub.moving else 7
+            self._send(200, ("# TYPE vllm:generation_tokens_total counter\n"
+                             f'vllm:generation_tokens_total{{engine="0"}} {count}.0\n').encode())
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            release.wait(120)
+            req = urllib.request.Request(servers[0] + self.path, data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                self._send(resp.status, resp.read())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    try:
+        with RolloutClient([url, servers[0]], model=client.model, timeout_s=120, retries=1,
+                           backoff_s=0.01, stall_s=0.5) as c:
+            got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
+            assert got[0][0].endpoint == servers[0]  # cut on the stub, served by the other
+            assert c._health.is_down(0)
+        Stub.moving, Stub.reads = True, 0
+        with RolloutClient([url], model=client.model, timeout_s=120, retries=0,
+                           stall_s=0.5) as c:
+            got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
+            assert got[0][0].endpoint == url and Stub.reads >= 12
+    finally:
+        release.set()
+        stub.shutdown()
+        stub.server_close()
+    assert generated_tokens('vllm:generation_tokens_total{engine="0",model_name="m"} 3.0\n'
+                            'vllm:generation_tokens_total{engine="1",model_name="m"} 4.0\n'
+                            "vllm:generation_tokens_created 1.7e9\n") == 7.0
+    assert generated_tokens("vllm:num_requests_running 1.0\n") is None
+
+
+def test_the_embedded_server_counts_the_tokens_it_generates(
+    client: RolloutClient, servers: list[str]
+) -> None:
+    """Like vLLM, the embedded server's /metrics has vllm:generation_tokens_total, which grows
+    by the tokens its requests generated: the stall watch judges it as it judges vLLM."""
+    before = generated_tokens(client._metrics(servers[0]) or "")
+    assert before is not None
+    out = client.generate(PROMPTS, n=2, sampling={"max_tokens": 5, "seed": 1}, endpoint=0)
+    made = sum(len(c.token_ids) for cs in out for c in cs)
+    assert made > 0 and generated_tokens(client._metrics(servers[0]) or "") == before + made
 
 
 def test_a_request_may_run_as_long_as_the_generation_it_asks_for(

@@ -43,7 +43,8 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """screen and eval on vLLM wait as the RL job does: system.startup_timeout_s for the
     engines, RLSPEC_ROLLOUT_TIMEOUT per request (it was a fixed 600 s there) on top of the
-    decode time of rollout.max_num_seqs-sized waves (the client's request_time)."""
+    decode time of rollout.max_num_seqs-sized waves (the client's request_time), and as the
+    time a busy engine may generate nothing before its requests are cut (stall)."""
     from pathlib import Path
 
     from compiler.api import compile_spec
@@ -56,8 +57,9 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
 
     class Client:
         def __init__(self, endpoints: list[str], *, timeout_s: float,
-                     max_num_seqs: int) -> None:
+                     max_num_seqs: int, stall_s: float) -> None:
             seen["request"], seen["max_num_seqs"] = timeout_s, max_num_seqs
+            seen["stall"] = stall_s
 
         def wait_ready(self, timeout: float, model_root: str) -> None:
             seen["startup"] = timeout
@@ -74,7 +76,7 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
     ctx = JobContext.load(bundle / "jobs" / "eval_before" / "config.json", run_dir=tmp_path,
                           log_to_file=False)
     engine = open_engine(ctx, tmp_path, seed=0)
-    assert seen == {"request": 5400.0, "startup": 120.0, "max_num_seqs": 64}
+    assert seen == {"request": 5400.0, "startup": 120.0, "max_num_seqs": 64, "stall": 5400.0}
     assert engine.batch_sequences == 64  # one replica's batch per call (sampled.call_sequences)
 
 

@@ -198,3 +198,25 @@ def test_the_weight_sync_probe_reads_what_vllm_serves(client: RolloutClient,
         assert probe_gap(synced, _teacher_forced(second, tokens)) < 1e-5
     finally:
         client.reload_weights(str(policies[0]), "0", then=("repack_cpu_experts",))
+
+
+def test_vllm_counts_the_tokens_it_generates_for_the_stall_watch(client: RolloutClient,
+                                                                  vllm_url: str) -> None:
+    """runtime.rollout.stall judges a busy engine by the vllm:generation_tokens_total counter
+    of its /metrics: vLLM has it, and it grows by the tokens its requests generated."""
+    import time
+
+    from runtime.rollout.stall import generated_tokens
+
+    def count() -> float:
+        value = generated_tokens(client._metrics(vllm_url) or "")
+        assert value is not None, "vLLM's /metrics has no vllm:generation_tokens_total"
+        return value
+
+    before = count()
+    out = client.generate(PROMPTS, n=2, sampling={"max_tokens": 8, "seed": 3})
+    made = sum(len(c.token_ids) for cs in out for c in cs)
+    deadline = time.monotonic() + 30  # the counter is recorded as outputs are processed
+    while count() - before < made and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count() - before == made

@@ -1,0 +1,163 @@
+"""Noticing a hung engine while long completion requests wait on it.
+
+A request's limit (``runtime.rollout.request_time``) bounds the work it asks for: hours, at
+the lengths of reasoning RL. An engine that stops making progress (a hung collective, a
+wedged worker) must be noticed sooner than that. vLLM counts the tokens it has generated
+(``/metrics``, the Prometheus counter ``vllm:generation_tokens_total``, one sample per engine
+core, summed here). While an endpoint has requests in flight, ``StallWatch`` reads that
+counter every ``poll_s`` seconds::
+
+    stalled  ⇔  the counter has not moved for stall_s seconds
+                while the endpoint had requests in flight all that time
+
+A stalled endpoint's requests in flight are cut (their connections shut down), so that they
+fail at once as transport errors: the client marks the endpoint down and retries them
+elsewhere (``runtime.rollout.failover``). The embedded server keeps the same counter. An
+endpoint whose ``/metrics`` has none (a vLLM started with ``--disable-log-stats``) is never
+judged: only its requests' limits apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["StallWatch", "Stalled", "generated_tokens"]
+
+_SAMPLE = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+
+
+def generated_tokens(metrics: str) -> float | None:
+    """The sum of the ``vllm:generation_tokens_total`` samples of a ``/metrics`` text, or
+    None when it has none."""
+    values = [float(v) for v in _SAMPLE.findall(metrics)]
+    return sum(values) if values else None
+
+
+class Stalled(Exception):
+    """A request cut because its endpoint stopped generating."""
+
+
+class _Busy:
+    """An endpoint with requests in flight: its connections, and when its counter last moved."""
+
+    def __init__(self, now: float) -> None:
+        self.connections: set[Any] = set()
+        self.tokens: float | None = None
+        self.moved = now
+
+
+class StallWatch:
+    """Cuts the requests in flight on an endpoint whose generated-token counter stands still
+    for ``stall_s`` (module doc). ``read_metrics(endpoint)`` returns the endpoint's
+    ``/metrics`` text (None when it cannot be read); ``on_stall(endpoint, seconds)`` is told
+    before the cut."""
+
+    def __init__(self, read_metrics: Callable[[str], str | None], *, stall_s: float,
+                 poll_s: float | None = None,
+                 on_stall: Callable[[str, float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if stall_s <= 0:
+            raise ValueError("stall_s > 0 required")
+        self.stall_s = float(stall_s)
+        self.poll_s = float(poll_s if poll_s is not None else min(60.0, stall_s / 4))
+        self._read, self._on_stall, self._clock = read_metrics, on_stall, clock
+        self._busy: dict[str, _Busy] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.cut: set[int] = set()  # id() of the connections cut, for the caller's message
+
+    def watch(self, endpoint: str, connection: Any) -> None:
+        """``connection`` (an ``http.client.HTTPConnection``) waits on ``endpoint``."""
+        with self._lock:
+            busy = self._busy.setdefault(endpoint, _Busy(self._clock()))
+            busy.connections.add(connection)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="stall-watch",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def done(self, endpoint: str, connection: Any) -> bool:
+        """``connection`` no longer waits; whether it was cut as stalled."""
+        with self._lock:
+            busy = self._busy.get(endpoint)
+            if busy is not None:
+                busy.connections.discard(connection)
+                if not busy.connections:  # idle: a still counter means nothing
+                    del self._busy[endpoint]
+            was_cut = id(connection) in self.cut
+            self.cut.discard(id(connection))
+            return was_cut
+
+    def post(self, endpoint: str, path: str, data: bytes, timeout: float) -> tuple[int, bytes]:
+        """POST ``data`` (JSON) to ``endpoint + path`` directly (no proxy), watched while it
+        waits: (status, body). A cut request raises ``Stalled``; a transport failure, OSError
+        or ``http.client.HTTPException``."""
+        url = urlsplit(endpoint)
+        connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
+        self.watch(endpoint, connection)
+        try:
+            connection.request("POST", url.path.rstrip("/") + path, body=data,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            if self.done(endpoint, connection):
+                raise Stalled(f"{endpoint} generated no token for {self.stall_s:g} s with "
+                              "requests in flight: cut as hung") from None
+            raise
+        finally:
+            self.done(endpoint, connection)
+            connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._busy and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                endpoints = list(self._busy)
+            for endpoint in endpoints:
+                self._look(endpoint)
+            with self._lock:
+                if not self._closed:
+                    self._wake.wait(self.poll_s)
+
+    def _look(self, endpoint: str) -> None:
+        text = self._read(endpoint)
+        tokens = None if text is None else generated_tokens(text)
+        now = self._clock()
+        with self._lock:
+            busy = self._busy.get(endpoint)
+            if busy is None or tokens is None:
+                return
+            if busy.tokens is None or tokens != busy.tokens:
+                busy.tokens, busy.moved = tokens, now
+                return
+            if now - busy.moved < self.stall_s:
+                return
+            stalled = list(busy.connections)
+            self.cut.update(id(c) for c in stalled)
+        if self._on_stall is not None:
+            self._on_stall(endpoint, now - busy.moved)
+        for connection in stalled:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
