@@ -281,6 +281,13 @@ class JobContext:
         cut then (``runtime.rollout.stall``)."""
         return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
 
+    def engine_stalled(self, endpoint: str, seconds: float) -> None:
+        """The rollout client's word that an engine generated nothing for ``seconds`` with
+        requests in flight (``runtime.rollout.stall``): its requests are cut and retried."""
+        self.log.warning("engine %s generated no token for %.0f s with requests in flight: "
+                         "its requests are cut and sent to another replica (see its log)",
+                         endpoint, seconds)
+
     def engine_concurrency(self, seq_len: int | None = None) -> int:
         """Sequences one rollout engine replica runs at once (what the client's request limits
         count waves of, ``runtime.rollout.request_time``): ``rollout.max_num_seqs``, or fewer

@@ -60,7 +60,7 @@ def run(ctx: JobContext) -> None:
     ctx.log.info("rollout endpoints: %s", ", ".join(endpoints))
     client = RolloutClient(endpoints, timeout_s=ctx.rollout_timeout_s,
                            max_num_seqs=ctx.engine_concurrency(),
-                           stall_s=ctx.rollout_timeout_s)
+                           stall_s=ctx.rollout_timeout_s, on_stall=ctx.engine_stalled)
     try:
         driver = RLDriver(ctx, client=client)
         summary = driver.run()

@@ -75,7 +75,7 @@ def open_engine(ctx: JobContext, model_dir: Path, seed: int, seq_len: int | None
         return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s,
                             request_timeout_s=ctx.rollout_timeout_s,
                             max_num_seqs=ctx.engine_concurrency(seq_len),
-                            stall_s=ctx.rollout_timeout_s)
+                            stall_s=ctx.rollout_timeout_s, on_stall=ctx.engine_stalled)
     import torch
 
     from runtime.devices import job_device

@@ -118,6 +118,7 @@ class RolloutClient(WeightUpdates):
         max_num_seqs: int = 256,
         decode_floor: float = DECODE_FLOOR_TOKENS_PER_S,
         stall_s: float | None = None,
+        on_stall: Callable[[str, float], None] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("need at least one endpoint")
@@ -133,7 +134,8 @@ class RolloutClient(WeightUpdates):
         self.max_num_seqs, self.decode_floor = int(max_num_seqs), float(decode_floor)
         self._sequences = dict.fromkeys(self.endpoints, 0)
         # stall_s: an engine that generates nothing that long with requests in flight is hung
-        self._stall = None if stall_s is None else StallWatch(self._metrics, stall_s=stall_s)
+        self._stall = (None if stall_s is None else
+                       StallWatch(self._metrics, stall_s=stall_s, on_stall=on_stall))
         self._health = EndpointHealth(len(self.endpoints), down_s=down_s)
         self._pool = ThreadPoolExecutor(max_workers=max_workers or max(4, 2 * len(self.endpoints)))
         self._rr = itertools.count()
@@ -168,7 +170,9 @@ class RolloutClient(WeightUpdates):
         url = endpoint + path + (f"?{urlencode(query, doseq=True)}" if query else "")  # lists repeat
         data = None if body is None else json.dumps(body).encode()
         try:
-            if watched and self._stall is not None and data is not None:
+            if watched and self._stall is not None:
+                if method != "POST" or query or data is None:
+                    raise ValueError("a watched request is a POST with a body and no query")
                 status, raw = self._stall.post(endpoint, path, data, timeout or self.timeout_s)
             else:
                 req = urllib.request.Request(url, data=data, method=method)
@@ -184,7 +188,7 @@ class RolloutClient(WeightUpdates):
             slow = isinstance(getattr(exc, "reason", exc), TimeoutError)
             raise RolloutError(f"{method} {url} failed: {exc}", endpoint=endpoint,
                                timed_out=slow) from exc
-        if status >= 400:
+        if status >= 300:  # urllib follows the redirects it may; the rest are failures
             raise RolloutError(f"{method} {url} → {status}: {error_message(raw)}",
                                status=status, endpoint=endpoint)
         if not raw.strip():

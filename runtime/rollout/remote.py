@@ -39,13 +39,15 @@ class RemoteEngine:
 
     def __init__(self, model_dir: Path, endpoints: Sequence[str], *,
                  startup_timeout_s: float, request_timeout_s: float,
-                 max_num_seqs: int = 256, stall_s: float | None = None) -> None:
+                 max_num_seqs: int = 256, stall_s: float | None = None,
+                 on_stall: Any = None) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.client = RolloutClient(endpoints, timeout_s=request_timeout_s,
-                                    max_num_seqs=max_num_seqs, stall_s=stall_s)
+                                    max_num_seqs=max_num_seqs, stall_s=stall_s,
+                                    on_stall=on_stall)
         #: sequences the replicas run at once, all together (``max_num_seqs`` each)
         self.batch_sequences = len(endpoints) * max_num_seqs
         # every replica must serve this job's checkpoint (not a stale engine on the port)

@@ -12,15 +12,25 @@ counter every ``poll_s`` seconds::
 
 A stalled endpoint's requests in flight are cut (their connections shut down), so that they
 fail at once as transport errors: the client marks the endpoint down and retries them
-elsewhere (``runtime.rollout.failover``). The embedded server keeps the same counter. An
-endpoint whose ``/metrics`` has none (a vLLM started with ``--disable-log-stats``) is never
-judged: only its requests' limits apply.
+elsewhere (``runtime.rollout.failover``). An endpoint cut as stalled stays judged: when it
+is busy again and its counter still stands where it stood at the cut, its new requests are
+cut at the first reading, not after another ``stall_s``. The embedded server keeps the same
+counter.
+
+What it cannot see: an endpoint whose ``/metrics`` has no such counter (a vLLM started with
+``--disable-log-stats``) or cannot be read (an API server whose event loop is stuck) is never
+judged, only its requests' limits apply; and the counter is summed over engine cores, so one
+hung data-parallel rank of a replica whose other ranks still decode (data parallelism
+without expert parallelism: with it the ranks step together) is not noticed either. An
+engine paused with ``mode=keep`` for longer than ``stall_s`` with requests in flight would
+be cut; the driver never generates while it pauses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import re
 import socket
 import threading
@@ -31,6 +41,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["StallWatch", "Stalled", "generated_tokens"]
 
+log = logging.getLogger(__name__)
 _SAMPLE = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
 
 
@@ -70,6 +81,7 @@ class StallWatch:
         self.poll_s = float(poll_s if poll_s is not None else min(60.0, stall_s / 4))
         self._read, self._on_stall, self._clock = read_metrics, on_stall, clock
         self._busy: dict[str, _Busy] = {}
+        self._stalled: dict[str, float] = {}  # endpoint → its counter when it was cut
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -104,6 +116,8 @@ class StallWatch:
         waits: (status, body). A cut request raises ``Stalled``; a transport failure, OSError
         or ``http.client.HTTPException``."""
         url = urlsplit(endpoint)
+        if url.scheme != "http":
+            raise ValueError(f"{endpoint}: the stall watch speaks plain HTTP to the engines")
         connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=timeout)
         self.watch(endpoint, connection)
         try:
@@ -134,7 +148,10 @@ class StallWatch:
                     return
                 endpoints = list(self._busy)
             for endpoint in endpoints:
-                self._look(endpoint)
+                try:
+                    self._look(endpoint)
+                except Exception:  # a bad reading must not end the watch for the run
+                    log.warning("stall watch: %s could not be judged", endpoint, exc_info=True)
             with self._lock:
                 if not self._closed:
                     self._wake.wait(self.poll_s)
@@ -147,11 +164,15 @@ class StallWatch:
             busy = self._busy.get(endpoint)
             if busy is None or tokens is None:
                 return
-            if busy.tokens is None or tokens != busy.tokens:
-                busy.tokens, busy.moved = tokens, now
-                return
-            if now - busy.moved < self.stall_s:
-                return
+            still_hung = busy.tokens is None and self._stalled.get(endpoint) == tokens
+            if not still_hung:
+                if busy.tokens is None or tokens != busy.tokens:
+                    busy.tokens, busy.moved = tokens, now
+                    self._stalled.pop(endpoint, None)
+                    return
+                if now - busy.moved < self.stall_s:
+                    return
+            self._stalled[endpoint] = tokens
             stalled = list(busy.connections)
             self.cut.update(id(c) for c in stalled)
         if self._on_stall is not None:

@@ -650,6 +650,52 @@ def test_an_engine_that_stops_generating_is_cut_and_one_that_generates_is_not(
     assert generated_tokens("vllm:num_requests_running 1.0\n") is None
 
 
+def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watch() -> None:
+    """An endpoint cut as stalled stays judged: its next requests, while its counter still
+    stands where it stood, are cut at the first reading (not after another stall_s, which
+    would cost every step of the run that much). A reading that raises does not end the
+    watch for the rest of the run."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from runtime.rollout.stall import Stalled, StallWatch
+
+    release = threading.Event()
+
+    class Hung(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            release.wait(120)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Hung)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    reads = {"n": 0}
+
+    def read(endpoint: str) -> str:
+        reads["n"] += 1
+        if reads["n"] == 1:
+            raise ValueError("a reading the watch cannot use")
+        return 'vllm:generation_tokens_total{engine="0"} 7.0\n'
+
+    watch = StallWatch(read, stall_s=0.5, poll_s=0.05)
+    try:
+        with pytest.raises(Stalled):  # the first reading raised; the watch went on
+            watch.post(url, "/v1/completions", b"{}", timeout=60)
+        first = reads["n"]
+        assert first >= 0.5 / 0.05  # it waited stall_s of still readings
+        with pytest.raises(Stalled):
+            watch.post(url, "/v1/completions", b"{}", timeout=60)
+        assert reads["n"] - first <= 2  # cut at its first reading
+    finally:
+        watch.close()
+        release.set()
+        stub.shutdown()
+        stub.server_close()
+
+
 def test_the_embedded_server_counts_the_tokens_it_generates(
     client: RolloutClient, servers: list[str]
 ) -> None:

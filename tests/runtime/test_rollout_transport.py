@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_every_completion_asks_vllm_for_its_weight_versions() -> None:
 
 
 def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
-        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     """screen and eval on vLLM wait as the RL job does: system.startup_timeout_s for the
     engines, RLSPEC_ROLLOUT_TIMEOUT per request (it was a fixed 600 s there) on top of the
     decode time of rollout.max_num_seqs-sized waves (the client's request_time), and as the
@@ -57,9 +58,10 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
 
     class Client:
         def __init__(self, endpoints: list[str], *, timeout_s: float,
-                     max_num_seqs: int, stall_s: float) -> None:
+                     max_num_seqs: int, stall_s: float, on_stall: Any) -> None:
             seen["request"], seen["max_num_seqs"] = timeout_s, max_num_seqs
             seen["stall"] = stall_s
+            on_stall("http://127.0.0.1:9", 600.0)  # the job's log hears of a cut
 
         def wait_ready(self, timeout: float, model_root: str) -> None:
             seen["startup"] = timeout
@@ -76,6 +78,7 @@ def test_the_served_jobs_take_the_rollout_timeouts_of_the_run(
     ctx = JobContext.load(bundle / "jobs" / "eval_before" / "config.json", run_dir=tmp_path,
                           log_to_file=False)
     engine = open_engine(ctx, tmp_path, seed=0)
+    assert "engine http://127.0.0.1:9 generated no token for 600 s" in capfd.readouterr().err
     assert seen == {"request": 5400.0, "startup": 120.0, "max_num_seqs": 64, "stall": 5400.0}
     assert engine.batch_sequences == 64  # one replica's batch per call (sampled.call_sequences)
 

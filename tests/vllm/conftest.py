@@ -129,7 +129,7 @@ def vllm_url(policies: tuple[Path, Path],
 
 @pytest.fixture
 def client(vllm_url: str) -> Iterator[RolloutClient]:
-    # stall_s: every request goes through the StallWatch's own HTTP path, as the jobs' do
+    # stall_s: completion requests go through the StallWatch's HTTP path, as the jobs' do
     c = RolloutClient([vllm_url], timeout_s=120, retries=0, stall_s=120)
     c.wait_ready(timeout=30)
     yield c
