@@ -48,7 +48,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -68,6 +68,8 @@ from runtime.preflight import preflight_context
 from spec.errors import dotted
 from spec.loader import problems_from_validation
 from spec.models import Spec
+
+_T = TypeVar("_T")
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -183,6 +185,7 @@ class JobContext:
         # Plain data for the jobs, every key present: defaults come from the model only.
         self.spec: dict[str, Any] = self.model_spec.model_dump(mode="json")
         self.derived: dict[str, Any] = dict(config.get("derived") or {})
+        self._closers: list[Callable[[], None]] = []  # closing(): run by run_job at the end
         self.inputs = {n: self._resolve(n, a) for n, a in (config.get("inputs") or {}).items()}
         self.outputs = {n: self._resolve(n, a) for n, a in (config.get("outputs") or {}).items()}
         self.log_file: Path | None = run_dir / "logs" / f"{self.job}.log" if log_to_file else None
@@ -280,6 +283,12 @@ class JobContext:
         that generates no token that long with requests in flight is hung: its requests are
         cut then (``runtime.rollout.stall``)."""
         return float(os.environ.get("RLSPEC_ROLLOUT_TIMEOUT") or 600.0)
+
+    def closing(self, resource: _T) -> _T:
+        """``resource``, whose ``close()`` ``run_job`` calls when the job ends, failed or not
+        (a rollout client's requests in flight are cut then, not waited for at exit)."""
+        self._closers.append(resource.close)  # type: ignore[attr-defined]
+        return resource
 
     def engine_stalled(self, endpoint: str, seconds: float) -> None:
         """The rollout client's word that an engine generated nothing for ``seconds`` with
@@ -424,6 +433,11 @@ def run_job(fn: Callable[[JobContext], None], argv: Sequence[str] | None = None,
         print(f"rlspec job {ctx.job} failed: {_one_line(exc)} (log: {log_hint})", file=sys.stderr)
         return 1
     finally:
+        for close in reversed(ctx._closers):
+            try:
+                close()
+            except Exception:  # the job's outcome is decided: closing only tidies up
+                ctx.log.debug("closing failed:\n%s", traceback.format_exc().rstrip())
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         for handler in ctx.log.handlers:

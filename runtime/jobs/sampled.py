@@ -72,10 +72,10 @@ def open_engine(ctx: JobContext, model_dir: Path, seed: int, seq_len: int | None
     if ctx.spec["rollout"]["engine"] == "vllm":
         from runtime.rollout.remote import RemoteEngine, engine_endpoints
 
-        return RemoteEngine(model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s,
-                            request_timeout_s=ctx.rollout_timeout_s,
-                            max_num_seqs=ctx.engine_concurrency(seq_len),
-                            stall_s=ctx.rollout_timeout_s, on_stall=ctx.engine_stalled)
+        return ctx.closing(RemoteEngine(
+            model_dir, engine_endpoints(), startup_timeout_s=ctx.startup_timeout_s,
+            request_timeout_s=ctx.rollout_timeout_s, max_num_seqs=ctx.engine_concurrency(seq_len),
+            stall_s=ctx.rollout_timeout_s, on_stall=ctx.engine_stalled))
     import torch
 
     from runtime.devices import job_device

@@ -135,9 +135,14 @@ class StallWatch:
             connection.close()
 
     def close(self) -> None:
+        """Stop watching, and cut every request still waiting: a job that fails or ends
+        must not wait at exit for answers it will not read (they may take hours)."""
         with self._lock:
             self._closed = True
             self._wake.notify()
+            waiting = [c for busy in self._busy.values() for c in busy.connections]
+        for connection in waiting:
+            _shut(connection)
 
     def _run(self) -> None:
         while True:
@@ -178,7 +183,12 @@ class StallWatch:
         if self._on_stall is not None:
             self._on_stall(endpoint, now - busy.moved)
         for connection in stalled:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shut(connection)
+
+
+def _shut(connection: Any) -> None:
+    """Shut a waiting connection's socket down: its blocked read returns at once."""
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -324,10 +324,24 @@ def test_run_job_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert run_job(interrupted, argv) == 130
     assert "rlspec job t interrupted" in capsys.readouterr().err
 
+    closed: list[str] = []
+
+    class Resource:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            closed.append(self.name)
+            if self.name == "b":
+                raise OSError("closing b failed")  # the job's outcome stands
+
     def forgets(ctx: JobContext) -> None:
+        ctx.closing(Resource("a"))
+        assert ctx.closing(Resource("b")).name == "b"
         ctx.output_path("out").mkdir(parents=True)
 
     assert run_job(forgets, argv) == 1
+    assert closed == ["b", "a"]  # what a job opened is closed when it fails, last first
     assert "failed: finished without completing output(s) out" in capsys.readouterr().err
 
     calls: list[str] = []

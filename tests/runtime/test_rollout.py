@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -692,6 +693,57 @@ def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watc
     finally:
         watch.close()
         release.set()
+        stub.shutdown()
+        stub.server_close()
+
+
+def test_closing_the_client_cuts_the_requests_it_waits_on(client: RolloutClient) -> None:
+    """A job that fails (or ends) closes its rollout client (JobContext.closing, run_job):
+    requests still waiting on an engine are cut then, so that the process does not wait at
+    exit, for as long as their limits allow (hours), for answers it will not read."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    arrived, release = threading.Event(), threading.Event()
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /metrics: a counter that moves (the engine is not hung)
+            body = f"vllm:generation_tokens_total {time.monotonic()}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            arrived.set()
+            release.wait(120)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    failed: list[BaseException] = []
+    c = RolloutClient([url], model=client.model, timeout_s=120, retries=0, stall_s=60)
+
+    def generate() -> None:
+        try:
+            c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
+        except BaseException as exc:  # the test looks at it
+            failed.append(exc)
+
+    waiting = threading.Thread(target=generate)
+    waiting.start()
+    try:
+        assert arrived.wait(60)
+        c.close()
+        waiting.join(60)
+        assert not waiting.is_alive() and not release.is_set()
+        assert len(failed) == 1 and isinstance(failed[0], RolloutError)
+    finally:
+        release.set()
+        waiting.join(60)
         stub.shutdown()
         stub.server_close()
 
