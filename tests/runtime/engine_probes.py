@@ -10,6 +10,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
@@ -59,29 +60,47 @@ def post_json(url: str, body: object, raw: bytes | None = None) -> tuple[int, di
         return e.code, json.loads(e.read())
 
 
+class StubHandler(BaseHTTPRequestHandler):
+    """A quiet request handler for the tests' stand-in engines: ``body()`` reads the request,
+    ``send(status, body)`` answers."""
+
+    def body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def send(self, status: int, body: bytes = b"") -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def canned_server(body: bytes) -> Iterator[str]:
-    """A loopback HTTP server answering every GET and POST with 200 and ``body``: its URL."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Canned(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+def stub_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A loopback HTTP server of ``handler``, for the block: its URL. (A handler that waits
+    must be released inside the block: closing joins the handlers' threads.)"""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def canned_server(body: bytes) -> Iterator[str]:
+    """A loopback HTTP server answering every GET and POST with 200 and ``body``: its URL."""
+
+    class Canned(StubHandler):
+        def do_GET(self) -> None:
+            self.send(200, body)
+
+        def do_POST(self) -> None:
+            self.body()
+            self.send(200, body)
+
+    with stub_server(Canned) as url:
+        yield url

@@ -29,7 +29,14 @@ from runtime.rollout.weight_transfer import DiskWeightTransfer, NCCLWeightTransf
 from runtime.router_replay import align_routing, patch_qwen3_moe
 from tests.helpers import rollout_servers
 from tests.runtime.engine_probes import MIXED_PROMPTS as PROMPTS
-from tests.runtime.engine_probes import canned_server, full_logprobs, in_flight, post_json
+from tests.runtime.engine_probes import (
+    StubHandler,
+    canned_server,
+    full_logprobs,
+    in_flight,
+    post_json,
+    stub_server,
+)
 from tests.runtime.tiny_moe import EOS, VOCAB
 
 REPO = Path(__file__).resolve().parents[2]
@@ -593,58 +600,43 @@ def test_an_engine_that_stops_generating_is_cut_and_one_that_generates_is_not(
     whose counter stands still for stall_s are cut long before their limit, retried
     elsewhere, and the endpoint is marked down. An endpoint whose counter moves keeps its
     request past stall_s, for as long as it needs (here it answers through a real server)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     release = threading.Event()
 
-    class Stub(BaseHTTPRequestHandler):
+    class Stub(StubHandler):
         moving, reads = False, 0
-
-        def _send(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
         def do_GET(self) -> None:
             if self.path != "/metrics":
-                return self._send(200, b"")
+                return self.send(200)
             Stub.reads += 1
             if Stub.moving and Stub.reads >= 12:  # well past stall_s of reads
                 release.set()
             count = Stub.reads if Stub.moving else 7
-            self._send(200, ("# TYPE vllm:generation_tokens_total counter\n"
-                             f'vllm:generation_tokens_total{{engine="0"}} {count}.0\n').encode())
+            self.send(200, ("# TYPE vllm:generation_tokens_total counter\n"
+                            f'vllm:generation_tokens_total{{engine="0"}} {count}.0\n').encode())
 
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self.body()
             release.wait(120)
             req = urllib.request.Request(servers[0] + self.path, data=body,
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as resp:
-                self._send(resp.status, resp.read())
+                self.send(resp.status, resp.read())
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{stub.server_address[1]}"
-    try:
-        with RolloutClient([url, servers[0]], model=client.model, timeout_s=120, retries=1,
-                           backoff_s=0.01, stall_s=0.5) as c:
-            got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
-            assert got[0][0].endpoint == servers[0]  # cut on the stub, served by the other
-            assert c._health.is_down(0)
-        Stub.moving, Stub.reads = True, 0
-        with RolloutClient([url], model=client.model, timeout_s=120, retries=0,
-                           stall_s=0.5) as c:
-            got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
-            assert got[0][0].endpoint == url and Stub.reads >= 12
-    finally:
-        release.set()
-        stub.shutdown()
-        stub.server_close()
+    with stub_server(Stub) as url:
+        try:
+            with RolloutClient([url, servers[0]], model=client.model, timeout_s=120,
+                               retries=1, backoff_s=0.01, stall_s=0.5) as c:
+                got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2}, endpoint=0)
+                assert got[0][0].endpoint == servers[0]  # cut on the stub, served elsewhere
+                assert c._health.is_down(0)
+            Stub.moving, Stub.reads = True, 0
+            with RolloutClient([url], model=client.model, timeout_s=120, retries=0,
+                               stall_s=0.5) as c:
+                got = c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
+                assert got[0][0].endpoint == url and Stub.reads >= 12
+        finally:
+            release.set()
     assert generated_tokens('vllm:generation_tokens_total{engine="0",model_name="m"} 3.0\n'
                             'vllm:generation_tokens_total{engine="1",model_name="m"} 4.0\n'
                             "vllm:generation_tokens_created 1.7e9\n") == 7.0
@@ -656,23 +648,15 @@ def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watc
     stands where it stood, are cut at the first reading (not after another stall_s, which
     would cost every step of the run that much). A reading that raises does not end the
     watch for the rest of the run."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from runtime.rollout.stall import Stalled, StallWatch
 
     release = threading.Event()
 
-    class Hung(BaseHTTPRequestHandler):
+    class Hung(StubHandler):
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.body()
             release.wait(120)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Hung)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{stub.server_address[1]}"
     reads = {"n": 0}
 
     def read(endpoint: str) -> str:
@@ -682,70 +666,56 @@ def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watc
         return 'vllm:generation_tokens_total{engine="0"} 7.0\n'
 
     watch = StallWatch(read, stall_s=0.5, poll_s=0.05)
-    try:
-        with pytest.raises(Stalled):  # the first reading raised; the watch went on
-            watch.post(url, "/v1/completions", b"{}", timeout=60)
-        first = reads["n"]
-        assert first >= 0.5 / 0.05  # it waited stall_s of still readings
-        with pytest.raises(Stalled):
-            watch.post(url, "/v1/completions", b"{}", timeout=60)
-        assert reads["n"] - first <= 2  # cut at its first reading
-    finally:
-        watch.close()
-        release.set()
-        stub.shutdown()
-        stub.server_close()
+    with stub_server(Hung) as url:
+        try:
+            with pytest.raises(Stalled):  # the first reading raised; the watch went on
+                watch.post(url, "/v1/completions", b"{}", timeout=60)
+            first = reads["n"]
+            assert first >= 0.5 / 0.05  # it waited stall_s of still readings
+            with pytest.raises(Stalled):
+                watch.post(url, "/v1/completions", b"{}", timeout=60)
+            assert reads["n"] - first <= 2  # cut at its first reading
+        finally:
+            watch.close()
+            release.set()
 
 
 def test_closing_the_client_cuts_the_requests_it_waits_on(client: RolloutClient) -> None:
     """A job that fails (or ends) closes its rollout client (JobContext.closing, run_job):
     requests still waiting on an engine are cut then, so that the process does not wait at
     exit, for as long as their limits allow (hours), for answers it will not read."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     arrived, release = threading.Event(), threading.Event()
 
-    class Busy(BaseHTTPRequestHandler):
+    class Busy(StubHandler):
         def do_GET(self) -> None:  # /metrics: a counter that moves (the engine is not hung)
-            body = f"vllm:generation_tokens_total {time.monotonic()}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send(200, f"vllm:generation_tokens_total {time.monotonic()}\n".encode())
 
         def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.body()
             arrived.set()
             release.wait(120)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{stub.server_address[1]}"
     failed: list[BaseException] = []
-    c = RolloutClient([url], model=client.model, timeout_s=120, retries=0, stall_s=60)
+    with stub_server(Busy) as url:
+        c = RolloutClient([url], model=client.model, timeout_s=120, retries=0, stall_s=60)
 
-    def generate() -> None:
+        def generate() -> None:
+            try:
+                c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
+            except BaseException as exc:  # the test looks at it
+                failed.append(exc)
+
+        waiting = threading.Thread(target=generate)
+        waiting.start()
         try:
-            c.generate([[5, 9, 12]], sampling={"max_tokens": 2})
-        except BaseException as exc:  # the test looks at it
-            failed.append(exc)
-
-    waiting = threading.Thread(target=generate)
-    waiting.start()
-    try:
-        assert arrived.wait(60)
-        c.close()
-        waiting.join(60)
-        assert not waiting.is_alive() and not release.is_set()
-        assert len(failed) == 1 and isinstance(failed[0], RolloutError)
-    finally:
-        release.set()
-        waiting.join(60)
-        stub.shutdown()
-        stub.server_close()
+            assert arrived.wait(60)
+            c.close()
+            waiting.join(60)
+            assert not waiting.is_alive() and not release.is_set()
+            assert len(failed) == 1 and isinstance(failed[0], RolloutError)
+        finally:
+            release.set()
+            waiting.join(60)
 
 
 def test_the_embedded_server_counts_the_tokens_it_generates(
