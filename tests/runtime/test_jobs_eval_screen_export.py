@@ -155,6 +155,19 @@ def _run_entry(entry: str, config: Path, run_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def _two_tasks(entry: str, config: Path, run_dir: Path, job_id: str) -> list[str]:
+    """Run ``entry`` as tasks 1 and 0 of one two-node Slurm job; their stderr, in that order."""
+    procs = [subprocess.Popen([sys.executable, "-m", f"runtime.jobs.{entry}", "--config",
+                               str(config)],
+                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
+                                   "SLURM_JOB_ID": job_id},
+                              stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    return errs
+
+
 def test_evaluate_samples_at_eval_temperature_and_max_tokens_seeded_by_train_seed(
         bundle: Path, run_dir: Path, tmp_path: Path) -> None:
     """eval.temperature 1 samples (answers of one prompt differ, greedy's never do),
@@ -288,13 +301,7 @@ def test_screen_shards_prompts_over_its_nodes(bundle: Path, run_dir: Path,
     path = tmp_path / "bundle" / "jobs" / "screen_2nodes" / "config.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(config))
-    procs = [subprocess.Popen([sys.executable, "-m", "runtime.jobs.screen", "--config", str(path)],
-                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
-                                   "SLURM_JOB_ID": "4242"},
-                              stderr=subprocess.PIPE, text=True)
-             for rank in (1, 0)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    errs = _two_tasks("screen", path, run_dir, "4242")
     rows = list(read_jsonl(run_dir / "artifacts" / "dataset" / "train.jsonl"))
     assert "task 1 of 2: 150 of 300 prompts" in errs[0]
     assert "task 0 of 2: 150 of 300 prompts" in errs[1]
@@ -405,14 +412,7 @@ def test_evaluate_splits_its_prompts_over_its_nodes(bundle: Path, run_dir: Path,
     _launch(bundle, "eval_before", run_dir)
     config = _variant(bundle, tmp_path, "eval_before", "eval_2nodes",
                       {"cluster.scheduler": "slurm", "rollout.nodes": 2})
-    procs = [subprocess.Popen([sys.executable, "-m", "runtime.jobs.evaluate", "--config",
-                               str(config)],
-                              env={**_env(run_dir), "SLURM_PROCID": str(rank),
-                                   "SLURM_JOB_ID": "4243"},
-                              stderr=subprocess.PIPE, text=True)
-             for rank in (1, 0)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    errs = _two_tasks("evaluate", config, run_dir, "4243")
     assert "task 1 of 2: 30 of 60 prompts" in errs[0]
     one, two = (run_dir / "artifacts" / name for name in ("eval_before", "eval_2nodes"))
     assert list(read_jsonl(two / "samples.jsonl")) == list(read_jsonl(one / "samples.jsonl"))
