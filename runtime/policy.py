@@ -107,6 +107,7 @@ __all__ = [
     "count_parameters",
     "load_policy",
     "policy_config",
+    "portable_config",
     "save_policy",
     "save_tokenizer",
 ]
@@ -347,7 +348,7 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
     final = Path(path)
     with atomic_dir(final, artifact="hf_checkpoint", **marker_info) as tmp:
         model.save_pretrained(tmp)
-        _portable_config(tmp / "config.json")
+        portable_config(tmp / "config.json")
         save_tokenizer(tokenizer, tmp)
     return final
 
@@ -388,7 +389,7 @@ def policy_from_state_dict(config: PretrainedConfig,
     return model.eval()
 
 
-def _portable_config(path: Path) -> None:
+def portable_config(path: Path) -> None:
     """Add the transformers-4.x names of renamed fields next to the 5.x ones, so readers on
     either version (a separate vLLM environment) build the same model: 5.x writes
     ``num_local_experts`` (attribute_map of ``num_experts``), ``rope_parameters`` and

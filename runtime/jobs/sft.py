@@ -11,8 +11,9 @@ policy RL starts from. Kept short on purpose: RL must have something left to lea
 
 ``train.backend: megatron``: the same loss, batches and optimizer (``spec.models.SFT_OPTIMIZER``)
 on the Megatron trainer in the spec's train layout (``runtime.megatron.sft``), one process per
-GPU started by ``jobs/sft/train.sh`` with its Megatron-LM flags; the weights start from the HF
-``policy_init`` and rank 0 writes the gathered result as the HF ``policy_sft``.
+GPU started by ``jobs/sft/train.sh`` with its Megatron-LM flags; each rank reads its own layers
+of the HF ``policy_init``, and each pipeline stage writes its layers of the HF ``policy_sft``
+(``runtime.megatron.hf_folder``: the model is never whole in one process).
 """
 
 from __future__ import annotations
@@ -110,11 +111,10 @@ def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
     """``train.backend: megatron``: this rank's share of the SFT (module doc)."""
     from runtime.megatron.args import parse_megatron_args, train_settings
     from runtime.megatron.engine import MegatronTrainer
-    from runtime.megatron.hf_weights import gather_full_state_dict, load_hf_weights, megatron_to_hf
+    from runtime.megatron.hf_folder import load_hf_folder, save_hf_folder
     from runtime.megatron.parallel import destroy_parallel
     from runtime.megatron.setup import build_policy
     from runtime.megatron.sft import sft_batch, sft_step
-    from runtime.policy import load_policy, policy_from_state_dict, save_policy
 
     if ctx.model_spec.train.backend != "megatron":
         raise JobError(f"Megatron flags given, but train.backend is "
@@ -122,7 +122,7 @@ def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
     args = parse_megatron_args(["--config", str(ctx.config_path), *flags], checkpoints=False)
     init = str(ctx.input_path("policy_init"))
     policy = build_policy(args, ctx.spec["cluster"]["devices"], init, routing_replay=False)
-    load_hf_weights(policy.module, load_policy(init)[0].state_dict(), policy.hf_config)
+    load_hf_folder(policy.module, policy.hf_config, init)  # this rank's layers only
     if policy.main:
         ctx.log.info("Megatron SFT: %s", policy.describe)
     steps = int(ctx.section("sft.steps"))
@@ -135,14 +135,12 @@ def run_megatron(ctx: JobContext, flags: Sequence[str]) -> None:
         loss = sft_step(trainer, sft_batch(ids, attention, target))["loss"]
         if policy.main:
             _log_step(ctx, step, steps, loss)
-    full = gather_full_state_dict(policy.module)  # collective
+    # collective: each pipeline stage writes its layers (runtime.megatron.hf_folder)
+    save_hf_folder(policy.module, policy.hf_config, policy.tokenizer,
+                   ctx.output_path("policy_sft"), job=ctx.job, steps=steps, final_loss=loss)
     # The groups go before the interpreter does: a gloo group left to its destructor at exit
     # can abort the process ("terminate called without an active exception"), a failed job.
     destroy_parallel()
-    if policy.main:
-        model = policy_from_state_dict(policy.hf_config, megatron_to_hf(full, policy.hf_config))
-        save_policy(model, policy.tokenizer, ctx.output_path("policy_sft"), job=ctx.job,
-                    steps=steps, final_loss=loss)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,8 +18,9 @@ the process with status 1.
 ``train.backend: megatron`` (``runtime.jobs.train_megatron``): one process per GPU, started
 by torchrun (``runtime.launch``, ``file://`` rendezvous, on CPUs) with ``train.sh``'s
 Megatron-LM flags (``runtime.megatron.args``), from ``--load``; rank 0 alone reads and writes
-the exchange files, broadcasts which batch to take, and publishes the weights the shards are
-gathered to (``gather_full_state_dict``). Checkpoints: Megatron-LM iterations under
+the exchange files and broadcasts which batch to take; each step's weights are written by every
+pipeline stage, a layer at a time, and read back on resume by each rank for its own layers
+(``runtime.megatron.hf_folder``). Checkpoints: Megatron-LM iterations under
 ``--save`` (``iter_<step>``, optimizer shards included; ``runtime.megatron.checkpoint``)."""
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class MegatronTrainerProcess(TrainerProcess):
                               routing_replay=self.replay_mode != "off")
         self.main = policy.main
         self.hf_config, self.tokenizer = policy.hf_config, policy.tokenizer
+        self.dtype = policy.dtype
         self.module: Any = policy.module
         if self.main:
             self.log.info("Megatron trainer: %s", policy.describe)
@@ -76,8 +77,7 @@ class MegatronTrainerProcess(TrainerProcess):
         else the published weights of ``step`` (``--load`` at 0) and the optimizer state of
         the newest checkpoint before it, or a fresh one."""
         from runtime.megatron import checkpoint as ckpt
-        from runtime.megatron.hf_weights import load_hf_weights
-        from runtime.policy import load_policy
+        from runtime.megatron.hf_folder import load_hf_folder
 
         trainer: Any = self.trainer
         ckpts = [(s, p) for s, p in self._checkpoints() if s <= step]
@@ -91,9 +91,8 @@ class MegatronTrainerProcess(TrainerProcess):
             else:
                 trainer.optimizer = trainer._build_optimizer()
                 how = "fresh optimizer state"
-            if step:
-                fresh, _ = load_policy(self.paths.version(step))
-                load_hf_weights(self.module, fresh.state_dict(), self.hf_config)
+            if step:  # each rank reads its own layers' tensors of the folder
+                load_hf_folder(self.module, self.hf_config, self.paths.version(step))
                 how = f"weights {self.paths.version(step)}, {how}"
             else:
                 how = f"weights {ckpt.load_model(self.module, self.args.load)}, {how}"
@@ -123,14 +122,17 @@ class MegatronTrainerProcess(TrainerProcess):
         return payload
 
     def publish(self, version: int, probe: dict[str, list[Any]] | None = None) -> None:
-        """Gather the shards to rank 0, which writes ``weights/v<version>`` (collective)."""
-        from runtime.megatron.hf_weights import gather_full_state_dict, megatron_to_hf
-        from runtime.policy import policy_from_state_dict, save_policy
+        """Write ``weights/v<version>``, each pipeline stage's layers from its own rank, one
+        layer at a time (``runtime.megatron.hf_folder``; collective). With ``weight_sync``
+        ipc or nccl, rank 0 then shares the version's tensors, read back from the folder."""
+        from runtime.megatron.hf_folder import save_hf_folder
 
-        full = gather_full_state_dict(self.module)
+        folder = self.paths.version(version)
+        save_hf_folder(self.module, self.hf_config, self.tokenizer, folder, step=version,
+                       probe=probe)
         if self.main:
-            hf = policy_from_state_dict(self.hf_config, megatron_to_hf(full, self.hf_config))
-            save_policy(hf, self.tokenizer, self.paths.version(version), step=version,
-                        probe=probe)
-            self._share(version, hf)
+            if self.publisher is not None:
+                from runtime.policy import load_policy
+
+                self._share(version, load_policy(folder, dtype=self.dtype)[0])
             self._prune_weights(version)

@@ -28,7 +28,7 @@ The selection bias takes no gradient. megatron-core updates it after every optim
 ``moe_router_bias_update_rate``, which :func:`family_fields` sets to 0 (conversion, log-probs)
 unless the caller passes DeepSeek's 1e-3 (the RL job does for ``moe.expert_bias: true``).
 
-Weights (:func:`hf_to_megatron`; the full TP=1/EP=1 layout)::
+Weights (:func:`layer_to_megatron`, one decoder layer of the full TP=1/EP=1 layout)::
 
     q_proj | q_a_proj, q_a_layernorm, q_b_proj → linear_q_proj | linear_q_down_proj,
                                                   q_layernorm, linear_q_up_proj
@@ -65,7 +65,7 @@ SDPA (:mod:`runtime.megatron.attention`, which takes ``k_channels`` / ``v_channe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,10 +76,10 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from runtime.megatron.args import hf_rope_theta
-from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron, outer_to_hf, outer_to_megatron
+from runtime.megatron.hf_mlp import mlp_to_hf, mlp_to_megatron
 
-__all__ = ["DuplicatedLinear", "MLADotProductAttention", "family_fields", "hf_to_megatron", "is_deepseek",
-           "megatron_to_hf", "mla_layer_spec", "sigmoid_moe_fields"]
+__all__ = ["DuplicatedLinear", "MLADotProductAttention", "family_fields", "is_deepseek",
+           "layer_to_hf", "layer_to_megatron", "mla_layer_spec", "sigmoid_moe_fields"]
 
 # DeepSeek-V3's bias update rate γ (and megatron-core's default).
 BIAS_UPDATE_RATE = 1e-3
@@ -234,30 +234,30 @@ _ATTN = (("q_proj.weight", "linear_q_proj.weight"),
          ("o_proj.weight", "linear_proj.weight"))
 
 
-def hf_to_megatron(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
-    """HF DeepSeek-V3 weights (fused in-memory experts of transformers 5, or per-expert
-    checkpoint tensors) → the full GPTModel state dict, ``router.expert_bias`` included."""
-    out: dict[str, Tensor] = outer_to_megatron(sd, bool(cfg.tie_word_embeddings))
-    for i in range(int(cfg.num_hidden_layers)):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for ours, theirs in _ATTN:
-            if h + "self_attn." + ours in sd:
-                out[m + "self_attention." + theirs] = sd[h + "self_attn." + ours]
-        out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
-        out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
-        out.update(mlp_to_megatron(sd, h, m, int(cfg.n_routed_experts)))
-    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+def layer_to_megatron(sd: Mapping[str, Tensor], cfg: Any, i: int,
+                      experts: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Decoder layer ``i`` of HF DeepSeek-V3 weights (fused in-memory experts of transformers
+    5, or per-expert checkpoint tensors) → its GPTModel tensors, ``router.expert_bias``
+    included (``experts``: only those routed experts, all by default)."""
+    h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out: dict[str, Tensor] = {}
+    for ours, theirs in _ATTN:
+        if h + "self_attn." + ours in sd:
+            out[m + "self_attention." + theirs] = sd[h + "self_attn." + ours]
+    out[m + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
+    out[m + "pre_mlp_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
+    out.update(mlp_to_megatron(sd, h, m, int(cfg.n_routed_experts), experts))
+    return out
 
 
-def megatron_to_hf(full: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
-    """Inverse of :func:`hf_to_megatron`, experts in transformers 5's fused layout."""
-    out: dict[str, Tensor] = outer_to_hf(full, bool(cfg.tie_word_embeddings))
-    for i in range(int(cfg.num_hidden_layers)):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for ours, theirs in _ATTN:
-            if m + "self_attention." + theirs in full:
-                out[h + "self_attn." + ours] = full[m + "self_attention." + theirs]
-        out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
-        out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
-        out.update(mlp_to_hf(full, h, m, int(cfg.n_routed_experts), shared_module=True))
-    return {k: t.detach().clone().contiguous() for k, t in out.items()}
+def layer_to_hf(full: Mapping[str, Tensor], cfg: Any, i: int) -> dict[str, Tensor]:
+    """Inverse of :func:`layer_to_megatron`, experts in transformers 5's fused layout."""
+    h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out: dict[str, Tensor] = {}
+    for ours, theirs in _ATTN:
+        if m + "self_attention." + theirs in full:
+            out[h + "self_attn." + ours] = full[m + "self_attention." + theirs]
+    out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
+    out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
+    out.update(mlp_to_hf(full, h, m, int(cfg.n_routed_experts), shared_module=True))
+    return out

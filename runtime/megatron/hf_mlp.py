@@ -18,17 +18,18 @@ shared-expert MLP, zero wide without shared experts (``shared_module``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["mlp_to_hf", "mlp_to_megatron", "outer_to_hf", "outer_to_megatron"]
+__all__ = ["OUTER_TO_HF", "mlp_to_hf", "mlp_to_megatron", "outer_to_hf", "outer_to_megatron"]
 
 
-def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str,
-                    num_experts: int) -> dict[str, Tensor]:
-    """Megatron weights of the MLP of HF layer prefix ``h`` under Megatron prefix ``m``."""
+def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str, num_experts: int,
+                    experts: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Megatron weights of the MLP of HF layer prefix ``h`` under Megatron prefix ``m``
+    (``experts``: only those routed experts, by global index; all by default)."""
     if h + "mlp.gate.weight" not in sd:  # dense layer
         return {m + "mlp.linear_fc1.weight": torch.cat(
                     [sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]], 0),
@@ -36,7 +37,7 @@ def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str,
     out = {m + "mlp.router.weight": sd[h + "mlp.gate.weight"]}
     if h + "mlp.gate.e_score_correction_bias" in sd:
         out[m + "mlp.router.expert_bias"] = sd[h + "mlp.gate.e_score_correction_bias"]
-    for e in range(num_experts):
+    for e in range(num_experts) if experts is None else experts:
         x = f"{m}mlp.experts.local_experts.{e}."
         if h + "mlp.experts.gate_up_proj" in sd:
             out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
@@ -90,6 +91,7 @@ def mlp_to_hf(full: Mapping[str, Tensor], h: str, m: str, num_experts: int, *,
 _OUTER = (("model.embed_tokens.weight", "embedding.word_embeddings.weight"),
           ("model.norm.weight", "decoder.final_layernorm.weight"),
           ("lm_head.weight", "output_layer.weight"))
+OUTER_TO_HF = {ours: hf for hf, ours in _OUTER}
 
 
 def outer_to_megatron(sd: Mapping[str, Tensor], tied: bool) -> dict[str, Tensor]:

@@ -1,0 +1,72 @@
+"""One rank of an HF-folder round trip (tests/megatron/test_mcore_hf_folder.py): ``python -m
+tests.megatron._folder_worker RANK WORLD_SIZE TP EP PP WORKDIR [KEY=VALUE ...]`` (options:
+``tests.megatron._train_worker.LAYOUT``).
+
+Rank 0 first writes the tiny HF policy of the family with ``save_policy`` to WORKDIR/ref.
+Every rank then builds two Megatron models of the layout: A takes the in-memory HF weights
+(``load_hf_weights``), B reads WORKDIR/ref (``load_hf_folder``); A is written back with
+``save_hf_folder`` to WORKDIR/out, one unit per file. WORKDIR/rank{RANK}.pt holds the names of
+the parameters where B differs from A and the bytes the rank held while writing.
+Rendezvous: ``file://WORKDIR/rendezvous`` over gloo (loopback only).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
+        options: dict[str, Any] | None = None) -> dict[str, Any]:
+    from runtime.megatron.cpu import enable_cpu
+
+    enable_cpu()
+    from runtime.megatron.hf_folder import load_hf_folder, save_hf_folder
+    from runtime.megatron.hf_weights import load_hf_weights
+    from runtime.megatron.model import build_gpt_chunks, model_chunks
+    from runtime.megatron.parallel import destroy_parallel, init_parallel
+    from runtime.policy import build_tokenizer, save_policy
+    from tests.megatron._train_worker import LAYOUT, _layout, policy
+
+    opts = {**LAYOUT, **(options or {})}
+    layout, stages, layers = _layout(tp, ep, pp, opts)
+    hf = policy(opts["family"], layers=layers, tie=bool(int(opts["tie"])))
+    tokenizer = build_tokenizer(int(hf.config.vocab_size))
+    if rank == 0:
+        save_policy(hf, tokenizer, workdir / "ref", step=3)
+    pg = init_parallel(rank, world_size, workdir / "rendezvous", **layout)
+    try:
+        torch.distributed.barrier()  # the reference folder is written
+
+        def build() -> Any:
+            return build_gpt_chunks(hf.config, pg, **layout, **stages, sequence_parallel=tp > 1)
+
+        a, b = build(), build()
+        load_hf_weights(a, hf.state_dict(), hf.config)
+        load_hf_folder(b, hf.config, workdir / "ref")
+        differ = [f"{i}:{name}" for i, (ca, cb) in enumerate(zip(model_chunks(a), model_chunks(b),
+                                                                  strict=True))
+                  for (name, pa), (_, pb) in zip(ca.state_dict().items(), cb.state_dict().items(),
+                                                 strict=True)
+                  if isinstance(pa, torch.Tensor) and not torch.equal(pa, pb)]
+        held = save_hf_folder(a, hf.config, tokenizer, workdir / "out", shard_bytes=1, step=3)
+        return {"differ": differ, "held": held}
+    finally:
+        destroy_parallel()
+
+
+def main(argv: list[str]) -> None:
+    warnings.filterwarnings("ignore")
+    rank, world_size, tp, ep, pp = (int(a) for a in argv[:5])
+    workdir = Path(argv[5])
+    options = dict(a.split("=", 1) for a in argv[6:])
+    torch.set_num_threads(1)
+    torch.save(run(rank, world_size, tp, ep, pp, workdir, options), workdir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

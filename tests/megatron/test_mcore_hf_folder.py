@@ -1,0 +1,94 @@
+"""HF folders written and read by the ranks of a Megatron model, a layer at a time
+(``runtime.megatron.hf_folder``): what the RL trainer publishes after every step, reads back on
+resume, and what the SFT and conversion jobs write.
+
+Each layout's ranks read the folder ``save_policy`` wrote into exactly the weights the
+in-memory conversion gives, and write a folder that holds exactly ``save_policy``'s tensors
+(names, dtypes, values), config and tokenizer, which transformers loads; no rank holds more
+than one layer's weights while writing (the 245 B example's model, ~490 GB, is never whole
+in one process).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.megatron._folder_worker import run
+from tests.megatron._worker import launch
+
+pytestmark = pytest.mark.megatron
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _largest_unit(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the largest decoder layer (or outer weight) of a folder's tensors."""
+    units: dict[str, int] = {}
+    for name, t in tensors.items():
+        unit = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        units[unit] = units.get(unit, 0) + t.numel() * t.element_size()
+    return max(units.values())
+
+
+def _check(workdir: Path, outs: list[dict[str, Any]], layers: int) -> None:
+    from runtime.files import COMPLETE_MARKER
+    from runtime.policy import load_policy
+
+    for rank, out in enumerate(outs):
+        assert out["differ"] == [], f"rank {rank}: the folder load differs in {out['differ']}"
+    ref, got = workdir / "ref", workdir / "out"
+    want, have = _tensors(ref), _tensors(got)
+    assert sorted(have) == sorted(want)
+    for name, t in want.items():
+        assert have[name].dtype == t.dtype and torch.equal(have[name], t), name
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert json.loads((got / name).read_text()) == json.loads((ref / name).read_text()), name
+    index = json.loads((got / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(want)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in want.values())
+    assert len(set(index["weight_map"].values())) >= layers + 2  # one file per unit
+    marker = json.loads((got / COMPLETE_MARKER).read_text())
+    assert marker["artifact"] == "hf_checkpoint" and marker["step"] == 3
+    # the writers held one unit at a time, never the model
+    largest, total = _largest_unit(want), sum(t.numel() * t.element_size() for t in want.values())
+    held = [out["held"] for out in outs]
+    assert max(held) <= largest < total / 2, (held, largest, total)
+    model, _ = load_policy(got)
+    for name, t in load_policy(ref)[0].state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3", "llama"])
+@pytest.mark.usefixtures("megatron_cpu")
+def test_one_rank_round_trips_every_family(tmp_path: Path, family: str) -> None:
+    _check(tmp_path, [run(0, 1, 1, 1, 1, tmp_path, {"family": family, "layers": 3})], 3)
+
+
+@pytest.mark.parametrize(("tp", "ep", "pp", "options"), [
+    (2, 2, 1, {"layers": 3}),
+    (2, 1, 1, {"layers": 3, "etp": "tp"}),
+    (1, 1, 2, {"layers": 4, "tie": 1}),
+    (1, 1, 2, {"layers": 4, "vpp": 2}),
+], ids=["tp2-ep2", "tp2-etp2", "pp2-tied", "pp2-vpp2"])
+def test_two_ranks_write_and_read_their_shards(tmp_path: Path, tp: int, ep: int, pp: int,
+                                               options: dict[str, Any]) -> None:
+    """TP=2 splits attention, vocabulary and (with ETP = TP) the experts; EP=2 puts half the
+    experts on each rank; PP=2 writes each stage's file from its own rank (a tied output
+    layer is the first stage's embedding); VPP=2 interleaves two chunks per rank."""
+    args = [str(tp), str(ep), str(pp), str(tmp_path), *(f"{k}={v}" for k, v in options.items())]
+    _check(tmp_path, launch("tests.megatron._folder_worker", 2, args, tmp_path),
+           int(options["layers"]))
