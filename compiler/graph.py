@@ -9,6 +9,7 @@ writes. Which jobs exist follows from the spec:
     to_hf       model.checkpoint in Megatron format → policy_init (HF, for the rollout engines)
     convert     train.backend megatron, unless the user's Megatron checkpoint is used as is
                                           → policy_megatron
+                (to_hf and convert run on the trainer's nodes, in its layout)
     screen      an offline_pass_rate stage    → pass_rates (surviving prompts + rates)
     eval_before eval.enabled                  → eval_before (metrics)
     rl          always                        → policy_final (HF), rl_metrics
@@ -129,7 +130,7 @@ def build_graph(spec: Spec, plan: Plan) -> JobGraph:
         # The rollout engines load HF weights: export the user's Megatron checkpoint once.
         artifacts["policy_init"] = Artifact("policy_init", "hf_checkpoint", "artifacts/policy_init")
         add(Job("to_hf", "convert", "convert the Megatron checkpoint to HF for the rollout engines",
-                1, gpus, ("user_checkpoint",), ("policy_init",)))
+                spec.train.nodes, gpus, ("user_checkpoint",), ("policy_init",)))
     if spec.sft is not None:
         artifacts["policy_sft"] = Artifact("policy_sft", "hf_checkpoint", "artifacts/policy_sft")
         add(Job("sft", "sft", "supervised cold start", spec.train.nodes, gpus,
@@ -145,7 +146,7 @@ def build_graph(spec: Spec, plan: Plan) -> JobGraph:
         artifacts["policy_megatron"] = Artifact(
             "policy_megatron", "megatron_checkpoint", "artifacts/policy_megatron")
         add(Job("convert", "convert", "convert the HF policy to a Megatron checkpoint",
-                1, gpus, (policy,), ("policy_megatron",)))
+                spec.train.nodes, gpus, (policy,), ("policy_megatron",)))
 
     screen = next((s for s in spec.filters if isinstance(s, OfflinePassRate)), None)
     if screen is not None:

@@ -224,10 +224,11 @@ def family_flags(spec: Spec) -> dict[str, Any]:
             "rotary_percent": capabilities.rotary_percent(dumped)}
 
 
-def hf_input(graph: JobGraph, job: Job) -> Artifact:
-    """The HF checkpoint a job reads (the policy it serves or trains from)."""
-    return next(graph.artifacts[a] for a in job.inputs
-                if graph.artifacts[a].kind == "hf_checkpoint")
+def hf_input(graph: JobGraph, job: Job) -> Artifact | None:
+    """The HF checkpoint a job reads (the policy it serves or trains from; None for the
+    conversion of a Megatron checkpoint to HF)."""
+    return next((graph.artifacts[a] for a in job.inputs
+                 if graph.artifacts[a].kind == "hf_checkpoint"), None)
 
 
 def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
@@ -269,11 +270,11 @@ def render_bundle(spec: Spec, plan: Plan, graph: JobGraph, *, source_text: str,
                "megatron_path": megatron, **engine_settings(spec, plan, job)}
         folder = f"jobs/{name}"
         launch = "rl/launch.sh.j2" if name == "rl" else "job/launch.sh.j2"
-        if job.entry == "sft" and spec.train.backend == "megatron":
-            # the Megatron trainer in the train layout, from the HF policy_init
+        if job.entry in ("sft", "convert") and spec.train.backend == "megatron":
+            # the Megatron trainer's ranks in the train layout (convert: its very flags)
             launch = "job/megatron_launch.sh.j2"
             files[f"{folder}/train.sh"] = render(
-                "rl/train.sh.j2", family=family_flags(spec), entry="sft",
+                "rl/train.sh.j2", family=family_flags(spec), entry=job.entry,
                 sft_optimizer=SFT_OPTIMIZER, **{**ctx, "policy_path": hf_input(graph, job)})
         if job.entry in SERVED_ENTRIES and spec.rollout.engine == "vllm":
             ctx.update(layout=engine_layout(spec, plan, job.nodes),

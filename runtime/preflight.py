@@ -39,7 +39,7 @@ JobFile = Callable[[str], "str | None"]
 
 def trainer_argv(train_sh: str, module: str = "runtime.jobs.train") -> list[str]:
     """The arguments after ``-m <module>`` in a rendered ``train.sh`` (the RL trainer's, or
-    ``runtime.jobs.sft``'s)."""
+    ``runtime.jobs.sft``'s or ``runtime.jobs.convert``'s)."""
     lines, inside = [], False
     for line in train_sh.splitlines():
         if f"-m {module} " in line:
@@ -54,16 +54,18 @@ def trainer_argv(train_sh: str, module: str = "runtime.jobs.train") -> list[str]
 
 def train_sh_args(train_sh: str, entry: str) -> Any:
     """The Megatron trainer's parsed flags of a rendered ``train.sh``: the RL job's trainer
-    (``entry`` rl) or the SFT's. ``MegatronArgsError`` when one does not parse."""
+    (``entry`` rl), the SFT's or the conversion's. ``MegatronArgsError`` when one does not
+    parse."""
     from runtime.megatron.args import parse_megatron_args
 
     rl = entry == "rl"
     return parse_megatron_args(
-        trainer_argv(train_sh, "runtime.jobs.train" if rl else "runtime.jobs.sft"), checkpoints=rl)
+        trainer_argv(train_sh, "runtime.jobs.train" if rl else f"runtime.jobs.{entry}"),
+        checkpoints=rl)
 
 
 def _train_flags(config: Mapping[str, Any], job_file: JobFile) -> Iterator[Refusal]:
-    """The Megatron trainer's flags (the RL job's, or the SFT job's) parse, and describe a
+    """The Megatron trainer's flags (the RL, SFT or conversion job's) parse, and describe a
     layout it runs."""
     from runtime.megatron.args import MegatronArgsError
 
@@ -246,7 +248,7 @@ def preflight_job(config: Mapping[str, Any], job_file: JobFile,
     relative external paths (the spec's folder); None skips reading checkpoints."""
     job, entry, spec = str(config["job"]), str(config["entry"]), config["spec"]
     found = capabilities.refusals(spec, entry, job)
-    if entry in ("rl", "sft") and spec["train"]["backend"] == "megatron":
+    if entry in ("rl", "sft", "convert") and spec["train"]["backend"] == "megatron":
         found += [replace(r, job=job) for r in _train_flags(config, job_file)]
     found += [replace(r, job=job) for r in _checkpoints(config, base)]
     found += [replace(r, job=job) for r in _one_gpu_memory(config)]

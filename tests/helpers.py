@@ -108,3 +108,16 @@ def rollout_servers(model_dir: Path, logs: Path, count: int, *extra: str) -> Ite
             assert p.stdout is not None
             p.stdout.close()
             assert rc == 0, "the server did not shut down cleanly on SIGTERM"
+
+
+def launch_job(bundle: Path, job: str, run_dir: Path,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run one job of a local bundle as the local runner does (``jobs/<job>/launch.sh``, this
+    interpreter's environment, none of an enclosing Slurm job or run)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RLSPEC_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    bin_dir = Path(sys.executable).parent
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", RLSPEC_RUN_DIR=str(run_dir),
+               RLSPEC_PYTHON=sys.executable, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run(["bash", str(bundle / "jobs" / job / "launch.sh")], env=env,
+                          capture_output=True, text=True, timeout=timeout)

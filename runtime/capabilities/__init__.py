@@ -109,7 +109,8 @@ JOB_RULES: dict[str, tuple[str, ...]] = {
     "sft": (*_ALL_JOBS, "embedded_model", "megatron_model", "megatron_cpu", "optimizer_offload"),
     "screen": (*_ALL_JOBS, "embedded_model", "screen_nodes", "vllm_cpu"),
     "evaluate": (*_ALL_JOBS, "embedded_model", "vllm_cpu"),
-    "convert": (*_ALL_JOBS, "megatron_model"),
+    # the conversion runs the RL trainer's Megatron flags on its nodes (runtime.preflight)
+    "convert": (*_ALL_JOBS, "megatron_model", "megatron_cpu"),
     "export": _ALL_JOBS,
     "rl": (*_ALL_JOBS, "megatron_model", "dense_replay", "aux_loss", "weight_sync", "placement",
            "precision",
@@ -137,7 +138,8 @@ def engines(spec: Mapping[str, Any], entry: str) -> tuple[str, ...]:
                 if _uses_megatron(spec) else f"embedded HF trainer on {dev}",),
         "screen": (one_model,),
         "evaluate": (one_model,),
-        "convert": (f"HF ↔ Megatron conversion on {dev}",),
+        "convert": ("HF ↔ Megatron conversion in the train layout, "
+                    + ("NCCL" if dev == "GPU" else "gloo") + f" on {dev}",),
         "export": ("safetensors conversion on CPU",),
         "rl": (f"trainer: {trainer}", f"rollout: {engine}", "driver: rewards and filters on CPU",
                "weights: " + WEIGHT_ROUTES[spec["system"]["weight_sync"]]),

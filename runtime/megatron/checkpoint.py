@@ -118,14 +118,17 @@ def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iter
 
 def save_model(model: Any, root: str | os.PathLike[str]) -> Path:
     """A model-only checkpoint at ``<root>/release`` with its tracker (the conversion job's
-    output; ``root`` is that job's temporary output folder). Collective."""
+    output; ``root`` is that job's temporary output folder), of a GPTModel or a list of model
+    chunks (keyed by global names either way, as :func:`load_model` reads them). Collective."""
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, None)
     if _rank0():
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, os.fspath(path))
+    sharded = ({f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+               if isinstance(model, list) else model.sharded_state_dict())
+    dist_checkpointing.save({"model": sharded}, os.fspath(path))
     if _rank0():
         write_tracker(root, None)
     _barrier()

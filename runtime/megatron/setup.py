@@ -45,11 +45,12 @@ class MegatronPolicy:
                                 **self.layout, **self.overrides, **kwargs)
 
 
-def build_policy(args: Any, devices: str, policy_path: str, *,
-                 routing_replay: bool) -> MegatronPolicy:
-    """Process groups and this rank's model for the flags ``args`` (module doc). The rank and
-    world come from torchrun's ``RANK`` / ``WORLD_SIZE``, the rendezvous from
-    ``RLSPEC_RENDEZVOUS`` (``env://`` by default)."""
+def build_policy(args: Any, devices: str, policy_path: str | None, *, routing_replay: bool,
+                 hf: tuple[Any, Any] | None = None) -> MegatronPolicy:
+    """Process groups and this rank's model for the flags ``args`` (module doc), of the HF
+    config and tokenizer at ``policy_path`` or given as ``hf`` (a Megatron checkpoint's,
+    which has neither). The rank and world come from torchrun's ``RANK`` / ``WORLD_SIZE``,
+    the rendezvous from ``RLSPEC_RENDEZVOUS`` (``env://`` by default)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -68,7 +69,9 @@ def build_policy(args: Any, devices: str, policy_path: str, *,
     refused = megatron_flag_refusals(args)  # the layouts `rlspec validate` refuses too
     if refused:
         raise NotImplementedError("; ".join(f"{r.message} ({r.hint})" for r in refused))
-    hf_config = AutoConfig.from_pretrained(policy_path)
+    if hf is None:
+        hf = AutoConfig.from_pretrained(policy_path), AutoTokenizer.from_pretrained(policy_path)
+    hf_config, tokenizer = hf
     check_architecture(args, hf_config)
     vpp = args.num_virtual_stages_per_pipeline_rank or None
     groups = init_parallel(rank, world, os.environ.get("RLSPEC_RENDEZVOUS", "env://"),
@@ -82,6 +85,6 @@ def build_policy(args: Any, devices: str, policy_path: str, *,
                 f"ETP {layout['etp']}, DP {dp}), {str(dtype).removeprefix('torch.')}, "
                 f"{backend} backend")
     return MegatronPolicy(chunks=list(chunks), groups=groups, hf_config=hf_config,
-                          tokenizer=AutoTokenizer.from_pretrained(policy_path), dtype=dtype,
+                          tokenizer=tokenizer, dtype=dtype,
                           layout=layout, vpp=vpp, overrides=overrides, main=rank == 0,
                           describe=describe)

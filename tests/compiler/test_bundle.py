@@ -532,6 +532,34 @@ def test_245b_sft_runs_the_megatron_trainer_in_the_train_layout(tmp_path: Path) 
     assert "-m runtime.jobs.sft" in tiny["jobs/sft/launch.sh"]
 
 
+@pytest.mark.parametrize("job", ["convert", "to_hf"])
+def test_245b_conversions_run_in_the_train_layout(tmp_path: Path, job: str) -> None:
+    """The HF → Megatron conversion (and, from a Megatron checkpoint, the one to HF) of a
+    245 B model cannot run in one process: each starts torchrun on the 16 trainer nodes with
+    the RL trainer's layout, none of its checkpoint or replay flags, and the tokenizer."""
+    edits = ([] if job == "convert" else
+             ["model.checkpoint_format=megatron", "model.tokenizer=/lustre/tokenizers/compass"])
+    compiled = compile_spec(EXAMPLES["compassmax-245b"], edits)
+    assert compiled.graph.jobs[job].nodes == 16
+    out = write_bundle(compiled.files, tmp_path / "b")
+    assert "#SBATCH --nodes=16" in (out / "jobs" / job / "sbatch.sh").read_text()
+    rl = (out / "jobs" / "rl" / "train.sh").read_text()
+    stubs = {**SLURM_STUBS, "torchrun": 'echo "torchrun $*" >> "$RECORD/torchrun.$SLURMD_NODENAME"'}
+    record = _run_in_allocation(out, job, stubs, 16, tmp_path)
+    tokenizer = ("/lustre/ckpt/compassmax-245b-sft" if job == "convert"
+                 else "/lustre/tokenizers/compass")
+    for rank in range(16):
+        args = (record / f"torchrun.node-{rank}").read_text().split()
+        assert args[args.index("--node-rank") + 1] == str(rank)
+        assert args[args.index("-m") + 1] == "runtime.jobs.convert"
+        for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                     "--expert-model-parallel-size", "--expert-tensor-parallel-size"):
+            assert f"{flag} {args[args.index(flag) + 1]} " in rl, flag
+        assert args[args.index("--tokenizer-model") + 1] == tokenizer
+        assert "--bf16" in args
+        assert not {"--load", "--save", "--moe-enable-routing-replay"} & set(args)
+
+
 def test_colocated_rl_job_runs_trainer_and_engines_on_the_same_nodes(tmp_path: Path) -> None:
     """rollout.placement colocated: the allocation is the trainer's 2 nodes; each node runs a
     trainer task and a vLLM replica started with sleep mode, both job steps with srun

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from runtime.exchange import RunPaths
 from runtime.rollout.shared_weights import segment_path
-from tests.helpers import processes_mentioning
+from tests.helpers import launch_job, processes_mentioning
 
 pytestmark = pytest.mark.megatron
 
@@ -142,8 +141,10 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert all(r["kl"] is not None for r in trained)  # the frozen reference GPTModel is there
 
     # The final HF policy is the last checkpoint's model, and training moved it.
-    final = load_file(out / "artifacts" / "policy_final" / "model.safetensors")
-    start = load_file(out / "artifacts" / "policy_sft" / "model.safetensors")
+    from runtime.megatron.hf_folder import FolderTensors
+
+    final = dict(FolderTensors(out / "artifacts" / "policy_final"))
+    start = dict(FolderTensors(out / "artifacts" / "policy_sft"))
     assert final.keys() == start.keys()
     assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-5
     exported = _megatron_export(save, out / "artifacts" / "policy_sft", tmp_path)
@@ -161,11 +162,10 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     # (a checkpoint without config.json needs head_dim written out, as the tiny spec does:
     # compiler.checks.checkpoint_head_dim)
     assert compiled.returncode == 0, compiled.stderr
-    env = {**os.environ, "RLSPEC_RUN_DIR": str(tmp_path / "to-hf"), "PYTHONPATH": str(ROOT)}
-    job = subprocess.run([sys.executable, "-m", "runtime.jobs.convert", "--config",
-                          str(bundle / "jobs" / "to_hf" / "config.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    job = launch_job(bundle, "to_hf", tmp_path / "to-hf")  # the ranks of the train layout
     assert job.returncode == 0, job.stderr[-3000:]
+    assert "(world 2 (TP 2, PP 1, EP 2, ETP 1, DP 1)" in (
+        tmp_path / "to-hf" / "logs" / "to_hf.log").read_text()
     back = _hf_weights(tmp_path / "to-hf" / "artifacts" / "policy_init")
     original = _hf_weights(sft)
     assert back.keys() == original.keys()

@@ -5,7 +5,6 @@ precision, while the steps moved the weights by three orders of magnitude more."
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from tests.helpers import launch_job
 
 pytestmark = pytest.mark.megatron
 
@@ -41,15 +41,6 @@ def _compile(out: Path, edits: list[str]) -> Path:
     return out
 
 
-def _launch(bundle: Path, job: str, run_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RLSPEC_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RLSPEC_RUN_DIR=str(run_dir),
-               RLSPEC_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
-    return subprocess.run(["bash", str(bundle / "jobs" / job / "launch.sh")], env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run dir with dataset, policy_init and the embedded trainer's policy_sft."""
@@ -57,7 +48,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bundle = _compile(root / "bundle", [])
     run_dir = root / "run"
     for job in ("data", "init", "sft"):
-        done = _launch(bundle, job, run_dir)
+        done = launch_job(bundle, job, run_dir)
         assert done.returncode == 0, done.stderr
     return run_dir
 
@@ -71,14 +62,16 @@ def test_megatron_sft_is_the_embedded_sft(embedded: Path, tmp_path: Path, layout
     run_dir = tmp_path / "run"
     for name in ("dataset", "policy_init"):
         shutil.copytree(embedded / "artifacts" / name, run_dir / "artifacts" / name)
-    done = _launch(bundle, "sft", run_dir)
+    done = launch_job(bundle, "sft", run_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (run_dir / "logs" / "sft.log").read_text()
     assert f"Megatron SFT: {world}" in log
 
-    got = load_file(run_dir / "artifacts" / "policy_sft" / "model.safetensors")
-    want = load_file(embedded / "artifacts" / "policy_sft" / "model.safetensors")
-    start = load_file(embedded / "artifacts" / "policy_init" / "model.safetensors")
+    from runtime.megatron.hf_folder import FolderTensors
+
+    got = dict(FolderTensors(run_dir / "artifacts" / "policy_sft"))
+    want = dict(FolderTensors(embedded / "artifacts" / "policy_sft"))
+    start = dict(FolderTensors(embedded / "artifacts" / "policy_init"))
     assert got.keys() == want.keys()
     moved = max((want[k] - start[k]).abs().max().item() for k in want)
     gap = max((got[k] - want[k]).abs().max().item() for k in want)

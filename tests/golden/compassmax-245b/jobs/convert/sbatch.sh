@@ -5,7 +5,7 @@
 #   sbatch jobs/convert/sbatch.sh
 # (`rlspec submit` sends the same resources through submitit and chains the dependencies.)
 #SBATCH --job-name=compassmax-245b-convert
-#SBATCH --nodes=1
+#SBATCH --nodes=16
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=96

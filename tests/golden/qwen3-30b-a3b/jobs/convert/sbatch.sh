@@ -5,7 +5,7 @@
 #   sbatch jobs/convert/sbatch.sh
 # (`rlspec submit` sends the same resources through submitit and chains the dependencies.)
 #SBATCH --job-name=qwen3-30b-a3b-espo-convert
-#SBATCH --nodes=1
+#SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
