@@ -61,6 +61,7 @@ from runtime.files import (
     clean_partials,
     fsync_tree,
     is_complete,
+    link_tree,
     mark_complete,
     read_jsonl,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "fsync_tree",
     "is_complete",
     "job_logger",
+    "link_tree",
     "mark_complete",
     "parse_args",
     "read_jsonl",

@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.jobs.common import JobContext, JobError, atomic_write_json, run_job
+from runtime.jobs.common import (
+    COMPLETE_MARKER,
+    JobContext,
+    JobError,
+    atomic_write_json,
+    link_tree,
+    run_job,
+)
 
 
 def _eval_accuracy_before(ctx: JobContext) -> float | None:
@@ -71,10 +78,9 @@ def run(ctx: JobContext) -> None:
     steps = int(summary["steps"])
     final = paths.version(steps) if steps else ctx.input_of_kind("hf_checkpoint")
     with ctx.atomic_output("policy_final", steps=steps) as tmp:
-        for item in final.iterdir():
-            if item.name == ".complete":
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        # links, not a copy (the weights folder goes when rl_metrics replaces artifacts/rl)
+        link_tree(final, tmp)
+        (tmp / COMPLETE_MARKER).unlink(missing_ok=True)  # the output gets its own
     summary["eval_accuracy_before"] = _eval_accuracy_before(ctx)
     ledger = summary.pop("ledger")
     with ctx.atomic_output("rl_metrics", steps=steps) as tmp:

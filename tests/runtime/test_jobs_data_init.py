@@ -26,6 +26,7 @@ from runtime.jobs.common import (
     atomic_dir,
     atomic_write_json,
     is_complete,
+    link_tree,
     run_job,
 )
 
@@ -307,6 +308,32 @@ def test_atomic_dir_keeps_old_output_on_failure_and_replaces_on_success(tmp_path
         (d / "c.txt").write_text("three")
     assert sorted(p.name for p in final.iterdir()) == [COMPLETE_MARKER, "c.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_link_tree_links_a_folder_and_copies_where_links_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RL job's policy_final is the last weights folder: hard links, no second copy of
+    the weights (about 490 GB at 245 B); a filesystem that refuses links gets copies."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "w.safetensors").write_bytes(b"weights")
+    (src / "sub" / "t.json").write_text("{}")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    link_tree(src, linked)
+    for rel in ("w.safetensors", "sub/t.json"):
+        assert (linked / rel).stat().st_ino == (src / rel).stat().st_ino, rel
+
+    def refuse(a: str, b: str) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("os.link", refuse)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    link_tree(src, copied)
+    for rel in ("w.safetensors", "sub/t.json"):
+        assert (copied / rel).read_bytes() == (src / rel).read_bytes()
+        assert (copied / rel).stat().st_ino != (src / rel).stat().st_ino, rel
 
 
 def test_run_job_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
