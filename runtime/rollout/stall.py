@@ -2,28 +2,31 @@
 
 A request's limit (``runtime.rollout.request_time``) bounds the work it asks for: hours, at
 the lengths of reasoning RL. An engine that stops making progress (a hung collective, a
-wedged worker) must be noticed sooner than that. vLLM counts the tokens it has generated
-(``/metrics``, the Prometheus counter ``vllm:generation_tokens_total``, one sample per engine
-core, summed here). While an endpoint has requests in flight, ``StallWatch`` reads that
-counter every ``poll_s`` seconds::
+wedged worker) must be noticed sooner than that. vLLM counts, per engine core (the ``engine``
+label of its Prometheus samples on ``/metrics``: one per data-parallel rank), the tokens it
+has generated (the counter ``vllm:generation_tokens_total``) and the requests it is running
+(the gauge ``vllm:num_requests_running``). While an endpoint has requests in flight,
+``StallWatch`` reads them every ``poll_s`` seconds::
 
-    stalled  ⇔  the counter has not moved for stall_s seconds
-                while the endpoint had requests in flight all that time
+    stalled  ⇔  some engine core's counter has not moved for stall_s seconds
+                while it was running requests (or, without the gauge, while the endpoint
+                had requests in flight) all that time
 
-A stalled endpoint's requests in flight are cut (their connections shut down), so that they
-fail at once as transport errors: the client marks the endpoint down and retries them
-elsewhere (``runtime.rollout.failover``). An endpoint cut as stalled stays judged: when it
-is busy again and its counter still stands where it stood at the cut, its new requests are
-cut at the first reading, not after another ``stall_s``. The embedded server keeps the same
-counter.
+so one hung data-parallel rank is noticed while the others still decode (vLLM data
+parallelism without expert parallelism; with it the ranks step together). A stalled
+endpoint's requests in flight are cut (their connections shut down), so that they fail at
+once as transport errors: the client marks the endpoint down and retries them elsewhere
+(``runtime.rollout.failover``); which of them waited on the hung core cannot be told, and
+the replica is broken either way. An endpoint cut as stalled stays judged: when it is busy
+again and a core that hung still stands where it stood at the cut, its new requests are cut
+at the first reading, not after another ``stall_s``. The embedded server keeps the counter
+(one core, no gauge).
 
 What it cannot see: an endpoint whose ``/metrics`` has no such counter (a vLLM started with
 ``--disable-log-stats``) or cannot be read (an API server whose event loop is stuck) is never
-judged, only its requests' limits apply; and the counter is summed over engine cores, so one
-hung data-parallel rank of a replica whose other ranks still decode (data parallelism
-without expert parallelism: with it the ranks step together) is not noticed either. An
-engine paused with ``mode=keep`` for longer than ``stall_s`` with requests in flight would
-be cut; the driver never generates while it pauses.
+judged, only its requests' limits apply. An engine paused with ``mode=keep`` for longer than
+``stall_s`` with requests in flight would be cut; the driver never generates while it
+pauses.
 """
 
 from __future__ import annotations
@@ -39,17 +42,32 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["StallWatch", "Stalled", "generated_tokens"]
+__all__ = ["StallWatch", "Stalled", "engine_readings", "generated_tokens"]
 
 log = logging.getLogger(__name__)
-_SAMPLE = re.compile(r"^vllm:generation_tokens_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+_SAMPLE = re.compile(r"^vllm:(generation_tokens_total|num_requests_running)(?:\{([^}]*)\})?"
+                     r"\s+([0-9.eE+-]+)", re.M)
+_ENGINE = re.compile(r'(?:^|,)\s*engine="([^"]*)"')
+
+
+def engine_readings(metrics: str) -> dict[str, tuple[float, float | None]]:
+    """Per engine core (its ``engine`` label; "" without one): the generated-token counter
+    and the running-requests gauge (None when absent) of a ``/metrics`` text; only the cores
+    that have the counter."""
+    found: dict[str, dict[str, float]] = {}
+    for name, labels, value in _SAMPLE.findall(metrics):
+        engine = _ENGINE.search(labels or "")
+        core = found.setdefault(engine.group(1) if engine else "", {})
+        core[name] = core.get(name, 0.0) + float(value)
+    return {e: (v["generation_tokens_total"], v.get("num_requests_running"))
+            for e, v in found.items() if "generation_tokens_total" in v}
 
 
 def generated_tokens(metrics: str) -> float | None:
-    """The sum of the ``vllm:generation_tokens_total`` samples of a ``/metrics`` text, or
-    None when it has none."""
-    values = [float(v) for v in _SAMPLE.findall(metrics)]
-    return sum(values) if values else None
+    """The tokens all engine cores of a ``/metrics`` text have generated, or None when it has
+    no ``vllm:generation_tokens_total``."""
+    readings = engine_readings(metrics)
+    return sum(tokens for tokens, _ in readings.values()) if readings else None
 
 
 class Stalled(Exception):
@@ -57,12 +75,12 @@ class Stalled(Exception):
 
 
 class _Busy:
-    """An endpoint with requests in flight: its connections, and when its counter last moved."""
+    """An endpoint with requests in flight: its connections, and per engine core its counter
+    and since when it stands there (while it had work)."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self) -> None:
         self.connections: set[Any] = set()
-        self.tokens: float | None = None
-        self.moved = now
+        self.cores: dict[str, tuple[float, float]] = {}  # core → (tokens, since)
 
 
 class StallWatch:
@@ -81,7 +99,7 @@ class StallWatch:
         self.poll_s = float(poll_s if poll_s is not None else min(60.0, stall_s / 4))
         self._read, self._on_stall, self._clock = read_metrics, on_stall, clock
         self._busy: dict[str, _Busy] = {}
-        self._stalled: dict[str, float] = {}  # endpoint → its counter when it was cut
+        self._stalled: dict[str, dict[str, float]] = {}  # endpoint → hung cores' counters
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -91,7 +109,7 @@ class StallWatch:
     def watch(self, endpoint: str, connection: Any) -> None:
         """``connection`` (an ``http.client.HTTPConnection``) waits on ``endpoint``."""
         with self._lock:
-            busy = self._busy.setdefault(endpoint, _Busy(self._clock()))
+            busy = self._busy.setdefault(endpoint, _Busy())
             busy.connections.add(connection)
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="stall-watch",
@@ -163,27 +181,47 @@ class StallWatch:
 
     def _look(self, endpoint: str) -> None:
         text = self._read(endpoint)
-        tokens = None if text is None else generated_tokens(text)
+        readings = None if text is None else engine_readings(text)
         now = self._clock()
         with self._lock:
             busy = self._busy.get(endpoint)
-            if busy is None or tokens is None:
+            if busy is None or not readings:
                 return
-            still_hung = busy.tokens is None and self._stalled.get(endpoint) == tokens
-            if not still_hung:
-                if busy.tokens is None or tokens != busy.tokens:
-                    busy.tokens, busy.moved = tokens, now
-                    self._stalled.pop(endpoint, None)
-                    return
-                if now - busy.moved < self.stall_s:
-                    return
-            self._stalled[endpoint] = tokens
+            hung = self._hung(endpoint, busy, readings, now)
+            if hung is None:
+                return
             stalled = list(busy.connections)
             self.cut.update(id(c) for c in stalled)
         if self._on_stall is not None:
-            self._on_stall(endpoint, now - busy.moved)
+            self._on_stall(endpoint, hung)
         for connection in stalled:
             _shut(connection)
+
+    def _hung(self, endpoint: str, busy: _Busy, readings: dict[str, tuple[float, float | None]],
+              now: float) -> float | None:
+        """How long the longest-standing core of a busy endpoint has stood still with work,
+        when that makes it hung (module doc); None otherwise. Under the lock."""
+        judged = self._stalled.get(endpoint, {})
+        worst: float | None = None
+        hung: dict[str, float] = {}
+        for core, (tokens, running) in readings.items():
+            if running is not None and running <= 0:  # idle: a still counter means nothing
+                busy.cores.pop(core, None)
+                continue
+            seen = busy.cores.get(core)
+            if seen is None and judged.get(core) == tokens:
+                # still where it stood when it was cut: hung still. Not recorded, so each
+                # reading cuts again (a request not yet connected at a cut escapes it).
+                hung[core], worst = tokens, max(worst or 0.0, self.stall_s)
+            elif seen is None or seen[0] != tokens:
+                busy.cores[core] = (tokens, now)
+            elif now - seen[1] >= self.stall_s:
+                hung[core], worst = tokens, max(worst or 0.0, now - seen[1])
+        if worst is None:
+            self._stalled.pop(endpoint, None)
+            return None
+        self._stalled[endpoint] = hung
+        return worst
 
 
 def _shut(connection: Any) -> None:

@@ -680,6 +680,47 @@ def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watc
             release.set()
 
 
+def test_one_hung_core_of_a_replica_is_noticed_and_an_idle_one_is_not() -> None:
+    """A replica of two data-parallel engine cores: core 0 decodes on while core 1's counter
+    stands. Idle (running 0), core 1 is not judged and the request is answered; running
+    requests, it is hung and the request is cut, though the replica's summed counter moves."""
+    from runtime.rollout.stall import Stalled, StallWatch, engine_readings
+
+    release = threading.Event()
+
+    class Slow(StubHandler):
+        def do_POST(self) -> None:
+            self.body()
+            release.wait(120)
+            self.send(200, b"{}")
+
+    state = {"reads": 0, "idle": True}
+
+    def read(endpoint: str) -> str:
+        state["reads"] += 1
+        if state["idle"] and state["reads"] >= 20:  # 20 readings: well past stall_s
+            release.set()
+        return (f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {state["reads"]}.0\n'
+                'vllm:generation_tokens_total{engine="1",model_name="m"} 7.0\n'
+                'vllm:num_requests_running{engine="0",model_name="m"} 1.0\n'
+                f'vllm:num_requests_running{{engine="1",model_name="m"}} {1 - state["idle"]}\n')
+
+    watch = StallWatch(read, stall_s=0.3, poll_s=0.02)
+    with stub_server(Slow) as url:
+        try:
+            status, _ = watch.post(url, "/v1/completions", b"{}", timeout=60)
+            assert status == 200 and state["reads"] >= 20
+            state["idle"] = False
+            release.clear()
+            with pytest.raises(Stalled):
+                watch.post(url, "/v1/completions", b"{}", timeout=60)
+        finally:
+            watch.close()
+            release.set()
+    assert engine_readings(read(url)) == {"0": (float(state["reads"]), 1.0), "1": (7.0, 1.0)}
+    assert engine_readings("vllm:generation_tokens_total 5.0\n") == {"": (5.0, None)}
+
+
 def test_closing_the_client_cuts_the_requests_it_waits_on(client: RolloutClient) -> None:
     """A job that fails (or ends) closes its rollout client (JobContext.closing, run_job):
     requests still waiting on an engine are cut then, so that the process does not wait at

@@ -202,11 +202,12 @@ def test_the_weight_sync_probe_reads_what_vllm_serves(client: RolloutClient,
 
 def test_vllm_counts_the_tokens_it_generates_for_the_stall_watch(client: RolloutClient,
                                                                   vllm_url: str) -> None:
-    """runtime.rollout.stall judges a busy engine by the vllm:generation_tokens_total counter
-    of its /metrics: vLLM has it, and it grows by the tokens its requests generated."""
+    """runtime.rollout.stall judges each engine core of a busy endpoint by the
+    vllm:generation_tokens_total counter and vllm:num_requests_running gauge of its /metrics:
+    vLLM has both per core, and the counter grows by the tokens its requests generated."""
     import time
 
-    from runtime.rollout.stall import generated_tokens
+    from runtime.rollout.stall import engine_readings, generated_tokens
 
     def count() -> float:
         value = generated_tokens(client._metrics(vllm_url) or "")
@@ -220,3 +221,7 @@ def test_vllm_counts_the_tokens_it_generates_for_the_stall_watch(client: Rollout
     while count() - before < made and time.monotonic() < deadline:
         time.sleep(0.1)
     assert count() - before == made
+    # per engine core (data-parallel rank): the counter and the running-requests gauge
+    readings = engine_readings(client._metrics(vllm_url) or "")
+    assert set(readings) == {"0"} and readings["0"][0] == before + made
+    assert readings["0"][1] is not None, "vLLM's /metrics has no vllm:num_requests_running"
