@@ -178,7 +178,8 @@ def _proxy_mismatches(spec: Mapping[str, Any], cfg: Mapping[str, Any],
 
 def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refusal]:
     """An external HF checkpoint the job reads, compared with the spec where readable (the
-    policy field by field; the screen's proxy model for what serving it needs)."""
+    policy field by field, and not quantized for the Megatron trainer; the screen's proxy
+    model for what serving it needs)."""
     arch = config["spec"]["model"]["architecture"]
     for name, art in (config.get("inputs") or {}).items():
         if not art.get("external") or art.get("kind") != "hf_checkpoint":
@@ -197,6 +198,23 @@ def _checkpoints(config: Mapping[str, Any], base: Path | None) -> Iterator[Refus
             yield from _proxy_mismatches(config["spec"], cfg, str(cfg_file))
         elif isinstance(cfg, dict):
             yield from checkpoint_mismatches(arch, cfg, str(cfg_file))
+            yield from _quantized(config, cfg, str(cfg_file))
+
+
+def _quantized(config: Mapping[str, Any], cfg: Mapping[str, Any],
+               cfg_file: str) -> Iterator[Refusal]:
+    """The Megatron trainer (and the conversion on its ranks) reads the policy's tensors as
+    they are stored: a quantized checkpoint's are not its weights (e.g. DeepSeek-V3's FP8
+    blocks and their scales)."""
+    quantized = cfg.get("quantization_config")
+    if (quantized and config["entry"] in ("rl", "sft", "convert")
+            and config["spec"]["train"]["backend"] == "megatron"):
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        yield Refusal("checkpoint", ("model", "checkpoint"),
+                      f"the checkpoint is {method}-quantized ({cfg_file}: quantization_config); "
+                      "the Megatron trainer loads unquantized weights",
+                      "dequantize it to bf16 first (e.g. DeepSeek-V3's fp8_cast_bf16.py), and "
+                      "point model.checkpoint at the result")
 
 
 # --------------------------------------------------------------------------- one-process jobs

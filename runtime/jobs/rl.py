@@ -78,8 +78,10 @@ def run(ctx: JobContext) -> None:
     steps = int(summary["steps"])
     final = paths.version(steps) if steps else ctx.input_of_kind("hf_checkpoint")
     with ctx.atomic_output("policy_final", steps=steps) as tmp:
-        # links, not a copy (the weights folder goes when rl_metrics replaces artifacts/rl)
-        link_tree(final, tmp)
+        if steps:  # links, not a copy (the weights folder goes when rl_metrics replaces
+            link_tree(final, tmp)  # artifacts/rl)
+        else:  # the starting checkpoint, maybe the user's own: a copy
+            shutil.copytree(final, tmp, dirs_exist_ok=True)
         (tmp / COMPLETE_MARKER).unlink(missing_ok=True)  # the output gets its own
     summary["eval_accuracy_before"] = _eval_accuracy_before(ctx)
     ledger = summary.pop("ledger")

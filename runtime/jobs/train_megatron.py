@@ -124,7 +124,9 @@ class MegatronTrainerProcess(TrainerProcess):
     def publish(self, version: int, probe: dict[str, list[Any]] | None = None) -> None:
         """Write ``weights/v<version>``, each pipeline stage's layers from its own rank, one
         layer at a time (``runtime.megatron.hf_folder``; collective). With ``weight_sync``
-        ipc or nccl, rank 0 then shares the version's tensors, read back from the folder."""
+        ipc or nccl, rank 0 then shares the version's tensors, read back from the folder: the
+        whole model in one process, as those routes run on CPUs only so far
+        (``runtime.capabilities``)."""
         from runtime.megatron.hf_folder import save_hf_folder
 
         folder = self.paths.version(version)

@@ -33,7 +33,7 @@ import torch
 
 from runtime.files import atomic_dir, atomic_write_text, is_complete
 
-__all__ = ["TRACKER", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
+__all__ = ["TRACKER", "any_rank", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
            "saved_iterations", "set_adam_step", "shared_atomic_dir", "write_tracker"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -100,19 +100,43 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (collective; ``flag`` without a process group)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    flags: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, bool(flag))
+    return any(flags)
+
+
 @contextlib.contextmanager
 def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iterator[Path]:
     """``atomic_dir`` for a directory every rank writes into (collective): rank 0 makes the
-    temporary and broadcasts its path; it becomes ``final`` after all ranks are done."""
+    temporary and broadcasts its path; it becomes ``final`` after all ranks are done. The
+    ranks agree on failure before that: one rank's error fails them all (the temporary is
+    removed), none waits at a barrier for a rank that left. The block must not leave a rank
+    inside a collective the others never reach."""
+    def agreed(failed: BaseException | None) -> None:
+        if any_rank(failed is not None):
+            raise failed or RuntimeError(f"another rank failed while writing {final}")
+
     if _rank0():
         with atomic_dir(final, **marker_info) as tmp:
             broadcast(str(tmp))
-            yield tmp
-            _barrier()
+            failed = None
+            try:
+                yield tmp
+            except BaseException as exc:  # re-raised once the ranks agree
+                failed = exc
+            agreed(failed)
     else:
         tmp = Path(broadcast(None))
-        yield tmp
-        _barrier()
+        failed = None
+        try:
+            yield tmp
+        except BaseException as exc:  # re-raised once the ranks agree
+            failed = exc
+        agreed(failed)
     _barrier()  # the rename is done before anyone reads ``final``
 
 

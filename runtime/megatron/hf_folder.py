@@ -21,9 +21,15 @@ ever holds it whole:
   ``runtime.megatron.hf_weights.load_hf_weights``).
 
 The files hold what ``save_pretrained`` writes, by the same names and dtypes (the tests
-compare them tensor by tensor), so transformers, vLLM and the embedded engine read them
-unchanged. Memory: a stage's writer holds one unit as gathered plus up to ``shard_bytes`` of
-converted tensors on the host; every rank holds one parameter's all-gather on its device.
+compare them tensor by tensor, in float32 and bfloat16; the weights HF keeps in float32 in a
+half-precision model, such as DeepSeek-V3's router, are written in float32), so transformers,
+vLLM and the embedded engine read them unchanged. A writer that fails goes on taking part in
+the gathers, and every rank then raises (no rank is left waiting in a collective).
+
+Memory: a stage's writer holds on the host about three times its largest unit (as gathered,
+converted: the experts stacked, and copied into the pending file) plus up to ``shard_bytes``
+(about 22 GB per layer for the 245 B example); every rank holds one parameter's all-gather on
+its device (the largest is the input embedding).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,7 @@ from runtime.megatron.hf_weights import gathered_units, layer_to_hf, load_hf_wei
 __all__ = ["INDEX", "FolderTensors", "load_hf_folder", "save_hf_folder"]
 
 INDEX = "model.safetensors.index.json"  # transformers' and vLLM's name for the weight map
-SHARD_BYTES = 5 * 2**30  # save_pretrained's default max_shard_size
+SHARD_BYTES = 5 * 2**30  # per file: what a reader holds at once when it loads a file whole
 
 
 class FolderTensors(Mapping[str, Tensor]):
@@ -92,7 +98,15 @@ class FolderTensors(Mapping[str, Tensor]):
 
 def load_hf_folder(model: Any, cfg: Any, path: str | os.PathLike[str]) -> None:
     """Copy this rank's shard of the HF folder ``path`` into ``model`` (a GPTModel or this
-    rank's chunks), reading only the tensors of its layers and experts (module doc)."""
+    rank's chunks), reading only the tensors of its layers and experts (module doc). A
+    quantized checkpoint (``quantization_config``: e.g. DeepSeek-V3's FP8 weights with their
+    block scales) is refused: its raw tensors are not the weights."""
+    quantized = getattr(cfg, "quantization_config", None)
+    if quantized:
+        method = (quantized.get("quant_method") if isinstance(quantized, dict)
+                  else getattr(quantized, "quant_method", "?"))
+        raise ValueError(f"{path} holds {method}-quantized weights; the Megatron trainer "
+                         "loads unquantized ones: dequantize the checkpoint to bf16 first")
     load_hf_weights(model, FolderTensors(path), cfg)
 
 
@@ -127,6 +141,13 @@ class _Shards:
         self.files += 1
         name = f"{self.prefix}-{self.files:05d}.safetensors"
         save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        # durable from this node: rank 0's fsync of the folder may not flush another
+        # client's pages on a network filesystem
+        fd = os.open(self.folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.weight_map.update(dict.fromkeys(self.pending, name))
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
@@ -142,6 +163,15 @@ def _stage_writers() -> dict[int, int]:
     return writers
 
 
+def _keep_fp32(skeleton: Any, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Which HF names a model of ``dtype`` keeps in float32 (``_keep_in_fp32_modules_strict``:
+    e.g. DeepSeek-V3's and GLM-4.5's routers), as ``from_pretrained`` loads them."""
+    keep = set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype not in (torch.float16, torch.bfloat16) or not keep:
+        return lambda name: False
+    return lambda name: any(f".{m}." in f".{name}." for m in keep)
+
+
 def save_hf_folder(model: Any, cfg: Any, tokenizer: Any, path: str | os.PathLike[str], *,
                    shard_bytes: int = SHARD_BYTES, **marker_info: Any) -> int:
     """Write the HF folder of ``model`` (a GPTModel or this rank's chunks) at ``path``, its
@@ -152,38 +182,48 @@ def save_hf_folder(model: Any, cfg: Any, tokenizer: Any, path: str | os.PathLike
     from transformers.core_model_loading import revert_weight_conversion
 
     from runtime.megatron.checkpoint import shared_atomic_dir
+    from runtime.megatron.model import model_chunks
     from runtime.policy import portable_config, save_tokenizer
 
     stage = parallel_state.get_pipeline_model_parallel_rank()
     rank = torch.distributed.get_rank()
     writer = _stage_writers()[stage] == rank
+    dtype = model_chunks(model)[0].config.params_dtype
     config = copy.deepcopy(cfg)
     with torch.device("meta"):  # HF's module names and on-disk conversions, no weights
         skeleton = AutoModelForCausalLM.from_config(config)
+    fp32 = _keep_fp32(skeleton, dtype)
     with shared_atomic_dir(path, artifact="hf_checkpoint", **marker_info) as tmp:
         shards = _Shards(tmp, f"model-pp{stage:03d}", shard_bytes)
-        dtypes: set[torch.dtype] = set()
+        failed = ""
         for unit, full in gathered_units(model, keep=writer, device="cpu"):
-            if not writer or (unit == "output_layer.weight" and cfg.tie_word_embeddings):
-                continue  # a tied output layer is the embedding, written by the first stage
-            hf = ({outer_hf_name(unit, cfg): full[unit]} if isinstance(unit, str)
-                  else layer_to_hf(full, cfg, unit))
-            dtypes.update(t.dtype for t in hf.values())
-            shards.add(dict(revert_weight_conversion(skeleton, hf)))
-        shards.flush()
+            if not writer or failed or (unit == "output_layer.weight"
+                                        and cfg.tie_word_embeddings):
+                continue  # (a tied output layer is the embedding, written by the first stage)
+            try:
+                hf = ({outer_hf_name(unit, cfg): full[unit]} if isinstance(unit, str)
+                      else layer_to_hf(full, cfg, unit))
+                disk = revert_weight_conversion(skeleton, hf)
+                shards.add({k: t.float() if fp32(k) else t for k, t in disk.items()})
+            except Exception as exc:  # the gathers go on: the other ranks are in them
+                failed = f"rank {rank} writing {unit}: {type(exc).__name__}: {exc}"
+        if writer and not failed:
+            try:
+                shards.flush()
+            except OSError as exc:
+                failed = f"rank {rank}: {type(exc).__name__}: {exc}"
         found: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(
-            found, (shards.weight_map, shards.total_bytes, sorted(map(str, dtypes))))
+        torch.distributed.all_gather_object(found, (shards.weight_map, shards.total_bytes, failed))
+        errors = [e for _, _, e in found if e]
+        if errors:
+            raise RuntimeError(f"the HF folder {path} was not written: " + "; ".join(errors))
         if rank == 0:
             weight_map = {k: v for m, _, _ in found for k, v in m.items()}
-            names = {d for _, _, ds in found for d in ds}
-            if len(names) != 1:
-                raise RuntimeError(f"the stages hold weights of dtypes {sorted(names)}")
             (tmp / INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": sum(b for _, b, _ in found)},
                  "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-            # as save_pretrained: the weights' dtype and the model class in the config
-            skeleton.config.dtype = names.pop().removeprefix("torch.")
+            # as save_pretrained: the model's dtype and class in the config
+            skeleton.config.dtype = str(dtype).removeprefix("torch.")
             skeleton.config.architectures = [type(skeleton).__name__]
             skeleton.config.save_pretrained(tmp)
             if skeleton.can_generate():

@@ -37,11 +37,14 @@ def mlp_to_megatron(sd: Mapping[str, Tensor], h: str, m: str, num_experts: int,
     out = {m + "mlp.router.weight": sd[h + "mlp.gate.weight"]}
     if h + "mlp.gate.e_score_correction_bias" in sd:
         out[m + "mlp.router.expert_bias"] = sd[h + "mlp.gate.e_score_correction_bias"]
+    fused = h + "mlp.experts.gate_up_proj" in sd
+    if fused:  # read once (a lazy mapping reads a tensor from disk at each access)
+        gate_up, down = sd[h + "mlp.experts.gate_up_proj"], sd[h + "mlp.experts.down_proj"]
     for e in range(num_experts) if experts is None else experts:
         x = f"{m}mlp.experts.local_experts.{e}."
-        if h + "mlp.experts.gate_up_proj" in sd:
-            out[x + "linear_fc1.weight"] = sd[h + "mlp.experts.gate_up_proj"][e]
-            out[x + "linear_fc2.weight"] = sd[h + "mlp.experts.down_proj"][e]
+        if fused:
+            out[x + "linear_fc1.weight"] = gate_up[e]
+            out[x + "linear_fc2.weight"] = down[e]
         else:
             p = f"{h}mlp.experts.{e}."
             out[x + "linear_fc1.weight"] = torch.cat(

@@ -317,6 +317,28 @@ def test_validate_names_each_difference_from_a_readable_checkpoint(tmp_path: Pat
     assert differences == expected, result.stderr
 
 
+def test_a_quantized_checkpoint_is_refused_for_the_megatron_trainer(tmp_path: Path) -> None:
+    """The Megatron trainer and its conversion read the policy's tensors as stored: an FP8
+    checkpoint (quantization_config, as DeepSeek-V3 publishes) is refused at validate, naming
+    the jobs that would fail."""
+    (tmp_path / "Qwen3-30B-A3B").mkdir()
+    fp8 = {**QWEN3_30B_A3B, "quantization_config": {"quant_method": "fp8",
+                                                    "weight_block_size": [128, 128]}}
+    (tmp_path / "Qwen3-30B-A3B" / "config.json").write_text(json.dumps(fp8))
+    text = SINGLE.read_text(encoding="utf-8")
+    (tmp_path / "spec.yaml").write_text(
+        text.replace("checkpoint: /models/Qwen3-30B-A3B", "checkpoint: Qwen3-30B-A3B"),
+        encoding="utf-8")
+    result = cli("validate", tmp_path / "spec.yaml")
+    assert result.exit_code == 2, result.output
+    assert re.search(r"error: model\.checkpoint: the checkpoint is fp8-quantized .*"
+                     r"\(jobs convert, rl would refuse to start\)", result.stderr), result.stderr
+    assert "dequantize it to bf16 first" in result.stderr
+    del fp8["quantization_config"]
+    (tmp_path / "Qwen3-30B-A3B" / "config.json").write_text(json.dumps(fp8))
+    assert cli("validate", tmp_path / "spec.yaml").exit_code == 0
+
+
 def test_check_runs_every_preflight_on_a_written_bundle(tmp_path: Path) -> None:
     bundle = write_bundle(compile_spec(SINGLE).files, tmp_path / "b")
     result = cli("check", str(bundle))

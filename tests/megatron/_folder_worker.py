@@ -2,7 +2,8 @@
 tests.megatron._folder_worker RANK WORLD_SIZE TP EP PP WORKDIR [KEY=VALUE ...]`` (options:
 ``tests.megatron._train_worker.LAYOUT``).
 
-Rank 0 first writes the tiny HF policy of the family with ``save_policy`` to WORKDIR/ref.
+Rank 0 first writes the tiny HF policy of the family with ``save_policy`` to WORKDIR/ref (with
+``dtype=bfloat16``: as ``from_pretrained`` loads it in that dtype).
 Every rank then builds two Megatron models of the layout: A takes the in-memory HF weights
 (``load_hf_weights``), B reads WORKDIR/ref (``load_hf_folder``); A is written back with
 ``save_hf_folder`` to WORKDIR/out, one unit per file. WORKDIR/rank{RANK}.pt holds the names of
@@ -33,17 +34,24 @@ def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
     from tests.megatron._train_worker import LAYOUT, _layout, policy
 
     opts = {**LAYOUT, **(options or {})}
-    layout, stages, layers = _layout(tp, ep, pp, opts)
+    layout, stages, layers = _layout(tp, ep, pp, {k: v for k, v in opts.items() if k != "fail"})
     hf = policy(opts["family"], layers=layers, tie=bool(int(opts["tie"])))
     tokenizer = build_tokenizer(int(hf.config.vocab_size))
+    dtype = getattr(torch, opts["dtype"])
     if rank == 0:
         save_policy(hf, tokenizer, workdir / "ref", step=3)
+        if dtype != torch.float32:  # what from_pretrained makes of it in that dtype
+            from runtime.policy import load_policy
+
+            save_policy(load_policy(workdir / "ref", dtype=dtype)[0], tokenizer, workdir / "ref",
+                        step=3)
     pg = init_parallel(rank, world_size, workdir / "rendezvous", **layout)
     try:
         torch.distributed.barrier()  # the reference folder is written
 
         def build() -> Any:
-            return build_gpt_chunks(hf.config, pg, **layout, **stages, sequence_parallel=tp > 1)
+            return build_gpt_chunks(hf.config, pg, **layout, **stages, sequence_parallel=tp > 1,
+                                    dtype=dtype)
 
         a, b = build(), build()
         load_hf_weights(a, hf.state_dict(), hf.config)
@@ -53,7 +61,18 @@ def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
                   for (name, pa), (_, pb) in zip(ca.state_dict().items(), cb.state_dict().items(),
                                                  strict=True)
                   if isinstance(pa, torch.Tensor) and not torch.equal(pa, pb)]
-        held = save_hf_folder(a, hf.config, tokenizer, workdir / "out", shard_bytes=1, step=3)
+        if int(opts.get("fail", -1)) == rank:  # this rank's disk fills up as it writes
+            import runtime.megatron.hf_folder as hf_folder
+
+            def full(*args: Any) -> None:
+                raise OSError(28, "No space left on device")
+
+            hf_folder._Shards.add = full  # type: ignore[method-assign]
+        try:
+            held = save_hf_folder(a, hf.config, tokenizer, workdir / "out", shard_bytes=1,
+                                  step=3)
+        except RuntimeError as exc:
+            return {"differ": differ, "error": str(exc)}
         return {"differ": differ, "held": held}
     finally:
         destroy_parallel()
@@ -63,7 +82,7 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep, pp = (int(a) for a in argv[:5])
     workdir = Path(argv[5])
-    options = dict(a.split("=", 1) for a in argv[6:])
+    options = dict(a.split("=", 1) for a in argv[6:])  # and fail=RANK: that rank's writes fail
     torch.set_num_threads(1)
     torch.save(run(rank, world_size, tp, ep, pp, workdir, options), workdir / f"rank{rank}.pt")
 

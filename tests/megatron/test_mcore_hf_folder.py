@@ -42,7 +42,15 @@ def _largest_unit(tensors: dict[str, torch.Tensor]) -> int:
     return max(units.values())
 
 
-def _check(workdir: Path, outs: list[dict[str, Any]], layers: int) -> None:
+def _same(have: torch.Tensor, want: torch.Tensor, half: bool) -> bool:
+    """Equal; in a half-precision model, a weight HF keeps in float32 (DeepSeek-V3's router)
+    went through the Megatron model's bfloat16 parameter: equal once rounded so."""
+    if half and want.dtype == torch.float32:
+        return torch.equal(have.bfloat16(), want.bfloat16())
+    return torch.equal(have, want)
+
+
+def _check(workdir: Path, outs: list[dict[str, Any]], layers: int, half: bool = False) -> None:
     from runtime.files import COMPLETE_MARKER
     from runtime.policy import load_policy
 
@@ -52,7 +60,7 @@ def _check(workdir: Path, outs: list[dict[str, Any]], layers: int) -> None:
     want, have = _tensors(ref), _tensors(got)
     assert sorted(have) == sorted(want)
     for name, t in want.items():
-        assert have[name].dtype == t.dtype and torch.equal(have[name], t), name
+        assert have[name].dtype == t.dtype and _same(have[name], t, half), name
     for name in ("config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json"):
         assert json.loads((got / name).read_text()) == json.loads((ref / name).read_text()), name
@@ -69,13 +77,25 @@ def _check(workdir: Path, outs: list[dict[str, Any]], layers: int) -> None:
     assert max(held) <= largest < total / 2, (held, largest, total)
     model, _ = load_policy(got)
     for name, t in load_policy(ref)[0].state_dict().items():
-        assert torch.equal(model.state_dict()[name], t), name
+        assert _same(model.state_dict()[name], t, half), name
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3", "llama"])
 @pytest.mark.usefixtures("megatron_cpu")
 def test_one_rank_round_trips_every_family(tmp_path: Path, family: str) -> None:
     _check(tmp_path, [run(0, 1, 1, 1, 1, tmp_path, {"family": family, "layers": 3})], 3)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+@pytest.mark.usefixtures("megatron_cpu")
+def test_a_bfloat16_model_writes_what_save_pretrained_writes(tmp_path: Path, family: str) -> None:
+    """bf16 parameters (--bf16 on GPUs), the routers' selection bias a float32 buffer: the
+    folder holds bfloat16 weights, and the float32 ones where HF keeps them (DeepSeek-V3's
+    router and its bias), as save_pretrained writes a model loaded in bfloat16."""
+    _check(tmp_path, [run(0, 1, 1, 1, 1, tmp_path, {"family": family, "layers": 3,
+                                                     "dtype": "bfloat16"})], 3, half=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(("tp", "ep", "pp", "options"), [
@@ -92,3 +112,16 @@ def test_two_ranks_write_and_read_their_shards(tmp_path: Path, tp: int, ep: int,
     args = [str(tp), str(ep), str(pp), str(tmp_path), *(f"{k}={v}" for k, v in options.items())]
     _check(tmp_path, launch("tests.megatron._folder_worker", 2, args, tmp_path),
            int(options["layers"]))
+
+
+def test_a_stage_that_fails_to_write_fails_every_rank_and_leaves_no_folder(
+        tmp_path: Path) -> None:
+    """PP=2, the second stage's writer cannot write (disk full): it goes on through the
+    gathers, then every rank raises with its message (none waits in a collective for it, the
+    job fails at once), and neither the folder nor its temporary is left."""
+    args = ["1", "1", "2", str(tmp_path), "layers=2", "fail=1"]
+    outs = launch("tests.megatron._folder_worker", 2, args, tmp_path)
+    for out in outs:
+        assert "rank 1 writing" in out["error"] and "No space left" in out["error"], out
+    assert not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
