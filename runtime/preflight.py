@@ -209,12 +209,13 @@ def _quantized(config: Mapping[str, Any], cfg: Mapping[str, Any],
     quantized = cfg.get("quantization_config")
     if (quantized and config["entry"] in ("rl", "sft", "convert")
             and config["spec"]["train"]["backend"] == "megatron"):
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        method = (quantized.get("quant_method") if isinstance(quantized, dict) else None) or "?"
         yield Refusal("checkpoint", ("model", "checkpoint"),
                       f"the checkpoint is {method}-quantized ({cfg_file}: quantization_config); "
                       "the Megatron trainer loads unquantized weights",
-                      "dequantize it to bf16 first (e.g. DeepSeek-V3's fp8_cast_bf16.py), and "
-                      "point model.checkpoint at the result")
+                      "dequantize it to bf16 first (e.g. DeepSeek-V3's fp8_cast_bf16.py), "
+                      "remove quantization_config from the result's config.json, and point "
+                      "model.checkpoint at it")
 
 
 # --------------------------------------------------------------------------- one-process jobs

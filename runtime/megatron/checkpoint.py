@@ -113,31 +113,40 @@ def any_rank(flag: bool) -> bool:
 def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iterator[Path]:
     """``atomic_dir`` for a directory every rank writes into (collective): rank 0 makes the
     temporary and broadcasts its path; it becomes ``final`` after all ranks are done. The
-    ranks agree on failure before that: one rank's error fails them all (the temporary is
-    removed), none waits at a barrier for a rank that left. The block must not leave a rank
-    inside a collective the others never reach."""
-    def agreed(failed: BaseException | None) -> None:
+    ranks agree on failure, of the block and of rank 0's rename: one rank's error fails them
+    all (the temporary is removed), and none waits at a barrier for a rank that left. The
+    block must not leave a rank inside a collective the others never reach. A stop (a
+    ``BaseException`` such as the trainer's SIGTERM) is not agreed on: it goes through."""
+    def agreed(failed: Exception | None) -> None:
         if any_rank(failed is not None):
             raise failed or RuntimeError(f"another rank failed while writing {final}")
 
-    if _rank0():
+    if not _rank0():
+        tmp = Path(broadcast(None))
+        failed = None
+        try:
+            yield tmp
+        except Exception as exc:  # re-raised once the ranks agree
+            failed = exc
+        agreed(failed)
+        agreed(None)  # rank 0's rename
+        return
+    written = False
+    try:
         with atomic_dir(final, **marker_info) as tmp:
             broadcast(str(tmp))
             failed = None
             try:
                 yield tmp
-            except BaseException as exc:  # re-raised once the ranks agree
+            except Exception as exc:  # re-raised once the ranks agree
                 failed = exc
             agreed(failed)
-    else:
-        tmp = Path(broadcast(None))
-        failed = None
-        try:
-            yield tmp
-        except BaseException as exc:  # re-raised once the ranks agree
-            failed = exc
-        agreed(failed)
-    _barrier()  # the rename is done before anyone reads ``final``
+            written = True
+    except Exception as exc:
+        if not written:
+            raise  # the block's failure: every rank raises already
+        agreed(exc)  # the marker, fsync or rename failed
+    agreed(None)  # the rename is done before anyone reads ``final``
 
 
 def save_model(model: Any, root: str | os.PathLike[str]) -> Path:

@@ -104,9 +104,10 @@ def load_hf_folder(model: Any, cfg: Any, path: str | os.PathLike[str]) -> None:
     quantized = getattr(cfg, "quantization_config", None)
     if quantized:
         method = (quantized.get("quant_method") if isinstance(quantized, dict)
-                  else getattr(quantized, "quant_method", "?"))
+                  else getattr(quantized, "quant_method", None)) or "?"
         raise ValueError(f"{path} holds {method}-quantized weights; the Megatron trainer "
-                         "loads unquantized ones: dequantize the checkpoint to bf16 first")
+                         "loads unquantized ones: dequantize the checkpoint to bf16 first, "
+                         "and remove quantization_config from its config.json")
     load_hf_weights(model, FolderTensors(path), cfg)
 
 
@@ -210,7 +211,7 @@ def save_hf_folder(model: Any, cfg: Any, tokenizer: Any, path: str | os.PathLike
         if writer and not failed:
             try:
                 shards.flush()
-            except OSError as exc:
+            except Exception as exc:  # e.g. safetensors' SafetensorError on a full disk
                 failed = f"rank {rank}: {type(exc).__name__}: {exc}"
         found: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(found, (shards.weight_map, shards.total_bytes, failed))

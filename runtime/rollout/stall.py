@@ -9,13 +9,16 @@ has generated (the counter ``vllm:generation_tokens_total``) and the requests it
 ``StallWatch`` reads them every ``poll_s`` seconds::
 
     stalled  ⇔  some engine core's counter has not moved for stall_s seconds
-                while it was running requests (or, without the gauge, while the endpoint
-                had requests in flight) all that time
+                while it was running requests all that time,
+                or the sum of the counters has not, while the endpoint had requests in
+                flight all that time (the rule without the gauge, as on the embedded server)
 
 so one hung data-parallel rank is noticed while the others still decode (vLLM data
-parallelism without expert parallelism; with it the ranks step together). A stalled
-endpoint's requests in flight are cut (their connections shut down), so that they fail at
-once as transport errors: the client marks the endpoint down and retries them elsewhere
+parallelism without expert parallelism; with it the ranks step together), and so is an
+engine hung in its first step after idling (vLLM updates the gauge when a step ends, so such
+a core still reports 0 running). A stalled endpoint's requests in flight are cut (their
+connections shut down), so that they fail at once as transport errors: the client marks the
+endpoint down and retries them elsewhere
 (``runtime.rollout.failover``); which of them waited on the hung core cannot be told, and
 the replica is broken either way. An endpoint cut as stalled stays judged: when it is busy
 again and a core that hung still stands where it stood at the cut, its new requests are cut
@@ -24,7 +27,8 @@ at the first reading, not after another ``stall_s``. The embedded server keeps t
 
 What it cannot see: an endpoint whose ``/metrics`` has no such counter (a vLLM started with
 ``--disable-log-stats``) or cannot be read (an API server whose event loop is stuck) is never
-judged, only its requests' limits apply. An engine paused with ``mode=keep`` for longer than
+judged, only its requests' limits apply; nor one data-parallel core hung in its first step
+while its siblings decode. An engine paused with ``mode=keep`` for longer than
 ``stall_s`` with requests in flight would be cut; the driver never generates while it
 pauses.
 """
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 _SAMPLE = re.compile(r"^vllm:(generation_tokens_total|num_requests_running)(?:\{([^}]*)\})?"
                      r"\s+([0-9.eE+-]+)", re.M)
 _ENGINE = re.compile(r'(?:^|,)\s*engine="([^"]*)"')
+_ALL = "*"  # the pseudo-core of all a replica's cores
 
 
 def engine_readings(metrics: str) -> dict[str, tuple[float, float | None]]:
@@ -182,6 +187,10 @@ class StallWatch:
     def _look(self, endpoint: str) -> None:
         text = self._read(endpoint)
         readings = None if text is None else engine_readings(text)
+        if readings and any(running is not None for _, running in readings.values()):
+            # the floor: all cores together, judged while the endpoint has requests in
+            # flight (a core hung in its first step still reports running 0)
+            readings[_ALL] = (sum(tokens for tokens, _ in readings.values()), None)
         now = self._clock()
         with self._lock:
             busy = self._busy.get(endpoint)

@@ -61,17 +61,29 @@ def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
                   for (name, pa), (_, pb) in zip(ca.state_dict().items(), cb.state_dict().items(),
                                                  strict=True)
                   if isinstance(pa, torch.Tensor) and not torch.equal(pa, pb)]
-        if int(opts.get("fail", -1)) == rank:  # this rank's disk fills up as it writes
+        fail = opts.get("fail")
+        if fail == str(rank):  # this rank's disk fills up as it writes
             import runtime.megatron.hf_folder as hf_folder
 
             def full(*args: Any) -> None:
                 raise OSError(28, "No space left on device")
 
             hf_folder._Shards.add = full  # type: ignore[method-assign]
+        if fail == "rename" and rank == 0:  # the folder cannot be renamed into place
+            import os
+
+            rename = os.rename
+
+            def refuse(src: Any, dst: Any) -> None:
+                if Path(dst) == workdir / "out":
+                    raise OSError(30, "Read-only file system")
+                rename(src, dst)
+
+            os.rename = refuse  # type: ignore[assignment]
         try:
             held = save_hf_folder(a, hf.config, tokenizer, workdir / "out", shard_bytes=1,
                                   step=3)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             return {"differ": differ, "error": str(exc)}
         return {"differ": differ, "held": held}
     finally:
@@ -82,7 +94,8 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep, pp = (int(a) for a in argv[:5])
     workdir = Path(argv[5])
-    options = dict(a.split("=", 1) for a in argv[6:])  # and fail=RANK: that rank's writes fail
+    # and fail=RANK: that rank's writes fail; fail=rename: rank 0's rename into place fails
+    options = dict(a.split("=", 1) for a in argv[6:])
     torch.set_num_threads(1)
     torch.save(run(rank, world_size, tp, ep, pp, workdir, options), workdir / f"rank{rank}.pt")
 

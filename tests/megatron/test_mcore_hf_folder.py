@@ -114,14 +114,19 @@ def test_two_ranks_write_and_read_their_shards(tmp_path: Path, tp: int, ep: int,
            int(options["layers"]))
 
 
-def test_a_stage_that_fails_to_write_fails_every_rank_and_leaves_no_folder(
-        tmp_path: Path) -> None:
-    """PP=2, the second stage's writer cannot write (disk full): it goes on through the
-    gathers, then every rank raises with its message (none waits in a collective for it, the
-    job fails at once), and neither the folder nor its temporary is left."""
-    args = ["1", "1", "2", str(tmp_path), "layers=2", "fail=1"]
+@pytest.mark.parametrize("fail", ["1", "rename"], ids=["stage-disk-full", "rename-refused"])
+def test_a_failed_write_fails_every_rank_and_leaves_no_folder(tmp_path: Path, fail: str) -> None:
+    """PP=2. The second stage's writer cannot write (disk full): it goes on through the
+    gathers, then every rank raises with its message. Or rank 0 cannot rename the folder into
+    place: every rank raises too. None waits in a collective for a rank that left (the job
+    fails at once), and neither the folder nor its temporary is left."""
+    args = ["1", "1", "2", str(tmp_path), "layers=2", f"fail={fail}"]
     outs = launch("tests.megatron._folder_worker", 2, args, tmp_path)
-    for out in outs:
-        assert "rank 1 writing" in out["error"] and "No space left" in out["error"], out
+    if fail == "1":
+        for out in outs:
+            assert "rank 1 writing" in out["error"] and "No space left" in out["error"], out
+    else:
+        assert "Read-only file system" in outs[0]["error"], outs[0]
+        assert "another rank failed while writing" in outs[1]["error"], outs[1]
     assert not (tmp_path / "out").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -683,7 +683,8 @@ def test_a_replica_that_stays_hung_is_cut_at_once_and_a_bad_reading_ends_no_watc
 def test_one_hung_core_of_a_replica_is_noticed_and_an_idle_one_is_not() -> None:
     """A replica of two data-parallel engine cores: core 0 decodes on while core 1's counter
     stands. Idle (running 0), core 1 is not judged and the request is answered; running
-    requests, it is hung and the request is cut, though the replica's summed counter moves."""
+    requests, it is hung and the request is cut, though the replica's summed counter moves.
+    A replica whose every counter stands is cut whatever its gauges say."""
     from runtime.rollout.stall import Stalled, StallWatch, engine_readings
 
     release = threading.Event()
@@ -719,6 +720,22 @@ def test_one_hung_core_of_a_replica_is_noticed_and_an_idle_one_is_not() -> None:
             release.set()
     assert engine_readings(read(url)) == {"0": (float(state["reads"]), 1.0), "1": (7.0, 1.0)}
     assert engine_readings("vllm:generation_tokens_total 5.0\n") == {"": (5.0, None)}
+
+    # An engine hung in its first step after idling: vLLM updates the gauge when a step ends,
+    # so it still reports 0 running; the replica's counter standing still cuts it.
+    def first_step(endpoint: str) -> str:
+        return ('vllm:generation_tokens_total{engine="0",model_name="m"} 7.0\n'
+                'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n')
+
+    watch = StallWatch(first_step, stall_s=0.3, poll_s=0.02)
+    release.clear()
+    with stub_server(Slow) as url:
+        try:
+            with pytest.raises(Stalled):
+                watch.post(url, "/v1/completions", b"{}", timeout=60)
+        finally:
+            watch.close()
+            release.set()
 
 
 def test_closing_the_client_cuts_the_requests_it_waits_on(client: RolloutClient) -> None:
