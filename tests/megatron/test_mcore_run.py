@@ -119,8 +119,8 @@ def test_tiny_run_on_the_megatron_trainer(tmp_path: Path, megatron_cpu: None) ->
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert not list(save.glob(".*"))  # no partial checkpoint left behind
 
-    # The engines served exactly the published Megatron weights, which rank 0 gathered and
-    # shared (weight_sync ipc: every load mapped from shared memory, none from a folder, and
+    # The engines served exactly the published Megatron weights, which the ranks wrote and
+    # rank 0 shared (weight_sync ipc: every load mapped from shared memory, none from a folder, and
     # no segment left): the trainer's log-probs of the sampled tokens equal the engines' to
     # float precision (R3 replays their experts), and so do the two ranks' probe log-probs
     # (TP 2 + SP, EP 2) after each load.
