@@ -121,20 +121,11 @@ def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iter
         if any_rank(failed is not None):
             raise failed or RuntimeError(f"another rank failed while writing {final}")
 
-    if not _rank0():
-        tmp = Path(broadcast(None))
-        failed = None
-        try:
-            yield tmp
-        except Exception as exc:  # re-raised once the ranks agree
-            failed = exc
-        agreed(failed)
-        agreed(None)  # rank 0's rename
-        return
     written = False
     try:
-        with atomic_dir(final, **marker_info) as tmp:
-            broadcast(str(tmp))
+        with contextlib.ExitStack() as stack:  # rank 0 holds the atomic_dir
+            made = stack.enter_context(atomic_dir(final, **marker_info)) if _rank0() else None
+            tmp = Path(broadcast(None if made is None else str(made)))
             failed = None
             try:
                 yield tmp
@@ -145,7 +136,7 @@ def shared_atomic_dir(final: str | os.PathLike[str], **marker_info: Any) -> Iter
     except Exception as exc:
         if not written:
             raise  # the block's failure: every rank raises already
-        agreed(exc)  # the marker, fsync or rename failed
+        agreed(exc)  # rank 0's marker, fsync or rename failed
     agreed(None)  # the rename is done before anyone reads ``final``
 
 

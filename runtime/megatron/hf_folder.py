@@ -99,15 +99,8 @@ class FolderTensors(Mapping[str, Tensor]):
 def load_hf_folder(model: Any, cfg: Any, path: str | os.PathLike[str]) -> None:
     """Copy this rank's shard of the HF folder ``path`` into ``model`` (a GPTModel or this
     rank's chunks), reading only the tensors of its layers and experts (module doc). A
-    quantized checkpoint (``quantization_config``: e.g. DeepSeek-V3's FP8 weights with their
-    block scales) is refused: its raw tensors are not the weights."""
-    quantized = getattr(cfg, "quantization_config", None)
-    if quantized:
-        method = (quantized.get("quant_method") if isinstance(quantized, dict)
-                  else getattr(quantized, "quant_method", None)) or "?"
-        raise ValueError(f"{path} holds {method}-quantized weights; the Megatron trainer "
-                         "loads unquantized ones: dequantize the checkpoint to bf16 first, "
-                         "and remove quantization_config from its config.json")
+    quantized policy is refused before: at validate and at the job's start
+    (``runtime.preflight``)."""
     load_hf_weights(model, FolderTensors(path), cfg)
 
 
