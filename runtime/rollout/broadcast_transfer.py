@@ -325,35 +325,41 @@ class BroadcastWeightTransfer(WeightTransfer):
         if path is None:
             raise ValueError("weight_sync nccl here pushes a version the trainer wrote: pass "
                              "its folder (path)")
-        sender, why = self._sender()
-        if sender is not None:
-            session = sender["session"]
-            if self._joined != (session, tuple(client.endpoints)):
-                self._join(client, session)
+        if pause_mode is not None:
+            client.pause(pause_mode)  # once: a fallback to the folder loads in the same pause
+        try:
+            why, sent = self._broadcast(client, version, path)
+            if why:
+                if self.log is not None:
+                    self.log(f"weights v{version} from the folder {path} (not broadcast: {why})")
+                self.routes["disk"] += 1
+                self.fallback.push(client, version, path=path, pause_mode=None)
+                return
+        finally:
             if pause_mode is not None:
-                client.pause(pause_mode)
-            try:
-                n, ack = self._ask(session, {"op": "send", "version": int(version)})
-                if "update_info" in ack:
-                    client.update_weights(path, version, update_info=ack["update_info"],
-                                          pause_mode=None)
-                    self._done(session, n)
-                else:
-                    why = ack["error"]
-            except BaseException:
-                self._joined = None  # the group's collectives may be out of step: a new one
-                raise
-            finally:
-                if pause_mode is not None:
-                    client.resume()
-        if why:
-            if self.log is not None:
-                self.log(f"weights v{version} from the folder {path} (not broadcast: {why})")
-            self.routes["disk"] += 1
-            self.fallback.push(client, version, path=path, pause_mode=pause_mode)
-            return
+                client.resume()
         self.routes["broadcast"] += 1
         if self.routes["broadcast"] == 1 and self.log is not None:
-            self.log(f"weights v{version} broadcast to the engines "
-                     f"({len(ack['update_info']['names'])} tensors); the next versions too, "
-                     "unless said")
+            self.log(f"weights v{version} broadcast to the engines ({sent} tensors); the next "
+                     "versions too, unless said")
+
+    def _broadcast(self, client: RolloutClient, version: str, path: str) -> tuple[str, int]:
+        """Broadcast ``version`` to the paused engines: ("", tensors sent), or why it was not
+        (no live sender, or one that does not hold the version) and 0."""
+        sender, why = self._sender()
+        if sender is None:
+            return why, 0
+        session = sender["session"]
+        try:
+            if self._joined != (session, tuple(client.endpoints)):
+                self._join(client, session)
+            n, ack = self._ask(session, {"op": "send", "version": int(version)})
+            if "update_info" not in ack:
+                return ack["error"], 0
+            client.update_weights(path, version, update_info=ack["update_info"],
+                                  pause_mode=None)
+            self._done(session, n)
+        except BaseException:
+            self._joined = None  # the group's collectives may be out of step: a new one
+            raise
+        return "", len(ack["update_info"]["names"])

@@ -110,8 +110,8 @@ def test_the_engines_serve_exactly_the_weights_the_trainer_broadcast(
         tmp_path: Path) -> None:
     """A held version is broadcast to both engines (packed), which then sample what an engine
     loaded with those weights samples; a version the trainer does not hold, and any version
-    once no trainer sends, are read from their folder, and said; a restarted trainer is a
-    new group."""
+    once no trainer sends, are read from their folder (in the same pause), and said; a
+    restarted trainer is a new group."""
     client = nccl_servers
     want = _tokens([list(o.samples) for o in LocalEngine(other_weights, seed=0).generate(
         PROMPTS, n=2, max_tokens=8, seed=5, ignore_eos=True)])
@@ -129,7 +129,12 @@ def test_the_engines_serve_exactly_the_weights_the_trainer_broadcast(
         transfer.push(client, "1", path=str(other_weights))
         assert client.weight_info() == ["1", "1"] and sender.sent == {1: 1}
         assert [_sample(url) for url in client.endpoints] == [want, want]  # each engine
+        pauses: list[str] = []
+        pause = client.pause
+        client.pause = lambda mode: (pauses.append(mode), pause(mode))[1]  # type: ignore[method-assign]
         transfer.push(client, "0", path=str(model_dir))  # not held: the folder
+        del client.pause
+        assert pauses == ["wait"]  # the fallback loads in the broadcast's pause
         assert logged[1] == (f"weights v0 from the folder {model_dir} (not broadcast: this "
                              "trainer does not hold v0 (it holds [1]))")
         assert _sample(client.endpoints[0]) == start
