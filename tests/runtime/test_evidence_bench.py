@@ -16,10 +16,9 @@ from bench.evidence import (
     Runner,
     _paired_ratios,
     loss_configs,
-    median_ci,
-    quantile,
     zve_configs,
 )
+from bench.stats import median_ci, quantile
 from compiler.api import validate
 
 

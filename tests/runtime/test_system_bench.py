@@ -1,4 +1,4 @@
-"""The simulated 245B ladder of ``bench/system.py``: its decode model and that the runtime's
+"""The simulated 245B ladder of ``bench/system_sim.py``: its decode model and that the runtime's
 length balancing, fed with the simulated history, never makes the busiest replica slower
 than round-robin (fixed seed)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.system import Scale, SimParams, replica_time, sim_lengths, sim_rung
+from bench.system_sim import Scale, SimParams, replica_time, sim_lengths, sim_rung
 
 
 def test_replica_time_continuous_batching() -> None:
