@@ -222,7 +222,8 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
              ok=diff <= CONFORMANCE_REL * moved, max_abs_diff=diff, moved=moved,
              loss_megatron=metrics.get("loss"), loss_embedded=ref_metrics.get("loss"),
              grad_norm_megatron=metrics.get("grad_norm"),
-             grad_norm_embedded=ref_metrics.get("grad_norm"))
+             grad_norm_embedded=ref_metrics.get("grad_norm"),
+             entropy_megatron=metrics.get("entropy"), entropy_embedded=ref_metrics.get("entropy"))
         del model, trainer, hf, embedded, ref
         release()
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from runtime.files import atomic_dir, atomic_write_text, is_complete
+from runtime.megatron.parallel import file_group
 
 __all__ = ["TRACKER", "any_rank", "broadcast", "iteration_dir", "latest", "load_model", "prune", "save_model",
            "saved_iterations", "set_adam_step", "shared_atomic_dir", "write_tracker"]
@@ -83,11 +84,13 @@ def prune(root: str | os.PathLike[str], keep: int) -> None:
 
 
 def broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (a no-op without a process group)."""
+    """Rank 0's ``value`` on every rank (a no-op without a process group). Through
+    ``file_group``, as this module's other collectives: the ranks wait here while rank 0
+    writes or prunes files."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return value
     box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
+    torch.distributed.broadcast_object_list(box, src=0, group=file_group())
     return box[0]
 
 
@@ -97,7 +100,7 @@ def _rank0() -> bool:
 
 def _barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=file_group())
 
 
 def any_rank(flag: bool) -> bool:
@@ -105,7 +108,7 @@ def any_rank(flag: bool) -> bool:
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return flag
     flags: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(flags, bool(flag))
+    torch.distributed.all_gather_object(flags, bool(flag), group=file_group())
     return any(flags)
 
 
@@ -186,9 +189,14 @@ def set_adam_step(optimizer: Any, step: int) -> None:
     where the state is still empty. Without Apex or TransformerEngine the distributed
     optimizer's state dict reads ``step`` from that state, which torch only creates at the
     first step, and the dp-reshardable loader restores the moments but not ``step``; every
-    parameter takes every optimizer step, so ``step`` is the optimizer-step count."""
+    parameter takes every optimizer step, so ``step`` is the optimizer-step count.
+    TransformerEngine's and Apex's FusedAdam (megatron-core's Adam where they import) keep the
+    step in their param groups, which the checkpoint restores, and TE's refuses a per-parameter
+    ``step`` (its ``state_dict`` raises KeyError): they are left as they are."""
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]

@@ -46,6 +46,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from runtime.megatron.hf_weights import gathered_units, layer_to_hf, load_hf_weights, outer_hf_name
+from runtime.megatron.parallel import file_group
 
 __all__ = ["INDEX", "FolderTensors", "load_hf_folder", "save_hf_folder"]
 
@@ -207,7 +208,8 @@ def save_hf_folder(model: Any, cfg: Any, tokenizer: Any, path: str | os.PathLike
             except Exception as exc:  # e.g. safetensors' SafetensorError on a full disk
                 failed = f"rank {rank}: {type(exc).__name__}: {exc}"
         found: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(found, (shards.weight_map, shards.total_bytes, failed))
+        torch.distributed.all_gather_object(found, (shards.weight_map, shards.total_bytes, failed),
+                                            group=file_group())  # the writers may take long
         errors = [e for _, _, e in found if e]
         if errors:
             raise RuntimeError(f"the HF folder {path} was not written: " + "; ".join(errors))

@@ -8,6 +8,10 @@ H = log Z − Σ_v p_v z_v with max / sums all-reduced over the tensor-parallel 
 attention: flash kernels on GPUs). Under context parallelism (CP > 1) each rank runs its own
 positions and gets the whole log-probs back (:func:`_context_parallel_logprobs`, built on the
 gathers of :mod:`runtime.megatron.context_parallel`).
+
+megatron-core's ``vocab_parallel_cross_entropy`` overwrites its input with probabilities, and
+its input is the logits themselves wherever ``.float()`` copies nothing (fp32 logits) and
+``.contiguous()`` nothing either (bf16 logits, or a one-row batch): entropies are taken first.
 """
 
 from __future__ import annotations
@@ -43,6 +47,18 @@ def _padding_mask(attention_mask: Tensor) -> Tensor:
     return ~allowed[:, None]
 
 
+def _routing_padding(model: Any, padding: Tensor) -> Tensor:
+    """megatron-core's MoE ``padding_mask`` (True = padding) for this stage: the routers then
+    count only real tokens for the expert-bias update (padding would all go to the replay's
+    filler experts 0..k−1). The first stage splits it over the tensor-parallel ranks under
+    sequence parallelism itself; a later stage gets it split as its hidden states are."""
+    inner = getattr(model, "module", model)
+    if not inner.pre_process and model.config.sequence_parallel:
+        padding = tensor_parallel.scatter_to_sequence_parallel_region(
+            padding.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+    return padding
+
+
 def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor, *,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs (and entropies) [B, T] — ``runtime.trainer.sequence_logprobs``'s
@@ -50,8 +66,10 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
 
     ``z`` are this rank's vocab shard [B, T, V/tp]; logp = −``vocab_parallel_cross_entropy``.
     Entropy (no grad): H = log Z − Σ_v softmax(z)_v z_v with log Z = m + log Σ exp(z − m),
-    m, Σ all-reduced over the tensor-parallel group. Positions: cumsum(mask) − 1 (so left
-    padding works); padded keys are masked out.
+    m, Σ all-reduced over the tensor-parallel group. Padded keys are masked out. The
+    positions passed are cumsum(mask) − 1, but megatron-core's RoPE rotates by 0 … T−1
+    whatever they say (it takes only the sequence length): a left-padded row's tokens are
+    shifted by a constant, which rotary attention, relative by construction, does not see.
     """
     if context_parallel.size() > 1:  # this rank's positions; log-probs gathered whole
         return _context_parallel_logprobs(model, input_ids, attention_mask,
@@ -62,20 +80,20 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
                          f"{tp} tensor-parallel ranks: pad them to a multiple of {tp}")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, position_ids=position_ids,
-                   attention_mask=_attention_mask(attention_mask))  # [B, T, V/tp]
+                   attention_mask=_attention_mask(attention_mask),
+                   padding_mask=_routing_padding(model, ~attention_mask.bool()))  # [B, T, V/tp]
     if not getattr(model, "module", model).post_process:
         return logits, None  # a stage before the last: hidden states for the next stage
     z = logits[:, :-1].float()
     target = input_ids[:, 1:]
-    # vocab_parallel_cross_entropy is [s, b] or [b, s] agnostic: it works on the last dim.
-    nll = tensor_parallel.vocab_parallel_cross_entropy(z.contiguous(), target)
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    logp[:, 1:] = -nll
     entropy = None
-    if with_entropy:
+    if with_entropy:  # first: the cross entropy below overwrites z (module doc)
         entropy = torch.zeros_like(logp)
         with torch.no_grad():
             entropy[:, 1:] = _vocab_parallel_entropy(z)
+    # vocab_parallel_cross_entropy is [s, b] or [b, s] agnostic: it works on the last dim.
+    logp[:, 1:] = -tensor_parallel.vocab_parallel_cross_entropy(z.contiguous(), target)
     return logp, entropy
 
 
@@ -111,20 +129,20 @@ def _context_parallel_logprobs(model: Any, input_ids: Tensor, attention_mask: Te
     if mask is not None:  # [B, 1, T, T] → this rank's query rows
         mask = mask.index_select(2, rows)
     logits = model(input_ids=input_ids.index_select(1, rows),
-                   position_ids=position_ids.index_select(1, rows), attention_mask=mask)
+                   position_ids=position_ids.index_select(1, rows), attention_mask=mask,
+                   padding_mask=_routing_padding(model, ~attention_mask.bool().index_select(1, rows)))
     if not getattr(model, "module", model).post_process:
         return logits, None
     z = logits.float()  # [B, 2c, V/tp]: position g predicts token g + 1
     last = rows == t - 1
     target = input_ids.index_select(1, (rows + 1).clamp(max=t - 1))
-    # a copy: megatron's cross entropy works in place on its input (z is read below)
-    nll = tensor_parallel.vocab_parallel_cross_entropy(z.clone(), target)
-    local = torch.where(last, torch.zeros_like(nll), -nll)
     logp = torch.zeros(b, t, dtype=torch.float32, device=input_ids.device)
-    logp[:, 1:] = context_parallel.gather_identical(local, 1)[:, :-1]
     entropy = None
-    if with_entropy:
+    if with_entropy:  # first: the cross entropy below overwrites z (module doc)
         entropy = torch.zeros_like(logp)
         with torch.no_grad():
             entropy[:, 1:] = context_parallel.gather(_vocab_parallel_entropy(z), 1)[:, :-1]
+    nll = tensor_parallel.vocab_parallel_cross_entropy(z, target)
+    local = torch.where(last, torch.zeros_like(nll), -nll)
+    logp[:, 1:] = context_parallel.gather_identical(local, 1)[:, :-1]
     return logp, entropy

@@ -49,6 +49,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
@@ -169,12 +170,16 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 
 
 def _with_norm(spec: Any, norm: type) -> Any:
-    """``spec`` (a ModuleSpec tree of dataclasses) with every ``WrappedTorchNorm`` → ``norm``."""
+    """``spec`` (a ModuleSpec tree of dataclasses) with every norm of the local spec → ``norm``.
+
+    Those are ``WrappedTorchNorm`` and, where apex imports (NGC images ship it), the block's
+    final norm is apex's ``FusedLayerNorm`` (gpt_layer_specs' ``LNImpl``), which refuses
+    RMSNorm when built."""
     import dataclasses
 
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
-    if spec is WrappedTorchNorm:
+    if spec is WrappedTorchNorm or spec is FusedLayerNorm:
         return norm
     if isinstance(spec, list | tuple):
         return type(spec)(_with_norm(s, norm) for s in spec)
@@ -204,8 +209,7 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
     spec = get_gpt_decoder_block_spec(tcfg, use_transformer_engine=False, normalization="RMSNorm",
                                       pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                                       vp_stage=vp_stage)
-    if tcfg.sequence_parallel:
-        spec = _with_norm(spec, SequenceParallelRMSNorm)
+    spec = _with_norm(spec, SequenceParallelRMSNorm if tcfg.sequence_parallel else WrappedTorchNorm)
     if tcfg.multi_latent_attention:
         spec = deepseek.mla_layer_spec(spec)
     spec = attention.sdpa_layer_spec(spec)  # core attention: torch SDPA (runtime.megatron.attention)
@@ -219,6 +223,7 @@ def build_gpt_model(cfg: PretrainedConfig, pg_collection: ProcessGroupCollection
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
     _mark_tensor_parallel(model)
+    _count_real_tokens(model)
     if dtype != torch.float32:
         # The local spec builds its torch norms in fp32 whatever params_dtype says: every
         # parameter of a bf16 model is bf16, as Megatron-LM's Float16Module makes it and vLLM
@@ -242,6 +247,26 @@ def build_gpt_chunks(cfg: PretrainedConfig, pg_collection: ProcessGroupCollectio
     return [build_gpt_model(cfg, pg_collection, vp_stage=i,
                             virtual_pipeline_model_parallel_size=vpp, **kwargs)
             for i in range(vpp)]
+
+
+def _count_real_tokens(model: GPTModel) -> None:
+    """The expert-bias update counts the tokens each expert received without the padding
+    (``runtime.megatron.logprobs`` passes megatron's MoE ``padding_mask``), which megatron-core
+    0.16.1's ``TopKRouter._apply_expert_bias`` cannot apply: it masks the routing map
+    [tokens, experts] with the flat mask [tokens] (a shape error). Each router with an expert
+    bias gets the mask as a column. Without it the padding, routed to the replay's filler
+    experts 0..k−1, would lower their bias every step."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for module in model.modules():
+        if isinstance(module, TopKRouter) and module.enable_expert_bias:
+            count = module._apply_expert_bias
+
+            def by_column(routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                          count: Any = count) -> None:
+                count(routing_map, None if padding_mask is None else padding_mask.reshape(-1, 1))
+
+            module._apply_expert_bias = by_column  # type: ignore[method-assign]
 
 
 def _mark_tensor_parallel(model: GPTModel) -> None:

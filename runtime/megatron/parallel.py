@@ -5,13 +5,14 @@ tensor / pipeline / expert / context-parallel groups (:func:`destroy_parallel` t
 down); :func:`use_devices` prepares a process for a spec's ``cluster.devices``;
 :func:`comm_device` is where collective tensors live (GPU under NCCL, CPU under gloo),
 :func:`all_gather` gathers a tensor over a group and :func:`all_max` takes integers' maximum
-over all ranks. Every other module of
-``runtime.megatron`` builds on these; this one imports none of them (the CPU patches of
-:mod:`runtime.megatron.cpu` only when asked for).
+over all ranks; :func:`file_group` is the group the ranks wait on each other's file work
+through. Every other module of ``runtime.megatron`` builds on these; this one imports none of
+them (the CPU patches of :mod:`runtime.megatron.cpu` only when asked for).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -19,24 +20,34 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import Tensor
 
-__all__ = ["all_gather", "all_max", "comm_device", "destroy_parallel", "init_parallel",
-           "use_devices"]
+__all__ = ["all_gather", "all_max", "comm_device", "destroy_parallel", "file_group",
+           "init_parallel", "use_devices"]
+
+# Ranks wait on one rank's file work through a gloo group with this timeout: a pipeline
+# stage's writer of the HF folder writes the whole stage's weights each step (61 GB per
+# writer at 245B), rank 0 prunes checkpoints of TBs, and NCCL's default of 10 minutes would
+# abort the ranks waiting meanwhile. Compute collectives keep NCCL's.
+FILE_WAIT = datetime.timedelta(hours=2)
+_file_group: object | None = None
 
 
 def init_parallel(rank: int, world_size: int, rendezvous: str | os.PathLike[str], *,
                   tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1,
                   vpp: int | None = None, cp: int = 1, backend: str = "gloo",
                   seed: int = 1234) -> ProcessGroupCollection:
-    """Join the default group, build megatron's tensor/expert-parallel groups, seed
-    megatron's named RNG states (``model_parallel_cuda_manual_seed``) and return the groups as
-    a ``ProcessGroupCollection``. ``rendezvous`` is an init method (``env://`` under torchrun)
-    or a file path (``file://`` rendezvous: nothing listens, as tests on this machine need)."""
+    """Join the default group, build megatron's tensor/expert-parallel groups and
+    :func:`file_group`, seed megatron's named RNG states (``model_parallel_cuda_manual_seed``)
+    and return the groups as a ``ProcessGroupCollection``. ``rendezvous`` is an init method
+    (``env://`` under torchrun) or a file path (``file://`` rendezvous: nothing listens, as
+    tests on this machine need)."""
+    global _file_group
     init_method = os.fspath(rendezvous)
     if "://" not in init_method:
         init_method = f"file://{init_method}"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, init_method=init_method,
                                              rank=rank, world_size=world_size)
+    _file_group = torch.distributed.new_group(backend="gloo", timeout=FILE_WAIT)
     # etp: expert-tensor parallelism (1: experts whole on their EP rank; Megatron-LM's
     # default when --expert-tensor-parallel-size is unset is ETP = TP, which callers pass)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
@@ -70,10 +81,18 @@ def use_devices(devices: str) -> tuple[str, torch.dtype | None]:
     return "nccl", None
 
 
+def file_group() -> object | None:
+    """The group (every rank, gloo, ``FILE_WAIT``) to wait on another rank's file work
+    through; None (the default group) outside :func:`init_parallel`."""
+    return _file_group
+
+
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
+    global _file_group
+    _file_group = None
     RouterReplay.clear_global_router_replay_instances()
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -34,7 +34,8 @@ def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
     from tests.megatron._train_worker import LAYOUT, _layout, policy
 
     opts = {**LAYOUT, **(options or {})}
-    layout, stages, layers = _layout(tp, ep, pp, {k: v for k, v in opts.items() if k != "fail"})
+    layout, stages, layers = _layout(tp, ep, pp, {k: v for k, v in opts.items()
+                                                  if k not in ("fail", "slow")})
     hf = policy(opts["family"], layers=layers, tie=bool(int(opts["tie"])))
     tokenizer = build_tokenizer(int(hf.config.vocab_size))
     dtype = getattr(torch, opts["dtype"])
@@ -80,6 +81,23 @@ def run(rank: int, world_size: int, tp: int, ep: int, pp: int, workdir: Path,
                 rename(src, dst)
 
             os.rename = refuse  # type: ignore[assignment]
+        if opts.get("slow") is not None:  # the default group times out after 2 s meanwhile
+            import datetime
+            import time
+
+            import runtime.megatron.hf_folder as hf_folder
+
+            torch.distributed.barrier()
+            default = torch.distributed.distributed_c10d._get_default_group()
+            default._get_backend(torch.device("cpu")).set_timeout(datetime.timedelta(seconds=2))
+            if opts["slow"] == str(rank):  # this rank's disk is slow: it writes for 5 s
+                flush = hf_folder._Shards.flush
+
+                def slow(self: Any) -> None:
+                    time.sleep(5.0)
+                    flush(self)
+
+                hf_folder._Shards.flush = slow  # type: ignore[method-assign]
         try:
             held = save_hf_folder(a, hf.config, tokenizer, workdir / "out", shard_bytes=1,
                                   step=3)
@@ -94,7 +112,8 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     rank, world_size, tp, ep, pp = (int(a) for a in argv[:5])
     workdir = Path(argv[5])
-    # and fail=RANK: that rank's writes fail; fail=rename: rank 0's rename into place fails
+    # and fail=RANK: that rank's writes fail; fail=rename: rank 0's rename into place fails;
+    # slow=RANK: that rank's writes take longer than the default group's timeout
     options = dict(a.split("=", 1) for a in argv[6:])
     torch.set_num_threads(1)
     torch.save(run(rank, world_size, tp, ep, pp, workdir, options), workdir / f"rank{rank}.pt")

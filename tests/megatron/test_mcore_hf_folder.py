@@ -114,6 +114,16 @@ def test_two_ranks_write_and_read_their_shards(tmp_path: Path, tp: int, ep: int,
            int(options["layers"]))
 
 
+def test_ranks_wait_for_a_slow_stage_writer_past_the_collectives_timeout(tmp_path: Path) -> None:
+    """PP=2, the second stage's writer writes for longer than the default group's timeout
+    (2 s here, NCCL's 10 minutes on a cluster; at 245B a writer writes 61 GB each step): rank
+    0 waits for it through ``file_group`` (gloo, FILE_WAIT) and both write the folder."""
+    args = ["1", "1", "2", str(tmp_path), "layers=2", "slow=1"]
+    outs = launch("tests.megatron._folder_worker", 2, args, tmp_path)
+    assert all("error" not in out for out in outs), outs
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
 @pytest.mark.parametrize("fail", ["1", "rename"], ids=["stage-disk-full", "rename-refused"])
 def test_a_failed_write_fails_every_rank_and_leaves_no_folder(tmp_path: Path, fail: str) -> None:
     """PP=2. The second stage's writer cannot write (disk full): it goes on through the

@@ -187,6 +187,20 @@ def test_each_family_steps_as_embedded_at_the_recipe_layouts(
         assert _max_diff(outs[0]["got"], outs[1]["got"]) == 0.0
 
 
+def test_tensor_and_pipeline_parallel_2_with_sequence_parallelism_match_embedded(
+        tmp_path: Path) -> None:
+    """TP 2 × PP 2 on 4 ranks, the 245B example's kind of layout: sequence parallelism splits
+    the hidden states that pass between the stages, and with them each MoE router's padding
+    mask (``runtime.megatron.logprobs``); DeepSeek-V3's sigmoid router with its selection
+    bias, R3 and ESPO. The step equals the embedded trainer's, and the ranks end equal."""
+    outs = launch("tests.megatron._train_worker", 4,
+                  ["2", "1", str(tmp_path), "r3", "espo", "2", "family=deepseek_v3", "layers=4"],
+                  tmp_path)
+    for out in outs:
+        _check(out)
+    assert all(_max_diff(outs[0]["got"], out["got"]) == 0.0 for out in outs)
+
+
 @pytest.mark.parametrize(("replay", "loss"), [("r2", "espo"), ("r3", "grpo-kl")])
 def test_pipeline_parallel_2_step_matches_embedded(tmp_path: Path, replay: str, loss: str) -> None:
     """PP = 2: one layer per stage, activations passed between the two ranks by megatron-core's
