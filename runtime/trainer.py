@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from runtime.losses import compute_loss, train_inference_correction
+from runtime.losses import aggregate, compute_loss, train_inference_correction
 from runtime.router_replay import RouterReplayGroup, RoutingTrace
 from runtime.sync_check import check_weight_sync
 
@@ -305,7 +305,7 @@ class Trainer:
             for mini in order.tensor_split(self.mini_batches(batch.size)):
                 self._optimizer_step(step, mini, sums, counts)
         self._reduce_metrics(sums, counts)
-        metrics = {k: sums[k] / max(counts[k], 1e-12) for k in sums}
+        metrics = aggregate.result(sums, counts)
         metrics.update(correction.metrics)
         metrics["entropy"] = float((entropy * valid).sum() / n)
         metrics["train_inference_gap"] = gap
@@ -368,10 +368,9 @@ class Trainer:
             loss = loss + kl_cfg["coefficient"] * kl_sum * (denom / max(total_tokens, 1.0))
             sums["kl"] = sums.get("kl", 0.0) + float(kl_sum.detach())
             counts["kl"] = counts.get("kl", 0.0) + float(m.sum())
-        for key, value in out.metrics.items():
-            if share:
-                sums[key] = sums.get(key, 0.0) + value * share
-                counts[key] = counts.get(key, 0.0) + share
+        if share:
+            for key, value in out.metrics.items():
+                aggregate.add(sums, counts, key, value, share)
         return loss
 
     def _optimizer_step(self, step: StepTensors, mini: Tensor, sums: dict[str, float],

@@ -72,7 +72,8 @@ Every loss:
                      for CISPO the fraction of tokens whose IS weight is clipped
 ESPO (``clip_frac/``, ``eps/``, ``n_tokens/``, ``entropy/`` per entropy group), CISPO
 (``is_weight/mean``) and ``train_inference_correction`` (``correction/``) add their own:
-see their modules.
+see their modules. A step's metrics combine its micro-batches' (counts summed per optimizer
+step, extremes kept, means weighted): ``runtime.losses.aggregate``.
 
 Importing this package registers the four built-in losses (``runtime.losses.registry``).
 """

@@ -66,6 +66,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
+from runtime.losses import aggregate
 from runtime.megatron import context_parallel
 from runtime.megatron.checkpoint import set_adam_step
 from runtime.megatron.logprobs import megatron_logprobs
@@ -200,17 +201,15 @@ class MegatronTrainer(Trainer):
         return lr
 
     def _reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> None:
-        """Sums over data-parallel ranks; the loss metrics exist on the last pipeline stage
-        (where the loss runs), and every stage takes its numbers."""
+        """Merged over data-parallel ranks (``runtime.losses.aggregate``); the loss metrics exist
+        on the last pipeline stage (where the loss runs), and every stage takes its numbers."""
         if self.dp > 1:
             gathered: list[Any] = [None] * self.dp
             torch.distributed.all_gather_object(gathered, (sums, counts), group=self.dp_group)
             sums.clear()
             counts.clear()
             for rank_sums, rank_counts in gathered:
-                for key, value in rank_sums.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0.0) + rank_counts[key]
+                aggregate.merge(sums, counts, rank_sums, rank_counts)
         if self.pp > 1:
             stages: list[Any] = [None] * self.pp
             torch.distributed.all_gather_object(

@@ -87,6 +87,32 @@ def test_gradient_does_not_depend_on_micro_batch_size(loss: str) -> None:
         torch.testing.assert_close(split[name], whole[name], atol=2e-6, rtol=1e-4, msg=name)
 
 
+def _metrics(loss: str, micro: int) -> dict[str, float]:
+    model = tiny_model()
+    trainer = Trainer(model, algorithm={**ALGO, "loss": loss},
+                      train={"micro_batch_size": micro, "global_batch_size": 4, "optimizer": OPT},
+                      vocab_size=32)
+    return trainer.step(make_batch(model), epochs=2)
+
+
+@pytest.mark.parametrize("loss", ["espo", "grpo"])
+def test_step_metrics_do_not_depend_on_micro_batch_size(loss: str) -> None:
+    """Counts are per optimizer step (4 responses of the 8, two epochs: 4 optimizer steps),
+    extremes are the step's, token means do not move (GRPO's loss is a token mean; ESPO's is
+    a sequence mean, whose token metrics are weighted by responses); the clusters run
+    micro-batches of 1, the tests 2."""
+    batch = make_batch(tiny_model())
+    got = {micro: _metrics(loss, micro) for micro in (1, 2, 4)}
+    assert got[1]["n_responses"] == 4.0 and got[1]["optimizer_steps"] == 4.0
+    assert got[1]["n_tokens"] == float(batch.loss_mask.sum()) / 2
+    keys = ["n_tokens", "n_responses", "ratio/min", "ratio/max"]
+    keys += ["n_tokens/high", "n_tokens/low"] if loss == "espo" else ["ratio/mean", "approx_kl"]
+    for key in keys:
+        for micro in (2, 4):
+            assert got[micro][key] == pytest.approx(got[1][key], rel=1e-5, abs=1e-6), (key, micro)
+    assert got[1]["ratio/min"] < got[1]["ratio/mean"] < got[1]["ratio/max"]
+
+
 def test_r3_replays_engine_routing_and_router_still_learns(monkeypatch) -> None:
     engine = tiny_model(seed=1)  # sampled with other weights: its routing differs
     model = tiny_model(seed=0)
@@ -354,6 +380,37 @@ def test_the_embedded_trainer_keeps_the_newest_checkpoints(keep: int, tmp_path) 
         proc.save_checkpoint(step)
     kept = sorted(p.name for p in proc.paths.checkpoints.iterdir())
     assert kept == [f"step-{s}" for s in range(5 - keep, 5)]
+
+
+def test_the_trainer_reads_a_trained_batch_file_once(tmp_path, monkeypatch) -> None:
+    """A trained batch stays in the exchange folder until the driver has loaded its weights
+    (GBs with R3's routing): the trainer's 50 ms poll reads it once, not at every poll, and
+    again once it is replaced (a restarted driver's) or its done file is gone."""
+    import json
+
+    from runtime.exchange import RunPaths, write_batch
+    from runtime.jobs.train import TrainerProcess
+
+    proc = TrainerProcess.__new__(TrainerProcess)  # the poll needs no bundle or process
+    proc.paths, proc._trained = RunPaths(tmp_path), set()
+    proc.paths.exchange.mkdir(parents=True)
+    loads: list[str] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda p, **kw: (loads.append(p.name), real_load(p, **kw))[1])
+    write_batch(proc.paths.batch(0), {"step": 0, "batch_id": "a"})
+    assert proc.next_batch() == {"step": 0, "batch_id": "a"}
+    proc.paths.done(0).write_text(json.dumps({"batch_id": "a"}))
+    assert [proc.next_batch() for _ in range(3)] == [None] * 3
+    assert loads == ["batch-0.pt"] * 2  # found, then found trained: no more
+    write_batch(proc.paths.batch(1), {"step": 1, "batch_id": "b"})
+    assert proc.next_batch() == {"step": 1, "batch_id": "b"} and loads[-1] == "batch-1.pt"
+    proc.paths.batch(1).unlink()
+    write_batch(proc.paths.batch(0), {"step": 0, "batch_id": "c"})  # a restarted driver's
+    assert proc.next_batch() == {"step": 0, "batch_id": "c"}
+    proc.paths.done(0).write_text(json.dumps({"batch_id": "c"}))
+    assert proc.next_batch() is None
+    proc.paths.done(0).unlink()
+    assert proc.next_batch() == {"step": 0, "batch_id": "c"}
 
 
 def test_a_step_stops_before_updating_when_the_engine_serves_other_weights() -> None:
