@@ -86,7 +86,7 @@ class TrainerProcess:
         torch.manual_seed(self.seed)
         self.version = 0
         self._beat = True
-        self._trained: set[tuple[str, int, int, int]] = set()  # batch files found trained
+        self._trained: dict[str, tuple[int, int, int]] = {}  # batch files found trained: stat
         self._setup()
         if self.main:
             from runtime.rollout.publishers import trainer_publisher
@@ -177,23 +177,24 @@ class TrainerProcess:
 
         import torch
 
-        for path in sorted(self.paths.exchange.glob("batch-*.pt"),
-                           key=lambda p: int(p.stem.split("-")[1])):
+        from runtime.exchange import step_of
+
+        for path in sorted(self.paths.exchange.glob("batch-*.pt"), key=step_of):
+            done = self.paths.done(step_of(path))
             try:
                 stat = path.stat()
-                file = (path.name, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                file = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
                 # Not read again while its done file stands: with R3's routing a batch can be
                 # GBs, and the driver removes it only after it has loaded the new weights.
-                if file in self._trained and self.paths.done(int(path.stem.split("-")[1])).is_file():
+                if self._trained.get(path.name) == file and done.is_file():
                     continue
                 payload = torch.load(path, weights_only=False)
             except (OSError, RuntimeError, EOFError):
                 continue  # removed or replaced meanwhile
-            done = self.paths.done(int(payload["step"]))
             if done.is_file():
                 with contextlib.suppress(ValueError, OSError):
                     if json.loads(done.read_text())["batch_id"] == payload["batch_id"]:
-                        self._trained = {f for f in self._trained if f[0] != path.name} | {file}
+                        self._trained[path.name] = file
                         continue
             return payload
         return None

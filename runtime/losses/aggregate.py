@@ -3,8 +3,9 @@
 A loss reports each metric for one micro-batch; the step reports, whatever the micro-batch
 size and the number of data-parallel ranks:
 
-* counts (``n_tokens``, ``n_responses``, ``n_tokens/<group>``, ``correction/n_tokens``): per
-  optimizer step, summed over its micro-batches and ranks, averaged over the optimizer steps;
+* counts (``n_tokens``, ``n_responses``, ``n_tokens/<group>``): per optimizer step, summed
+  over its micro-batches and ranks, averaged over the optimizer steps (the correction's
+  metrics are the whole batch's already);
 * extremes (``*/min``, ``*/max``): the extreme over all of them (``ratio/max`` is there to
   show the train–inference outliers);
 * everything else: a mean, each micro-batch weighted by its share of the loss's mean
@@ -29,35 +30,34 @@ def reduction(key: str) -> str:
         return "min"
     if key.endswith("/max"):
         return "max"
-    if key in ("n_tokens", "n_responses") or key.startswith("n_tokens/") or key.endswith("/n_tokens"):
+    if key in ("n_tokens", "n_responses") or key.startswith("n_tokens/"):
         return "sum"
     return "mean"
+
+
+def _into(sums: dict[str, float], key: str, value: float) -> None:
+    """``value`` added to ``sums[key]``, or its extreme taken."""
+    how = reduction(key)
+    if how in ("min", "max") and key in sums:
+        sums[key] = (min if how == "min" else max)(sums[key], value)
+    else:
+        sums[key] = sums.get(key, 0.0) + value
 
 
 def add(sums: dict[str, float], counts: dict[str, float], key: str, value: float,
         weight: float) -> None:
     """One micro-batch's ``value`` of ``key`` (``weight``: its share, for a mean)."""
-    how = reduction(key)
-    if how == "mean":
-        sums[key] = sums.get(key, 0.0) + value * weight
+    if reduction(key) == "mean":
+        value *= weight
         counts[key] = counts.get(key, 0.0) + weight
-    elif how == "sum":
-        sums[key] = sums.get(key, 0.0) + value
-    elif key not in sums:
-        sums[key] = value
-    else:
-        sums[key] = (min if how == "min" else max)(sums[key], value)
+    _into(sums, key, value)
 
 
 def merge(sums: dict[str, float], counts: dict[str, float], other_sums: dict[str, float],
           other_counts: dict[str, float]) -> None:
     """Another rank's accumulators into these."""
     for key, value in other_sums.items():
-        how = reduction(key)
-        if how in ("min", "max") and key in sums:
-            sums[key] = (min if how == "min" else max)(sums[key], value)
-        else:
-            sums[key] = sums.get(key, 0.0) + value
+        _into(sums, key, value)
     for key, value in other_counts.items():
         counts[key] = counts.get(key, 0.0) + value
 

@@ -50,6 +50,7 @@ from runtime.rollout.weight_transfer import (
     PACKED_NUM_BUFFERS,
     DiskWeightTransfer,
     WeightTransfer,
+    from_folder,
     group_ranks,
     tensor_metadata,
 )
@@ -330,10 +331,7 @@ class BroadcastWeightTransfer(WeightTransfer):
         try:
             why, sent = self._broadcast(client, version, path)
             if why:
-                if self.log is not None:
-                    self.log(f"weights v{version} from the folder {path} (not broadcast: {why})")
-                self.routes["disk"] += 1
-                self.fallback.push(client, version, path=path, pause_mode=None)
+                from_folder(self, client, version, path, f"not broadcast: {why}", None)
                 return
         finally:
             if pause_mode is not None:

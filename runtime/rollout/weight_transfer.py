@@ -76,6 +76,7 @@ __all__ = [
     "NCCLWeightTransfer",
     "WeightTransfer",
     "driver_weight_transfer",
+    "from_folder",
     "group_ranks",
     "tensor_metadata",
 ]
@@ -144,6 +145,16 @@ class WeightTransfer(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: only NCCL holds a communicator
         """Release what ``connect`` opened."""
+
+
+def from_folder(transfer: Any, client: RolloutClient, version: str, path: str, why: str,
+                pause_mode: str | None) -> None:
+    """A version the faster route of ``transfer`` (ipc, nccl) cannot move: loaded from its
+    folder by ``transfer.fallback``, counted as the route ``disk`` and said (``why``)."""
+    if transfer.log is not None:
+        transfer.log(f"weights v{version} from the folder {path} ({why})")
+    transfer.routes["disk"] += 1
+    transfer.fallback.push(client, version, path=path, pause_mode=pause_mode)
 
 
 class DiskWeightTransfer(WeightTransfer):
@@ -405,10 +416,7 @@ class IPCWeightTransfer(WeightTransfer):
             if info is None:
                 if self.fallback is None:
                     raise ValueError(f"weight_sync ipc: no shared weights for {path}: {why}")
-                if self.log is not None:
-                    self.log(f"weights v{version} from the folder {path} (not over IPC: {why})")
-                self.routes["disk"] += 1
-                self.fallback.push(client, version, path=path, pause_mode=pause_mode)
+                from_folder(self, client, version, path, f"not over IPC: {why}", pause_mode)
                 return
         else:
             raise ValueError("weight_sync ipc: pass named_tensors, or the path of a version "

@@ -392,7 +392,7 @@ def test_the_trainer_reads_a_trained_batch_file_once(tmp_path, monkeypatch) -> N
     from runtime.jobs.train import TrainerProcess
 
     proc = TrainerProcess.__new__(TrainerProcess)  # the poll needs no bundle or process
-    proc.paths, proc._trained = RunPaths(tmp_path), set()
+    proc.paths, proc._trained = RunPaths(tmp_path), {}
     proc.paths.exchange.mkdir(parents=True)
     loads: list[str] = []
     real_load = torch.load
