@@ -47,11 +47,20 @@ def _padding_mask(attention_mask: Tensor) -> Tensor:
     return ~allowed[:, None]
 
 
+def _not_counted(attention_mask: Tensor) -> Tensor:
+    """True where a token is not one the routers count: padding, and the dummy rows'
+    one attended token (``runtime.megatron.microbatches.pad_rows``; a row of one token
+    predicts nothing, so no trained or probed row has only one)."""
+    m = attention_mask.bool()
+    return ~m | (m.sum(1, keepdim=True) < 2)
+
+
 def _routing_padding(model: Any, padding: Tensor) -> Tensor:
     """megatron-core's MoE ``padding_mask`` (True = padding) for this stage: the routers then
-    count only real tokens for the expert-bias update (padding would all go to the replay's
-    filler experts 0..k−1). The first stage splits it over the tensor-parallel ranks under
-    sequence parallelism itself; a later stage gets it split as its hidden states are."""
+    count only real tokens for the expert-bias update (padding and dummy rows would all go
+    to the replay's filler experts 0..k−1). The first stage splits it over the
+    tensor-parallel ranks under sequence parallelism itself; a later stage gets it split as
+    its hidden states are."""
     inner = getattr(model, "module", model)
     if not inner.pre_process and model.config.sequence_parallel:
         padding = tensor_parallel.scatter_to_sequence_parallel_region(
@@ -81,7 +90,7 @@ def megatron_logprobs(model: GPTModel, input_ids: Tensor, attention_mask: Tensor
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, position_ids=position_ids,
                    attention_mask=_attention_mask(attention_mask),
-                   padding_mask=_routing_padding(model, ~attention_mask.bool()))  # [B, T, V/tp]
+                   padding_mask=_routing_padding(model, _not_counted(attention_mask)))  # [B, T, V/tp]
     if not getattr(model, "module", model).post_process:
         return logits, None  # a stage before the last: hidden states for the next stage
     z = logits[:, :-1].float()
@@ -130,7 +139,8 @@ def _context_parallel_logprobs(model: Any, input_ids: Tensor, attention_mask: Te
         mask = mask.index_select(2, rows)
     logits = model(input_ids=input_ids.index_select(1, rows),
                    position_ids=position_ids.index_select(1, rows), attention_mask=mask,
-                   padding_mask=_routing_padding(model, ~attention_mask.bool().index_select(1, rows)))
+                   padding_mask=_routing_padding(
+                       model, _not_counted(attention_mask).index_select(1, rows)))
     if not getattr(model, "module", model).post_process:
         return logits, None
     z = logits.float()  # [B, 2c, V/tp]: position g predicts token g + 1

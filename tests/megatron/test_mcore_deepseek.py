@@ -86,8 +86,8 @@ def test_r3_with_the_sigmoid_router_replays_the_recorded_experts(tmp_path: Path)
 def test_the_selection_bias_takes_deepseeks_update(tmp_path: Path) -> None:
     """The bias is a buffer (no gradient); megatron-core's update after an optimizer step
     (``finalize_model_grads``) moves it by ±rate against each expert's load: b += rate ·
-    sign(mean − tokens), tokens counting the real tokens only (padding would lower the bias of
-    the experts it is routed to). The RL job passes rate 1e-3 for ``moe.expert_bias: true``
+    sign(mean − tokens), tokens counting the real tokens only (padding and the dummy rows that
+    even out micro-batches would lower the bias of the experts they are routed to). The RL job passes rate 1e-3 for ``moe.expert_bias: true``
     (``runtime.megatron.args.bias_update_rate``); at rate 0 the checkpoint's bias stays."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
@@ -106,9 +106,14 @@ def test_the_selection_bias_takes_deepseeks_update(tmp_path: Path) -> None:
             before = router.expert_bias.clone()
             assert not router.expert_bias.requires_grad
             ids, mask = batch()
+            real = int(mask.sum())
+            # plus a dummy row (pad_rows: one attended token), which the routers skip too
+            ids = torch.cat([ids, torch.zeros_like(ids[:1])])
+            mask = torch.cat([mask, torch.zeros_like(mask[:1])])
+            mask[-1, 0] = 1
             megatron_logprobs(model, ids, mask)[0].sum().backward()
             tokens = router.local_tokens_per_expert.clone()
-            assert tokens.sum() == mask.sum() * 2  # top-2 of every real token, not padding
+            assert tokens.sum() == real * 2  # top-2 of every real token, not padding
             _update_router_expert_bias([model], model.config)
             step = torch.sign(tokens.mean() - tokens) * rate
             assert torch.equal(router.expert_bias, before + step)
