@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +48,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench import gpu_device as dev  # noqa: E402
+from bench.gpu_attention import local_attention  # noqa: E402
+from bench.gpu_device import (  # noqa: E402
+    peak_memory,
+    release,
+    reset_peak_memory,
+    sync,
+    timed_steps,
+)
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 # Qwen3-30B-A3B's shape (its config.json) but for the number of layers; the rehearsal's is tiny.
@@ -104,28 +112,11 @@ def active_params(cfg: Any) -> int:
     return int(cfg.num_hidden_layers) * (attn + experts + router) + h * int(cfg.vocab_size)
 
 
-DEVICE = "cuda"  # "cpu": a rehearsal of this script (--rehearse), megatron-core patched for it
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak_memory() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory() -> int:
-    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
-
-
 def hf_model(cfg: Any, dtype: torch.dtype, seed: int) -> Any:
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    with torch.device(DEVICE):
+    with torch.device(dev.DEVICE):
         model = Qwen3MoeForCausalLM(cfg)
     return model.to(dtype).eval()
 
@@ -165,8 +156,8 @@ def megatron_trainer(cfg: Any, weights: dict[str, torch.Tensor], *, dtype: torch
     from runtime.megatron.model import build_gpt_model
     from runtime.megatron.parallel import init_parallel, use_devices
 
-    backend, _ = use_devices("gpu" if DEVICE == "cuda" else "cpu")
-    assert backend == ("nccl" if DEVICE == "cuda" else "gloo"), backend
+    backend, _ = use_devices("gpu" if dev.DEVICE == "cuda" else "cpu")
+    assert backend == ("nccl" if dev.DEVICE == "cuda" else "gloo"), backend
     rendezvous = Path(tempfile.mkdtemp(prefix="rlspec-gpu-")) / "rendezvous"
     pg = init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
     model = build_gpt_model(cfg, pg, routing_replay=replay != "off", dtype=dtype, **overrides)
@@ -175,15 +166,6 @@ def megatron_trainer(cfg: Any, weights: dict[str, torch.Tensor], *, dtype: torch
                               vocab_size=int(cfg.vocab_size), replay_mode=replay,
                               total_optimizer_steps=total_steps)
     return model, trainer
-
-
-def release() -> None:
-    from runtime.megatron.parallel import destroy_parallel
-
-    destroy_parallel()
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -202,7 +184,7 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
                     top_k=4, vocab=1024)
     train = train_cfg(micro=2, global_batch=5, lr=1e-3)  # as tests/megatron/_train_worker
     # the rehearsal: alltoall and recomputation need CUDA (runtime.megatron.cpu)
-    layouts = GPU_LAYOUTS if DEVICE == "cuda" else [{"moe_token_dispatcher_type": "allgather"}]
+    layouts = GPU_LAYOUTS if dev.DEVICE == "cuda" else [{"moe_token_dispatcher_type": "allgather"}]
     for replay, overrides in ((r, o) for r in replays for o in layouts):
         hf = hf_model(cfg, torch.float32, seed=0)
         start = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -211,7 +193,7 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
                       replay_mode=replay,
                       replay=patch_qwen3_moe(embedded) if replay != "off" else None,
                       total_optimizer_steps=8)
-        ref_metrics = ref.step(make_batch(cfg, 10, 24, 4, seed=11, device=DEVICE), epochs=2, seed=3)
+        ref_metrics = ref.step(make_batch(cfg, 10, 24, 4, seed=11, device=dev.DEVICE), epochs=2, seed=3)
         model, trainer = megatron_trainer(cfg, start, dtype=torch.float32, replay=replay,
                                           train=train, total_steps=8, **overrides)
         metrics = trainer.step(make_batch(cfg, 10, 24, 4, seed=11, device="cpu"), epochs=2, seed=3)
@@ -226,123 +208,6 @@ def conformance(emit: Callable[..., None], replays: list[str]) -> None:
              entropy_megatron=metrics.get("entropy"), entropy_embedded=ref_metrics.get("entropy"))
         del model, trainer, hf, embedded, ref
         release()
-
-
-def _attention_memory(attn: Any, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype,
-                      mask: torch.Tensor | None, reps: int = 3) -> dict[str, Any]:
-    """One core attention's forward + backward on fresh q, k, v: bytes kept after the forward
-    (its output excluded), peak bytes above the inputs in the forward and in the backward,
-    the output and q-gradient (for a comparison), and the median time of ``reps`` calls."""
-    times: list[float] = []
-    row: dict[str, Any] = {}
-    for i in range(reps + 1):
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v = (torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g)
-                   .requires_grad_() for shape in shapes)
-        sync()
-        base = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
-        reset_peak_memory()
-        start = time.perf_counter()
-        out = attn(q, k, v, mask)
-        sync()
-        kept = (torch.cuda.memory_allocated() if DEVICE == "cuda" else 0) - base
-        kept -= out.numel() * out.element_size()
-        forward_peak = peak_memory() - base
-        reset_peak_memory()
-        before = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
-        out.backward(torch.ones_like(out))
-        sync()
-        times.append(time.perf_counter() - start)
-        if i == reps:  # the first calls allocate megatron's persistent score buffer
-            row = dict(kept=kept, forward_peak=forward_peak,
-                       backward_peak_above_kept=peak_memory() - before,
-                       out=out.detach().float(), dq=q.grad.float())  # type: ignore[union-attr]
-        del q, k, v, out
-    row["ms"] = 1e3 * statistics.median(times[1:])
-    return row
-
-
-def local_attention(emit: Callable[..., None], seq: int = 4096, heads: int = 8,
-                    head_dim: int = 128) -> None:
-    """Core attention for one layer, bf16: megatron-core's local DotProductAttention (what the
-    Megatron trainer built before) against compiler.estimates.local_attention_bytes, and the
-    trainer's SDPA module (runtime.megatron.attention.SDPAttention) against the estimate's 0:
-    bytes kept after the forward pass and peak bytes above the inputs during forward and
-    backward, per score element b · heads · s², and forward + backward time.
-
-    Cases: GQA (heads / 4 KV heads) with megatron's full causal mask — local and SDPA (its
-    memory-efficient kernel with the cached additive mask) — and without a mask (SDPA causal,
-    flash: what the trainer runs for right-padded batches); MLA-shaped (q/k 192, v 128) SDPA
-    causal; then SDPA alone at 4 × and 8 × the sequence length, where local attention would
-    need 16 × and 64 × its score memory. Outputs of SDPA and local are compared (max |Δ|)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from compiler.estimates import _LOCAL_ATTENTION_BYTES
-    from runtime.megatron.attention import SDPAttention
-    from runtime.megatron.logprobs import _padding_mask
-    from runtime.megatron.parallel import init_parallel, use_devices
-
-    backend, _ = use_devices("gpu" if DEVICE == "cuda" else "cpu")
-    rendezvous = Path(tempfile.mkdtemp(prefix="rlspec-gpu-")) / "rendezvous"
-    pg = init_parallel(0, 1, rendezvous, backend=backend, seed=1234)
-    if DEVICE == "cpu":
-        seq, heads, head_dim = 64, 4, 16
-    kv = max(1, heads // 4)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-
-    def config(kv_channels: int) -> Any:
-        return TransformerConfig(num_layers=1, hidden_size=heads * kv_channels,
-                                 num_attention_heads=heads, num_query_groups=kv,
-                                 kv_channels=kv_channels, attention_dropout=0.0,
-                                 hidden_dropout=0.0, bf16=DEVICE == "cuda",
-                                 params_dtype=torch.bfloat16, masked_softmax_fusion=False,
-                                 use_cpu_initialization=True)
-
-    def build(cls: type, **kw: Any) -> Any:
-        return cls(config(kw.pop("kv_channels", head_dim)), layer_number=1,
-                   attn_mask_type=AttnMaskType.causal, attention_type="self",
-                   pg_collection=pg, **kw)
-
-    def report(name: str, s: int, row: dict[str, Any], estimate: Any, **extra: Any) -> None:
-        elements = heads * s * s
-        emit(section="local_attention", attention=name, seq=s, heads=heads, kv_heads=kv,
-             dtype=str(dtype), kept_per_element=row["kept"] / elements,
-             forward_peak_per_element=row["forward_peak"] / elements,
-             backward_peak_above_kept_per_element=row["backward_peak_above_kept"] / elements,
-             kept_gb=row["kept"] / 1e9, forward_peak_gb=row["forward_peak"] / 1e9,
-             ms_forward_backward=row["ms"], estimate_kept_working=estimate, **extra)
-
-    def gqa(s: int) -> tuple[tuple[int, ...], ...]:
-        return (s, 1, heads, head_dim), (s, 1, kv, head_dim), (s, 1, kv, head_dim)
-
-    mask = _padding_mask(torch.ones(1, seq, dtype=torch.bool, device=DEVICE))
-    local = _attention_memory(build(DotProductAttention), gqa(seq), dtype, mask)
-    report("local (mask)", seq, local, _LOCAL_ATTENTION_BYTES["bf16"])
-    for name, m in (("sdpa (mask)", mask), ("sdpa (causal, no mask)", None)):
-        row = _attention_memory(build(SDPAttention), gqa(seq), dtype, m)
-        report(name, seq, row, (0, 0),
-               max_abs_diff_vs_local=float((row["out"] - local["out"]).abs().max()),
-               max_abs_diff_dq_vs_local=float((row["dq"] - local["dq"]).abs().max()),
-               speedup_vs_local=local["ms"] / row["ms"])
-    del local, mask
-    mla = ((seq, 1, heads, 192), (seq, 1, heads, 192), (seq, 1, heads, 128))
-    if DEVICE == "cpu":
-        mla = ((seq, 1, heads, 24), (seq, 1, heads, 24), (seq, 1, heads, 16))
-    kv, full = heads, kv  # MLA: one KV head per query head
-    row = _attention_memory(build(SDPAttention, kv_channels=mla[2][-1], k_channels=mla[0][-1],
-                                  v_channels=mla[2][-1], softmax_scale=mla[0][-1] ** -0.5),
-                            mla, dtype, None)
-    report("sdpa mla (causal, no mask)", seq, row, (0, 0))
-    kv = full
-    for factor in (4, 8):
-        s = seq * factor
-        row = _attention_memory(build(SDPAttention), gqa(s), dtype, None, reps=2)
-        report("sdpa (causal, no mask)", s, row, (0, 0))
-        del row
-        release()
-    release()
 
 
 def optimizer_offload(emit: Callable[..., None]) -> None:
@@ -386,31 +251,18 @@ def optimizer_offload(emit: Callable[..., None]) -> None:
             release()
 
 
-def timed_steps(step: Callable[[int], Any], warmup: int, reps: int) -> list[float]:
-    for i in range(warmup):
-        step(i)
-    sync()
-    times = []
-    for i in range(reps):
-        start = time.perf_counter()
-        step(warmup + i)
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def throughput(emit: Callable[..., None], layers: int, batch: int, seq: int, micro: int,
                reps: int) -> None:
     from runtime.router_replay import patch_qwen3_moe
     from runtime.trainer import Trainer
 
-    shape = QWEN3_30B_A3B if DEVICE == "cuda" else REHEARSAL
+    shape = QWEN3_30B_A3B if dev.DEVICE == "cuda" else REHEARSAL
     cfg = qwen3_moe(layers=layers, **shape)
     n_active = active_params(cfg)
     train = train_cfg(micro=micro, global_batch=batch // 2)  # two optimizer steps per RL step
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (rehearsal)"
+    name = torch.cuda.get_device_name() if dev.DEVICE == "cuda" else "cpu (rehearsal)"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev.DEVICE == "cuda" else torch.float32
     hf = hf_model(cfg, dtype, seed=0)
     weights = {k: v.detach() for k, v in hf.state_dict().items()}
     cpu_batch = make_batch(cfg, batch, seq, 64, seed=5, device="cpu")
@@ -432,13 +284,13 @@ def throughput(emit: Callable[..., None], layers: int, batch: int, seq: int, mic
         model, trainer = megatron_trainer(cfg, weights, dtype=dtype, replay=replay,
                                           train=train, total_steps=100,
                                           moe_token_dispatcher_type="alltoall"
-                                          if DEVICE == "cuda" else "allgather")
+                                          if dev.DEVICE == "cuda" else "allgather")
         report(f"megatron-{replay}",
                timed_steps(lambda i, t=trainer: t.step(cpu_batch, epochs=1, seed=i), 1, reps))
         del model, trainer
         release()
     reset_peak_memory()
-    gpu_batch = make_batch(cfg, batch, seq, 64, seed=5, device=DEVICE)
+    gpu_batch = make_batch(cfg, batch, seq, 64, seed=5, device=dev.DEVICE)
     embedded = Trainer(hf, algorithm=ALGORITHM, train=train, vocab_size=int(cfg.vocab_size),
                        replay_mode="r3", replay=patch_qwen3_moe(hf), total_optimizer_steps=100)
     report("embedded-r3",
@@ -463,9 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                          "for the CPU, gloo, float32): checks this script, measures nothing")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    global DEVICE
     if args.rehearse:
-        DEVICE = "cpu"
+        dev.DEVICE = "cpu"
         args.batch, args.seq, args.micro, args.reps, args.layers = 4, 32, 2, 1, 2
     elif not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU (or --rehearse)", file=sys.stderr)
