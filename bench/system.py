@@ -65,7 +65,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -80,6 +79,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from bench.system_sim import SimParams, simulated  # noqa: E402
+from runtime.ports import free_ports  # noqa: E402
 
 PY = Path(sys.executable)
 TRAINED = re.compile(r"step \d+/\d+ trained \(\d+ responses, ([\d.]+) s\)")  # rl-train.log
@@ -112,12 +112,6 @@ EMBEDDED_RUNGS: list[tuple[str, dict[str, str] | None]] = [
 
 
 # ---------------------------------------------------------------------------- embedded
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(run_dir: Path, port: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RLSPEC_")) and k != "RANK"}
@@ -141,7 +135,7 @@ def _compile(out: Path, overrides: list[str]) -> Path:
 
 def _launch(bundle: Path, job: str, run_dir: Path, timeout: float = 900) -> None:
     proc = subprocess.run(["bash", str(bundle / "jobs" / job / "launch.sh")],
-                          env=_env(run_dir, _free_port()), capture_output=True, text=True,
+                          env=_env(run_dir, free_ports(REPLICAS)), capture_output=True, text=True,
                           timeout=timeout, check=False, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{job} job failed ({run_dir}):\n{proc.stderr[-3000:]}")

@@ -7,9 +7,11 @@ a traceback for a mistake of theirs: errors are caught here, at the edge.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,13 +67,25 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _tail(log: str | None, lines: int = 20) -> str:
-    """The last lines of a failed job's log, to read the error where the command failed."""
+def _last_lines(log: str, lines: int = 20) -> list[str]:
     try:
-        text = Path(log).read_text(errors="replace").splitlines()[-lines:] if log else []
+        with open(log, errors="replace") as f:
+            return [line.rstrip("\n") for line in collections.deque(f, maxlen=lines)]
     except OSError:
+        return []
+
+
+def _tail(log: str | None) -> str:
+    """The last lines of a failed job's log, and of the logs they point to (the RL job's
+    "role 'train' exited with status 1; see …/rl-train.log"): the error, where the command
+    failed."""
+    if not log:
         return ""
-    return f"\nlast lines of {log}:\n" + "\n".join(f"  {t}" for t in text) if text else ""
+    tails = {log: _last_lines(log)}
+    for path in re.findall(r"; see (\S+\.log)\b", "\n".join(tails[log])):
+        tails.setdefault(path, _last_lines(path))
+    return "".join(f"\nlast lines of {path}:\n" + "\n".join(f"  {t}" for t in text)
+                   for path, text in tails.items() if text)
 
 
 def _report_spec_error(exc: SpecError) -> typer.Exit:

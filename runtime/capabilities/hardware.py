@@ -79,7 +79,8 @@ def vllm_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     parallelism = spec["rollout"]["parallelism"]
     per_replica = parallelism["tensor"] * parallelism["data"]
     if per_replica > spec["cluster"]["gpus_per_node"]:
-        yield Refusal("vllm_cpu", ("rollout", "parallelism", "data"),
+        too_wide = "tensor" if parallelism["tensor"] > spec["cluster"]["gpus_per_node"] else "data"
+        yield Refusal("vllm_cpu", ("rollout", "parallelism", too_wide),
                       f"vLLM's CPU build cannot run one replica over several nodes (tensor × "
                       f"data = {per_replica} processes, {spec['cluster']['gpus_per_node']} per "
                       "node): the headless engines of its other nodes start through vLLM's CLI, "

@@ -555,12 +555,15 @@ def test_submit_dry_run_of_a_local_spec(tmp_path: Path) -> None:
 def test_a_failed_local_run_shows_the_end_of_the_failed_jobs_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`rlspec run` whose job failed: exit 1, the failed jobs, and the last lines of the first
-    failed job's log, where the error is (a CI log then holds it, not just the log's path)."""
+    failed job's log and of the role log it points to, where the error is (a CI log then
+    holds it, not just the log's path)."""
     from compiler import runner
 
+    role = tmp_path / "rl-rollout.log"
+    role.write_text("loading\nOSError: [Errno 98] Address already in use\n")
     log = tmp_path / "7_0_log.err"
     log.write_text("".join(f"line {i}\n" for i in range(30))
-                   + "OSError: [Errno 98] Address already in use\n")
+                   + f"[rlspec 01:02:03] rl: role 'rollout' exited with status 1; see {role}\n")
 
     def failed_run(compiled: object, out: Path, *, echo: object = None) -> dict:
         return {"jobs": {"data": {"state": "COMPLETED", "log": "x"},
@@ -571,9 +574,10 @@ def test_a_failed_local_run_shows_the_end_of_the_failed_jobs_log(
     result = cli("run", TINY, "--out", tmp_path / "run", env={"RLSPEC_PYTHON": sys.executable})
     assert result.exit_code == 1, result.output
     assert f"jobs did not complete: rl, export; logs: {log}, None" in result.stderr
-    tail = result.stderr.split(f"last lines of {log}:\n")[1].splitlines()
-    assert tail[-1] == "  OSError: [Errno 98] Address already in use"
-    assert len(tail) == 20 and tail[0] == "  line 11"
+    job, rollout = result.stderr.split(f"last lines of {log}:\n")[1].split(
+        f"\nlast lines of {role}:\n")
+    assert len(job.splitlines()) == 20 and job.splitlines()[0] == "  line 11"
+    assert rollout.splitlines() == ["  loading", "  OSError: [Errno 98] Address already in use"]
 
 
 def test_a_local_submit_gives_every_job_the_spec_time_limit(tmp_path: Path, monkeypatch) -> None:

@@ -87,7 +87,8 @@ def test_the_selection_bias_takes_deepseeks_update(tmp_path: Path) -> None:
     """The bias is a buffer (no gradient); megatron-core's update after an optimizer step
     (``finalize_model_grads``) moves it by ±rate against each expert's load: b += rate ·
     sign(mean − tokens), tokens counting the real tokens only (padding and the dummy rows that
-    even out micro-batches would lower the bias of the experts they are routed to). The RL job passes rate 1e-3 for ``moe.expert_bias: true``
+    even out micro-batches would lower the bias of the experts they are routed to). The RL
+    job passes rate 1e-3 for ``moe.expert_bias: true``
     (``runtime.megatron.args.bias_update_rate``); at rate 0 the checkpoint's bias stays."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runtime.ports import free_ports
 from tests.helpers import status_rows
 from tests.slurm.conftest import SlurmCluster
 
@@ -100,12 +100,6 @@ def partition_down(cluster: SlurmCluster) -> Iterator[None]:
         cluster.run("scontrol", "update", f"PartitionName={cluster.partition}", "State=UP")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scontrol_job(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
     out = cluster.run("scontrol", "show", "job", "-o", job_id)
     return dict(re.findall(r"(\w+)=(\S*)", out))
@@ -133,7 +127,7 @@ def test_the_tiny_example_runs_end_to_end_through_slurm(
 
     with partition_down(slurm_cluster):
         # The rollout engine's port (8000 by default on a cluster) is taken free here.
-        result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
+        result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_ports(1))})
         assert result.returncode == 0, result.stderr
         ids = submitted(bundle)
         assert list(ids) == ORDER
@@ -332,7 +326,7 @@ def test_a_requeued_rl_job_resumes_from_its_last_complete_step(
     result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
                     "--set", f"train.steps={steps}", "--set", "system.weight_sync=nccl")
     assert result.returncode == 0, result.stderr
-    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
+    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_ports(1))})
     assert result.returncode == 0, result.stderr
     ids = submitted(bundle)
     run = bundle / "runs" / "tiny"
@@ -405,7 +399,7 @@ def test_a_colocated_rl_job_runs_trainer_and_engine_on_one_node(
     result = rlspec("compile", "examples/tiny/spec.yaml", "-o", bundle, *ON_SLURM, *SHORT,
                     "--set", "rollout.placement=colocated", "--set", "eval.enabled=false")
     assert result.returncode == 0, result.stderr
-    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_port())})
+    result = rlspec("submit", bundle, env={"RLSPEC_ROLLOUT_BASE_PORT": str(free_ports(1))})
     assert result.returncode == 0, result.stderr
     ids = submitted(bundle)
     assert scontrol_job(slurm_cluster, ids["rl"])["NumNodes"] in ("1", "1-1")  # pending: a range
