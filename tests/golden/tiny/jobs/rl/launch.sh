@@ -30,7 +30,7 @@ export MASTER_PORT=29500
 
 # One HTTP endpoint per engine replica (the head node of each replica serves it).
 # A local run takes free ports now, one per replica, so that two runs on one host never share
-# an engine: below the ephemeral range, where no outgoing connection takes them meanwhile.
+# an engine: outside the ephemeral range, where no outgoing connection takes them meanwhile.
 : "${RLSPEC_ROLLOUT_BASE_PORT:=$("$RLSPEC_PYTHON" -m runtime.ports 1)}"
 export RLSPEC_ROLLOUT_BASE_PORT=${RLSPEC_ROLLOUT_BASE_PORT:-8000}
 ENDPOINTS=()
